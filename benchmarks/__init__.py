@@ -1,0 +1,1 @@
+"""Measurement of every model variant and of the edge pipeline; observes, never changes, models."""

@@ -1,0 +1,151 @@
+"""The ``bmc`` command line. Verbs mirror the folders; heavy imports happen inside each verb so
+that ``bmc edge`` on a device never imports TensorFlow."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+
+class _Fail(click.ClickException):
+    def show(self, file=None):
+        click.echo(f"error: {self.message}", err=True)
+
+
+# The kit's expected errors: each becomes one clear line on stderr and exit status 2.
+_EXPECTED = [
+    ("bmc.contract", "ContractError"), ("bmc.card", "ModelCardError"), ("train.data", "DataError"),
+    ("train.evaluate", "EvaluationError"), ("train.backbones", "BackboneError"),
+    ("convert.variants", "VariantError"), ("convert.converter", "ConversionError"),
+    ("convert.pipeline", "GateFailed"),
+]
+
+
+def _expected_errors() -> tuple[type, ...]:
+    import sys
+
+    out = [FileNotFoundError]
+    for module, name in _EXPECTED:
+        mod = sys.modules.get(module)  # only what the verb imported: never pull in TensorFlow
+        if mod is not None and hasattr(mod, name):
+            out.append(getattr(mod, name))
+    return tuple(out)
+
+
+def _guard(fn, *args, **kwargs):
+    try:
+        return fn(*args, **kwargs)
+    except Exception as e:  # noqa: BLE001 - re-raised below unless expected
+        if isinstance(e, _expected_errors()):
+            raise _Fail(str(e)) from e
+        raise
+
+
+@click.group()
+@click.version_option(package_name="bmc-edge")
+def main():
+    """bmc — bone-marrow cell classification at the microscope."""
+
+
+@main.group()
+def data():
+    """Inspect labelled cell-image data sets."""
+
+
+@data.command("check")
+@click.argument("data_dir", type=click.Path(file_okay=False))
+@click.option("--label-from", type=click.Choice(["folder", "prefix"]), default="folder", show_default=True,
+              help="class from the first folder under DATA_DIR, or from the file-name prefix")
+@click.option("--manifest", type=click.Path(dir_okay=False), help="CSV with path,label[,group] columns")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), help="also write the report as JSON")
+def data_check(data_dir, label_from, manifest, json_out):
+    """Classes and counts, image sizes, unreadable files, duplicates and imbalance of DATA_DIR."""
+    from train.data import check
+
+    report = _guard(check, data_dir, label_from, manifest)
+    click.echo(report.table())
+    if json_out:
+        with open(json_out, "w") as fh:
+            json.dump(report.to_dict(), fh, indent=2)
+
+
+@main.command("train")
+@click.argument("data_dir", type=click.Path(file_okay=False))
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="run folder to write")
+@click.option("--backbone", type=click.Choice(["efficientnet_lite0", "efficientnet_b0"]),
+              default="efficientnet_lite0", show_default=True)
+@click.option("--weights", default="imagenet", show_default=True,
+              help="'imagenet', 'none' (random init) or a local weights file")
+@click.option("--label-from", type=click.Choice(["folder", "prefix"]), default="folder", show_default=True)
+@click.option("--manifest", type=click.Path(dir_okay=False), help="CSV with path,label[,group] columns")
+@click.option("--split", "split_file", type=click.Path(dir_okay=False), help="reuse a split.json")
+@click.option("--mode", type=click.Choice(["auto", "cached", "full"]), default="auto", show_default=True,
+              help="cached: CPU path on cached activations; full: end-to-end (GPU)")
+@click.option("--fine-tune-from", default="block6a", show_default=True, help="first block to unfreeze")
+@click.option("--views", default=2, show_default=True, help="augmented views per training image (cached)")
+@click.option("--head-epochs", default=40, show_default=True)
+@click.option("--fine-tune-epochs", default=4, show_default=True)
+@click.option("--batch-size", default=32, show_default=True)
+@click.option("--input-size", default=224, show_default=True)
+@click.option("--limit-per-class", type=int, help="use at most N images per class (quick runs)")
+@click.option("--strategy", type=click.Choice(["auto", "default", "mirrored"]), default="auto", show_default=True)
+@click.option("--mixed-precision", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True)
+@click.option("--seed", default=1337, show_default=True)
+def train_cmd(data_dir, out, **kw):
+    """Fine-tune an ImageNet EfficientNet on DATA_DIR; writes model, split and metrics to --out."""
+    from train.trainer import TrainConfig, train
+
+    cfg = TrainConfig(data=data_dir, out=out, **kw)
+    m = _guard(train, cfg)
+    click.echo(f"test accuracy {m['accuracy']:.4f} · macro-F1 {m['macro_f1']:.4f} · n {m['n']}")
+
+
+@main.command("evaluate")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.argument("data_dir", type=click.Path(file_okay=False))
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), help="write the metrics as JSON")
+def evaluate_cmd(model, data_dir, json_out):
+    """Accuracy, macro-F1 and per-class metrics of MODEL (.keras or .tflite) on DATA_DIR."""
+    from train.evaluate import evaluate
+    from train.metrics import per_class_table
+
+    m = _guard(evaluate, model, data_dir)
+    click.echo(per_class_table(m))
+    if json_out:
+        with open(json_out, "w") as fh:
+            json.dump(m, fh, indent=2)
+
+
+@main.command("convert")
+@click.argument("source", type=click.Path())
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), help="output folder (default: SOURCE/tflite)")
+@click.option("--name", default="bmc", show_default=True, help="file-name stem of the variants")
+@click.option("--variants", default="float32,float16,dynamic,int8", show_default=True,
+              help="comma-separated: " + ", ".join(["float32", "float16", "dynamic", "int8"]))
+@click.option("--data", type=click.Path(file_okay=False), help="validation images when SOURCE has no split")
+@click.option("--max-drop", default=1.0, show_default=True, help="max accuracy drop, points")
+@click.option("--max-class-drop", default=3.0, show_default=True, help="max recall drop of any class, points")
+@click.option("--representative", default=200, show_default=True, help="calibration images for int8")
+@click.option("--float-layers", default="", help="int8: comma-separated layers to keep in float, or 'auto'")
+@click.option("--no-diagnose", is_flag=True, help="skip the per-layer report when int8 fails")
+def convert_cmd(source, out_dir, name, variants, data, max_drop, max_class_drop, representative, float_layers,
+                no_diagnose):
+    """Convert a run folder (or .keras) to TFLite variants and validate each against the float model."""
+    from pathlib import Path
+
+    from convert.pipeline import Gate, convert_run
+
+    names = tuple(v.strip() for v in variants.split(",") if v.strip())
+    fl = "auto" if float_layers == "auto" else tuple(x for x in float_layers.split(",") if x)
+    out = out_dir or str(Path(source if Path(source).is_dir() else Path(source).parent) / "tflite")
+    report = _guard(convert_run, source, out, name, names, Gate(max_drop, max_class_drop), data, representative,
+                    not no_diagnose, fl, log=lambda m: click.echo(m, err=True))
+    from convert.pipeline import report_markdown
+
+    click.echo(report_markdown(report))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Conversion: a trained Keras model → self-describing TFLite variants, each validated before it ships."""

@@ -1,0 +1,255 @@
+"""``bmc convert``: a trained run → TFLite variants, each validated against the float model.
+
+For every variant the run's held-out test split is classified by the Keras float model and by the
+``.tflite`` file, in one run: accuracy, macro-F1, per-class recall, top-1 agreement with the float
+model and mean absolute difference of the probabilities. The gate fails a variant whose accuracy
+drops by more than ``max_drop`` points or any class's recall by more than ``max_class_drop``
+points; a failed variant is written but its card says ``deployable: false`` and the command exits
+non-zero naming the variant and the classes that regressed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from bmc import __version__
+from bmc.card import sha256_file, write_card
+from bmc.contract import Contract, preprocess, read_image
+from convert import variants as V
+from convert.converter import quantization_error_by_layer, to_tflite
+
+
+class GateFailed(RuntimeError):
+    """At least one variant lost too much accuracy; the message names variants and classes."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Gate:
+    max_drop: float = 1.0  # accuracy points
+    max_class_drop: float = 3.0  # recall points, any class
+
+
+@dataclasses.dataclass
+class Source:
+    model_path: Path
+    contract: Contract
+    train: list  # Samples, for calibration
+    test: list  # Samples, for validation
+    run_dir: Path | None
+
+
+def resolve_source(source: str | Path, data: str | Path | None = None) -> Source:
+    """A run folder (``model.keras``, ``contract.json``, ``split.json``) or a ``.keras`` file."""
+    from train import data as data_mod
+    from train.evaluate import EvaluationError, contract_for
+
+    source = Path(source)
+    model_path = source / "model.keras" if source.is_dir() else source
+    if not model_path.is_file():
+        raise EvaluationError(f"{source}: neither a run folder with model.keras nor a .keras file")
+    contract = contract_for(model_path)
+    split_file = model_path.parent / "split.json"
+    if data is not None:
+        samples = data_mod.discover(data)
+        parts = data_mod.split(samples) if not split_file.exists() else data_mod.load_split(split_file)
+        test = samples if not split_file.exists() else parts["test"]
+        train = parts["train"]
+    elif split_file.exists():
+        parts = data_mod.load_split(split_file)
+        train, test = parts["train"], parts["test"]
+    else:
+        raise EvaluationError(f"{model_path}: no split.json beside it; pass --data DIR with test images")
+    return Source(model_path, contract, train, test, model_path.parent if split_file.exists() else None)
+
+
+def representative_images(samples, contract: Contract, n: int = 200, seed: int = 0) -> np.ndarray:
+    """``n`` training images drawn stratified by class, preprocessed exactly as at inference."""
+    rng = np.random.default_rng(seed)
+    by: dict[str, list] = {}
+    for s in samples:
+        by.setdefault(s.label, []).append(s)
+    per = max(1, math.ceil(n / len(by)))
+    xs = []
+    for label in sorted(by):
+        items = by[label]
+        for i in rng.choice(len(items), size=min(per, len(items)), replace=False):
+            try:
+                xs.append(preprocess(read_image(items[i].path), contract, "BGR"))
+            except ValueError:
+                continue
+    return np.stack(xs)
+
+
+def _load_test(samples, contract):
+    index = {l: i for i, l in enumerate(contract.labels)}
+    xs, ys = [], []
+    for s in samples:
+        try:
+            xs.append(preprocess(read_image(s.path), contract, "BGR"))
+        except ValueError:
+            continue
+        ys.append(index[s.label])
+    return np.stack(xs), np.asarray(ys)
+
+
+def _batched(predict, xs, bs=32):
+    return np.concatenate([predict(xs[i:i + bs]) for i in range(0, len(xs), bs)])
+
+
+def compare(float_probs, probs, y, labels, gate: Gate) -> dict:
+    from train.metrics import classification_metrics
+
+    mf = classification_metrics(y, float_probs, labels)
+    mv = classification_metrics(y, probs, labels)
+    drop = 100 * (mf["accuracy"] - mv["accuracy"])
+    class_drops = {c: 100 * (mf["per_class"][c]["recall"] - mv["per_class"].get(c, {"recall": 0})["recall"])
+                   for c in mf["per_class"]}
+    regressed = sorted(c for c, d in class_drops.items() if d > gate.max_class_drop)
+    worst = max(class_drops, key=class_drops.get)
+    return {
+        "accuracy": mv["accuracy"], "macro_f1": mv["macro_f1"], "n": mv["n"],
+        "per_class_recall": {c: v["recall"] for c, v in mv["per_class"].items()},
+        "agreement": float((float_probs.argmax(1) == probs.argmax(1)).mean()),
+        "mean_abs_prob_diff": float(np.abs(float_probs - probs).mean()),
+        "accuracy_drop_points": drop,
+        "class_recall_drop_points": class_drops,
+        "worst_class": worst,
+        "regressed_classes": regressed,
+        "passed": bool(drop <= gate.max_drop and not regressed),
+        "metrics": mv,
+    }
+
+
+def convert_run(source, out_dir, name: str = "bmc", variant_names=("float32", "float16", "dynamic", "int8"),
+                gate: Gate = Gate(), data=None, n_representative: int = 200, diagnose: bool = True,
+                float_layers: tuple[str, ...] | str = (), log=print) -> dict:
+    import keras
+
+    from train.evaluate import TFLiteClassifier
+    from train.metrics import classification_metrics
+
+    src = resolve_source(source, data)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model = keras.models.load_model(src.model_path)
+    float_sha = sha256_file(src.model_path)
+    labels = list(src.contract.labels)
+    log(f"validation set: {len(src.test)} images; calibration from {len(src.train)} training images")
+    xs, y = _load_test(src.test, src.contract)
+    float_probs = _batched(lambda b: model.predict(b, verbose=0), xs)
+    float_metrics = classification_metrics(y, float_probs, labels)
+    log(f"keras float: accuracy {float_metrics['accuracy']:.4f}, macro-F1 {float_metrics['macro_f1']:.4f}")
+    rep = representative_images(src.train, src.contract, n_representative) if "int8" in variant_names else None
+
+    rows, failed = [], []
+    for vname in variant_names:
+        v = V.variant(vname)
+        q = {"float32": V.float32, "float16": V.float16, "dynamic": V.dynamic}.get(vname)
+        q = q() if q else V.int8(rep, float_layers if isinstance(float_layers, tuple) else ())
+        row = _build_and_validate(model, q, out / f"{name}{v.suffix}", xs, y, float_probs, labels, gate, log)
+        if vname == "int8" and not row["passed"] and (diagnose or float_layers == "auto"):
+            worst = quantization_error_by_layer(model, q, rep[:32])
+            row["worst_layers"] = worst
+            log("int8 failed its gate; worst layers by rmse/scale: "
+                + ", ".join(f"{w['tensor']} ({w['rmse_over_scale']:.2f})" for w in worst[:5]))
+            if float_layers == "auto":
+                keep = tuple(w["tensor"] for w in worst if w["rmse_over_scale"] > 0.7)[:10]
+                log(f"retrying int8 with {len(keep)} layer(s) kept in float")
+                q2 = V.int8(rep, keep)
+                row = _build_and_validate(model, q2, out / f"{name}{v.suffix}", xs, y, float_probs, labels, gate, log)
+                row["float_layers"] = list(keep)
+        _write_variant_card(out / f"{name}{v.suffix}", v, row, src, float_sha, float_metrics, gate)
+        rows.append(row)
+        if not row["passed"]:
+            failed.append(row)
+
+    report = {
+        "source_model": str(src.model_path), "source_sha256": float_sha,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "gate": dataclasses.asdict(gate), "n": int(len(y)),
+        "float": {"accuracy": float_metrics["accuracy"], "macro_f1": float_metrics["macro_f1"],
+                  "per_class_recall": {c: v["recall"] for c, v in float_metrics["per_class"].items()}},
+        "variants": [{k: v for k, v in r.items() if k != "metrics"} for r in rows],
+    }
+    (out / f"{name}_conversion.json").write_text(json.dumps(report, indent=2))
+    (out / f"{name}_conversion.md").write_text(report_markdown(report))
+    if failed:
+        raise GateFailed("; ".join(
+            f"variant {r['variant']} failed the gate: accuracy drop {r['accuracy_drop_points']:.2f} points "
+            f"(max {gate.max_drop})" + (f", classes regressed: " + ", ".join(
+                f"{c} (-{r['class_recall_drop_points'][c]:.1f})" for c in r["regressed_classes"])
+                if r["regressed_classes"] else "") for r in failed)
+            + f" — not marked deployable; see {out / (name + '_conversion.md')}")
+    return report
+
+
+def _build_and_validate(model, q, path: Path, xs, y, float_probs, labels, gate, log) -> dict:
+    from train.evaluate import TFLiteClassifier
+
+    log(f"converting {q.variant.name} …")
+    path.write_bytes(to_tflite(model, q))
+    clf = TFLiteClassifier(path)
+    probs = _batched(clf.predict, xs)
+    row = {"variant": q.variant.name, "format": q.variant.format, "file": path.name,
+           "size_mb": path.stat().st_size / 1e6, **compare(float_probs, probs, y, labels, gate)}
+    log(f"{q.variant.name}: {row['size_mb']:.2f} MB, accuracy {row['accuracy']:.4f} "
+        f"(drop {row['accuracy_drop_points']:+.2f}), agreement {row['agreement']:.4f}, "
+        f"{'PASS' if row['passed'] else 'FAIL'}")
+    return row
+
+
+def _write_variant_card(path, v, row, src: Source, float_sha, float_metrics, gate):
+    write_card(path, {
+        "name": path.stem, "variant": v.name, "format": v.format, "description": v.description,
+        "bmc_version": __version__,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "contract": src.contract.to_dict(),
+        "source_model": {"file": src.model_path.name, "sha256": float_sha},
+        "validation": {
+            "data": "held-out test split of the training run" if src.run_dir else "given data",
+            "n": row["n"], "gate": dataclasses.asdict(gate), "passed": row["passed"],
+            "accuracy": row["accuracy"], "macro_f1": row["macro_f1"], "agreement": row["agreement"],
+            "mean_abs_prob_diff": row["mean_abs_prob_diff"], "accuracy_drop_points": row["accuracy_drop_points"],
+            "per_class_recall": row["per_class_recall"], "worst_class": row["worst_class"],
+            "float_accuracy": float_metrics["accuracy"], "float_macro_f1": float_metrics["macro_f1"],
+            **({"float_layers": row["float_layers"]} if row.get("float_layers") else {}),
+        },
+        "deployable": row["passed"],
+    })
+
+
+def report_markdown(report: dict) -> str:
+    g = report["gate"]
+    lines = [
+        f"# Conversion report — {Path(report['source_model']).name}",
+        "",
+        f"Source sha256 `{report['source_sha256'][:16]}…`, validated on n = {report['n']} held-out images. "
+        f"Gate: accuracy drop ≤ {g['max_drop']} points, every class's recall drop ≤ {g['max_class_drop']} points.",
+        "",
+        "| variant | file | size (MB) | accuracy | macro-F1 | agreement | mean abs Δp | drop (pts) | worst class | gate |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|---|",
+        f"| keras float | — | — | {report['float']['accuracy']:.4f} | {report['float']['macro_f1']:.4f} | 1.0000 | 0 | 0 | — | — |",
+    ]
+    for r in report["variants"]:
+        wc = r["worst_class"]
+        lines.append(
+            f"| {r['variant']} | {r['file']} | {r['size_mb']:.2f} | {r['accuracy']:.4f} | {r['macro_f1']:.4f} | "
+            f"{r['agreement']:.4f} | {r['mean_abs_prob_diff']:.4f} | {r['accuracy_drop_points']:+.2f} | "
+            f"{wc} ({-r['class_recall_drop_points'][wc]:+.1f}) | {'PASS' if r['passed'] else '**FAIL**'} |")
+    lines += ["", "Per-class recall:", "",
+              "| class | float | " + " | ".join(r["variant"] for r in report["variants"]) + " |",
+              "|---|---:|" + "---:|" * len(report["variants"])]
+    for c, rec in report["float"]["per_class_recall"].items():
+        lines.append(f"| {c} | {rec:.3f} | " + " | ".join(f"{r['per_class_recall'].get(c, 0):.3f}"
+                                                        for r in report["variants"]) + " |")
+    for r in report["variants"]:
+        if r.get("worst_layers"):
+            lines += ["", f"Worst int8 layers ({r['variant']}), by rmse/scale:", ""]
+            lines += [f"- `{w['tensor']}`: {w['rmse_over_scale']:.2f}" for w in r["worst_layers"]]
+    return "\n".join(lines) + "\n"

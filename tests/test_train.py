@@ -1,0 +1,124 @@
+"""``bmc train`` and ``bmc evaluate`` end to end, on real PBC images, in subprocesses."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import small_class_folders
+
+pytestmark = pytest.mark.slow
+CLASSES = ("eosinophil", "lymphocyte", "neutrophil", "platelet")
+
+
+def bmc(*args, check=True):
+    p = subprocess.run([sys.executable, "-m", "bmc.cli", *map(str, args)], capture_output=True, text=True,
+                       timeout=900)
+    if check and p.returncode != 0:
+        raise AssertionError(f"bmc {' '.join(map(str, args))} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
+    return p
+
+
+@pytest.fixture(scope="module")
+def small_pbc(tmp_path_factory, pbc):
+    d = small_class_folders(pbc, tmp_path_factory.mktemp("pbc4"), 16, CLASSES)
+    (d / "lymphocyte" / "LY_corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0\x00\x10JFIF truncated")
+    return d
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, small_pbc):
+    out = tmp_path_factory.mktemp("run") / "lite0"
+    bmc("train", small_pbc, "--out", out, "--views", "2", "--head-epochs", "25", "--fine-tune-epochs", "1",
+        "--fine-tune-from", "block7a", "--seed", "3")
+    return out
+
+
+def test_run_folder_holds_everything_to_reproduce_and_convert(run, small_pbc):
+    for name in ("config.json", "split.json", "labels.txt", "contract.json", "history.json", "model.keras",
+                 "metrics.json", "confusion.png", "per_class.md", "train.log"):
+        assert (run / name).is_file(), name
+    contract = json.loads((run / "contract.json").read_text())
+    assert contract["labels"] == list(CLASSES)
+    split = json.loads((run / "split.json").read_text())
+    paths = [s["path"] for part in split.values() for s in part]
+    assert len(paths) == len(set(paths)) == 65  # 64 real images + the corrupt one
+    history = json.loads((run / "history.json").read_text())
+    assert {h["phase"] for h in history} >= {"head", "fine-tune", "timings"}
+
+
+def test_unreadable_image_is_skipped_and_listed(run):
+    m = json.loads((run / "metrics.json").read_text())
+    log = (run / "train.log").read_text()
+    assert "LY_corrupt.jpg" in log
+    listed = [s["path"] for s in m["skipped"]]
+    split = json.loads((run / "split.json").read_text())
+    in_test = any(s["path"].endswith("LY_corrupt.jpg") for s in split["test"])
+    assert in_test == any(p.endswith("LY_corrupt.jpg") for p in listed)
+
+
+def test_trained_model_beats_chance_on_its_test_split(run):
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["n"] >= 8
+    # 4 classes, 11 training images each, mostly a head on ImageNet features: well above 25%
+    assert m["accuracy"] >= 0.5, m
+
+
+def test_evaluate_keras_model_json(run, small_pbc, tmp_path):
+    out = tmp_path / "eval.json"
+    p = bmc("evaluate", run / "model.keras", small_pbc, "--json", out)
+    m = json.loads(out.read_text())
+    assert {"accuracy", "macro_f1", "n", "per_class", "ece", "confusion_matrix"} <= set(m)
+    assert set(m["per_class"]) >= set(CLASSES)
+    assert m["n"] == 64 and len(m["skipped"]) == 1
+    for v in m["per_class"].values():
+        assert {"precision", "recall", "f1", "support"} <= set(v)
+    assert "macro-F1" in p.stdout
+    cm = np.array(m["confusion_matrix"])
+    assert cm.sum() == 64 and abs(np.trace(cm) / 64 - m["accuracy"]) < 1e-9
+
+
+def test_evaluate_on_another_microscope_maps_folder_case(run, bccd, tmp_path):
+    d = small_class_folders(bccd / "wbc_crops", tmp_path / "bccd", 5, ("Eosinophil", "Lymphocyte", "Neutrophil"))
+    out = tmp_path / "e.json"
+    bmc("evaluate", run / "model.keras", d, "--json", out)
+    assert set(json.loads(out.read_text())["per_class"]) >= {"eosinophil", "lymphocyte", "neutrophil"}
+
+
+def test_evaluate_unknown_labels_is_an_error_listing_them(run, matek):
+    p = bmc("evaluate", run / "model.keras", matek, check=False)
+    assert p.returncode == 2
+    assert "not known to the model" in p.stderr and "BLA" in p.stderr and "eosinophil" in p.stderr
+
+
+def test_model_without_contract_is_refused(run, small_pbc, tmp_path):
+    lonely = tmp_path / "model.keras"
+    lonely.write_bytes((run / "model.keras").read_bytes())
+    p = bmc("evaluate", lonely, small_pbc, check=False)
+    assert p.returncode == 2 and "no contract found" in p.stderr
+
+
+def test_data_check_cli(matek, tmp_path):
+    out = tmp_path / "check.json"
+    p = bmc("data", "check", matek, "--json", out)
+    assert "ART" in p.stdout and "imbalance" in p.stdout
+    r = json.loads(out.read_text())
+    assert r["counts"]["ART"] == 100 and r["imbalance"] == 100.0
+
+
+def test_too_small_class_fails_training_with_its_name(matek, tmp_path):
+    p = bmc("train", matek, "--out", tmp_path / "r", check=False)
+    assert p.returncode == 2 and "too small to split" in p.stderr and "PEB" in p.stderr
+
+
+def test_full_path_trains_end_to_end(small_pbc, tmp_path):
+    """The GPU path (tf.data + online augmentation) runs on the CPU too, one short epoch a phase."""
+    out = tmp_path / "full"
+    bmc("train", small_pbc, "--out", out, "--mode", "full", "--head-epochs", "1", "--fine-tune-epochs", "1",
+        "--fine-tune-from", "block7a", "--batch-size", "16", "--strategy", "default")
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["n"] >= 8 and "mode full" in (out / "train.log").read_text()

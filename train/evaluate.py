@@ -1,0 +1,144 @@
+"""``bmc evaluate``: a ``.keras`` or ``.tflite`` model on a class-folder data set.
+
+The model's labels and preprocessing come from its contract — ``contract.json`` beside a
+``.keras`` file (the run folder) or the model card of a ``.tflite`` file — never from the data.
+Data folders are matched to the model's labels case-insensitively (``Neutrophil`` → ``neutrophil``);
+a folder whose label the model does not know is an error that lists them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from bmc.contract import Contract, preprocess, read_image
+from train import data as data_mod
+from train.metrics import classification_metrics, per_class_table, plot_confusion
+
+
+class EvaluationError(ValueError):
+    pass
+
+
+def contract_for(model_path: Path) -> Contract:
+    """The contract of a ``.keras`` model: ``contract.json`` of its run folder."""
+    candidates = [model_path.parent / "contract.json"]
+    for c in candidates:
+        if c.is_file():
+            d = json.loads(c.read_text())
+            return Contract.from_dict(d.get("contract", d) if isinstance(d, dict) else d)
+    raise EvaluationError(
+        f"{model_path}: no contract found (looked for {', '.join(str(c) for c in candidates)}); "
+        "a model is only usable with the contract written by 'bmc train' or 'bmc convert'"
+    )
+
+
+class KerasClassifier:
+    def __init__(self, model_or_path):
+        if isinstance(model_or_path, (str, Path)):
+            import keras
+
+            model_or_path = keras.models.load_model(model_or_path)
+        self.model = model_or_path
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        return np.asarray(self.model.predict(batch, verbose=0, batch_size=len(batch)))
+
+
+class TFLiteClassifier:
+    """A TFLite model through LiteRT (or TensorFlow's interpreter when LiteRT is absent)."""
+
+    def __init__(self, path, threads: int | None = None):
+        try:
+            from ai_edge_litert.interpreter import Interpreter
+        except ImportError:  # pragma: no cover - depends on the environment
+            from tensorflow.lite import Interpreter
+        self.interp = Interpreter(model_path=str(path), num_threads=threads)
+        self.interp.allocate_tensors()
+        self.inp = self.interp.get_input_details()[0]
+        self.out = self.interp.get_output_details()[0]
+
+    def _quant(self, x, detail):
+        scale, zero = detail["quantization"]
+        if detail["dtype"] in (np.uint8, np.int8) and scale:
+            info = np.iinfo(detail["dtype"])
+            return np.clip(np.round(x / scale + zero), info.min, info.max).astype(detail["dtype"])
+        return x.astype(detail["dtype"])
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        outs = []
+        for x in batch:
+            self.interp.set_tensor(self.inp["index"], self._quant(x[None], self.inp))
+            self.interp.invoke()
+            y = self.interp.get_tensor(self.out["index"])
+            scale, zero = self.out["quantization"]
+            if self.out["dtype"] in (np.uint8, np.int8) and scale:
+                y = (y.astype(np.float32) - zero) * scale
+            outs.append(y[0].astype(np.float32))
+        return np.stack(outs)
+
+
+def load_classifier(path: str | Path):
+    path = Path(path)
+    if not path.is_file():
+        raise EvaluationError(f"{path}: model file not found")
+    if path.suffix == ".keras":
+        return KerasClassifier(path), contract_for(path)
+    if path.suffix == ".tflite":
+        from bmc.card import load_card
+
+        _, contract = load_card(path)
+        return TFLiteClassifier(path), contract
+    raise EvaluationError(f"{path}: unsupported model format {path.suffix!r} (use .keras or .tflite)")
+
+
+def match_labels(data_labels, model_labels) -> dict[str, str]:
+    """Map data folder names to model labels case-insensitively; unknown ones are an error."""
+    lower = {l.lower(): l for l in model_labels}
+    unknown = sorted(l for l in data_labels if l.lower() not in lower)
+    if unknown:
+        raise EvaluationError(
+            f"label(s) not known to the model: {', '.join(unknown)}; the model knows "
+            f"{', '.join(model_labels)}"
+        )
+    return {l: lower[l.lower()] for l in data_labels}
+
+
+def evaluate_samples(model, contract: Contract, samples, batch_size: int = 32) -> dict:
+    clf = model if hasattr(model, "predict") and not hasattr(model, "layers") else KerasClassifier(model)
+    mapping = match_labels(sorted({s.label for s in samples}), contract.labels)
+    index = {l: i for i, l in enumerate(contract.labels)}
+    probs, ys, skipped = [], [], []
+    for start in range(0, len(samples), batch_size):
+        xs = []
+        for s in samples[start:start + batch_size]:
+            try:
+                xs.append(preprocess(read_image(s.path), contract, "BGR"))
+                ys.append(index[mapping[s.label]])
+            except ValueError as e:
+                skipped.append({"path": s.path, "why": str(e)})
+        if xs:
+            probs.append(clf.predict(np.stack(xs)))
+    if not ys:
+        raise EvaluationError("no readable images to evaluate")
+    m = classification_metrics(np.asarray(ys), np.concatenate(probs), list(contract.labels))
+    m["skipped"] = skipped
+    return m
+
+
+def evaluate(model_path: str | Path, data_dir: str | Path, label_from: str = "folder") -> dict:
+    clf, contract = load_classifier(model_path)
+    samples = data_mod.discover(data_dir, label_from)
+    m = evaluate_samples(clf, contract, samples)
+    m["model"] = str(model_path)
+    m["data"] = str(data_dir)
+    return m
+
+
+def write_reports(metrics: dict, out: Path, title: str = "") -> None:
+    out = Path(out)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    (out / "per_class.md").write_text(f"# {title}\n\n" + per_class_table(metrics) + "\n")
+    plot_confusion(metrics, str(out / "confusion.png"), title)

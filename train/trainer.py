@@ -1,0 +1,423 @@
+"""Two-phase transfer learning: a new head on a frozen backbone, then the top blocks fine-tuned.
+
+Two execution paths share the model, the split, the contract and the run folder:
+
+* ``cached`` (the CPU path) — images are decoded, augmented (``views`` random views per training
+  image) and pushed once through the frozen bottom of the network, up to ``fine_tune_from``; the
+  activations are kept in memory (float16). Phase 1 trains the head on pooled features of the
+  frozen top, phase 2 fine-tunes the top blocks and the head on the cached activations. On two
+  CPU cores this turns hours of end-to-end fine-tuning into minutes.
+* ``full`` (the GPU path) — end-to-end ``tf.data`` training with online augmentation, mixed
+  precision on GPUs and ``tf.distribute`` (``--strategy mirrored``) across several of them.
+
+Both stop early on validation macro-F1 and keep the best weights. BatchNorm layers stay frozen.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from bmc.contract import Contract, read_image
+from train import data as data_mod
+from train.augment import AugmentConfig, augmented_view, plain_view
+
+MODES = ("auto", "cached", "full")
+STRATEGIES = ("auto", "default", "mirrored")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Everything ``bmc train`` needs; written to ``config.json`` in the run folder."""
+
+    data: str
+    out: str
+    backbone: str = "efficientnet_lite0"
+    weights: str = "imagenet"
+    label_from: str = "folder"
+    manifest: str | None = None
+    label_column: str = "label"
+    group_column: str | None = "group"
+    split_file: str | None = None
+    fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)
+    seed: int = 1337
+    limit_per_class: int | None = None
+    input_size: int = 224
+    crop_fraction: float = 0.72
+    cell_fraction: float = 0.45
+    mode: str = "auto"
+    fine_tune_from: str = "block6a"
+    views: int = 2
+    batch_size: int = 32
+    head_epochs: int = 40
+    head_lr: float = 3e-3
+    fine_tune_epochs: int = 4
+    fine_tune_lr: float = 3e-4
+    dropout: float = 0.3
+    label_smoothing: float = 0.05
+    class_weights: bool = True
+    patience: int = 3
+    strategy: str = "auto"
+    mixed_precision: str = "auto"
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
+        if self.views < 1:
+            raise ValueError("views must be >= 1")
+
+
+class _Log:
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __call__(self, msg: str) -> None:
+        line = f"[{time.strftime('%H:%M:%S')}] {msg}"
+        print(line, flush=True)
+        with open(self.path, "a") as fh:
+            fh.write(line + "\n")
+
+
+def _progress(iterable, total, desc):
+    """A progress bar with rate and ETA (tqdm), or None where tqdm is missing."""
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover
+        return None
+    return tqdm(iterable, total=total, desc=desc, unit="img", mininterval=5.0)
+
+
+def limit(samples, per_class: int | None, seed: int):
+    if not per_class:
+        return samples
+    rng = np.random.default_rng(seed)
+    by = {}
+    for s in samples:
+        by.setdefault(s.label, []).append(s)
+    out = []
+    for label in sorted(by):
+        items = by[label]
+        keep = rng.choice(len(items), size=min(per_class, len(items)), replace=False)
+        out.extend(items[i] for i in sorted(keep))
+    return out
+
+
+def class_weight_for(y: np.ndarray, n_classes: int) -> dict[int, float]:
+    """Balanced weights n / (k * n_c), as scikit-learn's ``compute_class_weight('balanced')``."""
+    from sklearn.utils.class_weight import compute_class_weight
+
+    present = np.unique(y)
+    w = compute_class_weight("balanced", classes=present, y=y)
+    out = {int(c): 1.0 for c in range(n_classes)}
+    out.update({int(c): float(v) for c, v in zip(present, w)})
+    return out
+
+
+def _decode_all(samples, log) -> tuple[list, list[tuple[str, str]]]:
+    """Decode every sample in two threads (OpenCV releases the GIL); list the unreadable."""
+    def load(s):
+        try:
+            return read_image(s.path), None
+        except ValueError as e:
+            return None, str(e)
+
+    images, skipped = [], []
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        for s, (img, err) in zip(samples, pool.map(load, samples)):
+            if err:
+                skipped.append((s.path, err))
+                log(f"skipping unreadable image: {err}")
+            images.append(img)
+    return images, skipped
+
+
+class _BestOnValF1:
+    """Early stopping on validation macro-F1, keeping the best weights (a Keras callback)."""
+
+    def __init__(self, model, predict_val, y_val, patience, log, phase):
+        import keras
+        from sklearn.metrics import f1_score
+
+        outer = self
+
+        class CB(keras.callbacks.Callback):
+            def on_epoch_end(self, epoch, logs=None):
+                probs = predict_val()
+                f1 = float(f1_score(y_val, probs.argmax(1), average="macro"))
+                acc = float((probs.argmax(1) == y_val).mean())
+                outer.history.append({"phase": phase, "epoch": epoch + 1, "val_macro_f1": f1,
+                                      "val_accuracy": acc, **{k: float(v) for k, v in (logs or {}).items()}})
+                log(f"{phase} epoch {epoch + 1}: val macro-F1 {f1:.4f}, val accuracy {acc:.4f}")
+                if f1 > outer.best:
+                    outer.best, outer.best_epoch, outer.wait = f1, epoch + 1, 0
+                    outer.weights = [w.copy() for w in model.get_weights()]
+                else:
+                    outer.wait += 1
+                    if outer.wait >= patience:
+                        self.model.stop_training = True
+
+        self.callback = CB()
+        self.model, self.best, self.best_epoch, self.wait, self.weights = model, -1.0, 0, 0, None
+        self.history: list[dict] = []
+
+    def restore(self):
+        if self.weights is not None:
+            self.model.set_weights(self.weights)
+
+
+def _devices():
+    import tensorflow as tf
+
+    return tf.config.list_physical_devices("GPU")
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Run ``bmc train``; returns the test metrics. Everything lands in ``cfg.out``."""
+    t_start = time.time()
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log = _Log(out / "train.log")
+
+    # -- data and split ------------------------------------------------------------------
+    if cfg.split_file:
+        splits = data_mod.load_split(cfg.split_file)
+        log(f"reusing split {cfg.split_file}")
+    else:
+        samples = data_mod.discover(cfg.data, cfg.label_from, cfg.manifest, cfg.label_column, cfg.group_column)
+        samples = limit(samples, cfg.limit_per_class, cfg.seed)
+        splits = data_mod.split(samples, cfg.fractions, cfg.seed)
+    data_mod.save_split(splits, out / "split.json")
+    labels = sorted({s.label for part in splits.values() for s in part})
+    contract = Contract(labels=tuple(labels), input_size=cfg.input_size, crop_fraction=cfg.crop_fraction,
+                        cell_fraction=cfg.cell_fraction)
+    (out / "contract.json").write_text(contract.to_json())
+    (out / "labels.txt").write_text("\n".join(labels) + "\n")
+    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    index = {l: i for i, l in enumerate(labels)}
+    log(f"{len(labels)} classes; train {len(splits['train'])}, val {len(splits['val'])}, "
+        f"test {len(splits['test'])} images")
+
+    gpus = _devices()
+    mode = cfg.mode if cfg.mode != "auto" else ("full" if gpus else "cached")
+    log(f"mode {mode} ({len(gpus)} GPU(s)); backbone {cfg.backbone}")
+    if mode == "full":
+        model, history, skipped = _train_full(cfg, contract, splits, index, log, gpus)
+    else:
+        model, history, skipped = _train_cached(cfg, contract, splits, index, log)
+
+    model_path = out / "model.keras"
+    model.save(model_path)
+    log(f"saved {model_path}")
+
+    # -- honest evaluation of the saved artifact on the held-out test split ----------------
+    from train.evaluate import evaluate_samples, write_reports
+    import keras
+
+    saved = keras.models.load_model(model_path)
+    test = [s for s in splits["test"] if s.path not in {p for p, _ in skipped}]
+    metrics = evaluate_samples(saved, contract, test, batch_size=cfg.batch_size)
+    metrics["train_seconds"] = round(time.time() - t_start, 1)
+    metrics["skipped"] = [{"path": p, "why": w} for p, w in skipped]
+    write_reports(metrics, out, title=f"{cfg.backbone} · test split")
+    (out / "history.json").write_text(json.dumps(history, indent=1))
+    log(f"test accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f} "
+        f"(n={metrics['n']}); total {metrics['train_seconds'] / 60:.1f} min")
+    return metrics
+
+
+def _train_cached(cfg, contract, splits, index, log):
+    import keras
+    import tensorflow as tf
+
+    from train.model import build_classifier, set_trainable_from, split_at
+
+    keras.utils.set_random_seed(cfg.seed)
+    model = build_classifier(cfg.backbone, contract, cfg.weights, cfg.dropout)
+    bottom, top, feat_model = split_at(model, cfg.fine_tune_from)
+    aug = AugmentConfig()
+    history: list[dict] = []
+    skipped: list[tuple[str, str]] = []
+    timings = {}
+
+    def cache(samples, views, name):
+        """Bottom activations (float16) and labels for ``views`` views of each sample."""
+        t0 = time.time()
+        rng = np.random.default_rng([cfg.seed, {"train": 0, "val": 1, "test": 2}[name]])
+        acts, ys = [], []
+        chunk = 128
+        todo = [(s, v) for v in range(views) for s in samples]
+        bar = _progress(None, len(todo), f"cache {name}")
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            for start in range(0, len(todo), chunk):
+                part = todo[start:start + chunk]
+                seeds = rng.integers(0, 2**31, len(part))
+
+                def make(args):
+                    (s, v), seed = args
+                    try:
+                        img = read_image(s.path)
+                    except ValueError as e:
+                        return None, s, str(e)
+                    if views == 1 and name != "train":
+                        return plain_view(img, contract), s, None
+                    return augmented_view(img, contract, np.random.default_rng(seed), aug), s, None
+
+                batch, yb = [], []
+                for x, s, err in pool.map(make, zip(part, seeds)):
+                    if err:
+                        if (s.path, err) not in skipped:
+                            skipped.append((s.path, err))
+                            log(f"skipping unreadable image: {err}")
+                        continue
+                    batch.append(x)
+                    yb.append(index[s.label])
+                if batch:
+                    a = bottom.predict(np.stack(batch).astype(np.float32), batch_size=cfg.batch_size, verbose=0)
+                    acts.append(a.astype(np.float16))
+                    ys.extend(yb)
+                if bar is not None:
+                    bar.update(len(part))
+        if bar is not None:
+            bar.close()
+        timings[f"cache_{name}_s"] = round(time.time() - t0, 1)
+        log(f"cached {name}: {len(ys)} views in {timings[f'cache_{name}_s']:.0f} s")
+        return np.concatenate(acts), np.asarray(ys, dtype=np.int64)
+
+    a_train, y_train = cache(splits["train"], cfg.views, "train")
+    a_val, y_val = cache(splits["val"], 1, "val")
+
+    # -- phase 1: head on pooled features of the frozen top ---------------------------------
+    t0 = time.time()
+
+    def feats(a):
+        return feat_model.predict(a.astype(np.float32), batch_size=64, verbose=0)
+
+    f_train, f_val = feats(a_train), feats(a_val)
+    f_in = keras.Input(f_train.shape[1:])
+    head = keras.Model(f_in, model.get_layer("cell_class")(model.get_layer("head_dropout")(f_in)))
+    loss = keras.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing)
+    n = contract.num_classes
+    cw = class_weight_for(y_train, n) if cfg.class_weights else None
+    head.compile(keras.optimizers.Adam(cfg.head_lr), loss, metrics=["accuracy"])
+    best = _BestOnValF1(head, lambda: head.predict(f_val, batch_size=256, verbose=0), y_val,
+                        max(cfg.patience, 5), log, "head")
+    head.fit(f_train, keras.utils.to_categorical(y_train, n), batch_size=64, epochs=cfg.head_epochs,
+             class_weight=cw, callbacks=[best.callback], verbose=0, shuffle=True)
+    best.restore()
+    history += best.history
+    timings["head_s"] = round(time.time() - t0, 1)
+    log(f"phase 1 (head): best val macro-F1 {best.best:.4f} at epoch {best.best_epoch}")
+
+    # -- phase 2: fine-tune the top blocks on cached activations ----------------------------
+    if cfg.fine_tune_epochs > 0:
+        t0 = time.time()
+        set_trainable_from(model, cfg.fine_tune_from)
+        top_train = top
+        top_train.compile(keras.optimizers.Adam(cfg.fine_tune_lr), loss, metrics=["accuracy"])
+        sw = np.array([cw[int(c)] for c in y_train], np.float32) if cw else np.ones(len(y_train), np.float32)
+        ds = (tf.data.Dataset.from_tensor_slices((a_train, keras.utils.to_categorical(y_train, n), sw))
+              .shuffle(min(len(y_train), 20000), seed=cfg.seed)
+              .batch(cfg.batch_size)
+              .map(lambda a, y, w: (tf.cast(a, tf.float32), y, w))
+              .prefetch(2))
+        best2 = _BestOnValF1(top_train, lambda: top_train.predict(a_val.astype(np.float32), batch_size=64, verbose=0),
+                             y_val, cfg.patience, log, "fine-tune")
+        base_f1 = best.best
+        phase1_weights = [w.copy() for w in model.get_weights()]
+        top_train.fit(ds, epochs=cfg.fine_tune_epochs, callbacks=[best2.callback],
+                      verbose=1 if os.isatty(1) else 2)
+        if best2.best >= base_f1:
+            best2.restore()
+            log(f"phase 2 (fine-tune from {cfg.fine_tune_from}): best val macro-F1 {best2.best:.4f} "
+                f"at epoch {best2.best_epoch}")
+        else:  # fine-tuning did not beat the head alone: keep phase 1's weights
+            model.set_weights(phase1_weights)
+            log(f"phase 2 did not improve on phase 1 ({best2.best:.4f} < {base_f1:.4f}); "
+                "keeping the phase-1 weights")
+        history += best2.history
+        timings["fine_tune_s"] = round(time.time() - t0, 1)
+    set_trainable_from(model, None)
+    history.append({"phase": "timings", **timings})
+    return model, history, skipped
+
+
+def _train_full(cfg, contract, splits, index, log, gpus):
+    import keras
+    import tensorflow as tf
+
+    from train.model import build_classifier, set_trainable_from
+
+    if cfg.mixed_precision == "on" or (cfg.mixed_precision == "auto" and gpus):
+        keras.mixed_precision.set_global_policy("mixed_float16")
+        log("mixed precision: mixed_float16")
+    if cfg.strategy == "mirrored" or (cfg.strategy == "auto" and len(gpus) > 1):
+        strategy = tf.distribute.MirroredStrategy()
+    else:
+        strategy = tf.distribute.get_strategy()
+    replicas = strategy.num_replicas_in_sync
+    log(f"strategy {type(strategy).__name__} with {replicas} replica(s)")
+    keras.utils.set_random_seed(cfg.seed)
+    aug = AugmentConfig()
+    n = contract.num_classes
+    skipped: list[tuple[str, str]] = []
+
+    def dataset(samples, training):
+        paths = [s.path for s in samples]
+        ys = [index[s.label] for s in samples]
+        rng = np.random.default_rng(cfg.seed)
+
+        def load(path):
+            path = path.decode() if isinstance(path, bytes) else str(path)
+            try:
+                img = read_image(path)
+            except ValueError as e:
+                skipped.append((path, str(e)))
+                return np.zeros((contract.input_size, contract.input_size, 3), np.uint8), np.float32(0)
+            x = augmented_view(img, contract, np.random.default_rng(rng.integers(2**31)), aug) if training \
+                else plain_view(img, contract)
+            return x, np.float32(1)
+
+        def tf_load(path, y):
+            x, ok = tf.numpy_function(load, [path], [tf.uint8, tf.float32])
+            x.set_shape((contract.input_size, contract.input_size, 3))
+            return tf.cast(x, tf.float32), tf.one_hot(y, n), ok
+
+        ds = tf.data.Dataset.from_tensor_slices((paths, ys))
+        if training:
+            ds = ds.shuffle(len(paths), seed=cfg.seed, reshuffle_each_iteration=True)
+        ds = ds.map(tf_load, num_parallel_calls=tf.data.AUTOTUNE)
+        return ds.batch(cfg.batch_size * replicas).prefetch(tf.data.AUTOTUNE)
+
+    y_train = np.array([index[s.label] for s in splits["train"]])
+    y_val = np.array([index[s.label] for s in splits["val"]])
+    cw = class_weight_for(y_train, n) if cfg.class_weights else None
+    w_vec = tf.constant([cw[i] for i in range(n)] if cw else [1.0] * n, tf.float32)
+    train_ds = dataset(splits["train"], True).map(
+        lambda x, y, ok: (x, y, ok * tf.reduce_sum(y * w_vec, axis=-1)))
+    val_ds = dataset(splits["val"], False).map(lambda x, y, ok: x)
+    loss = keras.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing)
+    with strategy.scope():
+        model = build_classifier(cfg.backbone, contract, cfg.weights, cfg.dropout)
+    history = []
+    for phase, block, lr, epochs in (("head", None, cfg.head_lr, min(cfg.head_epochs, 10)),
+                                     ("fine-tune", cfg.fine_tune_from, cfg.fine_tune_lr, cfg.fine_tune_epochs)):
+        if epochs <= 0:
+            continue
+        set_trainable_from(model, block)
+        with strategy.scope():
+            model.compile(keras.optimizers.Adam(lr), loss, metrics=["accuracy"])
+        best = _BestOnValF1(model, lambda: model.predict(val_ds, verbose=0), y_val, cfg.patience, log, phase)
+        model.fit(train_ds, epochs=epochs, callbacks=[best.callback], verbose=1 if os.isatty(1) else 2)
+        best.restore()
+        history += best.history
+    set_trainable_from(model, None)
+    return model, history, sorted(set(skipped))
