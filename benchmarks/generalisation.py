@@ -1,9 +1,11 @@
 """Generalisation to another microscope: a model trained on CellaVision PBC images, scored on BCCD.
 
 BCCD comes from another microscope, stain and camera (blurrier, bluer). Each field with exactly
-one labelled white cell gives one test cell, cut from the field around its VOC box at the model's
-trained cell scale (:func:`edge_app.cells.crop_cell`) — the way the edge app cuts the cells it
-finds. Balanced accuracy is the headline: BCCD is 60% neutrophils.
+one labelled white cell gives one test cell: the edge app's cell finder runs on the field, the
+cell it finds inside the VOC box (the box itself where it finds none) is cut at the model's
+trained scale with the session's median cell diameter (:class:`edge_app.cells.SessionScale`) —
+the way the edge app cuts the cells it finds. Balanced accuracy is the headline: BCCD is 60%
+neutrophils.
 
     python -m benchmarks.generalisation MODEL [--bccd DIR] [--json OUT]
 """
@@ -17,19 +19,27 @@ import numpy as np
 
 from benchmarks.bccd import single_cell_fields
 from bmc.contract import preprocess, read_image
-from edge_app.cells import crop_cell
+from edge_app.cells import SessionScale, crop_cell
+from edge_app.detect import find_cells
 
 DEFAULT_BCCD = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "bccd"
 
 
 def bccd_cells(root, contract):
     """(model inputs, label names) of the single-white-cell BCCD fields at the trained scale."""
-    xs, ys = [], []
+    scale = SessionScale()
+    picked = []
     for f in single_cell_fields(root):
-        crop = crop_cell(read_image(str(f.image)), f.wbc[0], contract)
-        xs.append(preprocess(crop, contract, "BGR", crop=False))
-        ys.append(f.labels[0])
-    return np.stack(xs), ys
+        frame = read_image(str(f.image))
+        voc = f.wbc[0]
+        inside = [c for c in find_cells(frame) if voc.x <= c.centre[0] <= voc.x + voc.w
+                  and voc.y <= c.centre[1] <= voc.y + voc.h]
+        box = max(inside, key=lambda c: c.nucleus_area).box if inside else voc
+        scale.observe([c.box.diameter for c in inside])
+        picked.append((frame, box, f.labels[0]))
+    xs = [preprocess(crop_cell(frame, scale.box_for(box), contract), contract, "BGR", crop=False)
+          for frame, box, _ in picked]
+    return np.stack(xs), [label for _, _, label in picked]
 
 
 def score(model_path, bccd=DEFAULT_BCCD) -> dict:
@@ -42,7 +52,7 @@ def score(model_path, bccd=DEFAULT_BCCD) -> dict:
     probs = np.concatenate([clf.predict(xs[i:i + 32]) for i in range(0, len(xs), 32)])
     m = classification_metrics(np.array([index[n] for n in names]), probs, list(contract.labels))
     m["model"] = str(model_path)
-    m["data"] = f"{bccd} (single-WBC fields, cells cut at cell_fraction {contract.cell_fraction})"
+    m["data"] = f"{bccd} (single-WBC fields, session-scale crops, cell_fraction {contract.cell_fraction})"
     return m
 
 

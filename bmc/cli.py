@@ -19,7 +19,7 @@ _EXPECTED = [
     ("bmc.contract", "ContractError"), ("bmc.card", "ModelCardError"), ("train.data", "DataError"),
     ("train.evaluate", "EvaluationError"), ("train.backbones", "BackboneError"),
     ("convert.variants", "VariantError"), ("convert.converter", "ConversionError"),
-    ("convert.pipeline", "GateFailed"),
+    ("convert.pipeline", "GateFailed"), ("convert.variants", "VariantError"),
 ]
 
 
@@ -145,6 +145,27 @@ def convert_cmd(source, out_dir, name, variants, data, max_drop, max_class_drop,
     from convert.pipeline import report_markdown
 
     click.echo(report_markdown(report))
+
+
+@main.group()
+def bench():
+    """Measure models and the edge pipeline (benchmarks/)."""
+
+
+@bench.command("generalisation")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--bccd", type=click.Path(file_okay=False), help="BCCD folder (default ../shared/data/bccd)")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False))
+def bench_generalisation(model, bccd, json_out):
+    """Accuracy of MODEL on white cells of another microscope (BCCD fields, cut at the trained scale)."""
+    from benchmarks.generalisation import DEFAULT_BCCD, score
+    from train.metrics import per_class_table
+
+    m = _guard(score, model, bccd or DEFAULT_BCCD)
+    click.echo(per_class_table(m))
+    if json_out:
+        with open(json_out, "w") as fh:
+            json.dump(m, fh, indent=2)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -48,3 +48,36 @@ def crop_cell(frame: np.ndarray, box: Box, contract: Contract) -> np.ndarray:
     if pad_l or pad_t or pad_r or pad_b:
         crop = cv2.copyMakeBorder(crop, pad_t, pad_b, pad_l, pad_r, cv2.BORDER_REFLECT_101)
     return crop
+
+
+class SessionScale:
+    """The diameter, in frame pixels, that every cell of a session is cut at.
+
+    Magnification is a property of the microscope and camera, not of each cell: cutting each
+    cell by its own size would blow small lymphocytes up and shrink large monocytes, erasing the
+    size differences the model learnt from. The session's scale is therefore one number — a fixed
+    ``diameter_px`` from the device config, or the running median of the diameters of the cells
+    found so far (robust to the odd clump or fragment).
+    """
+
+    def __init__(self, diameter_px: float | None = None, window: int = 501):
+        self.fixed = diameter_px
+        self.window = window
+        self._seen: list[float] = []
+
+    def observe(self, diameters) -> None:
+        self._seen.extend(float(d) for d in diameters)
+        if len(self._seen) > self.window:
+            del self._seen[: len(self._seen) - self.window]
+
+    @property
+    def diameter(self) -> float | None:
+        if self.fixed:
+            return float(self.fixed)
+        return float(np.median(self._seen)) if self._seen else None
+
+    def box_for(self, box: Box) -> Box:
+        """``box`` re-centred with the session's diameter (its own where none is known yet)."""
+        d = self.diameter or box.diameter
+        cx, cy = box.centre
+        return Box(int(round(cx - d / 2)), int(round(cy - d / 2)), int(round(d)), int(round(d)))

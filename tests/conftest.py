@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -49,3 +51,32 @@ def small_class_folders(src: Path, dst: Path, per_class: int, classes=None) -> P
         for f in sorted(cls.glob("*.jpg"))[:per_class]:
             (dst / cls.name / f.name).symlink_to(f)
     return dst
+
+
+CLASSES = ("eosinophil", "lymphocyte", "neutrophil", "platelet")
+
+
+def bmc(*args, check=True, timeout=900, env=None):
+    """Run the real ``bmc`` CLI in a subprocess."""
+    p = subprocess.run([sys.executable, "-m", "bmc.cli", *map(str, args)], capture_output=True, text=True,
+                       timeout=timeout, cwd=ROOT, env=env)
+    if check and p.returncode != 0:
+        raise AssertionError(f"bmc {' '.join(map(str, args))} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
+    return p
+
+
+@pytest.fixture(scope="session")
+def small_pbc(tmp_path_factory, pbc):
+    """16 real PBC images of 4 classes, plus one corrupt file."""
+    d = small_class_folders(pbc, tmp_path_factory.mktemp("pbc4"), 16, CLASSES)
+    (d / "lymphocyte" / "LY_corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0\x00\x10JFIF truncated")
+    return d
+
+
+@pytest.fixture(scope="session")
+def run(tmp_path_factory, small_pbc):
+    """A real (small) training run: Lite0 from ImageNet, head plus one fine-tuned block."""
+    out = tmp_path_factory.mktemp("run") / "lite0"
+    bmc("train", small_pbc, "--out", out, "--views", "2", "--head-epochs", "25", "--fine-tune-epochs", "1",
+        "--fine-tune-from", "block7a", "--seed", "3")
+    return out

@@ -3,39 +3,13 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-from conftest import small_class_folders
+from conftest import CLASSES, bmc, small_class_folders
 
 pytestmark = pytest.mark.slow
-CLASSES = ("eosinophil", "lymphocyte", "neutrophil", "platelet")
-
-
-def bmc(*args, check=True):
-    p = subprocess.run([sys.executable, "-m", "bmc.cli", *map(str, args)], capture_output=True, text=True,
-                       timeout=900)
-    if check and p.returncode != 0:
-        raise AssertionError(f"bmc {' '.join(map(str, args))} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
-    return p
-
-
-@pytest.fixture(scope="module")
-def small_pbc(tmp_path_factory, pbc):
-    d = small_class_folders(pbc, tmp_path_factory.mktemp("pbc4"), 16, CLASSES)
-    (d / "lymphocyte" / "LY_corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0\x00\x10JFIF truncated")
-    return d
-
-
-@pytest.fixture(scope="module")
-def run(tmp_path_factory, small_pbc):
-    out = tmp_path_factory.mktemp("run") / "lite0"
-    bmc("train", small_pbc, "--out", out, "--views", "2", "--head-epochs", "25", "--fine-tune-epochs", "1",
-        "--fine-tune-from", "block7a", "--seed", "3")
-    return out
 
 
 def test_run_folder_holds_everything_to_reproduce_and_convert(run, small_pbc):

@@ -51,7 +51,7 @@ class TrainConfig:
     limit_per_class: int | None = None
     input_size: int = 224
     crop_fraction: float = 0.72
-    cell_fraction: float = 0.45
+    cell_fraction: float | None = None  # None: measured on the training images
     mode: str = "auto"
     fine_tune_from: str = "block6a"
     views: int = 2
@@ -197,8 +197,14 @@ def train(cfg: TrainConfig) -> dict:
         splits = data_mod.split(samples, cfg.fractions, cfg.seed)
     data_mod.save_split(splits, out / "split.json")
     labels = sorted({s.label for part in splits.values() for s in part})
+    cell_fraction = cfg.cell_fraction
+    if cell_fraction is None:
+        from train.cellscale import measure_cell_fraction
+
+        cell_fraction, n_measured = measure_cell_fraction(splits["train"], cfg.crop_fraction, seed=cfg.seed)
+        log(f"cell scale: a cell spans {cell_fraction:.3f} of the crop (median of {n_measured} training images)")
     contract = Contract(labels=tuple(labels), input_size=cfg.input_size, crop_fraction=cfg.crop_fraction,
-                        cell_fraction=cfg.cell_fraction)
+                        cell_fraction=round(cell_fraction, 4))
     (out / "contract.json").write_text(contract.to_json())
     (out / "labels.txt").write_text("\n".join(labels) + "\n")
     (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))

@@ -1,0 +1,40 @@
+"""Measuring the cell scale of a training set: how much of the model's crop a cell spans.
+
+The edge app finds cells with :func:`edge_app.detect.find_cells` and cuts them so that they reach
+the model at the scale it learnt. The same finder is run here on training images, so "cell
+diameter" means the same thing on both sides: the contract's ``cell_fraction`` is the median,
+over training images where the finder sees a cell near the centre, of that cell's box diameter
+over the side of the contract's centre crop.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from bmc.contract import read_image
+from edge_app.detect import find_cells
+
+
+def measure_cell_fraction(samples, crop_fraction: float, n: int = 400, seed: int = 0) -> tuple[float, int]:
+    """(median cell fraction, number of images it was measured on)."""
+    rng = np.random.default_rng(seed)
+    pick = rng.choice(len(samples), size=min(n, len(samples)), replace=False)
+    fractions = []
+    for i in pick:
+        try:
+            img = read_image(samples[i].path)
+        except ValueError:
+            continue
+        h, w = img.shape[:2]
+        side = crop_fraction * min(h, w)
+        cells = [c for c in find_cells(img)
+                 if abs(c.centre[0] - w / 2) < side / 3 and abs(c.centre[1] - h / 2) < side / 3]
+        if cells:
+            c = min(cells, key=lambda c: (c.centre[0] - w / 2) ** 2 + (c.centre[1] - h / 2) ** 2)
+            fractions.append(c.box.diameter / side)
+    if len(fractions) < max(5, len(pick) // 10):
+        raise ValueError(
+            f"could not measure the cell scale: the cell finder saw a centred cell in only "
+            f"{len(fractions)} of {len(pick)} training images (are these single-cell crops?)"
+        )
+    return float(np.clip(np.median(fractions), 0.05, 1.0)), len(fractions)
