@@ -148,6 +148,66 @@ def convert_cmd(source, out_dir, name, variants, data, max_drop, max_class_drop,
 
 
 @main.group()
+def edge():
+    """On the device: find, classify and count cells; report (no TensorFlow)."""
+
+
+@edge.command("run")
+@click.argument("source")
+@click.option("--model", type=click.Path(dir_okay=False), help="a .tflite with its model card (default: shipped int8)")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="session folder")
+@click.option("--mode", type=click.Choice(["field", "cell"]), default="field", show_default=True,
+              help="field: find cells in each frame; cell: each frame is one centred cell")
+@click.option("--target", type=int, help="stop after this many counted cells (100, 200, 500 …)")
+@click.option("--threads", type=int, help="inference threads (default: all cores)")
+@click.option("--headless", is_flag=True, help="no window; print counts periodically")
+@click.option("--max-frames", type=int, help="stop after this many frames")
+@click.option("--cell-diameter", type=float, help="fixed cell diameter in pixels (default: measured)")
+@click.option("--no-crops", is_flag=True, help="do not save a JPEG per cell")
+def edge_run(source, model, out_dir, mode, target, threads, headless, max_frames, cell_diameter, no_crops):
+    """Classify and count the cells of SOURCE: a camera index or /dev path, picamera2, a GStreamer
+    pipeline, a video, an image folder or glob, or one image."""
+    import os
+
+    from edge_app.app import EdgeSession, SessionConfig
+    from edge_app.model import DEFAULT_MODEL, CellClassifier
+    from edge_app.sources import SourceError
+
+    from edge_app.backends import BackendError
+
+    def go():
+        clf = CellClassifier(model or DEFAULT_MODEL, threads=threads or os.cpu_count())
+        cfg = SessionConfig(mode=mode, target=target, headless=headless or not _has_display(),
+                            save_crops=not no_crops, cell_diameter_px=cell_diameter, max_frames=max_frames)
+        return EdgeSession(source, clf, out_dir, cfg, echo=click.echo).run()
+
+    try:
+        r = _guard(go)
+    except (SourceError, BackendError) as e:
+        raise _Fail(str(e)) from e
+    if r.status == "disk-full":
+        raise _Fail(r.message)
+
+
+def _has_display() -> bool:
+    import os
+
+    return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
+
+
+@edge.command("report")
+@click.argument("out_dir", type=click.Path(file_okay=False))
+def edge_report(out_dir):
+    """Write OUT_DIR/report.html (counts, percentages, flagged cells, thumbnails) and cells.csv."""
+    from edge_app.report import build_report
+    from edge_app.store import write_csv
+
+    path = _guard(build_report, out_dir)
+    write_csv(out_dir)
+    click.echo(f"report: {path}")
+
+
+@main.group()
 def bench():
     """Measure models and the edge pipeline (benchmarks/)."""
 

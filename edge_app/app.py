@@ -1,0 +1,234 @@
+"""The edge session: frames → cells → classes → a differential count, recorded as it goes.
+
+Read a frame, find the nucleated cells (``--mode field``) or take the frame as one centred cell
+(``--mode cell``, like the training crops), cut each at the model's trained scale, classify the
+cells of a frame as one batch, count new cells once (tracking across frames of a still field),
+flag doubtful ones for review, and commit the frame to the session database before reading the
+next. With a screen, an OpenCV window shows it live; ``--headless`` prints counts instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from bmc.contract import centre_square
+from edge_app.capture import Capture
+from edge_app.cells import Box, SessionScale, crop_cell
+from edge_app.detect import FinderConfig, find_cells
+from edge_app.differential import Differential, ReviewPolicy
+from edge_app.model import CellClassifier
+from edge_app.sources import FrameSource, open_source
+from edge_app.store import SessionStore, StorageFull
+from edge_app.tracker import CellTracker
+
+log = logging.getLogger(__name__)
+STAGES = ("read", "find", "preprocess", "classify", "record")
+
+
+@dataclasses.dataclass
+class SessionConfig:
+    mode: str = "field"  # field | cell
+    target: int | None = None
+    headless: bool = True
+    save_crops: bool = True
+    cell_diameter_px: float | None = None  # fixed scale; None: running median of found cells
+    print_every_s: float = 5.0
+    max_frames: int | None = None
+    finder: FinderConfig = dataclasses.field(default_factory=FinderConfig)
+    review: ReviewPolicy = dataclasses.field(default_factory=ReviewPolicy)
+
+    def __post_init__(self):
+        if self.mode not in ("field", "cell"):
+            raise ValueError(f"mode must be 'field' or 'cell', got {self.mode!r}")
+
+
+@dataclasses.dataclass
+class SessionResult:
+    frames: int = 0
+    cells: int = 0
+    counted: int = 0
+    flagged: int = 0
+    corrupt_frames: int = 0
+    dropped_frames: int = 0
+    seconds: float = 0.0
+    stage_seconds: dict = dataclasses.field(default_factory=lambda: {s: 0.0 for s in STAGES})
+    status: str = "finished"
+    message: str = ""
+
+    @property
+    def fps(self) -> float:
+        return self.frames / self.seconds if self.seconds else 0.0
+
+
+class EdgeSession:
+    def __init__(self, source: FrameSource | str, classifier: CellClassifier, out_dir: str | Path,
+                 config: SessionConfig = SessionConfig(), echo=print):
+        self.source = open_source(source) if isinstance(source, str) else source
+        self.source_name = str(source) if isinstance(source, str) else type(source).__name__
+        self.clf = classifier
+        self.cfg = config
+        self.echo = echo
+        self.diff = Differential(classifier.labels, config.target, config.review)
+        self.scale = SessionScale(config.cell_diameter_px)
+        self.tracker = CellTracker()
+        self.store = SessionStore(out_dir, self.source_name, classifier.path.name, classifier.sha256,
+                                  classifier.labels, {"mode": config.mode, "target": config.target,
+                                                      "finder": dataclasses.asdict(config.finder),
+                                                      "review": dataclasses.asdict(config.review)},
+                                  save_crops=config.save_crops)
+        self.result = SessionResult()
+        self._stop = False
+        self._window = None
+
+    # -- one frame --------------------------------------------------------------------------
+    def _cells_of(self, image: np.ndarray) -> tuple[list[Box], list[np.ndarray]]:
+        c = self.clf.contract
+        if self.cfg.mode == "cell":
+            h, w = image.shape[:2]
+            side = int(round(min(h, w) * c.crop_fraction))
+            box = Box((w - side) // 2, (h - side) // 2, side, side)
+            return [box], [centre_square(image, c.crop_fraction)]
+        found = find_cells(image, self.cfg.finder)
+        self.scale.observe(f.box.diameter for f in found)
+        boxes = [f.box for f in found]
+        return boxes, [crop_cell(image, self.scale.box_for(b), c) for b in boxes]
+
+    def process(self, frame) -> list[dict]:
+        r, st = self.result, self.result.stage_seconds
+        if frame.image is None:
+            r.corrupt_frames += 1
+            log.warning("frame %s of %s skipped: %s", frame.index, frame.source, frame.error)
+            self.store.record_frame(frame.index, frame.source, [], [], error=frame.error or "unreadable")
+            return []
+        t0 = time.perf_counter()
+        boxes, crops = self._cells_of(frame.image)
+        t1 = time.perf_counter()
+        pf = self.source.pixel_format
+        batch = [self.clf_pre(cr, pf) for cr in crops]
+        t2 = time.perf_counter()
+        probs = self.clf.backend.predict(np.stack(batch)) if batch else np.zeros((0, len(self.clf.labels)))
+        t3 = time.perf_counter()
+        if frame.still:
+            self.tracker.reset()
+        tracks = self.tracker.update(frame.index, boxes)
+        cells = []
+        for box, p, (track, new) in zip(boxes, probs, tracks):
+            if new:
+                label, conf, flag = self.diff.add(p)
+                r.cells += 1
+                r.flagged += bool(flag)
+            else:
+                i = int(np.argmax(p))
+                label, conf, flag = self.clf.labels[i], float(p[i]), "seen"
+            cells.append({"x": box.x, "y": box.y, "w": box.w, "h": box.h, "label": label, "confidence": conf,
+                          "probabilities": p, "flag": flag, "track": track, "new": new})
+        keep = [(c, cr) for c, cr in zip(cells, crops) if c["new"]]
+        self.store.record_frame(frame.index, frame.source, [c for c, _ in keep], [cr for _, cr in keep])
+        t4 = time.perf_counter()
+        st["find"] += t1 - t0
+        st["preprocess"] += t2 - t1
+        st["classify"] += t3 - t2
+        st["record"] += t4 - t3
+        r.counted = self.diff.counted
+        return cells
+
+    def clf_pre(self, crop, pixel_format):
+        from bmc.contract import preprocess
+
+        return preprocess(crop, self.clf.contract, pixel_format, crop=False)
+
+    # -- the loop ---------------------------------------------------------------------------
+    def _on_signal(self, signum, _frame):
+        self.echo(f"received signal {signum}: finishing the current frame and closing the session")
+        self._stop = True
+
+    def run(self) -> SessionResult:
+        old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)} \
+            if _main_thread() else {}
+        cap = Capture(self.source).start()
+        r = self.result
+        t_start = last_print = time.perf_counter()
+        t_read = time.perf_counter()
+        status = "finished"
+        try:
+            for frame in cap:
+                r.stage_seconds["read"] += time.perf_counter() - t_read
+                cells = self.process(frame)
+                r.frames += 1
+                if not self.cfg.headless:
+                    self._show(frame, cells)
+                now = time.perf_counter()
+                if self.cfg.headless and now - last_print >= self.cfg.print_every_s:
+                    last_print = now
+                    self.echo(f"[{r.frames} frames, {r.frames / (now - t_start):.1f} fps] {self.diff.summary()}")
+                if self.diff.done:
+                    self.echo(f"target of {self.cfg.target} cells reached")
+                    break
+                if self._stop or (self.cfg.max_frames and r.frames >= self.cfg.max_frames):
+                    status = "stopped" if self._stop else status
+                    break
+                t_read = time.perf_counter()
+        except StorageFull as e:
+            status, r.message = "disk-full", str(e)
+            self.echo(f"error: {e}")
+        except KeyboardInterrupt:
+            status = "stopped"
+        finally:
+            cap.stop()
+            r.dropped_frames = cap.dropped
+            r.seconds = time.perf_counter() - t_start
+            r.status = status
+            self.store.close(status)
+            if self._window:
+                cv2.destroyWindow(self._window)
+            for s, h in old.items():
+                signal.signal(s, h)
+        self.echo(f"session {status}: {r.frames} frames ({r.fps:.1f} fps), {self.diff.summary()}; "
+                  f"{r.corrupt_frames} corrupt and {r.dropped_frames} dropped frames")
+        return r
+
+    def _show(self, frame, cells):
+        img = frame.image
+        if img is None:
+            return
+        if self.source.pixel_format == "RGB":
+            img = cv2.cvtColor(img, cv2.COLOR_RGB2BGR)
+        img = img.copy()
+        for c in cells:
+            colour = (0, 200, 0) if not c["flag"] or c["flag"] == "seen" else (0, 165, 255)
+            cv2.rectangle(img, (c["x"], c["y"]), (c["x"] + c["w"], c["y"] + c["h"]), colour, 2)
+            cv2.putText(img, f"{c['label']} {c['confidence']:.2f}", (c["x"], max(12, c["y"] - 4)),
+                        cv2.FONT_HERSHEY_SIMPLEX, 0.5, colour, 1, cv2.LINE_AA)
+        cv2.putText(img, f"{self.diff.counted} counted, {self.diff.flagged} review | {self.result.fps:.1f} fps",
+                    (8, 20), cv2.FONT_HERSHEY_SIMPLEX, 0.55, (255, 255, 255), 2, cv2.LINE_AA)
+        try:
+            self._window = "bmc"
+            cv2.imshow(self._window, img)
+            key = cv2.waitKey(1) & 0xFF
+        except cv2.error:
+            self.echo("no display available: continuing headless")
+            self.cfg.headless, self._window = True, None
+            return
+        if key == ord("q"):
+            self._stop = True
+        elif key == ord("s"):
+            path = self.store.dir / f"snapshot_{int(time.time())}.jpg"
+            cv2.imwrite(str(path), img)
+            self.echo(f"snapshot saved: {path}")
+        elif key == ord(" "):
+            while (cv2.waitKey(50) & 0xFF) not in (ord(" "), ord("q")):
+                pass
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()

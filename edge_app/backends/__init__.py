@@ -1,0 +1,59 @@
+"""Inference backends: numpy in, numpy out.
+
+One module per runtime, each declaring its ``KEY`` and a :class:`Backend` subclass, found by
+discovery; a backend whose runtime is not installed is skipped with the reason logged (after
+Frigate's detector plugins). LiteRT (``ai-edge-litert``, or the older ``tflite-runtime`` where
+that is what the device has) is the first implementation.
+"""
+
+from __future__ import annotations
+
+import abc
+import importlib
+import logging
+import pkgutil
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+class BackendError(RuntimeError):
+    """A model the runtime cannot load or run; the message names the file."""
+
+
+class Backend(abc.ABC):
+    KEY = ""
+
+    @abc.abstractmethod
+    def __init__(self, model_path: str, threads: int | None = None): ...
+
+    @property
+    @abc.abstractmethod
+    def input_dtype(self) -> np.dtype: ...
+
+    @abc.abstractmethod
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        """``batch``: N x H x W x 3 float32 RGB pixels in 0..255 → N x classes probabilities."""
+
+
+def available() -> dict[str, type[Backend]]:
+    found: dict[str, type[Backend]] = {}
+    for mod in pkgutil.iter_modules(__path__):
+        try:
+            m = importlib.import_module(f"{__name__}.{mod.name}")
+        except ImportError as e:
+            log.info("backend %s skipped: %s", mod.name, e)
+            continue
+        for obj in vars(m).values():
+            if isinstance(obj, type) and issubclass(obj, Backend) and obj is not Backend and obj.KEY:
+                found[obj.KEY] = obj
+    return found
+
+
+def create(key: str, model_path: str, threads: int | None = None) -> Backend:
+    backends = available()
+    if key not in backends:
+        raise BackendError(f"backend {key!r} is not available here (have: {', '.join(backends) or 'none'}); "
+                           "install the edge extra: pip install 'bmc-edge[edge]'")
+    return backends[key](model_path, threads)

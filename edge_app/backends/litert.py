@@ -1,0 +1,88 @@
+"""LiteRT (TensorFlow Lite) interpreter backend, with XNNPACK on CPUs.
+
+Prefers ``ai_edge_litert`` and falls back to the older ``tflite_runtime``. Quantized inputs and
+outputs are handled here from the tensors' own scale and zero point; the cells of one frame are
+run as one batch when the model lets its batch dimension be resized.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from edge_app.backends import Backend, BackendError
+
+try:
+    from ai_edge_litert.interpreter import Interpreter
+
+    RUNTIME = "ai-edge-litert"
+except ImportError:  # pragma: no cover - depends on the device
+    from tflite_runtime.interpreter import Interpreter  # type: ignore[no-redef]
+
+    RUNTIME = "tflite-runtime"
+
+
+class LiteRTBackend(Backend):
+    KEY = "litert"
+
+    def __init__(self, model_path: str, threads: int | None = None):
+        self.path = str(model_path)
+        try:
+            self.interp = Interpreter(model_path=self.path, num_threads=threads)
+            self.interp.allocate_tensors()
+        except (ValueError, RuntimeError) as e:
+            raise BackendError(f"{self.path}: LiteRT cannot load this model ({e}); is the file truncated, "
+                               "or built with ops this runtime lacks?") from e
+        self.inp = self.interp.get_input_details()[0]
+        self.out = self.interp.get_output_details()[0]
+        self._batch = 1
+        self.batchable = True
+
+    @property
+    def input_dtype(self):
+        return self.inp["dtype"]
+
+    def _quantize(self, x: np.ndarray) -> np.ndarray:
+        scale, zero = self.inp["quantization"]
+        dt = self.inp["dtype"]
+        if dt in (np.uint8, np.int8) and scale:
+            info = np.iinfo(dt)
+            return np.clip(np.round(x / scale + zero), info.min, info.max).astype(dt)
+        return x.astype(dt, copy=False)
+
+    def _dequantize(self, y: np.ndarray) -> np.ndarray:
+        scale, zero = self.out["quantization"]
+        if self.out["dtype"] in (np.uint8, np.int8) and scale:
+            return (y.astype(np.float32) - zero) * scale
+        return y.astype(np.float32)
+
+    def _resize(self, n: int) -> bool:
+        if n == self._batch:
+            return True
+        try:
+            shape = list(self.inp["shape"])
+            shape[0] = n
+            self.interp.resize_tensor_input(self.inp["index"], shape)
+            self.interp.allocate_tensors()
+            self.inp = self.interp.get_input_details()[0]
+            self.out = self.interp.get_output_details()[0]
+            self._batch = n
+            return True
+        except (ValueError, RuntimeError):
+            self.batchable = False
+            return False
+
+    def _invoke(self, x: np.ndarray) -> np.ndarray:
+        self.interp.set_tensor(self.inp["index"], self._quantize(x))
+        self.interp.invoke()
+        return self._dequantize(self.interp.get_tensor(self.out["index"]))
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        if batch.ndim != 4:
+            raise ValueError(f"expected N x H x W x 3, got {batch.shape}")
+        if len(batch) == 0:
+            return np.zeros((0, int(self.out["shape"][-1])), np.float32)
+        if self.batchable and len(batch) > 1 and self._resize(len(batch)):
+            return self._invoke(batch)
+        if self._batch != 1:
+            self._resize(1)
+        return np.concatenate([self._invoke(x[None]) for x in batch])

@@ -1,0 +1,76 @@
+"""Capture apart from classification, through a bounded queue.
+
+A live camera keeps delivering frames whether or not classification keeps up: when the queue is
+full the oldest frame is dropped (the freshest view of the field matters) and the drop is
+counted. Files are read without drops: every image or video frame is processed.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+
+from edge_app.sources import FrameSource
+
+_END = object()
+
+
+class Capture:
+    def __init__(self, source: FrameSource, maxsize: int = 4):
+        self.source = source
+        self.q: queue.Queue = queue.Queue(maxsize=maxsize)
+        self.dropped = 0
+        self.error: BaseException | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="capture", daemon=True)
+
+    def start(self) -> "Capture":
+        self._thread.start()
+        return self
+
+    def _run(self):
+        try:
+            for frame in self.source.frames():
+                if self._stop.is_set():
+                    break
+                if self.source.live:
+                    while True:
+                        try:
+                            self.q.put_nowait(frame)
+                            break
+                        except queue.Full:
+                            try:
+                                self.q.get_nowait()
+                                self.dropped += 1
+                            except queue.Empty:
+                                pass
+                else:
+                    while not self._stop.is_set():
+                        try:
+                            self.q.put(frame, timeout=0.2)
+                            break
+                        except queue.Full:
+                            continue
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            self.error = e
+        finally:
+            while True:
+                try:
+                    self.q.put(_END, timeout=0.2)
+                    break
+                except queue.Full:
+                    if self._stop.is_set():
+                        break
+
+    def __iter__(self):
+        while True:
+            item = self.q.get()
+            if item is _END:
+                if self.error is not None:
+                    raise self.error
+                return
+            yield item
+
+    def stop(self):
+        self._stop.set()
+        self.source.close()

@@ -1,0 +1,82 @@
+"""The differential count: running counts and percentages per class, a target, derived ratios,
+and the cells set aside for review instead of being counted silently.
+
+A cell is flagged for review when its top probability is below ``min_confidence`` or the top two
+are closer than ``min_margin``; flagged cells are stored and shown in the report but not counted
+until a person confirms them (as a technician would set aside a cell they cannot name).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+# Lineages of the PBC / bone-marrow labels, for the myeloid:erythroid (M:E) ratio.
+MYELOID = {"neutrophil", "ig", "eosinophil", "basophil", "monocyte", "promyelocyte", "myelocyte",
+           "metamyelocyte", "band", "segmented", "pmy", "my", "mmy", "bne", "sne", "ngb", "ngs", "mmz",
+           "myb", "pmo", "eos", "bas", "mon"}
+ERYTHROID = {"erythroblast", "erb", "ebo", "peb", "proerythroblast"}
+
+
+@dataclasses.dataclass(frozen=True)
+class ReviewPolicy:
+    min_confidence: float = 0.6
+    min_margin: float = 0.15
+
+    def flag(self, probs: np.ndarray) -> str:
+        """'' for a confident call, else why the cell needs review."""
+        top2 = np.sort(probs)[-2:]
+        if top2[-1] < self.min_confidence:
+            return f"low confidence {top2[-1]:.2f}"
+        if len(top2) > 1 and top2[-1] - top2[-2] < self.min_margin:
+            return f"top two within {top2[-1] - top2[-2]:.2f}"
+        return ""
+
+
+class Differential:
+    def __init__(self, labels, target: int | None = None, review: ReviewPolicy = ReviewPolicy()):
+        self.labels = list(labels)
+        self.target = target
+        self.review = review
+        self.counts = {l: 0 for l in self.labels}
+        self.flagged = 0
+
+    def add(self, probs: np.ndarray) -> tuple[str, float, str]:
+        """Count one cell; returns (label, confidence, review flag)."""
+        i = int(np.argmax(probs))
+        label, conf = self.labels[i], float(probs[i])
+        flag = self.review.flag(probs)
+        if flag:
+            self.flagged += 1
+        else:
+            self.counts[label] += 1
+        return label, conf, flag
+
+    @property
+    def counted(self) -> int:
+        return sum(self.counts.values())
+
+    @property
+    def done(self) -> bool:
+        return bool(self.target) and self.counted >= self.target
+
+    def percentages(self) -> dict[str, float]:
+        n = self.counted
+        return {l: (100.0 * c / n if n else 0.0) for l, c in self.counts.items()}
+
+    def ratios(self) -> dict[str, float | None]:
+        lower = {l.lower(): c for l, c in self.counts.items()}
+        out: dict[str, float | None] = {}
+        m = sum(c for l, c in lower.items() if l in MYELOID)
+        e = sum(c for l, c in lower.items() if l in ERYTHROID)
+        if any(l in ERYTHROID for l in lower) and any(l in MYELOID for l in lower):
+            out["M:E"] = (m / e) if e else None
+        return out
+
+    def summary(self) -> str:
+        pct = self.percentages()
+        parts = [f"{l} {self.counts[l]} ({pct[l]:.0f}%)" for l in self.labels if self.counts[l]]
+        tgt = f"/{self.target}" if self.target else ""
+        ratio = "".join(f", {k} {v:.2f}" for k, v in self.ratios().items() if v is not None)
+        return f"{self.counted}{tgt} cells: " + (", ".join(parts) or "none") + f"; {self.flagged} for review{ratio}"

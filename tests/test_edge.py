@@ -1,0 +1,277 @@
+"""The edge app on real BCCD fields with the shipped int8 model: counts, storage, reliability."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from bmc.card import ModelCardError
+from conftest import ROOT, bmc
+from edge_app.app import EdgeSession, SessionConfig
+from edge_app.backends import BackendError
+from edge_app.differential import Differential, ReviewPolicy
+from edge_app.model import DEFAULT_MODEL, CellClassifier
+from edge_app.sources import Frame, FrameSource, ImageFiles, SourceError, open_source
+from edge_app.sources.camera import _Reopening
+
+
+@pytest.fixture(scope="module")
+def clf():
+    return CellClassifier(DEFAULT_MODEL, threads=2)
+
+
+@pytest.fixture(scope="module")
+def fields(bccd, tmp_path_factory):
+    """12 real BCCD fields and one corrupt file, as an image folder."""
+    d = tmp_path_factory.mktemp("fields")
+    for f in sorted((bccd / "JPEGImages").glob("*.jpg"))[:12]:
+        (d / f.name).symlink_to(f)
+    (d / "BloodImage_99999.jpg").write_bytes(b"\xff\xd8\xff broken")
+    return d
+
+
+def test_run_writes_database_csv_and_crops(fields, tmp_path):
+    out = tmp_path / "s"
+    p = bmc("edge", "run", fields, "--out", out, "--headless")
+    assert "session finished" in p.stdout and "1 corrupt" in p.stdout
+    rows = list(csv.DictReader(open(out / "cells.csv")))
+    assert rows and {"source", "frame", "x", "y", "w", "h", "label", "confidence"} <= set(rows[0])
+    labels = json.loads((DEFAULT_MODEL.with_suffix(".json")).read_text())["contract"]["labels"]
+    for r in rows:
+        assert r["source"].startswith("BloodImage_") and r["label"] in labels
+        x, y, w, h = (int(r[k]) for k in "xywh")
+        assert 0 <= x and 0 <= y and x + w <= 640 and y + h <= 480 and w > 20
+        assert (out / r["crop"]).is_file()
+    db = sqlite3.connect(out / "session.sqlite")
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert db.execute("SELECT COUNT(*) FROM cell").fetchone()[0] == len(rows)
+    assert db.execute("SELECT COUNT(*) FROM frame WHERE error IS NOT NULL").fetchone()[0] == 1
+    status, sha = db.execute("SELECT status, model_sha256 FROM session").fetchone()
+    assert status == "finished" and sha == json.loads(DEFAULT_MODEL.with_suffix(".json").read_text())["sha256"]
+    probs = json.loads(db.execute("SELECT probabilities FROM cell LIMIT 1").fetchone()[0])
+    assert len(probs) == len(labels) and abs(sum(probs) - 1) < 0.05
+
+
+def test_report_is_self_contained_html(fields, tmp_path):
+    out = tmp_path / "s"
+    bmc("edge", "run", fields, "--out", out, "--headless")
+    bmc("edge", "report", out)
+    page = (out / "report.html").read_text()
+    assert "Differential count" in page and "data:image/jpeg;base64," in page
+    for bad in ("http://", "https://", "<script", "src=\"/", "src='/"):
+        assert bad not in page
+
+
+def test_sigkill_mid_run_loses_no_counted_cell(bccd, tmp_path):
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "bmc.cli", "edge", "run", str(bccd / "JPEGImages"), "--out",
+                             str(out), "--headless"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    db_path = out / "session.sqlite"
+    deadline = time.time() + 120
+    n = 0
+    while time.time() < deadline and n < 20:
+        time.sleep(0.2)
+        if db_path.exists():
+            try:
+                with sqlite3.connect(f"file:{db_path}?mode=ro", uri=True) as db:
+                    n = db.execute("SELECT COUNT(*) FROM frame").fetchone()[0]
+            except sqlite3.OperationalError:
+                pass
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert n >= 20, "the run never got going"
+    db = sqlite3.connect(db_path)
+    assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    frames = db.execute("SELECT COUNT(*), SUM(n_cells) FROM frame").fetchone()
+    assert frames[0] >= n and frames[0] < 364
+    assert db.execute("SELECT COUNT(*) FROM cell").fetchone()[0] == frames[1]
+    for (crop,) in db.execute("SELECT crop FROM cell"):
+        assert (out / crop).is_file()
+    assert db.execute("SELECT status FROM session").fetchone()[0] == "running"  # interrupted, readable
+
+
+def test_sigterm_closes_the_session_cleanly(bccd, tmp_path):
+    out = tmp_path / "term"
+    proc = subprocess.Popen([sys.executable, "-m", "bmc.cli", "edge", "run", str(bccd / "JPEGImages"), "--out",
+                             str(out), "--headless"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    db_path = out / "session.sqlite"
+    deadline = time.time() + 120
+    while time.time() < deadline and not db_path.exists():
+        time.sleep(0.2)
+    time.sleep(2.0)
+    proc.send_signal(signal.SIGTERM)
+    stdout, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0
+    db = sqlite3.connect(db_path)
+    assert db.execute("SELECT status FROM session").fetchone()[0] == "stopped"
+    assert (out / "cells.csv").is_file() and "session stopped" in stdout
+
+
+def test_full_disk_stops_recording_with_intact_database(fields, tmp_path, clf):
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=160k", "tmpfs", str(mnt)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        lines = []
+        r = EdgeSession(str(fields), clf, mnt / "s", SessionConfig(), echo=lines.append).run()
+        assert r.status == "disk-full" and "disk full" in r.message
+        db = sqlite3.connect(f"file:{mnt / 's' / 'session.sqlite'}?mode=ro", uri=True)
+        assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        recorded, cells_in_frames = db.execute("SELECT COUNT(*), SUM(n_cells) FROM frame").fetchone()
+        assert 0 < recorded < 13
+        assert db.execute("SELECT COUNT(*) FROM cell").fetchone()[0] == cells_in_frames
+        db.close()
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
+
+
+def test_still_field_in_a_video_is_counted_once(bccd, tmp_path, clf):
+    video = tmp_path / "still.avi"
+    a = cv2.imread(str(bccd / "JPEGImages" / "BloodImage_00001.jpg"))
+    b = cv2.imread(str(bccd / "JPEGImages" / "BloodImage_00004.jpg"))
+    vw = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 10, (640, 480))
+    for img in [a] * 6 + [b] * 6:
+        vw.write(img)
+    vw.release()
+    r = EdgeSession(str(video), clf, tmp_path / "s", SessionConfig(), echo=lambda m: None).run()
+    db = sqlite3.connect(tmp_path / "s" / "session.sqlite")
+    per_frame = dict(db.execute("SELECT idx, n_cells FROM frame").fetchall())
+    assert r.frames == 12
+    assert per_frame[0] >= 1 and per_frame[6] >= 1  # the first view of each field
+    assert all(per_frame[i] == 0 for i in (1, 2, 3, 4, 5, 7, 8, 9, 10, 11))  # same cells again
+
+
+class _ReplayedCamera(_Reopening):
+    """Replays real BCCD fields as a camera that is unplugged after a few frames and comes back."""
+
+    name = "replayed-usb-camera"
+
+    def __init__(self, frames, unplug_after, absent_opens, **kw):
+        self._frames, self._i = list(frames), 0
+        self.unplug_after, self.absent_opens, self.opens = unplug_after, absent_opens, 0
+        super().__init__(**kw)
+
+    def _open(self):
+        self.opens += 1
+        if 1 < self.opens <= 1 + self.absent_opens:
+            return None
+        return object()
+
+    def _read(self):
+        if self._i == self.unplug_after and self.opens == 1:
+            return None
+        img = self._frames[self._i % len(self._frames)]
+        self._i += 1
+        return img
+
+    def _release(self):
+        self._dev = None
+
+
+def test_unplugged_camera_is_reopened_with_backoff_and_gap_logged(bccd, monkeypatch):
+    monkeypatch.setattr("time.sleep", lambda s: None)
+    imgs = [cv2.imread(str(p)) for p in sorted((bccd / "JPEGImages").glob("*.jpg"))[:6]]
+    cam = _ReplayedCamera(imgs, unplug_after=3, absent_opens=3)
+    import itertools
+
+    got = [f.index for f in itertools.islice(cam.frames(), 6)]
+    assert got == [0, 1, 2, 3, 4, 5]
+    assert len(cam.gaps) == 1 and cam.opens == 5
+
+
+def test_camera_gone_for_good_gives_up_with_a_clear_error(monkeypatch):
+    monkeypatch.setattr("time.sleep", lambda s: None)
+    cam = _ReplayedCamera([np.zeros((4, 4, 3), np.uint8)], unplug_after=0, absent_opens=10**6, max_reopen_s=0)
+    with pytest.raises(SourceError, match="camera gone"):
+        list(cam.frames())
+
+
+class _FastCamera(FrameSource):
+    """A live source faster than classification: frames of a real field, as fast as it can."""
+
+    live = True
+
+    def __init__(self, img, n):
+        self.img, self.n = img, n
+
+    def frames(self):
+        for i in range(self.n):
+            yield Frame(self.img, "fast", i, time.time(), False)
+
+
+def test_capture_drops_old_frames_when_classification_falls_behind(bccd, tmp_path, clf):
+    img = cv2.imread(str(bccd / "JPEGImages" / "BloodImage_00010.jpg"))
+    r = EdgeSession(_FastCamera(img, 400), clf, tmp_path / "s", SessionConfig(), echo=lambda m: None).run()
+    assert r.dropped_frames > 0 and r.frames + r.dropped_frames == 400
+
+
+def test_missing_or_mismatched_card_and_truncated_model(tmp_path):
+    m = tmp_path / "m.tflite"
+    m.write_bytes(DEFAULT_MODEL.read_bytes())
+    with pytest.raises(ModelCardError, match="no model card"):
+        CellClassifier(m)
+    card = json.loads(DEFAULT_MODEL.with_suffix(".json").read_text())
+    data = DEFAULT_MODEL.read_bytes()[: 100000]
+    m.write_bytes(data)
+    card["sha256"] = __import__("hashlib").sha256(data).hexdigest()
+    (tmp_path / "m.json").write_text(json.dumps(card))
+    with pytest.raises(BackendError, match="m.tflite: LiteRT cannot load"):
+        CellClassifier(m)
+
+
+def test_unknown_source_is_a_clear_error(tmp_path):
+    with pytest.raises(SourceError, match="no such file"):
+        open_source(str(tmp_path / "nothing-here"))
+    with pytest.raises(SourceError, match="no images found"):
+        open_source(str(tmp_path))
+
+
+def test_differential_flags_doubtful_cells_and_stops_at_target():
+    d = Differential(["erythroblast", "lymphocyte", "neutrophil"], target=3, review=ReviewPolicy(0.6, 0.15))
+    assert d.add(np.array([0.1, 0.1, 0.8]))[2] == ""
+    assert "low confidence" in d.add(np.array([0.3, 0.3, 0.4]))[2]
+    assert "low confidence" in d.add(np.array([0.0, 0.45, 0.55]))[2]
+    d.add(np.array([0.9, 0.05, 0.05]))
+    assert not d.done
+    d.add(np.array([0.05, 0.9, 0.05]))
+    assert d.done and d.counted == 3 and d.flagged == 2
+    assert d.ratios()["M:E"] == 1.0
+    assert d.percentages()["neutrophil"] == pytest.approx(100 / 3)
+    assert "top two" in ReviewPolicy(0.5, 0.15).flag(np.array([0.05, 0.42, 0.53]))
+    assert ReviewPolicy(0.5, 0.15).flag(np.array([0.05, 0.25, 0.70])) == ""
+
+
+def test_no_network_socket_is_opened(fields, tmp_path, clf, monkeypatch):
+    import socket
+
+    def refuse(*a, **k):
+        raise AssertionError("the edge app opened a network socket")
+
+    monkeypatch.setattr(socket, "socket", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    r = EdgeSession(str(fields), clf, tmp_path / "s", SessionConfig(), echo=lambda m: None).run()
+    assert r.frames == 13
+
+
+def test_cell_mode_treats_each_frame_as_one_cell(pbc, tmp_path, clf):
+    d = tmp_path / "cells"
+    d.mkdir()
+    for f in sorted((pbc / "eosinophil").glob("*.jpg"))[:5]:
+        (d / f.name).symlink_to(f)
+    r = EdgeSession(str(d), clf, tmp_path / "s", SessionConfig(mode="cell"), echo=lambda m: None).run()
+    rows = list(csv.DictReader(open(tmp_path / "s" / "cells.csv")))
+    assert r.frames == 5 and len(rows) == 5
+    assert sum(r_["label"] == "eosinophil" for r_ in rows) >= 4
