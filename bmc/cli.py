@@ -228,5 +228,133 @@ def bench_generalisation(model, bccd, json_out):
             json.dump(m, fh, indent=2)
 
 
+@bench.command("latency")
+@click.argument("models", nargs=-1, type=click.Path(dir_okay=False))
+@click.option("--threads", type=int, help="inference threads (default: all cores)")
+@click.option("--thread-sweep", is_flag=True, help="repeat for 1..cores threads")
+@click.option("--runs", default=200, show_default=True)
+@click.option("--baseline-keras", is_flag=True, help="add the float Keras model called per image (the seed's way)")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False))
+@click.option("--no-record", is_flag=True, help="do not append to benchmarks/results/latency.csv")
+def bench_latency(models, threads, thread_sweep, runs, baseline_keras, json_out, no_record):
+    """Latency p50/p90/p99, throughput, init time, peak memory and size of MODELS, interleaved."""
+    import os
+
+    from benchmarks import latency, results
+
+    if not models and not baseline_keras:
+        from edge_app.model import DEFAULT_MODEL
+
+        models = (str(DEFAULT_MODEL),)
+    sweep = range(1, (os.cpu_count() or 1) + 1) if thread_sweep else [threads]
+    res = None
+    for t in sweep:
+        r = _guard(latency.run, list(models), t, runs, baseline_keras=baseline_keras)
+        if res is None:
+            res = r
+        else:
+            res["rows"] += r["rows"]
+    click.echo(latency.markdown(res))
+    if not no_record:
+        results.append("latency", res["rows"], res["machine"])
+    if json_out:
+        with open(json_out, "w") as fh:
+            json.dump(res, fh, indent=2)
+
+
+@bench.command("edge")
+@click.option("--source", required=True, help="folder, glob or video of fields")
+@click.option("--model", type=click.Path(dir_okay=False))
+@click.option("--threads", type=int)
+@click.option("--json", "json_out", type=click.Path(dir_okay=False))
+@click.option("--no-record", is_flag=True)
+def bench_edge(source, model, threads, json_out, no_record):
+    """Frames/s, cells/s and per-stage time of the real edge pipeline, headless."""
+    from benchmarks import pipeline, results
+
+    res = _guard(pipeline.run, source, model, threads)
+    click.echo(pipeline.markdown(res))
+    if not no_record:
+        results.append("edge", [{k: v for k, v in res.items() if k != "machine"}], res["machine"])
+    if json_out:
+        with open(json_out, "w") as fh:
+            json.dump(res, fh, indent=2)
+
+
+@bench.command("bccd")
+@click.option("--bccd", type=click.Path(file_okay=False), help="BCCD folder (default ../shared/data/bccd)")
+@click.option("--model", type=click.Path(dir_okay=False))
+@click.option("--json", "json_out", type=click.Path(dir_okay=False))
+def bench_bccd(bccd, model, json_out):
+    """Cell finding (recall/precision vs the WBC boxes) and field classification on BCCD."""
+    from benchmarks import detection
+    from benchmarks.generalisation import DEFAULT_BCCD
+
+    root = bccd or DEFAULT_BCCD
+    f = _guard(detection.finding, root)
+    click.echo(f"cell finding: recall {f['recall']:.4f}, precision {f['precision']:.4f} "
+               f"({f['boxes']} WBC boxes, {f['found']} cells found, {f['missed']} missed, "
+               f"{f['false_positives']} outside any box)")
+    c = _guard(detection.field_classification, root, model)
+    click.echo(f"field classification ({c['fields']} single-WBC fields, most confident cell): accuracy "
+               f"{c['accuracy']:.4f}, balanced accuracy {c['balanced_accuracy']:.4f}; recall "
+               + ", ".join(f"{k} {v:.2f}" for k, v in c["recall"].items()))
+    if json_out:
+        with open(json_out, "w") as fh:
+            json.dump({"finding": f, "classification": c}, fh, indent=2)
+
+
+@bench.command("energy")
+@click.argument("model", required=False, type=click.Path(dir_okay=False))
+@click.option("--meter", default="auto", show_default=True,
+              help="auto, rapl, jetson, pi5, ina260, ina219, or csv:PATH (an external meter's log)")
+@click.option("--runs", default=500, show_default=True, help="inferences in the timed run")
+@click.option("--idle-s", default=5.0, show_default=True, help="idle baseline before the run")
+@click.option("--threads", type=int)
+@click.option("--json", "json_out", type=click.Path(dir_okay=False))
+def bench_energy(model, meter, runs, idle_s, threads, json_out):
+    """Joules per inference of MODEL, idle power subtracted, on this device's power meter."""
+    import os
+
+    import numpy as np
+
+    from benchmarks import energy, machine
+    from edge_app.backends.litert import LiteRTBackend
+    from edge_app.model import DEFAULT_MODEL
+
+    makers = {"rapl": energy.RaplMeter, "jetson": energy.JetsonMeter, "pi5": energy.Pi5PmicMeter,
+              "ina260": lambda: energy.INA2xxMeter("ina260"), "ina219": lambda: energy.INA2xxMeter("ina219")}
+    try:
+        if meter == "auto":
+            found = energy.find_meters()
+            if not found:
+                click.echo("no power meter found on this machine (looked for Intel RAPL, a Jetson INA3221, "
+                           "a Raspberry Pi 5 PMIC): energy not measured. Use --meter ina260/ina219 or "
+                           "--meter csv:LOG for an external meter.")
+                return
+            m = found[0]
+        elif meter.startswith("csv:"):
+            m = energy.CsvLogMeter(meter[4:])
+        elif meter in makers:
+            m = makers[meter]()
+        else:
+            raise _Fail(f"unknown meter {meter!r}")
+    except energy.MeterError as e:
+        raise _Fail(str(e)) from e
+    b = LiteRTBackend(str(model or DEFAULT_MODEL), threads or os.cpu_count())
+    size = int(b.inp["shape"][1])
+    x = np.random.default_rng(0).uniform(0, 255, (1, size, size, 3)).astype(np.float32)
+    try:
+        r = energy.joules_per_inference(m, lambda: b.predict(x), runs, idle_s)
+    except energy.MeterError as e:
+        raise _Fail(str(e)) from e
+    r.update(model=str(model or DEFAULT_MODEL), machine=machine.describe())
+    click.echo(f"{r['meter']}: idle {r['idle_w']:.2f} W, {r['avg_w']:.2f} W while running; "
+               f"{1000 * r['joules_per_inference']:.2f} mJ per inference above idle ({runs} inferences)")
+    if json_out:
+        with open(json_out, "w") as fh:
+            json.dump(r, fh, indent=2)
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
