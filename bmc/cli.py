@@ -130,8 +130,10 @@ def evaluate_cmd(model, data_dir, json_out):
 @click.option("--representative", default=200, show_default=True, help="calibration images for int8")
 @click.option("--float-layers", default="", help="int8: comma-separated layers to keep in float, or 'auto'")
 @click.option("--no-diagnose", is_flag=True, help="skip the per-layer report when int8 fails")
+@click.option("--ship", "ship_dir", type=click.Path(file_okay=False),
+              help="copy the validated int8 and float16 variants, their cards and a model-card README here")
 def convert_cmd(source, out_dir, name, variants, data, max_drop, max_class_drop, representative, float_layers,
-                no_diagnose):
+                no_diagnose, ship_dir):
     """Convert a run folder (or .keras) to TFLite variants and validate each against the float model."""
     from pathlib import Path
 
@@ -145,6 +147,15 @@ def convert_cmd(source, out_dir, name, variants, data, max_drop, max_class_drop,
     from convert.pipeline import report_markdown
 
     click.echo(report_markdown(report))
+    if ship_dir:
+        import sys as _sys
+
+        from convert.ship import ship
+
+        run_dir = Path(source) if Path(source).is_dir() else None
+        cmd = "bmc " + " ".join(_sys.argv[1:]) if _sys.argv and _sys.argv[0].endswith("bmc") else ""
+        files = _guard(ship, out, name, ship_dir, run_dir, reproduce=cmd)
+        click.echo("shipped: " + ", ".join(str(f) for f in files))
 
 
 @main.group()
@@ -187,6 +198,59 @@ def edge_run(source, model, out_dir, mode, target, threads, headless, max_frames
         raise _Fail(str(e)) from e
     if r.status == "disk-full":
         raise _Fail(r.message)
+
+
+@edge.command("serve")
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False))
+def edge_serve(config_path):
+    """Service mode: sessions back to back from the configured camera (for systemd)."""
+    from edge_app import config as config_mod
+    from edge_app.service import serve
+
+    try:
+        cfg = config_mod.load(config_path)
+    except config_mod.ConfigError as e:
+        raise _Fail(str(e)) from e
+    _guard(serve, cfg, echo=lambda m: click.echo(m, err=False))
+
+
+@edge.command("export")
+@click.argument("sessions", nargs=-1, type=click.Path(file_okay=False))
+@click.option("--to", "dest", required=True, type=click.Path(file_okay=False), help="USB stick or folder")
+@click.option("--all-from", type=click.Path(file_okay=False), help="export every session under this storage folder")
+def edge_export(sessions, dest, all_from):
+    """Copy finished sessions (CSV, HTML report, crops, database) to a USB stick or folder."""
+    from edge_app.service import export, session_dirs
+
+    todo = [*sessions, *(session_dirs(all_from) if all_from else [])]
+    if not todo:
+        raise _Fail("nothing to export: name session folders or --all-from STORAGE")
+    for s in todo:
+        click.echo(f"exported {s} → {_guard(export, s, dest)}")
+
+
+@edge.command("doctor")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False))
+def edge_doctor(config_path):
+    """What this device has (runtime, cameras, model, disk, meters) and what is wrong."""
+    from edge_app import config as config_mod
+    from edge_app.service import doctor
+
+    cfg = None
+    problems = []
+    if config_path:
+        try:
+            cfg = config_mod.load(config_path)
+        except config_mod.ConfigError as e:
+            problems.append(str(e))
+    have, wrong = doctor(cfg)
+    for line in have:
+        click.echo(f"  {line}")
+    for line in problems + wrong:
+        click.echo(f"  PROBLEM: {line}")
+    if problems or wrong:
+        raise SystemExit(1)
+    click.echo("  all good")
 
 
 def _has_display() -> bool:

