@@ -328,7 +328,10 @@ def _train_cached(cfg, contract, splits, index, log):
         t0 = time.time()
         set_trainable_from(model, cfg.fine_tune_from)
         top_train = top
-        top_train.compile(keras.optimizers.Adam(cfg.fine_tune_lr), loss, metrics=["accuracy"])
+        steps = math.ceil(len(y_train) / cfg.batch_size) * cfg.fine_tune_epochs
+        # cosine decay to 5% over the planned epochs: large steps first, a settled model at the end
+        schedule = keras.optimizers.schedules.CosineDecay(cfg.fine_tune_lr, steps, alpha=0.05)
+        top_train.compile(keras.optimizers.Adam(schedule), loss, metrics=["accuracy"])
         sw = np.array([cw[int(c)] for c in y_train], np.float32) if cw else np.ones(len(y_train), np.float32)
         ds = (tf.data.Dataset.from_tensor_slices((a_train, keras.utils.to_categorical(y_train, n), sw))
               .shuffle(min(len(y_train), 20000), seed=cfg.seed)

@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# Proof on arm64 from an x86-64 machine (not in CI: it takes a while).
+#
+# Builds a Debian bookworm arm64 root with debootstrap, runs it through qemu-user-static with a
+# binfmt_misc handler (registered here and removed afterwards if this script registered it),
+# installs the edge extra from PyPI inside it (binary wheels only), runs `bmc edge run` on BCCD
+# fields with the shipped int8 model, and compares every cell's label with the same run on this
+# machine. Exit status 0 only when every cell has the same top-1 label.
+#
+#     sudo edge_app/deploy/arm64_proof.sh [N_FIELDS]      (as root; Debian/Ubuntu host)
+set -euo pipefail
+
+N=${1:-40}
+HERE="$(cd "$(dirname "$0")" && pwd)"
+REPO="$(cd "$HERE/../.." && pwd)"
+DATA=${BMC_DATA:-$REPO/../shared/data}
+ROOTFS=${ROOTFS:-/var/tmp/bmc-arm64-bookworm}
+OUT=${OUT:-/var/tmp/bmc-arm64-proof}
+[[ $EUID -eq 0 ]] || { echo "run as root" >&2; exit 1; }
+
+apt-get install -y -q debootstrap qemu-user-static >/dev/null
+# the Debian mirror this machine's apt already uses
+MIRROR=$(grep -rhoE '^(deb|URIs:)\s+\S+' /etc/apt/sources.list /etc/apt/sources.list.d/ 2>/dev/null \
+         | awk '{print $2}' | grep -v security | head -1)
+
+registered_here=0
+mountpoint -q /proc/sys/fs/binfmt_misc || mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc
+if [[ ! -e /proc/sys/fs/binfmt_misc/qemu-aarch64 ]]; then
+  echo ':qemu-aarch64:M::\x7fELF\x02\x01\x01\x00\x00\x00\x00\x00\x00\x00\x00\x00\x02\x00\xb7\x00:\xff\xff\xff\xff\xff\xff\xff\x00\xff\xff\xff\xff\xff\xff\xff\xff\xfe\xff\xff\xff:/usr/bin/qemu-aarch64-static:F' \
+    > /proc/sys/fs/binfmt_misc/register
+  registered_here=1
+fi
+cleanup() {
+  for m in proc sys dev; do umount -l "$ROOTFS/$m" 2>/dev/null || true; done
+  if [[ $registered_here == 1 ]]; then echo -1 > /proc/sys/fs/binfmt_misc/qemu-aarch64; fi
+}
+trap cleanup EXIT
+
+if [[ ! -x "$ROOTFS/usr/bin/python3" ]]; then
+  debootstrap --arch=arm64 --include=python3,python3-venv,ca-certificates bookworm "$ROOTFS" "$MIRROR"
+fi
+for m in proc sys dev; do mount --bind "/$m" "$ROOTFS/$m"; done
+cp /etc/resolv.conf "$ROOTFS/etc/resolv.conf"
+
+# the repository (without its git data) and N fields into the root
+rm -rf "$ROOTFS/opt/bmc-src" "$ROOTFS/opt/fields" && mkdir -p "$ROOTFS/opt/bmc-src" "$ROOTFS/opt/fields"
+tar -C "$REPO" --exclude=.git -cf - . | tar -C "$ROOTFS/opt/bmc-src" -xf -
+ls "$DATA/bccd/JPEGImages" | head -n "$N" | while read -r f; do cp "$DATA/bccd/JPEGImages/$f" "$ROOTFS/opt/fields/"; done
+
+chroot "$ROOTFS" /bin/bash -euc '
+  uname -m
+  python3 -m venv /opt/venv
+  /opt/venv/bin/pip install -q --only-binary=:all: "/opt/bmc-src[edge]"
+  ! /opt/venv/bin/python -c "import tensorflow" 2>/dev/null
+  rm -rf /opt/session && /opt/venv/bin/bmc edge run /opt/fields --out /opt/session --headless --threads 4
+'
+# the same run here, on x86-64
+rm -rf "$OUT" && mkdir -p "$OUT"
+(cd "$REPO" && python3 -m bmc.cli edge run "$ROOTFS/opt/fields" --out "$OUT/x86" --headless)
+cp "$ROOTFS/opt/session/cells.csv" "$OUT/arm64-cells.csv"
+python3 - "$OUT/x86/cells.csv" "$OUT/arm64-cells.csv" <<'PY'
+import csv, sys
+key = lambda r: (r["source"], r["frame"], r["x"], r["y"], r["w"], r["h"])
+a = {key(r): r["label"] for r in csv.DictReader(open(sys.argv[1]))}
+b = {key(r): r["label"] for r in csv.DictReader(open(sys.argv[2]))}
+same_cells = a.keys() == b.keys()
+diff = [k for k in a if k in b and a[k] != b[k]]
+print(f"x86 cells {len(a)}, arm64 cells {len(b)}, same boxes: {same_cells}, label differences: {len(diff)}")
+sys.exit(0 if same_cells and not diff else 1)
+PY

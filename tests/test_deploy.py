@@ -1,0 +1,108 @@
+"""Device configuration, storage rotation, export, doctor and the arm64 wheel check."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, bmc
+from edge_app import config as config_mod
+from edge_app.service import EXPORTED_MARK, export, rotate, session_dirs
+
+EXAMPLE = ROOT / "edge_app" / "deploy" / "bmc.toml"
+
+
+def test_example_config_loads_with_its_values():
+    cfg = config_mod.load(EXAMPLE)
+    assert cfg.camera.source == "/dev/bmc-camera" and cfg.camera.fourcc == "MJPG"
+    assert cfg.session.target == 200 and cfg.finder.min_area_px == 2000 and cfg.review.min_confidence == 0.6
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[camera]\nsorce = '0'\n", "unknown key 'sorce' in \\[camera\\]; did you mean 'source'"),
+    ("[camra]\nsource = '0'\n", "unknown section \\[camra\\]; did you mean \\[camera\\]"),
+    ("[session]\ntarget = 'lots'\n", "target must be a int"),
+    ("[session]\nmode = 'slide'\n", "mode must be 'field' or 'cell'"),
+    ("[finder]\nmin_area_px = -3\n", "min_area_px must be >= 0"),
+    ("[storage\n", "not valid TOML"),
+])
+def test_bad_config_is_a_clear_error(tmp_path, text, message):
+    p = tmp_path / "bmc.toml"
+    p.write_text(text)
+    with pytest.raises(config_mod.ConfigError, match=message):
+        config_mod.load(p)
+
+
+def _session(root: Path, name: str, exported: bool) -> Path:
+    s = root / name
+    s.mkdir(parents=True)
+    import sqlite3
+
+    from edge_app.store import SCHEMA
+
+    db = sqlite3.connect(s / "session.sqlite")
+    db.executescript(SCHEMA)
+    db.close()
+    if exported:
+        (s / EXPORTED_MARK).write_text("done\n")
+    return s
+
+
+def test_rotation_removes_oldest_exported_sessions_and_never_unexported(tmp_path):
+    a = _session(tmp_path, "20260101-0900", exported=False)
+    b = _session(tmp_path, "20260102-0900", exported=True)
+    c = _session(tmp_path, "20260103-0900", exported=True)
+    d = _session(tmp_path, "20260104-0900", exported=False)
+    fullness = iter([95.0, 93.0, 88.0])  # each removal frees some space
+
+    removed = rotate(tmp_path, 90.0, 0.0, usage=lambda p: (next(fullness), 1e6))
+    assert removed == [b]  # 95%: a is unexported, kept; 93%: b removed; then 88%: done
+    assert a.exists() and c.exists() and d.exists() and not b.exists()
+    # a disk full of unexported sessions: nothing is deleted
+    removed = rotate(tmp_path, 90.0, 0.0, usage=lambda p: (99.0, 1.0))
+    assert not removed and a.exists() and d.exists()
+
+
+def test_export_copies_a_session_and_marks_it(tmp_path, bccd):
+    fields = tmp_path / "fields"
+    fields.mkdir()
+    for f in sorted((bccd / "JPEGImages").glob("*.jpg"))[:3]:
+        (fields / f.name).symlink_to(f)
+    session = tmp_path / "storage" / "20261125-1000"
+    bmc("edge", "run", fields, "--out", session, "--headless")
+    usb = tmp_path / "usb"
+    usb.mkdir()
+    p = bmc("edge", "export", session, "--to", usb)
+    out = usb / session.name
+    assert {"cells.csv", "report.html", "session.sqlite", "crops"} <= {x.name for x in out.iterdir()}
+    assert (session / EXPORTED_MARK).exists() and "exported" in p.stdout
+    assert session_dirs(tmp_path / "storage") == [session]
+    missing = bmc("edge", "export", session, "--to", tmp_path / "not-mounted", check=False)
+    assert missing.returncode == 2 and "not found" in missing.stderr
+
+
+def test_doctor_reports_what_is_wrong(tmp_path):
+    cfg = tmp_path / "bmc.toml"
+    cfg.write_text(f"[camera]\nsource = '/dev/v4l/by-id/usb-no-such-camera'\n[storage]\nfolder = '{tmp_path}/s'\n")
+    p = bmc("edge", "doctor", "--config", cfg, check=False)
+    assert p.returncode == 1
+    assert "runtime: ai-edge-litert" in p.stdout and "model: bmc_pbc8_lite0_int8.tflite" in p.stdout
+    assert "PROBLEM: camera /dev/v4l/by-id/usb-no-such-camera is not present" in p.stdout
+
+
+@pytest.mark.slow
+def test_edge_extra_resolves_for_arm64_without_tensorflow(tmp_path):
+    out = tmp_path / "wheels.json"
+    p = subprocess.run([sys.executable, str(ROOT / "edge_app" / "deploy" / "check_wheels.py"), "--json", str(out)],
+                       capture_output=True, text=True, timeout=1200)
+    assert p.returncode == 0, p.stdout + p.stderr
+    import json
+
+    res = json.loads(out.read_text())
+    assert len(res) == 3
+    for target, r in res.items():
+        assert "ai-edge-litert" in r["packages"] and "opencv-python" in r["packages"], target
+        assert "tensorflow" not in r["packages"]
