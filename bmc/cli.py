@@ -86,7 +86,7 @@ def data_check(data_dir, label_from, manifest, json_out):
 @click.option("--fine-tune-from", default="block6a", show_default=True, help="first block to unfreeze")
 @click.option("--views", default=2, show_default=True, help="augmented views per training image (cached)")
 @click.option("--head-epochs", default=40, show_default=True)
-@click.option("--fine-tune-epochs", default=4, show_default=True)
+@click.option("--fine-tune-epochs", default=6, show_default=True)
 @click.option("--batch-size", default=32, show_default=True)
 @click.option("--input-size", default=224, show_default=True)
 @click.option("--limit-per-class", type=int, help="use at most N images per class (quick runs)")

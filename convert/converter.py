@@ -88,11 +88,17 @@ def quantization_error_by_layer(model, q: Quantization, debug_images, top: int =
         conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8, tf.lite.OpsSet.TFLITE_BUILTINS]
         dbg = tf.lite.experimental.QuantizationDebugger(converter=conv, debug_dataset=gen)
         dbg.run()
+        import csv
+        import io
+
+        buf = io.StringIO()
+        dbg.layer_statistics_dump(buf)  # the dump carries each tensor's scale and zero point
+        buf.seek(0)
         rows = []
-        for tensor_name, stats in dbg.layer_statistics.items():
-            scale = stats.get("scale", 0.0) or 0.0
-            rmse = float(np.sqrt(stats.get("mean_squared_error", 0.0)))
-            rows.append({"tensor": tensor_name, "rmse": rmse, "scale": float(scale),
-                         "rmse_over_scale": rmse / scale if scale else float("inf")})
+        for r in csv.DictReader(buf):
+            scale = float(r.get("scale") or 0.0)
+            rmse = float(np.sqrt(float(r.get("mean_squared_error") or 0.0)))
+            rows.append({"tensor": r["tensor_name"], "op": r.get("op_name", ""), "rmse": rmse, "scale": scale,
+                         "rmse_over_scale": rmse / scale if scale else 0.0})
     rows.sort(key=lambda r: -r["rmse_over_scale"])
     return rows[:top]

@@ -162,8 +162,12 @@ def convert_run(source, out_dir, name: str = "bmc", variant_names=("float32", "f
                 keep = tuple(w["tensor"] for w in worst if w["rmse_over_scale"] > 0.7)[:10]
                 log(f"retrying int8 with {len(keep)} layer(s) kept in float")
                 q2 = V.int8(rep, keep)
+                first = row
                 row = _build_and_validate(model, q2, out / f"{name}{v.suffix}", xs, y, float_probs, labels, gate, log)
                 row["float_layers"] = list(keep)
+                row["full_int8_attempt"] = {k: first[k] for k in (
+                    "accuracy", "macro_f1", "agreement", "accuracy_drop_points", "regressed_classes",
+                    "class_recall_drop_points", "worst_layers")}
         _write_variant_card(out / f"{name}{v.suffix}", v, row, src, float_sha, float_metrics, gate)
         rows.append(row)
         if not row["passed"]:
@@ -206,7 +210,10 @@ def _build_and_validate(model, q, path: Path, xs, y, float_probs, labels, gate, 
 
 def _write_variant_card(path, v, row, src: Source, float_sha, float_metrics, gate):
     write_card(path, {
-        "name": path.stem, "variant": v.name, "format": v.format, "description": v.description,
+        "name": path.stem, "variant": v.name, "format": v.format,
+        "description": v.description if not row.get("float_layers") else
+        f"uint8 in/out; int8 ops except {len(row['float_layers'])} layer(s) kept in float (selective quantization)",
+        "int8_only": v.name == "int8" and not row.get("float_layers"),
         "bmc_version": __version__,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "contract": src.contract.to_dict(),
@@ -241,7 +248,7 @@ def report_markdown(report: dict) -> str:
         lines.append(
             f"| {r['variant']} | {r['file']} | {r['size_mb']:.2f} | {r['accuracy']:.4f} | {r['macro_f1']:.4f} | "
             f"{r['agreement']:.4f} | {r['mean_abs_prob_diff']:.4f} | {r['accuracy_drop_points']:+.2f} | "
-            f"{wc} ({-r['class_recall_drop_points'][wc]:+.1f}) | {'PASS' if r['passed'] else '**FAIL**'} |")
+            f"{wc} ({0.0 - r['class_recall_drop_points'][wc]:+.1f}) | {'PASS' if r['passed'] else '**FAIL**'} |")
     lines += ["", "Per-class recall:", "",
               "| class | float | " + " | ".join(r["variant"] for r in report["variants"]) + " |",
               "|---|---:|" + "---:|" * len(report["variants"])]
@@ -249,7 +256,18 @@ def report_markdown(report: dict) -> str:
         lines.append(f"| {c} | {rec:.3f} | " + " | ".join(f"{r['per_class_recall'].get(c, 0):.3f}"
                                                         for r in report["variants"]) + " |")
     for r in report["variants"]:
-        if r.get("worst_layers"):
-            lines += ["", f"Worst int8 layers ({r['variant']}), by rmse/scale:", ""]
-            lines += [f"- `{w['tensor']}`: {w['rmse_over_scale']:.2f}" for w in r["worst_layers"]]
+        a = r.get("full_int8_attempt")
+        if a:
+            lines += ["", f"**{r['variant']}: selective quantization.** Full-integer int8 failed the gate "
+                      f"(accuracy {a['accuracy']:.4f}, drop {a['accuracy_drop_points']:+.2f} points; regressed: "
+                      + (", ".join(f"{c} −{a['class_recall_drop_points'][c]:.1f}" for c in a["regressed_classes"])
+                         or "none") + f"). The {len(r['float_layers'])} layer(s) with the largest quantization "
+                      "error (rmse/scale > 0.7) were kept in float and the variant validated again (the row above). "
+                      "It still takes uint8 pixels and gives uint8 scores, but is not an int8-only graph "
+                      "(no Edge TPU):", ""]
+            lines += [f"- `{t.split(';')[0]}`" for t in r["float_layers"]]
+        wl = r.get("worst_layers") or (a or {}).get("worst_layers")
+        if wl:
+            lines += ["", f"Worst int8 layers by rmse/scale (1/sqrt(12) ≈ 0.29 is rounding alone):", ""]
+            lines += [f"- `{w['tensor'].split(';')[0]}` ({w.get('op', '')}): {w['rmse_over_scale']:.2f}" for w in wl]
     return "\n".join(lines) + "\n"

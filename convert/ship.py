@@ -31,6 +31,12 @@ def ship(tflite_dir: str | Path, name: str, dest: str | Path, run_dir: str | Pat
         shipped.append(dest / src.name)
     metrics = json.loads((Path(run_dir) / "metrics.json").read_text()) if run_dir else None
     config = json.loads((Path(run_dir) / "config.json").read_text()) if run_dir else {}
+    if run_dir and (Path(run_dir) / "split.json").exists():
+        # the held-out images, named relative to the data folder's parent, so that anyone can
+        # score the shipped model on images it never saw
+        split = json.loads((Path(run_dir) / "split.json").read_text())
+        lines = sorted("/".join(Path(s["path"]).parts[-3:]) + f",{s['label']}" for s in split["test"])
+        (dest / f"{name}_test_split.csv").write_text("path,label\n" + "\n".join(lines) + "\n")
     contract = load_card(shipped[0])[1] if shipped else None
     (dest / "README.md").write_text(_readme(name, report, metrics, config, reproduce, extra_sections, contract))
     return shipped

@@ -61,9 +61,10 @@ def test_rotation_removes_oldest_exported_sessions_and_never_unexported(tmp_path
     removed = rotate(tmp_path, 90.0, 0.0, usage=lambda p: (next(fullness), 1e6))
     assert removed == [b]  # 95%: a is unexported, kept; 93%: b removed; then 88%: done
     assert a.exists() and c.exists() and d.exists() and not b.exists()
-    # a disk full of unexported sessions: nothing is deleted
+    # the disk stays full: the last exported session goes, the unexported ones never do
     removed = rotate(tmp_path, 90.0, 0.0, usage=lambda p: (99.0, 1.0))
-    assert not removed and a.exists() and d.exists()
+    assert removed == [c] and a.exists() and d.exists()
+    assert rotate(tmp_path, 90.0, 0.0, usage=lambda p: (99.0, 1.0)) == []
 
 
 def test_export_copies_a_session_and_marks_it(tmp_path, bccd):

@@ -27,7 +27,7 @@ import numpy as np
 
 from bmc.contract import Contract, read_image
 from train import data as data_mod
-from train.augment import AugmentConfig, augmented_view, plain_view
+from train.augment import LIGHT, AugmentConfig, augmented_view, plain_view
 
 MODES = ("auto", "cached", "full")
 STRATEGIES = ("auto", "default", "mirrored")
@@ -58,7 +58,7 @@ class TrainConfig:
     batch_size: int = 32
     head_epochs: int = 40
     head_lr: float = 3e-3
-    fine_tune_epochs: int = 4
+    fine_tune_epochs: int = 6
     fine_tune_lr: float = 3e-4
     dropout: float = 0.3
     label_smoothing: float = 0.05
@@ -275,7 +275,8 @@ def _train_cached(cfg, contract, splits, index, log):
                         return None, s, str(e)
                     if views == 1 and name != "train":
                         return plain_view(img, contract), s, None
-                    return augmented_view(img, contract, np.random.default_rng(seed), aug), s, None
+                    return augmented_view(img, contract, np.random.default_rng(seed), LIGHT if v == 0 and views > 1
+                                          else aug), s, None
 
                 batch, yb = [], []
                 for x, s, err in pool.map(make, zip(part, seeds)):
