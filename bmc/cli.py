@@ -368,6 +368,25 @@ def bench_bccd(bccd, model, json_out):
             json.dump({"finding": f, "classification": c}, fh, indent=2)
 
 
+@bench.command("compare")
+@click.argument("items", nargs=-1, required=True, type=click.Path())
+@click.option("--data", required=True, type=click.Path(file_okay=False), help="class-folder images to score on")
+@click.option("--runs", default=100, show_default=True)
+@click.option("--threads", type=int)
+@click.option("--plot", type=click.Path(dir_okay=False), help="PNG of accuracy against latency")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False))
+def bench_compare(items, data, runs, threads, plot, json_out):
+    """Accuracy and macro-F1 on DATA beside latency and size, for a run's variants or given models."""
+    from benchmarks import compare, results
+
+    res = _guard(compare.run, items, data, runs, threads, plot)
+    click.echo(compare.markdown(res))
+    results.append("compare", res["rows"], res["machine"])
+    if json_out:
+        with open(json_out, "w") as fh:
+            json.dump(res, fh, indent=2)
+
+
 @bench.command("energy")
 @click.argument("model", required=False, type=click.Path(dir_okay=False))
 @click.option("--meter", default="auto", show_default=True,

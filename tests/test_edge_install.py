@@ -20,6 +20,9 @@ def test_edge_extra_alone_runs_the_app(tmp_path, bccd):
     pip = subprocess.run([str(py), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
                           f"{ROOT}[edge]"], capture_output=True, text=True, timeout=900)
     assert pip.returncode == 0, pip.stderr[-3000:]
+    size_mb = sum(f.stat().st_size for f in env_dir.rglob("*") if f.is_file() and not f.is_symlink()) / 1e6
+    print(f"edge virtual environment: {size_mb:.0f} MB")
+    assert size_mb <= 200, f"the installed edge environment is {size_mb:.0f} MB"
     listed = subprocess.run([str(py), "-m", "pip", "list", "--format=freeze"], capture_output=True, text=True).stdout
     assert "tensorflow" not in listed.lower() and "keras" not in listed.lower(), listed
     fields = tmp_path / "fields"

@@ -1,6 +1,6 @@
 """Resolve the edge requirements for the boards clinics use, binary wheels only, with pip.
 
-For each target (OS, Python version, glibc) it runs ``pip download --only-binary=:all:
+For each target (OS, Python version, glibc) it runs ``pip install --dry-run --only-binary=:all:
 --platform manylinux_2_X_aarch64 ... --python-version V`` on the edge extra's requirements and
 fails if any dependency has no wheel there, or if TensorFlow sneaks into the resolution. Catches
 a dependency without arm64 wheels before a clinic does. Needs PyPI; not part of the default test
@@ -39,18 +39,22 @@ def edge_requirements() -> list[str]:
 
 
 def resolve(python: str, glibc: int, reqs: list[str]) -> dict:
+    """pip's resolution for an aarch64 target (a dry run: metadata only, no wheel downloads)."""
     platforms = ["manylinux2014_aarch64"] + [f"manylinux_2_{n}_aarch64" for n in range(17, glibc + 1)]
     with tempfile.TemporaryDirectory() as d:
-        cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check",
-               "--only-binary=:all:", "--python-version", python, "--implementation", "cp", "-d", d]
+        report = Path(d) / "report.json"
+        cmd = [sys.executable, "-m", "pip", "install", "--dry-run", "--quiet", "--disable-pip-version-check",
+               "--ignore-installed", "--only-binary=:all:", "--python-version", python, "--implementation", "cp",
+               "--target", str(Path(d) / "target"), "--report", str(report)]
         for p in platforms:
             cmd += ["--platform", p]
         p = subprocess.run(cmd + reqs, capture_output=True, text=True, timeout=900)
-        wheels = sorted(f.name for f in Path(d).glob("*.whl"))
-        size = sum(f.stat().st_size for f in Path(d).glob("*.whl"))
-    names = sorted({re.split(r"-\d", w, maxsplit=1)[0].lower().replace("_", "-") for w in wheels})
-    return {"ok": p.returncode == 0 and not any(n in ("tensorflow", "keras") for n in names),
-            "wheels": wheels, "packages": names, "download_mb": size / 1e6, "error": p.stderr.strip()[-2000:]}
+        installs = json.loads(report.read_text())["install"] if report.exists() else []
+    wheels = sorted(i["download_info"]["url"].rsplit("/", 1)[-1] for i in installs)
+    names = sorted(i["metadata"]["name"].lower().replace("_", "-") for i in installs)
+    ok = p.returncode == 0 and bool(installs) and all(w.endswith(".whl") for w in wheels) and not any(
+        n in ("tensorflow", "keras", "tensorflow-cpu") for n in names)
+    return {"ok": ok, "wheels": wheels, "packages": names, "error": p.stderr.strip()[-2000:]}
 
 
 def main(argv=None) -> int:

@@ -1,0 +1,59 @@
+"""Benchmarks run the real models and pipeline; figures are reported, not asserted against targets."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+from benchmarks.compare import pareto
+from benchmarks.results import append
+from conftest import bmc
+from edge_app.model import DEFAULT_MODEL, MODELS_DIR
+
+ROW_KEYS = {"model", "format", "threads", "p50_ms", "p90_ms", "p99_ms", "throughput_ips", "init_ms", "peak_rss_mb",
+            "size_mb"}
+
+
+def test_latency_json_for_shipped_variants(tmp_path):
+    out = tmp_path / "lat.json"
+    fp16 = MODELS_DIR / DEFAULT_MODEL.name.replace("_int8", "_fp16")
+    p = bmc("bench", "latency", DEFAULT_MODEL, fp16, "--runs", "15", "--threads", "2", "--json", out, "--no-record")
+    res = json.loads(out.read_text())
+    assert {"cpu", "cores", "python", "runtimes"} <= set(res["machine"])
+    assert [r["format"] for r in res["rows"]] == ["tflite-int8", "tflite-fp16"]
+    for r in res["rows"]:
+        assert ROW_KEYS <= set(r)
+        assert 0 < r["p50_ms"] <= r["p90_ms"] <= r["p99_ms"] and r["throughput_ips"] > 0 and r["peak_rss_mb"] > 10
+    assert res["rows"][0]["size_mb"] < res["rows"][1]["size_mb"]
+    assert "| tflite-int8 |" in p.stdout
+
+
+def test_edge_pipeline_bench(bccd, tmp_path):
+    fields = tmp_path / "fields"
+    fields.mkdir()
+    for f in sorted((bccd / "JPEGImages").glob("*.jpg"))[:10]:
+        (fields / f.name).symlink_to(f)
+    out = tmp_path / "edge.json"
+    bmc("bench", "edge", "--source", fields, "--json", out, "--no-record")
+    res = json.loads(out.read_text())
+    assert res["frames"] == 10 and res["cells"] >= 9 and res["fps"] > 0
+    assert set(res["stage_ms_per_frame"]) == {"read", "find", "preprocess", "classify", "record"}
+
+
+def test_energy_without_a_meter_says_so_and_prints_no_number():
+    p = bmc("bench", "energy")
+    assert "no power meter found" in p.stdout and "mJ" not in p.stdout
+
+
+def test_pareto_front():
+    # (latency, accuracy): the slow, less accurate point is dominated
+    assert pareto([(5.0, 0.96), (20.0, 0.97), (25.0, 0.95), (5.0, 0.96)]) == [True, True, False, True]
+
+
+def test_results_are_appended_with_the_machine(tmp_path):
+    m = {"cpu": "test cpu", "cores": 2, "arch": "x86_64"}
+    append("latency", [{"model": "a", "p50_ms": 1.0}], m, tmp_path)
+    append("latency", [{"model": "b", "p50_ms": 2.0, "size_mb": 3.0}], m, tmp_path)
+    rows = list(csv.DictReader(open(tmp_path / "latency.csv")))
+    assert [r["model"] for r in rows] == ["a", "b"] and rows[1]["size_mb"] == "3.0"
+    assert rows[0]["machine"].startswith("test cpu (2 cores")
