@@ -107,3 +107,4 @@ def test_edge_extra_resolves_for_arm64_without_tensorflow(tmp_path):
     for target, r in res.items():
         assert "ai-edge-litert" in r["packages"] and "opencv-python" in r["packages"], target
         assert "tensorflow" not in r["packages"]
+        assert ("tomli" in r["packages"]) == ("3.10" in target), target  # TOML parser before 3.11

@@ -38,8 +38,26 @@ def edge_requirements() -> list[str]:
     return list(meta["dependencies"]) + list(meta["optional-dependencies"]["edge"])
 
 
+def for_target(reqs: list[str], python: str) -> list[str]:
+    """Requirements whose environment markers hold on the target. pip evaluates the markers of
+    command-line requirements against the running interpreter, not ``--python-version``."""
+    from packaging.requirements import Requirement
+
+    env = {"python_version": python, "python_full_version": python + ".0", "platform_machine": "aarch64",
+           "sys_platform": "linux", "platform_system": "Linux", "os_name": "posix",
+           "implementation_name": "cpython", "platform_python_implementation": "CPython", "extra": ""}
+    out = []
+    for r in reqs:
+        req = Requirement(r)
+        if req.marker is None or req.marker.evaluate(env):
+            req.marker = None
+            out.append(str(req))
+    return out
+
+
 def resolve(python: str, glibc: int, reqs: list[str]) -> dict:
     """pip's resolution for an aarch64 target (a dry run: metadata only, no wheel downloads)."""
+    reqs = for_target(reqs, python)
     platforms = ["manylinux2014_aarch64"] + [f"manylinux_2_{n}_aarch64" for n in range(17, glibc + 1)]
     with tempfile.TemporaryDirectory() as d:
         report = Path(d) / "report.json"
