@@ -10,6 +10,10 @@ import click
 
 
 class _Fail(click.ClickException):
+    """An expected error: one line on stderr, exit status 2."""
+
+    exit_code = 2
+
     def show(self, file=None):
         click.echo(f"error: {self.message}", err=True)
 

@@ -75,7 +75,8 @@ def build_report(out_dir: str | Path) -> Path:
 <style>
 body{{font-family:system-ui,sans-serif;margin:2em;color:#222}} table{{border-collapse:collapse;margin:1em 0}}
 td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left}} .bar{{background:#6a5acd;height:12px}}
-.grid{{display:flex;flex-wrap:wrap;gap:6px}} figure{{margin:0;font-size:11px;text-align:center;width:90px}}
+.grid{{display:flex;flex-wrap:wrap;gap:8px}} figure{{margin:0;font-size:11px;text-align:center;width:96px}}
+figcaption{{overflow-wrap:anywhere;line-height:1.2}}
 .missing{{background:#eee;font-size:10px}} .warn{{color:#a40}}
 </style></head><body>
 <h1>Differential count</h1>
