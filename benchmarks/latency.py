@@ -96,13 +96,16 @@ def keras_baseline(like: str | None, input_size: int = 224, classes: int = 8):
 
 
 def _rss_subprocess(path: str, threads: int) -> float:
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss across fork+exec, so a child of this (large)
+    # process would report our peak rather than its own
     code = (
         "import sys, numpy as np, resource\n"
         "from benchmarks.latency import _load\n"
         f"m, _ = _load({path!r}, {threads})\n"
         "x = np.random.default_rng(0).uniform(0, 255, (1, m.size, m.size, 3)).astype(np.float32)\n"
         "for _ in range(20): m.one(x)\n"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0)\n")
+        "from benchmarks.machine import peak_rss_mb\n"
+        "print(peak_rss_mb())\n")
     root = Path(__file__).resolve().parents[1]
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=600,
                        env={**os.environ, "PYTHONPATH": str(root), "TF_CPP_MIN_LOG_LEVEL": "3"})

@@ -40,4 +40,11 @@ def describe() -> dict:
 
 
 def peak_rss_mb() -> float:
+    """Peak resident memory of this process image (VmHWM; ru_maxrss where /proc is absent)."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
