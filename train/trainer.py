@@ -231,8 +231,10 @@ def train(cfg: TrainConfig) -> dict:
     saved = keras.models.load_model(model_path)
     test = [s for s in splits["test"] if s.path not in {p for p, _ in skipped}]
     metrics = evaluate_samples(saved, contract, test, batch_size=cfg.batch_size)
+    for s in metrics["skipped"]:  # unreadable test images: listed, never silently dropped
+        log(f"skipping unreadable image: {s['why']}")
     metrics["train_seconds"] = round(time.time() - t_start, 1)
-    metrics["skipped"] = [{"path": p, "why": w} for p, w in skipped]
+    metrics["skipped"] = [{"path": p, "why": w} for p, w in skipped] + metrics["skipped"]
     write_reports(metrics, out, title=f"{cfg.backbone} · test split")
     (out / "history.json").write_text(json.dumps(history, indent=1))
     log(f"test accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f} "
@@ -399,6 +401,7 @@ def _train_full(cfg, contract, splits, index, log, gpus):
         def tf_load(path, y):
             x, ok = tf.numpy_function(load, [path], [tf.uint8, tf.float32])
             x.set_shape((contract.input_size, contract.input_size, 3))
+            ok.set_shape(())
             return tf.cast(x, tf.float32), tf.one_hot(y, n), ok
 
         ds = tf.data.Dataset.from_tensor_slices((paths, ys))
