@@ -20,8 +20,8 @@ OUT=${OUT:-/var/tmp/bmc-arm64-proof}
 
 apt-get install -y -q debootstrap qemu-user-static >/dev/null
 # the Debian mirror this machine's apt already uses
-MIRROR=$(grep -rhoE '^(deb|URIs:)\s+\S+' /etc/apt/sources.list /etc/apt/sources.list.d/ 2>/dev/null \
-         | awk '{print $2}' | grep -v security | head -1)
+MIRROR=$( { cat /etc/apt/sources.list /etc/apt/sources.list.d/*.sources /etc/apt/sources.list.d/*.list 2>/dev/null || true; } \
+         | grep -oE '^(deb|URIs:)\s+\S+' | awk '{print $2}' | grep -v security | head -1)
 
 registered_here=0
 mountpoint -q /proc/sys/fs/binfmt_misc || mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc
@@ -41,13 +41,20 @@ if [[ ! -x "$ROOTFS/usr/bin/python3" ]]; then
 fi
 for m in proc sys dev; do mount --bind "/$m" "$ROOTFS/$m"; done
 cp /etc/resolv.conf "$ROOTFS/etc/resolv.conf"
+# the host's CA bundle: where the host reaches PyPI through a TLS-inspecting proxy it trusts, the
+# root must trust it too
+cp "${SSL_CERT_FILE:-/etc/ssl/certs/ca-certificates.crt}" "$ROOTFS/usr/local/share/host-ca-bundle.crt"
 
 # the repository (without its git data) and N fields into the root
 rm -rf "$ROOTFS/opt/bmc-src" "$ROOTFS/opt/fields" && mkdir -p "$ROOTFS/opt/bmc-src" "$ROOTFS/opt/fields"
 tar -C "$REPO" --exclude=.git -cf - . | tar -C "$ROOTFS/opt/bmc-src" -xf -
-ls "$DATA/bccd/JPEGImages" | head -n "$N" | while read -r f; do cp "$DATA/bccd/JPEGImages/$f" "$ROOTFS/opt/fields/"; done
+fields=("$DATA"/bccd/JPEGImages/*.jpg)
+cp "${fields[@]:0:$N}" "$ROOTFS/opt/fields/"
 
-chroot "$ROOTFS" /bin/bash -euc '
+env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8 \
+  PIP_CERT=/usr/local/share/host-ca-bundle.crt SSL_CERT_FILE=/usr/local/share/host-ca-bundle.crt \
+  PIP_DISABLE_PIP_VERSION_CHECK=1 \
+  chroot "$ROOTFS" /bin/bash -euc '
   uname -m
   python3 -m venv /opt/venv
   /opt/venv/bin/pip install -q --only-binary=:all: "/opt/bmc-src[edge]"
