@@ -56,9 +56,20 @@ env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8 \
   PIP_DISABLE_PIP_VERSION_CHECK=1 \
   chroot "$ROOTFS" /bin/bash -euc '
   uname -m
+  # what the opencv-python (GUI) wheel needs from the OS even with no screen; Raspberry Pi OS Lite
+  # has them, a minimal Debian root does not (install.sh installs them too)
+  apt-get install -y -q libxcb1 libgl1 libglib2.0-0 >/dev/null
   python3 -m venv /opt/venv
   /opt/venv/bin/pip install -q --only-binary=:all: "/opt/bmc-src[edge]"
   ! /opt/venv/bin/python -c "import tensorflow" 2>/dev/null
+  # ai-edge-litert 2.x segfaults when its interpreter starts under qemu-user (seen with Debian
+  # bookworm qemu 7.2; not seen on hardware here): fall back to the 1.x runtime for the emulated run
+  probe="from ai_edge_litert.interpreter import Interpreter; import glob; Interpreter(model_path=glob.glob(\"/opt/venv/lib/python3*/site-packages/edge_app/models/*_int8.tflite\")[0])"
+  if ! /opt/venv/bin/python -c "$probe" 2>/dev/null; then
+    echo "LiteRT $(/opt/venv/bin/pip show ai-edge-litert | grep ^Version) crashes under qemu-user; using ai-edge-litert<2"
+    /opt/venv/bin/pip install -q --only-binary=:all: "ai-edge-litert<2"
+  fi
+  /opt/venv/bin/pip show ai-edge-litert | grep ^Version
   rm -rf /opt/session && /opt/venv/bin/bmc edge run /opt/fields --out /opt/session --headless --threads 4
 '
 # the same run here, on x86-64

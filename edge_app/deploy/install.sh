@@ -17,6 +17,9 @@ if [[ $EUID -ne 0 ]]; then echo "run as root (sudo $0)" >&2; exit 1; fi
 
 # System packages: Picamera2 comes from the OS on a Pi; on a Jetson, JetPack's OpenCV has
 # GStreamer for CSI cameras. Either is reached through --system-site-packages.
+# opencv-python (the wheel with a GUI, for the live window) links to these even when there is no
+# screen; they are tiny and present on desktop images, not always on Lite/minimal ones.
+apt-get install -y libxcb1 libgl1 libglib2.0-0
 SYSTEM_SITE=""
 if [[ -r /proc/device-tree/model ]] && grep -qi "raspberry pi" /proc/device-tree/model; then
   apt-get install -y python3-venv python3-picamera2
