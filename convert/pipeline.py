@@ -131,7 +131,6 @@ def convert_run(source, out_dir, name: str = "bmc", variant_names=("float32", "f
                 float_layers: tuple[str, ...] | str = (), log=print) -> dict:
     import keras
 
-    from train.evaluate import TFLiteClassifier
     from train.metrics import classification_metrics
 
     src = resolve_source(source, data)

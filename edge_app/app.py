@@ -19,7 +19,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from bmc.contract import centre_square
+from bmc.contract import centre_square, preprocess
 from edge_app.capture import Capture
 from edge_app.cells import Box, SessionScale, crop_cell
 from edge_app.detect import FinderConfig, find_cells
@@ -112,7 +112,7 @@ class EdgeSession:
         boxes, crops = self._cells_of(frame.image)
         t1 = time.perf_counter()
         pf = self.source.pixel_format
-        batch = [self.clf_pre(cr, pf) for cr in crops]
+        batch = [preprocess(cr, self.clf.contract, pf, crop=False) for cr in crops]
         t2 = time.perf_counter()
         probs = self.clf.backend.predict(np.stack(batch)) if batch else np.zeros((0, len(self.clf.labels)))
         t3 = time.perf_counter()
@@ -139,11 +139,6 @@ class EdgeSession:
         st["record"] += t4 - t3
         r.counted = self.diff.counted
         return cells
-
-    def clf_pre(self, crop, pixel_format):
-        from bmc.contract import preprocess
-
-        return preprocess(crop, self.clf.contract, pixel_format, crop=False)
 
     # -- the loop ---------------------------------------------------------------------------
     def _on_signal(self, signum, _frame):

@@ -48,36 +48,15 @@ class KerasClassifier:
 
 
 class TFLiteClassifier:
-    """A TFLite model through LiteRT (or TensorFlow's interpreter when LiteRT is absent)."""
+    """A ``.tflite`` model through the edge app's LiteRT backend (the same code the device runs)."""
 
     def __init__(self, path, threads: int | None = None):
-        try:
-            from ai_edge_litert.interpreter import Interpreter
-        except ImportError:  # pragma: no cover - depends on the environment
-            from tensorflow.lite import Interpreter
-        self.interp = Interpreter(model_path=str(path), num_threads=threads)
-        self.interp.allocate_tensors()
-        self.inp = self.interp.get_input_details()[0]
-        self.out = self.interp.get_output_details()[0]
+        from edge_app.backends.litert import LiteRTBackend
 
-    def _quant(self, x, detail):
-        scale, zero = detail["quantization"]
-        if detail["dtype"] in (np.uint8, np.int8) and scale:
-            info = np.iinfo(detail["dtype"])
-            return np.clip(np.round(x / scale + zero), info.min, info.max).astype(detail["dtype"])
-        return x.astype(detail["dtype"])
+        self.backend = LiteRTBackend(str(path), threads)
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
-        outs = []
-        for x in batch:
-            self.interp.set_tensor(self.inp["index"], self._quant(x[None], self.inp))
-            self.interp.invoke()
-            y = self.interp.get_tensor(self.out["index"])
-            scale, zero = self.out["quantization"]
-            if self.out["dtype"] in (np.uint8, np.int8) and scale:
-                y = (y.astype(np.float32) - zero) * scale
-            outs.append(y[0].astype(np.float32))
-        return np.stack(outs)
+        return self.backend.predict(batch)
 
 
 def load_classifier(path: str | Path):

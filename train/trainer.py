@@ -122,24 +122,6 @@ def class_weight_for(y: np.ndarray, n_classes: int) -> dict[int, float]:
     return out
 
 
-def _decode_all(samples, log) -> tuple[list, list[tuple[str, str]]]:
-    """Decode every sample in two threads (OpenCV releases the GIL); list the unreadable."""
-    def load(s):
-        try:
-            return read_image(s.path), None
-        except ValueError as e:
-            return None, str(e)
-
-    images, skipped = [], []
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
-        for s, (img, err) in zip(samples, pool.map(load, samples)):
-            if err:
-                skipped.append((s.path, err))
-                log(f"skipping unreadable image: {err}")
-            images.append(img)
-    return images, skipped
-
-
 class _BestOnValF1:
     """Early stopping on validation macro-F1, keeping the best weights (a Keras callback)."""
 
