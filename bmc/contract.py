@@ -137,9 +137,8 @@ def centre_square(image: np.ndarray, fraction: float) -> np.ndarray:
     return image[top : top + side, left : left + side]
 
 
-def preprocess(image: np.ndarray, contract: Contract, pixel_format: str = "BGR", *,
-               crop: bool = True) -> np.ndarray:
-    """One image → one model input (float32, ``input_size``², RGB, 0..255).
+def prepare(image: np.ndarray, contract: Contract, pixel_format: str = "BGR", *, crop: bool = True) -> np.ndarray:
+    """One image → the model input as uint8 (``input_size``², RGB): colour order, crop, resize.
 
     ``crop=False`` skips the centre crop, for cell crops that the edge app already cut at the
     contract's ``cell_fraction``.
@@ -150,7 +149,13 @@ def preprocess(image: np.ndarray, contract: Contract, pixel_format: str = "BGR",
     size = contract.input_size
     if rgb.shape[0] != size or rgb.shape[1] != size:
         rgb = cv2.resize(rgb, (size, size), interpolation=_INTERPOLATIONS[contract.interpolation])
-    return rgb.astype(np.float32)
+    return rgb
+
+
+def preprocess(image: np.ndarray, contract: Contract, pixel_format: str = "BGR", *,
+               crop: bool = True) -> np.ndarray:
+    """One image → one model input (float32, ``input_size``², RGB, 0..255); see :func:`prepare`."""
+    return prepare(image, contract, pixel_format, crop=crop).astype(np.float32)
 
 
 def preprocess_batch(images: Sequence[np.ndarray], contract: Contract, pixel_format: str = "BGR",

@@ -16,7 +16,7 @@ import dataclasses
 import cv2
 import numpy as np
 
-from bmc.contract import Contract, centre_square, to_rgb, _INTERPOLATIONS
+from bmc.contract import Contract, prepare, to_rgb, _INTERPOLATIONS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,9 +99,5 @@ def augmented_view(image: np.ndarray, contract: Contract, rng: np.random.Generat
 
 
 def plain_view(image: np.ndarray, contract: Contract, pixel_format: str = "BGR") -> np.ndarray:
-    """The un-augmented model input as uint8 (what :func:`bmc.contract.preprocess` returns)."""
-    rgb = centre_square(to_rgb(image, pixel_format), contract.crop_fraction)
-    size = contract.input_size
-    if rgb.shape[:2] != (size, size):
-        rgb = cv2.resize(rgb, (size, size), interpolation=_INTERPOLATIONS[contract.interpolation])
-    return rgb
+    """The un-augmented model input as uint8 (the contract's own :func:`bmc.contract.prepare`)."""
+    return prepare(image, contract, pixel_format)
