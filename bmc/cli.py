@@ -93,6 +93,8 @@ def data_check(data_dir, label_from, manifest, json_out):
 @click.option("--fine-tune-epochs", default=6, show_default=True)
 @click.option("--batch-size", default=32, show_default=True)
 @click.option("--input-size", default=224, show_default=True)
+@click.option("--stain-norm", type=click.Choice(["stretch", "none"]), default="stretch", show_default=True,
+              help="per-image colour normalisation, part of the model's contract (same on the device)")
 @click.option("--limit-per-class", type=int, help="use at most N images per class (quick runs)")
 @click.option("--strategy", type=click.Choice(["auto", "default", "mirrored"]), default="auto", show_default=True)
 @click.option("--mixed-precision", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True)

@@ -29,6 +29,9 @@ import numpy as np
 SCHEMA_VERSION = 1
 PIXEL_FORMATS = ("BGR", "RGB", "GRAY")
 _INTERPOLATIONS = {"area": cv2.INTER_AREA, "linear": cv2.INTER_LINEAR}
+STAIN_NORMS = ("none", "stretch")
+STRETCH_PERCENTILES = (0.01, 0.99)
+STRETCH_MIN_SPAN = 32  # grey levels: a near-uniform crop (no cell, blank frame) is not blown up
 
 
 class ContractError(ValueError):
@@ -47,6 +50,7 @@ class Contract:
     input_range: tuple[float, float] = (0.0, 255.0)
     normalisation: str = "in-model"
     cell_fraction: float = 0.45
+    stain_norm: str = "none"
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
@@ -69,6 +73,8 @@ class Contract:
             raise ContractError(
                 f"interpolation must be one of {sorted(_INTERPOLATIONS)}, got {self.interpolation!r}"
             )
+        if self.stain_norm not in STAIN_NORMS:
+            raise ContractError(f"stain_norm must be one of {STAIN_NORMS}, got {self.stain_norm!r}")
         if self.input_size < 32:
             raise ContractError(f"input_size must be >= 32, got {self.input_size}")
 
@@ -137,8 +143,44 @@ def centre_square(image: np.ndarray, fraction: float) -> np.ndarray:
     return image[top : top + side, left : left + side]
 
 
+def luminance(rgb: np.ndarray) -> np.ndarray:
+    """ITU-R BT.601 luma of an RGB uint8 image in OpenCV's exact fixed-point arithmetic."""
+    r, g, b = (rgb[..., k].astype(np.int32) for k in range(3))
+    return ((r * 4899 + g * 9617 + b * 1868 + 8192) >> 14).astype(np.uint8)
+
+
+def stretch_levels(rgb: np.ndarray) -> tuple[int, int]:
+    """(low, high) grey levels of the ``"stretch"`` normalisation: luminance percentiles."""
+    hist = np.bincount(luminance(rgb).ravel(), minlength=256)
+    cum = np.cumsum(hist)
+    n = cum[-1]
+    lo = int(np.searchsorted(cum, STRETCH_PERCENTILES[0] * n))
+    hi = int(np.searchsorted(cum, STRETCH_PERCENTILES[1] * n))
+    if hi - lo < STRETCH_MIN_SPAN:
+        mid = (lo + hi) / 2
+        lo = int(np.floor(max(0.0, min(mid - STRETCH_MIN_SPAN / 2, 255 - STRETCH_MIN_SPAN))))
+        hi = lo + STRETCH_MIN_SPAN
+    return lo, hi
+
+
+def stretch_lut(lo: int, hi: int) -> np.ndarray:
+    """The 256-entry table mapping ``lo`` → 0 and ``hi`` → 255 (float32 arithmetic, clipped)."""
+    v = np.arange(256, dtype=np.float32)
+    return np.clip(np.round((v - np.float32(lo)) * np.float32(255.0 / (hi - lo))), 0, 255).astype(np.uint8)
+
+
+def normalise_stain(rgb: np.ndarray, method: str) -> np.ndarray:
+    """Apply the contract's ``stain_norm`` to an RGB uint8 image (see the module docstring)."""
+    if method == "none":
+        return rgb
+    if method == "stretch":
+        return cv2.LUT(np.ascontiguousarray(rgb), stretch_lut(*stretch_levels(rgb)))
+    raise ContractError(f"stain_norm must be one of {STAIN_NORMS}, got {method!r}")
+
+
 def prepare(image: np.ndarray, contract: Contract, pixel_format: str = "BGR", *, crop: bool = True) -> np.ndarray:
-    """One image → the model input as uint8 (``input_size``², RGB): colour order, crop, resize.
+    """One image → the model input as uint8 (``input_size``², RGB): colour order, crop, resize,
+    stain normalisation.
 
     ``crop=False`` skips the centre crop, for cell crops that the edge app already cut at the
     contract's ``cell_fraction``.
@@ -149,7 +191,7 @@ def prepare(image: np.ndarray, contract: Contract, pixel_format: str = "BGR", *,
     size = contract.input_size
     if rgb.shape[0] != size or rgb.shape[1] != size:
         rgb = cv2.resize(rgb, (size, size), interpolation=_INTERPOLATIONS[contract.interpolation])
-    return rgb
+    return normalise_stain(rgb, contract.stain_norm)
 
 
 def preprocess(image: np.ndarray, contract: Contract, pixel_format: str = "BGR", *,

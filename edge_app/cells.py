@@ -46,7 +46,9 @@ def crop_cell(frame: np.ndarray, box: Box, contract: Contract) -> np.ndarray:
     pad_r, pad_b = max(0, left + side - w), max(0, top + side - h)
     crop = frame[max(0, top):min(h, top + side), max(0, left):min(w, left + side)]
     if pad_l or pad_t or pad_r or pad_b:
-        crop = cv2.copyMakeBorder(crop, pad_t, pad_b, pad_l, pad_r, cv2.BORDER_REFLECT_101)
+        fill = [float(v) for v in np.median(crop.reshape(-1, crop.shape[2]), axis=0)] if crop.ndim == 3 \
+            else float(np.median(crop))
+        crop = cv2.copyMakeBorder(crop, pad_t, pad_b, pad_l, pad_r, cv2.BORDER_CONSTANT, value=fill)
     return crop
 
 

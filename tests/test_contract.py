@@ -61,3 +61,69 @@ def test_tensorflow_pipeline_matches_numpy_path(pbc, matek):
         tfs = tf_preprocess_file(str(f), c).numpy()
         assert tfs.shape == ours.shape
         assert np.abs(tfs - ours).max() <= 1.0, f
+
+
+def _pale(rgb, density):
+    """The same smear stained ``density`` times as strongly (Beer–Lambert), as another lab's might be."""
+    od = -np.log((rgb.astype(np.float32) + 1) / 256) * density
+    return np.clip(256 * np.exp(-od) - 1, 0, 255).astype(np.uint8)
+
+
+def test_stretch_gives_a_pale_stain_the_training_contrast(pbc):
+    """A washed-out smear reaches the model much closer to the normally stained one, hue kept."""
+    from bmc.contract import luminance, prepare
+
+    rgb = cv2.cvtColor(read_image(str(sorted((pbc / "neutrophil").glob("*.jpg"))[7])), cv2.COLOR_BGR2RGB)
+    pale = _pale(rgb, 0.45)
+    plain, norm = Contract(labels=("x",)), Contract(labels=("x",), stain_norm="stretch")
+    ref = prepare(rgb, norm, "RGB").astype(np.float32)
+    without = np.abs(prepare(pale, plain, "RGB").astype(np.float32) - prepare(rgb, plain, "RGB")).mean()
+    with_norm = np.abs(prepare(pale, norm, "RGB").astype(np.float32) - ref).mean()
+    assert with_norm < 0.6 * without, (with_norm, without)
+    # the nucleus (darkest tenth): 65 grey levels paler raw, within 25 once normalised; still violet
+    def nucleus(x):
+        y = luminance(x)
+        return x[y <= np.percentile(y, 10)].astype(np.float32)
+
+    raw_gap = luminance(nucleus(prepare(pale, plain, "RGB")).astype(np.uint8)[None]).mean() \
+        - luminance(nucleus(prepare(rgb, plain, "RGB")).astype(np.uint8)[None]).mean()
+    out = nucleus(prepare(pale, norm, "RGB"))
+    gap = luminance(out.astype(np.uint8)[None]).mean() - luminance(nucleus(ref.astype(np.uint8)).astype(np.uint8)[None]).mean()
+    assert raw_gap > 50 and gap < 25, (raw_gap, gap)
+    assert out[:, 2].mean() > out[:, 1].mean() and out[:, 0].mean() > out[:, 1].mean()
+
+
+def test_stretch_does_not_blow_up_a_blank_frame():
+    from bmc.contract import normalise_stain
+
+    rng = np.random.default_rng(0)
+    blank = np.clip(rng.normal(200, 2, (224, 224, 3)), 0, 255).astype(np.uint8)
+    out = normalise_stain(blank, "stretch").astype(np.float32)
+    assert out.std() < 8 * blank.astype(np.float32).std() + 1
+    with pytest.raises(ContractError, match="stain_norm must be one of"):
+        Contract(labels=("x",), stain_norm="reinhard")
+
+
+def test_contract_without_stain_norm_is_the_old_behaviour(pbc):
+    """Model cards written before ``stain_norm`` existed load, and their models get raw pixels."""
+    d = Contract(labels=("x",)).to_dict()
+    del d["stain_norm"]
+    old = Contract.from_dict(d)
+    assert old.stain_norm == "none"
+    img = read_image(str(next((pbc / "monocyte").glob("*.jpg"))))
+    rgb = cv2.cvtColor(centre_square(img, old.crop_fraction), cv2.COLOR_BGR2RGB)
+    np.testing.assert_array_equal(preprocess(img, old), cv2.resize(rgb, (224, 224), interpolation=cv2.INTER_AREA))
+
+
+def test_tensorflow_stretch_is_exactly_the_numpy_one(pbc, matek):
+    from bmc.contract import normalise_stain, prepare
+    from train.pipeline import _tf_stretch
+
+    c = Contract(labels=("x",))
+    files = [sorted((pbc / d).glob("*.jpg"))[2] for d in ("eosinophil", "lymphocyte")]
+    files += sorted(matek.glob("EBO/*.jpg"))[:1]
+    images = [prepare(read_image(str(f)), c) for f in files]
+    images.append(np.full((64, 64, 3), 250, np.uint8))
+    for x in images:
+        ours = normalise_stain(x, "stretch").astype(np.float32)
+        np.testing.assert_array_equal(_tf_stretch(x.astype(np.float32)).numpy(), ours)

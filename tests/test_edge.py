@@ -275,3 +275,19 @@ def test_cell_mode_treats_each_frame_as_one_cell(pbc, tmp_path, clf):
     rows = list(csv.DictReader(open(tmp_path / "s" / "cells.csv")))
     assert r.frames == 5 and len(rows) == 5
     assert sum(r_["label"] == "eosinophil" for r_ in rows) >= 4
+
+
+def test_cell_at_the_field_edge_is_padded_flat_not_mirrored(bccd):
+    """A mirrored border would show the model a second copy of the cell's nucleus."""
+    from bmc.contract import Contract, read_image
+    from edge_app.cells import Box, crop_cell
+
+    frame = read_image(str(bccd / "JPEGImages" / "BloodImage_00000.jpg"))
+    c = Contract(labels=("x",), cell_fraction=0.5)
+    crop = crop_cell(frame, Box(0, 100, 80, 80), c)  # a cell touching the left edge
+    assert crop.shape == (160, 160, 3)
+    pad = crop[:, :40]  # the part of the square left of the field
+    assert (pad == pad[0, 0]).all()
+    inside = crop[:, 40:]
+    np.testing.assert_array_equal(inside, frame[60:220, 0:120])
+    assert np.abs(pad[0, 0].astype(int) - np.median(inside.reshape(-1, 3), axis=0)).max() <= 1

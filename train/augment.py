@@ -6,7 +6,15 @@ pixel size), stain intensity and hue (May-Grünwald-Giemsa vs Wright, staining t
 balance, focus, sensor noise and JPEG compression. Every transform keeps the label.
 
 Applied to a contract-cropped RGB uint8 image; :func:`augmented_view` returns a model input of
-the contract's size, so the training cache and the device see the same geometry.
+the contract's size, so the training cache and the device see the same geometry. The contract's
+stain normalisation comes last, after every augmentation, as on the device where it comes after
+the camera: the model learns on exactly what the device will feed it.
+
+Stain variation is modelled physically as well as photographically: in optical density
+(Beer–Lambert, ``OD = -log(I / I0)``) a lighter or darker stain scales the density of each dye,
+which is how a pale smear from another laboratory differs from a CellaVision image (a washed-out
+lilac nucleus rather than a dark purple one), and what a hue shift or a contrast change alone
+does not reproduce.
 """
 
 from __future__ import annotations
@@ -16,21 +24,28 @@ import dataclasses
 import cv2
 import numpy as np
 
-from bmc.contract import Contract, prepare, to_rgb, _INTERPOLATIONS
+from bmc.contract import Contract, normalise_stain, prepare, to_rgb, _INTERPOLATIONS
 
 
 @dataclasses.dataclass(frozen=True)
 class AugmentConfig:
     scale_jitter: float = 0.15  # crop side x U(1-s, 1+s)
     shift: float = 0.06  # crop centre offset, fraction of the crop side
-    hue_deg: float = 12.0
-    saturation: tuple[float, float] = (0.55, 1.35)
+    p_edge: float = 0.15  # a cell at the field's edge: one side of the crop filled flat
+    edge_fraction: tuple[float, float] = (0.05, 0.3)
+    p_stain: float = 0.8
+    stain_density: tuple[float, float] = (0.4, 1.3)  # optical density x U(lo, hi), all dyes
+    stain_channel: float = 0.15  # and x U(1-c, 1+c) per colour channel
+    hue_deg: float = 22.0
+    saturation: tuple[float, float] = (0.5, 1.35)
     brightness: float = 0.15
-    contrast: tuple[float, float] = (0.6, 1.25)
+    contrast: tuple[float, float] = (0.5, 1.25)
     channel_gain: float = 0.12
     gamma: tuple[float, float] = (0.75, 1.35)
-    p_blur: float = 0.5
-    blur_sigma: tuple[float, float] = (0.4, 2.2)
+    p_blur: float = 0.6
+    blur_sigma: tuple[float, float] = (0.4, 3.0)
+    p_lowres: float = 0.3
+    lowres_factor: tuple[float, float] = (1.5, 3.0)  # camera resolution: down by f, back up
     p_noise: float = 0.4
     noise_sigma: tuple[float, float] = (2.0, 9.0)
     p_jpeg: float = 0.4
@@ -39,8 +54,9 @@ class AugmentConfig:
 
 # The first view of every training image: geometry and a touch of colour only, so that the model
 # also sees cells as the training microscope shows them.
-LIGHT = AugmentConfig(hue_deg=3.0, saturation=(0.9, 1.1), brightness=0.05, contrast=(0.9, 1.1),
-                      channel_gain=0.03, gamma=(0.95, 1.05), p_blur=0.0, p_noise=0.0, p_jpeg=0.0)
+LIGHT = AugmentConfig(p_edge=0.0, p_stain=0.0, hue_deg=3.0, saturation=(0.9, 1.1), brightness=0.05, contrast=(0.9, 1.1),
+                      channel_gain=0.03, gamma=(0.95, 1.05), p_blur=0.0, p_lowres=0.0, p_noise=0.0,
+                      p_jpeg=0.0)
 
 
 def _crop(rgb: np.ndarray, contract: Contract, cfg: AugmentConfig, rng: np.random.Generator) -> np.ndarray:
@@ -52,6 +68,34 @@ def _crop(rgb: np.ndarray, contract: Contract, cfg: AugmentConfig, rng: np.rando
     top = int(np.clip(round(cy - side / 2), 0, h - side))
     left = int(np.clip(round(cx - side / 2), 0, w - side))
     return rgb[top:top + side, left:left + side]
+
+
+def field_edge(rgb: np.ndarray, cfg: AugmentConfig, rng: np.random.Generator) -> np.ndarray:
+    """A cell near the edge of a camera field: the edge app fills the part of its crop outside the
+    field with the crop's median colour (:func:`edge_app.cells.crop_cell`); so does this."""
+    if rng.random() >= cfg.p_edge:
+        return rgb
+    side = rgb.shape[0]
+    k = max(1, int(side * rng.uniform(*cfg.edge_fraction)))
+    out = rgb.copy()
+    keep = [slice(k, None), slice(None, -k)][int(rng.integers(2))]
+    if rng.random() < 0.5:
+        fill = np.median(rgb[keep], axis=(0, 1))
+        region = (slice(0, k) if keep.start else slice(side - k, side), slice(None))
+    else:
+        fill = np.median(rgb[:, keep], axis=(0, 1))
+        region = (slice(None), slice(0, k) if keep.start else slice(side - k, side))
+    out[region] = fill.astype(np.uint8)
+    return out
+
+
+def stain_jitter(rgb: np.ndarray, cfg: AugmentConfig, rng: np.random.Generator) -> np.ndarray:
+    """Lighter or darker staining: scale the optical density, overall and per channel."""
+    if rng.random() >= cfg.p_stain:
+        return rgb
+    od = -np.log((rgb.astype(np.float32) + 1.0) / 256.0)
+    od *= rng.uniform(*cfg.stain_density) * rng.uniform(1 - cfg.stain_channel, 1 + cfg.stain_channel, size=3)
+    return np.clip(256.0 * np.exp(-od) - 1.0, 0, 255).astype(np.uint8)
 
 
 def colour_jitter(rgb: np.ndarray, cfg: AugmentConfig, rng: np.random.Generator) -> np.ndarray:
@@ -69,9 +113,14 @@ def colour_jitter(rgb: np.ndarray, cfg: AugmentConfig, rng: np.random.Generator)
 
 
 def degrade(rgb: np.ndarray, cfg: AugmentConfig, rng: np.random.Generator) -> np.ndarray:
-    """Optics and camera: defocus blur, sensor noise, JPEG artefacts."""
+    """Optics and camera: defocus blur, low camera resolution, sensor noise, JPEG artefacts."""
     if rng.random() < cfg.p_blur:
         rgb = cv2.GaussianBlur(rgb, (0, 0), rng.uniform(*cfg.blur_sigma))
+    if rng.random() < cfg.p_lowres:
+        h, w = rgb.shape[:2]
+        f = rng.uniform(*cfg.lowres_factor)
+        small = cv2.resize(rgb, (max(8, int(w / f)), max(8, int(h / f))), interpolation=cv2.INTER_AREA)
+        rgb = cv2.resize(small, (w, h), interpolation=cv2.INTER_LINEAR)
     if rng.random() < cfg.p_noise:
         noise = rng.normal(0, rng.uniform(*cfg.noise_sigma), rgb.shape)
         rgb = np.clip(rgb.astype(np.float32) + noise, 0, 255).astype(np.uint8)
@@ -94,8 +143,8 @@ def augmented_view(image: np.ndarray, contract: Contract, rng: np.random.Generat
     if rng.random() < 0.5:
         rgb = rgb[:, ::-1]
     rgb = np.ascontiguousarray(rgb)
-    rgb = colour_jitter(rgb, cfg, rng)
-    return degrade(rgb, cfg, rng)
+    rgb = colour_jitter(stain_jitter(field_edge(rgb, cfg, rng), cfg, rng), cfg, rng)
+    return normalise_stain(degrade(rgb, cfg, rng), contract.stain_norm)
 
 
 def plain_view(image: np.ndarray, contract: Contract, pixel_format: str = "BGR") -> np.ndarray:

@@ -52,6 +52,7 @@ class TrainConfig:
     input_size: int = 224
     crop_fraction: float = 0.72
     cell_fraction: float | None = None  # None: measured on the training images
+    stain_norm: str = "stretch"  # the contract's per-image colour normalisation
     mode: str = "auto"
     fine_tune_from: str = "block6a"
     views: int = 2
@@ -186,7 +187,7 @@ def train(cfg: TrainConfig) -> dict:
         cell_fraction, n_measured = measure_cell_fraction(splits["train"], cfg.crop_fraction, seed=cfg.seed)
         log(f"cell scale: a cell spans {cell_fraction:.3f} of the crop (median of {n_measured} training images)")
     contract = Contract(labels=tuple(labels), input_size=cfg.input_size, crop_fraction=cfg.crop_fraction,
-                        cell_fraction=round(cell_fraction, 4))
+                        cell_fraction=round(cell_fraction, 4), stain_norm=cfg.stain_norm)
     (out / "contract.json").write_text(contract.to_json())
     (out / "labels.txt").write_text("\n".join(labels) + "\n")
     (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
