@@ -192,6 +192,13 @@ def edge_run(source, model, out_dir, mode, target, threads, headless, max_frames
 
     from edge_app.backends import BackendError
 
+    if not headless and _has_display():
+        from edge_app.app import NO_GUI_HINT, opencv_gui
+
+        if not opencv_gui():
+            click.echo(f"no live window: {NO_GUI_HINT}; continuing headless")
+            headless = True
+
     def go():
         clf = CellClassifier(model or DEFAULT_MODEL, threads=threads or os.cpu_count())
         cfg = SessionConfig(mode=mode, target=target, headless=headless or not _has_display(),

@@ -223,6 +223,24 @@ class EdgeSession:
                 pass
 
 
+def opencv_gui() -> str:
+    """The window toolkit this OpenCV was built with (``"GTK3"``, ``"QT"``, …), or ``""`` for a
+    headless build (``opencv-python-headless``, the edge extra's), which cannot open a window."""
+    ui = getattr(cv2, "currentUIFramework", None)
+    if ui is not None:
+        return (ui() or "").strip()
+    for line in cv2.getBuildInformation().splitlines():
+        if line.strip().startswith("GUI:"):
+            value = line.split(":", 1)[1].strip()
+            return "" if value.upper() == "NONE" else value
+    return ""
+
+
+NO_GUI_HINT = ("this OpenCV has no window support (opencv-python-headless, the edge extra's); for the live "
+               "window use the OS's OpenCV: sudo edge_app/deploy/install.sh --screen, or "
+               "pip install opencv-python in place of opencv-python-headless")
+
+
 def _main_thread() -> bool:
     import threading
 

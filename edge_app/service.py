@@ -184,6 +184,12 @@ def doctor(cfg=None, config_path: str | None = None) -> tuple[list[str], list[st
 
     meters = find_meters()
     have.append("power meters: " + (", ".join(m.name for m in meters) if meters else "none"))
-    have.append("display: " + ("yes" if os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY") else
-                               "none (headless)"))
+    from edge_app.app import opencv_gui
+
+    screen = bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
+    gui = opencv_gui()
+    have.append("display: " + ("yes" if screen else "none (headless)") + "; OpenCV window toolkit: "
+                + (gui or "none (headless build)"))
+    if screen and not gui:
+        have.append("  (a screen is attached but this OpenCV cannot open the live window: install.sh --screen)")
     return have, wrong
