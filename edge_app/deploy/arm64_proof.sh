@@ -56,11 +56,13 @@ env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8 \
   PIP_DISABLE_PIP_VERSION_CHECK=1 \
   chroot "$ROOTFS" /bin/bash -euc '
   uname -m
-  # what the opencv-python (GUI) wheel needs from the OS even with no screen; Raspberry Pi OS Lite
-  # has them, a minimal Debian root does not (install.sh installs them too)
-  apt-get install -y -q libxcb1 libgl1 libglib2.0-0 >/dev/null
-  python3 -m venv /opt/venv
+  # a minimal root with no X or GL libraries: the edge extra (headless OpenCV) needs none
+  rm -rf /opt/venv && python3 -m venv /opt/venv
   /opt/venv/bin/pip install -q --only-binary=:all: "/opt/bmc-src[edge]"
+  # slimmed as install.sh leaves a device
+  /opt/venv/bin/pip uninstall -q -y setuptools
+  /opt/venv/bin/python /opt/bmc-src/edge_app/deploy/slim.py "$(/opt/venv/bin/python -c "import sysconfig; print(sysconfig.get_paths()[\"purelib\"])")" | tail -1
+  echo "edge environment: $(du -sm /opt/venv | cut -f1) MB (LiteRT $(/opt/venv/bin/pip show ai-edge-litert | sed -n s/^Version:.//p))"
   ! /opt/venv/bin/python -c "import tensorflow" 2>/dev/null
   # ai-edge-litert 2.x segfaults when its interpreter starts under qemu-user (seen with Debian
   # bookworm qemu 7.2; not seen on hardware here): fall back to the 1.x runtime for the emulated run
@@ -70,6 +72,7 @@ env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8 \
     /opt/venv/bin/pip install -q --only-binary=:all: "ai-edge-litert<2"
   fi
   /opt/venv/bin/pip show ai-edge-litert | grep ^Version
+  echo "edge environment as run: $(du -sm /opt/venv | cut -f1) MB"
   rm -rf /opt/session && /opt/venv/bin/bmc edge run /opt/fields --out /opt/session --headless --threads 4
 '
 # the same run here, on x86-64
