@@ -32,6 +32,7 @@ def test_variants_are_written_with_cards_and_a_report(converted, run):
     assert "| int8 |" in (out / "cells_conversion.md").read_text() and "| int8 |" in p.stdout
     card, contract = load_card(out / "cells_int8.tflite", require_deployable=True)
     assert contract.labels == tuple(json.loads((run / "contract.json").read_text())["labels"])
+    assert contract.stain_norm == "stretch"  # the card carries the normalisation to the device
     assert card["source_model"]["sha256"] and card["validation"]["n"] == report["n"]
     assert (out / "cells_int8.tflite").stat().st_size < 5e6
 

@@ -18,6 +18,7 @@ def test_run_folder_holds_everything_to_reproduce_and_convert(run, small_pbc):
         assert (run / name).is_file(), name
     contract = json.loads((run / "contract.json").read_text())
     assert contract["labels"] == list(CLASSES)
+    assert contract["stain_norm"] == "stretch"  # the default: the device normalises as training did
     split = json.loads((run / "split.json").read_text())
     paths = [s["path"] for part in split.values() for s in part]
     assert len(paths) == len(set(paths)) == 65  # 64 real images + the corrupt one
