@@ -38,14 +38,15 @@ def finding(bccd, cfg: FinderConfig = FinderConfig()) -> dict:
             "false_positives": fp, "missed": fn}
 
 
-def field_classification(bccd, model: str | None = None) -> dict:
+def field_classification(bccd, model: str | None = None, orientations: int | None = None) -> dict:
     from sklearn.metrics import balanced_accuracy_score, confusion_matrix
 
     from edge_app.app import EdgeSession, SessionConfig
-    from edge_app.model import DEFAULT_MODEL, CellClassifier
+    from edge_app.model import DEFAULT_MODEL, DEFAULT_ORIENTATIONS, CellClassifier
 
     fields = single_cell_fields(bccd)
-    clf = CellClassifier(model or DEFAULT_MODEL, threads=os.cpu_count())
+    clf = CellClassifier(model or DEFAULT_MODEL, threads=os.cpu_count(),
+                         orientations=orientations or DEFAULT_ORIENTATIONS)
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "fields"
         src.mkdir()
@@ -65,6 +66,6 @@ def field_classification(bccd, model: str | None = None) -> dict:
     return {"fields": len(fields), "no_cell_found": sum(p == "none" for p in pred),
             "accuracy": float(np.mean([t == p for t, p in zip(truth, pred)])),
             "balanced_accuracy": float(balanced_accuracy_score(truth, pred)),
-            "recall": recall, "model": clf.path.name,
+            "recall": recall, "model": clf.path.name, "orientations": clf.orientations,
             "confusion_labels": classes + sorted(set(pred) - set(classes)),
             "confusion_matrix": confusion_matrix(truth, pred, labels=classes + sorted(set(pred) - set(classes))).tolist()}

@@ -181,7 +181,10 @@ def edge():
 @click.option("--max-frames", type=int, help="stop after this many frames")
 @click.option("--cell-diameter", type=float, help="fixed cell diameter in pixels (default: measured)")
 @click.option("--no-crops", is_flag=True, help="do not save a JPEG per cell")
-def edge_run(source, model, out_dir, mode, target, threads, headless, max_frames, cell_diameter, no_crops):
+@click.option("--orientations", type=click.Choice(["1", "2", "4", "8"]), default="4", show_default=True,
+              help="classify each cell in this many rotations / mirror images and average")
+def edge_run(source, model, out_dir, mode, target, threads, headless, max_frames, cell_diameter, no_crops,
+             orientations):
     """Classify and count the cells of SOURCE: a camera index or /dev path, picamera2, a GStreamer
     pipeline, a video, an image folder or glob, or one image."""
     import os
@@ -200,7 +203,8 @@ def edge_run(source, model, out_dir, mode, target, threads, headless, max_frames
             headless = True
 
     def go():
-        clf = CellClassifier(model or DEFAULT_MODEL, threads=threads or os.cpu_count())
+        clf = CellClassifier(model or DEFAULT_MODEL, threads=threads or os.cpu_count(),
+                             orientations=int(orientations))
         cfg = SessionConfig(mode=mode, target=target, headless=headless or not _has_display(),
                             save_crops=not no_crops, cell_diameter_px=cell_diameter, max_frames=max_frames)
         return EdgeSession(source, clf, out_dir, cfg, echo=click.echo).run()
@@ -343,13 +347,14 @@ def bench_latency(models, threads, thread_sweep, runs, baseline_keras, json_out,
 @click.option("--source", required=True, help="folder, glob or video of fields")
 @click.option("--model", type=click.Path(dir_okay=False))
 @click.option("--threads", type=int)
+@click.option("--orientations", type=click.Choice(["1", "2", "4", "8"]), default="4", show_default=True)
 @click.option("--json", "json_out", type=click.Path(dir_okay=False))
 @click.option("--no-record", is_flag=True)
-def bench_edge(source, model, threads, json_out, no_record):
+def bench_edge(source, model, threads, orientations, json_out, no_record):
     """Frames/s, cells/s and per-stage time of the real edge pipeline, headless."""
     from benchmarks import pipeline, results
 
-    res = _guard(pipeline.run, source, model, threads)
+    res = _guard(pipeline.run, source, model, threads, True, int(orientations))
     click.echo(pipeline.markdown(res))
     if not no_record:
         results.append("edge", [{k: v for k, v in res.items() if k != "machine"}], res["machine"])
@@ -361,8 +366,9 @@ def bench_edge(source, model, threads, json_out, no_record):
 @bench.command("bccd")
 @click.option("--bccd", type=click.Path(file_okay=False), help="BCCD folder (default ../shared/data/bccd)")
 @click.option("--model", type=click.Path(dir_okay=False))
+@click.option("--orientations", type=click.Choice(["1", "2", "4", "8"]), default="4", show_default=True)
 @click.option("--json", "json_out", type=click.Path(dir_okay=False))
-def bench_bccd(bccd, model, json_out):
+def bench_bccd(bccd, model, orientations, json_out):
     """Cell finding (recall/precision vs the WBC boxes) and field classification on BCCD."""
     from benchmarks import detection
     from benchmarks.generalisation import DEFAULT_BCCD
@@ -372,8 +378,9 @@ def bench_bccd(bccd, model, json_out):
     click.echo(f"cell finding: recall {f['recall']:.4f}, precision {f['precision']:.4f} "
                f"({f['boxes']} WBC boxes, {f['found']} cells found, {f['missed']} missed, "
                f"{f['false_positives']} outside any box)")
-    c = _guard(detection.field_classification, root, model)
-    click.echo(f"field classification ({c['fields']} single-WBC fields, most confident cell): accuracy "
+    c = _guard(detection.field_classification, root, model, int(orientations))
+    click.echo(f"field classification ({c['fields']} single-WBC fields, most confident cell, "
+               f"{c['orientations']} orientations): accuracy "
                f"{c['accuracy']:.4f}, balanced accuracy {c['balanced_accuracy']:.4f}; recall "
                + ", ".join(f"{k} {v:.2f}" for k, v in c["recall"].items()))
     if json_out:

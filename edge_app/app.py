@@ -114,7 +114,7 @@ class EdgeSession:
         pf = self.source.pixel_format
         batch = [preprocess(cr, self.clf.contract, pf, crop=False) for cr in crops]
         t2 = time.perf_counter()
-        probs = self.clf.backend.predict(np.stack(batch)) if batch else np.zeros((0, len(self.clf.labels)))
+        probs = self.clf.predict(np.stack(batch)) if batch else np.zeros((0, len(self.clf.labels)))
         t3 = time.perf_counter()
         if frame.still:
             self.tracker.reset()

@@ -37,6 +37,7 @@ class CameraConfig:
 class ModelConfig:
     path: str = ""  # empty: the shipped int8 model
     threads: int = 0  # 0: all cores
+    orientations: int = 4  # 1, 2, 4 or 8 views of each cell, probabilities averaged
 
 
 @dataclasses.dataclass
@@ -109,6 +110,8 @@ def load(path: str | Path) -> DeviceConfig:
     cfg = DeviceConfig(**kwargs)
     if cfg.session.mode not in ("field", "cell"):
         raise ConfigError(f"{path}: [session] mode must be 'field' or 'cell', got {cfg.session.mode!r}")
+    if cfg.model.orientations not in (1, 2, 4, 8):
+        raise ConfigError(f"{path}: [model] orientations must be 1, 2, 4 or 8, got {cfg.model.orientations}")
     if not 10 <= cfg.storage.max_disk_percent <= 99:
         raise ConfigError(f"{path}: [storage] max_disk_percent must be between 10 and 99")
     return cfg

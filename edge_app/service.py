@@ -91,7 +91,8 @@ def serve(cfg, echo=print, max_sessions: int | None = None) -> None:
 
     storage = Path(cfg.storage.folder)
     storage.mkdir(parents=True, exist_ok=True)
-    clf = CellClassifier(cfg.model.path or DEFAULT_MODEL, threads=cfg.model.threads or os.cpu_count())
+    clf = CellClassifier(cfg.model.path or DEFAULT_MODEL, threads=cfg.model.threads or os.cpu_count(),
+                         orientations=cfg.model.orientations)
     done = 0
     while max_sessions is None or done < max_sessions:
         removed = rotate(storage, cfg.storage.max_disk_percent, cfg.storage.min_free_mb)

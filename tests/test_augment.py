@@ -30,7 +30,7 @@ def test_views_end_stain_normalised_as_on_the_device(pbc):
         return np.abs(normalise_stain(v, "stretch").astype(np.float32) - v).mean()
 
     norm, raw = Contract(labels=("x",), stain_norm="stretch"), Contract(labels=("x",))
-    assert max(change(norm, s) for s in range(12)) < 8
+    assert max(change(norm, s) for s in range(12)) < 10
     assert np.mean([change(raw, s) for s in range(12)]) > 3 * np.mean([change(norm, s) for s in range(12)])
 
 

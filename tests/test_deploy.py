@@ -19,6 +19,7 @@ def test_example_config_loads_with_its_values():
     cfg = config_mod.load(EXAMPLE)
     assert cfg.camera.source == "/dev/bmc-camera" and cfg.camera.fourcc == "MJPG"
     assert cfg.session.target == 200 and cfg.finder.min_area_px == 2000 and cfg.review.min_confidence == 0.6
+    assert cfg.model.orientations == 4
 
 
 @pytest.mark.parametrize("text, message", [
@@ -28,6 +29,7 @@ def test_example_config_loads_with_its_values():
     ("[session]\nmode = 'slide'\n", "mode must be 'field' or 'cell'"),
     ("[finder]\nmin_area_px = -3\n", "min_area_px must be >= 0"),
     ("[storage\n", "not valid TOML"),
+    ("[model]\norientations = 3\n", "orientations must be 1, 2, 4 or 8, got 3"),
 ])
 def test_bad_config_is_a_clear_error(tmp_path, text, message):
     p = tmp_path / "bmc.toml"

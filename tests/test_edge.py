@@ -291,3 +291,24 @@ def test_cell_at_the_field_edge_is_padded_flat_not_mirrored(bccd):
     inside = crop[:, 40:]
     np.testing.assert_array_equal(inside, frame[60:220, 0:120])
     assert np.abs(pad[0, 0].astype(int) - np.median(inside.reshape(-1, 3), axis=0)).max() <= 1
+
+
+def test_orientations_make_the_answer_independent_of_how_the_cell_lies(bccd):
+    """A cell has no up: with 4 orientations a cell and the same cell turned 90° get the same
+    probabilities; with one, they need not."""
+    from bmc.contract import read_image
+    from edge_app.cells import crop_cell
+    from edge_app.detect import find_cells
+
+    frame = read_image(str(bccd / "JPEGImages" / "BloodImage_00001.jpg"))
+    one, four = CellClassifier(DEFAULT_MODEL, threads=2, orientations=1), CellClassifier(DEFAULT_MODEL, threads=2)
+    assert four.orientations == 4
+    crops = [crop_cell(frame, c.box, one.contract) for c in find_cells(frame)]
+    assert crops
+    turned = [np.ascontiguousarray(np.rot90(c)) for c in crops]
+    np.testing.assert_allclose(four.classify(crops), four.classify(turned), atol=1e-6)
+    p1, p4 = one.classify(crops), four.classify(crops)
+    assert p4.shape == p1.shape and np.allclose(p4.sum(1), 1, atol=1e-2)
+    assert not np.allclose(one.classify(turned), p1, atol=1e-6)
+    with pytest.raises(ValueError, match="orientations must be one of"):
+        CellClassifier(DEFAULT_MODEL, orientations=3)
