@@ -379,7 +379,7 @@ def bench_bccd(bccd, model, orientations, json_out):
                f"({f['boxes']} WBC boxes, {f['found']} cells found, {f['missed']} missed, "
                f"{f['false_positives']} outside any box)")
     c = _guard(detection.field_classification, root, model, int(orientations))
-    click.echo(f"field classification ({c['fields']} single-WBC fields, most confident cell, "
+    click.echo(f"field classification ({c['fields']} single-WBC fields, most confident white cell, "
                f"{c['orientations']} orientations): accuracy "
                f"{c['accuracy']:.4f}, balanced accuracy {c['balanced_accuracy']:.4f}; recall "
                + ", ".join(f"{k} {v:.2f}" for k, v in c["recall"].items()))
