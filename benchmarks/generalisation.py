@@ -42,16 +42,22 @@ def bccd_cells(root, contract):
     return np.stack(xs), [label for _, _, label in picked]
 
 
-def score(model_path, bccd=DEFAULT_BCCD) -> dict:
+def score(model_path, bccd=DEFAULT_BCCD, orientations: int = 1) -> dict:
+    from edge_app.model import oriented
     from train.evaluate import load_classifier
     from train.metrics import classification_metrics
 
     clf, contract = load_classifier(model_path)
     xs, names = bccd_cells(bccd, contract)
     index = {l: i for i, l in enumerate(contract.labels)}
-    probs = np.concatenate([clf.predict(xs[i:i + 32]) for i in range(0, len(xs), 32)])
+
+    def predict(batch):
+        return clf.predict(oriented(batch, orientations)).reshape(orientations, len(batch), -1).mean(axis=0)
+
+    probs = np.concatenate([predict(xs[i:i + 32]) for i in range(0, len(xs), 32)])
     m = classification_metrics(np.array([index[n] for n in names]), probs, list(contract.labels))
     m["model"] = str(model_path)
+    m["orientations"] = orientations
     m["data"] = f"{bccd} (single-WBC fields, session-scale crops, cell_fraction {contract.cell_fraction})"
     return m
 
@@ -65,8 +71,9 @@ def main(argv=None):
     ap.add_argument("model")
     ap.add_argument("--bccd", default=str(DEFAULT_BCCD))
     ap.add_argument("--json")
+    ap.add_argument("--orientations", type=int, default=1)
     a = ap.parse_args(argv)
-    m = score(a.model, a.bccd)
+    m = score(a.model, a.bccd, a.orientations)
     print(per_class_table(m))
     if a.json:
         Path(a.json).write_text(json.dumps(m, indent=2))

@@ -297,12 +297,14 @@ def bench():
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--bccd", type=click.Path(file_okay=False), help="BCCD folder (default ../shared/data/bccd)")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False))
-def bench_generalisation(model, bccd, json_out):
+@click.option("--orientations", type=click.Choice(["1", "2", "4", "8"]), default="1", show_default=True,
+              help="average over this many rotations / mirror images of each cell, as the edge app does")
+def bench_generalisation(model, bccd, json_out, orientations):
     """Accuracy of MODEL on white cells of another microscope (BCCD fields, cut at the trained scale)."""
     from benchmarks.generalisation import DEFAULT_BCCD, score
     from train.metrics import per_class_table
 
-    m = _guard(score, model, bccd or DEFAULT_BCCD)
+    m = _guard(score, model, bccd or DEFAULT_BCCD, int(orientations))
     click.echo(per_class_table(m))
     if json_out:
         with open(json_out, "w") as fh:
