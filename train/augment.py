@@ -29,19 +29,18 @@ from bmc.contract import Contract, normalise_stain, prepare, to_rgb, _INTERPOLAT
 
 @dataclasses.dataclass(frozen=True)
 class AugmentConfig:
-    scale_jitter: float = 0.2  # crop side x U(1-s, 1+s): objectives, cameras, the finder's estimate
+    scale_jitter: float = 0.15  # crop side x U(1-s, 1+s)
     shift: float = 0.06  # crop centre offset, fraction of the crop side
     p_edge: float = 0.15  # a cell at the field's edge: one side of the crop filled flat
     edge_fraction: tuple[float, float] = (0.05, 0.3)
     p_stain: float = 0.8
     stain_density: tuple[float, float] = (0.4, 1.3)  # optical density x U(lo, hi), all dyes
     stain_channel: float = 0.15  # and x U(1-c, 1+c) per colour channel
-    hue_deg: float = 30.0  # nuclei range from blue (Wright, BCCD) to violet (MGG, CellaVision)
-    saturation: tuple[float, float] = (0.4, 1.4)
-    p_gray: float = 0.15  # now and then no colour at all: nuclear shape has to carry the class
+    hue_deg: float = 22.0
+    saturation: tuple[float, float] = (0.5, 1.35)
     brightness: float = 0.15
     contrast: tuple[float, float] = (0.5, 1.25)
-    channel_gain: float = 0.2
+    channel_gain: float = 0.12
     gamma: tuple[float, float] = (0.75, 1.35)
     p_blur: float = 0.6
     blur_sigma: tuple[float, float] = (0.4, 3.0)
@@ -55,8 +54,8 @@ class AugmentConfig:
 
 # The first view of every training image: geometry and a touch of colour only, so that the model
 # also sees cells as the training microscope shows them.
-LIGHT = AugmentConfig(scale_jitter=0.15, p_edge=0.0, p_stain=0.0, hue_deg=3.0, saturation=(0.9, 1.1),
-                      p_gray=0.0, brightness=0.05, contrast=(0.9, 1.1), channel_gain=0.03, gamma=(0.95, 1.05), p_blur=0.0, p_lowres=0.0, p_noise=0.0,
+LIGHT = AugmentConfig(p_edge=0.0, p_stain=0.0, hue_deg=3.0, saturation=(0.9, 1.1), brightness=0.05, contrast=(0.9, 1.1),
+                      channel_gain=0.03, gamma=(0.95, 1.05), p_blur=0.0, p_lowres=0.0, p_noise=0.0,
                       p_jpeg=0.0)
 
 
@@ -104,10 +103,7 @@ def colour_jitter(rgb: np.ndarray, cfg: AugmentConfig, rng: np.random.Generator)
     hsv = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV_FULL).astype(np.float32)
     hsv[..., 0] = (hsv[..., 0] + rng.uniform(-cfg.hue_deg, cfg.hue_deg) * 256 / 360) % 256
     hsv[..., 1] *= rng.uniform(*cfg.saturation)
-    out = cv2.cvtColor(np.clip(hsv, 0, 255).astype(np.uint8), cv2.COLOR_HSV2RGB_FULL)
-    if rng.random() < cfg.p_gray:
-        out = cv2.cvtColor(cv2.cvtColor(out, cv2.COLOR_RGB2GRAY), cv2.COLOR_GRAY2RGB)
-    out = out.astype(np.float32)
+    out = cv2.cvtColor(np.clip(hsv, 0, 255).astype(np.uint8), cv2.COLOR_HSV2RGB_FULL).astype(np.float32)
     out *= 1 + rng.uniform(-cfg.channel_gain, cfg.channel_gain, size=3)
     mean = out.mean()
     out = (out - mean) * rng.uniform(*cfg.contrast) + mean * (1 + rng.uniform(-cfg.brightness, cfg.brightness))
