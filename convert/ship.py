@@ -60,7 +60,9 @@ def _readme(name, report, metrics, config, reproduce, extra, contract) -> str:
     if contract:
         lines += [f"Preprocessing contract: {contract.input_size}x{contract.input_size} RGB, centre crop "
                   f"{contract.crop_fraction} of the shorter side, `{contract.interpolation}` resize, "
-                  f"normalisation inside the model; a cell spans {contract.cell_fraction:.3f} of the crop.", ""]
+                  f"stain normalisation `{contract.stain_norm}` (the crop's luminance stretched to the full range, "
+                  f"applied identically in training and on the device), normalisation to the backbone's range "
+                  f"inside the model; a cell spans {contract.cell_fraction:.3f} of the crop.", ""]
     if metrics:
         from train.metrics import per_class_table
 
@@ -76,7 +78,7 @@ def _readme(name, report, metrics, config, reproduce, extra, contract) -> str:
         train_cmd = (f"bmc train {config['data']} --out {config['out']} --backbone {config['backbone']} "
                      f"--views {config['views']} --fine-tune-from {config['fine_tune_from']} "
                      f"--fine-tune-epochs {config['fine_tune_epochs']} --head-epochs {config['head_epochs']} "
-                     f"--seed {config['seed']}")
+                     f"--stain-norm {config.get('stain_norm', 'none')} --seed {config['seed']}")
         reproduce = train_cmd + "\n" + (reproduce or "")
     if reproduce:
         lines += ["## Reproduce", "", "From the repository root, with the data beside it (`../shared/data`):", "",
