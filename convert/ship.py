@@ -60,9 +60,10 @@ def _readme(name, report, metrics, config, reproduce, extra, contract) -> str:
     if contract:
         lines += [f"Preprocessing contract: {contract.input_size}x{contract.input_size} RGB, centre crop "
                   f"{contract.crop_fraction} of the shorter side, `{contract.interpolation}` resize, "
-                  f"stain normalisation `{contract.stain_norm}` (the crop's luminance stretched to the full range, "
-                  f"applied identically in training and on the device), normalisation to the backbone's range "
-                  f"inside the model; a cell spans {contract.cell_fraction:.3f} of the crop.", ""]
+                  + ("stain normalisation `stretch` (the crop's luminance stretched to the full range, applied "
+                     "identically in training and on the device), " if contract.stain_norm == "stretch" else "")
+                  + f"normalisation to the backbone's range inside the model; a cell spans "
+                  f"{contract.cell_fraction:.3f} of the crop.", ""]
     if metrics:
         from train.metrics import per_class_table
 
