@@ -70,8 +70,20 @@ def _readme(name, report, metrics, config, reproduce, extra, contract) -> str:
         lines += ["## Float model on its held-out test split", "",
                   f"Training: `{config.get('backbone')}`, mode `{config.get('mode')}`, fine-tuned from "
                   f"`{config.get('fine_tune_from')}`, {config.get('views')} augmented views per image, seed "
-                  f"{config.get('seed')}; {metrics.get('train_seconds', 0) / 60:.0f} min on the training machine.", "",
+                  f"{config.get('seed')}; {metrics.get('train_seconds', 0) / 60:.0f} min for the whole `bmc train` "
+                  f"run on the training machine. The split (stratified, duplicates grouped) is "
+                  f"`{name}_test_split.csv` here: its {metrics.get('n', 0):,} test images were never seen in "
+                  f"training or model selection.", "",
                   per_class_table(metrics), ""]
+        if metrics.get("confusion_matrix"):
+            labels = metrics.get("confusion_labels") or (list(contract.labels) if contract else [])
+            lines += ["Confusion matrix of the float model on the test split (rows: true class, columns: "
+                      "predicted):", "",
+                      "| true \\ predicted | " + " | ".join(labels) + " |",
+                      "|---|" + "---:|" * len(labels)]
+            lines += [f"| {lab} | " + " | ".join(str(int(v)) for v in row) + " |"
+                      for lab, row in zip(labels, metrics["confusion_matrix"])]
+            lines += [""]
     lines += ["## Validation gate (TFLite variants against the float model)", "", report_markdown(report), ""]
     if extra:
         lines += [extra, ""]
