@@ -77,15 +77,14 @@ def field_edge(rgb: np.ndarray, cfg: AugmentConfig, rng: np.random.Generator) ->
         return rgb
     side = rgb.shape[0]
     k = max(1, int(side * rng.uniform(*cfg.edge_fraction)))
+    at_start = int(rng.integers(2)) == 0  # the field ends at the top / left (else bottom / right)
+    band = slice(0, k) if at_start else slice(side - k, side)
+    rest = slice(k, None) if at_start else slice(None, side - k)
     out = rgb.copy()
-    keep = [slice(k, None), slice(None, -k)][int(rng.integers(2))]
-    if rng.random() < 0.5:
-        fill = np.median(rgb[keep], axis=(0, 1))
-        region = (slice(0, k) if keep.start else slice(side - k, side), slice(None))
+    if rng.random() < 0.5:  # a horizontal band
+        out[band] = np.median(rgb[rest], axis=(0, 1)).astype(np.uint8)
     else:
-        fill = np.median(rgb[:, keep], axis=(0, 1))
-        region = (slice(None), slice(0, k) if keep.start else slice(side - k, side))
-    out[region] = fill.astype(np.uint8)
+        out[:, band] = np.median(rgb[:, rest], axis=(0, 1)).astype(np.uint8)
     return out
 
 
