@@ -81,6 +81,7 @@ class EdgeSession:
         self.tracker = CellTracker()
         self.store = SessionStore(out_dir, self.source_name, classifier.path.name, classifier.sha256,
                                   classifier.labels, {"mode": config.mode, "target": config.target,
+                                                      "orientations": classifier.orientations,
                                                       "finder": dataclasses.asdict(config.finder),
                                                       "review": dataclasses.asdict(config.review)},
                                   save_crops=config.save_crops)

@@ -56,7 +56,8 @@ def build_report(out_dir: str | Path) -> Path:
     sess = "".join(
         f"<tr><td>{s['id']}</td><td>{esc(s['started'])}</td><td>{esc(s['ended'] or '—')}</td>"
         f"<td>{esc(s['status'])}</td><td>{esc(s['source'])}</td><td>{esc(s['model_file'])}<br>"
-        f"<code>{esc(s['model_sha256'][:16])}…</code></td><td>{esc(s['device'])}</td></tr>" for s in sessions)
+        f"<code>{esc(s['model_sha256'][:16])}…</code>{_orientations(s)}</td><td>{esc(s['device'])}</td></tr>"
+        for s in sessions)
     review = "".join(
         f"<figure>{_img(out_dir / c['crop']) if c['crop'] else ''}<figcaption>{esc(c['label'])} "
         f"{c['confidence']:.2f}<br>{esc(c['flag'])}<br>{esc(c['source'])} #{c['frame']}</figcaption></figure>"
@@ -93,3 +94,12 @@ figcaption{{overflow-wrap:anywhere;line-height:1.2}}
     out = out_dir / "report.html"
     out.write_text(doc)
     return out
+
+
+def _orientations(session) -> str:
+    """How the session's cells were classified, from its recorded config (older sessions: not recorded)."""
+    try:
+        n = json.loads(session["config"] or "{}").get("orientations")
+    except (ValueError, TypeError, IndexError, KeyError):
+        return ""
+    return f"<br>each cell in {int(n)} orientation{'s' if int(n) != 1 else ''}, averaged" if n else ""

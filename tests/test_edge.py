@@ -65,10 +65,11 @@ def test_run_writes_database_csv_and_crops(fields, tmp_path):
 
 def test_report_is_self_contained_html(fields, tmp_path):
     out = tmp_path / "s"
-    bmc("edge", "run", fields, "--out", out, "--headless")
+    bmc("edge", "run", fields, "--out", out, "--headless", "--orientations", "2")
     bmc("edge", "report", out)
     page = (out / "report.html").read_text()
     assert "Differential count" in page and "data:image/jpeg;base64," in page
+    assert "each cell in 2 orientations, averaged" in page  # how the count was made travels with it
     for bad in ("http://", "https://", "<script", "src=\"/", "src='/"):
         assert bad not in page
 
