@@ -43,18 +43,15 @@ def bccd_cells(root, contract):
 
 
 def score(model_path, bccd=DEFAULT_BCCD, orientations: int = 1) -> dict:
-    from edge_app.model import oriented
+    from edge_app.model import predict_oriented
     from train.evaluate import load_classifier
     from train.metrics import classification_metrics
 
     clf, contract = load_classifier(model_path)
     xs, names = bccd_cells(bccd, contract)
     index = {l: i for i, l in enumerate(contract.labels)}
-
-    def predict(batch):
-        return clf.predict(oriented(batch, orientations)).reshape(orientations, len(batch), -1).mean(axis=0)
-
-    probs = np.concatenate([predict(xs[i:i + 32]) for i in range(0, len(xs), 32)])
+    probs = np.concatenate([predict_oriented(clf.predict, xs[i:i + 32], orientations)
+                            for i in range(0, len(xs), 32)])
     m = classification_metrics(np.array([index[n] for n in names]), probs, list(contract.labels))
     m["model"] = str(model_path)
     m["orientations"] = orientations

@@ -47,6 +47,11 @@ def _guard(fn, *args, **kwargs):
         raise
 
 
+def _write_json(path, obj) -> None:
+    with open(path, "w") as fh:
+        json.dump(obj, fh, indent=2)
+
+
 @click.group()
 @click.version_option(package_name="bmc-edge")
 def main():
@@ -71,8 +76,7 @@ def data_check(data_dir, label_from, manifest, json_out):
     report = _guard(check, data_dir, label_from, manifest)
     click.echo(report.table())
     if json_out:
-        with open(json_out, "w") as fh:
-            json.dump(report.to_dict(), fh, indent=2)
+        _write_json(json_out, report.to_dict())
 
 
 @main.command("train")
@@ -120,8 +124,7 @@ def evaluate_cmd(model, data_dir, json_out):
     m = _guard(evaluate, model, data_dir)
     click.echo(per_class_table(m))
     if json_out:
-        with open(json_out, "w") as fh:
-            json.dump(m, fh, indent=2)
+        _write_json(json_out, m)
 
 
 @main.command("convert")
@@ -189,23 +192,16 @@ def edge_run(source, model, out_dir, mode, target, threads, headless, max_frames
     pipeline, a video, an image folder or glob, or one image."""
     import os
 
-    from edge_app.app import EdgeSession, SessionConfig
+    from edge_app.app import EdgeSession, SessionConfig, has_display
     from edge_app.model import DEFAULT_MODEL, CellClassifier
     from edge_app.sources import SourceError
 
     from edge_app.backends import BackendError
 
-    if not headless and _has_display():
-        from edge_app.app import NO_GUI_HINT, opencv_gui
-
-        if not opencv_gui():
-            click.echo(f"no live window: {NO_GUI_HINT}; continuing headless")
-            headless = True
-
     def go():
         clf = CellClassifier(model or DEFAULT_MODEL, threads=threads or os.cpu_count(),
                              orientations=int(orientations))
-        cfg = SessionConfig(mode=mode, target=target, headless=headless or not _has_display(),
+        cfg = SessionConfig(mode=mode, target=target, headless=headless or not has_display(),
                             save_crops=not no_crops, cell_diameter_px=cell_diameter, max_frames=max_frames)
         return EdgeSession(source, clf, out_dir, cfg, echo=click.echo).run()
 
@@ -270,12 +266,6 @@ def edge_doctor(config_path):
     click.echo("  all good")
 
 
-def _has_display() -> bool:
-    import os
-
-    return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
-
-
 @edge.command("report")
 @click.argument("out_dir", type=click.Path(file_okay=False))
 def edge_report(out_dir):
@@ -307,8 +297,7 @@ def bench_generalisation(model, bccd, json_out, orientations):
     m = _guard(score, model, bccd or DEFAULT_BCCD, int(orientations))
     click.echo(per_class_table(m))
     if json_out:
-        with open(json_out, "w") as fh:
-            json.dump(m, fh, indent=2)
+        _write_json(json_out, m)
 
 
 @bench.command("latency")
@@ -341,8 +330,7 @@ def bench_latency(models, threads, thread_sweep, runs, baseline_keras, json_out,
     if not no_record:
         results.append("latency", res["rows"], res["machine"])
     if json_out:
-        with open(json_out, "w") as fh:
-            json.dump(res, fh, indent=2)
+        _write_json(json_out, res)
 
 
 @bench.command("edge")
@@ -356,13 +344,12 @@ def bench_edge(source, model, threads, orientations, json_out, no_record):
     """Frames/s, cells/s and per-stage time of the real edge pipeline, headless."""
     from benchmarks import pipeline, results
 
-    res = _guard(pipeline.run, source, model, threads, True, int(orientations))
+    res = _guard(pipeline.run, source, model, threads, orientations=int(orientations))
     click.echo(pipeline.markdown(res))
     if not no_record:
         results.append("edge", [{k: v for k, v in res.items() if k != "machine"}], res["machine"])
     if json_out:
-        with open(json_out, "w") as fh:
-            json.dump(res, fh, indent=2)
+        _write_json(json_out, res)
 
 
 @bench.command("bccd")
@@ -386,8 +373,7 @@ def bench_bccd(bccd, model, orientations, json_out):
                f"{c['accuracy']:.4f}, balanced accuracy {c['balanced_accuracy']:.4f}; recall "
                + ", ".join(f"{k} {v:.2f}" for k, v in c["recall"].items()))
     if json_out:
-        with open(json_out, "w") as fh:
-            json.dump({"finding": f, "classification": c}, fh, indent=2)
+        _write_json(json_out, {"finding": f, "classification": c})
 
 
 @bench.command("compare")
@@ -405,8 +391,7 @@ def bench_compare(items, data, runs, threads, plot, json_out):
     click.echo(compare.markdown(res))
     results.append("compare", res["rows"], res["machine"])
     if json_out:
-        with open(json_out, "w") as fh:
-            json.dump(res, fh, indent=2)
+        _write_json(json_out, res)
 
 
 @bench.command("energy")
@@ -457,8 +442,7 @@ def bench_energy(model, meter, runs, idle_s, threads, json_out):
     click.echo(f"{r['meter']}: idle {r['idle_w']:.2f} W, {r['avg_w']:.2f} W while running; "
                f"{1000 * r['joules_per_inference']:.2f} mJ per inference above idle ({runs} inferences)")
     if json_out:
-        with open(json_out, "w") as fh:
-            json.dump(r, fh, indent=2)
+        _write_json(json_out, r)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import signal
 import sys
 import time
@@ -88,6 +89,9 @@ class EdgeSession:
         self.result = SessionResult()
         self._stop = False
         self._window = None
+        if not config.headless and not opencv_gui():
+            self.echo(f"no live window: {NO_GUI_HINT}; continuing headless")
+            self.cfg.headless = True
 
     # -- one frame --------------------------------------------------------------------------
     def _cells_of(self, image: np.ndarray) -> tuple[list[Box], list[np.ndarray]]:
@@ -222,6 +226,11 @@ class EdgeSession:
         elif key == ord(" "):
             while (cv2.waitKey(50) & 0xFF) not in (ord(" "), ord("q")):
                 pass
+
+
+def has_display() -> bool:
+    """An X11 or Wayland screen this process may draw on."""
+    return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
 
 
 def opencv_gui() -> str:

@@ -39,6 +39,12 @@ def oriented(batch: np.ndarray, n: int) -> np.ndarray:
     return np.ascontiguousarray(np.concatenate(views))
 
 
+def predict_oriented(predict, batch: np.ndarray, n: int) -> np.ndarray:
+    """``predict`` (model inputs → probabilities) on ``n`` orientations of each input, in one call,
+    averaged back to one row per input."""
+    return predict(oriented(batch, n)).reshape(n, len(batch), -1).mean(axis=0)
+
+
 class CellClassifier:
     def __init__(self, path: str | Path = DEFAULT_MODEL, threads: int | None = None, backend: str = "litert",
                  require_deployable: bool = True, orientations: int = DEFAULT_ORIENTATIONS):
@@ -64,8 +70,6 @@ class CellClassifier:
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         """Probabilities for preprocessed model inputs, averaged over the classifier's orientations."""
-        n = len(batch)
-        if n == 0:
+        if len(batch) == 0:
             return np.zeros((0, len(self.labels)), np.float32)
-        probs = self.backend.predict(oriented(batch, self.orientations))
-        return probs.reshape(self.orientations, n, -1).mean(axis=0)
+        return predict_oriented(self.backend.predict, batch, self.orientations)

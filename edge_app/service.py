@@ -185,9 +185,9 @@ def doctor(cfg=None, config_path: str | None = None) -> tuple[list[str], list[st
 
     meters = find_meters()
     have.append("power meters: " + (", ".join(m.name for m in meters) if meters else "none"))
-    from edge_app.app import opencv_gui
+    from edge_app.app import has_display, opencv_gui
 
-    screen = bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
+    screen = has_display()
     gui = opencv_gui()
     have.append("display: " + ("yes" if screen else "none (headless)") + "; OpenCV window toolkit: "
                 + (gui or "none (headless build)"))

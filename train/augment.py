@@ -54,9 +54,9 @@ class AugmentConfig:
 
 # The first view of every training image: geometry and a touch of colour only, so that the model
 # also sees cells as the training microscope shows them.
-LIGHT = AugmentConfig(p_edge=0.0, p_stain=0.0, hue_deg=3.0, saturation=(0.9, 1.1), brightness=0.05, contrast=(0.9, 1.1),
-                      channel_gain=0.03, gamma=(0.95, 1.05), p_blur=0.0, p_lowres=0.0, p_noise=0.0,
-                      p_jpeg=0.0)
+LIGHT = AugmentConfig(p_edge=0.0, p_stain=0.0, hue_deg=3.0, saturation=(0.9, 1.1), brightness=0.05,
+                      contrast=(0.9, 1.1), channel_gain=0.03, gamma=(0.95, 1.05), p_blur=0.0, p_lowres=0.0,
+                      p_noise=0.0, p_jpeg=0.0)
 
 
 def _crop(rgb: np.ndarray, contract: Contract, cfg: AugmentConfig, rng: np.random.Generator) -> np.ndarray:

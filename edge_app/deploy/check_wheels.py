@@ -31,6 +31,8 @@ try:
 except ImportError:  # pragma: no cover
     import tomli as tomllib  # type: ignore[no-redef]
 
+from slim import size_bytes, slim  # the script beside this one (run as a script, its folder is on the path)
+
 ROOT = Path(__file__).resolve().parents[2]
 # (board / OS, Python, glibc of that OS)
 TARGETS = [
@@ -85,10 +87,6 @@ def resolve(python: str, glibc: int, reqs: list[str]) -> dict:
 BUDGET_MB = 200.0
 
 
-def _tree_mb(path: Path) -> float:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink()) / 1e6
-
-
 def own_wheel(dest: Path) -> Path:
     """This checkout built as a wheel (pure Python + the shipped models)."""
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--disable-pip-version-check",
@@ -103,7 +101,7 @@ def pip_mb() -> float:
     with tempfile.TemporaryDirectory() as d:
         venv.create(d, with_pip=True)
         site = next(Path(d).glob("lib/python3*/site-packages"))
-        return sum(_tree_mb(p) for p in site.iterdir() if p.name.lower().startswith("pip"))
+        return sum(size_bytes(p) for p in site.iterdir() if p.name.lower().startswith("pip")) / 1e6
 
 
 def installed_size(python: str, glibc: int, wheel: Path) -> dict:
@@ -118,12 +116,10 @@ def installed_size(python: str, glibc: int, wheel: Path) -> dict:
         p = subprocess.run(cmd + [f"{wheel}[edge]"], capture_output=True, text=True, timeout=1800)
         if p.returncode != 0:
             return {"ok": False, "error": p.stderr.strip()[-2000:]}
-        from slim import slim
-
         freed = sum(mb for _, mb, _ in slim(target))
         parts: dict[str, float] = {}
         for entry in target.iterdir():
-            mb = _tree_mb(entry) if entry.is_dir() else entry.stat().st_size / 1e6
+            mb = size_bytes(entry) / 1e6
             key = entry.name.split("-")[0].split(".libs")[0].lower() if entry.name.endswith((".dist-info", ".libs")) \
                 else entry.name.lower()
             parts[key] = parts.get(key, 0.0) + mb

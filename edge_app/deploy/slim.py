@@ -25,7 +25,8 @@ RULES = [
 ]
 
 
-def _size(p: Path) -> int:
+def size_bytes(p: Path) -> int:
+    """Bytes of a file, or of the regular files under a folder (links not followed)."""
     if p.is_dir():
         return sum(f.stat().st_size for f in p.rglob("*") if f.is_file() and not f.is_symlink())
     return p.stat().st_size
@@ -41,7 +42,7 @@ def slim(site_packages: str | Path, dry_run: bool = False) -> list[tuple[str, fl
         for p in sorted(site.glob(pattern)):
             if not p.exists():  # inside a folder an earlier match removed
                 continue
-            removed.append((str(p.relative_to(site)), _size(p) / 1e6, why))
+            removed.append((str(p.relative_to(site)), size_bytes(p) / 1e6, why))
             if not dry_run:
                 shutil.rmtree(p) if p.is_dir() else p.unlink()
     return removed
