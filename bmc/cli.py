@@ -289,12 +289,14 @@ def bench():
 @click.option("--json", "json_out", type=click.Path(dir_okay=False))
 @click.option("--orientations", type=click.Choice(["1", "2", "4", "8"]), default="1", show_default=True,
               help="average over this many rotations / mirror images of each cell, as the edge app does")
-def bench_generalisation(model, bccd, json_out, orientations):
+@click.option("--scale", default=1.0, show_default=True,
+              help="diagnostic: cut each cell at this multiple of the measured scale")
+def bench_generalisation(model, bccd, json_out, orientations, scale):
     """Accuracy of MODEL on white cells of another microscope (BCCD fields, cut at the trained scale)."""
     from benchmarks.generalisation import DEFAULT_BCCD, score
     from train.metrics import per_class_table
 
-    m = _guard(score, model, bccd or DEFAULT_BCCD, int(orientations))
+    m = _guard(score, model, bccd or DEFAULT_BCCD, int(orientations), scale)
     click.echo(per_class_table(m))
     if json_out:
         _write_json(json_out, m)
