@@ -14,7 +14,9 @@ Stain variation is modelled physically as well as photographically: in optical d
 (Beer–Lambert, ``OD = -log(I / I0)``) a lighter or darker stain scales the density of each dye,
 which is how a pale smear from another laboratory differs from a CellaVision image (a washed-out
 lilac nucleus rather than a dark purple one), and what a hue shift or a contrast change alone
-does not reproduce.
+does not reproduce; and a random linear map of the densities (:func:`stain_mix`) turns each dye's
+colour on its own (bluer nuclei with more orange red cells, as in a Wright-stained smear under
+a cooler lamp), which a global hue rotation cannot.
 """
 
 from __future__ import annotations
@@ -36,6 +38,9 @@ class AugmentConfig:
     p_stain: float = 0.8
     stain_density: tuple[float, float] = (0.4, 1.3)  # optical density x U(lo, hi), all dyes
     stain_channel: float = 0.15  # and x U(1-c, 1+c) per colour channel
+    p_mix: float = 0.5
+    stain_mix: float = 0.2  # OD' = (I + E) OD, E ~ U(-m, m): each dye's colour shifts on its own
+    illuminant: tuple[float, float] = (0.82, 1.0)  # background brightness per channel (lamp colour)
     hue_deg: float = 22.0
     saturation: tuple[float, float] = (0.5, 1.35)
     brightness: float = 0.15
@@ -54,7 +59,7 @@ class AugmentConfig:
 
 # The first view of every training image: geometry and a touch of colour only, so that the model
 # also sees cells as the training microscope shows them.
-LIGHT = AugmentConfig(p_edge=0.0, p_stain=0.0, hue_deg=3.0, saturation=(0.9, 1.1), brightness=0.05,
+LIGHT = AugmentConfig(p_edge=0.0, p_stain=0.0, p_mix=0.0, hue_deg=3.0, saturation=(0.9, 1.1), brightness=0.05,
                       contrast=(0.9, 1.1), channel_gain=0.03, gamma=(0.95, 1.05), p_blur=0.0, p_lowres=0.0,
                       p_noise=0.0, p_jpeg=0.0)
 
@@ -95,6 +100,24 @@ def stain_jitter(rgb: np.ndarray, cfg: AugmentConfig, rng: np.random.Generator) 
     od = -np.log((rgb.astype(np.float32) + 1.0) / 256.0)
     od *= rng.uniform(*cfg.stain_density) * rng.uniform(1 - cfg.stain_channel, 1 + cfg.stain_channel, size=3)
     return np.clip(256.0 * np.exp(-od) - 1.0, 0, 255).astype(np.uint8)
+
+
+def stain_mix(rgb: np.ndarray, cfg: AugmentConfig, rng: np.random.Generator) -> np.ndarray:
+    """Another laboratory's dyes and lamp: a random linear map of the optical densities.
+
+    Between May-Grünwald-Giemsa and Wright stains, staining times and buffers, each dye's colour
+    moves on its own (nuclei bluer while red cells turn orange), which neither a global hue shift
+    nor a density scale reproduces: ``OD' = (I + E) OD`` with ``E`` uniform in ``±stain_mix``
+    mixes the channels' densities, so every dye's colour vector turns and stretches differently.
+    The background (lamp colour, white balance) is then rescaled per channel.
+    """
+    if rng.random() >= cfg.p_mix:
+        return rgb
+    od = -np.log((rgb.astype(np.float32) + 1.0) / 256.0)
+    mix = np.eye(3, dtype=np.float32) + rng.uniform(-cfg.stain_mix, cfg.stain_mix, size=(3, 3)).astype(np.float32)
+    od = np.maximum(od @ mix.T, 0.0)
+    lamp = 256.0 * rng.uniform(*cfg.illuminant, size=3).astype(np.float32)
+    return np.clip(lamp * np.exp(-od) - 1.0, 0, 255).astype(np.uint8)
 
 
 def colour_jitter(rgb: np.ndarray, cfg: AugmentConfig, rng: np.random.Generator) -> np.ndarray:
@@ -142,7 +165,7 @@ def augmented_view(image: np.ndarray, contract: Contract, rng: np.random.Generat
     if rng.random() < 0.5:
         rgb = rgb[:, ::-1]
     rgb = np.ascontiguousarray(rgb)
-    rgb = colour_jitter(stain_jitter(field_edge(rgb, cfg, rng), cfg, rng), cfg, rng)
+    rgb = colour_jitter(stain_mix(stain_jitter(field_edge(rgb, cfg, rng), cfg, rng), cfg, rng), cfg, rng)
     return normalise_stain(degrade(rgb, cfg, rng), contract.stain_norm)
 
 
