@@ -7,7 +7,13 @@ trained scale with the session's median cell diameter (:class:`edge_app.cells.Se
 the way the edge app cuts the cells it finds. Balanced accuracy is the headline: BCCD is 60%
 neutrophils.
 
-    python -m benchmarks.generalisation MODEL [--bccd DIR] [--json OUT]
+``--matek DIR`` scores the Munich bone-marrow cells instead (Matek et al. 2021, the seed's data
+set; another laboratory, scanner and a marrow rather than a blood smear): the cells whose class
+code has a PBC counterpart, each found in its 250 px crop and cut at the trained scale with the
+set's median cell diameter. The public samples are few (about 30 such cells): a sanity check of
+the domain the product is for, not a benchmark to compare models on.
+
+    python -m benchmarks.generalisation MODEL [--bccd DIR | --matek DIR] [--json OUT]
 """
 
 from __future__ import annotations
@@ -19,10 +25,17 @@ import numpy as np
 
 from benchmarks.bccd import single_cell_fields
 from bmc.contract import preprocess, read_image
-from edge_app.cells import SessionScale, crop_cell
+from edge_app.cells import Box, SessionScale, crop_cell
 from edge_app.detect import find_cells
 
 DEFAULT_BCCD = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "bccd"
+
+# Matek / Kaggle bone-marrow class codes → PBC labels (codes without a PBC class are left out:
+# blasts, plasma cells, proerythroblasts, artefacts, ...). PBC's "neutrophil" holds bands and
+# segmented cells; its "ig" promyelocytes, myelocytes and metamyelocytes.
+MATEK_TO_LABEL = {"NGS": "neutrophil", "NGB": "neutrophil", "EOS": "eosinophil", "BAS": "basophil",
+                  "LYT": "lymphocyte", "MON": "monocyte", "EBO": "erythroblast",
+                  "PMO": "ig", "MYB": "ig", "MMZ": "ig"}
 
 
 def bccd_cells(root, contract):
@@ -42,7 +55,31 @@ def bccd_cells(root, contract):
     return np.stack(xs), [label for _, _, label in picked]
 
 
-def score(model_path, bccd=DEFAULT_BCCD, orientations: int = 1, scale: float = 1.0) -> dict:
+def matek_cells(root, contract):
+    """(model inputs, label names) of the Munich cells with a PBC class, at the trained scale.
+
+    Each crop is one centred cell: the cell finder's box near the centre where it finds one (its
+    rule is relative to the field, and a cell that fills the crop can hide from it), else the
+    centre; all cut at the set's median diameter of the cells found."""
+    root = Path(root)
+    scale = SessionScale()
+    picked = []
+    for code, label in MATEK_TO_LABEL.items():
+        for path in sorted((root / code).rglob("*.jpg")) if (root / code).is_dir() else []:
+            img = read_image(str(path))
+            h, w = img.shape[:2]
+            near = [c for c in find_cells(img) if abs(c.centre[0] - w / 2) < 0.2 * w and abs(c.centre[1] - h / 2) < 0.2 * h]
+            if near:
+                scale.observe([max(near, key=lambda c: c.nucleus_area).box.diameter])
+            picked.append((img, Box(w // 2, h // 2, 0, 0), label))
+    if not picked or scale.diameter is None:
+        raise ValueError(f"{root}: no Matek cell with a PBC class found (expected CODE/*.jpg folders)")
+    xs = [preprocess(crop_cell(img, scale.box_for(box), contract), contract, "BGR", crop=False)
+          for img, box, _ in picked]
+    return np.stack(xs), [label for _, _, label in picked]
+
+
+def score(model_path, bccd=DEFAULT_BCCD, orientations: int = 1, scale: float = 1.0, matek=None) -> dict:
     """Metrics of the model on the BCCD white cells. ``scale`` != 1 cuts every cell ``scale`` times
     the measured scale (a diagnostic: is the cell scale what separates the two microscopes?)."""
     from edge_app.model import predict_oriented
@@ -53,7 +90,7 @@ def score(model_path, bccd=DEFAULT_BCCD, orientations: int = 1, scale: float = 1
 
     clf, contract = load_classifier(model_path)
     cut = contract if scale == 1.0 else dataclasses.replace(contract, cell_fraction=contract.cell_fraction / scale)
-    xs, names = bccd_cells(bccd, cut)
+    xs, names = matek_cells(matek, cut) if matek else bccd_cells(bccd, cut)
     index = {l: i for i, l in enumerate(contract.labels)}
     probs = np.concatenate([predict_oriented(clf.predict, xs[i:i + 32], orientations)
                             for i in range(0, len(xs), 32)])
@@ -61,7 +98,8 @@ def score(model_path, bccd=DEFAULT_BCCD, orientations: int = 1, scale: float = 1
     m["model"] = str(model_path)
     m["orientations"] = orientations
     m["scale"] = scale
-    m["data"] = f"{bccd} (single-WBC fields, session-scale crops, cell_fraction {contract.cell_fraction})"
+    m["data"] = (f"{matek} (cells with a PBC class, set-scale crops" if matek else
+                 f"{bccd} (single-WBC fields, session-scale crops") + f", cell_fraction {contract.cell_fraction})"
     return m
 
 
@@ -73,11 +111,12 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model")
     ap.add_argument("--bccd", default=str(DEFAULT_BCCD))
+    ap.add_argument("--matek")
     ap.add_argument("--json")
     ap.add_argument("--orientations", type=int, default=1)
     ap.add_argument("--scale", type=float, default=1.0)
     a = ap.parse_args(argv)
-    m = score(a.model, a.bccd, a.orientations, a.scale)
+    m = score(a.model, a.bccd, a.orientations, a.scale, a.matek)
     print(per_class_table(m))
     if a.json:
         Path(a.json).write_text(json.dumps(m, indent=2))

@@ -291,12 +291,15 @@ def bench():
               help="average over this many rotations / mirror images of each cell, as the edge app does")
 @click.option("--scale", default=1.0, show_default=True,
               help="diagnostic: cut each cell at this multiple of the measured scale")
-def bench_generalisation(model, bccd, json_out, orientations, scale):
-    """Accuracy of MODEL on white cells of another microscope (BCCD fields, cut at the trained scale)."""
+@click.option("--matek", type=click.Path(file_okay=False),
+              help="score the Munich bone-marrow cells in this folder (CODE/*.jpg) instead of BCCD")
+def bench_generalisation(model, bccd, json_out, orientations, scale, matek):
+    """Accuracy of MODEL on white cells of another microscope (BCCD fields, or Munich bone-marrow
+    cells with --matek; cut at the trained scale)."""
     from benchmarks.generalisation import DEFAULT_BCCD, score
     from train.metrics import per_class_table
 
-    m = _guard(score, model, bccd or DEFAULT_BCCD, int(orientations), scale)
+    m = _guard(score, model, bccd or DEFAULT_BCCD, int(orientations), scale, matek)
     click.echo(per_class_table(m))
     if json_out:
         _write_json(json_out, m)

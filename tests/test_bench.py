@@ -71,3 +71,18 @@ def test_bccd_bench_finds_the_white_cells_and_answers_every_field(bccd, tmp_path
     assert sum(map(sum, c["confusion_matrix"])) == 339
     # another microscope: far from the in-domain 98%, but far above chance (0.25) too
     assert c["balanced_accuracy"] > 0.45, c
+
+
+def test_generalisation_on_munich_bone_marrow_cells(matek, tmp_path):
+    """Every Munich cell whose code has a PBC class is scored once, under that class; cells of
+    codes without one (blasts, plasma cells, artefacts) are left out."""
+    out = tmp_path / "matek.json"
+    p = bmc("bench", "generalisation", DEFAULT_MODEL, "--matek", matek, "--json", out)
+    m = json.loads(out.read_text())
+    folders = {"neutrophil": ["NGS", "NGB"], "eosinophil": ["EOS"], "lymphocyte": ["LYT"],
+               "monocyte": ["MON"], "erythroblast": ["EBO"], "ig": ["PMO", "MYB", "MMZ"]}
+    expected = {k: sum(len(list((matek / c).glob("*.jpg"))) for c in codes) for k, codes in folders.items()}
+    assert {k: v["support"] for k, v in m["per_class"].items() if v["support"]} == expected
+    assert m["n"] == sum(expected.values()) and "matek" in m["data"]
+    assert m["accuracy"] > 0.25  # 8 classes; a broken crop or colour order falls to chance
+    assert "balanced accuracy" in p.stdout
