@@ -29,6 +29,7 @@ from edge_app.cells import Box, SessionScale, crop_cell
 from edge_app.detect import find_cells
 
 DEFAULT_BCCD = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "bccd"
+DEFAULT_PBC = DEFAULT_BCCD.parent / "pbc"
 
 # Matek / Kaggle bone-marrow class codes → PBC labels (codes without a PBC class are left out:
 # blasts, plasma cells, proerythroblasts, artefacts, ...). PBC's "neutrophil" holds bands and
@@ -79,9 +80,12 @@ def matek_cells(root, contract):
     return np.stack(xs), [label for _, _, label in picked]
 
 
-def score(model_path, bccd=DEFAULT_BCCD, orientations: int = 1, scale: float = 1.0, matek=None) -> dict:
+def score(model_path, bccd=DEFAULT_BCCD, orientations: int = 1, scale: float = 1.0, matek=None,
+          calibrate: str = "none", reference=DEFAULT_PBC) -> dict:
     """Metrics of the model on the BCCD white cells. ``scale`` != 1 cuts every cell ``scale`` times
-    the measured scale (a diagnostic: is the cell scale what separates the two microscopes?)."""
+    the measured scale (a diagnostic: is the cell scale what separates the two microscopes?);
+    ``calibrate`` maps BCCD's stain onto the training stain of ``reference`` first
+    (:mod:`benchmarks.stain_calibration`, another diagnostic)."""
     from edge_app.model import predict_oriented
     from train.evaluate import load_classifier
     from train.metrics import classification_metrics
@@ -90,7 +94,18 @@ def score(model_path, bccd=DEFAULT_BCCD, orientations: int = 1, scale: float = 1
 
     clf, contract = load_classifier(model_path)
     cut = contract if scale == 1.0 else dataclasses.replace(contract, cell_fraction=contract.cell_fraction / scale)
-    xs, names = matek_cells(matek, cut) if matek else bccd_cells(bccd, cut)
+    if calibrate != "none":
+        from benchmarks.stain_calibration import calibrator, pooled_stats, reference_stats
+        from bmc.contract import normalise_stain
+
+        if matek:
+            raise ValueError("--calibrate is a BCCD diagnostic")
+        fields = sorted((Path(bccd) / "JPEGImages").glob("*.jpg"))
+        fix = calibrator(pooled_stats(fields), reference_stats(reference), calibrate)
+        raw, names = bccd_cells(bccd, dataclasses.replace(cut, stain_norm="none"))
+        xs = np.stack([normalise_stain(fix(x.astype(np.uint8)), contract.stain_norm) for x in raw]).astype(np.float32)
+    else:
+        xs, names = matek_cells(matek, cut) if matek else bccd_cells(bccd, cut)
     index = {l: i for i, l in enumerate(contract.labels)}
     probs = np.concatenate([predict_oriented(clf.predict, xs[i:i + 32], orientations)
                             for i in range(0, len(xs), 32)])
@@ -98,6 +113,7 @@ def score(model_path, bccd=DEFAULT_BCCD, orientations: int = 1, scale: float = 1
     m["model"] = str(model_path)
     m["orientations"] = orientations
     m["scale"] = scale
+    m["calibrate"] = calibrate
     m["data"] = (f"{matek} (cells with a PBC class, set-scale crops" if matek else
                  f"{bccd} (single-WBC fields, session-scale crops") + f", cell_fraction {contract.cell_fraction})"
     return m
@@ -112,11 +128,12 @@ def main(argv=None):
     ap.add_argument("model")
     ap.add_argument("--bccd", default=str(DEFAULT_BCCD))
     ap.add_argument("--matek")
+    ap.add_argument("--calibrate", default="none", choices=("none", "white", "stains"))
     ap.add_argument("--json")
     ap.add_argument("--orientations", type=int, default=1)
     ap.add_argument("--scale", type=float, default=1.0)
     a = ap.parse_args(argv)
-    m = score(a.model, a.bccd, a.orientations, a.scale, a.matek)
+    m = score(a.model, a.bccd, a.orientations, a.scale, a.matek, a.calibrate)
     print(per_class_table(m))
     if a.json:
         Path(a.json).write_text(json.dumps(m, indent=2))

@@ -293,13 +293,18 @@ def bench():
               help="diagnostic: cut each cell at this multiple of the measured scale")
 @click.option("--matek", type=click.Path(file_okay=False),
               help="score the Munich bone-marrow cells in this folder (CODE/*.jpg) instead of BCCD")
-def bench_generalisation(model, bccd, json_out, orientations, scale, matek):
+@click.option("--calibrate", type=click.Choice(["none", "white", "stains"]), default="none", show_default=True,
+              help="diagnostic: map BCCD's stain onto the training stain (--reference) before classifying")
+@click.option("--reference", type=click.Path(file_okay=False),
+              help="class folders of the training images, for --calibrate (default ../shared/data/pbc)")
+def bench_generalisation(model, bccd, json_out, orientations, scale, matek, calibrate, reference):
     """Accuracy of MODEL on white cells of another microscope (BCCD fields, or Munich bone-marrow
     cells with --matek; cut at the trained scale)."""
-    from benchmarks.generalisation import DEFAULT_BCCD, score
+    from benchmarks.generalisation import DEFAULT_BCCD, DEFAULT_PBC, score
     from train.metrics import per_class_table
 
-    m = _guard(score, model, bccd or DEFAULT_BCCD, int(orientations), scale, matek)
+    m = _guard(score, model, bccd or DEFAULT_BCCD, int(orientations), scale, matek, calibrate,
+               reference or DEFAULT_PBC)
     click.echo(per_class_table(m))
     if json_out:
         _write_json(json_out, m)

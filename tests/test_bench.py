@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import json
 
+import numpy as np
+
 from benchmarks.compare import pareto
 from benchmarks.results import append
 from conftest import bmc
@@ -86,3 +88,24 @@ def test_generalisation_on_munich_bone_marrow_cells(matek, tmp_path):
     assert m["n"] == sum(expected.values()) and "matek" in m["data"]
     assert m["accuracy"] > 0.25  # 8 classes; a broken crop or colour order falls to chance
     assert "balanced accuracy" in p.stdout
+
+
+def test_stain_calibration_maps_a_bccd_field_onto_the_training_stain(bccd, pbc):
+    """The diagnostic's maps do what they say on real images: ``white`` brings BCCD's lamp to
+    CellaVision's, ``stains`` also brings BCCD's nuclear stain to PBC's (within a few percent)."""
+    from benchmarks.stain_calibration import calibrator, pooled_stats, reference_stats, stain_stats
+    from bmc.contract import read_image
+
+    fields = sorted((bccd / "JPEGImages").glob("*.jpg"))[:40]
+    session, reference = pooled_stats(fields), reference_stats(pbc, n=40)
+    assert abs(session[0][2] - session[0][0]) < 15 < reference[0][0] - reference[0][2]  # bluish vs cream lamp
+    field = read_image(str(fields[0]))
+    _, raw_nucleus, _ = stain_stats(field)
+    fix = {how: calibrator(session, reference, how) for how in ("white", "stains")}
+    white = stain_stats(fix["white"](field[..., ::-1].copy())[..., ::-1].copy())
+    stains = stain_stats(fix["stains"](field[..., ::-1].copy())[..., ::-1].copy())
+    np.testing.assert_allclose(white[0], reference[0], rtol=0.05)  # the lamp, not the dyes
+    np.testing.assert_allclose(white[1], raw_nucleus, atol=0.02)
+    err = lambda od: np.linalg.norm(od - reference[1]) / np.linalg.norm(reference[1])  # noqa: E731
+    assert err(raw_nucleus) > 0.5 and err(stains[1]) < 0.5 * err(raw_nucleus)
+    assert calibrator(session, reference, "none")(field) is field
