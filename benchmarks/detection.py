@@ -43,7 +43,8 @@ def finding(bccd, cfg: FinderConfig = FinderConfig()) -> dict:
             "false_positives": fp, "missed": fn}
 
 
-def field_classification(bccd, model: str | None = None, orientations: int | None = None) -> dict:
+def field_classification(bccd, model: str | None = None, orientations: int | None = None,
+                         white_balance: bool = False) -> dict:
     from sklearn.metrics import balanced_accuracy_score, confusion_matrix
 
     from edge_app.app import EdgeSession, SessionConfig
@@ -57,7 +58,7 @@ def field_classification(bccd, model: str | None = None, orientations: int | Non
         src.mkdir()
         for f in fields:
             (src / f.image.name).symlink_to(f.image.resolve())
-        EdgeSession(str(src), clf, Path(tmp) / "s", SessionConfig(save_crops=False), echo=lambda m: None).run()
+        EdgeSession(str(src), clf, Path(tmp) / "s", SessionConfig(save_crops=False, white_balance=white_balance), echo=lambda m: None).run()
         db = sqlite3.connect(Path(tmp) / "s" / "session.sqlite")
         best = {}
         for source, label, conf in db.execute("SELECT source, label, confidence FROM cell"):
@@ -73,5 +74,6 @@ def field_classification(bccd, model: str | None = None, orientations: int | Non
             "accuracy": float(np.mean([t == p for t, p in zip(truth, pred)])),
             "balanced_accuracy": float(balanced_accuracy_score(truth, pred)),
             "recall": recall, "model": clf.path.name, "orientations": clf.orientations,
+            "white_balance": bool(white_balance and clf.contract.lamp is not None),
             "confusion_labels": classes + sorted(set(pred) - set(classes)),
             "confusion_matrix": confusion_matrix(truth, pred, labels=classes + sorted(set(pred) - set(classes))).tolist()}

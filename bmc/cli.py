@@ -186,8 +186,10 @@ def edge():
 @click.option("--no-crops", is_flag=True, help="do not save a JPEG per cell")
 @click.option("--orientations", type=click.Choice(["1", "2", "4", "8"]), default="4", show_default=True,
               help="classify each cell in this many rotations / mirror images and average")
+@click.option("--white-balance", is_flag=True,
+              help="white-balance the session onto the model's training lamp (an experiment: see benchmarks/README.md)")
 def edge_run(source, model, out_dir, mode, target, threads, headless, max_frames, cell_diameter, no_crops,
-             orientations):
+             orientations, white_balance):
     """Classify and count the cells of SOURCE: a camera index or /dev path, picamera2, a GStreamer
     pipeline, a video, an image folder or glob, or one image."""
     import os
@@ -202,7 +204,8 @@ def edge_run(source, model, out_dir, mode, target, threads, headless, max_frames
         clf = CellClassifier(model or DEFAULT_MODEL, threads=threads or os.cpu_count(),
                              orientations=int(orientations))
         cfg = SessionConfig(mode=mode, target=target, headless=headless or not has_display(),
-                            save_crops=not no_crops, cell_diameter_px=cell_diameter, max_frames=max_frames)
+                            save_crops=not no_crops, cell_diameter_px=cell_diameter, max_frames=max_frames,
+                            white_balance=white_balance)
         return EdgeSession(source, clf, out_dir, cfg, echo=click.echo).run()
 
     try:
@@ -366,8 +369,9 @@ def bench_edge(source, model, threads, orientations, json_out, no_record):
 @click.option("--bccd", type=click.Path(file_okay=False), help="BCCD folder (default ../shared/data/bccd)")
 @click.option("--model", type=click.Path(dir_okay=False))
 @click.option("--orientations", type=click.Choice(["1", "2", "4", "8"]), default="4", show_default=True)
+@click.option("--white-balance", is_flag=True, help="white-balance the session onto the model's training lamp")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False))
-def bench_bccd(bccd, model, orientations, json_out):
+def bench_bccd(bccd, model, orientations, white_balance, json_out):
     """Cell finding (recall/precision vs the WBC boxes) and field classification on BCCD."""
     from benchmarks import detection
     from benchmarks.generalisation import DEFAULT_BCCD
@@ -377,9 +381,9 @@ def bench_bccd(bccd, model, orientations, json_out):
     click.echo(f"cell finding: recall {f['recall']:.4f}, precision {f['precision']:.4f} "
                f"({f['boxes']} WBC boxes, {f['found']} cells found, {f['missed']} missed, "
                f"{f['false_positives']} outside any box)")
-    c = _guard(detection.field_classification, root, model, int(orientations))
+    c = _guard(detection.field_classification, root, model, int(orientations), white_balance)
     click.echo(f"field classification ({c['fields']} single-WBC fields, most confident white cell, "
-               f"{c['orientations']} orientations): accuracy "
+               f"{c['orientations']} orientations{', white-balanced' if c['white_balance'] else ''}): accuracy "
                f"{c['accuracy']:.4f}, balanced accuracy {c['balanced_accuracy']:.4f}; recall "
                + ", ".join(f"{k} {v:.2f}" for k, v in c["recall"].items()))
     if json_out:

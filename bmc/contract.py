@@ -51,6 +51,7 @@ class Contract:
     normalisation: str = "in-model"
     cell_fraction: float = 0.45
     stain_norm: str = "none"
+    lamp: tuple[float, float, float] | None = None  # the training images' background, RGB
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
@@ -75,6 +76,8 @@ class Contract:
             )
         if self.stain_norm not in STAIN_NORMS:
             raise ContractError(f"stain_norm must be one of {STAIN_NORMS}, got {self.stain_norm!r}")
+        if self.lamp is not None and (len(self.lamp) != 3 or not all(0 < v <= 255 for v in self.lamp)):
+            raise ContractError(f"lamp must be three RGB levels in (0, 255], got {self.lamp}")
         if self.input_size < 32:
             raise ContractError(f"input_size must be >= 32, got {self.input_size}")
 
@@ -86,6 +89,8 @@ class Contract:
         d = dataclasses.asdict(self)
         d["labels"] = list(self.labels)
         d["input_range"] = list(self.input_range)
+        if self.lamp is not None:
+            d["lamp"] = list(self.lamp)
         return d
 
     def to_json(self) -> str:
@@ -105,6 +110,8 @@ class Contract:
         kw["labels"] = tuple(kw["labels"])
         if "input_range" in kw:
             kw["input_range"] = tuple(kw["input_range"])
+        if kw.get("lamp") is not None:
+            kw["lamp"] = tuple(float(v) for v in kw["lamp"])
         return cls(**kw)
 
     @classmethod
@@ -176,6 +183,20 @@ def normalise_stain(rgb: np.ndarray, method: str) -> np.ndarray:
     if method == "stretch":
         return cv2.LUT(np.ascontiguousarray(rgb), stretch_lut(*stretch_levels(rgb)))
     raise ContractError(f"stain_norm must be one of {STAIN_NORMS}, got {method!r}")
+
+
+def lamp_of(image: np.ndarray, step: int = 4) -> np.ndarray:
+    """An image's background level per channel (in its own channel order): the 99th percentile of
+    every ``step``-th pixel — the bright plasma between the cells, lit by the lamp."""
+    sample = image[::step, ::step].reshape(-1, image.shape[2] if image.ndim == 3 else 1)
+    return np.maximum(np.percentile(sample, 99, axis=0), 1.0).astype(np.float32)
+
+
+def white_balance(image: np.ndarray, seen: np.ndarray, lamp: Sequence[float]) -> np.ndarray:
+    """``image`` (uint8, same channel order as ``seen`` and ``lamp``) with a background of ``seen``
+    brought to ``lamp``: one gain per channel, as a camera's white balance."""
+    gain = np.asarray(lamp, np.float32) / np.asarray(seen, np.float32)
+    return np.clip(image.astype(np.float32) * gain + 0.5, 0, 255).astype(np.uint8)
 
 
 def prepare(image: np.ndarray, contract: Contract, pixel_format: str = "BGR", *, crop: bool = True) -> np.ndarray:

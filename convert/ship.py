@@ -63,7 +63,9 @@ def _readme(name, report, metrics, config, reproduce, extra, contract) -> str:
                   + ("stain normalisation `stretch` (the crop's luminance stretched to the full range, applied "
                      "identically in training and on the device), " if contract.stain_norm == "stretch" else "")
                   + f"normalisation to the backbone's range inside the model; a cell spans "
-                  f"{contract.cell_fraction:.3f} of the crop.", ""]
+                  f"{contract.cell_fraction:.3f} of the crop."
+                  + (f" Training lamp (background RGB, for the device's optional white balance): "
+                     f"{' / '.join(f'{v:g}' for v in contract.lamp)}." if contract.lamp else ""), ""]
     if metrics:
         from train.metrics import per_class_table
 

@@ -22,7 +22,7 @@ import numpy as np
 
 from bmc.contract import centre_square, preprocess
 from edge_app.capture import Capture
-from edge_app.cells import Box, SessionScale, crop_cell
+from edge_app.cells import Box, SessionLamp, SessionScale, crop_cell
 from edge_app.detect import FinderConfig, find_cells
 from edge_app.differential import Differential, ReviewPolicy
 from edge_app.model import CellClassifier
@@ -41,6 +41,7 @@ class SessionConfig:
     headless: bool = True
     save_crops: bool = True
     cell_diameter_px: float | None = None  # fixed scale; None: running median of found cells
+    white_balance: bool = False  # onto the model's training lamp, where its card has one (opt-in)
     print_every_s: float = 5.0
     max_frames: int | None = None
     finder: FinderConfig = dataclasses.field(default_factory=FinderConfig)
@@ -79,10 +80,12 @@ class EdgeSession:
         self.echo = echo
         self.diff = Differential(classifier.labels, config.target, config.review)
         self.scale = SessionScale(config.cell_diameter_px)
+        self.lamp = SessionLamp(classifier.contract.lamp, config.white_balance)
         self.tracker = CellTracker()
         self.store = SessionStore(out_dir, self.source_name, classifier.path.name, classifier.sha256,
                                   classifier.labels, {"mode": config.mode, "target": config.target,
                                                       "orientations": classifier.orientations,
+                                                      "white_balance": self.lamp.active,
                                                       "finder": dataclasses.asdict(config.finder),
                                                       "review": dataclasses.asdict(config.review)},
                                   save_crops=config.save_crops)
@@ -117,7 +120,8 @@ class EdgeSession:
         boxes, crops = self._cells_of(frame.image)
         t1 = time.perf_counter()
         pf = self.source.pixel_format
-        batch = [preprocess(cr, self.clf.contract, pf, crop=False) for cr in crops]
+        self.lamp.observe(frame.image, pf)
+        batch = [preprocess(self.lamp.balance(cr, pf), self.clf.contract, pf, crop=False) for cr in crops]
         t2 = time.perf_counter()
         probs = self.clf.predict(np.stack(batch)) if batch else np.zeros((0, len(self.clf.labels)))
         t3 = time.perf_counter()

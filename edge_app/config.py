@@ -38,6 +38,7 @@ class ModelConfig:
     path: str = ""  # empty: the shipped int8 model
     threads: int = 0  # 0: all cores
     orientations: int = 4  # 1, 2, 4 or 8 views of each cell, probabilities averaged
+    white_balance: bool = False  # onto the model's training lamp (card 'lamp'); an experiment
 
 
 @dataclasses.dataclass

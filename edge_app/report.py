@@ -99,7 +99,11 @@ figcaption{{overflow-wrap:anywhere;line-height:1.2}}
 def _orientations(session) -> str:
     """How the session's cells were classified, from its recorded config (older sessions: not recorded)."""
     try:
-        n = json.loads(session["config"] or "{}").get("orientations")
+        config = json.loads(session["config"] or "{}")
     except (ValueError, TypeError, IndexError, KeyError):
         return ""
-    return f"<br>each cell in {int(n)} orientation{'s' if int(n) != 1 else ''}, averaged" if n else ""
+    n = config.get("orientations")
+    text = f"<br>each cell in {int(n)} orientation{'s' if int(n) != 1 else ''}, averaged" if n else ""
+    if config.get("white_balance"):
+        text += "<br>white-balanced onto the model's training lamp"
+    return text

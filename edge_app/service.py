@@ -115,7 +115,7 @@ def serve(cfg, echo=print, max_sessions: int | None = None) -> None:
         s = cfg.session
         sc = SessionConfig(mode=s.mode, target=s.target or None, headless=True, save_crops=s.save_crops,
                            cell_diameter_px=s.cell_diameter_px or None, print_every_s=s.print_every_s,
-                           finder=cfg.finder, review=cfg.review)
+                           finder=cfg.finder, review=cfg.review, white_balance=cfg.model.white_balance)
         echo(f"session {name} started")
         r = EdgeSession(source, clf, storage / name, sc, echo=echo).run()
         done += 1

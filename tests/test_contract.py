@@ -10,6 +10,10 @@ from bmc.contract import Contract, ContractError, centre_square, preprocess, rea
 def test_contract_round_trips_through_json():
     c = Contract(labels=("a", "b"), input_size=192, crop_fraction=0.8)
     assert Contract.from_json(c.to_json()) == c
+    lit = Contract(labels=("a",), lamp=(255.0, 232.0, 205.0))
+    assert Contract.from_json(lit.to_json()) == lit and Contract.from_json(lit.to_json()).lamp == (255.0, 232.0, 205.0)
+    with pytest.raises(ContractError, match="lamp"):
+        Contract(labels=("a",), lamp=(255.0, 0.0, 205.0))
 
 
 def test_unknown_field_and_bad_values_are_errors():

@@ -65,11 +65,12 @@ def test_run_writes_database_csv_and_crops(fields, tmp_path):
 
 def test_report_is_self_contained_html(fields, tmp_path):
     out = tmp_path / "s"
-    bmc("edge", "run", fields, "--out", out, "--headless", "--orientations", "2")
+    bmc("edge", "run", fields, "--out", out, "--headless", "--orientations", "2", "--white-balance")
     bmc("edge", "report", out)
     page = (out / "report.html").read_text()
     assert "Differential count" in page and "data:image/jpeg;base64," in page
     assert "each cell in 2 orientations, averaged" in page  # how the count was made travels with it
+    assert "white-balanced onto the model's training lamp" in page
     for bad in ("http://", "https://", "<script", "src=\"/", "src='/"):
         assert bad not in page
 
@@ -313,3 +314,36 @@ def test_orientations_make_the_answer_independent_of_how_the_cell_lies(bccd):
     assert not np.allclose(one.classify(turned), p1, atol=1e-6)
     with pytest.raises(ValueError, match="orientations must be one of"):
         CellClassifier(DEFAULT_MODEL, orientations=3)
+
+
+def test_white_balance_brings_another_microscopes_lamp_to_the_training_one(bccd, clf, tmp_path):
+    """BCCD's lamp is bluish-grey, the shipped model's (CellaVision) cream: with ``white_balance``
+    the session measures its lamp from the fields and each cell reaches the model as if lit by
+    the training lamp; without it (the default) cells pass unchanged. The session records which."""
+    from bmc.contract import lamp_of
+    from edge_app.cells import SessionLamp
+
+    lamp = clf.contract.lamp
+    assert lamp is not None and lamp[0] - lamp[2] > 25
+    fields = [cv2.imread(str(f)) for f in sorted((bccd / "JPEGImages").glob("*.jpg"))[:5]]
+    session = SessionLamp(lamp)
+    for f in fields:
+        session.observe(f, "BGR")
+    assert abs(session.seen[0] - session.seen[2]) < 20  # BCCD: no cream cast
+    balanced = session.balance(fields[0], "BGR")
+    np.testing.assert_allclose(lamp_of(balanced)[::-1], lamp, atol=6)
+    assert SessionLamp(lamp, enabled=False).balance(fields[0], "BGR") is fields[0]
+    assert SessionLamp(None).balance(fields[0], "BGR") is fields[0]
+
+    src = tmp_path / "f"
+    src.mkdir()
+    for f in sorted((bccd / "JPEGImages").glob("*.jpg"))[:3]:
+        (src / f.name).symlink_to(f)
+    probs = {}
+    for wb in (False, True):
+        EdgeSession(str(src), clf, tmp_path / f"s{wb}", SessionConfig(white_balance=wb), echo=lambda m: None).run()
+        db = sqlite3.connect(tmp_path / f"s{wb}" / "session.sqlite")
+        assert json.loads(db.execute("SELECT config FROM session").fetchone()[0])["white_balance"] is wb
+        probs[wb] = np.array([json.loads(p) for (p,) in db.execute("SELECT probabilities FROM cell ORDER BY id")])
+        db.close()
+    assert probs[False].shape == probs[True].shape and np.abs(probs[False] - probs[True]).max() > 0.01

@@ -19,6 +19,8 @@ def test_run_folder_holds_everything_to_reproduce_and_convert(run, small_pbc):
     contract = json.loads((run / "contract.json").read_text())
     assert contract["labels"] == list(CLASSES)
     assert contract["stain_norm"] == "stretch"  # the default: the device normalises as training did
+    r, g, b = contract["lamp"]  # the training images' background: CellaVision's cream, measured
+    assert 240 <= r <= 255 and r - b > 25
     split = json.loads((run / "split.json").read_text())
     paths = [s["path"] for part in split.values() for s in part]
     assert len(paths) == len(set(paths)) == 65  # 64 real images + the corrupt one

@@ -38,3 +38,21 @@ def measure_cell_fraction(samples, crop_fraction: float, n: int = 400, seed: int
             f"{len(fractions)} of {len(pick)} training images (are these single-cell crops?)"
         )
     return float(np.clip(np.median(fractions), 0.05, 1.0)), len(fractions)
+
+
+def measure_lamp(samples, n: int = 400, seed: int = 0) -> tuple[float, float, float]:
+    """The training images' background colour (RGB): the median over ``n`` of them of
+    :func:`bmc.contract.lamp_of`. The device white-balances each session onto it."""
+    from bmc.contract import lamp_of
+
+    rng = np.random.default_rng(seed)
+    pick = rng.choice(len(samples), size=min(n, len(samples)), replace=False)
+    lamps = []
+    for i in pick:
+        try:
+            lamps.append(lamp_of(read_image(samples[i].path))[::-1])  # BGR → RGB
+        except ValueError:
+            continue
+    if not lamps:
+        raise ValueError("could not measure the lamp colour: no readable training image")
+    return tuple(round(float(v), 1) for v in np.median(lamps, axis=0))

@@ -186,8 +186,12 @@ def train(cfg: TrainConfig) -> dict:
 
         cell_fraction, n_measured = measure_cell_fraction(splits["train"], cfg.crop_fraction, seed=cfg.seed)
         log(f"cell scale: a cell spans {cell_fraction:.3f} of the crop (median of {n_measured} training images)")
+    from train.cellscale import measure_lamp
+
+    lamp = measure_lamp(splits["train"], seed=cfg.seed)
+    log(f"lamp (training images' background, RGB): {lamp}")
     contract = Contract(labels=tuple(labels), input_size=cfg.input_size, crop_fraction=cfg.crop_fraction,
-                        cell_fraction=round(cell_fraction, 4), stain_norm=cfg.stain_norm)
+                        cell_fraction=round(cell_fraction, 4), stain_norm=cfg.stain_norm, lamp=lamp)
     (out / "contract.json").write_text(contract.to_json())
     (out / "labels.txt").write_text("\n".join(labels) + "\n")
     (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
