@@ -58,7 +58,8 @@ def field_classification(bccd, model: str | None = None, orientations: int | Non
         src.mkdir()
         for f in fields:
             (src / f.image.name).symlink_to(f.image.resolve())
-        EdgeSession(str(src), clf, Path(tmp) / "s", SessionConfig(save_crops=False, white_balance=white_balance), echo=lambda m: None).run()
+        EdgeSession(str(src), clf, Path(tmp) / "s", SessionConfig(save_crops=False, white_balance=white_balance),
+                    echo=lambda m: None).run()
         db = sqlite3.connect(Path(tmp) / "s" / "session.sqlite")
         best = {}
         for source, label, conf in db.execute("SELECT source, label, confidence FROM cell"):

@@ -69,7 +69,8 @@ def matek_cells(root, contract):
         for path in sorted((root / code).rglob("*.jpg")) if (root / code).is_dir() else []:
             img = read_image(str(path))
             h, w = img.shape[:2]
-            near = [c for c in find_cells(img) if abs(c.centre[0] - w / 2) < 0.2 * w and abs(c.centre[1] - h / 2) < 0.2 * h]
+            near = [c for c in find_cells(img)
+                    if abs(c.centre[0] - w / 2) < 0.2 * w and abs(c.centre[1] - h / 2) < 0.2 * h]
             if near:
                 scale.observe([max(near, key=lambda c: c.nucleus_area).box.diameter])
             picked.append((img, Box(w // 2, h // 2, 0, 0), label))
@@ -128,7 +129,9 @@ def main(argv=None):
     ap.add_argument("model")
     ap.add_argument("--bccd", default=str(DEFAULT_BCCD))
     ap.add_argument("--matek")
-    ap.add_argument("--calibrate", default="none", choices=("none", "white", "stains"))
+    from benchmarks.stain_calibration import CALIBRATIONS
+
+    ap.add_argument("--calibrate", default="none", choices=CALIBRATIONS)
     ap.add_argument("--json")
     ap.add_argument("--orientations", type=int, default=1)
     ap.add_argument("--scale", type=float, default=1.0)

@@ -23,7 +23,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from bmc.contract import read_image
+from bmc.contract import lamp_of, read_image
 from edge_app.detect import FinderConfig, stain_mask
 
 CALIBRATIONS = ("none", "white", "stains")
@@ -32,7 +32,7 @@ CALIBRATIONS = ("none", "white", "stains")
 def stain_stats(bgr: np.ndarray):
     """(background RGB, mean nuclear OD, mean red-cell OD) of one field or cell image."""
     rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB).reshape(-1, 3).astype(np.float32)
-    background = np.percentile(rgb, 99, axis=0) + 1.0
+    background = lamp_of(bgr, step=1)[::-1] + 1.0
     od = -np.log((rgb + 1.0) / background)
     nucleus = stain_mask(bgr, FinderConfig()).ravel() > 0
     a = cv2.cvtColor(bgr, cv2.COLOR_BGR2LAB)[..., 1].ravel().astype(np.float32)

@@ -100,6 +100,7 @@ class SessionLamp:
         self.lamp = np.asarray(lamp_rgb, np.float32) if (enabled and lamp_rgb is not None) else None
         self.window = window
         self._seen: list[np.ndarray] = []
+        self.seen: np.ndarray | None = None  # the session's background level, RGB (None: no colour frame yet)
 
     @property
     def active(self) -> bool:
@@ -110,11 +111,7 @@ class SessionLamp:
             level = lamp_of(frame)
             self._seen.append(level[::-1] if pixel_format == "BGR" else level)
             del self._seen[:-self.window]
-
-    @property
-    def seen(self) -> np.ndarray | None:
-        """The session's background level, RGB (None before the first colour frame)."""
-        return np.median(self._seen, axis=0) if self._seen else None
+            self.seen = np.median(self._seen, axis=0)
 
     def balance(self, crop: np.ndarray, pixel_format: str) -> np.ndarray:
         seen = self.seen

@@ -15,16 +15,20 @@ from bmc.contract import read_image
 from edge_app.detect import find_cells
 
 
-def measure_cell_fraction(samples, crop_fraction: float, n: int = 400, seed: int = 0) -> tuple[float, int]:
-    """(median cell fraction, number of images it was measured on)."""
-    rng = np.random.default_rng(seed)
-    pick = rng.choice(len(samples), size=min(n, len(samples)), replace=False)
-    fractions = []
-    for i in pick:
+def _sampled_images(samples, n: int, seed: int):
+    """The readable ones among ``min(n, len(samples))`` random training images, decoded (BGR)."""
+    for i in np.random.default_rng(seed).choice(len(samples), size=min(n, len(samples)), replace=False):
         try:
-            img = read_image(samples[i].path)
+            yield read_image(samples[i].path)
         except ValueError:
             continue
+
+
+def measure_cell_fraction(samples, crop_fraction: float, n: int = 400, seed: int = 0) -> tuple[float, int]:
+    """(median cell fraction, number of images it was measured on)."""
+    picked = min(n, len(samples))
+    fractions = []
+    for img in _sampled_images(samples, n, seed):
         h, w = img.shape[:2]
         side = crop_fraction * min(h, w)
         cells = [c for c in find_cells(img)
@@ -32,10 +36,10 @@ def measure_cell_fraction(samples, crop_fraction: float, n: int = 400, seed: int
         if cells:
             c = min(cells, key=lambda c: (c.centre[0] - w / 2) ** 2 + (c.centre[1] - h / 2) ** 2)
             fractions.append(c.box.diameter / side)
-    if len(fractions) < max(5, len(pick) // 10):
+    if len(fractions) < max(5, picked // 10):
         raise ValueError(
             f"could not measure the cell scale: the cell finder saw a centred cell in only "
-            f"{len(fractions)} of {len(pick)} training images (are these single-cell crops?)"
+            f"{len(fractions)} of {picked} training images (are these single-cell crops?)"
         )
     return float(np.clip(np.median(fractions), 0.05, 1.0)), len(fractions)
 
@@ -45,14 +49,7 @@ def measure_lamp(samples, n: int = 400, seed: int = 0) -> tuple[float, float, fl
     :func:`bmc.contract.lamp_of`. The device white-balances each session onto it."""
     from bmc.contract import lamp_of
 
-    rng = np.random.default_rng(seed)
-    pick = rng.choice(len(samples), size=min(n, len(samples)), replace=False)
-    lamps = []
-    for i in pick:
-        try:
-            lamps.append(lamp_of(read_image(samples[i].path))[::-1])  # BGR → RGB
-        except ValueError:
-            continue
+    lamps = [lamp_of(img)[::-1] for img in _sampled_images(samples, n, seed)]  # BGR → RGB
     if not lamps:
         raise ValueError("could not measure the lamp colour: no readable training image")
     return tuple(round(float(v), 1) for v in np.median(lamps, axis=0))

@@ -181,13 +181,11 @@ def train(cfg: TrainConfig) -> dict:
     data_mod.save_split(splits, out / "split.json")
     labels = sorted({s.label for part in splits.values() for s in part})
     cell_fraction = cfg.cell_fraction
-    if cell_fraction is None:
-        from train.cellscale import measure_cell_fraction
+    from train.cellscale import measure_cell_fraction, measure_lamp
 
+    if cell_fraction is None:
         cell_fraction, n_measured = measure_cell_fraction(splits["train"], cfg.crop_fraction, seed=cfg.seed)
         log(f"cell scale: a cell spans {cell_fraction:.3f} of the crop (median of {n_measured} training images)")
-    from train.cellscale import measure_lamp
-
     lamp = measure_lamp(splits["train"], seed=cfg.seed)
     log(f"lamp (training images' background, RGB): {lamp}")
     contract = Contract(labels=tuple(labels), input_size=cfg.input_size, crop_fraction=cfg.crop_fraction,
