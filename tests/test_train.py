@@ -93,9 +93,19 @@ def test_too_small_class_fails_training_with_its_name(matek, tmp_path):
 
 
 def test_full_path_trains_end_to_end(small_pbc, tmp_path):
-    """The GPU path (tf.data + online augmentation) runs on the CPU too, one short epoch a phase."""
+    """The GPU path (online augmentation in worker processes) runs on the CPU too, one short epoch a
+    phase: it lists the corrupt image wherever the split put it, keeps its best weights on disk as
+    it goes, and saves a plain float32 model with no optimizer state."""
     out = tmp_path / "full"
     bmc("train", small_pbc, "--out", out, "--mode", "full", "--head-epochs", "1", "--fine-tune-epochs", "1",
-        "--fine-tune-from", "block7a", "--batch-size", "16", "--strategy", "default")
+        "--fine-tune-from", "block7a", "--batch-size", "16", "--strategy", "default", "--mixed-precision", "on")
     m = json.loads((out / "metrics.json").read_text())
-    assert m["n"] >= 8 and "mode full" in (out / "train.log").read_text()
+    log = (out / "train.log").read_text()
+    assert m["n"] >= 8 and "mode full" in log and "mixed precision: mixed_float16" in log
+    assert "LY_corrupt.jpg" in log + json.dumps(m["skipped"])
+    assert (out / "best.weights.h5").is_file()
+    import keras
+
+    model = keras.models.load_model(out / "model.keras")
+    assert getattr(model, "optimizer", None) is None and model.dtype_policy.name == "float32"
+    assert (out / "model.keras").stat().st_size < 16e6  # weights only: ~14 MB for Lite0

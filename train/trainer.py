@@ -126,7 +126,7 @@ def class_weight_for(y: np.ndarray, n_classes: int) -> dict[int, float]:
 class _BestOnValF1:
     """Early stopping on validation macro-F1, keeping the best weights (a Keras callback)."""
 
-    def __init__(self, model, predict_val, y_val, patience, log, phase):
+    def __init__(self, model, predict_val, y_val, patience, log, phase, checkpoint: Path | None = None):
         import keras
         from sklearn.metrics import f1_score
 
@@ -143,6 +143,10 @@ class _BestOnValF1:
                 if f1 > outer.best:
                     outer.best, outer.best_epoch, outer.wait = f1, epoch + 1, 0
                     outer.weights = [w.copy() for w in model.get_weights()]
+                    if checkpoint is not None:  # a run killed later keeps its best weights
+                        tmp = checkpoint.with_name(f"tmp-{checkpoint.name}")
+                        model.save_weights(tmp)
+                        os.replace(tmp, checkpoint)
                 else:
                     outer.wait += 1
                     if outer.wait >= patience:
@@ -157,10 +161,24 @@ class _BestOnValF1:
             self.model.set_weights(self.weights)
 
 
-def _devices():
-    import tensorflow as tf
+def _devices() -> list:
+    """The GPUs that the Keras backend sees (TensorFlow, JAX or PyTorch)."""
+    import keras
 
-    return tf.config.list_physical_devices("GPU")
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return tf.config.list_physical_devices("GPU")
+    if backend == "jax":
+        import jax
+
+        return [d for d in jax.devices() if d.platform == "gpu"]
+    if backend == "torch":
+        import torch
+
+        return [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    return []
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -347,63 +365,78 @@ def _train_cached(cfg, contract, splits, index, log):
     return model, history, skipped
 
 
-def _train_full(cfg, contract, splits, index, log, gpus):
-    import keras
-    import tensorflow as tf
+def _readable(splits, workers, log):
+    """Drop the training and validation images that do not decode, logging each one."""
+    def check(s):
+        try:
+            read_image(s.path)
+        except ValueError as e:
+            return s, str(e)
+        return s, None
 
+    kept, skipped = dict(splits), []
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for part in ("train", "val"):
+            kept[part] = []
+            for s, err in pool.map(check, splits[part]):
+                if err:
+                    skipped.append((s.path, err))
+                    log(f"skipping unreadable image: {err}")
+                else:
+                    kept[part].append(s)
+    return kept, skipped
+
+
+def _train_full(cfg, contract, splits, index, log, gpus):
+    """End to end on every image, augmented afresh each epoch: the GPU path.
+
+    Runs on whichever Keras backend is installed (TensorFlow, or JAX / PyTorch on a GPU server
+    without TensorFlow): mixed precision (float16 under TensorFlow, bfloat16 elsewhere), and
+    ``tf.distribute.MirroredStrategy`` across several GPUs under TensorFlow. The best weights so
+    far are kept in ``best.weights.h5`` in the run folder: a run that is killed (a rented machine
+    taken back, a power cut) loses at most the epochs since its last improvement.
+    """
+    import keras
+
+    from train.batches import Batches
     from train.model import build_classifier, set_trainable_from
 
+    backend = keras.backend.backend()
     if cfg.mixed_precision == "on" or (cfg.mixed_precision == "auto" and gpus):
-        keras.mixed_precision.set_global_policy("mixed_float16")
-        log("mixed precision: mixed_float16")
-    if cfg.strategy == "mirrored" or (cfg.strategy == "auto" and len(gpus) > 1):
-        strategy = tf.distribute.MirroredStrategy()
+        policy = "mixed_float16" if backend == "tensorflow" else "mixed_bfloat16"
+        keras.mixed_precision.set_global_policy(policy)
+        log(f"mixed precision: {policy}")
+    replicas = 1
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        if cfg.strategy == "mirrored" or (cfg.strategy == "auto" and len(gpus) > 1):
+            strategy = tf.distribute.MirroredStrategy()
+        else:
+            strategy = tf.distribute.get_strategy()
+        replicas = strategy.num_replicas_in_sync
+        scope = strategy.scope
+        log(f"strategy {type(strategy).__name__} with {replicas} replica(s)")
     else:
-        strategy = tf.distribute.get_strategy()
-    replicas = strategy.num_replicas_in_sync
-    log(f"strategy {type(strategy).__name__} with {replicas} replica(s)")
+        import contextlib
+
+        scope = contextlib.nullcontext
+        if cfg.strategy == "mirrored":
+            raise ValueError(f"--strategy mirrored needs the TensorFlow backend (this is {backend})")
+        log(f"backend {backend}, one device")
     keras.utils.set_random_seed(cfg.seed)
-    aug = AugmentConfig()
     n = contract.num_classes
-    skipped: list[tuple[str, str]] = []
-
-    def dataset(samples, training):
-        paths = [s.path for s in samples]
-        ys = [index[s.label] for s in samples]
-        rng = np.random.default_rng(cfg.seed)
-
-        def load(path):
-            path = path.decode() if isinstance(path, bytes) else str(path)
-            try:
-                img = read_image(path)
-            except ValueError as e:
-                skipped.append((path, str(e)))
-                return np.zeros((contract.input_size, contract.input_size, 3), np.uint8), np.float32(0)
-            x = augmented_view(img, contract, np.random.default_rng(rng.integers(2**31)), aug) if training \
-                else plain_view(img, contract)
-            return x, np.float32(1)
-
-        def tf_load(path, y):
-            x, ok = tf.numpy_function(load, [path], [tf.uint8, tf.float32])
-            x.set_shape((contract.input_size, contract.input_size, 3))
-            ok.set_shape(())
-            return tf.cast(x, tf.float32), tf.one_hot(y, n), ok
-
-        ds = tf.data.Dataset.from_tensor_slices((paths, ys))
-        if training:
-            ds = ds.shuffle(len(paths), seed=cfg.seed, reshuffle_each_iteration=True)
-        ds = ds.map(tf_load, num_parallel_calls=tf.data.AUTOTUNE)
-        return ds.batch(cfg.batch_size * replicas).prefetch(tf.data.AUTOTUNE)
-
+    workers = max(1, min(16, (os.cpu_count() or 2)))
+    # unreadable images are found (and listed) here, once: the workers that augment are processes
+    splits, skipped = _readable(splits, workers, log)
     y_train = np.array([index[s.label] for s in splits["train"]])
     y_val = np.array([index[s.label] for s in splits["val"]])
     cw = class_weight_for(y_train, n) if cfg.class_weights else None
-    w_vec = tf.constant([cw[i] for i in range(n)] if cw else [1.0] * n, tf.float32)
-    train_ds = dataset(splits["train"], True).map(
-        lambda x, y, ok: (x, y, ok * tf.reduce_sum(y * w_vec, axis=-1)))
-    val_ds = dataset(splits["val"], False).map(lambda x, y, ok: x)
+    batch = cfg.batch_size * replicas
+    train_ds = Batches(splits["train"], index, contract, batch, AugmentConfig(), cfg.seed, cw, workers=workers)
+    val_ds = Batches(splits["val"], index, contract, batch, None, cfg.seed, workers=workers)
     loss = keras.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing)
-    with strategy.scope():
+    with scope():
         model = build_classifier(cfg.backbone, contract, cfg.weights, cfg.dropout)
     history = []
     for phase, block, lr, epochs in (("head", None, cfg.head_lr, min(cfg.head_epochs, 10)),
@@ -411,11 +444,28 @@ def _train_full(cfg, contract, splits, index, log, gpus):
         if epochs <= 0:
             continue
         set_trainable_from(model, block)
-        with strategy.scope():
-            model.compile(keras.optimizers.Adam(lr), loss, metrics=["accuracy"])
-        best = _BestOnValF1(model, lambda: model.predict(val_ds, verbose=0), y_val, cfg.patience, log, phase)
+        # cosine decay to 5% over the planned epochs, as on the CPU path
+        schedule = keras.optimizers.schedules.CosineDecay(lr, len(train_ds) * epochs, alpha=0.05)
+        with scope():
+            model.compile(keras.optimizers.Adam(schedule), loss, metrics=["accuracy"])
+        best = _BestOnValF1(model, lambda: model.predict(val_ds, verbose=0), y_val, cfg.patience, log, phase,
+                            Path(cfg.out) / "best.weights.h5")
+        t0 = time.time()
         model.fit(train_ds, epochs=epochs, callbacks=[best.callback], verbose=1 if os.isatty(1) else 2)
         best.restore()
+        log(f"{phase}: best val macro-F1 {best.best:.4f} at epoch {best.best_epoch} ({time.time() - t0:.0f} s)")
         history += best.history
-    set_trainable_from(model, None)
-    return model, history, sorted(set(skipped))
+    return _plain_copy(model, cfg, contract), history, sorted(set(skipped + train_ds.skipped))
+
+
+def _plain_copy(model, cfg, contract):
+    """The same weights in a fresh float32 graph with no optimizer state: what convert/ and the
+    device expect of a model.keras (and a third of the size of a compiled model's file)."""
+    import keras
+
+    from train.model import build_classifier
+
+    keras.mixed_precision.set_global_policy("float32")
+    plain = build_classifier(cfg.backbone, contract, "none", cfg.dropout)
+    plain.set_weights([np.asarray(w, np.float32) for w in model.get_weights()])
+    return plain
