@@ -60,7 +60,7 @@ def main():
 
 @main.group()
 def data():
-    """Inspect labelled cell-image data sets."""
+    """Inspect and pack labelled cell-image data sets."""
 
 
 @data.command("check")
@@ -77,6 +77,44 @@ def data_check(data_dir, label_from, manifest, json_out):
     click.echo(report.table())
     if json_out:
         _write_json(json_out, report.to_dict())
+
+
+@data.command("split")
+@click.argument("data_dir", type=click.Path(file_okay=False))
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="split.json to write")
+@click.option("--label-from", type=click.Choice(["folder", "prefix"]), default="folder", show_default=True)
+@click.option("--manifest", type=click.Path(dir_okay=False), help="CSV with path,label[,group] columns")
+@click.option("--seed", default=1337, show_default=True)
+def data_split(data_dir, out, label_from, manifest, seed):
+    """The stratified, grouped train/val/test split that `bmc train DATA_DIR --seed N` makes, written
+    to --out without training: fix the partition once, then train on it with --split."""
+    from collections import Counter
+
+    from train.data import discover, save_split, split
+
+    parts = _guard(lambda: split(discover(data_dir, label_from, manifest), seed=seed))
+    save_split(parts, out)
+    click.echo(", ".join(f"{k} {len(v)}" for k, v in parts.items())
+               + f" images; {len(Counter(s.label for s in parts['train']))} classes → {out}")
+
+
+@data.command("pack")
+@click.argument("source", type=click.Path(exists=True))
+@click.argument("dest", type=click.Path(file_okay=False))
+@click.option("--side", default=256, show_default=True, help="shorter side in pixels (never enlarged)")
+@click.option("--quality", default=70, show_default=True, help="WebP quality")
+@click.option("--label-from", type=click.Choice(["folder", "prefix"]), default="folder", show_default=True)
+def data_pack(source, dest, side, quality, label_from):
+    """A compact WebP copy of SOURCE (a data folder or a split.json) in DEST, to carry to a GPU server.
+
+    From a split.json, DEST/split.json keeps the same partition: `bmc train DEST --split
+    DEST/split.json` trains on it."""
+    from train.data import pack
+
+    n, skipped = _guard(pack, source, dest, side, quality, label_from)
+    for path, why in skipped:
+        click.echo(f"skipped unreadable image: {why}", err=True)
+    click.echo(f"{n} images packed into {dest}" + (f" ({len(skipped)} unreadable, left out)" if skipped else ""))
 
 
 @main.command("train")
@@ -114,14 +152,20 @@ def train_cmd(data_dir, out, **kw):
 
 @main.command("evaluate")
 @click.argument("model", type=click.Path(dir_okay=False))
-@click.argument("data_dir", type=click.Path(file_okay=False))
+@click.argument("data_dir", type=click.Path(file_okay=False), required=False)
+@click.option("--split", "split_file", type=click.Path(dir_okay=False),
+              help="evaluate on one part of a split.json instead of DATA_DIR")
+@click.option("--part", type=click.Choice(["train", "val", "test"]), default="test", show_default=True)
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="write the metrics as JSON")
-def evaluate_cmd(model, data_dir, json_out):
-    """Accuracy, macro-F1 and per-class metrics of MODEL (.keras or .tflite) on DATA_DIR."""
+def evaluate_cmd(model, data_dir, split_file, part, json_out):
+    """Accuracy, macro-F1 and per-class metrics of MODEL (.keras or .tflite) on DATA_DIR, or on
+    the held-out part of a run's split (--split runs/x/split.json)."""
     from train.evaluate import evaluate
     from train.metrics import per_class_table
 
-    m = _guard(evaluate, model, data_dir)
+    if (data_dir is None) == (split_file is None):
+        raise click.UsageError("give DATA_DIR or --split FILE (one of them)")
+    m = _guard(evaluate, model, data_dir, split_file=split_file, part=part)
     click.echo(per_class_table(m))
     if json_out:
         _write_json(json_out, m)

@@ -69,11 +69,14 @@ def _readme(name, report, metrics, config, reproduce, extra, contract) -> str:
     if metrics:
         from train.metrics import per_class_table
 
+        how = (f"end to end (mode `full`), every image augmented afresh each epoch" if config.get("mode") == "full"
+               else f"mode `{config.get('mode')}`, {config.get('views')} augmented views per image")
+        minutes = (f"; {metrics['train_seconds'] / 60:.0f} min for the whole `bmc train` run on the training "
+                   "machine" if metrics.get("train_seconds") else "")
         lines += ["## Float model on its held-out test split", "",
-                  f"Training: `{config.get('backbone')}`, mode `{config.get('mode')}`, fine-tuned from "
-                  f"`{config.get('fine_tune_from')}`, {config.get('views')} augmented views per image, seed "
-                  f"{config.get('seed')}; {metrics.get('train_seconds', 0) / 60:.0f} min for the whole `bmc train` "
-                  f"run on the training machine. The split (stratified, duplicates grouped) is "
+                  f"Training: `{config.get('backbone')}`, {how}, fine-tuned from "
+                  f"`{config.get('fine_tune_from')}`, seed {config.get('seed')}{minutes}. "
+                  f"The split (stratified, duplicates grouped) is "
                   f"`{name}_test_split.csv` here: its {metrics.get('n', 0):,} test images were never seen in "
                   f"training or model selection.", "",
                   per_class_table(metrics), ""]
@@ -89,15 +92,17 @@ def _readme(name, report, metrics, config, reproduce, extra, contract) -> str:
     lines += ["## Validation gate (TFLite variants against the float model)", "", report_markdown(report), ""]
     if extra:
         lines += [extra, ""]
-    if config:
+    if config and "bmc train" not in (reproduce or ""):
         train_cmd = (f"bmc train {config['data']} --out {config['out']} --backbone {config['backbone']} "
                      f"--views {config['views']} --fine-tune-from {config['fine_tune_from']} "
                      f"--fine-tune-epochs {config['fine_tune_epochs']} --head-epochs {config['head_epochs']} "
-                     f"--stain-norm {config.get('stain_norm', 'none')} --seed {config['seed']}")
+                     f"--stain-norm {config.get('stain_norm', 'none')} --seed {config['seed']}"
+                     + (" --mode full" if config.get("mode") == "full" else ""))
         reproduce = train_cmd + "\n" + (reproduce or "")
     if reproduce:
         lines += ["## Reproduce", "", "From the repository root, with the data beside it (`../shared/data`):", "",
                   "```bash", reproduce.strip(), "```", "",
-                  "Training is seeded, but TensorFlow on CPU is not bit-for-bit deterministic across machines: "
-                  "expect the metrics to agree within a few tenths of a point, not the file's sha256.", ""]
+                  "Training is seeded, but neither TensorFlow on a CPU nor XLA on a GPU is bit-for-bit "
+                  "deterministic across machines: expect the metrics to agree within a few tenths of a point, "
+                  "not the file's sha256.", ""]
     return "\n".join(lines)

@@ -1,6 +1,7 @@
 import csv
 import shutil
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
@@ -101,3 +102,47 @@ def test_check_lists_unreadable_non_images_and_duplicates(pbc, tmp_path):
     assert len(r.duplicate_sets) == 1 and len(r.duplicate_sets[0]) == 2
     table = r.table()
     assert "lymphocyte" in table and "broken.jpg" in table and "360x363" in table
+
+
+def test_pack_shrinks_a_folder_into_webp_class_folders(pbc, tmp_path):
+    import cv2
+
+    from conftest import CLASSES, bmc, small_class_folders
+
+    src = small_class_folders(pbc, tmp_path / "src", 3, CLASSES)
+    (src / "lymphocyte" / "LY_corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0\x00\x10JFIF truncated")
+    p = bmc("data", "pack", src, tmp_path / "packed", "--side", "128")
+    assert "12 images packed" in p.stdout and "LY_corrupt.jpg" in p.stderr  # listed, left out
+    packed = discover(tmp_path / "packed")
+    assert Counter(s.label for s in packed) == {c: 3 for c in CLASSES}
+    for s in packed:
+        assert s.path.endswith(".webp") and min(cv2.imread(s.path).shape[:2]) == 128
+
+
+def test_data_split_cli_is_the_split_that_training_makes(matek, tmp_path):
+    from conftest import bmc
+
+    samples = [s for s in discover(matek) if s.label in ("ART", "BLA", "EOS", "LYT")]
+    src = tmp_path / "bm"
+    for s in samples:
+        (src / s.label).mkdir(parents=True, exist_ok=True)
+        shutil.copy(s.path, src / s.label)
+    p = bmc("data", "split", src, "--out", tmp_path / "split.json", "--seed", "4")
+    assert "4 classes" in p.stdout
+    made, expected = load_split(tmp_path / "split.json"), split(discover(src), seed=4)
+    assert {k: [s.path for s in v] for k, v in made.items()} == {k: [s.path for s in v] for k, v in expected.items()}
+
+
+def test_pack_from_a_split_keeps_the_partition(matek, tmp_path):
+    from train.data import pack
+
+    samples = [s for s in discover(matek) if s.label in ("ART", "BLA", "EOS", "LYT")]
+    parts = split(samples, seed=3)
+    save_split(parts, tmp_path / "split.json")
+    n, skipped = pack(tmp_path / "split.json", tmp_path / "packed", side=64)
+    assert n == len(samples) and not skipped
+    (tmp_path / "packed").rename(tmp_path / "moved")  # the packed copy travels as one folder
+    again = load_split(tmp_path / "moved" / "split.json")
+    for k in ("train", "val", "test"):
+        assert [(s.label, s.group) for s in again[k]] == [(s.label, s.group) for s in parts[k]]
+        assert all(s.path.startswith(str(tmp_path / "moved")) and Path(s.path).is_file() for s in again[k])

@@ -59,6 +59,15 @@ def test_evaluate_keras_model_json(run, small_pbc, tmp_path):
     assert cm.sum() == 64 and abs(np.trace(cm) / 64 - m["accuracy"]) < 1e-9
 
 
+def test_evaluate_on_the_held_out_part_of_a_split(run, tmp_path):
+    out = tmp_path / "test.json"
+    bmc("evaluate", run / "model.keras", "--split", run / "split.json", "--json", out)
+    m, trained = json.loads(out.read_text()), json.loads((run / "metrics.json").read_text())
+    assert m["n"] == trained["n"] and m["accuracy"] == pytest.approx(trained["accuracy"])
+    p = bmc("evaluate", run / "model.keras", check=False)
+    assert p.returncode == 2 and "DATA_DIR or --split" in p.stderr
+
+
 def test_evaluate_on_another_microscope_maps_folder_case(run, bccd, tmp_path):
     d = small_class_folders(bccd / "wbc_crops", tmp_path / "bccd", 5, ("Eosinophil", "Lymphocyte", "Neutrophil"))
     out = tmp_path / "e.json"

@@ -28,7 +28,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Iterable
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"}
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 SPLITS = ("train", "val", "test")
 
 
@@ -237,5 +237,64 @@ def save_split(split_: dict[str, list[Sample]], path: str | Path) -> None:
 
 
 def load_split(path: str | Path) -> dict[str, list[Sample]]:
-    rows = json.loads(Path(path).read_text())
-    return {k: [Sample(**r) for r in v] for k, v in rows.items()}
+    """A saved split. A relative path is read from the split file's folder where the file is there
+    (a packed data set), else from the working folder (a run trained on ``../shared/data/pbc``)."""
+    path = Path(path)
+    rows = json.loads(path.read_text())
+
+    def resolve(p: str) -> str:
+        beside = path.parent / p
+        return str(beside) if not Path(p).is_absolute() and beside.exists() else p
+
+    return {k: [Sample(**{**r, "path": resolve(r["path"])}) for r in v] for k, v in rows.items()}
+
+
+def pack(source: str | Path, dest: str | Path, side: int = 256, quality: int = 70,
+         label_from: str = "folder") -> tuple[int, list[tuple[str, str]]]:
+    """A compact copy of a data set, to carry to a GPU server over a thin link.
+
+    ``source`` is a data folder or a ``split.json``. Each image is shrunk to ``side`` pixels on its
+    shorter side (never enlarged) and stored as WebP at ``quality`` in ``dest/<label>/``, so that
+    the copy is a class-folder data set; from a split, ``dest/split.json`` lists the same split with
+    paths relative to ``dest`` (``bmc train DEST --split DEST/split.json`` trains on the same
+    partition). PBC's 10k images take about 38 MB at the defaults instead of 180 MB. Returns the
+    number of images written and the unreadable ones, ``(path, why)``; those are left out.
+    """
+    import cv2
+
+    from bmc.contract import read_image
+
+    source, dest = Path(source), Path(dest)
+    if source.is_file():
+        parts = load_split(source)
+    else:
+        parts = {"all": discover(source, label_from)}
+    names: dict[str, str] = {}  # source path -> path in dest
+    used: set[str] = set()
+    skipped: list[tuple[str, str]] = []
+    out: dict[str, list[Sample]] = {}
+    for part, samples in parts.items():
+        out[part] = []
+        for s in samples:
+            if s.path not in names:
+                try:
+                    img = read_image(s.path)
+                except ValueError as e:
+                    skipped.append((s.path, str(e)))
+                    continue
+                h, w = img.shape[:2]
+                if min(h, w) > side:
+                    f = side / min(h, w)
+                    img = cv2.resize(img, (round(w * f), round(h * f)), interpolation=cv2.INTER_AREA)
+                rel, n = Path(s.label) / f"{Path(s.path).stem}.webp", 1
+                while str(rel) in used:  # the same file name in two source folders
+                    rel, n = Path(s.label) / f"{Path(s.path).stem}-{n}.webp", n + 1
+                (dest / rel.parent).mkdir(parents=True, exist_ok=True)
+                if not cv2.imwrite(str(dest / rel), img, [cv2.IMWRITE_WEBP_QUALITY, quality]):
+                    raise DataError(f"{dest / rel}: could not write (disk full or read-only?)")
+                names[s.path] = str(rel)
+                used.add(str(rel))
+            out[part].append(dataclasses.replace(s, path=names[s.path]))
+    if "all" not in out:
+        save_split(out, dest / "split.json")
+    return len(names), skipped

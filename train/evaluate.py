@@ -107,12 +107,20 @@ def evaluate_samples(model, contract: Contract, samples, batch_size: int = 32) -
     return m
 
 
-def evaluate(model_path: str | Path, data_dir: str | Path, label_from: str = "folder") -> dict:
+def evaluate(model_path: str | Path, data_dir: str | Path | None, label_from: str = "folder",
+             split_file: str | Path | None = None, part: str = "test") -> dict:
+    """Metrics of a model on a class-folder data set, or on one part of a saved split."""
     clf, contract = load_classifier(model_path)
-    samples = data_mod.discover(data_dir, label_from)
+    if split_file is not None:
+        parts = data_mod.load_split(split_file)
+        if not parts.get(part):
+            raise EvaluationError(f"{split_file}: the split has no {part!r} images")
+        samples = parts[part]
+    else:
+        samples = data_mod.discover(data_dir, label_from)
     m = evaluate_samples(clf, contract, samples)
     m["model"] = str(model_path)
-    m["data"] = str(data_dir)
+    m["data"] = f"{split_file} ({part})" if split_file is not None else str(data_dir)
     return m
 
 
