@@ -85,7 +85,7 @@ def score(model_path, bccd=DEFAULT_BCCD, orientations: int = 1, scale: float = 1
           calibrate: str = "none", reference=DEFAULT_PBC) -> dict:
     """Metrics of the model on the BCCD white cells. ``scale`` != 1 cuts every cell ``scale`` times
     the measured scale (a diagnostic: is the cell scale what separates the two microscopes?);
-    ``calibrate`` maps BCCD's stain onto the training stain of ``reference`` first
+    ``calibrate`` maps the set's stain (BCCD's or Munich's) onto the training stain of ``reference`` first
     (:mod:`benchmarks.stain_calibration`, another diagnostic)."""
     from edge_app.model import predict_oriented
     from train.evaluate import load_classifier
@@ -99,11 +99,11 @@ def score(model_path, bccd=DEFAULT_BCCD, orientations: int = 1, scale: float = 1
         from benchmarks.stain_calibration import calibrator, pooled_stats, reference_stats
         from bmc.contract import normalise_stain
 
-        if matek:
-            raise ValueError("--calibrate is a BCCD diagnostic")
-        fields = sorted((Path(bccd) / "JPEGImages").glob("*.jpg"))
+        # the session's stain, pooled over all its images: BCCD's fields, or every Munich cell image
+        fields = sorted(Path(matek).rglob("*.jpg")) if matek else sorted((Path(bccd) / "JPEGImages").glob("*.jpg"))
         fix = calibrator(pooled_stats(fields), reference_stats(reference), calibrate)
-        raw, names = bccd_cells(bccd, dataclasses.replace(cut, stain_norm="none"))
+        raw_cut = dataclasses.replace(cut, stain_norm="none")
+        raw, names = matek_cells(matek, raw_cut) if matek else bccd_cells(bccd, raw_cut)
         xs = np.stack([normalise_stain(fix(x.astype(np.uint8)), contract.stain_norm) for x in raw]).astype(np.float32)
     else:
         xs, names = matek_cells(matek, cut) if matek else bccd_cells(bccd, cut)

@@ -341,7 +341,8 @@ def bench():
 @click.option("--matek", type=click.Path(file_okay=False),
               help="score the Munich bone-marrow cells in this folder (CODE/*.jpg) instead of BCCD")
 @click.option("--calibrate", type=click.Choice(["none", "white", "stains"]), default="none", show_default=True,
-              help="diagnostic: map BCCD's stain onto the training stain (--reference) before classifying")
+              help="diagnostic: map the set's stain (BCCD's, or Munich's with --matek) onto the "
+                   "training stain (--reference) before classifying")
 @click.option("--reference", type=click.Path(file_okay=False),
               help="class folders of the training images, for --calibrate (default ../shared/data/pbc)")
 def bench_generalisation(model, bccd, json_out, orientations, scale, matek, calibrate, reference):

@@ -88,6 +88,10 @@ def test_generalisation_on_munich_bone_marrow_cells(matek, tmp_path):
     assert m["n"] == sum(expected.values()) and "matek" in m["data"]
     assert m["accuracy"] > 0.25  # 8 classes; a broken crop or colour order falls to chance
     assert "balanced accuracy" in p.stdout
+    # white-balanced onto the training lamp (the set's lamp pooled over its images): the same cells
+    bmc("bench", "generalisation", DEFAULT_MODEL, "--matek", matek, "--calibrate", "white", "--json", out)
+    w = json.loads(out.read_text())
+    assert w["calibrate"] == "white" and w["n"] == m["n"] and w["accuracy"] > 0.25
 
 
 def test_stain_calibration_maps_a_bccd_field_onto_the_training_stain(bccd, pbc):
