@@ -133,6 +133,10 @@ def data_pack(source, dest, side, quality, label_from):
 @click.option("--views", default=2, show_default=True, help="augmented views per training image (cached)")
 @click.option("--head-epochs", default=40, show_default=True)
 @click.option("--fine-tune-epochs", default=6, show_default=True)
+@click.option("--head-lr", default=3e-3, show_default=True)
+@click.option("--fine-tune-lr", default=3e-4, show_default=True, help="peak; cosine decay to 5% over the epochs")
+@click.option("--patience", default=3, show_default=True,
+              help="epochs without a better validation macro-F1 before a phase stops")
 @click.option("--batch-size", default=32, show_default=True)
 @click.option("--input-size", default=224, show_default=True)
 @click.option("--stain-norm", type=click.Choice(["stretch", "none"]), default="stretch", show_default=True,
