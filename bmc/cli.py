@@ -21,7 +21,7 @@ class _Fail(click.ClickException):
 # The kit's expected errors: each becomes one clear line on stderr and exit status 2.
 _EXPECTED = [
     ("bmc.contract", "ContractError"), ("bmc.card", "ModelCardError"), ("train.data", "DataError"),
-    ("train.evaluate", "EvaluationError"), ("train.backbones", "BackboneError"),
+    ("train.evaluate", "EvaluationError"), ("train.trainer", "TrainError"), ("train.backbones", "BackboneError"),
     ("convert.variants", "VariantError"), ("convert.converter", "ConversionError"),
     ("convert.pipeline", "GateFailed"), ("convert.variants", "VariantError"),
 ]
@@ -149,7 +149,7 @@ def train_cmd(data_dir, out, **kw):
     """Fine-tune an ImageNet EfficientNet on DATA_DIR; writes model, split and metrics to --out."""
     from train.trainer import TrainConfig, train
 
-    cfg = TrainConfig(data=data_dir, out=out, **kw)
+    cfg = _guard(TrainConfig, data=data_dir, out=out, **kw)
     m = _guard(train, cfg)
     click.echo(f"test accuracy {m['accuracy']:.4f} · macro-F1 {m['macro_f1']:.4f} · n {m['n']}")
 

@@ -96,6 +96,11 @@ def test_data_check_cli(matek, tmp_path):
     assert r["counts"]["ART"] == 100 and r["imbalance"] == 100.0
 
 
+def test_impossible_settings_are_one_clear_line(small_pbc, tmp_path):
+    p = bmc("train", small_pbc, "--out", tmp_path / "r", "--views", "0", check=False)
+    assert p.returncode == 2 and p.stderr.strip() == "error: views must be >= 1, got 0"
+
+
 def test_too_small_class_fails_training_with_its_name(matek, tmp_path):
     p = bmc("train", matek, "--out", tmp_path / "r", check=False)
     assert p.returncode == 2 and "too small to split" in p.stderr and "PEB" in p.stderr

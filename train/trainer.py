@@ -33,6 +33,10 @@ MODES = ("auto", "cached", "full")
 STRATEGIES = ("auto", "default", "mirrored")
 
 
+class TrainError(ValueError):
+    """A training run that cannot be done as asked; the message says why."""
+
+
 @dataclasses.dataclass
 class TrainConfig:
     """Everything ``bmc train`` needs; written to ``config.json`` in the run folder."""
@@ -70,11 +74,11 @@ class TrainConfig:
 
     def __post_init__(self):
         if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+            raise TrainError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.strategy not in STRATEGIES:
-            raise ValueError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
+            raise TrainError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
         if self.views < 1:
-            raise ValueError("views must be >= 1")
+            raise TrainError(f"views must be >= 1, got {self.views}")
 
 
 class _Log:
@@ -422,7 +426,7 @@ def _train_full(cfg, contract, splits, index, log, gpus):
 
         scope = contextlib.nullcontext
         if cfg.strategy == "mirrored":
-            raise ValueError(f"--strategy mirrored needs the TensorFlow backend (this is {backend})")
+            raise TrainError(f"--strategy mirrored needs the TensorFlow backend (KERAS_BACKEND is {backend!r})")
         log(f"backend {backend}, one device")
     keras.utils.set_random_seed(cfg.seed)
     n = contract.num_classes
