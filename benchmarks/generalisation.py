@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.bccd import single_cell_fields
-from bmc.contract import preprocess, read_image
+from benchmarks.stain_calibration import CALIBRATIONS, calibrator, pooled_stats, reference_stats
+from bmc.contract import normalise_stain, preprocess, read_image
 from edge_app.cells import Box, SessionScale, crop_cell
 from edge_app.detect import find_cells
 
@@ -96,9 +97,6 @@ def score(model_path, bccd=DEFAULT_BCCD, orientations: int = 1, scale: float = 1
     clf, contract = load_classifier(model_path)
     cut = contract if scale == 1.0 else dataclasses.replace(contract, cell_fraction=contract.cell_fraction / scale)
     if calibrate != "none":
-        from benchmarks.stain_calibration import calibrator, pooled_stats, reference_stats
-        from bmc.contract import normalise_stain
-
         # the session's stain, pooled over all its images: BCCD's fields, or every Munich cell image
         fields = sorted(Path(matek).rglob("*.jpg")) if matek else sorted((Path(bccd) / "JPEGImages").glob("*.jpg"))
         fix = calibrator(pooled_stats(fields), reference_stats(reference), calibrate)
@@ -129,8 +127,6 @@ def main(argv=None):
     ap.add_argument("model")
     ap.add_argument("--bccd", default=str(DEFAULT_BCCD))
     ap.add_argument("--matek")
-    from benchmarks.stain_calibration import CALIBRATIONS
-
     ap.add_argument("--calibrate", default="none", choices=CALIBRATIONS)
     ap.add_argument("--json")
     ap.add_argument("--orientations", type=int, default=1)

@@ -69,7 +69,7 @@ def _readme(name, report, metrics, config, reproduce, extra, contract) -> str:
     if metrics:
         from train.metrics import per_class_table
 
-        how = (f"end to end (mode `full`), every image augmented afresh each epoch" if config.get("mode") == "full"
+        how = ("end to end (mode `full`), every image augmented afresh each epoch" if config.get("mode") == "full"
                else f"mode `{config.get('mode')}`, {config.get('views')} augmented views per image")
         minutes = (f"; {metrics['train_seconds'] / 60:.0f} min for the whole `bmc train` run on the training "
                    "machine" if metrics.get("train_seconds") else "")

@@ -1,9 +1,9 @@
 """Batches of training images for ``model.fit`` on any Keras backend (the end-to-end GPU path).
 
 A ``keras.utils.PyDataset``: worker processes decode and augment (threads would serialise on the
-GIL: the augmentations are many small numpy steps), and the batch order and every augmentation are drawn from ``(seed, epoch, index)``, so that a run is
-reproducible whatever the number of workers. An unreadable image gets weight 0 and is listed in
-``skipped``, never silently dropped.
+GIL: the augmentations are many small numpy steps), and the batch order and every augmentation
+are drawn from ``(seed, epoch, index)``, so that a run is reproducible whatever the number of
+workers. An unreadable image gets weight 0 and is listed in ``skipped``, never silently dropped.
 """
 
 from __future__ import annotations
@@ -22,11 +22,11 @@ class Batches(keras.utils.PyDataset):
 
     def __init__(self, samples, index: dict[str, int], contract: Contract, batch_size: int,
                  aug: AugmentConfig | None, seed: int, class_weight: dict[int, float] | None = None,
-                 skipped: list | None = None, workers: int = 1):
+                 workers: int = 1):
         super().__init__(workers=workers, use_multiprocessing=workers > 1, max_queue_size=4 * workers)
         self.samples, self.index, self.contract = samples, index, contract
         self.batch_size, self.aug, self.seed, self.class_weight = batch_size, aug, seed, class_weight
-        self.skipped = skipped if skipped is not None else []
+        self.skipped: list[tuple[str, str]] = []  # (path, why), as met in this process
         self.epoch = 0
         self.order = self._order()
 
