@@ -5,6 +5,8 @@
 * Field classification: on the fields with one labelled white cell (neutrophil, eosinophil,
   lymphocyte, monocyte), the field's most confident white cell is the field's answer, through the
   real edge session (finder, session scale, crop, classifier); balanced accuracy over the four.
+  Beside it, what a differential takes in without a person: the share of answers the app sets
+  aside for review, and the balanced accuracy of those it counts on its own.
   As the issue puts it, cells labelled platelet or erythroblast are set aside: they are not white
   cells (a field whose found cells are all set aside answers with its most confident cell, which
   is then wrong).
@@ -62,16 +64,23 @@ def field_classification(bccd, model: str | None = None, orientations: int | Non
                     echo=lambda m: None).run()
         db = sqlite3.connect(Path(tmp) / "s" / "session.sqlite")
         best = {}
-        for source, label, conf in db.execute("SELECT source, label, confidence FROM cell"):
+        for source, label, conf, flag in db.execute("SELECT source, label, confidence, flag FROM cell"):
             key = (label not in NOT_WHITE, conf)  # a white cell first, then the most confident
             if source not in best or key > best[source][1]:
-                best[source] = (label, key)
+                best[source] = (label, key, bool(flag))
         db.close()
     truth = [f.labels[0] for f in fields]
     pred = [best.get(f.image.name, ("none", 0))[0] for f in fields]
     classes = ["eosinophil", "lymphocyte", "monocyte", "neutrophil"]
     recall = {c: float(np.mean([p == c for t, p in zip(truth, pred) if t == c])) for c in classes}
+    # what reaches the differential unreviewed: the fields whose answer the app counts on its own
+    sure = [(t, p) for f, t, p in zip(fields, truth, pred) if f.image.name in best and not best[f.image.name][2]]
+    sure_recall = {c: float(np.mean([p == c for t, p in sure if t == c])) if any(t == c for t, _ in sure) else 0.0
+                   for c in classes}
     return {"fields": len(fields), "no_cell_found": sum(p == "none" for p in pred),
+            "set_aside": 1 - len(sure) / max(len(fields), 1),
+            "counted_accuracy": float(np.mean([t == p for t, p in sure])) if sure else 0.0,
+            "counted_balanced_accuracy": float(np.mean(list(sure_recall.values()))), "counted_recall": sure_recall,
             "accuracy": float(np.mean([t == p for t, p in zip(truth, pred)])),
             "balanced_accuracy": float(balanced_accuracy_score(truth, pred)),
             "recall": recall, "model": clf.path.name, "orientations": clf.orientations,

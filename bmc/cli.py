@@ -329,6 +329,64 @@ def edge_report(out_dir):
     click.echo(f"report: {path}")
 
 
+@edge.command("review")
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--by", "reviewer", help="who decides (default: the logged-in user); recorded with each decision")
+@click.option("--list", "list_only", is_flag=True, help="list the cells waiting for review and stop")
+@click.option("--cell", "cell_id", type=int, help="decide one cell (its id in cells.csv) with --label, or --undo")
+@click.option("--label", help="the class of --cell, or 'rejected' (not a countable cell)")
+@click.option("--undo", is_flag=True, help="withdraw the latest decision on --cell")
+@click.option("--apply", "apply_file", type=click.Path(dir_okay=False),
+              help="decisions from a CSV with columns id,label (e.g. cells.csv with a filled-in label)")
+@click.option("--all", "include_counted", is_flag=True,
+              help="in the window, go on to the cells the model counted, least confident first")
+@click.option("--new-label", is_flag=True, help="allow a class the model does not know (e.g. blast)")
+def edge_review(out_dir, reviewer, list_only, cell_id, label, undo, apply_file, include_counted, new_label):
+    """Review the cells OUT_DIR set aside: one by one in a window, or by --cell/--label or --apply;
+    then rewrite cells.csv and report.html with the differential after review."""
+    import sqlite3
+
+    from edge_app.app import NO_GUI_HINT, has_display, opencv_gui
+    from edge_app.report import build_report
+    from edge_app.review import Reviewer, ReviewError, queue, review_window
+    from edge_app.store import write_csv
+
+    if (label or undo) and cell_id is None:
+        raise click.UsageError("--label and --undo need --cell ID")
+    if cell_id is not None and bool(label) == bool(undo):
+        raise click.UsageError("--cell needs --label L or --undo (one of them)")
+    try:
+        with Reviewer(out_dir, reviewer, allow_new_labels=new_label) as r:
+            if list_only:
+                todo = queue(r.cells(), include_counted)
+                click.echo("id,source,frame,model_label,confidence,flag,crop")
+                for c in todo:
+                    click.echo(f"{c.id},{c.source},{c.frame},{c.model_label},{c.confidence:.3f},{c.flag},{c.crop}")
+                click.echo(f"{len(todo)} cells to review", err=True)
+                return
+            if cell_id is not None:
+                if undo:
+                    r.undo(cell_id)
+                    click.echo(f"cell {cell_id}: decision withdrawn")
+                else:
+                    click.echo(f"cell {cell_id}: {r.decide(cell_id, label)} (by {r.name})")
+            elif apply_file:
+                click.echo(f"{r.apply(apply_file)} decisions recorded from {apply_file} (by {r.name})")
+            else:
+                if not has_display() or not opencv_gui():
+                    why = "no screen" if not has_display() else NO_GUI_HINT
+                    raise _Fail(f"the review window needs a screen ({why}); without one, list the cells with "
+                                f"--list and decide with --cell ID --label L or --apply decisions.csv")
+                n = review_window(r, include_counted, echo=click.echo)
+                click.echo(f"{n} decisions recorded (by {r.name})")
+    except (ReviewError, FileNotFoundError) as e:
+        raise _Fail(str(e)) from e
+    except sqlite3.Error as e:
+        raise _Fail(f"{out_dir}/session.sqlite: {e}") from e
+    _guard(write_csv, out_dir)
+    click.echo(f"report: {_guard(build_report, out_dir)}")
+
+
 @main.group()
 def bench():
     """Measure models and the edge pipeline (benchmarks/)."""
@@ -435,6 +493,9 @@ def bench_bccd(bccd, model, orientations, white_balance, json_out):
                f"{c['orientations']} orientations{', white-balanced' if c['white_balance'] else ''}): accuracy "
                f"{c['accuracy']:.4f}, balanced accuracy {c['balanced_accuracy']:.4f}; recall "
                + ", ".join(f"{k} {v:.2f}" for k, v in c["recall"].items()))
+    click.echo(f"counted without review: {1 - c['set_aside']:.1%} of the fields' answers (the rest set aside); "
+               f"accuracy {c['counted_accuracy']:.4f}, balanced accuracy {c['counted_balanced_accuracy']:.4f}; "
+               "recall " + ", ".join(f"{k} {v:.2f}" for k, v in c["counted_recall"].items()))
     if json_out:
         _write_json(json_out, {"finding": f, "classification": c})
 

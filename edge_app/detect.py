@@ -55,10 +55,18 @@ class FoundCell:
     centre: tuple[float, float]
 
 
+def median_u8(channel: np.ndarray) -> float:
+    """``np.median`` of a uint8 array, exactly, from its histogram (several times faster)."""
+    cum = np.cumsum(np.bincount(channel.ravel(), minlength=256))
+    n = int(cum[-1])
+    lo = int(np.searchsorted(cum, (n - 1) // 2 + 1))  # the two middle order statistics
+    hi = int(np.searchsorted(cum, n // 2 + 1))
+    return (lo + hi) / 2
+
+
 def stain_mask(bgr: np.ndarray, cfg: FinderConfig) -> np.ndarray:
     lab = cv2.cvtColor(bgr, cv2.COLOR_BGR2LAB)
-    l, b = lab[..., 0].astype(np.int16), lab[..., 2].astype(np.int16)
-    mask = (b < np.median(b) - cfg.b_drop) & (l < np.median(l) - cfg.l_drop)
+    mask = (lab[..., 2] < median_u8(lab[..., 2]) - cfg.b_drop) & (lab[..., 0] < median_u8(lab[..., 0]) - cfg.l_drop)
     mask = mask.astype(np.uint8) * 255
     if cfg.open_px:
         mask = cv2.morphologyEx(mask, cv2.MORPH_OPEN, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (cfg.open_px,) * 2))

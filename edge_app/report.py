@@ -1,8 +1,9 @@
 """``bmc edge report DIR``: one self-contained HTML file per session folder.
 
-Counts, percentages and derived ratios, the cells flagged for review, and a thumbnail grid per
-class — images inlined as base64, no script, no external link: it opens in any browser on a
-machine with no network, and can be printed or copied to a USB stick as it is.
+Counts, percentages and derived ratios after review (:mod:`edge_app.review`), the cells still
+waiting for review and those a person decided, and a thumbnail grid per class — images inlined
+as base64, no script, no external link: it opens in any browser on a machine with no network,
+and can be printed or copied to a USB stick as it is.
 """
 
 from __future__ import annotations
@@ -11,9 +12,9 @@ import base64
 import html
 import json
 import sqlite3
-from collections import Counter
 from pathlib import Path
 
+from edge_app import review
 from edge_app.differential import ERYTHROID, MYELOID
 
 THUMBS_PER_CLASS = 48
@@ -29,18 +30,18 @@ def _img(path: Path, size: int = 72) -> str:
 
 def build_report(out_dir: str | Path) -> Path:
     out_dir = Path(out_dir)
-    db_path = out_dir / "session.sqlite"
-    if not db_path.is_file():
-        raise FileNotFoundError(f"{out_dir}: no session.sqlite (is this a 'bmc edge run --out' folder?)")
-    db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+    db = review.connect(out_dir)
     db.row_factory = sqlite3.Row
     sessions = db.execute("SELECT * FROM session ORDER BY id").fetchall()
-    cells = db.execute("SELECT * FROM cell ORDER BY id").fetchall()
     frames = db.execute("SELECT COUNT(*) n, SUM(error IS NOT NULL) bad FROM frame").fetchone()
+    db.row_factory = None
+    cells = review.cells(db)
     db.close()
     labels = json.loads(sessions[-1]["labels"]) if sessions else []
-    counted = Counter(c["label"] for c in cells if not c["flag"])
-    flagged = [c for c in cells if c["flag"]]
+    counted = review.differential(cells)
+    labels += sorted(set(counted) - set(labels))  # classes a reviewer named that the model does not know
+    pending = [c for c in cells if c.status == "pending"]
+    decided = [c for c in cells if c.status in ("reviewed", "rejected")]
     n = sum(counted.values())
     esc = html.escape
 
@@ -58,18 +59,30 @@ def build_report(out_dir: str | Path) -> Path:
         f"<td>{esc(s['status'])}</td><td>{esc(s['source'])}</td><td>{esc(s['model_file'])}<br>"
         f"<code>{esc(s['model_sha256'][:16])}…</code>{_orientations(s)}</td><td>{esc(s['device'])}</td></tr>"
         for s in sessions)
-    review = "".join(
-        f"<figure>{_img(out_dir / c['crop']) if c['crop'] else ''}<figcaption>{esc(c['label'])} "
-        f"{c['confidence']:.2f}<br>{esc(c['flag'])}<br>{esc(c['source'])} #{c['frame']}</figcaption></figure>"
-        for c in flagged[:200])
+    waiting = "".join(
+        f"<figure>{_img(out_dir / c.crop) if c.crop else ''}<figcaption>cell {c.id}<br>{esc(c.model_label)} "
+        f"{c.confidence:.2f}<br>{esc(c.flag)}<br>{esc(c.source)} #{c.frame}</figcaption></figure>"
+        for c in pending[:200])
+    reviewed = "".join(
+        f"<figure>{_img(out_dir / c.crop) if c.crop else ''}<figcaption>cell {c.id}<br>model: "
+        f"{esc(c.model_label)} {c.confidence:.2f}<br><b>{esc(c.reviewed_label)}</b><br>{esc(c.reviewer)}"
+        f"</figcaption></figure>" for c in decided[:200])
+    changed = sum(c.reviewed_label != c.model_label for c in decided)
+    if pending:
+        advice = (f"Automated classification: <b class='warn'>{len(pending)}</b> cells wait for review "
+                  f"(<code>bmc edge review {esc(out_dir.name)}</code>) and are not counted yet.")
+    else:
+        advice = "No cell waits for review."
     grids = ""
     for l in labels:
-        members = [c for c in cells if c["label"] == l and not c["flag"] and c["crop"]]
+        members = [c for c in cells if c.final_label == l and c.crop]
         if not members:
             continue
-        shown = sorted(members, key=lambda c: c["confidence"])[:THUMBS_PER_CLASS]
-        grids += (f"<h3>{esc(l)} — {len(members)} cells (least confident first, {len(shown)} shown)</h3><div class='grid'>"
-                  + "".join(f"<figure>{_img(out_dir / c['crop'])}<figcaption>{c['confidence']:.2f}</figcaption></figure>"
+        shown = sorted(members, key=lambda c: (c.status != "reviewed", c.confidence))[:THUMBS_PER_CLASS]
+        grids += (f"<h3>{esc(l)} — {len(members)} cells (reviewed, then least confident first, {len(shown)} shown)"
+                  f"</h3><div class='grid'>"
+                  + "".join(f"<figure>{_img(out_dir / c.crop)}<figcaption>"
+                            f"{'reviewed' if c.status == 'reviewed' else f'{c.confidence:.2f}'}</figcaption></figure>"
                             for c in shown) + "</div>")
     doc = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>bmc differential — {esc(out_dir.name)}</title>
@@ -81,14 +94,17 @@ figcaption{{overflow-wrap:anywhere;line-height:1.2}}
 .missing{{background:#eee;font-size:10px}} .warn{{color:#a40}}
 </style></head><body>
 <h1>Differential count</h1>
-<p><b>{n}</b> cells counted, <b class="warn">{len(flagged)}</b> set aside for review, {frames['n'] or 0} frames
-({frames['bad'] or 0} unreadable). Automated classification: review flagged cells before reporting.</p>
+<p><b>{n}</b> cells counted ({sum(c.status == "reviewed" for c in cells)} of them named by a reviewer),
+{sum(c.status == "rejected" for c in cells)} rejected in review, {frames['n'] or 0} frames
+({frames['bad'] or 0} unreadable). {advice}</p>
 <table><tr><th>class</th><th>count</th><th>%</th><th></th></tr>{rows}</table>
 {ratio}
-<h2>Cells for review ({len(flagged)})</h2><div class="grid">{review or '<p>none</p>'}</div>
+<h2>Cells waiting for review ({len(pending)})</h2><div class="grid">{waiting or '<p>none</p>'}</div>
+<h2>Reviewed cells ({len(decided)}; the reviewer changed the model's call on {changed})</h2>
+<div class="grid">{reviewed or '<p>none</p>'}</div>
 <h2>Cells by class</h2>{grids or '<p>no cell crops saved</p>'}
 <h2>Sessions</h2><table><tr><th>id</th><th>started</th><th>ended</th><th>status</th><th>source</th><th>model</th><th>device</th></tr>{sess}</table>
-<p style="font-size:11px;color:#666">Generated by bmc from {esc(str(db_path.name))}; all data stays on this device.</p>
+<p style="font-size:11px;color:#666">Generated by bmc from session.sqlite; all data stays on this device.</p>
 </body></html>
 """
     out = out_dir / "report.html"

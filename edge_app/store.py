@@ -20,6 +20,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from edge_app import review
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS session (
     id INTEGER PRIMARY KEY, started TEXT NOT NULL, ended TEXT, source TEXT NOT NULL,
@@ -39,7 +41,11 @@ CREATE TABLE IF NOT EXISTS cell (
 );
 CREATE INDEX IF NOT EXISTS cell_session ON cell(session_id);
 """
-CSV_COLUMNS = ["source", "frame", "x", "y", "w", "h", "label", "confidence", "flag", "track", "crop"]
+# ``label`` is the model's call; ``counted_as`` the class the cell counts as after review (empty
+# while it waits for review or when a reviewer rejected it); ``id`` is what a reviewer's
+# decisions file refers to (``bmc edge review --apply``)
+CSV_COLUMNS = ["source", "frame", "x", "y", "w", "h", "label", "confidence", "flag", "track", "crop", "id",
+               "reviewed_label", "reviewed_by", "counted_as"]
 
 
 class StorageFull(RuntimeError):
@@ -125,11 +131,14 @@ def _now() -> str:
 
 
 def write_csv(out_dir: str | Path) -> Path:
-    """``cells.csv`` from the session database (all sessions in the folder)."""
+    """``cells.csv`` from the session database (all sessions in the folder), with the reviews."""
     out_dir = Path(out_dir)
-    db = sqlite3.connect(f"file:{out_dir / 'session.sqlite'}?mode=ro", uri=True)
-    rows = db.execute("SELECT " + ", ".join(CSV_COLUMNS) + " FROM cell ORDER BY id").fetchall()
-    db.close()
+    db = review.connect(out_dir)
+    try:
+        rows = [(c.source, c.frame, *c.box, c.model_label, c.confidence, c.flag, c.track, c.crop, c.id,
+                 c.reviewed_label, c.reviewer if c.reviewed_label else "", c.final_label) for c in review.cells(db)]
+    finally:
+        db.close()
     tmp = out_dir / "cells.csv.tmp"
     with open(tmp, "w", newline="") as fh:
         w = csv.writer(fh)

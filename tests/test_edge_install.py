@@ -46,8 +46,12 @@ def test_edge_extra_alone_runs_the_app(tmp_path, bccd):
     assert run.returncode == 0, run.stdout + run.stderr
     assert "session finished: 5 frames" in run.stdout
     assert (out / "cells.csv").read_text().count("\n") > 1
+    # a technician's decision on a cell, with the report rewritten, on the device too
+    reviewed = subprocess.run([str(env_dir / "bin" / "bmc"), "edge", "review", str(out), "--cell", "1", "--label",
+                               "rejected", "--by", "tech"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert reviewed.returncode == 0 and "cell 1: rejected (by tech)" in reviewed.stdout, reviewed.stdout + reviewed.stderr
     # and nothing it imported pulled TensorFlow in
-    probe = subprocess.run([str(py), "-c", "import sys, bmc.cli, edge_app.app, edge_app.report; "
+    probe = subprocess.run([str(py), "-c", "import sys, bmc.cli, edge_app.app, edge_app.report, edge_app.review; "
                             "print('tensorflow' in sys.modules)"], capture_output=True, text=True, cwd=tmp_path)
     assert probe.stdout.strip() == "False", probe.stderr
     # a screen without a window-capable OpenCV: said once, and the session goes on headless

@@ -1,0 +1,150 @@
+"""Reviewing the cells a session set aside, on a real session of BCCD fields with the shipped model."""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import sqlite3
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import bmc
+from edge_app import review
+from edge_app.app import EdgeSession, SessionConfig
+from edge_app.model import DEFAULT_MODEL, CellClassifier
+from edge_app.review import REJECTED, Reviewer, ReviewError, review_window
+from edge_app.store import SessionStore
+
+
+@pytest.fixture(scope="module")
+def recorded(bccd, tmp_path_factory) -> Path:
+    """A real session folder: 24 BCCD fields (another microscope: many cells are set aside)."""
+    src = tmp_path_factory.mktemp("fields")
+    for f in sorted((bccd / "JPEGImages").glob("*.jpg"))[:24]:
+        (src / f.name).symlink_to(f)
+    out = tmp_path_factory.mktemp("recorded") / "s"
+    EdgeSession(str(src), CellClassifier(DEFAULT_MODEL, threads=2), out, SessionConfig(),
+                echo=lambda m: None).run()
+    return out
+
+
+@pytest.fixture
+def session(recorded, tmp_path) -> Path:
+    out = tmp_path / "s"
+    shutil.copytree(recorded, out)
+    return out
+
+
+def _csv(out: Path) -> list[dict]:
+    return list(csv.DictReader(open(out / "cells.csv")))
+
+
+def _reviews(out: Path) -> list[tuple]:
+    db = sqlite3.connect(out / "session.sqlite")
+    rows = db.execute("SELECT cell_id, label, reviewer FROM review ORDER BY id").fetchall()
+    db.close()
+    return rows
+
+
+def test_decisions_enter_the_differential_csv_and_report(session):
+    before = _csv(session)
+    flagged = [r for r in before if r["flag"]]
+    sure = [r for r in before if not r["flag"]]
+    assert len(flagged) >= 4 and sure, "the fixture needs cells set aside and cells counted"
+    assert all(r["counted_as"] == "" for r in flagged) and all(r["counted_as"] == r["label"] for r in sure)
+
+    listed = bmc("edge", "review", session, "--list").stdout.strip().splitlines()
+    assert listed[0].startswith("id,") and [l.split(",")[0] for l in listed[1:]] == [r["id"] for r in flagged]
+
+    a, b, c, d = flagged[:4]
+    bmc("edge", "review", session, "--cell", a["id"], "--label", "Monocyte", "--by", "anna")
+    decisions = session / "decisions.csv"
+    decisions.write_text(f"id,label\n{b['id']},lymphocyte\n{c['id']},{REJECTED}\n{d['id']},\n")
+    p = bmc("edge", "review", session, "--apply", decisions, "--by", "ben")
+    assert "2 decisions recorded" in p.stdout
+
+    after = {r["id"]: r for r in _csv(session)}
+    assert (after[a["id"]]["reviewed_label"], after[a["id"]]["reviewed_by"], after[a["id"]]["counted_as"]) \
+        == ("monocyte", "anna", "monocyte")
+    assert after[b["id"]]["counted_as"] == "lymphocyte" and after[b["id"]]["reviewed_by"] == "ben"
+    assert after[c["id"]]["reviewed_label"] == REJECTED and after[c["id"]]["counted_as"] == ""
+    assert after[d["id"]]["reviewed_label"] == ""  # left undecided in the file: still waiting
+    assert after[a["id"]]["label"] == a["label"]  # the model's call is kept beside the decision
+
+    page = (session / "report.html").read_text()  # rewritten by the review
+    assert f"<b>{len(sure) + 2}</b> cells counted (2 of them named by a reviewer)" in page
+    assert f"Cells waiting for review ({len(flagged) - 3})" in page and "1 rejected in review" in page
+    assert f"cell {a['id']}<br>model: {a['label']}" in page
+
+    # undo: the cell goes back to waiting, and the trail keeps both rows
+    bmc("edge", "review", session, "--cell", a["id"], "--undo", "--by", "anna")
+    assert _csv(session)[int(a["id"]) - 1]["counted_as"] == ""
+    assert [r for r in _reviews(session) if r[0] == int(a["id"])] == [(int(a["id"]), "monocyte", "anna"),
+                                                                      (int(a["id"]), None, "anna")]
+
+
+def test_bad_decisions_are_refused_and_record_nothing(session):
+    first = _csv(session)[0]["id"]
+    bad = session / "bad.csv"
+    bad.write_text(f"id,label\n{first},neutrophil\n{first},monocite\n")
+    p = bmc("edge", "review", session, "--apply", bad, check=False)
+    assert p.returncode == 2 and "bad.csv:3: 'monocite' is not a label" in p.stderr
+    assert _reviews(session) == []  # the good line before it was not recorded either
+
+    p = bmc("edge", "review", session, "--cell", "99999", "--label", "neutrophil", check=False)
+    assert p.returncode == 2 and "no cell 99999" in p.stderr
+    p = bmc("edge", "review", session, "--cell", first, "--label", "blast", check=False)
+    assert p.returncode == 2 and "--new-label" in p.stderr
+    p = bmc("edge", "review", session / "nowhere", "--list", check=False)
+    assert p.returncode == 2 and "no session.sqlite" in p.stderr
+    no_screen = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY")}
+    p = bmc("edge", "review", session, check=False, env=no_screen)
+    assert p.returncode == 2 and "--apply" in p.stderr
+
+    # a class the model does not know, asked for explicitly: counted and listed in the report
+    bmc("edge", "review", session, "--cell", first, "--label", "blast", "--new-label")
+    assert _csv(session)[0]["counted_as"] == "blast"
+    assert "<td>blast</td><td>1</td>" in (session / "report.html").read_text()
+
+
+def test_review_window_keys(session):
+    """The window's loop driven by recorded key presses (a CI machine has no screen)."""
+    shown = []
+    keys = iter([ord("2"), 13, ord("x"), ord("b"), ord("n"), ord("?"), ord("1"), ord("q")])
+    with Reviewer(session, "carla") as r:
+        todo = review.queue(r.cells())
+        n = review_window(r, show=shown.append, wait_key=lambda: next(keys), echo=lambda m: None)
+        labels = todo[0].labels
+    # 2 → second label; Enter → the model's call; x → rejected, then b withdraws it and shows that
+    # cell again; n skips it; ? is no key; 1 → the first label for the next cell; q ends
+    assert n == 3
+    assert _reviews(session) == [(todo[0].id, labels[1], "carla"), (todo[1].id, todo[1].model_label, "carla"),
+                                 (todo[2].id, REJECTED, "carla"), (todo[2].id, None, "carla"),
+                                 (todo[3].id, labels[0], "carla")]
+    assert len(shown) == 8 and all(img.ndim == 3 and img.dtype == np.uint8 for img in shown)
+    assert np.array_equal(shown[2], shown[4]) and not np.array_equal(shown[2], shown[3])  # b: that cell again
+    assert np.array_equal(shown[5], shown[6])  # an unassigned key: the same cell again
+    with Reviewer(session) as r:
+        statuses = {c.id: c.status for c in r.cells()}
+    assert statuses[todo[2].id] == "pending" and statuses[todo[0].id] == "reviewed"
+
+
+def test_review_while_the_session_is_still_recording(session, tmp_path):
+    """A reviewer and a running session write to the same database (WAL) without losing either."""
+    out = tmp_path / "live"
+    store = SessionStore(out, "camera0", DEFAULT_MODEL.name, "0" * 64, ["lymphocyte", "neutrophil"])
+    cell = {"x": 1, "y": 2, "w": 30, "h": 30, "label": "neutrophil", "confidence": 0.5,
+            "probabilities": [0.5, 0.5], "flag": "top two within 0.00", "track": 1}
+    store.record_frame(0, "f0", [cell], [None])
+    with Reviewer(out, "dana") as r:
+        r.decide(1, "lymphocyte")
+        store.record_frame(1, "f1", [cell], [None])  # the session goes on while the reviewer works
+        r.decide(2, "neutrophil")
+        with pytest.raises(ReviewError, match="not a label"):
+            r.decide(2, "eosinophil")
+    store.close()
+    rows = _csv(out)
+    assert [r["counted_as"] for r in rows] == ["lymphocyte", "neutrophil"]
