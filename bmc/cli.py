@@ -117,6 +117,34 @@ def data_pack(source, dest, side, quality, label_from):
     click.echo(f"{n} images packed into {dest}" + (f" ({len(skipped)} unreadable, left out)" if skipped else ""))
 
 
+@data.command("harvest")
+@click.argument("sessions", nargs=-1, required=True, type=click.Path(file_okay=False))
+@click.option("--out", "dest", required=True, type=click.Path(file_okay=False), help="data set folder to write")
+@click.option("--with", "with_data", type=click.Path(file_okay=False),
+              help="also list every image of this data set in the manifest (e.g. ../shared/data/pbc)")
+@click.option("--label-from", type=click.Choice(["folder", "prefix"]), default="folder", show_default=True,
+              help="how --with's images are labelled")
+@click.option("--model", type=click.Path(dir_okay=False),
+              help="the .tflite the sessions ran with, for sessions that do not record its contract")
+def data_harvest(sessions, dest, with_data, label_from, model):
+    """The cells a person labelled in edge SESSIONS (bmc edge review) as a training set: DEST/<label>/*.png
+    at the trained geometry and DEST/manifest.csv; train with: bmc train DEST --manifest DEST/manifest.csv"""
+    from train.harvest import harvest
+
+    fallback = None
+    if model:
+        from bmc.card import load_card
+
+        fallback = _guard(load_card, model)[1]
+    s = _guard(harvest, sessions, dest, with_data, label_from, fallback)
+    for item in s["skipped"]:
+        click.echo(f"skipped {item['cell']}: {item['why']}", err=True)
+    click.echo(f"{s['cells']} reviewed cells written to {dest} ("
+               + ", ".join(f"{k} {v}" for k, v in sorted(s["by_label"].items())) + ")"
+               + (f", with {s['with_data_images']} images of {with_data}" if with_data else "")
+               + f"; train with: bmc train {dest} --manifest {dest}/manifest.csv")
+
+
 @main.command("train")
 @click.argument("data_dir", type=click.Path(file_okay=False))
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="run folder to write")

@@ -87,7 +87,8 @@ class EdgeSession:
                                                       "orientations": classifier.orientations,
                                                       "white_balance": self.lamp.active,
                                                       "finder": dataclasses.asdict(config.finder),
-                                                      "review": dataclasses.asdict(config.review)},
+                                                      "review": dataclasses.asdict(config.review),
+                                                      "contract": classifier.contract.to_dict()},
                                   save_crops=config.save_crops)
         self.result = SessionResult()
         self._stop = False

@@ -6,6 +6,7 @@ import csv
 import os
 import shutil
 import sqlite3
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -148,3 +149,46 @@ def test_review_while_the_session_is_still_recording(session, tmp_path):
     store.close()
     rows = _csv(out)
     assert [r["counted_as"] for r in rows] == ["lymphocyte", "neutrophil"]
+
+
+def test_reviewed_cells_become_training_data_at_the_trained_scale(session, small_pbc, tmp_path):
+    """bmc data harvest: the cells a person labelled, padded to a training image's geometry, in a
+    manifest with another data set; the trainer reads it and measures the model's own cell scale."""
+    from bmc.contract import centre_square, read_image
+    from train.cellscale import measure_cell_fraction
+    from train.data import discover, split
+
+    contract = CellClassifier(DEFAULT_MODEL).contract
+    with Reviewer(session, "erin") as r:
+        all_cells = r.cells()
+        for c in all_cells[1:]:
+            r.decide(c.id, c.model_label)  # confirmed, including cells the model was unsure of
+        r.decide(all_cells[0].id, REJECTED)
+    dest = tmp_path / "lab"
+    p = bmc("data", "harvest", session, "--out", dest, "--with", small_pbc)
+    assert f"{len(all_cells) - 1} reviewed cells written" in p.stdout
+
+    rows = list(csv.DictReader(open(dest / "manifest.csv")))
+    mine = [r for r in rows if not Path(r["path"]).is_absolute()]
+    assert len(mine) == len(all_cells) - 1 and len(rows) == len(mine) + 65  # small_pbc: 64 images + 1 corrupt
+    by_id = {c.id: c for c in all_cells}
+    for row in mine:
+        cell = by_id[int(row["path"].rsplit("_c", 1)[1].split(".")[0])]
+        assert row["label"] == cell.model_label and row["group"].endswith(":" + cell.source)
+        image = read_image(str(dest / row["path"]))
+        stored = read_image(str(session / cell.crop))
+        # the contract's centre crop of the training image is the stored crop, pixel for pixel
+        assert np.array_equal(centre_square(image, contract.crop_fraction), stored)
+
+    samples = discover(dest, manifest=dest / "manifest.csv")
+    ours = [s for s in samples if str(dest) in s.path]
+    fraction, n = measure_cell_fraction(ours, contract.crop_fraction)
+    assert n >= 5 and abs(fraction - contract.cell_fraction) < 0.2 * contract.cell_fraction, (fraction, n)
+    known = {s.label for s in samples if s not in ours}  # small_pbc's classes; the lab's others are too few
+    parts = split([s for s in samples if s.label in known], seed=1)
+    groups = Counter(s.group for s in ours if s.label in known)
+    assert max(groups.values()) >= 2  # fields with several cells: the grouping is put to the test
+    for field in groups:  # the cells of one field stay in one part of the split
+        assert sum(any(s.group == field for s in parts[k]) for k in parts) == 1
+    p = bmc("data", "harvest", tmp_path / "nowhere", "--out", tmp_path / "x", check=False)
+    assert p.returncode == 2 and "no session.sqlite" in p.stderr
