@@ -188,8 +188,10 @@ def train_cmd(data_dir, out, **kw):
 @click.option("--split", "split_file", type=click.Path(dir_okay=False),
               help="evaluate on one part of a split.json instead of DATA_DIR")
 @click.option("--part", type=click.Choice(["train", "val", "test"]), default="test", show_default=True)
+@click.option("--orientations", type=click.Choice(["1", "2", "4", "8"]), default="1", show_default=True,
+              help="average each image over this many rotations / mirror images, as the edge app does")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="write the metrics as JSON")
-def evaluate_cmd(model, data_dir, split_file, part, json_out):
+def evaluate_cmd(model, data_dir, split_file, part, orientations, json_out):
     """Accuracy, macro-F1 and per-class metrics of MODEL (.keras or .tflite) on DATA_DIR, or on
     the held-out part of a run's split (--split runs/x/split.json)."""
     from train.evaluate import evaluate
@@ -197,8 +199,10 @@ def evaluate_cmd(model, data_dir, split_file, part, json_out):
 
     if (data_dir is None) == (split_file is None):
         raise click.UsageError("give DATA_DIR or --split FILE (one of them)")
-    m = _guard(evaluate, model, data_dir, split_file=split_file, part=part)
+    m = _guard(evaluate, model, data_dir, split_file=split_file, part=part, orientations=int(orientations))
     click.echo(per_class_table(m))
+    click.echo(f"the edge app's review policy would set aside {m['set_aside']:.1%} of these images; "
+               f"accuracy of the rest {m['counted_accuracy']:.4f}")
     if json_out:
         _write_json(json_out, m)
 

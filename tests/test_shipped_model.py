@@ -41,3 +41,10 @@ def test_shipped_int8_on_held_out_pbc_images(tmp_path):
     assert m["n"] == len(rows[::5])
     # the full split's figures are in the model card; a fifth of it is noisier
     assert m["accuracy"] >= 0.95 and m["macro_f1"] >= 0.94, m
+    # in domain the review policy sets few cells aside, and the cells it counts are the surer ones
+    assert m["set_aside"] < 0.08 and m["counted_accuracy"] >= m["accuracy"], m
+    # as the edge app classifies (4 orientations, averaged): as good, scored on the same images
+    p = bmc("evaluate", DEFAULT_MODEL, tmp_path / "data", "--orientations", "4", "--json", out)
+    m4 = json.loads(out.read_text())
+    assert m4["orientations"] == 4 and m4["n"] == m["n"] and m4["accuracy"] >= m["accuracy"] - 0.01, m4
+    assert "review policy would set aside" in p.stdout

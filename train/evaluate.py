@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from bmc.contract import Contract, preprocess, read_image
+from edge_app.differential import ReviewPolicy
+from edge_app.model import predict_oriented
 from train import data as data_mod
 from train.metrics import classification_metrics, per_class_table, plot_confusion
 
@@ -85,7 +87,9 @@ def match_labels(data_labels, model_labels) -> dict[str, str]:
     return {l: lower[l.lower()] for l in data_labels}
 
 
-def evaluate_samples(model, contract: Contract, samples, batch_size: int = 32) -> dict:
+def evaluate_samples(model, contract: Contract, samples, batch_size: int = 32, orientations: int = 1) -> dict:
+    """Metrics over ``samples``; ``orientations`` > 1 averages each image over that many rotations /
+    mirror images, as the edge app does (:func:`edge_app.model.predict_oriented`)."""
     clf = model if hasattr(model, "predict") and not hasattr(model, "layers") else KerasClassifier(model)
     mapping = match_labels(sorted({s.label for s in samples}), contract.labels)
     index = {l: i for i, l in enumerate(contract.labels)}
@@ -99,16 +103,21 @@ def evaluate_samples(model, contract: Contract, samples, batch_size: int = 32) -
             except ValueError as e:
                 skipped.append({"path": s.path, "why": str(e)})
         if xs:
-            probs.append(clf.predict(np.stack(xs)))
+            probs.append(predict_oriented(clf.predict, np.stack(xs), orientations))
     if not ys:
         raise EvaluationError("no readable images to evaluate")
-    m = classification_metrics(np.asarray(ys), np.concatenate(probs), list(contract.labels))
+    probs, ys = np.concatenate(probs), np.asarray(ys)
+    m = classification_metrics(ys, probs, list(contract.labels))
+    # the edge app's review policy: the share it would set aside, and how right the rest is
+    sure = np.array([not ReviewPolicy().flag(p) for p in probs])
+    m["set_aside"] = float(1 - sure.mean())
+    m["counted_accuracy"] = float((probs[sure].argmax(1) == ys[sure]).mean()) if sure.any() else 0.0
     m["skipped"] = skipped
     return m
 
 
 def evaluate(model_path: str | Path, data_dir: str | Path | None, label_from: str = "folder",
-             split_file: str | Path | None = None, part: str = "test") -> dict:
+             split_file: str | Path | None = None, part: str = "test", orientations: int = 1) -> dict:
     """Metrics of a model on a class-folder data set, or on one part of a saved split."""
     clf, contract = load_classifier(model_path)
     if split_file is not None:
@@ -118,8 +127,9 @@ def evaluate(model_path: str | Path, data_dir: str | Path | None, label_from: st
         samples = parts[part]
     else:
         samples = data_mod.discover(data_dir, label_from)
-    m = evaluate_samples(clf, contract, samples)
+    m = evaluate_samples(clf, contract, samples, orientations=orientations)
     m["model"] = str(model_path)
+    m["orientations"] = orientations
     m["data"] = f"{split_file} ({part})" if split_file is not None else str(data_dir)
     return m
 
