@@ -9,6 +9,7 @@ until a person confirms them (as a technician would set aside a cell they cannot
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 
@@ -17,6 +18,36 @@ MYELOID = {"neutrophil", "ig", "eosinophil", "basophil", "monocyte", "promyelocy
            "metamyelocyte", "band", "segmented", "pmy", "my", "mmy", "bne", "sne", "ngb", "ngs", "mmz",
            "myb", "pmo", "eos", "bas", "mon"}
 ERYTHROID = {"erythroblast", "erb", "ebo", "peb", "proerythroblast"}
+
+
+def count_interval(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
+    """The exact (Clopper-Pearson) confidence interval of a class's share when ``k`` of ``n`` counted
+    cells belong to it — the binomial limits behind Rümke's table, which hematology uses to say how
+    far a differential of ``n`` cells can be trusted (5 eosinophils in 100 cells: 1.6–11.3%)."""
+    if not 0 <= k <= n or n == 0:
+        raise ValueError(f"need 0 <= k <= n and n > 0, got k={k}, n={n}")
+    tail = (1 - level) / 2
+    i = np.arange(n + 1)
+    log_fact = np.concatenate([[0.0], np.cumsum(np.log(np.arange(1, n + 1)))])
+    log_choose = log_fact[n] - log_fact - log_fact[::-1]
+
+    def cdf(upto: int, p: float) -> float:  # P(X <= upto), X ~ Binomial(n, p), in log space
+        if p <= 0.0 or p >= 1.0:
+            return 1.0 if p <= 0.0 or upto >= n else 0.0
+        logs = log_choose[:upto + 1] + i[:upto + 1] * math.log(p) + (n - i[:upto + 1]) * math.log1p(-p)
+        top = logs.max()
+        return float(min(1.0, math.exp(top) * np.exp(logs - top).sum()))
+
+    def solve(upto: int, target: float) -> float:  # the p where P(X <= upto) = target (it falls with p)
+        lo, hi = 0.0, 1.0
+        for _ in range(60):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if cdf(upto, mid) > target else (lo, mid)
+        return (lo + hi) / 2
+
+    lower = 0.0 if k == 0 else solve(k - 1, 1 - tail)  # P(X >= k) = tail
+    upper = 1.0 if k == n else solve(k, tail)  # P(X <= k) = tail
+    return lower, upper
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,7 +15,7 @@ import sqlite3
 from pathlib import Path
 
 from edge_app import review
-from edge_app.differential import ERYTHROID, MYELOID
+from edge_app.differential import ERYTHROID, MYELOID, count_interval
 
 THUMBS_PER_CLASS = 48
 
@@ -45,8 +45,13 @@ def build_report(out_dir: str | Path) -> Path:
     n = sum(counted.values())
     esc = html.escape
 
+    def limits(k: int) -> str:
+        lo, hi = count_interval(k, n) if n else (0.0, 1.0)
+        return f"{100 * lo:.1f}–{100 * hi:.1f}%"
+
     rows = "".join(
         f"<tr><td>{esc(l)}</td><td>{counted.get(l, 0)}</td><td>{100 * counted.get(l, 0) / n if n else 0:.1f}%</td>"
+        f"<td>{limits(counted.get(l, 0))}</td>"
         f"<td><div class='bar' style='width:{(300 * counted.get(l, 0) / n) if n else 0:.0f}px'></div></td></tr>"
         for l in labels)
     m = sum(v for k, v in counted.items() if k.lower() in MYELOID)
@@ -97,7 +102,9 @@ figcaption{{overflow-wrap:anywhere;line-height:1.2}}
 <p><b>{n}</b> cells counted ({sum(c.status == "reviewed" for c in cells)} of them named by a reviewer),
 {sum(c.status == "rejected" for c in cells)} rejected in review, {frames['n'] or 0} frames
 ({frames['bad'] or 0} unreadable). {advice}</p>
-<table><tr><th>class</th><th>count</th><th>%</th><th></th></tr>{rows}</table>
+<table><tr><th>class</th><th>count</th><th>%</th><th>95% limits</th><th></th></tr>{rows}</table>
+<p style="font-size:12px">95% limits: the exact binomial confidence interval of each share for a count
+of {n} cells (the limits of Rümke's table): a differential of more cells narrows them.</p>
 {ratio}
 <h2>Cells waiting for review ({len(pending)})</h2><div class="grid">{waiting or '<p>none</p>'}</div>
 <h2>Reviewed cells ({len(decided)}; the reviewer changed the model's call on {changed})</h2>

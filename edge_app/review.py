@@ -163,10 +163,11 @@ class Reviewer:
                               "WHERE c.id = ?", (cell_id,)).fetchone()
         if row is None:
             raise ReviewError(f"{at}no cell {cell_id} in {self.out_dir / 'session.sqlite'}")
-        label = label.strip().lower()
         known = json.loads(row[1])
-        if label == REJECTED or label in known:
-            return label
+        spelled = {l.lower(): l for l in known}  # the model's own spelling, whatever the case typed
+        label = label.strip().lower()
+        if label == REJECTED or label in spelled:
+            return spelled.get(label, label)
         if self.allow_new and _NEW_LABEL.match(label):
             return label
         hint = ("; a class the model does not know needs --new-label (lower case, up to 40 characters)"

@@ -69,6 +69,7 @@ def test_report_is_self_contained_html(fields, tmp_path):
     bmc("edge", "report", out)
     page = (out / "report.html").read_text()
     assert "Differential count" in page and "data:image/jpeg;base64," in page
+    assert "<th>95% limits</th>" in page and "exact binomial confidence interval" in page
     assert "each cell in 2 orientations, averaged" in page  # how the count was made travels with it
     assert "white-balanced onto the model's training lamp" in page
     for bad in ("http://", "https://", "<script", "src=\"/", "src='/"):
@@ -362,3 +363,21 @@ def test_histogram_median_is_numpys_median(bccd):
     for n in (1, 2, 3, 4, 1001, 1002):
         a = rng.integers(0, 256, n).astype(np.uint8)
         assert median_u8(a) == np.median(a)
+
+
+def test_count_limits_are_the_exact_binomial_ones():
+    """The report's 95% limits of a class's share are Clopper-Pearson's (Rümke's table), checked
+    against scipy's beta quantiles, from a handful of cells to a 1000-cell differential."""
+    from scipy.stats import beta
+
+    from edge_app.differential import count_interval
+
+    for n in (1, 7, 100, 200, 500, 1000):
+        for k in sorted({0, 1, 5, n // 10, n // 2, n - 1, n} & set(range(n + 1))):
+            lo, hi = count_interval(k, n)
+            assert lo == pytest.approx(beta.ppf(0.025, k, n - k + 1) if k else 0.0, abs=1e-9)
+            assert hi == pytest.approx(beta.ppf(0.975, k + 1, n - k) if k < n else 1.0, abs=1e-9)
+    lo, hi = count_interval(5, 100)
+    assert (round(100 * lo, 1), round(100 * hi, 1)) == (1.6, 11.3)
+    with pytest.raises(ValueError):
+        count_interval(3, 2)
