@@ -198,6 +198,8 @@ class EdgeSession:
                 signal.signal(s, h)
         self.echo(f"session {status}: {r.frames} frames ({r.fps:.1f} fps), {self.diff.summary()}; "
                   f"{r.corrupt_frames} corrupt and {r.dropped_frames} dropped frames")
+        if self.diff.flagged:
+            self.echo(f"{self.diff.flagged} cells wait for review (not counted yet): bmc edge review {self.store.dir}")
         return r
 
     def _show(self, frame, cells):
@@ -212,8 +214,7 @@ class EdgeSession:
             cv2.rectangle(img, (c["x"], c["y"]), (c["x"] + c["w"], c["y"] + c["h"]), colour, 2)
             cv2.putText(img, f"{c['label']} {c['confidence']:.2f}", (c["x"], max(12, c["y"] - 4)),
                         cv2.FONT_HERSHEY_SIMPLEX, 0.5, colour, 1, cv2.LINE_AA)
-        cv2.putText(img, f"{self.diff.counted} counted, {self.diff.flagged} review | {self.result.fps:.1f} fps",
-                    (8, 20), cv2.FONT_HERSHEY_SIMPLEX, 0.55, (255, 255, 255), 2, cv2.LINE_AA)
+        draw_differential(img, self.diff, self.result.fps)
         try:
             self._window = "bmc"
             cv2.imshow(self._window, img)
@@ -231,6 +232,22 @@ class EdgeSession:
         elif key == ord(" "):
             while (cv2.waitKey(50) & 0xFF) not in (ord(" "), ord("q")):
                 pass
+
+
+def draw_differential(img: np.ndarray, diff: Differential, fps: float) -> None:
+    """The live differential in the window's corner: the total, each class counted so far with its
+    share, the cells set aside for review, and the frame rate (drawn in place on a BGR frame)."""
+    tgt = f"/{diff.target}" if diff.target else ""
+    pct = diff.percentages()
+    lines = [f"{diff.counted}{tgt} counted | {diff.flagged} for review | {fps:.1f} fps"]
+    lines += [f"{l} {diff.counts[l]} ({pct[l]:.0f}%)" for l in diff.labels if diff.counts[l]]
+    lines += [f"{k} {v:.2f}" for k, v in diff.ratios().items() if v is not None]
+    h = 10 + 20 * len(lines)
+    w = min(img.shape[1], 360)
+    corner = img[:h, :w]
+    corner[:] = (corner * 0.45).astype(img.dtype)  # a dark panel keeps the text legible on any field
+    for k, text in enumerate(lines):
+        cv2.putText(img, text, (8, 22 + 20 * k), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (255, 255, 255), 1, cv2.LINE_AA)
 
 
 def has_display() -> bool:

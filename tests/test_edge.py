@@ -46,6 +46,8 @@ def test_run_writes_database_csv_and_crops(fields, tmp_path):
     p = bmc("edge", "run", fields, "--out", out, "--headless")
     assert "session finished" in p.stdout and "1 corrupt" in p.stdout
     rows = list(csv.DictReader(open(out / "cells.csv")))
+    waiting = sum(bool(r["flag"]) for r in rows)  # another microscope: some cells are set aside
+    assert waiting and f"{waiting} cells wait for review (not counted yet): bmc edge review {out}" in p.stdout
     assert rows and {"source", "frame", "x", "y", "w", "h", "label", "confidence"} <= set(rows[0])
     labels = json.loads((DEFAULT_MODEL.with_suffix(".json")).read_text())["contract"]["labels"]
     for r in rows:
@@ -381,3 +383,22 @@ def test_count_limits_are_the_exact_binomial_ones():
     assert (round(100 * lo, 1), round(100 * hi, 1)) == (1.6, 11.3)
     with pytest.raises(ValueError):
         count_interval(3, 2)
+
+
+def test_live_window_shows_the_differential_as_it_grows(bccd):
+    """What the window draws in its corner: the counts by class with their shares, read back from
+    the pixels' change (a CI machine has no screen to show them on)."""
+    from edge_app.app import draw_differential
+
+    frame = cv2.imread(str(sorted((bccd / "JPEGImages").glob("*.jpg"))[0]))
+    d = Differential(["erythroblast", "lymphocyte", "neutrophil"], target=100)
+    empty = frame.copy()
+    draw_differential(empty, d, 16.0)
+    for p in ([0.05, 0.05, 0.9], [0.05, 0.05, 0.9], [0.9, 0.05, 0.05], [0.3, 0.35, 0.35]):
+        d.add(np.array(p))
+    grown = frame.copy()
+    draw_differential(grown, d, 16.0)
+    rows_changed = lambda img: np.flatnonzero(np.abs(img.astype(int) - frame.astype(int)).sum(axis=(1, 2)))
+    # a header line when nothing is counted; then two class lines and the M:E ratio below it
+    assert rows_changed(grown).max() - rows_changed(empty).max() == 60
+    assert np.array_equal(grown[200:], frame[200:])  # the rest of the field is left as it is
