@@ -369,13 +369,14 @@ def edge_report(out_dir):
 @click.option("--label", help="the class of --cell, or 'rejected' (not a countable cell)")
 @click.option("--undo", is_flag=True, help="withdraw the latest decision on --cell")
 @click.option("--apply", "apply_file", type=click.Path(dir_okay=False),
-              help="decisions from a CSV with columns id,label (e.g. cells.csv with a filled-in label)")
+              help="decisions from a CSV with columns id,label: the output of --list with its labels filled in")
 @click.option("--all", "include_counted", is_flag=True,
               help="in the window, go on to the cells the model counted, least confident first")
 @click.option("--new-label", is_flag=True, help="allow a class the model does not know (e.g. blast)")
 def edge_review(out_dir, reviewer, list_only, cell_id, label, undo, apply_file, include_counted, new_label):
     """Review the cells OUT_DIR set aside: one by one in a window, or by --cell/--label or --apply;
     then rewrite cells.csv and report.html with the differential after review."""
+    import csv
     import sqlite3
 
     from edge_app.app import NO_GUI_HINT, has_display, opencv_gui
@@ -389,12 +390,13 @@ def edge_review(out_dir, reviewer, list_only, cell_id, label, undo, apply_file, 
         raise click.UsageError("--cell needs --label L or --undo (one of them)")
     try:
         with Reviewer(out_dir, reviewer, allow_new_labels=new_label) as r:
-            if list_only:
+            if list_only:  # a decisions file to fill in: the label column is left empty
                 todo = queue(r.cells(), include_counted)
-                click.echo("id,source,frame,model_label,confidence,flag,crop")
-                for c in todo:
-                    click.echo(f"{c.id},{c.source},{c.frame},{c.model_label},{c.confidence:.3f},{c.flag},{c.crop}")
-                click.echo(f"{len(todo)} cells to review", err=True)
+                out = csv.writer(click.get_text_stream("stdout"))
+                out.writerow(["id", "label", "model_label", "confidence", "flag", "source", "frame", "crop"])
+                out.writerows([c.id, "", c.model_label, f"{c.confidence:.3f}", c.flag, c.source, c.frame, c.crop]
+                              for c in todo)
+                click.echo(f"{len(todo)} cells to review: fill in the label column and --apply the file", err=True)
                 return
             if cell_id is not None:
                 if undo:

@@ -187,8 +187,9 @@ class Reviewer:
         self._insert([(cell_id, None)])
 
     def apply(self, path: str | Path) -> int:
-        """Decisions from a CSV with columns ``id,label`` (``cells.csv``'s ``id``): all checked first,
-        then written in one transaction, so a bad line records nothing."""
+        """Decisions from a CSV with columns ``id,label`` (what ``bmc edge review --list`` writes, its
+        labels filled in; rows left blank are skipped): all checked first, then written in one
+        transaction, so a bad line records nothing."""
         path = Path(path)
         try:
             with open(path, newline="") as fh:
@@ -196,6 +197,9 @@ class Reviewer:
                 cols = reader.fieldnames or []
                 if "id" not in cols or "label" not in cols:
                     raise ReviewError(f"{path}: needs columns 'id' and 'label'; has {cols}")
+                if "counted_as" in cols:  # its label column is the model's call, not a person's
+                    raise ReviewError(f"{path} is a session's cells.csv, whose labels are the model's calls; "
+                                      "decisions go in the file that --list writes, its labels filled in")
                 rows = []
                 for line, r in enumerate(reader, start=2):
                     if not (r.get("label") or "").strip():

@@ -57,15 +57,24 @@ def test_decisions_enter_the_differential_csv_and_report(session):
     assert len(flagged) >= 4 and sure, "the fixture needs cells set aside and cells counted"
     assert all(r["counted_as"] == "" for r in flagged) and all(r["counted_as"] == r["label"] for r in sure)
 
-    listed = bmc("edge", "review", session, "--list").stdout.strip().splitlines()
-    assert listed[0].startswith("id,") and [l.split(",")[0] for l in listed[1:]] == [r["id"] for r in flagged]
+    # --list writes the decisions file to fill in: the cells waiting, their label column empty
+    listed = list(csv.DictReader(bmc("edge", "review", session, "--list").stdout.splitlines()))
+    assert [r["id"] for r in listed] == [r["id"] for r in flagged] and not any(r["label"] for r in listed)
+    assert [r["model_label"] for r in listed] == [r["label"] for r in flagged]
 
     a, b, c, d = flagged[:4]
     bmc("edge", "review", session, "--cell", a["id"], "--label", "Monocyte", "--by", "anna")
+    listed[1]["label"], listed[2]["label"] = "lymphocyte", REJECTED  # d (listed[3]) left blank
     decisions = session / "decisions.csv"
-    decisions.write_text(f"id,label\n{b['id']},lymphocyte\n{c['id']},{REJECTED}\n{d['id']},\n")
+    with open(decisions, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(listed[0]))
+        w.writeheader()
+        w.writerows(listed[1:4])
     p = bmc("edge", "review", session, "--apply", decisions, "--by", "ben")
     assert "2 decisions recorded" in p.stdout
+    # the session's own table is not a decisions file: its labels are the model's
+    p = bmc("edge", "review", session, "--apply", session / "cells.csv", check=False)
+    assert p.returncode == 2 and "cells.csv, whose labels are the model's calls" in p.stderr
 
     after = {r["id"]: r for r in _csv(session)}
     assert (after[a["id"]]["reviewed_label"], after[a["id"]]["reviewed_by"], after[a["id"]]["counted_as"]) \
