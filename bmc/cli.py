@@ -173,6 +173,8 @@ def data_harvest(sessions, dest, with_data, label_from, model):
 @click.option("--strategy", type=click.Choice(["auto", "default", "mirrored"]), default="auto", show_default=True)
 @click.option("--mixed-precision", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True)
 @click.option("--seed", default=1337, show_default=True)
+@click.option("--init-from", type=click.Path(dir_okay=False),
+              help="start from a trained model.keras (backbone; head too when it has the same classes)")
 def train_cmd(data_dir, out, **kw):
     """Fine-tune an ImageNet EfficientNet on DATA_DIR; writes model, split and metrics to --out."""
     from train.trainer import TrainConfig, train

@@ -123,3 +123,31 @@ def test_full_path_trains_end_to_end(small_pbc, tmp_path):
     model = keras.models.load_model(out / "model.keras")
     assert getattr(model, "optimizer", None) is None and model.dtype_policy.name == "float32"
     assert (out / "model.keras").stat().st_size < 16e6  # weights only: ~14 MB for Lite0
+
+
+def test_init_from_a_trained_model(run, small_pbc, pbc, tmp_path):
+    """--init-from starts from a trained model: with no epochs, the very same model; with other
+    classes, its backbone and a fresh head; a test split it was trained on is reported."""
+    import keras
+
+    same = tmp_path / "same"
+    p = bmc("train", small_pbc, "--split", run / "split.json", "--init-from", run / "model.keras", "--mode", "full",
+            "--head-epochs", "0", "--fine-tune-epochs", "0", "--out", same)
+    assert "and its head (same classes)" in (same / "train.log").read_text()
+    a = keras.models.load_model(run / "model.keras").get_weights()
+    b = keras.models.load_model(same / "model.keras").get_weights()
+    assert len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert json.loads((same / "metrics.json").read_text())["accuracy"] == \
+        json.loads((run / "metrics.json").read_text())["accuracy"]
+    assert "optimistic" not in p.stdout  # its own split: no test image was trained on
+
+    three = small_class_folders(pbc, tmp_path / "three", 16, CLASSES[:3])
+    other = tmp_path / "other"
+    bmc("train", three, "--init-from", run / "model.keras", "--mode", "full", "--head-epochs", "0",
+        "--fine-tune-epochs", "0", "--seed", "11", "--out", other)
+    log = (other / "train.log").read_text()
+    assert "head starts afresh (4 classes there, 3 here)" in log
+    assert "test figures are optimistic" in log  # another split of the same images
+
+    p = bmc("train", small_pbc, "--init-from", run / "metrics.json", "--out", tmp_path / "bad", check=False)
+    assert p.returncode == 2 and "--init-from needs a trained model.keras" in p.stderr

@@ -71,6 +71,7 @@ class TrainConfig:
     patience: int = 3
     strategy: str = "auto"
     mixed_precision: str = "auto"
+    init_from: str | None = None  # a trained model.keras to start from (backbone, and head if same classes)
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -99,6 +100,56 @@ def _progress(iterable, total, desc):
     except ImportError:  # pragma: no cover
         return None
     return tqdm(iterable, total=total, desc=desc, unit="img", mininterval=5.0)
+
+
+def init_from(model, path: str | Path, contract: Contract, splits, log) -> None:
+    """Start ``model`` from a trained classifier of the same backbone: every backbone weight, and the
+    head when the source knows the same classes in the same order (else the head starts afresh).
+
+    The way a laboratory retrains on its own cells from a model that already knows blood cells
+    (``bmc data harvest``), and the way a run is continued. Where the source's run folder keeps its
+    split, test images it was trained on are counted and reported: they make test figures optimistic.
+    """
+    import keras
+
+    from train.evaluate import contract_for
+
+    path = Path(path)
+    if not path.is_file() or path.suffix != ".keras":
+        raise TrainError(f"{path}: --init-from needs a trained model.keras (a run folder's)")
+    try:
+        src = keras.models.load_model(path, compile=False)
+    except Exception as e:  # noqa: BLE001 - Keras raises several kinds for a bad file
+        raise TrainError(f"{path}: not a loadable Keras model ({e})") from e
+    src_labels = tuple(contract_for(path).labels)
+    by_name = {l.name: l for l in src.layers}
+    copied, differ = 0, []
+    for layer in model.layers:
+        if not layer.weights or layer.name == "cell_class":
+            continue
+        other = by_name.get(layer.name)
+        shapes = [tuple(w.shape) for w in layer.weights]
+        if other is None or [tuple(w.shape) for w in other.weights] != shapes:
+            differ.append(layer.name)
+            continue
+        layer.set_weights(other.get_weights())
+        copied += 1
+    if differ:
+        raise TrainError(f"{path}: not the same backbone ({len(differ)} layers differ, e.g. {differ[:3]}); "
+                         "--init-from takes a model trained with the same --backbone and --input-size")
+    head = src_labels == tuple(contract.labels)
+    if head:
+        model.get_layer("cell_class").set_weights(by_name["cell_class"].get_weights())
+    log(f"initialised from {path}: {copied} backbone layers"
+        + (", and its head (same classes)" if head else f"; head starts afresh ({len(src_labels)} classes there, "
+                                                         f"{contract.num_classes} here)"))
+    split_file = path.parent / "split.json"
+    if split_file.is_file():
+        seen = {s.path for part in ("train", "val") for s in data_mod.load_split(split_file).get(part, [])}
+        leaked = sum(s.path in seen for s in splits["test"])
+        if leaked:
+            log(f"warning: {leaked} of {len(splits['test'])} test images were training or validation images of "
+                f"{path}: test figures are optimistic (reuse its split: --split {split_file})")
 
 
 def limit(samples, per_class: int | None, seed: int):
@@ -257,6 +308,8 @@ def _train_cached(cfg, contract, splits, index, log):
 
     keras.utils.set_random_seed(cfg.seed)
     model = build_classifier(cfg.backbone, contract, cfg.weights, cfg.dropout)
+    if cfg.init_from:
+        init_from(model, cfg.init_from, contract, splits, log)
     bottom, top, feat_model = split_at(model, cfg.fine_tune_from)
     aug = AugmentConfig()
     history: list[dict] = []
@@ -442,6 +495,8 @@ def _train_full(cfg, contract, splits, index, log, gpus):
     loss = keras.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing)
     with scope():
         model = build_classifier(cfg.backbone, contract, cfg.weights, cfg.dropout)
+        if cfg.init_from:
+            init_from(model, cfg.init_from, contract, splits, log)
     history = []
     for phase, block, lr, epochs in (("head", None, cfg.head_lr, min(cfg.head_epochs, 10)),
                                      ("fine-tune", cfg.fine_tune_from, cfg.fine_tune_lr, cfg.fine_tune_epochs)):
