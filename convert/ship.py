@@ -75,7 +75,9 @@ def _readme(name, report, metrics, config, reproduce, extra, contract) -> str:
                    "machine" if metrics.get("train_seconds") else "")
         lines += ["## Float model on its held-out test split", "",
                   f"Training: `{config.get('backbone')}`, {how}, fine-tuned from "
-                  f"`{config.get('fine_tune_from')}`, seed {config.get('seed')}{minutes}. "
+                  f"`{config.get('fine_tune_from')}`, seed {config.get('seed')}{minutes}"
+                  + (f", starting from the trained model `{config['init_from']}` (`--init-from`)"
+                     if config.get("init_from") else "") + ". "
                   f"The split (stratified, duplicates grouped) is "
                   f"`{name}_test_split.csv` here: its {metrics.get('n', 0):,} test images were never seen in "
                   f"training or model selection.", "",

@@ -41,8 +41,8 @@ def test_shipped_int8_on_held_out_pbc_images(tmp_path):
     assert m["n"] == len(rows[::5])
     # the full split's figures are in the model card; a fifth of it is noisier
     assert m["accuracy"] >= 0.95 and m["macro_f1"] >= 0.94, m
-    # in domain the review policy sets few cells aside, and the cells it counts are the surer ones
-    assert m["set_aside"] < 0.08 and m["counted_accuracy"] >= m["accuracy"], m
+    # in domain the review policy sets few cells aside, and what it counts on its own is right
+    assert m["set_aside"] < 0.08 and m["counted_accuracy"] >= 0.95, m
     # as the edge app classifies (4 orientations, averaged): as good, scored on the same images
     p = bmc("evaluate", DEFAULT_MODEL, tmp_path / "data", "--orientations", "4", "--json", out)
     m4 = json.loads(out.read_text())
