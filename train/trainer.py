@@ -145,8 +145,13 @@ def init_from(model, path: str | Path, contract: Contract, splits, log) -> None:
                                                          f"{contract.num_classes} here)"))
     split_file = path.parent / "split.json"
     if split_file.is_file():
-        seen = {s.path for part in ("train", "val") for s in data_mod.load_split(split_file).get(part, [])}
-        leaked = sum(s.path in seen for s in splits["test"])
+        # the same image by its real path, or by class and file stem (a packed copy is .webp)
+        def keys(s):
+            return {str(Path(s.path).resolve()), (s.label, Path(s.path).stem)}
+
+        before = data_mod.load_split(split_file)
+        seen = set().union(*(keys(s) for part in ("train", "val") for s in before.get(part, [])))
+        leaked = sum(bool(keys(s) & seen) for s in splits["test"])
         if leaked:
             log(f"warning: {leaked} of {len(splits['test'])} test images were training or validation images of "
                 f"{path}: test figures are optimistic (reuse its split: --split {split_file})")
