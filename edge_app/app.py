@@ -238,10 +238,8 @@ def draw_differential(img: np.ndarray, diff: Differential, fps: float) -> None:
     """The live differential in the window's corner: the total, each class counted so far with its
     share, the cells set aside for review, and the frame rate (drawn in place on a BGR frame)."""
     tgt = f"/{diff.target}" if diff.target else ""
-    pct = diff.percentages()
-    lines = [f"{diff.counted}{tgt} counted | {diff.flagged} for review | {fps:.1f} fps"]
-    lines += [f"{l} {diff.counts[l]} ({pct[l]:.0f}%)" for l in diff.labels if diff.counts[l]]
-    lines += [f"{k} {v:.2f}" for k, v in diff.ratios().items() if v is not None]
+    parts, ratios = diff.breakdown()
+    lines = [f"{diff.counted}{tgt} counted | {diff.flagged} for review | {fps:.1f} fps", *parts, *ratios]
     h = 10 + 20 * len(lines)
     w = min(img.shape[1], 360)
     corner = img[:h, :w]

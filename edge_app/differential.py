@@ -105,9 +105,15 @@ class Differential:
             out["M:E"] = (m / e) if e else None
         return out
 
-    def summary(self) -> str:
+    def breakdown(self) -> tuple[list[str], list[str]]:
+        """(each class counted so far with its share, each defined ratio): the text of the summary
+        line and of the live window's panel."""
         pct = self.percentages()
         parts = [f"{l} {self.counts[l]} ({pct[l]:.0f}%)" for l in self.labels if self.counts[l]]
+        return parts, [f"{k} {v:.2f}" for k, v in self.ratios().items() if v is not None]
+
+    def summary(self) -> str:
+        parts, ratios = self.breakdown()
         tgt = f"/{self.target}" if self.target else ""
-        ratio = "".join(f", {k} {v:.2f}" for k, v in self.ratios().items() if v is not None)
+        ratio = "".join(f", {r}" for r in ratios)
         return f"{self.counted}{tgt} cells: " + (", ".join(parts) or "none") + f"; {self.flagged} for review{ratio}"
