@@ -23,7 +23,9 @@ _EXPECTED = [
     ("bmc.contract", "ContractError"), ("bmc.card", "ModelCardError"), ("train.data", "DataError"),
     ("train.evaluate", "EvaluationError"), ("train.trainer", "TrainError"), ("train.backbones", "BackboneError"),
     ("convert.variants", "VariantError"), ("convert.converter", "ConversionError"),
-    ("convert.pipeline", "GateFailed"), ("convert.variants", "VariantError"),
+    ("convert.pipeline", "GateFailed"), ("edge_app.review", "ReviewError"), ("edge_app.config", "ConfigError"),
+    ("edge_app.backends", "BackendError"), ("edge_app.sources", "SourceError"), ("edge_app.store", "SessionFolderError"),
+    ("edge_app.report", "ReportError"),
 ]
 
 
@@ -260,39 +262,43 @@ def edge():
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="session folder")
 @click.option("--mode", type=click.Choice(["field", "cell"]), default="field", show_default=True,
               help="field: find cells in each frame; cell: each frame is one centred cell")
-@click.option("--target", type=int, help="stop after this many counted cells (100, 200, 500 …)")
-@click.option("--threads", type=int, help="inference threads (default: all cores)")
+@click.option("--target", type=click.IntRange(min=1), help="stop after this many counted cells (100, 200, 500 …)")
+@click.option("--threads", type=click.IntRange(1, 256), help="inference threads (default: all cores)")
 @click.option("--headless", is_flag=True, help="no window; print counts periodically")
-@click.option("--max-frames", type=int, help="stop after this many frames")
-@click.option("--cell-diameter", type=float, help="fixed cell diameter in pixels (default: measured)")
+@click.option("--max-frames", type=click.IntRange(min=1), help="stop after this many frames")
+@click.option("--cell-diameter", type=click.FloatRange(1, 4000),
+              help="fixed cell diameter in pixels (default: measured)")
+@click.option("--new-session", is_flag=True,
+              help="add a session to an --out folder that holds one (default: resume it if it was "
+                   "interrupted, else refuse: its report would count both)")
 @click.option("--no-crops", is_flag=True, help="do not save a JPEG per cell")
 @click.option("--orientations", type=click.Choice(["1", "2", "4", "8"]), default="4", show_default=True,
               help="classify each cell in this many rotations / mirror images and average")
 @click.option("--white-balance", is_flag=True,
               help="white-balance the session onto the model's training lamp (an experiment: see benchmarks/README.md)")
-def edge_run(source, model, out_dir, mode, target, threads, headless, max_frames, cell_diameter, no_crops,
-             orientations, white_balance):
+def edge_run(source, model, out_dir, mode, target, threads, headless, max_frames, cell_diameter, new_session,
+             no_crops, orientations, white_balance):
     """Classify and count the cells of SOURCE: a camera index or /dev path, picamera2, a GStreamer
     pipeline, a video, an image folder or glob, or one image."""
     import os
 
     from edge_app.app import EdgeSession, SessionConfig, has_display
     from edge_app.model import DEFAULT_MODEL, CellClassifier
-    from edge_app.sources import SourceError
-
     from edge_app.backends import BackendError
+    from edge_app.sources import SourceError
+    from edge_app.store import SessionFolderError
 
     def go():
         clf = CellClassifier(model or DEFAULT_MODEL, threads=threads or os.cpu_count(),
                              orientations=int(orientations))
         cfg = SessionConfig(mode=mode, target=target, headless=headless or not has_display(),
                             save_crops=not no_crops, cell_diameter_px=cell_diameter, max_frames=max_frames,
-                            white_balance=white_balance)
+                            white_balance=white_balance, on_existing="new" if new_session else "resume")
         return EdgeSession(source, clf, out_dir, cfg, echo=click.echo).run()
 
     try:
         r = _guard(go)
-    except (SourceError, BackendError) as e:
+    except (SourceError, BackendError, SessionFolderError) as e:
         raise _Fail(str(e)) from e
     if r.status == "disk-full":
         raise _Fail(r.message)
@@ -383,7 +389,7 @@ def edge_review(out_dir, reviewer, list_only, cell_id, label, undo, apply_file, 
 
     from edge_app.app import NO_GUI_HINT, has_display, opencv_gui
     from edge_app.report import build_report
-    from edge_app.review import Reviewer, ReviewError, queue, review_window
+    from edge_app.review import Reviewer, ReviewError, cells, connect, queue, review_window
     from edge_app.store import write_csv
 
     if (label or undo) and cell_id is None:
@@ -391,15 +397,19 @@ def edge_review(out_dir, reviewer, list_only, cell_id, label, undo, apply_file, 
     if cell_id is not None and bool(label) == bool(undo):
         raise click.UsageError("--cell needs --label L or --undo (one of them)")
     try:
+        if list_only:  # a decisions file to fill in (the label column left empty), read-only
+            db = connect(out_dir)
+            try:
+                todo = queue(cells(db), include_counted)
+            finally:
+                db.close()
+            out = csv.writer(click.get_text_stream("stdout"))
+            out.writerow(["id", "label", "model_label", "confidence", "flag", "source", "frame", "crop"])
+            out.writerows([c.id, "", c.model_label, f"{c.confidence:.3f}", c.flag, c.source, c.frame, c.crop]
+                          for c in todo)
+            click.echo(f"{len(todo)} cells to review: fill in the label column and --apply the file", err=True)
+            return
         with Reviewer(out_dir, reviewer, allow_new_labels=new_label) as r:
-            if list_only:  # a decisions file to fill in: the label column is left empty
-                todo = queue(r.cells(), include_counted)
-                out = csv.writer(click.get_text_stream("stdout"))
-                out.writerow(["id", "label", "model_label", "confidence", "flag", "source", "frame", "crop"])
-                out.writerows([c.id, "", c.model_label, f"{c.confidence:.3f}", c.flag, c.source, c.frame, c.crop]
-                              for c in todo)
-                click.echo(f"{len(todo)} cells to review: fill in the label column and --apply the file", err=True)
-                return
             if cell_id is not None:
                 if undo:
                     r.undo(cell_id)

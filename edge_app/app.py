@@ -44,6 +44,7 @@ class SessionConfig:
     white_balance: bool = False  # onto the model's training lamp, where its card has one (opt-in)
     print_every_s: float = 5.0
     max_frames: int | None = None
+    on_existing: str = "resume"  # a folder that holds a session: resume it (interrupted), "new" or "refuse"
     finder: FinderConfig = dataclasses.field(default_factory=FinderConfig)
     review: ReviewPolicy = dataclasses.field(default_factory=ReviewPolicy)
 
@@ -89,8 +90,16 @@ class EdgeSession:
                                                       "finder": dataclasses.asdict(config.finder),
                                                       "review": dataclasses.asdict(config.review),
                                                       "contract": classifier.contract.to_dict()},
-                                  save_crops=config.save_crops)
+                                  save_crops=config.save_crops, on_existing=config.on_existing,
+                                  resumable=not self.source.live)
         self.result = SessionResult()
+        if self.store.resume_after is not None:
+            # the interrupted session goes on after its last committed frame, with its counts
+            self.source.start = self.store.resume_after + 1
+            for label, flag in self.store.prior_cells():
+                self.diff.restore(label, flag)
+            self.echo(f"resuming the interrupted session in {self.store.dir} after frame {self.store.resume_after} "
+                      f"({self.diff.counted} cells counted, {self.diff.flagged} for review)")
         self._stop = False
         self._window = None
         if not config.headless and not opencv_gui():
@@ -166,6 +175,8 @@ class EdgeSession:
         try:
             for frame in cap:
                 r.stage_seconds["read"] += time.perf_counter() - t_read
+                if frame.index < self.source.start:  # a source that cannot seek: already recorded
+                    continue
                 cells = self.process(frame)
                 r.frames += 1
                 if not self.cfg.headless:
@@ -174,11 +185,13 @@ class EdgeSession:
                 if self.cfg.headless and now - last_print >= self.cfg.print_every_s:
                     last_print = now
                     self.echo(f"[{r.frames} frames, {r.frames / (now - t_start):.1f} fps] {self.diff.summary()}")
+                if self._stop:  # a signal or the window's q: honoured before anything else
+                    status = "stopped"
+                    break
                 if self.diff.done:
                     self.echo(f"target of {self.cfg.target} cells reached")
                     break
-                if self._stop or (self.cfg.max_frames and r.frames >= self.cfg.max_frames):
-                    status = "stopped" if self._stop else status
+                if self.cfg.max_frames and r.frames >= self.cfg.max_frames:
                     break
                 t_read = time.perf_counter()
         except StorageFull as e:
@@ -187,6 +200,8 @@ class EdgeSession:
         except KeyboardInterrupt:
             status = "stopped"
         finally:
+            if self._stop:  # a signal while the source was ending
+                status = "stopped"
             cap.stop()
             r.dropped_frames = cap.dropped
             r.seconds = time.perf_counter() - t_start
@@ -196,6 +211,9 @@ class EdgeSession:
                 cv2.destroyWindow(self._window)
             for s, h in old.items():
                 signal.signal(s, h)
+        if self.source.end_reason:
+            self.echo(self.source.end_reason)
+            r.message = r.message or self.source.end_reason
         self.echo(f"session {status}: {r.frames} frames ({r.fps:.1f} fps), {self.diff.summary()}; "
                   f"{r.corrupt_frames} corrupt and {r.dropped_frames} dropped frames")
         if self.diff.flagged:

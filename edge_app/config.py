@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import types
+import typing
 from pathlib import Path
 
 try:
@@ -24,37 +27,49 @@ class ConfigError(ValueError):
     pass
 
 
+def _range(lo: float, hi: float) -> dict:
+    """Field metadata: the closed range a number must lie in."""
+    return {"range": (lo, hi)}
+
+
+def _choice(*values) -> dict:
+    return {"choices": values}
+
+
 @dataclasses.dataclass
 class CameraConfig:
     source: str = "0"
-    width: int | None = None
-    height: int | None = None
-    fps: float | None = None
-    fourcc: str | None = None
+    width: int | None = dataclasses.field(default=None, metadata=_range(16, 16384))
+    height: int | None = dataclasses.field(default=None, metadata=_range(16, 16384))
+    fps: float | None = dataclasses.field(default=None, metadata=_range(0.1, 1000))
+    fourcc: str | None = dataclasses.field(default=None, metadata={"length": 4})
 
 
 @dataclasses.dataclass
 class ModelConfig:
     path: str = ""  # empty: the shipped int8 model
-    threads: int = 0  # 0: all cores
-    orientations: int = 4  # 1, 2, 4 or 8 views of each cell, probabilities averaged
+    threads: int = dataclasses.field(default=0, metadata=_range(0, 256))  # 0: all cores
+    # 1, 2, 4 or 8 views of each cell, probabilities averaged
+    orientations: int = dataclasses.field(default=4, metadata=_choice(1, 2, 4, 8))
     white_balance: bool = False  # onto the model's training lamp (card 'lamp'); an experiment
 
 
 @dataclasses.dataclass
 class SessionSettings:
-    mode: str = "field"
-    target: int = 0  # 0: no target
-    cell_diameter_px: float = 0.0  # 0: measured from the cells found
+    mode: str = dataclasses.field(default="field", metadata=_choice("field", "cell"))
+    target: int = dataclasses.field(default=0, metadata=_range(0, 1_000_000))  # 0: no target
+    # 0: measured from the cells found
+    cell_diameter_px: float = dataclasses.field(default=0.0, metadata=_range(0, 4000))
     save_crops: bool = True
-    print_every_s: float = 30.0
+    print_every_s: float = dataclasses.field(default=30.0, metadata=_range(0.5, 86400))
 
 
 @dataclasses.dataclass
 class StorageConfig:
     folder: str = "/var/lib/bmc/sessions"
-    max_disk_percent: float = 90.0  # rotate exported sessions beyond this
-    min_free_mb: float = 200.0
+    # rotate exported sessions beyond this
+    max_disk_percent: float = dataclasses.field(default=90.0, metadata=_range(10, 99))
+    min_free_mb: float = dataclasses.field(default=200.0, metadata=_range(0, 1e7))
 
 
 @dataclasses.dataclass
@@ -67,24 +82,51 @@ class DeviceConfig:
     storage: StorageConfig = dataclasses.field(default_factory=StorageConfig)
 
 
+# ranges of the settings that live in other modules' dataclasses
+_EXTERNAL = {("review", "min_confidence"): _range(0, 1), ("review", "min_margin"): _range(0, 1),
+             ("finder", "cell_margin"): _range(1, 4), ("finder", "max_cells"): _range(1, 10_000)}
+
+
+def _check(where: str, key: str, kind, value, meta: dict):
+    """``value`` as the setting ``[where] key`` of type ``kind`` stores it, or :class:`ConfigError`
+    naming the key, the value and what it must be."""
+    optional = isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union
+    if optional:
+        kinds = [k for k in typing.get_args(kind) if k is not type(None)]
+        kind = kinds[0]
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ConfigError(f"[{where}] {key} must be {'an' if kind is int else 'a'} {kind.__name__}, got {value!r}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"[{where}] {key} must be a finite number, got {value!r}")
+    if "range" in meta:
+        lo, hi = meta["range"]
+        if not lo <= value <= hi:
+            raise ConfigError(f"[{where}] {key} must be between {lo:g} and {hi:g}, got {value!r}")
+    if "choices" in meta and value not in meta["choices"]:
+        raise ConfigError(f"[{where}] {key} must be one of {', '.join(map(repr, meta['choices']))}, got {value!r}")
+    if "length" in meta and len(value) != meta["length"]:
+        raise ConfigError(f"[{where}] {key} must be {meta['length']} characters (e.g. 'MJPG'), got {value!r}")
+    return value
+
+
 def _build(cls, data: dict, where: str):
     if not isinstance(data, dict):
         raise ConfigError(f"[{where}] must be a table")
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
     kwargs = {}
     for key, value in data.items():
         if key not in fields:
             near = difflib.get_close_matches(key, list(fields), n=1)
             hint = f"; did you mean '{near[0]}'?" if near else f"; known keys: {', '.join(fields)}"
             raise ConfigError(f"unknown key '{key}' in [{where}]{hint}")
-        default = getattr(cls(), key) if not dataclasses.is_dataclass(fields[key].default) else None
-        if dataclasses.is_dataclass(default):
-            value = _build(type(default), value, f"{where}.{key}")
-        elif default is not None and not isinstance(value, type(default)) and not (
-                isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool)):
-            raise ConfigError(f"[{where}] {key} must be a {type(default).__name__}, got {value!r}")
-        elif isinstance(default, float) and isinstance(value, int):
-            value = float(value)
+        if dataclasses.is_dataclass(hints[key]):
+            value = _build(hints[key], value, f"{where}.{key}")
+        else:
+            meta = {**fields[key].metadata, **_EXTERNAL.get((where, key), {})}
+            value = _check(where, key, hints[key], value, meta)
         kwargs[key] = value
     try:
         return cls(**kwargs)
@@ -107,12 +149,8 @@ def load(path: str | Path) -> DeviceConfig:
             near = difflib.get_close_matches(name, list(sections), n=1)
             raise ConfigError(f"{path}: unknown section [{name}]" + (f"; did you mean [{near[0]}]?" if near else
                                                                       f"; known: {', '.join(sections)}"))
-        kwargs[name] = _build(type(getattr(DeviceConfig(), name)), value, name)
-    cfg = DeviceConfig(**kwargs)
-    if cfg.session.mode not in ("field", "cell"):
-        raise ConfigError(f"{path}: [session] mode must be 'field' or 'cell', got {cfg.session.mode!r}")
-    if cfg.model.orientations not in (1, 2, 4, 8):
-        raise ConfigError(f"{path}: [model] orientations must be 1, 2, 4 or 8, got {cfg.model.orientations}")
-    if not 10 <= cfg.storage.max_disk_percent <= 99:
-        raise ConfigError(f"{path}: [storage] max_disk_percent must be between 10 and 99")
-    return cfg
+        try:
+            kwargs[name] = _build(type(getattr(DeviceConfig(), name)), value, name)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from e
+    return DeviceConfig(**kwargs)

@@ -84,6 +84,13 @@ class Differential:
             self.counts[label] += 1
         return label, conf, flag
 
+    def restore(self, label: str, flag: str) -> None:
+        """Count a cell recorded earlier in the session (a resumed session) as it was counted then."""
+        if flag:
+            self.flagged += 1
+        elif label in self.counts:
+            self.counts[label] += 1
+
     @property
     def counted(self) -> int:
         return sum(self.counts.values())

@@ -101,6 +101,10 @@ def connect(out_dir: str | Path, write: bool = False) -> sqlite3.Connection:
         db.execute("PRAGMA journal_mode=WAL")  # a running session may be writing frames meanwhile
         db.execute("PRAGMA synchronous=FULL")
         db.executescript(SCHEMA)
+        from edge_app.store import is_locked, mark_interrupted
+
+        if not is_locked(out_dir):  # 'running' with nobody recording: it was killed
+            mark_interrupted(db)
     else:
         db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
     return db
@@ -192,15 +196,24 @@ class Reviewer:
         transaction, so a bad line records nothing."""
         path = Path(path)
         try:
-            with open(path, newline="") as fh:
-                reader = csv.DictReader(fh)
-                cols = reader.fieldnames or []
+            with open(path, newline="", encoding="utf-8-sig") as fh:  # a spreadsheet's BOM is not a column name
+                head = fh.readline()
+                fh.seek(0)
+                # what spreadsheets write in locales whose decimal mark is a comma
+                delimiter = ";" if head.count(";") > head.count(",") else ","
+                reader = csv.DictReader(fh, delimiter=delimiter)
+                cols = [c.strip() for c in reader.fieldnames or []]
+                reader.fieldnames = cols
+                twice = sorted({c for c in cols if cols.count(c) > 1})
+                if twice:
+                    raise ReviewError(f"{path}: column(s) {', '.join(map(repr, twice))} appear more than once")
                 if "id" not in cols or "label" not in cols:
                     raise ReviewError(f"{path}: needs columns 'id' and 'label'; has {cols}")
                 if "counted_as" in cols:  # its label column is the model's call, not a person's
                     raise ReviewError(f"{path} is a session's cells.csv, whose labels are the model's calls; "
                                       "decisions go in the file that --list writes, its labels filled in")
                 rows = []
+                seen: dict[int, int] = {}
                 for line, r in enumerate(reader, start=2):
                     if not (r.get("label") or "").strip():
                         continue  # a cell left undecided
@@ -208,6 +221,10 @@ class Reviewer:
                         cid = int(r["id"])
                     except (TypeError, ValueError):
                         raise ReviewError(f"{path}:{line}: cell id {r['id']!r} is not a number") from None
+                    if cid in seen:
+                        raise ReviewError(f"{path}:{line}: cell {cid} is decided a second time "
+                                          f"(first on line {seen[cid]}); keep one decision per cell")
+                    seen[cid] = line
                     rows.append((cid, self.check(cid, r["label"], f"{path}:{line}")))
         except (OSError, UnicodeDecodeError, csv.Error) as e:
             raise ReviewError(f"{path}: cannot read the decisions ({e})") from e

@@ -112,10 +112,15 @@ def serve(cfg, echo=print, max_sessions: int | None = None) -> None:
             time.sleep(5)
             continue
         name = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        k = 1
+        while (storage / name).exists():  # two sessions within a second: each its own folder
+            name = f"{name.split('_')[0]}_{k}"
+            k += 1
         s = cfg.session
         sc = SessionConfig(mode=s.mode, target=s.target or None, headless=True, save_crops=s.save_crops,
                            cell_diameter_px=s.cell_diameter_px or None, print_every_s=s.print_every_s,
-                           finder=cfg.finder, review=cfg.review, white_balance=cfg.model.white_balance)
+                           finder=cfg.finder, review=cfg.review, white_balance=cfg.model.white_balance,
+                           on_existing="refuse")
         echo(f"session {name} started")
         r = EdgeSession(source, clf, storage / name, sc, echo=echo).run()
         done += 1

@@ -11,10 +11,12 @@ from __future__ import annotations
 import csv
 import datetime
 import errno
+import fcntl
 import json
 import os
 import platform
 import sqlite3
+import tempfile
 from pathlib import Path
 
 import cv2
@@ -52,16 +54,90 @@ class StorageFull(RuntimeError):
     """The disk is full: recording stopped; what was recorded is intact."""
 
 
+class SessionFolderError(RuntimeError):
+    """A session folder that this process may not record into: another process owns it, or it
+    holds a session that a new one would be added to (its report would count both)."""
+
+
+LOCK_NAME = "session.lock"
+# what ``SessionStore`` does with a folder that already holds a session
+ON_EXISTING = ("resume", "new", "refuse")
+
+
+def lock_folder(out_dir: Path):
+    """An exclusive lock on ``out_dir`` for this process (released by the OS when it dies, even by
+    SIGKILL), or :class:`SessionFolderError` naming the pid that holds it."""
+    path = out_dir / LOCK_NAME
+    fh = open(path, "a+")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.seek(0)
+        pid = fh.read().strip() or "?"
+        fh.close()
+        raise SessionFolderError(f"{out_dir} is being recorded by another process (pid {pid}); "
+                                 "stop it first or record into another --out folder") from None
+    fh.seek(0)
+    fh.truncate()
+    fh.write(f"{os.getpid()}\n")
+    fh.flush()
+    return fh
+
+
+def is_locked(out_dir: str | Path) -> bool:
+    """Whether a live process is recording into ``out_dir`` now."""
+    path = Path(out_dir) / LOCK_NAME
+    if not path.exists():
+        return False
+    with open(path, "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(fh, fcntl.LOCK_UN)
+    return False
+
+
+def mark_interrupted(db: sqlite3.Connection) -> int:
+    """Sessions left 'running' by a process that died (the caller holds the folder's lock, or
+    found it free) are 'interrupted'; returns how many."""
+    try:
+        return db.execute("UPDATE session SET status = 'interrupted' WHERE status = 'running'").rowcount
+    except sqlite3.OperationalError:
+        return 0  # a read-only connection or a full disk: readers still show it as interrupted
+
+
 def _is_disk_full(e: BaseException) -> bool:
     return (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)) or (
         isinstance(e, sqlite3.OperationalError) and "full" in str(e).lower())
 
 
 class SessionStore:
+    """One recording session in a folder that this process owns while it records.
+
+    A folder holds one session unless asked otherwise, so that its report and ``cells.csv`` never
+    add up two passes over the same fields. ``on_existing`` says what to do when the folder already
+    holds one: ``"resume"`` continues an interrupted session of the same source and model after its
+    last committed frame (``resume_after``) and refuses anything else; ``"new"`` adds a session to
+    the folder; ``"refuse"`` refuses. ``resumable`` is False for live sources (a camera cannot be
+    rewound), which are then refused rather than resumed.
+    """
+
     def __init__(self, out_dir: str | Path, source: str, model_file: str, model_sha256: str, labels,
-                 config: dict | None = None, save_crops: bool = True):
+                 config: dict | None = None, save_crops: bool = True, on_existing: str = "resume",
+                 resumable: bool = True):
+        if on_existing not in ON_EXISTING:
+            raise ValueError(f"on_existing must be one of {ON_EXISTING}, got {on_existing!r}")
         self.dir = Path(out_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
+        self._lock = lock_folder(self.dir)
+        try:
+            self._open(source, model_file, model_sha256, labels, config, save_crops, on_existing, resumable)
+        except BaseException:
+            self._lock.close()
+            raise
+
+    def _open(self, source, model_file, model_sha256, labels, config, save_crops, on_existing, resumable):
         self.crops_dir = self.dir / "crops"
         self.save_crops = save_crops
         if save_crops:
@@ -70,13 +146,37 @@ class SessionStore:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")  # a committed frame survives a power cut
         self.db.executescript(SCHEMA)
+        mark_interrupted(self.db)
+        self.full = False
+        self.resume_after: int | None = None  # the last committed frame of a resumed session
+        last = self.db.execute("SELECT id, source, model_sha256, status FROM session ORDER BY id DESC LIMIT 1").fetchone()
+        if last is not None and on_existing != "new":
+            sid, old_source, old_sha, status = last
+            same = old_source == source and old_sha == model_sha256
+            if on_existing == "resume" and status == "interrupted" and same and resumable:
+                self.session_id = sid
+                self.resume_after = self.db.execute(
+                    "SELECT COALESCE(MAX(idx), -1) FROM frame WHERE session_id = ?", (sid,)).fetchone()[0]
+                self.db.execute("UPDATE session SET status = 'running', ended = NULL WHERE id = ?", (sid,))
+                return
+            why = (f"its session {sid} ({status}) recorded {old_source!r}"
+                   + ("" if old_sha == model_sha256 else " with another model"))
+            what = ("a live source cannot resume" if status == "interrupted" and same and not resumable
+                    else "a second session would be counted together with it in the report")
+            self.db.close()
+            raise SessionFolderError(f"{self.dir} already holds a session: {why}; {what}. Record into a new "
+                                     "--out folder, or add a session to this one with --new-session")
         device = f"{platform.node()} {platform.machine()} {platform.system()} {platform.release()}"
         cur = self.db.execute(
             "INSERT INTO session (started, source, model_file, model_sha256, labels, device, config) "
             "VALUES (?, ?, ?, ?, ?, ?, ?)",
             (_now(), source, model_file, model_sha256, json.dumps(list(labels)), device, json.dumps(config or {})))
         self.session_id = cur.lastrowid
-        self.full = False
+
+    def prior_cells(self) -> list[tuple[str, str]]:
+        """(label, flag) of the cells a resumed session had already recorded."""
+        return self.db.execute("SELECT label, flag FROM cell WHERE session_id = ? ORDER BY id",
+                               (self.session_id,)).fetchall()
 
     def record_frame(self, idx: int, source: str, cells: list[dict], crops: list[np.ndarray | None],
                      error: str = "") -> None:
@@ -121,9 +221,10 @@ class SessionStore:
             pass  # disk full: the session stays 'running', which readers treat as interrupted
         try:
             write_csv(self.dir)
-        except OSError:
+        except (OSError, sqlite3.Error):
             pass
         self.db.close()
+        self._lock.close()
 
 
 def _now() -> str:
@@ -139,11 +240,15 @@ def write_csv(out_dir: str | Path) -> Path:
                  c.reviewed_label, c.reviewer if c.reviewed_label else "", c.final_label) for c in review.cells(db)]
     finally:
         db.close()
-    tmp = out_dir / "cells.csv.tmp"
-    with open(tmp, "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(CSV_COLUMNS)
-        for r in rows:
-            w.writerow([f"{v:.4f}" if isinstance(v, float) else ("" if v is None else v) for v in r])
-    os.replace(tmp, out_dir / "cells.csv")
+    fd, tmp = tempfile.mkstemp(prefix=".cells.", suffix=".csv.tmp", dir=out_dir)  # unique: two writers never mix
+    try:
+        with os.fdopen(fd, "w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(CSV_COLUMNS)
+            for r in rows:
+                w.writerow([f"{v:.4f}" if isinstance(v, float) else ("" if v is None else v) for v in r])
+        os.replace(tmp, out_dir / "cells.csv")
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return out_dir / "cells.csv"

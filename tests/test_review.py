@@ -97,12 +97,21 @@ def test_decisions_enter_the_differential_csv_and_report(session):
 
 
 def test_bad_decisions_are_refused_and_record_nothing(session):
-    first = _csv(session)[0]["id"]
+    first, second = (r["id"] for r in _csv(session)[:2])
     bad = session / "bad.csv"
-    bad.write_text(f"id,label\n{first},neutrophil\n{first},monocite\n")
+    bad.write_text(f"id,label\n{first},neutrophil\n{second},monocite\n")
     p = bmc("edge", "review", session, "--apply", bad, check=False)
     assert p.returncode == 2 and "bad.csv:3: 'monocite' is not a label" in p.stderr
     assert _reviews(session) == []  # the good line before it was not recorded either
+
+    # one cell decided twice in one file is ambiguous: refused, nothing recorded
+    bad.write_text(f"id,label\n{first},neutrophil\n{first},monocyte\n")
+    p = bmc("edge", "review", session, "--apply", bad, check=False)
+    assert p.returncode == 2 and "bad.csv:3: cell " + first + " is decided a second time" in p.stderr
+    bad.write_text(f"id,label,label\n{first},neutrophil,monocyte\n")
+    p = bmc("edge", "review", session, "--apply", bad, check=False)
+    assert p.returncode == 2 and "'label' appear more than once" in p.stderr
+    assert _reviews(session) == []
 
     p = bmc("edge", "review", session, "--cell", "99999", "--label", "neutrophil", check=False)
     assert p.returncode == 2 and "no cell 99999" in p.stderr
@@ -201,3 +210,26 @@ def test_reviewed_cells_become_training_data_at_the_trained_scale(session, small
         assert sum(any(s.group == field for s in parts[k]) for k in parts) == 1
     p = bmc("data", "harvest", tmp_path / "nowhere", "--out", tmp_path / "x", check=False)
     assert p.returncode == 2 and "no session.sqlite" in p.stderr
+
+
+def test_a_spreadsheets_decisions_file_is_read(session):
+    """What a spreadsheet saves in a comma-decimal locale: a UTF-8 byte-order mark and ';' separators."""
+    first, second = (r["id"] for r in _csv(session)[:2])
+    sheet = session / "from_excel.csv"
+    sheet.write_bytes(f"\ufeffid;label;model_label\r\n{first};Neutrophil;ig\r\n{second};;ig\r\n".encode("utf-8"))
+    p = bmc("edge", "review", session, "--apply", sheet, "--by", "anna")
+    assert "1 decisions recorded" in p.stdout
+    assert _reviews(session) == [(int(first), "neutrophil", "anna")]
+
+
+def test_listing_opens_the_database_read_only(session):
+    """--list writes nothing, not even the review table a first decision creates: the database
+    file stays byte for byte as it was."""
+    db = session / "session.sqlite"
+    before = db.read_bytes()
+    p = bmc("edge", "review", session, "--list")
+    assert p.stdout.splitlines()[0].startswith("id,label,model_label")
+    assert db.read_bytes() == before
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    assert con.execute("SELECT 1 FROM sqlite_master WHERE name = 'review'").fetchone() is None
+    con.close()

@@ -43,6 +43,8 @@ class FrameSource(abc.ABC):
 
     pixel_format = "BGR"
     live = False  # a camera: frames may be dropped when classification falls behind
+    start = 0  # files and videos: the first frame index to deliver (a resumed session)
+    end_reason = ""  # why the frames ended, when not simply at the end of the source
 
     @abc.abstractmethod
     def frames(self) -> Iterator[Frame]: ...
@@ -61,6 +63,8 @@ class ImageFiles(FrameSource):
         from bmc.contract import read_image
 
         for i, p in enumerate(self.paths):
+            if i < self.start:
+                continue
             try:
                 img, err = read_image(str(p)), ""
             except ValueError as e:
@@ -69,22 +73,44 @@ class ImageFiles(FrameSource):
 
 
 class VideoFile(FrameSource):
-    def __init__(self, path: str):
+    """The frames of a video file. A frame that cannot be decoded is delivered as a corrupt frame
+    (skipped and counted) and reading goes on; the video ends at its last readable frame, or after
+    ``max_bad`` unreadable frames in a row (``end_reason`` then says where)."""
+
+    def __init__(self, path: str, max_bad: int = 25):
         import cv2
 
         self.path = path
+        self.max_bad = max_bad
         self.cap = cv2.VideoCapture(path)
         if not self.cap.isOpened():
             raise SourceError(f"{path}: cannot open video (missing file or codec)")
+        self.length = int(self.cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)  # 0: unknown (a stream)
 
     def frames(self):
+        name = Path(self.path).name
         i = 0
-        while True:
-            ok, img = self.cap.read()
+        bad: list[int] = []  # unreadable frames since the last good one: corrupt if one follows
+        while len(bad) < self.max_bad:
+            if i < self.start:  # already recorded: skip without decoding
+                ok, img = self.cap.grab(), None
+            else:
+                ok, img = self.cap.read()
+                ok = ok and img is not None
             if not ok:
-                return
-            yield Frame(img, Path(self.path).name, i, time.time(), False)
+                bad.append(i)
+                i += 1
+                continue
+            for b in bad:
+                if b >= self.start:
+                    yield Frame(None, name, b, time.time(), False, "undecodable video frame")
+            bad = []
+            if i >= self.start:
+                yield Frame(img, name, i, time.time(), False)
             i += 1
+        if self.length and bad and bad[0] < self.length - 1:
+            self.end_reason = (f"{name}: stopped after {len(bad)} unreadable frames in a row from frame {bad[0]} "
+                               f"of {self.length}")
 
     def close(self):
         self.cap.release()

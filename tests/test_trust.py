@@ -1,0 +1,274 @@
+"""Counts that can be trusted under abuse: one process per session folder, killed sessions resumed
+without counting a field twice, corrupt video frames skipped, configs and reports checked.
+
+Real BCCD fields, the shipped model, real subprocesses and signals, real SQLite."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from conftest import ROOT, bmc
+from edge_app.app import EdgeSession, SessionConfig
+from edge_app.model import DEFAULT_MODEL, CellClassifier
+from edge_app.report import build_report, ReportError
+from edge_app.sources import VideoFile
+
+
+@pytest.fixture(scope="module")
+def clf():
+    return CellClassifier(DEFAULT_MODEL, threads=2)
+
+
+@pytest.fixture(scope="module")
+def fields40(bccd, tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("fields40")
+    for f in sorted((bccd / "JPEGImages").glob("*.jpg"))[:40]:
+        (d / f.name).symlink_to(f)
+    return d
+
+
+def _run(src, out, *extra):
+    return subprocess.Popen([sys.executable, "-m", "bmc.cli", "edge", "run", str(src), "--out", str(out),
+                             "--headless", *map(str, extra)], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _frames(db_path: Path) -> int:
+    try:
+        with sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=1) as db:
+            return db.execute("SELECT COUNT(*) FROM frame").fetchone()[0]
+    except sqlite3.OperationalError:
+        return 0
+
+
+def _wait_frames(db_path: Path, n: int, timeout: float = 120) -> int:
+    deadline, got = time.time() + timeout, 0
+    while time.time() < deadline and got < n:
+        time.sleep(0.1)
+        got = _frames(db_path) if db_path.exists() else 0
+    return got
+
+
+def test_a_killed_session_resumes_and_counts_every_field_once(fields40, tmp_path):
+    out = tmp_path / "s"
+    for k in range(3):  # killed three times at different points, then run to the end
+        proc = _run(fields40, out)
+        assert _wait_frames(out / "session.sqlite", 6 + 10 * k) >= 6 + 10 * k, "the run never got going"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    db = sqlite3.connect(out / "session.sqlite")
+    assert db.execute("SELECT status FROM session").fetchall() == [("running",)]  # left by the SIGKILL
+    db.close()
+    p = _run(fields40, out)
+    stdout, stderr = p.communicate(timeout=300)
+    assert p.returncode == 0, stderr
+    assert "resuming the interrupted session" in stdout
+    db = sqlite3.connect(out / "session.sqlite")
+    assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    assert db.execute("SELECT id, status FROM session").fetchall() == [(1, "finished")]
+    per_field = Counter(s for (s,) in db.execute("SELECT source FROM frame"))
+    assert sorted(per_field) == sorted(f.name for f in fields40.iterdir())
+    assert set(per_field.values()) == {1}, "a field recorded twice"
+    assert db.execute("SELECT COUNT(*) FROM cell").fetchone()[0] == db.execute("SELECT SUM(n_cells) FROM frame").fetchone()[0]
+    counted = db.execute("SELECT COUNT(*) FROM cell WHERE flag = ''").fetchone()[0]
+    db.close()
+    # the summary counts the cells of the whole session, those before the kills too
+    assert f"{counted} cells:" in stdout.splitlines()[-2] or f"{counted} cells:" in stdout
+
+
+def test_a_finished_session_folder_is_not_counted_twice(fields40, tmp_path, clf):
+    out = tmp_path / "s"
+    bmc("edge", "run", fields40, "--out", out, "--headless", "--max-frames", "3")
+    p = bmc("edge", "run", fields40, "--out", out, "--headless", "--max-frames", "3", check=False)
+    assert p.returncode == 2 and "already holds a session" in p.stderr and "--new-session" in p.stderr
+    db = sqlite3.connect(out / "session.sqlite")
+    assert db.execute("SELECT COUNT(*) FROM session").fetchone()[0] == 1
+    db.close()
+    bmc("edge", "run", fields40, "--out", out, "--headless", "--max-frames", "3", "--new-session")
+    db = sqlite3.connect(out / "session.sqlite")
+    assert db.execute("SELECT COUNT(*) FROM session").fetchone()[0] == 2
+    db.close()
+
+
+def test_two_processes_never_record_into_one_folder(fields40, tmp_path):
+    out = tmp_path / "s"
+    first = _run(fields40, out)
+    try:
+        assert _wait_frames(out / "session.sqlite", 1) >= 1
+        p = bmc("edge", "run", fields40, "--out", out, "--headless", check=False)
+        assert p.returncode == 2 and f"being recorded by another process (pid {first.pid})" in p.stderr
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.communicate(timeout=60)
+    db = sqlite3.connect(out / "session.sqlite")
+    assert db.execute("SELECT status FROM session").fetchall() == [("stopped",)]
+    assert set(Counter(s for (s,) in db.execute("SELECT source FROM frame")).values()) == {1}
+    db.close()
+
+
+def test_a_killed_session_reads_as_interrupted(fields40, tmp_path):
+    out = tmp_path / "s"
+    proc = _run(fields40, out)
+    assert _wait_frames(out / "session.sqlite", 3) >= 3
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    bmc("edge", "report", out)
+    assert "<td>interrupted</td>" in (out / "report.html").read_text()
+    # reviewing it (a writer) marks it for good
+    first = next(iter(sqlite3.connect(out / "session.sqlite").execute("SELECT id FROM cell")))[0]
+    bmc("edge", "review", out, "--cell", first, "--label", "rejected")
+    assert sqlite3.connect(out / "session.sqlite").execute("SELECT status FROM session").fetchone()[0] == "interrupted"
+
+
+def test_a_live_source_is_not_resumed(bccd, tmp_path, clf):
+    from edge_app.store import SessionFolderError, SessionStore
+
+    out = tmp_path / "s"
+    s = SessionStore(out, "camera0", "m.tflite", "0" * 64, ["a", "b"])
+    s.db.close()
+    s._lock.close()  # as a SIGKILL leaves it: status 'running', lock released
+    with pytest.raises(SessionFolderError, match="a live source cannot resume"):
+        SessionStore(out, "camera0", "m.tflite", "0" * 64, ["a", "b"], resumable=False)
+
+
+def _video(bccd: Path, path: Path, corrupt: int | None) -> int:
+    files = sorted((bccd / "JPEGImages").glob("*.jpg"))[:12]
+    w = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 5, (640, 480))
+    for f in files:
+        w.write(cv2.imread(str(f)))
+    w.release()
+    if corrupt is not None:  # wipe the start of one frame's JPEG (its markers and tables)
+        data = bytearray(path.read_bytes())
+        starts = [i for i in range(len(data) - 1) if data[i] == 0xFF and data[i + 1] == 0xD8]
+        k = starts[corrupt]
+        data[k:k + 2000] = bytes(2000)
+        path.write_bytes(bytes(data))
+    return len(files)
+
+
+def test_a_corrupt_video_frame_is_skipped_and_counted(bccd, tmp_path, clf):
+    good = tmp_path / "good.avi"
+    _video(bccd, good, None)
+    readable = sum(1 for f in VideoFile(str(good)).frames() if f.image is not None)
+    bad = tmp_path / "bad.avi"
+    _video(bccd, bad, 4)
+    frames = list(VideoFile(str(bad)).frames())
+    assert [f.index for f in frames if f.image is None] == [4]
+    assert sum(f.image is not None for f in frames) == readable - 1  # every other frame still read
+    lines = []
+    r = EdgeSession(str(bad), clf, tmp_path / "s", SessionConfig(save_crops=False), echo=lines.append).run()
+    assert r.status == "finished" and r.corrupt_frames == 1 and r.frames == readable
+
+
+def test_a_video_that_stops_decoding_says_where(bccd, tmp_path):
+    bad = tmp_path / "bad.avi"
+    _video(bccd, bad, None)
+    src = VideoFile(str(bad), max_bad=3)
+    data = bytearray(bad.read_bytes())
+    starts = [i for i in range(len(data) - 1) if data[i] == 0xFF and data[i + 1] == 0xD8]
+    for k in starts[3:9]:
+        data[k:k + 2000] = bytes(2000)
+    bad.write_bytes(bytes(data))
+    src = VideoFile(str(bad), max_bad=3)
+    frames = list(src.frames())
+    assert [f.index for f in frames] == [0, 1, 2]
+    assert "stopped after 3 unreadable frames in a row from frame 3 of 12" in src.end_reason
+
+
+@pytest.mark.parametrize("section,line,key", [
+    ("model", "threads = -4", "threads"), ("session", "target = -5", "target"),
+    ("review", "min_confidence = 5.0", "min_confidence"), ("session", "cell_diameter_px = -10", "cell_diameter_px"),
+    ("camera", 'width = "wide"', "width"), ("camera", 'fps = "fast"', "fps"), ("camera", "fourcc = 1196444237", "fourcc"),
+    ("finder", "max_cells = 0", "max_cells"),
+])
+def test_doctor_refuses_out_of_range_settings(tmp_path, section, line, key):
+    cfg = tmp_path / "bmc.toml"
+    cfg.write_text(f"[storage]\nfolder = '{tmp_path / 'sessions'}'\n[{section}]\n{line}\n")
+    p = bmc("edge", "doctor", "--config", cfg, check=False)
+    assert p.returncode == 1 and f"PROBLEM: {cfg}: [{section}] {key} must be" in p.stdout
+    p = bmc("edge", "serve", "--config", cfg, check=False, timeout=60)
+    assert p.returncode == 2 and f"[{section}] {key} must be" in p.stderr
+
+
+def test_run_blames_a_bad_option_not_the_model(fields40, tmp_path):
+    for opt, value in [("--threads", "-4"), ("--target", "-5"), ("--cell-diameter", "-10")]:
+        p = bmc("edge", "run", fields40, "--out", tmp_path / "s", "--headless", opt, value, check=False)
+        assert p.returncode == 2 and opt in p.stderr and "model" not in p.stderr.lower()
+        assert not (tmp_path / "s").exists()
+
+
+def test_sigterm_is_honoured_when_a_target_ends_each_session(fields40, tmp_path):
+    """A service whose sessions end at once (a target of 1) still stops on SIGTERM."""
+    cfg = tmp_path / "bmc.toml"
+    cfg.write_text(f"[camera]\nsource = '{fields40}'\n[session]\ntarget = 1\nprint_every_s = 1\n"
+                   f"[storage]\nfolder = '{tmp_path / 'sessions'}'\n")
+    proc = subprocess.Popen([sys.executable, "-m", "bmc.cli", "edge", "serve", "--config", str(cfg)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list((tmp_path / "sessions").glob("*"))) < 2:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=60)
+    assert proc.returncode == 0
+    n = len(list((tmp_path / "sessions").glob("*")))
+    time.sleep(1.0)
+    assert len(list((tmp_path / "sessions").glob("*"))) == n  # nothing after the signal
+
+
+def test_report_embeds_only_the_sessions_own_files(fields40, tmp_path):
+    out = tmp_path / "s"
+    bmc("edge", "run", fields40, "--out", out, "--headless", "--max-frames", "4")
+    secret = tmp_path / "secret.jpg"
+    secret.write_bytes(cv2.imencode(".jpg", np.full((8, 8, 3), 7, np.uint8))[1].tobytes())
+    (out / "crops" / "link.jpg").symlink_to(secret)
+    db = sqlite3.connect(out / "session.sqlite")
+    ids = [i for (i,) in db.execute("SELECT id FROM cell ORDER BY id LIMIT 4")]
+    assert len(ids) == 4
+    for cid, crop in zip(ids, ["/etc/passwd", "../secret.jpg", "crops/../../secret.jpg", "crops/link.jpg"]):
+        db.execute("UPDATE cell SET crop = ? WHERE id = ?", (crop, cid))
+    db.commit()
+    db.close()
+    import base64
+
+    html = build_report(out).read_text()
+    assert base64.b64encode(secret.read_bytes()).decode() not in html
+    assert base64.b64encode(Path("/etc/passwd").read_bytes()).decode()[:40] not in html
+    assert html.count("not in session") >= 4
+
+
+def test_full_disk_during_report_leaves_no_empty_file(fields40, tmp_path):
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=400k", "tmpfs", str(mnt)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        out = mnt / "s"
+        bmc("edge", "run", fields40, "--out", out, "--headless", "--max-frames", "2", "--no-crops")
+        (out / "report.html").unlink(missing_ok=True)
+        filler = mnt / "filler"
+        fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
+        try:  # fill the disk
+            while True:
+                os.write(fd, bytes(4096))
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+        p = bmc("edge", "report", out, check=False)
+        assert p.returncode == 2 and "disk is full" in p.stderr and "Traceback" not in p.stderr
+        assert not (out / "report.html").exists()
+        assert not list(out.glob(".report.html.*"))
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
