@@ -48,8 +48,8 @@ class _TFLite:
         from edge_app.backends.litert import LiteRTBackend
 
         self.b = LiteRTBackend(str(path), threads)
-        self.size = int(self.b.inp["shape"][1])
-        v = "int8" if self.b.inp["dtype"] in (np.uint8, np.int8) else None
+        self.size = self.b.input_shape[1]
+        v = "int8" if self.b.input_dtype in (np.uint8, np.int8) else None
         if v is None:
             v = _variant_from_card(path) or "fp32"
         self.format = f"tflite-{v}"

@@ -25,7 +25,8 @@ _EXPECTED = [
     ("convert.variants", "VariantError"), ("convert.converter", "ConversionError"),
     ("convert.pipeline", "GateFailed"), ("edge_app.review", "ReviewError"), ("edge_app.config", "ConfigError"),
     ("edge_app.backends", "BackendError"), ("edge_app.sources", "SourceError"), ("edge_app.store", "SessionFolderError"),
-    ("edge_app.report", "ReportError"),
+    ("edge_app.report", "ReportError"), ("convert.embedding", "EmbeddingError"), ("edge_app.adapt", "AdaptError"),
+    ("benchmarks.adapt", "TruthError"),
 ]
 
 
@@ -251,6 +252,27 @@ def convert_cmd(source, out_dir, name, variants, data, max_drop, max_class_drop,
         click.echo("shipped: " + ", ".join(str(f) for f in files))
 
 
+@main.command("prepare-adapt")
+@click.argument("models", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--split", "split_file", required=True, type=click.Path(dir_okay=False),
+              help="the split.json the models were trained on: the guard set comes from its training part")
+@click.option("--per-class", default=200, show_default=True, help="training cells per class in the guard set")
+@click.option("--orientations", type=click.Choice(["1", "2", "4", "8"]), default="4", show_default=True)
+def prepare_adapt(models, split_file, per_class, orientations):
+    """Make converted MODELS adaptable on the device: the cell embedding as a second output (the class
+    scores unchanged) and a guard set of embedded training cells beside each, named in its card.
+    `bmc convert --ship` does this itself; this verb upgrades models converted before it did."""
+    from convert.embedding import build_guard, expose
+    from train.data import load_split
+
+    train_part = _guard(load_split, split_file)["train"]
+    for m in models:
+        changed = _guard(expose, m)
+        click.echo(f"{m}: " + ("embedding output added (class scores unchanged)" if changed else "gives its embedding"))
+        out = _guard(build_guard, m, train_part, per_class, int(orientations), log=lambda t: click.echo(f"  {t}"))
+        click.echo(f"{m}: guard set {out}")
+
+
 @main.group()
 def edge():
     """On the device: find, classify and count cells; report (no TensorFlow)."""
@@ -335,7 +357,9 @@ def edge_export(sessions, dest, all_from):
 
 @edge.command("doctor")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False))
-def edge_doctor(config_path):
+@click.option("--model", "model_path", type=click.Path(dir_okay=False),
+              help="check this model (default: the config's [model] path, else the shipped one)")
+def edge_doctor(config_path, model_path):
     """What this device has (runtime, cameras, model, disk, meters) and what is wrong."""
     from edge_app import config as config_mod
     from edge_app.service import doctor
@@ -347,7 +371,7 @@ def edge_doctor(config_path):
             cfg = config_mod.load(config_path)
         except config_mod.ConfigError as e:
             problems.append(str(e))
-    have, wrong = doctor(cfg)
+    have, wrong = doctor(cfg, model_path=model_path)
     for line in have:
         click.echo(f"  {line}")
     for line in problems + wrong:
@@ -369,6 +393,53 @@ def edge_report(out_dir):
     click.echo(f"report: {path}")
 
 
+@edge.command("adapt")
+@click.argument("sessions", nargs=-1, required=True, type=click.Path(file_okay=False))
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="folder for the adapted model")
+@click.option("--name", help="file-name stem of the adapted model (default: the base model's, dated)")
+@click.option("--model", type=click.Path(dir_okay=False),
+              help="the base model the sessions were recorded with (default: the shipped int8)")
+@click.option("--max-guard-drop", default=3.0, show_default=True,
+              help="refuse when the training classes' held-out accuracy drops more than this many points")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), help="also write the validation as JSON")
+def edge_adapt(sessions, out_dir, name, model, max_guard_drop, json_out):
+    """Adapt the model to this microscope from the cells people reviewed in SESSIONS: a new class head
+    fitted on the device (numpy, seconds), cross-validated against the shipped one and refused unless
+    better. Writes OUT/NAME.tflite and its card; run it with bmc edge run --model (or [model] path)."""
+    import dataclasses
+    import datetime
+
+    from edge_app import adapt
+    from edge_app.model import DEFAULT_MODEL, CellClassifier
+
+    def go():
+        clf = CellClassifier(model or DEFAULT_MODEL, orientations=1)
+        if clf.head is not None:  # an adapted model: start again from its base, the shipped head
+            raise adapt.AdaptError(f"{clf.path} is itself adapted; adapt from its base model "
+                                   f"{clf.card['base_model']['file']} with all the sessions to learn from")
+        guard = adapt.load_guard(clf.path, clf.card)
+        reviewed = adapt.collect(sessions, clf)
+        s = adapt.Settings(max_guard_drop=max_guard_drop)
+        return clf, guard, reviewed, s, adapt.adapt(reviewed, guard, s)
+
+    clf, guard, reviewed, s, r = _guard(go)
+    click.echo(f"{len(reviewed.labels)} reviewed cells from {len(reviewed.sessions)} session folder(s) by "
+               f"{', '.join(reviewed.reviewers)}: " + ", ".join(f"{k} {v}" for k, v in sorted(r.cells_per_class.items())))
+    click.echo(r.table())
+    if json_out:
+        _write_json(json_out, {"accepted": r.accepted, "reasons": r.reasons, "cells_per_class": r.cells_per_class,
+                               "cross_validation": r.cross_validation, "guard": r.guard, "seconds": r.seconds})
+    if r.advice:
+        click.echo("more reviewed cells would help: " + "; ".join(r.advice))
+    if not r.accepted:
+        raise _Fail("adapted model refused, nothing written: " + "; ".join(r.reasons)
+                    + ". Review more cells (bmc edge review --for-adapt) and adapt again")
+    stem = name or f"{clf.path.stem}_adapted_{datetime.datetime.now():%Y%m%d-%H%M%S}"
+    path = _guard(adapt.write_model, r, reviewed, clf, guard, out_dir, stem, s)
+    click.echo(f"adapted in {r.seconds:.1f} s; count with it: bmc edge run SOURCE --model {path}")
+    click.echo(str(path))
+
+
 @edge.command("review")
 @click.argument("out_dir", type=click.Path(file_okay=False))
 @click.option("--by", "reviewer", help="who decides (default: the logged-in user); recorded with each decision")
@@ -381,7 +452,12 @@ def edge_report(out_dir):
 @click.option("--all", "include_counted", is_flag=True,
               help="in the window, go on to the cells the model counted, least confident first")
 @click.option("--new-label", is_flag=True, help="allow a class the model does not know (e.g. blast)")
-def edge_review(out_dir, reviewer, list_only, cell_id, label, undo, apply_file, include_counted, new_label):
+@click.option("--for-adapt", is_flag=True,
+              help="review to adapt the model: the cells that teach it most first (least sure, spread over the "
+                   "classes the session found), counted ones included")
+@click.option("--per-class", type=click.IntRange(min=1), help="with --for-adapt: at most this many cells of each class")
+def edge_review(out_dir, reviewer, list_only, cell_id, label, undo, apply_file, include_counted, new_label,
+                for_adapt, per_class):
     """Review the cells OUT_DIR set aside: one by one in a window, or by --cell/--label or --apply;
     then rewrite cells.csv and report.html with the differential after review."""
     import csv
@@ -389,7 +465,7 @@ def edge_review(out_dir, reviewer, list_only, cell_id, label, undo, apply_file, 
 
     from edge_app.app import NO_GUI_HINT, has_display, opencv_gui
     from edge_app.report import build_report
-    from edge_app.review import Reviewer, ReviewError, cells, connect, queue, review_window
+    from edge_app.review import Reviewer, ReviewError, cells, connect, queue, review_window, teaching_queue
     from edge_app.store import write_csv
 
     if (label or undo) and cell_id is None:
@@ -400,7 +476,7 @@ def edge_review(out_dir, reviewer, list_only, cell_id, label, undo, apply_file, 
         if list_only:  # a decisions file to fill in (the label column left empty), read-only
             db = connect(out_dir)
             try:
-                todo = queue(cells(db), include_counted)
+                todo = teaching_queue(cells(db), per_class) if for_adapt else queue(cells(db), include_counted)
             finally:
                 db.close()
             out = csv.writer(click.get_text_stream("stdout"))
@@ -423,7 +499,8 @@ def edge_review(out_dir, reviewer, list_only, cell_id, label, undo, apply_file, 
                     why = "no screen" if not has_display() else NO_GUI_HINT
                     raise _Fail(f"the review window needs a screen ({why}); without one, list the cells with "
                                 f"--list and decide with --cell ID --label L or --apply decisions.csv")
-                n = review_window(r, include_counted, echo=click.echo)
+                n = review_window(r, include_counted, echo=click.echo,
+                                  order=(lambda cs: teaching_queue(cs, per_class)) if for_adapt else None)
                 click.echo(f"{n} decisions recorded (by {r.name})")
     except (ReviewError, FileNotFoundError) as e:
         raise _Fail(str(e)) from e
@@ -546,6 +623,45 @@ def bench_bccd(bccd, model, orientations, white_balance, json_out):
         _write_json(json_out, {"finding": f, "classification": c})
 
 
+@bench.command("adapt")
+@click.option("--source", required=True, type=click.Path(file_okay=False), help="folder the --truth files are under")
+@click.option("--truth", "truth_file", required=True, type=click.Path(dir_okay=False),
+              help="CSV file,label (bmc bench truth writes BCCD's and Munich's)")
+@click.option("--k", default=10, show_default=True, help="fields labelled per class")
+@click.option("--seeds", default="1,2,3", show_default=True, help="comma-separated: which fields are labelled")
+@click.option("--mode", type=click.Choice(["field", "cell"]), default="field", show_default=True)
+@click.option("--model", type=click.Path(dir_okay=False), help="base model (default: the shipped int8)")
+@click.option("--orientations", type=click.Choice(["1", "2", "4", "8"]), default="4", show_default=True)
+@click.option("--json", "json_out", type=click.Path(dir_okay=False))
+def bench_adapt(source, truth_file, k, seeds, mode, model, orientations, json_out):
+    """Adaptation as a laboratory lives it: run, label K fields per class, bmc edge adapt, run again;
+    balanced accuracy of the fields not labelled, before and after, for each seed."""
+    from benchmarks import adapt as bench
+
+    try:
+        seed_list = [int(x) for x in seeds.split(",") if x.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{seeds!r}: comma-separated integers", param_hint="--seeds") from None
+    res = _guard(bench.run, source, truth_file, k, seed_list, mode, model, int(orientations),
+                 log=lambda m: click.echo(m, err=True))
+    click.echo(bench.markdown(res))
+    if json_out:
+        _write_json(json_out, res)
+
+
+@bench.command("truth")
+@click.argument("source", type=click.Path(file_okay=False))
+@click.option("--format", "fmt", type=click.Choice(["bccd", "matek"]), required=True)
+@click.option("--out", required=True, type=click.Path(dir_okay=False))
+def bench_truth(source, fmt, out):
+    """Write the file,label truth of SOURCE for bmc bench adapt: BCCD's single-white-cell fields, or
+    the Munich cells whose code the 8 classes name."""
+    from benchmarks import adapt as bench
+
+    n = (bench.write_truth_bccd if fmt == "bccd" else bench.write_truth_matek)(source, out)
+    click.echo(f"{n} {'fields' if fmt == 'bccd' else 'cells'} → {out}")
+
+
 @bench.command("compare")
 @click.argument("items", nargs=-1, required=True, type=click.Path())
 @click.option("--data", required=True, type=click.Path(file_okay=False), help="class-folder images to score on")
@@ -602,7 +718,7 @@ def bench_energy(model, meter, runs, idle_s, threads, json_out):
     except energy.MeterError as e:
         raise _Fail(str(e)) from e
     b = LiteRTBackend(str(model or DEFAULT_MODEL), threads or os.cpu_count())
-    size = int(b.inp["shape"][1])
+    size = b.input_shape[1]
     x = np.random.default_rng(0).uniform(0, 255, (1, size, size, 3)).astype(np.float32)
     try:
         r = energy.joules_per_inference(m, lambda: b.predict(x), runs, idle_s)

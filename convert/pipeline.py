@@ -23,6 +23,7 @@ from bmc.card import sha256_file, write_card
 from bmc.contract import Contract, preprocess, read_image
 from convert import variants as V
 from convert.converter import quantization_error_by_layer, to_tflite
+from convert.embedding import EMBEDDING, PROBABILITIES, read_head
 
 
 class GateFailed(RuntimeError):
@@ -193,12 +194,13 @@ def convert_run(source, out_dir, name: str = "bmc", variant_names=("float32", "f
 
 
 def _build_and_validate(model, q, path: Path, xs, y, float_probs, labels, gate, log) -> dict:
-    from train.evaluate import TFLiteClassifier
+    from convert.embedding import add_embedding_output
+    from edge_app.backends.litert import LiteRTBackend
 
     log(f"converting {q.variant.name} …")
-    path.write_bytes(to_tflite(model, q))
-    clf = TFLiteClassifier(path)
-    probs = _batched(clf.predict, xs)
+    # the cell embedding beside the class scores (for adaptation on the device): same ops, same scores
+    path.write_bytes(add_embedding_output(to_tflite(model, q), str(path)))
+    probs = _batched(LiteRTBackend(str(path)).predict, xs)
     row = {"variant": q.variant.name, "format": q.variant.format, "file": path.name,
            "size_mb": path.stat().st_size / 1e6, **compare(float_probs, probs, y, labels, gate)}
     log(f"{q.variant.name}: {row['size_mb']:.2f} MB, accuracy {row['accuracy']:.4f} "
@@ -216,6 +218,8 @@ def _write_variant_card(path, v, row, src: Source, float_sha, float_metrics, gat
         "bmc_version": __version__,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "contract": src.contract.to_dict(),
+        "outputs": [PROBABILITIES, EMBEDDING],
+        "embedding": {"size": int(read_head(path)[0].shape[0]), "pooled": "global average"},
         "source_model": {"file": src.model_path.name, "sha256": float_sha},
         "validation": {
             "data": "held-out test split of the training run" if src.run_dir else "given data",

@@ -29,6 +29,14 @@ def ship(tflite_dir: str | Path, name: str, dest: str | Path, run_dir: str | Pat
         for f in (src, src.with_suffix(".json")):
             shutil.copy2(f, dest / f.name)
         shipped.append(dest / src.name)
+    if run_dir and (Path(run_dir) / "split.json").exists():
+        # each shipped model carries its guard set: embedded training cells for adaptation on the device
+        from convert.embedding import build_guard
+        from train.data import load_split
+
+        train_part = load_split(Path(run_dir) / "split.json")["train"]
+        for model in shipped:
+            build_guard(model, train_part, log=lambda m: None)
     metrics = json.loads((Path(run_dir) / "metrics.json").read_text()) if run_dir else None
     config = json.loads((Path(run_dir) / "config.json").read_text()) if run_dir else {}
     if run_dir and (Path(run_dir) / "split.json").exists():

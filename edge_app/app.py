@@ -89,7 +89,13 @@ class EdgeSession:
                                                       "white_balance": self.lamp.active,
                                                       "finder": dataclasses.asdict(config.finder),
                                                       "review": dataclasses.asdict(config.review),
-                                                      "contract": classifier.contract.to_dict()},
+                                                      "contract": classifier.contract.to_dict(),
+                                                      "model": classifier.description,
+                                                      "head": ({"file": classifier.head.file,
+                                                                "sha256": classifier.head.sha256,
+                                                                "labels": list(classifier.head.labels),
+                                                                "new_labels": classifier.card["head"].get("new_labels", {})}
+                                                               if classifier.head is not None else None)},
                                   save_crops=config.save_crops, on_existing=config.on_existing,
                                   resumable=not self.source.live)
         self.result = SessionResult()
@@ -133,13 +139,13 @@ class EdgeSession:
         self.lamp.observe(frame.image, pf)
         batch = [preprocess(self.lamp.balance(cr, pf), self.clf.contract, pf, crop=False) for cr in crops]
         t2 = time.perf_counter()
-        probs = self.clf.predict(np.stack(batch)) if batch else np.zeros((0, len(self.clf.labels)))
+        probs, embs = self.clf.predict_cells(np.stack(batch)) if batch else (np.zeros((0, len(self.clf.labels))), None)
         t3 = time.perf_counter()
         if frame.still:
             self.tracker.reset()
         tracks = self.tracker.update(frame.index, boxes)
         cells = []
-        for box, p, (track, new) in zip(boxes, probs, tracks):
+        for k, (box, p, (track, new)) in enumerate(zip(boxes, probs, tracks)):
             if new:
                 label, conf, flag = self.diff.add(p)
                 r.cells += 1
@@ -148,7 +154,8 @@ class EdgeSession:
                 i = int(np.argmax(p))
                 label, conf, flag = self.clf.labels[i], float(p[i]), "seen"
             cells.append({"x": box.x, "y": box.y, "w": box.w, "h": box.h, "label": label, "confidence": conf,
-                          "probabilities": p, "flag": flag, "track": track, "new": new})
+                          "probabilities": p, "flag": flag, "track": track, "new": new,
+                          "embedding": embs[k] if embs is not None else None})
         keep = [(c, cr) for c, cr in zip(cells, crops) if c["new"]]
         self.store.record_frame(frame.index, frame.source, [c for c, _ in keep], [cr for _, cr in keep])
         t4 = time.perf_counter()

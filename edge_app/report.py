@@ -82,8 +82,20 @@ def _build_report(out_dir: Path) -> Path:
         lo, hi = count_interval(k, n) if n else (0.0, 1.0)
         return f"{100 * lo:.1f}–{100 * hi:.1f}%"
 
+    learnt: dict = {}
+    for srow in sessions:  # classes an adapted head learnt from this laboratory's reviewed cells
+        try:
+            learnt.update((json.loads(srow["config"] or "{}").get("head") or {}).get("new_labels") or {})
+        except (ValueError, AttributeError):
+            pass
+
+    def name(l: str) -> str:
+        note = learnt.get(l)
+        return esc(l) + (f" <small>(learnt from {int(note['cells'])} cells reviewed at this laboratory)</small>"
+                         if isinstance(note, dict) and "cells" in note else "")
+
     rows = "".join(
-        f"<tr><td>{esc(l)}</td><td>{counted.get(l, 0)}</td><td>{100 * counted.get(l, 0) / n if n else 0:.1f}%</td>"
+        f"<tr><td>{name(l)}</td><td>{counted.get(l, 0)}</td><td>{100 * counted.get(l, 0) / n if n else 0:.1f}%</td>"
         f"<td>{limits(counted.get(l, 0))}</td>"
         f"<td><div class='bar' style='width:{(300 * counted.get(l, 0) / n) if n else 0:.0f}px'></div></td></tr>"
         for l in labels)
@@ -178,6 +190,10 @@ def _orientations(session) -> str:
         return ""
     n = config.get("orientations")
     text = f"<br>each cell in {int(n)} orientation{'s' if int(n) != 1 else ''}, averaged" if n else ""
+    head = config.get("head")
+    if head:
+        text += (f"<br>with the head adapted at this laboratory <code>{html.escape(head['file'])}</code> "
+                 f"(sha256 <code>{html.escape(head['sha256'][:12])}…</code>)")
     if config.get("white_balance"):
         text += "<br>white-balanced onto the model's training lamp"
     return text

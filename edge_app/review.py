@@ -139,6 +139,29 @@ def queue(all_cells: list[ReviewedCell], include_counted: bool = False) -> list[
     return waiting
 
 
+def teaching_queue(all_cells: list[ReviewedCell], per_class: int | None = None) -> list[ReviewedCell]:
+    """The cells to review for adapting the model (``bmc edge adapt``), those that teach its head
+    most first: cells not yet decided, grouped by the model's call, each group least sure first (the
+    smallest margin between the top two classes), then dealt out one class at a time, so that the
+    first decisions already cover every class the session found."""
+    by_class: dict[str, list[ReviewedCell]] = {}
+    for c in all_cells:
+        if c.status in ("pending", "counted"):
+            by_class.setdefault(c.model_label, []).append(c)
+    for members in by_class.values():
+        members.sort(key=lambda c: _margin(c.probabilities))
+        del members[per_class or len(members):]
+    out = []
+    for k in range(max((len(v) for v in by_class.values()), default=0)):
+        out += [v[k] for _, v in sorted(by_class.items()) if k < len(v)]
+    return out
+
+
+def _margin(probs) -> float:
+    top = sorted(probs)[-2:]
+    return top[-1] - top[0] if len(top) == 2 else 1.0
+
+
 class Reviewer:
     """Records one person's decisions in a session folder's database, one commit per decision."""
 
@@ -274,7 +297,8 @@ def _panel(cell: ReviewedCell, image, position: str, labels: tuple[str, ...]):
     return np.vstack([out, foot])
 
 
-def review_window(reviewer: Reviewer, include_counted: bool = False, show=None, wait_key=None, echo=print) -> int:
+def review_window(reviewer: Reviewer, include_counted: bool = False, show=None, wait_key=None, echo=print,
+                  order=None) -> int:
     """Go through the queue in a window; returns the number of decisions recorded.
 
     ``show(image)`` and ``wait_key() -> int`` default to an OpenCV window; they are parameters so
@@ -287,7 +311,7 @@ def review_window(reviewer: Reviewer, include_counted: bool = False, show=None, 
     if wait_key is None:
         def wait_key():
             return cv2.waitKey(0)
-    todo = queue(reviewer.cells(), include_counted)
+    todo = order(reviewer.cells()) if order else queue(reviewer.cells(), include_counted)
     done: list[int] = []
     k = 0
     while 0 <= k < len(todo):

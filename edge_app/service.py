@@ -128,7 +128,7 @@ def serve(cfg, echo=print, max_sessions: int | None = None) -> None:
             return
 
 
-def doctor(cfg=None, config_path: str | None = None) -> tuple[list[str], list[str]]:
+def doctor(cfg=None, config_path: str | None = None, model_path: str | None = None) -> tuple[list[str], list[str]]:
     """(what the device has, what is wrong) — for ``bmc edge doctor``."""
     import platform
 
@@ -158,16 +158,29 @@ def doctor(cfg=None, config_path: str | None = None) -> tuple[list[str], list[st
     have.append("cameras: " + (", ".join(cams) if cams else "none found under /dev/v4l/by-id or /dev/video*"))
     have.append("Picamera2: " + ("available" if importlib.util.find_spec("picamera2") else
                                  "not installed (only needed for the Raspberry Pi camera)"))
-    from bmc.card import ModelCardError, load_card
+    from bmc.card import ModelCardError
     from edge_app.model import DEFAULT_MODEL
 
-    model = Path(cfg.model.path) if cfg and cfg.model.path else DEFAULT_MODEL
+    from edge_app.backends import BackendError
+    from edge_app.model import CellClassifier
+
+    model = Path(model_path) if model_path else Path(cfg.model.path) if cfg and cfg.model.path else DEFAULT_MODEL
     try:
-        card, contract = load_card(model, require_deployable=True)
+        clf = CellClassifier(model, threads=1)  # the card, the outputs against it, an adapted model's head
+        card, contract = clf.card, clf.contract
         v = card.get("validation", {})
-        have.append(f"model: {model.name} ({card.get('variant')}, {len(contract.labels)} classes, validated "
-                    f"accuracy {v.get('accuracy', float('nan')):.3f}, sha256 {card['sha256'][:12]}…)")
-    except ModelCardError as e:
+        have.append(f"model: {clf.description} ({card.get('variant')}, {len(contract.labels)} classes, validated "
+                    + (f"accuracy {v['accuracy']:.3f})" if "accuracy" in v else
+                       f"by cross-validation on this laboratory's reviewed cells, balanced accuracy "
+                       f"{v.get('balanced_accuracy', float('nan')):.3f} against the shipped head's "
+                       f"{v.get('shipped_balanced_accuracy', float('nan')):.3f})"))
+        if clf.head is not None:
+            a = card.get("adaptation", {})
+            have.append(f"  adapted from {card['base_model']['file']} on {a.get('date', '?')} with "
+                        f"{a.get('cells', '?')} reviewed cells by {', '.join(a.get('reviewers', [])) or '?'}")
+        have.append("  adaptable on this device: " + ("yes (embedding output and guard set)" if clf.has_embedding
+                                                       and card.get("guard") else "no (no embedding or guard set)"))
+    except (ModelCardError, BackendError) as e:
         wrong.append(f"model: {e}")
     if cfg:
         src = cfg.camera.source

@@ -39,15 +39,16 @@ CREATE TABLE IF NOT EXISTS cell (
     frame_id INTEGER NOT NULL REFERENCES frame(id), source TEXT NOT NULL, frame INTEGER NOT NULL,
     x INTEGER NOT NULL, y INTEGER NOT NULL, w INTEGER NOT NULL, h INTEGER NOT NULL,
     label TEXT NOT NULL, confidence REAL NOT NULL, probabilities TEXT NOT NULL, flag TEXT NOT NULL,
-    track INTEGER, crop TEXT
+    track INTEGER, crop TEXT, embedding BLOB
 );
 CREATE INDEX IF NOT EXISTS cell_session ON cell(session_id);
 """
+# ``embedding``: the cell's pooled features (float16 bytes), what ``bmc edge adapt`` learns from.
 # ``label`` is the model's call; ``counted_as`` the class the cell counts as after review (empty
 # while it waits for review or when a reviewer rejected it); ``id`` is what a reviewer's
 # decisions file refers to (``bmc edge review --apply``)
 CSV_COLUMNS = ["source", "frame", "x", "y", "w", "h", "label", "confidence", "flag", "track", "crop", "id",
-               "reviewed_label", "reviewed_by", "counted_as"]
+               "reviewed_label", "reviewed_by", "counted_as", "model"]
 
 
 class StorageFull(RuntimeError):
@@ -146,6 +147,8 @@ class SessionStore:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")  # a committed frame survives a power cut
         self.db.executescript(SCHEMA)
+        if "embedding" not in [r[1] for r in self.db.execute("PRAGMA table_info(cell)")]:
+            self.db.execute("ALTER TABLE cell ADD COLUMN embedding BLOB")  # a folder recorded before embeddings
         mark_interrupted(self.db)
         self.full = False
         self.resume_after: int | None = None  # the last committed frame of a resumed session
@@ -200,10 +203,10 @@ class SessionStore:
                                   (self.session_id, idx, source, _now(), len(cells), error or None)).lastrowid
             self.db.executemany(
                 "INSERT INTO cell (session_id, frame_id, source, frame, x, y, w, h, label, confidence, "
-                "probabilities, flag, track, crop) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "probabilities, flag, track, crop, embedding) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [(self.session_id, fid, source, idx, c["x"], c["y"], c["w"], c["h"], c["label"],
                   c["confidence"], json.dumps([round(float(p), 5) for p in c["probabilities"]]), c["flag"],
-                  c.get("track"), n) for c, n in zip(cells, names)])
+                  c.get("track"), n, _blob(c.get("embedding"))) for c, n in zip(cells, names)])
             self.db.execute("COMMIT")
         except (OSError, sqlite3.OperationalError) as e:
             if self.db.in_transaction:
@@ -227,8 +230,22 @@ class SessionStore:
         self._lock.close()
 
 
+def _blob(embedding) -> bytes | None:
+    return None if embedding is None else np.asarray(embedding, np.float16).tobytes()
+
+
 def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds")
+
+
+def model_name(model_file: str, config: str | None) -> str:
+    """The model that classified a session, as a person reads it: its file, and its head where the
+    model was adapted at the laboratory (from the session's recorded config)."""
+    try:
+        head = (json.loads(config or "{}") or {}).get("head")
+    except ValueError:
+        head = None
+    return f"{model_file} + {head['file']}" if head else model_file
 
 
 def write_csv(out_dir: str | Path) -> Path:
@@ -236,8 +253,10 @@ def write_csv(out_dir: str | Path) -> Path:
     out_dir = Path(out_dir)
     db = review.connect(out_dir)
     try:
+        models = {sid: model_name(f, cfg) for sid, f, cfg in db.execute("SELECT id, model_file, config FROM session")}
         rows = [(c.source, c.frame, *c.box, c.model_label, c.confidence, c.flag, c.track, c.crop, c.id,
-                 c.reviewed_label, c.reviewer if c.reviewed_label else "", c.final_label) for c in review.cells(db)]
+                 c.reviewed_label, c.reviewer if c.reviewed_label else "", c.final_label, models.get(c.session_id, ""))
+                for c in review.cells(db)]
     finally:
         db.close()
     fd, tmp = tempfile.mkstemp(prefix=".cells.", suffix=".csv.tmp", dir=out_dir)  # unique: two writers never mix

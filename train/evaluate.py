@@ -50,15 +50,16 @@ class KerasClassifier:
 
 
 class TFLiteClassifier:
-    """A ``.tflite`` model through the edge app's LiteRT backend (the same code the device runs)."""
+    """A ``.tflite`` model through the edge app's classifier (the same code the device runs: the
+    card's outputs checked, an adapted model's head applied), one orientation per call."""
 
     def __init__(self, path, threads: int | None = None):
-        from edge_app.backends.litert import LiteRTBackend
+        from edge_app.model import CellClassifier
 
-        self.backend = LiteRTBackend(str(path), threads)
+        self.clf = CellClassifier(path, threads, require_deployable=False, orientations=1)
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
-        return self.backend.predict(batch)
+        return self.clf.predict(batch)
 
 
 def load_classifier(path: str | Path):
@@ -68,10 +69,8 @@ def load_classifier(path: str | Path):
     if path.suffix == ".keras":
         return KerasClassifier(path), contract_for(path)
     if path.suffix == ".tflite":
-        from bmc.card import load_card
-
-        _, contract = load_card(path)
-        return TFLiteClassifier(path), contract
+        clf = TFLiteClassifier(path)
+        return clf, clf.clf.contract
     raise EvaluationError(f"{path}: unsupported model format {path.suffix!r} (use .keras or .tflite)")
 
 

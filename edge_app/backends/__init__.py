@@ -32,9 +32,24 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def input_dtype(self) -> np.dtype: ...
 
+    @property
     @abc.abstractmethod
+    def input_shape(self) -> tuple[int, ...]:
+        """N x H x W x C of the model's input."""
+
+    @property
+    @abc.abstractmethod
+    def output_sizes(self) -> tuple[int, ...]:
+        """The number of values per input of each output, in the model's output order."""
+
+    @abc.abstractmethod
+    def outputs(self, batch: np.ndarray, n_out: int | None = None) -> list[np.ndarray]:
+        """``batch``: N x H x W x 3 float32 RGB pixels in 0..255 → the first ``n_out`` outputs
+        (all by default), each N x size, float32."""
+
     def predict(self, batch: np.ndarray) -> np.ndarray:
-        """``batch``: N x H x W x 3 float32 RGB pixels in 0..255 → N x classes probabilities."""
+        """N x classes probabilities (the model's first output)."""
+        return self.outputs(batch, 1)[0]
 
 
 def available() -> dict[str, type[Backend]]:

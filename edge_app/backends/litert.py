@@ -33,13 +33,22 @@ class LiteRTBackend(Backend):
             raise BackendError(f"{self.path}: LiteRT cannot load this model ({e}); is the file truncated, "
                                "or built with ops this runtime lacks?") from e
         self.inp = self.interp.get_input_details()[0]
-        self.out = self.interp.get_output_details()[0]
+        self.outs = self.interp.get_output_details()
+        self.out = self.outs[0]
         self._batch = 1
         self.batchable = True
 
     @property
     def input_dtype(self):
         return self.inp["dtype"]
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(int(v) for v in self.inp["shape"])
+
+    @property
+    def output_sizes(self) -> tuple[int, ...]:
+        return tuple(int(np.prod(o["shape"][1:])) for o in self.outs)
 
     def _quantize(self, x: np.ndarray) -> np.ndarray:
         scale, zero = self.inp["quantization"]
@@ -49,9 +58,10 @@ class LiteRTBackend(Backend):
             return np.clip(np.round(x / scale + zero), info.min, info.max).astype(dt)
         return x.astype(dt, copy=False)
 
-    def _dequantize(self, y: np.ndarray) -> np.ndarray:
-        scale, zero = self.out["quantization"]
-        if self.out["dtype"] in (np.uint8, np.int8) and scale:
+    @staticmethod
+    def _dequantize(y: np.ndarray, detail: dict) -> np.ndarray:
+        scale, zero = detail["quantization"]
+        if detail["dtype"] in (np.uint8, np.int8) and scale:
             return (y.astype(np.float32) - zero) * scale
         return y.astype(np.float32)
 
@@ -64,25 +74,32 @@ class LiteRTBackend(Backend):
             self.interp.resize_tensor_input(self.inp["index"], shape)
             self.interp.allocate_tensors()
             self.inp = self.interp.get_input_details()[0]
-            self.out = self.interp.get_output_details()[0]
+            self.outs = self.interp.get_output_details()
+            self.out = self.outs[0]
             self._batch = n
             return True
         except (ValueError, RuntimeError):
             self.batchable = False
             return False
 
-    def _invoke(self, x: np.ndarray) -> np.ndarray:
+    def _invoke(self, x: np.ndarray, n_out: int) -> list[np.ndarray]:
         self.interp.set_tensor(self.inp["index"], self._quantize(x))
         self.interp.invoke()
-        return self._dequantize(self.interp.get_tensor(self.out["index"]))
+        return [self._dequantize(self.interp.get_tensor(o["index"]), o).reshape(len(x), -1) for o in self.outs[:n_out]]
 
-    def predict(self, batch: np.ndarray) -> np.ndarray:
+    def outputs(self, batch: np.ndarray, n_out: int | None = None) -> list[np.ndarray]:
+        """The model's first ``n_out`` outputs (all by default) for a batch, dequantized, one row per input."""
+        n_out = len(self.outs) if n_out is None else n_out
         if batch.ndim != 4:
             raise ValueError(f"expected N x H x W x 3, got {batch.shape}")
         if len(batch) == 0:
-            return np.zeros((0, int(self.out["shape"][-1])), np.float32)
+            return [np.zeros((0, size), np.float32) for size in self.output_sizes[:n_out]]
         if self.batchable and len(batch) > 1 and self._resize(len(batch)):
-            return self._invoke(batch)
+            return self._invoke(batch, n_out)
         if self._batch != 1:
             self._resize(1)
-        return np.concatenate([self._invoke(x[None]) for x in batch])
+        rows = [self._invoke(x[None], n_out) for x in batch]
+        return [np.concatenate([r[k] for r in rows]) for k in range(n_out)]
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        return self.outputs(batch, 1)[0]

@@ -1,0 +1,200 @@
+"""Adaptation to another microscope, scored the way a laboratory lives it (``bmc bench adapt``).
+
+For each seed:
+
+1. run the shipped model over every field of ``--source`` (the real edge session: finder, scale,
+   crops, classifier, database);
+2. for ``k`` fields of each class, take the cell the field is scored on (field mode: its most
+   confident white cell; cell mode: the frame's one cell) and record its true class as a person's
+   review decision (``bmc edge review``'s audited rows, reviewer ``bench``);
+3. ``bmc edge adapt`` on that session (:mod:`edge_app.adapt`: cross-validated, refused when not
+   better; a refusal keeps the shipped model and is reported);
+4. run the adapted model over every field again;
+5. score the fields that were **not** labelled, before and after: balanced accuracy and recall of
+   each class.
+
+``--truth`` is a CSV with columns ``file,label``: a field (or cell image) path relative to
+``--source`` and its class among the model's labels. ``bmc bench truth`` writes one for BCCD (the
+fields with one WBC box and one white-cell type: 339) and for the Munich cells.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import sqlite3
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+NOT_WHITE = ("platelet", "erythroblast")  # found and classified, but not the white cell a field is scored on
+
+
+class TruthError(ValueError):
+    pass
+
+
+def read_truth(path: str | Path, source: str | Path) -> dict[str, str]:
+    """``{relative file: class}`` from a ``file,label`` CSV, every file checked to exist under ``source``."""
+    path, source = Path(path), Path(source)
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            rows = list(csv.DictReader(fh))
+    except OSError as e:
+        raise TruthError(f"{path}: cannot read the truth file ({e})") from e
+    if not rows or not {"file", "label"} <= set(rows[0]):
+        raise TruthError(f"{path}: needs columns 'file' and 'label'")
+    truth = {}
+    for line, r in enumerate(rows, start=2):
+        if not (source / r["file"]).is_file():
+            raise TruthError(f"{path}:{line}: {source / r['file']} does not exist")
+        truth[r["file"]] = r["label"].strip()
+    return truth
+
+
+def write_truth_bccd(bccd: str | Path, out: str | Path) -> int:
+    """The BCCD fields with exactly one WBC box and one of the four white-cell types."""
+    from benchmarks.bccd import single_cell_fields
+
+    fields = single_cell_fields(bccd)
+    with open(out, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["file", "label"])
+        w.writerows([f"JPEGImages/{f.image.name}", f.labels[0]] for f in fields)
+    return len(fields)
+
+
+def write_truth_matek(matek: str | Path, out: str | Path) -> int:
+    """The Munich bone-marrow cells whose code the 8 PBC classes name (``MATEK_TO_LABEL``)."""
+    from benchmarks.generalisation import MATEK_TO_LABEL
+
+    root = Path(matek)
+    rows = [(str(p.relative_to(root)), MATEK_TO_LABEL[p.relative_to(root).parts[0]])
+            for p in sorted(root.rglob("*.jpg")) if p.relative_to(root).parts[0] in MATEK_TO_LABEL]
+    with open(out, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["file", "label"])
+        w.writerows(rows)
+    return len(rows)
+
+
+def field_answers(db_path: Path) -> dict[str, tuple[str, int]]:
+    """``{field: (label, cell id)}``: each field's answer, its most confident white cell (a white cell
+    before a platelet or erythroblast, then the most confident)."""
+    db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+    best: dict[str, tuple] = {}
+    for cid, source, label, conf in db.execute("SELECT id, source, label, confidence FROM cell"):
+        key = (label not in NOT_WHITE, conf)
+        if source not in best or key > best[source][1]:
+            best[source] = (label, key, cid)
+    db.close()
+    return {s: (label, cid) for s, (label, _, cid) in best.items()}
+
+
+def _score(truth: dict[str, str], answers: dict[str, tuple[str, int]], fields: list[str], classes) -> dict:
+    recall = {}
+    for c in classes:
+        mine = [f for f in fields if truth[f] == c]
+        if mine:
+            recall[c] = float(np.mean([answers.get(f, ("none", 0))[0] == c for f in mine]))
+    acc = float(np.mean([answers.get(f, ("none", 0))[0] == truth[f] for f in fields])) if fields else 0.0
+    return {"balanced_accuracy": float(np.mean(list(recall.values()))) if recall else 0.0, "accuracy": acc,
+            "recall": recall, "fields": len(fields)}
+
+
+def _session(src: Path, model, out: Path, mode: str, orientations: int, threads: int | None):
+    from edge_app.app import EdgeSession, SessionConfig
+    from edge_app.model import CellClassifier
+
+    clf = CellClassifier(model, threads=threads or os.cpu_count(), orientations=orientations)
+    EdgeSession(str(src), clf, out, SessionConfig(mode=mode, save_crops=False), echo=lambda m: None).run()
+    return field_answers(out / "session.sqlite")
+
+
+def run(source, truth_file, k: int = 10, seeds=(1, 2, 3), mode: str = "field", model=None,
+        orientations: int = 4, threads: int | None = None, workdir=None, log=print) -> dict:
+    from edge_app import adapt
+    from edge_app.model import DEFAULT_MODEL, CellClassifier
+    from edge_app.review import Reviewer
+
+    model = Path(model or DEFAULT_MODEL)
+    source = Path(source)
+    truth_rel = read_truth(truth_file, source)
+    keep = tempfile.mkdtemp(prefix="bmc-bench-adapt-", dir=workdir)
+    tmp = Path(keep)
+    try:
+        src = tmp / "fields"
+        src.mkdir()
+        truth = {}
+        for rel, label in truth_rel.items():  # one flat folder of the scored fields, names kept unique
+            name = rel.replace("/", "__")
+            (src / name).symlink_to((source / rel).resolve())
+            truth[name] = label
+        classes = sorted(set(truth.values()))
+        log(f"{len(truth)} fields of {len(classes)} classes ({', '.join(f'{c} {n}' for c, n in sorted(Counter(truth.values()).items()))})")
+        t0 = time.perf_counter()
+        before = _session(src, model, tmp / "shipped", mode, orientations, threads)
+        log(f"shipped model over every field: {time.perf_counter() - t0:.0f} s")
+        runs = []
+        for seed in seeds:
+            rng = np.random.default_rng(seed)
+            picked: dict[str, int] = {}
+            for c in classes:
+                cands = sorted(f for f in truth if truth[f] == c and f in before)
+                for f in (cands[i] for i in sorted(rng.choice(len(cands), min(k, len(cands)), replace=False))):
+                    picked[f] = before[f][1]
+            sess = tmp / f"seed{seed}"
+            shutil.copytree(tmp / "shipped", sess)
+            with Reviewer(sess, "bench") as r:
+                for f, cid in picked.items():
+                    r.decide(cid, truth[f])
+            clf = CellClassifier(model, orientations=1)
+            guard = adapt.load_guard(clf.path, clf.card)
+            t1 = time.perf_counter()
+            reviewed = adapt.collect([sess], clf)
+            result = adapt.adapt(reviewed, guard)
+            adapt_s = time.perf_counter() - t1
+            unlabelled = sorted(f for f in truth if f not in picked)
+            row = {"seed": seed, "labelled": len(picked), "labelled_per_class": dict(Counter(truth[f] for f in picked)),
+                   "adapt_seconds": adapt_s, "accepted": result.accepted, "reasons": result.reasons,
+                   "cross_validation": result.cross_validation, "guard": result.guard,
+                   "before": _score(truth, before, unlabelled, classes)}
+            if result.accepted:
+                path = adapt.write_model(result, reviewed, clf, guard, tmp / "models", f"seed{seed}")
+                after = _session(src, path, tmp / f"after{seed}", mode, orientations, threads)
+                row["after"] = _score(truth, after, unlabelled, classes)
+            else:
+                row["after"] = row["before"]  # refused: the laboratory keeps counting with the shipped model
+            log(f"seed {seed}: {len(picked)} fields labelled, adapt {adapt_s:.1f} s"
+                + ("" if result.accepted else " (refused: " + "; ".join(result.reasons) + ")")
+                + f"; unlabelled fields balanced accuracy {row['before']['balanced_accuracy']:.3f} → "
+                  f"{row['after']['balanced_accuracy']:.3f}")
+            runs.append(row)
+        return {"source": str(source), "truth": str(truth_file), "k": k, "mode": mode, "model": model.name,
+                "orientations": orientations, "fields": len(truth), "classes": classes, "runs": runs,
+                "min_after": min(r["after"]["balanced_accuracy"] for r in runs),
+                "mean_after": float(np.mean([r["after"]["balanced_accuracy"] for r in runs])),
+                "mean_before": float(np.mean([r["before"]["balanced_accuracy"] for r in runs]))}
+    finally:
+        shutil.rmtree(keep, ignore_errors=True)
+
+
+def markdown(res: dict) -> str:
+    classes = res["classes"]
+    lines = [f"`bmc bench adapt`: {res['fields']} fields of `{res['source']}`, k = {res['k']} labelled per class, "
+             f"mode {res['mode']}, {res['model']}, {res['orientations']} orientations", "",
+             "| seed | labelled | adapt s | accepted | balanced acc. before | after | "
+             + " | ".join(f"{c} before → after" for c in classes) + " |",
+             "|---:|---:|---:|---|---:|---:|" + "---|" * len(classes)]
+    for r in res["runs"]:
+        lines.append(f"| {r['seed']} | {r['labelled']} | {r['adapt_seconds']:.1f} | {'yes' if r['accepted'] else 'no'} | "
+                     f"{r['before']['balanced_accuracy']:.3f} | **{r['after']['balanced_accuracy']:.3f}** | "
+                     + " | ".join(f"{r['before']['recall'].get(c, float('nan')):.2f} → {r['after']['recall'].get(c, float('nan')):.2f}"
+                                  for c in classes) + " |")
+    lines += ["", f"mean balanced accuracy on the unlabelled fields: {res['mean_before']:.3f} → {res['mean_after']:.3f} "
+                  f"(lowest seed {res['min_after']:.3f})"]
+    return "\n".join(lines)

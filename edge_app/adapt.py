@@ -1,0 +1,425 @@
+"""Adaptation to a laboratory's own microscope, on the device, from the cells its people reviewed.
+
+What a model learnt in Barcelona transfers to another microscope in its backbone: the pooled
+features still separate the white-cell classes; what does not transfer is the last layer and its
+class priors. So ``bmc edge adapt`` refits only that layer — a softmax regression on the cell
+embeddings the sessions recorded, in numpy, in seconds — from:
+
+* the cells a person labelled with ``bmc edge review`` (class-balanced: five monocytes weigh as
+  much as fifty neutrophils);
+* the model's *guard set*, a few hundred embedded training cells per class shipped with it, so
+  that the head keeps every class the laboratory did not review;
+* an anchor to the shipped head (an L2 penalty on the distance to its weights), so that a handful
+  of cells moves it only as far as they justify.
+
+It is validated before anything is written: cross-validation over the reviewed cells, grouped by
+field (cells of one field never on both sides), compares the shipped head and the adapted one on
+cells neither was fitted on, and a quarter of the guard set, never fitted, measures forgetting. The
+adapted model is refused (nothing written) unless it is better on the held-out reviewed cells and
+forgets no more than ``max_guard_drop`` points of the training classes.
+
+A model that is written is a new artifact (STYLE.md, "Learning on the device"): the shipped
+``.tflite`` copied unchanged, the new head, the guard set and a card that records the base model's
+sha256, the sessions, cells per class and reviewers it learnt from, the validation and the date.
+The shipped files are never touched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import shutil
+import sqlite3
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from bmc.card import card_path, sha256_file
+from edge_app import review
+from edge_app.head import Head, softmax
+
+GUARD_SUFFIX = ".guard.npz"
+HEAD_SUFFIX = ".head.npz"
+MIN_NEW_CLASS = 3  # reviewed cells a class the model does not know needs before it is learnt
+
+
+class AdaptError(ValueError):
+    """Adaptation that cannot be done or is refused; the message says why and what would help."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    anchor: float = 0.1  # L2 pull towards the shipped head (on the move, standardised units; data weigh 1 in all)
+    components: int = 64  # the directions of the embedding the head may move in
+    use_context: bool = True  # those directions from the sessions' cells too, not only the reviewed ones
+    guard_weight: float = 1.0  # the guard set's total weight against the reviewed cells' (1.0: equal)
+    steps: int = 300
+    learning_rate: float = 0.05
+    folds: int = 5
+    cv_repeats: int = 3  # fold assignments averaged
+    max_guard_drop: float = 3.0  # points of guard-set accuracy the adapted head may lose
+    guard_check: float = 0.25  # share of the guard set held out to measure forgetting
+    seed: int = 0
+
+
+@dataclasses.dataclass
+class Reviewed:
+    """The reviewed cells of some sessions: embeddings, labels, and where each came from."""
+
+    x: np.ndarray
+    labels: list[str]
+    groups: list[str]  # one per field: cells of a field stay on one side of a fold
+    cell_ids: list[tuple[str, int]]
+    sessions: list[str]
+    reviewers: list[str]
+    context: np.ndarray | None = None  # every recorded cell's embedding: the microscope's variation, label-free
+
+
+# -- the guard set -----------------------------------------------------------------------------------
+
+def load_guard(model_path: str | Path, card: dict) -> dict:
+    """The guard set named in ``card['guard']``, beside ``model_path``, checked against its sha256."""
+    g = card.get("guard")
+    if not g:
+        raise AdaptError(f"{model_path}: its card names no guard set, so a head fitted on the device could "
+                         "forget the classes it was not shown; prepare the model with 'bmc prepare-adapt'")
+    path = Path(model_path).parent / g["file"]
+    if not path.is_file():
+        raise AdaptError(f"{model_path}: its guard set {path.name} is missing beside it")
+    if sha256_file(path) != g.get("sha256"):
+        raise AdaptError(f"{path}: does not match the sha256 in {Path(model_path).name}'s card")
+    with np.load(path) as z:
+        return {"x": z["embedding"].astype(np.float32) * float(z["scale"]), "y": z["label"].astype(np.int64),
+                "labels": [str(l) for l in z["labels"]], "w": z["head_w"].astype(np.float32),
+                "b": z["head_b"].astype(np.float32), "path": path, "orientations": int(z["orientations"])}
+
+
+# -- the reviewed cells --------------------------------------------------------------------------------
+
+def _embeddings(db: sqlite3.Connection) -> dict[int, bytes]:
+    cols = [r[1] for r in db.execute("PRAGMA table_info(cell)")]
+    if "embedding" not in cols:
+        return {}
+    return {cid: e for cid, e in db.execute("SELECT id, embedding FROM cell WHERE embedding IS NOT NULL")}
+
+
+def collect(sessions, clf) -> Reviewed:
+    """The reviewed cells (a person's label, not 'rejected') of ``sessions``, with their embeddings:
+    as recorded, or recomputed from the cell's crop by ``clf`` for sessions recorded without."""
+    from bmc.contract import preprocess, read_image
+    from edge_app.report import session_file
+
+    xs, labels, groups, ids, names, reviewers, context = [], [], [], [], [], set(), []
+    size = clf.backend.output_sizes[1]
+    for folder in map(Path, sessions):
+        try:
+            db = review.connect(folder)
+            rows = db.execute("SELECT id, model_sha256, model_file FROM session").fetchall()
+            cells = review.cells(db)
+            stored = _embeddings(db)
+            db.close()
+            context += [np.frombuffer(e, np.float16).astype(np.float32) for e in stored.values()]
+        except FileNotFoundError as e:
+            raise AdaptError(str(e)) from e
+        except sqlite3.DatabaseError as e:
+            raise AdaptError(f"{folder / 'session.sqlite'}: not a readable session database ({e})") from e
+        other = {(sha, f) for _, sha, f in rows if sha != clf.sha256}
+        if other:
+            raise AdaptError(f"{folder}: recorded with {', '.join(f'{f} (sha256 {s[:12]}…)' for s, f in sorted(other))}, "
+                             f"not with {clf.path.name} (sha256 {clf.sha256[:12]}…): the cells of one adaptation "
+                             "must share the base model's embedding; adapt each base model's sessions apart")
+        names.append(str(folder))
+        for c in cells:
+            if not c.reviewed_label or c.reviewed_label == review.REJECTED:
+                continue
+            if c.id in stored:
+                x = np.frombuffer(stored[c.id], np.float16).astype(np.float32)
+                if x.shape != (size,):
+                    raise AdaptError(f"{folder}: cell {c.id}'s embedding has {x.size} numbers, the model's {size}")
+            else:
+                path = session_file(folder, c.crop)
+                if path is None or not path.is_file():
+                    raise AdaptError(f"{folder}: cell {c.id} ({c.reviewed_label}) has no recorded embedding and its "
+                                     f"crop {c.crop or '(none saved)'} is missing; record sessions with crops or with "
+                                     "this bmc, which stores each cell's embedding")
+                try:
+                    image = read_image(str(path))
+                except ValueError as e:
+                    raise AdaptError(f"{folder}: cell {c.id}: {e}") from e
+                x = clf.predict_cells(preprocess(image, clf.contract, "BGR", crop=False)[None])[1][0]
+            xs.append(x)
+            labels.append(c.reviewed_label)
+            groups.append(f"{folder}|{c.session_id}|{c.source}|{c.frame}")
+            ids.append((str(folder), c.id))
+            reviewers.add(c.reviewer)
+    if not xs:
+        raise AdaptError(f"no reviewed cells in {', '.join(names)}: review some first (bmc edge review "
+                         "--for-adapt), 5-10 per class the session found")
+    return Reviewed(np.stack(xs).astype(np.float32), labels, groups, ids, names, sorted(reviewers),
+                    np.stack(context) if context else None)
+
+
+# -- the fit ------------------------------------------------------------------------------------------
+
+def _balanced_weights(y: np.ndarray, total: float) -> np.ndarray:
+    """Weights summing to ``total``, shared equally by the classes present (five monocytes weigh as
+    much as fifty neutrophils)."""
+    counts = np.bincount(y)
+    present = int((counts > 0).sum())
+    return total / (present * counts[y])
+
+
+def subspace(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The mean and the top ``k`` principal directions (embedding x k) of the embeddings ``x``."""
+    mu = x.mean(axis=0)
+    xc = x - mu
+    vals, vecs = np.linalg.eigh((xc.T @ xc) / max(len(x) - 1, 1))
+    order = np.argsort(vals)[::-1][:k]
+    return mu, vecs[:, order].astype(np.float32)
+
+
+def fit_head(x: np.ndarray, y: np.ndarray, weight: np.ndarray, w0: np.ndarray, b0: np.ndarray,
+             basis: tuple[np.ndarray, np.ndarray], s: Settings = Settings()) -> tuple[np.ndarray, np.ndarray]:
+    """Weighted softmax regression anchored to the shipped head ``(w0, b0)``; returns ``(w, b)``.
+
+    The head moves from the shipped one only within ``basis`` (the embeddings' main directions:
+    ``w = w0 + P @ dw``), with an L2 penalty ``anchor`` on the move in standardised units: a handful
+    of cells shifts the head as far as they justify, and a fit takes milliseconds (k x classes
+    numbers instead of embedding x classes)."""
+    mu, proj = basis
+    z = (x - mu) @ proj
+    sd = z.std(axis=0) + 1e-6
+    z = z / sd
+    base = x @ w0 + b0
+    n_cls = w0.shape[1]
+    dw = np.zeros((z.shape[1], n_cls), np.float32)
+    db = np.zeros(n_cls, np.float32)
+    onehot = np.eye(n_cls, dtype=np.float32)[y]
+    wt = (weight / weight.sum()).astype(np.float32)[:, None]
+    m = [np.zeros_like(dw), np.zeros_like(db)]
+    v = [np.zeros_like(dw), np.zeros_like(db)]
+    for t in range(1, s.steps + 1):
+        g = wt * (softmax(base + z @ dw + db) - onehot)
+        grads = (z.T @ g + s.anchor * dw, g.sum(axis=0))
+        for k, (param, grad) in enumerate(((dw, grads[0]), (db, grads[1]))):
+            m[k] = 0.9 * m[k] + 0.1 * grad
+            v[k] = 0.999 * v[k] + 0.001 * grad * grad
+            param -= s.learning_rate * (m[k] / (1 - 0.9 ** t)) / (np.sqrt(v[k] / (1 - 0.999 ** t)) + 1e-8)
+    step = proj @ (dw / sd[:, None])  # back to the embedding: w = w0 + P diag(1/sd) dw
+    return (w0 + step).astype(np.float32), (b0 + db - mu @ step).astype(np.float32)
+
+
+def _extend(w0: np.ndarray, b0: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The shipped head with a zero column for each class it does not know (learnt from reviews)."""
+    extra = n - w0.shape[1]
+    if extra <= 0:
+        return w0, b0
+    return (np.concatenate([w0, np.zeros((len(w0), extra), np.float32)], axis=1),
+            np.concatenate([b0, np.full(extra, b0.min(), np.float32)]))
+
+
+def _recall(y: np.ndarray, pred: np.ndarray, classes) -> dict[int, float]:
+    return {c: float((pred[y == c] == c).mean()) for c in classes if (y == c).any()}
+
+
+def _folds(groups: list[str], y: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """A fold per cell: whole fields, dealt out class by class so every fold sees every class."""
+    rng = np.random.default_rng(seed)
+    first = {}
+    for g, label in zip(groups, y):
+        first.setdefault(g, label)
+    order = sorted(first, key=lambda g: (first[g], rng.random()))
+    fold_of = {g: i % k for i, g in enumerate(order)}
+    return np.array([fold_of[g] for g in groups])
+
+
+@dataclasses.dataclass
+class Result:
+    head: Head
+    labels: list[str]
+    cells_per_class: dict[str, int]
+    cross_validation: dict
+    guard: dict
+    accepted: bool
+    reasons: list[str]
+    advice: list[str]
+    seconds: float
+
+    def table(self) -> str:
+        cv = self.cross_validation
+        lines = [f"cross-validation over {cv['cells']} reviewed cells in {cv['fields']} fields ({cv['folds']} folds, "
+                 "grouped by field): recall of each class on cells neither head was fitted on",
+                 f"  {'class':<16}{'cells':>6}{'shipped':>9}{'adapted':>9}"]
+        for l in self.labels:
+            if l in cv["shipped"]["recall"]:
+                lines.append(f"  {l:<16}{self.cells_per_class.get(l, 0):>6}{cv['shipped']['recall'][l]:>9.2f}"
+                             f"{cv['adapted']['recall'][l]:>9.2f}")
+        lines.append(f"  {'balanced':<16}{'':>6}{cv['shipped']['balanced_accuracy']:>9.3f}"
+                     f"{cv['adapted']['balanced_accuracy']:>9.3f}")
+        g = self.guard
+        lines.append(f"guard set ({g['held_out']} training cells never fitted): accuracy {g['shipped_accuracy']:.3f} "
+                     f"shipped, {g['adapted_accuracy']:.3f} adapted ({g['drop_points']:+.1f} points lost)")
+        return "\n".join(lines)
+
+
+def adapt(reviewed: Reviewed, guard: dict, s: Settings = Settings(), log=print) -> Result:
+    """Fit, cross-validate and judge an adapted head; nothing is written here."""
+    t0 = time.perf_counter()
+    base = list(guard["labels"])
+    counts = Counter(reviewed.labels)
+    new = sorted(l for l in counts if l not in base)
+    few = [l for l in new if counts[l] < MIN_NEW_CLASS]
+    if few:
+        raise AdaptError("too few reviewed cells to learn " + ", ".join(f"'{l}' ({counts[l]} cell{'s' * (counts[l] != 1)})"
+                                                                          for l in few)
+                         + f", a class the model does not know: review at least {MIN_NEW_CLASS} of each")
+    if len(counts) < 2:
+        only = next(iter(counts))
+        raise AdaptError(f"all {counts[only]} reviewed cells are '{only}': a head fitted on one class only learns to "
+                         "call everything that; review cells of at least two classes (bmc edge review --for-adapt "
+                         "spreads them)")
+    labels = base + new
+    index = {l: i for i, l in enumerate(labels)}
+    y = np.array([index[l] for l in reviewed.labels])
+    x = reviewed.x
+    w0, b0 = _extend(guard["w"], guard["b"], len(labels))
+    rng = np.random.default_rng(s.seed)
+    check = np.zeros(len(guard["y"]), bool)
+    for c in np.unique(guard["y"]):  # a stratified quarter of the guard set, never fitted
+        members = np.flatnonzero(guard["y"] == c)
+        check[rng.choice(members, int(round(len(members) * s.guard_check)), replace=False)] = True
+    gx, gy = guard["x"][~check], guard["y"][~check]
+    seen = [x, gx] + ([reviewed.context] if reviewed.context is not None and s.use_context else [])
+    basis = subspace(np.concatenate(seen), s.components)  # label-free: shared by every fold
+
+    def fit(lab: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        xx = np.concatenate([x[lab], gx])
+        yy = np.concatenate([y[lab], gy])
+        wt = np.concatenate([_balanced_weights(y[lab], 1.0), _balanced_weights(gy, s.guard_weight)])
+        return fit_head(xx, yy, wt, w0, b0, basis, s)
+
+    n_groups = len(set(reviewed.groups))
+    k = max(2, min(s.folds, n_groups))
+    if n_groups < 2:
+        raise AdaptError("the reviewed cells all come from one field: review cells of more fields")
+    # the shipped head on every reviewed cell; the adapted head on each cell from the folds that did
+    # not fit it, over several fold assignments (one assignment of a few dozen cells is noisy)
+    ship_p = softmax(x @ w0 + b0)
+    ship_p[:, len(base):] = 0.0  # the shipped head cannot name a new class
+    adapted_p = np.zeros((s.cv_repeats, len(y), len(labels)), np.float32)
+    for rep in range(s.cv_repeats):
+        fold = _folds(reviewed.groups, y, k, s.seed + rep)
+        for f in range(k):
+            held = fold == f
+            w, b = fit(~held)
+            adapted_p[rep, held] = softmax(x[held] @ w + b)
+    present = sorted(set(y.tolist()))
+    cls_w = _balanced_weights(y, 1.0)
+
+    def summary(probs: np.ndarray) -> dict:
+        pred = probs.argmax(axis=1)
+        rec = _recall(y, pred, present)
+        return {"balanced_accuracy": float(np.mean(list(rec.values()))), "accuracy": float((pred == y).mean()),
+                "log_loss": float(-(cls_w * np.log(np.clip(probs[np.arange(len(y)), y], 1e-6, 1))).sum()),
+                "recall": {labels[c]: v for c, v in rec.items()}}
+
+    reps = [summary(adapted_p[r]) for r in range(s.cv_repeats)]
+    adapted = {"balanced_accuracy": float(np.mean([r["balanced_accuracy"] for r in reps])),
+               "accuracy": float(np.mean([r["accuracy"] for r in reps])),
+               "log_loss": float(np.mean([r["log_loss"] for r in reps])),
+               "recall": {l: float(np.mean([r["recall"][l] for r in reps])) for l in reps[0]["recall"]}}
+    shipped = summary(ship_p)
+    r_ship = {index[l]: v for l, v in shipped["recall"].items()}
+    r_adapt = {index[l]: v for l, v in adapted["recall"].items()}
+    cv = {"cells": len(y), "fields": n_groups, "folds": k, "repeats": s.cv_repeats, "shipped": shipped,
+          "adapted": adapted}
+    w, b = fit(np.ones(len(y), bool))
+    cx, cy = guard["x"][check], guard["y"][check]
+    g_ship = float((np.argmax(cx @ w0[:, :len(base)] + b0[:len(base)], axis=1) == cy).mean())
+    g_adapt = float((np.argmax(cx @ w + b, axis=1) == cy).mean())
+    gd = {"held_out": int(check.sum()), "shipped_accuracy": g_ship, "adapted_accuracy": g_adapt,
+          "drop_points": 100 * (g_ship - g_adapt)}
+    reasons, advice = [], []
+    # better, on reviewed cells each head was not fitted on: a higher balanced accuracy, or the same
+    # balanced accuracy and a lower (class-balanced) log-loss
+    gain = adapted["balanced_accuracy"] - shipped["balanced_accuracy"]
+    loss_gain = shipped["log_loss"] - adapted["log_loss"]
+    if not (gain > 1e-9 or (abs(gain) <= 1e-9 and loss_gain > 0)):
+        reasons.append(f"on held-out reviewed cells the adapted head is not better than the shipped one (balanced "
+                       f"accuracy {adapted['balanced_accuracy']:.3f} against {shipped['balanced_accuracy']:.3f}, "
+                       f"log-loss {adapted['log_loss']:.3f} against {shipped['log_loss']:.3f})")
+    if gd["drop_points"] > s.max_guard_drop:
+        reasons.append(f"it forgets the training classes: guard-set accuracy {g_adapt:.3f} against {g_ship:.3f} "
+                       f"(more than {s.max_guard_drop:g} points lost)")
+    for c in present:
+        n = counts[labels[c]]
+        if n < 5 or r_adapt[c] < r_ship[c]:
+            advice.append(f"{labels[c]} ({n} reviewed, recall {r_ship[c]:.2f} → {r_adapt[c]:.2f}): "
+                          f"review about {max(5, 10 - n)} more")
+    head = Head(w, b, tuple(labels))
+    return Result(head, labels, dict(counts), cv, gd, not reasons, reasons, advice, time.perf_counter() - t0)
+
+
+# -- writing the adapted model ---------------------------------------------------------------------------
+
+def write_model(result: Result, reviewed: Reviewed, clf, guard: dict, out_dir: str | Path, name: str,
+                s: Settings = Settings()) -> Path:
+    """The adapted model in ``out_dir``: ``name.tflite`` (the base file, byte for byte),
+    ``name.head.npz``, ``name.guard.npz`` and ``name.json``, its card. All four are written in a
+    temporary folder first and moved in, the card last: a crash leaves no half-written model that
+    ``bmc edge run`` would accept."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    target = out_dir / f"{name}.tflite"
+    if target.exists() or card_path(target).exists():
+        raise AdaptError(f"{target} exists already: choose another --name (an adapted model is never overwritten)")
+    base_card = clf.card
+    base_path = clf.path
+    tmp = Path(tempfile.mkdtemp(prefix=".adapt-", dir=out_dir))
+    try:
+        shutil.copyfile(base_path, tmp / target.name)
+        result.head.save(tmp / f"{name}{HEAD_SUFFIX}")
+        shutil.copyfile(guard["path"], tmp / f"{name}{GUARD_SUFFIX}")
+        now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        base_labels = list(guard["labels"])
+        new = {l: {"cells": result.cells_per_class[l], "note": f"learnt from {result.cells_per_class[l]} cells "
+                                                                  "reviewed at this laboratory"}
+               for l in result.labels if l not in base_labels}
+        card = {"card_schema": 1, "file": target.name, "sha256": sha256_file(tmp / target.name),
+                "size_bytes": (tmp / target.name).stat().st_size, "name": name,
+                "variant": f"{base_card.get('variant', '')}+adapted-head",
+                "format": base_card.get("format", ""),
+                "description": f"{base_card.get('name', base_path.stem)} with a class head adapted on the device "
+                               "to this laboratory's reviewed cells",
+                "int8_only": base_card.get("int8_only", False), "created": now,
+                "contract": {**base_card["contract"], "labels": list(result.labels)},
+                "outputs": base_card.get("outputs"), "embedding": base_card.get("embedding"),
+                "source_model": base_card.get("source_model"),
+                "base_model": {"file": base_path.name, "sha256": clf.sha256,
+                               "card_sha256": sha256_file(card_path(base_path)),
+                               "validation": base_card.get("validation")},
+                "head": {"file": f"{name}{HEAD_SUFFIX}", "sha256": sha256_file(tmp / f"{name}{HEAD_SUFFIX}"),
+                         "labels": list(result.labels), "base_labels": base_labels, "new_labels": new},
+                "guard": {**base_card["guard"], "file": f"{name}{GUARD_SUFFIX}"},
+                "adaptation": {"date": now, "sessions": reviewed.sessions, "cells": len(reviewed.labels),
+                               "cells_per_class": result.cells_per_class, "reviewers": reviewed.reviewers,
+                               "cross_validation": result.cross_validation, "guard_check": result.guard,
+                               "settings": dataclasses.asdict(s), "seconds": round(result.seconds, 2)},
+                "validation": {"data": "cross-validation over the reviewed cells, grouped by field; a held-out "
+                                       "quarter of the guard set for forgetting",
+                               "passed": True,
+                               "balanced_accuracy": result.cross_validation["adapted"]["balanced_accuracy"],
+                               "shipped_balanced_accuracy": result.cross_validation["shipped"]["balanced_accuracy"],
+                               "guard_accuracy": result.guard["adapted_accuracy"]},
+                "deployable": True}
+        (tmp / card_path(target).name).write_text(json.dumps(card, indent=2) + "\n")
+        for f in (target.name, f"{name}{HEAD_SUFFIX}", f"{name}{GUARD_SUFFIX}", card_path(target).name):
+            os.replace(tmp / f, out_dir / f)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target

@@ -1,0 +1,59 @@
+"""A class head applied on the device in numpy: ``softmax(embedding @ w + b)``.
+
+An adapted model (``bmc edge adapt``) is the shipped ``.tflite`` unchanged plus such a head, fitted
+at the laboratory on its reviewed cells; the model's card names the head's file and sha256, and
+:class:`edge_app.model.CellClassifier` applies it to the embedding the ``.tflite`` gives beside its
+own class scores.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+
+from bmc.card import ModelCardError, sha256_file
+
+
+def softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class Head:
+    w: np.ndarray  # embedding x classes
+    b: np.ndarray  # classes
+    labels: tuple[str, ...]
+    file: str = ""
+    sha256: str = ""
+
+    def logits(self, embedding: np.ndarray) -> np.ndarray:
+        return embedding @ self.w + self.b
+
+    def probabilities(self, embedding: np.ndarray) -> np.ndarray:
+        return softmax(self.logits(embedding)).astype(np.float32)
+
+    def save(self, path: str | Path) -> None:
+        with open(path, "wb") as fh:  # np.savez would add '.npz' to a name without it
+            np.savez(fh, w=self.w.astype(np.float32), b=self.b.astype(np.float32), labels=np.asarray(self.labels))
+
+
+def load_head(model_path: str | Path, card: dict) -> Head:
+    """The head named in ``card['head']``, beside ``model_path``, checked against its sha256 and shape."""
+    spec = card["head"]
+    path = Path(model_path).parent / spec["file"]
+    if not path.is_file():
+        raise ModelCardError(f"{model_path}: its head {path.name} is missing beside it")
+    if sha256_file(path) != spec.get("sha256"):
+        raise ModelCardError(f"{path}: does not match the sha256 in {Path(model_path).name}'s card: replaced or corrupted")
+    try:
+        with np.load(path) as z:
+            w, b, labels = z["w"].astype(np.float32), z["b"].astype(np.float32), tuple(str(l) for l in z["labels"])
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelCardError(f"{path}: not a readable head ({e})") from e
+    if w.ndim != 2 or w.shape[1] != len(labels) or b.shape != (len(labels),):
+        raise ModelCardError(f"{path}: weights {w.shape} and bias {b.shape} do not fit its {len(labels)} labels")
+    return Head(w, b, labels, path.name, spec["sha256"])

@@ -1,0 +1,278 @@
+"""Adapting the shipped model to another microscope on the device: real BCCD fields, the shipped
+int8 model and its guard set, real sessions and review decisions, the real CLI in subprocesses."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import sqlite3
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bmc.card import ModelCardError, sha256_file
+from conftest import ROOT, bmc
+from edge_app.app import EdgeSession, SessionConfig
+from edge_app.model import DEFAULT_MODEL, MODELS_DIR, CellClassifier
+
+PER_CLASS = 12  # BCCD fields of each white-cell type in the fixture session
+
+
+@pytest.fixture(scope="module")
+def truth(bccd) -> dict[str, str]:
+    from benchmarks.bccd import single_cell_fields
+
+    by_class: dict[str, list] = {}
+    for f in single_cell_fields(bccd):
+        by_class.setdefault(f.labels[0], []).append(f)
+    return {f.image.name: f.labels[0] for fs in by_class.values() for f in fs[:PER_CLASS]}
+
+
+@pytest.fixture(scope="module")
+def recorded(bccd, truth, tmp_path_factory) -> Path:
+    """A session of 48 BCCD fields (12 per white-cell type) recorded with the shipped model."""
+    src = tmp_path_factory.mktemp("fields")
+    for name in truth:
+        (src / name).symlink_to(bccd / "JPEGImages" / name)
+    out = tmp_path_factory.mktemp("adapt") / "s"
+    EdgeSession(str(src), CellClassifier(DEFAULT_MODEL, threads=2), out, SessionConfig(), echo=lambda m: None).run()
+    return out
+
+
+@pytest.fixture
+def session(recorded, tmp_path) -> Path:
+    out = tmp_path / "s"
+    shutil.copytree(recorded, out)
+    return out
+
+
+def _answers(out: Path) -> dict[str, tuple[int, str]]:
+    """Each field's scored cell (its most confident white cell): {field: (cell id, model label)}."""
+    from benchmarks.adapt import field_answers
+
+    return {f: (cid, label) for f, (label, cid) in field_answers(out / "session.sqlite").items()}
+
+
+def _decide(out: Path, truth, per_class: int, label_of=None) -> Path:
+    """A decisions file naming the true class of ``per_class`` fields' scored cells of each type."""
+    answers = _answers(out)
+    picked = Counter()
+    rows = []
+    for field, (cid, model_label) in sorted(answers.items()):
+        t = truth[field]
+        if picked[t] < per_class:
+            picked[t] += 1
+            rows.append((cid, label_of(t, model_label) if label_of else t))
+    path = out / "decisions.csv"
+    path.write_text("id,label\n" + "".join(f"{c},{l}\n" for c, l in rows))
+    return path
+
+
+def test_every_cell_is_recorded_with_its_embedding(recorded):
+    db = sqlite3.connect(recorded / "session.sqlite")
+    rows = db.execute("SELECT embedding FROM cell").fetchall()
+    assert rows and all(r[0] is not None and len(r[0]) == 1280 * 2 for r in rows)
+
+
+def test_shipped_model_gives_the_embedding_and_unchanged_scores():
+    """The embedding is a second output of the same graph; the numpy head of the card's guard file
+    reproduces the model's own class scores from it."""
+    from edge_app.adapt import load_guard
+    from edge_app.head import softmax
+
+    clf = CellClassifier(DEFAULT_MODEL, orientations=1)
+    assert clf.has_embedding and clf.backend.output_sizes == (8, 1280)
+    guard = load_guard(clf.path, clf.card)
+    assert guard["x"].shape == (1600, 1280) and Counter(guard["y"].tolist()) == {k: 200 for k in range(8)}
+    x = np.random.default_rng(0).uniform(0, 255, (4, 224, 224, 3)).astype(np.float32)
+    probs, emb = clf.predict_cells(x)
+    assert np.abs(softmax(emb @ guard["w"] + guard["b"]) - probs).max() < 0.02  # int8 rounding of the scores
+    # the guard set's cells are the model's training cells: its own head names them
+    assert (np.argmax(guard["x"] @ guard["w"] + guard["b"], axis=1) == guard["y"]).mean() > 0.97
+
+
+def test_adapt_writes_a_new_model_that_counts_and_names_itself(session, truth, tmp_path):
+    shipped = {f.name: sha256_file(f) for f in MODELS_DIR.iterdir() if f.is_file()}
+    bmc("edge", "review", session, "--apply", _decide(session, truth, 6), "--by", "anna")
+    out = tmp_path / "models"
+    p = bmc("edge", "adapt", session, "--out", out, "--name", "lab1", "--json", tmp_path / "adapt.json")
+    assert p.stdout.strip().splitlines()[-1] == str(out / "lab1.tflite")  # the model's path, last
+    assert "24 reviewed cells from 1 session folder(s) by anna" in p.stdout
+    for l in ("eosinophil", "lymphocyte", "monocyte", "neutrophil", "balanced", "guard set"):
+        assert l in p.stdout
+    card = json.loads((out / "lab1.json").read_text())
+    assert card["base_model"]["sha256"] == sha256_file(DEFAULT_MODEL)
+    assert card["head"]["sha256"] == sha256_file(out / "lab1.head.npz")
+    a = card["adaptation"]
+    assert a["cells_per_class"] == {"eosinophil": 6, "lymphocyte": 6, "monocyte": 6, "neutrophil": 6}
+    assert a["reviewers"] == ["anna"] and a["sessions"] == [str(session)] and a["date"]
+    cv = a["cross_validation"]
+    assert cv["adapted"]["balanced_accuracy"] >= cv["shipped"]["balanced_accuracy"]
+    assert cv["adapted"]["log_loss"] <= cv["shipped"]["log_loss"]
+    assert a["guard_check"]["drop_points"] <= 3.0
+    # the shipped files are untouched
+    assert {f.name: sha256_file(f) for f in MODELS_DIR.iterdir() if f.is_file()} == shipped
+
+    # the adapted model counts, and every record names it
+    run = tmp_path / "after"
+    bmc("edge", "run", _fields_of(session), "--out", run, "--headless", "--model", out / "lab1.tflite",
+        "--max-frames", "5")
+    db = sqlite3.connect(run / "session.sqlite")
+    model_file, config = db.execute("SELECT model_file, config FROM session").fetchone()
+    db.close()
+    assert model_file == "lab1.tflite" and json.loads(config)["head"]["sha256"] == card["head"]["sha256"]
+    rows = list(csv.DictReader(open(run / "cells.csv")))
+    assert rows and {r["model"] for r in rows} == {"lab1.tflite + lab1.head.npz"}
+    bmc("edge", "report", run)
+    assert "head adapted at this laboratory" in (run / "report.html").read_text()
+    doctor = bmc("edge", "doctor", "--model", out / "lab1.tflite", check=False)
+    assert "lab1.head.npz" in doctor.stdout
+
+
+def _fields_of(session: Path) -> Path:
+    db = sqlite3.connect(session / "session.sqlite")
+    source = db.execute("SELECT source FROM session").fetchone()[0]
+    db.close()
+    return Path(source)
+
+
+def test_adapt_refuses_a_head_that_is_not_better(session, truth, tmp_path):
+    """Reviewers who agree with every call of the model teach it nothing: the adapted head cannot
+    beat the shipped one on those cells, so nothing is written."""
+    bmc("edge", "review", session, "--apply", _decide(session, truth, 6, label_of=lambda t, m: m))
+    p = bmc("edge", "adapt", session, "--out", tmp_path / "models", check=False)
+    assert p.returncode == 2 and "adapted model refused, nothing written" in p.stderr
+    assert "not better than the shipped one" in p.stderr
+    assert not (tmp_path / "models").exists() or not list((tmp_path / "models").iterdir())
+
+
+def test_a_class_the_model_does_not_know_is_learnt_and_marked(session, truth, tmp_path):
+    """A laboratory names some monocytes 'blast' (as if they were): the head gains the class."""
+    bmc("edge", "review", session, "--apply",
+        _decide(session, truth, 6, label_of=lambda t, m: "blast" if t == "monocyte" else t), "--new-label")
+    out = tmp_path / "models"
+    bmc("edge", "adapt", session, "--out", out, "--name", "withblast")
+    card = json.loads((out / "withblast.json").read_text())
+    assert card["contract"]["labels"][-1] == "blast" and card["head"]["new_labels"]["blast"]["cells"] == 6
+    clf = CellClassifier(out / "withblast.tflite")
+    assert clf.labels[-1] == "blast" and clf.base_labels == CellClassifier(DEFAULT_MODEL).labels
+
+
+@pytest.mark.parametrize("case", ["none", "one-blast", "one-class", "other-model", "corrupt", "no-embedding"])
+def test_bad_input_is_one_clear_line_and_writes_nothing(session, truth, tmp_path, case):
+    out = tmp_path / "models"
+    expect = {"none": "no reviewed cells", "one-blast": "too few reviewed cells to learn 'blast' (1 cell)",
+              "one-class": "are 'neutrophil'", "other-model": "not with bmc_pbc8_lite0_int8.tflite",
+              "corrupt": "not a readable session database", "no-embedding": "has no recorded embedding and its crop"}
+    first = _answers(session)
+    ids = sorted(cid for cid, _ in first.values())
+    if case == "one-blast":
+        (session / "d.csv").write_text(f"id,label\n{ids[0]},blast\n{ids[1]},neutrophil\n{ids[2]},eosinophil\n")
+        bmc("edge", "review", session, "--apply", session / "d.csv", "--new-label")
+    elif case == "one-class":
+        (session / "d.csv").write_text("id,label\n" + "".join(f"{i},neutrophil\n" for i in ids[:5]))
+        bmc("edge", "review", session, "--apply", session / "d.csv")
+    elif case == "other-model":
+        db = sqlite3.connect(session / "session.sqlite")
+        db.execute("UPDATE session SET model_file = 'other.tflite', model_sha256 = ?", ("ab" * 32,))
+        db.commit()
+        db.close()
+    elif case == "corrupt":
+        (session / "session.sqlite").write_bytes(b"this is not a database" * 100)
+        for f in session.glob("session.sqlite-*"):
+            f.unlink()
+    elif case == "no-embedding":
+        bmc("edge", "review", session, "--apply", _decide(session, truth, 3))
+        db = sqlite3.connect(session / "session.sqlite")
+        db.execute("UPDATE cell SET embedding = NULL")
+        db.commit()
+        db.close()
+        for f in (session / "crops").iterdir():
+            f.unlink()
+    p = bmc("edge", "adapt", session, "--out", out, check=False)
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert expect[case] in p.stderr and "Traceback" not in p.stderr
+    assert not out.exists() or not list(out.iterdir())
+
+
+def test_embeddings_are_recomputed_from_crops_for_older_sessions(session, truth, tmp_path):
+    """A session recorded before embeddings were stored adapts from its cells' crops."""
+    bmc("edge", "review", session, "--apply", _decide(session, truth, 6))
+    db = sqlite3.connect(session / "session.sqlite")
+    db.execute("UPDATE cell SET embedding = NULL")
+    db.commit()
+    db.close()
+    from edge_app import adapt
+
+    clf = CellClassifier(DEFAULT_MODEL, orientations=4)
+    reviewed = adapt.collect([session], clf)
+    assert reviewed.x.shape == (24, 1280) and Counter(reviewed.labels) == {l: 6 for l in set(truth.values())}
+
+
+def test_adapting_imports_no_training_stack(session, truth):
+    """On the device: numpy only (no TensorFlow, no scikit-learn), in seconds."""
+    bmc("edge", "review", session, "--apply", _decide(session, truth, 6))
+    code = ("import sys, time; t = time.perf_counter(); from bmc.cli import main\n"
+            "try:\n    main(['edge', 'adapt', sys.argv[1], '--out', sys.argv[2]])\nexcept SystemExit:\n    pass\n"
+            "print('seconds', time.perf_counter() - t)\n"
+            "print('heavy', sorted(m for m in ('tensorflow', 'sklearn', 'keras', 'scipy') if m in sys.modules))")
+    import subprocess
+
+    p = subprocess.run([sys.executable, "-c", code, str(session), str(session.parent / "m")], capture_output=True,
+                       text=True, cwd=ROOT, timeout=300)
+    assert "heavy []" in p.stdout, p.stdout + p.stderr
+    assert (session.parent / "m").is_dir()
+
+
+def test_review_for_adaptation_spreads_classes_least_sure_first(recorded):
+    from edge_app import review
+
+    db = review.connect(recorded)
+    cells = review.cells(db)
+    db.close()
+    q = review.teaching_queue(cells, per_class=3)
+    found = sorted({c.model_label for c in cells})
+    first = [c.model_label for c in q[:len(found)]]
+    assert sorted(first) == found  # the first round covers every class the session found
+    for label in found:
+        mine = [c for c in q if c.model_label == label]
+        assert len(mine) <= 3
+        margins = [review._margin(c.probabilities) for c in mine]
+        assert margins == sorted(margins)
+    p = bmc("edge", "review", recorded, "--list", "--for-adapt", "--per-class", "2")
+    assert len(p.stdout.strip().splitlines()) - 1 == sum(min(2, sum(c.model_label == l for c in cells)) for l in found)
+
+
+@pytest.mark.parametrize("labels", [3, 10])
+def test_a_model_whose_card_names_other_labels_is_refused(tmp_path, fields_dir, labels):
+    """A card with 3 or 10 labels beside an 8-class model: refused on load by run, evaluate and doctor."""
+    model = tmp_path / "m.tflite"
+    shutil.copyfile(DEFAULT_MODEL, model)
+    card = json.loads(DEFAULT_MODEL.with_suffix(".json").read_text())
+    card["contract"]["labels"] = [f"class{i}" for i in range(labels)]
+    card.pop("guard", None)
+    model.with_suffix(".json").write_text(json.dumps(card))
+    with pytest.raises(ModelCardError, match=f"gives 8 class scores per cell but its card names {labels} labels"):
+        CellClassifier(model)
+    for args in (["edge", "run", fields_dir, "--out", tmp_path / "s", "--headless", "--model", model],
+                 ["evaluate", model, fields_dir.parent / "classes"]):
+        p = bmc(*args, check=False)
+        assert p.returncode == 2 and f"card names {labels} labels" in p.stderr, p.stderr
+    p = bmc("edge", "doctor", "--model", model, check=False)
+    assert p.returncode == 1 and f"card names {labels} labels" in p.stdout
+
+
+@pytest.fixture
+def fields_dir(bccd, pbc, tmp_path) -> Path:
+    d = tmp_path / "fields"
+    d.mkdir()
+    for f in sorted((bccd / "JPEGImages").glob("*.jpg"))[:2]:
+        (d / f.name).symlink_to(f)
+    (tmp_path / "classes" / "neutrophil").mkdir(parents=True)
+    for f in sorted((pbc / "neutrophil").glob("*.jpg"))[:2]:
+        (tmp_path / "classes" / "neutrophil" / f.name).symlink_to(f)
+    return d
