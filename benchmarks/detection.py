@@ -47,7 +47,7 @@ def finding(bccd, cfg: FinderConfig = FinderConfig()) -> dict:
 
 def field_classification(bccd, model: str | None = None, orientations: int | None = None,
                          white_balance: bool = False) -> dict:
-    from sklearn.metrics import balanced_accuracy_score, confusion_matrix
+    from train.metrics import confusion
 
     from edge_app.app import EdgeSession, SessionConfig
     from edge_app.model import DEFAULT_MODEL, DEFAULT_ORIENTATIONS, CellClassifier
@@ -82,8 +82,8 @@ def field_classification(bccd, model: str | None = None, orientations: int | Non
             "counted_accuracy": float(np.mean([t == p for t, p in sure])) if sure else 0.0,
             "counted_balanced_accuracy": float(np.mean(list(sure_recall.values()))), "counted_recall": sure_recall,
             "accuracy": float(np.mean([t == p for t, p in zip(truth, pred)])),
-            "balanced_accuracy": float(balanced_accuracy_score(truth, pred)),
+            "balanced_accuracy": float(np.mean([recall[c] for c in classes if c in truth])),
             "recall": recall, "model": clf.path.name, "orientations": clf.orientations,
             "white_balance": bool(white_balance and clf.contract.lamp is not None),
             "confusion_labels": classes + sorted(set(pred) - set(classes)),
-            "confusion_matrix": confusion_matrix(truth, pred, labels=classes + sorted(set(pred) - set(classes))).tolist()}
+            "confusion_matrix": confusion(truth, pred, classes + sorted(set(pred) - set(classes))).tolist()}

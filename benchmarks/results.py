@@ -7,7 +7,18 @@ import csv
 import datetime
 from pathlib import Path
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+def _results_dir() -> Path:
+    """``benchmarks/results`` in a repository checkout; where the user runs (``./bmc-results``) when
+    bmc is installed as a package, never inside site-packages; ``BMC_RESULTS`` overrides both."""
+    import os
+
+    if os.environ.get("BMC_RESULTS"):
+        return Path(os.environ["BMC_RESULTS"])
+    here = Path(__file__).resolve().parent
+    return here / "results" if (here.parent / "pyproject.toml").is_file() else Path.cwd() / "bmc-results"
+
+
+RESULTS_DIR = _results_dir()
 
 
 def append(kind: str, rows: list[dict], machine: dict, results_dir: Path = RESULTS_DIR) -> Path:

@@ -50,6 +50,23 @@ def _guard(fn, *args, **kwargs):
         raise
 
 
+def _need_training(verb: str, module: str, *also: str) -> None:
+    """One clear line, not a traceback, when a verb that trains or converts runs on a device
+    install (the edge extra has no Keras, TensorFlow or scikit-learn)."""
+    import importlib
+    import importlib.util
+
+    missing = [m for m in also if importlib.util.find_spec(m) is None]
+    if not missing:
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            missing = [e.name or str(e)]
+    if missing:
+        raise _Fail(f"{verb} needs the training packages, not installed here (missing: {', '.join(missing)}): "
+                    "pip install 'bmc-edge[train]' on a workstation or server; a device needs only [edge]")
+
+
 def _write_json(path, obj) -> None:
     with open(path, "w") as fh:
         json.dump(obj, fh, indent=2)
@@ -180,6 +197,7 @@ def data_harvest(sessions, dest, with_data, label_from, model):
               help="start from a trained model.keras (backbone; head too when it has the same classes)")
 def train_cmd(data_dir, out, **kw):
     """Fine-tune an ImageNet EfficientNet on DATA_DIR; writes model, split and metrics to --out."""
+    _need_training("bmc train", "train.trainer")
     from train.trainer import TrainConfig, train
 
     cfg = _guard(TrainConfig, data=data_dir, out=out, **kw)
@@ -231,6 +249,7 @@ def convert_cmd(source, out_dir, name, variants, data, max_drop, max_class_drop,
     """Convert a run folder (or .keras) to TFLite variants and validate each against the float model."""
     from pathlib import Path
 
+    _need_training("bmc convert", "convert.pipeline", "tensorflow")
     from convert.pipeline import Gate, convert_run
 
     names = tuple(v.strip() for v in variants.split(",") if v.strip())

@@ -50,8 +50,37 @@ def test_edge_extra_alone_runs_the_app(tmp_path, bccd):
     reviewed = subprocess.run([str(env_dir / "bin" / "bmc"), "edge", "review", str(out), "--cell", "1", "--label",
                                "rejected", "--by", "tech"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert reviewed.returncode == 0 and "cell 1: rejected (by tech)" in reviewed.stdout, reviewed.stdout + reviewed.stderr
+    # adaptation on the device: reviewed cells (their model's calls flipped to the true classes would
+    # need the truth; here a few decisions of two classes) and bmc edge adapt, numpy only
+    bmc_bin = str(env_dir / "bin" / "bmc")
+    listed_cells = subprocess.run([bmc_bin, "edge", "review", str(out), "--list", "--for-adapt"], capture_output=True,
+                                  text=True, timeout=300, cwd=tmp_path)
+    assert listed_cells.returncode == 0 and listed_cells.stdout.startswith("id,label"), listed_cells.stderr
+    adapted = subprocess.run([bmc_bin, "edge", "adapt", str(out), "--out", str(tmp_path / "m")], capture_output=True,
+                             text=True, timeout=300, cwd=tmp_path)
+    # one rejected cell only: a clear refusal, no traceback (the full loop is tests/test_adapt.py)
+    assert adapted.returncode == 2 and "no reviewed cells" in adapted.stderr, adapted.stdout + adapted.stderr
+    # the device's own measurements: evaluate a .tflite, latency; results land where the user runs
+    classes = tmp_path / "classes" / "neutrophil"
+    classes.mkdir(parents=True)
+    for f in sorted((bccd.parent / "pbc" / "neutrophil").glob("*.jpg"))[:4]:
+        (classes / f.name).symlink_to(f)
+    site_models = subprocess.run([str(py), "-c", "from edge_app.model import DEFAULT_MODEL; print(DEFAULT_MODEL)"],
+                                 capture_output=True, text=True, cwd=tmp_path).stdout.strip()
+    ev = subprocess.run([bmc_bin, "evaluate", site_models, str(classes.parent)], capture_output=True, text=True,
+                        timeout=300, cwd=tmp_path)
+    assert ev.returncode == 0 and "| neutrophil |" in ev.stdout, ev.stdout + ev.stderr
+    lat = subprocess.run([bmc_bin, "bench", "latency", "--runs", "10"], capture_output=True, text=True, timeout=300,
+                         cwd=tmp_path)
+    assert lat.returncode == 0, lat.stdout + lat.stderr
+    assert (tmp_path / "bmc-results" / "latency.csv").is_file()
+    assert not list(env_dir.rglob("site-packages/benchmarks/results/*.csv"))
+    tr = subprocess.run([bmc_bin, "train", str(classes.parent), "--out", str(tmp_path / "r")], capture_output=True,
+                        text=True, timeout=300, cwd=tmp_path)
+    assert tr.returncode == 2 and "needs the training packages" in tr.stderr and "Traceback" not in tr.stderr
     # and nothing it imported pulled TensorFlow in
-    probe = subprocess.run([str(py), "-c", "import sys, bmc.cli, edge_app.app, edge_app.report, edge_app.review; "
+    probe = subprocess.run([str(py), "-c", "import sys, bmc.cli, edge_app.app, edge_app.report, edge_app.review, "
+                            "edge_app.adapt; "
                             "print('tensorflow' in sys.modules)"], capture_output=True, text=True, cwd=tmp_path)
     assert probe.stdout.strip() == "False", probe.stderr
     # a screen without a window-capable OpenCV: said once, and the session goes on headless

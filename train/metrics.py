@@ -1,7 +1,9 @@
-"""Classification metrics from scikit-learn, in one JSON-ready dictionary.
+"""Classification metrics in numpy (the device has no scikit-learn), in one JSON-ready dictionary.
 
-Calibration error is the expected calibration error (ECE, Guo et al. 2017) over 15 equal-width
-confidence bins: scikit-learn has no multi-class ECE, so it is computed here from the top-1
+The definitions are scikit-learn's (``tests/test_metrics.py`` checks them against it where it is
+installed): macro-F1 over the classes present in the data, balanced accuracy as the mean recall of
+those classes, precision 0 for a class never predicted. Calibration error is the expected
+calibration error (ECE, Guo et al. 2017) over 15 equal-width confidence bins, from the top-1
 confidence and correctness.
 """
 
@@ -29,26 +31,42 @@ def classification_metrics(y_true: np.ndarray, probs: np.ndarray, labels: list[s
     Only classes present in ``y_true`` or predicted are reported per class; ``labels`` is the
     model's full label list, so that predictions of classes absent from the data still count.
     """
-    from sklearn.metrics import (accuracy_score, balanced_accuracy_score, confusion_matrix,
-                                 f1_score, precision_recall_fscore_support)
-
+    y_true = np.asarray(y_true)
     y_pred = probs.argmax(axis=1)
     present = sorted(set(y_true.tolist()))
     idx = sorted(set(present) | set(y_pred.tolist()))
-    p, r, f, s = precision_recall_fscore_support(y_true, y_pred, labels=idx, zero_division=0)
+    cm = confusion(y_true, y_pred, idx)
+    tp = np.diag(cm).astype(float)
+    support = cm.sum(axis=1)
+    predicted = cm.sum(axis=0)
+    p = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
+    r = np.divide(tp, support, out=np.zeros_like(tp), where=support > 0)
+    f = np.divide(2 * p * r, p + r, out=np.zeros_like(tp), where=(p + r) > 0)
     per_class = {labels[i]: {"precision": float(p[k]), "recall": float(r[k]), "f1": float(f[k]),
-                             "support": int(s[k])} for k, i in enumerate(idx)}
+                             "support": int(support[k])} for k, i in enumerate(idx)}
+    in_data = [idx.index(c) for c in present]
     return {
         "n": int(len(y_true)),
-        "accuracy": float(accuracy_score(y_true, y_pred)),
+        "accuracy": float((y_pred == y_true).mean()),
         # macro over the classes present in the data: a class absent from DATA_DIR has no recall
-        "macro_f1": float(f1_score(y_true, y_pred, labels=present, average="macro", zero_division=0)),
-        "balanced_accuracy": float(balanced_accuracy_score(y_true, y_pred)),
+        "macro_f1": float(f[in_data].mean()),
+        "balanced_accuracy": float(r[in_data].mean()),
         "ece": expected_calibration_error(probs, y_true),
         "per_class": per_class,
         "confusion_labels": [labels[i] for i in idx],
-        "confusion_matrix": confusion_matrix(y_true, y_pred, labels=idx).tolist(),
+        "confusion_matrix": cm.tolist(),
     }
+
+
+def confusion(y_true, y_pred, classes) -> np.ndarray:
+    """Counts of (true, predicted) pairs over ``classes`` (rows true, columns predicted); pairs
+    outside ``classes`` are left out, as scikit-learn's ``confusion_matrix(labels=...)`` does."""
+    pos = {c: k for k, c in enumerate(classes)}
+    cm = np.zeros((len(classes), len(classes)), np.int64)
+    for t, q in zip(np.asarray(y_true).tolist(), np.asarray(y_pred).tolist()):
+        if t in pos and q in pos:
+            cm[pos[t], pos[q]] += 1
+    return cm
 
 
 def per_class_table(m: dict) -> str:
