@@ -223,7 +223,11 @@ def evaluate_cmd(model, data_dir, split_file, part, orientations, json_out):
     if (data_dir is None) == (split_file is None):
         raise click.UsageError("give DATA_DIR or --split FILE (one of them)")
     m = _guard(evaluate, model, data_dir, split_file=split_file, part=part, orientations=int(orientations))
+    for item in m.get("skipped", []):
+        click.echo(f"skipped {item['path']}: {item['why']}", err=True)
     click.echo(per_class_table(m))
+    if m.get("skipped"):
+        click.echo(f"{len(m['skipped'])} unreadable image(s) left out of these figures (listed above)")
     click.echo(f"the edge app's review policy would set aside {m['set_aside']:.1%} of these images; "
                f"accuracy of the rest {m['counted_accuracy']:.4f}")
     if json_out:

@@ -32,6 +32,7 @@ from edge_app.tracker import CellTracker
 
 log = logging.getLogger(__name__)
 STAGES = ("read", "find", "preprocess", "classify", "record")
+MAX_FRAME_PIXELS = 40_000_000  # a 8K camera frame is 33 MP; a whole-slide scan needs tiling, not one frame
 
 
 @dataclasses.dataclass
@@ -106,6 +107,7 @@ class EdgeSession:
                 self.diff.restore(label, flag)
             self.echo(f"resuming the interrupted session in {self.store.dir} after frame {self.store.resume_after} "
                       f"({self.diff.counted} cells counted, {self.diff.flagged} for review)")
+        self._colour_checked = False
         self._stop = False
         self._window = None
         if not config.headless and not opencv_gui():
@@ -125,8 +127,29 @@ class EdgeSession:
         boxes = [f.box for f in found]
         return boxes, [crop_cell(image, self.scale.box_for(b), c) for b in boxes]
 
+    def _screen(self, frame) -> None:
+        """Frames the pipeline cannot use well: too large to process within the device's memory
+        (refused as a corrupt frame), or without colour (the finder separates nuclei by their stain;
+        said once)."""
+        img = frame.image
+        if img is None:
+            return
+        if img.shape[0] * img.shape[1] > MAX_FRAME_PIXELS:
+            frame.image, frame.error = None, (f"frame of {img.shape[1]}x{img.shape[0]} pixels is over the "
+                                              f"{MAX_FRAME_PIXELS / 1e6:.0f}-megapixel limit; downscale it, or set the "
+                                              "camera's width and height")
+            return
+        if not self._colour_checked:
+            self._colour_checked = True
+            sample = img[::max(1, img.shape[0] // 64), ::max(1, img.shape[1] // 64)].astype(np.int16)
+            if img.ndim < 3 or img.shape[2] < 3 or (np.abs(sample[..., 0] - sample[..., 1]).max() <= 2
+                                                    and np.abs(sample[..., 1] - sample[..., 2]).max() <= 2):
+                self.echo(f"warning: {frame.source} looks greyscale: the cell finder separates nuclei by their stain's "
+                          "colour, so cells will be missed; use the camera's colour mode")
+
     def process(self, frame) -> list[dict]:
         r, st = self.result, self.result.stage_seconds
+        self._screen(frame)
         if frame.image is None:
             r.corrupt_frames += 1
             log.warning("frame %s of %s skipped: %s", frame.index, frame.source, frame.error)

@@ -272,3 +272,45 @@ def test_full_disk_during_report_leaves_no_empty_file(fields40, tmp_path):
         assert not list(out.glob(".report.html.*"))
     finally:
         subprocess.run(["umount", str(mnt)], check=False)
+
+
+def test_an_oversized_frame_is_refused_and_a_grey_source_warned(bccd, tmp_path, clf):
+    src = tmp_path / "src"
+    src.mkdir()
+    field = cv2.imread(str(sorted((bccd / "JPEGImages").glob("*.jpg"))[0]))
+    cv2.imwrite(str(src / "a_huge.png"), np.zeros((7000, 6000, 3), np.uint8))  # 42 MP
+    cv2.imwrite(str(src / "b_field.jpg"), field)
+    lines = []
+    r = EdgeSession(str(src), clf, tmp_path / "s", SessionConfig(save_crops=False), echo=lines.append).run()
+    assert r.corrupt_frames == 1 and r.frames == 2 and r.cells >= 1
+    db = sqlite3.connect(tmp_path / "s" / "session.sqlite")
+    assert "over the 40-megapixel limit" in db.execute("SELECT error FROM frame WHERE source = 'a_huge.png'").fetchone()[0]
+    db.close()
+    grey = tmp_path / "grey"
+    grey.mkdir()
+    cv2.imwrite(str(grey / "f.jpg"), cv2.cvtColor(cv2.cvtColor(field, cv2.COLOR_BGR2GRAY), cv2.COLOR_GRAY2BGR))
+    lines = []
+    EdgeSession(str(grey), clf, tmp_path / "g", SessionConfig(save_crops=False), echo=lines.append).run()
+    assert any("looks greyscale" in l for l in lines)
+
+
+def test_data_check_names_empty_classes_and_tiny_images(pbc, tmp_path):
+    d = tmp_path / "d"
+    (d / "blast").mkdir(parents=True)  # a class folder nobody filled
+    (d / "neutrophil").mkdir()
+    for f in sorted((pbc / "neutrophil").glob("*.jpg"))[:3]:
+        (d / "neutrophil" / f.name).symlink_to(f)
+    cv2.imwrite(str(d / "neutrophil" / "tiny.jpg"), np.full((20, 24, 3), 200, np.uint8))
+    p = bmc("data", "check", d)
+    assert "empty class folders (no image; not a class until it has some): blast" in p.stdout
+    assert "too small to hold a cell" in p.stdout and "tiny.jpg: 24x20" in p.stdout
+
+
+def test_evaluate_lists_skipped_files_on_screen(pbc, tmp_path):
+    d = tmp_path / "d" / "neutrophil"
+    d.mkdir(parents=True)
+    for f in sorted((pbc / "neutrophil").glob("*.jpg"))[:3]:
+        (d / f.name).symlink_to(f)
+    (d / "broken.jpg").write_bytes(b"\xff\xd8 not an image")
+    p = bmc("evaluate", DEFAULT_MODEL, d.parent)
+    assert "broken.jpg" in p.stderr and "1 unreadable image(s) left out" in p.stdout

@@ -105,6 +105,9 @@ def sha256_of(path: str) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
+MIN_SIDE = 32  # pixels: a cell image smaller than this on a side holds no cell the models can read
+
+
 @dataclasses.dataclass
 class DataReport:
     """What ``bmc data check`` finds in a data set."""
@@ -115,6 +118,8 @@ class DataReport:
     unreadable: list[tuple[str, str]]
     non_images: list[str]
     duplicate_sets: list[list[str]]
+    empty_classes: list[str] = dataclasses.field(default_factory=list)  # class folders with no image
+    too_small: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (path, size) under MIN_SIDE
 
     @property
     def imbalance(self) -> float:
@@ -141,6 +146,13 @@ class DataReport:
                      + (" (kept together in one split)" if self.duplicate_sets else ""))
         for group in self.duplicate_sets[:10]:
             lines.append("  " + " = ".join(group))
+        if self.empty_classes:
+            lines.append(f"empty class folders (no image; not a class until it has some): "
+                         f"{', '.join(self.empty_classes)}")
+        if self.too_small:
+            lines.append(f"images too small to hold a cell (under {MIN_SIDE} px a side): {len(self.too_small)}")
+            for path, size in self.too_small[:20]:
+                lines.append(f"  {path}: {size}")
         lines.append(f"unreadable images: {len(self.unreadable)}")
         for path, why in self.unreadable[:20]:
             lines.append(f"  {path}: {why}")
@@ -161,6 +173,7 @@ def check(root: str | Path, label_from: str = "folder", manifest: str | Path | N
     counts: Counter = Counter()
     sizes: Counter = Counter()
     unreadable = []
+    too_small: list[tuple[str, str]] = []
     by_hash = defaultdict(list)
     for s in samples:
         data = Path(s.path).read_bytes()
@@ -171,13 +184,19 @@ def check(root: str | Path, label_from: str = "folder", manifest: str | Path | N
             continue
         counts[s.label] += 1
         sizes[f"{img.shape[1]}x{img.shape[0]}"] += 1
+        if min(img.shape[:2]) < MIN_SIDE:
+            too_small.append((s.path, f"{img.shape[1]}x{img.shape[0]}"))
     non_images = []
     if manifest is None:
         rootp = Path(root)
         non_images = [str(p) for p in sorted(rootp.rglob("*")) if p.is_file()
                       and p.suffix.lower() not in IMAGE_SUFFIXES and len(p.relative_to(rootp).parts) >= 2]
     dups = [sorted(v) for v in by_hash.values() if len(v) > 1]
-    return DataReport(str(root), dict(counts), dict(sizes), unreadable, non_images, sorted(dups))
+    empty = []
+    if manifest is None and label_from == "folder":
+        empty = sorted(d.name for d in Path(root).iterdir() if d.is_dir() and not d.name.startswith(".")
+                       and not any(f.suffix.lower() in IMAGE_SUFFIXES for f in d.rglob("*") if f.is_file()))
+    return DataReport(str(root), dict(counts), dict(sizes), unreadable, non_images, sorted(dups), empty, too_small)
 
 
 def assign_groups(samples: Iterable[Sample]) -> list[Sample]:
