@@ -685,6 +685,29 @@ def bench_truth(source, fmt, out):
     click.echo(f"{n} {'fields' if fmt == 'bccd' else 'cells'} → {out}")
 
 
+@bench.command("soak")
+@click.option("--source", required=True, type=click.Path(file_okay=False), help="a folder of fields")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="a fresh session folder")
+@click.option("--kills", default=100, show_default=True)
+@click.option("--max-delay", default=6.0, show_default=True, help="seconds: each kill comes after 0.2..this")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--json", "json_out", type=click.Path(dir_okay=False))
+def bench_soak(source, out, kills, max_delay, seed, json_out):
+    """SIGKILL `bmc edge run` KILLS times at random moments, re-running into the same folder; then check
+    that no committed frame was lost and every field was counted exactly once."""
+    from benchmarks import soak
+
+    try:
+        r = soak.run(source, out, kills, max_delay, seed, log=lambda m: click.echo(m, err=True))
+    except ValueError as e:
+        raise _Fail(str(e)) from e
+    click.echo(soak.markdown(r))
+    if json_out:
+        _write_json(json_out, r)
+    if r["committed_frames_lost"] or r["integrity_failures"] or r["fields_recorded_twice"] or r["fields_missing"]:
+        raise SystemExit(1)
+
+
 @bench.command("compare")
 @click.argument("items", nargs=-1, required=True, type=click.Path())
 @click.option("--data", required=True, type=click.Path(file_okay=False), help="class-folder images to score on")

@@ -199,7 +199,7 @@ def doctor(cfg=None, config_path: str | None = None, model_path: str | None = No
                 wrong.append(f"storage {probe} is not writable by this user")
         else:
             wrong.append(f"storage folder {storage} and its parent do not exist")
-    from benchmarks.energy import find_meters
+    from edge_app.meters import find_meters
 
     meters = find_meters()
     have.append("power meters: " + (", ".join(m.name for m in meters) if meters else "none"))

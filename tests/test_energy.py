@@ -129,9 +129,11 @@ def test_joules_per_inference_subtracts_idle_power():
 
 
 def test_no_meter_here_means_no_number(monkeypatch):
-    monkeypatch.setattr(energy, "RaplMeter", lambda: (_ for _ in ()).throw(MeterError("none")))
-    monkeypatch.setattr(energy, "JetsonMeter", lambda: (_ for _ in ()).throw(MeterError("none")))
-    monkeypatch.setattr(energy, "Pi5PmicMeter", lambda: (_ for _ in ()).throw(MeterError("none")))
+    from edge_app import meters
+
+    monkeypatch.setattr(meters, "RaplMeter", lambda: (_ for _ in ()).throw(MeterError("none")))
+    monkeypatch.setattr(meters, "JetsonMeter", lambda: (_ for _ in ()).throw(MeterError("none")))
+    monkeypatch.setattr(meters, "Pi5PmicMeter", lambda: (_ for _ in ()).throw(MeterError("none")))
     assert energy.find_meters() == []
 
 
