@@ -25,11 +25,11 @@ def test_example_config_loads_with_its_values():
 @pytest.mark.parametrize("text, message", [
     ("[camera]\nsorce = '0'\n", "unknown key 'sorce' in \\[camera\\]; did you mean 'source'"),
     ("[camra]\nsource = '0'\n", "unknown section \\[camra\\]; did you mean \\[camera\\]"),
-    ("[session]\ntarget = 'lots'\n", "target must be a int"),
-    ("[session]\nmode = 'slide'\n", "mode must be 'field' or 'cell'"),
+    ("[session]\ntarget = 'lots'\n", "target must be an int, got 'lots'"),
+    ("[session]\nmode = 'slide'\n", "mode must be one of 'field', 'cell', got 'slide'"),
     ("[finder]\nmin_area_px = -3\n", "min_area_px must be >= 0"),
     ("[storage\n", "not valid TOML"),
-    ("[model]\norientations = 3\n", "orientations must be 1, 2, 4 or 8, got 3"),
+    ("[model]\norientations = 3\n", "orientations must be one of 1, 2, 4, 8, got 3"),
 ])
 def test_bad_config_is_a_clear_error(tmp_path, text, message):
     p = tmp_path / "bmc.toml"
