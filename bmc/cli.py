@@ -21,7 +21,8 @@ class _Fail(click.ClickException):
 # The kit's expected errors: each becomes one clear line on stderr and exit status 2.
 _EXPECTED = [
     ("bmc.contract", "ContractError"), ("bmc.card", "ModelCardError"), ("train.data", "DataError"),
-    ("train.evaluate", "EvaluationError"), ("train.trainer", "TrainError"), ("train.backbones", "BackboneError"),
+    ("train.evaluate", "EvaluationError"), ("train.cellscale", "CellScaleError"), ("train.trainer", "TrainError"),
+    ("train.backbones", "BackboneError"),
     ("convert.variants", "VariantError"), ("convert.converter", "ConversionError"),
     ("convert.pipeline", "GateFailed"), ("edge_app.review", "ReviewError"), ("edge_app.config", "ConfigError"),
     ("edge_app.backends", "BackendError"), ("edge_app.sources", "SourceError"), ("edge_app.store", "SessionFolderError"),
@@ -197,7 +198,7 @@ def data_harvest(sessions, dest, with_data, label_from, model):
               help="start from a trained model.keras (backbone; head too when it has the same classes)")
 def train_cmd(data_dir, out, **kw):
     """Fine-tune an ImageNet EfficientNet on DATA_DIR; writes model, split and metrics to --out."""
-    _need_training("bmc train", "train.trainer")
+    _need_training("bmc train", "train.trainer", "keras", "cv2")
     from train.trainer import TrainConfig, train
 
     cfg = _guard(TrainConfig, data=data_dir, out=out, **kw)

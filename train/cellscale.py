@@ -15,6 +15,10 @@ from bmc.contract import read_image
 from edge_app.detect import find_cells
 
 
+class CellScaleError(ValueError):
+    """The training images' cell scale or lamp cannot be measured; the message says why."""
+
+
 def _sampled_images(samples, n: int, seed: int):
     """The readable ones among ``min(n, len(samples))`` random training images, decoded (BGR)."""
     for i in np.random.default_rng(seed).choice(len(samples), size=min(n, len(samples)), replace=False):
@@ -37,7 +41,7 @@ def measure_cell_fraction(samples, crop_fraction: float, n: int = 400, seed: int
             c = min(cells, key=lambda c: (c.centre[0] - w / 2) ** 2 + (c.centre[1] - h / 2) ** 2)
             fractions.append(c.box.diameter / side)
     if len(fractions) < max(5, picked // 10):
-        raise ValueError(
+        raise CellScaleError(
             f"could not measure the cell scale: the cell finder saw a centred cell in only "
             f"{len(fractions)} of {picked} training images (are these single-cell crops?)"
         )
@@ -51,5 +55,5 @@ def measure_lamp(samples, n: int = 400, seed: int = 0) -> tuple[float, float, fl
 
     lamps = [lamp_of(img)[::-1] for img in _sampled_images(samples, n, seed)]  # BGR → RGB
     if not lamps:
-        raise ValueError("could not measure the lamp colour: no readable training image")
+        raise CellScaleError("could not measure the lamp colour: no readable training image")
     return tuple(round(float(v), 1) for v in np.median(lamps, axis=0))
