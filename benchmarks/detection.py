@@ -47,10 +47,9 @@ def finding(bccd, cfg: FinderConfig = FinderConfig()) -> dict:
 
 def field_classification(bccd, model: str | None = None, orientations: int | None = None,
                          white_balance: bool = False) -> dict:
-    from train.metrics import confusion
-
     from edge_app.app import EdgeSession, SessionConfig
     from edge_app.model import DEFAULT_MODEL, DEFAULT_ORIENTATIONS, CellClassifier
+    from train.metrics import confusion
 
     fields = single_cell_fields(bccd)
     clf = CellClassifier(model or DEFAULT_MODEL, threads=os.cpu_count(),

@@ -9,8 +9,19 @@ from __future__ import annotations
 
 import time
 
-from edge_app.meters import (CsvLogMeter, INA2xxMeter, JetsonMeter, MeterError, Pi5PmicMeter,  # noqa: F401
-                             PowerMeter, RaplMeter, _Sampled, find_meters, integrate, parse_pmic_read_adc)
+from edge_app.meters import (  # noqa: F401
+    CsvLogMeter,
+    INA2xxMeter,
+    JetsonMeter,
+    MeterError,
+    Pi5PmicMeter,
+    PowerMeter,
+    RaplMeter,
+    _Sampled,
+    find_meters,
+    integrate,
+    parse_pmic_read_adc,
+)
 
 
 def joules_per_inference(meter: PowerMeter, infer, n: int, idle_s: float = 3.0) -> dict:

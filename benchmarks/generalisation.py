@@ -88,11 +88,11 @@ def score(model_path, bccd=DEFAULT_BCCD, orientations: int = 1, scale: float = 1
     the measured scale (a diagnostic: is the cell scale what separates the two microscopes?);
     ``calibrate`` maps the set's stain (BCCD's or Munich's) onto the training stain of ``reference`` first
     (:mod:`benchmarks.stain_calibration`, another diagnostic)."""
+    import dataclasses
+
     from edge_app.model import predict_oriented
     from train.evaluate import load_classifier
     from train.metrics import classification_metrics
-
-    import dataclasses
 
     clf, contract = load_classifier(model_path)
     cut = contract if scale == 1.0 else dataclasses.replace(contract, cell_fraction=contract.cell_fraction / scale)

@@ -7,6 +7,7 @@ import csv
 import datetime
 from pathlib import Path
 
+
 def _results_dir() -> Path:
     """``benchmarks/results`` in a repository checkout; where the user runs (``./bmc-results``) when
     bmc is installed as a package, never inside site-packages; ``BMC_RESULTS`` overrides both."""

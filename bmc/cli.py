@@ -133,7 +133,7 @@ def data_pack(source, dest, side, quality, label_from):
     from train.data import pack
 
     n, skipped = _guard(pack, source, dest, side, quality, label_from)
-    for path, why in skipped:
+    for _path, why in skipped:
         click.echo(f"skipped unreadable image: {why}", err=True)
     click.echo(f"{n} images packed into {dest}" + (f" ({len(skipped)} unreadable, left out)" if skipped else ""))
 
@@ -329,8 +329,8 @@ def edge_run(source, model, out_dir, mode, target, threads, headless, max_frames
     import os
 
     from edge_app.app import EdgeSession, SessionConfig, has_display
-    from edge_app.model import DEFAULT_MODEL, CellClassifier
     from edge_app.backends import BackendError
+    from edge_app.model import DEFAULT_MODEL, CellClassifier
     from edge_app.sources import SourceError
     from edge_app.store import SessionFolderError
 
@@ -430,7 +430,6 @@ def edge_adapt(sessions, out_dir, name, model, max_guard_drop, json_out):
     """Adapt the model to this microscope from the cells people reviewed in SESSIONS: a new class head
     fitted on the device (numpy, seconds), cross-validated against the shipped one and refused unless
     better. Writes OUT/NAME.tflite and its card; run it with bmc edge run --model (or [model] path)."""
-    import dataclasses
     import datetime
 
     from edge_app import adapt

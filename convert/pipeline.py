@@ -186,7 +186,7 @@ def convert_run(source, out_dir, name: str = "bmc", variant_names=("float32", "f
     if failed:
         raise GateFailed("; ".join(
             f"variant {r['variant']} failed the gate: accuracy drop {r['accuracy_drop_points']:.2f} points "
-            f"(max {gate.max_drop})" + (f", classes regressed: " + ", ".join(
+            f"(max {gate.max_drop})" + (", classes regressed: " + ", ".join(
                 f"{c} (-{r['class_recall_drop_points'][c]:.1f})" for c in r["regressed_classes"])
                 if r["regressed_classes"] else "") for r in failed)
             + f" — not marked deployable; see {out / (name + '_conversion.md')}")
@@ -271,6 +271,6 @@ def report_markdown(report: dict) -> str:
             lines += [f"- `{t.split(';')[0]}`" for t in r["float_layers"]]
         wl = r.get("worst_layers") or (a or {}).get("worst_layers")
         if wl:
-            lines += ["", f"Worst int8 layers by rmse/scale (1/sqrt(12) ≈ 0.29 is rounding alone):", ""]
+            lines += ["", "Worst int8 layers by rmse/scale (1/sqrt(12) ≈ 0.29 is rounding alone):", ""]
             lines += [f"- `{w['tensor'].split(';')[0]}` ({w.get('op', '')}): {w['rmse_over_scale']:.2f}" for w in wl]
     return "\n".join(lines) + "\n"

@@ -13,7 +13,6 @@ import dataclasses
 import logging
 import os
 import signal
-import sys
 import time
 from pathlib import Path
 

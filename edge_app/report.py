@@ -19,8 +19,8 @@ import tempfile
 from pathlib import Path
 
 from edge_app import review
-from edge_app.store import is_locked
 from edge_app.differential import ERYTHROID, MYELOID, count_interval
+from edge_app.store import is_locked
 
 THUMBS_PER_CLASS = 48
 

@@ -136,8 +136,9 @@ def doctor(cfg=None, config_path: str | None = None, model_path: str | None = No
     have.append(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
                 f"{platform.system()} {platform.release()}")
     try:
-        from edge_app.backends.litert import RUNTIME
         from importlib import metadata
+
+        from edge_app.backends.litert import RUNTIME
 
         have.append(f"runtime: {RUNTIME} {metadata.version(RUNTIME)}")
     except Exception as e:  # noqa: BLE001
@@ -159,10 +160,8 @@ def doctor(cfg=None, config_path: str | None = None, model_path: str | None = No
     have.append("Picamera2: " + ("available" if importlib.util.find_spec("picamera2") else
                                  "not installed (only needed for the Raspberry Pi camera)"))
     from bmc.card import ModelCardError
-    from edge_app.model import DEFAULT_MODEL
-
     from edge_app.backends import BackendError
-    from edge_app.model import CellClassifier
+    from edge_app.model import DEFAULT_MODEL, CellClassifier
 
     model = Path(model_path) if model_path else Path(cfg.model.path) if cfg and cfg.model.path else DEFAULT_MODEL
     try:

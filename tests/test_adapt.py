@@ -15,9 +15,10 @@ import numpy as np
 import pytest
 
 from bmc.card import ModelCardError, sha256_file
-from conftest import ROOT, bmc
 from edge_app.app import EdgeSession, SessionConfig
 from edge_app.model import DEFAULT_MODEL, MODELS_DIR, CellClassifier
+
+from conftest import ROOT, bmc
 
 PER_CLASS = 12  # BCCD fields of each white-cell type in the fixture session
 

@@ -9,8 +9,9 @@ import numpy as np
 
 from benchmarks.compare import pareto
 from benchmarks.results import append
-from conftest import bmc
 from edge_app.model import DEFAULT_MODEL, MODELS_DIR
+
+from conftest import bmc
 
 ROW_KEYS = {"model", "format", "threads", "p50_ms", "p90_ms", "p99_ms", "throughput_ips", "init_ms", "peak_rss_mb",
             "size_mb"}

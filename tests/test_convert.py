@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from bmc.card import ModelCardError, load_card
+
 from conftest import bmc
 
 pytestmark = pytest.mark.slow

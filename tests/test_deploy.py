@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, bmc
 from edge_app import config as config_mod
-from edge_app.service import EXPORTED_MARK, export, rotate, session_dirs
+from edge_app.service import EXPORTED_MARK, rotate, session_dirs
+
+from conftest import ROOT, bmc
 
 EXAMPLE = ROOT / "edge_app" / "deploy" / "bmc.toml"
 

@@ -4,26 +4,25 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import signal
 import sqlite3
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 
 from bmc.card import ModelCardError
-from conftest import ROOT, bmc
 from edge_app.app import EdgeSession, SessionConfig
 from edge_app.backends import BackendError
 from edge_app.differential import Differential, ReviewPolicy
 from edge_app.model import DEFAULT_MODEL, CellClassifier
-from edge_app.sources import Frame, FrameSource, ImageFiles, SourceError, open_source
+from edge_app.sources import Frame, FrameSource, SourceError, open_source
 from edge_app.sources.camera import _Reopening
+
+from conftest import ROOT, bmc
 
 
 @pytest.fixture(scope="module")
@@ -398,7 +397,10 @@ def test_live_window_shows_the_differential_as_it_grows(bccd):
         d.add(np.array(p))
     grown = frame.copy()
     draw_differential(grown, d, 16.0)
-    rows_changed = lambda img: np.flatnonzero(np.abs(img.astype(int) - frame.astype(int)).sum(axis=(1, 2)))
+
+    def rows_changed(img):
+        return np.flatnonzero(np.abs(img.astype(int) - frame.astype(int)).sum(axis=(1, 2)))
+
     # a header line when nothing is counted; then two class lines and the M:E ratio below it
     assert rows_changed(grown).max() - rows_changed(empty).max() == 60
     assert np.array_equal(grown[200:], frame[200:])  # the rest of the field is left as it is

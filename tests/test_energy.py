@@ -8,8 +8,17 @@ from pathlib import Path
 import pytest
 
 from benchmarks import energy
-from benchmarks.energy import (CsvLogMeter, INA2xxMeter, JetsonMeter, MeterError, Pi5PmicMeter, RaplMeter,
-                               integrate, joules_per_inference, parse_pmic_read_adc)
+from benchmarks.energy import (
+    CsvLogMeter,
+    INA2xxMeter,
+    JetsonMeter,
+    MeterError,
+    Pi5PmicMeter,
+    RaplMeter,
+    integrate,
+    joules_per_inference,
+    parse_pmic_read_adc,
+)
 
 FIXTURES = Path(__file__).parent / "fixtures" / "energy"
 

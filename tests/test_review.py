@@ -12,12 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import bmc
 from edge_app import review
 from edge_app.app import EdgeSession, SessionConfig
 from edge_app.model import DEFAULT_MODEL, CellClassifier
 from edge_app.review import REJECTED, Reviewer, ReviewError, review_window
 from edge_app.store import SessionStore
+
+from conftest import bmc
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,9 @@ import json
 import pytest
 
 from bmc.card import load_card
-from conftest import DATA, bmc
 from edge_app.model import DEFAULT_MODEL, MODELS_DIR
+
+from conftest import DATA, bmc
 
 NAME = DEFAULT_MODEL.name.replace("_int8.tflite", "")
 

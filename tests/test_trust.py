@@ -18,11 +18,12 @@ import cv2
 import numpy as np
 import pytest
 
-from conftest import ROOT, bmc
 from edge_app.app import EdgeSession, SessionConfig
 from edge_app.model import DEFAULT_MODEL, CellClassifier
-from edge_app.report import build_report, ReportError
+from edge_app.report import build_report
 from edge_app.sources import VideoFile
+
+from conftest import ROOT, bmc
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ import dataclasses
 import cv2
 import numpy as np
 
-from bmc.contract import Contract, normalise_stain, prepare, to_rgb, _INTERPOLATIONS
+from bmc.contract import _INTERPOLATIONS, Contract, normalise_stain, prepare, to_rgb
 
 
 @dataclasses.dataclass(frozen=True)

@@ -288,8 +288,9 @@ def train(cfg: TrainConfig) -> dict:
     log(f"saved {model_path}")
 
     # -- honest evaluation of the saved artifact on the held-out test split ----------------
-    from train.evaluate import evaluate_samples, write_reports
     import keras
+
+    from train.evaluate import evaluate_samples, write_reports
 
     saved = keras.models.load_model(model_path)
     test = [s for s in splits["test"] if s.path not in {p for p, _ in skipped}]
