@@ -364,6 +364,57 @@ def edge_serve(config_path):
     _guard(serve, cfg, echo=lambda m: click.echo(m, err=False))
 
 
+@edge.command("ui")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False),
+              help="the device's bmc.toml: its storage folder and model")
+@click.option("--storage", type=click.Path(file_okay=False), help="the folder of session folders (overrides --config)")
+@click.option("--listen", default="127.0.0.1:8080", show_default=True,
+              help="HOST:PORT; any host but loopback needs a password (--set-password) and a sign-in")
+@click.option("--config-dir", type=click.Path(file_okay=False),
+              help="where the password hash lives (default: the --config file's folder, else ~/.config/bmc)")
+@click.option("--set-password", is_flag=True, help="set the screen's password on this device, then stop")
+@click.option("--by", "user", help="on loopback: who decides (default: the logged-in user)")
+def edge_ui(config_path, storage, listen, config_dir, set_password, user):
+    """The technician's screen in a browser: sessions, differentials with their 95% limits, review
+    by click or key, reports, the device check. Loopback only unless a password is set."""
+    import os
+    from pathlib import Path
+
+    from edge_app import config as config_mod
+    from edge_app.ui import auth
+
+    cfg = config_mod.load(config_path) if config_path else None
+    cdir = Path(config_dir) if config_dir else (Path(config_path).resolve().parent if config_path
+                                                else Path.home() / ".config" / "bmc")
+    if set_password:
+        pw = click.prompt("new password for the bmc screen", hide_input=True, confirmation_prompt=True)
+        try:
+            path = auth.set_password(cdir, pw)
+        except auth.AuthError as e:
+            raise _Fail(str(e)) from e
+        click.echo(f"password hash written to {path} (readable by this user only)")
+        return
+    from edge_app.review import _user
+    from edge_app.ui.app import UiApp, is_loopback, serve
+
+    host, _, port = listen.rpartition(":")
+    host = host.strip("[]") or "127.0.0.1"
+    if not port.isdigit():
+        raise click.BadParameter(f"{listen!r}: HOST:PORT, e.g. 127.0.0.1:8080", param_hint="--listen")
+    folder = storage or (cfg.storage.folder if cfg else None)
+    if not folder:
+        raise click.UsageError("give --storage FOLDER or --config bmc.toml (its [storage] folder)")
+    if not os.path.isdir(folder):
+        raise _Fail(f"{folder}: no such storage folder")
+    sign_in = not is_loopback(host)
+    stored = auth.stored_hash(cdir)
+    if sign_in and not stored:
+        raise _Fail(f"listening on {host} (beyond this computer) needs a password: bmc edge ui --set-password"
+                    + (f" --config-dir {cdir}" if config_dir else ""))
+    app = UiApp(folder, stored, sign_in, user or _user(), model=(cfg.model.path or None) if cfg else None)
+    serve(app, host, int(port), echo=click.echo)
+
+
 @edge.command("export")
 @click.argument("sessions", nargs=-1, type=click.Path(file_okay=False))
 @click.option("--to", "dest", required=True, type=click.Path(file_okay=False), help="USB stick or folder")

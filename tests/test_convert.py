@@ -107,3 +107,21 @@ def test_calibration_in_the_wrong_range_is_refused():
 
     with pytest.raises(VariantError, match="0..1"):
         int8(np.random.default_rng(0).random((4, 224, 224, 3)))
+
+
+def test_variants_give_the_cell_embedding_beside_the_scores(converted):
+    """Every converted variant outputs the pooled embedding (for adaptation on the device) from the
+    same invocation, and its own last layer, read back from the file, maps it to its scores."""
+    from convert.embedding import read_head
+    from edge_app.head import softmax
+    from edge_app.model import CellClassifier
+
+    x = np.random.default_rng(1).uniform(0, 255, (3, 224, 224, 3)).astype(np.float32)
+    for name, tol in (("cells_int8", 0.02), ("cells_fp16", 1e-4)):
+        path = converted[0] / f"{name}.tflite"
+        clf = CellClassifier(path, require_deployable=False, orientations=1)
+        assert clf.card["outputs"] == ["probabilities", "embedding"] and clf.has_embedding
+        probs, emb = clf.predict_cells(x)
+        assert emb.shape == (3, 1280) and clf.card["embedding"]["size"] == 1280
+        w, b = read_head(path)
+        assert np.abs(softmax(emb @ w + b) - probs).max() < tol

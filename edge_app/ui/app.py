@@ -1,0 +1,383 @@
+"""``bmc edge ui``: the technician's screen, a small web application served by the device.
+
+Server-rendered pages with a little plain JavaScript, no CDN and no build step: it works with no
+internet. It renders what the session databases and the report code already know (the counts come
+from :mod:`edge_app.review`, the same functions as ``report.html`` and ``cells.csv``), and every
+decision is the same audited row ``bmc edge review`` writes, under the signed-in name.
+
+Pages: the sessions, one session's differential (each share with its 95% limits), the review grid
+(click or keys 1-9, Enter, x, b), the HTML report, and the device check.
+
+Safe on a clinic network (STYLE.md, "Servers on the device"):
+
+* it listens on 127.0.0.1 unless told otherwise; any other address needs a password set on the
+  device first (``bmc edge ui --set-password``), and then every client signs in, a local one too;
+* on loopback only, requests must name a loopback host (no DNS rebinding);
+* a random session token in an HttpOnly, SameSite=Strict cookie, a CSRF token on every change,
+  failed sign-ins limited per address;
+* sessions are looked up by name among the storage folder's sessions and files by cell id,
+  through the same containment check as the report: no request path reaches a file outside it;
+* errors are a plain page; details go to the log, never a password or token.
+"""
+
+from __future__ import annotations
+
+import html
+import ipaddress
+import json
+import logging
+import sqlite3
+import urllib.parse
+from http import cookies
+from pathlib import Path
+
+from edge_app import review
+from edge_app.differential import count_interval
+from edge_app.ui.auth import RateLimit, Sessions, verify_password
+
+log = logging.getLogger(__name__)
+STATIC = Path(__file__).resolve().parent / "static"
+COOKIE = "bmc_ui"
+# the order a hematology differential is read in: granulocytes first, from the most mature
+CLINICAL_ORDER = ["segmented", "band", "neutrophil", "metamyelocyte", "myelocyte", "promyelocyte", "ig",
+                  "lymphocyte", "monocyte", "eosinophil", "basophil", "erythroblast", "platelet"]
+MAX_BODY = 64 * 1024
+CSP = "default-src 'none'; img-src 'self'; style-src 'self'; script-src 'self'; form-action 'self'; " \
+      "frame-ancestors 'none'; base-uri 'none'"
+REPORT_CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; frame-ancestors 'none'"
+
+
+class Response:
+    def __init__(self, body: bytes | str = b"", status: str = "200 OK", ctype: str = "text/html; charset=utf-8",
+                 headers: list[tuple[str, str]] | None = None, csp: str = CSP):
+        self.body = body.encode() if isinstance(body, str) else body
+        self.status, self.headers = status, [("Content-Type", ctype), *(headers or [])]
+        self.csp = csp
+
+
+def _redirect(to: str, headers=None) -> Response:
+    return Response(b"", "303 See Other", headers=[("Location", to), *(headers or [])])
+
+
+class HttpError(Exception):
+    def __init__(self, status: str, message: str):
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+class UiApp:
+    """The WSGI application. ``sign_in``: every client must sign in (the server listens beyond
+    loopback); else the local user is taken as signed in, and ``user`` names who decides."""
+
+    def __init__(self, storage: str | Path, password_hash: str | None, sign_in: bool, user: str = "local",
+                 port: int = 0, model: str | Path | None = None):
+        if sign_in and not password_hash:
+            raise ValueError("sign-in needs a password set on the device: bmc edge ui --set-password")
+        self.storage = Path(storage)
+        self.password_hash = password_hash
+        self.sign_in = sign_in
+        self.user = user
+        self.port = port
+        self.model = model
+        self.sessions = Sessions()
+        self.limit = RateLimit()
+
+    # -- WSGI -------------------------------------------------------------------------------------
+    def __call__(self, environ, start_response):
+        try:
+            resp = self.handle(environ)
+        except HttpError as e:
+            resp = Response(self.page(e.status, f"<p>{html.escape(e.message)}</p>", None), e.status)
+        except Exception:  # noqa: BLE001 - a plain page for the browser, the details for the log
+            log.exception("error serving %s %s", environ.get("REQUEST_METHOD"), environ.get("PATH_INFO"))
+            resp = Response(self.page("Error", "<p>Something went wrong; the device's log has the details.</p>",
+                                      None), "500 Internal Server Error")
+        headers = resp.headers + [("Content-Security-Policy", resp.csp), ("X-Content-Type-Options", "nosniff"),
+                                  ("X-Frame-Options", "DENY"), ("Referrer-Policy", "no-referrer"),
+                                  ("Cache-Control", "no-store"), ("Content-Length", str(len(resp.body)))]
+        start_response(resp.status, headers)
+        return [resp.body]
+
+    def handle(self, environ) -> Response:
+        method = environ.get("REQUEST_METHOD", "GET")
+        path = environ.get("PATH_INFO", "/") or "/"
+        if not self.sign_in:
+            host = (environ.get("HTTP_HOST") or "").rsplit(":", 1)[0]
+            if not is_loopback(host):
+                raise HttpError("403 Forbidden", "this screen answers to 127.0.0.1 or localhost only")
+        if path.startswith("/static/"):
+            return self.static(path[len("/static/"):])
+        jar = cookies.SimpleCookie(environ.get("HTTP_COOKIE", ""))
+        token = jar[COOKIE].value if COOKIE in jar else None
+        who = self.sessions.get(token)
+        new_cookie = []
+        if who is None and not self.sign_in:  # loopback: the local user, with a session for the CSRF token
+            token = self.sessions.create(self.user)
+            who = self.sessions.get(token)
+            new_cookie = [self._cookie(token)]
+        form = self._form(environ) if method == "POST" else {}
+        if path == "/login":
+            return self.login(method, form, environ)
+        if who is None:
+            if method == "POST":
+                raise HttpError("403 Forbidden", "sign in first")
+            return _redirect("/login")
+        user, csrf = who
+        if method == "POST" and form.get("csrf") != csrf:
+            raise HttpError("403 Forbidden", "the form is out of date (or did not come from this screen); reload")
+        resp = self.route(method, path, form, environ, user, csrf)
+        resp.headers += new_cookie
+        return resp
+
+    def _cookie(self, token: str, max_age: int | None = None) -> tuple[str, str]:
+        extra = f"; Max-Age={max_age}" if max_age is not None else ""
+        return "Set-Cookie", f"{COOKIE}={token}; HttpOnly; SameSite=Strict; Path=/{extra}"
+
+    @staticmethod
+    def _form(environ) -> dict[str, str]:
+        try:
+            size = int(environ.get("CONTENT_LENGTH") or 0)
+        except ValueError:
+            size = 0
+        if size > MAX_BODY:
+            raise HttpError("413 Payload Too Large", "request too large")
+        body = environ["wsgi.input"].read(size).decode("utf-8", "replace") if size else ""
+        return {k: v[-1] for k, v in urllib.parse.parse_qs(body, keep_blank_values=True).items()}
+
+    # -- routes -----------------------------------------------------------------------------------
+    def route(self, method: str, path: str, form: dict, environ, user: str, csrf: str) -> Response:
+        parts = [p for p in path.split("/") if p]
+        if method == "GET" and not parts:
+            return Response(self.sessions_page(user, csrf))
+        if method == "POST" and parts == ["logout"]:
+            self.sessions.end(self._token(environ))
+            return _redirect("/login" if self.sign_in else "/", [self._cookie("", 0)])
+        if method == "GET" and parts == ["device"]:
+            return Response(self.device_page(user, csrf))
+        if len(parts) >= 2 and parts[0] == "s":
+            folder = self.session_folder(parts[1])
+            rest = parts[2:]
+            if method == "GET" and rest == []:
+                return Response(self.session_page(folder, user, csrf))
+            if method == "GET" and rest == ["review"]:
+                return Response(self.review_page(folder, user, csrf))
+            if method == "GET" and rest == ["crop"]:
+                return self.crop(folder, urllib.parse.parse_qs(environ.get("QUERY_STRING", "")).get("id", [""])[-1])
+            if method == "GET" and rest == ["report"]:
+                from edge_app.report import build_report
+
+                return Response(build_report(folder).read_bytes(), csp=REPORT_CSP)
+            if method == "POST" and rest in (["decide"], ["undo"]):
+                return self.decide(folder, rest[0], form, user, environ)
+        raise HttpError("404 Not Found", "no such page")
+
+    @staticmethod
+    def _token(environ) -> str | None:
+        jar = cookies.SimpleCookie(environ.get("HTTP_COOKIE", ""))
+        return jar[COOKIE].value if COOKIE in jar else None
+
+    def static(self, name: str) -> Response:
+        files = {"ui.css": "text/css; charset=utf-8", "ui.js": "text/javascript; charset=utf-8"}
+        if name not in files:  # a fixed list: no path from the request reaches the file system
+            raise HttpError("404 Not Found", "no such file")
+        return Response((STATIC / name).read_bytes(), ctype=files[name], headers=[])
+
+    def session_folder(self, name: str) -> Path:
+        """The session folder called ``name`` among the storage folder's sessions, or 404."""
+        from edge_app.service import session_dirs
+
+        found = {d.name: d for d in session_dirs(self.storage)}
+        if name not in found:
+            raise HttpError("404 Not Found", "no such session")
+        return found[name]
+
+    def login(self, method: str, form: dict, environ) -> Response:
+        if not self.sign_in:
+            return _redirect("/")
+        client = environ.get("REMOTE_ADDR", "?")
+        message = ""
+        if method == "POST":
+            if self.limit.blocked(client):
+                raise HttpError("429 Too Many Requests", "too many failed sign-ins from this address; wait 5 minutes")
+            name = (form.get("user") or "").strip()[:40]
+            if name and verify_password(form.get("password", ""), self.password_hash or ""):
+                token = self.sessions.create(name)
+                log.info("signed in: %s from %s", name, client)
+                return _redirect("/", [self._cookie(token)])
+            self.limit.failed(client)
+            log.warning("failed sign-in from %s", client)
+            message = "<p class='warn'>Wrong name or password.</p>"
+        body = (f"{message}<form method='post' action='/login' class='login'>"
+                "<label>Your name (recorded with each decision) <input name='user' required maxlength='40' "
+                "autocomplete='username'></label><label>Device password <input name='password' type='password' "
+                "required autocomplete='current-password'></label><button>Sign in</button></form>")
+        return Response(self.page("Sign in", body, None))
+
+    def decide(self, folder: Path, action: str, form: dict, user: str, environ) -> Response:
+        from edge_app.store import write_csv
+
+        try:
+            cell = int(form.get("cell", ""))
+        except ValueError:
+            raise HttpError("400 Bad Request", "no cell given") from None
+        try:
+            with review.Reviewer(folder, user, allow_new_labels=False) as r:
+                if action == "undo":
+                    r.undo(cell)
+                    label = None
+                else:
+                    label = r.decide(cell, form.get("label", ""))
+        except review.ReviewError as e:
+            raise HttpError("400 Bad Request", str(e)) from e
+        write_csv(folder)
+        if "application/json" in environ.get("HTTP_ACCEPT", ""):
+            return Response(json.dumps({"cell": cell, "label": label, "by": user}), ctype="application/json")
+        return _redirect(f"/s/{urllib.parse.quote(folder.name)}/review")
+
+    def crop(self, folder: Path, cell_id: str) -> Response:
+        from edge_app.report import session_file
+
+        try:
+            cid = int(cell_id)
+        except ValueError:
+            raise HttpError("404 Not Found", "no such cell") from None
+        db = review.connect(folder)
+        try:
+            row = db.execute("SELECT crop FROM cell WHERE id = ?", (cid,)).fetchone()
+        finally:
+            db.close()
+        path = session_file(folder, row[0]) if row and row[0] else None
+        if path is None or not path.is_file() or path.suffix.lower() != ".jpg":
+            raise HttpError("404 Not Found", "no crop for this cell")
+        return Response(path.read_bytes(), ctype="image/jpeg")
+
+    # -- pages ------------------------------------------------------------------------------------
+    def page(self, title: str, body: str, csrf: str | None, user: str | None = None) -> str:
+        nav = ""
+        if csrf is not None:
+            out = (f"<form method='post' action='/logout' class='inline'><input type='hidden' name='csrf' "
+                   f"value='{csrf}'><button>Sign out</button></form>" if self.sign_in else "")
+            nav = (f"<nav><a href='/'>Sessions</a> <a href='/device'>Device</a> "
+                   f"<span class='who'>{html.escape(user or '')}</span> {out}</nav>")
+        return (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>bmc — {html.escape(title)}</title>"
+                "<meta name='viewport' content='width=device-width, initial-scale=1'>"
+                "<link rel='stylesheet' href='/static/ui.css'><script src='/static/ui.js' defer></script></head>"
+                f"<body>{nav}<h1>{html.escape(title)}</h1>{body}</body></html>")
+
+    def _cells(self, folder: Path):
+        try:
+            db = review.connect(folder)
+        except sqlite3.DatabaseError as e:
+            raise HttpError("500 Internal Server Error", f"{folder.name}: unreadable session database ({e})") from e
+        try:
+            cells = review.cells(db)
+            meta = db.execute("SELECT started, status, model_file, source FROM session ORDER BY id").fetchall()
+        finally:
+            db.close()
+        return cells, meta
+
+    def sessions_page(self, user: str, csrf: str) -> str:
+        from edge_app.service import session_dirs
+
+        rows = []
+        for d in reversed(session_dirs(self.storage)):
+            try:
+                cells, meta = self._cells(d)
+            except HttpError:
+                rows.append(f"<tr><td>{html.escape(d.name)}</td><td colspan='5' class='warn'>unreadable</td></tr>")
+                continue
+            counted = sum(review.differential(cells).values())
+            pending = sum(c.status == "pending" for c in cells)
+            started = meta[0][0][:19].replace("T", " ") if meta else ""
+            name = urllib.parse.quote(d.name)
+            rows.append(f"<tr><td><a href='/s/{name}/'>{html.escape(d.name)}</a></td><td>{html.escape(started)}</td>"
+                        f"<td>{html.escape(', '.join(sorted({m[2] for m in meta})))}</td><td>{counted}</td>"
+                        f"<td>{pending}</td><td>{html.escape(meta[-1][1] if meta else '')}</td></tr>")
+        table = ("<table><tr><th>session</th><th>started</th><th>model</th><th>counted</th><th>waiting for review</th>"
+                 "<th>status</th></tr>" + "".join(rows) + "</table>") if rows else \
+            f"<p>No session in {html.escape(str(self.storage))} yet.</p>"
+        return self.page("Sessions", table, csrf, user)
+
+    def session_page(self, folder: Path, user: str, csrf: str) -> str:
+        cells, meta = self._cells(folder)
+        counts = review.differential(cells)
+        n = sum(counts.values())
+        labels = [l for l in CLINICAL_ORDER if l in counts] + sorted(l for l in counts if l not in CLINICAL_ORDER)
+        rows = []
+        for l in labels:
+            k = counts[l]
+            lo, hi = count_interval(k, n)
+            rows.append(f"<tr><td>{html.escape(l)}</td><td class='num'>{k}</td><td class='num'>{100 * k / n:.1f}%</td>"
+                        f"<td class='num'>{100 * lo:.1f}–{100 * hi:.1f}%</td></tr>")
+        pending = sum(c.status == "pending" for c in cells)
+        name = urllib.parse.quote(folder.name)
+        body = (f"<p><b>{n}</b> cells counted, <b>{pending}</b> waiting for review "
+                f"(<a href='/s/{name}/review'>review them</a>) · <a href='/s/{name}/report'>report</a></p>"
+                "<table><tr><th>class</th><th>count</th><th>%</th><th>95% limits</th></tr>" + "".join(rows) + "</table>"
+                "<p class='small'>95% limits: the exact binomial interval of each share (Rümke's table).</p>"
+                + "".join(f"<p class='small'>session started {html.escape(m[0][:19])}, {html.escape(m[1])}, model "
+                          f"{html.escape(m[2])}, source {html.escape(m[3])}</p>" for m in meta))
+        return self.page(f"Session {folder.name}", body, csrf, user)
+
+    def review_page(self, folder: Path, user: str, csrf: str) -> str:
+        cells, _ = self._cells(folder)
+        todo = review.queue(cells)
+        done = [c for c in cells if c.status in ("reviewed", "rejected")]
+        name = urllib.parse.quote(folder.name)
+
+        def card(c: review.ReviewedCell, decided: bool) -> str:
+            top = "".join(f"<li>{html.escape(l)} {p:.2f}</li>" for l, p in c.top(3))
+            buttons = "".join(
+                f"<button name='label' value='{html.escape(l)}' data-key='{k + 1}'>{k + 1} {html.escape(l)}</button>"
+                for k, l in enumerate(c.labels[:9]))
+            state = (f"<p class='decided'>{html.escape(c.reviewed_label or '')} by {html.escape(c.reviewer)}</p>"
+                     f"<form method='post' action='/s/{name}/undo'><input type='hidden' name='csrf' value='{csrf}'>"
+                     f"<input type='hidden' name='cell' value='{c.id}'><button data-key='b'>b undo</button></form>"
+                     if decided else
+                     f"<form method='post' action='/s/{name}/decide'><input type='hidden' name='csrf' value='{csrf}'>"
+                     f"<input type='hidden' name='cell' value='{c.id}'>{buttons}"
+                     f"<button name='label' value='{html.escape(c.model_label)}' data-key='Enter'>Enter: "
+                     f"{html.escape(c.model_label)}</button><button name='label' value='rejected' data-key='x'>"
+                     "x not a cell</button></form>")
+            img = f"<img src='/s/{name}/crop?id={c.id}' alt='cell {c.id}' width='160' height='160'>" if c.crop else \
+                "<div class='nocrop'>no crop saved</div>"
+            return (f"<div class='cell' tabindex='0' id='cell-{c.id}' data-cell='{c.id}'>{img}<p>cell {c.id} · "
+                    f"{html.escape(c.flag or 'counted')}</p><ol>{top}</ol>{state}</div>")
+
+        body = (f"<p>{len(todo)} cells wait for review. Click a class, or select a cell and press 1-9, Enter "
+                "(the model's call), x (not a cell) or b (undo). Each decision is recorded under your name.</p>"
+                f"<div class='grid' id='todo'>{''.join(card(c, False) for c in todo[:200])}</div>"
+                f"<h2>Decided ({len(done)})</h2><div class='grid'>{''.join(card(c, True) for c in done[-100:])}</div>")
+        return self.page(f"Review — {folder.name}", body, csrf, user)
+
+    def device_page(self, user: str, csrf: str) -> str:
+        from edge_app.service import doctor
+
+        have, wrong = doctor(model_path=str(self.model) if self.model else None)
+        body = ("<ul>" + "".join(f"<li>{html.escape(h)}</li>" for h in have)
+                + "".join(f"<li class='warn'>PROBLEM: {html.escape(w)}</li>" for w in wrong) + "</ul>")
+        return self.page("Device", body, csrf, user)
+
+
+def serve(app: UiApp, host: str, port: int, echo=print, ready=None):
+    """Serve ``app`` with waitress (pure Python, threads) until interrupted."""
+    from waitress import create_server
+
+    server = create_server(app, host=host, port=port, threads=4, ident="bmc", clear_untrusted_proxy_headers=True)
+    bound = server.effective_port
+    app.port = bound
+    echo(f"bmc screen on http://{host if ':' not in host else f'[{host}]'}:{bound}/ "
+         + ("(sign-in required)" if app.sign_in else "(this computer only)"))
+    if ready:
+        ready(server)
+    try:
+        server.run()
+    finally:
+        server.close()

@@ -1,0 +1,291 @@
+"""The technician's screen (``bmc edge ui``): real sessions of BCCD fields, a real waitress server
+on 127.0.0.1 (or bound to 0.0.0.0 and reached through 127.0.0.1), real HTTP, and a real headless
+Chromium driving the review. Traffic goes to 127.0.0.1 only."""
+
+from __future__ import annotations
+
+import http.client
+import os
+import re
+import shutil
+import sqlite3
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, bmc
+from edge_app.app import EdgeSession, SessionConfig
+from edge_app.model import DEFAULT_MODEL, CellClassifier
+from edge_app.ui import auth
+from edge_app.ui.app import UiApp
+
+PASSWORD = "correct horse battery"
+
+
+@pytest.fixture(scope="module")
+def recorded(bccd, tmp_path_factory) -> Path:
+    src = tmp_path_factory.mktemp("fields")
+    for f in sorted((bccd / "JPEGImages").glob("*.jpg"))[:12]:
+        (src / f.name).symlink_to(f)
+    storage = tmp_path_factory.mktemp("storage")
+    EdgeSession(str(src), CellClassifier(DEFAULT_MODEL, threads=2), storage / "20261128-0900", SessionConfig(),
+                echo=lambda m: None).run()
+    return storage
+
+
+@pytest.fixture
+def storage(recorded, tmp_path) -> Path:
+    out = tmp_path / "storage"
+    shutil.copytree(recorded, out)
+    return out
+
+
+class Server:
+    def __init__(self, app: UiApp, host: str = "127.0.0.1"):
+        from waitress import create_server
+
+        self.app = app
+        self.server = create_server(app, host=host, port=0, threads=2)
+        self.port = self.server.effective_port
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+
+    def request(self, method: str, path: str, body: str = "", headers: dict | None = None):
+        c = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+        h = {"Host": f"127.0.0.1:{self.port}", **(headers or {})}
+        if body:
+            h["Content-Type"] = "application/x-www-form-urlencoded"
+        c.request(method, path, body=body.encode(), headers=h)
+        r = c.getresponse()
+        data = r.read()
+        c.close()
+        return r.status, dict(r.getheaders()), data
+
+    def close(self):
+        self.server.close()
+
+
+@pytest.fixture
+def local(storage):
+    s = Server(UiApp(storage, None, sign_in=False, user="anna"))
+    yield s
+    s.close()
+
+
+def _cookie(headers) -> str:
+    return headers["Set-Cookie"].split(";")[0]
+
+
+def _csrf(page: bytes) -> str:
+    return re.search(rb"name='csrf' value='([^']+)'", page).group(1).decode()
+
+
+def _reviews(storage: Path) -> list[tuple]:
+    db = sqlite3.connect(storage / "20261128-0900" / "session.sqlite")
+    try:
+        return db.execute("SELECT cell_id, label, reviewer FROM review ORDER BY id").fetchall()
+    except sqlite3.OperationalError:
+        return []
+    finally:
+        db.close()
+
+
+def _first_pending(storage: Path) -> int:
+    db = sqlite3.connect(storage / "20261128-0900" / "session.sqlite")
+    cid = db.execute("SELECT id FROM cell WHERE flag != '' ORDER BY id").fetchone()[0]
+    db.close()
+    return cid
+
+
+def test_pages_show_the_sessions_differential_and_review_queue(local, storage):
+    status, headers, page = local.request("GET", "/")
+    assert status == 200 and b"20261128-0900" in page
+    assert "HttpOnly" in headers["Set-Cookie"] and "SameSite=Strict" in headers["Set-Cookie"]
+    assert "default-src 'none'" in headers["Content-Security-Policy"] and headers["X-Frame-Options"] == "DENY"
+    status, _, page = local.request("GET", "/s/20261128-0900/")
+    assert status == 200 and b"95% limits" in page and b"counted" in page
+    status, _, page = local.request("GET", "/s/20261128-0900/review")
+    assert status == 200 and page.count(b"class='cell'") >= 3
+    status, headers, report = local.request("GET", "/s/20261128-0900/report")
+    assert status == 200 and b"Differential count" in report
+
+
+def test_a_decision_needs_the_forms_csrf_token_and_is_audited(local, storage):
+    cid = _first_pending(storage)
+    status, headers, page = local.request("GET", "/s/20261128-0900/review")
+    cookie, csrf = _cookie(headers), _csrf(page)
+    # a forged form: right cookie (a browser would add it), no token
+    status, _, _ = local.request("POST", "/s/20261128-0900/decide", f"cell={cid}&label=monocyte", {"Cookie": cookie})
+    assert status == 403 and _reviews(storage) == []
+    status, _, _ = local.request("POST", "/s/20261128-0900/decide", f"cell={cid}&label=monocyte&csrf=forged",
+                                 {"Cookie": cookie})
+    assert status == 403 and _reviews(storage) == []
+    status, headers, _ = local.request("POST", "/s/20261128-0900/decide", f"cell={cid}&label=monocyte&csrf={csrf}",
+                                       {"Cookie": cookie})
+    assert status == 303 and _reviews(storage) == [(cid, "monocyte", "anna")]
+    rows = (storage / "20261128-0900" / "cells.csv").read_text()
+    assert f",{cid},monocyte,anna,monocyte," in rows  # the same audited row bmc edge review writes
+
+
+def test_loopback_answers_only_to_a_loopback_host(local):
+    status, _, _ = local.request("GET", "/", headers={"Host": "evil.example:80"})  # DNS rebinding
+    assert status == 403
+
+
+@pytest.mark.parametrize("path", [
+    "/s/../../etc/passwd", "/s/%2e%2e/%2e%2e/etc/passwd", "/s//etc/passwd/", "/s/%2Fetc%2Fpasswd/",
+    "/static/../app.py", "/static/%2e%2e/app.py", "/static//etc/passwd", "/s/20261128-0900/../../../etc/passwd",
+    "/s/20261128-0900/crop?id=../../etc/passwd", "/s/20261128-0900/crop?id=/etc/passwd",
+])
+def test_no_request_path_reaches_a_file_outside_the_storage(local, path):
+    status, _, body = local.request("GET", path)
+    assert status in (404, 400) and b"root:" not in body and b"import" not in body
+
+
+def test_a_crop_path_in_the_database_leading_outside_is_not_served(local, storage):
+    db = sqlite3.connect(storage / "20261128-0900" / "session.sqlite")
+    cid = db.execute("SELECT id FROM cell WHERE crop != '' ORDER BY id").fetchone()[0]
+    status, headers, body = local.request("GET", f"/s/20261128-0900/crop?id={cid}")
+    assert status == 200 and headers["Content-Type"] == "image/jpeg" and body[:2] == b"\xff\xd8"
+    for bad in ("/etc/passwd", "../../../../etc/passwd", "crops/../../secret.jpg"):
+        db.execute("UPDATE cell SET crop = ? WHERE id = ?", (bad, cid))
+        db.commit()
+        status, _, body = local.request("GET", f"/s/20261128-0900/crop?id={cid}")
+        assert status == 404 and b"root:" not in body
+    db.close()
+
+
+def test_beyond_loopback_every_client_signs_in(storage, tmp_path):
+    """Bound to 0.0.0.0 (reached here through 127.0.0.1 only): a local client must sign in too."""
+    auth.set_password(tmp_path / "cfg", PASSWORD)
+    s = Server(UiApp(storage, auth.stored_hash(tmp_path / "cfg"), sign_in=True), host="0.0.0.0")
+    try:
+        status, headers, _ = s.request("GET", "/")
+        assert status == 303 and headers["Location"] == "/login"
+        status, _, _ = s.request("GET", "/s/20261128-0900/review")
+        assert status == 303
+        status, _, _ = s.request("POST", "/s/20261128-0900/decide", "cell=1&label=monocyte")
+        assert status == 403 and _reviews(storage) == []
+        status, headers, _ = s.request("POST", "/login", f"user=anna&password={PASSWORD.replace(' ', '+')}")
+        assert status == 303 and "HttpOnly" in headers["Set-Cookie"] and "SameSite=Strict" in headers["Set-Cookie"]
+        cookie = _cookie(headers)
+        status, _, page = s.request("GET", "/s/20261128-0900/review", headers={"Cookie": cookie})
+        assert status == 200 and b"anna" in page
+        cid = _first_pending(storage)
+        status, _, _ = s.request("POST", "/s/20261128-0900/decide", f"cell={cid}&label=x&csrf={_csrf(page)}",
+                                 {"Cookie": cookie})
+        assert status == 400  # not a label: refused, said, nothing recorded
+        s.request("POST", "/s/20261128-0900/decide", f"cell={cid}&label=rejected&csrf={_csrf(page)}",
+                  {"Cookie": cookie})
+        assert _reviews(storage) == [(cid, "rejected", "anna")]
+        # five wrong passwords from one address, then even the right one waits
+        for _ in range(5):
+            status, _, page = s.request("POST", "/login", "user=mallory&password=guess")
+            assert status == 200 and b"Wrong name or password" in page
+        status, _, _ = s.request("POST", "/login", f"user=anna&password={PASSWORD.replace(' ', '+')}")
+        assert status == 429
+    finally:
+        s.close()
+
+
+def test_the_password_is_stored_as_a_salted_scrypt_hash(tmp_path):
+    p = subprocess.run([sys.executable, "-m", "bmc.cli", "edge", "ui", "--set-password", "--config-dir",
+                        str(tmp_path)], input=f"{PASSWORD}\n{PASSWORD}\n", capture_output=True, text=True, cwd=ROOT,
+                       timeout=60)
+    assert p.returncode == 0, p.stderr
+    f = tmp_path / auth.PASSWORD_FILE
+    stored = f.read_text()
+    assert stored.startswith("scrypt$") and PASSWORD not in stored and PASSWORD not in p.stdout + p.stderr
+    assert oct(f.stat().st_mode & 0o777) == "0o600"
+    assert auth.verify_password(PASSWORD, stored) and not auth.verify_password("correct horse batterY", stored)
+    again = auth.hash_password(PASSWORD)
+    assert again != stored.strip()  # salted
+    with pytest.raises(auth.AuthError, match="at least 10 characters"):
+        auth.hash_password("short")
+
+
+def test_listening_beyond_loopback_without_a_password_is_refused(storage, tmp_path):
+    p = bmc("edge", "ui", "--storage", storage, "--listen", "0.0.0.0:0", "--config-dir", tmp_path / "none",
+            check=False, timeout=60)
+    assert p.returncode == 2 and "needs a password" in p.stderr
+
+
+def _chromium():
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+@pytest.fixture
+def browser(tmp_path):
+    if not (_chromium() and shutil.which("chromedriver")):
+        if os.environ.get("CI"):
+            pytest.fail("CI installs Debian's chromium and chromium-driver (.ci/run): not found")
+        pytest.skip("no chromium / chromedriver here: apt-get install chromium chromium-driver")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = _chromium()
+    for a in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,1000",
+              f"--user-data-dir={tmp_path / 'profile'}"):
+        opts.add_argument(a)
+    driver = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=opts)
+    driver.set_page_load_timeout(60)
+    yield driver
+    driver.quit()
+
+
+def test_a_technician_reviews_three_cells_in_a_real_browser(local, storage, browser, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    shots = Path(os.environ.get("BMC_SCREENSHOTS", tmp_path / "screens"))
+    shots.mkdir(parents=True, exist_ok=True)
+    base = f"http://127.0.0.1:{local.port}"
+    browser.get(base + "/")
+    assert "20261128-0900" in browser.page_source
+    browser.find_element(By.LINK_TEXT, "20261128-0900").click()
+    assert "95% limits" in browser.page_source
+    browser.save_screenshot(str(shots / "session.png"))
+    browser.find_element(By.LINK_TEXT, "review them").click()
+    cells = browser.find_elements(By.CSS_SELECTOR, "#todo .cell")
+    assert len(cells) >= 3
+    first, second = (int(c.get_attribute("data-cell")) for c in cells[:2])
+    browser.save_screenshot(str(shots / "review.png"))
+    from selenium.webdriver.support import expected_conditions as EC
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    def after(action, old, n):  # the decision is recorded and the page has reloaded
+        action()
+        WebDriverWait(browser, 30).until(lambda d: len(_reviews(storage)) >= n)
+        WebDriverWait(browser, 30).until(EC.staleness_of(old))
+        WebDriverWait(browser, 30).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#todo .cell"))
+
+    # 1. a click on a class
+    after(lambda: cells[0].find_element(By.CSS_SELECTOR, "button[data-key='6']").click(), cells[0], 1)
+    # 2. a key on the selected cell (the first waiting one is selected when the page loads)
+    top = browser.find_elements(By.CSS_SELECTOR, "#todo .cell")[0]
+    assert int(top.get_attribute("data-cell")) == second
+    after(lambda: browser.switch_to.active_element.send_keys("x"), top, 2)
+    # 3. Enter: the model's call for the next one
+    top = browser.find_elements(By.CSS_SELECTOR, "#todo .cell")[0]
+    third = int(top.get_attribute("data-cell"))
+    after(lambda: browser.switch_to.active_element.send_keys(Keys.ENTER), top, 3)
+    rows = _reviews(storage)
+    labels = CellClassifier(DEFAULT_MODEL).labels
+    db = sqlite3.connect(storage / "20261128-0900" / "session.sqlite")
+    model_call = db.execute("SELECT label FROM cell WHERE id = ?", (third,)).fetchone()[0]
+    db.close()
+    assert rows == [(first, labels[5], "anna"), (second, "rejected", "anna"), (third, model_call, "anna")]
+    browser.save_screenshot(str(shots / "after_review.png"))
+    browser.get(base + "/s/20261128-0900/report")
+    assert "Differential count" in browser.page_source and "anna" in browser.page_source
+    browser.save_screenshot(str(shots / "report.png"))
+    for f in ("session.png", "review.png", "after_review.png", "report.png"):
+        assert (shots / f).stat().st_size > 5000
