@@ -85,16 +85,21 @@ def export(session: str | Path, dest: str | Path) -> Path:
 
 def serve(cfg, echo=print, max_sessions: int | None = None) -> None:
     """Run sessions from the configured camera until stopped (systemd restarts on failure)."""
+    from edge_app.active import active_model
     from edge_app.app import EdgeSession, SessionConfig
     from edge_app.model import DEFAULT_MODEL, CellClassifier
     from edge_app.sources import SourceError, open_source
 
     storage = Path(cfg.storage.folder)
     storage.mkdir(parents=True, exist_ok=True)
-    clf = CellClassifier(cfg.model.path or DEFAULT_MODEL, threads=cfg.model.threads or os.cpu_count(),
-                         orientations=cfg.model.orientations)
+    clf = None
     done = 0
     while max_sessions is None or done < max_sessions:
+        # the model a person made active on the screen, else the configured one: read before each session
+        want = Path(active_model(storage) or cfg.model.path or DEFAULT_MODEL)
+        if clf is None or clf.path != want:
+            clf = CellClassifier(want, threads=cfg.model.threads or os.cpu_count(), orientations=cfg.model.orientations)
+            echo(f"counting with {clf.description}")
         removed = rotate(storage, cfg.storage.max_disk_percent, cfg.storage.min_free_mb)
         for r in removed:
             echo(f"removed exported session {r.name} to free space")

@@ -16,11 +16,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, bmc
 from edge_app.app import EdgeSession, SessionConfig
 from edge_app.model import DEFAULT_MODEL, CellClassifier
 from edge_app.ui import auth
 from edge_app.ui.app import UiApp
+
+from conftest import ROOT, bmc
 
 PASSWORD = "correct horse battery"
 
