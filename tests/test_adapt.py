@@ -277,3 +277,70 @@ def fields_dir(bccd, pbc, tmp_path) -> Path:
     for f in sorted((pbc / "neutrophil").glob("*.jpg"))[:2]:
         (tmp_path / "classes" / "neutrophil" / f.name).symlink_to(f)
     return d
+
+
+def test_adapting_from_the_screen_and_making_the_model_active(session, truth, tmp_path):
+    """The screen's adaptation page runs the same adapt, writes the model beside the storage folder,
+    and makes it active; the service counts with it from its next session, and goes back."""
+    import http.client
+    import re
+    import threading
+
+    from waitress import create_server
+
+    from edge_app import config as config_mod
+    from edge_app.active import active_model, models_dir
+    from edge_app.service import serve
+    from edge_app.ui.app import UiApp
+
+    storage = tmp_path / "bmc" / "sessions"
+    storage.mkdir(parents=True)
+    shutil.move(str(session), storage / "s1")
+    bmc("edge", "review", storage / "s1", "--apply", _decide(storage / "s1", truth, 6), "--by", "anna")
+    server = create_server(UiApp(storage, None, sign_in=False, user="anna"), host="127.0.0.1", port=0, threads=2)
+    threading.Thread(target=server.run, daemon=True).start()
+
+    def call(method, path, body=""):
+        c = http.client.HTTPConnection("127.0.0.1", server.effective_port, timeout=60)
+        c.request(method, path, body=body, headers={"Host": "127.0.0.1", "Cookie": cookie,
+                                                    "Content-Type": "application/x-www-form-urlencoded"})
+        r = c.getresponse()
+        return r.status, r.read().decode()
+
+    try:
+        c = http.client.HTTPConnection("127.0.0.1", server.effective_port, timeout=60)
+        c.request("GET", "/adapt", headers={"Host": "127.0.0.1"})
+        r = c.getresponse()
+        cookie = r.getheader("Set-Cookie").split(";")[0]
+        page = r.read().decode()
+        csrf = re.search(r"name='csrf' value='([^']+)'", page).group(1)
+        assert "value='s1' checked" in page
+        status, page = call("POST", "/adapt", f"csrf={csrf}&session=s1&name=lab1")
+        assert status == 200 and "<b>lab1</b> written" in page and "balanced accuracy" in page
+        assert (models_dir(storage) / "lab1.tflite").is_file()
+        status, _ = call("POST", "/adapt/activate", f"csrf={csrf}&model=..%2F..%2Fetc%2Fpasswd")
+        assert status == 400 and active_model(storage) is None
+        status, _ = call("POST", "/adapt/activate", f"csrf={csrf}&model=lab1.tflite")
+        assert status == 303 and active_model(storage) == (models_dir(storage) / "lab1.tflite").resolve()
+    finally:
+        server.close()
+
+    fields = tmp_path / "fields"
+    fields.mkdir()
+    for name in sorted(truth)[:2]:
+        (fields / name).symlink_to(_fields_of(storage / "s1") / name)
+    cfg_file = tmp_path / "bmc.toml"
+    cfg_file.write_text(f"[camera]\nsource = '{fields}'\n[storage]\nfolder = '{storage}'\n")
+    lines = []
+    serve(config_mod.load(cfg_file), echo=lines.append, max_sessions=1)
+    assert any(l.startswith("counting with lab1.tflite") and "lab1.head.npz" in l for l in lines)
+    newest = sorted(d for d in storage.iterdir() if d.name != "s1")[-1]
+    db = sqlite3.connect(newest / "session.sqlite")
+    assert db.execute("SELECT model_file FROM session").fetchone()[0] == "lab1.tflite"
+    db.close()
+    from edge_app.active import set_active
+
+    set_active(storage, None, "anna")  # back to the shipped model
+    lines = []
+    serve(config_mod.load(cfg_file), echo=lines.append, max_sessions=1)
+    assert any(l.startswith("counting with bmc_pbc8_lite0_int8.tflite") for l in lines)

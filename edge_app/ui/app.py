@@ -149,7 +149,9 @@ class UiApp:
         if size > MAX_BODY:
             raise HttpError("413 Payload Too Large", "request too large")
         body = environ["wsgi.input"].read(size).decode("utf-8", "replace") if size else ""
-        return {k: v[-1] for k, v in urllib.parse.parse_qs(body, keep_blank_values=True).items()}
+        # a repeated field (several sessions ticked) is kept whole, newline-joined; others: the last value
+        return {k: "\n".join(v) if k == "session" else v[-1]
+                for k, v in urllib.parse.parse_qs(body, keep_blank_values=True).items()}
 
     # -- routes -----------------------------------------------------------------------------------
     def route(self, method: str, path: str, form: dict, environ, user: str, csrf: str) -> Response:
@@ -161,6 +163,10 @@ class UiApp:
             return _redirect("/login" if self.sign_in else "/", [self._cookie("", 0)])
         if method == "GET" and parts == ["device"]:
             return Response(self.device_page(user, csrf))
+        if parts == ["adapt"]:
+            return Response(self.adapt_page(user, csrf) if method == "GET" else self.run_adapt(form, user, csrf))
+        if method == "POST" and parts == ["adapt", "activate"]:
+            return self.activate(form, user)
         if len(parts) >= 2 and parts[0] == "s":
             folder = self.session_folder(parts[1])
             rest = parts[2:]
@@ -264,7 +270,7 @@ class UiApp:
         if csrf is not None:
             out = (f"<form method='post' action='/logout' class='inline'><input type='hidden' name='csrf' "
                    f"value='{csrf}'><button>Sign out</button></form>" if self.sign_in else "")
-            nav = (f"<nav><a href='/'>Sessions</a> <a href='/device'>Device</a> "
+            nav = (f"<nav><a href='/'>Sessions</a> <a href='/adapt'>Adaptation</a> <a href='/device'>Device</a> "
                    f"<span class='who'>{html.escape(user or '')}</span> {out}</nav>")
         return (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>bmc — {html.escape(title)}</title>"
                 "<meta name='viewport' content='width=device-width, initial-scale=1'>"
@@ -356,6 +362,113 @@ class UiApp:
                 f"<div class='grid' id='todo'>{''.join(card(c, False) for c in todo[:200])}</div>"
                 f"<h2>Decided ({len(done)})</h2><div class='grid'>{''.join(card(c, True) for c in done[-100:])}</div>")
         return self.page(f"Review — {folder.name}", body, csrf, user)
+
+    # -- adaptation ---------------------------------------------------------------------------------
+    def _base_model(self):
+        from edge_app.model import DEFAULT_MODEL, CellClassifier
+
+        return CellClassifier(self.model or DEFAULT_MODEL, orientations=1)
+
+    def adapt_page(self, user: str, csrf: str, result_html: str = "") -> str:
+        from edge_app.active import active_model, adapted_models
+        from edge_app.service import session_dirs
+
+        rows = []
+        for d in reversed(session_dirs(self.storage)):
+            try:
+                cells, _ = self._cells(d)
+            except HttpError:
+                continue
+            n = sum(c.status in ("reviewed",) for c in cells)
+            rows.append(f"<tr><td><input type='checkbox' name='session' value='{html.escape(d.name)}' "
+                        f"{'checked' if n else 'disabled'}></td><td>{html.escape(d.name)}</td><td class='num'>{n}</td></tr>")
+        active = active_model(self.storage)
+        models = []
+        for m in adapted_models(self.storage):
+            try:
+                card = json.loads(m.with_suffix(".json").read_text())
+                a, cv = card.get("adaptation", {}), card.get("adaptation", {}).get("cross_validation", {})
+                what = (f"{a.get('date', '?')[:16]}, {a.get('cells', '?')} cells by {', '.join(a.get('reviewers', []))}; "
+                        f"balanced accuracy {cv['shipped']['balanced_accuracy']:.3f} → "
+                        f"{cv['adapted']['balanced_accuracy']:.3f}")
+            except (OSError, ValueError, KeyError, TypeError):
+                what = "unreadable card"
+            is_active = active is not None and active.name == m.name
+            button = ("<b>active</b>" if is_active else
+                      f"<form method='post' action='/adapt/activate' class='inline'><input type='hidden' name='csrf' "
+                      f"value='{csrf}'><button name='model' value='{html.escape(m.name)}'>Make active</button></form>")
+            models.append(f"<tr><td>{html.escape(m.stem)}</td><td>{html.escape(what)}</td><td>{button}</td></tr>")
+        shipped = ("<b>active</b>" if active is None else
+                   f"<form method='post' action='/adapt/activate' class='inline'><input type='hidden' name='csrf' "
+                   f"value='{csrf}'><button name='model' value=''>Go back to the shipped model</button></form>")
+        body = (result_html
+                + "<h2>Adapt to this microscope</h2><p>The model learns a new last layer from the cells people "
+                "reviewed, checked by cross-validation against the shipped one; it is refused unless better. "
+                "Review 5-10 cells of each class first.</p>"
+                f"<form method='post' action='/adapt'><input type='hidden' name='csrf' value='{csrf}'>"
+                "<table><tr><th></th><th>session</th><th>cells named by a reviewer</th></tr>" + "".join(rows)
+                + "</table><label>Name of the new model <input name='name' required pattern='[A-Za-z0-9_-]{1,40}' "
+                "maxlength='40' value='lab'></label> <button>Adapt</button></form>"
+                "<h2>Models</h2><table><tr><th>model</th><th>learnt</th><th></th></tr>"
+                f"<tr><td>shipped</td><td>{html.escape(self._base_model().path.name)}</td><td>{shipped}</td></tr>"
+                + "".join(models) + "</table><p class='small'>The service counts with the active model from its next "
+                "session on.</p>")
+        return self.page("Adaptation", body, csrf, user)
+
+    def run_adapt(self, form: dict, user: str, csrf: str) -> str:
+        import re
+
+        from edge_app import adapt
+        from edge_app.active import models_dir
+
+        name = (form.get("name") or "").strip()
+        if not re.fullmatch(r"[A-Za-z0-9_-]{1,40}", name):
+            raise HttpError("400 Bad Request", "a model name is 1-40 letters, digits, - or _")
+        chosen = [self.session_folder(n) for n in self._many(form, "session")]
+        if not chosen:
+            raise HttpError("400 Bad Request", "choose at least one session with reviewed cells")
+        clf = self._base_model()
+        try:
+            guard = adapt.load_guard(clf.path, clf.card)
+            reviewed = adapt.collect(chosen, clf)
+            r = adapt.adapt(reviewed, guard)
+        except adapt.AdaptError as e:
+            return self.adapt_page(user, csrf, f"<p class='warn'>Not adapted: {html.escape(str(e))}</p>")
+        cv = r.cross_validation
+        rows = "".join(f"<tr><td>{html.escape(l)}</td><td class='num'>{r.cells_per_class.get(l, 0)}</td>"
+                       f"<td class='num'>{cv['shipped']['recall'][l]:.2f}</td><td class='num'>"
+                       f"{cv['adapted']['recall'][l]:.2f}</td></tr>" for l in r.labels if l in cv["shipped"]["recall"])
+        table = ("<table><tr><th>class</th><th>reviewed cells</th><th>shipped</th><th>adapted</th></tr>" + rows
+                 + f"<tr><td>balanced accuracy</td><td></td><td class='num'>{cv['shipped']['balanced_accuracy']:.3f}</td>"
+                 f"<td class='num'>{cv['adapted']['balanced_accuracy']:.3f}</td></tr></table>"
+                 f"<p class='small'>Recall of each class on reviewed cells neither head was fitted on; training classes "
+                 f"held out: {r.guard['shipped_accuracy']:.3f} shipped, {r.guard['adapted_accuracy']:.3f} adapted.</p>")
+        advice = ("<p>More reviewed cells would help: " + html.escape("; ".join(r.advice)) + "</p>") if r.advice else ""
+        if not r.accepted:
+            return self.adapt_page(user, csrf, "<p class='warn'>Refused, nothing written: "
+                                   + html.escape("; ".join(r.reasons)) + f"</p>{table}{advice}")
+        try:
+            path = adapt.write_model(r, reviewed, clf, guard, models_dir(self.storage), name)
+        except adapt.AdaptError as e:
+            return self.adapt_page(user, csrf, f"<p class='warn'>{html.escape(str(e))}</p>")
+        log.info("adapted model %s written by %s", path, user)
+        return self.adapt_page(user, csrf, f"<p><b>{html.escape(path.stem)}</b> written: better than the shipped model "
+                               f"on held-out reviewed cells. Make it active below to count with it.</p>{table}{advice}")
+
+    def activate(self, form: dict, user: str) -> Response:
+        from edge_app.active import ActiveModelError, set_active
+
+        name = form.get("model", "")
+        try:
+            set_active(self.storage, name or None, user)
+        except ActiveModelError as e:
+            raise HttpError("400 Bad Request", str(e)) from e
+        log.info("active model set to %s by %s", name or "the shipped one", user)
+        return _redirect("/adapt")
+
+    @staticmethod
+    def _many(form: dict, key: str) -> list[str]:
+        return [v for v in form.get(key, "").split("\n") if v]
 
     def device_page(self, user: str, csrf: str) -> str:
         from edge_app.service import doctor
