@@ -374,7 +374,8 @@ def edge_serve(config_path):
               help="where the password hash lives (default: the --config file's folder, else ~/.config/bmc)")
 @click.option("--set-password", is_flag=True, help="set the screen's password on this device, then stop")
 @click.option("--by", "user", help="on loopback: who decides (default: the logged-in user)")
-def edge_ui(config_path, storage, listen, config_dir, set_password, user):
+@click.option("--source", help="what the Live page records from (default: the config's [camera] source)")
+def edge_ui(config_path, storage, listen, config_dir, set_password, user, source):
     """The technician's screen in a browser: sessions, differentials with their 95% limits, review
     by click or key, reports, the device check. Loopback only unless a password is set."""
     import os
@@ -411,8 +412,21 @@ def edge_ui(config_path, storage, listen, config_dir, set_password, user):
     if sign_in and not stored:
         raise _Fail(f"listening on {host} (beyond this computer) needs a password: bmc edge ui --set-password"
                     + (f" --config-dir {cdir}" if config_dir else ""))
-    app = UiApp(folder, stored, sign_in, user or _user(), model=(cfg.model.path or None) if cfg else None)
-    serve(app, host, int(port), echo=click.echo)
+    from edge_app.service import session_config
+    from edge_app.ui.live import LiveRunner
+
+    model = (cfg.model.path or None) if cfg else None
+    src = source or (cfg.camera.source if cfg else None)
+    live = None
+    if src:
+        cam = {k: getattr(cfg.camera, k) for k in ("width", "height", "fps", "fourcc")} if cfg and not source else {}
+        live = LiveRunner(folder, src, model, session_config(cfg) if cfg else None, cam)
+    app = UiApp(folder, stored, sign_in, user or _user(), model=model, live=live)
+    try:
+        serve(app, host, int(port), echo=click.echo)
+    finally:
+        if live is not None and live.running:
+            live.stop()
 
 
 @edge.command("export")
@@ -734,6 +748,23 @@ def bench_truth(source, fmt, out):
 
     n = (bench.write_truth_bccd if fmt == "bccd" else bench.write_truth_matek)(source, out)
     click.echo(f"{n} {'fields' if fmt == 'bccd' else 'cells'} → {out}")
+
+
+@bench.command("ui")
+@click.option("--source", required=True, type=click.Path(file_okay=False), help="a folder of fields to replay")
+@click.option("--fps", default=30.0, show_default=True, help="the replayed camera's frame rate")
+@click.option("--frames", default=300, show_default=True)
+@click.option("--model", type=click.Path(dir_okay=False))
+@click.option("--json", "json_out", type=click.Path(dir_okay=False))
+def bench_ui(source, fps, frames, model, json_out):
+    """The screen's delay and cost: frame-to-viewer latency over the live MJPEG stream, and the
+    pipeline's frames/s with the screen and one viewer against headless, on a replayed camera."""
+    from benchmarks import ui
+
+    r = _guard(ui.run, source, fps, frames, model, log=lambda m: click.echo(m, err=True))
+    click.echo(ui.markdown(r))
+    if json_out:
+        _write_json(json_out, r)
 
 
 @bench.command("soak")

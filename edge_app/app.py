@@ -107,6 +107,8 @@ class EdgeSession:
             self.echo(f"resuming the interrupted session in {self.store.dir} after frame {self.store.resume_after} "
                       f"({self.diff.counted} cells counted, {self.diff.flagged} for review)")
         self._colour_checked = False
+        self.paused = False
+        self.on_frame = None  # called with (frame, cells) after each frame is recorded
         self._stop = False
         self._window = None
         if not config.headless and not opencv_gui():
@@ -206,8 +208,15 @@ class EdgeSession:
                 r.stage_seconds["read"] += time.perf_counter() - t_read
                 if frame.index < self.source.start:  # a source that cannot seek: already recorded
                     continue
+                while self.paused and not self._stop:  # paused from the screen: a camera's frames are dropped
+                    time.sleep(0.05)
+                if self._stop:
+                    status = "stopped"
+                    break
                 cells = self.process(frame)
                 r.frames += 1
+                if self.on_frame is not None:  # the screen's live view: a reference, no work in this loop
+                    self.on_frame(frame, cells)
                 if not self.cfg.headless:
                     self._show(frame, cells)
                 now = time.perf_counter()
@@ -250,17 +259,9 @@ class EdgeSession:
         return r
 
     def _show(self, frame, cells):
-        img = frame.image
+        img = annotated(frame.image, cells, self.source.pixel_format)
         if img is None:
             return
-        if self.source.pixel_format == "RGB":
-            img = cv2.cvtColor(img, cv2.COLOR_RGB2BGR)
-        img = img.copy()
-        for c in cells:
-            colour = (0, 200, 0) if not c["flag"] or c["flag"] == "seen" else (0, 165, 255)
-            cv2.rectangle(img, (c["x"], c["y"]), (c["x"] + c["w"], c["y"] + c["h"]), colour, 2)
-            cv2.putText(img, f"{c['label']} {c['confidence']:.2f}", (c["x"], max(12, c["y"] - 4)),
-                        cv2.FONT_HERSHEY_SIMPLEX, 0.5, colour, 1, cv2.LINE_AA)
         draw_differential(img, self.diff, self.result.fps)
         try:
             self._window = "bmc"
@@ -279,6 +280,20 @@ class EdgeSession:
         elif key == ord(" "):
             while (cv2.waitKey(50) & 0xFF) not in (ord(" "), ord("q")):
                 pass
+
+
+def annotated(image: np.ndarray | None, cells: list[dict], pixel_format: str = "BGR") -> np.ndarray | None:
+    """A BGR copy of a frame with each found cell's box and call drawn: green when counted, orange
+    when set aside for review."""
+    if image is None:
+        return None
+    img = cv2.cvtColor(image, cv2.COLOR_RGB2BGR) if pixel_format == "RGB" else image.copy()
+    for c in cells:
+        colour = (0, 200, 0) if not c["flag"] or c["flag"] == "seen" else (0, 165, 255)
+        cv2.rectangle(img, (c["x"], c["y"]), (c["x"] + c["w"], c["y"] + c["h"]), colour, 2)
+        cv2.putText(img, f"{c['label']} {c['confidence']:.2f}", (c["x"], max(12, c["y"] - 4)),
+                    cv2.FONT_HERSHEY_SIMPLEX, 0.5, colour, 1, cv2.LINE_AA)
+    return img
 
 
 def draw_differential(img: np.ndarray, diff: Differential, fps: float) -> None:

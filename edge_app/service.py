@@ -83,10 +83,21 @@ def export(session: str | Path, dest: str | Path) -> Path:
     return target
 
 
+def session_config(cfg):
+    """The :class:`edge_app.app.SessionConfig` of a device configuration (service and screen alike)."""
+    from edge_app.app import SessionConfig
+
+    s = cfg.session
+    return SessionConfig(mode=s.mode, target=s.target or None, headless=True, save_crops=s.save_crops,
+                         cell_diameter_px=s.cell_diameter_px or None, print_every_s=s.print_every_s,
+                         finder=cfg.finder, review=cfg.review, white_balance=cfg.model.white_balance,
+                         on_existing="refuse")
+
+
 def serve(cfg, echo=print, max_sessions: int | None = None) -> None:
     """Run sessions from the configured camera until stopped (systemd restarts on failure)."""
     from edge_app.active import active_model
-    from edge_app.app import EdgeSession, SessionConfig
+    from edge_app.app import EdgeSession
     from edge_app.model import DEFAULT_MODEL, CellClassifier
     from edge_app.sources import SourceError, open_source
 
@@ -121,11 +132,7 @@ def serve(cfg, echo=print, max_sessions: int | None = None) -> None:
         while (storage / name).exists():  # two sessions within a second: each its own folder
             name = f"{name.split('_')[0]}_{k}"
             k += 1
-        s = cfg.session
-        sc = SessionConfig(mode=s.mode, target=s.target or None, headless=True, save_crops=s.save_crops,
-                           cell_diameter_px=s.cell_diameter_px or None, print_every_s=s.print_every_s,
-                           finder=cfg.finder, review=cfg.review, white_balance=cfg.model.white_balance,
-                           on_existing="refuse")
+        sc = session_config(cfg)
         echo(f"session {name} started")
         r = EdgeSession(source, clf, storage / name, sc, echo=echo).run()
         done += 1

@@ -143,7 +143,8 @@ class SessionStore:
         self.save_crops = save_crops
         if save_crops:
             self.crops_dir.mkdir(exist_ok=True)
-        self.db = sqlite3.connect(self.dir / "session.sqlite", isolation_level=None)
+        # made in one thread, used by the thread that records (the screen starts sessions in their own)
+        self.db = sqlite3.connect(self.dir / "session.sqlite", isolation_level=None, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")  # a committed frame survives a power cut
         self.db.executescript(SCHEMA)

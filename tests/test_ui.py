@@ -290,3 +290,55 @@ def test_a_technician_reviews_three_cells_in_a_real_browser(local, storage, brow
     browser.save_screenshot(str(shots / "report.png"))
     for f in ("session.png", "review.png", "after_review.png", "report.png"):
         assert (shots / f).stat().st_size > 5000
+
+
+def test_a_live_session_from_the_screen(storage, bccd, tmp_path):
+    """Start a session from the page, watch frames arrive on the MJPEG stream with their capture
+    time, the counts rise in /live/state, and stop it; the session is an ordinary session folder."""
+    import json as _json
+
+    from edge_app.ui.live import LiveRunner
+
+    src = tmp_path / "fields"
+    src.mkdir()
+    for f in sorted((bccd / "JPEGImages").glob("*.jpg"))[:60]:
+        (src / f.name).symlink_to(f)
+    live = LiveRunner(storage, str(src), None)
+    s = Server(UiApp(storage, None, sign_in=False, user="anna", live=live))
+    try:
+        status, headers, page = s.request("GET", "/live")
+        cookie, csrf = _cookie(headers), _csrf(page)
+        assert b"No session is running" in page
+        status, _, _ = s.request("POST", "/live/start", f"csrf={csrf}&target=0", {"Cookie": cookie})
+        assert status == 303 and live.running
+        c = http.client.HTTPConnection("127.0.0.1", s.port, timeout=60)
+        c.request("GET", "/live/stream", headers={"Host": f"127.0.0.1:{s.port}", "Cookie": cookie})
+        r = c.getresponse()
+        assert r.status == 200 and r.getheader("Content-Type").startswith("multipart/x-mixed-replace")
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += r.read(1)
+        head, _ = data.split(b"\r\n\r\n", 1)
+        assert head.startswith(b"--frame") and b"X-Frame-Time:" in head and b"image/jpeg" in head
+        length = int(head.split(b"Content-Length:")[1].strip())
+        assert r.read(length)[:2] == b"\xff\xd8"  # a JPEG
+        c.close()
+        status, _, body = s.request("GET", "/live/state", headers={"Cookie": cookie})
+        st = _json.loads(body)
+        assert st["state"] in ("running", "paused", "finished") and st["frames"] >= 1
+        status, _, _ = s.request("POST", "/live/pause", f"csrf={csrf}", {"Cookie": cookie})
+        assert status == 303
+        status, _, body = s.request("GET", "/live/state", headers={"Cookie": cookie})
+        frames = _json.loads(body)["frames"]
+        status, _, _ = s.request("POST", "/live/stop", f"csrf={csrf}", {"Cookie": cookie})
+        assert status == 303 and not live.running
+        st = _json.loads(s.request("GET", "/live/state", headers={"Cookie": cookie})[2])
+        assert st["state"] in ("stopped", "finished") and st["frames"] <= frames + 1
+        db = sqlite3.connect(storage / st["folder"] / "session.sqlite")
+        assert db.execute("SELECT status FROM session").fetchone()[0] in ("stopped", "finished")
+        db.close()
+        status, _, page = s.request("GET", "/", headers={"Cookie": cookie})
+        assert st["folder"].encode() in page  # listed with the other sessions
+    finally:
+        live.stop()
+        s.close()

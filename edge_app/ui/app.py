@@ -42,9 +42,17 @@ COOKIE = "bmc_ui"
 CLINICAL_ORDER = ["segmented", "band", "neutrophil", "metamyelocyte", "myelocyte", "promyelocyte", "ig",
                   "lymphocyte", "monocyte", "eosinophil", "basophil", "erythroblast", "platelet"]
 MAX_BODY = 64 * 1024
-CSP = "default-src 'none'; img-src 'self'; style-src 'self'; script-src 'self'; form-action 'self'; " \
+CSP = "default-src 'none'; img-src 'self'; style-src 'self'; script-src 'self'; connect-src 'self'; form-action 'self'; " \
       "frame-ancestors 'none'; base-uri 'none'"
 REPORT_CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; frame-ancestors 'none'"
+
+
+class Stream:
+    """A streamed response (the live view's MJPEG): parts as they come, no length."""
+
+    def __init__(self, parts, ctype: str):
+        self.parts, self.ctype = parts, ctype
+        self.status, self.headers, self.csp = "200 OK", [("Content-Type", ctype)], CSP
 
 
 class Response:
@@ -77,7 +85,7 @@ class UiApp:
     loopback); else the local user is taken as signed in, and ``user`` names who decides."""
 
     def __init__(self, storage: str | Path, password_hash: str | None, sign_in: bool, user: str = "local",
-                 port: int = 0, model: str | Path | None = None):
+                 port: int = 0, model: str | Path | None = None, live=None):
         if sign_in and not password_hash:
             raise ValueError("sign-in needs a password set on the device: bmc edge ui --set-password")
         self.storage = Path(storage)
@@ -88,6 +96,7 @@ class UiApp:
         self.model = model
         self.sessions = Sessions()
         self.limit = RateLimit()
+        self.live = live  # edge_app.ui.live.LiveRunner: the screen records sessions from the camera
 
     # -- WSGI -------------------------------------------------------------------------------------
     def __call__(self, environ, start_response):
@@ -101,8 +110,11 @@ class UiApp:
                                       None), "500 Internal Server Error")
         headers = resp.headers + [("Content-Security-Policy", resp.csp), ("X-Content-Type-Options", "nosniff"),
                                   ("X-Frame-Options", "DENY"), ("Referrer-Policy", "no-referrer"),
-                                  ("Cache-Control", "no-store"), ("Content-Length", str(len(resp.body)))]
-        start_response(resp.status, headers)
+                                  ("Cache-Control", "no-store")]
+        if isinstance(resp, Stream):
+            start_response(resp.status, headers)
+            return resp.parts
+        start_response(resp.status, headers + [("Content-Length", str(len(resp.body)))])
         return [resp.body]
 
     def handle(self, environ) -> Response:
@@ -163,6 +175,8 @@ class UiApp:
             return _redirect("/login" if self.sign_in else "/", [self._cookie("", 0)])
         if method == "GET" and parts == ["device"]:
             return Response(self.device_page(user, csrf))
+        if parts and parts[0] == "live":
+            return self.live_route(method, parts[1:], form, user, csrf)
         if parts == ["adapt"]:
             return Response(self.adapt_page(user, csrf) if method == "GET" else self.run_adapt(form, user, csrf))
         if method == "POST" and parts == ["adapt", "activate"]:
@@ -270,7 +284,8 @@ class UiApp:
         if csrf is not None:
             out = (f"<form method='post' action='/logout' class='inline'><input type='hidden' name='csrf' "
                    f"value='{csrf}'><button>Sign out</button></form>" if self.sign_in else "")
-            nav = (f"<nav><a href='/'>Sessions</a> <a href='/adapt'>Adaptation</a> <a href='/device'>Device</a> "
+            nav = (f"<nav><a href='/live'>Live</a> <a href='/'>Sessions</a> <a href='/adapt'>Adaptation</a> "
+                   f"<a href='/device'>Device</a> "
                    f"<span class='who'>{html.escape(user or '')}</span> {out}</nav>")
         return (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>bmc — {html.escape(title)}</title>"
                 "<meta name='viewport' content='width=device-width, initial-scale=1'>"
@@ -362,6 +377,61 @@ class UiApp:
                 f"<div class='grid' id='todo'>{''.join(card(c, False) for c in todo[:200])}</div>"
                 f"<h2>Decided ({len(done)})</h2><div class='grid'>{''.join(card(c, True) for c in done[-100:])}</div>")
         return self.page(f"Review — {folder.name}", body, csrf, user)
+
+    # -- the live session -----------------------------------------------------------------------------
+    def live_route(self, method: str, rest: list[str], form: dict, user: str, csrf: str):
+        if self.live is None:
+            raise HttpError("404 Not Found", "this screen was started without a camera or source (--config or --source)")
+        if method == "GET" and rest == []:
+            return Response(self.live_page(user, csrf))
+        if method == "GET" and rest == ["state"]:
+            return Response(json.dumps(self.live.state()), ctype="application/json")
+        if method == "GET" and rest == ["stream"]:
+            return Stream(self._mjpeg(), "multipart/x-mixed-replace; boundary=frame")
+        if method == "POST" and rest == ["start"]:
+            try:
+                target = int(form.get("target") or 0)
+            except ValueError:
+                raise HttpError("400 Bad Request", "the target is a number of cells") from None
+            if not 0 <= target <= 100_000:
+                raise HttpError("400 Bad Request", "the target is between 0 (none) and 100000 cells")
+            try:
+                folder = self.live.start(target)
+            except Exception as e:  # noqa: BLE001 - a camera that will not open, a model that will not load
+                raise HttpError("409 Conflict", f"the session did not start: {e}") from e
+            log.info("live session %s started by %s", folder.name, user)
+            return _redirect("/live")
+        if method == "POST" and rest in (["pause"], ["resume"]):
+            self.live.pause(rest == ["pause"])
+            return _redirect("/live")
+        if method == "POST" and rest == ["stop"]:
+            self.live.stop()
+            log.info("live session stopped by %s", user)
+            return _redirect("/live")
+        raise HttpError("404 Not Found", "no such page")
+
+    def _mjpeg(self):
+        for captured, jpeg in self.live.frames():
+            yield (b"--frame\r\nContent-Type: image/jpeg\r\n" + f"X-Frame-Time: {captured:.6f}\r\n".encode()
+                   + f"Content-Length: {len(jpeg)}\r\n\r\n".encode() + jpeg + b"\r\n")
+
+    def live_page(self, user: str, csrf: str) -> str:
+        st = self.live.state()
+        running = st["state"] in ("running", "paused")
+
+        def button(action: str, text: str, extra: str = "") -> str:
+            return (f"<form method='post' action='/live/{action}' class='inline'><input type='hidden' name='csrf' "
+                    f"value='{csrf}'>{extra}<button>{text}</button></form>")
+
+        controls = (button("resume", "Resume") if st["state"] == "paused" else button("pause", "Pause")) + \
+            button("stop", "Stop") if running else \
+            button("start", "Start a session", "<label>target <input name='target' type='number' min='0' "
+                   "max='100000' value='200'></label> ")
+        view = ("<img id='live' src='/live/stream' alt='the microscope field, live' width='640'>" if running else
+                "<p>No session is running.</p>")
+        error = f"<p class='warn'>{html.escape(st['error'])}</p>" if st.get("error") else ""
+        return self.page("Live", f"{error}<p>{controls}</p><div class='live'>{view}<div id='state' "
+                         f"data-live='1'>{html.escape(json.dumps(st))}</div></div>", csrf, user)
 
     # -- adaptation ---------------------------------------------------------------------------------
     def _base_model(self):

@@ -14,3 +14,29 @@ window.addEventListener("load", function () {
   var first = document.querySelector("#todo .cell");
   if (first) { first.focus(); }
 });
+
+// The live page: the running differential, refreshed once a second from /live/state.
+function renderState(box, st) {
+  var lines = [];
+  lines.push("Session " + (st.folder || "—") + ": " + st.state + (st.error ? " (" + st.error + ")" : ""));
+  var target = st.target ? " of " + st.target : "";
+  lines.push(st.counted + target + " cells counted, " + st.for_review + " set aside for review, " + st.frames + " frames");
+  (st.classes || []).forEach(function (c) { lines.push(c); });
+  (st.ratios || []).forEach(function (r) { lines.push(r); });
+  box.textContent = "";
+  lines.forEach(function (text) { var p = document.createElement("p"); p.textContent = text; box.appendChild(p); });
+  if (st.target) {
+    var bar = document.createElement("progress");
+    bar.max = st.target; bar.value = Math.min(st.counted, st.target);
+    box.appendChild(bar);
+  }
+}
+window.addEventListener("load", function () {
+  var box = document.getElementById("state");
+  if (!box || !box.dataset.live) { return; }
+  try { renderState(box, JSON.parse(box.textContent)); } catch (e) { /* the server's text stays */ }
+  setInterval(function () {
+    fetch("/live/state", {credentials: "same-origin"}).then(function (r) { return r.json(); })
+      .then(function (st) { renderState(box, st); }).catch(function () {});
+  }, 1000);
+});

@@ -1,0 +1,139 @@
+"""The screen's live session: one recording session run by the screen's process (it owns the
+camera), its latest frame for the browser, and start / pause / stop.
+
+The session is the same :class:`edge_app.app.EdgeSession` that ``bmc edge run`` and the service
+run, in a thread of its own. After each frame it hands this module a *reference* to the frame and
+its cells; drawing the boxes and JPEG-encoding happen in the thread of the browser's stream, at
+most ``max_fps`` times a second and only while someone watches, so the page never slows capture.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import threading
+import time
+from pathlib import Path
+
+import cv2
+
+
+@dataclasses.dataclass
+class LiveFrame:
+    image: object
+    cells: list
+    pixel_format: str
+    captured: float  # the frame source's timestamp (time.time())
+    seq: int
+
+
+class LiveRunner:
+    def __init__(self, storage: str | Path, source: str, model: str | Path | None, session_config=None,
+                 camera_options: dict | None = None, max_fps: float = 10.0):
+        self.storage = Path(storage)
+        self.source = source
+        self.model = model
+        self.session_config = session_config
+        self.camera_options = camera_options or {}
+        self.max_fps = max_fps
+        self._lock = threading.Condition()
+        self._latest: LiveFrame | None = None
+        self._seq = 0
+        self.session = None
+        self.thread: threading.Thread | None = None
+        self.folder: Path | None = None
+        self.error = ""
+
+    @property
+    def running(self) -> bool:
+        return self.thread is not None and self.thread.is_alive()
+
+    def start(self, target: int | None = None) -> Path:
+        """Start a session into a new time-stamped folder of the storage folder."""
+        from edge_app.active import active_model
+        from edge_app.app import EdgeSession, SessionConfig
+        from edge_app.model import DEFAULT_MODEL, CellClassifier
+        from edge_app.sources import open_source
+
+        if self.running:
+            raise RuntimeError("a session is running already: stop it first")
+        cfg = dataclasses.replace(self.session_config or SessionConfig(), headless=True, target=target or None,
+                                  on_existing="refuse")
+        model = active_model(self.storage) or self.model or DEFAULT_MODEL
+        clf = CellClassifier(model)
+        name = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        k = 1
+        while (self.storage / name).exists():
+            name = f"{name.split('_')[0]}_{k}"
+            k += 1
+        self.folder = self.storage / name
+        source = open_source(self.source, **self.camera_options) if self.camera_options else self.source
+        self.session = EdgeSession(source, clf, self.folder, cfg, echo=lambda m: None)
+        self.session.on_frame = self._on_frame
+        self.error = ""
+        self.thread = threading.Thread(target=self._run, name="live-session", daemon=True)
+        self.thread.start()
+        return self.folder
+
+    def _run(self):
+        try:
+            self.session.run()
+        except Exception as e:  # noqa: BLE001 - shown on the page; the session database has what was counted
+            self.error = str(e)
+        with self._lock:
+            self._lock.notify_all()
+
+    def _on_frame(self, frame, cells) -> None:
+        with self._lock:
+            self._seq += 1
+            self._latest = LiveFrame(frame.image, cells, self.session.source.pixel_format, frame.timestamp, self._seq)
+            self._lock.notify_all()
+
+    def pause(self, paused: bool) -> None:
+        if self.session is not None:
+            self.session.paused = paused
+
+    def stop(self, wait_s: float = 30.0) -> None:
+        if self.session is not None:
+            self.session._stop = True
+            self.session.paused = False
+        if self.thread is not None:
+            self.thread.join(wait_s)
+
+    def state(self) -> dict:
+        s = self.session
+        if s is None:
+            return {"state": "idle"}
+        d = s.diff
+        parts, ratios = d.breakdown()
+        return {"state": "paused" if s.paused and self.running else "running" if self.running else s.result.status,
+                "folder": self.folder.name if self.folder else "", "frames": s.result.frames,
+                "counted": d.counted, "target": d.target, "for_review": d.flagged, "classes": parts, "ratios": ratios,
+                "counts": dict(d.counts), "error": self.error}
+
+    def frames(self, timeout_s: float = 30.0):
+        """JPEG parts of the latest frames, each once, at most ``max_fps`` a second, while the
+        session runs (for the MJPEG stream)."""
+        from edge_app.app import annotated
+
+        seen = 0
+        last = 0.0
+        while True:
+            with self._lock:
+                end = time.time() + timeout_s
+                while (self._latest is None or self._latest.seq == seen) and self.running and time.time() < end:
+                    self._lock.wait(0.5)
+                item = self._latest
+            if item is None or item.seq == seen:
+                return
+            wait = 1.0 / self.max_fps - (time.monotonic() - last)
+            if wait > 0:
+                time.sleep(wait)
+            seen = item.seq
+            last = time.monotonic()
+            img = annotated(item.image, item.cells, item.pixel_format)
+            if img is None:
+                continue
+            ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 75])
+            if ok:
+                yield item.captured, buf.tobytes()
