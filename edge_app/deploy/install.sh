@@ -67,6 +67,7 @@ install -d -m 0755 "$CONFIG_DIR"
 install -d -o bmc -g bmc -m 0750 "$STATE_DIR" "$STATE_DIR/sessions"
 install -m 0644 "$HERE/99-bmc-camera.rules" /etc/udev/rules.d/99-bmc-camera.rules
 install -m 0644 "$HERE/bmc-edge.service" /etc/systemd/system/bmc-edge.service
+install -m 0644 "$HERE/bmc-edge-ui.service" /etc/systemd/system/bmc-edge-ui.service  # the screen: not enabled
 udevadm control --reload-rules && udevadm trigger --subsystem-match=video4linux || true
 systemctl daemon-reload
 systemctl enable bmc-edge.service
