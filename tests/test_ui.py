@@ -342,3 +342,16 @@ def test_a_live_session_from_the_screen(storage, bccd, tmp_path):
     finally:
         live.stop()
         s.close()
+
+
+def test_review_for_adaptation_lists_the_cells_that_teach_most(local, storage):
+    from edge_app import review
+
+    db = review.connect(storage / "20261128-0900")
+    expected = [c.id for c in review.teaching_queue(review.cells(db), 10)]
+    db.close()
+    status, _, page = local.request("GET", "/s/20261128-0900/review?for=adapt")
+    assert status == 200 and b"to name for adaptation" in page
+    shown = [int(x) for x in re.findall(rb"data-cell='(\d+)'", page)]
+    assert shown == expected
+    assert "· counted".encode() in page  # the model's sure calls too, not only the cells set aside

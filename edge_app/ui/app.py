@@ -187,7 +187,8 @@ class UiApp:
             if method == "GET" and rest == []:
                 return Response(self.session_page(folder, user, csrf))
             if method == "GET" and rest == ["review"]:
-                return Response(self.review_page(folder, user, csrf))
+                teach = urllib.parse.parse_qs(environ.get("QUERY_STRING", "")).get("for", [""])[-1] == "adapt"
+                return Response(self.review_page(folder, user, csrf, teach))
             if method == "GET" and rest == ["crop"]:
                 return self.crop(folder, urllib.parse.parse_qs(environ.get("QUERY_STRING", "")).get("id", [""])[-1])
             if method == "GET" and rest == ["report"]:
@@ -259,7 +260,8 @@ class UiApp:
         write_csv(folder)
         if "application/json" in environ.get("HTTP_ACCEPT", ""):
             return Response(json.dumps({"cell": cell, "label": label, "by": user}), ctype="application/json")
-        return _redirect(f"/s/{urllib.parse.quote(folder.name)}/review")
+        back = "?for=adapt" if "for=adapt" in (environ.get("HTTP_REFERER") or "") else ""
+        return _redirect(f"/s/{urllib.parse.quote(folder.name)}/review{back}")
 
     def crop(self, folder: Path, cell_id: str) -> Response:
         from edge_app.report import session_file
@@ -347,9 +349,10 @@ class UiApp:
                           f"{html.escape(m[2])}, source {html.escape(m[3])}</p>" for m in meta))
         return self.page(f"Session {folder.name}", body, csrf, user)
 
-    def review_page(self, folder: Path, user: str, csrf: str) -> str:
+    def review_page(self, folder: Path, user: str, csrf: str, teach: bool = False) -> str:
         cells, _ = self._cells(folder)
-        todo = review.queue(cells)
+        # for adaptation: the cells that teach the head most, ten of each class the session found
+        todo = review.teaching_queue(cells, 10) if teach else review.queue(cells)
         done = [c for c in cells if c.status in ("reviewed", "rejected")]
         name = urllib.parse.quote(folder.name)
 
@@ -372,7 +375,10 @@ class UiApp:
             return (f"<div class='cell' tabindex='0' id='cell-{c.id}' data-cell='{c.id}'>{img}<p>cell {c.id} · "
                     f"{html.escape(c.flag or 'counted')}</p><ol>{top}</ol>{state}</div>")
 
-        body = (f"<p>{len(todo)} cells wait for review. Click a class, or select a cell and press 1-9, Enter "
+        switch = (f"<a href='/s/{name}/review'>the cells set aside</a>" if teach else
+                  f"<a href='/s/{name}/review?for=adapt'>the cells that teach adaptation most</a>")
+        body = (f"<p>{len(todo)} cells {'to name for adaptation' if teach else 'wait for review'} (show {switch}). "
+                "Click a class, or select a cell and press 1-9, Enter "
                 "(the model's call), x (not a cell) or b (undo). Each decision is recorded under your name.</p>"
                 f"<div class='grid' id='todo'>{''.join(card(c, False) for c in todo[:200])}</div>"
                 f"<h2>Decided ({len(done)})</h2><div class='grid'>{''.join(card(c, True) for c in done[-100:])}</div>")
