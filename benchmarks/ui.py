@@ -58,59 +58,72 @@ def _headless(folder, fps, frames, model, storage) -> float:
     return s.run().fps
 
 
-def run(source, fps: float = 30.0, frames: int = 300, model=None, log=print) -> dict:
+def _with_ui(source, fps, frames, model, storage) -> tuple[float, list[float]]:
     from waitress import create_server
 
     from edge_app.ui.app import UiApp
     from edge_app.ui.live import LiveRunner
 
-    with tempfile.TemporaryDirectory() as tmp:
-        storage = Path(tmp) / "sessions"
-        storage.mkdir()
-        headless = _headless(source, fps, frames, model, storage)
-        log(f"headless: {headless:.1f} frames/s")
-        live = LiveRunner(storage, None, model)
-        live.source = ReplayedCamera(source, fps, frames)
-        app = UiApp(storage, None, sign_in=False, user="bench", live=live)
-        server = create_server(app, host="127.0.0.1", port=0, threads=4)
-        threading.Thread(target=server.run, daemon=True).start()
-        delays: list[float] = []
-        try:
-            live.start(0)
-            c = http.client.HTTPConnection("127.0.0.1", server.effective_port, timeout=60)
-            c.request("GET", "/live/stream", headers={"Host": "127.0.0.1"})
-            r = c.getresponse()
-            buf = b""
+    live = LiveRunner(storage, None, model)
+    live.source = ReplayedCamera(source, fps, frames)
+    app = UiApp(storage, None, sign_in=False, user="bench", live=live)
+    server = create_server(app, host="127.0.0.1", port=0, threads=4)
+    threading.Thread(target=server.run, daemon=True).start()
+    delays: list[float] = []
+    try:
+        live.start(0)
+        c = http.client.HTTPConnection("127.0.0.1", server.effective_port, timeout=60)
+        c.request("GET", "/live/stream", headers={"Host": "127.0.0.1"})
+        r = c.getresponse()
+        buf = b""
+        while True:
+            chunk = r.read1(65536)
+            if not chunk:
+                break
+            buf += chunk
             while True:
-                chunk = r.read1(65536)
-                if not chunk:
+                head_end = buf.find(b"\r\n\r\n")
+                if head_end < 0:
                     break
-                buf += chunk
-                while True:
-                    head_end = buf.find(b"\r\n\r\n")
-                    if head_end < 0:
-                        break
-                    head = buf[:head_end].decode("latin-1")
-                    length = int(head.split("Content-Length:")[1].split("\r\n")[0])
-                    if len(buf) < head_end + 4 + length + 2:
-                        break
-                    delays.append(time.time() - float(head.split("X-Frame-Time:")[1].split("\r\n")[0]))
-                    buf = buf[head_end + 4 + length + 2:]
-            c.close()
-            live.thread.join(120)
-            with_ui = live.session.result.fps
-        finally:
-            live.stop()
-            server.close()
+                head = buf[:head_end].decode("latin-1")
+                length = int(head.split("Content-Length:")[1].split("\r\n")[0])
+                if len(buf) < head_end + 4 + length + 2:
+                    break
+                delays.append(time.time() - float(head.split("X-Frame-Time:")[1].split("\r\n")[0]))
+                buf = buf[head_end + 4 + length + 2:]
+        c.close()
+        live.thread.join(120)
+        return live.session.result.fps, delays
+    finally:
+        live.stop()
+        server.close()
+
+
+def run(source, fps: float = 30.0, frames: int = 300, model=None, rounds: int = 3, log=print) -> dict:
+    """``rounds`` pairs of runs, headless then with the screen, alternating (the machine's speed
+    drifts; medians are reported)."""
+    heads, uis, delays = [], [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for k in range(rounds):
+            storage = Path(tmp) / f"round{k}"
+            storage.mkdir()
+            heads.append(_headless(source, fps, frames, model, storage))
+            ui_fps, d = _with_ui(source, fps, frames, model, storage)
+            uis.append(ui_fps)
+            delays += d
+            log(f"round {k + 1}: headless {heads[-1]:.1f} frames/s, with the screen {ui_fps:.1f}")
     d = np.array(delays) * 1000
-    return {"source": str(source), "replayed_fps": fps, "frames": frames, "headless_fps": headless,
+    headless, with_ui = float(np.median(heads)), float(np.median(uis))
+    return {"source": str(source), "replayed_fps": fps, "frames": frames, "rounds": rounds, "headless_fps": headless,
             "ui_fps": with_ui, "ratio": with_ui / headless if headless else 0.0, "parts": len(d),
+            "headless_fps_runs": heads, "ui_fps_runs": uis,
             "latency_ms_p50": float(np.percentile(d, 50)) if len(d) else None,
             "latency_ms_p95": float(np.percentile(d, 95)) if len(d) else None}
 
 
 def markdown(r: dict) -> str:
-    return (f"replayed camera at {r['replayed_fps']:g} fps, {r['frames']} frames of {r['source']}: pipeline "
-            f"{r['headless_fps']:.1f} frames/s headless, {r['ui_fps']:.1f} with the screen and one viewer "
+    return (f"replayed camera at {r['replayed_fps']:g} fps, {r['frames']} frames of {r['source']}, {r['rounds']} "
+            f"rounds (medians): pipeline {r['headless_fps']:.1f} frames/s headless, {r['ui_fps']:.1f} with the screen "
+            "and one viewer "
             f"({100 * r['ratio']:.0f}%); frame to viewer over {r['parts']} MJPEG parts: p50 "
             f"{r['latency_ms_p50']:.0f} ms, p95 {r['latency_ms_p95']:.0f} ms")

@@ -1,8 +1,8 @@
 """Capture apart from classification, through a bounded queue.
 
-A live camera keeps delivering frames whether or not classification keeps up: when the queue is
-full the oldest frame is dropped (the freshest view of the field matters) and the drop is
-counted. Files are read without drops: every image or video frame is processed.
+A live camera keeps delivering frames whether or not classification keeps up: one frame waits
+while another is classified, and a newer one replaces it (the freshest view of the field matters);
+the drop is counted. Files are read without drops: every image or video frame is processed.
 """
 
 from __future__ import annotations
@@ -16,8 +16,11 @@ _END = object()
 
 
 class Capture:
-    def __init__(self, source: FrameSource, maxsize: int = 4):
+    def __init__(self, source: FrameSource, maxsize: int | None = None):
         self.source = source
+        # a camera: the freshest frame only (one waiting while one is classified: the least delay);
+        # files: a little read-ahead
+        maxsize = maxsize or (1 if source.live else 4)
         self.q: queue.Queue = queue.Queue(maxsize=maxsize)
         self.dropped = 0
         self.error: BaseException | None = None

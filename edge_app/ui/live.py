@@ -29,7 +29,7 @@ class LiveFrame:
 
 class LiveRunner:
     def __init__(self, storage: str | Path, source: str, model: str | Path | None, session_config=None,
-                 camera_options: dict | None = None, max_fps: float = 10.0):
+                 camera_options: dict | None = None, max_fps: float = 8.0):
         self.storage = Path(storage)
         self.source = source
         self.model = model
@@ -119,6 +119,9 @@ class LiveRunner:
         seen = 0
         last = 0.0
         while True:
+            wait = 1.0 / self.max_fps - (time.monotonic() - last)
+            if wait > 0:  # the rate limit first, then the freshest frame: no frame waits out the limit
+                time.sleep(wait)
             with self._lock:
                 end = time.time() + timeout_s
                 while (self._latest is None or self._latest.seq == seen) and self.running and time.time() < end:
@@ -126,9 +129,6 @@ class LiveRunner:
                 item = self._latest
             if item is None or item.seq == seen:
                 return
-            wait = 1.0 / self.max_fps - (time.monotonic() - last)
-            if wait > 0:
-                time.sleep(wait)
             seen = item.seq
             last = time.monotonic()
             img = annotated(item.image, item.cells, item.pixel_format)
