@@ -355,3 +355,14 @@ def test_review_for_adaptation_lists_the_cells_that_teach_most(local, storage):
     shown = [int(x) for x in re.findall(rb"data-cell='(\d+)'", page)]
     assert shown == expected
     assert "· counted".encode() in page  # the model's sure calls too, not only the cells set aside
+
+
+def test_a_cells_detail_shows_its_probabilities_and_where_the_model_looked(local, storage):
+    cid = _first_pending(storage)
+    status, _, page = local.request("GET", f"/s/20261128-0900/cell/{cid}")
+    assert status == 200 and b"Where the model looked" in page and b"probability" in page
+    label = re.search(rb"/map\?label=([a-z]+)", page).group(1).decode()
+    status, headers, body = local.request("GET", f"/s/20261128-0900/cell/{cid}/map?label={label}")
+    assert status == 200 and headers["Content-Type"] == "image/jpeg" and body[:2] == b"\xff\xd8"
+    status, _, _ = local.request("GET", f"/s/20261128-0900/cell/{cid}/map?label=notaclass")
+    assert status == 404

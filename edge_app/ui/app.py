@@ -31,6 +31,8 @@ import urllib.parse
 from http import cookies
 from pathlib import Path
 
+import cv2
+
 from edge_app import review
 from edge_app.differential import count_interval
 from edge_app.ui.auth import RateLimit, Sessions, verify_password
@@ -189,6 +191,11 @@ class UiApp:
             if method == "GET" and rest == ["review"]:
                 teach = urllib.parse.parse_qs(environ.get("QUERY_STRING", "")).get("for", [""])[-1] == "adapt"
                 return Response(self.review_page(folder, user, csrf, teach))
+            if method == "GET" and len(rest) == 2 and rest[0] == "cell":
+                return Response(self.cell_page(folder, rest[1], user, csrf))
+            if method == "GET" and len(rest) == 3 and rest[0] == "cell" and rest[2] == "map":
+                label = urllib.parse.parse_qs(environ.get("QUERY_STRING", "")).get("label", [""])[-1]
+                return self.cell_map(folder, rest[1], label)
             if method == "GET" and rest == ["crop"]:
                 return self.crop(folder, urllib.parse.parse_qs(environ.get("QUERY_STRING", "")).get("id", [""])[-1])
             if method == "GET" and rest == ["report"]:
@@ -263,7 +270,7 @@ class UiApp:
         back = "?for=adapt" if "for=adapt" in (environ.get("HTTP_REFERER") or "") else ""
         return _redirect(f"/s/{urllib.parse.quote(folder.name)}/review{back}")
 
-    def crop(self, folder: Path, cell_id: str) -> Response:
+    def _crop_path(self, folder: Path, cell_id: str) -> Path:
         from edge_app.report import session_file
 
         try:
@@ -278,7 +285,71 @@ class UiApp:
         path = session_file(folder, row[0]) if row and row[0] else None
         if path is None or not path.is_file() or path.suffix.lower() != ".jpg":
             raise HttpError("404 Not Found", "no crop for this cell")
-        return Response(path.read_bytes(), ctype="image/jpeg")
+        return path
+
+    def crop(self, folder: Path, cell_id: str) -> Response:
+        return Response(self._crop_path(folder, cell_id).read_bytes(), ctype="image/jpeg")
+
+    def _maps(self):
+        """The counting model (the active adapted one, else the configured or shipped one) and its maps."""
+        from edge_app.active import active_model
+        from edge_app.cam import ActivationMaps
+        from edge_app.model import DEFAULT_MODEL, CellClassifier
+
+        path = Path(active_model(self.storage) or self.model or DEFAULT_MODEL)
+        if getattr(self, "_maps_for", None) != path:
+            clf = CellClassifier(path, threads=1, orientations=1)
+            self._map_model, self._map_maker, self._maps_for = clf, ActivationMaps(clf), path
+        return self._map_model, self._map_maker
+
+    def _model_input(self, folder: Path, cell_id: str, clf):
+        from bmc.contract import preprocess, read_image
+
+        return preprocess(read_image(str(self._crop_path(folder, cell_id))), clf.contract, "BGR", crop=False)
+
+    def cell_page(self, folder: Path, cell_id: str, user: str, csrf: str) -> str:
+        from edge_app.cam import MapError
+
+        cells, _ = self._cells(folder)
+        cell = next((c for c in cells if str(c.id) == cell_id), None)
+        if cell is None:
+            raise HttpError("404 Not Found", "no such cell")
+        name = urllib.parse.quote(folder.name)
+        probs = "".join(f"<tr><td>{html.escape(l)}</td><td class='num'>{p:.3f}</td></tr>"
+                        for l, p in sorted(zip(cell.labels, cell.probabilities), key=lambda t: -t[1]))
+        maps = ""
+        if cell.crop:
+            try:
+                clf, _ = self._maps()
+                top = [l for l, _ in cell.top(2) if l in clf.labels]
+                maps = "".join(f"<figure><img src='/s/{name}/cell/{cell.id}/map?label={urllib.parse.quote(l)}' "
+                               f"width='224' height='224' alt='where the model looked for {html.escape(l)}'>"
+                               f"<figcaption>{html.escape(l)}</figcaption></figure>" for l in top)
+                maps = (f"<h2>Where the model looked</h2><div class='grid'>{maps}</div><p class='small'>Class "
+                        f"activation maps of {html.escape(clf.path.name)}: red, the parts of the cell that pushed "
+                        "most towards that class.</p>")
+            except (MapError, ValueError, OSError) as e:
+                maps = f"<p class='small'>No activation map: {html.escape(str(e))}</p>"
+        img = f"<img src='/s/{name}/crop?id={cell.id}' width='224' height='224' alt='cell {cell.id}'>" if cell.crop else ""
+        decided = (f"<p>Decided: <b>{html.escape(cell.reviewed_label)}</b> by {html.escape(cell.reviewer)}</p>"
+                   if cell.reviewed_label else "")
+        body = (f"<p>{html.escape(cell.source)} frame {cell.frame}; the model's call <b>{html.escape(cell.model_label)}"
+                f"</b> {cell.confidence:.2f} {html.escape(cell.flag)}</p>{decided}<div class='grid'>{img}"
+                f"<table><tr><th>class</th><th>probability</th></tr>{probs}</table></div>{maps}"
+                f"<p><a href='/s/{name}/review'>back to review</a></p>")
+        return self.page(f"Cell {cell.id}", body, csrf, user)
+
+    def cell_map(self, folder: Path, cell_id: str, label: str) -> Response:
+        from edge_app.cam import MapError, overlay
+
+        try:
+            clf, maps = self._maps()
+            x = self._model_input(folder, cell_id, clf)
+            picture = overlay(x, maps(x, label))
+        except (MapError, ValueError) as e:
+            raise HttpError("404 Not Found", str(e)) from e
+        ok, buf = cv2.imencode(".jpg", picture, [cv2.IMWRITE_JPEG_QUALITY, 85])
+        return Response(buf.tobytes(), ctype="image/jpeg")
 
     # -- pages ------------------------------------------------------------------------------------
     def page(self, title: str, body: str, csrf: str | None, user: str | None = None) -> str:
@@ -372,7 +443,8 @@ class UiApp:
                      "x not a cell</button></form>")
             img = f"<img src='/s/{name}/crop?id={c.id}' alt='cell {c.id}' width='160' height='160'>" if c.crop else \
                 "<div class='nocrop'>no crop saved</div>"
-            return (f"<div class='cell' tabindex='0' id='cell-{c.id}' data-cell='{c.id}'>{img}<p>cell {c.id} · "
+            return (f"<div class='cell' tabindex='0' id='cell-{c.id}' data-cell='{c.id}'>{img}<p>"
+                    f"<a href='/s/{name}/cell/{c.id}'>cell {c.id}</a> · "
                     f"{html.escape(c.flag or 'counted')}</p><ol>{top}</ol>{state}</div>")
 
         switch = (f"<a href='/s/{name}/review'>the cells set aside</a>" if teach else

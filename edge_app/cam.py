@@ -1,0 +1,80 @@
+"""Where the model looked: class activation maps (Zhou et al. 2016, "Learning deep features for
+discriminative localization") of one cell, on the device, in numpy.
+
+The classifier ends ``feature map (7x7x1280) → global average pool → linear head``, so the score
+of class ``c`` is the average over the map of ``F(x, y) · w_c``: that product, at each of the 7x7
+places, is how much each part of the cell pushed towards ``c``. It is upsampled to the input and
+laid over it. The head is the model's own (its card's guard set carries the shipped head's
+weights) or, for an adapted model, the head it counts with.
+
+The feature map is an intermediate tensor: a second interpreter of the same file keeps its
+tensors for this (LiteRT's ``experimental_preserve_all_tensors``: more memory, so it is used only
+for the one cell a person looks at, never in the counting loop).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import cv2
+import numpy as np
+
+
+class MapError(ValueError):
+    pass
+
+
+class ActivationMaps:
+    def __init__(self, clf):
+        from edge_app.adapt import load_guard
+
+        try:
+            from ai_edge_litert.interpreter import Interpreter
+        except ImportError:  # pragma: no cover - depends on the device
+            from tflite_runtime.interpreter import Interpreter  # type: ignore[no-redef]
+
+        if not clf.has_embedding:
+            raise MapError(f"{clf.path.name} gives no embedding: no activation map")
+        if clf.head is not None:
+            self.w, self.labels = clf.head.w, list(clf.head.labels)
+        else:
+            guard = load_guard(clf.path, clf.card)
+            self.w, self.labels = guard["w"], list(guard["labels"])
+        self.clf = clf
+        with warnings.catch_warnings():  # LiteRT warns that keeping tensors costs memory: it does, here only
+            warnings.simplefilter("ignore")
+            self.interp = Interpreter(model_path=str(clf.path), num_threads=1, experimental_preserve_all_tensors=True)
+        self.interp.allocate_tensors()
+        emb = self.interp.get_output_details()[1]["index"]
+        pool = [o for o in self.interp._get_ops_details() if emb in list(o["outputs"])]
+        if not pool or pool[0]["op_name"] != "MEAN":
+            raise MapError(f"{clf.path.name}: its embedding is not a global average of a feature map")
+        self.feature_index = int(pool[0]["inputs"][0])
+        self.inp = self.interp.get_input_details()[0]
+
+    def __call__(self, model_input: np.ndarray, label: str) -> np.ndarray:
+        """The map of ``label`` for one preprocessed input (H x W x 3, RGB 0..255), in 0..1, H x W."""
+        if label not in self.labels:
+            raise MapError(f"{label!r} is not a class of this model")
+        x = model_input[None].astype(np.float32)
+        scale, zero = self.inp["quantization"]
+        if self.inp["dtype"] in (np.uint8, np.int8) and scale:
+            info = np.iinfo(self.inp["dtype"])
+            x = np.clip(np.round(x / scale + zero), info.min, info.max)
+        self.interp.set_tensor(self.inp["index"], x.astype(self.inp["dtype"]))
+        self.interp.invoke()
+        f = self.interp.get_tensor(self.feature_index)[0].astype(np.float32)
+        fs, fz = self.interp._get_tensor_details(self.feature_index, 0)["quantization"]
+        if fs:
+            f = (f - fz) * fs
+        cam = np.maximum(f @ self.w[:, self.labels.index(label)], 0)
+        cam = cv2.resize(cam, model_input.shape[1::-1], interpolation=cv2.INTER_CUBIC)
+        cam = np.clip(cam, 0, None)
+        return cam / cam.max() if cam.max() > 0 else cam
+
+
+def overlay(model_input: np.ndarray, cam: np.ndarray, alpha: float = 0.45) -> np.ndarray:
+    """A BGR picture of the cell as the model saw it with the map laid over it (red: pushed most)."""
+    rgb = np.clip(model_input, 0, 255).astype(np.uint8)
+    heat = cv2.applyColorMap((255 * cam).astype(np.uint8), cv2.COLORMAP_JET)
+    return cv2.addWeighted(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), 1 - alpha, heat, alpha, 0)
