@@ -422,11 +422,21 @@ def edge_ui(config_path, storage, listen, config_dir, set_password, user, source
         cam = {k: getattr(cfg.camera, k) for k in ("width", "height", "fps", "fourcc")} if cfg and not source else {}
         live = LiveRunner(folder, src, model, session_config(cfg) if cfg else None, cam)
     app = UiApp(folder, stored, sign_in, user or _user(), model=model, live=live)
+
+    def on_term(signum, _frame):  # systemd's stop: close a live session cleanly, then the server
+        raise KeyboardInterrupt
+
+    import signal
+
+    signal.signal(signal.SIGTERM, on_term)
     try:
         serve(app, host, int(port), echo=click.echo)
+    except KeyboardInterrupt:
+        click.echo("stopping the screen")
     finally:
         if live is not None and live.running:
             live.stop()
+            click.echo(f"live session {live.folder.name} closed: {live.state()['state']}")
 
 
 @edge.command("export")

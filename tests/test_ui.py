@@ -366,3 +366,38 @@ def test_a_cells_detail_shows_its_probabilities_and_where_the_model_looked(local
     assert status == 200 and headers["Content-Type"] == "image/jpeg" and body[:2] == b"\xff\xd8"
     status, _, _ = local.request("GET", f"/s/20261128-0900/cell/{cid}/map?label=notaclass")
     assert status == 404
+
+
+def test_sigterm_closes_the_screens_live_session_cleanly(storage, bccd, tmp_path):
+    """systemd stops the screen with SIGTERM: a session recording from its Live page is closed as
+    'stopped', not left 'running'."""
+    import signal
+    import time
+
+    src = tmp_path / "fields"
+    src.mkdir()
+    for f in sorted((bccd / "JPEGImages").glob("*.jpg"))[:200]:
+        (src / f.name).symlink_to(f)
+    proc = subprocess.Popen([sys.executable, "-m", "bmc.cli", "edge", "ui", "--storage", str(storage), "--source",
+                             str(src), "--listen", "127.0.0.1:0"], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        port = int(re.search(r"127\.0\.0\.1:(\d+)/", proc.stdout.readline()).group(1))
+        c = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        c.request("GET", "/live", headers={"Host": f"127.0.0.1:{port}"})
+        r = c.getresponse()
+        cookie, csrf = r.getheader("Set-Cookie").split(";")[0], _csrf(r.read())
+        c.request("POST", "/live/start", body=f"csrf={csrf}&target=0",
+                  headers={"Host": f"127.0.0.1:{port}", "Cookie": cookie,
+                           "Content-Type": "application/x-www-form-urlencoded"})
+        assert c.getresponse().status == 303
+        time.sleep(2.0)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert "closed: stopped" in out
+    newest = sorted(d for d in storage.iterdir() if d.name != "20261128-0900")[-1]
+    db = sqlite3.connect(newest / "session.sqlite")
+    assert db.execute("SELECT status FROM session").fetchone()[0] == "stopped"
+    db.close()
