@@ -69,6 +69,7 @@ def _build_report(out_dir: Path) -> Path:
     frames = db.execute("SELECT COUNT(*) n, SUM(error IS NOT NULL) bad FROM frame").fetchone()
     db.row_factory = None
     cells = review.cells(db)
+    note = review.latest_note(db)
     db.close()
     labels = json.loads(sessions[-1]["labels"]) if sessions else []
     counted = review.differential(cells)
@@ -144,6 +145,7 @@ figcaption{{overflow-wrap:anywhere;line-height:1.2}}
 .missing{{background:#eee;font-size:10px}} .warn{{color:#a40}}
 </style></head><body>
 <h1>Differential count</h1>
+{f"<p>Comment: <b>{esc(note[0])}</b> ({esc(note[1])}, {esc(note[2][:16])})</p>" if note else ""}
 <p><b>{n}</b> cells counted ({sum(c.status == "reviewed" for c in cells)} of them named by a reviewer),
 {sum(c.status == "rejected" for c in cells)} rejected in review, {frames['n'] or 0} frames
 ({frames['bad'] or 0} unreadable). {advice}</p>

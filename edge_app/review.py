@@ -162,6 +162,43 @@ def _margin(probs) -> float:
     return top[-1] - top[0] if len(top) == 2 else 1.0
 
 
+NOTE_SCHEMA = """
+CREATE TABLE IF NOT EXISTS note (
+    id INTEGER PRIMARY KEY, text TEXT NOT NULL, author TEXT NOT NULL, time TEXT NOT NULL
+);
+"""
+_IDENTIFIER = re.compile(r"\d{6,}|[\w.+-]+@[\w-]+\.\w+|\b\d{1,2}[./-]\d{1,2}[./-](19|20)\d{2}\b")
+
+
+def add_note(out_dir: str | Path, text: str, author: str) -> str:
+    """A free-text comment on the session (stain quality, smear, what to recount), appended with
+    who wrote it and when; the latest is the session's comment. Text that looks like a patient
+    identifier (a long number, an e-mail, a date of birth) is refused: the session travels in exports."""
+    text = " ".join(text.split())
+    if not text:
+        raise ReviewError("the comment is empty")
+    if len(text) > 500:
+        raise ReviewError(f"the comment has {len(text)} characters; keep it under 500")
+    if _IDENTIFIER.search(text):
+        raise ReviewError("the comment looks like it holds a patient identifier (a long number, an e-mail address "
+                          "or a date of birth); sessions travel in exports: leave identifiers out")
+    db = connect(out_dir, write=True)
+    try:
+        db.executescript(NOTE_SCHEMA)
+        now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        db.execute("INSERT INTO note (text, author, time) VALUES (?, ?, ?)", (text, author, now))
+    finally:
+        db.close()
+    return text
+
+
+def latest_note(db: sqlite3.Connection) -> tuple[str, str, str] | None:
+    """(text, author, time) of the session's comment, or None."""
+    if not db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='note'").fetchone():
+        return None
+    return db.execute("SELECT text, author, time FROM note ORDER BY id DESC LIMIT 1").fetchone()
+
+
 class Reviewer:
     """Records one person's decisions in a session folder's database, one commit per decision."""
 

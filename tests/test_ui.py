@@ -401,3 +401,41 @@ def test_sigterm_closes_the_screens_live_session_cleanly(storage, bccd, tmp_path
     db = sqlite3.connect(newest / "session.sqlite")
     assert db.execute("SELECT status FROM session").fetchone()[0] == "stopped"
     db.close()
+
+
+def test_a_session_comment_refuses_identifiers_and_shows_in_the_report(local, storage):
+    status, headers, page = local.request("GET", "/s/20261128-0900/")
+    cookie, csrf = _cookie(headers), _csrf(page)
+    for bad in ("patient 12345678 recount", "mail j.doe@example.org", "born 03/04/1950"):
+        status, _, body = local.request("POST", "/s/20261128-0900/note", f"csrf={csrf}&text={bad}", {"Cookie": cookie})
+        assert status == 400 and b"patient identifier" in body
+    status, _, _ = local.request("POST", "/s/20261128-0900/note", f"csrf={csrf}&text=thick+smear,+stain+pale",
+                                 {"Cookie": cookie})
+    assert status == 303
+    page = local.request("GET", "/s/20261128-0900/", headers={"Cookie": cookie})[2]
+    assert b"thick smear, stain pale" in page and b"anna" in page
+    assert b"thick smear, stain pale" in local.request("GET", "/s/20261128-0900/report")[2]
+
+
+def test_export_goes_only_to_a_mounted_stick(storage, tmp_path):
+    media = tmp_path / "media"
+    stick = media / "USB1"
+    stick.mkdir(parents=True)
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(stick)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    (media / "notmounted").mkdir()
+    s = Server(UiApp(storage, None, sign_in=False, user="anna", export_roots=(str(media),)))
+    try:
+        status, headers, page = s.request("GET", "/s/20261128-0900/")
+        cookie, csrf = _cookie(headers), _csrf(page)
+        assert str(stick).encode() in page and b"notmounted" not in page
+        for bad in (str(media / "notmounted"), "/tmp", "/etc"):
+            status, _, _ = s.request("POST", "/s/20261128-0900/export", f"csrf={csrf}&to={bad}", {"Cookie": cookie})
+            assert status == 400
+        status, headers, _ = s.request("POST", "/s/20261128-0900/export", f"csrf={csrf}&to={stick}", {"Cookie": cookie})
+        assert status == 303
+        copy = stick / "20261128-0900"
+        assert (copy / "session.sqlite").is_file() and (copy / "report.html").is_file() and (copy / "cells.csv").is_file()
+    finally:
+        s.close()
+        subprocess.run(["umount", str(stick)], check=False)

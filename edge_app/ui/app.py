@@ -26,6 +26,7 @@ import html
 import ipaddress
 import json
 import logging
+import os
 import sqlite3
 import urllib.parse
 from http import cookies
@@ -87,7 +88,8 @@ class UiApp:
     loopback); else the local user is taken as signed in, and ``user`` names who decides."""
 
     def __init__(self, storage: str | Path, password_hash: str | None, sign_in: bool, user: str = "local",
-                 port: int = 0, model: str | Path | None = None, live=None):
+                 port: int = 0, model: str | Path | None = None, live=None,
+                 export_roots: tuple[str, ...] = ("/media", "/mnt", "/run/media")):
         if sign_in and not password_hash:
             raise ValueError("sign-in needs a password set on the device: bmc edge ui --set-password")
         self.storage = Path(storage)
@@ -99,6 +101,8 @@ class UiApp:
         self.sessions = Sessions()
         self.limit = RateLimit()
         self.live = live  # edge_app.ui.live.LiveRunner: the screen records sessions from the camera
+        self.export_roots = export_roots
+        self._note = None
 
     # -- WSGI -------------------------------------------------------------------------------------
     def __call__(self, environ, start_response):
@@ -202,6 +206,14 @@ class UiApp:
                 from edge_app.report import build_report
 
                 return Response(build_report(folder).read_bytes(), csp=REPORT_CSP)
+            if method == "POST" and rest == ["note"]:
+                try:
+                    review.add_note(folder, form.get("text", ""), user)
+                except review.ReviewError as e:
+                    raise HttpError("400 Bad Request", str(e)) from e
+                return _redirect(f"/s/{urllib.parse.quote(folder.name)}/")
+            if method == "POST" and rest == ["export"]:
+                return self.export(folder, form.get("to", ""), user)
             if method == "POST" and rest in (["decide"], ["undo"]):
                 return self.decide(folder, rest[0], form, user, environ)
         raise HttpError("404 Not Found", "no such page")
@@ -373,9 +385,35 @@ class UiApp:
         try:
             cells = review.cells(db)
             meta = db.execute("SELECT started, status, model_file, source FROM session ORDER BY id").fetchall()
+            self._note = review.latest_note(db)
         finally:
             db.close()
         return cells, meta
+
+    def export_destinations(self) -> list[Path]:
+        """Mounted USB sticks and disks under the export roots: the only places an export may go."""
+        found = []
+        for root in map(Path, self.export_roots):
+            if not root.is_dir():
+                continue
+            for d in sorted(root.glob("*")) + sorted(root.glob("*/*")):
+                if d.is_dir() and os.path.ismount(d) and os.access(d, os.W_OK):
+                    found.append(d)
+        return found
+
+    def export(self, folder: Path, to: str, user: str) -> Response:
+        from edge_app.service import export
+
+        dests = {str(d): d for d in self.export_destinations()}
+        if to not in dests:
+            raise HttpError("400 Bad Request", "choose one of the mounted USB sticks or disks listed")
+        try:
+            target = export(folder, dests[to])
+        except OSError as e:
+            raise HttpError("507 Insufficient Storage" if getattr(e, "errno", 0) == 28 else "500 Internal Server Error",
+                            f"the export did not finish: {e}") from e
+        log.info("session %s exported to %s by %s", folder.name, target, user)
+        return _redirect(f"/s/{urllib.parse.quote(folder.name)}/?exported=1")
 
     def sessions_page(self, user: str, csrf: str) -> str:
         from edge_app.service import session_dirs
@@ -412,12 +450,26 @@ class UiApp:
                         f"<td class='num'>{100 * lo:.1f}–{100 * hi:.1f}%</td></tr>")
         pending = sum(c.status == "pending" for c in cells)
         name = urllib.parse.quote(folder.name)
+        note = self._note
+        dests = self.export_destinations()
+        comment = ((f"<p>Comment: <b>{html.escape(note[0])}</b> <span class='small'>({html.escape(note[1])}, "
+                    f"{html.escape(note[2][:16])})</span></p>" if note else "")
+                   + f"<form method='post' action='/s/{name}/note'><input type='hidden' name='csrf' value='{csrf}'>"
+                   "<label>Comment on this session (smear, stain, what to recount) <input name='text' maxlength='500' "
+                   "size='60'></label> <button>Save</button><br><span class='small warn'>No patient names, numbers or "
+                   "dates of birth: the session is exported as it is.</span></form>")
+        export = (f"<form method='post' action='/s/{name}/export'><input type='hidden' name='csrf' value='{csrf}'>"
+                  "<label>Export to <select name='to'>" + "".join(f"<option>{html.escape(str(d))}</option>"
+                                                                  for d in dests)
+                  + "</select></label> <button>Export</button></form>" if dests else
+                  "<p class='small'>Export: no USB stick or disk is mounted.</p>")
         body = (f"<p><b>{n}</b> cells counted, <b>{pending}</b> waiting for review "
                 f"(<a href='/s/{name}/review'>review them</a>) · <a href='/s/{name}/report'>report</a></p>"
                 "<table><tr><th>class</th><th>count</th><th>%</th><th>95% limits</th></tr>" + "".join(rows) + "</table>"
                 "<p class='small'>95% limits: the exact binomial interval of each share (Rümke's table).</p>"
                 + "".join(f"<p class='small'>session started {html.escape(m[0][:19])}, {html.escape(m[1])}, model "
-                          f"{html.escape(m[2])}, source {html.escape(m[3])}</p>" for m in meta))
+                          f"{html.escape(m[2])}, source {html.escape(m[3])}</p>" for m in meta)
+                + comment + export)
         return self.page(f"Session {folder.name}", body, csrf, user)
 
     def review_page(self, folder: Path, user: str, csrf: str, teach: bool = False) -> str:
