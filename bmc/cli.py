@@ -27,7 +27,7 @@ _EXPECTED = [
     ("convert.pipeline", "GateFailed"), ("edge_app.review", "ReviewError"), ("edge_app.config", "ConfigError"),
     ("edge_app.backends", "BackendError"), ("edge_app.sources", "SourceError"), ("edge_app.store", "SessionFolderError"),
     ("edge_app.report", "ReportError"), ("convert.embedding", "EmbeddingError"), ("edge_app.adapt", "AdaptError"),
-    ("benchmarks.adapt", "TruthError"),
+    ("benchmarks.adapt", "TruthError"), ("benchmarks.finding", "BoxesError"),
 ]
 
 
@@ -719,6 +719,27 @@ def bench_bccd(bccd, model, orientations, white_balance, json_out):
                "recall " + ", ".join(f"{k} {v:.2f}" for k, v in c["counted_recall"].items()))
     if json_out:
         _write_json(json_out, {"finding": f, "classification": c})
+
+
+@bench.command("finding")
+@click.option("--source", required=True, type=click.Path(file_okay=False), help="the folder of fields")
+@click.option("--boxes", required=True, type=click.Path(exists=True),
+              help="VOC XML folder, CSV file, or YOLO .txt folder")
+@click.option("--format", "fmt", type=click.Choice(["voc", "csv", "yolo"]), required=True)
+@click.option("--label", default="WBC", show_default=True,
+              help="the white cells' box label (YOLO: its class number; Aslan's CSV: wbc)")
+@click.option("--errors", type=click.Path(file_okay=False), help="write errors.csv, misses.png, false_finds.png here")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False))
+def bench_finding(source, boxes, fmt, label, errors, json_out):
+    """Recall and precision of the cell finder against white-cell boxes in VOC, CSV or YOLO form."""
+    from benchmarks import finding
+
+    r = _guard(lambda: finding.finding(finding.read_boxes(source, boxes, fmt, label), errors=errors))
+    click.echo(f"cell finding on {r['fields']} fields: recall {r['recall']:.4f}, precision {r['precision']:.4f} "
+               f"({r['boxes']} boxes, {r['found']} cells found, {r['missed']} missed, {r['false_finds']} false finds)"
+               + (f"; errors in {errors}" if errors else ""))
+    if json_out:
+        _write_json(json_out, r)
 
 
 @bench.command("adapt")
