@@ -78,9 +78,29 @@ def test_edge_extra_alone_runs_the_app(tmp_path, bccd):
     tr = subprocess.run([bmc_bin, "train", str(classes.parent), "--out", str(tmp_path / "r")], capture_output=True,
                         text=True, timeout=300, cwd=tmp_path)
     assert tr.returncode == 2 and "needs the training packages" in tr.stderr and "Traceback" not in tr.stderr
+    # the technician's screen runs from the device install too (waitress is in the edge extra)
+    import http.client
+    import re
+    import signal
+
+    ui = subprocess.Popen([bmc_bin, "edge", "ui", "--storage", str(tmp_path), "--listen", "127.0.0.1:0"],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    try:
+        port = int(re.search(r"127\.0\.0\.1:(\d+)/", ui.stdout.readline()).group(1))
+        c = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        c.request("GET", "/s/session/", headers={"Host": f"127.0.0.1:{port}"})
+        r = c.getresponse()
+        assert r.status == 200 and b"95% limits" in r.read()
+        c.request("GET", "/static/ui.js", headers={"Host": f"127.0.0.1:{port}"})
+        r = c.getresponse()
+        assert r.status == 200 and b"keydown" in r.read()  # the package data came along
+    finally:
+        ui.send_signal(signal.SIGTERM)
+        ui.communicate(timeout=60)
+    assert ui.returncode == 0
     # and nothing it imported pulled TensorFlow in
     probe = subprocess.run([str(py), "-c", "import sys, bmc.cli, edge_app.app, edge_app.report, edge_app.review, "
-                            "edge_app.adapt; "
+                            "edge_app.adapt, edge_app.ui.app, edge_app.cam; "
                             "print('tensorflow' in sys.modules)"], capture_output=True, text=True, cwd=tmp_path)
     assert probe.stdout.strip() == "False", probe.stderr
     # a screen without a window-capable OpenCV: said once, and the session goes on headless
