@@ -326,6 +326,10 @@ def test_a_live_session_from_the_screen(storage, bccd, tmp_path):
         status, _, body = s.request("GET", "/live/state", headers={"Cookie": cookie})
         st = _json.loads(body)
         assert st["state"] in ("running", "paused", "finished") and st["frames"] >= 1
+        if st["last_cells"]:  # the page's strip of the newest cells: crops served from the session
+            status, headers, body = s.request("GET", f"/s/{st['folder']}/crop?id={st['last_cells'][0]['id']}",
+                                              headers={"Cookie": cookie})
+            assert status == 200 and body[:2] == b"\xff\xd8"
         status, _, _ = s.request("POST", "/live/pause", f"csrf={csrf}", {"Cookie": cookie})
         assert status == 303
         status, _, body = s.request("GET", "/live/state", headers={"Cookie": cookie})

@@ -109,7 +109,24 @@ class LiveRunner:
         return {"state": "paused" if s.paused and self.running else "running" if self.running else s.result.status,
                 "folder": self.folder.name if self.folder else "", "frames": s.result.frames,
                 "counted": d.counted, "target": d.target, "for_review": d.flagged, "classes": parts, "ratios": ratios,
-                "counts": dict(d.counts), "error": self.error}
+                "counts": dict(d.counts), "error": self.error, "last_cells": self.last_cells()}
+
+    def last_cells(self, n: int = 8) -> list[dict]:
+        """The newest cells the session recorded (newest first), for the page's strip of crops."""
+        import sqlite3
+
+        if self.folder is None or not (self.folder / "session.sqlite").exists():
+            return []
+        try:
+            db = sqlite3.connect(f"file:{self.folder / 'session.sqlite'}?mode=ro", uri=True, timeout=1)
+            try:
+                rows = db.execute("SELECT id, label, flag FROM cell WHERE crop != '' ORDER BY id DESC LIMIT ?",
+                                  (n,)).fetchall()
+            finally:
+                db.close()
+        except sqlite3.Error:
+            return []
+        return [{"id": i, "label": label, "flag": flag} for i, label, flag in rows]
 
     def frames(self, timeout_s: float = 30.0):
         """JPEG parts of the latest frames, each once, at most ``max_fps`` a second, while the

@@ -25,11 +25,23 @@ function renderState(box, st) {
   (st.ratios || []).forEach(function (r) { lines.push(r); });
   box.textContent = "";
   lines.forEach(function (text) { var p = document.createElement("p"); p.textContent = text; box.appendChild(p); });
+  var strip = document.createElement("div");
+  strip.className = "strip";
+  (st.last_cells || []).forEach(function (c) {
+    var fig = document.createElement("figure");
+    var img = document.createElement("img");
+    img.src = "/s/" + encodeURIComponent(st.folder) + "/crop?id=" + c.id;
+    img.width = 72; img.height = 72; img.alt = c.label;
+    var cap = document.createElement("figcaption");
+    cap.textContent = c.label + (c.flag ? " ?" : "");
+    fig.appendChild(img); fig.appendChild(cap); strip.appendChild(fig);
+  });
   if (st.target) {
     var bar = document.createElement("progress");
     bar.max = st.target; bar.value = Math.min(st.counted, st.target);
     box.appendChild(bar);
   }
+  box.appendChild(strip);
 }
 window.addEventListener("load", function () {
   var box = document.getElementById("state");
