@@ -13,8 +13,9 @@ import datetime
 import glob
 import os
 import shutil
+import signal
 import sqlite3
-import time
+import threading
 from pathlib import Path
 
 EXPORTED_MARK = ".exported"
@@ -96,16 +97,37 @@ def session_config(cfg):
 
 def serve(cfg, echo=print, max_sessions: int | None = None) -> None:
     """Run sessions from the configured camera until stopped (systemd restarts on failure)."""
+    storage = Path(cfg.storage.folder)
+    storage.mkdir(parents=True, exist_ok=True)
+    # SIGTERM and SIGINT stop the service in every state: during a session (its own handler closes
+    # it after the frame in flight), between sessions, and while it waits for the camera or for space
+    stop = threading.Event()
+    current: list = [None]
+
+    def on_signal(signum, _frame):
+        echo(f"received signal {signum}: stopping the service")
+        stop.set()
+        if current[0] is not None:
+            current[0]._stop = True
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)} \
+        if threading.current_thread() is threading.main_thread() else {}
+    try:
+        _serve_loop(cfg, storage, echo, max_sessions, stop, current)
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def _serve_loop(cfg, storage: Path, echo, max_sessions, stop: threading.Event, current: list) -> None:
     from edge_app.active import active_model
     from edge_app.app import EdgeSession
     from edge_app.model import DEFAULT_MODEL, CellClassifier
     from edge_app.sources import SourceError, open_source
 
-    storage = Path(cfg.storage.folder)
-    storage.mkdir(parents=True, exist_ok=True)
     clf = None
     done = 0
-    while max_sessions is None or done < max_sessions:
+    while (max_sessions is None or done < max_sessions) and not stop.is_set():
         # the model a person made active on the screen, else the configured one: read before each session
         want = Path(active_model(storage) or cfg.model.path or DEFAULT_MODEL)
         if clf is None or clf.path != want:
@@ -118,23 +140,26 @@ def serve(cfg, echo=print, max_sessions: int | None = None) -> None:
         if pct > cfg.storage.max_disk_percent or free < cfg.storage.min_free_mb:
             echo(f"error: storage {storage} is {pct:.0f}% full ({free:.0f} MB free) and every session on it is "
                  "unexported: export sessions (bmc edge export) before recording more")
-            time.sleep(60)
+            stop.wait(60)
             continue
         try:
             source = open_source(cfg.camera.source, width=cfg.camera.width, height=cfg.camera.height,
                                  fps=cfg.camera.fps, fourcc=cfg.camera.fourcc)
         except SourceError as e:
             echo(f"waiting for the camera: {e}")
-            time.sleep(5)
+            stop.wait(5)
             continue
         name = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         k = 1
         while (storage / name).exists():  # two sessions within a second: each its own folder
             name = f"{name.split('_')[0]}_{k}"
             k += 1
-        sc = session_config(cfg)
         echo(f"session {name} started")
-        r = EdgeSession(source, clf, storage / name, sc, echo=echo).run()
+        session = EdgeSession(source, clf, storage / name, session_config(cfg), echo=echo)
+        current[0] = session
+        session._stop = session._stop or stop.is_set()  # a signal while it was being set up
+        r = session.run()
+        current[0] = None
         done += 1
         if r.status == "stopped":
             return

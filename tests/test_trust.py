@@ -315,3 +315,17 @@ def test_evaluate_lists_skipped_files_on_screen(pbc, tmp_path):
     (d / "broken.jpg").write_bytes(b"\xff\xd8 not an image")
     p = bmc("evaluate", DEFAULT_MODEL, d.parent)
     assert "broken.jpg" in p.stderr and "1 unreadable image(s) left out" in p.stdout
+
+
+def test_sigterm_stops_a_service_that_waits_for_its_camera(tmp_path):
+    cfg = tmp_path / "bmc.toml"
+    cfg.write_text(f"[camera]\nsource = '/dev/video-unplugged'\n[storage]\nfolder = '{tmp_path / 'sessions'}'\n")
+    proc = subprocess.Popen([sys.executable, "-m", "bmc.cli", "edge", "serve", "--config", str(cfg)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()
+    while "waiting for the camera" not in line and line:
+        line = proc.stdout.readline()
+    t0 = time.time()
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0 and time.time() - t0 < 10 and "stopping the service" in out
