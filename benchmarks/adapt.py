@@ -23,15 +23,12 @@ from __future__ import annotations
 import csv
 import os
 import shutil
-import sqlite3
 import tempfile
 import time
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
-
-NOT_WHITE = ("platelet", "erythroblast")  # found and classified, but not the white cell a field is scored on
 
 
 class TruthError(ValueError):
@@ -83,16 +80,10 @@ def write_truth_matek(matek: str | Path, out: str | Path) -> int:
 
 
 def field_answers(db_path: Path) -> dict[str, tuple[str, int]]:
-    """``{field: (label, cell id)}``: each field's answer, its most confident white cell (a white cell
-    before a platelet or erythroblast, then the most confident)."""
-    db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
-    best: dict[str, tuple] = {}
-    for cid, source, label, conf in db.execute("SELECT id, source, label, confidence FROM cell"):
-        key = (label not in NOT_WHITE, conf)
-        if source not in best or key > best[source][1]:
-            best[source] = (label, key, cid)
-    db.close()
-    return {s: (label, cid) for s, (label, _, cid) in best.items()}
+    """``{field: (label, cell id)}``: each field's answer (:func:`benchmarks.detection.best_cells`)."""
+    from benchmarks.detection import best_cells
+
+    return {s: (label, cid) for s, (label, cid, _) in best_cells(db_path).items()}
 
 
 def _score(truth: dict[str, str], answers: dict[str, tuple[str, int]], fields: list[str], classes) -> dict:
@@ -153,10 +144,8 @@ def run(source, truth_file, k: int = 10, seeds=(1, 2, 3), mode: str = "field", m
                 for f, cid in picked.items():
                     r.decide(cid, truth[f])
             clf = CellClassifier(model, orientations=1)
-            guard = adapt.load_guard(clf.path, clf.card)
             t1 = time.perf_counter()
-            reviewed = adapt.collect([sess], clf)
-            result = adapt.adapt(reviewed, guard)
+            guard, reviewed, result = adapt.prepare([sess], clf)
             adapt_s = time.perf_counter() - t1
             unlabelled = sorted(f for f in truth if f not in picked)
             row = {"seed": seed, "labelled": len(picked), "labelled_per_class": dict(Counter(truth[f] for f in picked)),

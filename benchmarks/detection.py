@@ -22,27 +22,31 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.bccd import read_fields, single_cell_fields
-from bmc.contract import read_image
-from edge_app.detect import FinderConfig, find_cells
+from edge_app.detect import FinderConfig
 
 NOT_WHITE = ("platelet", "erythroblast")  # found and classified, but not a white cell
 
 
 def finding(bccd, cfg: FinderConfig = FinderConfig()) -> dict:
-    tp = fn = fp = 0
-    for f in read_fields(bccd):
-        cells = find_cells(read_image(str(f.image)), cfg)
-        hit = [False] * len(f.wbc)
-        for c in cells:
-            cx, cy = c.centre
-            inside = [i for i, b in enumerate(f.wbc) if b.x <= cx <= b.x + b.w and b.y <= cy <= b.y + b.h]
-            for i in inside:
-                hit[i] = True
-            fp += not inside
-        tp += sum(hit)
-        fn += len(hit) - sum(hit)
-    return {"boxes": tp + fn, "found": tp + fp, "recall": tp / max(tp + fn, 1), "precision": tp / max(tp + fp, 1),
-            "false_positives": fp, "missed": fn}
+    from benchmarks.finding import FieldBoxes
+    from benchmarks.finding import finding as match
+
+    r = match([FieldBoxes(f.image, list(f.wbc)) for f in read_fields(bccd)], cfg)
+    return {"boxes": r["boxes"], "found": r["found"], "recall": r["recall"], "precision": r["precision"],
+            "false_positives": r["false_finds"], "missed": r["missed"]}
+
+
+def best_cells(db_path: Path) -> dict[str, tuple[str, int, bool]]:
+    """``{field: (label, cell id, set aside)}``: the cell each field is scored on, its most confident
+    white cell (a white cell before a platelet or erythroblast, then the most confident)."""
+    db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+    best: dict[str, tuple] = {}
+    for cid, source, label, conf, flag in db.execute("SELECT id, source, label, confidence, flag FROM cell"):
+        key = (label not in NOT_WHITE, conf)
+        if source not in best or key > best[source][1]:
+            best[source] = (label, key, cid, bool(flag))
+    db.close()
+    return {s: (label, cid, flag) for s, (label, _, cid, flag) in best.items()}
 
 
 def field_classification(bccd, model: str | None = None, orientations: int | None = None,
@@ -61,13 +65,7 @@ def field_classification(bccd, model: str | None = None, orientations: int | Non
             (src / f.image.name).symlink_to(f.image.resolve())
         EdgeSession(str(src), clf, Path(tmp) / "s", SessionConfig(save_crops=False, white_balance=white_balance),
                     echo=lambda m: None).run()
-        db = sqlite3.connect(Path(tmp) / "s" / "session.sqlite")
-        best = {}
-        for source, label, conf, flag in db.execute("SELECT source, label, confidence, flag FROM cell"):
-            key = (label not in NOT_WHITE, conf)  # a white cell first, then the most confident
-            if source not in best or key > best[source][1]:
-                best[source] = (label, key, bool(flag))
-        db.close()
+        best = {f: (label, None, flag) for f, (label, _, flag) in best_cells(Path(tmp) / "s" / "session.sqlite").items()}
     truth = [f.labels[0] for f in fields]
     pred = [best.get(f.image.name, ("none", 0))[0] for f in fields]
     classes = ["eosinophil", "lymphocyte", "monocyte", "neutrophil"]

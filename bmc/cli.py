@@ -510,17 +510,9 @@ def edge_adapt(sessions, out_dir, name, model, max_guard_drop, json_out):
     from edge_app import adapt
     from edge_app.model import DEFAULT_MODEL, CellClassifier
 
-    def go():
-        clf = CellClassifier(model or DEFAULT_MODEL, orientations=1)
-        if clf.head is not None:  # an adapted model: start again from its base, the shipped head
-            raise adapt.AdaptError(f"{clf.path} is itself adapted; adapt from its base model "
-                                   f"{clf.card['base_model']['file']} with all the sessions to learn from")
-        guard = adapt.load_guard(clf.path, clf.card)
-        reviewed = adapt.collect(sessions, clf)
-        s = adapt.Settings(max_guard_drop=max_guard_drop)
-        return clf, guard, reviewed, s, adapt.adapt(reviewed, guard, s)
-
-    clf, guard, reviewed, s, r = _guard(go)
+    s = adapt.Settings(max_guard_drop=max_guard_drop)
+    clf = _guard(CellClassifier, model or DEFAULT_MODEL, orientations=1)
+    guard, reviewed, r = _guard(adapt.prepare, sessions, clf, s)
     click.echo(f"{len(reviewed.labels)} reviewed cells from {len(reviewed.sessions)} session folder(s) by "
                f"{', '.join(reviewed.reviewers)}: " + ", ".join(f"{k} {v}" for k, v in sorted(r.cells_per_class.items())))
     click.echo(r.table())

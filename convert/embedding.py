@@ -21,9 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-EMBEDDING = "embedding"
-PROBABILITIES = "probabilities"
-GUARD_SUFFIX = ".guard.npz"
+from edge_app.adapt import GUARD_SUFFIX
+from edge_app.model import EMBEDDING, PROBABILITIES
 
 
 class EmbeddingError(ValueError):

@@ -365,6 +365,17 @@ def adapt(reviewed: Reviewed, guard: dict, s: Settings = Settings(), log=print) 
     return Result(head, labels, dict(counts), cv, gd, not reasons, reasons, advice, time.perf_counter() - t0)
 
 
+def prepare(sessions, clf, s: Settings = Settings(), log=print) -> tuple[dict, Reviewed, Result]:
+    """(guard set, reviewed cells, judged head) for adapting ``clf`` from ``sessions``: what
+    ``bmc edge adapt``, the screen and ``bmc bench adapt`` all do before anything is written."""
+    if clf.head is not None:  # an adapted model: start again from its base, the shipped head
+        raise AdaptError(f"{clf.path} is itself adapted; adapt from its base model "
+                         f"{clf.card['base_model']['file']} with all the sessions to learn from")
+    guard = load_guard(clf.path, clf.card)
+    reviewed = collect(sessions, clf)
+    return guard, reviewed, adapt(reviewed, guard, s, log)
+
+
 # -- writing the adapted model ---------------------------------------------------------------------------
 
 def write_model(result: Result, reviewed: Reviewed, clf, guard: dict, out_dir: str | Path, name: str,

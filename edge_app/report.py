@@ -12,13 +12,11 @@ import base64
 import errno
 import html
 import json
-import os
 import shutil
 import sqlite3
-import tempfile
 from pathlib import Path
 
-from edge_app import review
+from edge_app import review, store
 from edge_app.differential import ERYTHROID, MYELOID, count_interval
 from edge_app.store import is_locked
 
@@ -165,19 +163,13 @@ of {n} cells (the limits of Rümke's table): a differential of more cells narrow
 
 
 def write_atomic(path: Path, text: str) -> Path:
-    """Write ``text`` to ``path`` through a unique temporary file: a full disk or a crash leaves the
-    previous file (or none), never a truncated one."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    """:func:`edge_app.store.write_atomic`, a full disk said as one line naming the report."""
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
+        return store.write_atomic(path, text)
     except OSError as e:
-        Path(tmp).unlink(missing_ok=True)
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
             raise ReportError(f"{path}: the disk is full; the report was not written (the session database is intact)") from e
         raise
-    return path
 
 
 class ReportError(OSError):

@@ -84,6 +84,17 @@ def export(session: str | Path, dest: str | Path) -> Path:
     return target
 
 
+def new_session_folder(storage: Path) -> Path:
+    """A time-stamped folder name under ``storage`` that no session uses yet (two sessions started
+    within one second each get their own)."""
+    name = stem = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    k = 1
+    while (storage / name).exists():
+        name = f"{stem}_{k}"
+        k += 1
+    return storage / name
+
+
 def session_config(cfg):
     """The :class:`edge_app.app.SessionConfig` of a device configuration (service and screen alike)."""
     from edge_app.app import SessionConfig
@@ -149,13 +160,9 @@ def _serve_loop(cfg, storage: Path, echo, max_sessions, stop: threading.Event, c
             echo(f"waiting for the camera: {e}")
             stop.wait(5)
             continue
-        name = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-        k = 1
-        while (storage / name).exists():  # two sessions within a second: each its own folder
-            name = f"{name.split('_')[0]}_{k}"
-            k += 1
-        echo(f"session {name} started")
-        session = EdgeSession(source, clf, storage / name, session_config(cfg), echo=echo)
+        folder = new_session_folder(storage)
+        echo(f"session {folder.name} started")
+        session = EdgeSession(source, clf, folder, session_config(cfg), echo=echo)
         current[0] = session
         session._stop = session._stop or stop.is_set()  # a signal while it was being set up
         r = session.run()

@@ -12,6 +12,7 @@ import csv
 import datetime
 import errno
 import fcntl
+import io
 import json
 import os
 import platform
@@ -231,6 +232,20 @@ class SessionStore:
         self._lock.close()
 
 
+def write_atomic(path: Path, text: str) -> Path:
+    """Write ``text`` to ``path`` through a unique temporary file beside it: a full disk, a crash or
+    a second writer leaves the previous file (or none), never a truncated or mixed one."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
 def _blob(embedding) -> bytes | None:
     return None if embedding is None else np.asarray(embedding, np.float16).tobytes()
 
@@ -260,15 +275,10 @@ def write_csv(out_dir: str | Path) -> Path:
                 for c in review.cells(db)]
     finally:
         db.close()
-    fd, tmp = tempfile.mkstemp(prefix=".cells.", suffix=".csv.tmp", dir=out_dir)  # unique: two writers never mix
-    try:
-        with os.fdopen(fd, "w", newline="") as fh:
-            w = csv.writer(fh)
-            w.writerow(CSV_COLUMNS)
-            for r in rows:
-                w.writerow([f"{v:.4f}" if isinstance(v, float) else ("" if v is None else v) for v in r])
-        os.replace(tmp, out_dir / "cells.csv")
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    buf = io.StringIO(newline="")
+    w = csv.writer(buf)
+    w.writerow(CSV_COLUMNS)
+    for r in rows:
+        w.writerow([f"{v:.4f}" if isinstance(v, float) else ("" if v is None else v) for v in r])
+    write_atomic(out_dir / "cells.csv", buf.getvalue())
     return out_dir / "cells.csv"

@@ -75,6 +75,9 @@ def test_edge_extra_alone_runs_the_app(tmp_path, bccd):
     assert lat.returncode == 0, lat.stdout + lat.stderr
     assert (tmp_path / "bmc-results" / "latency.csv").is_file()
     assert not list(env_dir.rglob("site-packages/benchmarks/results/*.csv"))
+    found = subprocess.run([bmc_bin, "bench", "finding", "--source", str(fields), "--boxes", str(bccd / "Annotations"),
+                            "--format", "voc"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert found.returncode == 0 and "cell finding on 5 fields" in found.stdout, found.stdout + found.stderr
     tr = subprocess.run([bmc_bin, "train", str(classes.parent), "--out", str(tmp_path / "r")], capture_output=True,
                         text=True, timeout=300, cwd=tmp_path)
     assert tr.returncode == 2 and "needs the training packages" in tr.stderr and "Traceback" not in tr.stderr

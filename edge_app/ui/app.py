@@ -132,8 +132,7 @@ class UiApp:
                 raise HttpError("403 Forbidden", "this screen answers to 127.0.0.1 or localhost only")
         if path.startswith("/static/"):
             return self.static(path[len("/static/"):])
-        jar = cookies.SimpleCookie(environ.get("HTTP_COOKIE", ""))
-        token = jar[COOKIE].value if COOKIE in jar else None
+        token = self._token(environ)
         who = self.sessions.get(token)
         new_cookie = []
         if who is None and not self.sign_in:  # loopback: the local user, with a session for the CSRF token
@@ -629,9 +628,7 @@ class UiApp:
             raise HttpError("400 Bad Request", "choose at least one session with reviewed cells")
         clf = self._base_model()
         try:
-            guard = adapt.load_guard(clf.path, clf.card)
-            reviewed = adapt.collect(chosen, clf)
-            r = adapt.adapt(reviewed, guard)
+            guard, reviewed, r = adapt.prepare(chosen, clf)
         except adapt.AdaptError as e:
             return self.adapt_page(user, csrf, f"<p class='warn'>Not adapted: {html.escape(str(e))}</p>")
         cv = r.cross_validation

@@ -10,7 +10,6 @@ most ``max_fps`` times a second and only while someone watches, so the page neve
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import threading
 import time
 from pathlib import Path
@@ -53,6 +52,7 @@ class LiveRunner:
         from edge_app.active import active_model
         from edge_app.app import EdgeSession, SessionConfig
         from edge_app.model import DEFAULT_MODEL, CellClassifier
+        from edge_app.service import new_session_folder
         from edge_app.sources import open_source
 
         if self.running:
@@ -61,12 +61,7 @@ class LiveRunner:
                                   on_existing="refuse")
         model = active_model(self.storage) or self.model or DEFAULT_MODEL
         clf = CellClassifier(model)
-        name = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-        k = 1
-        while (self.storage / name).exists():
-            name = f"{name.split('_')[0]}_{k}"
-            k += 1
-        self.folder = self.storage / name
+        self.folder = new_session_folder(self.storage)
         source = open_source(self.source, **self.camera_options) if self.camera_options else self.source
         self.session = EdgeSession(source, clf, self.folder, cfg, echo=lambda m: None)
         self.session.on_frame = self._on_frame
