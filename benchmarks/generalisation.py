@@ -38,6 +38,19 @@ DEFAULT_PBC = DEFAULT_BCCD.parent / "pbc"
 MATEK_TO_LABEL = {"NGS": "neutrophil", "NGB": "neutrophil", "EOS": "eosinophil", "BAS": "basophil",
                   "LYT": "lymphocyte", "MON": "monocyte", "EBO": "erythroblast",
                   "PMO": "ig", "MYB": "ig", "MMZ": "ig"}
+# the same codes for a stage model (bmc_pbc11_stages): the granulocytic series keeps its stages
+MATEK_TO_STAGE = {**MATEK_TO_LABEL, "NGS": "segmented", "NGB": "band", "PMO": "promyelocyte",
+                  "MYB": "myelocyte", "MMZ": "metamyelocyte"}
+# Munich codes no model of the kit can name (the cells it should set aside as unknown)
+MATEK_UNKNOWN = {"BLA": "blast", "ART": "artefact", "PLM": "plasma cell", "PEB": "proerythroblast",
+                 "NIF": "not identifiable", "ABE": "abnormal eosinophil", "FGC": "faggot cell",
+                 "HAC": "hairy cell", "KSC": "smudge cell", "LYI": "immature lymphocyte", "OTH": "other"}
+
+
+def matek_map(labels) -> dict[str, str]:
+    """Munich code → the model's label, for the codes the model can name."""
+    table = MATEK_TO_STAGE if "band" in labels else MATEK_TO_LABEL
+    return {code: label for code, label in table.items() if label in labels}
 
 
 def bccd_cells(root, contract):
@@ -57,16 +70,17 @@ def bccd_cells(root, contract):
     return np.stack(xs), [label for _, _, label in picked]
 
 
-def matek_cells(root, contract):
+def matek_cells(root, contract, codes: dict[str, str] | None = None):
     """(model inputs, label names) of the Munich cells with a PBC class, at the trained scale.
 
     Each crop is one centred cell: the cell finder's box near the centre where it finds one (its
     rule is relative to the field, and a cell that fills the crop can hide from it), else the
-    centre; all cut at the set's median diameter of the cells found."""
+    centre; all cut at the set's median diameter of the cells found. ``codes``: code → name to
+    return (default: the codes the contract's labels can name, as those labels)."""
     root = Path(root)
     scale = SessionScale()
     picked = []
-    for code, label in MATEK_TO_LABEL.items():
+    for code, label in (codes or matek_map(contract.labels)).items():
         for path in sorted((root / code).rglob("*.jpg")) if (root / code).is_dir() else []:
             img = read_image(str(path))
             h, w = img.shape[:2]

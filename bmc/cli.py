@@ -8,6 +8,10 @@ import sys
 
 import click
 
+# the label sources of train/data.py (folder, file-name prefix, PBC maturation stage); written here
+# too so that the device's CLI does not import the training package to build its options
+LABEL_SOURCES = ("folder", "prefix", "stage")
+
 
 class _Fail(click.ClickException):
     """An expected error: one line on stderr, exit status 2."""
@@ -27,7 +31,8 @@ _EXPECTED = [
     ("convert.pipeline", "GateFailed"), ("edge_app.review", "ReviewError"), ("edge_app.config", "ConfigError"),
     ("edge_app.backends", "BackendError"), ("edge_app.sources", "SourceError"), ("edge_app.store", "SessionFolderError"),
     ("edge_app.report", "ReportError"), ("convert.embedding", "EmbeddingError"), ("edge_app.adapt", "AdaptError"),
-    ("benchmarks.adapt", "TruthError"), ("benchmarks.finding", "BoxesError"),
+    ("benchmarks.adapt", "TruthError"), ("benchmarks.finding", "BoxesError"), ("benchmarks.ood", "OodError"),
+    ("edge_app.unknown", "UnknownError"),
 ]
 
 
@@ -86,7 +91,7 @@ def data():
 
 @data.command("check")
 @click.argument("data_dir", type=click.Path(file_okay=False))
-@click.option("--label-from", type=click.Choice(["folder", "prefix"]), default="folder", show_default=True,
+@click.option("--label-from", type=click.Choice(LABEL_SOURCES), default="folder", show_default=True,
               help="class from the first folder under DATA_DIR, or from the file-name prefix")
 @click.option("--manifest", type=click.Path(dir_okay=False), help="CSV with path,label[,group] columns")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="also write the report as JSON")
@@ -103,20 +108,28 @@ def data_check(data_dir, label_from, manifest, json_out):
 @data.command("split")
 @click.argument("data_dir", type=click.Path(file_okay=False))
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="split.json to write")
-@click.option("--label-from", type=click.Choice(["folder", "prefix"]), default="folder", show_default=True)
+@click.option("--label-from", type=click.Choice(LABEL_SOURCES), default="folder", show_default=True)
 @click.option("--manifest", type=click.Path(dir_okay=False), help="CSV with path,label[,group] columns")
 @click.option("--seed", default=1337, show_default=True)
-def data_split(data_dir, out, label_from, manifest, seed):
+@click.option("--like", "like", type=click.Path(exists=True, dir_okay=False),
+              help="keep this split.json's partition and read the labels afresh (--label-from prefix or stage): "
+                   "a stage model trained and tested on the same images as the 8-class one")
+def data_split(data_dir, out, label_from, manifest, seed, like):
     """The stratified, grouped train/val/test split that `bmc train DATA_DIR --seed N` makes, written
     to --out without training: fix the partition once, then train on it with --split."""
     from collections import Counter
 
-    from train.data import discover, save_split, split
+    from train.data import discover, load_split, relabel, save_split, split
 
-    parts = _guard(lambda: split(discover(data_dir, label_from, manifest), seed=seed))
+    dropped = 0
+    if like:
+        parts, dropped = _guard(relabel, load_split(like), label_from)
+    else:
+        parts = _guard(lambda: split(discover(data_dir, label_from, manifest), seed=seed))
     save_split(parts, out)
     click.echo(", ".join(f"{k} {len(v)}" for k, v in parts.items())
-               + f" images; {len(Counter(s.label for s in parts['train']))} classes → {out}")
+               + f" images; {len(Counter(s.label for s in parts['train']))} classes → {out}"
+               + (f" ({dropped} images without a {label_from} label left out)" if dropped else ""))
 
 
 @data.command("pack")
@@ -124,7 +137,7 @@ def data_split(data_dir, out, label_from, manifest, seed):
 @click.argument("dest", type=click.Path(file_okay=False))
 @click.option("--side", default=256, show_default=True, help="shorter side in pixels (never enlarged)")
 @click.option("--quality", default=70, show_default=True, help="WebP quality")
-@click.option("--label-from", type=click.Choice(["folder", "prefix"]), default="folder", show_default=True)
+@click.option("--label-from", type=click.Choice(LABEL_SOURCES), default="folder", show_default=True)
 def data_pack(source, dest, side, quality, label_from):
     """A compact WebP copy of SOURCE (a data folder or a split.json) in DEST, to carry to a GPU server.
 
@@ -143,7 +156,7 @@ def data_pack(source, dest, side, quality, label_from):
 @click.option("--out", "dest", required=True, type=click.Path(file_okay=False), help="data set folder to write")
 @click.option("--with", "with_data", type=click.Path(file_okay=False),
               help="also list every image of this data set in the manifest (e.g. ../shared/data/pbc)")
-@click.option("--label-from", type=click.Choice(["folder", "prefix"]), default="folder", show_default=True,
+@click.option("--label-from", type=click.Choice(LABEL_SOURCES), default="folder", show_default=True,
               help="how --with's images are labelled")
 @click.option("--model", type=click.Path(dir_okay=False),
               help="the .tflite the sessions ran with, for sessions that do not record its contract")
@@ -173,7 +186,7 @@ def data_harvest(sessions, dest, with_data, label_from, model):
               default="efficientnet_lite0", show_default=True)
 @click.option("--weights", default="imagenet", show_default=True,
               help="'imagenet', 'none' (random init) or a local weights file")
-@click.option("--label-from", type=click.Choice(["folder", "prefix"]), default="folder", show_default=True)
+@click.option("--label-from", type=click.Choice(LABEL_SOURCES), default="folder", show_default=True)
 @click.option("--manifest", type=click.Path(dir_okay=False), help="CSV with path,label[,group] columns")
 @click.option("--split", "split_file", type=click.Path(dir_okay=False), help="reuse a split.json")
 @click.option("--mode", type=click.Choice(["auto", "cached", "full"]), default="auto", show_default=True,
@@ -186,6 +199,9 @@ def data_harvest(sessions, dest, with_data, label_from, model):
 @click.option("--fine-tune-lr", default=3e-4, show_default=True, help="peak; cosine decay to 5% over the epochs")
 @click.option("--patience", default=3, show_default=True,
               help="epochs without a better validation macro-F1 before a phase stops")
+@click.option("--label-smoothing", default=0.05, show_default=True, help="target share spread over every class")
+@click.option("--neighbour-smoothing", default=0.1, show_default=True,
+              help="target share given to the adjacent maturation stages (stage models)")
 @click.option("--batch-size", default=32, show_default=True)
 @click.option("--input-size", default=224, show_default=True)
 @click.option("--stain-norm", type=click.Choice(["stretch", "none"]), default="stretch", show_default=True,
@@ -284,17 +300,19 @@ def convert_cmd(source, out_dir, name, variants, data, max_drop, max_class_drop,
 @click.option("--orientations", type=click.Choice(["1", "2", "4", "8"]), default="4", show_default=True)
 def prepare_adapt(models, split_file, per_class, orientations):
     """Make converted MODELS adaptable on the device: the cell embedding as a second output (the class
-    scores unchanged) and a guard set of embedded training cells beside each, named in its card.
+    scores unchanged), a guard set of embedded training cells beside each, named in its card, and the
+    unknown-cell check calibrated on the split's validation part.
     `bmc convert --ship` does this itself; this verb upgrades models converted before it did."""
-    from convert.embedding import build_guard, expose
+    from convert.embedding import build_guard, calibrate_unknown, expose
     from train.data import load_split
 
-    train_part = _guard(load_split, split_file)["train"]
+    parts = _guard(load_split, split_file)
     for m in models:
         changed = _guard(expose, m)
         click.echo(f"{m}: " + ("embedding output added (class scores unchanged)" if changed else "gives its embedding"))
-        out = _guard(build_guard, m, train_part, per_class, int(orientations), log=lambda t: click.echo(f"  {t}"))
+        out = _guard(build_guard, m, parts["train"], per_class, int(orientations), log=lambda t: click.echo(f"  {t}"))
         click.echo(f"{m}: guard set {out}")
+        _guard(calibrate_unknown, m, parts["val"], int(orientations), log=lambda t: click.echo(f"{m}: {t}"))
 
 
 @main.group()
@@ -322,14 +340,23 @@ def edge():
               help="classify each cell in this many rotations / mirror images and average")
 @click.option("--white-balance", is_flag=True,
               help="white-balance the session onto the model's training lamp (an experiment: see benchmarks/README.md)")
+@click.option("--unknown-level", type=float, default=0.98, show_default=True,
+              help="set a cell aside as unknown beyond the distance this share of the training laboratory's "
+                   "validation cells keep (0.9-0.999; higher sets fewer aside; 0: off)")
 def edge_run(source, model, out_dir, mode, target, threads, headless, max_frames, cell_diameter, new_session,
-             no_crops, orientations, white_balance):
+             no_crops, orientations, white_balance, unknown_level):
     """Classify and count the cells of SOURCE: a camera index or /dev path, picamera2, a GStreamer
     pipeline, a video, an image folder or glob, or one image."""
     import os
 
     from edge_app.app import EdgeSession, SessionConfig, has_display
     from edge_app.backends import BackendError
+    from edge_app.differential import ReviewPolicy
+
+    try:
+        ReviewPolicy(unknown_level=unknown_level)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--unknown-level") from None
     from edge_app.model import DEFAULT_MODEL, CellClassifier
     from edge_app.sources import SourceError
     from edge_app.store import SessionFolderError
@@ -339,7 +366,8 @@ def edge_run(source, model, out_dir, mode, target, threads, headless, max_frames
                              orientations=int(orientations))
         cfg = SessionConfig(mode=mode, target=target, headless=headless or not has_display(),
                             save_crops=not no_crops, cell_diameter_px=cell_diameter, max_frames=max_frames,
-                            white_balance=white_balance, on_existing="new" if new_session else "resume")
+                            white_balance=white_balance, on_existing="new" if new_session else "resume",
+                            review=ReviewPolicy(unknown_level=unknown_level))
         return EdgeSession(source, clf, out_dir, cfg, echo=click.echo).run()
 
     try:
@@ -730,6 +758,28 @@ def bench_finding(source, boxes, fmt, label, errors, json_out):
     click.echo(f"cell finding on {r['fields']} fields: recall {r['recall']:.4f}, precision {r['precision']:.4f} "
                f"({r['boxes']} boxes, {r['found']} cells found, {r['missed']} missed, {r['false_finds']} false finds)"
                + (f"; errors in {errors}" if errors else ""))
+    if json_out:
+        _write_json(json_out, r)
+
+
+@bench.command("ood")
+@click.option("--model", type=click.Path(dir_okay=False), help="default: the shipped int8")
+@click.option("--level", type=click.FloatRange(0.9, 0.999), default=0.98, show_default=True,
+              help="the unknown-cell level, as [review] unknown_level")
+@click.option("--data", "data_root", type=click.Path(file_okay=False),
+              help="the folder with pbc/, bccd/ and matek-bm-samples/ (default: ../shared/data)")
+@click.option("--reviewed", type=click.IntRange(0, 100), default=0, show_default=True,
+              help="play a laboratory adapted at the BCCD microscope: this many BCCD cells per class join the "
+                   "reference (as bmc edge adapt adds the reviewed cells); BCCD is scored on the others")
+@click.option("--seed", default=0, show_default=True, help="which BCCD cells are the reviewed ones")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False))
+def bench_ood(model, level, data_root, reviewed, seed, json_out):
+    """Cells the model does not know: the share set aside as unknown of Munich blasts, artefacts and
+    other cells no model here names, and of PBC test and BCCD white cells; accuracy on those counted."""
+    from benchmarks import ood
+
+    r = _guard(lambda: ood.run(model, level, data_root or ood.DEFAULT_DATA, reviewed=reviewed, seed=seed))
+    click.echo(ood.markdown(r))
     if json_out:
         _write_json(json_out, r)
 

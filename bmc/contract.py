@@ -52,6 +52,8 @@ class Contract:
     cell_fraction: float = 0.45
     stain_norm: str = "none"
     lamp: tuple[float, float, float] | None = None  # the training images' background, RGB
+    # stage -> coarse parent (promyelocyte -> ig, band -> neutrophil): a stage model's hierarchy
+    parents: dict[str, str] | None = dataclasses.field(default=None, hash=False)
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
@@ -80,6 +82,13 @@ class Contract:
             raise ContractError(f"lamp must be three RGB levels in (0, 255], got {self.lamp}")
         if self.input_size < 32:
             raise ContractError(f"input_size must be >= 32, got {self.input_size}")
+        if self.parents is not None:
+            if not isinstance(self.parents, dict) or not all(
+                    isinstance(k, str) and isinstance(v, str) for k, v in self.parents.items()):
+                raise ContractError(f"parents must map label names to parent names, got {self.parents!r}")
+            stray = sorted(set(self.parents) - set(self.labels))
+            if stray:
+                raise ContractError(f"parents names label(s) the model does not have: {stray}")
 
     @property
     def num_classes(self) -> int:
@@ -91,6 +100,8 @@ class Contract:
         d["input_range"] = list(self.input_range)
         if self.lamp is not None:
             d["lamp"] = list(self.lamp)
+        if self.parents is None:
+            del d["parents"]  # an 8-class model's contract reads as it always did
         return d
 
     def to_json(self) -> str:

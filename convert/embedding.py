@@ -185,3 +185,34 @@ def build_guard(model_path: str | Path, samples, per_class: int = 200, orientati
                      "model_sha256": sha256_file(model_path)}
     card_path(model_path).write_text(json.dumps(card, indent=2) + "\n")
     return out
+
+
+def calibrate_unknown(model_path: str | Path, samples, orientations: int = 4, threads: int | None = None,
+                      log=print) -> dict:
+    """Calibrate the unknown-cell check (``edge_app/unknown.py``) on ``samples``, the validation part
+    of the model's split: each cell's distance to the nearest guard-set cell, summarised as the
+    card's ``unknown`` quantiles. Needs the guard set (:func:`build_guard`) first."""
+    from bmc.card import card_path
+    from bmc.contract import preprocess, read_image
+    from edge_app import unknown
+    from edge_app.model import CellClassifier
+
+    clf = CellClassifier(model_path, threads=threads, orientations=orientations, require_deployable=False)
+    guard = clf.card.get("guard")
+    if not clf.has_embedding or not guard:
+        raise EmbeddingError(f"{model_path}: needs its embedding output and guard set first (bmc prepare-adapt)")
+    with np.load(Path(model_path).parent / guard["file"]) as z:
+        reference = z["embedding"].astype(np.float32) * float(z["scale"])
+    scores = []
+    for i in range(0, len(samples), 16):
+        batch = np.stack([preprocess(read_image(str(s.path)), clf.contract, "BGR", crop=True) for s in samples[i:i + 16]])
+        scores.append(unknown.distances(clf.predict_cells(batch)[1], reference))
+    s = np.concatenate(scores)
+    calib = unknown.calibration(s, len(reference), f"validation part of the model's split ({len(s)} cells, "
+                                                  f"{orientations} orientations)")
+    card = json.loads(card_path(model_path).read_text())
+    card["unknown"] = calib
+    card_path(model_path).write_text(json.dumps(card, indent=2) + "\n")
+    log(f"unknown-cell check: {len(s)} validation cells; threshold at level {unknown.DEFAULT_LEVEL}: "
+        f"{unknown.threshold_at(calib, unknown.DEFAULT_LEVEL):.4f}")
+    return calib

@@ -31,12 +31,13 @@ def ship(tflite_dir: str | Path, name: str, dest: str | Path, run_dir: str | Pat
         shipped.append(dest / src.name)
     if run_dir and (Path(run_dir) / "split.json").exists():
         # each shipped model carries its guard set: embedded training cells for adaptation on the device
-        from convert.embedding import build_guard
+        from convert.embedding import build_guard, calibrate_unknown
         from train.data import load_split
 
-        train_part = load_split(Path(run_dir) / "split.json")["train"]
+        parts = load_split(Path(run_dir) / "split.json")
         for model in shipped:
-            build_guard(model, train_part, log=lambda m: None)
+            build_guard(model, parts["train"], log=lambda m: None)
+            calibrate_unknown(model, parts["val"], log=lambda m: None)
     metrics = json.loads((Path(run_dir) / "metrics.json").read_text()) if run_dir else None
     config = json.loads((Path(run_dir) / "config.json").read_text()) if run_dir else {}
     if run_dir and (Path(run_dir) / "split.json").exists():

@@ -394,7 +394,7 @@ def write_model(result: Result, reviewed: Reviewed, clf, guard: dict, out_dir: s
     tmp = Path(tempfile.mkdtemp(prefix=".adapt-", dir=out_dir))
     try:
         shutil.copyfile(base_path, tmp / target.name)
-        result.head.save(tmp / f"{name}{HEAD_SUFFIX}")
+        dataclasses.replace(result.head, reference=reviewed.x).save(tmp / f"{name}{HEAD_SUFFIX}")
         shutil.copyfile(guard["path"], tmp / f"{name}{GUARD_SUFFIX}")
         now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         base_labels = list(guard["labels"])
@@ -417,6 +417,7 @@ def write_model(result: Result, reviewed: Reviewed, clf, guard: dict, out_dir: s
                 "head": {"file": f"{name}{HEAD_SUFFIX}", "sha256": sha256_file(tmp / f"{name}{HEAD_SUFFIX}"),
                          "labels": list(result.labels), "base_labels": base_labels, "new_labels": new},
                 "guard": {**base_card["guard"], "file": f"{name}{GUARD_SUFFIX}"},
+                **({"unknown": base_card["unknown"]} if base_card.get("unknown") else {}),
                 "adaptation": {"date": now, "sessions": reviewed.sessions, "cells": len(reviewed.labels),
                                "cells_per_class": result.cells_per_class, "reviewers": reviewed.reviewers,
                                "cross_validation": result.cross_validation, "guard_check": result.guard,

@@ -20,6 +20,7 @@ import cv2
 import numpy as np
 
 from bmc.contract import centre_square, preprocess
+from edge_app import unknown as unknown_mod
 from edge_app.capture import Capture
 from edge_app.cells import Box, SessionLamp, SessionScale, crop_cell
 from edge_app.detect import FinderConfig, find_cells
@@ -80,6 +81,9 @@ class EdgeSession:
         self.cfg = config
         self.echo = echo
         self.diff = Differential(classifier.labels, config.target, config.review)
+        # cells unlike any the model knows are set aside before they are counted (None: the model's
+        # card has no unknown-cell calibration, or the level is 0)
+        self.unknown = classifier.unknown.at(config.review.unknown_level) if classifier.unknown else None
         self.scale = SessionScale(config.cell_diameter_px)
         self.lamp = SessionLamp(classifier.contract.lamp, config.white_balance)
         self.tracker = CellTracker()
@@ -89,6 +93,10 @@ class EdgeSession:
                                                       "white_balance": self.lamp.active,
                                                       "finder": dataclasses.asdict(config.finder),
                                                       "review": dataclasses.asdict(config.review),
+                                                      "unknown": ({"score": unknown_mod.SCORE,
+                                                                   "level": self.unknown.level,
+                                                                   "threshold": self.unknown.threshold}
+                                                                  if self.unknown is not None else None),
                                                       "contract": classifier.contract.to_dict(),
                                                       "model": classifier.description,
                                                       "head": ({"file": classifier.head.file,
@@ -168,10 +176,11 @@ class EdgeSession:
         if frame.still:
             self.tracker.reset()
         tracks = self.tracker.update(frame.index, boxes)
+        scores = self.unknown.scores(embs) if self.unknown is not None and embs is not None else None
         cells = []
         for k, (box, p, (track, new)) in enumerate(zip(boxes, probs, tracks)):
             if new:
-                label, conf, flag = self.diff.add(p)
+                label, conf, flag = self.diff.add(p, self.unknown.flag(float(scores[k])) if scores is not None else "")
                 r.cells += 1
                 r.flagged += bool(flag)
             else:

@@ -13,6 +13,8 @@ import math
 
 import numpy as np
 
+from edge_app.unknown import FLAG as UNKNOWN
+
 # Lineages of the PBC / bone-marrow labels, for the myeloid:erythroid (M:E) ratio.
 MYELOID = {"neutrophil", "ig", "eosinophil", "basophil", "monocyte", "promyelocyte", "myelocyte",
            "metamyelocyte", "band", "segmented", "pmy", "my", "mmy", "bne", "sne", "ngb", "ngs", "mmz",
@@ -54,6 +56,13 @@ def count_interval(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
 class ReviewPolicy:
     min_confidence: float = 0.6
     min_margin: float = 0.15
+    # a cell whose embedding lies beyond the distance that this share of the training laboratory's
+    # validation cells keep is set aside as unknown (edge_app/unknown.py); 0 turns the check off
+    unknown_level: float = 0.98
+
+    def __post_init__(self):
+        if self.unknown_level and not 0.9 <= self.unknown_level <= 0.999:
+            raise ValueError(f"unknown_level must be 0 (off) or between 0.9 and 0.999, got {self.unknown_level}")
 
     def flag(self, probs: np.ndarray) -> str:
         """'' for a confident call, else why the cell needs review."""
@@ -72,14 +81,17 @@ class Differential:
         self.review = review
         self.counts = {l: 0 for l in self.labels}
         self.flagged = 0
+        self.unknown = 0  # of the flagged: unlike any cell the model knows
 
-    def add(self, probs: np.ndarray) -> tuple[str, float, str]:
-        """Count one cell; returns (label, confidence, review flag)."""
+    def add(self, probs: np.ndarray, unknown: str = "") -> tuple[str, float, str]:
+        """Count one cell; returns (label, confidence, review flag). ``unknown``: the unknown-cell
+        check's flag for it (edge_app/unknown.py), which sets it aside before any other rule."""
         i = int(np.argmax(probs))
         label, conf = self.labels[i], float(probs[i])
-        flag = self.review.flag(probs)
+        flag = unknown or self.review.flag(probs)
         if flag:
             self.flagged += 1
+            self.unknown += flag.startswith(UNKNOWN)
         else:
             self.counts[label] += 1
         return label, conf, flag
@@ -88,6 +100,7 @@ class Differential:
         """Count a cell recorded earlier in the session (a resumed session) as it was counted then."""
         if flag:
             self.flagged += 1
+            self.unknown += flag.startswith(UNKNOWN)
         elif label in self.counts:
             self.counts[label] += 1
 
@@ -123,4 +136,6 @@ class Differential:
         parts, ratios = self.breakdown()
         tgt = f"/{self.target}" if self.target else ""
         ratio = "".join(f", {r}" for r in ratios)
-        return f"{self.counted}{tgt} cells: " + (", ".join(parts) or "none") + f"; {self.flagged} for review{ratio}"
+        unknown = f" ({self.unknown} unknown)" if self.unknown else ""
+        return (f"{self.counted}{tgt} cells: " + (", ".join(parts) or "none")
+                + f"; {self.flagged} for review{unknown}{ratio}")

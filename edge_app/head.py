@@ -29,6 +29,8 @@ class Head:
     labels: tuple[str, ...]
     file: str = ""
     sha256: str = ""
+    # the reviewed cells' embeddings it was fitted on: known ground for the unknown-cell check
+    reference: np.ndarray | None = dataclasses.field(default=None, repr=False, compare=False)
 
     def logits(self, embedding: np.ndarray) -> np.ndarray:
         return embedding @ self.w + self.b
@@ -38,7 +40,9 @@ class Head:
 
     def save(self, path: str | Path) -> None:
         with open(path, "wb") as fh:  # np.savez would add '.npz' to a name without it
-            np.savez(fh, w=self.w.astype(np.float32), b=self.b.astype(np.float32), labels=np.asarray(self.labels))
+            extra = {} if self.reference is None else {"reference": self.reference.astype(np.float16)}
+            np.savez(fh, w=self.w.astype(np.float32), b=self.b.astype(np.float32), labels=np.asarray(self.labels),
+                     **extra)
 
 
 def load_head(model_path: str | Path, card: dict) -> Head:
@@ -52,8 +56,9 @@ def load_head(model_path: str | Path, card: dict) -> Head:
     try:
         with np.load(path) as z:
             w, b, labels = z["w"].astype(np.float32), z["b"].astype(np.float32), tuple(str(l) for l in z["labels"])
+            reference = z["reference"].astype(np.float32) if "reference" in z.files else None
     except (OSError, ValueError, KeyError) as e:
         raise ModelCardError(f"{path}: not a readable head ({e})") from e
     if w.ndim != 2 or w.shape[1] != len(labels) or b.shape != (len(labels),):
         raise ModelCardError(f"{path}: weights {w.shape} and bias {b.shape} do not fit its {len(labels)} labels")
-    return Head(w, b, labels, path.name, spec["sha256"])
+    return Head(w, b, labels, path.name, spec["sha256"], reference)

@@ -18,7 +18,7 @@ import numpy as np
 
 from bmc.card import ModelCardError, load_card
 from bmc.contract import preprocess
-from edge_app import backends
+from edge_app import backends, unknown
 from edge_app.head import load_head
 
 EMBEDDING, PROBABILITIES = "embedding", "probabilities"
@@ -57,7 +57,8 @@ class CellClassifier:
     a model with more or fewer class scores than the card has labels is refused."""
 
     def __init__(self, path: str | Path = DEFAULT_MODEL, threads: int | None = None, backend: str = "litert",
-                 require_deployable: bool = True, orientations: int = DEFAULT_ORIENTATIONS):
+                 require_deployable: bool = True, orientations: int = DEFAULT_ORIENTATIONS,
+                 unknown_level: float = unknown.DEFAULT_LEVEL):
         if orientations not in ORIENTATIONS:
             raise ValueError(f"orientations must be one of {ORIENTATIONS}, got {orientations}")
         if threads is not None and threads < 1:
@@ -73,6 +74,10 @@ class CellClassifier:
         self.name = str(self.card.get("name") or self.path.stem)
         self.has_embedding = EMBEDDING in (self.card.get("outputs") or [])
         self._check_outputs()
+        # the unknown-cell check, where the card carries its calibration (None for older models)
+        self.unknown = unknown.load(self.path, self.card, unknown_level,
+                                    self.head.reference if self.head is not None else None) \
+            if self.has_embedding else None
 
     def _check_outputs(self) -> None:
         where = f"{self.path}"

@@ -16,6 +16,7 @@ import shutil
 import sqlite3
 from pathlib import Path
 
+from bmc.stages import coarse_counts, series_counts
 from edge_app import review, store
 from edge_app.differential import ERYTHROID, MYELOID, count_interval
 from edge_app.store import is_locked
@@ -72,7 +73,8 @@ def _build_report(out_dir: Path) -> Path:
     labels = json.loads(sessions[-1]["labels"]) if sessions else []
     counted = review.differential(cells)
     labels += sorted(set(counted) - set(labels))  # classes a reviewer named that the model does not know
-    pending = [c for c in cells if c.status == "pending"]
+    pending = sorted((c for c in cells if c.status == "pending"), key=lambda c: not c.unknown)  # unknown first
+    n_unknown = sum(c.unknown for c in pending)
     decided = [c for c in cells if c.status in ("reviewed", "rejected")]
     n = sum(counted.values())
     esc = html.escape
@@ -98,6 +100,8 @@ def _build_report(out_dir: Path) -> Path:
         f"<td>{limits(counted.get(l, 0))}</td>"
         f"<td><div class='bar' style='width:{(300 * counted.get(l, 0) / n) if n else 0:.0f}px'></div></td></tr>"
         for l in labels)
+    parents = _parents(sessions)
+    levels = _levels_html(counted, parents, n) if parents else ""
     m = sum(v for k, v in counted.items() if k.lower() in MYELOID)
     e = sum(v for k, v in counted.items() if k.lower() in ERYTHROID)
     ratio = (f"<p>Myeloid : erythroid ratio <b>{m / e:.2f}</b> ({m} : {e})</p>" if e else
@@ -119,7 +123,10 @@ def _build_report(out_dir: Path) -> Path:
     changed = sum(c.reviewed_label != c.model_label for c in decided)
     if pending:
         advice = (f"Automated classification: <b class='warn'>{len(pending)}</b> cells wait for review "
-                  f"(<code>bmc edge review {esc(out_dir.name)}</code>) and are not counted yet.")
+                  f"(<code>bmc edge review {esc(out_dir.name)}</code>) and are not counted yet"
+                  + (f"; <b class='warn'>{n_unknown}</b> of them are unlike any cell the model knows (a blast? "
+                     "a smudge?): they are counted in no class until a person names them" if n_unknown else "")
+                  + ".")
     else:
         advice = "No cell waits for review."
     grids = ""
@@ -150,8 +157,9 @@ figcaption{{overflow-wrap:anywhere;line-height:1.2}}
 <table><tr><th>class</th><th>count</th><th>%</th><th>95% limits</th><th></th></tr>{rows}</table>
 <p style="font-size:12px">95% limits: the exact binomial confidence interval of each share for a count
 of {n} cells (the limits of Rümke's table): a differential of more cells narrows them.</p>
+{levels}
 {ratio}
-<h2>Cells waiting for review ({len(pending)})</h2><div class="grid">{waiting or '<p>none</p>'}</div>
+<h2>Cells waiting for review ({len(pending)}{f"; {n_unknown} unlike any cell the model knows, first" if n_unknown else ""})</h2><div class="grid">{waiting or '<p>none</p>'}</div>
 <h2>Reviewed cells ({len(decided)}; the reviewer changed the model's call on {changed})</h2>
 <div class="grid">{reviewed or '<p>none</p>'}</div>
 <h2>Cells by class</h2>{grids or '<p>no cell crops saved</p>'}
@@ -160,6 +168,44 @@ of {n} cells (the limits of Rümke's table): a differential of more cells narrow
 </body></html>
 """
     return write_atomic(out_dir / "report.html", doc)
+
+
+def _parents(sessions) -> dict[str, str]:
+    """A stage model's hierarchy (stage → 8-class parent), from the newest session's contract."""
+    for srow in reversed(sessions):
+        try:
+            parents = (json.loads(srow["config"] or "{}").get("contract") or {}).get("parents")
+        except (ValueError, AttributeError):
+            continue
+        if parents:
+            return dict(parents)
+    return {}
+
+
+def _levels_html(counted, parents: dict[str, str], n: int) -> str:
+    """A stage model's second level: the 8-class differential (stages summed into their parents) and
+    the granulocytic series promyelocyte → segmented, each share with its 95% limits."""
+    esc = html.escape
+
+    def row(label, k, total, of_all=None):
+        lo, hi = count_interval(k, total) if total else (0.0, 1.0)
+        extra = f"<td>{100 * k / of_all:.1f}%</td>" if of_all is not None else ""
+        return (f"<tr><td>{esc(label)}</td><td>{k}</td><td>{100 * k / total if total else 0:.1f}%</td>"
+                f"<td>{100 * lo:.1f}–{100 * hi:.1f}%</td>{extra}</tr>")
+
+    coarse = coarse_counts(counted, parents)
+    series = series_counts(counted)
+    s_total = sum(k for _, k in series)
+    out = ("<h2>8-class differential</h2><p style='font-size:12px'>The stages summed into their classes "
+           "(promyelocytes, myelocytes and metamyelocytes are immature granulocytes, <i>ig</i>; bands and "
+           "segmented cells are neutrophils).</p><table><tr><th>class</th><th>count</th><th>%</th>"
+           "<th>95% limits</th></tr>"
+           + "".join(row(l, coarse[l], n) for l in sorted(coarse)) + "</table>")
+    out += ("<h2>Granulocytic series</h2><table><tr><th>stage</th><th>count</th><th>% of the series</th>"
+            "<th>95% limits</th><th>% of all counted</th></tr>"
+            + "".join(row(stage, k, s_total, n or 1) for stage, k in series) + "</table>"
+            + f"<p style='font-size:12px'>{s_total} cells of the neutrophil series, youngest first.</p>")
+    return out
 
 
 def write_atomic(path: Path, text: str) -> Path:

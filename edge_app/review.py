@@ -30,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
+from edge_app.unknown import FLAG as UNKNOWN
+
 REJECTED = "rejected"
 _NEW_LABEL = re.compile(r"^[a-z][a-z0-9 _-]{0,39}$")
 
@@ -77,6 +79,11 @@ class ReviewedCell:
         if self.reviewed_label:
             return "reviewed"
         return "pending" if self.flag else "counted"
+
+    @property
+    def unknown(self) -> bool:
+        """Set aside by the unknown-cell check (unlike any cell the model knows)."""
+        return self.flag.startswith(UNKNOWN)
 
     @property
     def final_label(self) -> str | None:
@@ -132,8 +139,10 @@ def differential(all_cells: list[ReviewedCell]) -> Counter:
 
 def queue(all_cells: list[ReviewedCell], include_counted: bool = False) -> list[ReviewedCell]:
     """The cells a reviewer goes through: those waiting (in the order recorded), then, with
-    ``include_counted``, the model's sure calls not yet checked, least confident first."""
+    ``include_counted``, the model's sure calls not yet checked, least confident first. Cells the
+    unknown-cell check set aside come first of all."""
     waiting = [c for c in all_cells if c.status == "pending"]
+    waiting.sort(key=lambda c: not c.unknown)  # unknown cells first (a blast must not wait behind doubts)
     if include_counted:
         waiting += sorted((c for c in all_cells if c.status == "counted"), key=lambda c: c.confidence)
     return waiting

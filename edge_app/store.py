@@ -48,8 +48,10 @@ CREATE INDEX IF NOT EXISTS cell_session ON cell(session_id);
 # ``label`` is the model's call; ``counted_as`` the class the cell counts as after review (empty
 # while it waits for review or when a reviewer rejected it); ``id`` is what a reviewer's
 # decisions file refers to (``bmc edge review --apply``)
+# ``counted_as_class``: for a stage model, the 8-class parent of ``counted_as`` (band → neutrophil);
+# a flag that begins with ``unknown`` marks a cell unlike any the model knows, counted in no class
 CSV_COLUMNS = ["source", "frame", "x", "y", "w", "h", "label", "confidence", "flag", "track", "crop", "id",
-               "reviewed_label", "reviewed_by", "counted_as", "model"]
+               "reviewed_label", "reviewed_by", "counted_as", "counted_as_class", "model"]
 
 
 class StorageFull(RuntimeError):
@@ -264,15 +266,26 @@ def model_name(model_file: str, config: str | None) -> str:
     return f"{model_file} + {head['file']}" if head else model_file
 
 
+def _parents_of(config: str | None) -> dict[str, str]:
+    """A stage model's stage → 8-class parent map, from a session's recorded config."""
+    try:
+        return dict(((json.loads(config or "{}") or {}).get("contract") or {}).get("parents") or {})
+    except (ValueError, AttributeError, TypeError):
+        return {}
+
+
 def write_csv(out_dir: str | Path) -> Path:
     """``cells.csv`` from the session database (all sessions in the folder), with the reviews."""
     out_dir = Path(out_dir)
     db = review.connect(out_dir)
     try:
-        models = {sid: model_name(f, cfg) for sid, f, cfg in db.execute("SELECT id, model_file, config FROM session")}
+        sessions = db.execute("SELECT id, model_file, config FROM session").fetchall()
+        models = {sid: model_name(f, cfg) for sid, f, cfg in sessions}
+        parents = {sid: _parents_of(cfg) for sid, _, cfg in sessions}
         rows = [(c.source, c.frame, *c.box, c.model_label, c.confidence, c.flag, c.track, c.crop, c.id,
-                 c.reviewed_label, c.reviewer if c.reviewed_label else "", c.final_label, models.get(c.session_id, ""))
-                for c in review.cells(db)]
+                 c.reviewed_label, c.reviewer if c.reviewed_label else "", c.final_label,
+                 parents.get(c.session_id, {}).get(c.final_label, c.final_label) if c.final_label else "",
+                 models.get(c.session_id, "")) for c in review.cells(db)]
     finally:
         db.close()
     buf = io.StringIO(newline="")

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bmc.card import ModelCardError, sha256_file
+from bmc.card import ModelCardError, card_path, sha256_file
 from edge_app.app import EdgeSession, SessionConfig
 from edge_app.model import DEFAULT_MODEL, MODELS_DIR, CellClassifier
 
@@ -115,6 +115,10 @@ def test_adapt_writes_a_new_model_that_counts_and_names_itself(session, truth, t
     assert cv["adapted"]["balanced_accuracy"] >= cv["shipped"]["balanced_accuracy"]
     assert cv["adapted"]["log_loss"] <= cv["shipped"]["log_loss"]
     assert a["guard_check"]["drop_points"] <= 3.0
+    # the reviewed cells become known ground for the unknown-cell check; its calibration carries over
+    assert card["unknown"] == json.loads(card_path(DEFAULT_MODEL).read_text())["unknown"]
+    adapted, base = CellClassifier(out / "lab1.tflite", threads=1), CellClassifier(DEFAULT_MODEL, threads=1)
+    assert len(adapted.unknown.reference) == len(base.unknown.reference) + 24
     # the shipped files are untouched
     assert {f.name: sha256_file(f) for f in MODELS_DIR.iterdir() if f.is_file()} == shipped
 

@@ -22,10 +22,12 @@ class Batches(keras.utils.PyDataset):
 
     def __init__(self, samples, index: dict[str, int], contract: Contract, batch_size: int,
                  aug: AugmentConfig | None, seed: int, class_weight: dict[int, float] | None = None,
-                 workers: int = 1):
+                 workers: int = 1, targets: np.ndarray | None = None):
         super().__init__(workers=workers, use_multiprocessing=workers > 1, max_queue_size=4 * workers)
         self.samples, self.index, self.contract = samples, index, contract
         self.batch_size, self.aug, self.seed, self.class_weight = batch_size, aug, seed, class_weight
+        # one target row per true class (soft: label smoothing, neighbouring stages); one-hot when None
+        self.targets = np.eye(contract.num_classes, dtype=np.float32) if targets is None else targets
         self.skipped: list[tuple[str, str]] = []  # (path, why), as met in this process
         self.epoch = 0
         self.order = self._order()
@@ -50,7 +52,7 @@ class Batches(keras.utils.PyDataset):
         w = np.ones(len(idx), np.float32)
         for j, k in enumerate(idx):
             s = self.samples[k]
-            y[j, self.index[s.label]] = 1.0
+            y[j] = self.targets[self.index[s.label]]
             try:
                 img = read_image(s.path)
             except ValueError as e:

@@ -10,7 +10,9 @@ Three layouts are read:
   slide) — paths relative to the manifest's folder or one of its parents.
 
 Labels come from the folder (default), from the file-name prefix before the first ``_`` (the PBC
-maturation stages: PMY, MY, MMY, BNE, SNE, …) or from a manifest column.
+maturation stages: PMY, MY, MMY, BNE, SNE, …), from that prefix named as a stage (``stage``:
+PMY → promyelocyte, BNE → band, …; images of an unspecified stage are left out) or from a
+manifest column.
 
 Splits are stratified, seeded and grouped: byte-identical files always share a group, and so do
 images of one patient when the manifest gives a group, so that no group straddles
@@ -28,6 +30,8 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Iterable
 
+from bmc.stages import PBC_PREFIX, stage_of_prefix
+
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 SPLITS = ("train", "val", "test")
 
@@ -43,12 +47,18 @@ class Sample:
     group: str = ""
 
 
-def _label_of(path: Path, root: Path, label_from: str) -> str:
+LABEL_SOURCES = ("folder", "prefix", "stage")
+
+
+def _label_of(path: Path, root: Path, label_from: str) -> str | None:
+    """The label of one image; None leaves the image out (``stage``: an unspecified stage)."""
     if label_from == "folder":
         return path.relative_to(root).parts[0]
     if label_from == "prefix":
         return path.stem.split("_")[0]
-    raise DataError(f"unknown label source {label_from!r}; use 'folder', 'prefix' or a manifest")
+    if label_from == "stage":
+        return stage_of_prefix(path.stem)
+    raise DataError(f"unknown label source {label_from!r}; use one of {LABEL_SOURCES} or a manifest")
 
 
 def discover(root: str | Path, label_from: str = "folder", manifest: str | Path | None = None,
@@ -68,7 +78,12 @@ def discover(root: str | Path, label_from: str = "folder", manifest: str | Path 
         if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and len(p.relative_to(root).parts) >= 2:
             if any(part.startswith(".") for part in p.relative_to(root).parts):
                 continue
-            samples.append(Sample(str(p), _label_of(p, root, label_from)))
+            label = _label_of(p, root, label_from)
+            if label is not None:
+                samples.append(Sample(str(p), label))
+    if not samples and label_from == "stage":
+        raise DataError(f"{root}: no image has a stage prefix ({', '.join(PBC_PREFIX)}_…); "
+                        "--label-from stage reads the PBC release's file names")
     if not samples:
         raise DataError(
             f"{root}: no images found. Expected class folders (ROOT/<class>/*.jpg) or the "
@@ -248,6 +263,27 @@ def split(samples: list[Sample], fractions=(0.7, 0.15, 0.15), seed: int = 1337,
     for k in SPLITS:
         out[k].sort(key=lambda s: s.path)
     return out
+
+
+def relabel(parts: dict[str, list[Sample]], label_from: str) -> tuple[dict[str, list[Sample]], int]:
+    """An earlier split's assignment with labels read afresh from the file names (``prefix`` or
+    ``stage``): a finer model trained on the same partition never tests on a cell the coarser one
+    trained on, and the two compare on the same test images. Images without such a label are left
+    out; returns ``(parts, number left out)``."""
+    if label_from not in ("prefix", "stage"):
+        raise DataError(f"a split is relabelled from file names: --label-from prefix or stage, not {label_from!r}")
+    out, dropped = {}, 0
+    for part, samples in parts.items():
+        out[part] = []
+        for s in samples:
+            label = _label_of(Path(s.path), Path(s.path).parent, label_from)
+            if label is None:
+                dropped += 1
+            else:
+                out[part].append(dataclasses.replace(s, label=label))
+    if not any(out.values()):
+        raise DataError(f"no image of the split has a {label_from} label in its file name")
+    return out, dropped
 
 
 def save_split(split_: dict[str, list[Sample]], path: str | Path) -> None:

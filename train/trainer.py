@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from bmc.contract import Contract, read_image
+from bmc.stages import parents_for, soft_targets
 from train import data as data_mod
 from train.augment import LIGHT, AugmentConfig, augmented_view, plain_view
 
@@ -67,6 +68,9 @@ class TrainConfig:
     fine_tune_lr: float = 3e-4
     dropout: float = 0.3
     label_smoothing: float = 0.05
+    # share of the target given to the adjacent maturation stages (a stage model; no effect on classes
+    # that have no neighbouring stage among the labels)
+    neighbour_smoothing: float = 0.1
     class_weights: bool = True
     patience: int = 3
     strategy: str = "auto"
@@ -80,6 +84,10 @@ class TrainConfig:
             raise TrainError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
         if self.views < 1:
             raise TrainError(f"views must be >= 1, got {self.views}")
+        if self.label_smoothing < 0 or self.neighbour_smoothing < 0 or \
+                self.label_smoothing + self.neighbour_smoothing >= 1:
+            raise TrainError(f"label_smoothing ({self.label_smoothing}) and neighbour_smoothing "
+                             f"({self.neighbour_smoothing}) must be >= 0 and add up to less than 1")
 
 
 class _Log:
@@ -267,7 +275,8 @@ def train(cfg: TrainConfig) -> dict:
     lamp = measure_lamp(splits["train"], seed=cfg.seed)
     log(f"lamp (training images' background, RGB): {lamp}")
     contract = Contract(labels=tuple(labels), input_size=cfg.input_size, crop_fraction=cfg.crop_fraction,
-                        cell_fraction=round(cell_fraction, 4), stain_norm=cfg.stain_norm, lamp=lamp)
+                        cell_fraction=round(cell_fraction, 4), stain_norm=cfg.stain_norm, lamp=lamp,
+                        parents=parents_for(labels))
     (out / "contract.json").write_text(contract.to_json())
     (out / "labels.txt").write_text("\n".join(labels) + "\n")
     (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
@@ -379,13 +388,14 @@ def _train_cached(cfg, contract, splits, index, log):
     f_train, f_val = feats(a_train), feats(a_val)
     f_in = keras.Input(f_train.shape[1:])
     head = keras.Model(f_in, model.get_layer("cell_class")(model.get_layer("head_dropout")(f_in)))
-    loss = keras.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing)
+    loss = keras.losses.CategoricalCrossentropy()  # smoothing is in the targets
+    targets = soft_targets(contract.labels, cfg.label_smoothing, cfg.neighbour_smoothing)
     n = contract.num_classes
     cw = class_weight_for(y_train, n) if cfg.class_weights else None
     head.compile(keras.optimizers.Adam(cfg.head_lr), loss, metrics=["accuracy"])
     best = _BestOnValF1(head, lambda: head.predict(f_val, batch_size=256, verbose=0), y_val,
                         max(cfg.patience, 5), log, "head")
-    head.fit(f_train, keras.utils.to_categorical(y_train, n), batch_size=64, epochs=cfg.head_epochs,
+    head.fit(f_train, targets[y_train], batch_size=64, epochs=cfg.head_epochs,
              class_weight=cw, callbacks=[best.callback], verbose=0, shuffle=True)
     best.restore()
     history += best.history
@@ -402,7 +412,7 @@ def _train_cached(cfg, contract, splits, index, log):
         schedule = keras.optimizers.schedules.CosineDecay(cfg.fine_tune_lr, steps, alpha=0.05)
         top_train.compile(keras.optimizers.Adam(schedule), loss, metrics=["accuracy"])
         sw = np.array([cw[int(c)] for c in y_train], np.float32) if cw else np.ones(len(y_train), np.float32)
-        ds = (tf.data.Dataset.from_tensor_slices((a_train, keras.utils.to_categorical(y_train, n), sw))
+        ds = (tf.data.Dataset.from_tensor_slices((a_train, targets[y_train], sw))
               .shuffle(min(len(y_train), 20000), seed=cfg.seed)
               .batch(cfg.batch_size)
               .map(lambda a, y, w: (tf.cast(a, tf.float32), y, w))
@@ -496,9 +506,11 @@ def _train_full(cfg, contract, splits, index, log, gpus):
     y_val = np.array([index[s.label] for s in splits["val"]])
     cw = class_weight_for(y_train, n) if cfg.class_weights else None
     batch = cfg.batch_size * replicas
-    train_ds = Batches(splits["train"], index, contract, batch, AugmentConfig(), cfg.seed, cw, workers=workers)
+    targets = soft_targets(contract.labels, cfg.label_smoothing, cfg.neighbour_smoothing)
+    train_ds = Batches(splits["train"], index, contract, batch, AugmentConfig(), cfg.seed, cw, workers=workers,
+                       targets=targets)
     val_ds = Batches(splits["val"], index, contract, batch, None, cfg.seed, workers=workers)
-    loss = keras.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing)
+    loss = keras.losses.CategoricalCrossentropy()  # smoothing is in the targets
     with scope():
         model = build_classifier(cfg.backbone, contract, cfg.weights, cfg.dropout)
         if cfg.init_from:
