@@ -126,7 +126,8 @@ def run(model=None, level: float = 0.98, data_root=DEFAULT_DATA, orientations: i
     def share(s, thr):
         return float((s > thr).mean()) if len(s) else None
 
-    out = {"model": str(model), "level": level, "reviewed_bccd_per_class": reviewed, "seed": seed, "threshold": detector.threshold, "score": clf.unknown.calib["score"],
+    out = {"model": str(model), "level": level, "reviewed_bccd_per_class": reviewed, "seed": seed,
+           "threshold": detector.threshold, "score": clf.unknown.calib["score"],
            "reference_cells": int(len(detector.reference)), "orientations": orientations, "sets": {}, "munich": {},
            "sweep": []}
     for name, (y, p, _) in sets.items():

@@ -312,7 +312,7 @@ def prepare_adapt(models, split_file, per_class, orientations):
         click.echo(f"{m}: " + ("embedding output added (class scores unchanged)" if changed else "gives its embedding"))
         out = _guard(build_guard, m, parts["train"], per_class, int(orientations), log=lambda t: click.echo(f"  {t}"))
         click.echo(f"{m}: guard set {out}")
-        _guard(calibrate_unknown, m, parts["val"], int(orientations), log=lambda t: click.echo(f"{m}: {t}"))
+        _guard(calibrate_unknown, m, parts["val"], int(orientations), log=lambda t, m=m: click.echo(f"{m}: {t}"))
 
 
 @main.group()

@@ -75,6 +75,7 @@ def _build_report(out_dir: Path) -> Path:
     labels += sorted(set(counted) - set(labels))  # classes a reviewer named that the model does not know
     pending = sorted((c for c in cells if c.status == "pending"), key=lambda c: not c.unknown)  # unknown first
     n_unknown = sum(c.unknown for c in pending)
+    unknown_note = f"; {n_unknown} unlike any cell the model knows, first" if n_unknown else ""
     decided = [c for c in cells if c.status in ("reviewed", "rejected")]
     n = sum(counted.values())
     esc = html.escape
@@ -159,7 +160,7 @@ figcaption{{overflow-wrap:anywhere;line-height:1.2}}
 of {n} cells (the limits of Rümke's table): a differential of more cells narrows them.</p>
 {levels}
 {ratio}
-<h2>Cells waiting for review ({len(pending)}{f"; {n_unknown} unlike any cell the model knows, first" if n_unknown else ""})</h2><div class="grid">{waiting or '<p>none</p>'}</div>
+<h2>Cells waiting for review ({len(pending)}{unknown_note})</h2><div class="grid">{waiting or '<p>none</p>'}</div>
 <h2>Reviewed cells ({len(decided)}; the reviewer changed the model's call on {changed})</h2>
 <div class="grid">{reviewed or '<p>none</p>'}</div>
 <h2>Cells by class</h2>{grids or '<p>no cell crops saved</p>'}

@@ -82,7 +82,7 @@ def test_few_held_out_pbc_cells_are_set_aside(tmp_path):
         by.setdefault(r["label"], []).append(r["path"])
     folder = tmp_path / "cells"
     folder.mkdir()
-    for label, paths in by.items():
+    for paths in by.values():
         for p in paths[:6]:
             (folder / Path(p).name).symlink_to(DATA / p)
     out = tmp_path / "s"
