@@ -24,7 +24,7 @@ import numpy as np
 
 from bmc.contract import read_image
 from edge_app.cells import Box
-from edge_app.detect import FinderConfig, find_cells
+from edge_app.detect import FieldScale, FinderConfig, find_cells, scaled
 from edge_app.sources import IMAGE_SUFFIXES
 
 
@@ -100,11 +100,18 @@ def read_boxes(source: str | Path, boxes: str | Path, fmt: str, label: str) -> l
 
 
 def finding(fields: list[FieldBoxes], cfg: FinderConfig = FinderConfig(), errors: str | Path | None = None) -> dict:
+    """Recall and precision of the finder on ``fields``, run as one session runs them: the red cells
+    measured on the first fields and now and then (:class:`edge_app.detect.FieldScale`), the finder's
+    sizes following them."""
     tp = fn = fp = 0
     misses, false_finds, rows = [], [], []
+    scale = FieldScale()
+    used = cfg
     for f in fields:
         frame = read_image(str(f.image))
-        cells = find_cells(frame, cfg)
+        if scale.observe(frame):
+            used = scaled(cfg, scale.diameter)
+        cells = find_cells(frame, used)
         hit = [False] * len(f.boxes)
         for c in cells:
             cx, cy = c.centre
@@ -131,7 +138,7 @@ def finding(fields: list[FieldBoxes], cfg: FinderConfig = FinderConfig(), errors
         for name, items in (("misses.png", misses), ("false_finds.png", false_finds)):
             cv2.imwrite(str(out / name), _grid(items))
     return {"fields": len(fields), "boxes": tp + fn, "found": tp + fp, "recall": tp / max(tp + fn, 1),
-            "precision": tp / max(tp + fp, 1), "missed": fn, "false_finds": fp}
+            "precision": tp / max(tp + fp, 1), "missed": fn, "false_finds": fp, "scale": scale.to_dict()}
 
 
 def _grid(items, side: int = 128, per_row: int = 8, limit: int = 48) -> np.ndarray:

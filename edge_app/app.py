@@ -23,7 +23,7 @@ from bmc.contract import centre_square, preprocess
 from edge_app import unknown as unknown_mod
 from edge_app.capture import Capture
 from edge_app.cells import Box, SessionLamp, SessionScale, crop_cell
-from edge_app.detect import FinderConfig, find_cells
+from edge_app.detect import FieldScale, FinderConfig, find_cells, scaled
 from edge_app.differential import Differential, ReviewPolicy
 from edge_app.model import CellClassifier
 from edge_app.sources import FrameSource, open_source
@@ -85,6 +85,8 @@ class EdgeSession:
         # card has no unknown-cell calibration, or the level is 0)
         self.unknown = classifier.unknown.at(config.review.unknown_level) if classifier.unknown else None
         self.scale = SessionScale(config.cell_diameter_px)
+        self.field_scale = FieldScale()  # the red cells' diameter: the field's magnification
+        self._finder = config.finder
         self.lamp = SessionLamp(classifier.contract.lamp, config.white_balance)
         self.tracker = CellTracker()
         self.store = SessionStore(out_dir, self.source_name, classifier.path.name, classifier.sha256,
@@ -131,7 +133,10 @@ class EdgeSession:
             side = int(round(min(h, w) * c.crop_fraction))
             box = Box((w - side) // 2, (h - side) // 2, side, side)
             return [box], [centre_square(image, c.crop_fraction)]
-        found = find_cells(image, self.cfg.finder)
+        if self.field_scale.observe(image):  # the red cells measured: the finder's sizes follow them
+            self._finder = scaled(self.cfg.finder, self.field_scale.diameter)
+            self.store.record_scale(self.field_scale.to_dict())
+        found = find_cells(image, self._finder)
         self.scale.observe(f.box.diameter for f in found)
         boxes = [f.box for f in found]
         return boxes, [crop_cell(image, self.scale.box_for(b), c) for b in boxes]

@@ -85,7 +85,8 @@ class DeviceConfig:
 # ranges of the settings that live in other modules' dataclasses
 _EXTERNAL = {("review", "min_confidence"): _range(0, 1), ("review", "min_margin"): _range(0, 1),
              ("review", "unknown_level"): _range(0, 0.999),
-             ("finder", "cell_margin"): _range(1, 4), ("finder", "max_cells"): _range(1, 10_000)}
+             ("finder", "cell_margin"): _range(1, 4), ("finder", "max_cells"): _range(1, 10_000),
+             ("finder", "reference_red_cell_px"): _range(4, 4000)}
 
 
 def _check(where: str, key: str, kind, value, meta: dict):

@@ -12,8 +12,12 @@ field's own median, so the rule holds across stains, white balance and exposure.
    white cells);
 5. each cell's box is its nucleus group's box grown by ``cell_margin`` to take in the cytoplasm.
 
-Sizes are in pixels of the frame, with defaults for a 640x480 camera behind a 100x objective;
-set them in the device config for other optics.
+Sizes are in pixels of the frame, with defaults for the fields they were tuned on (BCCD: a 640x480
+camera at high magnification, red cells about 94 px across). They follow the magnification:
+:class:`FieldScale` measures the red cells (7-8 µm across in every smear) on the session's first
+frames, then now and then, and :func:`scaled` resizes every threshold by the ratio of the red
+cells' diameter to ``reference_red_cell_px`` — a 256 px high-magnification field, a 640x480
+camera and a 1080p one alike. ``[finder] follow_scale = false`` keeps the sizes as written.
 """
 
 from __future__ import annotations
@@ -38,6 +42,10 @@ class FinderConfig:
     min_solidity: float = 0.35
     cell_margin: float = 1.25  # box side = nucleus group side x margin
     max_cells: int = 200
+    # the red cells' diameter (by red_cell_diameter) in the fields these sizes are for; the sizes
+    # follow the session's measured red cells when follow_scale is on
+    reference_red_cell_px: float = 94.0
+    follow_scale: bool = True
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -73,6 +81,89 @@ def stain_mask(bgr: np.ndarray, cfg: FinderConfig) -> np.ndarray:
     if cfg.close_px:
         mask = cv2.morphologyEx(mask, cv2.MORPH_CLOSE, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (cfg.close_px,) * 2))
     return mask
+
+
+RED_CELL_UM = 7.5  # a normal red cell's diameter, in micrometres
+
+
+def red_cell_diameter(bgr: np.ndarray, side: int = 200) -> float | None:
+    """The typical red-cell diameter in a field, in its pixels, or None for a field without them.
+
+    Everything that is not background (by its colour distance to the brightest tenth of the field)
+    is a cell; pale centres and small gaps are filled; the size at which morphological openings
+    with growing discs remove the most area is the typical cell's radius (a granulometry: it holds
+    for touching cells, where outlines cannot be traced one by one). Red cells outnumber every
+    other cell in a smear, so that size is theirs. Measured on a copy ``side`` pixels high."""
+    h, w = bgr.shape[:2]
+    s = side / min(h, w)
+    img = cv2.resize(bgr, None, fx=s, fy=s, interpolation=cv2.INTER_AREA) if s < 1 else bgr
+    s = min(s, 1.0)
+    lab = cv2.cvtColor(cv2.GaussianBlur(img, (5, 5), 0), cv2.COLOR_BGR2LAB).astype(np.float32)
+    light = lab[..., 0] >= np.percentile(lab[..., 0], 90)
+    distance = np.sqrt(((lab - np.median(lab[light], axis=0)) ** 2).sum(-1))
+    d8 = np.clip(distance * 2, 0, 255).astype(np.uint8)
+    if int(d8.max()) - int(d8.min()) < 16:  # a blank field
+        return None
+    _, fg = cv2.threshold(d8, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    fg = cv2.morphologyEx(fg, cv2.MORPH_CLOSE, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (3, 3)))
+    n, holes, stats, _ = cv2.connectedComponentsWithStats(255 - fg, connectivity=4)
+    small = stats[:, cv2.CC_STAT_AREA] < 0.01 * fg.size
+    small[0] = False
+    fg[small[holes]] = 255  # pale centres and gaps inside cells
+    if cv2.countNonZero(fg) < 0.02 * fg.size:
+        return None
+    radii = np.arange(1, max(4, min(fg.shape) // 6))
+    areas = np.array([cv2.countNonZero(cv2.morphologyEx(
+        fg, cv2.MORPH_OPEN, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1,) * 2))) for r in radii], float)
+    lost = -np.diff(areas)
+    if lost.max() <= 0:
+        return None
+    return float(2 * (radii[int(np.argmax(lost))] + 0.5) / s)
+
+
+def scaled(cfg: FinderConfig, red_cell_px: float | None) -> FinderConfig:
+    """``cfg`` with every size resized from ``reference_red_cell_px`` to the measured red cells."""
+    if not cfg.follow_scale or not red_cell_px:
+        return cfg
+    k = red_cell_px / cfg.reference_red_cell_px
+    return dataclasses.replace(
+        cfg, open_px=max(1, int(round(cfg.open_px * k))), close_px=max(3, int(round(cfg.close_px * k))),
+        min_area_px=max(20, int(cfg.min_area_px * k * k)), max_area_px=max(400, int(cfg.max_area_px * k * k)),
+        split_area_px=max(100, int(cfg.split_area_px * k * k)))
+
+
+class FieldScale:
+    """The session's red-cell diameter in frame pixels: measured on the first ``first`` frames, then
+    every ``every``-th (the median of all measures), so a changed objective is followed and the cost
+    stays off most frames. ``fixed`` (pixels) overrides the measure."""
+
+    def __init__(self, fixed: float | None = None, first: int = 5, every: int = 50):
+        self.fixed, self.first, self.every = fixed, first, every
+        self.measures: list[float] = []
+        self.frames = 0
+
+    def observe(self, bgr: np.ndarray) -> bool:
+        """Measure this frame when it is due; True when the estimate may have changed."""
+        self.frames += 1
+        if self.fixed or not (self.frames <= self.first or self.frames % self.every == 0):
+            return False
+        d = red_cell_diameter(bgr)
+        if d is not None:
+            self.measures.append(d)
+        return d is not None
+
+    @property
+    def diameter(self) -> float | None:
+        return self.fixed or (float(np.median(self.measures)) if self.measures else None)
+
+    @property
+    def um_per_px(self) -> float | None:
+        return RED_CELL_UM / self.diameter if self.diameter else None
+
+    def to_dict(self) -> dict:
+        d = self.diameter
+        return {"red_cell_px": round(d, 1) if d else None, "um_per_px": round(RED_CELL_UM / d, 4) if d else None,
+                "measured_frames": len(self.measures), "fixed": bool(self.fixed), "red_cell_um": RED_CELL_UM}
 
 
 def _split_touching(component: np.ndarray, cfg: FinderConfig) -> list[np.ndarray]:

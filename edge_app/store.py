@@ -221,6 +221,20 @@ class SessionStore:
                                   "the session database is intact") from e
             raise
 
+    def record_scale(self, scale: dict) -> None:
+        """The field's measured scale (red-cell diameter in pixels, µm per pixel) in the session's
+        recorded config, where the report reads it."""
+        try:
+            row = self.db.execute("SELECT config FROM session WHERE id = ?", (self.session_id,)).fetchone()
+            config = json.loads(row[0] or "{}") if row else {}
+            config["scale"] = scale
+            self.db.execute("UPDATE session SET config = ? WHERE id = ?", (json.dumps(config), self.session_id))
+        except sqlite3.OperationalError as e:
+            if _is_disk_full(e):
+                self.full = True
+                raise StorageFull(f"{self.dir}: disk full; recording stopped, the session database is intact") from e
+            raise
+
     def close(self, status: str = "finished") -> None:
         try:
             self.db.execute("UPDATE session SET ended = ?, status = ? WHERE id = ?", (_now(), status, self.session_id))

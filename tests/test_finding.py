@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 
 import cv2
+import numpy as np
 
 from benchmarks import finding
 from benchmarks.bccd import read_voc_boxes
@@ -59,3 +60,49 @@ def test_boxes_that_do_not_fit_are_a_clear_error(bccd, tmp_path):
     p = bmc("bench", "finding", "--source", bccd / "JPEGImages", "--boxes", tmp_path / "c.csv", "--format", "csv",
             check=False)
     assert p.returncode == 2 and "c.csv:2: image 'not_here.jpg' is not in" in p.stderr
+
+
+def test_the_red_cells_give_the_fields_scale_on_real_fields(bccd):
+    from edge_app.detect import red_cell_diameter
+
+    from conftest import DATA
+
+    bccd_d = [red_cell_diameter(cv2.imread(str(f))) for f in sorted((bccd / "JPEGImages").glob("*.jpg"))[:60:6]]
+    aslan_d = [red_cell_diameter(cv2.imread(str(f))) for f in sorted((DATA / "aslan" / "images").glob("*.png"))[:60:6]]
+    # the annotated red cells: BCCD's boxes are ~96 px on their short side, Aslan's ~55 px
+    assert 75 <= float(np.median(bccd_d)) <= 115 and 42 <= float(np.median(aslan_d)) <= 68
+    # a field twice as magnified has red cells twice as large
+    f = cv2.imread(str(sorted((DATA / "aslan" / "images").glob("*.png"))[3]))
+    one, two = red_cell_diameter(f), red_cell_diameter(cv2.resize(f, None, fx=2, fy=2, interpolation=cv2.INTER_CUBIC))
+    assert 1.7 <= two / one <= 2.3
+    assert red_cell_diameter(np.full((240, 320, 3), 230, np.uint8)) is None  # a blank field
+
+
+def test_the_finders_sizes_follow_the_magnification(tmp_path):
+    from edge_app.detect import FinderConfig, scaled
+
+    from conftest import DATA
+
+    cfg = FinderConfig()
+    half = scaled(cfg, cfg.reference_red_cell_px / 2)
+    assert half.min_area_px == cfg.min_area_px // 4 and half.close_px == round(cfg.close_px / 2)
+    assert scaled(FinderConfig(follow_scale=False), 10.0) == FinderConfig(follow_scale=False)
+    # Aslan's 256 px fields at high magnification: the targets of the issue on cell finding
+    aslan = DATA / "aslan"
+    fields = finding.read_boxes(aslan / "images", aslan / "annotations.csv", "csv", "wbc")
+    r = finding.finding(fields)
+    assert r["recall"] >= 0.95 and r["precision"] >= 0.90 and 42 <= r["scale"]["red_cell_px"] <= 68
+    fixed = finding.finding(fields, FinderConfig(follow_scale=False))
+    assert fixed["recall"] < r["recall"]  # what the sizes written for BCCD find there
+    # the same fields through a camera with 3x the pixels: found as well, at 3x the red cells
+    big = tmp_path / "big"
+    big.mkdir()
+    for f in fields[:40]:
+        img = cv2.imread(str(f.image))
+        cv2.imwrite(str(big / f.image.name), cv2.resize(img, None, fx=3, fy=3, interpolation=cv2.INTER_CUBIC))
+    rows = [r for r in csv.DictReader(open(aslan / "annotations.csv"))]
+    names = {f.image.name for f in fields[:40]}
+    with open(tmp_path / "big.csv", "w", newline="") as fh:
+        csv.writer(fh).writerows([list(rows[0].keys())] + [list(r.values()) for r in rows if r["image"] in names])
+    r3 = finding.finding(finding.read_boxes(big, tmp_path / "big.csv", "csv", "wbc"))
+    assert r3["recall"] >= 0.9 and r3["precision"] >= 0.85 and 120 <= r3["scale"]["red_cell_px"] <= 200

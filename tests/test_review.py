@@ -87,7 +87,7 @@ def test_decisions_enter_the_differential_csv_and_report(session):
 
     page = (session / "report.html").read_text()  # rewritten by the review
     assert f"<b>{len(sure) + 2}</b> cells counted (2 of them named by a reviewer)" in page
-    assert f"Cells waiting for review ({len(flagged) - 3})" in page and "1 rejected in review" in page
+    assert f"Cells waiting for review ({len(flagged) - 3}" in page and "1 rejected in review" in page
     assert f"cell {a['id']}<br>model: {a['label']}" in page
 
     # undo: the cell goes back to waiting, and the trail keeps both rows

@@ -22,7 +22,7 @@ def test_shipped_variants_are_deployable_and_small():
             "basophil", "eosinophil", "erythroblast", "ig", "lymphocyte", "monocyte", "neutrophil", "platelet")
         assert 0.3 < contract.cell_fraction < 1.0
     assert DEFAULT_MODEL.stat().st_size <= 5e6
-    readme = (MODELS_DIR / "README.md").read_text()
+    readme = (MODELS_DIR / f"{NAME}.md").read_text()
     assert "## Reproduce" in readme and "bmc train" in readme and "bmc convert" in readme
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from bmc.contract import Contract, preprocess, read_image
+from bmc.stages import coarse_labels, coarse_probs, stage_distance
 from edge_app.differential import ReviewPolicy
 from edge_app.model import predict_oriented
 from train import data as data_mod
@@ -88,11 +89,23 @@ def match_labels(data_labels, model_labels) -> dict[str, str]:
 
 def evaluate_samples(model, contract: Contract, samples, batch_size: int = 32, orientations: int = 1) -> dict:
     """Metrics over ``samples``; ``orientations`` > 1 averages each image over that many rotations /
-    mirror images, as the edge app does (:func:`edge_app.model.predict_oriented`)."""
+    mirror images, as the edge app does (:func:`edge_app.model.predict_oriented`).
+
+    A stage model (``contract.parents``) is scored at both levels: its own labels, and the 8 classes
+    its stages sum into, with how many of its stage errors are one stage off; data labelled with
+    the 8 classes only (PBC's class folders) is scored at that level. A ``.tflite`` model whose card
+    calibrates the unknown-cell check also reports the share it sets aside and the accuracy of the
+    rest."""
     clf = model if hasattr(model, "predict") and not hasattr(model, "layers") else KerasClassifier(model)
-    mapping = match_labels(sorted({s.label for s in samples}), contract.labels)
-    index = {l: i for i, l in enumerate(contract.labels)}
-    probs, ys, skipped = [], [], []
+    labels = list(contract.labels)
+    data_labels = sorted({s.label for s in samples})
+    coarse = coarse_labels(labels, contract.parents) if contract.parents else None
+    at_coarse = bool(coarse) and not {l.lower() for l in data_labels} <= {l.lower() for l in labels} \
+        and {l.lower() for l in data_labels} <= {l.lower() for l in coarse}
+    mapping = match_labels(data_labels, coarse if at_coarse else labels)
+    index = {l: i for i, l in enumerate(coarse if at_coarse else labels)}
+    detector = getattr(getattr(clf, "clf", None), "unknown", None)
+    probs, embs, ys, skipped = [], [], [], []
     for start in range(0, len(samples), batch_size):
         xs = []
         for s in samples[start:start + batch_size]:
@@ -101,18 +114,51 @@ def evaluate_samples(model, contract: Contract, samples, batch_size: int = 32, o
                 ys.append(index[mapping[s.label]])
             except ValueError as e:
                 skipped.append({"path": s.path, "why": str(e)})
-        if xs:
+        if xs and detector is not None:  # the device's classifier: probabilities and embedding together
+            clf.clf.orientations = orientations
+            p, e = clf.clf.predict_cells(np.stack(xs))
+            probs.append(p)
+            embs.append(e)
+        elif xs:
             probs.append(predict_oriented(clf.predict, np.stack(xs), orientations))
     if not ys:
         raise EvaluationError("no readable images to evaluate")
     probs, ys = np.concatenate(probs), np.asarray(ys)
-    m = classification_metrics(ys, probs, list(contract.labels))
+    if at_coarse:
+        probs = coarse_probs(probs, labels, contract.parents)[0]
+        labels = list(coarse)
+    m = classification_metrics(ys, probs, labels)
+    m["level"] = "8-class (the stages summed)" if at_coarse else "model"
+    if coarse and not at_coarse:
+        cp, _ = coarse_probs(probs, labels, contract.parents)
+        cy = np.array([coarse.index(contract.parents.get(labels[y], labels[y])) for y in ys])
+        m["coarse"] = classification_metrics(cy, cp, list(coarse))
+        m["stage_errors"] = stage_error_summary(ys, probs.argmax(1), labels)
+    if detector is not None:
+        flagged = detector.scores(np.concatenate(embs)) > detector.threshold
+        kept = ~flagged
+        m["unknown"] = {"level": detector.level, "threshold": detector.threshold, "set_aside": float(flagged.mean()),
+                        "accuracy_all": m["accuracy"],
+                        "accuracy_counted": float((probs[kept].argmax(1) == ys[kept]).mean()) if kept.any() else 0.0}
     # the edge app's review policy: the share it would set aside, and how right the rest is
     sure = np.array([not ReviewPolicy().flag(p) for p in probs])
     m["set_aside"] = float(1 - sure.mean())
     m["counted_accuracy"] = float((probs[sure].argmax(1) == ys[sure]).mean()) if sure.any() else 0.0
     m["skipped"] = skipped
     return m
+
+
+def stage_error_summary(y_true: np.ndarray, y_pred: np.ndarray, labels) -> dict:
+    """The errors of a stage model by how far they miss: one stage off in the granulocytic series
+    (neighbours that experts also disagree on), further along it, or across classes."""
+    out = {"errors": 0, "one_stage_off": 0, "further_in_series": 0, "other": 0}
+    for t, p in zip(y_true, y_pred):
+        if t == p:
+            continue
+        out["errors"] += 1
+        d = stage_distance(labels[t], labels[p])
+        out["one_stage_off" if d == 1 else "further_in_series" if d else "other"] += 1
+    return out
 
 
 def evaluate(model_path: str | Path, data_dir: str | Path | None, label_from: str = "folder",

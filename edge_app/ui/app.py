@@ -34,6 +34,7 @@ from pathlib import Path
 
 import cv2
 
+from edge_app import report as report_mod
 from edge_app import review
 from edge_app.differential import count_interval
 from edge_app.ui.auth import RateLimit, Sessions, verify_password
@@ -448,6 +449,9 @@ class UiApp:
             rows.append(f"<tr><td>{html.escape(l)}</td><td class='num'>{k}</td><td class='num'>{100 * k / n:.1f}%</td>"
                         f"<td class='num'>{100 * lo:.1f}–{100 * hi:.1f}%</td></tr>")
         pending = sum(c.status == "pending" for c in cells)
+        unknown = sum(c.status == "pending" and c.unknown for c in cells)
+        parents = report_mod.folder_parents(folder)
+        levels = report_mod.levels_html(counts, parents, n) if parents else ""  # a stage model: both levels
         name = urllib.parse.quote(folder.name)
         note = self._note
         dests = self.export_destinations()
@@ -462,10 +466,13 @@ class UiApp:
                                                                   for d in dests)
                   + "</select></label> <button>Export</button></form>" if dests else
                   "<p class='small'>Export: no USB stick or disk is mounted.</p>")
-        body = (f"<p><b>{n}</b> cells counted, <b>{pending}</b> waiting for review "
-                f"(<a href='/s/{name}/review'>review them</a>) · <a href='/s/{name}/report'>report</a></p>"
+        body = (f"<p><b>{n}</b> cells counted, <b>{pending}</b> waiting for review"
+                + (f", <b class='warn'>{unknown}</b> of them unlike any cell the model knows (first in review)"
+                   if unknown else "")
+                + f" (<a href='/s/{name}/review'>review them</a>) · <a href='/s/{name}/report'>report</a></p>"
                 "<table><tr><th>class</th><th>count</th><th>%</th><th>95% limits</th></tr>" + "".join(rows) + "</table>"
                 "<p class='small'>95% limits: the exact binomial interval of each share (Rümke's table).</p>"
+                + levels
                 + "".join(f"<p class='small'>session started {html.escape(m[0][:19])}, {html.escape(m[1])}, model "
                           f"{html.escape(m[2])}, source {html.escape(m[3])}</p>" for m in meta)
                 + comment + export)
