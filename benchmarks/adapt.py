@@ -30,8 +30,10 @@ from pathlib import Path
 
 import numpy as np
 
+from bmc.errors import BmcError
 
-class TruthError(ValueError):
+
+class TruthError(BmcError, ValueError):
     pass
 
 

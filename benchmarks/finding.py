@@ -23,12 +23,13 @@ import cv2
 import numpy as np
 
 from bmc.contract import read_image
+from bmc.errors import BmcError
 from edge_app.cells import Box
 from edge_app.detect import FieldScale, FinderConfig, find_cells, scaled
 from edge_app.sources import IMAGE_SUFFIXES
 
 
-class BoxesError(ValueError):
+class BoxesError(BmcError, ValueError):
     pass
 
 

@@ -28,6 +28,7 @@ from benchmarks.stain_calibration import CALIBRATIONS, calibrator, pooled_stats,
 from bmc.contract import normalise_stain, preprocess, read_image
 from edge_app.cells import Box, SessionScale, crop_cell
 from edge_app.detect import find_cells
+from train.data import DataError
 
 DEFAULT_BCCD = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "bccd"
 DEFAULT_PBC = DEFAULT_BCCD.parent / "pbc"
@@ -90,7 +91,7 @@ def matek_cells(root, contract, codes: dict[str, str] | None = None):
                 scale.observe([max(near, key=lambda c: c.nucleus_area).box.diameter])
             picked.append((img, Box(w // 2, h // 2, 0, 0), label))
     if not picked or scale.diameter is None:
-        raise ValueError(f"{root}: no Matek cell with a PBC class found (expected CODE/*.jpg folders)")
+        raise DataError(f"{root}: no Matek cell with a PBC class found (expected CODE/*.jpg folders)")
     xs = [preprocess(crop_cell(img, scale.box_for(box), contract), contract, "BGR", crop=False)
           for img, box, _ in picked]
     return np.stack(xs), [label for _, _, label in picked]

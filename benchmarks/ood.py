@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.generalisation import DEFAULT_BCCD, MATEK_UNKNOWN, bccd_cells, matek_cells, matek_map
+from bmc.errors import BmcError
 from edge_app.unknown import threshold_at
 
 DEFAULT_DATA = DEFAULT_BCCD.parent
@@ -35,7 +36,7 @@ TARGETS = {"blasts (BLA)": (">=", 5 / 7), "artefacts (ART)": (">=", 0.80),
            "PBC test": ("<=", 0.03), "BCCD white cells": ("<=", 0.15)}
 
 
-class OodError(ValueError):
+class OodError(BmcError, ValueError):
     """A benchmark that cannot run as asked; the message says why."""
 
 

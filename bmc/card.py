@@ -14,11 +14,12 @@ import json
 from pathlib import Path
 
 from bmc.contract import Contract, ContractError
+from bmc.errors import BmcError
 
 CARD_SCHEMA = 1
 
 
-class ModelCardError(ValueError):
+class ModelCardError(BmcError, ValueError):
     """A model file that cannot be used safely; the message names the file and what is wrong."""
 
 

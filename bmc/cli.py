@@ -8,6 +8,8 @@ import sys
 
 import click
 
+from bmc.errors import BmcError
+
 # the label sources of train/data.py (folder, file-name prefix, PBC maturation stage); written here
 # too so that the device's CLI does not import the training package to build its options
 LABEL_SOURCES = ("folder", "prefix", "stage")
@@ -22,38 +24,23 @@ class _Fail(click.ClickException):
         click.echo(f"error: {self.message}", err=True)
 
 
-# The kit's expected errors: each becomes one clear line on stderr and exit status 2.
-_EXPECTED = [
-    ("bmc.contract", "ContractError"), ("bmc.card", "ModelCardError"), ("train.data", "DataError"),
-    ("train.evaluate", "EvaluationError"), ("train.cellscale", "CellScaleError"), ("train.trainer", "TrainError"),
-    ("train.backbones", "BackboneError"),
-    ("convert.variants", "VariantError"), ("convert.converter", "ConversionError"),
-    ("convert.pipeline", "GateFailed"), ("edge_app.review", "ReviewError"), ("edge_app.config", "ConfigError"),
-    ("edge_app.backends", "BackendError"), ("edge_app.sources", "SourceError"), ("edge_app.store", "SessionFolderError"),
-    ("edge_app.report", "ReportError"), ("convert.embedding", "EmbeddingError"), ("edge_app.adapt", "AdaptError"),
-    ("benchmarks.adapt", "TruthError"), ("benchmarks.finding", "BoxesError"), ("benchmarks.ood", "OodError"),
-    ("edge_app.unknown", "UnknownError"),
-]
-
-
-def _expected_errors() -> tuple[type, ...]:
-    import sys
-
-    out = [FileNotFoundError]
-    for module, name in _EXPECTED:
-        mod = sys.modules.get(module)  # only what the verb imported: never pull in TensorFlow
-        if mod is not None and hasattr(mod, name):
-            out.append(getattr(mod, name))
-    return tuple(out)
-
-
 def _guard(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)``, an expected error (:class:`bmc.errors.BmcError`, a missing file)
+    turned into one line and exit status 2."""
     try:
         return fn(*args, **kwargs)
-    except Exception as e:  # noqa: BLE001 - re-raised below unless expected
-        if isinstance(e, _expected_errors()):
+    except (BmcError, FileNotFoundError) as e:
+        raise _Fail(str(e)) from e
+
+
+class _Main(click.Group):
+    """The front door: a domain error raised anywhere below a verb is caught here, once."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except BmcError as e:
             raise _Fail(str(e)) from e
-        raise
 
 
 def _need_training(verb: str, module: str, *also: str) -> None:
@@ -78,7 +65,7 @@ def _write_json(path, obj) -> None:
         json.dump(obj, fh, indent=2)
 
 
-@click.group()
+@click.group(cls=_Main)
 @click.version_option(package_name="bmc-edge")
 def main():
     """bmc — bone-marrow cell classification at the microscope."""

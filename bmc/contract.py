@@ -26,6 +26,8 @@ from typing import Sequence
 import cv2
 import numpy as np
 
+from bmc.errors import BmcError
+
 SCHEMA_VERSION = 1
 PIXEL_FORMATS = ("BGR", "RGB", "GRAY")
 _INTERPOLATIONS = {"area": cv2.INTER_AREA, "linear": cv2.INTER_LINEAR}
@@ -34,7 +36,11 @@ STRETCH_PERCENTILES = (0.01, 0.99)
 STRETCH_MIN_SPAN = 32  # grey levels: a near-uniform crop (no cell, blank frame) is not blown up
 
 
-class ContractError(ValueError):
+class ImageError(BmcError, ValueError):
+    """An image file that cannot be decoded (empty, truncated, not an image format)."""
+
+
+class ContractError(BmcError, ValueError):
     """A contract that cannot be honoured (unknown schema, missing field, bad value)."""
 
 
@@ -242,5 +248,5 @@ def read_image(path: str) -> np.ndarray:
     data = np.fromfile(path, dtype=np.uint8)
     image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
     if image is None:
-        raise ValueError(f"{path}: not a readable image (empty, truncated or not an image format)")
+        raise ImageError(f"{path}: not a readable image (empty, truncated or not an image format)")
     return image

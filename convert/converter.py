@@ -9,10 +9,11 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+from bmc.errors import BmcError
 from convert.variants import Quantization
 
 
-class ConversionError(RuntimeError):
+class ConversionError(BmcError, RuntimeError):
     pass
 
 

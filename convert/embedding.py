@@ -21,11 +21,12 @@ from pathlib import Path
 
 import numpy as np
 
+from bmc.errors import BmcError
 from edge_app.adapt import GUARD_SUFFIX
 from edge_app.model import EMBEDDING, PROBABILITIES
 
 
-class EmbeddingError(ValueError):
+class EmbeddingError(BmcError, ValueError):
     """A model whose embedding cannot be exposed or read; the message names the file."""
 
 

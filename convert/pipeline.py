@@ -21,12 +21,13 @@ import numpy as np
 from bmc import __version__
 from bmc.card import sha256_file, write_card
 from bmc.contract import Contract, preprocess, read_image
+from bmc.errors import BmcError
 from convert import variants as V
 from convert.converter import quantization_error_by_layer, to_tflite
 from convert.embedding import EMBEDDING, PROBABILITIES, read_head
 
 
-class GateFailed(RuntimeError):
+class GateFailed(BmcError, RuntimeError):
     """At least one variant lost too much accuracy; the message names variants and classes."""
 
 

@@ -13,6 +13,8 @@ from typing import Callable, Iterable
 
 import numpy as np
 
+from bmc.errors import BmcError
+
 
 @dataclasses.dataclass(frozen=True)
 class Variant:
@@ -35,7 +37,7 @@ VARIANTS: dict[str, Variant] = {
 }
 
 
-class VariantError(ValueError):
+class VariantError(BmcError, ValueError):
     pass
 
 

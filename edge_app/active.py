@@ -16,11 +16,13 @@ import logging
 import os
 from pathlib import Path
 
+from bmc.errors import BmcError
+
 log = logging.getLogger(__name__)
 ACTIVE = "active.json"
 
 
-class ActiveModelError(ValueError):
+class ActiveModelError(BmcError, ValueError):
     pass
 
 

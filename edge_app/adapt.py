@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from bmc.card import card_path, sha256_file
+from bmc.errors import BmcError
 from edge_app import review
 from edge_app.head import Head, softmax
 
@@ -48,7 +49,7 @@ HEAD_SUFFIX = ".head.npz"
 MIN_NEW_CLASS = 3  # reviewed cells a class the model does not know needs before it is learnt
 
 
-class AdaptError(ValueError):
+class AdaptError(BmcError, ValueError):
     """Adaptation that cannot be done or is refused; the message says why and what would help."""
 
 

@@ -19,8 +19,10 @@ import warnings
 import cv2
 import numpy as np
 
+from bmc.errors import BmcError
 
-class MapError(ValueError):
+
+class MapError(BmcError, ValueError):
     pass
 
 

@@ -14,6 +14,8 @@ import types
 import typing
 from pathlib import Path
 
+from bmc.errors import BmcError
+
 try:
     import tomllib
 except ImportError:  # Python 3.10 (Ubuntu 22.04 on a Jetson)
@@ -23,7 +25,7 @@ from edge_app.detect import FinderConfig
 from edge_app.differential import ReviewPolicy
 
 
-class ConfigError(ValueError):
+class ConfigError(BmcError, ValueError):
     pass
 
 

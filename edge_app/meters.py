@@ -28,8 +28,10 @@ import threading
 import time
 from pathlib import Path
 
+from bmc.errors import BmcError
 
-class MeterError(RuntimeError):
+
+class MeterError(BmcError, RuntimeError):
     pass
 
 

@@ -16,6 +16,7 @@ import shutil
 import sqlite3
 from pathlib import Path
 
+from bmc.errors import BmcError
 from bmc.stages import coarse_counts, series_counts
 from edge_app import review, store
 from edge_app.differential import ERYTHROID, MYELOID, count_interval
@@ -242,7 +243,7 @@ def write_atomic(path: Path, text: str) -> Path:
         raise
 
 
-class ReportError(OSError):
+class ReportError(BmcError, OSError):
     """A report that could not be written; the message names the file and why."""
 
 

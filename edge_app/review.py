@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bmc.errors import BmcError
 from edge_app.unknown import FLAG as UNKNOWN
 
 REJECTED = "rejected"
@@ -47,7 +48,7 @@ _LATEST = ("SELECT r.cell_id, r.label, r.reviewer, r.time FROM review r JOIN "
            "(SELECT cell_id, MAX(id) id FROM review GROUP BY cell_id) m ON r.id = m.id")
 
 
-class ReviewError(ValueError):
+class ReviewError(BmcError, ValueError):
     """A decision that cannot be recorded (no such cell, unknown label, unreadable file)."""
 
 

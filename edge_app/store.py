@@ -23,6 +23,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from bmc.errors import BmcError
 from edge_app import review
 
 SCHEMA = """
@@ -58,7 +59,7 @@ class StorageFull(RuntimeError):
     """The disk is full: recording stopped; what was recorded is intact."""
 
 
-class SessionFolderError(RuntimeError):
+class SessionFolderError(BmcError, RuntimeError):
     """A session folder that this process may not record into: another process owns it, or it
     holds a session that a new one would be added to (its report would count both)."""
 

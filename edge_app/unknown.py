@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from bmc.errors import BmcError
+
 DEFAULT_LEVEL = 0.98
 #: the calibration grid: share of validation cells within the threshold
 LEVELS = (0.9, 0.95, 0.97, 0.98, 0.99, 0.995, 0.998, 0.999)
@@ -30,7 +32,7 @@ SCORE = "cosine distance of the cell's embedding to the nearest reference cell"
 FLAG = "unknown"  # a set-aside cell's flag begins with this word
 
 
-class UnknownError(ValueError):
+class UnknownError(BmcError, ValueError):
     """A model card whose unknown-cell calibration cannot be used; the message says why."""
 
 

@@ -329,3 +329,24 @@ def test_sigterm_stops_a_service_that_waits_for_its_camera(tmp_path):
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=30)
     assert proc.returncode == 0 and time.time() - t0 < 10 and "stopping the service" in out
+
+
+def test_every_domain_error_is_one_kind_caught_once_by_the_cli():
+    import importlib
+
+    from bmc.errors import BmcError
+
+    errors = {"bmc.contract": ["ContractError", "ImageError"], "bmc.card": ["ModelCardError"],
+              "train.data": ["DataError"], "train.cellscale": ["CellScaleError"], "train.trainer": ["TrainError"],
+              "train.evaluate": ["EvaluationError"], "convert.embedding": ["EmbeddingError"],
+              "edge_app.review": ["ReviewError"], "edge_app.config": ["ConfigError"],
+              "edge_app.backends": ["BackendError"], "edge_app.sources": ["SourceError"],
+              "edge_app.meters": ["MeterError"], "edge_app.store": ["SessionFolderError"],
+              "edge_app.adapt": ["AdaptError"], "edge_app.unknown": ["UnknownError"],
+              "benchmarks.finding": ["BoxesError"], "benchmarks.adapt": ["TruthError"], "benchmarks.ood": ["OodError"]}
+    for module, names in errors.items():
+        for name in names:
+            assert issubclass(getattr(importlib.import_module(module), name), BmcError), f"{module}.{name}"
+    # one raised deep inside a verb, not through a per-verb table: one line, exit 2, no traceback
+    p = bmc("edge", "review", "/nonexistent-folder", "--list", check=False)
+    assert p.returncode == 2 and p.stderr.startswith("error: ") and "Traceback" not in p.stderr

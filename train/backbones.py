@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from bmc.errors import BmcError
+
 # (repeats, kernel, stride, expand, in, out) — the EfficientNet-B0/Lite0 block table.
 LITE0_BLOCKS = [
     (1, 3, 1, 1, 32, 16),
@@ -39,7 +41,7 @@ BACKBONES = ("efficientnet_lite0", "efficientnet_b0")
 _BLOCK_NAMES = [f"block{s + 1}{chr(97 + r)}" for s, (n, *_ ) in enumerate(LITE0_BLOCKS) for r in range(n)]
 
 
-class BackboneError(RuntimeError):
+class BackboneError(BmcError, RuntimeError):
     """A backbone that cannot be built as asked (unknown name, no weights offline)."""
 
 

@@ -12,10 +12,11 @@ from __future__ import annotations
 import numpy as np
 
 from bmc.contract import read_image
+from bmc.errors import BmcError
 from edge_app.detect import find_cells
 
 
-class CellScaleError(ValueError):
+class CellScaleError(BmcError, ValueError):
     """The training images' cell scale or lamp cannot be measured; the message says why."""
 
 

@@ -30,13 +30,14 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Iterable
 
+from bmc.errors import BmcError
 from bmc.stages import PBC_PREFIX, stage_of_prefix
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 SPLITS = ("train", "val", "test")
 
 
-class DataError(ValueError):
+class DataError(BmcError, ValueError):
     """A data set that cannot be used as asked; the message names the folder or class."""
 
 

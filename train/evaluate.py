@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from bmc.contract import Contract, preprocess, read_image
+from bmc.errors import BmcError
 from bmc.stages import coarse_labels, coarse_probs, stage_distance
 from edge_app.differential import ReviewPolicy
 from edge_app.model import predict_oriented
@@ -21,7 +22,7 @@ from train import data as data_mod
 from train.metrics import classification_metrics, per_class_table, plot_confusion
 
 
-class EvaluationError(ValueError):
+class EvaluationError(BmcError, ValueError):
     pass
 
 

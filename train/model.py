@@ -8,7 +8,7 @@ The model is one flat Keras functional graph (no nested sub-models) with
 from __future__ import annotations
 
 from bmc.contract import Contract
-from train.backbones import block_names, build_backbone
+from train.backbones import BackboneError, block_names, build_backbone
 
 
 def build_classifier(backbone: str, contract: Contract, weights: str | None = "imagenet",
@@ -36,7 +36,7 @@ def split_at(model, block: str):
     """
     names = block_names()
     if block not in names:
-        raise ValueError(f"unknown block {block!r}; choose one of {', '.join(names)}")
+        raise BackboneError(f"unknown block {block!r}; choose one of {', '.join(names)}")
     first = model.get_layer(f"{block}_expand_conv" if block != "block1a" else f"{block}_dwconv")
     cut = first.input
     import keras

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from bmc.contract import Contract, read_image
+from bmc.errors import BmcError
 from bmc.stages import parents_for, soft_targets
 from train import data as data_mod
 from train.augment import LIGHT, AugmentConfig, augmented_view, plain_view
@@ -34,7 +35,7 @@ MODES = ("auto", "cached", "full")
 STRATEGIES = ("auto", "default", "mirrored")
 
 
-class TrainError(ValueError):
+class TrainError(BmcError, ValueError):
     """A training run that cannot be done as asked; the message says why."""
 
 

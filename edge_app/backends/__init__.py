@@ -15,10 +15,12 @@ import pkgutil
 
 import numpy as np
 
+from bmc.errors import BmcError
+
 log = logging.getLogger(__name__)
 
 
-class BackendError(RuntimeError):
+class BackendError(BmcError, RuntimeError):
     """A model the runtime cannot load or run; the message names the file."""
 
 

@@ -20,11 +20,13 @@ from typing import Iterator
 
 import numpy as np
 
+from bmc.errors import BmcError
+
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"}
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mkv", ".mov", ".m4v"}
 
 
-class SourceError(RuntimeError):
+class SourceError(BmcError, RuntimeError):
     """A source that cannot be opened; the message names it."""
 
 

@@ -17,13 +17,15 @@ import threading
 import time
 from pathlib import Path
 
+from bmc.errors import BmcError
+
 PASSWORD_FILE = "ui_password"
 # scrypt parameters: ~50 ms and 16 MB on a Raspberry Pi 4 class CPU; stored with the hash
 N, R, P = 2 ** 14, 8, 1
 MIN_LENGTH = 10
 
 
-class AuthError(ValueError):
+class AuthError(BmcError, ValueError):
     pass
 
 
