@@ -9,6 +9,8 @@ import sys
 import click
 
 from bmc.errors import BmcError
+from convert.gate import Gate
+from train.config import default as _td  # every training default, written once (TrainConfig)
 
 # the label sources of train/data.py (folder, file-name prefix, PBC maturation stage); written here
 # too so that the device's CLI does not import the training package to build its options
@@ -97,7 +99,7 @@ def data_check(data_dir, label_from, manifest, json_out):
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="split.json to write")
 @click.option("--label-from", type=click.Choice(LABEL_SOURCES), default="folder", show_default=True)
 @click.option("--manifest", type=click.Path(dir_okay=False), help="CSV with path,label[,group] columns")
-@click.option("--seed", default=1337, show_default=True)
+@click.option("--seed", default=_td("seed"), show_default=True)
 @click.option("--like", "like", type=click.Path(exists=True, dir_okay=False),
               help="keep this split.json's partition and read the labels afresh (--label-from prefix or stage): "
                    "a stage model trained and tested on the same images as the 8-class one")
@@ -170,39 +172,40 @@ def data_harvest(sessions, dest, with_data, label_from, model):
 @click.argument("data_dir", type=click.Path(file_okay=False))
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="run folder to write")
 @click.option("--backbone", type=click.Choice(["efficientnet_lite0", "efficientnet_b0"]),
-              default="efficientnet_lite0", show_default=True)
-@click.option("--weights", default="imagenet", show_default=True,
+              default=_td("backbone"), show_default=True)
+@click.option("--weights", default=_td("weights"), show_default=True,
               help="'imagenet', 'none' (random init) or a local weights file")
-@click.option("--label-from", type=click.Choice(LABEL_SOURCES), default="folder", show_default=True)
+@click.option("--label-from", type=click.Choice(LABEL_SOURCES), default=_td("label_from"), show_default=True)
 @click.option("--manifest", type=click.Path(dir_okay=False), help="CSV with path,label[,group] columns")
 @click.option("--split", "split_file", type=click.Path(dir_okay=False), help="reuse a split.json")
-@click.option("--mode", type=click.Choice(["auto", "cached", "full"]), default="auto", show_default=True,
+@click.option("--mode", type=click.Choice(["auto", "cached", "full"]), default=_td("mode"), show_default=True,
               help="cached: CPU path on cached activations; full: end-to-end (GPU)")
-@click.option("--fine-tune-from", default="block6a", show_default=True, help="first block to unfreeze")
-@click.option("--views", default=2, show_default=True, help="augmented views per training image (cached)")
-@click.option("--head-epochs", default=40, show_default=True)
-@click.option("--fine-tune-epochs", default=6, show_default=True)
-@click.option("--head-lr", default=3e-3, show_default=True)
-@click.option("--fine-tune-lr", default=3e-4, show_default=True, help="peak; cosine decay to 5% over the epochs")
-@click.option("--patience", default=3, show_default=True,
+@click.option("--fine-tune-from", default=_td("fine_tune_from"), show_default=True, help="first block to unfreeze")
+@click.option("--views", default=_td("views"), show_default=True, help="augmented views per training image (cached)")
+@click.option("--head-epochs", default=_td("head_epochs"), show_default=True)
+@click.option("--fine-tune-epochs", default=_td("fine_tune_epochs"), show_default=True)
+@click.option("--head-lr", default=_td("head_lr"), show_default=True)
+@click.option("--fine-tune-lr", default=_td("fine_tune_lr"), show_default=True, help="peak; cosine decay to 5% over the epochs")
+@click.option("--patience", default=_td("patience"), show_default=True,
               help="epochs without a better validation macro-F1 before a phase stops")
-@click.option("--label-smoothing", default=0.05, show_default=True, help="target share spread over every class")
-@click.option("--neighbour-smoothing", default=0.1, show_default=True,
+@click.option("--label-smoothing", default=_td("label_smoothing"), show_default=True, help="target share spread over every class")
+@click.option("--neighbour-smoothing", default=_td("neighbour_smoothing"), show_default=True,
               help="target share given to the adjacent maturation stages (stage models)")
-@click.option("--batch-size", default=32, show_default=True)
-@click.option("--input-size", default=224, show_default=True)
-@click.option("--stain-norm", type=click.Choice(["stretch", "none"]), default="stretch", show_default=True,
+@click.option("--batch-size", default=_td("batch_size"), show_default=True)
+@click.option("--input-size", default=_td("input_size"), show_default=True)
+@click.option("--stain-norm", type=click.Choice(["stretch", "none"]), default=_td("stain_norm"), show_default=True,
               help="per-image colour normalisation, part of the model's contract (same on the device)")
 @click.option("--limit-per-class", type=int, help="use at most N images per class (quick runs)")
-@click.option("--strategy", type=click.Choice(["auto", "default", "mirrored"]), default="auto", show_default=True)
-@click.option("--mixed-precision", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True)
-@click.option("--seed", default=1337, show_default=True)
+@click.option("--strategy", type=click.Choice(["auto", "default", "mirrored"]), default=_td("strategy"), show_default=True)
+@click.option("--mixed-precision", type=click.Choice(["auto", "on", "off"]), default=_td("mixed_precision"), show_default=True)
+@click.option("--seed", default=_td("seed"), show_default=True)
 @click.option("--init-from", type=click.Path(dir_okay=False),
               help="start from a trained model.keras (backbone; head too when it has the same classes)")
 def train_cmd(data_dir, out, **kw):
     """Fine-tune an ImageNet EfficientNet on DATA_DIR; writes model, split and metrics to --out."""
     _need_training("bmc train", "train.trainer", "keras", "cv2")
-    from train.trainer import TrainConfig, train
+    from train.config import TrainConfig
+    from train.trainer import train
 
     cfg = _guard(TrainConfig, data=data_dir, out=out, **kw)
     m = _guard(train, cfg)
@@ -257,8 +260,9 @@ def evaluate_cmd(model, data_dir, split_file, part, orientations, json_out):
 @click.option("--variants", default="float32,float16,dynamic,int8", show_default=True,
               help="comma-separated: " + ", ".join(["float32", "float16", "dynamic", "int8"]))
 @click.option("--data", type=click.Path(file_okay=False), help="validation images when SOURCE has no split")
-@click.option("--max-drop", default=1.0, show_default=True, help="max accuracy drop, points")
-@click.option("--max-class-drop", default=3.0, show_default=True, help="max recall drop of any class, points")
+@click.option("--max-drop", default=Gate.max_drop, show_default=True, help="max accuracy drop, points")
+@click.option("--max-class-drop", default=Gate.max_class_drop, show_default=True,
+              help="max recall drop of any class, points")
 @click.option("--representative", default=200, show_default=True, help="calibration images for int8")
 @click.option("--float-layers", default="", help="int8: comma-separated layers to keep in float, or 'auto'")
 @click.option("--no-diagnose", is_flag=True, help="skip the per-layer report when int8 fails")

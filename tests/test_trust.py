@@ -350,3 +350,26 @@ def test_every_domain_error_is_one_kind_caught_once_by_the_cli():
     # one raised deep inside a verb, not through a per-verb table: one line, exit 2, no traceback
     p = bmc("edge", "review", "/nonexistent-folder", "--list", check=False)
     assert p.returncode == 2 and p.stderr.startswith("error: ") and "Traceback" not in p.stderr
+
+
+def test_training_and_gate_defaults_are_written_once():
+    import dataclasses
+
+    import click
+
+    from bmc.cli import main
+    from convert.gate import Gate
+    from train.config import TrainConfig
+
+    fields = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    train_cmd = main.commands["train"]
+    options = {p.name: p.default for p in train_cmd.params if isinstance(p, click.Option)}
+    shared = set(options) & set(fields)
+    assert len(shared) >= 18
+    for name in shared:
+        if fields[name] is not None:  # an option with no default stands for the field's None
+            assert options[name] == fields[name], name
+    # the hidden clamps are settings now, recorded in every run's config.json
+    assert fields["head_patience"] == 5 and fields["full_head_epochs"] == 10
+    convert = {p.name: p.default for p in main.commands["convert"].params if isinstance(p, click.Option)}
+    assert (convert["max_drop"], convert["max_class_drop"]) == (Gate.max_drop, Gate.max_class_drop)

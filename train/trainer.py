@@ -26,69 +26,10 @@ from pathlib import Path
 import numpy as np
 
 from bmc.contract import Contract, read_image
-from bmc.errors import BmcError
 from bmc.stages import parents_for, soft_targets
 from train import data as data_mod
 from train.augment import LIGHT, AugmentConfig, augmented_view, plain_view
-
-MODES = ("auto", "cached", "full")
-STRATEGIES = ("auto", "default", "mirrored")
-
-
-class TrainError(BmcError, ValueError):
-    """A training run that cannot be done as asked; the message says why."""
-
-
-@dataclasses.dataclass
-class TrainConfig:
-    """Everything ``bmc train`` needs; written to ``config.json`` in the run folder."""
-
-    data: str
-    out: str
-    backbone: str = "efficientnet_lite0"
-    weights: str = "imagenet"
-    label_from: str = "folder"
-    manifest: str | None = None
-    label_column: str = "label"
-    group_column: str | None = "group"
-    split_file: str | None = None
-    fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)
-    seed: int = 1337
-    limit_per_class: int | None = None
-    input_size: int = 224
-    crop_fraction: float = 0.72
-    cell_fraction: float | None = None  # None: measured on the training images
-    stain_norm: str = "stretch"  # the contract's per-image colour normalisation
-    mode: str = "auto"
-    fine_tune_from: str = "block6a"
-    views: int = 2
-    batch_size: int = 32
-    head_epochs: int = 40
-    head_lr: float = 3e-3
-    fine_tune_epochs: int = 6
-    fine_tune_lr: float = 3e-4
-    dropout: float = 0.3
-    label_smoothing: float = 0.05
-    # share of the target given to the adjacent maturation stages (a stage model; no effect on classes
-    # that have no neighbouring stage among the labels)
-    neighbour_smoothing: float = 0.1
-    class_weights: bool = True
-    patience: int = 3
-    strategy: str = "auto"
-    mixed_precision: str = "auto"
-    init_from: str | None = None  # a trained model.keras to start from (backbone, and head if same classes)
-
-    def __post_init__(self):
-        if self.mode not in MODES:
-            raise TrainError(f"mode must be one of {MODES}, got {self.mode!r}")
-        if self.strategy not in STRATEGIES:
-            raise TrainError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
-        if self.views < 1:
-            raise TrainError(f"views must be >= 1, got {self.views}")
-        if self.label_smoothing < 0 or self.neighbour_smoothing < 0 or \
-                self.label_smoothing + self.neighbour_smoothing >= 1:
-            raise TrainError(f"label_smoothing ({self.label_smoothing}) and neighbour_smoothing "
-                             f"({self.neighbour_smoothing}) must be >= 0 and add up to less than 1")
+from train.config import MODES, STRATEGIES, TrainConfig, TrainError  # noqa: F401 - re-exported
 
 
 class _Log:
@@ -395,7 +336,7 @@ def _train_cached(cfg, contract, splits, index, log):
     cw = class_weight_for(y_train, n) if cfg.class_weights else None
     head.compile(keras.optimizers.Adam(cfg.head_lr), loss, metrics=["accuracy"])
     best = _BestOnValF1(head, lambda: head.predict(f_val, batch_size=256, verbose=0), y_val,
-                        max(cfg.patience, 5), log, "head")
+                        cfg.head_patience, log, "head")
     head.fit(f_train, targets[y_train], batch_size=64, epochs=cfg.head_epochs,
              class_weight=cw, callbacks=[best.callback], verbose=0, shuffle=True)
     best.restore()
@@ -517,7 +458,7 @@ def _train_full(cfg, contract, splits, index, log, gpus):
         if cfg.init_from:
             init_from(model, cfg.init_from, contract, splits, log)
     history = []
-    for phase, block, lr, epochs in (("head", None, cfg.head_lr, min(cfg.head_epochs, 10)),
+    for phase, block, lr, epochs in (("head", None, cfg.head_lr, cfg.full_head_epochs),
                                      ("fine-tune", cfg.fine_tune_from, cfg.fine_tune_lr, cfg.fine_tune_epochs)):
         if epochs <= 0:
             continue
