@@ -513,7 +513,9 @@ def edge_doctor(config_path, model_path):
 
 @edge.command("report")
 @click.argument("out_dir", type=click.Path(file_okay=False))
-def edge_report(out_dir):
+@click.option("--fhir", is_flag=True, help="also write differential.fhir.json: a FHIR R4 DiagnosticReport with "
+                                           "LOINC-coded Observations, for a laboratory information system")
+def edge_report(out_dir, fhir):
     """Write OUT_DIR/report.html (counts, percentages, flagged cells, thumbnails) and cells.csv."""
     from edge_app.report import build_report
     from edge_app.store import write_csv
@@ -521,6 +523,10 @@ def edge_report(out_dir):
     path = _guard(build_report, out_dir)
     write_csv(out_dir)
     click.echo(f"report: {path}")
+    if fhir:
+        from edge_app import fhir as fhir_mod
+
+        click.echo(f"FHIR R4 DiagnosticReport: {_guard(fhir_mod.write, out_dir)}")
 
 
 @edge.command("adapt")

@@ -50,7 +50,9 @@ def rotate(storage: str | Path, max_percent: float, min_free_mb: float, usage=di
 
 
 def export(session: str | Path, dest: str | Path) -> Path:
-    """Copy a finished session (CSV, HTML report, crops, database) to ``dest`` (a USB stick)."""
+    """Copy a finished session (CSV, HTML report, FHIR DiagnosticReport, crops, database) to ``dest``
+    (a USB stick)."""
+    from edge_app import fhir
     from edge_app.report import build_report
     from edge_app.store import write_csv
 
@@ -61,6 +63,7 @@ def export(session: str | Path, dest: str | Path) -> Path:
         raise FileNotFoundError(f"{dest}: export destination not found (is the USB stick mounted?)")
     write_csv(session)
     build_report(session)
+    fhir.write(session)
     target = dest / session.name
     tmp = dest / (session.name + ".partial")
     if tmp.exists():
@@ -72,7 +75,7 @@ def export(session: str | Path, dest: str | Path) -> Path:
     src_db.backup(dst_db)
     dst_db.close()
     src_db.close()
-    for name in ("cells.csv", "report.html"):
+    for name in ("cells.csv", "report.html", "differential.fhir.json"):
         shutil.copy2(session / name, tmp / name)
     if (session / "crops").is_dir():
         shutil.copytree(session / "crops", tmp / "crops")

@@ -112,6 +112,9 @@ def test_pages_show_the_sessions_differential_and_review_queue(local, storage):
     assert status == 200 and page.count(b"class='cell'") >= 3
     status, headers, report = local.request("GET", "/s/20261128-0900/report")
     assert status == 200 and b"Differential count" in report
+    status, headers, bundle = local.request("GET", "/s/20261128-0900/fhir")
+    assert status == 200 and headers["Content-Type"].startswith("application/fhir+json")
+    assert json.loads(bundle)["entry"][0]["resource"]["resourceType"] == "DiagnosticReport"
 
 
 def test_a_decision_needs_the_forms_csrf_token_and_is_audited(local, storage):
@@ -440,6 +443,7 @@ def test_export_goes_only_to_a_mounted_stick(storage, tmp_path):
         assert status == 303
         copy = stick / "20261128-0900"
         assert (copy / "session.sqlite").is_file() and (copy / "report.html").is_file() and (copy / "cells.csv").is_file()
+        assert json.loads((copy / "differential.fhir.json").read_text())["type"] == "collection"
     finally:
         s.close()
         subprocess.run(["umount", str(stick)], check=False)

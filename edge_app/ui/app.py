@@ -206,6 +206,12 @@ class UiApp:
                 from edge_app.report import build_report
 
                 return Response(build_report(folder).read_bytes(), csp=REPORT_CSP)
+            if method == "GET" and rest == ["fhir"]:  # the differential for a laboratory information system
+                from edge_app import fhir
+
+                return Response(json.dumps(fhir.diagnostic_report(folder), indent=2, ensure_ascii=False),
+                                ctype="application/fhir+json; charset=utf-8",
+                                headers=[("Content-Disposition", f'attachment; filename="{folder.name}.fhir.json"')])
             if method == "POST" and rest == ["note"]:
                 try:
                     review.add_note(folder, form.get("text", ""), user)
@@ -469,7 +475,9 @@ class UiApp:
         body = (f"<p><b>{n}</b> cells counted, <b>{pending}</b> waiting for review"
                 + (f", <b class='warn'>{unknown}</b> of them unlike any cell the model knows (first in review)"
                    if unknown else "")
-                + f" (<a href='/s/{name}/review'>review them</a>) · <a href='/s/{name}/report'>report</a></p>"
+                + f" (<a href='/s/{name}/review'>review them</a>) · <a href='/s/{name}/report'>report</a>"
+                f" · <a href='/s/{name}/fhir'>FHIR DiagnosticReport</a> <span class='small'>(for the laboratory "
+                "information system)</span></p>"
                 "<table><tr><th>class</th><th>count</th><th>%</th><th>95% limits</th></tr>" + "".join(rows) + "</table>"
                 "<p class='small'>95% limits: the exact binomial interval of each share (Rümke's table).</p>"
                 + levels

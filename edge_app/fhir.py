@@ -1,0 +1,138 @@
+"""The differential as an HL7 FHIR R4 ``DiagnosticReport`` for a laboratory information system.
+
+One ``Bundle`` (type ``collection``) holds the report and one ``Observation`` per counted class:
+its share of the leukocytes counted, as the laboratory's manual differential reports it (LOINC
+"…/100 leukocytes in Blood by Manual count": a person reviews what the device sets aside, as a
+technician does at a manual count). Every Observation also carries the raw count, the number of
+leukocytes behind the share and its exact 95% binomial limits (Rümke), and bmc's own code for the
+class. Erythroblasts are reported per 100 leukocytes, as nucleated red cells are; platelets are
+not leukocytes and are reported as a count only. A class without a LOINC code here (``ig``, a class
+a laboratory added) keeps bmc's code and its name.
+
+Nothing identifies a patient: the device never knows who the smear belongs to. The LIS adds the
+subject when it files the report. The report is ``preliminary`` while cells wait for review (or
+unknown cells wait for a name), ``final`` once every cell is decided.
+
+Numpy-free and standard-library only: the device writes it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import uuid
+from pathlib import Path
+
+from bmc.stages import PARENT
+from edge_app import review
+from edge_app.differential import count_interval
+
+LOINC = "http://loinc.org"
+BMC_CODES = "urn:bmc-edge:cell-class"  # the kit's own codes: its class names
+UCUM = "http://unitsofmeasure.org"
+
+#: class → (LOINC code, display): "/100 leukocytes in Blood by Manual count"; checked against
+#: published LOINC tables (benchmarks/README.md, "FHIR export", names the sources)
+LOINC_MANUAL = {
+    "neutrophil": ("26508-2", "Neutrophils/100 leukocytes in Blood by Manual count"),
+    "segmented": ("769-0", "Neutrophils.segmented/100 leukocytes in Blood by Manual count"),
+    "band": ("764-1", "Neutrophils.band form/100 leukocytes in Blood by Manual count"),
+    "metamyelocyte": ("740-1", "Metamyelocytes/100 leukocytes in Blood by Manual count"),
+    "myelocyte": ("749-2", "Myelocytes/100 leukocytes in Blood by Manual count"),
+    "promyelocyte": ("783-1", "Promyelocytes/100 leukocytes in Blood by Manual count"),
+    "lymphocyte": ("737-7", "Lymphocytes/100 leukocytes in Blood by Manual count"),
+    "monocyte": ("744-3", "Monocytes/100 leukocytes in Blood by Manual count"),
+    "eosinophil": ("714-6", "Eosinophils/100 leukocytes in Blood by Manual count"),
+    "basophil": ("707-0", "Basophils/100 leukocytes in Blood by Manual count"),
+    "erythroblast": ("18309-5", "Nucleated erythrocytes/100 leukocytes in Blood by Manual count"),
+}
+PANEL = ("24318-8", "Manual differential panel - Blood")
+NOT_LEUKOCYTES = ("erythroblast", "platelet")
+
+
+def _coding(label: str) -> dict:
+    codings = []
+    if label in LOINC_MANUAL:
+        code, display = LOINC_MANUAL[label]
+        codings.append({"system": LOINC, "code": code, "display": display})
+    codings.append({"system": BMC_CODES, "code": label, "display": label})
+    return {"coding": codings, "text": label}
+
+
+def diagnostic_report(out_dir: str | Path, now: datetime.datetime | None = None) -> dict:
+    """The FHIR R4 Bundle of the session folder's differential (all its sessions, after review)."""
+    out_dir = Path(out_dir)
+    db = review.connect(out_dir)
+    try:
+        sessions = db.execute("SELECT started, ended, model_file, model_sha256 FROM session ORDER BY id").fetchall()
+        cells = review.cells(db)
+        note = review.latest_note(db)
+    finally:
+        db.close()
+    counted = review.differential(cells)
+    pending = sum(c.status == "pending" for c in cells)
+    unknown = sum(c.status == "pending" and c.unknown for c in cells)
+    status = "preliminary" if pending else "final"
+    leukocytes = sum(k for label, k in counted.items() if label not in NOT_LEUKOCYTES)
+    now = now or datetime.datetime.now(datetime.timezone.utc)
+    issued = now.isoformat(timespec="seconds")
+    started = sessions[0][0] if sessions else issued
+    ended = (sessions[-1][1] or issued) if sessions else issued
+    effective = {"start": _instant(started), "end": _instant(ended)}
+    order = [l for l in ("segmented", "band", "neutrophil", "metamyelocyte", "myelocyte", "promyelocyte", "ig",
+                         "lymphocyte", "monocyte", "eosinophil", "basophil", "erythroblast", "platelet")
+             if l in counted] + sorted(l for l in counted if l not in LOINC_MANUAL and l not in ("ig", "platelet"))
+    entries, refs = [], []
+    for label in order:
+        k = counted[label]
+        oid = str(uuid.uuid4())
+        obs = {"resourceType": "Observation", "id": oid, "status": status,
+               "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/observation-category",
+                                         "code": "laboratory", "display": "Laboratory"}]}],
+               "code": _coding(label), "effectivePeriod": effective, "issued": issued,
+               "method": {"text": "digital morphology at the microscope (bmc), cells set aside reviewed by a person"},
+               "component": [{"code": {"coding": [{"system": BMC_CODES, "code": "count", "display": "cells counted"}],
+                                       "text": "cells counted"},
+                              "valueQuantity": {"value": k, "unit": "cells", "system": UCUM, "code": "{cells}"}}]}
+        if label != "platelet" and leukocytes:
+            share = 100.0 * k / leukocytes
+            obs["valueQuantity"] = {"value": round(share, 1), "unit": "%", "system": UCUM, "code": "%"}
+            if k <= leukocytes:
+                lo, hi = count_interval(k, leukocytes)
+                obs["note"] = [{"text": f"{k} of {leukocytes} leukocytes counted; exact 95% limits "
+                                        f"{100 * lo:.1f}–{100 * hi:.1f}%"}]
+        if label in PARENT:
+            obs["note"] = obs.get("note", []) + [{"text": f"a maturation stage of '{PARENT[label]}'"}]
+        entries.append({"fullUrl": f"urn:uuid:{oid}", "resource": obs})
+        refs.append({"reference": f"urn:uuid:{oid}"})
+    conclusion = (f"{sum(counted.values())} cells counted ({leukocytes} leukocytes)"
+                  + (f"; {pending} cells wait for review and are not counted" if pending else "")
+                  + (f", {unknown} of them unlike any cell the model knows" if unknown else "")
+                  + (f". Comment: {note[0]}" if note else "") + ".")
+    models = sorted({f"{m} (sha256 {sha[:12]})" for _, _, m, sha in sessions})
+    report_id = str(uuid.uuid4())
+    report = {"resourceType": "DiagnosticReport", "id": report_id, "status": status,
+              "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0074", "code": "HM",
+                                        "display": "Hematology"}]}],
+              "code": {"coding": [{"system": LOINC, "code": PANEL[0], "display": PANEL[1]}], "text": "Differential count"},
+              "effectivePeriod": effective, "issued": issued, "result": refs, "conclusion": conclusion}
+    if models:
+        report["conclusion"] += " Classified by " + ", ".join(models) + "; decision support, not a diagnosis."
+    return {"resourceType": "Bundle", "id": str(uuid.uuid4()), "type": "collection", "timestamp": issued,
+            "entry": [{"fullUrl": f"urn:uuid:{report_id}", "resource": report}, *entries]}
+
+
+def _instant(text: str) -> str:
+    """A stored timestamp as a FHIR dateTime (with its zone; UTC where the record has none)."""
+    t = datetime.datetime.fromisoformat(text)
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=datetime.timezone.utc)
+    return t.isoformat(timespec="seconds")
+
+
+def write(out_dir: str | Path) -> Path:
+    """``differential.fhir.json`` in the session folder (written atomically)."""
+    from edge_app.store import write_atomic
+
+    path = Path(out_dir) / "differential.fhir.json"
+    return write_atomic(path, json.dumps(diagnostic_report(out_dir), indent=2, ensure_ascii=False) + "\n")
