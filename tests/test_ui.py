@@ -5,6 +5,7 @@ Chromium driving the review. Traffic goes to 127.0.0.1 only."""
 from __future__ import annotations
 
 import http.client
+import json
 import os
 import re
 import shutil
