@@ -452,7 +452,7 @@ def edge_ui(config_path, storage, listen, config_dir, set_password, user, source
     if src:
         cam = {k: getattr(cfg.camera, k) for k in ("width", "height", "fps", "fourcc")} if cfg and not source else {}
         live = LiveRunner(folder, src, model, session_config(cfg) if cfg else None, cam)
-    app = UiApp(folder, stored, sign_in, user or _user(), model=model, live=live)
+    app = UiApp(folder, stored, sign_in, user or _user(), model=model, live=live, keys=cfg.screen.keys if cfg else None)
 
     def on_term(signum, _frame):  # systemd's stop: close a live session cleanly, then the server
         raise KeyboardInterrupt

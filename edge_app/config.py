@@ -74,6 +74,26 @@ class StorageConfig:
     min_free_mb: float = dataclasses.field(default=200.0, metadata=_range(0, 1e7))
 
 
+RESERVED_KEYS = ("Enter", "x", "b")  # the model's call, not a cell, undo
+
+
+@dataclasses.dataclass
+class ScreenConfig:
+    # the review keys a technician is used to: class name -> one key (e.g. { segmented = "s",
+    # lymphocyte = "l" }); classes not named here take the free digits 1-9 in the model's order
+    keys: dict = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        seen: dict[str, str] = {}
+        for label, key in self.keys.items():
+            if not isinstance(key, str) or len(key) != 1 or key in RESERVED_KEYS or key.isspace():
+                raise ValueError(f"keys.{label} must be one character other than {', '.join(RESERVED_KEYS)}, "
+                                 f"got {key!r}")
+            if key in seen:
+                raise ValueError(f"keys.{label} and keys.{seen[key]} both use {key!r}")
+            seen[key] = label
+
+
 @dataclasses.dataclass
 class DeviceConfig:
     camera: CameraConfig = dataclasses.field(default_factory=CameraConfig)
@@ -82,6 +102,7 @@ class DeviceConfig:
     finder: FinderConfig = dataclasses.field(default_factory=FinderConfig)
     review: ReviewPolicy = dataclasses.field(default_factory=ReviewPolicy)
     storage: StorageConfig = dataclasses.field(default_factory=StorageConfig)
+    screen: ScreenConfig = dataclasses.field(default_factory=ScreenConfig)
 
 
 # ranges of the settings that live in other modules' dataclasses

@@ -296,6 +296,27 @@ def test_a_technician_reviews_three_cells_in_a_real_browser(local, storage, brow
         assert (shots / f).stat().st_size > 5000
 
 
+def test_the_review_keys_follow_the_layout_the_technician_set(storage, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    s = Server(UiApp(storage, None, sign_in=False, user="anna", keys={"lymphocyte": "l", "neutrophil": "1"}))
+    try:
+        browser.get(f"http://127.0.0.1:{s.port}/s/20261128-0900/review")
+        first = browser.find_elements(By.CSS_SELECTOR, "#todo .cell")[0]
+        keys = {b.get_attribute("value"): b.get_attribute("data-key")
+                for b in first.find_elements(By.CSS_SELECTOR, "button[data-key]")
+                if b.get_attribute("data-key") not in ("Enter", "x", "b")}
+        # the configured keys, and the free digits for the other classes in the model's order
+        assert keys["lymphocyte"] == "l" and keys["neutrophil"] == "1" and keys["basophil"] == "2"
+        cid = int(first.get_attribute("data-cell"))
+        browser.switch_to.active_element.send_keys("l")
+        WebDriverWait(browser, 30).until(lambda d: _reviews(storage))
+        assert _reviews(storage) == [(cid, "lymphocyte", "anna")]
+    finally:
+        s.close()
+
+
 def test_a_live_session_from_the_screen(storage, bccd, tmp_path):
     """Start a session from the page, watch frames arrive on the MJPEG stream with their capture
     time, the counts rise in /live/state, and stop it; the session is an ordinary session folder."""

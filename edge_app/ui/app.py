@@ -90,7 +90,7 @@ class UiApp:
 
     def __init__(self, storage: str | Path, password_hash: str | None, sign_in: bool, user: str = "local",
                  port: int = 0, model: str | Path | None = None, live=None,
-                 export_roots: tuple[str, ...] = ("/media", "/mnt", "/run/media")):
+                 export_roots: tuple[str, ...] = ("/media", "/mnt", "/run/media"), keys: dict | None = None):
         if sign_in and not password_hash:
             raise ValueError("sign-in needs a password set on the device: bmc edge ui --set-password")
         self.storage = Path(storage)
@@ -103,6 +103,7 @@ class UiApp:
         self.limit = RateLimit()
         self.live = live  # edge_app.ui.live.LiveRunner: the screen records sessions from the camera
         self.export_roots = export_roots
+        self.keys = dict(keys or {})  # class -> review key ([screen] keys); the rest take free digits
         self._note = None
 
     # -- WSGI -------------------------------------------------------------------------------------
@@ -486,6 +487,16 @@ class UiApp:
                 + comment + export)
         return self.page(f"Session {folder.name}", body, csrf, user)
 
+    def key_layout(self, labels) -> dict[str, str]:
+        """Each class's review key: the configured one, else the next free digit 1-9 (a class left
+        without a key is still a click away)."""
+        out = {l: self.keys[l] for l in labels if l in self.keys}
+        free = [str(d) for d in range(1, 10) if str(d) not in out.values()]
+        for l in labels:
+            if l not in out and free:
+                out[l] = free.pop(0)
+        return out
+
     def review_page(self, folder: Path, user: str, csrf: str, teach: bool = False) -> str:
         cells, _ = self._cells(folder)
         # for adaptation: the cells that teach the head most, ten of each class the session found
@@ -496,8 +507,8 @@ class UiApp:
         def card(c: review.ReviewedCell, decided: bool) -> str:
             top = "".join(f"<li>{html.escape(l)} {p:.2f}</li>" for l, p in c.top(3))
             buttons = "".join(
-                f"<button name='label' value='{html.escape(l)}' data-key='{k + 1}'>{k + 1} {html.escape(l)}</button>"
-                for k, l in enumerate(c.labels[:9]))
+                f"<button name='label' value='{html.escape(l)}' data-key='{html.escape(k)}'>{html.escape(k)} "
+                f"{html.escape(l)}</button>" for l, k in self.key_layout(c.labels).items())
             state = (f"<p class='decided'>{html.escape(c.reviewed_label or '')} by {html.escape(c.reviewer)}</p>"
                      f"<form method='post' action='/s/{name}/undo'><input type='hidden' name='csrf' value='{csrf}'>"
                      f"<input type='hidden' name='cell' value='{c.id}'><button data-key='b'>b undo</button></form>"
@@ -516,7 +527,7 @@ class UiApp:
         switch = (f"<a href='/s/{name}/review'>the cells set aside</a>" if teach else
                   f"<a href='/s/{name}/review?for=adapt'>the cells that teach adaptation most</a>")
         body = (f"<p>{len(todo)} cells {'to name for adaptation' if teach else 'wait for review'} (show {switch}). "
-                "Click a class, or select a cell and press 1-9, Enter "
+                "Click a class, or select a cell and press its key, Enter "
                 "(the model's call), x (not a cell) or b (undo). Each decision is recorded under your name.</p>"
                 f"<div class='grid' id='todo'>{''.join(card(c, False) for c in todo[:200])}</div>"
                 f"<h2>Decided ({len(done)})</h2><div class='grid'>{''.join(card(c, True) for c in done[-100:])}</div>")
