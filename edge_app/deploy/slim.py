@@ -22,6 +22,9 @@ RULES = [
      "LiteRT's WebGPU accelerator for its CompiledModel API; bmc runs the Interpreter on the CPU (XNNPACK)"),
     ("numpy/**/tests", "numpy's own test suite"),
     ("numpy/tests", "numpy's own test suite"),
+    ("numpy/f2py", "numpy's Fortran-to-Python interface generator, a developer's tool (imported only on demand)"),
+    ("numpy/**/*.pyi", "type stubs, read by type checkers, never at run time"),
+    ("cv2/**/*.pyi", "type stubs, read by type checkers, never at run time"),
 ]
 
 
