@@ -370,7 +370,7 @@ def edge_run(source, model, out_dir, mode, target, threads, headless, max_frames
         cfg = SessionConfig(mode=mode, target=target, headless=headless or not has_display(),
                             save_crops=not no_crops, cell_diameter_px=cell_diameter, max_frames=max_frames,
                             white_balance=white_balance, on_existing="new" if new_session else "resume",
-                            review=ReviewPolicy(unknown_level=unknown_level))
+                            review=ReviewPolicy(unknown_level=unknown_level), print_every_s=5.0)  # a person watches
         return EdgeSession(source, clf, out_dir, cfg, echo=click.echo).run()
 
     try:

@@ -23,6 +23,7 @@ from bmc.contract import centre_square, preprocess
 from edge_app import unknown as unknown_mod
 from edge_app.capture import Capture
 from edge_app.cells import Box, SessionLamp, SessionScale, crop_cell
+from edge_app.config import SessionSettings
 from edge_app.detect import FieldScale, FinderConfig, find_cells, scaled
 from edge_app.differential import Differential, ReviewPolicy
 from edge_app.model import CellClassifier
@@ -35,15 +36,21 @@ STAGES = ("read", "find", "preprocess", "classify", "record")
 MAX_FRAME_PIXELS = 40_000_000  # a 8K camera frame is 33 MP; a whole-slide scan needs tiling, not one frame
 
 
+_DEVICE = SessionSettings()  # the device config's defaults: one source for those both share
+
+
 @dataclasses.dataclass
 class SessionConfig:
-    mode: str = "field"  # field | cell
-    target: int | None = None
+    """One session as it runs (the device's ``[session]`` settings, resolved; the CLI's options).
+    Where a setting is also in the device config, its default is that one: ``SessionSettings``."""
+
+    mode: str = _DEVICE.mode  # field | cell
+    target: int | None = None  # the device config's 0 ("no target") is None here
     headless: bool = True
-    save_crops: bool = True
-    cell_diameter_px: float | None = None  # fixed scale; None: running median of found cells
+    save_crops: bool = _DEVICE.save_crops
+    cell_diameter_px: float | None = None  # fixed scale; None (the config's 0): running median of found cells
     white_balance: bool = False  # onto the model's training lamp, where its card has one (opt-in)
-    print_every_s: float = 5.0
+    print_every_s: float = _DEVICE.print_every_s
     max_frames: int | None = None
     on_existing: str = "resume"  # a folder that holds a session: resume it (interrupted), "new" or "refuse"
     finder: FinderConfig = dataclasses.field(default_factory=FinderConfig)
