@@ -103,7 +103,8 @@ class LiveRunner:
         parts, ratios = d.breakdown()
         return {"state": "paused" if s.paused and self.running else "running" if self.running else s.result.status,
                 "folder": self.folder.name if self.folder else "", "frames": s.result.frames,
-                "counted": d.counted, "target": d.target, "for_review": d.flagged, "classes": parts, "ratios": ratios,
+                "counted": d.counted, "target": d.target, "for_review": d.flagged, "unknown": d.unknown,
+                "classes": parts, "ratios": ratios,
                 "counts": dict(d.counts), "error": self.error, "last_cells": self.last_cells()}
 
     def last_cells(self, n: int = 8) -> list[dict]:

@@ -22,7 +22,8 @@ function renderState(box, st) {
   var lines = [];
   lines.push("Session " + (st.folder || "—") + ": " + st.state + (st.error ? " (" + st.error + ")" : ""));
   var target = st.target ? " of " + st.target : "";
-  lines.push(st.counted + target + " cells counted, " + st.for_review + " set aside for review, " + st.frames + " frames");
+  lines.push(st.counted + target + " cells counted, " + st.for_review + " set aside for review" +
+             (st.unknown ? " (" + st.unknown + " unlike any cell the model knows)" : "") + ", " + st.frames + " frames");
   (st.classes || []).forEach(function (c) { lines.push(c); });
   (st.ratios || []).forEach(function (r) { lines.push(r); });
   box.textContent = "";
