@@ -72,7 +72,8 @@ def _readme(name, report, metrics, config, reproduce, extra, contract) -> str:
              "**Intended use**: decision support for a differential count at the microscope; every cell is stored "
              "with its crop, and doubtful cells are set aside for review. Not a diagnostic device.", "",
              "## Files", "",
-             f"- `{name}_int8.tflite` — full-integer int8 (uint8 pixels in, uint8 scores out): the edge app's default;",
+             f"- `{name}_int8.tflite` — full-integer int8 (uint8 pixels in, uint8 scores out)"
+             + (": the edge app's default;" if not parents else ": what the device runs (`bmc edge run --model`);"),
              f"- `{name}_fp16.tflite` — float16 weights, for runtimes or delegates without int8 kernels;",
              "- `*.json` — each file's model card: contract (input 224x224 RGB 0..255, centre crop, cell scale), "
              "labels, sha256 of the file and of its float model, validation results. The edge app refuses a "
@@ -90,7 +91,7 @@ def _readme(name, report, metrics, config, reproduce, extra, contract) -> str:
         from train.metrics import per_class_table
 
         how = ("end to end (mode `full`), every image augmented afresh each epoch" if config.get("mode") == "full"
-               else f"mode `{config.get('mode')}`, {config.get('views')} augmented views per image")
+               else f"mode `cached` (the CPU path), {config.get('views')} augmented views per image")
         minutes = (f"; {metrics['train_seconds'] / 60:.0f} min for the whole `bmc train` run on the training "
                    "machine" if metrics.get("train_seconds") else "")
         lines += ["## Float model on its held-out test split", "",
