@@ -81,7 +81,7 @@ def test_evaluate_reports_both_levels_and_how_far_stage_errors_miss(tmp_path):
             (coarse / label / path.name).symlink_to(path)
     p = bmc("evaluate", STAGES, coarse, "--json", tmp_path / "c.json")
     c = json.loads((tmp_path / "c.json").read_text())
-    assert "8-class level" in p.stdout and c["level"].startswith("8-class") and c["accuracy"] >= 0.9
+    assert "scored at the 8-class" in p.stdout and c["level"].startswith("8-class") and c["accuracy"] >= 0.9
 
 
 @pytest.mark.parametrize("model", ["bmc_pbc11_stages_int8.tflite", "bmc_pbc8_lite0_int8.tflite"])
