@@ -13,7 +13,7 @@ field's own median, so the rule holds across stains, white balance and exposure.
 5. each cell's box is its nucleus group's box grown by ``cell_margin`` to take in the cytoplasm.
 
 Sizes are in pixels of the frame, with defaults for the fields they were tuned on (BCCD: a 640x480
-camera at high magnification, red cells about 94 px across). They follow the magnification:
+camera at high magnification, red cells about 90 px across). They follow the magnification:
 :class:`FieldScale` measures the red cells (7-8 µm across in every smear) on the session's first
 frames, then now and then, and :func:`scaled` resizes every threshold by the ratio of the red
 cells' diameter to ``reference_red_cell_px`` — a 256 px high-magnification field, a 640x480
@@ -44,7 +44,7 @@ class FinderConfig:
     max_cells: int = 200
     # the red cells' diameter (by red_cell_diameter) in the fields these sizes are for; the sizes
     # follow the session's measured red cells when follow_scale is on
-    reference_red_cell_px: float = 94.0
+    reference_red_cell_px: float = 90.0
     follow_scale: bool = True
 
     def __post_init__(self):
@@ -86,7 +86,7 @@ def stain_mask(bgr: np.ndarray, cfg: FinderConfig) -> np.ndarray:
 RED_CELL_UM = 7.5  # a normal red cell's diameter, in micrometres
 
 
-def red_cell_diameter(bgr: np.ndarray, side: int = 200) -> float | None:
+def red_cell_diameter(bgr: np.ndarray, side: int = 160) -> float | None:
     """The typical red-cell diameter in a field, in its pixels, or None for a field without them.
 
     Everything that is not background (by its colour distance to the brightest tenth of the field)
