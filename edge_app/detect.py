@@ -118,7 +118,13 @@ def red_cell_diameter(bgr: np.ndarray, side: int = 160) -> float | None:
     lost = -np.diff(areas)
     if lost.max() <= 0:
         return None
-    return float(2 * (radii[int(np.argmax(lost))] + 0.5) / s)
+    k = int(np.argmax(lost))
+    peak = float(k)
+    if 0 < k < len(lost) - 1:  # the peak between the radii tried: a parabola through it and its neighbours
+        a, b, c = lost[k - 1], lost[k], lost[k + 1]
+        if a - 2 * b + c < 0:
+            peak = k + 0.5 * (a - c) / (a - 2 * b + c)
+    return float(2 * (radii[0] + peak + 0.5) / s)
 
 
 def scaled(cfg: FinderConfig, red_cell_px: float | None) -> FinderConfig:

@@ -94,7 +94,7 @@ def test_the_finders_sizes_follow_the_magnification(tmp_path):
     assert r["recall"] >= 0.95 and r["precision"] >= 0.90 and 42 <= r["scale"]["red_cell_px"] <= 68
     fixed = finding.finding(fields, FinderConfig(follow_scale=False))
     assert fixed["recall"] < r["recall"]  # what the sizes written for BCCD find there
-    # the same fields through a camera with 3x the pixels: found as well, at 3x the red cells
+    # the same fields through a camera with 3x the pixels: 3x the red cells, and found about as well
     big = tmp_path / "big"
     big.mkdir()
     for f in fields[:40]:
@@ -104,5 +104,7 @@ def test_the_finders_sizes_follow_the_magnification(tmp_path):
     names = {f.image.name for f in fields[:40]}
     with open(tmp_path / "big.csv", "w", newline="") as fh:
         csv.writer(fh).writerows([list(rows[0].keys())] + [list(r.values()) for r in rows if r["image"] in names])
+    r1 = finding.finding(fields[:40])
     r3 = finding.finding(finding.read_boxes(big, tmp_path / "big.csv", "csv", "wbc"))
-    assert r3["recall"] >= 0.9 and r3["precision"] >= 0.85 and 120 <= r3["scale"]["red_cell_px"] <= 200
+    assert 2.7 <= r3["scale"]["red_cell_px"] / r1["scale"]["red_cell_px"] <= 3.3
+    assert r3["recall"] >= r1["recall"] - 0.05 and r3["precision"] >= 0.85, (r1, r3)
