@@ -317,6 +317,46 @@ def test_the_review_keys_follow_the_layout_the_technician_set(storage, browser):
         s.close()
 
 
+def test_a_technician_counts_from_the_live_page_in_a_real_browser(storage, bccd, browser, tmp_path):
+    """In Chromium: start a session on BCCD fields from the Live page, watch its counts rise on the
+    page, stop it, then open its differential and its report."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from edge_app.ui.live import LiveRunner
+
+    src = tmp_path / "fields"
+    src.mkdir()
+    for f in sorted((bccd / "JPEGImages").glob("*.jpg")):
+        (src / f.name).symlink_to(f)
+    live = LiveRunner(storage, str(src), None)
+    s = Server(UiApp(storage, None, sign_in=False, user="anna", live=live))
+    try:
+        base = f"http://127.0.0.1:{s.port}"
+        browser.get(base + "/live")
+        browser.find_element(By.XPATH, "//button[text()='Start a session']").click()
+        counted = []
+
+        def rising(d):  # the page's own state box, refreshed by its script from /live/state
+            text = d.find_element(By.ID, "state").text
+            m = re.search(r"(\d+)(?: of \d+)? cells counted", text)
+            counted.append(int(m.group(1)) if m else -1)
+            return len({c for c in counted if c > 0}) >= 2
+
+        WebDriverWait(browser, 90, poll_frequency=0.3).until(rising)
+        browser.find_element(By.XPATH, "//button[text()='Stop']").click()
+        WebDriverWait(browser, 30).until(lambda d: not live.running)
+        folder = live.folder.name
+        browser.get(base + f"/s/{folder}/")
+        assert "95% limits" in browser.page_source and "cells counted" in browser.page_source
+        browser.find_element(By.LINK_TEXT, "report").click()
+        assert "Differential count" in browser.page_source
+    finally:
+        if live.running:
+            live.stop()
+        s.close()
+
+
 def test_a_live_session_from_the_screen(storage, bccd, tmp_path):
     """Start a session from the page, watch frames arrive on the MJPEG stream with their capture
     time, the counts rise in /live/state, and stop it; the session is an ordinary session folder."""
