@@ -458,7 +458,7 @@ def _train_full(cfg, contract, splits, index, log, gpus):
         if cfg.init_from:
             init_from(model, cfg.init_from, contract, splits, log)
     history = []
-    for phase, block, lr, epochs in (("head", None, cfg.head_lr, cfg.full_head_epochs),
+    for phase, block, lr, epochs in (("head", None, cfg.head_lr, min(cfg.head_epochs, cfg.full_head_epochs)),
                                      ("fine-tune", cfg.fine_tune_from, cfg.fine_tune_lr, cfg.fine_tune_epochs)):
         if epochs <= 0:
             continue
