@@ -4,6 +4,7 @@ Chromium driving the review. Traffic goes to 127.0.0.1 only."""
 
 from __future__ import annotations
 
+import csv
 import http.client
 import json
 import os
@@ -435,6 +436,23 @@ def test_a_cells_detail_shows_its_probabilities_and_where_the_model_looked(local
     assert status == 200 and headers["Content-Type"] == "image/jpeg" and body[:2] == b"\xff\xd8"
     status, _, _ = local.request("GET", f"/s/20261128-0900/cell/{cid}/map?label=notaclass")
     assert status == 404
+
+
+def test_a_saved_count_is_corrected_from_the_cells_detail(local, storage):
+    db = sqlite3.connect(storage / "20261128-0900" / "session.sqlite")
+    cid, label = db.execute("SELECT id, label FROM cell WHERE flag = '' ORDER BY id").fetchone()  # counted
+    db.close()
+    other = "basophil" if label != "basophil" else "eosinophil"
+    status, headers, page = local.request("GET", f"/s/20261128-0900/cell/{cid}")
+    assert status == 200 and b"Name this cell" in page
+    cookie, csrf = _cookie(headers), _csrf(page)
+    status, _, _ = local.request("POST", "/s/20261128-0900/decide", f"csrf={csrf}&cell={cid}&label={other}",
+                                 {"Cookie": cookie})
+    assert status == 303 and _reviews(storage)[-1] == (cid, other, "anna")
+    rows = {int(r["id"]): r for r in csv.DictReader(open(storage / "20261128-0900" / "cells.csv"))}
+    assert rows[cid]["counted_as"] == other and rows[cid]["label"] == label  # the model's call stays beside it
+    status, _, page = local.request("GET", f"/s/20261128-0900/cell/{cid}", headers={"Cookie": cookie})
+    assert b"Change the decision" in page
 
 
 def test_sigterm_closes_the_screens_live_session_cleanly(storage, bccd, tmp_path):

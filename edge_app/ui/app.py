@@ -352,9 +352,15 @@ class UiApp:
         img = f"<img src='/s/{name}/crop?id={cell.id}' width='224' height='224' alt='cell {cell.id}'>" if cell.crop else ""
         decided = (f"<p>Decided: <b>{html.escape(cell.reviewed_label)}</b> by {html.escape(cell.reviewer)}</p>"
                    if cell.reviewed_label else "")
+        # a count can be corrected after it was saved: any cell, counted or decided, is decided (again) here,
+        # as the audited review row; the earlier decision stays in the trail
+        change = (f"<form method='post' action='/s/{name}/decide'><input type='hidden' name='csrf' value='{csrf}'>"
+                  f"<input type='hidden' name='cell' value='{cell.id}'><p>{'Change the decision' if cell.reviewed_label else 'Name this cell'}: "
+                  + "".join(f"<button name='label' value='{html.escape(l)}'>{html.escape(l)}</button>" for l in cell.labels)
+                  + "<button name='label' value='rejected'>not a cell</button></p></form>")
         body = (f"<p>{html.escape(cell.source)} frame {cell.frame}; the model's call <b>{html.escape(cell.model_label)}"
                 f"</b> {cell.confidence:.2f} {html.escape(cell.flag)}</p>{decided}<div class='grid'>{img}"
-                f"<table><tr><th>class</th><th>probability</th></tr>{probs}</table></div>{maps}"
+                f"<table><tr><th>class</th><th>probability</th></tr>{probs}</table></div>{change}{maps}"
                 f"<p><a href='/s/{name}/review'>back to review</a></p>")
         return self.page(f"Cell {cell.id}", body, csrf, user)
 
