@@ -373,3 +373,15 @@ def test_training_and_gate_defaults_are_written_once():
     assert fields["head_patience"] == 5 and fields["full_head_epochs"] == 10
     convert = {p.name: p.default for p in main.commands["convert"].params if isinstance(p, click.Option)}
     assert (convert["max_drop"], convert["max_class_drop"]) == (Gate.max_drop, Gate.max_class_drop)
+
+
+def test_the_version_is_written_once():
+    from importlib.metadata import version
+
+    import tomllib
+
+    import bmc
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert "version" not in project and "version" in project["dynamic"]
+    assert version("bmc-edge") == bmc.__version__
