@@ -27,7 +27,7 @@ import numpy as np
 
 from benchmarks.generalisation import DEFAULT_BCCD, MATEK_UNKNOWN, bccd_cells, matek_cells, matek_map
 from bmc.errors import BmcError
-from edge_app.unknown import threshold_at
+from edge_app.unknown import UnknownCells, threshold_at
 
 DEFAULT_DATA = DEFAULT_BCCD.parent
 SHOULD_FLAG = {"blasts (BLA)": ("BLA",), "artefacts (ART)": ("ART",), "PLM/PEB/NIF": ("PLM", "PEB", "NIF")}
@@ -111,7 +111,7 @@ def run(model=None, level: float = 0.98, data_root=DEFAULT_DATA, orientations: i
         for label in sorted(set(by)):
             idx = np.flatnonzero(np.array(by) == label)
             pick[rng.choice(idx, min(reviewed, len(idx) - 1), replace=False)] = True
-        detector = clf.unknown.__class__(np.concatenate([detector.reference, be[pick]]), clf.unknown.calib, level)
+        detector = UnknownCells(np.concatenate([detector.reference, be[pick]]), clf.unknown.calib, level)
         by, bp, be = [l for l, k in zip(by, pick) if not k], bp[~pick], be[~pick]
     sets["BCCD white cells"] = (by, bp, be)
     known = matek_map(labels)

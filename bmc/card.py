@@ -35,6 +35,18 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def file_beside(model_path: str | Path, spec: dict, what: str, error: type[Exception] = None) -> Path:
+    """The file a model card names beside its model (``spec['file']``, e.g. its head or guard set),
+    checked to exist and to match ``spec['sha256']``; else ``error`` (ModelCardError) says which."""
+    error = error or ModelCardError
+    path = Path(model_path).parent / spec["file"]
+    if not path.is_file():
+        raise error(f"{model_path}: its {what} {path.name} is missing beside it")
+    if sha256_file(path) != spec.get("sha256"):
+        raise error(f"{path}: does not match the sha256 in {Path(model_path).name}'s card: replaced or corrupted")
+    return path
+
+
 def write_card(model_path: str | Path, card: dict) -> Path:
     model_path = Path(model_path)
     card = {"card_schema": CARD_SCHEMA, "file": model_path.name, "sha256": sha256_file(model_path),

@@ -35,9 +35,6 @@ PARENT = {"promyelocyte": "ig", "myelocyte": "ig", "metamyelocyte": "ig",
 STAGE_LABELS = ("basophil", "eosinophil", "erythroblast", "lymphocyte", "monocyte", "platelet",
                 *GRANULOCYTIC_SERIES)
 
-#: Cells that make the myeloid:erythroid ratio's two sides (platelets and lymphocytes are neither).
-MYELOID = ("basophil", "eosinophil", "monocyte", *GRANULOCYTIC_SERIES, "ig", "neutrophil")
-ERYTHROID = ("erythroblast",)
 
 
 def stage_of_prefix(stem: str) -> str | None:

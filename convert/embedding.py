@@ -202,8 +202,7 @@ def calibrate_unknown(model_path: str | Path, samples, orientations: int = 4, th
     guard = clf.card.get("guard")
     if not clf.has_embedding or not guard:
         raise EmbeddingError(f"{model_path}: needs its embedding output and guard set first (bmc prepare-adapt)")
-    with np.load(Path(model_path).parent / guard["file"]) as z:
-        reference = z["embedding"].astype(np.float32) * float(z["scale"])
+    reference = unknown.reference_of(model_path, clf.card)
     scores = []
     for i in range(0, len(samples), 16):
         batch = np.stack([preprocess(read_image(str(s.path)), clf.contract, "BGR", crop=True) for s in samples[i:i + 16]])

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bmc.card import card_path, sha256_file
+from bmc.card import card_path, file_beside, sha256_file
 from bmc.errors import BmcError
 from edge_app import review
 from edge_app.head import Head, softmax
@@ -89,11 +89,7 @@ def load_guard(model_path: str | Path, card: dict) -> dict:
     if not g:
         raise AdaptError(f"{model_path}: its card names no guard set, so a head fitted on the device could "
                          "forget the classes it was not shown; prepare the model with 'bmc prepare-adapt'")
-    path = Path(model_path).parent / g["file"]
-    if not path.is_file():
-        raise AdaptError(f"{model_path}: its guard set {path.name} is missing beside it")
-    if sha256_file(path) != g.get("sha256"):
-        raise AdaptError(f"{path}: does not match the sha256 in {Path(model_path).name}'s card")
+    path = file_beside(model_path, g, "guard set", AdaptError)
     with np.load(path) as z:
         return {"x": z["embedding"].astype(np.float32) * float(z["scale"]), "y": z["label"].astype(np.int64),
                 "labels": [str(l) for l in z["labels"]], "w": z["head_w"].astype(np.float32),

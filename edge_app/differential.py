@@ -20,6 +20,9 @@ MYELOID = {"neutrophil", "ig", "eosinophil", "basophil", "monocyte", "promyelocy
            "metamyelocyte", "band", "segmented", "pmy", "my", "mmy", "bne", "sne", "ngb", "ngs", "mmz",
            "myb", "pmo", "eos", "bas", "mon"}
 ERYTHROID = {"erythroblast", "erb", "ebo", "peb", "proerythroblast"}
+# the order a differential is read in (neutrophils and bands first), for the screen and the FHIR export
+CLINICAL_ORDER = ["segmented", "band", "neutrophil", "metamyelocyte", "myelocyte", "promyelocyte", "ig",
+                  "lymphocyte", "monocyte", "eosinophil", "basophil", "erythroblast", "platelet"]
 
 
 def count_interval(k: int, n: int, level: float = 0.95) -> tuple[float, float]:

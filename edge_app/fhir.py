@@ -25,7 +25,7 @@ from pathlib import Path
 
 from bmc.stages import PARENT
 from edge_app import review
-from edge_app.differential import count_interval
+from edge_app.differential import CLINICAL_ORDER, count_interval
 
 LOINC = "http://loinc.org"
 BMC_CODES = "urn:bmc-edge:cell-class"  # the kit's own codes: its class names
@@ -79,9 +79,7 @@ def diagnostic_report(out_dir: str | Path, now: datetime.datetime | None = None)
     started = sessions[0][0] if sessions else issued
     ended = (sessions[-1][1] or issued) if sessions else issued
     effective = {"start": _instant(started), "end": _instant(ended)}
-    order = [l for l in ("segmented", "band", "neutrophil", "metamyelocyte", "myelocyte", "promyelocyte", "ig",
-                         "lymphocyte", "monocyte", "eosinophil", "basophil", "erythroblast", "platelet")
-             if l in counted] + sorted(l for l in counted if l not in LOINC_MANUAL and l not in ("ig", "platelet"))
+    order = [l for l in CLINICAL_ORDER if l in counted] + sorted(l for l in counted if l not in CLINICAL_ORDER)
     entries, refs = [], []
     for label in order:
         k = counted[label]

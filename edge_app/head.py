@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bmc.card import ModelCardError, sha256_file
+from bmc.card import ModelCardError, file_beside
 
 
 def softmax(z: np.ndarray) -> np.ndarray:
@@ -48,11 +48,7 @@ class Head:
 def load_head(model_path: str | Path, card: dict) -> Head:
     """The head named in ``card['head']``, beside ``model_path``, checked against its sha256 and shape."""
     spec = card["head"]
-    path = Path(model_path).parent / spec["file"]
-    if not path.is_file():
-        raise ModelCardError(f"{model_path}: its head {path.name} is missing beside it")
-    if sha256_file(path) != spec.get("sha256"):
-        raise ModelCardError(f"{path}: does not match the sha256 in {Path(model_path).name}'s card: replaced or corrupted")
+    path = file_beside(model_path, spec, "head")
     try:
         with np.load(path) as z:
             w, b, labels = z["w"].astype(np.float32), z["b"].astype(np.float32), tuple(str(l) for l in z["labels"])

@@ -197,14 +197,7 @@ def folder_parents(out_dir: str | Path) -> dict[str, str]:
 
 def _parents(sessions) -> dict[str, str]:
     """A stage model's hierarchy (stage → 8-class parent), from the newest session's contract."""
-    for srow in reversed(sessions):
-        try:
-            parents = (json.loads(srow["config"] or "{}").get("contract") or {}).get("parents")
-        except (ValueError, AttributeError):
-            continue
-        if parents:
-            return dict(parents)
-    return {}
+    return next((p for p in (store.parents_of(srow["config"]) for srow in reversed(sessions)) if p), {})
 
 
 def levels_html(counted, parents: dict[str, str], n: int) -> str:

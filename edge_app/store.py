@@ -281,7 +281,7 @@ def model_name(model_file: str, config: str | None) -> str:
     return f"{model_file} + {head['file']}" if head else model_file
 
 
-def _parents_of(config: str | None) -> dict[str, str]:
+def parents_of(config: str | None) -> dict[str, str]:
     """A stage model's stage → 8-class parent map, from a session's recorded config."""
     try:
         return dict(((json.loads(config or "{}") or {}).get("contract") or {}).get("parents") or {})
@@ -296,7 +296,7 @@ def write_csv(out_dir: str | Path) -> Path:
     try:
         sessions = db.execute("SELECT id, model_file, config FROM session").fetchall()
         models = {sid: model_name(f, cfg) for sid, f, cfg in sessions}
-        parents = {sid: _parents_of(cfg) for sid, _, cfg in sessions}
+        parents = {sid: parents_of(cfg) for sid, _, cfg in sessions}
         rows = [(c.source, c.frame, *c.box, c.model_label, c.confidence, c.flag, c.track, c.crop, c.id,
                  c.reviewed_label, c.reviewer if c.reviewed_label else "", c.final_label,
                  parents.get(c.session_id, {}).get(c.final_label, c.final_label) if c.final_label else "",

@@ -109,23 +109,22 @@ class UnknownCells:
         return f"{FLAG}: unlike any known cell (distance {score:.3f} > {self.threshold:.3f})"
 
 
+def reference_of(model_path: str | Path, card: dict) -> np.ndarray:
+    """The guard set's embeddings (the shipped reference), checked against the card's sha256."""
+    from bmc.card import file_beside
+
+    path = file_beside(model_path, card["guard"], "guard set (the unknown-cell reference)", UnknownError)
+    with np.load(path) as z:
+        return z["embedding"].astype(np.float32) * float(z["scale"])
+
+
 def load(model_path: str | Path, card: dict, level: float = DEFAULT_LEVEL,
          extra_reference: np.ndarray | None = None) -> UnknownCells | None:
     """The detector a model card describes, or None where the card has no calibration (an older
     model) or no guard set. ``extra_reference``: an adapted model's reviewed cells."""
-    calib = card.get("unknown")
-    guard = card.get("guard")
-    if not calib or not guard:
+    if not card.get("unknown") or not card.get("guard"):
         return None
-    from bmc.card import sha256_file
-
-    path = Path(model_path).parent / guard["file"]
-    if not path.is_file():
-        raise UnknownError(f"{model_path}: its guard set {path.name} (the unknown-cell reference) is missing beside it")
-    if sha256_file(path) != guard.get("sha256"):
-        raise UnknownError(f"{path}: does not match the sha256 in {Path(model_path).name}'s card: replaced or corrupted")
-    with np.load(path) as z:
-        ref = z["embedding"].astype(np.float32) * float(z["scale"])
+    ref = reference_of(model_path, card)
     if extra_reference is not None and len(extra_reference):
         ref = np.concatenate([ref, np.asarray(extra_reference, np.float32)])
-    return UnknownCells(ref, calib, level)
+    return UnknownCells(ref, card["unknown"], level)

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import venv
+from pathlib import Path
 
 import pytest
 
@@ -78,6 +79,19 @@ def test_edge_extra_alone_runs_the_app(tmp_path, bccd):
     found = subprocess.run([bmc_bin, "bench", "finding", "--source", str(fields), "--boxes", str(bccd / "Annotations"),
                             "--format", "voc"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert found.returncode == 0 and "cell finding on 5 fields" in found.stdout, found.stdout + found.stderr
+    # cells the model does not know, measured on the device: the installed model and card, with the first
+    # 24 of its held-out test cells (the whole list is installed beside it)
+    installed = Path(site_models).parent
+    quick = tmp_path / "ood-model"
+    quick.mkdir()
+    for f in installed.glob("bmc_pbc8_lite0_int8*"):
+        (quick / f.name).symlink_to(f)
+    split = (installed / "bmc_pbc8_lite0_test_split.csv").read_text().splitlines()
+    (quick / "bmc_pbc8_lite0_test_split.csv").write_text("\n".join(split[:25]) + "\n")
+    ood = subprocess.run([bmc_bin, "bench", "ood", "--model", str(quick / "bmc_pbc8_lite0_int8.tflite"),
+                          "--data", str(bccd.parent)], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert ood.returncode == 0 and "| PBC test | 24 |" in ood.stdout and "blasts (BLA)" in ood.stdout, \
+        ood.stdout + ood.stderr
     tr = subprocess.run([bmc_bin, "train", str(classes.parent), "--out", str(tmp_path / "r")], capture_output=True,
                         text=True, timeout=300, cwd=tmp_path)
     assert tr.returncode == 2 and "needs the training packages" in tr.stderr and "Traceback" not in tr.stderr

@@ -36,15 +36,13 @@ import cv2
 
 from edge_app import report as report_mod
 from edge_app import review
-from edge_app.differential import count_interval
+from edge_app.differential import CLINICAL_ORDER, count_interval
 from edge_app.ui.auth import RateLimit, Sessions, verify_password
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).resolve().parent / "static"
 COOKIE = "bmc_ui"
 # the order a hematology differential is read in: granulocytes first, from the most mature
-CLINICAL_ORDER = ["segmented", "band", "neutrophil", "metamyelocyte", "myelocyte", "promyelocyte", "ig",
-                  "lymphocyte", "monocyte", "eosinophil", "basophil", "erythroblast", "platelet"]
 MAX_BODY = 64 * 1024
 CSP = "default-src 'none'; img-src 'self'; style-src 'self'; script-src 'self'; connect-src 'self'; form-action 'self'; " \
       "frame-ancestors 'none'; base-uri 'none'"
