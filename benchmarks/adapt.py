@@ -108,6 +108,56 @@ def _session(src: Path, model, out: Path, mode: str, orientations: int, threads:
     return field_answers(out / "session.sqlite")
 
 
+def _shipped_run(source: Path, truth_file, tmp: Path, model: Path, mode: str, orientations: int,
+                 threads: int | None, log):
+    """(fields folder, {field: class}, classes, shipped answers): the scored fields linked into one
+    flat folder under ``tmp`` (names kept unique) and the shipped model's session over them."""
+    truth_rel = read_truth(truth_file, source)
+    src = tmp / "fields"
+    src.mkdir()
+    truth = {}
+    for rel, label in truth_rel.items():
+        name = rel.replace("/", "__")
+        (src / name).symlink_to((source / rel).resolve())
+        truth[name] = label
+    classes = sorted(set(truth.values()))
+    log(f"{len(truth)} fields of {len(classes)} classes ({', '.join(f'{c} {n}' for c, n in sorted(Counter(truth.values()).items()))})")
+    t0 = time.perf_counter()
+    before = _session(src, model, tmp / "shipped", mode, orientations, threads)
+    log(f"shipped model over every field: {time.perf_counter() - t0:.0f} s")
+    return src, truth, classes, before
+
+
+def ceiling(source, truth_file, mode: str = "field", model=None, orientations: int = 4,
+            threads: int | None = None, workdir=None, log=print) -> dict:
+    """How far a refit head can go on this microscope: every field's scored cell labelled, and
+    ``bmc edge adapt``'s own cross-validation (grouped by field, 5 folds, 3 fold assignments) of
+    the shipped and the adapted head on cells they were not fitted on. The protocol's K labelled
+    fields per class cannot do better than this, short of a better embedding."""
+    from edge_app import adapt
+    from edge_app.model import DEFAULT_MODEL, CellClassifier
+    from edge_app.review import Reviewer
+
+    model = Path(model or DEFAULT_MODEL)
+    keep = tempfile.mkdtemp(prefix="bmc-bench-adapt-", dir=workdir)
+    tmp = Path(keep)
+    try:
+        _, truth, classes, before = _shipped_run(Path(source), truth_file, tmp, model, mode, orientations, threads,
+                                                 log)
+        with Reviewer(tmp / "shipped", "bench") as r:
+            for f, (_, cid) in before.items():
+                r.decide(cid, truth[f])
+        _, _, result = adapt.prepare([tmp / "shipped"], CellClassifier(model, orientations=1))
+        cv = result.cross_validation
+        log(result.table())
+        return {"source": str(source), "truth": str(truth_file), "mode": mode, "model": model.name,
+                "orientations": orientations, "fields": len(truth), "labelled": cv["cells"], "classes": classes,
+                "shipped": cv["shipped"], "adapted": cv["adapted"], "guard": result.guard,
+                "adapt_seconds": result.seconds}
+    finally:
+        shutil.rmtree(keep, ignore_errors=True)
+
+
 def run(source, truth_file, k: int = 10, seeds=(1, 2, 3), mode: str = "field", model=None,
         orientations: int = 4, threads: int | None = None, workdir=None, log=print) -> dict:
     from edge_app import adapt
@@ -116,22 +166,10 @@ def run(source, truth_file, k: int = 10, seeds=(1, 2, 3), mode: str = "field", m
 
     model = Path(model or DEFAULT_MODEL)
     source = Path(source)
-    truth_rel = read_truth(truth_file, source)
     keep = tempfile.mkdtemp(prefix="bmc-bench-adapt-", dir=workdir)
     tmp = Path(keep)
     try:
-        src = tmp / "fields"
-        src.mkdir()
-        truth = {}
-        for rel, label in truth_rel.items():  # one flat folder of the scored fields, names kept unique
-            name = rel.replace("/", "__")
-            (src / name).symlink_to((source / rel).resolve())
-            truth[name] = label
-        classes = sorted(set(truth.values()))
-        log(f"{len(truth)} fields of {len(classes)} classes ({', '.join(f'{c} {n}' for c, n in sorted(Counter(truth.values()).items()))})")
-        t0 = time.perf_counter()
-        before = _session(src, model, tmp / "shipped", mode, orientations, threads)
-        log(f"shipped model over every field: {time.perf_counter() - t0:.0f} s")
+        src, truth, classes, before = _shipped_run(source, truth_file, tmp, model, mode, orientations, threads, log)
         runs = []
         for seed in seeds:
             rng = np.random.default_rng(seed)

@@ -348,3 +348,26 @@ def test_adapting_from_the_screen_and_making_the_model_active(session, truth, tm
     lines = []
     serve(config_mod.load(cfg_file), echo=lines.append, max_sessions=1)
     assert any(l.startswith("counting with bmc_pbc8_lite0_int8.tflite") for l in lines)
+
+
+def test_bench_adapt_plays_the_protocol_and_measures_its_ceiling(matek, tmp_path):
+    """``bmc bench adapt`` on the Munich cells (cell mode): K labelled per class, a real adapt and
+    rerun, the unlabelled cells scored; ``--ceiling`` labels every cell and reports the refit head's
+    cross-validation, the most the protocol could reach with this embedding."""
+    truth = tmp_path / "truth.csv"
+    bmc("bench", "truth", matek, "--format", "matek", "--out", truth)
+    rows = list(csv.DictReader(open(truth)))
+    per_class = Counter(r["label"] for r in rows)
+    bmc("bench", "adapt", "--source", matek, "--truth", truth, "--mode", "cell", "--k", "2", "--seeds", "1",
+        "--orientations", "1", "--json", tmp_path / "run.json")
+    r = json.loads((tmp_path / "run.json").read_text())["runs"][0]
+    assert r["labelled"] == sum(min(2, n) for n in per_class.values())
+    assert r["before"]["fields"] == len(rows) - r["labelled"]  # only cells nobody labelled are scored
+    if not r["accepted"]:  # refused: the laboratory keeps the shipped model, and its figures
+        assert r["after"] == r["before"] and r["reasons"]
+    p = bmc("bench", "adapt", "--source", matek, "--truth", truth, "--mode", "cell", "--ceiling",
+            "--orientations", "1", "--json", tmp_path / "ceiling.json")
+    c = json.loads((tmp_path / "ceiling.json").read_text())
+    assert c["labelled"] == c["fields"] == len(rows)
+    assert 0 <= c["adapted"]["balanced_accuracy"] <= 1 and set(c["adapted"]["recall"]) <= set(per_class)
+    assert f"refit head {c['adapted']['balanced_accuracy']:.3f}" in p.stdout
