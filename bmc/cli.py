@@ -758,13 +758,16 @@ def bench_bccd(bccd, model, orientations, white_balance, json_out):
 @click.option("--label", default="WBC", show_default=True,
               help="the white cells' box label (YOLO: its class number; Aslan's CSV: wbc)")
 @click.option("--errors", type=click.Path(file_okay=False), help="write errors.csv, misses.png, false_finds.png here")
+@click.option("--tint", type=click.FloatRange(0, 2), default=0.0, show_default=True,
+              help="tint the red cells bluish first, as an alkaline Giemsa does (0.5 lilac, 1.0 bluish-grey)")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False))
-def bench_finding(source, boxes, fmt, label, errors, json_out):
+def bench_finding(source, boxes, fmt, label, errors, tint, json_out):
     """Recall and precision of the cell finder against white-cell boxes in VOC, CSV or YOLO form."""
     from benchmarks import finding
 
-    r = _guard(lambda: finding.finding(finding.read_boxes(source, boxes, fmt, label), errors=errors))
-    click.echo(f"cell finding on {r['fields']} fields: recall {r['recall']:.4f}, precision {r['precision']:.4f} "
+    r = _guard(lambda: finding.finding(finding.read_boxes(source, boxes, fmt, label), errors=errors, tint=tint))
+    click.echo(f"cell finding on {r['fields']} fields" + (f" tinted {tint:g}" if tint else "")
+               + f": recall {r['recall']:.4f}, precision {r['precision']:.4f} "
                f"({r['boxes']} boxes, {r['found']} cells found, {r['missed']} missed, {r['false_finds']} false finds)"
                + (f"; errors in {errors}" if errors else ""))
     if json_out:

@@ -143,7 +143,7 @@ class EdgeSession:
         if self.field_scale.observe(image):  # the red cells measured: the finder's sizes follow them
             self._finder = scaled(self.cfg.finder, self.field_scale.diameter)
             self.store.record_scale(self.field_scale.to_dict())
-        found = find_cells(image, self._finder)
+        found = find_cells(image, self._finder, self.field_scale.red_colour)
         self.scale.observe(f.box.diameter for f in found)
         boxes = [f.box for f in found]
         return boxes, [crop_cell(image, self.scale.box_for(b), c) for b in boxes]

@@ -109,7 +109,7 @@ class DeviceConfig:
 _EXTERNAL = {("review", "min_confidence"): _range(0, 1), ("review", "min_margin"): _range(0, 1),
              ("review", "unknown_level"): _range(0, 0.999),
              ("finder", "cell_margin"): _range(1, 4), ("finder", "max_cells"): _range(1, 10_000),
-             ("finder", "reference_red_cell_px"): _range(4, 4000)}
+             ("finder", "reference_red_cell_px"): _range(4, 4000), ("finder", "red_cell_chroma"): _range(0, 150)}
 
 
 def _check(where: str, key: str, kind, value, meta: dict):

@@ -4,7 +4,14 @@ Nuclei take up the basic dye and are blue-purple, while red cells are pink and t
 pale: in CIELAB the nuclear stain stands out on the yellow-blue axis (*b*), relative to the
 field's own median, so the rule holds across stains, white balance and exposure. The pipeline:
 
-1. *b* below the field median by ``b_drop`` (and darker than the background) → stain mask;
+1. *b* below the field median by ``b_drop`` (and darker than the background) → stain mask; of
+   those pixels, the ones whose colour (*a*, *b*) lies within ``red_cell_chroma`` of the field's
+   red cells are red cells, whatever the stain tinted them — an alkaline Giemsa turns them lilac or
+   bluish-grey, below the field's *b* median, and the nuclear stain is still further away. The red
+   cells' colour (the median of what is not background: red cells outnumber every other cell) is
+   measured on each field, so the rule follows the stain from smear to smear and from the thin
+   end of a smear to the thick; a field with too few cells to tell takes the session's colour
+   (:class:`FieldScale`, measured with the red cells' size);
 2. opening removes specks, closing joins the lobes of segmented neutrophils;
 3. connected components, each a candidate nucleus group; platelets and debris are dropped by area,
    elongated artefacts by solidity;
@@ -40,6 +47,7 @@ class FinderConfig:
     max_area_px: int = 60000
     split_area_px: int = 14000  # larger than one cell: try watershed
     min_solidity: float = 0.35
+    red_cell_chroma: float = 16.0  # LAB a*b* distance from the field's red cells below which a pixel is a red cell (0: off)
     cell_margin: float = 1.25  # box side = nucleus group side x margin
     max_cells: int = 200
     # the red cells' diameter (by red_cell_diameter) in the fields these sizes are for; the sizes
@@ -72,9 +80,45 @@ def median_u8(channel: np.ndarray) -> float:
     return (lo + hi) / 2
 
 
-def stain_mask(bgr: np.ndarray, cfg: FinderConfig) -> np.ndarray:
+def cells_of(lab: np.ndarray, share: float = 1.0) -> np.ndarray | None:
+    """The pixels of a (small, float) LAB field that are not background, by their colour distance to
+    the brightest tenth of the field (beyond ``share`` of Otsu's threshold), or None for a blank
+    field."""
+    light = lab[..., 0] >= np.percentile(lab[..., 0], 90)
+    distance = np.sqrt(((lab - np.median(lab[light], axis=0)) ** 2).sum(-1))
+    d8 = np.clip(distance * 2, 0, 255).astype(np.uint8)
+    if int(d8.max()) - int(d8.min()) < 16:
+        return None
+    t, fg = cv2.threshold(d8, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    return fg if share == 1.0 else (d8 > share * t).astype(np.uint8) * 255
+
+
+def red_cell_colour(lab: np.ndarray) -> tuple[float, float] | None:
+    """The red cells' (a*, b*) in a field: the median colour of what is not background (on a copy
+    about 80 pixels high), or None for a field with too few cells to tell."""
+    k = min(1.0, 80 / min(lab.shape[:2]))
+    small = cv2.resize(lab, None, fx=k, fy=k, interpolation=cv2.INTER_AREA).astype(np.float32)
+    fg = cells_of(small, 0.5)  # half Otsu's line: in a sparse field it can part the nuclei from everything pale
+    if fg is None or cv2.countNonZero(fg) < 50:
+        return None
+    cells = small[fg > 0]
+    return float(np.median(cells[:, 1])), float(np.median(cells[:, 2]))
+
+
+def stain_mask(bgr: np.ndarray, cfg: FinderConfig, session_red: tuple[float, float] | None = None) -> np.ndarray:
+    """The nuclear-stain pixels of a field (255). The red cells' colour is measured on the field;
+    ``session_red`` (:attr:`FieldScale.red_colour`) stands in where the field has too few cells."""
     lab = cv2.cvtColor(bgr, cv2.COLOR_BGR2LAB)
     mask = (lab[..., 2] < median_u8(lab[..., 2]) - cfg.b_drop) & (lab[..., 0] < median_u8(lab[..., 0]) - cfg.l_drop)
+    red = None
+    if cfg.red_cell_chroma:
+        red = red_cell_colour(lab) or session_red
+    if red is not None:  # stained like the red cells: a tinted red cell, not a nucleus
+        levels = np.arange(256, dtype=np.float32)
+        near = np.add.outer((levels - red[0]) ** 2, (levels - red[1]) ** 2) <= cfg.red_cell_chroma ** 2  # [a, b]
+        ys, xs = np.nonzero(mask)
+        drop = near[lab[ys, xs, 1], lab[ys, xs, 2]]
+        mask[ys[drop], xs[drop]] = False
     mask = mask.astype(np.uint8) * 255
     if cfg.open_px:
         mask = cv2.morphologyEx(mask, cv2.MORPH_OPEN, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (cfg.open_px,) * 2))
@@ -98,13 +142,9 @@ def red_cell_diameter(bgr: np.ndarray, side: int = 160) -> float | None:
     s = side / min(h, w)
     img = cv2.resize(bgr, None, fx=s, fy=s, interpolation=cv2.INTER_AREA) if s < 1 else bgr
     s = min(s, 1.0)
-    lab = cv2.cvtColor(cv2.GaussianBlur(img, (5, 5), 0), cv2.COLOR_BGR2LAB).astype(np.float32)
-    light = lab[..., 0] >= np.percentile(lab[..., 0], 90)
-    distance = np.sqrt(((lab - np.median(lab[light], axis=0)) ** 2).sum(-1))
-    d8 = np.clip(distance * 2, 0, 255).astype(np.uint8)
-    if int(d8.max()) - int(d8.min()) < 16:  # a blank field
+    fg = cells_of(cv2.cvtColor(cv2.GaussianBlur(img, (5, 5), 0), cv2.COLOR_BGR2LAB).astype(np.float32))
+    if fg is None:  # a blank field
         return None
-    _, fg = cv2.threshold(d8, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
     fg = cv2.morphologyEx(fg, cv2.MORPH_CLOSE, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (3, 3)))
     n, holes, stats, _ = cv2.connectedComponentsWithStats(255 - fg, connectivity=4)
     small = stats[:, cv2.CC_STAT_AREA] < 0.01 * fg.size
@@ -139,19 +179,29 @@ def scaled(cfg: FinderConfig, red_cell_px: float | None) -> FinderConfig:
 
 
 class FieldScale:
-    """The session's red-cell diameter in frame pixels: measured on the first ``first`` frames, then
-    every ``every``-th (the median of all measures), so a changed objective is followed and the cost
-    stays off most frames. ``fixed`` (pixels) overrides the measure."""
+    """The session's red cells: their diameter in frame pixels and their colour, measured on the
+    first ``first`` frames, then every ``every``-th (the median of all measures), so a changed
+    objective or stain is followed and the cost stays off most frames. ``fixed`` (pixels)
+    overrides the diameter."""
 
     def __init__(self, fixed: float | None = None, first: int = 5, every: int = 50):
         self.fixed, self.first, self.every = fixed, first, every
         self.measures: list[float] = []
+        self.colours: list[tuple[float, float]] = []
+        self.red_colour: tuple[float, float] | None = None  # the red cells' LAB (a*, b*), for the finder
         self.frames = 0
 
     def observe(self, bgr: np.ndarray) -> bool:
-        """Measure this frame when it is due; True when the estimate may have changed."""
+        """Measure this frame when it is due; True when the diameter may have changed."""
         self.frames += 1
-        if self.fixed or not (self.frames <= self.first or self.frames % self.every == 0):
+        if not (self.frames <= self.first or self.frames % self.every == 0):
+            return False
+        colour = red_cell_colour(cv2.cvtColor(bgr, cv2.COLOR_BGR2LAB))
+        if colour is not None:
+            self.colours.append(colour)
+            a, b = np.median(np.asarray(self.colours), axis=0)
+            self.red_colour = (float(a), float(b))
+        if self.fixed:
             return False
         d = red_cell_diameter(bgr)
         if d is not None:
@@ -168,8 +218,10 @@ class FieldScale:
 
     def to_dict(self) -> dict:
         d = self.diameter
+        c = self.red_colour
         return {"red_cell_px": round(d, 1) if d else None, "um_per_px": round(RED_CELL_UM / d, 4) if d else None,
-                "measured_frames": len(self.measures), "fixed": bool(self.fixed), "red_cell_um": RED_CELL_UM}
+                "measured_frames": len(self.measures), "fixed": bool(self.fixed), "red_cell_um": RED_CELL_UM,
+                "red_cell_lab_ab": [round(c[0], 1), round(c[1], 1)] if c else None}
 
 
 def _split_touching(component: np.ndarray, cfg: FinderConfig) -> list[np.ndarray]:
@@ -190,12 +242,14 @@ def _split_touching(component: np.ndarray, cfg: FinderConfig) -> list[np.ndarray
     return [((ws == k) * 255).astype(np.uint8) for k in range(2, n + 1) if (ws == k).any()]
 
 
-def find_cells(bgr: np.ndarray, cfg: FinderConfig = FinderConfig()) -> list[FoundCell]:
-    """Nucleated cells in a BGR field, largest first."""
+def find_cells(bgr: np.ndarray, cfg: FinderConfig = FinderConfig(),
+               red_colour: tuple[float, float] | None = None) -> list[FoundCell]:
+    """Nucleated cells in a BGR field, largest first. ``red_colour``: the session's red cells'
+    (a*, b*) (:attr:`FieldScale.red_colour`), for a field with too few cells to measure its own."""
     if bgr.ndim != 3 or bgr.shape[2] != 3:
         raise ValueError(f"find_cells expects an HxWx3 BGR frame, got shape {bgr.shape}")
     h, w = bgr.shape[:2]
-    mask = stain_mask(bgr, cfg)
+    mask = stain_mask(bgr, cfg, red_colour)
     n, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
     cells: list[FoundCell] = []
     for i in range(1, n):

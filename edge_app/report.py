@@ -181,8 +181,11 @@ def _scale(session) -> str:
         sc = {}
     if not sc.get("red_cell_px"):
         return "—"
+    colour = sc.get("red_cell_lab_ab")
     return (f"red cells {sc['red_cell_px']:.0f} px across → {sc['um_per_px']:.3f} µm/pixel "
-            f"<small>({sc['measured_frames']} frames; a red cell taken as {sc['red_cell_um']} µm)</small>")
+            f"<small>({sc['measured_frames']} frames; a red cell taken as {sc['red_cell_um']} µm"
+            + (f"; their colour a* {colour[0]:.0f}, b* {colour[1]:.0f}, which the finder does not take for a nucleus"
+               if colour else "") + ")</small>")
 
 
 def folder_parents(out_dir: str | Path) -> dict[str, str]:
