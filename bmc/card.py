@@ -12,11 +12,15 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import Any
 
 from bmc.contract import Contract, ContractError
 from bmc.errors import BmcError
 
 CARD_SCHEMA = 1
+
+#: a model card as read from its JSON (its contract is checked into a :class:`Contract` on load)
+Card = dict[str, Any]
 
 
 class ModelCardError(BmcError, ValueError):
@@ -35,11 +39,11 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def file_beside(model_path: str | Path, spec: dict, what: str, error: type[Exception] = None) -> Path:
+def file_beside(model_path: str | Path, spec: dict[str, Any], what: str, error: type[Exception] | None = None) -> Path:
     """The file a model card names beside its model (``spec['file']``, e.g. its head or guard set),
     checked to exist and to match ``spec['sha256']``; else ``error`` (ModelCardError) says which."""
     error = error or ModelCardError
-    path = Path(model_path).parent / spec["file"]
+    path = Path(model_path).parent / str(spec["file"])
     if not path.is_file():
         raise error(f"{model_path}: its {what} {path.name} is missing beside it")
     if sha256_file(path) != spec.get("sha256"):
@@ -47,7 +51,7 @@ def file_beside(model_path: str | Path, spec: dict, what: str, error: type[Excep
     return path
 
 
-def write_card(model_path: str | Path, card: dict) -> Path:
+def write_card(model_path: str | Path, card: Card) -> Path:
     model_path = Path(model_path)
     card = {"card_schema": CARD_SCHEMA, "file": model_path.name, "sha256": sha256_file(model_path),
             "size_bytes": model_path.stat().st_size, **card}
@@ -56,7 +60,7 @@ def write_card(model_path: str | Path, card: dict) -> Path:
     return out
 
 
-def load_card(model_path: str | Path, require_deployable: bool = False) -> tuple[dict, Contract]:
+def load_card(model_path: str | Path, require_deployable: bool = False) -> tuple[Card, Contract]:
     """Read and verify the card of ``model_path``; returns ``(card, contract)``."""
     model_path = Path(model_path)
     if not model_path.is_file():

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Sequence
+from typing import Any, Sequence
 
 import cv2
 import numpy as np
@@ -100,7 +100,7 @@ class Contract:
     def num_classes(self) -> int:
         return len(self.labels)
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["labels"] = list(self.labels)
         d["input_range"] = list(self.input_range)
@@ -114,7 +114,7 @@ class Contract:
         return json.dumps(self.to_dict(), indent=2)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Contract":
+    def from_dict(cls, d: dict[str, Any]) -> "Contract":
         if not isinstance(d, dict):
             raise ContractError(f"contract must be a JSON object, got {type(d).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
@@ -190,7 +190,8 @@ def stretch_levels(rgb: np.ndarray) -> tuple[int, int]:
 def stretch_lut(lo: int, hi: int) -> np.ndarray:
     """The 256-entry table mapping ``lo`` → 0 and ``hi`` → 255 (float32 arithmetic, clipped)."""
     v = np.arange(256, dtype=np.float32)
-    return np.clip(np.round((v - np.float32(lo)) * np.float32(255.0 / (hi - lo))), 0, 255).astype(np.uint8)
+    lut: np.ndarray = np.clip(np.round((v - np.float32(lo)) * np.float32(255.0 / (hi - lo))), 0, 255).astype(np.uint8)
+    return lut
 
 
 def normalise_stain(rgb: np.ndarray, method: str) -> np.ndarray:
@@ -206,7 +207,8 @@ def lamp_of(image: np.ndarray, step: int = 4) -> np.ndarray:
     """An image's background level per channel (in its own channel order): the 99th percentile of
     every ``step``-th pixel — the bright plasma between the cells, lit by the lamp."""
     sample = image[::step, ::step].reshape(-1, image.shape[2] if image.ndim == 3 else 1)
-    return np.maximum(np.percentile(sample, 99, axis=0), 1.0).astype(np.float32)
+    lamp: np.ndarray = np.maximum(np.percentile(sample, 99, axis=0), 1.0).astype(np.float32)
+    return lamp
 
 
 def white_balance(image: np.ndarray, seen: np.ndarray, lamp: Sequence[float]) -> np.ndarray:

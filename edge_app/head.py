@@ -10,16 +10,18 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from bmc.card import ModelCardError, file_beside
+from bmc.card import Card, ModelCardError, file_beside
 
 
 def softmax(z: np.ndarray) -> np.ndarray:
     z = z - z.max(axis=-1, keepdims=True)
     e = np.exp(z)
-    return e / e.sum(axis=-1, keepdims=True)
+    p: np.ndarray = e / e.sum(axis=-1, keepdims=True)
+    return p
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,19 +35,22 @@ class Head:
     reference: np.ndarray | None = dataclasses.field(default=None, repr=False, compare=False)
 
     def logits(self, embedding: np.ndarray) -> np.ndarray:
-        return embedding @ self.w + self.b
+        z: np.ndarray = embedding @ self.w + self.b
+        return z
 
     def probabilities(self, embedding: np.ndarray) -> np.ndarray:
         return softmax(self.logits(embedding)).astype(np.float32)
 
     def save(self, path: str | Path) -> None:
         with open(path, "wb") as fh:  # np.savez would add '.npz' to a name without it
-            extra = {} if self.reference is None else {"reference": self.reference.astype(np.float16)}
-            np.savez(fh, w=self.w.astype(np.float32), b=self.b.astype(np.float32), labels=np.asarray(self.labels),
-                     **extra)
+            arrays: dict[str, Any] = {"w": self.w.astype(np.float32), "b": self.b.astype(np.float32),
+                                      "labels": np.asarray(self.labels)}
+            if self.reference is not None:
+                arrays["reference"] = self.reference.astype(np.float16)
+            np.savez(fh, **arrays)
 
 
-def load_head(model_path: str | Path, card: dict) -> Head:
+def load_head(model_path: str | Path, card: Card) -> Head:
     """The head named in ``card['head']``, beside ``model_path``, checked against its sha256 and shape."""
     spec = card["head"]
     path = file_beside(model_path, spec, "head")

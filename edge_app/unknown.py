@@ -20,9 +20,11 @@ Numpy only: the device imports it.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from bmc.card import Card
 from bmc.errors import BmcError
 
 DEFAULT_LEVEL = 0.98
@@ -38,7 +40,8 @@ class UnknownError(BmcError, ValueError):
 
 def _unit(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    unit: np.ndarray = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    return unit
 
 
 def distances(embeddings: np.ndarray, reference: np.ndarray, chunk: int = 256, unit: bool = False) -> np.ndarray:
@@ -54,7 +57,7 @@ def distances(embeddings: np.ndarray, reference: np.ndarray, chunk: int = 256, u
     return out
 
 
-def calibration(val_scores: np.ndarray, reference_cells: int, data: str) -> dict:
+def calibration(val_scores: np.ndarray, reference_cells: int, data: str) -> dict[str, Any]:
     """The card's ``unknown`` section from the validation cells' scores."""
     s = np.asarray(val_scores, np.float64)
     if len(s) < 50:
@@ -64,7 +67,7 @@ def calibration(val_scores: np.ndarray, reference_cells: int, data: str) -> dict
             "levels": [[q, round(float(np.quantile(s, q)), 6)] for q in LEVELS], "default_level": DEFAULT_LEVEL}
 
 
-def threshold_at(calib: dict, level: float) -> float | None:
+def threshold_at(calib: dict[str, Any], level: float) -> float | None:
     """The score beyond which a cell is unknown at ``level`` (interpolated on the card's grid);
     None when ``level`` is 0 (the check is off)."""
     if not level:
@@ -80,7 +83,7 @@ def threshold_at(calib: dict, level: float) -> float | None:
 class UnknownCells:
     """Scores cells and says which ones are unknown: ``scores(embeddings)``, ``flags(scores)``."""
 
-    def __init__(self, reference: np.ndarray, calib: dict, level: float = DEFAULT_LEVEL):
+    def __init__(self, reference: np.ndarray, calib: dict[str, Any], level: float = DEFAULT_LEVEL):
         self.reference = _unit(reference)  # unit rows
         self.calib = calib
         self.level = level
@@ -109,16 +112,17 @@ class UnknownCells:
         return f"{FLAG}: unlike any known cell (distance {score:.3f} > {self.threshold:.3f})"
 
 
-def reference_of(model_path: str | Path, card: dict) -> np.ndarray:
+def reference_of(model_path: str | Path, card: Card) -> np.ndarray:
     """The guard set's embeddings (the shipped reference), checked against the card's sha256."""
     from bmc.card import file_beside
 
     path = file_beside(model_path, card["guard"], "guard set (the unknown-cell reference)", UnknownError)
     with np.load(path) as z:
-        return z["embedding"].astype(np.float32) * float(z["scale"])
+        reference: np.ndarray = z["embedding"].astype(np.float32) * float(z["scale"])
+    return reference
 
 
-def load(model_path: str | Path, card: dict, level: float = DEFAULT_LEVEL,
+def load(model_path: str | Path, card: Card, level: float = DEFAULT_LEVEL,
          extra_reference: np.ndarray | None = None) -> UnknownCells | None:
     """The detector a model card describes, or None where the card has no calibration (an older
     model) or no guard set. ``extra_reference``: an adapted model's reviewed cells."""
