@@ -72,8 +72,11 @@ def write_truth_matek(matek: str | Path, out: str | Path) -> int:
     from benchmarks.generalisation import MATEK_TO_LABEL
 
     root = Path(matek)
-    rows = [(str(p.relative_to(root)), MATEK_TO_LABEL[p.relative_to(root).parts[0]])
-            for p in sorted(root.rglob("*.jpg")) if p.relative_to(root).parts[0] in MATEK_TO_LABEL]
+    rows = [
+        (str(p.relative_to(root)), MATEK_TO_LABEL[p.relative_to(root).parts[0]])
+        for p in sorted(root.rglob("*.jpg"))
+        if p.relative_to(root).parts[0] in MATEK_TO_LABEL
+    ]
     with open(out, "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["file", "label"])
@@ -95,8 +98,12 @@ def _score(truth: dict[str, str], answers: dict[str, tuple[str, int]], fields: l
         if mine:
             recall[c] = float(np.mean([answers.get(f, ("none", 0))[0] == c for f in mine]))
     acc = float(np.mean([answers.get(f, ("none", 0))[0] == truth[f] for f in fields])) if fields else 0.0
-    return {"balanced_accuracy": float(np.mean(list(recall.values()))) if recall else 0.0, "accuracy": acc,
-            "recall": recall, "fields": len(fields)}
+    return {
+        "balanced_accuracy": float(np.mean(list(recall.values()))) if recall else 0.0,
+        "accuracy": acc,
+        "recall": recall,
+        "fields": len(fields),
+    }
 
 
 def _session(src: Path, model, out: Path, mode: str, orientations: int, threads: int | None):
@@ -108,8 +115,9 @@ def _session(src: Path, model, out: Path, mode: str, orientations: int, threads:
     return field_answers(out / "session.sqlite")
 
 
-def _shipped_run(source: Path, truth_file, tmp: Path, model: Path, mode: str, orientations: int,
-                 threads: int | None, log):
+def _shipped_run(
+    source: Path, truth_file, tmp: Path, model: Path, mode: str, orientations: int, threads: int | None, log
+):
     """(fields folder, {field: class}, classes, shipped answers): the scored fields linked into one
     flat folder under ``tmp`` (names kept unique) and the shipped model's session over them."""
     truth_rel = read_truth(truth_file, source)
@@ -121,15 +129,25 @@ def _shipped_run(source: Path, truth_file, tmp: Path, model: Path, mode: str, or
         (src / name).symlink_to((source / rel).resolve())
         truth[name] = label
     classes = sorted(set(truth.values()))
-    log(f"{len(truth)} fields of {len(classes)} classes ({', '.join(f'{c} {n}' for c, n in sorted(Counter(truth.values()).items()))})")
+    log(
+        f"{len(truth)} fields of {len(classes)} classes ({', '.join(f'{c} {n}' for c, n in sorted(Counter(truth.values()).items()))})"
+    )
     t0 = time.perf_counter()
     before = _session(src, model, tmp / "shipped", mode, orientations, threads)
     log(f"shipped model over every field: {time.perf_counter() - t0:.0f} s")
     return src, truth, classes, before
 
 
-def ceiling(source, truth_file, mode: str = "field", model=None, orientations: int = 4,
-            threads: int | None = None, workdir=None, log=print) -> dict:
+def ceiling(
+    source,
+    truth_file,
+    mode: str = "field",
+    model=None,
+    orientations: int = 4,
+    threads: int | None = None,
+    workdir=None,
+    log=print,
+) -> dict:
     """How far a refit head can go on this microscope: every field's scored cell labelled, and
     ``bmc edge adapt``'s own cross-validation (grouped by field, 5 folds, 3 fold assignments) of
     the shipped and the adapted head on cells they were not fitted on. The protocol's K labelled
@@ -142,24 +160,43 @@ def ceiling(source, truth_file, mode: str = "field", model=None, orientations: i
     keep = tempfile.mkdtemp(prefix="bmc-bench-adapt-", dir=workdir)
     tmp = Path(keep)
     try:
-        _, truth, classes, before = _shipped_run(Path(source), truth_file, tmp, model, mode, orientations, threads,
-                                                 log)
+        _, truth, classes, before = _shipped_run(Path(source), truth_file, tmp, model, mode, orientations, threads, log)
         with Reviewer(tmp / "shipped", "bench") as r:
             for f, (_, cid) in before.items():
                 r.decide(cid, truth[f])
         _, _, result = adapt.prepare([tmp / "shipped"], CellClassifier(model, orientations=1))
         cv = result.cross_validation
         log(result.table())
-        return {"source": str(source), "truth": str(truth_file), "mode": mode, "model": model.name,
-                "orientations": orientations, "fields": len(truth), "labelled": cv["cells"], "classes": classes,
-                "shipped": cv["shipped"], "adapted": cv["adapted"], "guard": result.guard,
-                "adapt_seconds": result.seconds}
+        return {
+            "source": str(source),
+            "truth": str(truth_file),
+            "mode": mode,
+            "model": model.name,
+            "orientations": orientations,
+            "fields": len(truth),
+            "labelled": cv["cells"],
+            "classes": classes,
+            "shipped": cv["shipped"],
+            "adapted": cv["adapted"],
+            "guard": result.guard,
+            "adapt_seconds": result.seconds,
+        }
     finally:
         shutil.rmtree(keep, ignore_errors=True)
 
 
-def run(source, truth_file, k: int = 10, seeds=(1, 2, 3), mode: str = "field", model=None,
-        orientations: int = 4, threads: int | None = None, workdir=None, log=print) -> dict:
+def run(
+    source,
+    truth_file,
+    k: int = 10,
+    seeds=(1, 2, 3),
+    mode: str = "field",
+    model=None,
+    orientations: int = 4,
+    threads: int | None = None,
+    workdir=None,
+    log=print,
+) -> dict:
     from edge_app import adapt
     from edge_app.model import DEFAULT_MODEL, CellClassifier
     from edge_app.review import Reviewer
@@ -188,42 +225,72 @@ def run(source, truth_file, k: int = 10, seeds=(1, 2, 3), mode: str = "field", m
             guard, reviewed, result = adapt.prepare([sess], clf)
             adapt_s = time.perf_counter() - t1
             unlabelled = sorted(f for f in truth if f not in picked)
-            row = {"seed": seed, "labelled": len(picked), "labelled_per_class": dict(Counter(truth[f] for f in picked)),
-                   "adapt_seconds": adapt_s, "accepted": result.accepted, "reasons": result.reasons,
-                   "cross_validation": result.cross_validation, "guard": result.guard,
-                   "before": _score(truth, before, unlabelled, classes)}
+            row = {
+                "seed": seed,
+                "labelled": len(picked),
+                "labelled_per_class": dict(Counter(truth[f] for f in picked)),
+                "adapt_seconds": adapt_s,
+                "accepted": result.accepted,
+                "reasons": result.reasons,
+                "cross_validation": result.cross_validation,
+                "guard": result.guard,
+                "before": _score(truth, before, unlabelled, classes),
+            }
             if result.accepted:
                 path = adapt.write_model(result, reviewed, clf, guard, tmp / "models", f"seed{seed}")
                 after = _session(src, path, tmp / f"after{seed}", mode, orientations, threads)
                 row["after"] = _score(truth, after, unlabelled, classes)
             else:
                 row["after"] = row["before"]  # refused: the laboratory keeps counting with the shipped model
-            log(f"seed {seed}: {len(picked)} fields labelled, adapt {adapt_s:.1f} s"
+            log(
+                f"seed {seed}: {len(picked)} fields labelled, adapt {adapt_s:.1f} s"
                 + ("" if result.accepted else " (refused: " + "; ".join(result.reasons) + ")")
                 + f"; unlabelled fields balanced accuracy {row['before']['balanced_accuracy']:.3f} → "
-                  f"{row['after']['balanced_accuracy']:.3f}")
+                f"{row['after']['balanced_accuracy']:.3f}"
+            )
             runs.append(row)
-        return {"source": str(source), "truth": str(truth_file), "k": k, "mode": mode, "model": model.name,
-                "orientations": orientations, "fields": len(truth), "classes": classes, "runs": runs,
-                "min_after": min(r["after"]["balanced_accuracy"] for r in runs),
-                "mean_after": float(np.mean([r["after"]["balanced_accuracy"] for r in runs])),
-                "mean_before": float(np.mean([r["before"]["balanced_accuracy"] for r in runs]))}
+        return {
+            "source": str(source),
+            "truth": str(truth_file),
+            "k": k,
+            "mode": mode,
+            "model": model.name,
+            "orientations": orientations,
+            "fields": len(truth),
+            "classes": classes,
+            "runs": runs,
+            "min_after": min(r["after"]["balanced_accuracy"] for r in runs),
+            "mean_after": float(np.mean([r["after"]["balanced_accuracy"] for r in runs])),
+            "mean_before": float(np.mean([r["before"]["balanced_accuracy"] for r in runs])),
+        }
     finally:
         shutil.rmtree(keep, ignore_errors=True)
 
 
 def markdown(res: dict) -> str:
     classes = res["classes"]
-    lines = [f"`bmc bench adapt`: {res['fields']} fields of `{res['source']}`, k = {res['k']} labelled per class, "
-             f"mode {res['mode']}, {res['model']}, {res['orientations']} orientations", "",
-             "| seed | labelled | adapt s | accepted | balanced acc. before | after | "
-             + " | ".join(f"{c} before → after" for c in classes) + " |",
-             "|---:|---:|---:|---|---:|---:|" + "---|" * len(classes)]
+    lines = [
+        f"`bmc bench adapt`: {res['fields']} fields of `{res['source']}`, k = {res['k']} labelled per class, "
+        f"mode {res['mode']}, {res['model']}, {res['orientations']} orientations",
+        "",
+        "| seed | labelled | adapt s | accepted | balanced acc. before | after | "
+        + " | ".join(f"{c} before → after" for c in classes)
+        + " |",
+        "|---:|---:|---:|---|---:|---:|" + "---|" * len(classes),
+    ]
     for r in res["runs"]:
-        lines.append(f"| {r['seed']} | {r['labelled']} | {r['adapt_seconds']:.1f} | {'yes' if r['accepted'] else 'no'} | "
-                     f"{r['before']['balanced_accuracy']:.3f} | **{r['after']['balanced_accuracy']:.3f}** | "
-                     + " | ".join(f"{r['before']['recall'].get(c, float('nan')):.2f} → {r['after']['recall'].get(c, float('nan')):.2f}"
-                                  for c in classes) + " |")
-    lines += ["", f"mean balanced accuracy on the unlabelled fields: {res['mean_before']:.3f} → {res['mean_after']:.3f} "
-                  f"(lowest seed {res['min_after']:.3f})"]
+        lines.append(
+            f"| {r['seed']} | {r['labelled']} | {r['adapt_seconds']:.1f} | {'yes' if r['accepted'] else 'no'} | "
+            f"{r['before']['balanced_accuracy']:.3f} | **{r['after']['balanced_accuracy']:.3f}** | "
+            + " | ".join(
+                f"{r['before']['recall'].get(c, float('nan')):.2f} → {r['after']['recall'].get(c, float('nan')):.2f}"
+                for c in classes
+            )
+            + " |"
+        )
+    lines += [
+        "",
+        f"mean balanced accuracy on the unlabelled fields: {res['mean_before']:.3f} → {res['mean_after']:.3f} "
+        f"(lowest seed {res['min_after']:.3f})",
+    ]
     return "\n".join(lines)

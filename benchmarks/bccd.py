@@ -15,8 +15,13 @@ from pathlib import Path
 from edge_app.cells import Box
 
 # BCCD's category names → the PBC / model labels
-BCCD_TO_LABEL = {"NEUTROPHIL": "neutrophil", "EOSINOPHIL": "eosinophil", "LYMPHOCYTE": "lymphocyte",
-                 "MONOCYTE": "monocyte", "BASOPHIL": "basophil"}
+BCCD_TO_LABEL = {
+    "NEUTROPHIL": "neutrophil",
+    "EOSINOPHIL": "eosinophil",
+    "LYMPHOCYTE": "lymphocyte",
+    "MONOCYTE": "monocyte",
+    "BASOPHIL": "basophil",
+}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -44,8 +44,17 @@ def run(items, data: str, runs: int = 100, threads: int | None = None, plot: str
     for m in models:
         e = evaluate(m, data)
         l = lat[Path(m).name]
-        rows.append({"model": Path(m).name, "format": l["format"], "accuracy": e["accuracy"], "macro_f1": e["macro_f1"],
-                     "n": e["n"], "p50_ms": l["p50_ms"], "size_mb": l["size_mb"]})
+        rows.append(
+            {
+                "model": Path(m).name,
+                "format": l["format"],
+                "accuracy": e["accuracy"],
+                "macro_f1": e["macro_f1"],
+                "n": e["n"],
+                "p50_ms": l["p50_ms"],
+                "size_mb": l["size_mb"],
+            }
+        )
     for r, front in zip(rows, pareto([(r["p50_ms"], r["accuracy"]) for r in rows])):
         r["pareto"] = front
     if plot:
@@ -61,9 +70,16 @@ def _plot(rows, path):
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for r in rows:
-        ax.scatter(r["p50_ms"], 100 * r["accuracy"], s=60, marker="o" if r["pareto"] else "x",
-                   color="tab:blue" if r["pareto"] else "tab:gray")
-        ax.annotate(r["format"], (r["p50_ms"], 100 * r["accuracy"]), textcoords="offset points", xytext=(5, 5), fontsize=8)
+        ax.scatter(
+            r["p50_ms"],
+            100 * r["accuracy"],
+            s=60,
+            marker="o" if r["pareto"] else "x",
+            color="tab:blue" if r["pareto"] else "tab:gray",
+        )
+        ax.annotate(
+            r["format"], (r["p50_ms"], 100 * r["accuracy"]), textcoords="offset points", xytext=(5, 5), fontsize=8
+        )
     front = sorted((r["p50_ms"], 100 * r["accuracy"]) for r in rows if r["pareto"])
     ax.plot([p[0] for p in front], [p[1] for p in front], "--", color="tab:blue", lw=1, label="Pareto front")
     ax.set_xlabel("p50 latency per cell (ms)")
@@ -76,8 +92,13 @@ def _plot(rows, path):
 
 
 def markdown(res) -> str:
-    lines = ["| model | format | accuracy | macro-F1 | p50 ms | size MB | Pareto |", "|---|---|---:|---:|---:|---:|---|"]
+    lines = [
+        "| model | format | accuracy | macro-F1 | p50 ms | size MB | Pareto |",
+        "|---|---|---:|---:|---:|---:|---|",
+    ]
     for r in res["rows"]:
-        lines.append(f"| {r['model']} | {r['format']} | {r['accuracy']:.4f} | {r['macro_f1']:.4f} | {r['p50_ms']:.2f} | "
-                     f"{r['size_mb']:.2f} | {'yes' if r['pareto'] else ''} |")
+        lines.append(
+            f"| {r['model']} | {r['format']} | {r['accuracy']:.4f} | {r['macro_f1']:.4f} | {r['p50_ms']:.2f} | "
+            f"{r['size_mb']:.2f} | {'yes' if r['pareto'] else ''} |"
+        )
     return "\n".join(lines)

@@ -32,8 +32,14 @@ def finding(bccd, cfg: FinderConfig = FinderConfig()) -> dict:
     from benchmarks.finding import finding as match
 
     r = match([FieldBoxes(f.image, list(f.wbc)) for f in read_fields(bccd)], cfg)
-    return {"boxes": r["boxes"], "found": r["found"], "recall": r["recall"], "precision": r["precision"],
-            "false_positives": r["false_finds"], "missed": r["missed"]}
+    return {
+        "boxes": r["boxes"],
+        "found": r["found"],
+        "recall": r["recall"],
+        "precision": r["precision"],
+        "false_positives": r["false_finds"],
+        "missed": r["missed"],
+    }
 
 
 def best_cells(db_path: Path) -> dict[str, tuple[str, int, bool]]:
@@ -49,38 +55,54 @@ def best_cells(db_path: Path) -> dict[str, tuple[str, int, bool]]:
     return {s: (label, cid, flag) for s, (label, _, cid, flag) in best.items()}
 
 
-def field_classification(bccd, model: str | None = None, orientations: int | None = None,
-                         white_balance: bool = False) -> dict:
+def field_classification(
+    bccd, model: str | None = None, orientations: int | None = None, white_balance: bool = False
+) -> dict:
     from edge_app.app import EdgeSession, SessionConfig
     from edge_app.model import DEFAULT_MODEL, DEFAULT_ORIENTATIONS, CellClassifier
     from train.metrics import confusion
 
     fields = single_cell_fields(bccd)
-    clf = CellClassifier(model or DEFAULT_MODEL, threads=os.cpu_count(),
-                         orientations=orientations or DEFAULT_ORIENTATIONS)
+    clf = CellClassifier(
+        model or DEFAULT_MODEL, threads=os.cpu_count(), orientations=orientations or DEFAULT_ORIENTATIONS
+    )
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "fields"
         src.mkdir()
         for f in fields:
             (src / f.image.name).symlink_to(f.image.resolve())
-        EdgeSession(str(src), clf, Path(tmp) / "s", SessionConfig(save_crops=False, white_balance=white_balance),
-                    echo=lambda m: None).run()
-        best = {f: (label, None, flag) for f, (label, _, flag) in best_cells(Path(tmp) / "s" / "session.sqlite").items()}
+        EdgeSession(
+            str(src),
+            clf,
+            Path(tmp) / "s",
+            SessionConfig(save_crops=False, white_balance=white_balance),
+            echo=lambda m: None,
+        ).run()
+        best = {
+            f: (label, None, flag) for f, (label, _, flag) in best_cells(Path(tmp) / "s" / "session.sqlite").items()
+        }
     truth = [f.labels[0] for f in fields]
     pred = [best.get(f.image.name, ("none", 0))[0] for f in fields]
     classes = ["eosinophil", "lymphocyte", "monocyte", "neutrophil"]
     recall = {c: float(np.mean([p == c for t, p in zip(truth, pred) if t == c])) for c in classes}
     # what reaches the differential unreviewed: the fields whose answer the app counts on its own
     sure = [(t, p) for f, t, p in zip(fields, truth, pred) if f.image.name in best and not best[f.image.name][2]]
-    sure_recall = {c: float(np.mean([p == c for t, p in sure if t == c])) if any(t == c for t, _ in sure) else 0.0
-                   for c in classes}
-    return {"fields": len(fields), "no_cell_found": sum(p == "none" for p in pred),
-            "set_aside": 1 - len(sure) / max(len(fields), 1),
-            "counted_accuracy": float(np.mean([t == p for t, p in sure])) if sure else 0.0,
-            "counted_balanced_accuracy": float(np.mean(list(sure_recall.values()))), "counted_recall": sure_recall,
-            "accuracy": float(np.mean([t == p for t, p in zip(truth, pred)])),
-            "balanced_accuracy": float(np.mean([recall[c] for c in classes if c in truth])),
-            "recall": recall, "model": clf.path.name, "orientations": clf.orientations,
-            "white_balance": bool(white_balance and clf.contract.lamp is not None),
-            "confusion_labels": classes + sorted(set(pred) - set(classes)),
-            "confusion_matrix": confusion(truth, pred, classes + sorted(set(pred) - set(classes))).tolist()}
+    sure_recall = {
+        c: float(np.mean([p == c for t, p in sure if t == c])) if any(t == c for t, _ in sure) else 0.0 for c in classes
+    }
+    return {
+        "fields": len(fields),
+        "no_cell_found": sum(p == "none" for p in pred),
+        "set_aside": 1 - len(sure) / max(len(fields), 1),
+        "counted_accuracy": float(np.mean([t == p for t, p in sure])) if sure else 0.0,
+        "counted_balanced_accuracy": float(np.mean(list(sure_recall.values()))),
+        "counted_recall": sure_recall,
+        "accuracy": float(np.mean([t == p for t, p in zip(truth, pred)])),
+        "balanced_accuracy": float(np.mean([recall[c] for c in classes if c in truth])),
+        "recall": recall,
+        "model": clf.path.name,
+        "orientations": clf.orientations,
+        "white_balance": bool(white_balance and clf.contract.lamp is not None),
+        "confusion_labels": classes + sorted(set(pred) - set(classes)),
+        "confusion_matrix": confusion(truth, pred, classes + sorted(set(pred) - set(classes))).tolist(),
+    }

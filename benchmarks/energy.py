@@ -40,5 +40,12 @@ def joules_per_inference(meter: PowerMeter, infer, n: int, idle_s: float = 3.0) 
     meter.stop()
     idle_w = meter.energy_j(t_idle0, t_idle1) / (t_idle1 - t_idle0)
     run_j = meter.energy_j(t_idle1, t1)
-    return {"meter": meter.name, "idle_w": idle_w, "run_s": t1 - t_idle1, "run_j": run_j, "inferences": n,
-            "avg_w": run_j / (t1 - t_idle1), "joules_per_inference": (run_j - idle_w * (t1 - t_idle1)) / n}
+    return {
+        "meter": meter.name,
+        "idle_w": idle_w,
+        "run_s": t1 - t_idle1,
+        "run_j": run_j,
+        "inferences": n,
+        "avg_w": run_j / (t1 - t_idle1),
+        "joules_per_inference": (run_j - idle_w * (t1 - t_idle1)) / n,
+    }

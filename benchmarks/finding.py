@@ -90,8 +90,9 @@ def read_boxes(source: str | Path, boxes: str | Path, fmt: str, label: str) -> l
                 parts = line.split()
                 if len(parts) >= 5 and parts[0] == label:
                     cx, cy, bw, bh = (float(v) for v in parts[1:5])
-                    bs.append(Box(int((cx - bw / 2) * w), int((cy - bh / 2) * h), int(round(bw * w)),
-                                  int(round(bh * h))))
+                    bs.append(
+                        Box(int((cx - bw / 2) * w), int((cy - bh / 2) * h), int(round(bw * w)), int(round(bh * h)))
+                    )
             out.append(FieldBoxes(path, bs))
     else:
         raise BoxesError(f"unknown box format {fmt!r} (voc, csv or yolo)")
@@ -113,8 +114,9 @@ def tint_red_cells(bgr: np.ndarray, strength: float) -> np.ndarray:
     return cv2.cvtColor(np.clip(lab, 0, 255).astype(np.uint8), cv2.COLOR_LAB2BGR)
 
 
-def finding(fields: list[FieldBoxes], cfg: FinderConfig = FinderConfig(), errors: str | Path | None = None,
-            tint: float = 0.0) -> dict:
+def finding(
+    fields: list[FieldBoxes], cfg: FinderConfig = FinderConfig(), errors: str | Path | None = None, tint: float = 0.0
+) -> dict:
     """Recall and precision of the finder on ``fields``, run as one session runs them: the red cells
     measured on the first fields and now and then (:class:`edge_app.detect.FieldScale`), the finder's
     sizes following them. ``tint`` > 0: each field through :func:`tint_red_cells` first."""
@@ -154,8 +156,17 @@ def finding(fields: list[FieldBoxes], cfg: FinderConfig = FinderConfig(), errors
             w.writerows(rows)
         for name, items in (("misses.png", misses), ("false_finds.png", false_finds)):
             cv2.imwrite(str(out / name), _grid(items))
-    return {"fields": len(fields), "boxes": tp + fn, "found": tp + fp, "recall": tp / max(tp + fn, 1),
-            "precision": tp / max(tp + fp, 1), "missed": fn, "false_finds": fp, "scale": scale.to_dict(), "tint": tint}
+    return {
+        "fields": len(fields),
+        "boxes": tp + fn,
+        "found": tp + fp,
+        "recall": tp / max(tp + fn, 1),
+        "precision": tp / max(tp + fp, 1),
+        "missed": fn,
+        "false_finds": fp,
+        "scale": scale.to_dict(),
+        "tint": tint,
+    }
 
 
 def _grid(items, side: int = 128, per_row: int = 8, limit: int = 48) -> np.ndarray:
@@ -164,14 +175,17 @@ def _grid(items, side: int = 128, per_row: int = 8, limit: int = 48) -> np.ndarr
     for frame, b in items[:limit]:
         m = max(b.w, b.h) // 2
         x0, y0 = max(0, b.x - m), max(0, b.y - m)
-        crop = frame[y0:b.y + b.h + m, x0:b.x + b.w + m]
-        tile = cv2.resize(crop, (side, side), interpolation=cv2.INTER_AREA) if crop.size else np.zeros((side, side, 3),
-                                                                                                      np.uint8)
+        crop = frame[y0 : b.y + b.h + m, x0 : b.x + b.w + m]
+        tile = (
+            cv2.resize(crop, (side, side), interpolation=cv2.INTER_AREA)
+            if crop.size
+            else np.zeros((side, side, 3), np.uint8)
+        )
         cv2.rectangle(tile, (0, 0), (side - 1, side - 1), (0, 0, 255), 1)
         tiles.append(tile)
     if not tiles:
         return np.full((side, side, 3), 255, np.uint8)
     while len(tiles) % per_row:
         tiles.append(np.full((side, side, 3), 255, np.uint8))
-    rows = [np.hstack(tiles[i:i + per_row]) for i in range(0, len(tiles), per_row)]
+    rows = [np.hstack(tiles[i : i + per_row]) for i in range(0, len(tiles), per_row)]
     return np.vstack(rows)

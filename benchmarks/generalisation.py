@@ -36,16 +36,41 @@ DEFAULT_PBC = DEFAULT_BCCD.parent / "pbc"
 # Matek / Kaggle bone-marrow class codes → PBC labels (codes without a PBC class are left out:
 # blasts, plasma cells, proerythroblasts, artefacts, ...). PBC's "neutrophil" holds bands and
 # segmented cells; its "ig" promyelocytes, myelocytes and metamyelocytes.
-MATEK_TO_LABEL = {"NGS": "neutrophil", "NGB": "neutrophil", "EOS": "eosinophil", "BAS": "basophil",
-                  "LYT": "lymphocyte", "MON": "monocyte", "EBO": "erythroblast",
-                  "PMO": "ig", "MYB": "ig", "MMZ": "ig"}
+MATEK_TO_LABEL = {
+    "NGS": "neutrophil",
+    "NGB": "neutrophil",
+    "EOS": "eosinophil",
+    "BAS": "basophil",
+    "LYT": "lymphocyte",
+    "MON": "monocyte",
+    "EBO": "erythroblast",
+    "PMO": "ig",
+    "MYB": "ig",
+    "MMZ": "ig",
+}
 # the same codes for a stage model (bmc_pbc11_stages): the granulocytic series keeps its stages
-MATEK_TO_STAGE = {**MATEK_TO_LABEL, "NGS": "segmented", "NGB": "band", "PMO": "promyelocyte",
-                  "MYB": "myelocyte", "MMZ": "metamyelocyte"}
+MATEK_TO_STAGE = {
+    **MATEK_TO_LABEL,
+    "NGS": "segmented",
+    "NGB": "band",
+    "PMO": "promyelocyte",
+    "MYB": "myelocyte",
+    "MMZ": "metamyelocyte",
+}
 # Munich codes no model of the kit can name (the cells it should set aside as unknown)
-MATEK_UNKNOWN = {"BLA": "blast", "ART": "artefact", "PLM": "plasma cell", "PEB": "proerythroblast",
-                 "NIF": "not identifiable", "ABE": "abnormal eosinophil", "FGC": "faggot cell",
-                 "HAC": "hairy cell", "KSC": "smudge cell", "LYI": "immature lymphocyte", "OTH": "other"}
+MATEK_UNKNOWN = {
+    "BLA": "blast",
+    "ART": "artefact",
+    "PLM": "plasma cell",
+    "PEB": "proerythroblast",
+    "NIF": "not identifiable",
+    "ABE": "abnormal eosinophil",
+    "FGC": "faggot cell",
+    "HAC": "hairy cell",
+    "KSC": "smudge cell",
+    "LYI": "immature lymphocyte",
+    "OTH": "other",
+}
 
 
 def matek_map(labels) -> dict[str, str]:
@@ -61,13 +86,18 @@ def bccd_cells(root, contract):
     for f in single_cell_fields(root):
         frame = read_image(str(f.image))
         voc = f.wbc[0]
-        inside = [c for c in find_cells(frame) if voc.x <= c.centre[0] <= voc.x + voc.w
-                  and voc.y <= c.centre[1] <= voc.y + voc.h]
+        inside = [
+            c
+            for c in find_cells(frame)
+            if voc.x <= c.centre[0] <= voc.x + voc.w and voc.y <= c.centre[1] <= voc.y + voc.h
+        ]
         box = max(inside, key=lambda c: c.nucleus_area).box if inside else voc
         scale.observe([c.box.diameter for c in inside])
         picked.append((frame, box, f.labels[0]))
-    xs = [preprocess(crop_cell(frame, scale.box_for(box), contract), contract, "BGR", crop=False)
-          for frame, box, _ in picked]
+    xs = [
+        preprocess(crop_cell(frame, scale.box_for(box), contract), contract, "BGR", crop=False)
+        for frame, box, _ in picked
+    ]
     return np.stack(xs), [label for _, _, label in picked]
 
 
@@ -85,20 +115,29 @@ def matek_cells(root, contract, codes: dict[str, str] | None = None):
         for path in sorted((root / code).rglob("*.jpg")) if (root / code).is_dir() else []:
             img = read_image(str(path))
             h, w = img.shape[:2]
-            near = [c for c in find_cells(img)
-                    if abs(c.centre[0] - w / 2) < 0.2 * w and abs(c.centre[1] - h / 2) < 0.2 * h]
+            near = [
+                c for c in find_cells(img) if abs(c.centre[0] - w / 2) < 0.2 * w and abs(c.centre[1] - h / 2) < 0.2 * h
+            ]
             if near:
                 scale.observe([max(near, key=lambda c: c.nucleus_area).box.diameter])
             picked.append((img, Box(w // 2, h // 2, 0, 0), label))
     if not picked or scale.diameter is None:
         raise DataError(f"{root}: no Matek cell with a PBC class found (expected CODE/*.jpg folders)")
-    xs = [preprocess(crop_cell(img, scale.box_for(box), contract), contract, "BGR", crop=False)
-          for img, box, _ in picked]
+    xs = [
+        preprocess(crop_cell(img, scale.box_for(box), contract), contract, "BGR", crop=False) for img, box, _ in picked
+    ]
     return np.stack(xs), [label for _, _, label in picked]
 
 
-def score(model_path, bccd=DEFAULT_BCCD, orientations: int = 1, scale: float = 1.0, matek=None,
-          calibrate: str = "none", reference=DEFAULT_PBC) -> dict:
+def score(
+    model_path,
+    bccd=DEFAULT_BCCD,
+    orientations: int = 1,
+    scale: float = 1.0,
+    matek=None,
+    calibrate: str = "none",
+    reference=DEFAULT_PBC,
+) -> dict:
     """Metrics of the model on the BCCD white cells. ``scale`` != 1 cuts every cell ``scale`` times
     the measured scale (a diagnostic: is the cell scale what separates the two microscopes?);
     ``calibrate`` maps the set's stain (BCCD's or Munich's) onto the training stain of ``reference`` first
@@ -121,15 +160,17 @@ def score(model_path, bccd=DEFAULT_BCCD, orientations: int = 1, scale: float = 1
     else:
         xs, names = matek_cells(matek, cut) if matek else bccd_cells(bccd, cut)
     index = {l: i for i, l in enumerate(contract.labels)}
-    probs = np.concatenate([predict_oriented(clf.predict, xs[i:i + 32], orientations)
-                            for i in range(0, len(xs), 32)])
+    probs = np.concatenate([predict_oriented(clf.predict, xs[i : i + 32], orientations) for i in range(0, len(xs), 32)])
     m = classification_metrics(np.array([index[n] for n in names]), probs, list(contract.labels))
     m["model"] = str(model_path)
     m["orientations"] = orientations
     m["scale"] = scale
     m["calibrate"] = calibrate
-    m["data"] = (f"{matek} (cells with a PBC class, set-scale crops" if matek else
-                 f"{bccd} (single-WBC fields, session-scale crops") + f", cell_fraction {contract.cell_fraction})"
+    m["data"] = (
+        f"{matek} (cells with a PBC class, set-scale crops"
+        if matek
+        else f"{bccd} (single-WBC fields, session-scale crops"
+    ) + f", cell_fraction {contract.cell_fraction})"
     return m
 
 

@@ -92,7 +92,9 @@ def keras_baseline(like: str | None, input_size: int = 224, classes: int = 8):
     from train.model import build_classifier
 
     c = Contract(labels=tuple(f"c{i}" for i in range(classes)), input_size=input_size)
-    return build_classifier("efficientnet_lite0", c, weights="none"), "efficientnet_lite0 (untrained, same architecture)"
+    return build_classifier(
+        "efficientnet_lite0", c, weights="none"
+    ), "efficientnet_lite0 (untrained, same architecture)"
 
 
 def _rss_subprocess(path: str, threads: int) -> float:
@@ -105,10 +107,17 @@ def _rss_subprocess(path: str, threads: int) -> float:
         "x = np.random.default_rng(0).uniform(0, 255, (1, m.size, m.size, 3)).astype(np.float32)\n"
         "for _ in range(20): m.one(x)\n"
         "from benchmarks.machine import peak_rss_mb\n"
-        "print(peak_rss_mb())\n")
+        "print(peak_rss_mb())\n"
+    )
     root = Path(__file__).resolve().parents[1]
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=600,
-                       env={**os.environ, "PYTHONPATH": str(root), "TF_CPP_MIN_LOG_LEVEL": "3"})
+    p = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=root,
+        timeout=600,
+        env={**os.environ, "PYTHONPATH": str(root), "TF_CPP_MIN_LOG_LEVEL": "3"},
+    )
     try:
         return float(p.stdout.strip().splitlines()[-1])
     except (ValueError, IndexError):
@@ -127,8 +136,16 @@ def _load(path: str, threads: int):
     return m, (time.perf_counter() - t0) * 1000
 
 
-def run(models: list[str], threads: int | None = None, runs: int = 200, warmup: int = 10, batch: int = 8,
-        baseline_keras: bool = False, keras_runs: int | None = None, measure_rss: bool = True) -> dict:
+def run(
+    models: list[str],
+    threads: int | None = None,
+    runs: int = 200,
+    warmup: int = 10,
+    batch: int = 8,
+    baseline_keras: bool = False,
+    keras_runs: int | None = None,
+    measure_rss: bool = True,
+) -> dict:
     threads = threads or os.cpu_count() or 1
     paths = list(models) + (["keras-baseline"] if baseline_keras else [])
     loaded = []
@@ -163,19 +180,36 @@ def run(models: list[str], threads: int | None = None, runs: int = 200, warmup: 
         if isinstance(m, _Keras) and not Path(p).is_file():
             size = float(sum(np.prod(w.shape) for w in m.m.weights) * 4 / 1e6)
         rss = _rss_subprocess(p, threads) if measure_rss else float("nan")
-        rows.append(Row(Path(p).name if Path(p).is_file() else p, m.format, threads,
-                        *(float(np.percentile(t, q)) for q in (50, 90, 99)), tput, init_ms, rss, size, batch))
+        rows.append(
+            Row(
+                Path(p).name if Path(p).is_file() else p,
+                m.format,
+                threads,
+                *(float(np.percentile(t, q)) for q in (50, 90, 99)),
+                tput,
+                init_ms,
+                rss,
+                size,
+                batch,
+            )
+        )
     return {"machine": machine.describe(), "runs": runs, "rows": [dataclasses.asdict(r) for r in rows]}
 
 
 def markdown(result: dict) -> str:
-    lines = ["| model | format | threads | p50 ms | p90 ms | p99 ms | img/s (batch) | init ms | peak RSS MB | size MB |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| model | format | threads | p50 ms | p90 ms | p99 ms | img/s (batch) | init ms | peak RSS MB | size MB |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in result["rows"]:
-        lines.append(f"| {r['model']} | {r['format']} | {r['threads']} | {r['p50_ms']:.2f} | {r['p90_ms']:.2f} | "
-                     f"{r['p99_ms']:.2f} | {r['throughput_ips']:.1f} ({r['batch']}) | {r['init_ms']:.0f} | "
-                     f"{r['peak_rss_mb']:.0f} | {r['size_mb']:.2f} |")
+        lines.append(
+            f"| {r['model']} | {r['format']} | {r['threads']} | {r['p50_ms']:.2f} | {r['p90_ms']:.2f} | "
+            f"{r['p99_ms']:.2f} | {r['throughput_ips']:.1f} ({r['batch']}) | {r['init_ms']:.0f} | "
+            f"{r['peak_rss_mb']:.0f} | {r['size_mb']:.2f} |"
+        )
     m = result["machine"]
-    lines.append(f"\n{m['cpu']}, {m['cores']} cores, Python {m['python']}, "
-                 + ", ".join(f"{k} {v}" for k, v in m["runtimes"].items()))
+    lines.append(
+        f"\n{m['cpu']}, {m['cores']} cores, Python {m['python']}, "
+        + ", ".join(f"{k} {v}" for k, v in m["runtimes"].items())
+    )
     return "\n".join(lines)

@@ -24,8 +24,15 @@ def runtime_versions() -> dict[str, str]:
     from importlib import metadata
 
     out = {}
-    for pkg in ("ai-edge-litert", "tflite-runtime", "tensorflow", "keras", "opencv-python",
-                "opencv-python-headless", "numpy"):
+    for pkg in (
+        "ai-edge-litert",
+        "tflite-runtime",
+        "tensorflow",
+        "keras",
+        "opencv-python",
+        "opencv-python-headless",
+        "numpy",
+    ):
         try:
             out[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
@@ -34,9 +41,14 @@ def runtime_versions() -> dict[str, str]:
 
 
 def describe() -> dict:
-    return {"cpu": cpu_name(), "cores": os.cpu_count(), "arch": platform.machine(),
-            "os": f"{platform.system()} {platform.release()}", "python": platform.python_version(),
-            "runtimes": runtime_versions()}
+    return {
+        "cpu": cpu_name(),
+        "cores": os.cpu_count(),
+        "arch": platform.machine(),
+        "os": f"{platform.system()} {platform.release()}",
+        "python": platform.python_version(),
+        "runtimes": runtime_versions(),
+    }
 
 
 def peak_rss_mb() -> float:

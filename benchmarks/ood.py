@@ -32,8 +32,12 @@ from edge_app.unknown import UnknownCells, threshold_at
 DEFAULT_DATA = DEFAULT_BCCD.parent
 SHOULD_FLAG = {"blasts (BLA)": ("BLA",), "artefacts (ART)": ("ART",), "PLM/PEB/NIF": ("PLM", "PEB", "NIF")}
 # the issue's targets: (set, bound) — set aside at least / at most this share
-TARGETS = {"blasts (BLA)": (">=", 5 / 7), "artefacts (ART)": (">=", 0.80),
-           "PBC test": ("<=", 0.03), "BCCD white cells": ("<=", 0.15)}
+TARGETS = {
+    "blasts (BLA)": (">=", 5 / 7),
+    "artefacts (ART)": (">=", 0.80),
+    "PBC test": ("<=", 0.03),
+    "BCCD white cells": ("<=", 0.15),
+}
 
 
 class OodError(BmcError, ValueError):
@@ -55,7 +59,7 @@ def test_cells(model_path: Path, card: dict, data_root: Path):
 def _embed(clf, xs: np.ndarray, batch: int = 32):
     probs, embs = [], []
     for i in range(0, len(xs), batch):
-        p, e = clf.predict_cells(xs[i:i + batch].astype(np.float32))
+        p, e = clf.predict_cells(xs[i : i + batch].astype(np.float32))
         probs.append(p)
         embs.append(e)
     return np.concatenate(probs), np.concatenate(embs)
@@ -78,8 +82,15 @@ def _accuracy(y_true, probs, labels, parents, keep=None) -> dict:
     return out
 
 
-def run(model=None, level: float = 0.98, data_root=DEFAULT_DATA, orientations: int = 4,
-        threads: int | None = None, reviewed: int = 0, seed: int = 0) -> dict:
+def run(
+    model=None,
+    level: float = 0.98,
+    data_root=DEFAULT_DATA,
+    orientations: int = 4,
+    threads: int | None = None,
+    reviewed: int = 0,
+    seed: int = 0,
+) -> dict:
     """The set-aside shares and accuracies of ``model`` (default: the shipped int8) at ``level``.
 
     ``reviewed`` > 0 plays a laboratory that adapted the model at the BCCD microscope: that many BCCD
@@ -127,19 +138,34 @@ def run(model=None, level: float = 0.98, data_root=DEFAULT_DATA, orientations: i
     def share(s, thr):
         return float((s > thr).mean()) if len(s) else None
 
-    out = {"model": str(model), "level": level, "reviewed_bccd_per_class": reviewed, "seed": seed,
-           "threshold": detector.threshold, "score": clf.unknown.calib["score"],
-           "reference_cells": int(len(detector.reference)), "orientations": orientations, "sets": {}, "munich": {},
-           "sweep": []}
+    out = {
+        "model": str(model),
+        "level": level,
+        "reviewed_bccd_per_class": reviewed,
+        "seed": seed,
+        "threshold": detector.threshold,
+        "score": clf.unknown.calib["score"],
+        "reference_cells": int(len(detector.reference)),
+        "orientations": orientations,
+        "sets": {},
+        "munich": {},
+        "sweep": [],
+    }
     for name, (y, p, _) in sets.items():
         flagged = scores[name] > detector.threshold
-        out["sets"][name] = {"n": len(y), "set_aside": float(flagged.mean()),
-                             "all": _accuracy(y, p, labels, parents), "counted": _accuracy(y, p, labels, parents,
-                                                                                            ~flagged)}
+        out["sets"][name] = {
+            "n": len(y),
+            "set_aside": float(flagged.mean()),
+            "all": _accuracy(y, p, labels, parents),
+            "counted": _accuracy(y, p, labels, parents, ~flagged),
+        }
     for c in sorted(set(code)):
         s = mscores[code == c]
-        out["munich"][c] = {"n": int(len(s)), "set_aside": share(s, detector.threshold),
-                            "name": MATEK_UNKNOWN.get(c, known.get(c))}
+        out["munich"][c] = {
+            "n": int(len(s)),
+            "set_aside": share(s, detector.threshold),
+            "name": MATEK_UNKNOWN.get(c, known.get(c)),
+        }
     for name, group in SHOULD_FLAG.items():
         s = mscores[np.isin(code, group)]
         out["sets"][name] = {"n": int(len(s)), "set_aside": share(s, detector.threshold)}
@@ -148,45 +174,74 @@ def run(model=None, level: float = 0.98, data_root=DEFAULT_DATA, orientations: i
         y = [known[c] for c in code[named]]
         flagged = mscores[named] > detector.threshold
         out["sets"]["Munich cells it can name"] = {
-            "n": int(named.sum()), "set_aside": float(flagged.mean()),
+            "n": int(named.sum()),
+            "set_aside": float(flagged.mean()),
             "all": _accuracy(y, mp[named], labels, parents),
-            "counted": _accuracy(y, mp[named], labels, parents, ~flagged)}
+            "counted": _accuracy(y, mp[named], labels, parents, ~flagged),
+        }
     for q in grid:
         thr = threshold_at(clf.unknown.calib, q)
         row = {"level": q, "threshold": thr}
         row.update({name: share(scores[name], thr) for name in sets})
         row.update({name: share(mscores[np.isin(code, g)], thr) for name, g in SHOULD_FLAG.items()})
         out["sweep"].append(row)
-    out["targets"] = {name: {"bound": f"{op} {bound:.0%}", "set_aside": out["sets"][name]["set_aside"],
-                             "met": bool(out["sets"][name]["set_aside"] >= bound if op == ">="
-                                         else out["sets"][name]["set_aside"] <= bound)}
-                      for name, (op, bound) in TARGETS.items()}
+    out["targets"] = {
+        name: {
+            "bound": f"{op} {bound:.0%}",
+            "set_aside": out["sets"][name]["set_aside"],
+            "met": bool(
+                out["sets"][name]["set_aside"] >= bound if op == ">=" else out["sets"][name]["set_aside"] <= bound
+            ),
+        }
+        for name, (op, bound) in TARGETS.items()
+    }
     return out
 
 
 def markdown(r: dict) -> str:
     pct = lambda v: "—" if v is None else f"{100 * v:.1f}%"  # noqa: E731
-    lab = (f"; {r['reviewed_bccd_per_class']} BCCD cells per class reviewed as a laboratory would (seed {r['seed']}) "
-           "join the reference, BCCD figures are of the others" if r.get("reviewed_bccd_per_class") else "")
-    lines = [f"Unknown-cell check of `{Path(r['model']).name}` at level {r['level']} (threshold "
-             f"{r['threshold']:.4f}; {r['reference_cells']} reference cells; {r['orientations']} orientations{lab})", "",
-             "| cells | n | set aside | accuracy, all | accuracy, counted | balanced acc., all | balanced acc., counted |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    lab = (
+        f"; {r['reviewed_bccd_per_class']} BCCD cells per class reviewed as a laboratory would (seed {r['seed']}) "
+        "join the reference, BCCD figures are of the others"
+        if r.get("reviewed_bccd_per_class")
+        else ""
+    )
+    lines = [
+        f"Unknown-cell check of `{Path(r['model']).name}` at level {r['level']} (threshold "
+        f"{r['threshold']:.4f}; {r['reference_cells']} reference cells; {r['orientations']} orientations{lab})",
+        "",
+        "| cells | n | set aside | accuracy, all | accuracy, counted | balanced acc., all | balanced acc., counted |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for name, s in r["sets"].items():
         a, c = s.get("all", {}), s.get("counted", {})
         key = "coarse_" if name != "PBC test" else ""
-        lines.append(f"| {name} | {s['n']} | {pct(s['set_aside'])} | {pct(a.get(key + 'accuracy'))} | "
-                     f"{pct(c.get(key + 'accuracy'))} | {pct(a.get(key + 'balanced_accuracy'))} | "
-                     f"{pct(c.get(key + 'balanced_accuracy'))} |")
-    lines += ["", "Munich codes: " + ", ".join(f"{c} {m['n']} ({pct(m['set_aside'])})" for c, m in r["munich"].items()),
-              "", "Targets: " + "; ".join(f"{k} {v['bound']}: {pct(v['set_aside'])} "
-                                        f"{'met' if v['met'] else 'NOT met'}" for k, v in r["targets"].items()),
-              "", "Sweep over the card's levels (share set aside):", "",
-              "| level | threshold | " + " | ".join(k for k in r["sweep"][0] if k not in ("level", "threshold")) + " |",
-              "|---:|---:|" + "---:|" * (len(r["sweep"][0]) - 2)]
+        lines.append(
+            f"| {name} | {s['n']} | {pct(s['set_aside'])} | {pct(a.get(key + 'accuracy'))} | "
+            f"{pct(c.get(key + 'accuracy'))} | {pct(a.get(key + 'balanced_accuracy'))} | "
+            f"{pct(c.get(key + 'balanced_accuracy'))} |"
+        )
+    lines += [
+        "",
+        "Munich codes: " + ", ".join(f"{c} {m['n']} ({pct(m['set_aside'])})" for c, m in r["munich"].items()),
+        "",
+        "Targets: "
+        + "; ".join(
+            f"{k} {v['bound']}: {pct(v['set_aside'])} {'met' if v['met'] else 'NOT met'}"
+            for k, v in r["targets"].items()
+        ),
+        "",
+        "Sweep over the card's levels (share set aside):",
+        "",
+        "| level | threshold | " + " | ".join(k for k in r["sweep"][0] if k not in ("level", "threshold")) + " |",
+        "|---:|---:|" + "---:|" * (len(r["sweep"][0]) - 2),
+    ]
     for row in r["sweep"]:
-        lines.append(f"| {row['level']} | {row['threshold']:.4f} | "
-                     + " | ".join(pct(v) for k, v in row.items() if k not in ("level", "threshold")) + " |")
+        lines.append(
+            f"| {row['level']} | {row['threshold']:.4f} | "
+            + " | ".join(pct(v) for k, v in row.items() if k not in ("level", "threshold"))
+            + " |"
+        )
     return "\n".join(lines)
 
 

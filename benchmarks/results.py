@@ -27,8 +27,9 @@ def append(kind: str, rows: list[dict], machine: dict, results_dir: Path = RESUL
     path = results_dir / f"{kind}.csv"
     when = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     mach = f"{machine.get('cpu')} ({machine.get('cores')} cores, {machine.get('arch')})"
-    flat = [{"time": when, "machine": mach, **{k: v for k, v in r.items() if not isinstance(v, (dict, list))}}
-            for r in rows]
+    flat = [
+        {"time": when, "machine": mach, **{k: v for k, v in r.items() if not isinstance(v, (dict, list))}} for r in rows
+    ]
     fields = list(dict.fromkeys(k for r in flat for k in r))
     exists = path.exists()
     if exists:

@@ -32,8 +32,9 @@ def _frames(db_path: Path) -> set[tuple[int, str]]:
         db.close()
 
 
-def run(source: str | Path, out: str | Path, kills: int = 100, max_delay_s: float = 6.0, seed: int = 0,
-        log=print) -> dict:
+def run(
+    source: str | Path, out: str | Path, kills: int = 100, max_delay_s: float = 6.0, seed: int = 0, log=print
+) -> dict:
     source, out = Path(source), Path(out)
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"{out} is not empty: the soak needs a fresh session folder")
@@ -59,8 +60,10 @@ def run(source: str | Path, out: str | Path, kills: int = 100, max_delay_s: floa
             bad += db.execute("PRAGMA integrity_check").fetchone()[0] != "ok"
             db.close()
         if (k + 1) % 10 == 0:
-            log(f"{k + 1} kills: {len(after)} of {len(fields)} fields recorded, {lost} committed frames lost, "
-                f"{bad} integrity failures")
+            log(
+                f"{k + 1} kills: {len(after)} of {len(fields)} fields recorded, {lost} committed frames lost, "
+                f"{bad} integrity failures"
+            )
         if finished_early and len(after) == len(fields):
             break
     final = subprocess.run(cmd, capture_output=True, text=True)
@@ -72,20 +75,32 @@ def run(source: str | Path, out: str | Path, kills: int = 100, max_delay_s: floa
     in_frames = db.execute("SELECT COALESCE(SUM(n_cells), 0) FROM frame").fetchone()[0]
     integrity = db.execute("PRAGMA integrity_check").fetchone()[0]
     db.close()
-    return {"kills": k + 1, "fields": len(fields), "seconds": time.perf_counter() - t0,
-            "committed_frames_lost": lost, "integrity_failures": bad + (integrity != "ok"),
-            "fields_recorded": len(per_field), "fields_recorded_twice": sum(v > 1 for v in per_field.values()),
-            "fields_missing": len(set(fields) - set(per_field)), "sessions": sessions, "final_status": status,
-            "cells_match_frames": cells == in_frames, "final_exit": final.returncode,
-            "ran_to_the_end_before_a_kill": finished_early}
+    return {
+        "kills": k + 1,
+        "fields": len(fields),
+        "seconds": time.perf_counter() - t0,
+        "committed_frames_lost": lost,
+        "integrity_failures": bad + (integrity != "ok"),
+        "fields_recorded": len(per_field),
+        "fields_recorded_twice": sum(v > 1 for v in per_field.values()),
+        "fields_missing": len(set(fields) - set(per_field)),
+        "sessions": sessions,
+        "final_status": status,
+        "cells_match_frames": cells == in_frames,
+        "final_exit": final.returncode,
+        "ran_to_the_end_before_a_kill": finished_early,
+    }
 
 
 def markdown(r: dict) -> str:
-    return "\n".join([
-        f"{r['kills']} SIGKILLs at random moments over {r['seconds'] / 60:.1f} min, then a run to the end:",
-        f"- committed frames lost: {r['committed_frames_lost']}",
-        f"- integrity failures: {r['integrity_failures']}",
-        f"- fields recorded: {r['fields_recorded']} of {r['fields']}; twice: {r['fields_recorded_twice']}; "
-        f"missing: {r['fields_missing']}",
-        f"- sessions in the folder: {r['sessions']} (last status {r['final_status']}); cells match their frames: "
-        f"{r['cells_match_frames']}; final exit status {r['final_exit']}"])
+    return "\n".join(
+        [
+            f"{r['kills']} SIGKILLs at random moments over {r['seconds'] / 60:.1f} min, then a run to the end:",
+            f"- committed frames lost: {r['committed_frames_lost']}",
+            f"- integrity failures: {r['integrity_failures']}",
+            f"- fields recorded: {r['fields_recorded']} of {r['fields']}; twice: {r['fields_recorded_twice']}; "
+            f"missing: {r['fields_missing']}",
+            f"- sessions in the folder: {r['sessions']} (last status {r['final_status']}); cells match their frames: "
+            f"{r['cells_match_frames']}; final exit status {r['final_exit']}",
+        ]
+    )

@@ -62,9 +62,11 @@ def calibrator(session, reference, how: str):
         return lambda rgb: rgb
     mix = np.eye(3, dtype=np.float32)
     if how == "stains":
+
         def basis(n, r):
             c = np.cross(n, r)
             return np.stack([n, r, c / np.linalg.norm(c)], 1)
+
         mix = (basis(reference[1], reference[2]) @ np.linalg.inv(basis(session[1], session[2]))).astype(np.float32)
 
     def apply(rgb):

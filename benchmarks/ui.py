@@ -53,8 +53,13 @@ def _headless(folder, fps, frames, model, storage) -> float:
     from edge_app.app import EdgeSession, SessionConfig
     from edge_app.model import DEFAULT_MODEL, CellClassifier
 
-    s = EdgeSession(ReplayedCamera(folder, fps, frames), CellClassifier(model or DEFAULT_MODEL), storage / "headless",
-                    SessionConfig(save_crops=True), echo=lambda m: None)
+    s = EdgeSession(
+        ReplayedCamera(folder, fps, frames),
+        CellClassifier(model or DEFAULT_MODEL),
+        storage / "headless",
+        SessionConfig(save_crops=True),
+        echo=lambda m: None,
+    )
     return s.run().fps
 
 
@@ -90,7 +95,7 @@ def _with_ui(source, fps, frames, model, storage) -> tuple[float, list[float]]:
                 if len(buf) < head_end + 4 + length + 2:
                     break
                 delays.append(time.time() - float(head.split("X-Frame-Time:")[1].split("\r\n")[0]))
-                buf = buf[head_end + 4 + length + 2:]
+                buf = buf[head_end + 4 + length + 2 :]
         c.close()
         live.thread.join(120)
         return live.session.result.fps, delays
@@ -114,16 +119,27 @@ def run(source, fps: float = 30.0, frames: int = 300, model=None, rounds: int = 
             log(f"round {k + 1}: headless {heads[-1]:.1f} frames/s, with the screen {ui_fps:.1f}")
     d = np.array(delays) * 1000
     headless, with_ui = float(np.median(heads)), float(np.median(uis))
-    return {"source": str(source), "replayed_fps": fps, "frames": frames, "rounds": rounds, "headless_fps": headless,
-            "ui_fps": with_ui, "ratio": with_ui / headless if headless else 0.0, "parts": len(d),
-            "headless_fps_runs": heads, "ui_fps_runs": uis,
-            "latency_ms_p50": float(np.percentile(d, 50)) if len(d) else None,
-            "latency_ms_p95": float(np.percentile(d, 95)) if len(d) else None}
+    return {
+        "source": str(source),
+        "replayed_fps": fps,
+        "frames": frames,
+        "rounds": rounds,
+        "headless_fps": headless,
+        "ui_fps": with_ui,
+        "ratio": with_ui / headless if headless else 0.0,
+        "parts": len(d),
+        "headless_fps_runs": heads,
+        "ui_fps_runs": uis,
+        "latency_ms_p50": float(np.percentile(d, 50)) if len(d) else None,
+        "latency_ms_p95": float(np.percentile(d, 95)) if len(d) else None,
+    }
 
 
 def markdown(r: dict) -> str:
-    return (f"replayed camera at {r['replayed_fps']:g} fps, {r['frames']} frames of {r['source']}, {r['rounds']} "
-            f"rounds (medians): pipeline {r['headless_fps']:.1f} frames/s headless, {r['ui_fps']:.1f} with the screen "
-            "and one viewer "
-            f"({100 * r['ratio']:.0f}%); frame to viewer over {r['parts']} MJPEG parts: p50 "
-            f"{r['latency_ms_p50']:.0f} ms, p95 {r['latency_ms_p95']:.0f} ms")
+    return (
+        f"replayed camera at {r['replayed_fps']:g} fps, {r['frames']} frames of {r['source']}, {r['rounds']} "
+        f"rounds (medians): pipeline {r['headless_fps']:.1f} frames/s headless, {r['ui_fps']:.1f} with the screen "
+        "and one viewer "
+        f"({100 * r['ratio']:.0f}%); frame to viewer over {r['parts']} MJPEG parts: p50 "
+        f"{r['latency_ms_p50']:.0f} ms, p95 {r['latency_ms_p95']:.0f} ms"
+    )

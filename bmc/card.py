@@ -53,8 +53,13 @@ def file_beside(model_path: str | Path, spec: dict[str, Any], what: str, error: 
 
 def write_card(model_path: str | Path, card: Card) -> Path:
     model_path = Path(model_path)
-    card = {"card_schema": CARD_SCHEMA, "file": model_path.name, "sha256": sha256_file(model_path),
-            "size_bytes": model_path.stat().st_size, **card}
+    card = {
+        "card_schema": CARD_SCHEMA,
+        "file": model_path.name,
+        "sha256": sha256_file(model_path),
+        "size_bytes": model_path.stat().st_size,
+        **card,
+    }
     out = card_path(model_path)
     out.write_text(json.dumps(card, indent=2) + "\n")
     return out
@@ -67,8 +72,10 @@ def load_card(model_path: str | Path, require_deployable: bool = False) -> tuple
         raise ModelCardError(f"{model_path}: model file not found")
     cp = card_path(model_path)
     if not cp.is_file():
-        raise ModelCardError(f"{model_path}: no model card ({cp.name} expected beside it); "
-                             "convert the model with 'bmc convert', which writes one")
+        raise ModelCardError(
+            f"{model_path}: no model card ({cp.name} expected beside it); "
+            "convert the model with 'bmc convert', which writes one"
+        )
     try:
         card = json.loads(cp.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -76,17 +83,22 @@ def load_card(model_path: str | Path, require_deployable: bool = False) -> tuple
     if not isinstance(card, dict) or "contract" not in card or "sha256" not in card:
         raise ModelCardError(f"{cp}: model card lacks 'contract' or 'sha256'")
     if card.get("card_schema") != CARD_SCHEMA:
-        raise ModelCardError(f"{cp}: card schema {card.get('card_schema')!r} is not supported "
-                             f"(this bmc reads {CARD_SCHEMA})")
+        raise ModelCardError(
+            f"{cp}: card schema {card.get('card_schema')!r} is not supported (this bmc reads {CARD_SCHEMA})"
+        )
     actual = sha256_file(model_path)
     if actual != card["sha256"]:
-        raise ModelCardError(f"{model_path}: file does not match its model card {cp.name} (sha256 "
-                             f"{actual[:12]}… vs card {str(card['sha256'])[:12]}…): replaced or corrupted")
+        raise ModelCardError(
+            f"{model_path}: file does not match its model card {cp.name} (sha256 "
+            f"{actual[:12]}… vs card {str(card['sha256'])[:12]}…): replaced or corrupted"
+        )
     try:
         contract = Contract.from_dict(card["contract"])
     except ContractError as e:
         raise ModelCardError(f"{cp}: {e}") from e
     if require_deployable and not card.get("deployable", False):
-        raise ModelCardError(f"{model_path}: not marked deployable (it failed or skipped the "
-                             "validation gate); see its card's 'validation'")
+        raise ModelCardError(
+            f"{model_path}: not marked deployable (it failed or skipped the "
+            "validation gate); see its card's 'validation'"
+        )
     return card, contract

@@ -58,8 +58,10 @@ def _need_training(verb: str, module: str, *also: str) -> None:
         except ModuleNotFoundError as e:
             missing = [e.name or str(e)]
     if missing:
-        raise _Fail(f"{verb} needs the training packages, not installed here (missing: {', '.join(missing)}): "
-                    "pip install 'bmc-edge[train]' on a workstation or server; a device needs only [edge]")
+        raise _Fail(
+            f"{verb} needs the training packages, not installed here (missing: {', '.join(missing)}): "
+            "pip install 'bmc-edge[train]' on a workstation or server; a device needs only [edge]"
+        )
 
 
 def _write_json(path, obj) -> None:
@@ -80,8 +82,13 @@ def data():
 
 @data.command("check")
 @click.argument("data_dir", type=click.Path(file_okay=False))
-@click.option("--label-from", type=click.Choice(LABEL_SOURCES), default="folder", show_default=True,
-              help="class from the first folder under DATA_DIR, or from the file-name prefix")
+@click.option(
+    "--label-from",
+    type=click.Choice(LABEL_SOURCES),
+    default="folder",
+    show_default=True,
+    help="class from the first folder under DATA_DIR, or from the file-name prefix",
+)
 @click.option("--manifest", type=click.Path(dir_okay=False), help="CSV with path,label[,group] columns")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="also write the report as JSON")
 def data_check(data_dir, label_from, manifest, json_out):
@@ -100,9 +107,13 @@ def data_check(data_dir, label_from, manifest, json_out):
 @click.option("--label-from", type=click.Choice(LABEL_SOURCES), default="folder", show_default=True)
 @click.option("--manifest", type=click.Path(dir_okay=False), help="CSV with path,label[,group] columns")
 @click.option("--seed", default=_td("seed"), show_default=True)
-@click.option("--like", "like", type=click.Path(exists=True, dir_okay=False),
-              help="keep this split.json's partition and read the labels afresh (--label-from prefix or stage): "
-                   "a stage model trained and tested on the same images as the 8-class one")
+@click.option(
+    "--like",
+    "like",
+    type=click.Path(exists=True, dir_okay=False),
+    help="keep this split.json's partition and read the labels afresh (--label-from prefix or stage): "
+    "a stage model trained and tested on the same images as the 8-class one",
+)
 def data_split(data_dir, out, label_from, manifest, seed, like):
     """The stratified, grouped train/val/test split that `bmc train DATA_DIR --seed N` makes, written
     to --out without training: fix the partition once, then train on it with --split."""
@@ -116,9 +127,11 @@ def data_split(data_dir, out, label_from, manifest, seed, like):
     else:
         parts = _guard(lambda: split(discover(data_dir, label_from, manifest), seed=seed))
     save_split(parts, out)
-    click.echo(", ".join(f"{k} {len(v)}" for k, v in parts.items())
-               + f" images; {len(Counter(s.label for s in parts['train']))} classes → {out}"
-               + (f" ({dropped} images without a {label_from} label left out)" if dropped else ""))
+    click.echo(
+        ", ".join(f"{k} {len(v)}" for k, v in parts.items())
+        + f" images; {len(Counter(s.label for s in parts['train']))} classes → {out}"
+        + (f" ({dropped} images without a {label_from} label left out)" if dropped else "")
+    )
 
 
 @data.command("pack")
@@ -143,12 +156,24 @@ def data_pack(source, dest, side, quality, label_from):
 @data.command("harvest")
 @click.argument("sessions", nargs=-1, required=True, type=click.Path(file_okay=False))
 @click.option("--out", "dest", required=True, type=click.Path(file_okay=False), help="data set folder to write")
-@click.option("--with", "with_data", type=click.Path(file_okay=False),
-              help="also list every image of this data set in the manifest (e.g. ../shared/data/pbc)")
-@click.option("--label-from", type=click.Choice(LABEL_SOURCES), default="folder", show_default=True,
-              help="how --with's images are labelled")
-@click.option("--model", type=click.Path(dir_okay=False),
-              help="the .tflite the sessions ran with, for sessions that do not record its contract")
+@click.option(
+    "--with",
+    "with_data",
+    type=click.Path(file_okay=False),
+    help="also list every image of this data set in the manifest (e.g. ../shared/data/pbc)",
+)
+@click.option(
+    "--label-from",
+    type=click.Choice(LABEL_SOURCES),
+    default="folder",
+    show_default=True,
+    help="how --with's images are labelled",
+)
+@click.option(
+    "--model",
+    type=click.Path(dir_okay=False),
+    help="the .tflite the sessions ran with, for sessions that do not record its contract",
+)
 def data_harvest(sessions, dest, with_data, label_from, model):
     """The cells a person labelled in edge SESSIONS (bmc edge review) as a training set: DEST/<label>/*.png
     at the trained geometry and DEST/manifest.csv; train with: bmc train DEST --manifest DEST/manifest.csv"""
@@ -162,45 +187,85 @@ def data_harvest(sessions, dest, with_data, label_from, model):
     s = _guard(harvest, sessions, dest, with_data, label_from, fallback)
     for item in s["skipped"]:
         click.echo(f"skipped {item['cell']}: {item['why']}", err=True)
-    click.echo(f"{s['cells']} reviewed cells written to {dest} ("
-               + ", ".join(f"{k} {v}" for k, v in sorted(s["by_label"].items())) + ")"
-               + (f", with {s['with_data_images']} images of {with_data}" if with_data else "")
-               + f"; train with: bmc train {dest} --manifest {dest}/manifest.csv")
+    click.echo(
+        f"{s['cells']} reviewed cells written to {dest} ("
+        + ", ".join(f"{k} {v}" for k, v in sorted(s["by_label"].items()))
+        + ")"
+        + (f", with {s['with_data_images']} images of {with_data}" if with_data else "")
+        + f"; train with: bmc train {dest} --manifest {dest}/manifest.csv"
+    )
 
 
 @main.command("train")
 @click.argument("data_dir", type=click.Path(file_okay=False))
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="run folder to write")
-@click.option("--backbone", type=click.Choice(["efficientnet_lite0", "efficientnet_b0"]),
-              default=_td("backbone"), show_default=True)
-@click.option("--weights", default=_td("weights"), show_default=True,
-              help="'imagenet', 'none' (random init) or a local weights file")
+@click.option(
+    "--backbone",
+    type=click.Choice(["efficientnet_lite0", "efficientnet_b0"]),
+    default=_td("backbone"),
+    show_default=True,
+)
+@click.option(
+    "--weights",
+    default=_td("weights"),
+    show_default=True,
+    help="'imagenet', 'none' (random init) or a local weights file",
+)
 @click.option("--label-from", type=click.Choice(LABEL_SOURCES), default=_td("label_from"), show_default=True)
 @click.option("--manifest", type=click.Path(dir_okay=False), help="CSV with path,label[,group] columns")
 @click.option("--split", "split_file", type=click.Path(dir_okay=False), help="reuse a split.json")
-@click.option("--mode", type=click.Choice(["auto", "cached", "full"]), default=_td("mode"), show_default=True,
-              help="cached: CPU path on cached activations; full: end-to-end (GPU)")
+@click.option(
+    "--mode",
+    type=click.Choice(["auto", "cached", "full"]),
+    default=_td("mode"),
+    show_default=True,
+    help="cached: CPU path on cached activations; full: end-to-end (GPU)",
+)
 @click.option("--fine-tune-from", default=_td("fine_tune_from"), show_default=True, help="first block to unfreeze")
 @click.option("--views", default=_td("views"), show_default=True, help="augmented views per training image (cached)")
 @click.option("--head-epochs", default=_td("head_epochs"), show_default=True)
 @click.option("--fine-tune-epochs", default=_td("fine_tune_epochs"), show_default=True)
 @click.option("--head-lr", default=_td("head_lr"), show_default=True)
-@click.option("--fine-tune-lr", default=_td("fine_tune_lr"), show_default=True, help="peak; cosine decay to 5% over the epochs")
-@click.option("--patience", default=_td("patience"), show_default=True,
-              help="epochs without a better validation macro-F1 before a phase stops")
-@click.option("--label-smoothing", default=_td("label_smoothing"), show_default=True, help="target share spread over every class")
-@click.option("--neighbour-smoothing", default=_td("neighbour_smoothing"), show_default=True,
-              help="target share given to the adjacent maturation stages (stage models)")
+@click.option(
+    "--fine-tune-lr", default=_td("fine_tune_lr"), show_default=True, help="peak; cosine decay to 5% over the epochs"
+)
+@click.option(
+    "--patience",
+    default=_td("patience"),
+    show_default=True,
+    help="epochs without a better validation macro-F1 before a phase stops",
+)
+@click.option(
+    "--label-smoothing", default=_td("label_smoothing"), show_default=True, help="target share spread over every class"
+)
+@click.option(
+    "--neighbour-smoothing",
+    default=_td("neighbour_smoothing"),
+    show_default=True,
+    help="target share given to the adjacent maturation stages (stage models)",
+)
 @click.option("--batch-size", default=_td("batch_size"), show_default=True)
 @click.option("--input-size", default=_td("input_size"), show_default=True)
-@click.option("--stain-norm", type=click.Choice(["stretch", "none"]), default=_td("stain_norm"), show_default=True,
-              help="per-image colour normalisation, part of the model's contract (same on the device)")
+@click.option(
+    "--stain-norm",
+    type=click.Choice(["stretch", "none"]),
+    default=_td("stain_norm"),
+    show_default=True,
+    help="per-image colour normalisation, part of the model's contract (same on the device)",
+)
 @click.option("--limit-per-class", type=int, help="use at most N images per class (quick runs)")
-@click.option("--strategy", type=click.Choice(["auto", "default", "mirrored"]), default=_td("strategy"), show_default=True)
-@click.option("--mixed-precision", type=click.Choice(["auto", "on", "off"]), default=_td("mixed_precision"), show_default=True)
+@click.option(
+    "--strategy", type=click.Choice(["auto", "default", "mirrored"]), default=_td("strategy"), show_default=True
+)
+@click.option(
+    "--mixed-precision", type=click.Choice(["auto", "on", "off"]), default=_td("mixed_precision"), show_default=True
+)
 @click.option("--seed", default=_td("seed"), show_default=True)
-@click.option("--init-from", type=click.Path(dir_okay=False),
-              help="start from a trained model.keras (backbone; head too when it has the same classes)")
+@click.option(
+    "--init-from",
+    type=click.Path(dir_okay=False),
+    help="start from a trained model.keras (backbone; head too when it has the same classes)",
+)
 def train_cmd(data_dir, out, **kw):
     """Fine-tune an ImageNet EfficientNet on DATA_DIR; writes model, split and metrics to --out."""
     _need_training("bmc train", "train.trainer", "keras", "cv2")
@@ -215,11 +280,20 @@ def train_cmd(data_dir, out, **kw):
 @main.command("evaluate")
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.argument("data_dir", type=click.Path(file_okay=False), required=False)
-@click.option("--split", "split_file", type=click.Path(dir_okay=False),
-              help="evaluate on one part of a split.json instead of DATA_DIR")
+@click.option(
+    "--split",
+    "split_file",
+    type=click.Path(dir_okay=False),
+    help="evaluate on one part of a split.json instead of DATA_DIR",
+)
 @click.option("--part", type=click.Choice(["train", "val", "test"]), default="test", show_default=True)
-@click.option("--orientations", type=click.Choice(["1", "2", "4", "8"]), default="1", show_default=True,
-              help="average each image over this many rotations / mirror images, as the edge app does")
+@click.option(
+    "--orientations",
+    type=click.Choice(["1", "2", "4", "8"]),
+    default="1",
+    show_default=True,
+    help="average each image over this many rotations / mirror images, as the edge app does",
+)
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="write the metrics as JSON")
 def evaluate_cmd(model, data_dir, split_file, part, orientations, json_out):
     """Accuracy, macro-F1 and per-class metrics of MODEL (.keras or .tflite) on DATA_DIR, or on
@@ -239,16 +313,24 @@ def evaluate_cmd(model, data_dir, split_file, part, orientations, json_out):
         click.echo(f"scored at the {m['level']} level: the data's labels are the model's 8 classes")
     if m.get("coarse"):
         c, e = m["coarse"], m["stage_errors"]
-        click.echo(f"8-class level (the stages summed into their classes): accuracy {c['accuracy']:.4f}, "
-                   f"macro-F1 {c['macro_f1']:.4f}")
-        click.echo(f"stage errors: {e['errors']}, of which {e['one_stage_off']} one stage off in the granulocytic "
-                   f"series, {e['further_in_series']} further along it, {e['other']} across classes")
-    click.echo(f"the edge app's review policy would set aside {m['set_aside']:.1%} of these images; "
-               f"accuracy of the rest {m['counted_accuracy']:.4f}")
+        click.echo(
+            f"8-class level (the stages summed into their classes): accuracy {c['accuracy']:.4f}, "
+            f"macro-F1 {c['macro_f1']:.4f}"
+        )
+        click.echo(
+            f"stage errors: {e['errors']}, of which {e['one_stage_off']} one stage off in the granulocytic "
+            f"series, {e['further_in_series']} further along it, {e['other']} across classes"
+        )
+    click.echo(
+        f"the edge app's review policy would set aside {m['set_aside']:.1%} of these images; "
+        f"accuracy of the rest {m['counted_accuracy']:.4f}"
+    )
     if m.get("unknown"):
         u = m["unknown"]
-        click.echo(f"unknown-cell check (level {u['level']}): {u['set_aside']:.1%} set aside as unknown; accuracy "
-                   f"{u['accuracy_all']:.4f} on all, {u['accuracy_counted']:.4f} on the cells counted")
+        click.echo(
+            f"unknown-cell check (level {u['level']}): {u['set_aside']:.1%} set aside as unknown; accuracy "
+            f"{u['accuracy_all']:.4f} on all, {u['accuracy_counted']:.4f} on the cells counted"
+        )
     if json_out:
         _write_json(json_out, m)
 
@@ -257,19 +339,29 @@ def evaluate_cmd(model, data_dir, split_file, part, orientations, json_out):
 @click.argument("source", type=click.Path())
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), help="output folder (default: SOURCE/tflite)")
 @click.option("--name", default="bmc", show_default=True, help="file-name stem of the variants")
-@click.option("--variants", default="float32,float16,dynamic,int8", show_default=True,
-              help="comma-separated: " + ", ".join(["float32", "float16", "dynamic", "int8"]))
+@click.option(
+    "--variants",
+    default="float32,float16,dynamic,int8",
+    show_default=True,
+    help="comma-separated: " + ", ".join(["float32", "float16", "dynamic", "int8"]),
+)
 @click.option("--data", type=click.Path(file_okay=False), help="validation images when SOURCE has no split")
 @click.option("--max-drop", default=Gate.max_drop, show_default=True, help="max accuracy drop, points")
-@click.option("--max-class-drop", default=Gate.max_class_drop, show_default=True,
-              help="max recall drop of any class, points")
+@click.option(
+    "--max-class-drop", default=Gate.max_class_drop, show_default=True, help="max recall drop of any class, points"
+)
 @click.option("--representative", default=200, show_default=True, help="calibration images for int8")
 @click.option("--float-layers", default="", help="int8: comma-separated layers to keep in float, or 'auto'")
 @click.option("--no-diagnose", is_flag=True, help="skip the per-layer report when int8 fails")
-@click.option("--ship", "ship_dir", type=click.Path(file_okay=False),
-              help="copy the validated int8 and float16 variants, their cards and a model-card README here")
-def convert_cmd(source, out_dir, name, variants, data, max_drop, max_class_drop, representative, float_layers,
-                no_diagnose, ship_dir):
+@click.option(
+    "--ship",
+    "ship_dir",
+    type=click.Path(file_okay=False),
+    help="copy the validated int8 and float16 variants, their cards and a model-card README here",
+)
+def convert_cmd(
+    source, out_dir, name, variants, data, max_drop, max_class_drop, representative, float_layers, no_diagnose, ship_dir
+):
     """Convert a run folder (or .keras) to TFLite variants and validate each against the float model."""
     from pathlib import Path
 
@@ -279,8 +371,19 @@ def convert_cmd(source, out_dir, name, variants, data, max_drop, max_class_drop,
     names = tuple(v.strip() for v in variants.split(",") if v.strip())
     fl = "auto" if float_layers == "auto" else tuple(x for x in float_layers.split(",") if x)
     out = out_dir or str(Path(source if Path(source).is_dir() else Path(source).parent) / "tflite")
-    report = _guard(convert_run, source, out, name, names, Gate(max_drop, max_class_drop), data, representative,
-                    not no_diagnose, fl, log=lambda m: click.echo(m, err=True))
+    report = _guard(
+        convert_run,
+        source,
+        out,
+        name,
+        names,
+        Gate(max_drop, max_class_drop),
+        data,
+        representative,
+        not no_diagnose,
+        fl,
+        log=lambda m: click.echo(m, err=True),
+    )
     from convert.pipeline import report_markdown
 
     click.echo(report_markdown(report))
@@ -297,8 +400,13 @@ def convert_cmd(source, out_dir, name, variants, data, max_drop, max_class_drop,
 
 @main.command("prepare-adapt")
 @click.argument("models", nargs=-1, required=True, type=click.Path(dir_okay=False))
-@click.option("--split", "split_file", required=True, type=click.Path(dir_okay=False),
-              help="the split.json the models were trained on: the guard set comes from its training part")
+@click.option(
+    "--split",
+    "split_file",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="the split.json the models were trained on: the guard set comes from its training part",
+)
 @click.option("--per-class", default=200, show_default=True, help="training cells per class in the guard set")
 @click.option("--orientations", type=click.Choice(["1", "2", "4", "8"]), default="4", show_default=True)
 def prepare_adapt(models, split_file, per_class, orientations):
@@ -327,27 +435,63 @@ def edge():
 @click.argument("source")
 @click.option("--model", type=click.Path(dir_okay=False), help="a .tflite with its model card (default: shipped int8)")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="session folder")
-@click.option("--mode", type=click.Choice(["field", "cell"]), default="field", show_default=True,
-              help="field: find cells in each frame; cell: each frame is one centred cell")
+@click.option(
+    "--mode",
+    type=click.Choice(["field", "cell"]),
+    default="field",
+    show_default=True,
+    help="field: find cells in each frame; cell: each frame is one centred cell",
+)
 @click.option("--target", type=click.IntRange(min=1), help="stop after this many counted cells (100, 200, 500 …)")
 @click.option("--threads", type=click.IntRange(1, 256), help="inference threads (default: all cores)")
 @click.option("--headless", is_flag=True, help="no window; print counts periodically")
 @click.option("--max-frames", type=click.IntRange(min=1), help="stop after this many frames")
-@click.option("--cell-diameter", type=click.FloatRange(1, 4000),
-              help="fixed cell diameter in pixels (default: measured)")
-@click.option("--new-session", is_flag=True,
-              help="add a session to an --out folder that holds one (default: resume it if it was "
-                   "interrupted, else refuse: its report would count both)")
+@click.option(
+    "--cell-diameter", type=click.FloatRange(1, 4000), help="fixed cell diameter in pixels (default: measured)"
+)
+@click.option(
+    "--new-session",
+    is_flag=True,
+    help="add a session to an --out folder that holds one (default: resume it if it was "
+    "interrupted, else refuse: its report would count both)",
+)
 @click.option("--no-crops", is_flag=True, help="do not save a JPEG per cell")
-@click.option("--orientations", type=click.Choice(["1", "2", "4", "8"]), default="4", show_default=True,
-              help="classify each cell in this many rotations / mirror images and average")
-@click.option("--white-balance", is_flag=True,
-              help="white-balance the session onto the model's training lamp (an experiment: see benchmarks/README.md)")
-@click.option("--unknown-level", type=float, default=0.98, show_default=True,
-              help="set a cell aside as unknown beyond the distance this share of the training laboratory's "
-                   "validation cells keep (0.9-0.999; higher sets fewer aside; 0: off)")
-def edge_run(source, model, out_dir, mode, target, threads, headless, max_frames, cell_diameter, new_session,
-             no_crops, orientations, white_balance, unknown_level):
+@click.option(
+    "--orientations",
+    type=click.Choice(["1", "2", "4", "8"]),
+    default="4",
+    show_default=True,
+    help="classify each cell in this many rotations / mirror images and average",
+)
+@click.option(
+    "--white-balance",
+    is_flag=True,
+    help="white-balance the session onto the model's training lamp (an experiment: see benchmarks/README.md)",
+)
+@click.option(
+    "--unknown-level",
+    type=float,
+    default=0.98,
+    show_default=True,
+    help="set a cell aside as unknown beyond the distance this share of the training laboratory's "
+    "validation cells keep (0.9-0.999; higher sets fewer aside; 0: off)",
+)
+def edge_run(
+    source,
+    model,
+    out_dir,
+    mode,
+    target,
+    threads,
+    headless,
+    max_frames,
+    cell_diameter,
+    new_session,
+    no_crops,
+    orientations,
+    white_balance,
+    unknown_level,
+):
     """Classify and count the cells of SOURCE: a camera index or /dev path, picamera2, a GStreamer
     pipeline, a video, an image folder or glob, or one image."""
     import os
@@ -365,12 +509,19 @@ def edge_run(source, model, out_dir, mode, target, threads, headless, max_frames
     from edge_app.store import SessionFolderError
 
     def go():
-        clf = CellClassifier(model or DEFAULT_MODEL, threads=threads or os.cpu_count(),
-                             orientations=int(orientations))
-        cfg = SessionConfig(mode=mode, target=target, headless=headless or not has_display(),
-                            save_crops=not no_crops, cell_diameter_px=cell_diameter, max_frames=max_frames,
-                            white_balance=white_balance, on_existing="new" if new_session else "resume",
-                            review=ReviewPolicy(unknown_level=unknown_level), print_every_s=5.0)  # a person watches
+        clf = CellClassifier(model or DEFAULT_MODEL, threads=threads or os.cpu_count(), orientations=int(orientations))
+        cfg = SessionConfig(
+            mode=mode,
+            target=target,
+            headless=headless or not has_display(),
+            save_crops=not no_crops,
+            cell_diameter_px=cell_diameter,
+            max_frames=max_frames,
+            white_balance=white_balance,
+            on_existing="new" if new_session else "resume",
+            review=ReviewPolicy(unknown_level=unknown_level),
+            print_every_s=5.0,
+        )  # a person watches
         return EdgeSession(source, clf, out_dir, cfg, echo=click.echo).run()
 
     try:
@@ -396,13 +547,24 @@ def edge_serve(config_path):
 
 
 @edge.command("ui")
-@click.option("--config", "config_path", type=click.Path(dir_okay=False),
-              help="the device's bmc.toml: its storage folder and model")
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False),
+    help="the device's bmc.toml: its storage folder and model",
+)
 @click.option("--storage", type=click.Path(file_okay=False), help="the folder of session folders (overrides --config)")
-@click.option("--listen", default="127.0.0.1:8080", show_default=True,
-              help="HOST:PORT; any host but loopback needs a password (--set-password) and a sign-in")
-@click.option("--config-dir", type=click.Path(file_okay=False),
-              help="where the password hash lives (default: the --config file's folder, else ~/.config/bmc)")
+@click.option(
+    "--listen",
+    default="127.0.0.1:8080",
+    show_default=True,
+    help="HOST:PORT; any host but loopback needs a password (--set-password) and a sign-in",
+)
+@click.option(
+    "--config-dir",
+    type=click.Path(file_okay=False),
+    help="where the password hash lives (default: the --config file's folder, else ~/.config/bmc)",
+)
 @click.option("--set-password", is_flag=True, help="set the screen's password on this device, then stop")
 @click.option("--by", "user", help="on loopback: who decides (default: the logged-in user)")
 @click.option("--source", help="what the Live page records from (default: the config's [camera] source)")
@@ -416,8 +578,11 @@ def edge_ui(config_path, storage, listen, config_dir, set_password, user, source
     from edge_app.ui import auth
 
     cfg = config_mod.load(config_path) if config_path else None
-    cdir = Path(config_dir) if config_dir else (Path(config_path).resolve().parent if config_path
-                                                else Path.home() / ".config" / "bmc")
+    cdir = (
+        Path(config_dir)
+        if config_dir
+        else (Path(config_path).resolve().parent if config_path else Path.home() / ".config" / "bmc")
+    )
     if set_password:
         pw = click.prompt("new password for the bmc screen", hide_input=True, confirmation_prompt=True)
         try:
@@ -441,8 +606,10 @@ def edge_ui(config_path, storage, listen, config_dir, set_password, user, source
     sign_in = not is_loopback(host)
     stored = auth.stored_hash(cdir)
     if sign_in and not stored:
-        raise _Fail(f"listening on {host} (beyond this computer) needs a password: bmc edge ui --set-password"
-                    + (f" --config-dir {cdir}" if config_dir else ""))
+        raise _Fail(
+            f"listening on {host} (beyond this computer) needs a password: bmc edge ui --set-password"
+            + (f" --config-dir {cdir}" if config_dir else "")
+        )
     from edge_app.service import session_config
     from edge_app.ui.live import LiveRunner
 
@@ -487,8 +654,12 @@ def edge_export(sessions, dest, all_from):
 
 @edge.command("doctor")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False))
-@click.option("--model", "model_path", type=click.Path(dir_okay=False),
-              help="check this model (default: the config's [model] path, else the shipped one)")
+@click.option(
+    "--model",
+    "model_path",
+    type=click.Path(dir_okay=False),
+    help="check this model (default: the config's [model] path, else the shipped one)",
+)
 def edge_doctor(config_path, model_path):
     """What this device has (runtime, cameras, model, disk, meters) and what is wrong."""
     from edge_app import config as config_mod
@@ -513,8 +684,12 @@ def edge_doctor(config_path, model_path):
 
 @edge.command("report")
 @click.argument("out_dir", type=click.Path(file_okay=False))
-@click.option("--fhir", is_flag=True, help="also write differential.fhir.json: a FHIR R4 DiagnosticReport with "
-                                           "LOINC-coded Observations, for a laboratory information system")
+@click.option(
+    "--fhir",
+    is_flag=True,
+    help="also write differential.fhir.json: a FHIR R4 DiagnosticReport with "
+    "LOINC-coded Observations, for a laboratory information system",
+)
 def edge_report(out_dir, fhir):
     """Write OUT_DIR/report.html (counts, percentages, flagged cells, thumbnails) and cells.csv."""
     from edge_app.report import build_report
@@ -533,10 +708,17 @@ def edge_report(out_dir, fhir):
 @click.argument("sessions", nargs=-1, required=True, type=click.Path(file_okay=False))
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="folder for the adapted model")
 @click.option("--name", help="file-name stem of the adapted model (default: the base model's, dated)")
-@click.option("--model", type=click.Path(dir_okay=False),
-              help="the base model the sessions were recorded with (default: the shipped int8)")
-@click.option("--max-guard-drop", default=3.0, show_default=True,
-              help="refuse when the training classes' held-out accuracy drops more than this many points")
+@click.option(
+    "--model",
+    type=click.Path(dir_okay=False),
+    help="the base model the sessions were recorded with (default: the shipped int8)",
+)
+@click.option(
+    "--max-guard-drop",
+    default=3.0,
+    show_default=True,
+    help="refuse when the training classes' held-out accuracy drops more than this many points",
+)
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="also write the validation as JSON")
 def edge_adapt(sessions, out_dir, name, model, max_guard_drop, json_out):
     """Adapt the model to this microscope from the cells people reviewed in SESSIONS: a new class head
@@ -550,17 +732,31 @@ def edge_adapt(sessions, out_dir, name, model, max_guard_drop, json_out):
     s = adapt.Settings(max_guard_drop=max_guard_drop)
     clf = _guard(CellClassifier, model or DEFAULT_MODEL, orientations=1)
     guard, reviewed, r = _guard(adapt.prepare, sessions, clf, s)
-    click.echo(f"{len(reviewed.labels)} reviewed cells from {len(reviewed.sessions)} session folder(s) by "
-               f"{', '.join(reviewed.reviewers)}: " + ", ".join(f"{k} {v}" for k, v in sorted(r.cells_per_class.items())))
+    click.echo(
+        f"{len(reviewed.labels)} reviewed cells from {len(reviewed.sessions)} session folder(s) by "
+        f"{', '.join(reviewed.reviewers)}: " + ", ".join(f"{k} {v}" for k, v in sorted(r.cells_per_class.items()))
+    )
     click.echo(r.table())
     if json_out:
-        _write_json(json_out, {"accepted": r.accepted, "reasons": r.reasons, "cells_per_class": r.cells_per_class,
-                               "cross_validation": r.cross_validation, "guard": r.guard, "seconds": r.seconds})
+        _write_json(
+            json_out,
+            {
+                "accepted": r.accepted,
+                "reasons": r.reasons,
+                "cells_per_class": r.cells_per_class,
+                "cross_validation": r.cross_validation,
+                "guard": r.guard,
+                "seconds": r.seconds,
+            },
+        )
     if r.advice:
         click.echo("more reviewed cells would help: " + "; ".join(r.advice))
     if not r.accepted:
-        raise _Fail("adapted model refused, nothing written: " + "; ".join(r.reasons)
-                    + ". Review more cells (bmc edge review --for-adapt) and adapt again")
+        raise _Fail(
+            "adapted model refused, nothing written: "
+            + "; ".join(r.reasons)
+            + ". Review more cells (bmc edge review --for-adapt) and adapt again"
+        )
     stem = name or f"{clf.path.stem}_adapted_{datetime.datetime.now():%Y%m%d-%H%M%S}"
     path = _guard(adapt.write_model, r, reviewed, clf, guard, out_dir, stem, s)
     click.echo(f"adapted in {r.seconds:.1f} s; count with it: bmc edge run SOURCE --model {path}")
@@ -574,17 +770,29 @@ def edge_adapt(sessions, out_dir, name, model, max_guard_drop, json_out):
 @click.option("--cell", "cell_id", type=int, help="decide one cell (its id in cells.csv) with --label, or --undo")
 @click.option("--label", help="the class of --cell, or 'rejected' (not a countable cell)")
 @click.option("--undo", is_flag=True, help="withdraw the latest decision on --cell")
-@click.option("--apply", "apply_file", type=click.Path(dir_okay=False),
-              help="decisions from a CSV with columns id,label: the output of --list with its labels filled in")
-@click.option("--all", "include_counted", is_flag=True,
-              help="in the window, go on to the cells the model counted, least confident first")
+@click.option(
+    "--apply",
+    "apply_file",
+    type=click.Path(dir_okay=False),
+    help="decisions from a CSV with columns id,label: the output of --list with its labels filled in",
+)
+@click.option(
+    "--all",
+    "include_counted",
+    is_flag=True,
+    help="in the window, go on to the cells the model counted, least confident first",
+)
 @click.option("--new-label", is_flag=True, help="allow a class the model does not know (e.g. blast)")
-@click.option("--for-adapt", is_flag=True,
-              help="review to adapt the model: the cells that teach it most first (least sure, spread over the "
-                   "classes the session found), counted ones included")
+@click.option(
+    "--for-adapt",
+    is_flag=True,
+    help="review to adapt the model: the cells that teach it most first (least sure, spread over the "
+    "classes the session found), counted ones included",
+)
 @click.option("--per-class", type=click.IntRange(min=1), help="with --for-adapt: at most this many cells of each class")
-def edge_review(out_dir, reviewer, list_only, cell_id, label, undo, apply_file, include_counted, new_label,
-                for_adapt, per_class):
+def edge_review(
+    out_dir, reviewer, list_only, cell_id, label, undo, apply_file, include_counted, new_label, for_adapt, per_class
+):
     """Review the cells OUT_DIR set aside: one by one in a window, or by --cell/--label or --apply;
     then rewrite cells.csv and report.html with the differential after review."""
     import csv
@@ -608,8 +816,9 @@ def edge_review(out_dir, reviewer, list_only, cell_id, label, undo, apply_file, 
                 db.close()
             out = csv.writer(click.get_text_stream("stdout"))
             out.writerow(["id", "label", "model_label", "confidence", "flag", "source", "frame", "crop"])
-            out.writerows([c.id, "", c.model_label, f"{c.confidence:.3f}", c.flag, c.source, c.frame, c.crop]
-                          for c in todo)
+            out.writerows(
+                [c.id, "", c.model_label, f"{c.confidence:.3f}", c.flag, c.source, c.frame, c.crop] for c in todo
+            )
             click.echo(f"{len(todo)} cells to review: fill in the label column and --apply the file", err=True)
             return
         with Reviewer(out_dir, reviewer, allow_new_labels=new_label) as r:
@@ -624,10 +833,16 @@ def edge_review(out_dir, reviewer, list_only, cell_id, label, undo, apply_file, 
             else:
                 if not has_display() or not opencv_gui():
                     why = "no screen" if not has_display() else NO_GUI_HINT
-                    raise _Fail(f"the review window needs a screen ({why}); without one, list the cells with "
-                                f"--list and decide with --cell ID --label L or --apply decisions.csv")
-                n = review_window(r, include_counted, echo=click.echo,
-                                  order=(lambda cs: teaching_queue(cs, per_class)) if for_adapt else None)
+                    raise _Fail(
+                        f"the review window needs a screen ({why}); without one, list the cells with "
+                        f"--list and decide with --cell ID --label L or --apply decisions.csv"
+                    )
+                n = review_window(
+                    r,
+                    include_counted,
+                    echo=click.echo,
+                    order=(lambda cs: teaching_queue(cs, per_class)) if for_adapt else None,
+                )
                 click.echo(f"{n} decisions recorded (by {r.name})")
     except (ReviewError, FileNotFoundError) as e:
         raise _Fail(str(e)) from e
@@ -646,25 +861,41 @@ def bench():
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--bccd", type=click.Path(file_okay=False), help="BCCD folder (default ../shared/data/bccd)")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False))
-@click.option("--orientations", type=click.Choice(["1", "2", "4", "8"]), default="1", show_default=True,
-              help="average over this many rotations / mirror images of each cell, as the edge app does")
-@click.option("--scale", default=1.0, show_default=True,
-              help="diagnostic: cut each cell at this multiple of the measured scale")
-@click.option("--matek", type=click.Path(file_okay=False),
-              help="score the Munich bone-marrow cells in this folder (CODE/*.jpg) instead of BCCD")
-@click.option("--calibrate", type=click.Choice(["none", "white", "stains"]), default="none", show_default=True,
-              help="diagnostic: map the set's stain (BCCD's, or Munich's with --matek) onto the "
-                   "training stain (--reference) before classifying")
-@click.option("--reference", type=click.Path(file_okay=False),
-              help="class folders of the training images, for --calibrate (default ../shared/data/pbc)")
+@click.option(
+    "--orientations",
+    type=click.Choice(["1", "2", "4", "8"]),
+    default="1",
+    show_default=True,
+    help="average over this many rotations / mirror images of each cell, as the edge app does",
+)
+@click.option(
+    "--scale", default=1.0, show_default=True, help="diagnostic: cut each cell at this multiple of the measured scale"
+)
+@click.option(
+    "--matek",
+    type=click.Path(file_okay=False),
+    help="score the Munich bone-marrow cells in this folder (CODE/*.jpg) instead of BCCD",
+)
+@click.option(
+    "--calibrate",
+    type=click.Choice(["none", "white", "stains"]),
+    default="none",
+    show_default=True,
+    help="diagnostic: map the set's stain (BCCD's, or Munich's with --matek) onto the "
+    "training stain (--reference) before classifying",
+)
+@click.option(
+    "--reference",
+    type=click.Path(file_okay=False),
+    help="class folders of the training images, for --calibrate (default ../shared/data/pbc)",
+)
 def bench_generalisation(model, bccd, json_out, orientations, scale, matek, calibrate, reference):
     """Accuracy of MODEL on white cells of another microscope (BCCD fields, or Munich bone-marrow
     cells with --matek; cut at the trained scale)."""
     from benchmarks.generalisation import DEFAULT_BCCD, DEFAULT_PBC, score
     from train.metrics import per_class_table
 
-    m = _guard(score, model, bccd or DEFAULT_BCCD, int(orientations), scale, matek, calibrate,
-               reference or DEFAULT_PBC)
+    m = _guard(score, model, bccd or DEFAULT_BCCD, int(orientations), scale, matek, calibrate, reference or DEFAULT_PBC)
     click.echo(per_class_table(m))
     if json_out:
         _write_json(json_out, m)
@@ -735,54 +966,87 @@ def bench_bccd(bccd, model, orientations, white_balance, json_out):
 
     root = bccd or DEFAULT_BCCD
     f = _guard(detection.finding, root)
-    click.echo(f"cell finding: recall {f['recall']:.4f}, precision {f['precision']:.4f} "
-               f"({f['boxes']} WBC boxes, {f['found']} cells found, {f['missed']} missed, "
-               f"{f['false_positives']} outside any box)")
+    click.echo(
+        f"cell finding: recall {f['recall']:.4f}, precision {f['precision']:.4f} "
+        f"({f['boxes']} WBC boxes, {f['found']} cells found, {f['missed']} missed, "
+        f"{f['false_positives']} outside any box)"
+    )
     c = _guard(detection.field_classification, root, model, int(orientations), white_balance)
-    click.echo(f"field classification ({c['fields']} single-WBC fields, most confident white cell, "
-               f"{c['orientations']} orientations{', white-balanced' if c['white_balance'] else ''}): accuracy "
-               f"{c['accuracy']:.4f}, balanced accuracy {c['balanced_accuracy']:.4f}; recall "
-               + ", ".join(f"{k} {v:.2f}" for k, v in c["recall"].items()))
-    click.echo(f"counted without review: {1 - c['set_aside']:.1%} of the fields' answers (the rest set aside); "
-               f"accuracy {c['counted_accuracy']:.4f}, balanced accuracy {c['counted_balanced_accuracy']:.4f}; "
-               "recall " + ", ".join(f"{k} {v:.2f}" for k, v in c["counted_recall"].items()))
+    click.echo(
+        f"field classification ({c['fields']} single-WBC fields, most confident white cell, "
+        f"{c['orientations']} orientations{', white-balanced' if c['white_balance'] else ''}): accuracy "
+        f"{c['accuracy']:.4f}, balanced accuracy {c['balanced_accuracy']:.4f}; recall "
+        + ", ".join(f"{k} {v:.2f}" for k, v in c["recall"].items())
+    )
+    click.echo(
+        f"counted without review: {1 - c['set_aside']:.1%} of the fields' answers (the rest set aside); "
+        f"accuracy {c['counted_accuracy']:.4f}, balanced accuracy {c['counted_balanced_accuracy']:.4f}; "
+        "recall " + ", ".join(f"{k} {v:.2f}" for k, v in c["counted_recall"].items())
+    )
     if json_out:
         _write_json(json_out, {"finding": f, "classification": c})
 
 
 @bench.command("finding")
 @click.option("--source", required=True, type=click.Path(file_okay=False), help="the folder of fields")
-@click.option("--boxes", required=True, type=click.Path(exists=True),
-              help="VOC XML folder, CSV file, or YOLO .txt folder")
+@click.option(
+    "--boxes", required=True, type=click.Path(exists=True), help="VOC XML folder, CSV file, or YOLO .txt folder"
+)
 @click.option("--format", "fmt", type=click.Choice(["voc", "csv", "yolo"]), required=True)
-@click.option("--label", default="WBC", show_default=True,
-              help="the white cells' box label (YOLO: its class number; Aslan's CSV: wbc)")
+@click.option(
+    "--label",
+    default="WBC",
+    show_default=True,
+    help="the white cells' box label (YOLO: its class number; Aslan's CSV: wbc)",
+)
 @click.option("--errors", type=click.Path(file_okay=False), help="write errors.csv, misses.png, false_finds.png here")
-@click.option("--tint", type=click.FloatRange(0, 2), default=0.0, show_default=True,
-              help="tint the red cells bluish first, as an alkaline Giemsa does (0.5 lilac, 1.0 bluish-grey)")
+@click.option(
+    "--tint",
+    type=click.FloatRange(0, 2),
+    default=0.0,
+    show_default=True,
+    help="tint the red cells bluish first, as an alkaline Giemsa does (0.5 lilac, 1.0 bluish-grey)",
+)
 @click.option("--json", "json_out", type=click.Path(dir_okay=False))
 def bench_finding(source, boxes, fmt, label, errors, tint, json_out):
     """Recall and precision of the cell finder against white-cell boxes in VOC, CSV or YOLO form."""
     from benchmarks import finding
 
     r = _guard(lambda: finding.finding(finding.read_boxes(source, boxes, fmt, label), errors=errors, tint=tint))
-    click.echo(f"cell finding on {r['fields']} fields" + (f" tinted {tint:g}" if tint else "")
-               + f": recall {r['recall']:.4f}, precision {r['precision']:.4f} "
-               f"({r['boxes']} boxes, {r['found']} cells found, {r['missed']} missed, {r['false_finds']} false finds)"
-               + (f"; errors in {errors}" if errors else ""))
+    click.echo(
+        f"cell finding on {r['fields']} fields"
+        + (f" tinted {tint:g}" if tint else "")
+        + f": recall {r['recall']:.4f}, precision {r['precision']:.4f} "
+        f"({r['boxes']} boxes, {r['found']} cells found, {r['missed']} missed, {r['false_finds']} false finds)"
+        + (f"; errors in {errors}" if errors else "")
+    )
     if json_out:
         _write_json(json_out, r)
 
 
 @bench.command("ood")
 @click.option("--model", type=click.Path(dir_okay=False), help="default: the shipped int8")
-@click.option("--level", type=click.FloatRange(0.9, 0.999), default=0.98, show_default=True,
-              help="the unknown-cell level, as [review] unknown_level")
-@click.option("--data", "data_root", type=click.Path(file_okay=False),
-              help="the folder with pbc/, bccd/ and matek-bm-samples/ (default: ../shared/data)")
-@click.option("--reviewed", type=click.IntRange(0, 100), default=0, show_default=True,
-              help="play a laboratory adapted at the BCCD microscope: this many BCCD cells per class join the "
-                   "reference (as bmc edge adapt adds the reviewed cells); BCCD is scored on the others")
+@click.option(
+    "--level",
+    type=click.FloatRange(0.9, 0.999),
+    default=0.98,
+    show_default=True,
+    help="the unknown-cell level, as [review] unknown_level",
+)
+@click.option(
+    "--data",
+    "data_root",
+    type=click.Path(file_okay=False),
+    help="the folder with pbc/, bccd/ and matek-bm-samples/ (default: ../shared/data)",
+)
+@click.option(
+    "--reviewed",
+    type=click.IntRange(0, 100),
+    default=0,
+    show_default=True,
+    help="play a laboratory adapted at the BCCD microscope: this many BCCD cells per class join the "
+    "reference (as bmc edge adapt adds the reviewed cells); BCCD is scored on the others",
+)
 @click.option("--seed", default=0, show_default=True, help="which BCCD cells are the reviewed ones")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False))
 def bench_ood(model, level, data_root, reviewed, seed, json_out):
@@ -798,16 +1062,24 @@ def bench_ood(model, level, data_root, reviewed, seed, json_out):
 
 @bench.command("adapt")
 @click.option("--source", required=True, type=click.Path(file_okay=False), help="folder the --truth files are under")
-@click.option("--truth", "truth_file", required=True, type=click.Path(dir_okay=False),
-              help="CSV file,label (bmc bench truth writes BCCD's and Munich's)")
+@click.option(
+    "--truth",
+    "truth_file",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="CSV file,label (bmc bench truth writes BCCD's and Munich's)",
+)
 @click.option("--k", default=10, show_default=True, help="fields labelled per class")
 @click.option("--seeds", default="1,2,3", show_default=True, help="comma-separated: which fields are labelled")
 @click.option("--mode", type=click.Choice(["field", "cell"]), default="field", show_default=True)
 @click.option("--model", type=click.Path(dir_okay=False), help="base model (default: the shipped int8)")
 @click.option("--orientations", type=click.Choice(["1", "2", "4", "8"]), default="4", show_default=True)
-@click.option("--ceiling", is_flag=True,
-              help="label every field instead: the refit head's cross-validated balanced accuracy, the most "
-                   "any K can reach with this model's embedding")
+@click.option(
+    "--ceiling",
+    is_flag=True,
+    help="label every field instead: the refit head's cross-validated balanced accuracy, the most "
+    "any K can reach with this model's embedding",
+)
 @click.option("--json", "json_out", type=click.Path(dir_okay=False))
 def bench_adapt(source, truth_file, k, seeds, mode, model, orientations, ceiling, json_out):
     """Adaptation as a laboratory lives it: run, label K fields per class, bmc edge adapt, run again;
@@ -815,11 +1087,14 @@ def bench_adapt(source, truth_file, k, seeds, mode, model, orientations, ceiling
     from benchmarks import adapt as bench
 
     if ceiling:
-        res = _guard(bench.ceiling, source, truth_file, mode, model, int(orientations),
-                     log=lambda m: click.echo(m, err=True))
-        click.echo(f"{res['labelled']} of {res['fields']} fields labelled; cross-validated balanced accuracy on "
-                   f"held-out labelled cells: shipped head {res['shipped']['balanced_accuracy']:.3f}, refit head "
-                   f"{res['adapted']['balanced_accuracy']:.3f}")
+        res = _guard(
+            bench.ceiling, source, truth_file, mode, model, int(orientations), log=lambda m: click.echo(m, err=True)
+        )
+        click.echo(
+            f"{res['labelled']} of {res['fields']} fields labelled; cross-validated balanced accuracy on "
+            f"held-out labelled cells: shipped head {res['shipped']['balanced_accuracy']:.3f}, refit head "
+            f"{res['adapted']['balanced_accuracy']:.3f}"
+        )
         if json_out:
             _write_json(json_out, res)
         return
@@ -828,8 +1103,17 @@ def bench_adapt(source, truth_file, k, seeds, mode, model, orientations, ceiling
         seed_list = [int(x) for x in seeds.split(",") if x.strip()]
     except ValueError:
         raise click.BadParameter(f"{seeds!r}: comma-separated integers", param_hint="--seeds") from None
-    res = _guard(bench.run, source, truth_file, k, seed_list, mode, model, int(orientations),
-                 log=lambda m: click.echo(m, err=True))
+    res = _guard(
+        bench.run,
+        source,
+        truth_file,
+        k,
+        seed_list,
+        mode,
+        model,
+        int(orientations),
+        log=lambda m: click.echo(m, err=True),
+    )
     click.echo(bench.markdown(res))
     if json_out:
         _write_json(json_out, res)
@@ -908,8 +1192,12 @@ def bench_compare(items, data, runs, threads, plot, json_out):
 
 @bench.command("energy")
 @click.argument("model", required=False, type=click.Path(dir_okay=False))
-@click.option("--meter", default="auto", show_default=True,
-              help="auto, rapl, jetson, pi5, ina260, ina219, or csv:PATH (an external meter's log)")
+@click.option(
+    "--meter",
+    default="auto",
+    show_default=True,
+    help="auto, rapl, jetson, pi5, ina260, ina219, or csv:PATH (an external meter's log)",
+)
 @click.option("--runs", default=500, show_default=True, help="inferences in the timed run")
 @click.option("--idle-s", default=5.0, show_default=True, help="idle baseline before the run")
 @click.option("--threads", type=int)
@@ -924,15 +1212,22 @@ def bench_energy(model, meter, runs, idle_s, threads, json_out):
     from edge_app.backends.litert import LiteRTBackend
     from edge_app.model import DEFAULT_MODEL
 
-    makers = {"rapl": energy.RaplMeter, "jetson": energy.JetsonMeter, "pi5": energy.Pi5PmicMeter,
-              "ina260": lambda: energy.INA2xxMeter("ina260"), "ina219": lambda: energy.INA2xxMeter("ina219")}
+    makers = {
+        "rapl": energy.RaplMeter,
+        "jetson": energy.JetsonMeter,
+        "pi5": energy.Pi5PmicMeter,
+        "ina260": lambda: energy.INA2xxMeter("ina260"),
+        "ina219": lambda: energy.INA2xxMeter("ina219"),
+    }
     try:
         if meter == "auto":
             found = energy.find_meters()
             if not found:
-                click.echo("no power meter found on this machine (looked for Intel RAPL, a Jetson INA3221, "
-                           "a Raspberry Pi 5 PMIC): energy not measured. Use --meter ina260/ina219 or "
-                           "--meter csv:LOG for an external meter.")
+                click.echo(
+                    "no power meter found on this machine (looked for Intel RAPL, a Jetson INA3221, "
+                    "a Raspberry Pi 5 PMIC): energy not measured. Use --meter ina260/ina219 or "
+                    "--meter csv:LOG for an external meter."
+                )
                 return
             m = found[0]
         elif meter.startswith("csv:"):
@@ -951,8 +1246,10 @@ def bench_energy(model, meter, runs, idle_s, threads, json_out):
     except energy.MeterError as e:
         raise _Fail(str(e)) from e
     r.update(model=str(model or DEFAULT_MODEL), machine=machine.describe())
-    click.echo(f"{r['meter']}: idle {r['idle_w']:.2f} W, {r['avg_w']:.2f} W while running; "
-               f"{1000 * r['joules_per_inference']:.2f} mJ per inference above idle ({runs} inferences)")
+    click.echo(
+        f"{r['meter']}: idle {r['idle_w']:.2f} W, {r['avg_w']:.2f} W while running; "
+        f"{1000 * r['joules_per_inference']:.2f} mJ per inference above idle ({runs} inferences)"
+    )
     if json_out:
         _write_json(json_out, r)
 

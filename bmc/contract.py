@@ -79,9 +79,7 @@ class Contract:
         if not 0.05 <= self.cell_fraction <= 1.0:
             raise ContractError(f"cell_fraction must be in [0.05, 1], got {self.cell_fraction}")
         if self.interpolation not in _INTERPOLATIONS:
-            raise ContractError(
-                f"interpolation must be one of {sorted(_INTERPOLATIONS)}, got {self.interpolation!r}"
-            )
+            raise ContractError(f"interpolation must be one of {sorted(_INTERPOLATIONS)}, got {self.interpolation!r}")
         if self.stain_norm not in STAIN_NORMS:
             raise ContractError(f"stain_norm must be one of {STAIN_NORMS}, got {self.stain_norm!r}")
         if self.lamp is not None and (len(self.lamp) != 3 or not all(0 < v <= 255 for v in self.lamp)):
@@ -90,7 +88,8 @@ class Contract:
             raise ContractError(f"input_size must be >= 32, got {self.input_size}")
         if self.parents is not None:
             if not isinstance(self.parents, dict) or not all(
-                    isinstance(k, str) and isinstance(v, str) for k, v in self.parents.items()):
+                isinstance(k, str) and isinstance(v, str) for k, v in self.parents.items()
+            ):
                 raise ContractError(f"parents must map label names to parent names, got {self.parents!r}")
             stray = sorted(set(self.parents) - set(self.labels))
             if stray:
@@ -234,14 +233,14 @@ def prepare(image: np.ndarray, contract: Contract, pixel_format: str = "BGR", *,
     return normalise_stain(rgb, contract.stain_norm)
 
 
-def preprocess(image: np.ndarray, contract: Contract, pixel_format: str = "BGR", *,
-               crop: bool = True) -> np.ndarray:
+def preprocess(image: np.ndarray, contract: Contract, pixel_format: str = "BGR", *, crop: bool = True) -> np.ndarray:
     """One image → one model input (float32, ``input_size``², RGB, 0..255); see :func:`prepare`."""
     return prepare(image, contract, pixel_format, crop=crop).astype(np.float32)
 
 
-def preprocess_batch(images: Sequence[np.ndarray], contract: Contract, pixel_format: str = "BGR",
-                     *, crop: bool = True) -> np.ndarray:
+def preprocess_batch(
+    images: Sequence[np.ndarray], contract: Contract, pixel_format: str = "BGR", *, crop: bool = True
+) -> np.ndarray:
     return np.stack([preprocess(im, contract, pixel_format, crop=crop) for im in images])
 
 

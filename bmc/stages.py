@@ -19,9 +19,17 @@ import numpy as np
 #: PBC file-name prefix → stage label. ``IG`` and ``NEUTROPHIL`` (unspecified stage) are not here:
 #: a stage model leaves those 117 images out.
 PBC_PREFIX = {
-    "BA": "basophil", "EO": "eosinophil", "ERB": "erythroblast", "LY": "lymphocyte",
-    "MO": "monocyte", "PLATELET": "platelet", "PMY": "promyelocyte", "MY": "myelocyte",
-    "MMY": "metamyelocyte", "BNE": "band", "SNE": "segmented",
+    "BA": "basophil",
+    "EO": "eosinophil",
+    "ERB": "erythroblast",
+    "LY": "lymphocyte",
+    "MO": "monocyte",
+    "PLATELET": "platelet",
+    "PMY": "promyelocyte",
+    "MY": "myelocyte",
+    "MMY": "metamyelocyte",
+    "BNE": "band",
+    "SNE": "segmented",
 }
 UNSPECIFIED_PREFIXES = ("IG", "NEUTROPHIL")
 
@@ -29,12 +37,15 @@ UNSPECIFIED_PREFIXES = ("IG", "NEUTROPHIL")
 GRANULOCYTIC_SERIES = ("promyelocyte", "myelocyte", "metamyelocyte", "band", "segmented")
 
 #: Each stage's 8-class parent (classes that have no stages are their own parent).
-PARENT = {"promyelocyte": "ig", "myelocyte": "ig", "metamyelocyte": "ig",
-          "band": "neutrophil", "segmented": "neutrophil"}
+PARENT = {
+    "promyelocyte": "ig",
+    "myelocyte": "ig",
+    "metamyelocyte": "ig",
+    "band": "neutrophil",
+    "segmented": "neutrophil",
+}
 
-STAGE_LABELS = ("basophil", "eosinophil", "erythroblast", "lymphocyte", "monocyte", "platelet",
-                *GRANULOCYTIC_SERIES)
-
+STAGE_LABELS = ("basophil", "eosinophil", "erythroblast", "lymphocyte", "monocyte", "platelet", *GRANULOCYTIC_SERIES)
 
 
 def stage_of_prefix(stem: str) -> str | None:
@@ -56,8 +67,9 @@ def coarse_labels(labels: Sequence[str], parents: Mapping[str, str] | None) -> t
     return tuple(sorted({parents.get(label, label) for label in labels}))
 
 
-def coarse_probs(probs: np.ndarray, labels: Sequence[str], parents: Mapping[str, str] | None
-                 ) -> tuple[np.ndarray, tuple[str, ...]]:
+def coarse_probs(
+    probs: np.ndarray, labels: Sequence[str], parents: Mapping[str, str] | None
+) -> tuple[np.ndarray, tuple[str, ...]]:
     """Sum the stage probabilities into their parents: ``(probs over coarse labels, coarse labels)``."""
     coarse = coarse_labels(labels, parents)
     index = {c: i for i, c in enumerate(coarse)}

@@ -65,8 +65,7 @@ def _selective(conv, q: Quantization) -> bytes:
     import tensorflow as tf
 
     opts = tf.lite.experimental.QuantizationDebugOptions(denylisted_nodes=list(q.float_layers))
-    dbg = tf.lite.experimental.QuantizationDebugger(converter=conv, debug_dataset=q.representative,
-                                                    debug_options=opts)
+    dbg = tf.lite.experimental.QuantizationDebugger(converter=conv, debug_dataset=q.representative, debug_options=opts)
     return dbg.get_nondebug_quantized_model()
 
 
@@ -99,7 +98,14 @@ def quantization_error_by_layer(model, q: Quantization, debug_images, top: int =
         for r in csv.DictReader(buf):
             scale = float(r.get("scale") or 0.0)
             rmse = float(np.sqrt(float(r.get("mean_squared_error") or 0.0)))
-            rows.append({"tensor": r["tensor_name"], "op": r.get("op_name", ""), "rmse": rmse, "scale": scale,
-                         "rmse_over_scale": rmse / scale if scale else 0.0})
+            rows.append(
+                {
+                    "tensor": r["tensor_name"],
+                    "op": r.get("op_name", ""),
+                    "rmse": rmse,
+                    "scale": scale,
+                    "rmse_over_scale": rmse / scale if scale else 0.0,
+                }
+            )
     rows.sort(key=lambda r: -r["rmse_over_scale"])
     return rows[:top]

@@ -86,8 +86,12 @@ def _constant(model, producer, codes, t: int) -> np.ndarray:
     raw = model.buffers[tensor.buffer].data
     if raw is None or len(raw) == 0:
         raise EmbeddingError("the head's weights are not constants of the model")
-    dtypes = {schema.TensorType.FLOAT32: np.float32, schema.TensorType.FLOAT16: np.float16,
-              schema.TensorType.INT8: np.int8, schema.TensorType.INT32: np.int32}
+    dtypes = {
+        schema.TensorType.FLOAT32: np.float32,
+        schema.TensorType.FLOAT16: np.float16,
+        schema.TensorType.INT8: np.int8,
+        schema.TensorType.INT32: np.int32,
+    }
     values = np.frombuffer(np.asarray(raw, np.uint8).tobytes(), dtypes[tensor.type]).reshape(tensor.shape)
     q = tensor.quantization
     if q is not None and q.scale is not None and len(q.scale):
@@ -135,14 +139,25 @@ def expose(model_path: str | Path) -> bool:
     tmp.write_bytes(new)
     tmp.replace(model_path)
     w, _ = read_head(model_path)
-    card.update(sha256=sha256_file(model_path), size_bytes=model_path.stat().st_size,
-                outputs=[PROBABILITIES, EMBEDDING], embedding={"size": int(w.shape[0]), "pooled": "global average"})
+    card.update(
+        sha256=sha256_file(model_path),
+        size_bytes=model_path.stat().st_size,
+        outputs=[PROBABILITIES, EMBEDDING],
+        embedding={"size": int(w.shape[0]), "pooled": "global average"},
+    )
     card_path(model_path).write_text(json.dumps(card, indent=2) + "\n")
     return True
 
 
-def build_guard(model_path: str | Path, samples, per_class: int = 200, orientations: int = 4, seed: int = 0,
-                threads: int | None = None, log=print) -> Path:
+def build_guard(
+    model_path: str | Path,
+    samples,
+    per_class: int = 200,
+    orientations: int = 4,
+    seed: int = 0,
+    threads: int | None = None,
+    log=print,
+) -> Path:
     """Embed ``per_class`` training cells of each class (``samples``: ``train.data.Sample`` s, the
     training part of the model's split) in ``orientations`` orientations, averaged as on the device,
     and write them beside the model (``<model>.guard.npz``), recorded in its card.
@@ -168,7 +183,9 @@ def build_guard(model_path: str | Path, samples, per_class: int = 200, orientati
         pool = sorted(by_class[label], key=lambda s: str(s.path))
         pick = [pool[i] for i in sorted(rng.choice(len(pool), min(per_class, len(pool)), replace=False))]
         for i in range(0, len(pick), 16):
-            batch = np.stack([preprocess(read_image(str(s.path)), clf.contract, "BGR", crop=True) for s in pick[i:i + 16]])
+            batch = np.stack(
+                [preprocess(read_image(str(s.path)), clf.contract, "BGR", crop=True) for s in pick[i : i + 16]]
+            )
             embs.append(clf.predict_cells(batch)[1])
         ys += [k] * len(pick)
         names += [Path(s.path).name for s in pick]
@@ -177,19 +194,34 @@ def build_guard(model_path: str | Path, samples, per_class: int = 200, orientati
     scale = float(x.max()) / 255 or 1.0
     w, b = read_head(model_path)
     out = Path(str(Path(model_path).with_suffix("")) + GUARD_SUFFIX)
-    np.savez_compressed(out, embedding=np.clip(np.round(x / scale), 0, 255).astype(np.uint8),
-                        scale=np.float32(scale), label=np.asarray(ys, np.int16), labels=np.asarray(clf.base_labels),
-                        files=np.asarray(names), head_w=w, head_b=b, orientations=np.int16(orientations))
+    np.savez_compressed(
+        out,
+        embedding=np.clip(np.round(x / scale), 0, 255).astype(np.uint8),
+        scale=np.float32(scale),
+        label=np.asarray(ys, np.int16),
+        labels=np.asarray(clf.base_labels),
+        files=np.asarray(names),
+        head_w=w,
+        head_b=b,
+        orientations=np.int16(orientations),
+    )
     card = json.loads(card_path(model_path).read_text())
-    card["guard"] = {"file": out.name, "sha256": sha256_file(out), "cells": len(ys), "per_class": per_class,
-                     "orientations": orientations, "from": "training part of the model's split",
-                     "model_sha256": sha256_file(model_path)}
+    card["guard"] = {
+        "file": out.name,
+        "sha256": sha256_file(out),
+        "cells": len(ys),
+        "per_class": per_class,
+        "orientations": orientations,
+        "from": "training part of the model's split",
+        "model_sha256": sha256_file(model_path),
+    }
     card_path(model_path).write_text(json.dumps(card, indent=2) + "\n")
     return out
 
 
-def calibrate_unknown(model_path: str | Path, samples, orientations: int = 4, threads: int | None = None,
-                      log=print) -> dict:
+def calibrate_unknown(
+    model_path: str | Path, samples, orientations: int = 4, threads: int | None = None, log=print
+) -> dict:
     """Calibrate the unknown-cell check (``edge_app/unknown.py``) on ``samples``, the validation part
     of the model's split: each cell's distance to the nearest guard-set cell, summarised as the
     card's ``unknown`` quantiles. Needs the guard set (:func:`build_guard`) first."""
@@ -205,14 +237,19 @@ def calibrate_unknown(model_path: str | Path, samples, orientations: int = 4, th
     reference = unknown.reference_of(model_path, clf.card)
     scores = []
     for i in range(0, len(samples), 16):
-        batch = np.stack([preprocess(read_image(str(s.path)), clf.contract, "BGR", crop=True) for s in samples[i:i + 16]])
+        batch = np.stack(
+            [preprocess(read_image(str(s.path)), clf.contract, "BGR", crop=True) for s in samples[i : i + 16]]
+        )
         scores.append(unknown.distances(clf.predict_cells(batch)[1], reference))
     s = np.concatenate(scores)
-    calib = unknown.calibration(s, len(reference), f"validation part of the model's split ({len(s)} cells, "
-                                                  f"{orientations} orientations)")
+    calib = unknown.calibration(
+        s, len(reference), f"validation part of the model's split ({len(s)} cells, {orientations} orientations)"
+    )
     card = json.loads(card_path(model_path).read_text())
     card["unknown"] = calib
     card_path(model_path).write_text(json.dumps(card, indent=2) + "\n")
-    log(f"unknown-cell check: {len(s)} validation cells; threshold at level {unknown.DEFAULT_LEVEL}: "
-        f"{unknown.threshold_at(calib, unknown.DEFAULT_LEVEL):.4f}")
+    log(
+        f"unknown-cell check: {len(s)} validation cells; threshold at level {unknown.DEFAULT_LEVEL}: "
+        f"{unknown.threshold_at(calib, unknown.DEFAULT_LEVEL):.4f}"
+    )
     return calib

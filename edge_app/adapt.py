@@ -83,20 +83,30 @@ class Reviewed:
 
 # -- the guard set -----------------------------------------------------------------------------------
 
+
 def load_guard(model_path: str | Path, card: dict) -> dict:
     """The guard set named in ``card['guard']``, beside ``model_path``, checked against its sha256."""
     g = card.get("guard")
     if not g:
-        raise AdaptError(f"{model_path}: its card names no guard set, so a head fitted on the device could "
-                         "forget the classes it was not shown; prepare the model with 'bmc prepare-adapt'")
+        raise AdaptError(
+            f"{model_path}: its card names no guard set, so a head fitted on the device could "
+            "forget the classes it was not shown; prepare the model with 'bmc prepare-adapt'"
+        )
     path = file_beside(model_path, g, "guard set", AdaptError)
     with np.load(path) as z:
-        return {"x": z["embedding"].astype(np.float32) * float(z["scale"]), "y": z["label"].astype(np.int64),
-                "labels": [str(l) for l in z["labels"]], "w": z["head_w"].astype(np.float32),
-                "b": z["head_b"].astype(np.float32), "path": path, "orientations": int(z["orientations"])}
+        return {
+            "x": z["embedding"].astype(np.float32) * float(z["scale"]),
+            "y": z["label"].astype(np.int64),
+            "labels": [str(l) for l in z["labels"]],
+            "w": z["head_w"].astype(np.float32),
+            "b": z["head_b"].astype(np.float32),
+            "path": path,
+            "orientations": int(z["orientations"]),
+        }
 
 
 # -- the reviewed cells --------------------------------------------------------------------------------
+
 
 def _embeddings(db: sqlite3.Connection) -> dict[int, bytes]:
     cols = [r[1] for r in db.execute("PRAGMA table_info(cell)")]
@@ -127,9 +137,11 @@ def collect(sessions, clf) -> Reviewed:
             raise AdaptError(f"{folder / 'session.sqlite'}: not a readable session database ({e})") from e
         other = {(sha, f) for _, sha, f in rows if sha != clf.sha256}
         if other:
-            raise AdaptError(f"{folder}: recorded with {', '.join(f'{f} (sha256 {s[:12]}…)' for s, f in sorted(other))}, "
-                             f"not with {clf.path.name} (sha256 {clf.sha256[:12]}…): the cells of one adaptation "
-                             "must share the base model's embedding; adapt each base model's sessions apart")
+            raise AdaptError(
+                f"{folder}: recorded with {', '.join(f'{f} (sha256 {s[:12]}…)' for s, f in sorted(other))}, "
+                f"not with {clf.path.name} (sha256 {clf.sha256[:12]}…): the cells of one adaptation "
+                "must share the base model's embedding; adapt each base model's sessions apart"
+            )
         names.append(str(folder))
         for c in cells:
             if not c.reviewed_label or c.reviewed_label == review.REJECTED:
@@ -141,9 +153,11 @@ def collect(sessions, clf) -> Reviewed:
             else:
                 path = session_file(folder, c.crop)
                 if path is None or not path.is_file():
-                    raise AdaptError(f"{folder}: cell {c.id} ({c.reviewed_label}) has no recorded embedding and its "
-                                     f"crop {c.crop or '(none saved)'} is missing; record sessions with crops or with "
-                                     "this bmc, which stores each cell's embedding")
+                    raise AdaptError(
+                        f"{folder}: cell {c.id} ({c.reviewed_label}) has no recorded embedding and its "
+                        f"crop {c.crop or '(none saved)'} is missing; record sessions with crops or with "
+                        "this bmc, which stores each cell's embedding"
+                    )
                 try:
                     image = read_image(str(path))
                 except ValueError as e:
@@ -155,13 +169,23 @@ def collect(sessions, clf) -> Reviewed:
             ids.append((str(folder), c.id))
             reviewers.add(c.reviewer)
     if not xs:
-        raise AdaptError(f"no reviewed cells in {', '.join(names)}: review some first (bmc edge review "
-                         "--for-adapt), 5-10 per class the session found")
-    return Reviewed(np.stack(xs).astype(np.float32), labels, groups, ids, names, sorted(reviewers),
-                    np.stack(context) if context else None)
+        raise AdaptError(
+            f"no reviewed cells in {', '.join(names)}: review some first (bmc edge review "
+            "--for-adapt), 5-10 per class the session found"
+        )
+    return Reviewed(
+        np.stack(xs).astype(np.float32),
+        labels,
+        groups,
+        ids,
+        names,
+        sorted(reviewers),
+        np.stack(context) if context else None,
+    )
 
 
 # -- the fit ------------------------------------------------------------------------------------------
+
 
 def _balanced_weights(y: np.ndarray, total: float) -> np.ndarray:
     """Weights summing to ``total``, shared equally by the classes present (five monocytes weigh as
@@ -180,8 +204,15 @@ def subspace(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return mu, vecs[:, order].astype(np.float32)
 
 
-def fit_head(x: np.ndarray, y: np.ndarray, weight: np.ndarray, w0: np.ndarray, b0: np.ndarray,
-             basis: tuple[np.ndarray, np.ndarray], s: Settings = Settings()) -> tuple[np.ndarray, np.ndarray]:
+def fit_head(
+    x: np.ndarray,
+    y: np.ndarray,
+    weight: np.ndarray,
+    w0: np.ndarray,
+    b0: np.ndarray,
+    basis: tuple[np.ndarray, np.ndarray],
+    s: Settings = Settings(),
+) -> tuple[np.ndarray, np.ndarray]:
     """Weighted softmax regression anchored to the shipped head ``(w0, b0)``; returns ``(w, b)``.
 
     The head moves from the shipped one only within ``basis`` (the embeddings' main directions:
@@ -206,7 +237,7 @@ def fit_head(x: np.ndarray, y: np.ndarray, weight: np.ndarray, w0: np.ndarray, b
         for k, (param, grad) in enumerate(((dw, grads[0]), (db, grads[1]))):
             m[k] = 0.9 * m[k] + 0.1 * grad
             v[k] = 0.999 * v[k] + 0.001 * grad * grad
-            param -= s.learning_rate * (m[k] / (1 - 0.9 ** t)) / (np.sqrt(v[k] / (1 - 0.999 ** t)) + 1e-8)
+            param -= s.learning_rate * (m[k] / (1 - 0.9**t)) / (np.sqrt(v[k] / (1 - 0.999**t)) + 1e-8)
     step = proj @ (dw / sd[:, None])  # back to the embedding: w = w0 + P diag(1/sd) dw
     return (w0 + step).astype(np.float32), (b0 + db - mu @ step).astype(np.float32)
 
@@ -216,8 +247,10 @@ def _extend(w0: np.ndarray, b0: np.ndarray, n: int) -> tuple[np.ndarray, np.ndar
     extra = n - w0.shape[1]
     if extra <= 0:
         return w0, b0
-    return (np.concatenate([w0, np.zeros((len(w0), extra), np.float32)], axis=1),
-            np.concatenate([b0, np.full(extra, b0.min(), np.float32)]))
+    return (
+        np.concatenate([w0, np.zeros((len(w0), extra), np.float32)], axis=1),
+        np.concatenate([b0, np.full(extra, b0.min(), np.float32)]),
+    )
 
 
 def _recall(y: np.ndarray, pred: np.ndarray, classes) -> dict[int, float]:
@@ -249,18 +282,26 @@ class Result:
 
     def table(self) -> str:
         cv = self.cross_validation
-        lines = [f"cross-validation over {cv['cells']} reviewed cells in {cv['fields']} fields ({cv['folds']} folds, "
-                 "grouped by field): recall of each class on cells neither head was fitted on",
-                 f"  {'class':<16}{'cells':>6}{'shipped':>9}{'adapted':>9}"]
+        lines = [
+            f"cross-validation over {cv['cells']} reviewed cells in {cv['fields']} fields ({cv['folds']} folds, "
+            "grouped by field): recall of each class on cells neither head was fitted on",
+            f"  {'class':<16}{'cells':>6}{'shipped':>9}{'adapted':>9}",
+        ]
         for l in self.labels:
             if l in cv["shipped"]["recall"]:
-                lines.append(f"  {l:<16}{self.cells_per_class.get(l, 0):>6}{cv['shipped']['recall'][l]:>9.2f}"
-                             f"{cv['adapted']['recall'][l]:>9.2f}")
-        lines.append(f"  {'balanced':<16}{'':>6}{cv['shipped']['balanced_accuracy']:>9.3f}"
-                     f"{cv['adapted']['balanced_accuracy']:>9.3f}")
+                lines.append(
+                    f"  {l:<16}{self.cells_per_class.get(l, 0):>6}{cv['shipped']['recall'][l]:>9.2f}"
+                    f"{cv['adapted']['recall'][l]:>9.2f}"
+                )
+        lines.append(
+            f"  {'balanced':<16}{'':>6}{cv['shipped']['balanced_accuracy']:>9.3f}"
+            f"{cv['adapted']['balanced_accuracy']:>9.3f}"
+        )
         g = self.guard
-        lines.append(f"guard set ({g['held_out']} training cells never fitted): accuracy {g['shipped_accuracy']:.3f} "
-                     f"shipped, {g['adapted_accuracy']:.3f} adapted ({g['drop_points']:+.1f} points lost)")
+        lines.append(
+            f"guard set ({g['held_out']} training cells never fitted): accuracy {g['shipped_accuracy']:.3f} "
+            f"shipped, {g['adapted_accuracy']:.3f} adapted ({g['drop_points']:+.1f} points lost)"
+        )
         return "\n".join(lines)
 
 
@@ -272,14 +313,18 @@ def adapt(reviewed: Reviewed, guard: dict, s: Settings = Settings(), log=print) 
     new = sorted(l for l in counts if l not in base)
     few = [l for l in new if counts[l] < MIN_NEW_CLASS]
     if few:
-        raise AdaptError("too few reviewed cells to learn " + ", ".join(f"'{l}' ({counts[l]} cell{'s' * (counts[l] != 1)})"
-                                                                          for l in few)
-                         + f", a class the model does not know: review at least {MIN_NEW_CLASS} of each")
+        raise AdaptError(
+            "too few reviewed cells to learn "
+            + ", ".join(f"'{l}' ({counts[l]} cell{'s' * (counts[l] != 1)})" for l in few)
+            + f", a class the model does not know: review at least {MIN_NEW_CLASS} of each"
+        )
     if len(counts) < 2:
         only = next(iter(counts))
-        raise AdaptError(f"all {counts[only]} reviewed cells are '{only}': a head fitted on one class only learns to "
-                         "call everything that; review cells of at least two classes (bmc edge review --for-adapt "
-                         "spreads them)")
+        raise AdaptError(
+            f"all {counts[only]} reviewed cells are '{only}': a head fitted on one class only learns to "
+            "call everything that; review cells of at least two classes (bmc edge review --for-adapt "
+            "spreads them)"
+        )
     labels = base + new
     index = {l: i for i, l in enumerate(labels)}
     y = np.array([index[l] for l in reviewed.labels])
@@ -307,7 +352,7 @@ def adapt(reviewed: Reviewed, guard: dict, s: Settings = Settings(), log=print) 
     # the shipped head on every reviewed cell; the adapted head on each cell from the folds that did
     # not fit it, over several fold assignments (one assignment of a few dozen cells is noisy)
     ship_p = softmax(x @ w0 + b0)
-    ship_p[:, len(base):] = 0.0  # the shipped head cannot name a new class
+    ship_p[:, len(base) :] = 0.0  # the shipped head cannot name a new class
     adapted_p = np.zeros((s.cv_repeats, len(y), len(labels)), np.float32)
     for rep in range(s.cv_repeats):
         fold = _folds(reviewed.groups, y, k, s.seed + rep)
@@ -321,43 +366,64 @@ def adapt(reviewed: Reviewed, guard: dict, s: Settings = Settings(), log=print) 
     def summary(probs: np.ndarray) -> dict:
         pred = probs.argmax(axis=1)
         rec = _recall(y, pred, present)
-        return {"balanced_accuracy": float(np.mean(list(rec.values()))), "accuracy": float((pred == y).mean()),
-                "log_loss": float(-(cls_w * np.log(np.clip(probs[np.arange(len(y)), y], 1e-6, 1))).sum()),
-                "recall": {labels[c]: v for c, v in rec.items()}}
+        return {
+            "balanced_accuracy": float(np.mean(list(rec.values()))),
+            "accuracy": float((pred == y).mean()),
+            "log_loss": float(-(cls_w * np.log(np.clip(probs[np.arange(len(y)), y], 1e-6, 1))).sum()),
+            "recall": {labels[c]: v for c, v in rec.items()},
+        }
 
     reps = [summary(adapted_p[r]) for r in range(s.cv_repeats)]
-    adapted = {"balanced_accuracy": float(np.mean([r["balanced_accuracy"] for r in reps])),
-               "accuracy": float(np.mean([r["accuracy"] for r in reps])),
-               "log_loss": float(np.mean([r["log_loss"] for r in reps])),
-               "recall": {l: float(np.mean([r["recall"][l] for r in reps])) for l in reps[0]["recall"]}}
+    adapted = {
+        "balanced_accuracy": float(np.mean([r["balanced_accuracy"] for r in reps])),
+        "accuracy": float(np.mean([r["accuracy"] for r in reps])),
+        "log_loss": float(np.mean([r["log_loss"] for r in reps])),
+        "recall": {l: float(np.mean([r["recall"][l] for r in reps])) for l in reps[0]["recall"]},
+    }
     shipped = summary(ship_p)
     r_ship = {index[l]: v for l, v in shipped["recall"].items()}
     r_adapt = {index[l]: v for l, v in adapted["recall"].items()}
-    cv = {"cells": len(y), "fields": n_groups, "folds": k, "repeats": s.cv_repeats, "shipped": shipped,
-          "adapted": adapted}
+    cv = {
+        "cells": len(y),
+        "fields": n_groups,
+        "folds": k,
+        "repeats": s.cv_repeats,
+        "shipped": shipped,
+        "adapted": adapted,
+    }
     w, b = fit(np.ones(len(y), bool))
     cx, cy = guard["x"][check], guard["y"][check]
-    g_ship = float((np.argmax(cx @ w0[:, :len(base)] + b0[:len(base)], axis=1) == cy).mean())
+    g_ship = float((np.argmax(cx @ w0[:, : len(base)] + b0[: len(base)], axis=1) == cy).mean())
     g_adapt = float((np.argmax(cx @ w + b, axis=1) == cy).mean())
-    gd = {"held_out": int(check.sum()), "shipped_accuracy": g_ship, "adapted_accuracy": g_adapt,
-          "drop_points": 100 * (g_ship - g_adapt)}
+    gd = {
+        "held_out": int(check.sum()),
+        "shipped_accuracy": g_ship,
+        "adapted_accuracy": g_adapt,
+        "drop_points": 100 * (g_ship - g_adapt),
+    }
     reasons, advice = [], []
     # better, on reviewed cells each head was not fitted on: a higher balanced accuracy, or the same
     # balanced accuracy and a lower (class-balanced) log-loss
     gain = adapted["balanced_accuracy"] - shipped["balanced_accuracy"]
     loss_gain = shipped["log_loss"] - adapted["log_loss"]
     if not (gain > 1e-9 or (abs(gain) <= 1e-9 and loss_gain > 0)):
-        reasons.append(f"on held-out reviewed cells the adapted head is not better than the shipped one (balanced "
-                       f"accuracy {adapted['balanced_accuracy']:.3f} against {shipped['balanced_accuracy']:.3f}, "
-                       f"log-loss {adapted['log_loss']:.3f} against {shipped['log_loss']:.3f})")
+        reasons.append(
+            f"on held-out reviewed cells the adapted head is not better than the shipped one (balanced "
+            f"accuracy {adapted['balanced_accuracy']:.3f} against {shipped['balanced_accuracy']:.3f}, "
+            f"log-loss {adapted['log_loss']:.3f} against {shipped['log_loss']:.3f})"
+        )
     if gd["drop_points"] > s.max_guard_drop:
-        reasons.append(f"it forgets the training classes: guard-set accuracy {g_adapt:.3f} against {g_ship:.3f} "
-                       f"(more than {s.max_guard_drop:g} points lost)")
+        reasons.append(
+            f"it forgets the training classes: guard-set accuracy {g_adapt:.3f} against {g_ship:.3f} "
+            f"(more than {s.max_guard_drop:g} points lost)"
+        )
     for c in present:
         n = counts[labels[c]]
         if n < 5 or r_adapt[c] < r_ship[c]:
-            advice.append(f"{labels[c]} ({n} reviewed, recall {r_ship[c]:.2f} → {r_adapt[c]:.2f}): "
-                          f"review about {max(5, 10 - n)} more")
+            advice.append(
+                f"{labels[c]} ({n} reviewed, recall {r_ship[c]:.2f} → {r_adapt[c]:.2f}): "
+                f"review about {max(5, 10 - n)} more"
+            )
     head = Head(w, b, tuple(labels))
     return Result(head, labels, dict(counts), cv, gd, not reasons, reasons, advice, time.perf_counter() - t0)
 
@@ -366,8 +432,10 @@ def prepare(sessions, clf, s: Settings = Settings(), log=print) -> tuple[dict, R
     """(guard set, reviewed cells, judged head) for adapting ``clf`` from ``sessions``: what
     ``bmc edge adapt``, the screen and ``bmc bench adapt`` all do before anything is written."""
     if clf.head is not None:  # an adapted model: start again from its base, the shipped head
-        raise AdaptError(f"{clf.path} is itself adapted; adapt from its base model "
-                         f"{clf.card['base_model']['file']} with all the sessions to learn from")
+        raise AdaptError(
+            f"{clf.path} is itself adapted; adapt from its base model "
+            f"{clf.card['base_model']['file']} with all the sessions to learn from"
+        )
     guard = load_guard(clf.path, clf.card)
     reviewed = collect(sessions, clf)
     return guard, reviewed, adapt(reviewed, guard, s, log)
@@ -375,8 +443,10 @@ def prepare(sessions, clf, s: Settings = Settings(), log=print) -> tuple[dict, R
 
 # -- writing the adapted model ---------------------------------------------------------------------------
 
-def write_model(result: Result, reviewed: Reviewed, clf, guard: dict, out_dir: str | Path, name: str,
-                s: Settings = Settings()) -> Path:
+
+def write_model(
+    result: Result, reviewed: Reviewed, clf, guard: dict, out_dir: str | Path, name: str, s: Settings = Settings()
+) -> Path:
     """The adapted model in ``out_dir``: ``name.tflite`` (the base file, byte for byte),
     ``name.head.npz``, ``name.guard.npz`` and ``name.json``, its card. All four are written in a
     temporary folder first and moved in, the card last: a crash leaves no half-written model that
@@ -395,37 +465,66 @@ def write_model(result: Result, reviewed: Reviewed, clf, guard: dict, out_dir: s
         shutil.copyfile(guard["path"], tmp / f"{name}{GUARD_SUFFIX}")
         now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         base_labels = list(guard["labels"])
-        new = {l: {"cells": result.cells_per_class[l], "note": f"learnt from {result.cells_per_class[l]} cells "
-                                                                  "reviewed at this laboratory"}
-               for l in result.labels if l not in base_labels}
-        card = {"card_schema": 1, "file": target.name, "sha256": sha256_file(tmp / target.name),
-                "size_bytes": (tmp / target.name).stat().st_size, "name": name,
-                "variant": f"{base_card.get('variant', '')}+adapted-head",
-                "format": base_card.get("format", ""),
-                "description": f"{base_card.get('name', base_path.stem)} with a class head adapted on the device "
-                               "to this laboratory's reviewed cells",
-                "int8_only": base_card.get("int8_only", False), "created": now,
-                "contract": {**base_card["contract"], "labels": list(result.labels)},
-                "outputs": base_card.get("outputs"), "embedding": base_card.get("embedding"),
-                "source_model": base_card.get("source_model"),
-                "base_model": {"file": base_path.name, "sha256": clf.sha256,
-                               "card_sha256": sha256_file(card_path(base_path)),
-                               "validation": base_card.get("validation")},
-                "head": {"file": f"{name}{HEAD_SUFFIX}", "sha256": sha256_file(tmp / f"{name}{HEAD_SUFFIX}"),
-                         "labels": list(result.labels), "base_labels": base_labels, "new_labels": new},
-                "guard": {**base_card["guard"], "file": f"{name}{GUARD_SUFFIX}"},
-                **({"unknown": base_card["unknown"]} if base_card.get("unknown") else {}),
-                "adaptation": {"date": now, "sessions": reviewed.sessions, "cells": len(reviewed.labels),
-                               "cells_per_class": result.cells_per_class, "reviewers": reviewed.reviewers,
-                               "cross_validation": result.cross_validation, "guard_check": result.guard,
-                               "settings": dataclasses.asdict(s), "seconds": round(result.seconds, 2)},
-                "validation": {"data": "cross-validation over the reviewed cells, grouped by field; a held-out "
-                                       "quarter of the guard set for forgetting",
-                               "passed": True,
-                               "balanced_accuracy": result.cross_validation["adapted"]["balanced_accuracy"],
-                               "shipped_balanced_accuracy": result.cross_validation["shipped"]["balanced_accuracy"],
-                               "guard_accuracy": result.guard["adapted_accuracy"]},
-                "deployable": True}
+        new = {
+            l: {
+                "cells": result.cells_per_class[l],
+                "note": f"learnt from {result.cells_per_class[l]} cells reviewed at this laboratory",
+            }
+            for l in result.labels
+            if l not in base_labels
+        }
+        card = {
+            "card_schema": 1,
+            "file": target.name,
+            "sha256": sha256_file(tmp / target.name),
+            "size_bytes": (tmp / target.name).stat().st_size,
+            "name": name,
+            "variant": f"{base_card.get('variant', '')}+adapted-head",
+            "format": base_card.get("format", ""),
+            "description": f"{base_card.get('name', base_path.stem)} with a class head adapted on the device "
+            "to this laboratory's reviewed cells",
+            "int8_only": base_card.get("int8_only", False),
+            "created": now,
+            "contract": {**base_card["contract"], "labels": list(result.labels)},
+            "outputs": base_card.get("outputs"),
+            "embedding": base_card.get("embedding"),
+            "source_model": base_card.get("source_model"),
+            "base_model": {
+                "file": base_path.name,
+                "sha256": clf.sha256,
+                "card_sha256": sha256_file(card_path(base_path)),
+                "validation": base_card.get("validation"),
+            },
+            "head": {
+                "file": f"{name}{HEAD_SUFFIX}",
+                "sha256": sha256_file(tmp / f"{name}{HEAD_SUFFIX}"),
+                "labels": list(result.labels),
+                "base_labels": base_labels,
+                "new_labels": new,
+            },
+            "guard": {**base_card["guard"], "file": f"{name}{GUARD_SUFFIX}"},
+            **({"unknown": base_card["unknown"]} if base_card.get("unknown") else {}),
+            "adaptation": {
+                "date": now,
+                "sessions": reviewed.sessions,
+                "cells": len(reviewed.labels),
+                "cells_per_class": result.cells_per_class,
+                "reviewers": reviewed.reviewers,
+                "cross_validation": result.cross_validation,
+                "guard_check": result.guard,
+                "settings": dataclasses.asdict(s),
+                "seconds": round(result.seconds, 2),
+            },
+            "validation": {
+                "data": "cross-validation over the reviewed cells, grouped by field; a held-out "
+                "quarter of the guard set for forgetting",
+                "passed": True,
+                "balanced_accuracy": result.cross_validation["adapted"]["balanced_accuracy"],
+                "shipped_balanced_accuracy": result.cross_validation["shipped"]["balanced_accuracy"],
+                "guard_accuracy": result.guard["adapted_accuracy"],
+            },
+            "deployable": True,
+        }
         (tmp / card_path(target).name).write_text(json.dumps(card, indent=2) + "\n")
         for f in (target.name, f"{name}{HEAD_SUFFIX}", f"{name}{GUARD_SUFFIX}", card_path(target).name):
             os.replace(tmp / f, out_dir / f)

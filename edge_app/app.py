@@ -80,8 +80,14 @@ class SessionResult:
 
 
 class EdgeSession:
-    def __init__(self, source: FrameSource | str, classifier: CellClassifier, out_dir: str | Path,
-                 config: SessionConfig = SessionConfig(), echo=print):
+    def __init__(
+        self,
+        source: FrameSource | str,
+        classifier: CellClassifier,
+        out_dir: str | Path,
+        config: SessionConfig = SessionConfig(),
+        echo=print,
+    ):
         self.source = open_source(source) if isinstance(source, str) else source
         self.source_name = str(source) if isinstance(source, str) else type(source).__name__
         self.clf = classifier
@@ -96,33 +102,51 @@ class EdgeSession:
         self._finder = config.finder
         self.lamp = SessionLamp(classifier.contract.lamp, config.white_balance)
         self.tracker = CellTracker()
-        self.store = SessionStore(out_dir, self.source_name, classifier.path.name, classifier.sha256,
-                                  classifier.labels, {"mode": config.mode, "target": config.target,
-                                                      "orientations": classifier.orientations,
-                                                      "white_balance": self.lamp.active,
-                                                      "finder": dataclasses.asdict(config.finder),
-                                                      "review": dataclasses.asdict(config.review),
-                                                      "unknown": ({"score": unknown_mod.SCORE,
-                                                                   "level": self.unknown.level,
-                                                                   "threshold": self.unknown.threshold}
-                                                                  if self.unknown is not None else None),
-                                                      "contract": classifier.contract.to_dict(),
-                                                      "model": classifier.description,
-                                                      "head": ({"file": classifier.head.file,
-                                                                "sha256": classifier.head.sha256,
-                                                                "labels": list(classifier.head.labels),
-                                                                "new_labels": classifier.card["head"].get("new_labels", {})}
-                                                               if classifier.head is not None else None)},
-                                  save_crops=config.save_crops, on_existing=config.on_existing,
-                                  resumable=not self.source.live)
+        self.store = SessionStore(
+            out_dir,
+            self.source_name,
+            classifier.path.name,
+            classifier.sha256,
+            classifier.labels,
+            {
+                "mode": config.mode,
+                "target": config.target,
+                "orientations": classifier.orientations,
+                "white_balance": self.lamp.active,
+                "finder": dataclasses.asdict(config.finder),
+                "review": dataclasses.asdict(config.review),
+                "unknown": (
+                    {"score": unknown_mod.SCORE, "level": self.unknown.level, "threshold": self.unknown.threshold}
+                    if self.unknown is not None
+                    else None
+                ),
+                "contract": classifier.contract.to_dict(),
+                "model": classifier.description,
+                "head": (
+                    {
+                        "file": classifier.head.file,
+                        "sha256": classifier.head.sha256,
+                        "labels": list(classifier.head.labels),
+                        "new_labels": classifier.card["head"].get("new_labels", {}),
+                    }
+                    if classifier.head is not None
+                    else None
+                ),
+            },
+            save_crops=config.save_crops,
+            on_existing=config.on_existing,
+            resumable=not self.source.live,
+        )
         self.result = SessionResult()
         if self.store.resume_after is not None:
             # the interrupted session goes on after its last committed frame, with its counts
             self.source.start = self.store.resume_after + 1
             for label, flag in self.store.prior_cells():
                 self.diff.restore(label, flag)
-            self.echo(f"resuming the interrupted session in {self.store.dir} after frame {self.store.resume_after} "
-                      f"({self.diff.counted} cells counted, {self.diff.flagged} for review)")
+            self.echo(
+                f"resuming the interrupted session in {self.store.dir} after frame {self.store.resume_after} "
+                f"({self.diff.counted} cells counted, {self.diff.flagged} for review)"
+            )
         self._colour_checked = False
         self.paused = False
         self.on_frame = None  # called with (frame, cells) after each frame is recorded
@@ -156,17 +180,30 @@ class EdgeSession:
         if img is None:
             return
         if img.shape[0] * img.shape[1] > MAX_FRAME_PIXELS:
-            frame.image, frame.error = None, (f"frame of {img.shape[1]}x{img.shape[0]} pixels is over the "
-                                              f"{MAX_FRAME_PIXELS / 1e6:.0f}-megapixel limit; downscale it, or set the "
-                                              "camera's width and height")
+            frame.image, frame.error = (
+                None,
+                (
+                    f"frame of {img.shape[1]}x{img.shape[0]} pixels is over the "
+                    f"{MAX_FRAME_PIXELS / 1e6:.0f}-megapixel limit; downscale it, or set the "
+                    "camera's width and height"
+                ),
+            )
             return
         if not self._colour_checked:
             self._colour_checked = True
-            sample = img[::max(1, img.shape[0] // 64), ::max(1, img.shape[1] // 64)].astype(np.int16)
-            if img.ndim < 3 or img.shape[2] < 3 or (np.abs(sample[..., 0] - sample[..., 1]).max() <= 2
-                                                    and np.abs(sample[..., 1] - sample[..., 2]).max() <= 2):
-                self.echo(f"warning: {frame.source} looks greyscale: the cell finder separates nuclei by their stain's "
-                          "colour, so cells will be missed; use the camera's colour mode")
+            sample = img[:: max(1, img.shape[0] // 64), :: max(1, img.shape[1] // 64)].astype(np.int16)
+            if (
+                img.ndim < 3
+                or img.shape[2] < 3
+                or (
+                    np.abs(sample[..., 0] - sample[..., 1]).max() <= 2
+                    and np.abs(sample[..., 1] - sample[..., 2]).max() <= 2
+                )
+            ):
+                self.echo(
+                    f"warning: {frame.source} looks greyscale: the cell finder separates nuclei by their stain's "
+                    "colour, so cells will be missed; use the camera's colour mode"
+                )
 
     def process(self, frame) -> list[dict]:
         r, st = self.result, self.result.stage_seconds
@@ -198,9 +235,21 @@ class EdgeSession:
             else:
                 i = int(np.argmax(p))
                 label, conf, flag = self.clf.labels[i], float(p[i]), "seen"
-            cells.append({"x": box.x, "y": box.y, "w": box.w, "h": box.h, "label": label, "confidence": conf,
-                          "probabilities": p, "flag": flag, "track": track, "new": new,
-                          "embedding": embs[k] if embs is not None else None})
+            cells.append(
+                {
+                    "x": box.x,
+                    "y": box.y,
+                    "w": box.w,
+                    "h": box.h,
+                    "label": label,
+                    "confidence": conf,
+                    "probabilities": p,
+                    "flag": flag,
+                    "track": track,
+                    "new": new,
+                    "embedding": embs[k] if embs is not None else None,
+                }
+            )
         keep = [(c, cr) for c, cr in zip(cells, crops) if c["new"]]
         self.store.record_frame(frame.index, frame.source, [c for c, _ in keep], [cr for _, cr in keep])
         t4 = time.perf_counter()
@@ -217,8 +266,7 @@ class EdgeSession:
         self._stop = True
 
     def run(self) -> SessionResult:
-        old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)} \
-            if _main_thread() else {}
+        old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)} if _main_thread() else {}
         cap = Capture(self.source).start()
         r = self.result
         t_start = last_print = time.perf_counter()
@@ -273,8 +321,10 @@ class EdgeSession:
         if self.source.end_reason:
             self.echo(self.source.end_reason)
             r.message = r.message or self.source.end_reason
-        self.echo(f"session {status}: {r.frames} frames ({r.fps:.1f} fps), {self.diff.summary()}; "
-                  f"{r.corrupt_frames} corrupt and {r.dropped_frames} dropped frames")
+        self.echo(
+            f"session {status}: {r.frames} frames ({r.fps:.1f} fps), {self.diff.summary()}; "
+            f"{r.corrupt_frames} corrupt and {r.dropped_frames} dropped frames"
+        )
         if self.diff.flagged:
             self.echo(f"{self.diff.flagged} cells wait for review (not counted yet): bmc edge review {self.store.dir}")
         return r
@@ -312,8 +362,16 @@ def annotated(image: np.ndarray | None, cells: list[dict], pixel_format: str = "
     for c in cells:
         colour = (0, 200, 0) if not c["flag"] or c["flag"] == "seen" else (0, 165, 255)
         cv2.rectangle(img, (c["x"], c["y"]), (c["x"] + c["w"], c["y"] + c["h"]), colour, 2)
-        cv2.putText(img, f"{c['label']} {c['confidence']:.2f}", (c["x"], max(12, c["y"] - 4)),
-                    cv2.FONT_HERSHEY_SIMPLEX, 0.5, colour, 1, cv2.LINE_AA)
+        cv2.putText(
+            img,
+            f"{c['label']} {c['confidence']:.2f}",
+            (c["x"], max(12, c["y"] - 4)),
+            cv2.FONT_HERSHEY_SIMPLEX,
+            0.5,
+            colour,
+            1,
+            cv2.LINE_AA,
+        )
     return img
 
 
@@ -349,9 +407,11 @@ def opencv_gui() -> str:
     return ""
 
 
-NO_GUI_HINT = ("this OpenCV has no window support (opencv-python-headless, the edge extra's); for the live "
-               "window use the OS's OpenCV: sudo edge_app/deploy/install.sh --screen, or "
-               "pip install opencv-python in place of opencv-python-headless")
+NO_GUI_HINT = (
+    "this OpenCV has no window support (opencv-python-headless, the edge extra's); for the live "
+    "window use the OS's OpenCV: sudo edge_app/deploy/install.sh --screen, or "
+    "pip install opencv-python in place of opencv-python-headless"
+)
 
 
 def _main_thread() -> bool:

@@ -44,10 +44,13 @@ def crop_cell(frame: np.ndarray, box: Box, contract: Contract) -> np.ndarray:
     h, w = frame.shape[:2]
     pad_l, pad_t = max(0, -left), max(0, -top)
     pad_r, pad_b = max(0, left + side - w), max(0, top + side - h)
-    crop = frame[max(0, top):min(h, top + side), max(0, left):min(w, left + side)]
+    crop = frame[max(0, top) : min(h, top + side), max(0, left) : min(w, left + side)]
     if pad_l or pad_t or pad_r or pad_b:
-        fill = [float(v) for v in np.median(crop.reshape(-1, crop.shape[2]), axis=0)] if crop.ndim == 3 \
+        fill = (
+            [float(v) for v in np.median(crop.reshape(-1, crop.shape[2]), axis=0)]
+            if crop.ndim == 3
             else float(np.median(crop))
+        )
         crop = cv2.copyMakeBorder(crop, pad_t, pad_b, pad_l, pad_r, cv2.BORDER_CONSTANT, value=fill)
     return crop
 
@@ -110,7 +113,7 @@ class SessionLamp:
         if self.active and frame.ndim == 3 and pixel_format in ("BGR", "RGB"):
             level = lamp_of(frame)
             self._seen.append(level[::-1] if pixel_format == "BGR" else level)
-            del self._seen[:-self.window]
+            del self._seen[: -self.window]
             self.seen = np.median(self._seen, axis=0)
 
     def balance(self, crop: np.ndarray, pixel_format: str) -> np.ndarray:

@@ -87,8 +87,9 @@ class ScreenConfig:
         seen: dict[str, str] = {}
         for label, key in self.keys.items():
             if not isinstance(key, str) or len(key) != 1 or key in RESERVED_KEYS or key.isspace():
-                raise ValueError(f"keys.{label} must be one character other than {', '.join(RESERVED_KEYS)}, "
-                                 f"got {key!r}")
+                raise ValueError(
+                    f"keys.{label} must be one character other than {', '.join(RESERVED_KEYS)}, got {key!r}"
+                )
             if key in seen:
                 raise ValueError(f"keys.{label} and keys.{seen[key]} both use {key!r}")
             seen[key] = label
@@ -106,10 +107,15 @@ class DeviceConfig:
 
 
 # ranges of the settings that live in other modules' dataclasses
-_EXTERNAL = {("review", "min_confidence"): _range(0, 1), ("review", "min_margin"): _range(0, 1),
-             ("review", "unknown_level"): _range(0, 0.999),
-             ("finder", "cell_margin"): _range(1, 4), ("finder", "max_cells"): _range(1, 10_000),
-             ("finder", "reference_red_cell_px"): _range(4, 4000), ("finder", "red_cell_chroma"): _range(0, 150)}
+_EXTERNAL = {
+    ("review", "min_confidence"): _range(0, 1),
+    ("review", "min_margin"): _range(0, 1),
+    ("review", "unknown_level"): _range(0, 0.999),
+    ("finder", "cell_margin"): _range(1, 4),
+    ("finder", "max_cells"): _range(1, 10_000),
+    ("finder", "reference_red_cell_px"): _range(4, 4000),
+    ("finder", "red_cell_chroma"): _range(0, 150),
+}
 
 
 def _check(where: str, key: str, kind, value, meta: dict):
@@ -172,8 +178,10 @@ def load(path: str | Path) -> DeviceConfig:
     for name, value in data.items():
         if name not in sections:
             near = difflib.get_close_matches(name, list(sections), n=1)
-            raise ConfigError(f"{path}: unknown section [{name}]" + (f"; did you mean [{near[0]}]?" if near else
-                                                                      f"; known: {', '.join(sections)}"))
+            raise ConfigError(
+                f"{path}: unknown section [{name}]"
+                + (f"; did you mean [{near[0]}]?" if near else f"; known: {', '.join(sections)}")
+            )
         try:
             kwargs[name] = _build(type(getattr(DeviceConfig(), name)), value, name)
         except ConfigError as e:

@@ -47,7 +47,9 @@ class FinderConfig:
     max_area_px: int = 60000
     split_area_px: int = 14000  # larger than one cell: try watershed
     min_solidity: float = 0.35
-    red_cell_chroma: float = 16.0  # LAB a*b* distance from the field's red cells below which a pixel is a red cell (0: off)
+    red_cell_chroma: float = (
+        16.0  # LAB a*b* distance from the field's red cells below which a pixel is a red cell (0: off)
+    )
     cell_margin: float = 1.25  # box side = nucleus group side x margin
     max_cells: int = 200
     # the red cells' diameter (by red_cell_diameter) in the fields these sizes are for; the sizes
@@ -115,7 +117,7 @@ def stain_mask(bgr: np.ndarray, cfg: FinderConfig, session_red: tuple[float, flo
         red = red_cell_colour(lab) or session_red
     if red is not None:  # stained like the red cells: a tinted red cell, not a nucleus
         levels = np.arange(256, dtype=np.float32)
-        near = np.add.outer((levels - red[0]) ** 2, (levels - red[1]) ** 2) <= cfg.red_cell_chroma ** 2  # [a, b]
+        near = np.add.outer((levels - red[0]) ** 2, (levels - red[1]) ** 2) <= cfg.red_cell_chroma**2  # [a, b]
         ys, xs = np.nonzero(mask)
         drop = near[lab[ys, xs, 1], lab[ys, xs, 2]]
         mask[ys[drop], xs[drop]] = False
@@ -123,7 +125,9 @@ def stain_mask(bgr: np.ndarray, cfg: FinderConfig, session_red: tuple[float, flo
     if cfg.open_px:
         mask = cv2.morphologyEx(mask, cv2.MORPH_OPEN, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (cfg.open_px,) * 2))
     if cfg.close_px:
-        mask = cv2.morphologyEx(mask, cv2.MORPH_CLOSE, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (cfg.close_px,) * 2))
+        mask = cv2.morphologyEx(
+            mask, cv2.MORPH_CLOSE, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (cfg.close_px,) * 2)
+        )
     return mask
 
 
@@ -153,8 +157,15 @@ def red_cell_diameter(bgr: np.ndarray, side: int = 160) -> float | None:
     if cv2.countNonZero(fg) < 0.02 * fg.size:
         return None
     radii = np.arange(1, max(4, min(fg.shape) // 6))
-    areas = np.array([cv2.countNonZero(cv2.morphologyEx(
-        fg, cv2.MORPH_OPEN, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1,) * 2))) for r in radii], float)
+    areas = np.array(
+        [
+            cv2.countNonZero(
+                cv2.morphologyEx(fg, cv2.MORPH_OPEN, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1,) * 2))
+            )
+            for r in radii
+        ],
+        float,
+    )
     lost = -np.diff(areas)
     if lost.max() <= 0:
         return None
@@ -173,9 +184,13 @@ def scaled(cfg: FinderConfig, red_cell_px: float | None) -> FinderConfig:
         return cfg
     k = red_cell_px / cfg.reference_red_cell_px
     return dataclasses.replace(
-        cfg, open_px=max(1, int(round(cfg.open_px * k))), close_px=max(3, int(round(cfg.close_px * k))),
-        min_area_px=max(20, int(cfg.min_area_px * k * k)), max_area_px=max(400, int(cfg.max_area_px * k * k)),
-        split_area_px=max(100, int(cfg.split_area_px * k * k)))
+        cfg,
+        open_px=max(1, int(round(cfg.open_px * k))),
+        close_px=max(3, int(round(cfg.close_px * k))),
+        min_area_px=max(20, int(cfg.min_area_px * k * k)),
+        max_area_px=max(400, int(cfg.max_area_px * k * k)),
+        split_area_px=max(100, int(cfg.split_area_px * k * k)),
+    )
 
 
 class FieldScale:
@@ -219,9 +234,14 @@ class FieldScale:
     def to_dict(self) -> dict:
         d = self.diameter
         c = self.red_colour
-        return {"red_cell_px": round(d, 1) if d else None, "um_per_px": round(RED_CELL_UM / d, 4) if d else None,
-                "measured_frames": len(self.measures), "fixed": bool(self.fixed), "red_cell_um": RED_CELL_UM,
-                "red_cell_lab_ab": [round(c[0], 1), round(c[1], 1)] if c else None}
+        return {
+            "red_cell_px": round(d, 1) if d else None,
+            "um_per_px": round(RED_CELL_UM / d, 4) if d else None,
+            "measured_frames": len(self.measures),
+            "fixed": bool(self.fixed),
+            "red_cell_um": RED_CELL_UM,
+            "red_cell_lab_ab": [round(c[0], 1), round(c[1], 1)] if c else None,
+        }
 
 
 def _split_touching(component: np.ndarray, cfg: FinderConfig) -> list[np.ndarray]:
@@ -242,8 +262,9 @@ def _split_touching(component: np.ndarray, cfg: FinderConfig) -> list[np.ndarray
     return [((ws == k) * 255).astype(np.uint8) for k in range(2, n + 1) if (ws == k).any()]
 
 
-def find_cells(bgr: np.ndarray, cfg: FinderConfig = FinderConfig(),
-               red_colour: tuple[float, float] | None = None) -> list[FoundCell]:
+def find_cells(
+    bgr: np.ndarray, cfg: FinderConfig = FinderConfig(), red_colour: tuple[float, float] | None = None
+) -> list[FoundCell]:
     """Nucleated cells in a BGR field, largest first. ``red_colour``: the session's red cells'
     (a*, b*) (:attr:`FieldScale.red_colour`), for a field with too few cells to measure its own."""
     if bgr.ndim != 3 or bgr.shape[2] != 3:
@@ -256,7 +277,7 @@ def find_cells(bgr: np.ndarray, cfg: FinderConfig = FinderConfig(),
         x, y, bw, bh, area = stats[i]
         if area < cfg.min_area_px or area > cfg.max_area_px:
             continue
-        comp = (labels[y:y + bh, x:x + bw] == i).astype(np.uint8) * 255
+        comp = (labels[y : y + bh, x : x + bw] == i).astype(np.uint8) * 255
         parts = _split_touching(comp, cfg) if area > cfg.split_area_px else [comp]
         for part in parts:
             pts = cv2.findNonZero(part)
@@ -276,4 +297,4 @@ def find_cells(bgr: np.ndarray, cfg: FinderConfig = FinderConfig(),
             x1, y1 = min(w, bx + int(round(side))), min(h, by + int(round(side)))
             cells.append(FoundCell(Box(x0, y0, x1 - x0, y1 - y0), a, (cx, cy)))
     cells.sort(key=lambda c: -c.nucleus_area)
-    return cells[:cfg.max_cells]
+    return cells[: cfg.max_cells]

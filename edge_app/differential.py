@@ -16,13 +16,48 @@ import numpy as np
 from edge_app.unknown import FLAG as UNKNOWN
 
 # Lineages of the PBC / bone-marrow labels, for the myeloid:erythroid (M:E) ratio.
-MYELOID = {"neutrophil", "ig", "eosinophil", "basophil", "monocyte", "promyelocyte", "myelocyte",
-           "metamyelocyte", "band", "segmented", "pmy", "my", "mmy", "bne", "sne", "ngb", "ngs", "mmz",
-           "myb", "pmo", "eos", "bas", "mon"}
+MYELOID = {
+    "neutrophil",
+    "ig",
+    "eosinophil",
+    "basophil",
+    "monocyte",
+    "promyelocyte",
+    "myelocyte",
+    "metamyelocyte",
+    "band",
+    "segmented",
+    "pmy",
+    "my",
+    "mmy",
+    "bne",
+    "sne",
+    "ngb",
+    "ngs",
+    "mmz",
+    "myb",
+    "pmo",
+    "eos",
+    "bas",
+    "mon",
+}
 ERYTHROID = {"erythroblast", "erb", "ebo", "peb", "proerythroblast"}
 # the order a differential is read in (neutrophils and bands first), for the screen and the FHIR export
-CLINICAL_ORDER = ["segmented", "band", "neutrophil", "metamyelocyte", "myelocyte", "promyelocyte", "ig",
-                  "lymphocyte", "monocyte", "eosinophil", "basophil", "erythroblast", "platelet"]
+CLINICAL_ORDER = [
+    "segmented",
+    "band",
+    "neutrophil",
+    "metamyelocyte",
+    "myelocyte",
+    "promyelocyte",
+    "ig",
+    "lymphocyte",
+    "monocyte",
+    "eosinophil",
+    "basophil",
+    "erythroblast",
+    "platelet",
+]
 
 
 def count_interval(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
@@ -39,7 +74,7 @@ def count_interval(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
     def cdf(upto: int, p: float) -> float:  # P(X <= upto), X ~ Binomial(n, p), in log space
         if p <= 0.0 or p >= 1.0:
             return 1.0 if p <= 0.0 or upto >= n else 0.0
-        logs = log_choose[:upto + 1] + i[:upto + 1] * math.log(p) + (n - i[:upto + 1]) * math.log1p(-p)
+        logs = log_choose[: upto + 1] + i[: upto + 1] * math.log(p) + (n - i[: upto + 1]) * math.log1p(-p)
         top = logs.max()
         return float(min(1.0, math.exp(top) * np.exp(logs - top).sum()))
 
@@ -140,5 +175,8 @@ class Differential:
         tgt = f"/{self.target}" if self.target else ""
         ratio = "".join(f", {r}" for r in ratios)
         unknown = f" ({self.unknown} unknown)" if self.unknown else ""
-        return (f"{self.counted}{tgt} cells: " + (", ".join(parts) or "none")
-                + f"; {self.flagged} for review{unknown}{ratio}")
+        return (
+            f"{self.counted}{tgt} cells: "
+            + (", ".join(parts) or "none")
+            + f"; {self.flagged} for review{unknown}{ratio}"
+        )

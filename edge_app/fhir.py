@@ -84,40 +84,82 @@ def diagnostic_report(out_dir: str | Path, now: datetime.datetime | None = None)
     for label in order:
         k = counted[label]
         oid = str(uuid.uuid4())
-        obs = {"resourceType": "Observation", "id": oid, "status": status,
-               "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/observation-category",
-                                         "code": "laboratory", "display": "Laboratory"}]}],
-               "code": _coding(label), "effectivePeriod": effective, "issued": issued,
-               "method": {"text": "digital morphology at the microscope (bmc), cells set aside reviewed by a person"},
-               "component": [{"code": {"coding": [{"system": BMC_CODES, "code": "count", "display": "cells counted"}],
-                                       "text": "cells counted"},
-                              "valueQuantity": {"value": k, "unit": "cells", "system": UCUM, "code": "{cells}"}}]}
+        obs = {
+            "resourceType": "Observation",
+            "id": oid,
+            "status": status,
+            "category": [
+                {
+                    "coding": [
+                        {
+                            "system": "http://terminology.hl7.org/CodeSystem/observation-category",
+                            "code": "laboratory",
+                            "display": "Laboratory",
+                        }
+                    ]
+                }
+            ],
+            "code": _coding(label),
+            "effectivePeriod": effective,
+            "issued": issued,
+            "method": {"text": "digital morphology at the microscope (bmc), cells set aside reviewed by a person"},
+            "component": [
+                {
+                    "code": {
+                        "coding": [{"system": BMC_CODES, "code": "count", "display": "cells counted"}],
+                        "text": "cells counted",
+                    },
+                    "valueQuantity": {"value": k, "unit": "cells", "system": UCUM, "code": "{cells}"},
+                }
+            ],
+        }
         if label != "platelet" and leukocytes:
             share = 100.0 * k / leukocytes
             obs["valueQuantity"] = {"value": round(share, 1), "unit": "%", "system": UCUM, "code": "%"}
             if k <= leukocytes:
                 lo, hi = count_interval(k, leukocytes)
-                obs["note"] = [{"text": f"{k} of {leukocytes} leukocytes counted; exact 95% limits "
-                                        f"{100 * lo:.1f}–{100 * hi:.1f}%"}]
+                obs["note"] = [
+                    {"text": f"{k} of {leukocytes} leukocytes counted; exact 95% limits {100 * lo:.1f}–{100 * hi:.1f}%"}
+                ]
         if label in PARENT:
             obs["note"] = obs.get("note", []) + [{"text": f"a maturation stage of '{PARENT[label]}'"}]
         entries.append({"fullUrl": f"urn:uuid:{oid}", "resource": obs})
         refs.append({"reference": f"urn:uuid:{oid}"})
-    conclusion = (f"{sum(counted.values())} cells counted ({leukocytes} leukocytes)"
-                  + (f"; {pending} cells wait for review and are not counted" if pending else "")
-                  + (f", {unknown} of them unlike any cell the model knows" if unknown else "")
-                  + (f". Comment: {note[0]}" if note else "") + ".")
+    conclusion = (
+        f"{sum(counted.values())} cells counted ({leukocytes} leukocytes)"
+        + (f"; {pending} cells wait for review and are not counted" if pending else "")
+        + (f", {unknown} of them unlike any cell the model knows" if unknown else "")
+        + (f". Comment: {note[0]}" if note else "")
+        + "."
+    )
     models = sorted({f"{m} (sha256 {sha[:12]})" for _, _, m, sha in sessions})
     report_id = str(uuid.uuid4())
-    report = {"resourceType": "DiagnosticReport", "id": report_id, "status": status,
-              "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0074", "code": "HM",
-                                        "display": "Hematology"}]}],
-              "code": {"coding": [{"system": LOINC, "code": PANEL[0], "display": PANEL[1]}], "text": "Differential count"},
-              "effectivePeriod": effective, "issued": issued, "result": refs, "conclusion": conclusion}
+    report = {
+        "resourceType": "DiagnosticReport",
+        "id": report_id,
+        "status": status,
+        "category": [
+            {
+                "coding": [
+                    {"system": "http://terminology.hl7.org/CodeSystem/v2-0074", "code": "HM", "display": "Hematology"}
+                ]
+            }
+        ],
+        "code": {"coding": [{"system": LOINC, "code": PANEL[0], "display": PANEL[1]}], "text": "Differential count"},
+        "effectivePeriod": effective,
+        "issued": issued,
+        "result": refs,
+        "conclusion": conclusion,
+    }
     if models:
         report["conclusion"] += " Classified by " + ", ".join(models) + "; decision support, not a diagnosis."
-    return {"resourceType": "Bundle", "id": str(uuid.uuid4()), "type": "collection", "timestamp": issued,
-            "entry": [{"fullUrl": f"urn:uuid:{report_id}", "resource": report}, *entries]}
+    return {
+        "resourceType": "Bundle",
+        "id": str(uuid.uuid4()),
+        "type": "collection",
+        "timestamp": issued,
+        "entry": [{"fullUrl": f"urn:uuid:{report_id}", "resource": report}, *entries],
+    }
 
 
 def _instant(text: str) -> str:

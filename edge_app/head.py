@@ -43,8 +43,11 @@ class Head:
 
     def save(self, path: str | Path) -> None:
         with open(path, "wb") as fh:  # np.savez would add '.npz' to a name without it
-            arrays: dict[str, Any] = {"w": self.w.astype(np.float32), "b": self.b.astype(np.float32),
-                                      "labels": np.asarray(self.labels)}
+            arrays: dict[str, Any] = {
+                "w": self.w.astype(np.float32),
+                "b": self.b.astype(np.float32),
+                "labels": np.asarray(self.labels),
+            }
             if self.reference is not None:
                 arrays["reference"] = self.reference.astype(np.float16)
             np.savez(fh, **arrays)

@@ -251,8 +251,11 @@ class CsvLogMeter(PowerMeter):
             for i, r in enumerate(rows, start=2):
                 try:
                     t = _parse_time(r[tcol]) + self.offset_s
-                    p = float(r["power_w"]) if "power_w" in r and r["power_w"] else \
-                        float(r["voltage_v"]) * float(r["current_a"])
+                    p = (
+                        float(r["power_w"])
+                        if "power_w" in r and r["power_w"]
+                        else float(r["voltage_v"]) * float(r["current_a"])
+                    )
                 except (KeyError, ValueError) as e:
                     raise MeterError(f"{self.path}:{i}: unreadable row ({e})") from e
                 out.append((t, p))

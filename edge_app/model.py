@@ -35,8 +35,7 @@ def oriented(batch: np.ndarray, n: int) -> np.ndarray:
         raise ValueError(f"orientations must be one of {ORIENTATIONS}, got {n}")
     if n == 1:
         return batch
-    views = [batch, batch[:, :, ::-1]] if n == 2 else \
-        [np.rot90(batch, k, axes=(1, 2)) for k in range(4)]
+    views = [batch, batch[:, :, ::-1]] if n == 2 else [np.rot90(batch, k, axes=(1, 2)) for k in range(4)]
     if n == 8:
         views += [np.rot90(batch[:, :, ::-1], k, axes=(1, 2)) for k in range(4)]
     return np.ascontiguousarray(np.concatenate(views))
@@ -56,9 +55,15 @@ class CellClassifier:
     own head applied to that embedding. On load, the model's outputs are checked against its card:
     a model with more or fewer class scores than the card has labels is refused."""
 
-    def __init__(self, path: str | Path = DEFAULT_MODEL, threads: int | None = None, backend: str = "litert",
-                 require_deployable: bool = True, orientations: int = DEFAULT_ORIENTATIONS,
-                 unknown_level: float = unknown.DEFAULT_LEVEL):
+    def __init__(
+        self,
+        path: str | Path = DEFAULT_MODEL,
+        threads: int | None = None,
+        backend: str = "litert",
+        require_deployable: bool = True,
+        orientations: int = DEFAULT_ORIENTATIONS,
+        unknown_level: float = unknown.DEFAULT_LEVEL,
+    ):
         if orientations not in ORIENTATIONS:
             raise ValueError(f"orientations must be one of {ORIENTATIONS}, got {orientations}")
         if threads is not None and threads < 1:
@@ -75,32 +80,42 @@ class CellClassifier:
         self.has_embedding = EMBEDDING in (self.card.get("outputs") or [])
         self._check_outputs()
         # the unknown-cell check, where the card carries its calibration (None for older models)
-        self.unknown = unknown.load(self.path, self.card, unknown_level,
-                                    self.head.reference if self.head is not None else None) \
-            if self.has_embedding else None
+        self.unknown = (
+            unknown.load(self.path, self.card, unknown_level, self.head.reference if self.head is not None else None)
+            if self.has_embedding
+            else None
+        )
 
     def _check_outputs(self) -> None:
         where = f"{self.path}"
         shape = self.backend.input_shape
         if (shape[1], shape[2]) != (self.contract.input_size,) * 2:
-            raise backends.BackendError(f"{where}: input is {shape[1]}x{shape[2]} but its card says "
-                                        f"{self.contract.input_size}x{self.contract.input_size}")
+            raise backends.BackendError(
+                f"{where}: input is {shape[1]}x{shape[2]} but its card says "
+                f"{self.contract.input_size}x{self.contract.input_size}"
+            )
         sizes = self.backend.output_sizes
         names = self.card.get("outputs") or [PROBABILITIES]
         if len(sizes) != len(names):
-            raise ModelCardError(f"{where}: the model has {len(sizes)} outputs but its card names {len(names)} "
-                                 f"({', '.join(names)}): model and card do not belong together")
+            raise ModelCardError(
+                f"{where}: the model has {len(sizes)} outputs but its card names {len(names)} "
+                f"({', '.join(names)}): model and card do not belong together"
+            )
         if sizes[0] != len(self.base_labels):
-            raise ModelCardError(f"{where}: the model gives {sizes[0]} class scores per cell but its card names "
-                                 f"{len(self.base_labels)} labels ({', '.join(self.base_labels)}): model and card do "
-                                 "not belong together")
+            raise ModelCardError(
+                f"{where}: the model gives {sizes[0]} class scores per cell but its card names "
+                f"{len(self.base_labels)} labels ({', '.join(self.base_labels)}): model and card do "
+                "not belong together"
+            )
         if self.head is not None:
             if not self.has_embedding:
                 raise ModelCardError(f"{where}: its card names a head but the model gives no embedding")
             if self.head.w.shape[0] != sizes[1] or list(self.head.labels) != self.labels:
-                raise ModelCardError(f"{where}: head {self.head.file} ({self.head.w.shape[0]} inputs, labels "
-                                     f"{', '.join(self.head.labels)}) does not fit the model's {sizes[1]}-number "
-                                     f"embedding and its card's labels")
+                raise ModelCardError(
+                    f"{where}: head {self.head.file} ({self.head.w.shape[0]} inputs, labels "
+                    f"{', '.join(self.head.labels)}) does not fit the model's {sizes[1]}-number "
+                    f"embedding and its card's labels"
+                )
 
     @property
     def description(self) -> str:
@@ -121,8 +136,9 @@ class CellClassifier:
         classifier's orientations, in one batched invocation."""
         n = self.orientations
         if len(batch) == 0:
-            return np.zeros((0, len(self.labels)), np.float32), (np.zeros((0, self.backend.output_sizes[1]), np.float32)
-                                                                 if self.has_embedding else None)
+            return np.zeros((0, len(self.labels)), np.float32), (
+                np.zeros((0, self.backend.output_sizes[1]), np.float32) if self.has_embedding else None
+            )
         outs = self.backend.outputs(oriented(batch, n), 2 if self.has_embedding else 1)
         probs = outs[0].reshape(n, len(batch), -1).mean(axis=0)
         emb = outs[1].reshape(n, len(batch), -1).mean(axis=0) if self.has_embedding else None

@@ -44,8 +44,10 @@ CREATE TABLE IF NOT EXISTS review (
 CREATE INDEX IF NOT EXISTS review_cell ON review(cell_id);
 """
 # the latest review row of each cell
-_LATEST = ("SELECT r.cell_id, r.label, r.reviewer, r.time FROM review r JOIN "
-           "(SELECT cell_id, MAX(id) id FROM review GROUP BY cell_id) m ON r.id = m.id")
+_LATEST = (
+    "SELECT r.cell_id, r.label, r.reviewer, r.time FROM review r JOIN "
+    "(SELECT cell_id, MAX(id) id FROM review GROUP BY cell_id) m ON r.id = m.id"
+)
 
 
 class ReviewError(BmcError, ValueError):
@@ -124,12 +126,30 @@ def cells(db: sqlite3.Connection) -> list[ReviewedCell]:
     has_review = db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='review'").fetchone()
     latest = {r[0]: r[1:] for r in db.execute(_LATEST)} if has_review else {}
     out = []
-    for (cid, sid, source, frame, x, y, w, h, label, conf, probs, flag, crop, track) in db.execute(
-            "SELECT id, session_id, source, frame, x, y, w, h, label, confidence, probabilities, flag, crop, track "
-            "FROM cell ORDER BY id"):
+    for cid, sid, source, frame, x, y, w, h, label, conf, probs, flag, crop, track in db.execute(
+        "SELECT id, session_id, source, frame, x, y, w, h, label, confidence, probabilities, flag, crop, track "
+        "FROM cell ORDER BY id"
+    ):
         rl, who, when = latest.get(cid, (None, "", ""))
-        out.append(ReviewedCell(cid, sid, source, frame, (x, y, w, h), label, conf, tuple(json.loads(probs)),
-                                flag or "", crop or "", track, labels.get(sid, ()), rl, who or "", when or ""))
+        out.append(
+            ReviewedCell(
+                cid,
+                sid,
+                source,
+                frame,
+                (x, y, w, h),
+                label,
+                conf,
+                tuple(json.loads(probs)),
+                flag or "",
+                crop or "",
+                track,
+                labels.get(sid, ()),
+                rl,
+                who or "",
+                when or "",
+            )
+        )
     return out
 
 
@@ -160,7 +180,7 @@ def teaching_queue(all_cells: list[ReviewedCell], per_class: int | None = None) 
             by_class.setdefault(c.model_label, []).append(c)
     for members in by_class.values():
         members.sort(key=lambda c: _margin(c.probabilities))
-        del members[per_class or len(members):]
+        del members[per_class or len(members) :]
     out = []
     for k in range(max((len(v) for v in by_class.values()), default=0)):
         out += [v[k] for _, v in sorted(by_class.items()) if k < len(v)]
@@ -190,8 +210,10 @@ def add_note(out_dir: str | Path, text: str, author: str) -> str:
     if len(text) > 500:
         raise ReviewError(f"the comment has {len(text)} characters; keep it under 500")
     if _IDENTIFIER.search(text):
-        raise ReviewError("the comment looks like it holds a patient identifier (a long number, an e-mail address "
-                          "or a date of birth); sessions travel in exports: leave identifiers out")
+        raise ReviewError(
+            "the comment looks like it holds a patient identifier (a long number, an e-mail address "
+            "or a date of birth); sessions travel in exports: leave identifiers out"
+        )
     db = connect(out_dir, write=True)
     try:
         db.executescript(NOTE_SCHEMA)
@@ -233,8 +255,9 @@ class Reviewer:
     def check(self, cell_id: int, label: str, where: str = "") -> str:
         """The decision as it will be stored, or :class:`ReviewError` saying what is wrong."""
         at = f"{where}: " if where else ""
-        row = self.db.execute("SELECT c.id, s.labels FROM cell c JOIN session s ON s.id = c.session_id "
-                              "WHERE c.id = ?", (cell_id,)).fetchone()
+        row = self.db.execute(
+            "SELECT c.id, s.labels FROM cell c JOIN session s ON s.id = c.session_id WHERE c.id = ?", (cell_id,)
+        ).fetchone()
         if row is None:
             raise ReviewError(f"{at}no cell {cell_id} in {self.out_dir / 'session.sqlite'}")
         known = json.loads(row[1])
@@ -244,10 +267,14 @@ class Reviewer:
             return spelled.get(label, label)
         if self.allow_new and _NEW_LABEL.match(label):
             return label
-        hint = ("; a class the model does not know needs --new-label (lower case, up to 40 characters)"
-                if not self.allow_new else " (a new class name is lower case, up to 40 characters)")
-        raise ReviewError(f"{at}{label!r} is not a label of cell {cell_id}'s model ({', '.join(known)}) "
-                          f"nor {REJECTED!r}{hint}")
+        hint = (
+            "; a class the model does not know needs --new-label (lower case, up to 40 characters)"
+            if not self.allow_new
+            else " (a new class name is lower case, up to 40 characters)"
+        )
+        raise ReviewError(
+            f"{at}{label!r} is not a label of cell {cell_id}'s model ({', '.join(known)}) nor {REJECTED!r}{hint}"
+        )
 
     def decide(self, cell_id: int, label: str) -> str:
         label = self.check(cell_id, label)
@@ -280,8 +307,10 @@ class Reviewer:
                 if "id" not in cols or "label" not in cols:
                     raise ReviewError(f"{path}: needs columns 'id' and 'label'; has {cols}")
                 if "counted_as" in cols:  # its label column is the model's call, not a person's
-                    raise ReviewError(f"{path} is a session's cells.csv, whose labels are the model's calls; "
-                                      "decisions go in the file that --list writes, its labels filled in")
+                    raise ReviewError(
+                        f"{path} is a session's cells.csv, whose labels are the model's calls; "
+                        "decisions go in the file that --list writes, its labels filled in"
+                    )
                 rows = []
                 seen: dict[int, int] = {}
                 for line, r in enumerate(reader, start=2):
@@ -292,8 +321,10 @@ class Reviewer:
                     except (TypeError, ValueError):
                         raise ReviewError(f"{path}:{line}: cell id {r['id']!r} is not a number") from None
                     if cid in seen:
-                        raise ReviewError(f"{path}:{line}: cell {cid} is decided a second time "
-                                          f"(first on line {seen[cid]}); keep one decision per cell")
+                        raise ReviewError(
+                            f"{path}:{line}: cell {cid} is decided a second time "
+                            f"(first on line {seen[cid]}); keep one decision per cell"
+                        )
                     seen[cid] = line
                     rows.append((cid, self.check(cid, r["label"], f"{path}:{line}")))
         except (OSError, UnicodeDecodeError, csv.Error) as e:
@@ -305,8 +336,10 @@ class Reviewer:
         now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds")
         self.db.execute("BEGIN IMMEDIATE")
         try:
-            self.db.executemany("INSERT INTO review (cell_id, label, reviewer, time) VALUES (?, ?, ?, ?)",
-                                [(cid, label, self.name, now) for cid, label in rows])
+            self.db.executemany(
+                "INSERT INTO review (cell_id, label, reviewer, time) VALUES (?, ?, ?, ?)",
+                [(cid, label, self.name, now) for cid, label in rows],
+            )
             self.db.execute("COMMIT")
         except BaseException:
             self.db.execute("ROLLBACK")
@@ -330,8 +363,11 @@ def _panel(cell: ReviewedCell, image, position: str, labels: tuple[str, ...]):
     import cv2
 
     side = 320
-    crop = cv2.resize(image, (side, side), interpolation=cv2.INTER_CUBIC) if image is not None else \
-        np.full((side, side, 3), 200, np.uint8)
+    crop = (
+        cv2.resize(image, (side, side), interpolation=cv2.INTER_CUBIC)
+        if image is not None
+        else np.full((side, side, 3), 200, np.uint8)
+    )
     panel = np.full((side, 360, 3), 250, np.uint8)
     lines = [position, f"cell {cell.id}: {cell.source} #{cell.frame}", f"flag: {cell.flag or 'none'}", ""]
     lines += [f"{l} {p:.2f}" for l, p in cell.top(3)] + [""]
@@ -344,8 +380,9 @@ def _panel(cell: ReviewedCell, image, position: str, labels: tuple[str, ...]):
     return np.vstack([out, foot])
 
 
-def review_window(reviewer: Reviewer, include_counted: bool = False, show=None, wait_key=None, echo=print,
-                  order=None) -> int:
+def review_window(
+    reviewer: Reviewer, include_counted: bool = False, show=None, wait_key=None, echo=print, order=None
+) -> int:
     """Go through the queue in a window; returns the number of decisions recorded.
 
     ``show(image)`` and ``wait_key() -> int`` default to an OpenCV window; they are parameters so
@@ -353,11 +390,15 @@ def review_window(reviewer: Reviewer, include_counted: bool = False, show=None, 
     import cv2
 
     if show is None:
+
         def show(img):
             cv2.imshow("bmc review", img)
+
     if wait_key is None:
+
         def wait_key():
             return cv2.waitKey(0)
+
     todo = order(reviewer.cells()) if order else queue(reviewer.cells(), include_counted)
     done: list[int] = []
     k = 0

@@ -103,10 +103,18 @@ def session_config(cfg):
     from edge_app.app import SessionConfig
 
     s = cfg.session
-    return SessionConfig(mode=s.mode, target=s.target or None, headless=True, save_crops=s.save_crops,
-                         cell_diameter_px=s.cell_diameter_px or None, print_every_s=s.print_every_s,
-                         finder=cfg.finder, review=cfg.review, white_balance=cfg.model.white_balance,
-                         on_existing="refuse")
+    return SessionConfig(
+        mode=s.mode,
+        target=s.target or None,
+        headless=True,
+        save_crops=s.save_crops,
+        cell_diameter_px=s.cell_diameter_px or None,
+        print_every_s=s.print_every_s,
+        finder=cfg.finder,
+        review=cfg.review,
+        white_balance=cfg.model.white_balance,
+        on_existing="refuse",
+    )
 
 
 def serve(cfg, echo=print, max_sessions: int | None = None) -> None:
@@ -124,8 +132,11 @@ def serve(cfg, echo=print, max_sessions: int | None = None) -> None:
         if current[0] is not None:
             current[0]._stop = True
 
-    old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)} \
-        if threading.current_thread() is threading.main_thread() else {}
+    old = (
+        {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        if threading.current_thread() is threading.main_thread()
+        else {}
+    )
     try:
         _serve_loop(cfg, storage, echo, max_sessions, stop, current)
     finally:
@@ -152,13 +163,20 @@ def _serve_loop(cfg, storage: Path, echo, max_sessions, stop: threading.Event, c
             echo(f"removed exported session {r.name} to free space")
         pct, free = disk_usage(storage)
         if pct > cfg.storage.max_disk_percent or free < cfg.storage.min_free_mb:
-            echo(f"error: storage {storage} is {pct:.0f}% full ({free:.0f} MB free) and every session on it is "
-                 "unexported: export sessions (bmc edge export) before recording more")
+            echo(
+                f"error: storage {storage} is {pct:.0f}% full ({free:.0f} MB free) and every session on it is "
+                "unexported: export sessions (bmc edge export) before recording more"
+            )
             stop.wait(60)
             continue
         try:
-            source = open_source(cfg.camera.source, width=cfg.camera.width, height=cfg.camera.height,
-                                 fps=cfg.camera.fps, fourcc=cfg.camera.fourcc)
+            source = open_source(
+                cfg.camera.source,
+                width=cfg.camera.width,
+                height=cfg.camera.height,
+                fps=cfg.camera.fps,
+                fourcc=cfg.camera.fourcc,
+            )
         except SourceError as e:
             echo(f"waiting for the camera: {e}")
             stop.wait(5)
@@ -180,8 +198,10 @@ def doctor(cfg=None, config_path: str | None = None, model_path: str | None = No
     import platform
 
     have, wrong = [], []
-    have.append(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
-                f"{platform.system()} {platform.release()}")
+    have.append(
+        f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+        f"{platform.system()} {platform.release()}"
+    )
     try:
         from importlib import metadata
 
@@ -204,8 +224,14 @@ def doctor(cfg=None, config_path: str | None = None, model_path: str | None = No
         have.append("TensorFlow is installed (not needed on the device)")
     cams = sorted(glob.glob("/dev/v4l/by-id/*")) or sorted(glob.glob("/dev/video*"))
     have.append("cameras: " + (", ".join(cams) if cams else "none found under /dev/v4l/by-id or /dev/video*"))
-    have.append("Picamera2: " + ("available" if importlib.util.find_spec("picamera2") else
-                                 "not installed (only needed for the Raspberry Pi camera)"))
+    have.append(
+        "Picamera2: "
+        + (
+            "available"
+            if importlib.util.find_spec("picamera2")
+            else "not installed (only needed for the Raspberry Pi camera)"
+        )
+    )
     from bmc.card import ModelCardError
     from edge_app.backends import BackendError
     from edge_app.model import DEFAULT_MODEL, CellClassifier
@@ -215,17 +241,30 @@ def doctor(cfg=None, config_path: str | None = None, model_path: str | None = No
         clf = CellClassifier(model, threads=1)  # the card, the outputs against it, an adapted model's head
         card, contract = clf.card, clf.contract
         v = card.get("validation", {})
-        have.append(f"model: {clf.description} ({card.get('variant')}, {len(contract.labels)} classes, validated "
-                    + (f"accuracy {v['accuracy']:.3f})" if "accuracy" in v else
-                       f"by cross-validation on this laboratory's reviewed cells, balanced accuracy "
-                       f"{v.get('balanced_accuracy', float('nan')):.3f} against the shipped head's "
-                       f"{v.get('shipped_balanced_accuracy', float('nan')):.3f})"))
+        have.append(
+            f"model: {clf.description} ({card.get('variant')}, {len(contract.labels)} classes, validated "
+            + (
+                f"accuracy {v['accuracy']:.3f})"
+                if "accuracy" in v
+                else f"by cross-validation on this laboratory's reviewed cells, balanced accuracy "
+                f"{v.get('balanced_accuracy', float('nan')):.3f} against the shipped head's "
+                f"{v.get('shipped_balanced_accuracy', float('nan')):.3f})"
+            )
+        )
         if clf.head is not None:
             a = card.get("adaptation", {})
-            have.append(f"  adapted from {card['base_model']['file']} on {a.get('date', '?')} with "
-                        f"{a.get('cells', '?')} reviewed cells by {', '.join(a.get('reviewers', [])) or '?'}")
-        have.append("  adaptable on this device: " + ("yes (embedding output and guard set)" if clf.has_embedding
-                                                       and card.get("guard") else "no (no embedding or guard set)"))
+            have.append(
+                f"  adapted from {card['base_model']['file']} on {a.get('date', '?')} with "
+                f"{a.get('cells', '?')} reviewed cells by {', '.join(a.get('reviewers', [])) or '?'}"
+            )
+        have.append(
+            "  adaptable on this device: "
+            + (
+                "yes (embedding output and guard set)"
+                if clf.has_embedding and card.get("guard")
+                else "no (no embedding or guard set)"
+            )
+        )
     except (ModelCardError, BackendError) as e:
         wrong.append(f"model: {e}")
     if cfg:
@@ -236,9 +275,11 @@ def doctor(cfg=None, config_path: str | None = None, model_path: str | None = No
         probe = storage if storage.exists() else storage.parent
         if probe.exists():
             pct, free = disk_usage(probe)
-            have.append(f"storage: {storage} — {pct:.0f}% used, {free:.0f} MB free, "
-                        f"{len(session_dirs(storage))} sessions ({sum(not is_exported(s) for s in session_dirs(storage))} "
-                        "not exported)")
+            have.append(
+                f"storage: {storage} — {pct:.0f}% used, {free:.0f} MB free, "
+                f"{len(session_dirs(storage))} sessions ({sum(not is_exported(s) for s in session_dirs(storage))} "
+                "not exported)"
+            )
             if pct > cfg.storage.max_disk_percent:
                 wrong.append(f"storage {storage} is above its {cfg.storage.max_disk_percent:.0f}% limit")
             if not os.access(probe, os.W_OK):
@@ -253,8 +294,12 @@ def doctor(cfg=None, config_path: str | None = None, model_path: str | None = No
 
     screen = has_display()
     gui = opencv_gui()
-    have.append("display: " + ("yes" if screen else "none (headless)") + "; OpenCV window toolkit: "
-                + (gui or "none (headless build)"))
+    have.append(
+        "display: "
+        + ("yes" if screen else "none (headless)")
+        + "; OpenCV window toolkit: "
+        + (gui or "none (headless build)")
+    )
     if screen and not gui:
         have.append("  (a screen is attached but this OpenCV cannot open the live window: install.sh --screen)")
     return have, wrong

@@ -51,8 +51,25 @@ CREATE INDEX IF NOT EXISTS cell_session ON cell(session_id);
 # decisions file refers to (``bmc edge review --apply``)
 # ``counted_as_class``: for a stage model, the 8-class parent of ``counted_as`` (band → neutrophil);
 # a flag that begins with ``unknown`` marks a cell unlike any the model knows, counted in no class
-CSV_COLUMNS = ["source", "frame", "x", "y", "w", "h", "label", "confidence", "flag", "track", "crop", "id",
-               "reviewed_label", "reviewed_by", "counted_as", "counted_as_class", "model"]
+CSV_COLUMNS = [
+    "source",
+    "frame",
+    "x",
+    "y",
+    "w",
+    "h",
+    "label",
+    "confidence",
+    "flag",
+    "track",
+    "crop",
+    "id",
+    "reviewed_label",
+    "reviewed_by",
+    "counted_as",
+    "counted_as_class",
+    "model",
+]
 
 
 class StorageFull(RuntimeError):
@@ -80,8 +97,10 @@ def lock_folder(out_dir: Path):
         fh.seek(0)
         pid = fh.read().strip() or "?"
         fh.close()
-        raise SessionFolderError(f"{out_dir} is being recorded by another process (pid {pid}); "
-                                 "stop it first or record into another --out folder") from None
+        raise SessionFolderError(
+            f"{out_dir} is being recorded by another process (pid {pid}); "
+            "stop it first or record into another --out folder"
+        ) from None
     fh.seek(0)
     fh.truncate()
     fh.write(f"{os.getpid()}\n")
@@ -114,7 +133,8 @@ def mark_interrupted(db: sqlite3.Connection) -> int:
 
 def _is_disk_full(e: BaseException) -> bool:
     return (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)) or (
-        isinstance(e, sqlite3.OperationalError) and "full" in str(e).lower())
+        isinstance(e, sqlite3.OperationalError) and "full" in str(e).lower()
+    )
 
 
 class SessionStore:
@@ -128,9 +148,18 @@ class SessionStore:
     rewound), which are then refused rather than resumed.
     """
 
-    def __init__(self, out_dir: str | Path, source: str, model_file: str, model_sha256: str, labels,
-                 config: dict | None = None, save_crops: bool = True, on_existing: str = "resume",
-                 resumable: bool = True):
+    def __init__(
+        self,
+        out_dir: str | Path,
+        source: str,
+        model_file: str,
+        model_sha256: str,
+        labels,
+        config: dict | None = None,
+        save_crops: bool = True,
+        on_existing: str = "resume",
+        resumable: bool = True,
+    ):
         if on_existing not in ON_EXISTING:
             raise ValueError(f"on_existing must be one of {ON_EXISTING}, got {on_existing!r}")
         self.dir = Path(out_dir)
@@ -157,37 +186,49 @@ class SessionStore:
         mark_interrupted(self.db)
         self.full = False
         self.resume_after: int | None = None  # the last committed frame of a resumed session
-        last = self.db.execute("SELECT id, source, model_sha256, status FROM session ORDER BY id DESC LIMIT 1").fetchone()
+        last = self.db.execute(
+            "SELECT id, source, model_sha256, status FROM session ORDER BY id DESC LIMIT 1"
+        ).fetchone()
         if last is not None and on_existing != "new":
             sid, old_source, old_sha, status = last
             same = old_source == source and old_sha == model_sha256
             if on_existing == "resume" and status == "interrupted" and same and resumable:
                 self.session_id = sid
                 self.resume_after = self.db.execute(
-                    "SELECT COALESCE(MAX(idx), -1) FROM frame WHERE session_id = ?", (sid,)).fetchone()[0]
+                    "SELECT COALESCE(MAX(idx), -1) FROM frame WHERE session_id = ?", (sid,)
+                ).fetchone()[0]
                 self.db.execute("UPDATE session SET status = 'running', ended = NULL WHERE id = ?", (sid,))
                 return
-            why = (f"its session {sid} ({status}) recorded {old_source!r}"
-                   + ("" if old_sha == model_sha256 else " with another model"))
-            what = ("a live source cannot resume" if status == "interrupted" and same and not resumable
-                    else "a second session would be counted together with it in the report")
+            why = f"its session {sid} ({status}) recorded {old_source!r}" + (
+                "" if old_sha == model_sha256 else " with another model"
+            )
+            what = (
+                "a live source cannot resume"
+                if status == "interrupted" and same and not resumable
+                else "a second session would be counted together with it in the report"
+            )
             self.db.close()
-            raise SessionFolderError(f"{self.dir} already holds a session: {why}; {what}. Record into a new "
-                                     "--out folder, or add a session to this one with --new-session")
+            raise SessionFolderError(
+                f"{self.dir} already holds a session: {why}; {what}. Record into a new "
+                "--out folder, or add a session to this one with --new-session"
+            )
         device = f"{platform.node()} {platform.machine()} {platform.system()} {platform.release()}"
         cur = self.db.execute(
             "INSERT INTO session (started, source, model_file, model_sha256, labels, device, config) "
             "VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (_now(), source, model_file, model_sha256, json.dumps(list(labels)), device, json.dumps(config or {})))
+            (_now(), source, model_file, model_sha256, json.dumps(list(labels)), device, json.dumps(config or {})),
+        )
         self.session_id = cur.lastrowid
 
     def prior_cells(self) -> list[tuple[str, str]]:
         """(label, flag) of the cells a resumed session had already recorded."""
-        return self.db.execute("SELECT label, flag FROM cell WHERE session_id = ? ORDER BY id",
-                               (self.session_id,)).fetchall()
+        return self.db.execute(
+            "SELECT label, flag FROM cell WHERE session_id = ? ORDER BY id", (self.session_id,)
+        ).fetchall()
 
-    def record_frame(self, idx: int, source: str, cells: list[dict], crops: list[np.ndarray | None],
-                     error: str = "") -> None:
+    def record_frame(
+        self, idx: int, source: str, cells: list[dict], crops: list[np.ndarray | None], error: str = ""
+    ) -> None:
         """Write one frame and its cells in one transaction (crops first, then the commit)."""
         if self.full:
             raise StorageFull(f"{self.dir}: disk full; recording stopped")
@@ -203,23 +244,43 @@ class SessionStore:
                             fh.write(buf.tobytes())
                 names.append(name)
             self.db.execute("BEGIN IMMEDIATE")
-            fid = self.db.execute("INSERT INTO frame (session_id, idx, source, time, n_cells, error) "
-                                  "VALUES (?, ?, ?, ?, ?, ?)",
-                                  (self.session_id, idx, source, _now(), len(cells), error or None)).lastrowid
+            fid = self.db.execute(
+                "INSERT INTO frame (session_id, idx, source, time, n_cells, error) VALUES (?, ?, ?, ?, ?, ?)",
+                (self.session_id, idx, source, _now(), len(cells), error or None),
+            ).lastrowid
             self.db.executemany(
                 "INSERT INTO cell (session_id, frame_id, source, frame, x, y, w, h, label, confidence, "
                 "probabilities, flag, track, crop, embedding) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [(self.session_id, fid, source, idx, c["x"], c["y"], c["w"], c["h"], c["label"],
-                  c["confidence"], json.dumps([round(float(p), 5) for p in c["probabilities"]]), c["flag"],
-                  c.get("track"), n, _blob(c.get("embedding"))) for c, n in zip(cells, names)])
+                [
+                    (
+                        self.session_id,
+                        fid,
+                        source,
+                        idx,
+                        c["x"],
+                        c["y"],
+                        c["w"],
+                        c["h"],
+                        c["label"],
+                        c["confidence"],
+                        json.dumps([round(float(p), 5) for p in c["probabilities"]]),
+                        c["flag"],
+                        c.get("track"),
+                        n,
+                        _blob(c.get("embedding")),
+                    )
+                    for c, n in zip(cells, names)
+                ],
+            )
             self.db.execute("COMMIT")
         except (OSError, sqlite3.OperationalError) as e:
             if self.db.in_transaction:
                 self.db.execute("ROLLBACK")
             if _is_disk_full(e):
                 self.full = True
-                raise StorageFull(f"{self.dir}: disk full after frame {idx - 1}; recording stopped, "
-                                  "the session database is intact") from e
+                raise StorageFull(
+                    f"{self.dir}: disk full after frame {idx - 1}; recording stopped, the session database is intact"
+                ) from e
             raise
 
     def record_scale(self, scale: dict) -> None:
@@ -297,10 +358,25 @@ def write_csv(out_dir: str | Path) -> Path:
         sessions = db.execute("SELECT id, model_file, config FROM session").fetchall()
         models = {sid: model_name(f, cfg) for sid, f, cfg in sessions}
         parents = {sid: parents_of(cfg) for sid, _, cfg in sessions}
-        rows = [(c.source, c.frame, *c.box, c.model_label, c.confidence, c.flag, c.track, c.crop, c.id,
-                 c.reviewed_label, c.reviewer if c.reviewed_label else "", c.final_label,
-                 parents.get(c.session_id, {}).get(c.final_label, c.final_label) if c.final_label else "",
-                 models.get(c.session_id, "")) for c in review.cells(db)]
+        rows = [
+            (
+                c.source,
+                c.frame,
+                *c.box,
+                c.model_label,
+                c.confidence,
+                c.flag,
+                c.track,
+                c.crop,
+                c.id,
+                c.reviewed_label,
+                c.reviewer if c.reviewed_label else "",
+                c.final_label,
+                parents.get(c.session_id, {}).get(c.final_label, c.final_label) if c.final_label else "",
+                models.get(c.session_id, ""),
+            )
+            for c in review.cells(db)
+        ]
     finally:
         db.close()
     buf = io.StringIO(newline="")

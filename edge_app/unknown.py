@@ -53,7 +53,7 @@ def distances(embeddings: np.ndarray, reference: np.ndarray, chunk: int = 256, u
     for i in range(0, len(emb), chunk):
         # einsum's own loops, not BLAS: a BLAS product this size wakes OpenBLAS's threads, which then
         # spin against the interpreter's (measured: the frame's classification 40% slower)
-        out[i:i + chunk] = 1.0 - np.einsum("ij,kj->ik", emb[i:i + chunk], ref).max(axis=1)
+        out[i : i + chunk] = 1.0 - np.einsum("ij,kj->ik", emb[i : i + chunk], ref).max(axis=1)
     return out
 
 
@@ -62,9 +62,15 @@ def calibration(val_scores: np.ndarray, reference_cells: int, data: str) -> dict
     s = np.asarray(val_scores, np.float64)
     if len(s) < 50:
         raise UnknownError(f"{len(s)} validation cells are too few to calibrate the unknown-cell threshold (need 50)")
-    return {"score": SCORE, "reference": "guard set" + " + reviewed cells of an adapted model",
-            "reference_cells": int(reference_cells), "data": data, "n": int(len(s)),
-            "levels": [[q, round(float(np.quantile(s, q)), 6)] for q in LEVELS], "default_level": DEFAULT_LEVEL}
+    return {
+        "score": SCORE,
+        "reference": "guard set" + " + reviewed cells of an adapted model",
+        "reference_cells": int(reference_cells),
+        "data": data,
+        "n": int(len(s)),
+        "levels": [[q, round(float(np.quantile(s, q)), 6)] for q in LEVELS],
+        "default_level": DEFAULT_LEVEL,
+    }
 
 
 def threshold_at(calib: dict[str, Any], level: float) -> float | None:
@@ -92,8 +98,12 @@ class UnknownCells:
     def at(self, level: float) -> "UnknownCells":
         """The same reference at another level (0: off)."""
         out = object.__new__(UnknownCells)
-        out.reference, out.calib, out.level, out.threshold = self.reference, self.calib, level, \
-            threshold_at(self.calib, level)
+        out.reference, out.calib, out.level, out.threshold = (
+            self.reference,
+            self.calib,
+            level,
+            threshold_at(self.calib, level),
+        )
         return out
 
     @property
@@ -122,8 +132,9 @@ def reference_of(model_path: str | Path, card: Card) -> np.ndarray:
     return reference
 
 
-def load(model_path: str | Path, card: Card, level: float = DEFAULT_LEVEL,
-         extra_reference: np.ndarray | None = None) -> UnknownCells | None:
+def load(
+    model_path: str | Path, card: Card, level: float = DEFAULT_LEVEL, extra_reference: np.ndarray | None = None
+) -> UnknownCells | None:
     """The detector a model card describes, or None where the card has no calibration (an older
     model) or no guard set. ``extra_reference``: an adapted model's reviewed cells."""
     if not card.get("unknown") or not card.get("guard"):

@@ -15,8 +15,10 @@ DATA = Path(os.environ.get("BMC_DATA", ROOT.parent / "shared" / "data"))
 
 def _need(path: Path) -> Path:
     if not path.exists():
-        pytest.fail(f"test data not found at {path}: the shared data folder must sit beside the "
-                    "repository (../shared/data) or BMC_DATA must point at it")
+        pytest.fail(
+            f"test data not found at {path}: the shared data folder must sit beside the "
+            "repository (../shared/data) or BMC_DATA must point at it"
+        )
     return path
 
 
@@ -58,8 +60,14 @@ CLASSES = ("eosinophil", "lymphocyte", "neutrophil", "platelet")
 
 def bmc(*args, check=True, timeout=900, env=None):
     """Run the real ``bmc`` CLI in a subprocess."""
-    p = subprocess.run([sys.executable, "-m", "bmc.cli", *map(str, args)], capture_output=True, text=True,
-                       timeout=timeout, cwd=ROOT, env=env)
+    p = subprocess.run(
+        [sys.executable, "-m", "bmc.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+        env=env,
+    )
     if check and p.returncode != 0:
         raise AssertionError(f"bmc {' '.join(map(str, args))} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
     return p
@@ -77,6 +85,20 @@ def small_pbc(tmp_path_factory, pbc):
 def run(tmp_path_factory, small_pbc):
     """A real (small) training run: Lite0 from ImageNet, head plus one fine-tuned block."""
     out = tmp_path_factory.mktemp("run") / "lite0"
-    bmc("train", small_pbc, "--out", out, "--views", "2", "--head-epochs", "25", "--fine-tune-epochs", "1",
-        "--fine-tune-from", "block7a", "--seed", "3")
+    bmc(
+        "train",
+        small_pbc,
+        "--out",
+        out,
+        "--views",
+        "2",
+        "--head-epochs",
+        "25",
+        "--fine-tune-epochs",
+        "1",
+        "--fine-tune-from",
+        "block7a",
+        "--seed",
+        "3",
+    )
     return out

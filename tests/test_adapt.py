@@ -124,8 +124,18 @@ def test_adapt_writes_a_new_model_that_counts_and_names_itself(session, truth, t
 
     # the adapted model counts, and every record names it
     run = tmp_path / "after"
-    bmc("edge", "run", _fields_of(session), "--out", run, "--headless", "--model", out / "lab1.tflite",
-        "--max-frames", "5")
+    bmc(
+        "edge",
+        "run",
+        _fields_of(session),
+        "--out",
+        run,
+        "--headless",
+        "--model",
+        out / "lab1.tflite",
+        "--max-frames",
+        "5",
+    )
     db = sqlite3.connect(run / "session.sqlite")
     model_file, config = db.execute("SELECT model_file, config FROM session").fetchone()
     db.close()
@@ -157,8 +167,14 @@ def test_adapt_refuses_a_head_that_is_not_better(session, truth, tmp_path):
 
 def test_a_class_the_model_does_not_know_is_learnt_and_marked(session, truth, tmp_path):
     """A laboratory names some monocytes 'blast' (as if they were): the head gains the class."""
-    bmc("edge", "review", session, "--apply",
-        _decide(session, truth, 6, label_of=lambda t, m: "blast" if t == "monocyte" else t), "--new-label")
+    bmc(
+        "edge",
+        "review",
+        session,
+        "--apply",
+        _decide(session, truth, 6, label_of=lambda t, m: "blast" if t == "monocyte" else t),
+        "--new-label",
+    )
     out = tmp_path / "models"
     bmc("edge", "adapt", session, "--out", out, "--name", "withblast")
     card = json.loads((out / "withblast.json").read_text())
@@ -170,9 +186,14 @@ def test_a_class_the_model_does_not_know_is_learnt_and_marked(session, truth, tm
 @pytest.mark.parametrize("case", ["none", "one-blast", "one-class", "other-model", "corrupt", "no-embedding"])
 def test_bad_input_is_one_clear_line_and_writes_nothing(session, truth, tmp_path, case):
     out = tmp_path / "models"
-    expect = {"none": "no reviewed cells", "one-blast": "too few reviewed cells to learn 'blast' (1 cell)",
-              "one-class": "are 'neutrophil'", "other-model": "not with bmc_pbc8_lite0_int8.tflite",
-              "corrupt": "not a readable session database", "no-embedding": "has no recorded embedding and its crop"}
+    expect = {
+        "none": "no reviewed cells",
+        "one-blast": "too few reviewed cells to learn 'blast' (1 cell)",
+        "one-class": "are 'neutrophil'",
+        "other-model": "not with bmc_pbc8_lite0_int8.tflite",
+        "corrupt": "not a readable session database",
+        "no-embedding": "has no recorded embedding and its crop",
+    }
     first = _answers(session)
     ids = sorted(cid for cid, _ in first.values())
     if case == "one-blast":
@@ -221,14 +242,21 @@ def test_embeddings_are_recomputed_from_crops_for_older_sessions(session, truth,
 def test_adapting_imports_no_training_stack(session, truth):
     """On the device: numpy only (no TensorFlow, no scikit-learn), in seconds."""
     bmc("edge", "review", session, "--apply", _decide(session, truth, 6))
-    code = ("import sys, time; t = time.perf_counter(); from bmc.cli import main\n"
-            "try:\n    main(['edge', 'adapt', sys.argv[1], '--out', sys.argv[2]])\nexcept SystemExit:\n    pass\n"
-            "print('seconds', time.perf_counter() - t)\n"
-            "print('heavy', sorted(m for m in ('tensorflow', 'sklearn', 'keras', 'scipy') if m in sys.modules))")
+    code = (
+        "import sys, time; t = time.perf_counter(); from bmc.cli import main\n"
+        "try:\n    main(['edge', 'adapt', sys.argv[1], '--out', sys.argv[2]])\nexcept SystemExit:\n    pass\n"
+        "print('seconds', time.perf_counter() - t)\n"
+        "print('heavy', sorted(m for m in ('tensorflow', 'sklearn', 'keras', 'scipy') if m in sys.modules))"
+    )
     import subprocess
 
-    p = subprocess.run([sys.executable, "-c", code, str(session), str(session.parent / "m")], capture_output=True,
-                       text=True, cwd=ROOT, timeout=300)
+    p = subprocess.run(
+        [sys.executable, "-c", code, str(session), str(session.parent / "m")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
     assert "heavy []" in p.stdout, p.stdout + p.stderr
     assert (session.parent / "m").is_dir()
 
@@ -241,7 +269,7 @@ def test_review_for_adaptation_spreads_classes_least_sure_first(recorded):
     db.close()
     q = review.teaching_queue(cells, per_class=3)
     found = sorted({c.model_label for c in cells})
-    first = [c.model_label for c in q[:len(found)]]
+    first = [c.model_label for c in q[: len(found)]]
     assert sorted(first) == found  # the first round covers every class the session found
     for label in found:
         mine = [c for c in q if c.model_label == label]
@@ -263,8 +291,10 @@ def test_a_model_whose_card_names_other_labels_is_refused(tmp_path, fields_dir, 
     model.with_suffix(".json").write_text(json.dumps(card))
     with pytest.raises(ModelCardError, match=f"gives 8 class scores per cell but its card names {labels} labels"):
         CellClassifier(model)
-    for args in (["edge", "run", fields_dir, "--out", tmp_path / "s", "--headless", "--model", model],
-                 ["evaluate", model, fields_dir.parent / "classes"]):
+    for args in (
+        ["edge", "run", fields_dir, "--out", tmp_path / "s", "--headless", "--model", model],
+        ["evaluate", model, fields_dir.parent / "classes"],
+    ):
         p = bmc(*args, check=False)
         assert p.returncode == 2 and f"card names {labels} labels" in p.stderr, p.stderr
     p = bmc("edge", "doctor", "--model", model, check=False)
@@ -306,8 +336,12 @@ def test_adapting_from_the_screen_and_making_the_model_active(session, truth, tm
 
     def call(method, path, body=""):
         c = http.client.HTTPConnection("127.0.0.1", server.effective_port, timeout=60)
-        c.request(method, path, body=body, headers={"Host": "127.0.0.1", "Cookie": cookie,
-                                                    "Content-Type": "application/x-www-form-urlencoded"})
+        c.request(
+            method,
+            path,
+            body=body,
+            headers={"Host": "127.0.0.1", "Cookie": cookie, "Content-Type": "application/x-www-form-urlencoded"},
+        )
         r = c.getresponse()
         return r.status, r.read().decode()
 
@@ -358,15 +392,44 @@ def test_bench_adapt_plays_the_protocol_and_measures_its_ceiling(matek, tmp_path
     bmc("bench", "truth", matek, "--format", "matek", "--out", truth)
     rows = list(csv.DictReader(open(truth)))
     per_class = Counter(r["label"] for r in rows)
-    bmc("bench", "adapt", "--source", matek, "--truth", truth, "--mode", "cell", "--k", "2", "--seeds", "1",
-        "--orientations", "1", "--json", tmp_path / "run.json")
+    bmc(
+        "bench",
+        "adapt",
+        "--source",
+        matek,
+        "--truth",
+        truth,
+        "--mode",
+        "cell",
+        "--k",
+        "2",
+        "--seeds",
+        "1",
+        "--orientations",
+        "1",
+        "--json",
+        tmp_path / "run.json",
+    )
     r = json.loads((tmp_path / "run.json").read_text())["runs"][0]
     assert r["labelled"] == sum(min(2, n) for n in per_class.values())
     assert r["before"]["fields"] == len(rows) - r["labelled"]  # only cells nobody labelled are scored
     if not r["accepted"]:  # refused: the laboratory keeps the shipped model, and its figures
         assert r["after"] == r["before"] and r["reasons"]
-    p = bmc("bench", "adapt", "--source", matek, "--truth", truth, "--mode", "cell", "--ceiling",
-            "--orientations", "1", "--json", tmp_path / "ceiling.json")
+    p = bmc(
+        "bench",
+        "adapt",
+        "--source",
+        matek,
+        "--truth",
+        truth,
+        "--mode",
+        "cell",
+        "--ceiling",
+        "--orientations",
+        "1",
+        "--json",
+        tmp_path / "ceiling.json",
+    )
     c = json.loads((tmp_path / "ceiling.json").read_text())
     assert c["labelled"] == c["fields"] == len(rows)
     assert 0 <= c["adapted"]["balanced_accuracy"] <= 1 and set(c["adapted"]["recall"]) <= set(per_class)

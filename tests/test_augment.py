@@ -39,10 +39,12 @@ def test_views_end_stain_normalised_as_on_the_device(pbc):
 def test_stain_jitter_lightens_and_darkens_the_nucleus(pbc):
     rgb = prepare(_cell(pbc), Contract(labels=("x",)))
     dark = luminance(rgb) < 120
-    light = stain_jitter(rgb, AugmentConfig(p_stain=1.0, stain_density=(0.45, 0.45), stain_channel=0.0),
-                         np.random.default_rng(0))
-    heavy = stain_jitter(rgb, AugmentConfig(p_stain=1.0, stain_density=(1.3, 1.3), stain_channel=0.0),
-                         np.random.default_rng(0))
+    light = stain_jitter(
+        rgb, AugmentConfig(p_stain=1.0, stain_density=(0.45, 0.45), stain_channel=0.0), np.random.default_rng(0)
+    )
+    heavy = stain_jitter(
+        rgb, AugmentConfig(p_stain=1.0, stain_density=(1.3, 1.3), stain_channel=0.0), np.random.default_rng(0)
+    )
     y = lambda x: luminance(x)[dark].mean()  # noqa: E731
     assert y(light) > y(rgb) + 40
     assert y(heavy) < y(rgb) - 5

@@ -26,7 +26,7 @@ def test_not_a_pytorch_file_is_a_clear_error(tmp_path):
 def _imagenet_input(image):
     h, w = image.shape[:2]
     s = min(h, w)
-    image = image[(h - s) // 2:(h - s) // 2 + s, (w - s) // 2:(w - s) // 2 + s]
+    image = image[(h - s) // 2 : (h - s) // 2 + s, (w - s) // 2 : (w - s) // 2 + s]
     return cv2.resize(image, (224, 224), interpolation=cv2.INTER_AREA).astype(np.float32)[None]
 
 
@@ -39,8 +39,7 @@ def test_ported_lite0_classifies_imagenet_photos():
     assert int(coffee.argmax()) in (967, 968), np.argsort(-coffee)[:5]
     # the cached port gives the same network
     again = backbones.lite0_imagenet(include_top=True)
-    np.testing.assert_allclose(again.predict(_imagenet_input(skimage_data.coffee()), verbose=0)[0],
-                               coffee, atol=1e-5)
+    np.testing.assert_allclose(again.predict(_imagenet_input(skimage_data.coffee()), verbose=0)[0], coffee, atol=1e-5)
 
 
 def test_b0_offline_without_weights_file_suggests_lite0():

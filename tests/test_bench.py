@@ -13,8 +13,18 @@ from edge_app.model import DEFAULT_MODEL, MODELS_DIR
 
 from conftest import bmc
 
-ROW_KEYS = {"model", "format", "threads", "p50_ms", "p90_ms", "p99_ms", "throughput_ips", "init_ms", "peak_rss_mb",
-            "size_mb"}
+ROW_KEYS = {
+    "model",
+    "format",
+    "threads",
+    "p50_ms",
+    "p90_ms",
+    "p99_ms",
+    "throughput_ips",
+    "init_ms",
+    "peak_rss_mb",
+    "size_mb",
+}
 
 
 def test_latency_json_for_shipped_variants(tmp_path):
@@ -86,8 +96,14 @@ def test_generalisation_on_munich_bone_marrow_cells(matek, tmp_path):
     out = tmp_path / "matek.json"
     p = bmc("bench", "generalisation", DEFAULT_MODEL, "--matek", matek, "--json", out)
     m = json.loads(out.read_text())
-    folders = {"neutrophil": ["NGS", "NGB"], "eosinophil": ["EOS"], "lymphocyte": ["LYT"],
-               "monocyte": ["MON"], "erythroblast": ["EBO"], "ig": ["PMO", "MYB", "MMZ"]}
+    folders = {
+        "neutrophil": ["NGS", "NGB"],
+        "eosinophil": ["EOS"],
+        "lymphocyte": ["LYT"],
+        "monocyte": ["MON"],
+        "erythroblast": ["EBO"],
+        "ig": ["PMO", "MYB", "MMZ"],
+    }
     expected = {k: sum(len(list((matek / c).glob("*.jpg"))) for c in codes) for k, codes in folders.items()}
     assert {k: v["support"] for k, v in m["per_class"].items() if v["support"]} == expected
     assert m["n"] == sum(expected.values()) and "matek" in m["data"]

@@ -22,8 +22,10 @@ def test_the_map_of_the_called_class_lies_on_the_cell(pbc):
         cam = maps(x, label)
         assert cam.shape == x.shape[:2] and 0 <= cam.min() and cam.max() == 1.0
         h, w = cam.shape
-        centre = cam[h // 4:3 * h // 4, w // 4:3 * w // 4].mean()
-        ring = np.concatenate([cam[:h // 8].ravel(), cam[-h // 8:].ravel(), cam[:, :w // 8].ravel(), cam[:, -w // 8:].ravel()])
+        centre = cam[h // 4 : 3 * h // 4, w // 4 : 3 * w // 4].mean()
+        ring = np.concatenate(
+            [cam[: h // 8].ravel(), cam[-h // 8 :].ravel(), cam[:, : w // 8].ravel(), cam[:, -w // 8 :].ravel()]
+        )
         inside_wins += centre > ring.mean()
         picture = overlay(x, cam)
         assert picture.shape == (h, w, 3) and picture.dtype == np.uint8

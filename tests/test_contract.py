@@ -1,4 +1,3 @@
-
 import cv2
 import numpy as np
 import pytest
@@ -83,15 +82,21 @@ def test_stretch_gives_a_pale_stain_the_training_contrast(pbc):
     without = np.abs(prepare(pale, plain, "RGB").astype(np.float32) - prepare(rgb, plain, "RGB")).mean()
     with_norm = np.abs(prepare(pale, norm, "RGB").astype(np.float32) - ref).mean()
     assert with_norm < 0.6 * without, (with_norm, without)
+
     # the nucleus (darkest tenth): 65 grey levels paler raw, within 25 once normalised; still violet
     def nucleus(x):
         y = luminance(x)
         return x[y <= np.percentile(y, 10)].astype(np.float32)
 
-    raw_gap = luminance(nucleus(prepare(pale, plain, "RGB")).astype(np.uint8)[None]).mean() \
+    raw_gap = (
+        luminance(nucleus(prepare(pale, plain, "RGB")).astype(np.uint8)[None]).mean()
         - luminance(nucleus(prepare(rgb, plain, "RGB")).astype(np.uint8)[None]).mean()
+    )
     out = nucleus(prepare(pale, norm, "RGB"))
-    gap = luminance(out.astype(np.uint8)[None]).mean() - luminance(nucleus(ref.astype(np.uint8)).astype(np.uint8)[None]).mean()
+    gap = (
+        luminance(out.astype(np.uint8)[None]).mean()
+        - luminance(nucleus(ref.astype(np.uint8)).astype(np.uint8)[None]).mean()
+    )
     assert raw_gap > 50 and gap < 25, (raw_gap, gap)
     assert out[:, 2].mean() > out[:, 1].mean() and out[:, 0].mean() > out[:, 1].mean()
 

@@ -18,8 +18,22 @@ pytestmark = pytest.mark.slow
 def converted(run, tmp_path_factory):
     out = tmp_path_factory.mktemp("tflite")
     # generous gate: 4 classes with 4 test images each, one flipped cell is a 25-point recall drop
-    p = bmc("convert", run, "--out", out, "--name", "cells", "--variants", "float16,int8",
-            "--max-drop", "30", "--max-class-drop", "60", "--representative", "24")
+    p = bmc(
+        "convert",
+        run,
+        "--out",
+        out,
+        "--name",
+        "cells",
+        "--variants",
+        "float16,int8",
+        "--max-drop",
+        "30",
+        "--max-class-drop",
+        "60",
+        "--representative",
+        "24",
+    )
     return out, p
 
 
@@ -28,8 +42,16 @@ def test_variants_are_written_with_cards_and_a_report(converted, run):
     report = json.loads((out / "cells_conversion.json").read_text())
     assert [r["variant"] for r in report["variants"]] == ["float16", "int8"]
     for r in report["variants"]:
-        assert {"size_mb", "accuracy", "macro_f1", "agreement", "accuracy_drop_points", "worst_class",
-                "passed", "mean_abs_prob_diff"} <= set(r)
+        assert {
+            "size_mb",
+            "accuracy",
+            "macro_f1",
+            "agreement",
+            "accuracy_drop_points",
+            "worst_class",
+            "passed",
+            "mean_abs_prob_diff",
+        } <= set(r)
     assert "| int8 |" in (out / "cells_conversion.md").read_text() and "| int8 |" in p.stdout
     card, contract = load_card(out / "cells_int8.tflite", require_deployable=True)
     assert contract.labels == tuple(json.loads((run / "contract.json").read_text())["labels"])
@@ -50,8 +72,9 @@ def test_int8_takes_uint8_pixels_and_uses_only_int8_ops(converted):
     assert 0.9 < scale < 1.1 and zero == 0
     ops = it._get_ops_details()
     assert len(ops) > 50 and "DEQUANTIZE" not in {d["op_name"] for d in ops}
-    float_outputs = [(d["op_name"], t) for d in ops for t in d["outputs"]
-                     if it._get_tensor_details(t, 0)["dtype"] == np.float32]
+    float_outputs = [
+        (d["op_name"], t) for d in ops for t in d["outputs"] if it._get_tensor_details(t, 0)["dtype"] == np.float32
+    ]
     assert not float_outputs, float_outputs
 
 
@@ -74,8 +97,19 @@ def test_tflite_matches_keras_with_stated_tolerances(converted, run, small_pbc):
 
 def test_failed_gate_exits_non_zero_names_variant_and_classes(run, tmp_path):
     # an impossible gate (recall may not move at all, accuracy must rise by 100 points)
-    p = bmc("convert", run, "--out", tmp_path, "--variants", "dynamic", "--max-drop", "-100",
-            "--representative", "8", check=False)
+    p = bmc(
+        "convert",
+        run,
+        "--out",
+        tmp_path,
+        "--variants",
+        "dynamic",
+        "--max-drop",
+        "-100",
+        "--representative",
+        "8",
+        check=False,
+    )
     assert p.returncode == 2
     assert "variant dynamic failed the gate" in p.stderr and "not marked deployable" in p.stderr
     card = json.loads((tmp_path / "bmc_dynamic.json").read_text())

@@ -16,8 +16,7 @@ def test_pbc_class_folders(pbc):
 
 
 def test_labels_from_file_name_prefix_give_maturation_stages(pbc):
-    counts = Counter(s.label for s in discover(pbc / ".." / "pbc", label_from="prefix")
-                     if "/ig/" in s.path)
+    counts = Counter(s.label for s in discover(pbc / ".." / "pbc", label_from="prefix") if "/ig/" in s.path)
     assert counts == {"PMY": 346, "MY": 666, "MMY": 594, "IG": 88}
 
 

@@ -23,15 +23,18 @@ def test_example_config_loads_with_its_values():
     assert cfg.model.orientations == 4
 
 
-@pytest.mark.parametrize("text, message", [
-    ("[camera]\nsorce = '0'\n", "unknown key 'sorce' in \\[camera\\]; did you mean 'source'"),
-    ("[camra]\nsource = '0'\n", "unknown section \\[camra\\]; did you mean \\[camera\\]"),
-    ("[session]\ntarget = 'lots'\n", "target must be an int, got 'lots'"),
-    ("[session]\nmode = 'slide'\n", "mode must be one of 'field', 'cell', got 'slide'"),
-    ("[finder]\nmin_area_px = -3\n", "min_area_px must be >= 0"),
-    ("[storage\n", "not valid TOML"),
-    ("[model]\norientations = 3\n", "orientations must be one of 1, 2, 4, 8, got 3"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("[camera]\nsorce = '0'\n", "unknown key 'sorce' in \\[camera\\]; did you mean 'source'"),
+        ("[camra]\nsource = '0'\n", "unknown section \\[camra\\]; did you mean \\[camera\\]"),
+        ("[session]\ntarget = 'lots'\n", "target must be an int, got 'lots'"),
+        ("[session]\nmode = 'slide'\n", "mode must be one of 'field', 'cell', got 'slide'"),
+        ("[finder]\nmin_area_px = -3\n", "min_area_px must be >= 0"),
+        ("[storage\n", "not valid TOML"),
+        ("[model]\norientations = 3\n", "orientations must be one of 1, 2, 4, 8, got 3"),
+    ],
+)
 def test_bad_config_is_a_clear_error(tmp_path, text, message):
     p = tmp_path / "bmc.toml"
     p.write_text(text)
@@ -102,8 +105,12 @@ def test_edge_extra_resolves_for_arm64_without_tensorflow_within_200_mb(tmp_path
     """Resolves and installs the real aarch64 wheels for each board's Python; the slimmed
     environment (what install.sh leaves) fits the 200 MB budget."""
     out = tmp_path / "wheels.json"
-    p = subprocess.run([sys.executable, str(ROOT / "edge_app" / "deploy" / "check_wheels.py"), "--size",
-                        "--json", str(out)], capture_output=True, text=True, timeout=1500)
+    p = subprocess.run(
+        [sys.executable, str(ROOT / "edge_app" / "deploy" / "check_wheels.py"), "--size", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=1500,
+    )
     print(p.stdout)
     assert p.returncode == 0, p.stdout + p.stderr
     import json

@@ -73,14 +73,18 @@ def test_report_is_self_contained_html(fields, tmp_path):
     assert "<th>95% limits</th>" in page and "exact binomial confidence interval" in page
     assert "each cell in 2 orientations, averaged" in page  # how the count was made travels with it
     assert "white-balanced onto the model's training lamp" in page
-    for bad in ("http://", "https://", "<script", "src=\"/", "src='/"):
+    for bad in ("http://", "https://", "<script", 'src="/', "src='/"):
         assert bad not in page
 
 
 def test_sigkill_mid_run_loses_no_counted_cell(bccd, tmp_path):
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "bmc.cli", "edge", "run", str(bccd / "JPEGImages"), "--out",
-                             str(out), "--headless"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bmc.cli", "edge", "run", str(bccd / "JPEGImages"), "--out", str(out), "--headless"],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     db_path = out / "session.sqlite"
     deadline = time.time() + 120
     n = 0
@@ -107,8 +111,13 @@ def test_sigkill_mid_run_loses_no_counted_cell(bccd, tmp_path):
 
 def test_sigterm_closes_the_session_cleanly(bccd, tmp_path):
     out = tmp_path / "term"
-    proc = subprocess.Popen([sys.executable, "-m", "bmc.cli", "edge", "run", str(bccd / "JPEGImages"), "--out",
-                             str(out), "--headless"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bmc.cli", "edge", "run", str(bccd / "JPEGImages"), "--out", str(out), "--headless"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     db_path = out / "session.sqlite"
     deadline = time.time() + 120
     while time.time() < deadline and not db_path.exists():
@@ -125,8 +134,10 @@ def test_sigterm_closes_the_session_cleanly(bccd, tmp_path):
 def test_full_disk_stops_recording_with_intact_database(fields, tmp_path, clf):
     mnt = tmp_path / "small"
     mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=160k", "tmpfs", str(mnt)],
-                      capture_output=True).returncode != 0:
+    if (
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=160k", "tmpfs", str(mnt)], capture_output=True).returncode
+        != 0
+    ):
         pytest.skip("cannot mount a small tmpfs here (needs root)")
     try:
         lines = []
@@ -228,7 +239,7 @@ def test_missing_or_mismatched_card_and_truncated_model(tmp_path):
     with pytest.raises(ModelCardError, match="no model card"):
         CellClassifier(m)
     card = json.loads(DEFAULT_MODEL.with_suffix(".json").read_text())
-    data = DEFAULT_MODEL.read_bytes()[: 100000]
+    data = DEFAULT_MODEL.read_bytes()[:100000]
     m.write_bytes(data)
     card["sha256"] = __import__("hashlib").sha256(data).hexdigest()
     (tmp_path / "m.json").write_text(json.dumps(card))

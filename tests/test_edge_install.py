@@ -19,15 +19,21 @@ def test_edge_extra_alone_runs_the_app(tmp_path, bccd):
     env_dir = tmp_path / "edge-venv"
     venv.create(env_dir, with_pip=True)
     py = env_dir / "bin" / "python"
-    pip = subprocess.run([str(py), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
-                          f"{ROOT}[edge]"], capture_output=True, text=True, timeout=900)
+    pip = subprocess.run(
+        [str(py), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", f"{ROOT}[edge]"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert pip.returncode == 0, pip.stderr[-3000:]
     # slimmed as install.sh leaves a device: the app below must still run
     subprocess.run([str(py), "-m", "pip", "uninstall", "-y", "-q", "setuptools"], capture_output=True, timeout=300)
-    site = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                          capture_output=True, text=True).stdout.strip()
-    slim = subprocess.run([str(py), str(ROOT / "edge_app" / "deploy" / "slim.py"), site],
-                          capture_output=True, text=True, timeout=300)
+    site = subprocess.run(
+        [str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], capture_output=True, text=True
+    ).stdout.strip()
+    slim = subprocess.run(
+        [str(py), str(ROOT / "edge_app" / "deploy" / "slim.py"), site], capture_output=True, text=True, timeout=300
+    )
     assert slim.returncode == 0 and "libLiteRtWebGpuAccelerator.so" in slim.stdout, slim.stdout + slim.stderr
     size_mb = sum(f.stat().st_size for f in env_dir.rglob("*") if f.is_file() and not f.is_symlink()) / 1e6
     print(f"edge virtual environment (x86-64, slimmed): {size_mb:.0f} MB")
@@ -42,23 +48,56 @@ def test_edge_extra_alone_runs_the_app(tmp_path, bccd):
     for f in sorted((bccd / "JPEGImages").glob("*.jpg"))[:5]:
         (fields / f.name).symlink_to(f)
     out = tmp_path / "session"
-    run = subprocess.run([str(env_dir / "bin" / "bmc"), "edge", "run", str(fields), "--out", str(out), "--headless"],
-                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    run = subprocess.run(
+        [str(env_dir / "bin" / "bmc"), "edge", "run", str(fields), "--out", str(out), "--headless"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
     assert run.returncode == 0, run.stdout + run.stderr
     assert "session finished: 5 frames" in run.stdout
     assert (out / "cells.csv").read_text().count("\n") > 1
     # a technician's decision on a cell, with the report rewritten, on the device too
-    reviewed = subprocess.run([str(env_dir / "bin" / "bmc"), "edge", "review", str(out), "--cell", "1", "--label",
-                               "rejected", "--by", "tech"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert reviewed.returncode == 0 and "cell 1: rejected (by tech)" in reviewed.stdout, reviewed.stdout + reviewed.stderr
+    reviewed = subprocess.run(
+        [
+            str(env_dir / "bin" / "bmc"),
+            "edge",
+            "review",
+            str(out),
+            "--cell",
+            "1",
+            "--label",
+            "rejected",
+            "--by",
+            "tech",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert reviewed.returncode == 0 and "cell 1: rejected (by tech)" in reviewed.stdout, (
+        reviewed.stdout + reviewed.stderr
+    )
     # adaptation on the device: reviewed cells (their model's calls flipped to the true classes would
     # need the truth; here a few decisions of two classes) and bmc edge adapt, numpy only
     bmc_bin = str(env_dir / "bin" / "bmc")
-    listed_cells = subprocess.run([bmc_bin, "edge", "review", str(out), "--list", "--for-adapt"], capture_output=True,
-                                  text=True, timeout=300, cwd=tmp_path)
+    listed_cells = subprocess.run(
+        [bmc_bin, "edge", "review", str(out), "--list", "--for-adapt"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
     assert listed_cells.returncode == 0 and listed_cells.stdout.startswith("id,label"), listed_cells.stderr
-    adapted = subprocess.run([bmc_bin, "edge", "adapt", str(out), "--out", str(tmp_path / "m")], capture_output=True,
-                             text=True, timeout=300, cwd=tmp_path)
+    adapted = subprocess.run(
+        [bmc_bin, "edge", "adapt", str(out), "--out", str(tmp_path / "m")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
     # one rejected cell only: a clear refusal, no traceback (the full loop is tests/test_adapt.py)
     assert adapted.returncode == 2 and "no reviewed cells" in adapted.stderr, adapted.stdout + adapted.stderr
     # the device's own measurements: evaluate a .tflite, latency; results land where the user runs
@@ -66,18 +105,33 @@ def test_edge_extra_alone_runs_the_app(tmp_path, bccd):
     classes.mkdir(parents=True)
     for f in sorted((bccd.parent / "pbc" / "neutrophil").glob("*.jpg"))[:4]:
         (classes / f.name).symlink_to(f)
-    site_models = subprocess.run([str(py), "-c", "from edge_app.model import DEFAULT_MODEL; print(DEFAULT_MODEL)"],
-                                 capture_output=True, text=True, cwd=tmp_path).stdout.strip()
-    ev = subprocess.run([bmc_bin, "evaluate", site_models, str(classes.parent)], capture_output=True, text=True,
-                        timeout=300, cwd=tmp_path)
+    site_models = subprocess.run(
+        [str(py), "-c", "from edge_app.model import DEFAULT_MODEL; print(DEFAULT_MODEL)"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    ).stdout.strip()
+    ev = subprocess.run(
+        [bmc_bin, "evaluate", site_models, str(classes.parent)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
     assert ev.returncode == 0 and "| neutrophil |" in ev.stdout, ev.stdout + ev.stderr
-    lat = subprocess.run([bmc_bin, "bench", "latency", "--runs", "10"], capture_output=True, text=True, timeout=300,
-                         cwd=tmp_path)
+    lat = subprocess.run(
+        [bmc_bin, "bench", "latency", "--runs", "10"], capture_output=True, text=True, timeout=300, cwd=tmp_path
+    )
     assert lat.returncode == 0, lat.stdout + lat.stderr
     assert (tmp_path / "bmc-results" / "latency.csv").is_file()
     assert not list(env_dir.rglob("site-packages/benchmarks/results/*.csv"))
-    found = subprocess.run([bmc_bin, "bench", "finding", "--source", str(fields), "--boxes", str(bccd / "Annotations"),
-                            "--format", "voc"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    found = subprocess.run(
+        [bmc_bin, "bench", "finding", "--source", str(fields), "--boxes", str(bccd / "Annotations"), "--format", "voc"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
     assert found.returncode == 0 and "cell finding on 5 fields" in found.stdout, found.stdout + found.stderr
     # cells the model does not know, measured on the device: the installed model and card, with the first
     # 24 of its held-out test cells (the whole list is installed beside it)
@@ -88,20 +142,36 @@ def test_edge_extra_alone_runs_the_app(tmp_path, bccd):
         (quick / f.name).symlink_to(f)
     split = (installed / "bmc_pbc8_lite0_test_split.csv").read_text().splitlines()
     (quick / "bmc_pbc8_lite0_test_split.csv").write_text("\n".join(split[:25]) + "\n")
-    ood = subprocess.run([bmc_bin, "bench", "ood", "--model", str(quick / "bmc_pbc8_lite0_int8.tflite"),
-                          "--data", str(bccd.parent)], capture_output=True, text=True, timeout=600, cwd=tmp_path)
-    assert ood.returncode == 0 and "| PBC test | 24 |" in ood.stdout and "blasts (BLA)" in ood.stdout, \
+    ood = subprocess.run(
+        [bmc_bin, "bench", "ood", "--model", str(quick / "bmc_pbc8_lite0_int8.tflite"), "--data", str(bccd.parent)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
+    assert ood.returncode == 0 and "| PBC test | 24 |" in ood.stdout and "blasts (BLA)" in ood.stdout, (
         ood.stdout + ood.stderr
-    tr = subprocess.run([bmc_bin, "train", str(classes.parent), "--out", str(tmp_path / "r")], capture_output=True,
-                        text=True, timeout=300, cwd=tmp_path)
+    )
+    tr = subprocess.run(
+        [bmc_bin, "train", str(classes.parent), "--out", str(tmp_path / "r")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
     assert tr.returncode == 2 and "needs the training packages" in tr.stderr and "Traceback" not in tr.stderr
     # the technician's screen runs from the device install too (waitress is in the edge extra)
     import http.client
     import re
     import signal
 
-    ui = subprocess.Popen([bmc_bin, "edge", "ui", "--storage", str(tmp_path), "--listen", "127.0.0.1:0"],
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    ui = subprocess.Popen(
+        [bmc_bin, "edge", "ui", "--storage", str(tmp_path), "--listen", "127.0.0.1:0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+    )
     try:
         port = int(re.search(r"127\.0\.0\.1:(\d+)/", ui.stdout.readline()).group(1))
         c = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
@@ -116,20 +186,35 @@ def test_edge_extra_alone_runs_the_app(tmp_path, bccd):
         ui.communicate(timeout=60)
     assert ui.returncode == 0
     # and nothing it imported pulled TensorFlow in
-    probe = subprocess.run([str(py), "-c", "import sys, bmc.cli, edge_app.app, edge_app.report, edge_app.review, "
-                            "edge_app.adapt, edge_app.ui.app, edge_app.cam; "
-                            "print('tensorflow' in sys.modules)"], capture_output=True, text=True, cwd=tmp_path)
+    probe = subprocess.run(
+        [
+            str(py),
+            "-c",
+            "import sys, bmc.cli, edge_app.app, edge_app.report, edge_app.review, "
+            "edge_app.adapt, edge_app.ui.app, edge_app.cam; "
+            "print('tensorflow' in sys.modules)",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
     assert probe.stdout.strip() == "False", probe.stderr
     # a screen without a window-capable OpenCV: said once, and the session goes on headless
-    shown = subprocess.run([str(env_dir / "bin" / "bmc"), "edge", "run", str(fields), "--out", str(tmp_path / "s2"),
-                            "--max-frames", "1"], capture_output=True, text=True, timeout=300, cwd=tmp_path,
-                           env={**os.environ, "DISPLAY": ":99"})
+    shown = subprocess.run(
+        [str(env_dir / "bin" / "bmc"), "edge", "run", str(fields), "--out", str(tmp_path / "s2"), "--max-frames", "1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+        env={**os.environ, "DISPLAY": ":99"},
+    )
     assert shown.returncode == 0, shown.stdout + shown.stderr
     assert "no live window: this OpenCV has no window support" in shown.stdout
     assert "session finished: 1 frames" in shown.stdout
 
 
 def test_slim_refuses_a_folder_that_is_not_an_edge_install(tmp_path):
-    p = subprocess.run([sys.executable, str(ROOT / "edge_app" / "deploy" / "slim.py"), str(tmp_path)],
-                       capture_output=True, text=True)
+    p = subprocess.run(
+        [sys.executable, str(ROOT / "edge_app" / "deploy" / "slim.py"), str(tmp_path)], capture_output=True, text=True
+    )
     assert p.returncode == 2 and "not a site-packages folder with bmc's edge_app installed" in p.stderr

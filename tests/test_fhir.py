@@ -50,9 +50,13 @@ def test_the_report_is_valid_fhir_with_loinc_coded_shares_of_the_leukocytes(sess
     assert pending and report["status"] == "preliminary" and f"{pending} cells wait for review" in report["conclusion"]
     by_class = {o["code"]["text"]: o for o in observations}
     assert by_class["lymphocyte"]["code"]["coding"][0] == {
-        "system": "http://loinc.org", "code": "737-7", "display": "Lymphocytes/100 leukocytes in Blood by Manual count"}
-    leukocyte_shares = sum(o["valueQuantity"]["value"] for label, o in by_class.items()
-                           if label not in ("erythroblast", "platelet"))
+        "system": "http://loinc.org",
+        "code": "737-7",
+        "display": "Lymphocytes/100 leukocytes in Blood by Manual count",
+    }
+    leukocyte_shares = sum(
+        o["valueQuantity"]["value"] for label, o in by_class.items() if label not in ("erythroblast", "platelet")
+    )
     assert leukocyte_shares == pytest.approx(100, abs=0.5)  # per 100 leukocytes: erythroblasts and platelets aside
     assert "valueQuantity" not in by_class.get("platelet", {"x": 1})
     counts = {label: o["component"][0]["valueQuantity"]["value"] for label, o in by_class.items()}

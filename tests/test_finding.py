@@ -41,8 +41,20 @@ def test_aslan_fractions_and_the_errors_for_a_look(tmp_path):
 
     aslan = DATA / "aslan"
     out = tmp_path / "errors"
-    p = bmc("bench", "finding", "--source", aslan / "images", "--boxes", aslan / "annotations.csv", "--format", "csv",
-            "--label", "wbc", "--errors", out)
+    p = bmc(
+        "bench",
+        "finding",
+        "--source",
+        aslan / "images",
+        "--boxes",
+        aslan / "annotations.csv",
+        "--format",
+        "csv",
+        "--label",
+        "wbc",
+        "--errors",
+        out,
+    )
     assert "cell finding on 100 fields" in p.stdout and "103 boxes" in p.stdout
     errors = list(csv.DictReader(open(out / "errors.csv")))
     missed = int(p.stdout.split(" missed")[0].rsplit(" ", 1)[1])
@@ -53,12 +65,30 @@ def test_aslan_fractions_and_the_errors_for_a_look(tmp_path):
 
 def test_boxes_that_do_not_fit_are_a_clear_error(bccd, tmp_path):
     (tmp_path / "b.csv").write_text("image,x,y\nBloodImage_00000.jpg,1,2\n")
-    p = bmc("bench", "finding", "--source", bccd / "JPEGImages", "--boxes", tmp_path / "b.csv", "--format", "csv",
-            check=False)
+    p = bmc(
+        "bench",
+        "finding",
+        "--source",
+        bccd / "JPEGImages",
+        "--boxes",
+        tmp_path / "b.csv",
+        "--format",
+        "csv",
+        check=False,
+    )
     assert p.returncode == 2 and "needs columns" in p.stderr
     (tmp_path / "c.csv").write_text("image,xmin,ymin,xmax,ymax,label\nnot_here.jpg,1,2,30,40,WBC\n")
-    p = bmc("bench", "finding", "--source", bccd / "JPEGImages", "--boxes", tmp_path / "c.csv", "--format", "csv",
-            check=False)
+    p = bmc(
+        "bench",
+        "finding",
+        "--source",
+        bccd / "JPEGImages",
+        "--boxes",
+        tmp_path / "c.csv",
+        "--format",
+        "csv",
+        check=False,
+    )
     assert p.returncode == 2 and "c.csv:2: image 'not_here.jpg' is not in" in p.stderr
 
 

@@ -28,8 +28,7 @@ def recorded(bccd, tmp_path_factory) -> Path:
     for f in sorted((bccd / "JPEGImages").glob("*.jpg"))[:24]:
         (src / f.name).symlink_to(f)
     out = tmp_path_factory.mktemp("recorded") / "s"
-    EdgeSession(str(src), CellClassifier(DEFAULT_MODEL, threads=2), out, SessionConfig(),
-                echo=lambda m: None).run()
+    EdgeSession(str(src), CellClassifier(DEFAULT_MODEL, threads=2), out, SessionConfig(), echo=lambda m: None).run()
     return out
 
 
@@ -78,8 +77,11 @@ def test_decisions_enter_the_differential_csv_and_report(session):
     assert p.returncode == 2 and "cells.csv, whose labels are the model's calls" in p.stderr
 
     after = {r["id"]: r for r in _csv(session)}
-    assert (after[a["id"]]["reviewed_label"], after[a["id"]]["reviewed_by"], after[a["id"]]["counted_as"]) \
-        == ("monocyte", "anna", "monocyte")
+    assert (after[a["id"]]["reviewed_label"], after[a["id"]]["reviewed_by"], after[a["id"]]["counted_as"]) == (
+        "monocyte",
+        "anna",
+        "monocyte",
+    )
     assert after[b["id"]]["counted_as"] == "lymphocyte" and after[b["id"]]["reviewed_by"] == "ben"
     assert after[c["id"]]["reviewed_label"] == REJECTED and after[c["id"]]["counted_as"] == ""
     assert after[d["id"]]["reviewed_label"] == ""  # left undecided in the file: still waiting
@@ -93,8 +95,10 @@ def test_decisions_enter_the_differential_csv_and_report(session):
     # undo: the cell goes back to waiting, and the trail keeps both rows
     bmc("edge", "review", session, "--cell", a["id"], "--undo", "--by", "anna")
     assert _csv(session)[int(a["id"]) - 1]["counted_as"] == ""
-    assert [r for r in _reviews(session) if r[0] == int(a["id"])] == [(int(a["id"]), "monocyte", "anna"),
-                                                                      (int(a["id"]), None, "anna")]
+    assert [r for r in _reviews(session) if r[0] == int(a["id"])] == [
+        (int(a["id"]), "monocyte", "anna"),
+        (int(a["id"]), None, "anna"),
+    ]
 
 
 def test_bad_decisions_are_refused_and_record_nothing(session):
@@ -141,9 +145,13 @@ def test_review_window_keys(session):
     # 2 → second label; Enter → the model's call; x → rejected, then b withdraws it and shows that
     # cell again; n skips it; ? is no key; 1 → the first label for the next cell; q ends
     assert n == 3
-    assert _reviews(session) == [(todo[0].id, labels[1], "carla"), (todo[1].id, todo[1].model_label, "carla"),
-                                 (todo[2].id, REJECTED, "carla"), (todo[2].id, None, "carla"),
-                                 (todo[3].id, labels[0], "carla")]
+    assert _reviews(session) == [
+        (todo[0].id, labels[1], "carla"),
+        (todo[1].id, todo[1].model_label, "carla"),
+        (todo[2].id, REJECTED, "carla"),
+        (todo[2].id, None, "carla"),
+        (todo[3].id, labels[0], "carla"),
+    ]
     assert len(shown) == 8 and all(img.ndim == 3 and img.dtype == np.uint8 for img in shown)
     assert np.array_equal(shown[2], shown[4]) and not np.array_equal(shown[2], shown[3])  # b: that cell again
     assert np.array_equal(shown[5], shown[6])  # an unassigned key: the same cell again
@@ -156,8 +164,17 @@ def test_review_while_the_session_is_still_recording(session, tmp_path):
     """A reviewer and a running session write to the same database (WAL) without losing either."""
     out = tmp_path / "live"
     store = SessionStore(out, "camera0", DEFAULT_MODEL.name, "0" * 64, ["lymphocyte", "neutrophil"])
-    cell = {"x": 1, "y": 2, "w": 30, "h": 30, "label": "neutrophil", "confidence": 0.5,
-            "probabilities": [0.5, 0.5], "flag": "top two within 0.00", "track": 1}
+    cell = {
+        "x": 1,
+        "y": 2,
+        "w": 30,
+        "h": 30,
+        "label": "neutrophil",
+        "confidence": 0.5,
+        "probabilities": [0.5, 0.5],
+        "flag": "top two within 0.00",
+        "track": 1,
+    }
     store.record_frame(0, "f0", [cell], [None])
     with Reviewer(out, "dana") as r:
         r.decide(1, "lymphocyte")

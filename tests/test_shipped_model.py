@@ -19,7 +19,15 @@ def test_shipped_variants_are_deployable_and_small():
     for suffix in ("_int8.tflite", "_fp16.tflite"):
         card, contract = load_card(MODELS_DIR / f"{NAME}{suffix}", require_deployable=True)
         assert card["validation"]["passed"] and contract.labels == (
-            "basophil", "eosinophil", "erythroblast", "ig", "lymphocyte", "monocyte", "neutrophil", "platelet")
+            "basophil",
+            "eosinophil",
+            "erythroblast",
+            "ig",
+            "lymphocyte",
+            "monocyte",
+            "neutrophil",
+            "platelet",
+        )
         assert 0.3 < contract.cell_fraction < 1.0
     assert DEFAULT_MODEL.stat().st_size <= 5e6
     readme = (MODELS_DIR / f"{NAME}.md").read_text()

@@ -31,8 +31,13 @@ def test_stage_labels_come_from_the_file_names_and_unspecified_stages_are_left_o
     counts = Counter(s.label for s in samples)
     assert set(counts) == set(STAGE_LABELS)
     # the counts of the data's README
-    assert (counts["promyelocyte"], counts["myelocyte"], counts["metamyelocyte"], counts["band"],
-            counts["segmented"]) == (346, 666, 594, 956, 964)
+    assert (
+        counts["promyelocyte"],
+        counts["myelocyte"],
+        counts["metamyelocyte"],
+        counts["band"],
+        counts["segmented"],
+    ) == (346, 666, 594, 956, 964)
     assert not any(p.split("/")[-1].split("_")[0] in ("IG", "NEUTROPHIL") for p in (s.path for s in samples))
     assert len(samples) == 10_007 - 117
 
@@ -48,8 +53,17 @@ def test_a_split_relabelled_keeps_its_partition(pbc, tmp_path):
             assert s.path in coarse  # the same partition: no test image moved into training
             assert PARENT.get(s.label, s.label) == coarse[s.path]  # each stage sits in its class
     # and from the command line, with the count of images left out
-    p = bmc("data", "split", pbc, "--label-from", "stage", "--like", tmp_path / "split.json",
-            "--out", tmp_path / "stages.json")
+    p = bmc(
+        "data",
+        "split",
+        pbc,
+        "--label-from",
+        "stage",
+        "--like",
+        tmp_path / "split.json",
+        "--out",
+        tmp_path / "stages.json",
+    )
     assert "11 classes" in p.stdout and "117 images without a stage label left out" in p.stdout
     assert json.loads((tmp_path / "stages.json").read_text())["test"][0]["label"] in STAGE_LABELS
 
@@ -77,15 +91,19 @@ def test_the_hierarchy_travels_in_the_contract_and_sums_to_the_8_classes():
     labels = sorted(STAGE_LABELS)
     c = Contract(labels=tuple(labels), parents=parents_for(labels))
     back = Contract.from_json(c.to_json())
-    assert back.parents == {"promyelocyte": "ig", "myelocyte": "ig", "metamyelocyte": "ig",
-                            "band": "neutrophil", "segmented": "neutrophil"}
+    assert back.parents == {
+        "promyelocyte": "ig",
+        "myelocyte": "ig",
+        "metamyelocyte": "ig",
+        "band": "neutrophil",
+        "segmented": "neutrophil",
+    }
     assert "parents" not in Contract(labels=("a", "b")).to_dict()  # an 8-class card reads as before
     with pytest.raises(ContractError, match="does not have"):
         Contract(labels=("a", "b"), parents={"c": "a"})
     probs = np.full((2, 11), 1 / 11, np.float32)
     coarse, names = coarse_probs(probs, labels, back.parents)
-    assert names == ("basophil", "eosinophil", "erythroblast", "ig", "lymphocyte", "monocyte", "neutrophil",
-                     "platelet")
+    assert names == ("basophil", "eosinophil", "erythroblast", "ig", "lymphocyte", "monocyte", "neutrophil", "platelet")
     assert np.allclose(coarse.sum(1), 1) and coarse[0, names.index("ig")] == pytest.approx(3 / 11)
     counts = {"band": 3, "segmented": 7, "myelocyte": 2, "lymphocyte": 5}
     assert coarse_counts(counts, back.parents) == {"neutrophil": 10, "ig": 2, "lymphocyte": 5}

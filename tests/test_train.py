@@ -13,8 +13,18 @@ pytestmark = pytest.mark.slow
 
 
 def test_run_folder_holds_everything_to_reproduce_and_convert(run, small_pbc):
-    for name in ("config.json", "split.json", "labels.txt", "contract.json", "history.json", "model.keras",
-                 "metrics.json", "confusion.png", "per_class.md", "train.log"):
+    for name in (
+        "config.json",
+        "split.json",
+        "labels.txt",
+        "contract.json",
+        "history.json",
+        "model.keras",
+        "metrics.json",
+        "confusion.png",
+        "per_class.md",
+        "train.log",
+    ):
         assert (run / name).is_file(), name
     contract = json.loads((run / "contract.json").read_text())
     assert contract["labels"] == list(CLASSES)
@@ -111,8 +121,26 @@ def test_full_path_trains_end_to_end(small_pbc, tmp_path):
     phase: it lists the corrupt image wherever the split put it, keeps its best weights on disk as
     it goes, and saves a plain float32 model with no optimizer state."""
     out = tmp_path / "full"
-    bmc("train", small_pbc, "--out", out, "--mode", "full", "--head-epochs", "1", "--fine-tune-epochs", "1",
-        "--fine-tune-from", "block7a", "--batch-size", "16", "--strategy", "default", "--mixed-precision", "on")
+    bmc(
+        "train",
+        small_pbc,
+        "--out",
+        out,
+        "--mode",
+        "full",
+        "--head-epochs",
+        "1",
+        "--fine-tune-epochs",
+        "1",
+        "--fine-tune-from",
+        "block7a",
+        "--batch-size",
+        "16",
+        "--strategy",
+        "default",
+        "--mixed-precision",
+        "on",
+    )
     m = json.loads((out / "metrics.json").read_text())
     log = (out / "train.log").read_text()
     assert m["n"] >= 8 and "mode full" in log and "mixed precision: mixed_float16" in log
@@ -131,20 +159,50 @@ def test_init_from_a_trained_model(run, small_pbc, pbc, tmp_path):
     import keras
 
     same = tmp_path / "same"
-    p = bmc("train", small_pbc, "--split", run / "split.json", "--init-from", run / "model.keras", "--mode", "full",
-            "--head-epochs", "0", "--fine-tune-epochs", "0", "--out", same)
+    p = bmc(
+        "train",
+        small_pbc,
+        "--split",
+        run / "split.json",
+        "--init-from",
+        run / "model.keras",
+        "--mode",
+        "full",
+        "--head-epochs",
+        "0",
+        "--fine-tune-epochs",
+        "0",
+        "--out",
+        same,
+    )
     assert "and its head (same classes)" in (same / "train.log").read_text()
     a = keras.models.load_model(run / "model.keras").get_weights()
     b = keras.models.load_model(same / "model.keras").get_weights()
     assert len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b))
-    assert json.loads((same / "metrics.json").read_text())["accuracy"] == \
-        json.loads((run / "metrics.json").read_text())["accuracy"]
+    assert (
+        json.loads((same / "metrics.json").read_text())["accuracy"]
+        == json.loads((run / "metrics.json").read_text())["accuracy"]
+    )
     assert "optimistic" not in p.stdout  # its own split: no test image was trained on
 
     three = small_class_folders(pbc, tmp_path / "three", 16, CLASSES[:3])
     other = tmp_path / "other"
-    bmc("train", three, "--init-from", run / "model.keras", "--mode", "full", "--head-epochs", "0",
-        "--fine-tune-epochs", "0", "--seed", "11", "--out", other)
+    bmc(
+        "train",
+        three,
+        "--init-from",
+        run / "model.keras",
+        "--mode",
+        "full",
+        "--head-epochs",
+        "0",
+        "--fine-tune-epochs",
+        "0",
+        "--seed",
+        "11",
+        "--out",
+        other,
+    )
     log = (other / "train.log").read_text()
     assert "head starts afresh (4 classes there, 3 here)" in log
     assert "test figures are optimistic" in log  # another split of the same images

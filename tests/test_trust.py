@@ -40,9 +40,13 @@ def fields40(bccd, tmp_path_factory) -> Path:
 
 
 def _run(src, out, *extra):
-    return subprocess.Popen([sys.executable, "-m", "bmc.cli", "edge", "run", str(src), "--out", str(out),
-                             "--headless", *map(str, extra)], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "bmc.cli", "edge", "run", str(src), "--out", str(out), "--headless", *map(str, extra)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _frames(db_path: Path) -> int:
@@ -81,7 +85,10 @@ def test_a_killed_session_resumes_and_counts_every_field_once(fields40, tmp_path
     per_field = Counter(s for (s,) in db.execute("SELECT source FROM frame"))
     assert sorted(per_field) == sorted(f.name for f in fields40.iterdir())
     assert set(per_field.values()) == {1}, "a field recorded twice"
-    assert db.execute("SELECT COUNT(*) FROM cell").fetchone()[0] == db.execute("SELECT SUM(n_cells) FROM frame").fetchone()[0]
+    assert (
+        db.execute("SELECT COUNT(*) FROM cell").fetchone()[0]
+        == db.execute("SELECT SUM(n_cells) FROM frame").fetchone()[0]
+    )
     counted = db.execute("SELECT COUNT(*) FROM cell WHERE flag = ''").fetchone()[0]
     db.close()
     # the summary counts the cells of the whole session, those before the kills too
@@ -153,7 +160,7 @@ def _video(bccd: Path, path: Path, corrupt: int | None) -> int:
         data = bytearray(path.read_bytes())
         starts = [i for i in range(len(data) - 1) if data[i] == 0xFF and data[i + 1] == 0xD8]
         k = starts[corrupt]
-        data[k:k + 2000] = bytes(2000)
+        data[k : k + 2000] = bytes(2000)
         path.write_bytes(bytes(data))
     return len(files)
 
@@ -179,7 +186,7 @@ def test_a_video_that_stops_decoding_says_where(bccd, tmp_path):
     data = bytearray(bad.read_bytes())
     starts = [i for i in range(len(data) - 1) if data[i] == 0xFF and data[i + 1] == 0xD8]
     for k in starts[3:9]:
-        data[k:k + 2000] = bytes(2000)
+        data[k : k + 2000] = bytes(2000)
     bad.write_bytes(bytes(data))
     src = VideoFile(str(bad), max_bad=3)
     frames = list(src.frames())
@@ -187,12 +194,19 @@ def test_a_video_that_stops_decoding_says_where(bccd, tmp_path):
     assert "stopped after 3 unreadable frames in a row from frame 3 of 12" in src.end_reason
 
 
-@pytest.mark.parametrize("section,line,key", [
-    ("model", "threads = -4", "threads"), ("session", "target = -5", "target"),
-    ("review", "min_confidence = 5.0", "min_confidence"), ("session", "cell_diameter_px = -10", "cell_diameter_px"),
-    ("camera", 'width = "wide"', "width"), ("camera", 'fps = "fast"', "fps"), ("camera", "fourcc = 1196444237", "fourcc"),
-    ("finder", "max_cells = 0", "max_cells"),
-])
+@pytest.mark.parametrize(
+    "section,line,key",
+    [
+        ("model", "threads = -4", "threads"),
+        ("session", "target = -5", "target"),
+        ("review", "min_confidence = 5.0", "min_confidence"),
+        ("session", "cell_diameter_px = -10", "cell_diameter_px"),
+        ("camera", 'width = "wide"', "width"),
+        ("camera", 'fps = "fast"', "fps"),
+        ("camera", "fourcc = 1196444237", "fourcc"),
+        ("finder", "max_cells = 0", "max_cells"),
+    ],
+)
 def test_doctor_refuses_out_of_range_settings(tmp_path, section, line, key):
     cfg = tmp_path / "bmc.toml"
     cfg.write_text(f"[storage]\nfolder = '{tmp_path / 'sessions'}'\n[{section}]\n{line}\n")
@@ -212,10 +226,17 @@ def test_run_blames_a_bad_option_not_the_model(fields40, tmp_path):
 def test_sigterm_is_honoured_when_a_target_ends_each_session(fields40, tmp_path):
     """A service whose sessions end at once (a target of 1) still stops on SIGTERM."""
     cfg = tmp_path / "bmc.toml"
-    cfg.write_text(f"[camera]\nsource = '{fields40}'\n[session]\ntarget = 1\nprint_every_s = 1\n"
-                   f"[storage]\nfolder = '{tmp_path / 'sessions'}'\n")
-    proc = subprocess.Popen([sys.executable, "-m", "bmc.cli", "edge", "serve", "--config", str(cfg)], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    cfg.write_text(
+        f"[camera]\nsource = '{fields40}'\n[session]\ntarget = 1\nprint_every_s = 1\n"
+        f"[storage]\nfolder = '{tmp_path / 'sessions'}'\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bmc.cli", "edge", "serve", "--config", str(cfg)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 120
     while time.time() < deadline and len(list((tmp_path / "sessions").glob("*"))) < 2:
         time.sleep(0.1)
@@ -251,8 +272,10 @@ def test_report_embeds_only_the_sessions_own_files(fields40, tmp_path):
 def test_full_disk_during_report_leaves_no_empty_file(fields40, tmp_path):
     mnt = tmp_path / "small"
     mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=400k", "tmpfs", str(mnt)],
-                      capture_output=True).returncode != 0:
+    if (
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=400k", "tmpfs", str(mnt)], capture_output=True).returncode
+        != 0
+    ):
         pytest.skip("cannot mount a small tmpfs here (needs root)")
     try:
         out = mnt / "s"
@@ -285,7 +308,9 @@ def test_an_oversized_frame_is_refused_and_a_grey_source_warned(bccd, tmp_path, 
     r = EdgeSession(str(src), clf, tmp_path / "s", SessionConfig(save_crops=False), echo=lines.append).run()
     assert r.corrupt_frames == 1 and r.frames == 2 and r.cells >= 1
     db = sqlite3.connect(tmp_path / "s" / "session.sqlite")
-    assert "over the 40-megapixel limit" in db.execute("SELECT error FROM frame WHERE source = 'a_huge.png'").fetchone()[0]
+    assert (
+        "over the 40-megapixel limit" in db.execute("SELECT error FROM frame WHERE source = 'a_huge.png'").fetchone()[0]
+    )
     db.close()
     grey = tmp_path / "grey"
     grey.mkdir()
@@ -320,8 +345,13 @@ def test_evaluate_lists_skipped_files_on_screen(pbc, tmp_path):
 def test_sigterm_stops_a_service_that_waits_for_its_camera(tmp_path):
     cfg = tmp_path / "bmc.toml"
     cfg.write_text(f"[camera]\nsource = '/dev/video-unplugged'\n[storage]\nfolder = '{tmp_path / 'sessions'}'\n")
-    proc = subprocess.Popen([sys.executable, "-m", "bmc.cli", "edge", "serve", "--config", str(cfg)], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bmc.cli", "edge", "serve", "--config", str(cfg)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     line = proc.stdout.readline()
     while "waiting for the camera" not in line and line:
         line = proc.stdout.readline()
@@ -336,14 +366,26 @@ def test_every_domain_error_is_one_kind_caught_once_by_the_cli():
 
     from bmc.errors import BmcError
 
-    errors = {"bmc.contract": ["ContractError", "ImageError"], "bmc.card": ["ModelCardError"],
-              "train.data": ["DataError"], "train.cellscale": ["CellScaleError"], "train.trainer": ["TrainError"],
-              "train.evaluate": ["EvaluationError"], "convert.embedding": ["EmbeddingError"],
-              "edge_app.review": ["ReviewError"], "edge_app.config": ["ConfigError"],
-              "edge_app.backends": ["BackendError"], "edge_app.sources": ["SourceError"],
-              "edge_app.meters": ["MeterError"], "edge_app.store": ["SessionFolderError"],
-              "edge_app.adapt": ["AdaptError"], "edge_app.unknown": ["UnknownError"],
-              "benchmarks.finding": ["BoxesError"], "benchmarks.adapt": ["TruthError"], "benchmarks.ood": ["OodError"]}
+    errors = {
+        "bmc.contract": ["ContractError", "ImageError"],
+        "bmc.card": ["ModelCardError"],
+        "train.data": ["DataError"],
+        "train.cellscale": ["CellScaleError"],
+        "train.trainer": ["TrainError"],
+        "train.evaluate": ["EvaluationError"],
+        "convert.embedding": ["EmbeddingError"],
+        "edge_app.review": ["ReviewError"],
+        "edge_app.config": ["ConfigError"],
+        "edge_app.backends": ["BackendError"],
+        "edge_app.sources": ["SourceError"],
+        "edge_app.meters": ["MeterError"],
+        "edge_app.store": ["SessionFolderError"],
+        "edge_app.adapt": ["AdaptError"],
+        "edge_app.unknown": ["UnknownError"],
+        "benchmarks.finding": ["BoxesError"],
+        "benchmarks.adapt": ["TruthError"],
+        "benchmarks.ood": ["OodError"],
+    }
     for module, names in errors.items():
         for name in names:
             assert issubclass(getattr(importlib.import_module(module), name), BmcError), f"{module}.{name}"

@@ -34,8 +34,13 @@ def recorded(bccd, tmp_path_factory) -> Path:
     for f in sorted((bccd / "JPEGImages").glob("*.jpg"))[:12]:
         (src / f.name).symlink_to(f)
     storage = tmp_path_factory.mktemp("storage")
-    EdgeSession(str(src), CellClassifier(DEFAULT_MODEL, threads=2), storage / "20261128-0900", SessionConfig(),
-                echo=lambda m: None).run()
+    EdgeSession(
+        str(src),
+        CellClassifier(DEFAULT_MODEL, threads=2),
+        storage / "20261128-0900",
+        SessionConfig(),
+        echo=lambda m: None,
+    ).run()
     return storage
 
 
@@ -126,11 +131,13 @@ def test_a_decision_needs_the_forms_csrf_token_and_is_audited(local, storage):
     # a forged form: right cookie (a browser would add it), no token
     status, _, _ = local.request("POST", "/s/20261128-0900/decide", f"cell={cid}&label=monocyte", {"Cookie": cookie})
     assert status == 403 and _reviews(storage) == []
-    status, _, _ = local.request("POST", "/s/20261128-0900/decide", f"cell={cid}&label=monocyte&csrf=forged",
-                                 {"Cookie": cookie})
+    status, _, _ = local.request(
+        "POST", "/s/20261128-0900/decide", f"cell={cid}&label=monocyte&csrf=forged", {"Cookie": cookie}
+    )
     assert status == 403 and _reviews(storage) == []
-    status, headers, _ = local.request("POST", "/s/20261128-0900/decide", f"cell={cid}&label=monocyte&csrf={csrf}",
-                                       {"Cookie": cookie})
+    status, headers, _ = local.request(
+        "POST", "/s/20261128-0900/decide", f"cell={cid}&label=monocyte&csrf={csrf}", {"Cookie": cookie}
+    )
     assert status == 303 and _reviews(storage) == [(cid, "monocyte", "anna")]
     rows = (storage / "20261128-0900" / "cells.csv").read_text()
     assert f",{cid},monocyte,anna,monocyte," in rows  # the same audited row bmc edge review writes
@@ -141,11 +148,21 @@ def test_loopback_answers_only_to_a_loopback_host(local):
     assert status == 403
 
 
-@pytest.mark.parametrize("path", [
-    "/s/../../etc/passwd", "/s/%2e%2e/%2e%2e/etc/passwd", "/s//etc/passwd/", "/s/%2Fetc%2Fpasswd/",
-    "/static/../app.py", "/static/%2e%2e/app.py", "/static//etc/passwd", "/s/20261128-0900/../../../etc/passwd",
-    "/s/20261128-0900/crop?id=../../etc/passwd", "/s/20261128-0900/crop?id=/etc/passwd",
-])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/s/../../etc/passwd",
+        "/s/%2e%2e/%2e%2e/etc/passwd",
+        "/s//etc/passwd/",
+        "/s/%2Fetc%2Fpasswd/",
+        "/static/../app.py",
+        "/static/%2e%2e/app.py",
+        "/static//etc/passwd",
+        "/s/20261128-0900/../../../etc/passwd",
+        "/s/20261128-0900/crop?id=../../etc/passwd",
+        "/s/20261128-0900/crop?id=/etc/passwd",
+    ],
+)
 def test_no_request_path_reaches_a_file_outside_the_storage(local, path):
     status, _, body = local.request("GET", path)
     assert status in (404, 400) and b"root:" not in body and b"import" not in body
@@ -181,11 +198,13 @@ def test_beyond_loopback_every_client_signs_in(storage, tmp_path):
         status, _, page = s.request("GET", "/s/20261128-0900/review", headers={"Cookie": cookie})
         assert status == 200 and b"anna" in page
         cid = _first_pending(storage)
-        status, _, _ = s.request("POST", "/s/20261128-0900/decide", f"cell={cid}&label=x&csrf={_csrf(page)}",
-                                 {"Cookie": cookie})
+        status, _, _ = s.request(
+            "POST", "/s/20261128-0900/decide", f"cell={cid}&label=x&csrf={_csrf(page)}", {"Cookie": cookie}
+        )
         assert status == 400  # not a label: refused, said, nothing recorded
-        s.request("POST", "/s/20261128-0900/decide", f"cell={cid}&label=rejected&csrf={_csrf(page)}",
-                  {"Cookie": cookie})
+        s.request(
+            "POST", "/s/20261128-0900/decide", f"cell={cid}&label=rejected&csrf={_csrf(page)}", {"Cookie": cookie}
+        )
         assert _reviews(storage) == [(cid, "rejected", "anna")]
         # five wrong passwords from one address, then even the right one waits
         for _ in range(5):
@@ -198,9 +217,14 @@ def test_beyond_loopback_every_client_signs_in(storage, tmp_path):
 
 
 def test_the_password_is_stored_as_a_salted_scrypt_hash(tmp_path):
-    p = subprocess.run([sys.executable, "-m", "bmc.cli", "edge", "ui", "--set-password", "--config-dir",
-                        str(tmp_path)], input=f"{PASSWORD}\n{PASSWORD}\n", capture_output=True, text=True, cwd=ROOT,
-                       timeout=60)
+    p = subprocess.run(
+        [sys.executable, "-m", "bmc.cli", "edge", "ui", "--set-password", "--config-dir", str(tmp_path)],
+        input=f"{PASSWORD}\n{PASSWORD}\n",
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+    )
     assert p.returncode == 0, p.stderr
     f = tmp_path / auth.PASSWORD_FILE
     stored = f.read_text()
@@ -214,8 +238,18 @@ def test_the_password_is_stored_as_a_salted_scrypt_hash(tmp_path):
 
 
 def test_listening_beyond_loopback_without_a_password_is_refused(storage, tmp_path):
-    p = bmc("edge", "ui", "--storage", storage, "--listen", "0.0.0.0:0", "--config-dir", tmp_path / "none",
-            check=False, timeout=60)
+    p = bmc(
+        "edge",
+        "ui",
+        "--storage",
+        storage,
+        "--listen",
+        "0.0.0.0:0",
+        "--config-dir",
+        tmp_path / "none",
+        check=False,
+        timeout=60,
+    )
     assert p.returncode == 2 and "needs a password" in p.stderr
 
 
@@ -238,8 +272,13 @@ def browser(tmp_path):
 
     opts = webdriver.ChromeOptions()
     opts.binary_location = _chromium()
-    for a in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,1000",
-              f"--user-data-dir={tmp_path / 'profile'}"):
+    for a in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        "--window-size=1280,1000",
+        f"--user-data-dir={tmp_path / 'profile'}",
+    ):
         opts.add_argument(a)
     driver = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=opts)
     driver.set_page_load_timeout(60)
@@ -305,9 +344,11 @@ def test_the_review_keys_follow_the_layout_the_technician_set(storage, browser):
     try:
         browser.get(f"http://127.0.0.1:{s.port}/s/20261128-0900/review")
         first = browser.find_elements(By.CSS_SELECTOR, "#todo .cell")[0]
-        keys = {b.get_attribute("value"): b.get_attribute("data-key")
-                for b in first.find_elements(By.CSS_SELECTOR, "button[data-key]")
-                if b.get_attribute("data-key") not in ("Enter", "x", "b")}
+        keys = {
+            b.get_attribute("value"): b.get_attribute("data-key")
+            for b in first.find_elements(By.CSS_SELECTOR, "button[data-key]")
+            if b.get_attribute("data-key") not in ("Enter", "x", "b")
+        }
         # the configured keys, and the free digits for the other classes in the model's order
         assert keys["lymphocyte"] == "l" and keys["neutrophil"] == "1" and keys["basophil"] == "2"
         cid = int(first.get_attribute("data-cell"))
@@ -393,8 +434,9 @@ def test_a_live_session_from_the_screen(storage, bccd, tmp_path):
         st = _json.loads(body)
         assert st["state"] in ("running", "paused", "finished") and st["frames"] >= 1
         if st["last_cells"]:  # the page's strip of the newest cells: crops served from the session
-            status, headers, body = s.request("GET", f"/s/{st['folder']}/crop?id={st['last_cells'][0]['id']}",
-                                              headers={"Cookie": cookie})
+            status, headers, body = s.request(
+                "GET", f"/s/{st['folder']}/crop?id={st['last_cells'][0]['id']}", headers={"Cookie": cookie}
+            )
             assert status == 200 and body[:2] == b"\xff\xd8"
         status, _, _ = s.request("POST", "/live/pause", f"csrf={csrf}", {"Cookie": cookie})
         assert status == 303
@@ -446,8 +488,9 @@ def test_a_saved_count_is_corrected_from_the_cells_detail(local, storage):
     status, headers, page = local.request("GET", f"/s/20261128-0900/cell/{cid}")
     assert status == 200 and b"Name this cell" in page
     cookie, csrf = _cookie(headers), _csrf(page)
-    status, _, _ = local.request("POST", "/s/20261128-0900/decide", f"csrf={csrf}&cell={cid}&label={other}",
-                                 {"Cookie": cookie})
+    status, _, _ = local.request(
+        "POST", "/s/20261128-0900/decide", f"csrf={csrf}&cell={cid}&label={other}", {"Cookie": cookie}
+    )
     assert status == 303 and _reviews(storage)[-1] == (cid, other, "anna")
     rows = {int(r["id"]): r for r in csv.DictReader(open(storage / "20261128-0900" / "cells.csv"))}
     assert rows[cid]["counted_as"] == other and rows[cid]["label"] == label  # the model's call stays beside it
@@ -465,18 +508,41 @@ def test_sigterm_closes_the_screens_live_session_cleanly(storage, bccd, tmp_path
     src.mkdir()
     for f in sorted((bccd / "JPEGImages").glob("*.jpg"))[:200]:
         (src / f.name).symlink_to(f)
-    proc = subprocess.Popen([sys.executable, "-m", "bmc.cli", "edge", "ui", "--storage", str(storage), "--source",
-                             str(src), "--listen", "127.0.0.1:0"], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "bmc.cli",
+            "edge",
+            "ui",
+            "--storage",
+            str(storage),
+            "--source",
+            str(src),
+            "--listen",
+            "127.0.0.1:0",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         port = int(re.search(r"127\.0\.0\.1:(\d+)/", proc.stdout.readline()).group(1))
         c = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
         c.request("GET", "/live", headers={"Host": f"127.0.0.1:{port}"})
         r = c.getresponse()
         cookie, csrf = r.getheader("Set-Cookie").split(";")[0], _csrf(r.read())
-        c.request("POST", "/live/start", body=f"csrf={csrf}&target=0",
-                  headers={"Host": f"127.0.0.1:{port}", "Cookie": cookie,
-                           "Content-Type": "application/x-www-form-urlencoded"})
+        c.request(
+            "POST",
+            "/live/start",
+            body=f"csrf={csrf}&target=0",
+            headers={
+                "Host": f"127.0.0.1:{port}",
+                "Cookie": cookie,
+                "Content-Type": "application/x-www-form-urlencoded",
+            },
+        )
         assert c.getresponse().status == 303
         time.sleep(2.0)
     finally:
@@ -496,8 +562,9 @@ def test_a_session_comment_refuses_identifiers_and_shows_in_the_report(local, st
     for bad in ("patient 12345678 recount", "mail j.doe@example.org", "born 03/04/1950"):
         status, _, body = local.request("POST", "/s/20261128-0900/note", f"csrf={csrf}&text={bad}", {"Cookie": cookie})
         assert status == 400 and b"patient identifier" in body
-    status, _, _ = local.request("POST", "/s/20261128-0900/note", f"csrf={csrf}&text=thick+smear,+stain+pale",
-                                 {"Cookie": cookie})
+    status, _, _ = local.request(
+        "POST", "/s/20261128-0900/note", f"csrf={csrf}&text=thick+smear,+stain+pale", {"Cookie": cookie}
+    )
     assert status == 303
     page = local.request("GET", "/s/20261128-0900/", headers={"Cookie": cookie})[2]
     assert b"thick smear, stain pale" in page and b"anna" in page
@@ -522,7 +589,9 @@ def test_export_goes_only_to_a_mounted_stick(storage, tmp_path):
         status, headers, _ = s.request("POST", "/s/20261128-0900/export", f"csrf={csrf}&to={stick}", {"Cookie": cookie})
         assert status == 303
         copy = stick / "20261128-0900"
-        assert (copy / "session.sqlite").is_file() and (copy / "report.html").is_file() and (copy / "cells.csv").is_file()
+        assert (
+            (copy / "session.sqlite").is_file() and (copy / "report.html").is_file() and (copy / "cells.csv").is_file()
+        )
         assert json.loads((copy / "differential.fhir.json").read_text())["type"] == "collection"
     finally:
         s.close()

@@ -53,7 +53,7 @@ def test_artefacts_are_set_aside_as_unknown_and_counted_in_no_class(artefacts):
     db = review.connect(artefacts)
     queue = review.queue(review.cells(db))
     db.close()
-    assert all(c.unknown for c in queue[:len(flagged)])
+    assert all(c.unknown for c in queue[: len(flagged)])
     bmc("edge", "report", artefacts)
     html = (artefacts / "report.html").read_text()
     assert f"{len(flagged)} unlike any cell the model knows, first" in html
@@ -70,8 +70,19 @@ def test_blasts_are_set_aside_and_the_level_loosens_or_turns_the_check_off(matek
     off = tmp_path / "off"
     p = bmc("edge", "run", matek / "BLA", "--mode", "cell", "--out", off, "--headless", "--unknown-level", "0")
     assert not any(r["flag"].startswith("unknown") for r in _rows(off)) and "unknown" not in p.stdout
-    p = bmc("edge", "run", matek / "BLA", "--mode", "cell", "--out", tmp_path / "bad", "--headless",
-            "--unknown-level", "0.5", check=False)
+    p = bmc(
+        "edge",
+        "run",
+        matek / "BLA",
+        "--mode",
+        "cell",
+        "--out",
+        tmp_path / "bad",
+        "--headless",
+        "--unknown-level",
+        "0.5",
+        check=False,
+    )
     assert p.returncode == 2 and "--unknown-level" in p.stderr and "0.9" in p.stderr
 
 

@@ -59,9 +59,21 @@ class AugmentConfig:
 
 # The first view of every training image: geometry and a touch of colour only, so that the model
 # also sees cells as the training microscope shows them.
-LIGHT = AugmentConfig(p_edge=0.0, p_stain=0.0, p_mix=0.0, hue_deg=3.0, saturation=(0.9, 1.1), brightness=0.05,
-                      contrast=(0.9, 1.1), channel_gain=0.03, gamma=(0.95, 1.05), p_blur=0.0, p_lowres=0.0,
-                      p_noise=0.0, p_jpeg=0.0)
+LIGHT = AugmentConfig(
+    p_edge=0.0,
+    p_stain=0.0,
+    p_mix=0.0,
+    hue_deg=3.0,
+    saturation=(0.9, 1.1),
+    brightness=0.05,
+    contrast=(0.9, 1.1),
+    channel_gain=0.03,
+    gamma=(0.95, 1.05),
+    p_blur=0.0,
+    p_lowres=0.0,
+    p_noise=0.0,
+    p_jpeg=0.0,
+)
 
 
 def _crop(rgb: np.ndarray, contract: Contract, cfg: AugmentConfig, rng: np.random.Generator) -> np.ndarray:
@@ -72,7 +84,7 @@ def _crop(rgb: np.ndarray, contract: Contract, cfg: AugmentConfig, rng: np.rando
     cx = w / 2 + rng.uniform(-cfg.shift, cfg.shift) * side
     top = int(np.clip(round(cy - side / 2), 0, h - side))
     left = int(np.clip(round(cx - side / 2), 0, w - side))
-    return rgb[top:top + side, left:left + side]
+    return rgb[top : top + side, left : left + side]
 
 
 def field_edge(rgb: np.ndarray, cfg: AugmentConfig, rng: np.random.Generator) -> np.ndarray:
@@ -153,8 +165,13 @@ def degrade(rgb: np.ndarray, cfg: AugmentConfig, rng: np.random.Generator) -> np
     return rgb
 
 
-def augmented_view(image: np.ndarray, contract: Contract, rng: np.random.Generator,
-                   cfg: AugmentConfig = AugmentConfig(), pixel_format: str = "BGR") -> np.ndarray:
+def augmented_view(
+    image: np.ndarray,
+    contract: Contract,
+    rng: np.random.Generator,
+    cfg: AugmentConfig = AugmentConfig(),
+    pixel_format: str = "BGR",
+) -> np.ndarray:
     """One randomly augmented model input (uint8 RGB, contract size) from a decoded image."""
     rgb = _crop(to_rgb(image, pixel_format), contract, cfg, rng)
     size = contract.input_size

@@ -38,7 +38,7 @@ BN_EPSILON = 1e-3  # the TF reference implementation's value, kept by the PyTorc
 LITE0_MEAN, LITE0_STD = 127.0, 128.0
 BACKBONES = ("efficientnet_lite0", "efficientnet_b0")
 # First layer of the blocks that ``fine_tune_blocks`` counts from the top, per backbone.
-_BLOCK_NAMES = [f"block{s + 1}{chr(97 + r)}" for s, (n, *_ ) in enumerate(LITE0_BLOCKS) for r in range(n)]
+_BLOCK_NAMES = [f"block{s + 1}{chr(97 + r)}" for s, (n, *_) in enumerate(LITE0_BLOCKS) for r in range(n)]
 
 
 class BackboneError(BmcError, RuntimeError):
@@ -101,8 +101,12 @@ def _torch_to_keras_names() -> dict[str, tuple[str, str]]:
         m[t + ".weight"] = (k, "kernel")
 
     def bn(t, k):
-        for src, dst in (("weight", "gamma"), ("bias", "beta"), ("running_mean", "moving_mean"),
-                         ("running_var", "moving_variance")):
+        for src, dst in (
+            ("weight", "gamma"),
+            ("bias", "beta"),
+            ("running_mean", "moving_mean"),
+            ("running_var", "moving_variance"),
+        ):
             m[f"{t}.{src}"] = (k, dst)
 
     conv("_conv_stem", "stem_conv")
@@ -191,8 +195,9 @@ def b0(input_shape=(224, 224, 3), weights: str | None = "imagenet"):
     import keras
 
     try:
-        return keras.applications.EfficientNetB0(include_top=False, weights=weights,
-                                                 input_shape=input_shape, pooling="avg")
+        return keras.applications.EfficientNetB0(
+            include_top=False, weights=weights, input_shape=input_shape, pooling="avg"
+        )
     except Exception as e:  # noqa: BLE001 - urllib/ssl/OSError variants when offline
         if weights == "imagenet":
             raise BackboneError(

@@ -20,9 +20,18 @@ from train.augment import AugmentConfig, augmented_view, plain_view
 class Batches(keras.utils.PyDataset):
     """``(x, y, weight)`` batches, augmented afresh each epoch; ``(x,)`` when ``aug`` is None."""
 
-    def __init__(self, samples, index: dict[str, int], contract: Contract, batch_size: int,
-                 aug: AugmentConfig | None, seed: int, class_weight: dict[int, float] | None = None,
-                 workers: int = 1, targets: np.ndarray | None = None):
+    def __init__(
+        self,
+        samples,
+        index: dict[str, int],
+        contract: Contract,
+        batch_size: int,
+        aug: AugmentConfig | None,
+        seed: int,
+        class_weight: dict[int, float] | None = None,
+        workers: int = 1,
+        targets: np.ndarray | None = None,
+    ):
         super().__init__(workers=workers, use_multiprocessing=workers > 1, max_queue_size=4 * workers)
         self.samples, self.index, self.contract = samples, index, contract
         self.batch_size, self.aug, self.seed, self.class_weight = batch_size, aug, seed, class_weight
@@ -46,7 +55,7 @@ class Batches(keras.utils.PyDataset):
 
     def __getitem__(self, i: int):
         size, n = self.contract.input_size, self.contract.num_classes
-        idx = self.order[i * self.batch_size:(i + 1) * self.batch_size]
+        idx = self.order[i * self.batch_size : (i + 1) * self.batch_size]
         x = np.zeros((len(idx), size, size, 3), np.float32)
         y = np.zeros((len(idx), n), np.float32)
         w = np.ones(len(idx), np.float32)
@@ -63,8 +72,9 @@ class Batches(keras.utils.PyDataset):
             if self.aug is None:
                 x[j] = plain_view(img, self.contract)
             else:
-                x[j] = augmented_view(img, self.contract, np.random.default_rng([self.seed, self.epoch, int(k)]),
-                                      self.aug)
+                x[j] = augmented_view(
+                    img, self.contract, np.random.default_rng([self.seed, self.epoch, int(k)]), self.aug
+                )
             if self.class_weight:
                 w[j] = self.class_weight[self.index[s.label]]
         return (x,) if self.aug is None else (x, y, w)

@@ -36,8 +36,9 @@ def measure_cell_fraction(samples, crop_fraction: float, n: int = 400, seed: int
     for img in _sampled_images(samples, n, seed):
         h, w = img.shape[:2]
         side = crop_fraction * min(h, w)
-        cells = [c for c in find_cells(img)
-                 if abs(c.centre[0] - w / 2) < side / 3 and abs(c.centre[1] - h / 2) < side / 3]
+        cells = [
+            c for c in find_cells(img) if abs(c.centre[0] - w / 2) < side / 3 and abs(c.centre[1] - h / 2) < side / 3
+        ]
         if cells:
             c = min(cells, key=lambda c: (c.centre[0] - w / 2) ** 2 + (c.centre[1] - h / 2) ** 2)
             fractions.append(c.box.diameter / side)

@@ -69,10 +69,15 @@ class TrainConfig:
             raise TrainError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
         if self.views < 1:
             raise TrainError(f"views must be >= 1, got {self.views}")
-        if self.label_smoothing < 0 or self.neighbour_smoothing < 0 or \
-                self.label_smoothing + self.neighbour_smoothing >= 1:
-            raise TrainError(f"label_smoothing ({self.label_smoothing}) and neighbour_smoothing "
-                             f"({self.neighbour_smoothing}) must be >= 0 and add up to less than 1")
+        if (
+            self.label_smoothing < 0
+            or self.neighbour_smoothing < 0
+            or self.label_smoothing + self.neighbour_smoothing >= 1
+        ):
+            raise TrainError(
+                f"label_smoothing ({self.label_smoothing}) and neighbour_smoothing "
+                f"({self.neighbour_smoothing}) must be >= 0 and add up to less than 1"
+            )
 
 
 def default(name: str):

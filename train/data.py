@@ -62,8 +62,13 @@ def _label_of(path: Path, root: Path, label_from: str) -> str | None:
     raise DataError(f"unknown label source {label_from!r}; use one of {LABEL_SOURCES} or a manifest")
 
 
-def discover(root: str | Path, label_from: str = "folder", manifest: str | Path | None = None,
-             label_column: str = "label", group_column: str | None = "group") -> list[Sample]:
+def discover(
+    root: str | Path,
+    label_from: str = "folder",
+    manifest: str | Path | None = None,
+    label_column: str = "label",
+    group_column: str | None = "group",
+) -> list[Sample]:
     """All image files under ``root`` (or listed in ``manifest``) with their labels.
 
     Files that are not images by suffix are ignored here; unreadable images are found by
@@ -83,8 +88,10 @@ def discover(root: str | Path, label_from: str = "folder", manifest: str | Path 
             if label is not None:
                 samples.append(Sample(str(p), label))
     if not samples and label_from == "stage":
-        raise DataError(f"{root}: no image has a stage prefix ({', '.join(PBC_PREFIX)}_…); "
-                        "--label-from stage reads the PBC release's file names")
+        raise DataError(
+            f"{root}: no image has a stage prefix ({', '.join(PBC_PREFIX)}_…); "
+            "--label-from stage reads the PBC release's file names"
+        )
     if not samples:
         raise DataError(
             f"{root}: no images found. Expected class folders (ROOT/<class>/*.jpg) or the "
@@ -154,17 +161,23 @@ class DataReport:
         for label, n in sorted(self.counts.items()):
             lines.append(f"{label:<{w}}  {n:>7}  {100 * n / max(total, 1):>5.1f}%")
         lines += [f"{'total':<{w}}  {total:>7}", ""]
-        lines.append("image sizes: " + ", ".join(f"{s} ({n})" for s, n in
-                                                 sorted(self.sizes.items(), key=lambda kv: -kv[1])[:6]))
-        lines.append(f"class imbalance (largest/smallest): {self.imbalance:.1f}x"
-                     + ("  — consider class weights (bmc train uses them by default)" if self.imbalance > 3 else ""))
-        lines.append(f"byte-identical duplicate sets: {len(self.duplicate_sets)}"
-                     + (" (kept together in one split)" if self.duplicate_sets else ""))
+        lines.append(
+            "image sizes: " + ", ".join(f"{s} ({n})" for s, n in sorted(self.sizes.items(), key=lambda kv: -kv[1])[:6])
+        )
+        lines.append(
+            f"class imbalance (largest/smallest): {self.imbalance:.1f}x"
+            + ("  — consider class weights (bmc train uses them by default)" if self.imbalance > 3 else "")
+        )
+        lines.append(
+            f"byte-identical duplicate sets: {len(self.duplicate_sets)}"
+            + (" (kept together in one split)" if self.duplicate_sets else "")
+        )
         for group in self.duplicate_sets[:10]:
             lines.append("  " + " = ".join(group))
         if self.empty_classes:
-            lines.append(f"empty class folders (no image; not a class until it has some): "
-                         f"{', '.join(self.empty_classes)}")
+            lines.append(
+                f"empty class folders (no image; not a class until it has some): {', '.join(self.empty_classes)}"
+            )
         if self.too_small:
             lines.append(f"images too small to hold a cell (under {MIN_SIDE} px a side): {len(self.too_small)}")
             for path, size in self.too_small[:20]:
@@ -179,8 +192,13 @@ class DataReport:
         return "\n".join(lines)
 
 
-def check(root: str | Path, label_from: str = "folder", manifest: str | Path | None = None,
-          label_column: str = "label", group_column: str | None = "group") -> DataReport:
+def check(
+    root: str | Path,
+    label_from: str = "folder",
+    manifest: str | Path | None = None,
+    label_column: str = "label",
+    group_column: str | None = "group",
+) -> DataReport:
     """Decode every image and report counts, sizes, unreadable files and duplicates."""
     import cv2
     import numpy as np
@@ -205,13 +223,21 @@ def check(root: str | Path, label_from: str = "folder", manifest: str | Path | N
     non_images = []
     if manifest is None:
         rootp = Path(root)
-        non_images = [str(p) for p in sorted(rootp.rglob("*")) if p.is_file()
-                      and p.suffix.lower() not in IMAGE_SUFFIXES and len(p.relative_to(rootp).parts) >= 2]
+        non_images = [
+            str(p)
+            for p in sorted(rootp.rglob("*"))
+            if p.is_file() and p.suffix.lower() not in IMAGE_SUFFIXES and len(p.relative_to(rootp).parts) >= 2
+        ]
     dups = [sorted(v) for v in by_hash.values() if len(v) > 1]
     empty = []
     if manifest is None and label_from == "folder":
-        empty = sorted(d.name for d in Path(root).iterdir() if d.is_dir() and not d.name.startswith(".")
-                       and not any(f.suffix.lower() in IMAGE_SUFFIXES for f in d.rglob("*") if f.is_file()))
+        empty = sorted(
+            d.name
+            for d in Path(root).iterdir()
+            if d.is_dir()
+            and not d.name.startswith(".")
+            and not any(f.suffix.lower() in IMAGE_SUFFIXES for f in d.rglob("*") if f.is_file())
+        )
     return DataReport(str(root), dict(counts), dict(sizes), unreadable, non_images, sorted(dups), empty, too_small)
 
 
@@ -223,8 +249,9 @@ def assign_groups(samples: Iterable[Sample]) -> list[Sample]:
     return out
 
 
-def split(samples: list[Sample], fractions=(0.7, 0.15, 0.15), seed: int = 1337,
-          min_per_class: int = 3) -> dict[str, list[Sample]]:
+def split(
+    samples: list[Sample], fractions=(0.7, 0.15, 0.15), seed: int = 1337, min_per_class: int = 3
+) -> dict[str, list[Sample]]:
     """Stratified, grouped, deterministic train/val/test split.
 
     Groups are shuffled per class with ``seed`` and dealt so that each class gets its share of
@@ -257,7 +284,7 @@ def split(samples: list[Sample], fractions=(0.7, 0.15, 0.15), seed: int = 1337,
         n_val = max(1, round(n * fractions[1]))
         n_test = max(1, round(n * fractions[2]))
         n_train = n - n_val - n_test
-        parts = {"train": gs[:n_train], "val": gs[n_train:n_train + n_val], "test": gs[n_train + n_val:]}
+        parts = {"train": gs[:n_train], "val": gs[n_train : n_train + n_val], "test": gs[n_train + n_val :]}
         for k, part in parts.items():
             for g in part:
                 out[k].extend(groups[g])
@@ -305,8 +332,9 @@ def load_split(path: str | Path) -> dict[str, list[Sample]]:
     return {k: [Sample(**{**r, "path": resolve(r["path"])}) for r in v] for k, v in rows.items()}
 
 
-def pack(source: str | Path, dest: str | Path, side: int = 256, quality: int = 70,
-         label_from: str = "folder") -> tuple[int, list[tuple[str, str]]]:
+def pack(
+    source: str | Path, dest: str | Path, side: int = 256, quality: int = 70, label_from: str = "folder"
+) -> tuple[int, list[tuple[str, str]]]:
     """A compact copy of a data set, to carry to a GPU server over a thin link.
 
     ``source`` is a data folder or a ``split.json``. Each image is shrunk to ``side`` pixels on its

@@ -82,8 +82,7 @@ def match_labels(data_labels, model_labels) -> dict[str, str]:
     unknown = sorted(l for l in data_labels if l.lower() not in lower)
     if unknown:
         raise EvaluationError(
-            f"label(s) not known to the model: {', '.join(unknown)}; the model knows "
-            f"{', '.join(model_labels)}"
+            f"label(s) not known to the model: {', '.join(unknown)}; the model knows {', '.join(model_labels)}"
         )
     return {l: lower[l.lower()] for l in data_labels}
 
@@ -101,15 +100,18 @@ def evaluate_samples(model, contract: Contract, samples, batch_size: int = 32, o
     labels = list(contract.labels)
     data_labels = sorted({s.label for s in samples})
     coarse = coarse_labels(labels, contract.parents) if contract.parents else None
-    at_coarse = bool(coarse) and not {l.lower() for l in data_labels} <= {l.lower() for l in labels} \
+    at_coarse = (
+        bool(coarse)
+        and not {l.lower() for l in data_labels} <= {l.lower() for l in labels}
         and {l.lower() for l in data_labels} <= {l.lower() for l in coarse}
+    )
     mapping = match_labels(data_labels, coarse if at_coarse else labels)
     index = {l: i for i, l in enumerate(coarse if at_coarse else labels)}
     detector = getattr(getattr(clf, "clf", None), "unknown", None)
     probs, embs, ys, skipped = [], [], [], []
     for start in range(0, len(samples), batch_size):
         xs = []
-        for s in samples[start:start + batch_size]:
+        for s in samples[start : start + batch_size]:
             try:
                 xs.append(preprocess(read_image(s.path), contract, "BGR"))
                 ys.append(index[mapping[s.label]])
@@ -138,9 +140,13 @@ def evaluate_samples(model, contract: Contract, samples, batch_size: int = 32, o
     if detector is not None:
         flagged = detector.scores(np.concatenate(embs)) > detector.threshold
         kept = ~flagged
-        m["unknown"] = {"level": detector.level, "threshold": detector.threshold, "set_aside": float(flagged.mean()),
-                        "accuracy_all": m["accuracy"],
-                        "accuracy_counted": float((probs[kept].argmax(1) == ys[kept]).mean()) if kept.any() else 0.0}
+        m["unknown"] = {
+            "level": detector.level,
+            "threshold": detector.threshold,
+            "set_aside": float(flagged.mean()),
+            "accuracy_all": m["accuracy"],
+            "accuracy_counted": float((probs[kept].argmax(1) == ys[kept]).mean()) if kept.any() else 0.0,
+        }
     # the edge app's review policy: the share it would set aside, and how right the rest is
     sure = np.array([not ReviewPolicy().flag(p) for p in probs])
     m["set_aside"] = float(1 - sure.mean())
@@ -162,8 +168,14 @@ def stage_error_summary(y_true: np.ndarray, y_pred: np.ndarray, labels) -> dict:
     return out
 
 
-def evaluate(model_path: str | Path, data_dir: str | Path | None, label_from: str = "folder",
-             split_file: str | Path | None = None, part: str = "test", orientations: int = 1) -> dict:
+def evaluate(
+    model_path: str | Path,
+    data_dir: str | Path | None,
+    label_from: str = "folder",
+    split_file: str | Path | None = None,
+    part: str = "test",
+    orientations: int = 1,
+) -> dict:
     """Metrics of a model on a class-folder data set, or on one part of a saved split."""
     clf, contract = load_classifier(model_path)
     if split_file is not None:

@@ -40,8 +40,10 @@ def _contract_of(config: str | None, fallback: Contract | None, where: str) -> C
     if recorded:
         return Contract.from_dict(recorded)
     if fallback is None:
-        raise DataError(f"{where}: the session does not record its model's contract (recorded by an "
-                        "older bmc); give the model it ran with (--model)")
+        raise DataError(
+            f"{where}: the session does not record its model's contract (recorded by an "
+            "older bmc); give the model it ran with (--model)"
+        )
     return fallback
 
 
@@ -66,8 +68,10 @@ def harvest(sessions, dest, with_data=None, label_from: str = "folder", fallback
         finally:
             db.close()
         sources.append({"folder": str(sdir.resolve()), "reviewed_cells": len(picked)})
-        todo += [(sdir, c, _contract_of(configs.get(c.session_id), fallback, f"{sdir} session {c.session_id}"))
-                 for c in picked]
+        todo += [
+            (sdir, c, _contract_of(configs.get(c.session_id), fallback, f"{sdir} session {c.session_id}"))
+            for c in picked
+        ]
     rows, skipped, reviewers = [], [], Counter()
     for sdir, c, contract in todo:
         if not c.crop:
@@ -85,8 +89,9 @@ def harvest(sessions, dest, with_data=None, label_from: str = "folder", fallback
         rows.append((name, c.reviewed_label, f"{sdir.name}:s{c.session_id}:{c.source}"))
         reviewers[c.reviewer] += 1
     if not rows:
-        raise DataError("no reviewed cell with a crop in " + ", ".join(map(str, sessions))
-                        + ": label cells first (bmc edge review)")
+        raise DataError(
+            "no reviewed cell with a crop in " + ", ".join(map(str, sessions)) + ": label cells first (bmc edge review)"
+        )
     extra = discover(with_data, label_from) if with_data else []
     dest.mkdir(parents=True, exist_ok=True)
     with open(dest / "manifest.csv", "w", newline="") as fh:
@@ -94,8 +99,14 @@ def harvest(sessions, dest, with_data=None, label_from: str = "folder", fallback
         w.writerow(["path", "label", "group"])
         w.writerows(rows)
         w.writerows((str(Path(s.path).resolve()), s.label, s.group) for s in extra)
-    summary = {"sessions": sources, "cells": len(rows), "by_label": dict(Counter(r[1] for r in rows)),
-               "reviewers": dict(reviewers), "with_data": str(Path(with_data).resolve()) if with_data else None,
-               "with_data_images": len(extra), "skipped": skipped}
+    summary = {
+        "sessions": sources,
+        "cells": len(rows),
+        "by_label": dict(Counter(r[1] for r in rows)),
+        "reviewers": dict(reviewers),
+        "with_data": str(Path(with_data).resolve()) if with_data else None,
+        "with_data_images": len(extra),
+        "skipped": skipped,
+    }
     (dest / "harvest.json").write_text(json.dumps(summary, indent=2))
     return summary

@@ -42,8 +42,10 @@ def classification_metrics(y_true: np.ndarray, probs: np.ndarray, labels: list[s
     p = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
     r = np.divide(tp, support, out=np.zeros_like(tp), where=support > 0)
     f = np.divide(2 * p * r, p + r, out=np.zeros_like(tp), where=(p + r) > 0)
-    per_class = {labels[i]: {"precision": float(p[k]), "recall": float(r[k]), "f1": float(f[k]),
-                             "support": int(support[k])} for k, i in enumerate(idx)}
+    per_class = {
+        labels[i]: {"precision": float(p[k]), "recall": float(r[k]), "f1": float(f[k]), "support": int(support[k])}
+        for k, i in enumerate(idx)
+    }
     in_data = [idx.index(c) for c in present]
     return {
         "n": int(len(y_true)),
@@ -74,8 +76,10 @@ def per_class_table(m: dict) -> str:
     lines = ["| class | precision | recall | F1 | support |", "|---|---:|---:|---:|---:|"]
     for label, v in m["per_class"].items():
         lines.append(f"| {label} | {v['precision']:.3f} | {v['recall']:.3f} | {v['f1']:.3f} | {v['support']} |")
-    lines.append(f"\naccuracy {m['accuracy']:.4f} · macro-F1 {m['macro_f1']:.4f} · balanced accuracy "
-                 f"{m['balanced_accuracy']:.4f} · ECE {m['ece']:.4f} · n = {m['n']}")
+    lines.append(
+        f"\naccuracy {m['accuracy']:.4f} · macro-F1 {m['macro_f1']:.4f} · balanced accuracy "
+        f"{m['balanced_accuracy']:.4f} · ECE {m['ece']:.4f} · n = {m['n']}"
+    )
     return "\n".join(lines)
 
 
@@ -92,8 +96,15 @@ def plot_confusion(m: dict, path: str, title: str = "") -> None:
     ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
     for i in range(len(labels)):
         for j in range(len(labels)):
-            ax.text(j, i, int(cm[i, j]), ha="center", va="center",
-                    color="white" if norm[i, j] > 0.5 else "black", fontsize=8)
+            ax.text(
+                j,
+                i,
+                int(cm[i, j]),
+                ha="center",
+                va="center",
+                color="white" if norm[i, j] > 0.5 else "black",
+                fontsize=8,
+            )
     ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
     ax.set_yticks(range(len(labels)), labels)
     ax.set_xlabel("predicted")

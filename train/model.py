@@ -11,15 +11,13 @@ from bmc.contract import Contract
 from train.backbones import BackboneError, block_names, build_backbone
 
 
-def build_classifier(backbone: str, contract: Contract, weights: str | None = "imagenet",
-                     dropout: float = 0.3):
+def build_classifier(backbone: str, contract: Contract, weights: str | None = "imagenet", dropout: float = 0.3):
     import keras
 
     base = build_backbone(backbone, contract.input_size, weights)
     x = keras.layers.Dropout(dropout, name="head_dropout")(base.output)
     # float32 softmax under a mixed-precision policy
-    out = keras.layers.Dense(contract.num_classes, activation="softmax", dtype="float32",
-                             name="cell_class")(x)
+    out = keras.layers.Dense(contract.num_classes, activation="softmax", dtype="float32", name="cell_class")(x)
     return keras.Model(base.input, out, name=f"bmc_{backbone}")
 
 
@@ -41,8 +39,11 @@ def split_at(model, block: str):
     cut = first.input
     import keras
 
-    return (keras.Model(model.input, cut, name="bottom"), keras.Model(cut, model.output, name="top"),
-            keras.Model(cut, model.get_layer("avg_pool").output, name="top_features"))
+    return (
+        keras.Model(model.input, cut, name="bottom"),
+        keras.Model(cut, model.output, name="top"),
+        keras.Model(cut, model.get_layer("avg_pool").output, name="top_features"),
+    )
 
 
 def set_trainable_from(model, block: str | None) -> None:
@@ -54,7 +55,7 @@ def set_trainable_from(model, block: str | None) -> None:
     import keras
 
     names = block_names()
-    trainable_prefixes = () if block is None else tuple(names[names.index(block):]) + ("top_",)
+    trainable_prefixes = () if block is None else tuple(names[names.index(block) :]) + ("top_",)
     for layer in backbone_layers(model):
         if isinstance(layer, keras.layers.BatchNormalization):
             layer.trainable = False

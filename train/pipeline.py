@@ -22,7 +22,7 @@ def tf_preprocess_file(path, contract: Contract):
     side = tf.maximum(1, tf.cast(tf.round(tf.cast(tf.minimum(h, w), tf.float64) * contract.crop_fraction), tf.int32))
     top = (h - side) // 2
     left = (w - side) // 2
-    img = img[top:top + side, left:left + side]
+    img = img[top : top + side, left : left + side]
     size = contract.input_size
     method = {"area": "area", "linear": "bilinear"}[contract.interpolation]
     out = tf.clip_by_value(tf.round(tf.image.resize(tf.cast(img, tf.float32), (size, size), method=method)), 0.0, 255.0)

@@ -95,6 +95,6 @@ def load_state_dict(path: str) -> dict[str, np.ndarray]:
         flat = storages[ref.storage_key[0]]
         itemsize = flat.dtype.itemsize
         out[name] = np.lib.stride_tricks.as_strided(
-            flat[ref.offset:], shape=ref.size, strides=[s * itemsize for s in ref.stride]
+            flat[ref.offset :], shape=ref.size, strides=[s * itemsize for s in ref.stride]
         ).copy()
     return out

@@ -85,14 +85,21 @@ def init_from(model, path: str | Path, contract: Contract, splits, log) -> None:
         layer.set_weights(other.get_weights())
         copied += 1
     if differ:
-        raise TrainError(f"{path}: not the same backbone ({len(differ)} layers differ, e.g. {differ[:3]}); "
-                         "--init-from takes a model trained with the same --backbone and --input-size")
+        raise TrainError(
+            f"{path}: not the same backbone ({len(differ)} layers differ, e.g. {differ[:3]}); "
+            "--init-from takes a model trained with the same --backbone and --input-size"
+        )
     head = src_labels == tuple(contract.labels)
     if head:
         model.get_layer("cell_class").set_weights(by_name["cell_class"].get_weights())
-    log(f"initialised from {path}: {copied} backbone layers"
-        + (", and its head (same classes)" if head else f"; head starts afresh ({len(src_labels)} classes there, "
-                                                         f"{contract.num_classes} here)"))
+    log(
+        f"initialised from {path}: {copied} backbone layers"
+        + (
+            ", and its head (same classes)"
+            if head
+            else f"; head starts afresh ({len(src_labels)} classes there, {contract.num_classes} here)"
+        )
+    )
     split_file = path.parent / "split.json"
     if split_file.is_file():
         # the same image by its real path, or by class and file stem (a packed copy is .webp)
@@ -103,8 +110,10 @@ def init_from(model, path: str | Path, contract: Contract, splits, log) -> None:
         seen = set().union(*(keys(s) for part in ("train", "val") for s in before.get(part, [])))
         leaked = sum(bool(keys(s) & seen) for s in splits["test"])
         if leaked:
-            log(f"warning: {leaked} of {len(splits['test'])} test images were training or validation images of "
-                f"{path}: test figures are optimistic (reuse its split: --split {split_file})")
+            log(
+                f"warning: {leaked} of {len(splits['test'])} test images were training or validation images of "
+                f"{path}: test figures are optimistic (reuse its split: --split {split_file})"
+            )
 
 
 def limit(samples, per_class: int | None, seed: int):
@@ -147,8 +156,15 @@ class _BestOnValF1:
                 probs = predict_val()
                 f1 = float(f1_score(y_val, probs.argmax(1), average="macro"))
                 acc = float((probs.argmax(1) == y_val).mean())
-                outer.history.append({"phase": phase, "epoch": epoch + 1, "val_macro_f1": f1,
-                                      "val_accuracy": acc, **{k: float(v) for k, v in (logs or {}).items()}})
+                outer.history.append(
+                    {
+                        "phase": phase,
+                        "epoch": epoch + 1,
+                        "val_macro_f1": f1,
+                        "val_accuracy": acc,
+                        **{k: float(v) for k, v in (logs or {}).items()},
+                    }
+                )
                 log(f"{phase} epoch {epoch + 1}: val macro-F1 {f1:.4f}, val accuracy {acc:.4f}")
                 if f1 > outer.best:
                     outer.best, outer.best_epoch, outer.wait = f1, epoch + 1, 0
@@ -216,15 +232,23 @@ def train(cfg: TrainConfig) -> dict:
         log(f"cell scale: a cell spans {cell_fraction:.3f} of the crop (median of {n_measured} training images)")
     lamp = measure_lamp(splits["train"], seed=cfg.seed)
     log(f"lamp (training images' background, RGB): {lamp}")
-    contract = Contract(labels=tuple(labels), input_size=cfg.input_size, crop_fraction=cfg.crop_fraction,
-                        cell_fraction=round(cell_fraction, 4), stain_norm=cfg.stain_norm, lamp=lamp,
-                        parents=parents_for(labels))
+    contract = Contract(
+        labels=tuple(labels),
+        input_size=cfg.input_size,
+        crop_fraction=cfg.crop_fraction,
+        cell_fraction=round(cell_fraction, 4),
+        stain_norm=cfg.stain_norm,
+        lamp=lamp,
+        parents=parents_for(labels),
+    )
     (out / "contract.json").write_text(contract.to_json())
     (out / "labels.txt").write_text("\n".join(labels) + "\n")
     (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     index = {l: i for i, l in enumerate(labels)}
-    log(f"{len(labels)} classes; train {len(splits['train'])}, val {len(splits['val'])}, "
-        f"test {len(splits['test'])} images")
+    log(
+        f"{len(labels)} classes; train {len(splits['train'])}, val {len(splits['val'])}, "
+        f"test {len(splits['test'])} images"
+    )
 
     gpus = _devices()
     mode = cfg.mode if cfg.mode != "auto" else ("full" if gpus else "cached")
@@ -252,8 +276,10 @@ def train(cfg: TrainConfig) -> dict:
     metrics["skipped"] = [{"path": p, "why": w} for p, w in skipped] + metrics["skipped"]
     write_reports(metrics, out, title=f"{cfg.backbone} · test split")
     (out / "history.json").write_text(json.dumps(history, indent=1))
-    log(f"test accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f} "
-        f"(n={metrics['n']}); total {metrics['train_seconds'] / 60:.1f} min")
+    log(
+        f"test accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f} "
+        f"(n={metrics['n']}); total {metrics['train_seconds'] / 60:.1f} min"
+    )
     return metrics
 
 
@@ -283,7 +309,7 @@ def _train_cached(cfg, contract, splits, index, log):
         bar = _progress(None, len(todo), f"cache {name}")
         with ThreadPoolExecutor(max_workers=2) as pool:
             for start in range(0, len(todo), chunk):
-                part = todo[start:start + chunk]
+                part = todo[start : start + chunk]
                 seeds = rng.integers(0, 2**31, len(part))
 
                 def make(args):
@@ -294,8 +320,13 @@ def _train_cached(cfg, contract, splits, index, log):
                         return None, s, str(e)
                     if views == 1 and name != "train":
                         return plain_view(img, contract), s, None
-                    return augmented_view(img, contract, np.random.default_rng(seed), LIGHT if v == 0 and views > 1
-                                          else aug), s, None
+                    return (
+                        augmented_view(
+                            img, contract, np.random.default_rng(seed), LIGHT if v == 0 and views > 1 else aug
+                        ),
+                        s,
+                        None,
+                    )
 
                 batch, yb = [], []
                 for x, s, err in pool.map(make, zip(part, seeds)):
@@ -335,10 +366,19 @@ def _train_cached(cfg, contract, splits, index, log):
     n = contract.num_classes
     cw = class_weight_for(y_train, n) if cfg.class_weights else None
     head.compile(keras.optimizers.Adam(cfg.head_lr), loss, metrics=["accuracy"])
-    best = _BestOnValF1(head, lambda: head.predict(f_val, batch_size=256, verbose=0), y_val,
-                        cfg.head_patience, log, "head")
-    head.fit(f_train, targets[y_train], batch_size=64, epochs=cfg.head_epochs,
-             class_weight=cw, callbacks=[best.callback], verbose=0, shuffle=True)
+    best = _BestOnValF1(
+        head, lambda: head.predict(f_val, batch_size=256, verbose=0), y_val, cfg.head_patience, log, "head"
+    )
+    head.fit(
+        f_train,
+        targets[y_train],
+        batch_size=64,
+        epochs=cfg.head_epochs,
+        class_weight=cw,
+        callbacks=[best.callback],
+        verbose=0,
+        shuffle=True,
+    )
     best.restore()
     history += best.history
     timings["head_s"] = round(time.time() - t0, 1)
@@ -354,25 +394,33 @@ def _train_cached(cfg, contract, splits, index, log):
         schedule = keras.optimizers.schedules.CosineDecay(cfg.fine_tune_lr, steps, alpha=0.05)
         top_train.compile(keras.optimizers.Adam(schedule), loss, metrics=["accuracy"])
         sw = np.array([cw[int(c)] for c in y_train], np.float32) if cw else np.ones(len(y_train), np.float32)
-        ds = (tf.data.Dataset.from_tensor_slices((a_train, targets[y_train], sw))
-              .shuffle(min(len(y_train), 20000), seed=cfg.seed)
-              .batch(cfg.batch_size)
-              .map(lambda a, y, w: (tf.cast(a, tf.float32), y, w))
-              .prefetch(2))
-        best2 = _BestOnValF1(top_train, lambda: top_train.predict(a_val.astype(np.float32), batch_size=64, verbose=0),
-                             y_val, cfg.patience, log, "fine-tune")
+        ds = (
+            tf.data.Dataset.from_tensor_slices((a_train, targets[y_train], sw))
+            .shuffle(min(len(y_train), 20000), seed=cfg.seed)
+            .batch(cfg.batch_size)
+            .map(lambda a, y, w: (tf.cast(a, tf.float32), y, w))
+            .prefetch(2)
+        )
+        best2 = _BestOnValF1(
+            top_train,
+            lambda: top_train.predict(a_val.astype(np.float32), batch_size=64, verbose=0),
+            y_val,
+            cfg.patience,
+            log,
+            "fine-tune",
+        )
         base_f1 = best.best
         phase1_weights = [w.copy() for w in model.get_weights()]
-        top_train.fit(ds, epochs=cfg.fine_tune_epochs, callbacks=[best2.callback],
-                      verbose=1 if os.isatty(1) else 2)
+        top_train.fit(ds, epochs=cfg.fine_tune_epochs, callbacks=[best2.callback], verbose=1 if os.isatty(1) else 2)
         if best2.best >= base_f1:
             best2.restore()
-            log(f"phase 2 (fine-tune from {cfg.fine_tune_from}): best val macro-F1 {best2.best:.4f} "
-                f"at epoch {best2.best_epoch}")
+            log(
+                f"phase 2 (fine-tune from {cfg.fine_tune_from}): best val macro-F1 {best2.best:.4f} "
+                f"at epoch {best2.best_epoch}"
+            )
         else:  # fine-tuning did not beat the head alone: keep phase 1's weights
             model.set_weights(phase1_weights)
-            log(f"phase 2 did not improve on phase 1 ({best2.best:.4f} < {base_f1:.4f}); "
-                "keeping the phase-1 weights")
+            log(f"phase 2 did not improve on phase 1 ({best2.best:.4f} < {base_f1:.4f}); keeping the phase-1 weights")
         history += best2.history
         timings["fine_tune_s"] = round(time.time() - t0, 1)
     set_trainable_from(model, None)
@@ -382,6 +430,7 @@ def _train_cached(cfg, contract, splits, index, log):
 
 def _readable(splits, workers, log):
     """Drop the training and validation images that do not decode, logging each one."""
+
     def check(s):
         try:
             read_image(s.path)
@@ -449,8 +498,9 @@ def _train_full(cfg, contract, splits, index, log, gpus):
     cw = class_weight_for(y_train, n) if cfg.class_weights else None
     batch = cfg.batch_size * replicas
     targets = soft_targets(contract.labels, cfg.label_smoothing, cfg.neighbour_smoothing)
-    train_ds = Batches(splits["train"], index, contract, batch, AugmentConfig(), cfg.seed, cw, workers=workers,
-                       targets=targets)
+    train_ds = Batches(
+        splits["train"], index, contract, batch, AugmentConfig(), cfg.seed, cw, workers=workers, targets=targets
+    )
     val_ds = Batches(splits["val"], index, contract, batch, None, cfg.seed, workers=workers)
     loss = keras.losses.CategoricalCrossentropy()  # smoothing is in the targets
     with scope():
@@ -458,8 +508,10 @@ def _train_full(cfg, contract, splits, index, log, gpus):
         if cfg.init_from:
             init_from(model, cfg.init_from, contract, splits, log)
     history = []
-    for phase, block, lr, epochs in (("head", None, cfg.head_lr, min(cfg.head_epochs, cfg.full_head_epochs)),
-                                     ("fine-tune", cfg.fine_tune_from, cfg.fine_tune_lr, cfg.fine_tune_epochs)):
+    for phase, block, lr, epochs in (
+        ("head", None, cfg.head_lr, min(cfg.head_epochs, cfg.full_head_epochs)),
+        ("fine-tune", cfg.fine_tune_from, cfg.fine_tune_lr, cfg.fine_tune_epochs),
+    ):
         if epochs <= 0:
             continue
         set_trainable_from(model, block)
@@ -467,8 +519,15 @@ def _train_full(cfg, contract, splits, index, log, gpus):
         schedule = keras.optimizers.schedules.CosineDecay(lr, len(train_ds) * epochs, alpha=0.05)
         with scope():
             model.compile(keras.optimizers.Adam(schedule), loss, metrics=["accuracy"])
-        best = _BestOnValF1(model, lambda: model.predict(val_ds, verbose=0), y_val, cfg.patience, log, phase,
-                            Path(cfg.out) / "best.weights.h5")
+        best = _BestOnValF1(
+            model,
+            lambda: model.predict(val_ds, verbose=0),
+            y_val,
+            cfg.patience,
+            log,
+            phase,
+            Path(cfg.out) / "best.weights.h5",
+        )
         t0 = time.time()
         model.fit(train_ds, epochs=epochs, callbacks=[best.callback], verbose=1 if os.isatty(1) else 2)
         best.restore()

@@ -71,6 +71,8 @@ def available() -> dict[str, type[Backend]]:
 def create(key: str, model_path: str, threads: int | None = None) -> Backend:
     backends = available()
     if key not in backends:
-        raise BackendError(f"backend {key!r} is not available here (have: {', '.join(backends) or 'none'}); "
-                           "install the edge extra: pip install 'bmc-edge[edge]'")
+        raise BackendError(
+            f"backend {key!r} is not available here (have: {', '.join(backends) or 'none'}); "
+            "install the edge extra: pip install 'bmc-edge[edge]'"
+        )
     return backends[key](model_path, threads)

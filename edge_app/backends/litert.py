@@ -30,8 +30,10 @@ class LiteRTBackend(Backend):
             self.interp = Interpreter(model_path=self.path, num_threads=threads)
             self.interp.allocate_tensors()
         except (ValueError, RuntimeError) as e:
-            raise BackendError(f"{self.path}: LiteRT cannot load this model ({e}); is the file truncated, "
-                               "or built with ops this runtime lacks?") from e
+            raise BackendError(
+                f"{self.path}: LiteRT cannot load this model ({e}); is the file truncated, "
+                "or built with ops this runtime lacks?"
+            ) from e
         self.inp = self.interp.get_input_details()[0]
         self.outs = self.interp.get_output_details()
         self.out = self.outs[0]

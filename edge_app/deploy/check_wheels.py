@@ -51,9 +51,17 @@ def for_target(reqs: list[str], python: str) -> list[str]:
     command-line requirements against the running interpreter, not ``--python-version``."""
     from packaging.requirements import Requirement
 
-    env = {"python_version": python, "python_full_version": python + ".0", "platform_machine": "aarch64",
-           "sys_platform": "linux", "platform_system": "Linux", "os_name": "posix",
-           "implementation_name": "cpython", "platform_python_implementation": "CPython", "extra": ""}
+    env = {
+        "python_version": python,
+        "python_full_version": python + ".0",
+        "platform_machine": "aarch64",
+        "sys_platform": "linux",
+        "platform_system": "Linux",
+        "os_name": "posix",
+        "implementation_name": "cpython",
+        "platform_python_implementation": "CPython",
+        "extra": "",
+    }
     out = []
     for r in reqs:
         req = Requirement(r)
@@ -69,17 +77,37 @@ def resolve(python: str, glibc: int, reqs: list[str]) -> dict:
     platforms = ["manylinux2014_aarch64"] + [f"manylinux_2_{n}_aarch64" for n in range(17, glibc + 1)]
     with tempfile.TemporaryDirectory() as d:
         report = Path(d) / "report.json"
-        cmd = [sys.executable, "-m", "pip", "install", "--dry-run", "--quiet", "--disable-pip-version-check",
-               "--ignore-installed", "--only-binary=:all:", "--python-version", python, "--implementation", "cp",
-               "--target", str(Path(d) / "target"), "--report", str(report)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--dry-run",
+            "--quiet",
+            "--disable-pip-version-check",
+            "--ignore-installed",
+            "--only-binary=:all:",
+            "--python-version",
+            python,
+            "--implementation",
+            "cp",
+            "--target",
+            str(Path(d) / "target"),
+            "--report",
+            str(report),
+        ]
         for p in platforms:
             cmd += ["--platform", p]
         p = subprocess.run(cmd + reqs, capture_output=True, text=True, timeout=900)
         installs = json.loads(report.read_text())["install"] if report.exists() else []
     wheels = sorted(i["download_info"]["url"].rsplit("/", 1)[-1] for i in installs)
     names = sorted(i["metadata"]["name"].lower().replace("_", "-") for i in installs)
-    ok = p.returncode == 0 and bool(installs) and all(w.endswith(".whl") for w in wheels) and not any(
-        n in ("tensorflow", "keras", "tensorflow-cpu") for n in names)
+    ok = (
+        p.returncode == 0
+        and bool(installs)
+        and all(w.endswith(".whl") for w in wheels)
+        and not any(n in ("tensorflow", "keras", "tensorflow-cpu") for n in names)
+    )
     return {"ok": ok, "wheels": wheels, "packages": names, "error": p.stderr.strip()[-2000:]}
 
 
@@ -88,8 +116,24 @@ BUDGET_MB = 200.0
 
 def own_wheel(dest: Path) -> Path:
     """This checkout built as a wheel (pure Python + the shipped models)."""
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--disable-pip-version-check",
-                    "-w", str(dest), str(ROOT)], check=True, capture_output=True, text=True, timeout=900)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--quiet",
+            "--no-deps",
+            "--disable-pip-version-check",
+            "-w",
+            str(dest),
+            str(ROOT),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     return next(dest.glob("bmc_edge-*.whl"))
 
 
@@ -108,8 +152,21 @@ def installed_size(python: str, glibc: int, wheel: Path) -> dict:
     platforms = ["manylinux2014_aarch64"] + [f"manylinux_2_{n}_aarch64" for n in range(17, glibc + 1)]
     with tempfile.TemporaryDirectory() as d:
         target = Path(d) / "site-packages"
-        cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
-               "--only-binary=:all:", "--python-version", python, "--implementation", "cp", "--target", str(target)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "--only-binary=:all:",
+            "--python-version",
+            python,
+            "--implementation",
+            "cp",
+            "--target",
+            str(target),
+        ]
         for p in platforms:
             cmd += ["--platform", p]
         p = subprocess.run(cmd + [f"{wheel}[edge]"], capture_output=True, text=True, timeout=1800)
@@ -119,11 +176,18 @@ def installed_size(python: str, glibc: int, wheel: Path) -> dict:
         parts: dict[str, float] = {}
         for entry in target.iterdir():
             mb = size_bytes(entry) / 1e6
-            key = entry.name.split("-")[0].split(".libs")[0].lower() if entry.name.endswith((".dist-info", ".libs")) \
+            key = (
+                entry.name.split("-")[0].split(".libs")[0].lower()
+                if entry.name.endswith((".dist-info", ".libs"))
                 else entry.name.lower()
+            )
             parts[key] = parts.get(key, 0.0) + mb
-    return {"ok": True, "packages_mb": {k: round(v, 1) for k, v in sorted(parts.items(), key=lambda kv: -kv[1])},
-            "site_packages_mb": round(sum(parts.values()), 1), "slimmed_mb": round(freed, 1)}
+    return {
+        "ok": True,
+        "packages_mb": {k: round(v, 1) for k, v in sorted(parts.items(), key=lambda kv: -kv[1])},
+        "site_packages_mb": round(sum(parts.values()), 1),
+        "slimmed_mb": round(freed, 1),
+    }
 
 
 def main(argv=None) -> int:
@@ -159,8 +223,10 @@ def main(argv=None) -> int:
                 r["pip_mb"] = round(base, 1)
                 big = ", ".join(f"{k} {v:.0f}" for k, v in list(r["packages_mb"].items())[:5])
                 status = "OK" if total <= BUDGET_MB else "OVER"
-                print(f"{status}  {name}, Python {py}, aarch64: edge environment {total:.0f} MB "
-                      f"(budget {BUDGET_MB:.0f}): {big}, pip {base:.0f} MB; {r['slimmed_mb']:.0f} MB slimmed")
+                print(
+                    f"{status}  {name}, Python {py}, aarch64: edge environment {total:.0f} MB "
+                    f"(budget {BUDGET_MB:.0f}): {big}, pip {base:.0f} MB; {r['slimmed_mb']:.0f} MB slimmed"
+                )
                 bad += total > BUDGET_MB
     if a.json:
         Path(a.json).write_text(json.dumps(results, indent=2))

@@ -18,8 +18,10 @@ from pathlib import Path
 
 # (glob relative to site-packages, why the device does not need it)
 RULES = [
-    ("ai_edge_litert/libLiteRtWebGpuAccelerator.so",
-     "LiteRT's WebGPU accelerator for its CompiledModel API; bmc runs the Interpreter on the CPU (XNNPACK)"),
+    (
+        "ai_edge_litert/libLiteRtWebGpuAccelerator.so",
+        "LiteRT's WebGPU accelerator for its CompiledModel API; bmc runs the Interpreter on the CPU (XNNPACK)",
+    ),
     ("numpy/**/tests", "numpy's own test suite"),
     ("numpy/tests", "numpy's own test suite"),
     ("numpy/f2py", "numpy's Fortran-to-Python interface generator, a developer's tool (imported only on demand)"),

@@ -111,8 +111,9 @@ class VideoFile(FrameSource):
                 yield Frame(img, name, i, time.time(), False)
             i += 1
         if self.length and bad and bad[0] < self.length - 1:
-            self.end_reason = (f"{name}: stopped after {len(bad)} unreadable frames in a row from frame {bad[0]} "
-                               f"of {self.length}")
+            self.end_reason = (
+                f"{name}: stopped after {len(bad)} unreadable frames in a row from frame {bad[0]} of {self.length}"
+            )
 
     def close(self):
         self.cap.release()

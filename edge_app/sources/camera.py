@@ -16,8 +16,14 @@ class _Reopening(FrameSource):
     live = True
     max_backoff_s = 30.0
 
-    def __init__(self, width: int | None = None, height: int | None = None, fps: float | None = None,
-                 fourcc: str | None = None, max_reopen_s: float | None = None):
+    def __init__(
+        self,
+        width: int | None = None,
+        height: int | None = None,
+        fps: float | None = None,
+        fourcc: str | None = None,
+        max_reopen_s: float | None = None,
+    ):
         self.width, self.height, self.fps, self.fourcc = width, height, fps, fourcc
         self.max_reopen_s = max_reopen_s  # None: keep trying (service mode)
         self.gaps: list[tuple[float, float]] = []  # (lost at, back at)
@@ -72,7 +78,11 @@ class OpenCVCamera(_Reopening):
     def _open(self):
         import cv2
 
-        cap = cv2.VideoCapture(self.device, cv2.CAP_V4L2) if isinstance(self.device, str) else cv2.VideoCapture(self.device)
+        cap = (
+            cv2.VideoCapture(self.device, cv2.CAP_V4L2)
+            if isinstance(self.device, str)
+            else cv2.VideoCapture(self.device)
+        )
         if not cap.isOpened():
             return None
         if self.fourcc:
@@ -112,8 +122,10 @@ class GStreamerCamera(OpenCVCamera):
         import cv2
 
         if not has_gstreamer():
-            raise SourceError("this OpenCV has no GStreamer support; on a Jetson use JetPack's OpenCV "
-                              "(make the venv with --system-site-packages; see docs/deploy.md)")
+            raise SourceError(
+                "this OpenCV has no GStreamer support; on a Jetson use JetPack's OpenCV "
+                "(make the venv with --system-site-packages; see docs/deploy.md)"
+            )
         cap = cv2.VideoCapture(self.device, cv2.CAP_GSTREAMER)
         return cap if cap.isOpened() else None
 
@@ -126,9 +138,11 @@ class Picamera2Camera(_Reopening):
         try:
             import picamera2  # noqa: F401
         except ImportError as e:
-            raise SourceError("the Raspberry Pi camera needs Picamera2, which comes with the OS: "
-                              "sudo apt install python3-picamera2, and make the venv with "
-                              "--system-site-packages") from e
+            raise SourceError(
+                "the Raspberry Pi camera needs Picamera2, which comes with the OS: "
+                "sudo apt install python3-picamera2, and make the venv with "
+                "--system-site-packages"
+            ) from e
         self.index = index
         self.name = f"picamera2:{index}"
         super().__init__(**kw)

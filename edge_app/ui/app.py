@@ -44,8 +44,10 @@ STATIC = Path(__file__).resolve().parent / "static"
 COOKIE = "bmc_ui"
 # the order a hematology differential is read in: granulocytes first, from the most mature
 MAX_BODY = 64 * 1024
-CSP = "default-src 'none'; img-src 'self'; style-src 'self'; script-src 'self'; connect-src 'self'; form-action 'self'; " \
-      "frame-ancestors 'none'; base-uri 'none'"
+CSP = (
+    "default-src 'none'; img-src 'self'; style-src 'self'; script-src 'self'; connect-src 'self'; form-action 'self'; "
+    "frame-ancestors 'none'; base-uri 'none'"
+)
 REPORT_CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; frame-ancestors 'none'"
 
 
@@ -58,8 +60,14 @@ class Stream:
 
 
 class Response:
-    def __init__(self, body: bytes | str = b"", status: str = "200 OK", ctype: str = "text/html; charset=utf-8",
-                 headers: list[tuple[str, str]] | None = None, csp: str = CSP):
+    def __init__(
+        self,
+        body: bytes | str = b"",
+        status: str = "200 OK",
+        ctype: str = "text/html; charset=utf-8",
+        headers: list[tuple[str, str]] | None = None,
+        csp: str = CSP,
+    ):
         self.body = body.encode() if isinstance(body, str) else body
         self.status, self.headers = status, [("Content-Type", ctype), *(headers or [])]
         self.csp = csp
@@ -86,9 +94,18 @@ class UiApp:
     """The WSGI application. ``sign_in``: every client must sign in (the server listens beyond
     loopback); else the local user is taken as signed in, and ``user`` names who decides."""
 
-    def __init__(self, storage: str | Path, password_hash: str | None, sign_in: bool, user: str = "local",
-                 port: int = 0, model: str | Path | None = None, live=None,
-                 export_roots: tuple[str, ...] = ("/media", "/mnt", "/run/media"), keys: dict | None = None):
+    def __init__(
+        self,
+        storage: str | Path,
+        password_hash: str | None,
+        sign_in: bool,
+        user: str = "local",
+        port: int = 0,
+        model: str | Path | None = None,
+        live=None,
+        export_roots: tuple[str, ...] = ("/media", "/mnt", "/run/media"),
+        keys: dict | None = None,
+    ):
         if sign_in and not password_hash:
             raise ValueError("sign-in needs a password set on the device: bmc edge ui --set-password")
         self.storage = Path(storage)
@@ -112,11 +129,17 @@ class UiApp:
             resp = Response(self.page(e.status, f"<p>{html.escape(e.message)}</p>", None), e.status)
         except Exception:  # noqa: BLE001 - a plain page for the browser, the details for the log
             log.exception("error serving %s %s", environ.get("REQUEST_METHOD"), environ.get("PATH_INFO"))
-            resp = Response(self.page("Error", "<p>Something went wrong; the device's log has the details.</p>",
-                                      None), "500 Internal Server Error")
-        headers = resp.headers + [("Content-Security-Policy", resp.csp), ("X-Content-Type-Options", "nosniff"),
-                                  ("X-Frame-Options", "DENY"), ("Referrer-Policy", "no-referrer"),
-                                  ("Cache-Control", "no-store")]
+            resp = Response(
+                self.page("Error", "<p>Something went wrong; the device's log has the details.</p>", None),
+                "500 Internal Server Error",
+            )
+        headers = resp.headers + [
+            ("Content-Security-Policy", resp.csp),
+            ("X-Content-Type-Options", "nosniff"),
+            ("X-Frame-Options", "DENY"),
+            ("Referrer-Policy", "no-referrer"),
+            ("Cache-Control", "no-store"),
+        ]
         if isinstance(resp, Stream):
             start_response(resp.status, headers)
             return resp.parts
@@ -131,7 +154,7 @@ class UiApp:
             if not is_loopback(host):
                 raise HttpError("403 Forbidden", "this screen answers to 127.0.0.1 or localhost only")
         if path.startswith("/static/"):
-            return self.static(path[len("/static/"):])
+            return self.static(path[len("/static/") :])
         token = self._token(environ)
         who = self.sessions.get(token)
         new_cookie = []
@@ -167,8 +190,10 @@ class UiApp:
             raise HttpError("413 Payload Too Large", "request too large")
         body = environ["wsgi.input"].read(size).decode("utf-8", "replace") if size else ""
         # a repeated field (several sessions ticked) is kept whole, newline-joined; others: the last value
-        return {k: "\n".join(v) if k == "session" else v[-1]
-                for k, v in urllib.parse.parse_qs(body, keep_blank_values=True).items()}
+        return {
+            k: "\n".join(v) if k == "session" else v[-1]
+            for k, v in urllib.parse.parse_qs(body, keep_blank_values=True).items()
+        }
 
     # -- routes -----------------------------------------------------------------------------------
     def route(self, method: str, path: str, form: dict, environ, user: str, csrf: str) -> Response:
@@ -208,9 +233,11 @@ class UiApp:
             if method == "GET" and rest == ["fhir"]:  # the differential for a laboratory information system
                 from edge_app import fhir
 
-                return Response(json.dumps(fhir.diagnostic_report(folder), indent=2, ensure_ascii=False),
-                                ctype="application/fhir+json; charset=utf-8",
-                                headers=[("Content-Disposition", f'attachment; filename="{folder.name}.fhir.json"')])
+                return Response(
+                    json.dumps(fhir.diagnostic_report(folder), indent=2, ensure_ascii=False),
+                    ctype="application/fhir+json; charset=utf-8",
+                    headers=[("Content-Disposition", f'attachment; filename="{folder.name}.fhir.json"')],
+                )
             if method == "POST" and rest == ["note"]:
                 try:
                     review.add_note(folder, form.get("text", ""), user)
@@ -259,10 +286,12 @@ class UiApp:
             self.limit.failed(client)
             log.warning("failed sign-in from %s", client)
             message = "<p class='warn'>Wrong name or password.</p>"
-        body = (f"{message}<form method='post' action='/login' class='login'>"
-                "<label>Your name (recorded with each decision) <input name='user' required maxlength='40' "
-                "autocomplete='username'></label><label>Device password <input name='password' type='password' "
-                "required autocomplete='current-password'></label><button>Sign in</button></form>")
+        body = (
+            f"{message}<form method='post' action='/login' class='login'>"
+            "<label>Your name (recorded with each decision) <input name='user' required maxlength='40' "
+            "autocomplete='username'></label><label>Device password <input name='password' type='password' "
+            "required autocomplete='current-password'></label><button>Sign in</button></form>"
+        )
         return Response(self.page("Sign in", body, None))
 
     def decide(self, folder: Path, action: str, form: dict, user: str, environ) -> Response:
@@ -332,34 +361,52 @@ class UiApp:
         if cell is None:
             raise HttpError("404 Not Found", "no such cell")
         name = urllib.parse.quote(folder.name)
-        probs = "".join(f"<tr><td>{html.escape(l)}</td><td class='num'>{p:.3f}</td></tr>"
-                        for l, p in sorted(zip(cell.labels, cell.probabilities), key=lambda t: -t[1]))
+        probs = "".join(
+            f"<tr><td>{html.escape(l)}</td><td class='num'>{p:.3f}</td></tr>"
+            for l, p in sorted(zip(cell.labels, cell.probabilities), key=lambda t: -t[1])
+        )
         maps = ""
         if cell.crop:
             try:
                 clf, _ = self._maps()
                 top = [l for l, _ in cell.top(2) if l in clf.labels]
-                maps = "".join(f"<figure><img src='/s/{name}/cell/{cell.id}/map?label={urllib.parse.quote(l)}' "
-                               f"width='224' height='224' alt='where the model looked for {html.escape(l)}'>"
-                               f"<figcaption>{html.escape(l)}</figcaption></figure>" for l in top)
-                maps = (f"<h2>Where the model looked</h2><div class='grid'>{maps}</div><p class='small'>Class "
-                        f"activation maps of {html.escape(clf.path.name)}: red, the parts of the cell that pushed "
-                        "most towards that class.</p>")
+                maps = "".join(
+                    f"<figure><img src='/s/{name}/cell/{cell.id}/map?label={urllib.parse.quote(l)}' "
+                    f"width='224' height='224' alt='where the model looked for {html.escape(l)}'>"
+                    f"<figcaption>{html.escape(l)}</figcaption></figure>"
+                    for l in top
+                )
+                maps = (
+                    f"<h2>Where the model looked</h2><div class='grid'>{maps}</div><p class='small'>Class "
+                    f"activation maps of {html.escape(clf.path.name)}: red, the parts of the cell that pushed "
+                    "most towards that class.</p>"
+                )
             except (MapError, ValueError, OSError) as e:
                 maps = f"<p class='small'>No activation map: {html.escape(str(e))}</p>"
-        img = f"<img src='/s/{name}/crop?id={cell.id}' width='224' height='224' alt='cell {cell.id}'>" if cell.crop else ""
-        decided = (f"<p>Decided: <b>{html.escape(cell.reviewed_label)}</b> by {html.escape(cell.reviewer)}</p>"
-                   if cell.reviewed_label else "")
+        img = (
+            f"<img src='/s/{name}/crop?id={cell.id}' width='224' height='224' alt='cell {cell.id}'>"
+            if cell.crop
+            else ""
+        )
+        decided = (
+            f"<p>Decided: <b>{html.escape(cell.reviewed_label)}</b> by {html.escape(cell.reviewer)}</p>"
+            if cell.reviewed_label
+            else ""
+        )
         # a count can be corrected after it was saved: any cell, counted or decided, is decided (again) here,
         # as the audited review row; the earlier decision stays in the trail
-        change = (f"<form method='post' action='/s/{name}/decide'><input type='hidden' name='csrf' value='{csrf}'>"
-                  f"<input type='hidden' name='cell' value='{cell.id}'><p>{'Change the decision' if cell.reviewed_label else 'Name this cell'}: "
-                  + "".join(f"<button name='label' value='{html.escape(l)}'>{html.escape(l)}</button>" for l in cell.labels)
-                  + "<button name='label' value='rejected'>not a cell</button></p></form>")
-        body = (f"<p>{html.escape(cell.source)} frame {cell.frame}; the model's call <b>{html.escape(cell.model_label)}"
-                f"</b> {cell.confidence:.2f} {html.escape(cell.flag)}</p>{decided}<div class='grid'>{img}"
-                f"<table><tr><th>class</th><th>probability</th></tr>{probs}</table></div>{change}{maps}"
-                f"<p><a href='/s/{name}/review'>back to review</a></p>")
+        change = (
+            f"<form method='post' action='/s/{name}/decide'><input type='hidden' name='csrf' value='{csrf}'>"
+            f"<input type='hidden' name='cell' value='{cell.id}'><p>{'Change the decision' if cell.reviewed_label else 'Name this cell'}: "
+            + "".join(f"<button name='label' value='{html.escape(l)}'>{html.escape(l)}</button>" for l in cell.labels)
+            + "<button name='label' value='rejected'>not a cell</button></p></form>"
+        )
+        body = (
+            f"<p>{html.escape(cell.source)} frame {cell.frame}; the model's call <b>{html.escape(cell.model_label)}"
+            f"</b> {cell.confidence:.2f} {html.escape(cell.flag)}</p>{decided}<div class='grid'>{img}"
+            f"<table><tr><th>class</th><th>probability</th></tr>{probs}</table></div>{change}{maps}"
+            f"<p><a href='/s/{name}/review'>back to review</a></p>"
+        )
         return self.page(f"Cell {cell.id}", body, csrf, user)
 
     def cell_map(self, folder: Path, cell_id: str, label: str) -> Response:
@@ -378,15 +425,23 @@ class UiApp:
     def page(self, title: str, body: str, csrf: str | None, user: str | None = None) -> str:
         nav = ""
         if csrf is not None:
-            out = (f"<form method='post' action='/logout' class='inline'><input type='hidden' name='csrf' "
-                   f"value='{csrf}'><button>Sign out</button></form>" if self.sign_in else "")
-            nav = (f"<nav><a href='/live'>Live</a> <a href='/'>Sessions</a> <a href='/adapt'>Adaptation</a> "
-                   f"<a href='/device'>Device</a> "
-                   f"<span class='who'>{html.escape(user or '')}</span> {out}</nav>")
-        return (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>bmc — {html.escape(title)}</title>"
-                "<meta name='viewport' content='width=device-width, initial-scale=1'>"
-                "<link rel='stylesheet' href='/static/ui.css'><script src='/static/ui.js' defer></script></head>"
-                f"<body>{nav}<h1>{html.escape(title)}</h1>{body}</body></html>")
+            out = (
+                f"<form method='post' action='/logout' class='inline'><input type='hidden' name='csrf' "
+                f"value='{csrf}'><button>Sign out</button></form>"
+                if self.sign_in
+                else ""
+            )
+            nav = (
+                f"<nav><a href='/live'>Live</a> <a href='/'>Sessions</a> <a href='/adapt'>Adaptation</a> "
+                f"<a href='/device'>Device</a> "
+                f"<span class='who'>{html.escape(user or '')}</span> {out}</nav>"
+            )
+        return (
+            f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>bmc — {html.escape(title)}</title>"
+            "<meta name='viewport' content='width=device-width, initial-scale=1'>"
+            "<link rel='stylesheet' href='/static/ui.css'><script src='/static/ui.js' defer></script></head>"
+            f"<body>{nav}<h1>{html.escape(title)}</h1>{body}</body></html>"
+        )
 
     def _cells(self, folder: Path):
         try:
@@ -421,8 +476,10 @@ class UiApp:
         try:
             target = export(folder, dests[to])
         except OSError as e:
-            raise HttpError("507 Insufficient Storage" if getattr(e, "errno", 0) == 28 else "500 Internal Server Error",
-                            f"the export did not finish: {e}") from e
+            raise HttpError(
+                "507 Insufficient Storage" if getattr(e, "errno", 0) == 28 else "500 Internal Server Error",
+                f"the export did not finish: {e}",
+            ) from e
         log.info("session %s exported to %s by %s", folder.name, target, user)
         return _redirect(f"/s/{urllib.parse.quote(folder.name)}/?exported=1")
 
@@ -440,12 +497,19 @@ class UiApp:
             pending = sum(c.status == "pending" for c in cells)
             started = meta[0][0][:19].replace("T", " ") if meta else ""
             name = urllib.parse.quote(d.name)
-            rows.append(f"<tr><td><a href='/s/{name}/'>{html.escape(d.name)}</a></td><td>{html.escape(started)}</td>"
-                        f"<td>{html.escape(', '.join(sorted({m[2] for m in meta})))}</td><td>{counted}</td>"
-                        f"<td>{pending}</td><td>{html.escape(meta[-1][1] if meta else '')}</td></tr>")
-        table = ("<table><tr><th>session</th><th>started</th><th>model</th><th>counted</th><th>waiting for review</th>"
-                 "<th>status</th></tr>" + "".join(rows) + "</table>") if rows else \
-            f"<p>No session in {html.escape(str(self.storage))} yet.</p>"
+            rows.append(
+                f"<tr><td><a href='/s/{name}/'>{html.escape(d.name)}</a></td><td>{html.escape(started)}</td>"
+                f"<td>{html.escape(', '.join(sorted({m[2] for m in meta})))}</td><td>{counted}</td>"
+                f"<td>{pending}</td><td>{html.escape(meta[-1][1] if meta else '')}</td></tr>"
+            )
+        table = (
+            (
+                "<table><tr><th>session</th><th>started</th><th>model</th><th>counted</th><th>waiting for review</th>"
+                "<th>status</th></tr>" + "".join(rows) + "</table>"
+            )
+            if rows
+            else f"<p>No session in {html.escape(str(self.storage))} yet.</p>"
+        )
         return self.page("Sessions", table, csrf, user)
 
     def session_page(self, folder: Path, user: str, csrf: str) -> str:
@@ -457,8 +521,10 @@ class UiApp:
         for l in labels:
             k = counts[l]
             lo, hi = count_interval(k, n)
-            rows.append(f"<tr><td>{html.escape(l)}</td><td class='num'>{k}</td><td class='num'>{100 * k / n:.1f}%</td>"
-                        f"<td class='num'>{100 * lo:.1f}–{100 * hi:.1f}%</td></tr>")
+            rows.append(
+                f"<tr><td>{html.escape(l)}</td><td class='num'>{k}</td><td class='num'>{100 * k / n:.1f}%</td>"
+                f"<td class='num'>{100 * lo:.1f}–{100 * hi:.1f}%</td></tr>"
+            )
         pending = sum(c.status == "pending" for c in cells)
         unknown = sum(c.status == "pending" and c.unknown for c in cells)
         parents = report_mod.folder_parents(folder)
@@ -466,29 +532,47 @@ class UiApp:
         name = urllib.parse.quote(folder.name)
         note = self._note
         dests = self.export_destinations()
-        comment = ((f"<p>Comment: <b>{html.escape(note[0])}</b> <span class='small'>({html.escape(note[1])}, "
-                    f"{html.escape(note[2][:16])})</span></p>" if note else "")
-                   + f"<form method='post' action='/s/{name}/note'><input type='hidden' name='csrf' value='{csrf}'>"
-                   "<label>Comment on this session (smear, stain, what to recount) <input name='text' maxlength='500' "
-                   "size='60'></label> <button>Save</button><br><span class='small warn'>No patient names, numbers or "
-                   "dates of birth: the session is exported as it is.</span></form>")
-        export = (f"<form method='post' action='/s/{name}/export'><input type='hidden' name='csrf' value='{csrf}'>"
-                  "<label>Export to <select name='to'>" + "".join(f"<option>{html.escape(str(d))}</option>"
-                                                                  for d in dests)
-                  + "</select></label> <button>Export</button></form>" if dests else
-                  "<p class='small'>Export: no USB stick or disk is mounted.</p>")
-        body = (f"<p><b>{n}</b> cells counted, <b>{pending}</b> waiting for review"
-                + (f", <b class='warn'>{unknown}</b> of them unlike any cell the model knows (first in review)"
-                   if unknown else "")
-                + f" (<a href='/s/{name}/review'>review them</a>) · <a href='/s/{name}/report'>report</a>"
-                f" · <a href='/s/{name}/fhir'>FHIR DiagnosticReport</a> <span class='small'>(for the laboratory "
-                "information system)</span></p>"
-                "<table><tr><th>class</th><th>count</th><th>%</th><th>95% limits</th></tr>" + "".join(rows) + "</table>"
-                "<p class='small'>95% limits: the exact binomial interval of each share (Rümke's table).</p>"
-                + levels
-                + "".join(f"<p class='small'>session started {html.escape(m[0][:19])}, {html.escape(m[1])}, model "
-                          f"{html.escape(m[2])}, source {html.escape(m[3])}</p>" for m in meta)
-                + comment + export)
+        comment = (
+            (
+                f"<p>Comment: <b>{html.escape(note[0])}</b> <span class='small'>({html.escape(note[1])}, "
+                f"{html.escape(note[2][:16])})</span></p>"
+                if note
+                else ""
+            )
+            + f"<form method='post' action='/s/{name}/note'><input type='hidden' name='csrf' value='{csrf}'>"
+            "<label>Comment on this session (smear, stain, what to recount) <input name='text' maxlength='500' "
+            "size='60'></label> <button>Save</button><br><span class='small warn'>No patient names, numbers or "
+            "dates of birth: the session is exported as it is.</span></form>"
+        )
+        export = (
+            f"<form method='post' action='/s/{name}/export'><input type='hidden' name='csrf' value='{csrf}'>"
+            "<label>Export to <select name='to'>"
+            + "".join(f"<option>{html.escape(str(d))}</option>" for d in dests)
+            + "</select></label> <button>Export</button></form>"
+            if dests
+            else "<p class='small'>Export: no USB stick or disk is mounted.</p>"
+        )
+        body = (
+            f"<p><b>{n}</b> cells counted, <b>{pending}</b> waiting for review"
+            + (
+                f", <b class='warn'>{unknown}</b> of them unlike any cell the model knows (first in review)"
+                if unknown
+                else ""
+            )
+            + f" (<a href='/s/{name}/review'>review them</a>) · <a href='/s/{name}/report'>report</a>"
+            f" · <a href='/s/{name}/fhir'>FHIR DiagnosticReport</a> <span class='small'>(for the laboratory "
+            "information system)</span></p>"
+            "<table><tr><th>class</th><th>count</th><th>%</th><th>95% limits</th></tr>" + "".join(rows) + "</table>"
+            "<p class='small'>95% limits: the exact binomial interval of each share (Rümke's table).</p>"
+            + levels
+            + "".join(
+                f"<p class='small'>session started {html.escape(m[0][:19])}, {html.escape(m[1])}, model "
+                f"{html.escape(m[2])}, source {html.escape(m[3])}</p>"
+                for m in meta
+            )
+            + comment
+            + export
+        )
         return self.page(f"Session {folder.name}", body, csrf, user)
 
     def key_layout(self, labels) -> dict[str, str]:
@@ -512,35 +596,51 @@ class UiApp:
             top = "".join(f"<li>{html.escape(l)} {p:.2f}</li>" for l, p in c.top(3))
             buttons = "".join(
                 f"<button name='label' value='{html.escape(l)}' data-key='{html.escape(k)}'>{html.escape(k)} "
-                f"{html.escape(l)}</button>" for l, k in self.key_layout(c.labels).items())
-            state = (f"<p class='decided'>{html.escape(c.reviewed_label or '')} by {html.escape(c.reviewer)}</p>"
-                     f"<form method='post' action='/s/{name}/undo'><input type='hidden' name='csrf' value='{csrf}'>"
-                     f"<input type='hidden' name='cell' value='{c.id}'><button data-key='b'>b undo</button></form>"
-                     if decided else
-                     f"<form method='post' action='/s/{name}/decide'><input type='hidden' name='csrf' value='{csrf}'>"
-                     f"<input type='hidden' name='cell' value='{c.id}'>{buttons}"
-                     f"<button name='label' value='{html.escape(c.model_label)}' data-key='Enter'>Enter: "
-                     f"{html.escape(c.model_label)}</button><button name='label' value='rejected' data-key='x'>"
-                     "x not a cell</button></form>")
-            img = f"<img src='/s/{name}/crop?id={c.id}' alt='cell {c.id}' width='160' height='160'>" if c.crop else \
-                "<div class='nocrop'>no crop saved</div>"
-            return (f"<div class='cell' tabindex='0' id='cell-{c.id}' data-cell='{c.id}'>{img}<p>"
-                    f"<a href='/s/{name}/cell/{c.id}'>cell {c.id}</a> · "
-                    f"{html.escape(c.flag or 'counted')}</p><ol>{top}</ol>{state}</div>")
+                f"{html.escape(l)}</button>"
+                for l, k in self.key_layout(c.labels).items()
+            )
+            state = (
+                f"<p class='decided'>{html.escape(c.reviewed_label or '')} by {html.escape(c.reviewer)}</p>"
+                f"<form method='post' action='/s/{name}/undo'><input type='hidden' name='csrf' value='{csrf}'>"
+                f"<input type='hidden' name='cell' value='{c.id}'><button data-key='b'>b undo</button></form>"
+                if decided
+                else f"<form method='post' action='/s/{name}/decide'><input type='hidden' name='csrf' value='{csrf}'>"
+                f"<input type='hidden' name='cell' value='{c.id}'>{buttons}"
+                f"<button name='label' value='{html.escape(c.model_label)}' data-key='Enter'>Enter: "
+                f"{html.escape(c.model_label)}</button><button name='label' value='rejected' data-key='x'>"
+                "x not a cell</button></form>"
+            )
+            img = (
+                f"<img src='/s/{name}/crop?id={c.id}' alt='cell {c.id}' width='160' height='160'>"
+                if c.crop
+                else "<div class='nocrop'>no crop saved</div>"
+            )
+            return (
+                f"<div class='cell' tabindex='0' id='cell-{c.id}' data-cell='{c.id}'>{img}<p>"
+                f"<a href='/s/{name}/cell/{c.id}'>cell {c.id}</a> · "
+                f"{html.escape(c.flag or 'counted')}</p><ol>{top}</ol>{state}</div>"
+            )
 
-        switch = (f"<a href='/s/{name}/review'>the cells set aside</a>" if teach else
-                  f"<a href='/s/{name}/review?for=adapt'>the cells that teach adaptation most</a>")
-        body = (f"<p>{len(todo)} cells {'to name for adaptation' if teach else 'wait for review'} (show {switch}). "
-                "Click a class, or select a cell and press its key, Enter "
-                "(the model's call), x (not a cell) or b (undo). Each decision is recorded under your name.</p>"
-                f"<div class='grid' id='todo'>{''.join(card(c, False) for c in todo[:200])}</div>"
-                f"<h2>Decided ({len(done)})</h2><div class='grid'>{''.join(card(c, True) for c in done[-100:])}</div>")
+        switch = (
+            f"<a href='/s/{name}/review'>the cells set aside</a>"
+            if teach
+            else f"<a href='/s/{name}/review?for=adapt'>the cells that teach adaptation most</a>"
+        )
+        body = (
+            f"<p>{len(todo)} cells {'to name for adaptation' if teach else 'wait for review'} (show {switch}). "
+            "Click a class, or select a cell and press its key, Enter "
+            "(the model's call), x (not a cell) or b (undo). Each decision is recorded under your name.</p>"
+            f"<div class='grid' id='todo'>{''.join(card(c, False) for c in todo[:200])}</div>"
+            f"<h2>Decided ({len(done)})</h2><div class='grid'>{''.join(card(c, True) for c in done[-100:])}</div>"
+        )
         return self.page(f"Review — {folder.name}", body, csrf, user)
 
     # -- the live session -----------------------------------------------------------------------------
     def live_route(self, method: str, rest: list[str], form: dict, user: str, csrf: str):
         if self.live is None:
-            raise HttpError("404 Not Found", "this screen was started without a camera or source (--config or --source)")
+            raise HttpError(
+                "404 Not Found", "this screen was started without a camera or source (--config or --source)"
+            )
         if method == "GET" and rest == []:
             return Response(self.live_page(user, csrf))
         if method == "GET" and rest == ["state"]:
@@ -571,26 +671,47 @@ class UiApp:
 
     def _mjpeg(self):
         for captured, jpeg in self.live.frames():
-            yield (b"--frame\r\nContent-Type: image/jpeg\r\n" + f"X-Frame-Time: {captured:.6f}\r\n".encode()
-                   + f"Content-Length: {len(jpeg)}\r\n\r\n".encode() + jpeg + b"\r\n")
+            yield (
+                b"--frame\r\nContent-Type: image/jpeg\r\n"
+                + f"X-Frame-Time: {captured:.6f}\r\n".encode()
+                + f"Content-Length: {len(jpeg)}\r\n\r\n".encode()
+                + jpeg
+                + b"\r\n"
+            )
 
     def live_page(self, user: str, csrf: str) -> str:
         st = self.live.state()
         running = st["state"] in ("running", "paused")
 
         def button(action: str, text: str, extra: str = "") -> str:
-            return (f"<form method='post' action='/live/{action}' class='inline'><input type='hidden' name='csrf' "
-                    f"value='{csrf}'>{extra}<button>{text}</button></form>")
+            return (
+                f"<form method='post' action='/live/{action}' class='inline'><input type='hidden' name='csrf' "
+                f"value='{csrf}'>{extra}<button>{text}</button></form>"
+            )
 
-        controls = (button("resume", "Resume") if st["state"] == "paused" else button("pause", "Pause")) + \
-            button("stop", "Stop") if running else \
-            button("start", "Start a session", "<label>target <input name='target' type='number' min='0' "
-                   "max='100000' value='200'></label> ")
-        view = ("<img id='live' src='/live/stream' alt='the microscope field, live' width='640'>" if running else
-                "<p>No session is running.</p>")
+        controls = (
+            (button("resume", "Resume") if st["state"] == "paused" else button("pause", "Pause"))
+            + button("stop", "Stop")
+            if running
+            else button(
+                "start",
+                "Start a session",
+                "<label>target <input name='target' type='number' min='0' max='100000' value='200'></label> ",
+            )
+        )
+        view = (
+            "<img id='live' src='/live/stream' alt='the microscope field, live' width='640'>"
+            if running
+            else "<p>No session is running.</p>"
+        )
         error = f"<p class='warn'>{html.escape(st['error'])}</p>" if st.get("error") else ""
-        return self.page("Live", f"{error}<p>{controls}</p><div class='live'>{view}<div id='state' "
-                         f"data-live='1'>{html.escape(json.dumps(st))}</div></div>", csrf, user)
+        return self.page(
+            "Live",
+            f"{error}<p>{controls}</p><div class='live'>{view}<div id='state' "
+            f"data-live='1'>{html.escape(json.dumps(st))}</div></div>",
+            csrf,
+            user,
+        )
 
     # -- adaptation ---------------------------------------------------------------------------------
     def _base_model(self):
@@ -609,39 +730,52 @@ class UiApp:
             except HttpError:
                 continue
             n = sum(c.status in ("reviewed",) for c in cells)
-            rows.append(f"<tr><td><input type='checkbox' name='session' value='{html.escape(d.name)}' "
-                        f"{'checked' if n else 'disabled'}></td><td>{html.escape(d.name)}</td><td class='num'>{n}</td></tr>")
+            rows.append(
+                f"<tr><td><input type='checkbox' name='session' value='{html.escape(d.name)}' "
+                f"{'checked' if n else 'disabled'}></td><td>{html.escape(d.name)}</td><td class='num'>{n}</td></tr>"
+            )
         active = active_model(self.storage)
         models = []
         for m in adapted_models(self.storage):
             try:
                 card = json.loads(m.with_suffix(".json").read_text())
                 a, cv = card.get("adaptation", {}), card.get("adaptation", {}).get("cross_validation", {})
-                what = (f"{a.get('date', '?')[:16]}, {a.get('cells', '?')} cells by {', '.join(a.get('reviewers', []))}; "
-                        f"balanced accuracy {cv['shipped']['balanced_accuracy']:.3f} → "
-                        f"{cv['adapted']['balanced_accuracy']:.3f}")
+                what = (
+                    f"{a.get('date', '?')[:16]}, {a.get('cells', '?')} cells by {', '.join(a.get('reviewers', []))}; "
+                    f"balanced accuracy {cv['shipped']['balanced_accuracy']:.3f} → "
+                    f"{cv['adapted']['balanced_accuracy']:.3f}"
+                )
             except (OSError, ValueError, KeyError, TypeError):
                 what = "unreadable card"
             is_active = active is not None and active.name == m.name
-            button = ("<b>active</b>" if is_active else
-                      f"<form method='post' action='/adapt/activate' class='inline'><input type='hidden' name='csrf' "
-                      f"value='{csrf}'><button name='model' value='{html.escape(m.name)}'>Make active</button></form>")
+            button = (
+                "<b>active</b>"
+                if is_active
+                else f"<form method='post' action='/adapt/activate' class='inline'><input type='hidden' name='csrf' "
+                f"value='{csrf}'><button name='model' value='{html.escape(m.name)}'>Make active</button></form>"
+            )
             models.append(f"<tr><td>{html.escape(m.stem)}</td><td>{html.escape(what)}</td><td>{button}</td></tr>")
-        shipped = ("<b>active</b>" if active is None else
-                   f"<form method='post' action='/adapt/activate' class='inline'><input type='hidden' name='csrf' "
-                   f"value='{csrf}'><button name='model' value=''>Go back to the shipped model</button></form>")
-        body = (result_html
-                + "<h2>Adapt to this microscope</h2><p>The model learns a new last layer from the cells people "
-                "reviewed, checked by cross-validation against the shipped one; it is refused unless better. "
-                "Review 5-10 cells of each class first.</p>"
-                f"<form method='post' action='/adapt'><input type='hidden' name='csrf' value='{csrf}'>"
-                "<table><tr><th></th><th>session</th><th>cells named by a reviewer</th></tr>" + "".join(rows)
-                + "</table><label>Name of the new model <input name='name' required pattern='[A-Za-z0-9_-]{1,40}' "
-                "maxlength='40' value='lab'></label> <button>Adapt</button></form>"
-                "<h2>Models</h2><table><tr><th>model</th><th>learnt</th><th></th></tr>"
-                f"<tr><td>shipped</td><td>{html.escape(self._base_model().path.name)}</td><td>{shipped}</td></tr>"
-                + "".join(models) + "</table><p class='small'>The service counts with the active model from its next "
-                "session on.</p>")
+        shipped = (
+            "<b>active</b>"
+            if active is None
+            else f"<form method='post' action='/adapt/activate' class='inline'><input type='hidden' name='csrf' "
+            f"value='{csrf}'><button name='model' value=''>Go back to the shipped model</button></form>"
+        )
+        body = (
+            result_html + "<h2>Adapt to this microscope</h2><p>The model learns a new last layer from the cells people "
+            "reviewed, checked by cross-validation against the shipped one; it is refused unless better. "
+            "Review 5-10 cells of each class first.</p>"
+            f"<form method='post' action='/adapt'><input type='hidden' name='csrf' value='{csrf}'>"
+            "<table><tr><th></th><th>session</th><th>cells named by a reviewer</th></tr>"
+            + "".join(rows)
+            + "</table><label>Name of the new model <input name='name' required pattern='[A-Za-z0-9_-]{1,40}' "
+            "maxlength='40' value='lab'></label> <button>Adapt</button></form>"
+            "<h2>Models</h2><table><tr><th>model</th><th>learnt</th><th></th></tr>"
+            f"<tr><td>shipped</td><td>{html.escape(self._base_model().path.name)}</td><td>{shipped}</td></tr>"
+            + "".join(models)
+            + "</table><p class='small'>The service counts with the active model from its next "
+            "session on.</p>"
+        )
         return self.page("Adaptation", body, csrf, user)
 
     def run_adapt(self, form: dict, user: str, csrf: str) -> str:
@@ -662,25 +796,41 @@ class UiApp:
         except adapt.AdaptError as e:
             return self.adapt_page(user, csrf, f"<p class='warn'>Not adapted: {html.escape(str(e))}</p>")
         cv = r.cross_validation
-        rows = "".join(f"<tr><td>{html.escape(l)}</td><td class='num'>{r.cells_per_class.get(l, 0)}</td>"
-                       f"<td class='num'>{cv['shipped']['recall'][l]:.2f}</td><td class='num'>"
-                       f"{cv['adapted']['recall'][l]:.2f}</td></tr>" for l in r.labels if l in cv["shipped"]["recall"])
-        table = ("<table><tr><th>class</th><th>reviewed cells</th><th>shipped</th><th>adapted</th></tr>" + rows
-                 + f"<tr><td>balanced accuracy</td><td></td><td class='num'>{cv['shipped']['balanced_accuracy']:.3f}</td>"
-                 f"<td class='num'>{cv['adapted']['balanced_accuracy']:.3f}</td></tr></table>"
-                 f"<p class='small'>Recall of each class on reviewed cells neither head was fitted on; training classes "
-                 f"held out: {r.guard['shipped_accuracy']:.3f} shipped, {r.guard['adapted_accuracy']:.3f} adapted.</p>")
+        rows = "".join(
+            f"<tr><td>{html.escape(l)}</td><td class='num'>{r.cells_per_class.get(l, 0)}</td>"
+            f"<td class='num'>{cv['shipped']['recall'][l]:.2f}</td><td class='num'>"
+            f"{cv['adapted']['recall'][l]:.2f}</td></tr>"
+            for l in r.labels
+            if l in cv["shipped"]["recall"]
+        )
+        table = (
+            "<table><tr><th>class</th><th>reviewed cells</th><th>shipped</th><th>adapted</th></tr>"
+            + rows
+            + f"<tr><td>balanced accuracy</td><td></td><td class='num'>{cv['shipped']['balanced_accuracy']:.3f}</td>"
+            f"<td class='num'>{cv['adapted']['balanced_accuracy']:.3f}</td></tr></table>"
+            f"<p class='small'>Recall of each class on reviewed cells neither head was fitted on; training classes "
+            f"held out: {r.guard['shipped_accuracy']:.3f} shipped, {r.guard['adapted_accuracy']:.3f} adapted.</p>"
+        )
         advice = ("<p>More reviewed cells would help: " + html.escape("; ".join(r.advice)) + "</p>") if r.advice else ""
         if not r.accepted:
-            return self.adapt_page(user, csrf, "<p class='warn'>Refused, nothing written: "
-                                   + html.escape("; ".join(r.reasons)) + f"</p>{table}{advice}")
+            return self.adapt_page(
+                user,
+                csrf,
+                "<p class='warn'>Refused, nothing written: "
+                + html.escape("; ".join(r.reasons))
+                + f"</p>{table}{advice}",
+            )
         try:
             path = adapt.write_model(r, reviewed, clf, guard, models_dir(self.storage), name)
         except adapt.AdaptError as e:
             return self.adapt_page(user, csrf, f"<p class='warn'>{html.escape(str(e))}</p>")
         log.info("adapted model %s written by %s", path, user)
-        return self.adapt_page(user, csrf, f"<p><b>{html.escape(path.stem)}</b> written: better than the shipped model "
-                               f"on held-out reviewed cells. Make it active below to count with it.</p>{table}{advice}")
+        return self.adapt_page(
+            user,
+            csrf,
+            f"<p><b>{html.escape(path.stem)}</b> written: better than the shipped model "
+            f"on held-out reviewed cells. Make it active below to count with it.</p>{table}{advice}",
+        )
 
     def activate(self, form: dict, user: str) -> Response:
         from edge_app.active import ActiveModelError, set_active
@@ -701,8 +851,12 @@ class UiApp:
         from edge_app.service import doctor
 
         have, wrong = doctor(model_path=str(self.model) if self.model else None)
-        body = ("<ul>" + "".join(f"<li>{html.escape(h)}</li>" for h in have)
-                + "".join(f"<li class='warn'>PROBLEM: {html.escape(w)}</li>" for w in wrong) + "</ul>")
+        body = (
+            "<ul>"
+            + "".join(f"<li>{html.escape(h)}</li>" for h in have)
+            + "".join(f"<li class='warn'>PROBLEM: {html.escape(w)}</li>" for w in wrong)
+            + "</ul>"
+        )
         return self.page("Device", body, csrf, user)
 
 
@@ -713,8 +867,10 @@ def serve(app: UiApp, host: str, port: int, echo=print, ready=None):
     server = create_server(app, host=host, port=port, threads=4, ident="bmc", clear_untrusted_proxy_headers=True)
     bound = server.effective_port
     app.port = bound
-    echo(f"bmc screen on http://{host if ':' not in host else f'[{host}]'}:{bound}/ "
-         + ("(sign-in required)" if app.sign_in else "(this computer only)"))
+    echo(
+        f"bmc screen on http://{host if ':' not in host else f'[{host}]'}:{bound}/ "
+        + ("(sign-in required)" if app.sign_in else "(this computer only)")
+    )
     if ready:
         ready(server)
     try:

@@ -21,7 +21,7 @@ from bmc.errors import BmcError
 
 PASSWORD_FILE = "ui_password"
 # scrypt parameters: ~50 ms and 16 MB on a Raspberry Pi 4 class CPU; stored with the hash
-N, R, P = 2 ** 14, 8, 1
+N, R, P = 2**14, 8, 1
 MIN_LENGTH = 10
 
 
@@ -42,8 +42,14 @@ def verify_password(password: str, stored: str) -> bool:
         kind, n, r, p, salt, digest = stored.strip().split("$")
         if kind != "scrypt":
             return False
-        got = hashlib.scrypt(password.encode(), salt=base64.b64decode(salt), n=int(n), r=int(r), p=int(p),
-                             dklen=len(base64.b64decode(digest)))
+        got = hashlib.scrypt(
+            password.encode(),
+            salt=base64.b64decode(salt),
+            n=int(n),
+            r=int(r),
+            p=int(p),
+            dklen=len(base64.b64decode(digest)),
+        )
     except (ValueError, TypeError):
         return False
     return hmac.compare_digest(got, base64.b64decode(digest))

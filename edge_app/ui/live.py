@@ -27,8 +27,15 @@ class LiveFrame:
 
 
 class LiveRunner:
-    def __init__(self, storage: str | Path, source: str, model: str | Path | None, session_config=None,
-                 camera_options: dict | None = None, max_fps: float = 8.0):
+    def __init__(
+        self,
+        storage: str | Path,
+        source: str,
+        model: str | Path | None,
+        session_config=None,
+        camera_options: dict | None = None,
+        max_fps: float = 8.0,
+    ):
         self.storage = Path(storage)
         self.source = source
         self.model = model
@@ -57,8 +64,9 @@ class LiveRunner:
 
         if self.running:
             raise RuntimeError("a session is running already: stop it first")
-        cfg = dataclasses.replace(self.session_config or SessionConfig(), headless=True, target=target or None,
-                                  on_existing="refuse")
+        cfg = dataclasses.replace(
+            self.session_config or SessionConfig(), headless=True, target=target or None, on_existing="refuse"
+        )
         model = active_model(self.storage) or self.model or DEFAULT_MODEL
         clf = CellClassifier(model)
         self.folder = new_session_folder(self.storage)
@@ -101,11 +109,20 @@ class LiveRunner:
             return {"state": "idle"}
         d = s.diff
         parts, ratios = d.breakdown()
-        return {"state": "paused" if s.paused and self.running else "running" if self.running else s.result.status,
-                "folder": self.folder.name if self.folder else "", "frames": s.result.frames,
-                "counted": d.counted, "target": d.target, "for_review": d.flagged, "unknown": d.unknown,
-                "classes": parts, "ratios": ratios,
-                "counts": dict(d.counts), "error": self.error, "last_cells": self.last_cells()}
+        return {
+            "state": "paused" if s.paused and self.running else "running" if self.running else s.result.status,
+            "folder": self.folder.name if self.folder else "",
+            "frames": s.result.frames,
+            "counted": d.counted,
+            "target": d.target,
+            "for_review": d.flagged,
+            "unknown": d.unknown,
+            "classes": parts,
+            "ratios": ratios,
+            "counts": dict(d.counts),
+            "error": self.error,
+            "last_cells": self.last_cells(),
+        }
 
     def last_cells(self, n: int = 8) -> list[dict]:
         """The newest cells the session recorded (newest first), for the page's strip of crops."""
@@ -116,8 +133,9 @@ class LiveRunner:
         try:
             db = sqlite3.connect(f"file:{self.folder / 'session.sqlite'}?mode=ro", uri=True, timeout=1)
             try:
-                rows = db.execute("SELECT id, label, flag FROM cell WHERE crop != '' ORDER BY id DESC LIMIT ?",
-                                  (n,)).fetchall()
+                rows = db.execute(
+                    "SELECT id, label, flag FROM cell WHERE crop != '' ORDER BY id DESC LIMIT ?", (n,)
+                ).fetchall()
             finally:
                 db.close()
         except sqlite3.Error:
