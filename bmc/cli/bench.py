@@ -1,0 +1,409 @@
+"""``bmc bench``: measure models and the edge pipeline (``benchmarks/``)."""
+
+from __future__ import annotations
+
+import click
+
+from bmc.cli.common import _Fail, _guard, _write_json, json_option, orientations_option, threads_option
+
+
+@click.group()
+def bench():
+    """Measure models and the edge pipeline (benchmarks/)."""
+
+
+@bench.command("generalisation")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--bccd", type=click.Path(file_okay=False), help="BCCD folder (default ../shared/data/bccd)")
+@json_option
+@click.option(
+    "--orientations",
+    type=click.Choice(["1", "2", "4", "8"]),
+    default="1",
+    show_default=True,
+    help="average over this many rotations / mirror images of each cell, as the edge app does",
+)
+@click.option(
+    "--scale", default=1.0, show_default=True, help="diagnostic: cut each cell at this multiple of the measured scale"
+)
+@click.option(
+    "--matek",
+    type=click.Path(file_okay=False),
+    help="score the Munich bone-marrow cells in this folder (CODE/*.jpg) instead of BCCD",
+)
+@click.option(
+    "--calibrate",
+    type=click.Choice(["none", "white", "stains"]),
+    default="none",
+    show_default=True,
+    help="diagnostic: map the set's stain (BCCD's, or Munich's with --matek) onto the "
+    "training stain (--reference) before classifying",
+)
+@click.option(
+    "--reference",
+    type=click.Path(file_okay=False),
+    help="class folders of the training images, for --calibrate (default ../shared/data/pbc)",
+)
+def bench_generalisation(model, bccd, json_out, orientations, scale, matek, calibrate, reference):
+    """Accuracy of MODEL on white cells of another microscope (BCCD fields, or Munich bone-marrow
+    cells with --matek; cut at the trained scale)."""
+    from benchmarks.generalisation import DEFAULT_BCCD, DEFAULT_PBC, score
+    from train.metrics import per_class_table
+
+    m = _guard(score, model, bccd or DEFAULT_BCCD, int(orientations), scale, matek, calibrate, reference or DEFAULT_PBC)
+    click.echo(per_class_table(m))
+    if json_out:
+        _write_json(json_out, m)
+
+
+@bench.command("latency")
+@click.argument("models", nargs=-1, type=click.Path(dir_okay=False))
+@threads_option
+@click.option("--thread-sweep", is_flag=True, help="repeat for 1..cores threads")
+@click.option("--runs", default=200, show_default=True)
+@click.option("--baseline-keras", is_flag=True, help="add the float Keras model called per image (the seed's way)")
+@json_option
+@click.option("--no-record", is_flag=True, help="do not append to benchmarks/results/latency.csv")
+def bench_latency(models, threads, thread_sweep, runs, baseline_keras, json_out, no_record):
+    """Latency p50/p90/p99, throughput, init time, peak memory and size of MODELS, interleaved."""
+    import os
+
+    from benchmarks import latency, results
+
+    if not models and not baseline_keras:
+        from edge_app.model import DEFAULT_MODEL
+
+        models = (str(DEFAULT_MODEL),)
+    sweep = range(1, (os.cpu_count() or 1) + 1) if thread_sweep else [threads]
+    res = None
+    for t in sweep:
+        r = _guard(latency.run, list(models), t, runs, baseline_keras=baseline_keras)
+        if res is None:
+            res = r
+        else:
+            res["rows"] += r["rows"]
+    click.echo(latency.markdown(res))
+    if not no_record:
+        results.append("latency", res["rows"], res["machine"])
+    if json_out:
+        _write_json(json_out, res)
+
+
+@bench.command("edge")
+@click.option("--source", required=True, help="folder, glob or video of fields")
+@click.option("--model", type=click.Path(dir_okay=False))
+@threads_option
+@orientations_option
+@json_option
+@click.option("--no-record", is_flag=True)
+def bench_edge(source, model, threads, orientations, json_out, no_record):
+    """Frames/s, cells/s and per-stage time of the real edge pipeline, headless."""
+    from benchmarks import pipeline, results
+
+    res = _guard(pipeline.run, source, model, threads, orientations=int(orientations))
+    click.echo(pipeline.markdown(res))
+    if not no_record:
+        results.append("edge", [{k: v for k, v in res.items() if k != "machine"}], res["machine"])
+    if json_out:
+        _write_json(json_out, res)
+
+
+@bench.command("bccd")
+@click.option("--bccd", type=click.Path(file_okay=False), help="BCCD folder (default ../shared/data/bccd)")
+@click.option("--model", type=click.Path(dir_okay=False))
+@orientations_option
+@click.option("--white-balance", is_flag=True, help="white-balance the session onto the model's training lamp")
+@json_option
+def bench_bccd(bccd, model, orientations, white_balance, json_out):
+    """Cell finding (recall/precision vs the WBC boxes) and field classification on BCCD."""
+    from benchmarks import detection
+    from benchmarks.generalisation import DEFAULT_BCCD
+
+    root = bccd or DEFAULT_BCCD
+    f = _guard(detection.finding, root)
+    click.echo(
+        f"cell finding: recall {f['recall']:.4f}, precision {f['precision']:.4f} "
+        f"({f['boxes']} WBC boxes, {f['found']} cells found, {f['missed']} missed, "
+        f"{f['false_positives']} outside any box)"
+    )
+    c = _guard(detection.field_classification, root, model, int(orientations), white_balance)
+    click.echo(
+        f"field classification ({c['fields']} single-WBC fields, most confident white cell, "
+        f"{c['orientations']} orientations{', white-balanced' if c['white_balance'] else ''}): accuracy "
+        f"{c['accuracy']:.4f}, balanced accuracy {c['balanced_accuracy']:.4f}; recall "
+        + ", ".join(f"{k} {v:.2f}" for k, v in c["recall"].items())
+    )
+    click.echo(
+        f"counted without review: {1 - c['set_aside']:.1%} of the fields' answers (the rest set aside); "
+        f"accuracy {c['counted_accuracy']:.4f}, balanced accuracy {c['counted_balanced_accuracy']:.4f}; "
+        "recall " + ", ".join(f"{k} {v:.2f}" for k, v in c["counted_recall"].items())
+    )
+    if json_out:
+        _write_json(json_out, {"finding": f, "classification": c})
+
+
+@bench.command("finding")
+@click.option("--source", required=True, type=click.Path(file_okay=False), help="the folder of fields")
+@click.option(
+    "--boxes", required=True, type=click.Path(exists=True), help="VOC XML folder, CSV file, or YOLO .txt folder"
+)
+@click.option("--format", "fmt", type=click.Choice(["voc", "csv", "yolo"]), required=True)
+@click.option(
+    "--label",
+    default="WBC",
+    show_default=True,
+    help="the white cells' box label (YOLO: its class number; Aslan's CSV: wbc)",
+)
+@click.option("--errors", type=click.Path(file_okay=False), help="write errors.csv, misses.png, false_finds.png here")
+@click.option(
+    "--tint",
+    type=click.FloatRange(0, 2),
+    default=0.0,
+    show_default=True,
+    help="tint the red cells bluish first, as an alkaline Giemsa does (0.5 lilac, 1.0 bluish-grey)",
+)
+@json_option
+def bench_finding(source, boxes, fmt, label, errors, tint, json_out):
+    """Recall and precision of the cell finder against white-cell boxes in VOC, CSV or YOLO form."""
+    from benchmarks import finding
+
+    r = _guard(lambda: finding.finding(finding.read_boxes(source, boxes, fmt, label), errors=errors, tint=tint))
+    click.echo(
+        f"cell finding on {r['fields']} fields"
+        + (f" tinted {tint:g}" if tint else "")
+        + f": recall {r['recall']:.4f}, precision {r['precision']:.4f} "
+        f"({r['boxes']} boxes, {r['found']} cells found, {r['missed']} missed, {r['false_finds']} false finds)"
+        + (f"; errors in {errors}" if errors else "")
+    )
+    if json_out:
+        _write_json(json_out, r)
+
+
+@bench.command("ood")
+@click.option("--model", type=click.Path(dir_okay=False), help="default: the shipped int8")
+@click.option(
+    "--level",
+    type=click.FloatRange(0.9, 0.999),
+    default=0.98,
+    show_default=True,
+    help="the unknown-cell level, as [review] unknown_level",
+)
+@click.option(
+    "--data",
+    "data_root",
+    type=click.Path(file_okay=False),
+    help="the folder with pbc/, bccd/ and matek-bm-samples/ (default: ../shared/data)",
+)
+@click.option(
+    "--reviewed",
+    type=click.IntRange(0, 100),
+    default=0,
+    show_default=True,
+    help="play a laboratory adapted at the BCCD microscope: this many BCCD cells per class join the "
+    "reference (as bmc edge adapt adds the reviewed cells); BCCD is scored on the others",
+)
+@click.option("--seed", default=0, show_default=True, help="which BCCD cells are the reviewed ones")
+@json_option
+def bench_ood(model, level, data_root, reviewed, seed, json_out):
+    """Cells the model does not know: the share set aside as unknown of Munich blasts, artefacts and
+    other cells no model here names, and of PBC test and BCCD white cells; accuracy on those counted."""
+    from benchmarks import ood
+
+    r = _guard(lambda: ood.run(model, level, data_root or ood.DEFAULT_DATA, reviewed=reviewed, seed=seed))
+    click.echo(ood.markdown(r))
+    if json_out:
+        _write_json(json_out, r)
+
+
+@bench.command("adapt")
+@click.option("--source", required=True, type=click.Path(file_okay=False), help="folder the --truth files are under")
+@click.option(
+    "--truth",
+    "truth_file",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="CSV file,label (bmc bench truth writes BCCD's and Munich's)",
+)
+@click.option("--k", default=10, show_default=True, help="fields labelled per class")
+@click.option("--seeds", default="1,2,3", show_default=True, help="comma-separated: which fields are labelled")
+@click.option("--mode", type=click.Choice(["field", "cell"]), default="field", show_default=True)
+@click.option("--model", type=click.Path(dir_okay=False), help="base model (default: the shipped int8)")
+@orientations_option
+@click.option(
+    "--ceiling",
+    is_flag=True,
+    help="label every field instead: the refit head's cross-validated balanced accuracy, the most "
+    "any K can reach with this model's embedding",
+)
+@json_option
+def bench_adapt(source, truth_file, k, seeds, mode, model, orientations, ceiling, json_out):
+    """Adaptation as a laboratory lives it: run, label K fields per class, bmc edge adapt, run again;
+    balanced accuracy of the fields not labelled, before and after, for each seed."""
+    from benchmarks import adapt as bench
+
+    if ceiling:
+        res = _guard(
+            bench.ceiling, source, truth_file, mode, model, int(orientations), log=lambda m: click.echo(m, err=True)
+        )
+        click.echo(
+            f"{res['labelled']} of {res['fields']} fields labelled; cross-validated balanced accuracy on "
+            f"held-out labelled cells: shipped head {res['shipped']['balanced_accuracy']:.3f}, refit head "
+            f"{res['adapted']['balanced_accuracy']:.3f}"
+        )
+        if json_out:
+            _write_json(json_out, res)
+        return
+
+    try:
+        seed_list = [int(x) for x in seeds.split(",") if x.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{seeds!r}: comma-separated integers", param_hint="--seeds") from None
+    res = _guard(
+        bench.run,
+        source,
+        truth_file,
+        k,
+        seed_list,
+        mode,
+        model,
+        int(orientations),
+        log=lambda m: click.echo(m, err=True),
+    )
+    click.echo(bench.markdown(res))
+    if json_out:
+        _write_json(json_out, res)
+
+
+@bench.command("truth")
+@click.argument("source", type=click.Path(file_okay=False))
+@click.option("--format", "fmt", type=click.Choice(["bccd", "matek"]), required=True)
+@click.option("--out", required=True, type=click.Path(dir_okay=False))
+def bench_truth(source, fmt, out):
+    """Write the file,label truth of SOURCE for bmc bench adapt: BCCD's single-white-cell fields, or
+    the Munich cells whose code the 8 classes name."""
+    from benchmarks import adapt as bench
+
+    n = (bench.write_truth_bccd if fmt == "bccd" else bench.write_truth_matek)(source, out)
+    click.echo(f"{n} {'fields' if fmt == 'bccd' else 'cells'} → {out}")
+
+
+@bench.command("ui")
+@click.option("--source", required=True, type=click.Path(file_okay=False), help="a folder of fields to replay")
+@click.option("--fps", default=30.0, show_default=True, help="the replayed camera's frame rate")
+@click.option("--frames", default=300, show_default=True)
+@click.option("--model", type=click.Path(dir_okay=False))
+@json_option
+def bench_ui(source, fps, frames, model, json_out):
+    """The screen's delay and cost: frame-to-viewer latency over the live MJPEG stream, and the
+    pipeline's frames/s with the screen and one viewer against headless, on a replayed camera."""
+    from benchmarks import ui
+
+    r = _guard(ui.run, source, fps, frames, model, log=lambda m: click.echo(m, err=True))
+    click.echo(ui.markdown(r))
+    if json_out:
+        _write_json(json_out, r)
+
+
+@bench.command("soak")
+@click.option("--source", required=True, type=click.Path(file_okay=False), help="a folder of fields")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="a fresh session folder")
+@click.option("--kills", default=100, show_default=True)
+@click.option("--max-delay", default=6.0, show_default=True, help="seconds: each kill comes after 0.2..this")
+@click.option("--seed", default=0, show_default=True)
+@json_option
+def bench_soak(source, out, kills, max_delay, seed, json_out):
+    """SIGKILL `bmc edge run` KILLS times at random moments, re-running into the same folder; then check
+    that no committed frame was lost and every field was counted exactly once."""
+    from benchmarks import soak
+
+    try:
+        r = soak.run(source, out, kills, max_delay, seed, log=lambda m: click.echo(m, err=True))
+    except ValueError as e:
+        raise _Fail(str(e)) from e
+    click.echo(soak.markdown(r))
+    if json_out:
+        _write_json(json_out, r)
+    if r["committed_frames_lost"] or r["integrity_failures"] or r["fields_recorded_twice"] or r["fields_missing"]:
+        raise SystemExit(1)
+
+
+@bench.command("compare")
+@click.argument("items", nargs=-1, required=True, type=click.Path())
+@click.option("--data", required=True, type=click.Path(file_okay=False), help="class-folder images to score on")
+@click.option("--runs", default=100, show_default=True)
+@threads_option
+@click.option("--plot", type=click.Path(dir_okay=False), help="PNG of accuracy against latency")
+@json_option
+def bench_compare(items, data, runs, threads, plot, json_out):
+    """Accuracy and macro-F1 on DATA beside latency and size, for a run's variants or given models."""
+    from benchmarks import compare, results
+
+    res = _guard(compare.run, items, data, runs, threads, plot)
+    click.echo(compare.markdown(res))
+    results.append("compare", res["rows"], res["machine"])
+    if json_out:
+        _write_json(json_out, res)
+
+
+@bench.command("energy")
+@click.argument("model", required=False, type=click.Path(dir_okay=False))
+@click.option(
+    "--meter",
+    default="auto",
+    show_default=True,
+    help="auto, rapl, jetson, pi5, ina260, ina219, or csv:PATH (an external meter's log)",
+)
+@click.option("--runs", default=500, show_default=True, help="inferences in the timed run")
+@click.option("--idle-s", default=5.0, show_default=True, help="idle baseline before the run")
+@threads_option
+@json_option
+def bench_energy(model, meter, runs, idle_s, threads, json_out):
+    """Joules per inference of MODEL, idle power subtracted, on this device's power meter."""
+    import os
+
+    import numpy as np
+
+    from benchmarks import energy, machine
+    from edge_app.backends.litert import LiteRTBackend
+    from edge_app.model import DEFAULT_MODEL
+
+    makers = {
+        "rapl": energy.RaplMeter,
+        "jetson": energy.JetsonMeter,
+        "pi5": energy.Pi5PmicMeter,
+        "ina260": lambda: energy.INA2xxMeter("ina260"),
+        "ina219": lambda: energy.INA2xxMeter("ina219"),
+    }
+    try:
+        if meter == "auto":
+            found = energy.find_meters()
+            if not found:
+                click.echo(
+                    "no power meter found on this machine (looked for Intel RAPL, a Jetson INA3221, "
+                    "a Raspberry Pi 5 PMIC): energy not measured. Use --meter ina260/ina219 or "
+                    "--meter csv:LOG for an external meter."
+                )
+                return
+            m = found[0]
+        elif meter.startswith("csv:"):
+            m = energy.CsvLogMeter(meter[4:])
+        elif meter in makers:
+            m = makers[meter]()
+        else:
+            raise _Fail(f"unknown meter {meter!r}")
+    except energy.MeterError as e:
+        raise _Fail(str(e)) from e
+    b = LiteRTBackend(str(model or DEFAULT_MODEL), threads or os.cpu_count())
+    size = b.input_shape[1]
+    x = np.random.default_rng(0).uniform(0, 255, (1, size, size, 3)).astype(np.float32)
+    try:
+        r = energy.joules_per_inference(m, lambda: b.predict(x), runs, idle_s)
+    except energy.MeterError as e:
+        raise _Fail(str(e)) from e
+    r.update(model=str(model or DEFAULT_MODEL), machine=machine.describe())
+    click.echo(
+        f"{r['meter']}: idle {r['idle_w']:.2f} W, {r['avg_w']:.2f} W while running; "
+        f"{1000 * r['joules_per_inference']:.2f} mJ per inference above idle ({runs} inferences)"
+    )
+    if json_out:
+        _write_json(json_out, r)

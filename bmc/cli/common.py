@@ -1,0 +1,80 @@
+"""What every group of the ``bmc`` command line shares: the one-line error, the front door that
+catches the domain errors once, the check for the training packages, and the options that recur."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from bmc.errors import BmcError
+
+# the label sources of train/data.py (folder, file-name prefix, PBC maturation stage); written here
+# too so that the device's CLI does not import the training package to build its options
+LABEL_SOURCES = ("folder", "prefix", "stage")
+
+
+class _Fail(click.ClickException):
+    """An expected error: one line on stderr, exit status 2."""
+
+    exit_code = 2
+
+    def show(self, file=None):
+        click.echo(f"error: {self.message}", err=True)
+
+
+def _guard(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)``, an expected error (:class:`bmc.errors.BmcError`, a missing file)
+    turned into one line and exit status 2."""
+    try:
+        return fn(*args, **kwargs)
+    except (BmcError, FileNotFoundError) as e:
+        raise _Fail(str(e)) from e
+
+
+class _Main(click.Group):
+    """The front door: a domain error raised anywhere below a verb is caught here, once."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except BmcError as e:
+            raise _Fail(str(e)) from e
+
+
+def _need_training(verb: str, module: str, *also: str) -> None:
+    """One clear line, not a traceback, when a verb that trains or converts runs on a device
+    install (the edge extra has no Keras, TensorFlow or scikit-learn)."""
+    import importlib
+    import importlib.util
+
+    missing = [m for m in also if importlib.util.find_spec(m) is None]
+    if not missing:
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            missing = [e.name or str(e)]
+    if missing:
+        raise _Fail(
+            f"{verb} needs the training packages, not installed here (missing: {', '.join(missing)}): "
+            "pip install 'bmc-edge[train]' on a workstation or server; a device needs only [edge]"
+        )
+
+
+def _write_json(path, obj) -> None:
+    with open(path, "w") as fh:
+        json.dump(obj, fh, indent=2)
+
+
+#: ``--json FILE``: the verbs that report write their figures there too
+json_option = click.option("--json", "json_out", type=click.Path(dir_okay=False), help="also write the results as JSON")
+#: ``--orientations``: the test-time orientations each cell is classified in, averaged
+orientations_option = click.option(
+    "--orientations",
+    type=click.Choice(["1", "2", "4", "8"]),
+    default="4",
+    show_default=True,
+    help="orientations each cell is classified in, averaged",
+)
+#: ``--threads``: the interpreter's threads
+threads_option = click.option("--threads", type=click.IntRange(1, 256), help="inference threads (default: all cores)")

@@ -1,0 +1,433 @@
+"""``bmc edge``: on the device, find, classify and count cells, review, adapt, report (no TensorFlow)."""
+
+from __future__ import annotations
+
+import click
+
+from bmc.cli.common import _Fail, _guard, _write_json, threads_option
+
+
+@click.group()
+def edge():
+    """On the device: find, classify and count cells; report (no TensorFlow)."""
+
+
+@edge.command("run")
+@click.argument("source")
+@click.option("--model", type=click.Path(dir_okay=False), help="a .tflite with its model card (default: shipped int8)")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="session folder")
+@click.option(
+    "--mode",
+    type=click.Choice(["field", "cell"]),
+    default="field",
+    show_default=True,
+    help="field: find cells in each frame; cell: each frame is one centred cell",
+)
+@click.option("--target", type=click.IntRange(min=1), help="stop after this many counted cells (100, 200, 500 …)")
+@threads_option
+@click.option("--headless", is_flag=True, help="no window; print counts periodically")
+@click.option("--max-frames", type=click.IntRange(min=1), help="stop after this many frames")
+@click.option(
+    "--cell-diameter", type=click.FloatRange(1, 4000), help="fixed cell diameter in pixels (default: measured)"
+)
+@click.option(
+    "--new-session",
+    is_flag=True,
+    help="add a session to an --out folder that holds one (default: resume it if it was "
+    "interrupted, else refuse: its report would count both)",
+)
+@click.option("--no-crops", is_flag=True, help="do not save a JPEG per cell")
+@click.option(
+    "--orientations",
+    type=click.Choice(["1", "2", "4", "8"]),
+    default="4",
+    show_default=True,
+    help="classify each cell in this many rotations / mirror images and average",
+)
+@click.option(
+    "--white-balance",
+    is_flag=True,
+    help="white-balance the session onto the model's training lamp (an experiment: see benchmarks/README.md)",
+)
+@click.option(
+    "--unknown-level",
+    type=float,
+    default=0.98,
+    show_default=True,
+    help="set a cell aside as unknown beyond the distance this share of the training laboratory's "
+    "validation cells keep (0.9-0.999; higher sets fewer aside; 0: off)",
+)
+def edge_run(
+    source,
+    model,
+    out_dir,
+    mode,
+    target,
+    threads,
+    headless,
+    max_frames,
+    cell_diameter,
+    new_session,
+    no_crops,
+    orientations,
+    white_balance,
+    unknown_level,
+):
+    """Classify and count the cells of SOURCE: a camera index or /dev path, picamera2, a GStreamer
+    pipeline, a video, an image folder or glob, or one image."""
+    import os
+
+    from edge_app.app import EdgeSession, SessionConfig, has_display
+    from edge_app.backends import BackendError
+    from edge_app.differential import ReviewPolicy
+
+    try:
+        ReviewPolicy(unknown_level=unknown_level)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--unknown-level") from None
+    from edge_app.model import DEFAULT_MODEL, CellClassifier
+    from edge_app.sources import SourceError
+    from edge_app.store import SessionFolderError
+
+    def go():
+        clf = CellClassifier(model or DEFAULT_MODEL, threads=threads or os.cpu_count(), orientations=int(orientations))
+        cfg = SessionConfig(
+            mode=mode,
+            target=target,
+            headless=headless or not has_display(),
+            save_crops=not no_crops,
+            cell_diameter_px=cell_diameter,
+            max_frames=max_frames,
+            white_balance=white_balance,
+            on_existing="new" if new_session else "resume",
+            review=ReviewPolicy(unknown_level=unknown_level),
+            print_every_s=5.0,
+        )  # a person watches
+        return EdgeSession(source, clf, out_dir, cfg, echo=click.echo).run()
+
+    try:
+        r = _guard(go)
+    except (SourceError, BackendError, SessionFolderError) as e:
+        raise _Fail(str(e)) from e
+    if r.status == "disk-full":
+        raise _Fail(r.message)
+
+
+@edge.command("serve")
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False))
+def edge_serve(config_path):
+    """Service mode: sessions back to back from the configured camera (for systemd)."""
+    from edge_app import config as config_mod
+    from edge_app.service import serve
+
+    try:
+        cfg = config_mod.load(config_path)
+    except config_mod.ConfigError as e:
+        raise _Fail(str(e)) from e
+    _guard(serve, cfg, echo=lambda m: click.echo(m, err=False))
+
+
+@edge.command("ui")
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False),
+    help="the device's bmc.toml: its storage folder and model",
+)
+@click.option("--storage", type=click.Path(file_okay=False), help="the folder of session folders (overrides --config)")
+@click.option(
+    "--listen",
+    default="127.0.0.1:8080",
+    show_default=True,
+    help="HOST:PORT; any host but loopback needs a password (--set-password) and a sign-in",
+)
+@click.option(
+    "--config-dir",
+    type=click.Path(file_okay=False),
+    help="where the password hash lives (default: the --config file's folder, else ~/.config/bmc)",
+)
+@click.option("--set-password", is_flag=True, help="set the screen's password on this device, then stop")
+@click.option("--by", "user", help="on loopback: who decides (default: the logged-in user)")
+@click.option("--source", help="what the Live page records from (default: the config's [camera] source)")
+def edge_ui(config_path, storage, listen, config_dir, set_password, user, source):
+    """The technician's screen in a browser: sessions, differentials with their 95% limits, review
+    by click or key, reports, the device check. Loopback only unless a password is set."""
+    import os
+    from pathlib import Path
+
+    from edge_app import config as config_mod
+    from edge_app.ui import auth
+
+    cfg = config_mod.load(config_path) if config_path else None
+    cdir = (
+        Path(config_dir)
+        if config_dir
+        else (Path(config_path).resolve().parent if config_path else Path.home() / ".config" / "bmc")
+    )
+    if set_password:
+        pw = click.prompt("new password for the bmc screen", hide_input=True, confirmation_prompt=True)
+        try:
+            path = auth.set_password(cdir, pw)
+        except auth.AuthError as e:
+            raise _Fail(str(e)) from e
+        click.echo(f"password hash written to {path} (readable by this user only)")
+        return
+    from edge_app.review import _user
+    from edge_app.ui.app import UiApp, is_loopback, serve
+
+    host, _, port = listen.rpartition(":")
+    host = host.strip("[]") or "127.0.0.1"
+    if not port.isdigit():
+        raise click.BadParameter(f"{listen!r}: HOST:PORT, e.g. 127.0.0.1:8080", param_hint="--listen")
+    folder = storage or (cfg.storage.folder if cfg else None)
+    if not folder:
+        raise click.UsageError("give --storage FOLDER or --config bmc.toml (its [storage] folder)")
+    if not os.path.isdir(folder):
+        raise _Fail(f"{folder}: no such storage folder")
+    sign_in = not is_loopback(host)
+    stored = auth.stored_hash(cdir)
+    if sign_in and not stored:
+        raise _Fail(
+            f"listening on {host} (beyond this computer) needs a password: bmc edge ui --set-password"
+            + (f" --config-dir {cdir}" if config_dir else "")
+        )
+    from edge_app.service import session_config
+    from edge_app.ui.live import LiveRunner
+
+    model = (cfg.model.path or None) if cfg else None
+    src = source or (cfg.camera.source if cfg else None)
+    live = None
+    if src:
+        cam = {k: getattr(cfg.camera, k) for k in ("width", "height", "fps", "fourcc")} if cfg and not source else {}
+        live = LiveRunner(folder, src, model, session_config(cfg) if cfg else None, cam)
+    app = UiApp(folder, stored, sign_in, user or _user(), model=model, live=live, keys=cfg.screen.keys if cfg else None)
+
+    def on_term(signum, _frame):  # systemd's stop: close a live session cleanly, then the server
+        raise KeyboardInterrupt
+
+    import signal
+
+    signal.signal(signal.SIGTERM, on_term)
+    try:
+        serve(app, host, int(port), echo=click.echo)
+    except KeyboardInterrupt:
+        click.echo("stopping the screen")
+    finally:
+        if live is not None and live.running:
+            live.stop()
+            click.echo(f"live session {live.folder.name} closed: {live.state()['state']}")
+
+
+@edge.command("export")
+@click.argument("sessions", nargs=-1, type=click.Path(file_okay=False))
+@click.option("--to", "dest", required=True, type=click.Path(file_okay=False), help="USB stick or folder")
+@click.option("--all-from", type=click.Path(file_okay=False), help="export every session under this storage folder")
+def edge_export(sessions, dest, all_from):
+    """Copy finished sessions (CSV, HTML report, crops, database) to a USB stick or folder."""
+    from edge_app.service import export, session_dirs
+
+    todo = [*sessions, *(session_dirs(all_from) if all_from else [])]
+    if not todo:
+        raise _Fail("nothing to export: name session folders or --all-from STORAGE")
+    for s in todo:
+        click.echo(f"exported {s} → {_guard(export, s, dest)}")
+
+
+@edge.command("doctor")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False))
+@click.option(
+    "--model",
+    "model_path",
+    type=click.Path(dir_okay=False),
+    help="check this model (default: the config's [model] path, else the shipped one)",
+)
+def edge_doctor(config_path, model_path):
+    """What this device has (runtime, cameras, model, disk, meters) and what is wrong."""
+    from edge_app import config as config_mod
+    from edge_app.service import doctor
+
+    cfg = None
+    problems = []
+    if config_path:
+        try:
+            cfg = config_mod.load(config_path)
+        except config_mod.ConfigError as e:
+            problems.append(str(e))
+    have, wrong = doctor(cfg, model_path=model_path)
+    for line in have:
+        click.echo(f"  {line}")
+    for line in problems + wrong:
+        click.echo(f"  PROBLEM: {line}")
+    if problems or wrong:
+        raise SystemExit(1)
+    click.echo("  all good")
+
+
+@edge.command("report")
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option(
+    "--fhir",
+    is_flag=True,
+    help="also write differential.fhir.json: a FHIR R4 DiagnosticReport with "
+    "LOINC-coded Observations, for a laboratory information system",
+)
+def edge_report(out_dir, fhir):
+    """Write OUT_DIR/report.html (counts, percentages, flagged cells, thumbnails) and cells.csv."""
+    from edge_app.report import build_report
+    from edge_app.store import write_csv
+
+    path = _guard(build_report, out_dir)
+    write_csv(out_dir)
+    click.echo(f"report: {path}")
+    if fhir:
+        from edge_app import fhir as fhir_mod
+
+        click.echo(f"FHIR R4 DiagnosticReport: {_guard(fhir_mod.write, out_dir)}")
+
+
+@edge.command("adapt")
+@click.argument("sessions", nargs=-1, required=True, type=click.Path(file_okay=False))
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="folder for the adapted model")
+@click.option("--name", help="file-name stem of the adapted model (default: the base model's, dated)")
+@click.option(
+    "--model",
+    type=click.Path(dir_okay=False),
+    help="the base model the sessions were recorded with (default: the shipped int8)",
+)
+@click.option(
+    "--max-guard-drop",
+    default=3.0,
+    show_default=True,
+    help="refuse when the training classes' held-out accuracy drops more than this many points",
+)
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), help="also write the validation as JSON")
+def edge_adapt(sessions, out_dir, name, model, max_guard_drop, json_out):
+    """Adapt the model to this microscope from the cells people reviewed in SESSIONS: a new class head
+    fitted on the device (numpy, seconds), cross-validated against the shipped one and refused unless
+    better. Writes OUT/NAME.tflite and its card; run it with bmc edge run --model (or [model] path)."""
+    import datetime
+
+    from edge_app import adapt
+    from edge_app.model import DEFAULT_MODEL, CellClassifier
+
+    s = adapt.Settings(max_guard_drop=max_guard_drop)
+    clf = _guard(CellClassifier, model or DEFAULT_MODEL, orientations=1)
+    guard, reviewed, r = _guard(adapt.prepare, sessions, clf, s)
+    click.echo(
+        f"{len(reviewed.labels)} reviewed cells from {len(reviewed.sessions)} session folder(s) by "
+        f"{', '.join(reviewed.reviewers)}: " + ", ".join(f"{k} {v}" for k, v in sorted(r.cells_per_class.items()))
+    )
+    click.echo(r.table())
+    if json_out:
+        _write_json(
+            json_out,
+            {
+                "accepted": r.accepted,
+                "reasons": r.reasons,
+                "cells_per_class": r.cells_per_class,
+                "cross_validation": r.cross_validation,
+                "guard": r.guard,
+                "seconds": r.seconds,
+            },
+        )
+    if r.advice:
+        click.echo("more reviewed cells would help: " + "; ".join(r.advice))
+    if not r.accepted:
+        raise _Fail(
+            "adapted model refused, nothing written: "
+            + "; ".join(r.reasons)
+            + ". Review more cells (bmc edge review --for-adapt) and adapt again"
+        )
+    stem = name or f"{clf.path.stem}_adapted_{datetime.datetime.now():%Y%m%d-%H%M%S}"
+    path = _guard(adapt.write_model, r, reviewed, clf, guard, out_dir, stem, s)
+    click.echo(f"adapted in {r.seconds:.1f} s; count with it: bmc edge run SOURCE --model {path}")
+    click.echo(str(path))
+
+
+@edge.command("review")
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--by", "reviewer", help="who decides (default: the logged-in user); recorded with each decision")
+@click.option("--list", "list_only", is_flag=True, help="list the cells waiting for review and stop")
+@click.option("--cell", "cell_id", type=int, help="decide one cell (its id in cells.csv) with --label, or --undo")
+@click.option("--label", help="the class of --cell, or 'rejected' (not a countable cell)")
+@click.option("--undo", is_flag=True, help="withdraw the latest decision on --cell")
+@click.option(
+    "--apply",
+    "apply_file",
+    type=click.Path(dir_okay=False),
+    help="decisions from a CSV with columns id,label: the output of --list with its labels filled in",
+)
+@click.option(
+    "--all",
+    "include_counted",
+    is_flag=True,
+    help="in the window, go on to the cells the model counted, least confident first",
+)
+@click.option("--new-label", is_flag=True, help="allow a class the model does not know (e.g. blast)")
+@click.option(
+    "--for-adapt",
+    is_flag=True,
+    help="review to adapt the model: the cells that teach it most first (least sure, spread over the "
+    "classes the session found), counted ones included",
+)
+@click.option("--per-class", type=click.IntRange(min=1), help="with --for-adapt: at most this many cells of each class")
+def edge_review(
+    out_dir, reviewer, list_only, cell_id, label, undo, apply_file, include_counted, new_label, for_adapt, per_class
+):
+    """Review the cells OUT_DIR set aside: one by one in a window, or by --cell/--label or --apply;
+    then rewrite cells.csv and report.html with the differential after review."""
+    import csv
+    import sqlite3
+
+    from edge_app.app import NO_GUI_HINT, has_display, opencv_gui
+    from edge_app.report import build_report
+    from edge_app.review import Reviewer, ReviewError, cells, connect, queue, review_window, teaching_queue
+    from edge_app.store import write_csv
+
+    if (label or undo) and cell_id is None:
+        raise click.UsageError("--label and --undo need --cell ID")
+    if cell_id is not None and bool(label) == bool(undo):
+        raise click.UsageError("--cell needs --label L or --undo (one of them)")
+    try:
+        if list_only:  # a decisions file to fill in (the label column left empty), read-only
+            db = connect(out_dir)
+            try:
+                todo = teaching_queue(cells(db), per_class) if for_adapt else queue(cells(db), include_counted)
+            finally:
+                db.close()
+            out = csv.writer(click.get_text_stream("stdout"))
+            out.writerow(["id", "label", "model_label", "confidence", "flag", "source", "frame", "crop"])
+            out.writerows(
+                [c.id, "", c.model_label, f"{c.confidence:.3f}", c.flag, c.source, c.frame, c.crop] for c in todo
+            )
+            click.echo(f"{len(todo)} cells to review: fill in the label column and --apply the file", err=True)
+            return
+        with Reviewer(out_dir, reviewer, allow_new_labels=new_label) as r:
+            if cell_id is not None:
+                if undo:
+                    r.undo(cell_id)
+                    click.echo(f"cell {cell_id}: decision withdrawn")
+                else:
+                    click.echo(f"cell {cell_id}: {r.decide(cell_id, label)} (by {r.name})")
+            elif apply_file:
+                click.echo(f"{r.apply(apply_file)} decisions recorded from {apply_file} (by {r.name})")
+            else:
+                if not has_display() or not opencv_gui():
+                    why = "no screen" if not has_display() else NO_GUI_HINT
+                    raise _Fail(
+                        f"the review window needs a screen ({why}); without one, list the cells with "
+                        f"--list and decide with --cell ID --label L or --apply decisions.csv"
+                    )
+                n = review_window(
+                    r,
+                    include_counted,
+                    echo=click.echo,
+                    order=(lambda cs: teaching_queue(cs, per_class)) if for_adapt else None,
+                )
+                click.echo(f"{n} decisions recorded (by {r.name})")
+    except (ReviewError, FileNotFoundError) as e:
+        raise _Fail(str(e)) from e
+    except sqlite3.Error as e:
+        raise _Fail(f"{out_dir}/session.sqlite: {e}") from e
+    _guard(write_csv, out_dir)
+    click.echo(f"report: {_guard(build_report, out_dir)}")

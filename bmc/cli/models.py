@@ -1,0 +1,239 @@
+"""``bmc train``, ``evaluate``, ``convert`` and ``prepare-adapt``: a model's life before the device."""
+
+from __future__ import annotations
+
+import click
+
+from bmc.cli.common import LABEL_SOURCES, _guard, _need_training, _write_json, orientations_option
+from convert.gate import Gate
+from train.config import default as _td  # every training default, written once (TrainConfig)
+
+
+@click.command("train")
+@click.argument("data_dir", type=click.Path(file_okay=False))
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="run folder to write")
+@click.option(
+    "--backbone",
+    type=click.Choice(["efficientnet_lite0", "efficientnet_b0"]),
+    default=_td("backbone"),
+    show_default=True,
+)
+@click.option(
+    "--weights",
+    default=_td("weights"),
+    show_default=True,
+    help="'imagenet', 'none' (random init) or a local weights file",
+)
+@click.option("--label-from", type=click.Choice(LABEL_SOURCES), default=_td("label_from"), show_default=True)
+@click.option("--manifest", type=click.Path(dir_okay=False), help="CSV with path,label[,group] columns")
+@click.option("--split", "split_file", type=click.Path(dir_okay=False), help="reuse a split.json")
+@click.option(
+    "--mode",
+    type=click.Choice(["auto", "cached", "full"]),
+    default=_td("mode"),
+    show_default=True,
+    help="cached: CPU path on cached activations; full: end-to-end (GPU)",
+)
+@click.option("--fine-tune-from", default=_td("fine_tune_from"), show_default=True, help="first block to unfreeze")
+@click.option("--views", default=_td("views"), show_default=True, help="augmented views per training image (cached)")
+@click.option("--head-epochs", default=_td("head_epochs"), show_default=True)
+@click.option("--fine-tune-epochs", default=_td("fine_tune_epochs"), show_default=True)
+@click.option("--head-lr", default=_td("head_lr"), show_default=True)
+@click.option(
+    "--fine-tune-lr", default=_td("fine_tune_lr"), show_default=True, help="peak; cosine decay to 5% over the epochs"
+)
+@click.option(
+    "--patience",
+    default=_td("patience"),
+    show_default=True,
+    help="epochs without a better validation macro-F1 before a phase stops",
+)
+@click.option(
+    "--label-smoothing", default=_td("label_smoothing"), show_default=True, help="target share spread over every class"
+)
+@click.option(
+    "--neighbour-smoothing",
+    default=_td("neighbour_smoothing"),
+    show_default=True,
+    help="target share given to the adjacent maturation stages (stage models)",
+)
+@click.option("--batch-size", default=_td("batch_size"), show_default=True)
+@click.option("--input-size", default=_td("input_size"), show_default=True)
+@click.option(
+    "--stain-norm",
+    type=click.Choice(["stretch", "none"]),
+    default=_td("stain_norm"),
+    show_default=True,
+    help="per-image colour normalisation, part of the model's contract (same on the device)",
+)
+@click.option("--limit-per-class", type=int, help="use at most N images per class (quick runs)")
+@click.option(
+    "--strategy", type=click.Choice(["auto", "default", "mirrored"]), default=_td("strategy"), show_default=True
+)
+@click.option(
+    "--mixed-precision", type=click.Choice(["auto", "on", "off"]), default=_td("mixed_precision"), show_default=True
+)
+@click.option("--seed", default=_td("seed"), show_default=True)
+@click.option(
+    "--init-from",
+    type=click.Path(dir_okay=False),
+    help="start from a trained model.keras (backbone; head too when it has the same classes)",
+)
+def train_cmd(data_dir, out, **kw):
+    """Fine-tune an ImageNet EfficientNet on DATA_DIR; writes model, split and metrics to --out."""
+    _need_training("bmc train", "train.trainer", "keras", "cv2")
+    from train.config import TrainConfig
+    from train.trainer import train
+
+    cfg = _guard(TrainConfig, data=data_dir, out=out, **kw)
+    m = _guard(train, cfg)
+    click.echo(f"test accuracy {m['accuracy']:.4f} · macro-F1 {m['macro_f1']:.4f} · n {m['n']}")
+
+
+@click.command("evaluate")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.argument("data_dir", type=click.Path(file_okay=False), required=False)
+@click.option(
+    "--split",
+    "split_file",
+    type=click.Path(dir_okay=False),
+    help="evaluate on one part of a split.json instead of DATA_DIR",
+)
+@click.option("--part", type=click.Choice(["train", "val", "test"]), default="test", show_default=True)
+@click.option(
+    "--orientations",
+    type=click.Choice(["1", "2", "4", "8"]),
+    default="1",
+    show_default=True,
+    help="average each image over this many rotations / mirror images, as the edge app does",
+)
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), help="write the metrics as JSON")
+def evaluate_cmd(model, data_dir, split_file, part, orientations, json_out):
+    """Accuracy, macro-F1 and per-class metrics of MODEL (.keras or .tflite) on DATA_DIR, or on
+    the held-out part of a run's split (--split runs/x/split.json)."""
+    from train.evaluate import evaluate
+    from train.metrics import per_class_table
+
+    if (data_dir is None) == (split_file is None):
+        raise click.UsageError("give DATA_DIR or --split FILE (one of them)")
+    m = _guard(evaluate, model, data_dir, split_file=split_file, part=part, orientations=int(orientations))
+    for item in m.get("skipped", []):
+        click.echo(f"skipped {item['path']}: {item['why']}", err=True)
+    click.echo(per_class_table(m))
+    if m.get("skipped"):
+        click.echo(f"{len(m['skipped'])} unreadable image(s) left out of these figures (listed above)")
+    if m.get("level", "model") != "model":
+        click.echo(f"scored at the {m['level']} level: the data's labels are the model's 8 classes")
+    if m.get("coarse"):
+        c, e = m["coarse"], m["stage_errors"]
+        click.echo(
+            f"8-class level (the stages summed into their classes): accuracy {c['accuracy']:.4f}, "
+            f"macro-F1 {c['macro_f1']:.4f}"
+        )
+        click.echo(
+            f"stage errors: {e['errors']}, of which {e['one_stage_off']} one stage off in the granulocytic "
+            f"series, {e['further_in_series']} further along it, {e['other']} across classes"
+        )
+    click.echo(
+        f"the edge app's review policy would set aside {m['set_aside']:.1%} of these images; "
+        f"accuracy of the rest {m['counted_accuracy']:.4f}"
+    )
+    if m.get("unknown"):
+        u = m["unknown"]
+        click.echo(
+            f"unknown-cell check (level {u['level']}): {u['set_aside']:.1%} set aside as unknown; accuracy "
+            f"{u['accuracy_all']:.4f} on all, {u['accuracy_counted']:.4f} on the cells counted"
+        )
+    if json_out:
+        _write_json(json_out, m)
+
+
+@click.command("convert")
+@click.argument("source", type=click.Path())
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), help="output folder (default: SOURCE/tflite)")
+@click.option("--name", default="bmc", show_default=True, help="file-name stem of the variants")
+@click.option(
+    "--variants",
+    default="float32,float16,dynamic,int8",
+    show_default=True,
+    help="comma-separated: " + ", ".join(["float32", "float16", "dynamic", "int8"]),
+)
+@click.option("--data", type=click.Path(file_okay=False), help="validation images when SOURCE has no split")
+@click.option("--max-drop", default=Gate.max_drop, show_default=True, help="max accuracy drop, points")
+@click.option(
+    "--max-class-drop", default=Gate.max_class_drop, show_default=True, help="max recall drop of any class, points"
+)
+@click.option("--representative", default=200, show_default=True, help="calibration images for int8")
+@click.option("--float-layers", default="", help="int8: comma-separated layers to keep in float, or 'auto'")
+@click.option("--no-diagnose", is_flag=True, help="skip the per-layer report when int8 fails")
+@click.option(
+    "--ship",
+    "ship_dir",
+    type=click.Path(file_okay=False),
+    help="copy the validated int8 and float16 variants, their cards and a model-card README here",
+)
+def convert_cmd(
+    source, out_dir, name, variants, data, max_drop, max_class_drop, representative, float_layers, no_diagnose, ship_dir
+):
+    """Convert a run folder (or .keras) to TFLite variants and validate each against the float model."""
+    from pathlib import Path
+
+    _need_training("bmc convert", "convert.pipeline", "tensorflow")
+    from convert.pipeline import Gate, convert_run
+
+    names = tuple(v.strip() for v in variants.split(",") if v.strip())
+    fl = "auto" if float_layers == "auto" else tuple(x for x in float_layers.split(",") if x)
+    out = out_dir or str(Path(source if Path(source).is_dir() else Path(source).parent) / "tflite")
+    report = _guard(
+        convert_run,
+        source,
+        out,
+        name,
+        names,
+        Gate(max_drop, max_class_drop),
+        data,
+        representative,
+        not no_diagnose,
+        fl,
+        log=lambda m: click.echo(m, err=True),
+    )
+    from convert.pipeline import report_markdown
+
+    click.echo(report_markdown(report))
+    if ship_dir:
+        import sys as _sys
+
+        from convert.ship import ship
+
+        run_dir = Path(source) if Path(source).is_dir() else None
+        cmd = "bmc " + " ".join(_sys.argv[1:]) if _sys.argv and _sys.argv[0].endswith("bmc") else ""
+        files = _guard(ship, out, name, ship_dir, run_dir, reproduce=cmd)
+        click.echo("shipped: " + ", ".join(str(f) for f in files))
+
+
+@click.command("prepare-adapt")
+@click.argument("models", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option(
+    "--split",
+    "split_file",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="the split.json the models were trained on: the guard set comes from its training part",
+)
+@click.option("--per-class", default=200, show_default=True, help="training cells per class in the guard set")
+@orientations_option
+def prepare_adapt(models, split_file, per_class, orientations):
+    """Make converted MODELS adaptable on the device: the cell embedding as a second output (the class
+    scores unchanged), a guard set of embedded training cells beside each, named in its card, and the
+    unknown-cell check calibrated on the split's validation part.
+    `bmc convert --ship` does this itself; this verb upgrades models converted before it did."""
+    from convert.embedding import build_guard, calibrate_unknown, expose
+    from train.data import load_split
+
+    parts = _guard(load_split, split_file)
+    for m in models:
+        changed = _guard(expose, m)
+        click.echo(f"{m}: " + ("embedding output added (class scores unchanged)" if changed else "gives its embedding"))
+        out = _guard(build_guard, m, parts["train"], per_class, int(orientations), log=lambda t: click.echo(f"  {t}"))
+        click.echo(f"{m}: guard set {out}")
+        _guard(calibrate_unknown, m, parts["val"], int(orientations), log=lambda t, m=m: click.echo(f"{m}: {t}"))
