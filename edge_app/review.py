@@ -187,6 +187,27 @@ def teaching_queue(all_cells: list[ReviewedCell], per_class: int | None = None) 
     return out
 
 
+DECISION_COLUMNS = ("id", "label", "model_label", "confidence", "flag", "source", "frame", "crop")
+
+
+def write_decisions_template(
+    out_dir: str | Path, stream, for_adapt: bool = False, per_class: int | None = None, include_counted: bool = False
+) -> int:
+    """The cells to review as a decisions file with its label column empty (``bmc edge review
+    --list``), read-only: the review queue, or the teaching queue ``for_adapt``. Returns how many."""
+    import csv
+
+    db = connect(out_dir)
+    try:
+        todo = teaching_queue(cells(db), per_class) if for_adapt else queue(cells(db), include_counted)
+    finally:
+        db.close()
+    out = csv.writer(stream)
+    out.writerow(DECISION_COLUMNS)
+    out.writerows([c.id, "", c.model_label, f"{c.confidence:.3f}", c.flag, c.source, c.frame, c.crop] for c in todo)
+    return len(todo)
+
+
 def _margin(probs) -> float:
     top = sorted(probs)[-2:]
     return top[-1] - top[0] if len(top) == 2 else 1.0

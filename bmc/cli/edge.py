@@ -376,12 +376,11 @@ def edge_review(
 ):
     """Review the cells OUT_DIR set aside: one by one in a window, or by --cell/--label or --apply;
     then rewrite cells.csv and report.html with the differential after review."""
-    import csv
     import sqlite3
 
     from edge_app.app import NO_GUI_HINT, has_display, opencv_gui
     from edge_app.report import build_report
-    from edge_app.review import Reviewer, ReviewError, cells, connect, queue, review_window, teaching_queue
+    from edge_app.review import Reviewer, ReviewError, review_window, teaching_queue, write_decisions_template
     from edge_app.store import write_csv
 
     if (label or undo) and cell_id is None:
@@ -390,17 +389,10 @@ def edge_review(
         raise click.UsageError("--cell needs --label L or --undo (one of them)")
     try:
         if list_only:  # a decisions file to fill in (the label column left empty), read-only
-            db = connect(out_dir)
-            try:
-                todo = teaching_queue(cells(db), per_class) if for_adapt else queue(cells(db), include_counted)
-            finally:
-                db.close()
-            out = csv.writer(click.get_text_stream("stdout"))
-            out.writerow(["id", "label", "model_label", "confidence", "flag", "source", "frame", "crop"])
-            out.writerows(
-                [c.id, "", c.model_label, f"{c.confidence:.3f}", c.flag, c.source, c.frame, c.crop] for c in todo
+            n = write_decisions_template(
+                out_dir, click.get_text_stream("stdout"), for_adapt, per_class, include_counted
             )
-            click.echo(f"{len(todo)} cells to review: fill in the label column and --apply the file", err=True)
+            click.echo(f"{n} cells to review: fill in the label column and --apply the file", err=True)
             return
         with Reviewer(out_dir, reviewer, allow_new_labels=new_label) as r:
             if cell_id is not None:
