@@ -7,7 +7,7 @@ For each seed:
 2. for ``k`` fields of each class, take the cell the field is scored on (field mode: its most
    confident white cell; cell mode: the frame's one cell) and record its true class as a person's
    review decision (``bmc edge review``'s audited rows, reviewer ``bench``);
-3. ``bmc edge adapt`` on that session (:mod:`edge_app.adapt`: cross-validated, refused when not
+3. ``bmc edge adapt`` on that session (:mod:`bmc.edge_app.adapt`: cross-validated, refused when not
    better; a refusal keeps the shipped model and is reported);
 4. run the adapted model over every field again;
 5. score the fields that were **not** labelled, before and after: balanced accuracy and recall of
@@ -57,7 +57,7 @@ def read_truth(path: str | Path, source: str | Path) -> dict[str, str]:
 
 def write_truth_bccd(bccd: str | Path, out: str | Path) -> int:
     """The BCCD fields with exactly one WBC box and one of the four white-cell types."""
-    from benchmarks.bccd import single_cell_fields
+    from bmc.benchmarks.bccd import single_cell_fields
 
     fields = single_cell_fields(bccd)
     with open(out, "w", newline="") as fh:
@@ -69,7 +69,7 @@ def write_truth_bccd(bccd: str | Path, out: str | Path) -> int:
 
 def write_truth_matek(matek: str | Path, out: str | Path) -> int:
     """The Munich bone-marrow cells whose code the 8 PBC classes name (``MATEK_TO_LABEL``)."""
-    from benchmarks.generalisation import MATEK_TO_LABEL
+    from bmc.benchmarks.generalisation import MATEK_TO_LABEL
 
     root = Path(matek)
     rows = [
@@ -85,8 +85,8 @@ def write_truth_matek(matek: str | Path, out: str | Path) -> int:
 
 
 def field_answers(db_path: Path) -> dict[str, tuple[str, int]]:
-    """``{field: (label, cell id)}``: each field's answer (:func:`benchmarks.detection.best_cells`)."""
-    from benchmarks.detection import best_cells
+    """``{field: (label, cell id)}``: each field's answer (:func:`bmc.benchmarks.detection.best_cells`)."""
+    from bmc.benchmarks.detection import best_cells
 
     return {s: (label, cid) for s, (label, cid, _) in best_cells(db_path).items()}
 
@@ -107,8 +107,8 @@ def _score(truth: dict[str, str], answers: dict[str, tuple[str, int]], fields: l
 
 
 def _session(src: Path, model, out: Path, mode: str, orientations: int, threads: int | None):
-    from edge_app.app import EdgeSession, SessionConfig
-    from edge_app.model import CellClassifier
+    from bmc.edge_app.app import EdgeSession, SessionConfig
+    from bmc.edge_app.model import CellClassifier
 
     clf = CellClassifier(model, threads=threads or os.cpu_count(), orientations=orientations)
     EdgeSession(str(src), clf, out, SessionConfig(mode=mode, save_crops=False), echo=lambda m: None).run()
@@ -152,9 +152,9 @@ def ceiling(
     ``bmc edge adapt``'s own cross-validation (grouped by field, 5 folds, 3 fold assignments) of
     the shipped and the adapted head on cells they were not fitted on. The protocol's K labelled
     fields per class cannot do better than this, short of a better embedding."""
-    from edge_app import adapt
-    from edge_app.model import DEFAULT_MODEL, CellClassifier
-    from edge_app.review import Reviewer
+    from bmc.edge_app import adapt
+    from bmc.edge_app.model import DEFAULT_MODEL, CellClassifier
+    from bmc.edge_app.review import Reviewer
 
     model = Path(model or DEFAULT_MODEL)
     keep = tempfile.mkdtemp(prefix="bmc-bench-adapt-", dir=workdir)
@@ -197,9 +197,9 @@ def run(
     workdir=None,
     log=print,
 ) -> dict:
-    from edge_app import adapt
-    from edge_app.model import DEFAULT_MODEL, CellClassifier
-    from edge_app.review import Reviewer
+    from bmc.edge_app import adapt
+    from bmc.edge_app.model import DEFAULT_MODEL, CellClassifier
+    from bmc.edge_app.review import Reviewer
 
     model = Path(model or DEFAULT_MODEL)
     source = Path(source)

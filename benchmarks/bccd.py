@@ -12,7 +12,7 @@ import dataclasses
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from edge_app.cells import Box
+from bmc.edge_app.cells import Box
 
 # BCCD's category names → the PBC / model labels
 BCCD_TO_LABEL = {

@@ -35,8 +35,8 @@ def pareto(points: list[tuple[float, float]]) -> list[bool]:
 
 
 def run(items, data: str, runs: int = 100, threads: int | None = None, plot: str | None = None) -> dict:
-    from benchmarks import latency, machine
-    from train.evaluate import evaluate
+    from bmc.benchmarks import latency, machine
+    from bmc.train.evaluate import evaluate
 
     models = models_of(items)
     lat = {r["model"]: r for r in latency.run(models, threads, runs, measure_rss=False)["rows"]}

@@ -21,15 +21,15 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.bccd import read_fields, single_cell_fields
-from edge_app.detect import FinderConfig
+from bmc.benchmarks.bccd import read_fields, single_cell_fields
+from bmc.edge_app.detect import FinderConfig
 
 NOT_WHITE = ("platelet", "erythroblast")  # found and classified, but not a white cell
 
 
 def finding(bccd, cfg: FinderConfig = FinderConfig()) -> dict:
-    from benchmarks.finding import FieldBoxes
-    from benchmarks.finding import finding as match
+    from bmc.benchmarks.finding import FieldBoxes
+    from bmc.benchmarks.finding import finding as match
 
     r = match([FieldBoxes(f.image, list(f.wbc)) for f in read_fields(bccd)], cfg)
     return {
@@ -58,9 +58,9 @@ def best_cells(db_path: Path) -> dict[str, tuple[str, int, bool]]:
 def field_classification(
     bccd, model: str | None = None, orientations: int | None = None, white_balance: bool = False
 ) -> dict:
-    from edge_app.app import EdgeSession, SessionConfig
-    from edge_app.model import DEFAULT_MODEL, DEFAULT_ORIENTATIONS, CellClassifier
-    from train.metrics import confusion
+    from bmc.edge_app.app import EdgeSession, SessionConfig
+    from bmc.edge_app.model import DEFAULT_MODEL, DEFAULT_ORIENTATIONS, CellClassifier
+    from bmc.train.metrics import confusion
 
     fields = single_cell_fields(bccd)
     clf = CellClassifier(

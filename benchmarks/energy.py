@@ -1,4 +1,4 @@
-"""Joules per inference (``bmc bench energy``) on the device's power meters (:mod:`edge_app.meters`).
+"""Joules per inference (``bmc bench energy``) on the device's power meters (:mod:`bmc.edge_app.meters`).
 
 Energy per inference = (energy over the timed run − idle power × its duration) / inferences,
 with the idle power measured in the same run. With no meter the benchmark says so: no number is
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 
-from edge_app.meters import (  # noqa: F401
+from bmc.edge_app.meters import (  # noqa: F401
     CsvLogMeter,
     INA2xxMeter,
     JetsonMeter,

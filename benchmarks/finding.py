@@ -23,10 +23,10 @@ import cv2
 import numpy as np
 
 from bmc.contract import read_image
+from bmc.edge_app.cells import Box
+from bmc.edge_app.detect import FieldScale, FinderConfig, find_cells, scaled
+from bmc.edge_app.sources import IMAGE_SUFFIXES
 from bmc.errors import BmcError
-from edge_app.cells import Box
-from edge_app.detect import FieldScale, FinderConfig, find_cells, scaled
-from edge_app.sources import IMAGE_SUFFIXES
 
 
 class BoxesError(BmcError, ValueError):
@@ -50,7 +50,7 @@ def read_boxes(source: str | Path, boxes: str | Path, fmt: str, label: str) -> l
         raise BoxesError(f"{source}: no images")
     out: list[FieldBoxes] = []
     if fmt == "voc":
-        from benchmarks.bccd import read_voc_boxes
+        from bmc.benchmarks.bccd import read_voc_boxes
 
         if not boxes.is_dir():
             raise BoxesError(f"{boxes}: the folder of VOC XML files")
@@ -118,7 +118,7 @@ def finding(
     fields: list[FieldBoxes], cfg: FinderConfig = FinderConfig(), errors: str | Path | None = None, tint: float = 0.0
 ) -> dict:
     """Recall and precision of the finder on ``fields``, run as one session runs them: the red cells
-    measured on the first fields and now and then (:class:`edge_app.detect.FieldScale`), the finder's
+    measured on the first fields and now and then (:class:`bmc.edge_app.detect.FieldScale`), the finder's
     sizes following them. ``tint`` > 0: each field through :func:`tint_red_cells` first."""
     tp = fn = fp = 0
     misses, false_finds, rows = [], [], []

@@ -3,7 +3,7 @@
 BCCD comes from another microscope, stain and camera (blurrier, bluer). Each field with exactly
 one labelled white cell gives one test cell: the edge app's cell finder runs on the field, the
 cell it finds inside the VOC box (the box itself where it finds none) is cut at the model's
-trained scale with the session's median cell diameter (:class:`edge_app.cells.SessionScale`) —
+trained scale with the session's median cell diameter (:class:`bmc.edge_app.cells.SessionScale`) —
 the way the edge app cuts the cells it finds. Balanced accuracy is the headline: BCCD is 60%
 neutrophils.
 
@@ -13,7 +13,7 @@ code has a PBC counterpart, each found in its 250 px crop and cut at the trained
 set's median cell diameter. The public samples are few (about 30 such cells): a sanity check of
 the domain the product is for, not a benchmark to compare models on.
 
-    python -m benchmarks.generalisation MODEL [--bccd DIR | --matek DIR] [--json OUT]
+    python -m bmc.benchmarks.generalisation MODEL [--bccd DIR | --matek DIR] [--json OUT]
 """
 
 from __future__ import annotations
@@ -23,12 +23,12 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.bccd import single_cell_fields
-from benchmarks.stain_calibration import CALIBRATIONS, calibrator, pooled_stats, reference_stats
+from bmc.benchmarks.bccd import single_cell_fields
+from bmc.benchmarks.stain_calibration import CALIBRATIONS, calibrator, pooled_stats, reference_stats
 from bmc.contract import normalise_stain, preprocess, read_image
-from edge_app.cells import Box, SessionScale, crop_cell
-from edge_app.detect import find_cells
-from train.data import DataError
+from bmc.edge_app.cells import Box, SessionScale, crop_cell
+from bmc.edge_app.detect import find_cells
+from bmc.train.data import DataError
 
 DEFAULT_BCCD = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "bccd"
 DEFAULT_PBC = DEFAULT_BCCD.parent / "pbc"
@@ -141,12 +141,12 @@ def score(
     """Metrics of the model on the BCCD white cells. ``scale`` != 1 cuts every cell ``scale`` times
     the measured scale (a diagnostic: is the cell scale what separates the two microscopes?);
     ``calibrate`` maps the set's stain (BCCD's or Munich's) onto the training stain of ``reference`` first
-    (:mod:`benchmarks.stain_calibration`, another diagnostic)."""
+    (:mod:`bmc.benchmarks.stain_calibration`, another diagnostic)."""
     import dataclasses
 
-    from edge_app.model import predict_oriented
-    from train.evaluate import load_classifier
-    from train.metrics import classification_metrics
+    from bmc.edge_app.model import predict_oriented
+    from bmc.train.evaluate import load_classifier
+    from bmc.train.metrics import classification_metrics
 
     clf, contract = load_classifier(model_path)
     cut = contract if scale == 1.0 else dataclasses.replace(contract, cell_fraction=contract.cell_fraction / scale)
@@ -177,7 +177,7 @@ def score(
 def main(argv=None):
     import argparse
 
-    from train.metrics import per_class_table
+    from bmc.train.metrics import per_class_table
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model")

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks import machine
+from bmc.benchmarks import machine
 
 
 @dataclasses.dataclass
@@ -45,7 +45,7 @@ class Row:
 
 class _TFLite:
     def __init__(self, path, threads):
-        from edge_app.backends.litert import LiteRTBackend
+        from bmc.edge_app.backends.litert import LiteRTBackend
 
         self.b = LiteRTBackend(str(path), threads)
         self.size = self.b.input_shape[1]
@@ -89,7 +89,7 @@ def keras_baseline(like: str | None, input_size: int = 224, classes: int = 8):
     if like and like.endswith(".keras"):
         return keras.models.load_model(like), like
     from bmc.contract import Contract
-    from train.model import build_classifier
+    from bmc.train.model import build_classifier
 
     c = Contract(labels=tuple(f"c{i}" for i in range(classes)), input_size=input_size)
     return build_classifier(
@@ -102,11 +102,11 @@ def _rss_subprocess(path: str, threads: int) -> float:
     # process would report our peak rather than its own
     code = (
         "import sys, numpy as np, resource\n"
-        "from benchmarks.latency import _load\n"
+        "from bmc.benchmarks.latency import _load\n"
         f"m, _ = _load({path!r}, {threads})\n"
         "x = np.random.default_rng(0).uniform(0, 255, (1, m.size, m.size, 3)).astype(np.float32)\n"
         "for _ in range(20): m.one(x)\n"
-        "from benchmarks.machine import peak_rss_mb\n"
+        "from bmc.benchmarks.machine import peak_rss_mb\n"
         "print(peak_rss_mb())\n"
     )
     root = Path(__file__).resolve().parents[1]

@@ -2,7 +2,7 @@
 where it should not (``bmc bench ood``).
 
 Every cell goes through the device's path (the model with its embedding, the orientations the
-app uses, :mod:`edge_app.unknown` at a level) and is either counted or set aside as unknown:
+app uses, :mod:`bmc.edge_app.unknown` at a level) and is either counted or set aside as unknown:
 
 * **should be set aside** — the Munich bone-marrow cells no model of the kit can name: blasts
   (BLA), artefacts (ART), plasma cells, proerythroblasts, unidentifiable cells (PLM, PEB, NIF);
@@ -25,9 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.generalisation import DEFAULT_BCCD, MATEK_UNKNOWN, bccd_cells, matek_cells, matek_map
+from bmc.benchmarks.generalisation import DEFAULT_BCCD, MATEK_UNKNOWN, bccd_cells, matek_cells, matek_map
+from bmc.edge_app.unknown import UnknownCells, threshold_at
 from bmc.errors import BmcError
-from edge_app.unknown import UnknownCells, threshold_at
 
 DEFAULT_DATA = DEFAULT_BCCD.parent
 SHOULD_FLAG = {"blasts (BLA)": ("BLA",), "artefacts (ART)": ("ART",), "PLM/PEB/NIF": ("PLM", "PEB", "NIF")}
@@ -99,7 +99,7 @@ def run(
     import os
 
     from bmc.contract import preprocess, read_image
-    from edge_app.model import DEFAULT_MODEL, CellClassifier
+    from bmc.edge_app.model import DEFAULT_MODEL, CellClassifier
 
     model = Path(model or DEFAULT_MODEL)
     clf = CellClassifier(model, threads=threads or os.cpu_count(), orientations=orientations)

@@ -1,6 +1,6 @@
 """``bmc bench edge``: frames and cells per second of the real edge pipeline, stage by stage.
 
-Runs :class:`edge_app.app.EdgeSession` headless on a folder or video — the same code the device
+Runs :class:`bmc.edge_app.app.EdgeSession` headless on a folder or video — the same code the device
 runs: read, find cells, preprocess, classify, record (SQLite + crops) — into a temporary session
 folder, and reports fps, cells/s and the time per frame of each stage.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import tempfile
 
-from benchmarks import machine
+from bmc.benchmarks import machine
 
 
 def run(
@@ -20,8 +20,8 @@ def run(
     save_crops: bool = True,
     orientations: int | None = None,
 ) -> dict:
-    from edge_app.app import STAGES, EdgeSession, SessionConfig
-    from edge_app.model import DEFAULT_MODEL, DEFAULT_ORIENTATIONS, CellClassifier
+    from bmc.edge_app.app import STAGES, EdgeSession, SessionConfig
+    from bmc.edge_app.model import DEFAULT_MODEL, DEFAULT_ORIENTATIONS, CellClassifier
 
     clf = CellClassifier(
         model or DEFAULT_MODEL, threads=threads or os.cpu_count(), orientations=orientations or DEFAULT_ORIENTATIONS

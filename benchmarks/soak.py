@@ -17,7 +17,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from edge_app.sources import IMAGE_SUFFIXES
+from bmc.edge_app.sources import IMAGE_SUFFIXES
 
 
 def _frames(db_path: Path) -> set[tuple[int, str]]:

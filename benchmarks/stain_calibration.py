@@ -24,7 +24,7 @@ import cv2
 import numpy as np
 
 from bmc.contract import lamp_of, read_image
-from edge_app.detect import FinderConfig, stain_mask
+from bmc.edge_app.detect import FinderConfig, stain_mask
 
 CALIBRATIONS = ("none", "white", "stains")
 

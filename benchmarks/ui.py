@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_app.sources import IMAGE_SUFFIXES, Frame, FrameSource
+from bmc.edge_app.sources import IMAGE_SUFFIXES, Frame, FrameSource
 
 
 class ReplayedCamera(FrameSource):
@@ -50,8 +50,8 @@ class ReplayedCamera(FrameSource):
 
 
 def _headless(folder, fps, frames, model, storage) -> float:
-    from edge_app.app import EdgeSession, SessionConfig
-    from edge_app.model import DEFAULT_MODEL, CellClassifier
+    from bmc.edge_app.app import EdgeSession, SessionConfig
+    from bmc.edge_app.model import DEFAULT_MODEL, CellClassifier
 
     s = EdgeSession(
         ReplayedCamera(folder, fps, frames),
@@ -66,8 +66,8 @@ def _headless(folder, fps, frames, model, storage) -> float:
 def _with_ui(source, fps, frames, model, storage) -> tuple[float, list[float]]:
     from waitress import create_server
 
-    from edge_app.ui.app import UiApp
-    from edge_app.ui.live import LiveRunner
+    from bmc.edge_app.ui.app import UiApp
+    from bmc.edge_app.ui.live import LiveRunner
 
     live = LiveRunner(storage, None, model)
     live.source = ReplayedCamera(source, fps, frames)

@@ -9,8 +9,8 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+from bmc.convert.variants import Quantization
 from bmc.errors import BmcError
-from convert.variants import Quantization
 
 
 class ConversionError(BmcError, RuntimeError):

@@ -2,7 +2,7 @@
 
 A classifier ends ``… → global average pool → FULLY_CONNECTED → SOFTMAX``. The pooled vector (the
 cell's *embedding*, 1280 numbers for EfficientNet-Lite0) is what a laboratory's adaptation learns
-from (:mod:`edge_app.adapt`): a new linear head on it, fitted on the device from a few reviewed
+from (:mod:`bmc.edge_app.adapt`): a new linear head on it, fitted on the device from a few reviewed
 cells. :func:`add_embedding_output` makes that tensor an output of the same graph, beside the
 probabilities, by editing the flatbuffer's output list: no op is added or changed, so the
 probabilities are bit for bit those of the original file and the invocation costs the same.
@@ -21,9 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
+from bmc.edge_app.adapt import GUARD_SUFFIX
+from bmc.edge_app.model import EMBEDDING, PROBABILITIES
 from bmc.errors import BmcError
-from edge_app.adapt import GUARD_SUFFIX
-from edge_app.model import EMBEDDING, PROBABILITIES
 
 
 class EmbeddingError(BmcError, ValueError):
@@ -158,7 +158,7 @@ def build_guard(
     threads: int | None = None,
     log=print,
 ) -> Path:
-    """Embed ``per_class`` training cells of each class (``samples``: ``train.data.Sample`` s, the
+    """Embed ``per_class`` training cells of each class (``samples``: ``bmc.train.data.Sample`` s, the
     training part of the model's split) in ``orientations`` orientations, averaged as on the device,
     and write them beside the model (``<model>.guard.npz``), recorded in its card.
 
@@ -166,7 +166,7 @@ def build_guard(
     the shipped head's weights, so that adaptation on the device needs nothing else."""
     from bmc.card import card_path, sha256_file
     from bmc.contract import preprocess, read_image
-    from edge_app.model import CellClassifier
+    from bmc.edge_app.model import CellClassifier
 
     clf = CellClassifier(model_path, threads=threads, orientations=orientations, require_deployable=False)
     if not clf.has_embedding:
@@ -227,8 +227,8 @@ def calibrate_unknown(
     card's ``unknown`` quantiles. Needs the guard set (:func:`build_guard`) first."""
     from bmc.card import card_path
     from bmc.contract import preprocess, read_image
-    from edge_app import unknown
-    from edge_app.model import CellClassifier
+    from bmc.edge_app import unknown
+    from bmc.edge_app.model import CellClassifier
 
     clf = CellClassifier(model_path, threads=threads, orientations=orientations, require_deployable=False)
     guard = clf.card.get("guard")

@@ -21,11 +21,11 @@ import numpy as np
 from bmc import __version__
 from bmc.card import sha256_file, write_card
 from bmc.contract import Contract, preprocess, read_image
+from bmc.convert import variants as V
+from bmc.convert.converter import quantization_error_by_layer, to_tflite
+from bmc.convert.embedding import EMBEDDING, PROBABILITIES, read_head
+from bmc.convert.gate import Gate  # noqa: F401 - re-exported; its defaults live there, light for the CLI
 from bmc.errors import BmcError
-from convert import variants as V
-from convert.converter import quantization_error_by_layer, to_tflite
-from convert.embedding import EMBEDDING, PROBABILITIES, read_head
-from convert.gate import Gate  # noqa: F401 - re-exported; its defaults live there, light for the CLI
 
 
 class GateFailed(BmcError, RuntimeError):
@@ -43,8 +43,8 @@ class Source:
 
 def resolve_source(source: str | Path, data: str | Path | None = None) -> Source:
     """A run folder (``model.keras``, ``contract.json``, ``split.json``) or a ``.keras`` file."""
-    from train import data as data_mod
-    from train.evaluate import EvaluationError, contract_for
+    from bmc.train import data as data_mod
+    from bmc.train.evaluate import EvaluationError, contract_for
 
     source = Path(source)
     model_path = source / "model.keras" if source.is_dir() else source
@@ -100,7 +100,7 @@ def _batched(predict, xs, bs=32):
 
 
 def compare(float_probs, probs, y, labels, gate: Gate) -> dict:
-    from train.metrics import classification_metrics
+    from bmc.train.metrics import classification_metrics
 
     mf = classification_metrics(y, float_probs, labels)
     mv = classification_metrics(y, probs, labels)
@@ -141,7 +141,7 @@ def convert_run(
 ) -> dict:
     import keras
 
-    from train.metrics import classification_metrics
+    from bmc.train.metrics import classification_metrics
 
     src = resolve_source(source, data)
     out = Path(out_dir)
@@ -227,8 +227,8 @@ def convert_run(
 
 
 def _build_and_validate(model, q, path: Path, xs, y, float_probs, labels, gate, log) -> dict:
-    from convert.embedding import add_embedding_output
-    from edge_app.backends.litert import LiteRTBackend
+    from bmc.convert.embedding import add_embedding_output
+    from bmc.edge_app.backends.litert import LiteRTBackend
 
     log(f"converting {q.variant.name} …")
     # the cell embedding beside the class scores (for adaptation on the device): same ops, same scores

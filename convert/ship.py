@@ -37,8 +37,8 @@ def ship(
         shipped.append(dest / src.name)
     if run_dir and (Path(run_dir) / "split.json").exists():
         # each shipped model carries its guard set: embedded training cells for adaptation on the device
-        from convert.embedding import build_guard, calibrate_unknown
-        from train.data import load_split
+        from bmc.convert.embedding import build_guard, calibrate_unknown
+        from bmc.train.data import load_split
 
         parts = load_split(Path(run_dir) / "split.json")
         for model in shipped:
@@ -59,7 +59,7 @@ def ship(
 
 
 def _readme(name, report, metrics, config, reproduce, extra, contract) -> str:
-    from convert.pipeline import report_markdown
+    from bmc.convert.pipeline import report_markdown
 
     labels = list(contract.labels) if contract else []
     parents = dict(contract.parents or {}) if contract else {}
@@ -121,7 +121,7 @@ def _readme(name, report, metrics, config, reproduce, extra, contract) -> str:
             "",
         ]
     if metrics:
-        from train.metrics import per_class_table
+        from bmc.train.metrics import per_class_table
 
         how = (
             "end to end (mode `full`), every image augmented afresh each epoch"

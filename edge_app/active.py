@@ -56,8 +56,8 @@ def active_model(storage: str | Path) -> Path | None:
 def set_active(storage: str | Path, model: str | Path | None, by: str) -> Path | None:
     """Make ``model`` (a file in the models folder) active, or go back to the shipped one (None)."""
     from bmc.card import ModelCardError
-    from edge_app.backends import BackendError
-    from edge_app.model import CellClassifier
+    from bmc.edge_app.backends import BackendError
+    from bmc.edge_app.model import CellClassifier
 
     d = models_dir(storage)
     f = d / ACTIVE

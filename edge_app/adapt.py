@@ -40,9 +40,9 @@ from pathlib import Path
 import numpy as np
 
 from bmc.card import card_path, file_beside, sha256_file
+from bmc.edge_app import review
+from bmc.edge_app.head import Head, softmax
 from bmc.errors import BmcError
-from edge_app import review
-from edge_app.head import Head, softmax
 
 GUARD_SUFFIX = ".guard.npz"
 HEAD_SUFFIX = ".head.npz"
@@ -119,7 +119,7 @@ def collect(sessions, clf) -> Reviewed:
     """The reviewed cells (a person's label, not 'rejected') of ``sessions``, with their embeddings:
     as recorded, or recomputed from the cell's crop by ``clf`` for sessions recorded without."""
     from bmc.contract import preprocess, read_image
-    from edge_app.report import session_file
+    from bmc.edge_app.report import session_file
 
     xs, labels, groups, ids, names, reviewers, context = [], [], [], [], [], set(), []
     size = clf.backend.output_sizes[1]

@@ -20,16 +20,16 @@ import cv2
 import numpy as np
 
 from bmc.contract import centre_square, preprocess
-from edge_app import unknown as unknown_mod
-from edge_app.capture import Capture
-from edge_app.cells import Box, SessionLamp, SessionScale, crop_cell
-from edge_app.config import SessionSettings
-from edge_app.detect import FieldScale, FinderConfig, find_cells, scaled
-from edge_app.differential import Differential, ReviewPolicy
-from edge_app.model import CellClassifier
-from edge_app.sources import FrameSource, open_source
-from edge_app.store import SessionStore, StorageFull
-from edge_app.tracker import CellTracker
+from bmc.edge_app import unknown as unknown_mod
+from bmc.edge_app.capture import Capture
+from bmc.edge_app.cells import Box, SessionLamp, SessionScale, crop_cell
+from bmc.edge_app.config import SessionSettings
+from bmc.edge_app.detect import FieldScale, FinderConfig, find_cells, scaled
+from bmc.edge_app.differential import Differential, ReviewPolicy
+from bmc.edge_app.model import CellClassifier
+from bmc.edge_app.sources import FrameSource, open_source
+from bmc.edge_app.store import SessionStore, StorageFull
+from bmc.edge_app.tracker import CellTracker
 
 log = logging.getLogger(__name__)
 STAGES = ("read", "find", "preprocess", "classify", "record")

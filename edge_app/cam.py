@@ -28,7 +28,7 @@ class MapError(BmcError, ValueError):
 
 class ActivationMaps:
     def __init__(self, clf):
-        from edge_app.adapt import load_guard
+        from bmc.edge_app.adapt import load_guard
 
         try:
             from ai_edge_litert.interpreter import Interpreter

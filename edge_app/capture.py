@@ -10,7 +10,7 @@ from __future__ import annotations
 import queue
 import threading
 
-from edge_app.sources import FrameSource
+from bmc.edge_app.sources import FrameSource
 
 _END = object()
 

@@ -21,8 +21,8 @@ try:
 except ImportError:  # Python 3.10 (Ubuntu 22.04 on a Jetson)
     import tomli as tomllib  # type: ignore[no-redef]
 
-from edge_app.detect import FinderConfig
-from edge_app.differential import ReviewPolicy
+from bmc.edge_app.detect import FinderConfig
+from bmc.edge_app.differential import ReviewPolicy
 
 
 class ConfigError(BmcError, ValueError):

@@ -34,7 +34,7 @@ import dataclasses
 import cv2
 import numpy as np
 
-from edge_app.cells import Box
+from bmc.edge_app.cells import Box
 
 
 @dataclasses.dataclass(frozen=True)

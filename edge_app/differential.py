@@ -13,7 +13,7 @@ import math
 
 import numpy as np
 
-from edge_app.unknown import FLAG as UNKNOWN
+from bmc.edge_app.unknown import FLAG as UNKNOWN
 
 # Lineages of the PBC / bone-marrow labels, for the myeloid:erythroid (M:E) ratio.
 MYELOID = {

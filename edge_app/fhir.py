@@ -23,9 +23,9 @@ import json
 import uuid
 from pathlib import Path
 
+from bmc.edge_app import review
+from bmc.edge_app.differential import CLINICAL_ORDER, count_interval
 from bmc.stages import PARENT
-from edge_app import review
-from edge_app.differential import CLINICAL_ORDER, count_interval
 
 LOINC = "http://loinc.org"
 BMC_CODES = "urn:bmc-edge:cell-class"  # the kit's own codes: its class names
@@ -172,7 +172,7 @@ def _instant(text: str) -> str:
 
 def write(out_dir: str | Path) -> Path:
     """``differential.fhir.json`` in the session folder (written atomically)."""
-    from edge_app.store import write_atomic
+    from bmc.edge_app.store import write_atomic
 
     path = Path(out_dir) / "differential.fhir.json"
     return write_atomic(path, json.dumps(diagnostic_report(out_dir), indent=2, ensure_ascii=False) + "\n")

@@ -1,5 +1,5 @@
 """Power meters of the device: hardware access that the edge app (``bmc edge doctor``) and the
-benchmarks (``bmc bench energy``, :mod:`benchmarks.energy`) share; the device side owns it.
+benchmarks (``bmc bench energy``, :mod:`bmc.benchmarks.energy`) share; the device side owns it.
 
 Readers, each against the interface the hardware really exposes:
 

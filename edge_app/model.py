@@ -18,8 +18,8 @@ import numpy as np
 
 from bmc.card import ModelCardError, load_card
 from bmc.contract import preprocess
-from edge_app import backends, unknown
-from edge_app.head import load_head
+from bmc.edge_app import backends, unknown
+from bmc.edge_app.head import load_head
 
 EMBEDDING, PROBABILITIES = "embedding", "probabilities"
 

@@ -1,6 +1,6 @@
 """``bmc edge report DIR``: one self-contained HTML file per session folder.
 
-Counts, percentages and derived ratios after review (:mod:`edge_app.review`), the cells still
+Counts, percentages and derived ratios after review (:mod:`bmc.edge_app.review`), the cells still
 waiting for review and those a person decided, and a thumbnail grid per class — images inlined
 as base64, no script, no external link: it opens in any browser on a machine with no network,
 and can be printed or copied to a USB stick as it is.
@@ -16,11 +16,11 @@ import shutil
 import sqlite3
 from pathlib import Path
 
+from bmc.edge_app import review, store
+from bmc.edge_app.differential import ERYTHROID, MYELOID, count_interval
+from bmc.edge_app.store import is_locked
 from bmc.errors import BmcError
 from bmc.stages import coarse_counts, series_counts
-from edge_app import review, store
-from edge_app.differential import ERYTHROID, MYELOID, count_interval
-from edge_app.store import is_locked
 
 THUMBS_PER_CLASS = 48
 
@@ -268,7 +268,7 @@ def levels_html(counted, parents: dict[str, str], n: int) -> str:
 
 
 def write_atomic(path: Path, text: str) -> Path:
-    """:func:`edge_app.store.write_atomic`, a full disk said as one line naming the report."""
+    """:func:`bmc.edge_app.store.write_atomic`, a full disk said as one line naming the report."""
     try:
         return store.write_atomic(path, text)
     except OSError as e:

@@ -1,7 +1,7 @@
 """A person's review of the cells a session set aside, and the differential after review.
 
 The edge app counts a cell on its own only when the model is sure of it
-(:class:`edge_app.differential.ReviewPolicy`); the others are stored with a flag and wait for a
+(:class:`bmc.edge_app.differential.ReviewPolicy`); the others are stored with a flag and wait for a
 person, as a technician sets aside a cell they cannot name at once. ``bmc edge review DIR`` shows
 them one at a time in a window (where OpenCV has one), or takes decisions from the command line
 or a CSV file, and the report and ``cells.csv`` then count each cell by its final label.
@@ -30,8 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
+from bmc.edge_app.unknown import FLAG as UNKNOWN
 from bmc.errors import BmcError
-from edge_app.unknown import FLAG as UNKNOWN
 
 REJECTED = "rejected"
 _NEW_LABEL = re.compile(r"^[a-z][a-z0-9 _-]{0,39}$")
@@ -111,7 +111,7 @@ def connect(out_dir: str | Path, write: bool = False) -> sqlite3.Connection:
         db.execute("PRAGMA journal_mode=WAL")  # a running session may be writing frames meanwhile
         db.execute("PRAGMA synchronous=FULL")
         db.executescript(SCHEMA)
-        from edge_app.store import is_locked, mark_interrupted
+        from bmc.edge_app.store import is_locked, mark_interrupted
 
         if not is_locked(out_dir):  # 'running' with nobody recording: it was killed
             mark_interrupted(db)

@@ -52,9 +52,9 @@ def rotate(storage: str | Path, max_percent: float, min_free_mb: float, usage=di
 def export(session: str | Path, dest: str | Path) -> Path:
     """Copy a finished session (CSV, HTML report, FHIR DiagnosticReport, crops, database) to ``dest``
     (a USB stick)."""
-    from edge_app import fhir
-    from edge_app.report import build_report
-    from edge_app.store import write_csv
+    from bmc.edge_app import fhir
+    from bmc.edge_app.report import build_report
+    from bmc.edge_app.store import write_csv
 
     session, dest = Path(session), Path(dest)
     if not (session / "session.sqlite").exists():
@@ -99,8 +99,8 @@ def new_session_folder(storage: Path) -> Path:
 
 
 def session_config(cfg):
-    """The :class:`edge_app.app.SessionConfig` of a device configuration (service and screen alike)."""
-    from edge_app.app import SessionConfig
+    """The :class:`bmc.edge_app.app.SessionConfig` of a device configuration (service and screen alike)."""
+    from bmc.edge_app.app import SessionConfig
 
     s = cfg.session
     return SessionConfig(
@@ -145,10 +145,10 @@ def serve(cfg, echo=print, max_sessions: int | None = None) -> None:
 
 
 def _serve_loop(cfg, storage: Path, echo, max_sessions, stop: threading.Event, current: list) -> None:
-    from edge_app.active import active_model
-    from edge_app.app import EdgeSession
-    from edge_app.model import DEFAULT_MODEL, CellClassifier
-    from edge_app.sources import SourceError, open_source
+    from bmc.edge_app.active import active_model
+    from bmc.edge_app.app import EdgeSession
+    from bmc.edge_app.model import DEFAULT_MODEL, CellClassifier
+    from bmc.edge_app.sources import SourceError, open_source
 
     clf = None
     done = 0
@@ -205,7 +205,7 @@ def doctor(cfg=None, config_path: str | None = None, model_path: str | None = No
     try:
         from importlib import metadata
 
-        from edge_app.backends.litert import RUNTIME
+        from bmc.edge_app.backends.litert import RUNTIME
 
         have.append(f"runtime: {RUNTIME} {metadata.version(RUNTIME)}")
     except Exception as e:  # noqa: BLE001
@@ -213,7 +213,7 @@ def doctor(cfg=None, config_path: str | None = None, model_path: str | None = No
     try:
         import cv2
 
-        from edge_app.sources.camera import has_gstreamer
+        from bmc.edge_app.sources.camera import has_gstreamer
 
         have.append(f"OpenCV {cv2.__version__} (GStreamer: {'yes' if has_gstreamer() else 'no'})")
     except ImportError as e:
@@ -233,8 +233,8 @@ def doctor(cfg=None, config_path: str | None = None, model_path: str | None = No
         )
     )
     from bmc.card import ModelCardError
-    from edge_app.backends import BackendError
-    from edge_app.model import DEFAULT_MODEL, CellClassifier
+    from bmc.edge_app.backends import BackendError
+    from bmc.edge_app.model import DEFAULT_MODEL, CellClassifier
 
     model = Path(model_path) if model_path else Path(cfg.model.path) if cfg and cfg.model.path else DEFAULT_MODEL
     try:
@@ -286,11 +286,11 @@ def doctor(cfg=None, config_path: str | None = None, model_path: str | None = No
                 wrong.append(f"storage {probe} is not writable by this user")
         else:
             wrong.append(f"storage folder {storage} and its parent do not exist")
-    from edge_app.meters import find_meters
+    from bmc.edge_app.meters import find_meters
 
     meters = find_meters()
     have.append("power meters: " + (", ".join(m.name for m in meters) if meters else "none"))
-    from edge_app.app import has_display, opencv_gui
+    from bmc.edge_app.app import has_display, opencv_gui
 
     screen = has_display()
     gui = opencv_gui()

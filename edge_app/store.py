@@ -23,8 +23,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from bmc.edge_app import review
 from bmc.errors import BmcError
-from edge_app import review
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS session (

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from edge_app.cells import Box
+from bmc.edge_app.cells import Box
 
 
 @dataclasses.dataclass

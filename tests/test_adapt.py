@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from bmc.card import ModelCardError, card_path, sha256_file
-from edge_app.app import EdgeSession, SessionConfig
-from edge_app.model import DEFAULT_MODEL, MODELS_DIR, CellClassifier
+from bmc.edge_app.app import EdgeSession, SessionConfig
+from bmc.edge_app.model import DEFAULT_MODEL, MODELS_DIR, CellClassifier
 
 from conftest import ROOT, bmc
 
@@ -25,7 +25,7 @@ PER_CLASS = 12  # BCCD fields of each white-cell type in the fixture session
 
 @pytest.fixture(scope="module")
 def truth(bccd) -> dict[str, str]:
-    from benchmarks.bccd import single_cell_fields
+    from bmc.benchmarks.bccd import single_cell_fields
 
     by_class: dict[str, list] = {}
     for f in single_cell_fields(bccd):
@@ -53,7 +53,7 @@ def session(recorded, tmp_path) -> Path:
 
 def _answers(out: Path) -> dict[str, tuple[int, str]]:
     """Each field's scored cell (its most confident white cell): {field: (cell id, model label)}."""
-    from benchmarks.adapt import field_answers
+    from bmc.benchmarks.adapt import field_answers
 
     return {f: (cid, label) for f, (label, cid) in field_answers(out / "session.sqlite").items()}
 
@@ -82,8 +82,8 @@ def test_every_cell_is_recorded_with_its_embedding(recorded):
 def test_shipped_model_gives_the_embedding_and_unchanged_scores():
     """The embedding is a second output of the same graph; the numpy head of the card's guard file
     reproduces the model's own class scores from it."""
-    from edge_app.adapt import load_guard
-    from edge_app.head import softmax
+    from bmc.edge_app.adapt import load_guard
+    from bmc.edge_app.head import softmax
 
     clf = CellClassifier(DEFAULT_MODEL, orientations=1)
     assert clf.has_embedding and clf.backend.output_sizes == (8, 1280)
@@ -232,7 +232,7 @@ def test_embeddings_are_recomputed_from_crops_for_older_sessions(session, truth,
     db.execute("UPDATE cell SET embedding = NULL")
     db.commit()
     db.close()
-    from edge_app import adapt
+    from bmc.edge_app import adapt
 
     clf = CellClassifier(DEFAULT_MODEL, orientations=4)
     reviewed = adapt.collect([session], clf)
@@ -262,7 +262,7 @@ def test_adapting_imports_no_training_stack(session, truth):
 
 
 def test_review_for_adaptation_spreads_classes_least_sure_first(recorded):
-    from edge_app import review
+    from bmc.edge_app import review
 
     db = review.connect(recorded)
     cells = review.cells(db)
@@ -322,10 +322,10 @@ def test_adapting_from_the_screen_and_making_the_model_active(session, truth, tm
 
     from waitress import create_server
 
-    from edge_app import config as config_mod
-    from edge_app.active import active_model, models_dir
-    from edge_app.service import serve
-    from edge_app.ui.app import UiApp
+    from bmc.edge_app import config as config_mod
+    from bmc.edge_app.active import active_model, models_dir
+    from bmc.edge_app.service import serve
+    from bmc.edge_app.ui.app import UiApp
 
     storage = tmp_path / "bmc" / "sessions"
     storage.mkdir(parents=True)
@@ -376,7 +376,7 @@ def test_adapting_from_the_screen_and_making_the_model_active(session, truth, tm
     db = sqlite3.connect(newest / "session.sqlite")
     assert db.execute("SELECT model_file FROM session").fetchone()[0] == "lab1.tflite"
     db.close()
-    from edge_app.active import set_active
+    from bmc.edge_app.active import set_active
 
     set_active(storage, None, "anna")  # back to the shipped model
     lines = []

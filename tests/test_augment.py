@@ -4,7 +4,7 @@ import cv2
 import numpy as np
 
 from bmc.contract import Contract, luminance, normalise_stain, prepare, read_image
-from train.augment import LIGHT, AugmentConfig, augmented_view, stain_jitter, stain_mix
+from bmc.train.augment import LIGHT, AugmentConfig, augmented_view, stain_jitter, stain_mix
 
 
 def _cell(pbc, cls="neutrophil", i=3):

@@ -4,8 +4,8 @@ import cv2
 import numpy as np
 import pytest
 
-from train import backbones
-from train.torch_legacy import load_state_dict
+from bmc.train import backbones
+from bmc.train.torch_legacy import load_state_dict
 
 
 def test_legacy_pytorch_file_reads_without_torch():

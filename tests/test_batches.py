@@ -4,9 +4,9 @@ unreadable images."""
 import numpy as np
 
 from bmc.contract import Contract, prepare, read_image
-from train.augment import AugmentConfig
-from train.batches import Batches
-from train.data import Sample
+from bmc.train.augment import AugmentConfig
+from bmc.train.batches import Batches
+from bmc.train.data import Sample
 
 LABELS = ("eosinophil", "neutrophil")
 

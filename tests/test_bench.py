@@ -7,9 +7,9 @@ import json
 
 import numpy as np
 
-from benchmarks.compare import pareto
-from benchmarks.results import append
-from edge_app.model import DEFAULT_MODEL, MODELS_DIR
+from bmc.benchmarks.compare import pareto
+from bmc.benchmarks.results import append
+from bmc.edge_app.model import DEFAULT_MODEL, MODELS_DIR
 
 from conftest import bmc
 
@@ -118,7 +118,7 @@ def test_generalisation_on_munich_bone_marrow_cells(matek, tmp_path):
 def test_stain_calibration_maps_a_bccd_field_onto_the_training_stain(bccd, pbc):
     """The diagnostic's maps do what they say on real images: ``white`` brings BCCD's lamp to
     CellaVision's, ``stains`` also brings BCCD's nuclear stain to PBC's (within a few percent)."""
-    from benchmarks.stain_calibration import calibrator, pooled_stats, reference_stats, stain_stats
+    from bmc.benchmarks.stain_calibration import calibrator, pooled_stats, reference_stats, stain_stats
     from bmc.contract import read_image
 
     fields = sorted((bccd / "JPEGImages").glob("*.jpg"))[:40]

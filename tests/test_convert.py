@@ -82,7 +82,7 @@ def test_tflite_matches_keras_with_stated_tolerances(converted, run, small_pbc):
     import keras
 
     from bmc.contract import Contract, preprocess, read_image
-    from train.evaluate import TFLiteClassifier
+    from bmc.train.evaluate import TFLiteClassifier
 
     contract = Contract.from_json((run / "contract.json").read_text())
     xs = np.stack([preprocess(read_image(str(f)), contract) for f in sorted(small_pbc.glob("*/*_*[0-9].jpg"))[:24]])
@@ -137,7 +137,7 @@ def test_card_missing_or_not_matching_is_refused(converted, tmp_path):
 
 
 def test_calibration_in_the_wrong_range_is_refused():
-    from convert.variants import VariantError, int8
+    from bmc.convert.variants import VariantError, int8
 
     with pytest.raises(VariantError, match="0..1"):
         int8(np.random.default_rng(0).random((4, 224, 224, 3)))
@@ -146,9 +146,9 @@ def test_calibration_in_the_wrong_range_is_refused():
 def test_variants_give_the_cell_embedding_beside_the_scores(converted):
     """Every converted variant outputs the pooled embedding (for adaptation on the device) from the
     same invocation, and its own last layer, read back from the file, maps it to its scores."""
-    from convert.embedding import read_head
-    from edge_app.head import softmax
-    from edge_app.model import CellClassifier
+    from bmc.convert.embedding import read_head
+    from bmc.edge_app.head import softmax
+    from bmc.edge_app.model import CellClassifier
 
     x = np.random.default_rng(1).uniform(0, 255, (3, 224, 224, 3)).astype(np.float32)
     for name, tol in (("cells_int8", 0.02), ("cells_fp16", 1e-4)):

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from train.data import DataError, check, discover, load_split, save_split, split
+from bmc.train.data import DataError, check, discover, load_split, save_split, split
 
 
 def test_pbc_class_folders(pbc):
@@ -133,7 +133,7 @@ def test_data_split_cli_is_the_split_that_training_makes(matek, tmp_path):
 
 
 def test_pack_from_a_split_keeps_the_partition(matek, tmp_path):
-    from train.data import pack
+    from bmc.train.data import pack
 
     samples = [s for s in discover(matek) if s.label in ("ART", "BLA", "EOS", "LYT")]
     parts = split(samples, seed=3)

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from edge_app import config as config_mod
-from edge_app.service import EXPORTED_MARK, rotate, session_dirs
+from bmc.edge_app import config as config_mod
+from bmc.edge_app.service import EXPORTED_MARK, rotate, session_dirs
 
 from conftest import ROOT, bmc
 
@@ -47,7 +47,7 @@ def _session(root: Path, name: str, exported: bool) -> Path:
     s.mkdir(parents=True)
     import sqlite3
 
-    from edge_app.store import SCHEMA
+    from bmc.edge_app.store import SCHEMA
 
     db = sqlite3.connect(s / "session.sqlite")
     db.executescript(SCHEMA)

@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 
 from bmc.card import ModelCardError
-from edge_app.app import EdgeSession, SessionConfig
-from edge_app.backends import BackendError
-from edge_app.differential import Differential, ReviewPolicy
-from edge_app.model import DEFAULT_MODEL, CellClassifier
-from edge_app.sources import Frame, FrameSource, SourceError, open_source
-from edge_app.sources.camera import _Reopening
+from bmc.edge_app.app import EdgeSession, SessionConfig
+from bmc.edge_app.backends import BackendError
+from bmc.edge_app.differential import Differential, ReviewPolicy
+from bmc.edge_app.model import DEFAULT_MODEL, CellClassifier
+from bmc.edge_app.sources import Frame, FrameSource, SourceError, open_source
+from bmc.edge_app.sources.camera import _Reopening
 
 from conftest import ROOT, bmc
 
@@ -295,7 +295,7 @@ def test_cell_mode_treats_each_frame_as_one_cell(pbc, tmp_path, clf):
 def test_cell_at_the_field_edge_is_padded_flat_not_mirrored(bccd):
     """A mirrored border would show the model a second copy of the cell's nucleus."""
     from bmc.contract import Contract, read_image
-    from edge_app.cells import Box, crop_cell
+    from bmc.edge_app.cells import Box, crop_cell
 
     frame = read_image(str(bccd / "JPEGImages" / "BloodImage_00000.jpg"))
     c = Contract(labels=("x",), cell_fraction=0.5)
@@ -312,8 +312,8 @@ def test_orientations_make_the_answer_independent_of_how_the_cell_lies(bccd):
     """A cell has no up: with 4 orientations a cell and the same cell turned 90° get the same
     probabilities; with one, they need not."""
     from bmc.contract import read_image
-    from edge_app.cells import crop_cell
-    from edge_app.detect import find_cells
+    from bmc.edge_app.cells import crop_cell
+    from bmc.edge_app.detect import find_cells
 
     frame = read_image(str(bccd / "JPEGImages" / "BloodImage_00001.jpg"))
     one, four = CellClassifier(DEFAULT_MODEL, threads=2, orientations=1), CellClassifier(DEFAULT_MODEL, threads=2)
@@ -334,7 +334,7 @@ def test_white_balance_brings_another_microscopes_lamp_to_the_training_one(bccd,
     the session measures its lamp from the fields and each cell reaches the model as if lit by
     the training lamp; without it (the default) cells pass unchanged. The session records which."""
     from bmc.contract import lamp_of
-    from edge_app.cells import SessionLamp
+    from bmc.edge_app.cells import SessionLamp
 
     lamp = clf.contract.lamp
     assert lamp is not None and lamp[0] - lamp[2] > 25
@@ -365,7 +365,7 @@ def test_white_balance_brings_another_microscopes_lamp_to_the_training_one(bccd,
 def test_histogram_median_is_numpys_median(bccd):
     """The cell finder's fast median (a histogram) is exactly np.median: on real fields' LAB
     channels, and on odd, even and tiny arrays."""
-    from edge_app.detect import median_u8
+    from bmc.edge_app.detect import median_u8
 
     for f in sorted((bccd / "JPEGImages").glob("*.jpg"))[:10]:
         lab = cv2.cvtColor(cv2.imread(str(f)), cv2.COLOR_BGR2LAB)
@@ -382,7 +382,7 @@ def test_count_limits_are_the_exact_binomial_ones():
     against scipy's beta quantiles, from a handful of cells to a 1000-cell differential."""
     from scipy.stats import beta
 
-    from edge_app.differential import count_interval
+    from bmc.edge_app.differential import count_interval
 
     for n in (1, 7, 100, 200, 500, 1000):
         for k in sorted({0, 1, 5, n // 10, n // 2, n - 1, n} & set(range(n + 1))):
@@ -398,7 +398,7 @@ def test_count_limits_are_the_exact_binomial_ones():
 def test_live_window_shows_the_differential_as_it_grows(bccd):
     """What the window draws in its corner: the counts by class with their shares, read back from
     the pixels' change (a CI machine has no screen to show them on)."""
-    from edge_app.app import draw_differential
+    from bmc.edge_app.app import draw_differential
 
     frame = cv2.imread(str(sorted((bccd / "JPEGImages").glob("*.jpg"))[0]))
     d = Differential(["erythroblast", "lymphocyte", "neutrophil"], target=100)

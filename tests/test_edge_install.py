@@ -106,7 +106,7 @@ def test_edge_extra_alone_runs_the_app(tmp_path, bccd):
     for f in sorted((bccd.parent / "pbc" / "neutrophil").glob("*.jpg"))[:4]:
         (classes / f.name).symlink_to(f)
     site_models = subprocess.run(
-        [str(py), "-c", "from edge_app.model import DEFAULT_MODEL; print(DEFAULT_MODEL)"],
+        [str(py), "-c", "from bmc.edge_app.model import DEFAULT_MODEL; print(DEFAULT_MODEL)"],
         capture_output=True,
         text=True,
         cwd=tmp_path,
@@ -124,7 +124,7 @@ def test_edge_extra_alone_runs_the_app(tmp_path, bccd):
     )
     assert lat.returncode == 0, lat.stdout + lat.stderr
     assert (tmp_path / "bmc-results" / "latency.csv").is_file()
-    assert not list(env_dir.rglob("site-packages/benchmarks/results/*.csv"))
+    assert not list(env_dir.rglob("site-packages/bmc/benchmarks/results/*.csv"))
     found = subprocess.run(
         [bmc_bin, "bench", "finding", "--source", str(fields), "--boxes", str(bccd / "Annotations"), "--format", "voc"],
         capture_output=True,
@@ -190,8 +190,8 @@ def test_edge_extra_alone_runs_the_app(tmp_path, bccd):
         [
             str(py),
             "-c",
-            "import sys, bmc.cli, edge_app.app, edge_app.report, edge_app.review, "
-            "edge_app.adapt, edge_app.ui.app, edge_app.cam; "
+            "import sys, bmc.cli, bmc.edge_app.app, bmc.edge_app.report, bmc.edge_app.review, "
+            "bmc.edge_app.adapt, bmc.edge_app.ui.app, bmc.edge_app.cam; "
             "print('tensorflow' in sys.modules)",
         ],
         capture_output=True,

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import energy
-from benchmarks.energy import (
+from bmc.benchmarks import energy
+from bmc.benchmarks.energy import (
     CsvLogMeter,
     INA2xxMeter,
     JetsonMeter,
@@ -138,7 +138,7 @@ def test_joules_per_inference_subtracts_idle_power():
 
 
 def test_no_meter_here_means_no_number(monkeypatch):
-    from edge_app import meters
+    from bmc.edge_app import meters
 
     monkeypatch.setattr(meters, "RaplMeter", lambda: (_ for _ in ()).throw(MeterError("none")))
     monkeypatch.setattr(meters, "JetsonMeter", lambda: (_ for _ in ()).throw(MeterError("none")))

@@ -12,8 +12,8 @@ import pytest
 from fhir.resources.R4B.bundle import Bundle
 from pydantic import ValidationError
 
-from edge_app import fhir
-from edge_app.model import MODELS_DIR
+from bmc.edge_app import fhir
+from bmc.edge_app.model import MODELS_DIR
 
 from conftest import DATA, bmc
 

@@ -8,8 +8,8 @@ import csv
 import cv2
 import numpy as np
 
-from benchmarks import finding
-from benchmarks.bccd import read_voc_boxes
+from bmc.benchmarks import finding
+from bmc.benchmarks.bccd import read_voc_boxes
 
 from conftest import bmc
 
@@ -93,7 +93,7 @@ def test_boxes_that_do_not_fit_are_a_clear_error(bccd, tmp_path):
 
 
 def test_the_red_cells_give_the_fields_scale_on_real_fields(bccd):
-    from edge_app.detect import red_cell_diameter
+    from bmc.edge_app.detect import red_cell_diameter
 
     from conftest import DATA
 
@@ -109,7 +109,7 @@ def test_the_red_cells_give_the_fields_scale_on_real_fields(bccd):
 
 
 def test_the_finders_sizes_follow_the_magnification(tmp_path):
-    from edge_app.detect import FinderConfig, scaled
+    from bmc.edge_app.detect import FinderConfig, scaled
 
     from conftest import DATA
 
@@ -145,7 +145,7 @@ def test_red_cells_tinted_bluish_are_not_taken_for_nuclei(bccd):
     yellow (b*) median like a nucleus. The finder measures the red cells' own colour on each field
     and leaves out what shares it, so the white cells stay what it finds (before: precision 0.31 on
     all BCCD fields at this tint, ``bmc bench finding ... --tint 1``)."""
-    from edge_app.detect import FinderConfig, red_cell_colour
+    from bmc.edge_app.detect import FinderConfig, red_cell_colour
 
     fields = finding.read_boxes(bccd / "JPEGImages", bccd / "Annotations", "voc", "WBC")[:60]
     frame = cv2.imread(str(fields[0].image))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from train.metrics import classification_metrics
+from bmc.train.metrics import classification_metrics
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_app import review
-from edge_app.app import EdgeSession, SessionConfig
-from edge_app.model import DEFAULT_MODEL, CellClassifier
-from edge_app.review import REJECTED, Reviewer, ReviewError, review_window
-from edge_app.store import SessionStore
+from bmc.edge_app import review
+from bmc.edge_app.app import EdgeSession, SessionConfig
+from bmc.edge_app.model import DEFAULT_MODEL, CellClassifier
+from bmc.edge_app.review import REJECTED, Reviewer, ReviewError, review_window
+from bmc.edge_app.store import SessionStore
 
 from conftest import bmc
 
@@ -191,8 +191,8 @@ def test_reviewed_cells_become_training_data_at_the_trained_scale(session, small
     """bmc data harvest: the cells a person labelled, padded to a training image's geometry, in a
     manifest with another data set; the trainer reads it and measures the model's own cell scale."""
     from bmc.contract import centre_square, read_image
-    from train.cellscale import measure_cell_fraction
-    from train.data import discover, split
+    from bmc.train.cellscale import measure_cell_fraction
+    from bmc.train.data import discover, split
 
     contract = CellClassifier(DEFAULT_MODEL).contract
     with Reviewer(session, "erin") as r:

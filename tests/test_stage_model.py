@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from bmc.card import load_card
+from bmc.edge_app.model import MODELS_DIR, CellClassifier
 from bmc.stages import GRANULOCYTIC_SERIES, PARENT, STAGE_LABELS
-from edge_app.model import MODELS_DIR, CellClassifier
 
 from conftest import DATA, bmc
 

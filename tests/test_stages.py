@@ -21,7 +21,7 @@ from bmc.stages import (
     soft_targets,
     stage_distance,
 )
-from train.data import discover, load_split, relabel, save_split, split
+from bmc.train.data import discover, load_split, relabel, save_split, split
 
 from conftest import bmc
 

@@ -23,7 +23,7 @@ def test_run_folder_holds_everything_to_reproduce_and_convert(run, small_pbc):
         "metrics.json",
         "confusion.png",
         "per_class.md",
-        "train.log",
+        "bmc.train.log",
     ):
         assert (run / name).is_file(), name
     contract = json.loads((run / "contract.json").read_text())
@@ -40,7 +40,7 @@ def test_run_folder_holds_everything_to_reproduce_and_convert(run, small_pbc):
 
 def test_unreadable_image_is_skipped_and_listed(run):
     m = json.loads((run / "metrics.json").read_text())
-    log = (run / "train.log").read_text()
+    log = (run / "bmc.train.log").read_text()
     assert "LY_corrupt.jpg" in log
     listed = [s["path"] for s in m["skipped"]]
     split = json.loads((run / "split.json").read_text())
@@ -142,7 +142,7 @@ def test_full_path_trains_end_to_end(small_pbc, tmp_path):
         "on",
     )
     m = json.loads((out / "metrics.json").read_text())
-    log = (out / "train.log").read_text()
+    log = (out / "bmc.train.log").read_text()
     assert m["n"] >= 8 and "mode full" in log and "mixed precision: mixed_float16" in log
     assert "LY_corrupt.jpg" in log + json.dumps(m["skipped"])
     assert (out / "best.weights.h5").is_file()
@@ -175,7 +175,7 @@ def test_init_from_a_trained_model(run, small_pbc, pbc, tmp_path):
         "--out",
         same,
     )
-    assert "and its head (same classes)" in (same / "train.log").read_text()
+    assert "and its head (same classes)" in (same / "bmc.train.log").read_text()
     a = keras.models.load_model(run / "model.keras").get_weights()
     b = keras.models.load_model(same / "model.keras").get_weights()
     assert len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b))
@@ -203,7 +203,7 @@ def test_init_from_a_trained_model(run, small_pbc, pbc, tmp_path):
         "--out",
         other,
     )
-    log = (other / "train.log").read_text()
+    log = (other / "bmc.train.log").read_text()
     assert "head starts afresh (4 classes there, 3 here)" in log
     assert "test figures are optimistic" in log  # another split of the same images
 

@@ -18,10 +18,10 @@ import cv2
 import numpy as np
 import pytest
 
-from edge_app.app import EdgeSession, SessionConfig
-from edge_app.model import DEFAULT_MODEL, CellClassifier
-from edge_app.report import build_report
-from edge_app.sources import VideoFile
+from bmc.edge_app.app import EdgeSession, SessionConfig
+from bmc.edge_app.model import DEFAULT_MODEL, CellClassifier
+from bmc.edge_app.report import build_report
+from bmc.edge_app.sources import VideoFile
 
 from conftest import ROOT, bmc
 
@@ -140,7 +140,7 @@ def test_a_killed_session_reads_as_interrupted(fields40, tmp_path):
 
 
 def test_a_live_source_is_not_resumed(bccd, tmp_path, clf):
-    from edge_app.store import SessionFolderError, SessionStore
+    from bmc.edge_app.store import SessionFolderError, SessionStore
 
     out = tmp_path / "s"
     s = SessionStore(out, "camera0", "m.tflite", "0" * 64, ["a", "b"])
@@ -369,22 +369,22 @@ def test_every_domain_error_is_one_kind_caught_once_by_the_cli():
     errors = {
         "bmc.contract": ["ContractError", "ImageError"],
         "bmc.card": ["ModelCardError"],
-        "train.data": ["DataError"],
-        "train.cellscale": ["CellScaleError"],
-        "train.trainer": ["TrainError"],
-        "train.evaluate": ["EvaluationError"],
-        "convert.embedding": ["EmbeddingError"],
-        "edge_app.review": ["ReviewError"],
-        "edge_app.config": ["ConfigError"],
-        "edge_app.backends": ["BackendError"],
-        "edge_app.sources": ["SourceError"],
-        "edge_app.meters": ["MeterError"],
-        "edge_app.store": ["SessionFolderError"],
-        "edge_app.adapt": ["AdaptError"],
-        "edge_app.unknown": ["UnknownError"],
-        "benchmarks.finding": ["BoxesError"],
-        "benchmarks.adapt": ["TruthError"],
-        "benchmarks.ood": ["OodError"],
+        "bmc.train.data": ["DataError"],
+        "bmc.train.cellscale": ["CellScaleError"],
+        "bmc.train.trainer": ["TrainError"],
+        "bmc.train.evaluate": ["EvaluationError"],
+        "bmc.convert.embedding": ["EmbeddingError"],
+        "bmc.edge_app.review": ["ReviewError"],
+        "bmc.edge_app.config": ["ConfigError"],
+        "bmc.edge_app.backends": ["BackendError"],
+        "bmc.edge_app.sources": ["SourceError"],
+        "bmc.edge_app.meters": ["MeterError"],
+        "bmc.edge_app.store": ["SessionFolderError"],
+        "bmc.edge_app.adapt": ["AdaptError"],
+        "bmc.edge_app.unknown": ["UnknownError"],
+        "bmc.benchmarks.finding": ["BoxesError"],
+        "bmc.benchmarks.adapt": ["TruthError"],
+        "bmc.benchmarks.ood": ["OodError"],
     }
     for module, names in errors.items():
         for name in names:
@@ -400,8 +400,8 @@ def test_training_and_gate_defaults_are_written_once():
     import click
 
     from bmc.cli import main
-    from convert.gate import Gate
-    from train.config import TrainConfig
+    from bmc.convert.gate import Gate
+    from bmc.train.config import TrainConfig
 
     fields = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
     train_cmd = main.commands["train"]

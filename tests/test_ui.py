@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from edge_app.app import EdgeSession, SessionConfig
-from edge_app.model import DEFAULT_MODEL, CellClassifier
-from edge_app.ui import auth
-from edge_app.ui.app import UiApp
+from bmc.edge_app.app import EdgeSession, SessionConfig
+from bmc.edge_app.model import DEFAULT_MODEL, CellClassifier
+from bmc.edge_app.ui import auth
+from bmc.edge_app.ui.app import UiApp
 
 from conftest import ROOT, bmc
 
@@ -365,7 +365,7 @@ def test_a_technician_counts_from_the_live_page_in_a_real_browser(storage, bccd,
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    from edge_app.ui.live import LiveRunner
+    from bmc.edge_app.ui.live import LiveRunner
 
     src = tmp_path / "fields"
     src.mkdir()
@@ -404,7 +404,7 @@ def test_a_live_session_from_the_screen(storage, bccd, tmp_path):
     time, the counts rise in /live/state, and stop it; the session is an ordinary session folder."""
     import json as _json
 
-    from edge_app.ui.live import LiveRunner
+    from bmc.edge_app.ui.live import LiveRunner
 
     src = tmp_path / "fields"
     src.mkdir()
@@ -457,7 +457,7 @@ def test_a_live_session_from_the_screen(storage, bccd, tmp_path):
 
 
 def test_review_for_adaptation_lists_the_cells_that_teach_most(local, storage):
-    from edge_app import review
+    from bmc.edge_app import review
 
     db = review.connect(storage / "20261128-0900")
     expected = [c.id for c in review.teaching_queue(review.cells(db), 10)]

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 from bmc.card import card_path
-from edge_app import config as config_mod
-from edge_app import review, unknown
-from edge_app.model import DEFAULT_MODEL, MODELS_DIR, CellClassifier
+from bmc.edge_app import config as config_mod
+from bmc.edge_app import review, unknown
+from bmc.edge_app.model import DEFAULT_MODEL, MODELS_DIR, CellClassifier
 
 from conftest import DATA, bmc
 

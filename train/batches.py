@@ -14,7 +14,7 @@ import keras
 import numpy as np
 
 from bmc.contract import Contract, read_image
-from train.augment import AugmentConfig, augmented_view, plain_view
+from bmc.train.augment import AugmentConfig, augmented_view, plain_view
 
 
 class Batches(keras.utils.PyDataset):

@@ -1,6 +1,6 @@
 """Measuring the cell scale of a training set: how much of the model's crop a cell spans.
 
-The edge app finds cells with :func:`edge_app.detect.find_cells` and cuts them so that they reach
+The edge app finds cells with :func:`bmc.edge_app.detect.find_cells` and cuts them so that they reach
 the model at the scale it learnt. The same finder is run here on training images, so "cell
 diameter" means the same thing on both sides: the contract's ``cell_fraction`` is the median,
 over training images where the finder sees a cell near the centre, of that cell's box diameter
@@ -12,8 +12,8 @@ from __future__ import annotations
 import numpy as np
 
 from bmc.contract import read_image
+from bmc.edge_app.detect import find_cells
 from bmc.errors import BmcError
-from edge_app.detect import find_cells
 
 
 class CellScaleError(BmcError, ValueError):

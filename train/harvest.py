@@ -31,8 +31,8 @@ import cv2
 import numpy as np
 
 from bmc.contract import Contract, read_image
-from edge_app import review
-from train.data import DataError, discover
+from bmc.edge_app import review
+from bmc.train.data import DataError, discover
 
 
 def _contract_of(config: str | None, fallback: Contract | None, where: str) -> Contract:

@@ -8,7 +8,7 @@ The model is one flat Keras functional graph (no nested sub-models) with
 from __future__ import annotations
 
 from bmc.contract import Contract
-from train.backbones import BackboneError, block_names, build_backbone
+from bmc.train.backbones import BackboneError, block_names, build_backbone
 
 
 def build_classifier(backbone: str, contract: Contract, weights: str | None = "imagenet", dropout: float = 0.3):

@@ -27,9 +27,9 @@ import numpy as np
 
 from bmc.contract import Contract, read_image
 from bmc.stages import parents_for, soft_targets
-from train import data as data_mod
-from train.augment import LIGHT, AugmentConfig, augmented_view, plain_view
-from train.config import MODES, STRATEGIES, TrainConfig, TrainError  # noqa: F401 - re-exported
+from bmc.train import data as data_mod
+from bmc.train.augment import LIGHT, AugmentConfig, augmented_view, plain_view
+from bmc.train.config import MODES, STRATEGIES, TrainConfig, TrainError  # noqa: F401 - re-exported
 
 
 class _Log:
@@ -62,7 +62,7 @@ def init_from(model, path: str | Path, contract: Contract, splits, log) -> None:
     """
     import keras
 
-    from train.evaluate import contract_for
+    from bmc.train.evaluate import contract_for
 
     path = Path(path)
     if not path.is_file() or path.suffix != ".keras":
@@ -212,7 +212,7 @@ def train(cfg: TrainConfig) -> dict:
     t_start = time.time()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    log = _Log(out / "train.log")
+    log = _Log(out / "bmc.train.log")
 
     # -- data and split ------------------------------------------------------------------
     if cfg.split_file:
@@ -225,7 +225,7 @@ def train(cfg: TrainConfig) -> dict:
     data_mod.save_split(splits, out / "split.json")
     labels = sorted({s.label for part in splits.values() for s in part})
     cell_fraction = cfg.cell_fraction
-    from train.cellscale import measure_cell_fraction, measure_lamp
+    from bmc.train.cellscale import measure_cell_fraction, measure_lamp
 
     if cell_fraction is None:
         cell_fraction, n_measured = measure_cell_fraction(splits["train"], cfg.crop_fraction, seed=cfg.seed)
@@ -265,7 +265,7 @@ def train(cfg: TrainConfig) -> dict:
     # -- honest evaluation of the saved artifact on the held-out test split ----------------
     import keras
 
-    from train.evaluate import evaluate_samples, write_reports
+    from bmc.train.evaluate import evaluate_samples, write_reports
 
     saved = keras.models.load_model(model_path)
     test = [s for s in splits["test"] if s.path not in {p for p, _ in skipped}]
@@ -287,7 +287,7 @@ def _train_cached(cfg, contract, splits, index, log):
     import keras
     import tensorflow as tf
 
-    from train.model import build_classifier, set_trainable_from, split_at
+    from bmc.train.model import build_classifier, set_trainable_from, split_at
 
     keras.utils.set_random_seed(cfg.seed)
     model = build_classifier(cfg.backbone, contract, cfg.weights, cfg.dropout)
@@ -462,8 +462,8 @@ def _train_full(cfg, contract, splits, index, log, gpus):
     """
     import keras
 
-    from train.batches import Batches
-    from train.model import build_classifier, set_trainable_from
+    from bmc.train.batches import Batches
+    from bmc.train.model import build_classifier, set_trainable_from
 
     backend = keras.backend.backend()
     if cfg.mixed_precision == "on" or (cfg.mixed_precision == "auto" and gpus):
@@ -541,7 +541,7 @@ def _plain_copy(model, cfg, contract):
     device expect of a model.keras (and a third of the size of a compiled model's file)."""
     import keras
 
-    from train.model import build_classifier
+    from bmc.train.model import build_classifier
 
     keras.mixed_precision.set_global_policy("float32")
     plain = build_classifier(cfg.backbone, contract, "none", cfg.dropout)

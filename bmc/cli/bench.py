@@ -47,8 +47,8 @@ def bench():
 def bench_generalisation(model, bccd, json_out, orientations, scale, matek, calibrate, reference):
     """Accuracy of MODEL on white cells of another microscope (BCCD fields, or Munich bone-marrow
     cells with --matek; cut at the trained scale)."""
-    from benchmarks.generalisation import DEFAULT_BCCD, DEFAULT_PBC, score
-    from train.metrics import per_class_table
+    from bmc.benchmarks.generalisation import DEFAULT_BCCD, DEFAULT_PBC, score
+    from bmc.train.metrics import per_class_table
 
     m = _guard(score, model, bccd or DEFAULT_BCCD, int(orientations), scale, matek, calibrate, reference or DEFAULT_PBC)
     click.echo(per_class_table(m))
@@ -68,10 +68,10 @@ def bench_latency(models, threads, thread_sweep, runs, baseline_keras, json_out,
     """Latency p50/p90/p99, throughput, init time, peak memory and size of MODELS, interleaved."""
     import os
 
-    from benchmarks import latency, results
+    from bmc.benchmarks import latency, results
 
     if not models and not baseline_keras:
-        from edge_app.model import DEFAULT_MODEL
+        from bmc.edge_app.model import DEFAULT_MODEL
 
         models = (str(DEFAULT_MODEL),)
     sweep = range(1, (os.cpu_count() or 1) + 1) if thread_sweep else [threads]
@@ -98,7 +98,7 @@ def bench_latency(models, threads, thread_sweep, runs, baseline_keras, json_out,
 @click.option("--no-record", is_flag=True)
 def bench_edge(source, model, threads, orientations, json_out, no_record):
     """Frames/s, cells/s and per-stage time of the real edge pipeline, headless."""
-    from benchmarks import pipeline, results
+    from bmc.benchmarks import pipeline, results
 
     res = _guard(pipeline.run, source, model, threads, orientations=int(orientations))
     click.echo(pipeline.markdown(res))
@@ -116,8 +116,8 @@ def bench_edge(source, model, threads, orientations, json_out, no_record):
 @json_option
 def bench_bccd(bccd, model, orientations, white_balance, json_out):
     """Cell finding (recall/precision vs the WBC boxes) and field classification on BCCD."""
-    from benchmarks import detection
-    from benchmarks.generalisation import DEFAULT_BCCD
+    from bmc.benchmarks import detection
+    from bmc.benchmarks.generalisation import DEFAULT_BCCD
 
     root = bccd or DEFAULT_BCCD
     f = _guard(detection.finding, root)
@@ -165,7 +165,7 @@ def bench_bccd(bccd, model, orientations, white_balance, json_out):
 @json_option
 def bench_finding(source, boxes, fmt, label, errors, tint, json_out):
     """Recall and precision of the cell finder against white-cell boxes in VOC, CSV or YOLO form."""
-    from benchmarks import finding
+    from bmc.benchmarks import finding
 
     r = _guard(lambda: finding.finding(finding.read_boxes(source, boxes, fmt, label), errors=errors, tint=tint))
     click.echo(
@@ -207,7 +207,7 @@ def bench_finding(source, boxes, fmt, label, errors, tint, json_out):
 def bench_ood(model, level, data_root, reviewed, seed, json_out):
     """Cells the model does not know: the share set aside as unknown of Munich blasts, artefacts and
     other cells no model here names, and of PBC test and BCCD white cells; accuracy on those counted."""
-    from benchmarks import ood
+    from bmc.benchmarks import ood
 
     r = _guard(lambda: ood.run(model, level, data_root or ood.DEFAULT_DATA, reviewed=reviewed, seed=seed))
     click.echo(ood.markdown(r))
@@ -239,7 +239,7 @@ def bench_ood(model, level, data_root, reviewed, seed, json_out):
 def bench_adapt(source, truth_file, k, seeds, mode, model, orientations, ceiling, json_out):
     """Adaptation as a laboratory lives it: run, label K fields per class, bmc edge adapt, run again;
     balanced accuracy of the fields not labelled, before and after, for each seed."""
-    from benchmarks import adapt as bench
+    from bmc.benchmarks import adapt as bench
 
     if ceiling:
         res = _guard(
@@ -281,7 +281,7 @@ def bench_adapt(source, truth_file, k, seeds, mode, model, orientations, ceiling
 def bench_truth(source, fmt, out):
     """Write the file,label truth of SOURCE for bmc bench adapt: BCCD's single-white-cell fields, or
     the Munich cells whose code the 8 classes name."""
-    from benchmarks import adapt as bench
+    from bmc.benchmarks import adapt as bench
 
     n = (bench.write_truth_bccd if fmt == "bccd" else bench.write_truth_matek)(source, out)
     click.echo(f"{n} {'fields' if fmt == 'bccd' else 'cells'} → {out}")
@@ -296,7 +296,7 @@ def bench_truth(source, fmt, out):
 def bench_ui(source, fps, frames, model, json_out):
     """The screen's delay and cost: frame-to-viewer latency over the live MJPEG stream, and the
     pipeline's frames/s with the screen and one viewer against headless, on a replayed camera."""
-    from benchmarks import ui
+    from bmc.benchmarks import ui
 
     r = _guard(ui.run, source, fps, frames, model, log=lambda m: click.echo(m, err=True))
     click.echo(ui.markdown(r))
@@ -314,7 +314,7 @@ def bench_ui(source, fps, frames, model, json_out):
 def bench_soak(source, out, kills, max_delay, seed, json_out):
     """SIGKILL `bmc edge run` KILLS times at random moments, re-running into the same folder; then check
     that no committed frame was lost and every field was counted exactly once."""
-    from benchmarks import soak
+    from bmc.benchmarks import soak
 
     try:
         r = soak.run(source, out, kills, max_delay, seed, log=lambda m: click.echo(m, err=True))
@@ -336,7 +336,7 @@ def bench_soak(source, out, kills, max_delay, seed, json_out):
 @json_option
 def bench_compare(items, data, runs, threads, plot, json_out):
     """Accuracy and macro-F1 on DATA beside latency and size, for a run's variants or given models."""
-    from benchmarks import compare, results
+    from bmc.benchmarks import compare, results
 
     res = _guard(compare.run, items, data, runs, threads, plot)
     click.echo(compare.markdown(res))
@@ -363,9 +363,9 @@ def bench_energy(model, meter, runs, idle_s, threads, json_out):
 
     import numpy as np
 
-    from benchmarks import energy, machine
-    from edge_app.backends.litert import LiteRTBackend
-    from edge_app.model import DEFAULT_MODEL
+    from bmc.benchmarks import energy, machine
+    from bmc.edge_app.backends.litert import LiteRTBackend
+    from bmc.edge_app.model import DEFAULT_MODEL
 
     makers = {
         "rapl": energy.RaplMeter,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from bmc.cli.common import LABEL_SOURCES, _guard, _write_json
-from train.config import default as _td  # every training default, written once (TrainConfig)
+from bmc.train.config import default as _td  # every training default, written once (TrainConfig)
 
 
 @click.group()
@@ -26,7 +26,7 @@ def data():
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="also write the report as JSON")
 def data_check(data_dir, label_from, manifest, json_out):
     """Classes and counts, image sizes, unreadable files, duplicates and imbalance of DATA_DIR."""
-    from train.data import check
+    from bmc.train.data import check
 
     report = _guard(check, data_dir, label_from, manifest)
     click.echo(report.table())
@@ -52,7 +52,7 @@ def data_split(data_dir, out, label_from, manifest, seed, like):
     to --out without training: fix the partition once, then train on it with --split."""
     from collections import Counter
 
-    from train.data import discover, load_split, relabel, save_split, split
+    from bmc.train.data import discover, load_split, relabel, save_split, split
 
     dropped = 0
     if like:
@@ -78,7 +78,7 @@ def data_pack(source, dest, side, quality, label_from):
 
     From a split.json, DEST/split.json keeps the same partition: `bmc train DEST --split
     DEST/split.json` trains on it."""
-    from train.data import pack
+    from bmc.train.data import pack
 
     n, skipped = _guard(pack, source, dest, side, quality, label_from)
     for _path, why in skipped:
@@ -110,7 +110,7 @@ def data_pack(source, dest, side, quality, label_from):
 def data_harvest(sessions, dest, with_data, label_from, model):
     """The cells a person labelled in edge SESSIONS (bmc edge review) as a training set: DEST/<label>/*.png
     at the trained geometry and DEST/manifest.csv; train with: bmc train DEST --manifest DEST/manifest.csv"""
-    from train.harvest import harvest
+    from bmc.train.harvest import harvest
 
     fallback = None
     if model:

@@ -77,17 +77,17 @@ def edge_run(
     pipeline, a video, an image folder or glob, or one image."""
     import os
 
-    from edge_app.app import EdgeSession, SessionConfig, has_display
-    from edge_app.backends import BackendError
-    from edge_app.differential import ReviewPolicy
+    from bmc.edge_app.app import EdgeSession, SessionConfig, has_display
+    from bmc.edge_app.backends import BackendError
+    from bmc.edge_app.differential import ReviewPolicy
 
     try:
         ReviewPolicy(unknown_level=unknown_level)
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--unknown-level") from None
-    from edge_app.model import DEFAULT_MODEL, CellClassifier
-    from edge_app.sources import SourceError
-    from edge_app.store import SessionFolderError
+    from bmc.edge_app.model import DEFAULT_MODEL, CellClassifier
+    from bmc.edge_app.sources import SourceError
+    from bmc.edge_app.store import SessionFolderError
 
     def go():
         clf = CellClassifier(model or DEFAULT_MODEL, threads=threads or os.cpu_count(), orientations=int(orientations))
@@ -117,8 +117,8 @@ def edge_run(
 @click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False))
 def edge_serve(config_path):
     """Service mode: sessions back to back from the configured camera (for systemd)."""
-    from edge_app import config as config_mod
-    from edge_app.service import serve
+    from bmc.edge_app import config as config_mod
+    from bmc.edge_app.service import serve
 
     try:
         cfg = config_mod.load(config_path)
@@ -155,8 +155,8 @@ def edge_ui(config_path, storage, listen, config_dir, set_password, user, source
     import os
     from pathlib import Path
 
-    from edge_app import config as config_mod
-    from edge_app.ui import auth
+    from bmc.edge_app import config as config_mod
+    from bmc.edge_app.ui import auth
 
     cfg = config_mod.load(config_path) if config_path else None
     cdir = (
@@ -172,8 +172,8 @@ def edge_ui(config_path, storage, listen, config_dir, set_password, user, source
             raise _Fail(str(e)) from e
         click.echo(f"password hash written to {path} (readable by this user only)")
         return
-    from edge_app.review import _user
-    from edge_app.ui.app import UiApp, is_loopback, serve
+    from bmc.edge_app.review import _user
+    from bmc.edge_app.ui.app import UiApp, is_loopback, serve
 
     host, _, port = listen.rpartition(":")
     host = host.strip("[]") or "127.0.0.1"
@@ -191,8 +191,8 @@ def edge_ui(config_path, storage, listen, config_dir, set_password, user, source
             f"listening on {host} (beyond this computer) needs a password: bmc edge ui --set-password"
             + (f" --config-dir {cdir}" if config_dir else "")
         )
-    from edge_app.service import session_config
-    from edge_app.ui.live import LiveRunner
+    from bmc.edge_app.service import session_config
+    from bmc.edge_app.ui.live import LiveRunner
 
     model = (cfg.model.path or None) if cfg else None
     src = source or (cfg.camera.source if cfg else None)
@@ -224,7 +224,7 @@ def edge_ui(config_path, storage, listen, config_dir, set_password, user, source
 @click.option("--all-from", type=click.Path(file_okay=False), help="export every session under this storage folder")
 def edge_export(sessions, dest, all_from):
     """Copy finished sessions (CSV, HTML report, crops, database) to a USB stick or folder."""
-    from edge_app.service import export, session_dirs
+    from bmc.edge_app.service import export, session_dirs
 
     todo = [*sessions, *(session_dirs(all_from) if all_from else [])]
     if not todo:
@@ -243,8 +243,8 @@ def edge_export(sessions, dest, all_from):
 )
 def edge_doctor(config_path, model_path):
     """What this device has (runtime, cameras, model, disk, meters) and what is wrong."""
-    from edge_app import config as config_mod
-    from edge_app.service import doctor
+    from bmc.edge_app import config as config_mod
+    from bmc.edge_app.service import doctor
 
     cfg = None
     problems = []
@@ -273,14 +273,14 @@ def edge_doctor(config_path, model_path):
 )
 def edge_report(out_dir, fhir):
     """Write OUT_DIR/report.html (counts, percentages, flagged cells, thumbnails) and cells.csv."""
-    from edge_app.report import build_report
-    from edge_app.store import write_csv
+    from bmc.edge_app.report import build_report
+    from bmc.edge_app.store import write_csv
 
     path = _guard(build_report, out_dir)
     write_csv(out_dir)
     click.echo(f"report: {path}")
     if fhir:
-        from edge_app import fhir as fhir_mod
+        from bmc.edge_app import fhir as fhir_mod
 
         click.echo(f"FHIR R4 DiagnosticReport: {_guard(fhir_mod.write, out_dir)}")
 
@@ -307,8 +307,8 @@ def edge_adapt(sessions, out_dir, name, model, max_guard_drop, json_out):
     better. Writes OUT/NAME.tflite and its card; run it with bmc edge run --model (or [model] path)."""
     import datetime
 
-    from edge_app import adapt
-    from edge_app.model import DEFAULT_MODEL, CellClassifier
+    from bmc.edge_app import adapt
+    from bmc.edge_app.model import DEFAULT_MODEL, CellClassifier
 
     s = adapt.Settings(max_guard_drop=max_guard_drop)
     clf = _guard(CellClassifier, model or DEFAULT_MODEL, orientations=1)
@@ -378,10 +378,10 @@ def edge_review(
     then rewrite cells.csv and report.html with the differential after review."""
     import sqlite3
 
-    from edge_app.app import NO_GUI_HINT, has_display, opencv_gui
-    from edge_app.report import build_report
-    from edge_app.review import Reviewer, ReviewError, review_window, teaching_queue, write_decisions_template
-    from edge_app.store import write_csv
+    from bmc.edge_app.app import NO_GUI_HINT, has_display, opencv_gui
+    from bmc.edge_app.report import build_report
+    from bmc.edge_app.review import Reviewer, ReviewError, review_window, teaching_queue, write_decisions_template
+    from bmc.edge_app.store import write_csv
 
     if (label or undo) and cell_id is None:
         raise click.UsageError("--label and --undo need --cell ID")

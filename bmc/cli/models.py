@@ -5,8 +5,8 @@ from __future__ import annotations
 import click
 
 from bmc.cli.common import LABEL_SOURCES, _guard, _need_training, _write_json, orientations_option
-from convert.gate import Gate
-from train.config import default as _td  # every training default, written once (TrainConfig)
+from bmc.convert.gate import Gate
+from bmc.train.config import default as _td  # every training default, written once (TrainConfig)
 
 
 @click.command("train")
@@ -81,9 +81,9 @@ from train.config import default as _td  # every training default, written once 
 )
 def train_cmd(data_dir, out, **kw):
     """Fine-tune an ImageNet EfficientNet on DATA_DIR; writes model, split and metrics to --out."""
-    _need_training("bmc train", "train.trainer", "keras", "cv2")
-    from train.config import TrainConfig
-    from train.trainer import train
+    _need_training("bmc train", "bmc.train.trainer", "keras", "cv2")
+    from bmc.train.config import TrainConfig
+    from bmc.train.trainer import train
 
     cfg = _guard(TrainConfig, data=data_dir, out=out, **kw)
     m = _guard(train, cfg)
@@ -111,8 +111,8 @@ def train_cmd(data_dir, out, **kw):
 def evaluate_cmd(model, data_dir, split_file, part, orientations, json_out):
     """Accuracy, macro-F1 and per-class metrics of MODEL (.keras or .tflite) on DATA_DIR, or on
     the held-out part of a run's split (--split runs/x/split.json)."""
-    from train.evaluate import evaluate
-    from train.metrics import per_class_table
+    from bmc.train.evaluate import evaluate
+    from bmc.train.metrics import per_class_table
 
     if (data_dir is None) == (split_file is None):
         raise click.UsageError("give DATA_DIR or --split FILE (one of them)")
@@ -178,8 +178,8 @@ def convert_cmd(
     """Convert a run folder (or .keras) to TFLite variants and validate each against the float model."""
     from pathlib import Path
 
-    _need_training("bmc convert", "convert.pipeline", "tensorflow")
-    from convert.pipeline import Gate, convert_run
+    _need_training("bmc convert", "bmc.convert.pipeline", "tensorflow")
+    from bmc.convert.pipeline import Gate, convert_run
 
     names = tuple(v.strip() for v in variants.split(",") if v.strip())
     fl = "auto" if float_layers == "auto" else tuple(x for x in float_layers.split(",") if x)
@@ -197,13 +197,13 @@ def convert_cmd(
         fl,
         log=lambda m: click.echo(m, err=True),
     )
-    from convert.pipeline import report_markdown
+    from bmc.convert.pipeline import report_markdown
 
     click.echo(report_markdown(report))
     if ship_dir:
         import sys as _sys
 
-        from convert.ship import ship
+        from bmc.convert.ship import ship
 
         run_dir = Path(source) if Path(source).is_dir() else None
         cmd = "bmc " + " ".join(_sys.argv[1:]) if _sys.argv and _sys.argv[0].endswith("bmc") else ""
@@ -227,8 +227,8 @@ def prepare_adapt(models, split_file, per_class, orientations):
     scores unchanged), a guard set of embedded training cells beside each, named in its card, and the
     unknown-cell check calibrated on the split's validation part.
     `bmc convert --ship` does this itself; this verb upgrades models converted before it did."""
-    from convert.embedding import build_guard, calibrate_unknown, expose
-    from train.data import load_split
+    from bmc.convert.embedding import build_guard, calibrate_unknown, expose
+    from bmc.train.data import load_split
 
     parts = _guard(load_split, split_file)
     for m in models:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from edge_app.backends import Backend, BackendError
+from bmc.edge_app.backends import Backend, BackendError
 
 try:
     from ai_edge_litert.interpreter import Interpreter

@@ -40,7 +40,7 @@ def size_bytes(p: Path) -> int:
 def slim(site_packages: str | Path, dry_run: bool = False) -> list[tuple[str, float, str]]:
     """Apply :data:`RULES`; (path, MB freed, reason) for what was (or would be) removed."""
     site = Path(site_packages)
-    if not (site / "edge_app").is_dir():
+    if not (site / "bmc" / "edge_app").is_dir():
         raise FileNotFoundError(f"{site}: not a site-packages folder with bmc's edge_app installed")
     removed = []
     for pattern, why in RULES:

@@ -120,7 +120,7 @@ class VideoFile(FrameSource):
 
 
 def open_source(spec: str, **camera_options) -> FrameSource:
-    from edge_app.sources.camera import GStreamerCamera, OpenCVCamera, Picamera2Camera
+    from bmc.edge_app.sources.camera import GStreamerCamera, OpenCVCamera, Picamera2Camera
 
     s = str(spec)
     if s.isdigit() or s.startswith("/dev/"):

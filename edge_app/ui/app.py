@@ -2,7 +2,7 @@
 
 Server-rendered pages with a little plain JavaScript, no CDN and no build step: it works with no
 internet. It renders what the session databases and the report code already know (the counts come
-from :mod:`edge_app.review`, the same functions as ``report.html`` and ``cells.csv``), and every
+from :mod:`bmc.edge_app.review`, the same functions as ``report.html`` and ``cells.csv``), and every
 decision is the same audited row ``bmc edge review`` writes, under the signed-in name.
 
 Pages: the sessions, one session's differential (each share with its 95% limits), the review grid
@@ -34,10 +34,10 @@ from pathlib import Path
 
 import cv2
 
-from edge_app import report as report_mod
-from edge_app import review
-from edge_app.differential import CLINICAL_ORDER, count_interval
-from edge_app.ui.auth import RateLimit, Sessions, verify_password
+from bmc.edge_app import report as report_mod
+from bmc.edge_app import review
+from bmc.edge_app.differential import CLINICAL_ORDER, count_interval
+from bmc.edge_app.ui.auth import RateLimit, Sessions, verify_password
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).resolve().parent / "static"
@@ -227,11 +227,11 @@ class UiApp:
             if method == "GET" and rest == ["crop"]:
                 return self.crop(folder, urllib.parse.parse_qs(environ.get("QUERY_STRING", "")).get("id", [""])[-1])
             if method == "GET" and rest == ["report"]:
-                from edge_app.report import build_report
+                from bmc.edge_app.report import build_report
 
                 return Response(build_report(folder).read_bytes(), csp=REPORT_CSP)
             if method == "GET" and rest == ["fhir"]:  # the differential for a laboratory information system
-                from edge_app import fhir
+                from bmc.edge_app import fhir
 
                 return Response(
                     json.dumps(fhir.diagnostic_report(folder), indent=2, ensure_ascii=False),
@@ -263,7 +263,7 @@ class UiApp:
 
     def session_folder(self, name: str) -> Path:
         """The session folder called ``name`` among the storage folder's sessions, or 404."""
-        from edge_app.service import session_dirs
+        from bmc.edge_app.service import session_dirs
 
         found = {d.name: d for d in session_dirs(self.storage)}
         if name not in found:
@@ -295,7 +295,7 @@ class UiApp:
         return Response(self.page("Sign in", body, None))
 
     def decide(self, folder: Path, action: str, form: dict, user: str, environ) -> Response:
-        from edge_app.store import write_csv
+        from bmc.edge_app.store import write_csv
 
         try:
             cell = int(form.get("cell", ""))
@@ -317,7 +317,7 @@ class UiApp:
         return _redirect(f"/s/{urllib.parse.quote(folder.name)}/review{back}")
 
     def _crop_path(self, folder: Path, cell_id: str) -> Path:
-        from edge_app.report import session_file
+        from bmc.edge_app.report import session_file
 
         try:
             cid = int(cell_id)
@@ -338,9 +338,9 @@ class UiApp:
 
     def _maps(self):
         """The counting model (the active adapted one, else the configured or shipped one) and its maps."""
-        from edge_app.active import active_model
-        from edge_app.cam import ActivationMaps
-        from edge_app.model import DEFAULT_MODEL, CellClassifier
+        from bmc.edge_app.active import active_model
+        from bmc.edge_app.cam import ActivationMaps
+        from bmc.edge_app.model import DEFAULT_MODEL, CellClassifier
 
         path = Path(active_model(self.storage) or self.model or DEFAULT_MODEL)
         if getattr(self, "_maps_for", None) != path:
@@ -354,7 +354,7 @@ class UiApp:
         return preprocess(read_image(str(self._crop_path(folder, cell_id))), clf.contract, "BGR", crop=False)
 
     def cell_page(self, folder: Path, cell_id: str, user: str, csrf: str) -> str:
-        from edge_app.cam import MapError
+        from bmc.edge_app.cam import MapError
 
         cells, _ = self._cells(folder)
         cell = next((c for c in cells if str(c.id) == cell_id), None)
@@ -410,7 +410,7 @@ class UiApp:
         return self.page(f"Cell {cell.id}", body, csrf, user)
 
     def cell_map(self, folder: Path, cell_id: str, label: str) -> Response:
-        from edge_app.cam import MapError, overlay
+        from bmc.edge_app.cam import MapError, overlay
 
         try:
             clf, maps = self._maps()
@@ -468,7 +468,7 @@ class UiApp:
         return found
 
     def export(self, folder: Path, to: str, user: str) -> Response:
-        from edge_app.service import export
+        from bmc.edge_app.service import export
 
         dests = {str(d): d for d in self.export_destinations()}
         if to not in dests:
@@ -484,7 +484,7 @@ class UiApp:
         return _redirect(f"/s/{urllib.parse.quote(folder.name)}/?exported=1")
 
     def sessions_page(self, user: str, csrf: str) -> str:
-        from edge_app.service import session_dirs
+        from bmc.edge_app.service import session_dirs
 
         rows = []
         for d in reversed(session_dirs(self.storage)):
@@ -715,13 +715,13 @@ class UiApp:
 
     # -- adaptation ---------------------------------------------------------------------------------
     def _base_model(self):
-        from edge_app.model import DEFAULT_MODEL, CellClassifier
+        from bmc.edge_app.model import DEFAULT_MODEL, CellClassifier
 
         return CellClassifier(self.model or DEFAULT_MODEL, orientations=1)
 
     def adapt_page(self, user: str, csrf: str, result_html: str = "") -> str:
-        from edge_app.active import active_model, adapted_models
-        from edge_app.service import session_dirs
+        from bmc.edge_app.active import active_model, adapted_models
+        from bmc.edge_app.service import session_dirs
 
         rows = []
         for d in reversed(session_dirs(self.storage)):
@@ -781,8 +781,8 @@ class UiApp:
     def run_adapt(self, form: dict, user: str, csrf: str) -> str:
         import re
 
-        from edge_app import adapt
-        from edge_app.active import models_dir
+        from bmc.edge_app import adapt
+        from bmc.edge_app.active import models_dir
 
         name = (form.get("name") or "").strip()
         if not re.fullmatch(r"[A-Za-z0-9_-]{1,40}", name):
@@ -833,7 +833,7 @@ class UiApp:
         )
 
     def activate(self, form: dict, user: str) -> Response:
-        from edge_app.active import ActiveModelError, set_active
+        from bmc.edge_app.active import ActiveModelError, set_active
 
         name = form.get("model", "")
         try:
@@ -848,7 +848,7 @@ class UiApp:
         return [v for v in form.get(key, "").split("\n") if v]
 
     def device_page(self, user: str, csrf: str) -> str:
-        from edge_app.service import doctor
+        from bmc.edge_app.service import doctor
 
         have, wrong = doctor(model_path=str(self.model) if self.model else None)
         body = (

@@ -1,7 +1,7 @@
 """The screen's live session: one recording session run by the screen's process (it owns the
 camera), its latest frame for the browser, and start / pause / stop.
 
-The session is the same :class:`edge_app.app.EdgeSession` that ``bmc edge run`` and the service
+The session is the same :class:`bmc.edge_app.app.EdgeSession` that ``bmc edge run`` and the service
 run, in a thread of its own. After each frame it hands this module a *reference* to the frame and
 its cells; drawing the boxes and JPEG-encoding happen in the thread of the browser's stream, at
 most ``max_fps`` times a second and only while someone watches, so the page never slows capture.
@@ -56,11 +56,11 @@ class LiveRunner:
 
     def start(self, target: int | None = None) -> Path:
         """Start a session into a new time-stamped folder of the storage folder."""
-        from edge_app.active import active_model
-        from edge_app.app import EdgeSession, SessionConfig
-        from edge_app.model import DEFAULT_MODEL, CellClassifier
-        from edge_app.service import new_session_folder
-        from edge_app.sources import open_source
+        from bmc.edge_app.active import active_model
+        from bmc.edge_app.app import EdgeSession, SessionConfig
+        from bmc.edge_app.model import DEFAULT_MODEL, CellClassifier
+        from bmc.edge_app.service import new_session_folder
+        from bmc.edge_app.sources import open_source
 
         if self.running:
             raise RuntimeError("a session is running already: stop it first")
@@ -145,7 +145,7 @@ class LiveRunner:
     def frames(self, timeout_s: float = 30.0):
         """JPEG parts of the latest frames, each once, at most ``max_fps`` a second, while the
         session runs (for the MJPEG stream)."""
-        from edge_app.app import annotated
+        from bmc.edge_app.app import annotated
 
         seen = 0
         last = 0.0
