@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from bmc.benchmarks.generalisation import DEFAULT_BCCD, MATEK_UNKNOWN, bccd_cells, matek_cells, matek_map
+from bmc.card import ModelCard
 from bmc.edge_app.unknown import UnknownCells, threshold_at
 from bmc.errors import BmcError
 
@@ -44,9 +45,9 @@ class OodError(BmcError, ValueError):
     """A benchmark that cannot run as asked; the message says why."""
 
 
-def test_cells(model_path: Path, card: dict, data_root: Path):
+def test_cells(model_path: Path, card: ModelCard, data_root: Path):
     """(paths, labels) of the model's held-out test split shipped beside it (``<name>_test_split.csv``)."""
-    name = str(card.get("name") or model_path.stem)
+    name = card.name
     for suffix in ("_int8", "_fp16", "_float16", "_dynamic", "_fp32"):
         name = name.removesuffix(suffix)
     path = model_path.parent / f"{name}_test_split.csv"

@@ -9,8 +9,10 @@ unreadable, or describes another file.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +21,64 @@ from bmc.errors import BmcError
 
 CARD_SCHEMA = 1
 
-#: a model card as read from its JSON (its contract is checked into a :class:`Contract` on load)
+#: a model card's JSON, as written (:func:`write_card`) and before it is checked
 Card = dict[str, Any]
+
+
+def _section(d: Card, key: str) -> dict[str, Any] | None:
+    v = d.get(key)
+    return dict(v) if isinstance(v, dict) else None
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ModelCard(Mapping[str, Any]):
+    """A model card as :func:`load_card` checked it, beside :class:`Contract` (timm's
+    ``PretrainedCfg`` is the model): the fields the kit acts on, typed, and the JSON it was read
+    from in ``raw``. It reads as that JSON too (``card["validation"]``), for code that copies
+    sections into a derived card (an adapted model's)."""
+
+    file: str
+    sha256: str
+    contract: Contract
+    name: str  # the model's name, its file's stem where the card has none
+    variant: str
+    deployable: bool
+    outputs: tuple[str, ...]  # what the model's outputs are, in order (probabilities, embedding)
+    guard: dict[str, Any] | None  # the guard set beside it (file, sha256, cells)
+    unknown: dict[str, Any] | None  # the unknown-cell calibration
+    head: dict[str, Any] | None  # an adapted model's numpy head (file, sha256, labels)
+    base_model: dict[str, Any] | None  # an adapted model's base (file, sha256)
+    validation: dict[str, Any]
+    adaptation: dict[str, Any]
+    raw: Card = dataclasses.field(repr=False)
+
+    @classmethod
+    def from_dict(cls, d: Card, contract: Contract, stem: str = "") -> ModelCard:
+        return cls(
+            file=str(d.get("file", "")),
+            sha256=str(d["sha256"]),
+            contract=contract,
+            name=str(d.get("name") or stem),
+            variant=str(d.get("variant") or ""),
+            deployable=bool(d.get("deployable", False)),
+            outputs=tuple(str(o) for o in d.get("outputs") or ()),
+            guard=_section(d, "guard"),
+            unknown=_section(d, "unknown"),
+            head=_section(d, "head"),
+            base_model=_section(d, "base_model"),
+            validation=_section(d, "validation") or {},
+            adaptation=_section(d, "adaptation") or {},
+            raw=d,
+        )
+
+    def __getitem__(self, key: str) -> Any:
+        return self.raw[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.raw)
+
+    def __len__(self) -> int:
+        return len(self.raw)
 
 
 class ModelCardError(BmcError, ValueError):
@@ -65,7 +123,7 @@ def write_card(model_path: str | Path, card: Card) -> Path:
     return out
 
 
-def load_card(model_path: str | Path, require_deployable: bool = False) -> tuple[Card, Contract]:
+def load_card(model_path: str | Path, require_deployable: bool = False) -> tuple[ModelCard, Contract]:
     """Read and verify the card of ``model_path``; returns ``(card, contract)``."""
     model_path = Path(model_path)
     if not model_path.is_file():
@@ -101,4 +159,4 @@ def load_card(model_path: str | Path, require_deployable: bool = False) -> tuple
             f"{model_path}: not marked deployable (it failed or skipped the "
             "validation gate); see its card's 'validation'"
         )
-    return card, contract
+    return ModelCard.from_dict(card, contract, model_path.stem), contract

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bmc.card import card_path, file_beside, sha256_file
+from bmc.card import ModelCard, card_path, file_beside, sha256_file
 from bmc.edge_app import review
 from bmc.edge_app.head import Head, softmax
 from bmc.errors import BmcError
@@ -84,9 +84,9 @@ class Reviewed:
 # -- the guard set -----------------------------------------------------------------------------------
 
 
-def load_guard(model_path: str | Path, card: dict) -> dict:
-    """The guard set named in ``card['guard']``, beside ``model_path``, checked against its sha256."""
-    g = card.get("guard")
+def load_guard(model_path: str | Path, card: ModelCard) -> dict:
+    """The guard set the card names (``card.guard``), beside ``model_path``, checked against its sha256."""
+    g = card.guard
     if not g:
         raise AdaptError(
             f"{model_path}: its card names no guard set, so a head fitted on the device could "
@@ -434,7 +434,7 @@ def prepare(sessions, clf, s: Settings = Settings(), log=print) -> tuple[dict, R
     if clf.head is not None:  # an adapted model: start again from its base, the shipped head
         raise AdaptError(
             f"{clf.path} is itself adapted; adapt from its base model "
-            f"{clf.card['base_model']['file']} with all the sessions to learn from"
+            f"{(clf.card.base_model or {}).get('file', '?')} with all the sessions to learn from"
         )
     guard = load_guard(clf.path, clf.card)
     reviewed = collect(sessions, clf)

@@ -127,7 +127,7 @@ class EdgeSession:
                         "file": classifier.head.file,
                         "sha256": classifier.head.sha256,
                         "labels": list(classifier.head.labels),
-                        "new_labels": classifier.card["head"].get("new_labels", {}),
+                        "new_labels": (classifier.card.head or {}).get("new_labels", {}),
                     }
                     if classifier.head is not None
                     else None

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from bmc.card import Card, ModelCardError, file_beside
+from bmc.card import ModelCard, ModelCardError, file_beside
 
 
 def softmax(z: np.ndarray) -> np.ndarray:
@@ -53,9 +53,11 @@ class Head:
             np.savez(fh, **arrays)
 
 
-def load_head(model_path: str | Path, card: Card) -> Head:
-    """The head named in ``card['head']``, beside ``model_path``, checked against its sha256 and shape."""
-    spec = card["head"]
+def load_head(model_path: str | Path, card: ModelCard) -> Head:
+    """The head the card names (``card.head``), beside ``model_path``, checked against its sha256 and shape."""
+    spec = card.head
+    if spec is None:
+        raise ModelCardError(f"{model_path}: its card names no head")
     path = file_beside(model_path, spec, "head")
     try:
         with np.load(path) as z:

@@ -71,13 +71,13 @@ class CellClassifier:
         self.orientations = orientations
         self.path = Path(path)
         self.card, self.contract = load_card(self.path, require_deployable=require_deployable)
-        self.head = load_head(self.path, self.card) if self.card.get("head") else None
+        self.head = load_head(self.path, self.card) if self.card.head else None
         self.backend = backends.create(backend, str(self.path), threads)
         self.labels = list(self.contract.labels)
-        self.base_labels = list(self.card["head"].get("base_labels", self.labels)) if self.head else self.labels
-        self.sha256 = self.card["sha256"]
-        self.name = str(self.card.get("name") or self.path.stem)
-        self.has_embedding = EMBEDDING in (self.card.get("outputs") or [])
+        self.base_labels = list(self.card.head.get("base_labels", self.labels)) if self.card.head else self.labels
+        self.sha256 = self.card.sha256
+        self.name = self.card.name
+        self.has_embedding = EMBEDDING in self.card.outputs
         self._check_outputs()
         # the unknown-cell check, where the card carries its calibration (None for older models)
         self.unknown = (
@@ -95,7 +95,7 @@ class CellClassifier:
                 f"{self.contract.input_size}x{self.contract.input_size}"
             )
         sizes = self.backend.output_sizes
-        names = self.card.get("outputs") or [PROBABILITIES]
+        names = list(self.card.outputs) or [PROBABILITIES]
         if len(sizes) != len(names):
             raise ModelCardError(
                 f"{where}: the model has {len(sizes)} outputs but its card names {len(names)} "

@@ -240,9 +240,9 @@ def doctor(cfg=None, config_path: str | None = None, model_path: str | None = No
     try:
         clf = CellClassifier(model, threads=1)  # the card, the outputs against it, an adapted model's head
         card, contract = clf.card, clf.contract
-        v = card.get("validation", {})
+        v = card.validation
         have.append(
-            f"model: {clf.description} ({card.get('variant')}, {len(contract.labels)} classes, validated "
+            f"model: {clf.description} ({card.variant}, {len(contract.labels)} classes, validated "
             + (
                 f"accuracy {v['accuracy']:.3f})"
                 if "accuracy" in v
@@ -252,16 +252,16 @@ def doctor(cfg=None, config_path: str | None = None, model_path: str | None = No
             )
         )
         if clf.head is not None:
-            a = card.get("adaptation", {})
+            a = card.adaptation
             have.append(
-                f"  adapted from {card['base_model']['file']} on {a.get('date', '?')} with "
+                f"  adapted from {(card.base_model or {}).get('file', '?')} on {a.get('date', '?')} with "
                 f"{a.get('cells', '?')} reviewed cells by {', '.join(a.get('reviewers', [])) or '?'}"
             )
         have.append(
             "  adaptable on this device: "
             + (
                 "yes (embedding output and guard set)"
-                if clf.has_embedding and card.get("guard")
+                if clf.has_embedding and card.guard
                 else "no (no embedding or guard set)"
             )
         )

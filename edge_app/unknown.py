@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from bmc.card import Card
+from bmc.card import ModelCard, file_beside
 from bmc.errors import BmcError
 
 DEFAULT_LEVEL = 0.98
@@ -122,24 +122,24 @@ class UnknownCells:
         return f"{FLAG}: unlike any known cell (distance {score:.3f} > {self.threshold:.3f})"
 
 
-def reference_of(model_path: str | Path, card: Card) -> np.ndarray:
+def reference_of(model_path: str | Path, card: ModelCard) -> np.ndarray:
     """The guard set's embeddings (the shipped reference), checked against the card's sha256."""
-    from bmc.card import file_beside
-
-    path = file_beside(model_path, card["guard"], "guard set (the unknown-cell reference)", UnknownError)
+    if card.guard is None:
+        raise UnknownError(f"{model_path}: its card names no guard set (the unknown-cell reference)")
+    path = file_beside(model_path, card.guard, "guard set (the unknown-cell reference)", UnknownError)
     with np.load(path) as z:
         reference: np.ndarray = z["embedding"].astype(np.float32) * float(z["scale"])
     return reference
 
 
 def load(
-    model_path: str | Path, card: Card, level: float = DEFAULT_LEVEL, extra_reference: np.ndarray | None = None
+    model_path: str | Path, card: ModelCard, level: float = DEFAULT_LEVEL, extra_reference: np.ndarray | None = None
 ) -> UnknownCells | None:
     """The detector a model card describes, or None where the card has no calibration (an older
     model) or no guard set. ``extra_reference``: an adapted model's reviewed cells."""
-    if not card.get("unknown") or not card.get("guard"):
+    if not card.unknown or not card.guard:
         return None
     ref = reference_of(model_path, card)
     if extra_reference is not None and len(extra_reference):
         ref = np.concatenate([ref, np.asarray(extra_reference, np.float32)])
-    return UnknownCells(ref, card["unknown"], level)
+    return UnknownCells(ref, card.unknown, level)

@@ -29,6 +29,10 @@ def test_shipped_variants_are_deployable_and_small():
             "platelet",
         )
         assert 0.3 < contract.cell_fraction < 1.0
+        # the card is a typed record (ModelCard) that still reads as the JSON it came from
+        assert card.contract is contract and card.deployable and card.name == f"{NAME}{suffix[:-7]}"
+        assert card.outputs == ("probabilities", "embedding") and card.guard and card.guard["cells"] == 1600
+        assert card.head is None and card.validation == card["validation"] and "sha256" in dict(card)
     assert DEFAULT_MODEL.stat().st_size <= 5e6
     readme = (MODELS_DIR / f"{NAME}.md").read_text()
     assert "## Reproduce" in readme and "bmc train" in readme and "bmc convert" in readme

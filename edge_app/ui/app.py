@@ -739,7 +739,8 @@ class UiApp:
         for m in adapted_models(self.storage):
             try:
                 card = json.loads(m.with_suffix(".json").read_text())
-                a, cv = card.get("adaptation", {}), card.get("adaptation", {}).get("cross_validation", {})
+                a = card.get("adaptation", {})
+                cv = a.get("cross_validation", {})
                 what = (
                     f"{a.get('date', '?')[:16]}, {a.get('cells', '?')} cells by {', '.join(a.get('reviewers', []))}; "
                     f"balanced accuracy {cv['shipped']['balanced_accuracy']:.3f} → "
