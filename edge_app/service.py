@@ -193,35 +193,44 @@ def _serve_loop(cfg, storage: Path, echo, max_sessions, stop: threading.Event, c
             return
 
 
-def doctor(cfg=None, config_path: str | None = None, model_path: str | None = None) -> tuple[list[str], list[str]]:
-    """(what the device has, what is wrong) — for ``bmc edge doctor``."""
+Check = tuple[list[str], list[str]]  # (what the device has, what is wrong)
+
+
+def _machine() -> Check:
     import platform
 
-    have, wrong = [], []
-    have.append(
+    return [
         f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
         f"{platform.system()} {platform.release()}"
-    )
+    ], []
+
+
+def _runtime() -> Check:
     try:
         from importlib import metadata
 
         from bmc.edge_app.backends.litert import RUNTIME
 
-        have.append(f"runtime: {RUNTIME} {metadata.version(RUNTIME)}")
+        return [f"runtime: {RUNTIME} {metadata.version(RUNTIME)}"], []
     except Exception as e:  # noqa: BLE001
-        wrong.append(f"no LiteRT runtime: {e}; pip install 'bmc-edge[edge]'")
+        return [], [f"no LiteRT runtime: {e}; pip install 'bmc-edge[edge]'"]
+
+
+def _opencv() -> Check:
     try:
         import cv2
 
         from bmc.edge_app.sources.camera import has_gstreamer
 
-        have.append(f"OpenCV {cv2.__version__} (GStreamer: {'yes' if has_gstreamer() else 'no'})")
+        return [f"OpenCV {cv2.__version__} (GStreamer: {'yes' if has_gstreamer() else 'no'})"], []
     except ImportError as e:
-        wrong.append(f"no OpenCV: {e}")
+        return [], [f"no OpenCV: {e}"]
+
+
+def _packages_and_cameras() -> Check:
     import importlib.util
 
-    if importlib.util.find_spec("tensorflow") is not None:
-        have.append("TensorFlow is installed (not needed on the device)")
+    have = ["TensorFlow is installed (not needed on the device)"] if importlib.util.find_spec("tensorflow") else []
     cams = sorted(glob.glob("/dev/v4l/by-id/*")) or sorted(glob.glob("/dev/video*"))
     have.append("cameras: " + (", ".join(cams) if cams else "none found under /dev/v4l/by-id or /dev/video*"))
     have.append(
@@ -232,6 +241,10 @@ def doctor(cfg=None, config_path: str | None = None, model_path: str | None = No
             else "not installed (only needed for the Raspberry Pi camera)"
         )
     )
+    return have, []
+
+
+def _model(cfg, model_path: str | None) -> Check:
     from bmc.card import ModelCardError
     from bmc.edge_app.backends import BackendError
     from bmc.edge_app.model import DEFAULT_MODEL, CellClassifier
@@ -239,61 +252,63 @@ def doctor(cfg=None, config_path: str | None = None, model_path: str | None = No
     model = Path(model_path) if model_path else Path(cfg.model.path) if cfg and cfg.model.path else DEFAULT_MODEL
     try:
         clf = CellClassifier(model, threads=1)  # the card, the outputs against it, an adapted model's head
-        card, contract = clf.card, clf.contract
-        v = card.validation
-        have.append(
-            f"model: {clf.description} ({card.variant}, {len(contract.labels)} classes, validated "
-            + (
-                f"accuracy {v['accuracy']:.3f})"
-                if "accuracy" in v
-                else f"by cross-validation on this laboratory's reviewed cells, balanced accuracy "
-                f"{v.get('balanced_accuracy', float('nan')):.3f} against the shipped head's "
-                f"{v.get('shipped_balanced_accuracy', float('nan')):.3f})"
-            )
-        )
-        if clf.head is not None:
-            a = card.adaptation
-            have.append(
-                f"  adapted from {(card.base_model or {}).get('file', '?')} on {a.get('date', '?')} with "
-                f"{a.get('cells', '?')} reviewed cells by {', '.join(a.get('reviewers', [])) or '?'}"
-            )
-        have.append(
-            "  adaptable on this device: "
-            + (
-                "yes (embedding output and guard set)"
-                if clf.has_embedding and card.guard
-                else "no (no embedding or guard set)"
-            )
-        )
     except (ModelCardError, BackendError) as e:
-        wrong.append(f"model: {e}")
-    if cfg:
-        src = cfg.camera.source
-        if src.startswith("/dev/") and not os.path.exists(src):
-            wrong.append(f"camera {src} is not present (plugged in? see /dev/v4l/by-id/)")
-        storage = Path(cfg.storage.folder)
-        probe = storage if storage.exists() else storage.parent
-        if probe.exists():
-            pct, free = disk_usage(probe)
-            have.append(
-                f"storage: {storage} — {pct:.0f}% used, {free:.0f} MB free, "
-                f"{len(session_dirs(storage))} sessions ({sum(not is_exported(s) for s in session_dirs(storage))} "
-                "not exported)"
-            )
-            if pct > cfg.storage.max_disk_percent:
-                wrong.append(f"storage {storage} is above its {cfg.storage.max_disk_percent:.0f}% limit")
-            if not os.access(probe, os.W_OK):
-                wrong.append(f"storage {probe} is not writable by this user")
-        else:
-            wrong.append(f"storage folder {storage} and its parent do not exist")
+        return [], [f"model: {e}"]
+    card, v = clf.card, clf.card.validation
+    have = [
+        f"model: {clf.description} ({card.variant}, {len(clf.contract.labels)} classes, validated "
+        + (
+            f"accuracy {v['accuracy']:.3f})"
+            if "accuracy" in v
+            else f"by cross-validation on this laboratory's reviewed cells, balanced accuracy "
+            f"{v.get('balanced_accuracy', float('nan')):.3f} against the shipped head's "
+            f"{v.get('shipped_balanced_accuracy', float('nan')):.3f})"
+        )
+    ]
+    if clf.head is not None:
+        a = card.adaptation
+        have.append(
+            f"  adapted from {(card.base_model or {}).get('file', '?')} on {a.get('date', '?')} with "
+            f"{a.get('cells', '?')} reviewed cells by {', '.join(a.get('reviewers', [])) or '?'}"
+        )
+    adaptable = clf.has_embedding and card.guard
+    have.append(
+        "  adaptable on this device: "
+        + ("yes (embedding output and guard set)" if adaptable else "no (no embedding or guard set)")
+    )
+    return have, []
+
+
+def _camera_and_storage(cfg) -> Check:
+    have: list[str] = []
+    wrong: list[str] = []
+    src = cfg.camera.source
+    if src.startswith("/dev/") and not os.path.exists(src):
+        wrong.append(f"camera {src} is not present (plugged in? see /dev/v4l/by-id/)")
+    storage = Path(cfg.storage.folder)
+    probe = storage if storage.exists() else storage.parent
+    if not probe.exists():
+        return have, wrong + [f"storage folder {storage} and its parent do not exist"]
+    pct, free = disk_usage(probe)
+    sessions = session_dirs(storage)
+    have.append(
+        f"storage: {storage} — {pct:.0f}% used, {free:.0f} MB free, "
+        f"{len(sessions)} sessions ({sum(not is_exported(s) for s in sessions)} not exported)"
+    )
+    if pct > cfg.storage.max_disk_percent:
+        wrong.append(f"storage {storage} is above its {cfg.storage.max_disk_percent:.0f}% limit")
+    if not os.access(probe, os.W_OK):
+        wrong.append(f"storage {probe} is not writable by this user")
+    return have, wrong
+
+
+def _meters_and_display() -> Check:
+    from bmc.edge_app.app import has_display, opencv_gui
     from bmc.edge_app.meters import find_meters
 
     meters = find_meters()
-    have.append("power meters: " + (", ".join(m.name for m in meters) if meters else "none"))
-    from bmc.edge_app.app import has_display, opencv_gui
-
-    screen = has_display()
-    gui = opencv_gui()
+    have = ["power meters: " + (", ".join(m.name for m in meters) if meters else "none")]
+    screen, gui = has_display(), opencv_gui()
     have.append(
         "display: "
         + ("yes" if screen else "none (headless)")
@@ -302,4 +317,13 @@ def doctor(cfg=None, config_path: str | None = None, model_path: str | None = No
     )
     if screen and not gui:
         have.append("  (a screen is attached but this OpenCV cannot open the live window: install.sh --screen)")
-    return have, wrong
+    return have, []
+
+
+def doctor(cfg=None, config_path: str | None = None, model_path: str | None = None) -> Check:
+    """(what the device has, what is wrong) — for ``bmc edge doctor``: one check after another."""
+    checks = [_machine(), _runtime(), _opencv(), _packages_and_cameras(), _model(cfg, model_path)]
+    if cfg:
+        checks.append(_camera_and_storage(cfg))
+    checks.append(_meters_and_display())
+    return [h for have, _ in checks for h in have], [w for _, wrong in checks for w in wrong]
