@@ -66,14 +66,15 @@ def _headless(folder, fps, frames, model, storage) -> float:
 def _with_ui(source, fps, frames, model, storage) -> tuple[float, list[float]]:
     from waitress import create_server
 
-    from bmc.edge_app.ui.app import UiApp
+    from bmc.edge_app.ui.app import UiApp, stop_from_another_thread
     from bmc.edge_app.ui.live import LiveRunner
 
     live = LiveRunner(storage, None, model)
     live.source = ReplayedCamera(source, fps, frames)
     app = UiApp(storage, None, sign_in=False, user="bench", live=live)
     server = create_server(app, host="127.0.0.1", port=0, threads=4)
-    threading.Thread(target=server.run, daemon=True).start()
+    loop = threading.Thread(target=server.run, daemon=True)
+    loop.start()
     delays: list[float] = []
     try:
         live.start(0)
@@ -101,7 +102,7 @@ def _with_ui(source, fps, frames, model, storage) -> tuple[float, list[float]]:
         return live.session.result.fps, delays
     finally:
         live.stop()
-        server.close()
+        stop_from_another_thread(server, loop)
 
 
 def run(source, fps: float = 30.0, frames: int = 300, model=None, rounds: int = 3, log=print) -> dict:

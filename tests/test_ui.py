@@ -73,7 +73,9 @@ class Server:
         return r.status, dict(r.getheaders()), data
 
     def close(self):
-        self.server.close()
+        from bmc.edge_app.ui.app import stop_from_another_thread
+
+        stop_from_another_thread(self.server, self.thread)
 
 
 @pytest.fixture

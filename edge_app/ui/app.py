@@ -861,6 +861,14 @@ class UiApp:
         return self.page("Device", body, csrf, user)
 
 
+def stop_from_another_thread(server, thread, timeout: float = 10.0) -> None:
+    """Stop a waitress ``server`` whose loop runs in ``thread``: the close runs in the loop's own
+    thread (its trigger), so the loop never selects on a socket closed under it, and then ends."""
+    server.trigger.pull_trigger(server.close)
+    thread.join(timeout)
+    server.task_dispatcher.shutdown()
+
+
 def serve(app: UiApp, host: str, port: int, echo=print, ready=None):
     """Serve ``app`` with waitress (pure Python, threads) until interrupted."""
     from waitress import create_server
