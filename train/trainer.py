@@ -284,8 +284,10 @@ def train(cfg: TrainConfig) -> dict:
 
 
 def _train_cached(cfg, contract, splits, index, log):
+    """Cached training: the frozen bottom's activations computed once (``cfg.views`` augmented
+    views of each training image), then phase 1 (the head on the top's pooled features) and
+    phase 2 (the top blocks fine-tuned on the cached activations), each kept only if it helps."""
     import keras
-    import tensorflow as tf
 
     from bmc.train.model import build_classifier, set_trainable_from, split_at
 
@@ -294,66 +296,78 @@ def _train_cached(cfg, contract, splits, index, log):
     if cfg.init_from:
         init_from(model, cfg.init_from, contract, splits, log)
     bottom, top, feat_model = split_at(model, cfg.fine_tune_from)
-    aug = AugmentConfig()
-    history: list[dict] = []
     skipped: list[tuple[str, str]] = []
-    timings = {}
+    timings: dict[str, float] = {}
+    a_train, y_train = _cache(bottom, splits["train"], cfg.views, "train", cfg, contract, index, log, skipped, timings)
+    a_val, y_val = _cache(bottom, splits["val"], 1, "val", cfg, contract, index, log, skipped, timings)
+    targets = soft_targets(contract.labels, cfg.label_smoothing, cfg.neighbour_smoothing)
+    cw = class_weight_for(y_train, contract.num_classes) if cfg.class_weights else None
+    history, head_f1 = _fit_head(model, feat_model, (a_train, y_train), (a_val, y_val), targets, cw, cfg, log, timings)
+    if cfg.fine_tune_epochs > 0:
+        set_trainable_from(model, cfg.fine_tune_from)
+        history += _fine_tune_top(
+            model, top, (a_train, y_train), (a_val, y_val), targets, cw, head_f1, cfg, log, timings
+        )
+    set_trainable_from(model, None)
+    history.append({"phase": "timings", **timings})
+    return model, history, skipped
 
-    def cache(samples, views, name):
-        """Bottom activations (float16) and labels for ``views`` views of each sample."""
-        t0 = time.time()
-        rng = np.random.default_rng([cfg.seed, {"train": 0, "val": 1, "test": 2}[name]])
-        acts, ys = [], []
-        chunk = 128
-        todo = [(s, v) for v in range(views) for s in samples]
-        bar = _progress(None, len(todo), f"cache {name}")
-        with ThreadPoolExecutor(max_workers=2) as pool:
-            for start in range(0, len(todo), chunk):
-                part = todo[start : start + chunk]
-                seeds = rng.integers(0, 2**31, len(part))
 
-                def make(args):
-                    (s, v), seed = args
-                    try:
-                        img = read_image(s.path)
-                    except ValueError as e:
-                        return None, s, str(e)
-                    if views == 1 and name != "train":
-                        return plain_view(img, contract), s, None
-                    return (
-                        augmented_view(
-                            img, contract, np.random.default_rng(seed), LIGHT if v == 0 and views > 1 else aug
-                        ),
-                        s,
-                        None,
-                    )
-
-                batch, yb = [], []
-                for x, s, err in pool.map(make, zip(part, seeds)):
-                    if err:
-                        if (s.path, err) not in skipped:
-                            skipped.append((s.path, err))
-                            log(f"skipping unreadable image: {err}")
-                        continue
-                    batch.append(x)
-                    yb.append(index[s.label])
-                if batch:
-                    a = bottom.predict(np.stack(batch).astype(np.float32), batch_size=cfg.batch_size, verbose=0)
-                    acts.append(a.astype(np.float16))
-                    ys.extend(yb)
-                if bar is not None:
-                    bar.update(len(part))
-        if bar is not None:
-            bar.close()
-        timings[f"cache_{name}_s"] = round(time.time() - t0, 1)
-        log(f"cached {name}: {len(ys)} views in {timings[f'cache_{name}_s']:.0f} s")
-        return np.concatenate(acts), np.asarray(ys, dtype=np.int64)
-
-    a_train, y_train = cache(splits["train"], cfg.views, "train")
-    a_val, y_val = cache(splits["val"], 1, "val")
-
-    # -- phase 1: head on pooled features of the frozen top ---------------------------------
+def _cache(bottom, samples, views, name, cfg, contract, index, log, skipped, timings):
+    """The bottom's activations (float16) and labels for ``views`` views of each sample (augmented
+    for training; the first of several views lightly); unreadable images are logged and skipped."""
     t0 = time.time()
+    aug = AugmentConfig()
+    rng = np.random.default_rng([cfg.seed, {"train": 0, "val": 1, "test": 2}[name]])
+    acts, ys = [], []
+    chunk = 128
+    todo = [(s, v) for v in range(views) for s in samples]
+    bar = _progress(None, len(todo), f"cache {name}")
+
+    def make(args):
+        (s, v), seed = args
+        try:
+            img = read_image(s.path)
+        except ValueError as e:
+            return None, s, str(e)
+        if views == 1 and name != "train":
+            return plain_view(img, contract), s, None
+        light = v == 0 and views > 1
+        return augmented_view(img, contract, np.random.default_rng(seed), LIGHT if light else aug), s, None
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        for start in range(0, len(todo), chunk):
+            part = todo[start : start + chunk]
+            seeds = rng.integers(0, 2**31, len(part))
+            batch, yb = [], []
+            for x, s, err in pool.map(make, zip(part, seeds)):
+                if err:
+                    if (s.path, err) not in skipped:
+                        skipped.append((s.path, err))
+                        log(f"skipping unreadable image: {err}")
+                    continue
+                batch.append(x)
+                yb.append(index[s.label])
+            if batch:
+                a = bottom.predict(np.stack(batch).astype(np.float32), batch_size=cfg.batch_size, verbose=0)
+                acts.append(a.astype(np.float16))
+                ys.extend(yb)
+            if bar is not None:
+                bar.update(len(part))
+    if bar is not None:
+        bar.close()
+    timings[f"cache_{name}_s"] = round(time.time() - t0, 1)
+    log(f"cached {name}: {len(ys)} views in {timings[f'cache_{name}_s']:.0f} s")
+    return np.concatenate(acts), np.asarray(ys, dtype=np.int64)
+
+
+def _fit_head(model, feat_model, train, val, targets, cw, cfg, log, timings) -> tuple[list[dict], float]:
+    """Phase 1: the model's own head layers fitted on the frozen top's pooled features; the best
+    epoch by validation macro-F1 is kept. Returns (history, best macro-F1)."""
+    import keras
+
+    t0 = time.time()
+    (a_train, y_train), (a_val, y_val) = train, val
 
     def feats(a):
         return feat_model.predict(a.astype(np.float32), batch_size=64, verbose=0)
@@ -362,9 +376,6 @@ def _train_cached(cfg, contract, splits, index, log):
     f_in = keras.Input(f_train.shape[1:])
     head = keras.Model(f_in, model.get_layer("cell_class")(model.get_layer("head_dropout")(f_in)))
     loss = keras.losses.CategoricalCrossentropy()  # smoothing is in the targets
-    targets = soft_targets(contract.labels, cfg.label_smoothing, cfg.neighbour_smoothing)
-    n = contract.num_classes
-    cw = class_weight_for(y_train, n) if cfg.class_weights else None
     head.compile(keras.optimizers.Adam(cfg.head_lr), loss, metrics=["accuracy"])
     best = _BestOnValF1(
         head, lambda: head.predict(f_val, batch_size=256, verbose=0), y_val, cfg.head_patience, log, "head"
@@ -380,52 +391,51 @@ def _train_cached(cfg, contract, splits, index, log):
         shuffle=True,
     )
     best.restore()
-    history += best.history
     timings["head_s"] = round(time.time() - t0, 1)
     log(f"phase 1 (head): best val macro-F1 {best.best:.4f} at epoch {best.best_epoch}")
+    return list(best.history), best.best
 
-    # -- phase 2: fine-tune the top blocks on cached activations ----------------------------
-    if cfg.fine_tune_epochs > 0:
-        t0 = time.time()
-        set_trainable_from(model, cfg.fine_tune_from)
-        top_train = top
-        steps = math.ceil(len(y_train) / cfg.batch_size) * cfg.fine_tune_epochs
-        # cosine decay to 5% over the planned epochs: large steps first, a settled model at the end
-        schedule = keras.optimizers.schedules.CosineDecay(cfg.fine_tune_lr, steps, alpha=0.05)
-        top_train.compile(keras.optimizers.Adam(schedule), loss, metrics=["accuracy"])
-        sw = np.array([cw[int(c)] for c in y_train], np.float32) if cw else np.ones(len(y_train), np.float32)
-        ds = (
-            tf.data.Dataset.from_tensor_slices((a_train, targets[y_train], sw))
-            .shuffle(min(len(y_train), 20000), seed=cfg.seed)
-            .batch(cfg.batch_size)
-            .map(lambda a, y, w: (tf.cast(a, tf.float32), y, w))
-            .prefetch(2)
+
+def _fine_tune_top(model, top, train, val, targets, cw, head_f1, cfg, log, timings) -> list[dict]:
+    """Phase 2: the top blocks (from ``cfg.fine_tune_from``) fine-tuned on the cached activations
+    with a cosine schedule; kept only if it beats phase 1's validation macro-F1."""
+    import keras
+    import tensorflow as tf
+
+    t0 = time.time()
+    (a_train, y_train), (a_val, y_val) = train, val
+    steps = math.ceil(len(y_train) / cfg.batch_size) * cfg.fine_tune_epochs
+    # cosine decay to 5% over the planned epochs: large steps first, a settled model at the end
+    schedule = keras.optimizers.schedules.CosineDecay(cfg.fine_tune_lr, steps, alpha=0.05)
+    top.compile(keras.optimizers.Adam(schedule), keras.losses.CategoricalCrossentropy(), metrics=["accuracy"])
+    sw = np.array([cw[int(c)] for c in y_train], np.float32) if cw else np.ones(len(y_train), np.float32)
+    ds = (
+        tf.data.Dataset.from_tensor_slices((a_train, targets[y_train], sw))
+        .shuffle(min(len(y_train), 20000), seed=cfg.seed)
+        .batch(cfg.batch_size)
+        .map(lambda a, y, w: (tf.cast(a, tf.float32), y, w))
+        .prefetch(2)
+    )
+    best = _BestOnValF1(
+        top,
+        lambda: top.predict(a_val.astype(np.float32), batch_size=64, verbose=0),
+        y_val,
+        cfg.patience,
+        log,
+        "fine-tune",
+    )
+    phase1_weights = [w.copy() for w in model.get_weights()]
+    top.fit(ds, epochs=cfg.fine_tune_epochs, callbacks=[best.callback], verbose=1 if os.isatty(1) else 2)
+    if best.best >= head_f1:
+        best.restore()
+        log(
+            f"phase 2 (fine-tune from {cfg.fine_tune_from}): best val macro-F1 {best.best:.4f} at epoch {best.best_epoch}"
         )
-        best2 = _BestOnValF1(
-            top_train,
-            lambda: top_train.predict(a_val.astype(np.float32), batch_size=64, verbose=0),
-            y_val,
-            cfg.patience,
-            log,
-            "fine-tune",
-        )
-        base_f1 = best.best
-        phase1_weights = [w.copy() for w in model.get_weights()]
-        top_train.fit(ds, epochs=cfg.fine_tune_epochs, callbacks=[best2.callback], verbose=1 if os.isatty(1) else 2)
-        if best2.best >= base_f1:
-            best2.restore()
-            log(
-                f"phase 2 (fine-tune from {cfg.fine_tune_from}): best val macro-F1 {best2.best:.4f} "
-                f"at epoch {best2.best_epoch}"
-            )
-        else:  # fine-tuning did not beat the head alone: keep phase 1's weights
-            model.set_weights(phase1_weights)
-            log(f"phase 2 did not improve on phase 1 ({best2.best:.4f} < {base_f1:.4f}); keeping the phase-1 weights")
-        history += best2.history
-        timings["fine_tune_s"] = round(time.time() - t0, 1)
-    set_trainable_from(model, None)
-    history.append({"phase": "timings", **timings})
-    return model, history, skipped
+    else:  # fine-tuning did not beat the head alone: keep phase 1's weights
+        model.set_weights(phase1_weights)
+        log(f"phase 2 did not improve on phase 1 ({best.best:.4f} < {head_f1:.4f}); keeping the phase-1 weights")
+    timings["fine_tune_s"] = round(time.time() - t0, 1)
+    return list(best.history)
 
 
 def _readable(splits, workers, log):
