@@ -142,51 +142,6 @@ def class_weight_for(y: np.ndarray, n_classes: int) -> dict[int, float]:
     return out
 
 
-class _BestOnValF1:
-    """Early stopping on validation macro-F1, keeping the best weights (a Keras callback)."""
-
-    def __init__(self, model, predict_val, y_val, patience, log, phase, checkpoint: Path | None = None):
-        import keras
-        from sklearn.metrics import f1_score
-
-        outer = self
-
-        class CB(keras.callbacks.Callback):
-            def on_epoch_end(self, epoch, logs=None):
-                probs = predict_val()
-                f1 = float(f1_score(y_val, probs.argmax(1), average="macro"))
-                acc = float((probs.argmax(1) == y_val).mean())
-                outer.history.append(
-                    {
-                        "phase": phase,
-                        "epoch": epoch + 1,
-                        "val_macro_f1": f1,
-                        "val_accuracy": acc,
-                        **{k: float(v) for k, v in (logs or {}).items()},
-                    }
-                )
-                log(f"{phase} epoch {epoch + 1}: val macro-F1 {f1:.4f}, val accuracy {acc:.4f}")
-                if f1 > outer.best:
-                    outer.best, outer.best_epoch, outer.wait = f1, epoch + 1, 0
-                    outer.weights = [w.copy() for w in model.get_weights()]
-                    if checkpoint is not None:  # a run killed later keeps its best weights
-                        tmp = checkpoint.with_name(f"tmp-{checkpoint.name}")
-                        model.save_weights(tmp)
-                        os.replace(tmp, checkpoint)
-                else:
-                    outer.wait += 1
-                    if outer.wait >= patience:
-                        self.model.stop_training = True
-
-        self.callback = CB()
-        self.model, self.best, self.best_epoch, self.wait, self.weights = model, -1.0, 0, 0, None
-        self.history: list[dict] = []
-
-    def restore(self):
-        if self.weights is not None:
-            self.model.set_weights(self.weights)
-
-
 def _devices() -> list:
     """The GPUs that the Keras backend sees (TensorFlow, JAX or PyTorch)."""
     import keras
@@ -366,6 +321,8 @@ def _fit_head(model, feat_model, train, val, targets, cw, cfg, log, timings) -> 
     epoch by validation macro-F1 is kept. Returns (history, best macro-F1)."""
     import keras
 
+    from bmc.train.callbacks import BestOnValF1
+
     t0 = time.time()
     (a_train, y_train), (a_val, y_val) = train, val
 
@@ -377,7 +334,7 @@ def _fit_head(model, feat_model, train, val, targets, cw, cfg, log, timings) -> 
     head = keras.Model(f_in, model.get_layer("cell_class")(model.get_layer("head_dropout")(f_in)))
     loss = keras.losses.CategoricalCrossentropy()  # smoothing is in the targets
     head.compile(keras.optimizers.Adam(cfg.head_lr), loss, metrics=["accuracy"])
-    best = _BestOnValF1(
+    best = BestOnValF1(
         head, lambda: head.predict(f_val, batch_size=256, verbose=0), y_val, cfg.head_patience, log, "head"
     )
     head.fit(
@@ -386,7 +343,7 @@ def _fit_head(model, feat_model, train, val, targets, cw, cfg, log, timings) -> 
         batch_size=64,
         epochs=cfg.head_epochs,
         class_weight=cw,
-        callbacks=[best.callback],
+        callbacks=[best],
         verbose=0,
         shuffle=True,
     )
@@ -402,6 +359,8 @@ def _fine_tune_top(model, top, train, val, targets, cw, head_f1, cfg, log, timin
     import keras
     import tensorflow as tf
 
+    from bmc.train.callbacks import BestOnValF1
+
     t0 = time.time()
     (a_train, y_train), (a_val, y_val) = train, val
     steps = math.ceil(len(y_train) / cfg.batch_size) * cfg.fine_tune_epochs
@@ -416,7 +375,7 @@ def _fine_tune_top(model, top, train, val, targets, cw, head_f1, cfg, log, timin
         .map(lambda a, y, w: (tf.cast(a, tf.float32), y, w))
         .prefetch(2)
     )
-    best = _BestOnValF1(
+    best = BestOnValF1(
         top,
         lambda: top.predict(a_val.astype(np.float32), batch_size=64, verbose=0),
         y_val,
@@ -425,7 +384,7 @@ def _fine_tune_top(model, top, train, val, targets, cw, head_f1, cfg, log, timin
         "fine-tune",
     )
     phase1_weights = [w.copy() for w in model.get_weights()]
-    top.fit(ds, epochs=cfg.fine_tune_epochs, callbacks=[best.callback], verbose=1 if os.isatty(1) else 2)
+    top.fit(ds, epochs=cfg.fine_tune_epochs, callbacks=[best], verbose=1 if os.isatty(1) else 2)
     if best.best >= head_f1:
         best.restore()
         log(
@@ -473,6 +432,7 @@ def _train_full(cfg, contract, splits, index, log, gpus):
     import keras
 
     from bmc.train.batches import Batches
+    from bmc.train.callbacks import BestOnValF1
     from bmc.train.model import build_classifier, set_trainable_from
 
     backend = keras.backend.backend()
@@ -529,7 +489,7 @@ def _train_full(cfg, contract, splits, index, log, gpus):
         schedule = keras.optimizers.schedules.CosineDecay(lr, len(train_ds) * epochs, alpha=0.05)
         with scope():
             model.compile(keras.optimizers.Adam(schedule), loss, metrics=["accuracy"])
-        best = _BestOnValF1(
+        best = BestOnValF1(
             model,
             lambda: model.predict(val_ds, verbose=0),
             y_val,
@@ -539,7 +499,7 @@ def _train_full(cfg, contract, splits, index, log, gpus):
             Path(cfg.out) / "best.weights.h5",
         )
         t0 = time.time()
-        model.fit(train_ds, epochs=epochs, callbacks=[best.callback], verbose=1 if os.isatty(1) else 2)
+        model.fit(train_ds, epochs=epochs, callbacks=[best], verbose=1 if os.isatty(1) else 2)
         best.restore()
         log(f"{phase}: best val macro-F1 {best.best:.4f} at epoch {best.best_epoch} ({time.time() - t0:.0f} s)")
         history += best.history
