@@ -157,9 +157,8 @@ def ceiling(
     from bmc.edge_app.review import Reviewer
 
     model = Path(model or DEFAULT_MODEL)
-    keep = tempfile.mkdtemp(prefix="bmc-bench-adapt-", dir=workdir)
-    tmp = Path(keep)
-    try:
+    with tempfile.TemporaryDirectory(prefix="bmc-bench-adapt-", dir=workdir) as keep:
+        tmp = Path(keep)
         _, truth, classes, before = _shipped_run(Path(source), truth_file, tmp, model, mode, orientations, threads, log)
         with Reviewer(tmp / "shipped", "bench") as r:
             for f, (_, cid) in before.items():
@@ -181,8 +180,6 @@ def ceiling(
             "guard": result.guard,
             "adapt_seconds": result.seconds,
         }
-    finally:
-        shutil.rmtree(keep, ignore_errors=True)
 
 
 def run(

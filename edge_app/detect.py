@@ -91,8 +91,8 @@ def cells_of(lab: np.ndarray, share: float = 1.0) -> np.ndarray | None:
     d8 = np.clip(distance * 2, 0, 255).astype(np.uint8)
     if int(d8.max()) - int(d8.min()) < 16:
         return None
-    t, fg = cv2.threshold(d8, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
-    return fg if share == 1.0 else (d8 > share * t).astype(np.uint8) * 255
+    t, _ = cv2.threshold(d8, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    return (d8 > share * t).astype(np.uint8) * 255
 
 
 def red_cell_colour(lab: np.ndarray) -> tuple[float, float] | None:

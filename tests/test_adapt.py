@@ -392,44 +392,14 @@ def test_bench_adapt_plays_the_protocol_and_measures_its_ceiling(matek, tmp_path
     bmc("bench", "truth", matek, "--format", "matek", "--out", truth)
     rows = list(csv.DictReader(open(truth)))
     per_class = Counter(r["label"] for r in rows)
-    bmc(
-        "bench",
-        "adapt",
-        "--source",
-        matek,
-        "--truth",
-        truth,
-        "--mode",
-        "cell",
-        "--k",
-        "2",
-        "--seeds",
-        "1",
-        "--orientations",
-        "1",
-        "--json",
-        tmp_path / "run.json",
-    )
+    protocol = ("bench", "adapt", "--source", matek, "--truth", truth, "--mode", "cell", "--orientations", "1")
+    bmc(*protocol, "--k", "2", "--seeds", "1", "--json", tmp_path / "run.json")
     r = json.loads((tmp_path / "run.json").read_text())["runs"][0]
     assert r["labelled"] == sum(min(2, n) for n in per_class.values())
     assert r["before"]["fields"] == len(rows) - r["labelled"]  # only cells nobody labelled are scored
     if not r["accepted"]:  # refused: the laboratory keeps the shipped model, and its figures
         assert r["after"] == r["before"] and r["reasons"]
-    p = bmc(
-        "bench",
-        "adapt",
-        "--source",
-        matek,
-        "--truth",
-        truth,
-        "--mode",
-        "cell",
-        "--ceiling",
-        "--orientations",
-        "1",
-        "--json",
-        tmp_path / "ceiling.json",
-    )
+    p = bmc(*protocol, "--ceiling", "--json", tmp_path / "ceiling.json")
     c = json.loads((tmp_path / "ceiling.json").read_text())
     assert c["labelled"] == c["fields"] == len(rows)
     assert 0 <= c["adapted"]["balanced_accuracy"] <= 1 and set(c["adapted"]["recall"]) <= set(per_class)

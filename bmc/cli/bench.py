@@ -16,13 +16,7 @@ def bench():
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--bccd", type=click.Path(file_okay=False), help="BCCD folder (default ../shared/data/bccd)")
 @json_option
-@click.option(
-    "--orientations",
-    type=click.Choice(["1", "2", "4", "8"]),
-    default="1",
-    show_default=True,
-    help="average over this many rotations / mirror images of each cell, as the edge app does",
-)
+@orientations_option("1", "average over this many rotations / mirror images of each cell, as the edge app does")
 @click.option(
     "--scale", default=1.0, show_default=True, help="diagnostic: cut each cell at this multiple of the measured scale"
 )
@@ -93,7 +87,7 @@ def bench_latency(models, threads, thread_sweep, runs, baseline_keras, json_out,
 @click.option("--source", required=True, help="folder, glob or video of fields")
 @click.option("--model", type=click.Path(dir_okay=False))
 @threads_option
-@orientations_option
+@orientations_option()
 @json_option
 @click.option("--no-record", is_flag=True)
 def bench_edge(source, model, threads, orientations, json_out, no_record):
@@ -111,7 +105,7 @@ def bench_edge(source, model, threads, orientations, json_out, no_record):
 @bench.command("bccd")
 @click.option("--bccd", type=click.Path(file_okay=False), help="BCCD folder (default ../shared/data/bccd)")
 @click.option("--model", type=click.Path(dir_okay=False))
-@orientations_option
+@orientations_option()
 @click.option("--white-balance", is_flag=True, help="white-balance the session onto the model's training lamp")
 @json_option
 def bench_bccd(bccd, model, orientations, white_balance, json_out):
@@ -228,7 +222,7 @@ def bench_ood(model, level, data_root, reviewed, seed, json_out):
 @click.option("--seeds", default="1,2,3", show_default=True, help="comma-separated: which fields are labelled")
 @click.option("--mode", type=click.Choice(["field", "cell"]), default="field", show_default=True)
 @click.option("--model", type=click.Path(dir_okay=False), help="base model (default: the shipped int8)")
-@orientations_option
+@orientations_option()
 @click.option(
     "--ceiling",
     is_flag=True,

@@ -68,13 +68,14 @@ def _write_json(path, obj) -> None:
 
 #: ``--json FILE``: the verbs that report write their figures there too
 json_option = click.option("--json", "json_out", type=click.Path(dir_okay=False), help="also write the results as JSON")
-#: ``--orientations``: the test-time orientations each cell is classified in, averaged
-orientations_option = click.option(
-    "--orientations",
-    type=click.Choice(["1", "2", "4", "8"]),
-    default="4",
-    show_default=True,
-    help="orientations each cell is classified in, averaged",
-)
+
+
+def orientations_option(default: str = "4", help: str = "orientations each cell is classified in, averaged"):
+    """``--orientations``: the rotations / mirror images each cell is classified in, averaged."""
+    return click.option(
+        "--orientations", type=click.Choice(["1", "2", "4", "8"]), default=default, show_default=True, help=help
+    )
+
+
 #: ``--threads``: the interpreter's threads
 threads_option = click.option("--threads", type=click.IntRange(1, 256), help="inference threads (default: all cores)")

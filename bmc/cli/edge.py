@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from bmc.cli.common import _Fail, _guard, _write_json, threads_option
+from bmc.cli.common import _Fail, _guard, _write_json, orientations_option, threads_option
 
 
 @click.group()
@@ -37,13 +37,7 @@ def edge():
     "interrupted, else refuse: its report would count both)",
 )
 @click.option("--no-crops", is_flag=True, help="do not save a JPEG per cell")
-@click.option(
-    "--orientations",
-    type=click.Choice(["1", "2", "4", "8"]),
-    default="4",
-    show_default=True,
-    help="classify each cell in this many rotations / mirror images and average",
-)
+@orientations_option("4", "classify each cell in this many rotations / mirror images and average")
 @click.option(
     "--white-balance",
     is_flag=True,

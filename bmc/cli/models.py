@@ -100,13 +100,7 @@ def train_cmd(data_dir, out, **kw):
     help="evaluate on one part of a split.json instead of DATA_DIR",
 )
 @click.option("--part", type=click.Choice(["train", "val", "test"]), default="test", show_default=True)
-@click.option(
-    "--orientations",
-    type=click.Choice(["1", "2", "4", "8"]),
-    default="1",
-    show_default=True,
-    help="average each image over this many rotations / mirror images, as the edge app does",
-)
+@orientations_option("1", "average each image over this many rotations / mirror images, as the edge app does")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="write the metrics as JSON")
 def evaluate_cmd(model, data_dir, split_file, part, orientations, json_out):
     """Accuracy, macro-F1 and per-class metrics of MODEL (.keras or .tflite) on DATA_DIR, or on
@@ -221,7 +215,7 @@ def convert_cmd(
     help="the split.json the models were trained on: the guard set comes from its training part",
 )
 @click.option("--per-class", default=200, show_default=True, help="training cells per class in the guard set")
-@orientations_option
+@orientations_option()
 def prepare_adapt(models, split_file, per_class, orientations):
     """Make converted MODELS adaptable on the device: the cell embedding as a second output (the class
     scores unchanged), a guard set of embedded training cells beside each, named in its card, and the
