@@ -108,7 +108,7 @@ def _score(truth: dict[str, str], answers: dict[str, tuple[str, int]], fields: l
 
 def _session(src: Path, model, out: Path, mode: str, orientations: int, threads: int | None):
     from bmc.edge_app.app import EdgeSession, SessionConfig
-    from bmc.edge_app.model import CellClassifier
+    from bmc.edge_app.classifier import CellClassifier
 
     clf = CellClassifier(model, threads=threads or os.cpu_count(), orientations=orientations)
     EdgeSession(str(src), clf, out, SessionConfig(mode=mode, save_crops=False), echo=lambda m: None).run()
@@ -153,7 +153,7 @@ def ceiling(
     the shipped and the adapted head on cells they were not fitted on. The protocol's K labelled
     fields per class cannot do better than this, short of a better embedding."""
     from bmc.edge_app import adapt
-    from bmc.edge_app.model import DEFAULT_MODEL, CellClassifier
+    from bmc.edge_app.classifier import DEFAULT_MODEL, CellClassifier
     from bmc.edge_app.review import Reviewer
 
     model = Path(model or DEFAULT_MODEL)
@@ -195,7 +195,7 @@ def run(
     log=print,
 ) -> dict:
     from bmc.edge_app import adapt
-    from bmc.edge_app.model import DEFAULT_MODEL, CellClassifier
+    from bmc.edge_app.classifier import DEFAULT_MODEL, CellClassifier
     from bmc.edge_app.review import Reviewer
 
     model = Path(model or DEFAULT_MODEL)

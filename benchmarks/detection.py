@@ -59,7 +59,7 @@ def field_classification(
     bccd, model: str | None = None, orientations: int | None = None, white_balance: bool = False
 ) -> dict:
     from bmc.edge_app.app import EdgeSession, SessionConfig
-    from bmc.edge_app.model import DEFAULT_MODEL, DEFAULT_ORIENTATIONS, CellClassifier
+    from bmc.edge_app.classifier import DEFAULT_MODEL, DEFAULT_ORIENTATIONS, CellClassifier
     from bmc.train.metrics import confusion
 
     fields = single_cell_fields(bccd)

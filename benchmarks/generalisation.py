@@ -144,7 +144,7 @@ def score(
     (:mod:`bmc.benchmarks.stain_calibration`, another diagnostic)."""
     import dataclasses
 
-    from bmc.edge_app.model import predict_oriented
+    from bmc.edge_app.classifier import predict_oriented
     from bmc.train.evaluate import load_classifier
     from bmc.train.metrics import classification_metrics
 

@@ -100,7 +100,7 @@ def run(
     import os
 
     from bmc.contract import preprocess, read_image
-    from bmc.edge_app.model import DEFAULT_MODEL, CellClassifier
+    from bmc.edge_app.classifier import DEFAULT_MODEL, CellClassifier
 
     model = Path(model or DEFAULT_MODEL)
     clf = CellClassifier(model, threads=threads or os.cpu_count(), orientations=orientations)

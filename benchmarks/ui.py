@@ -51,7 +51,7 @@ class ReplayedCamera(FrameSource):
 
 def _headless(folder, fps, frames, model, storage) -> float:
     from bmc.edge_app.app import EdgeSession, SessionConfig
-    from bmc.edge_app.model import DEFAULT_MODEL, CellClassifier
+    from bmc.edge_app.classifier import DEFAULT_MODEL, CellClassifier
 
     s = EdgeSession(
         ReplayedCamera(folder, fps, frames),

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from bmc.edge_app.adapt import GUARD_SUFFIX
-from bmc.edge_app.model import EMBEDDING, PROBABILITIES
+from bmc.edge_app.classifier import EMBEDDING, PROBABILITIES
 from bmc.errors import BmcError
 
 
@@ -166,7 +166,7 @@ def build_guard(
     the shipped head's weights, so that adaptation on the device needs nothing else."""
     from bmc.card import card_path, sha256_file
     from bmc.contract import preprocess, read_image
-    from bmc.edge_app.model import CellClassifier
+    from bmc.edge_app.classifier import CellClassifier
 
     clf = CellClassifier(model_path, threads=threads, orientations=orientations, require_deployable=False)
     if not clf.has_embedding:
@@ -228,7 +228,7 @@ def calibrate_unknown(
     from bmc.card import card_path
     from bmc.contract import preprocess, read_image
     from bmc.edge_app import unknown
-    from bmc.edge_app.model import CellClassifier
+    from bmc.edge_app.classifier import CellClassifier
 
     clf = CellClassifier(model_path, threads=threads, orientations=orientations, require_deployable=False)
     guard = clf.card.get("guard")

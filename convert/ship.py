@@ -59,7 +59,7 @@ def ship(
 
 
 def _readme(name, report, metrics, config, reproduce, extra, contract) -> str:
-    from bmc.convert.pipeline import report_markdown
+    from bmc.convert.build import report_markdown
 
     labels = list(contract.labels) if contract else []
     parents = dict(contract.parents or {}) if contract else {}

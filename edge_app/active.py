@@ -57,7 +57,7 @@ def set_active(storage: str | Path, model: str | Path | None, by: str) -> Path |
     """Make ``model`` (a file in the models folder) active, or go back to the shipped one (None)."""
     from bmc.card import ModelCardError
     from bmc.edge_app.backends import BackendError
-    from bmc.edge_app.model import CellClassifier
+    from bmc.edge_app.classifier import CellClassifier
 
     d = models_dir(storage)
     f = d / ACTIVE

@@ -23,10 +23,10 @@ from bmc.contract import centre_square, preprocess
 from bmc.edge_app import unknown as unknown_mod
 from bmc.edge_app.capture import Capture
 from bmc.edge_app.cells import Box, SessionLamp, SessionScale, crop_cell
-from bmc.edge_app.config import SessionSettings
+from bmc.edge_app.classifier import CellClassifier
+from bmc.edge_app.config import SessionDefaults
 from bmc.edge_app.detect import FieldScale, FinderConfig, find_cells, scaled
 from bmc.edge_app.differential import Differential, ReviewPolicy
-from bmc.edge_app.model import CellClassifier
 from bmc.edge_app.sources import FrameSource, open_source
 from bmc.edge_app.store import SessionStore, StorageFull
 from bmc.edge_app.tracker import CellTracker
@@ -36,13 +36,13 @@ STAGES = ("read", "find", "preprocess", "classify", "record")
 MAX_FRAME_PIXELS = 40_000_000  # a 8K camera frame is 33 MP; a whole-slide scan needs tiling, not one frame
 
 
-_DEVICE = SessionSettings()  # the device config's defaults: one source for those both share
+_DEVICE = SessionDefaults()  # the device config's defaults: one source for those both share
 
 
 @dataclasses.dataclass
 class SessionConfig:
     """One session as it runs (the device's ``[session]`` settings, resolved; the CLI's options).
-    Where a setting is also in the device config, its default is that one: ``SessionSettings``."""
+    Where a setting is also in the device config, its default is that one: ``SessionDefaults``."""
 
     mode: str = _DEVICE.mode  # field | cell
     target: int | None = None  # the device config's 0 ("no target") is None here

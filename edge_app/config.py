@@ -57,7 +57,7 @@ class ModelConfig:
 
 
 @dataclasses.dataclass
-class SessionSettings:
+class SessionDefaults:
     mode: str = dataclasses.field(default="field", metadata=_choice("field", "cell"))
     target: int = dataclasses.field(default=0, metadata=_range(0, 1_000_000))  # 0: no target
     # 0: measured from the cells found
@@ -99,7 +99,7 @@ class ScreenConfig:
 class DeviceConfig:
     camera: CameraConfig = dataclasses.field(default_factory=CameraConfig)
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
-    session: SessionSettings = dataclasses.field(default_factory=SessionSettings)
+    session: SessionDefaults = dataclasses.field(default_factory=SessionDefaults)
     finder: FinderConfig = dataclasses.field(default_factory=FinderConfig)
     review: ReviewPolicy = dataclasses.field(default_factory=ReviewPolicy)
     storage: StorageConfig = dataclasses.field(default_factory=StorageConfig)

@@ -2,7 +2,7 @@
 
 An adapted model (``bmc edge adapt``) is the shipped ``.tflite`` unchanged plus such a head, fitted
 at the laboratory on its reviewed cells; the model's card names the head's file and sha256, and
-:class:`bmc.edge_app.model.CellClassifier` applies it to the embedding the ``.tflite`` gives beside its
+:class:`bmc.edge_app.classifier.CellClassifier` applies it to the embedding the ``.tflite`` gives beside its
 own class scores.
 """
 

@@ -147,7 +147,7 @@ def serve(cfg, echo=print, max_sessions: int | None = None) -> None:
 def _serve_loop(cfg, storage: Path, echo, max_sessions, stop: threading.Event, current: list) -> None:
     from bmc.edge_app.active import active_model
     from bmc.edge_app.app import EdgeSession
-    from bmc.edge_app.model import DEFAULT_MODEL, CellClassifier
+    from bmc.edge_app.classifier import DEFAULT_MODEL, CellClassifier
     from bmc.edge_app.sources import SourceError, open_source
 
     clf = None
@@ -247,7 +247,7 @@ def _packages_and_cameras() -> Check:
 def _model(cfg, model_path: str | None) -> Check:
     from bmc.card import ModelCardError
     from bmc.edge_app.backends import BackendError
-    from bmc.edge_app.model import DEFAULT_MODEL, CellClassifier
+    from bmc.edge_app.classifier import DEFAULT_MODEL, CellClassifier
 
     model = Path(model_path) if model_path else Path(cfg.model.path) if cfg and cfg.model.path else DEFAULT_MODEL
     try:

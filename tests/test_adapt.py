@@ -16,7 +16,7 @@ import pytest
 
 from bmc.card import ModelCardError, card_path, sha256_file
 from bmc.edge_app.app import EdgeSession, SessionConfig
-from bmc.edge_app.model import DEFAULT_MODEL, MODELS_DIR, CellClassifier
+from bmc.edge_app.classifier import DEFAULT_MODEL, MODELS_DIR, CellClassifier
 
 from conftest import ROOT, bmc
 

@@ -9,7 +9,7 @@ import numpy as np
 
 from bmc.benchmarks.compare import pareto
 from bmc.benchmarks.results import append
-from bmc.edge_app.model import DEFAULT_MODEL, MODELS_DIR
+from bmc.edge_app.classifier import DEFAULT_MODEL, MODELS_DIR
 
 from conftest import bmc
 

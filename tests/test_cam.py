@@ -6,7 +6,7 @@ import numpy as np
 
 from bmc.contract import preprocess, read_image
 from bmc.edge_app.cam import ActivationMaps, overlay
-from bmc.edge_app.model import DEFAULT_MODEL, CellClassifier
+from bmc.edge_app.classifier import DEFAULT_MODEL, CellClassifier
 
 
 def test_the_map_of_the_called_class_lies_on_the_cell(pbc):

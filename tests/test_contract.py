@@ -53,7 +53,7 @@ def test_unreadable_file_names_the_file(tmp_path):
 
 def test_tensorflow_pipeline_matches_numpy_path(pbc, matek):
     """The graph-native TF preprocessing gives the same tensor as OpenCV (within 1 grey level)."""
-    from bmc.train.pipeline import tf_preprocess_file
+    from bmc.train.tf_preprocess import tf_preprocess_file
 
     c = Contract(labels=("x",))
     files = [sorted((pbc / d).glob("*.jpg"))[3] for d in ("basophil", "ig", "platelet")]
@@ -125,7 +125,7 @@ def test_contract_without_stain_norm_is_the_old_behaviour(pbc):
 
 def test_tensorflow_stretch_is_exactly_the_numpy_one(pbc, matek):
     from bmc.contract import normalise_stain, prepare
-    from bmc.train.pipeline import _tf_stretch
+    from bmc.train.tf_preprocess import _tf_stretch
 
     c = Contract(labels=("x",))
     files = [sorted((pbc / d).glob("*.jpg"))[2] for d in ("eosinophil", "lymphocyte")]

@@ -147,8 +147,8 @@ def test_variants_give_the_cell_embedding_beside_the_scores(converted):
     """Every converted variant outputs the pooled embedding (for adaptation on the device) from the
     same invocation, and its own last layer, read back from the file, maps it to its scores."""
     from bmc.convert.embedding import read_head
+    from bmc.edge_app.classifier import CellClassifier
     from bmc.edge_app.head import softmax
-    from bmc.edge_app.model import CellClassifier
 
     x = np.random.default_rng(1).uniform(0, 255, (3, 224, 224, 3)).astype(np.float32)
     for name, tol in (("cells_int8", 0.02), ("cells_fp16", 1e-4)):

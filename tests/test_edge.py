@@ -17,8 +17,8 @@ import pytest
 from bmc.card import ModelCardError
 from bmc.edge_app.app import EdgeSession, SessionConfig
 from bmc.edge_app.backends import BackendError
+from bmc.edge_app.classifier import DEFAULT_MODEL, CellClassifier
 from bmc.edge_app.differential import Differential, ReviewPolicy
-from bmc.edge_app.model import DEFAULT_MODEL, CellClassifier
 from bmc.edge_app.sources import Frame, FrameSource, SourceError, open_source
 from bmc.edge_app.sources.camera import _Reopening
 

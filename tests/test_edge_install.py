@@ -106,7 +106,7 @@ def test_edge_extra_alone_runs_the_app(tmp_path, bccd):
     for f in sorted((bccd.parent / "pbc" / "neutrophil").glob("*.jpg"))[:4]:
         (classes / f.name).symlink_to(f)
     site_models = subprocess.run(
-        [str(py), "-c", "from bmc.edge_app.model import DEFAULT_MODEL; print(DEFAULT_MODEL)"],
+        [str(py), "-c", "from bmc.edge_app.classifier import DEFAULT_MODEL; print(DEFAULT_MODEL)"],
         capture_output=True,
         text=True,
         cwd=tmp_path,

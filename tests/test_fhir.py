@@ -13,7 +13,7 @@ from fhir.resources.R4B.bundle import Bundle
 from pydantic import ValidationError
 
 from bmc.edge_app import fhir
-from bmc.edge_app.model import MODELS_DIR
+from bmc.edge_app.classifier import MODELS_DIR
 
 from conftest import DATA, bmc
 

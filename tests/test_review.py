@@ -14,7 +14,7 @@ import pytest
 
 from bmc.edge_app import review
 from bmc.edge_app.app import EdgeSession, SessionConfig
-from bmc.edge_app.model import DEFAULT_MODEL, CellClassifier
+from bmc.edge_app.classifier import DEFAULT_MODEL, CellClassifier
 from bmc.edge_app.review import REJECTED, Reviewer, ReviewError, review_window
 from bmc.edge_app.store import SessionStore
 

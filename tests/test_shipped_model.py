@@ -8,7 +8,7 @@ import json
 import pytest
 
 from bmc.card import load_card
-from bmc.edge_app.model import DEFAULT_MODEL, MODELS_DIR
+from bmc.edge_app.classifier import DEFAULT_MODEL, MODELS_DIR
 
 from conftest import DATA, bmc
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from bmc.card import load_card
-from bmc.edge_app.model import MODELS_DIR, CellClassifier
+from bmc.edge_app.classifier import MODELS_DIR, CellClassifier
 from bmc.stages import GRANULOCYTIC_SERIES, PARENT, STAGE_LABELS
 
 from conftest import DATA, bmc

@@ -15,7 +15,7 @@ import pytest
 from bmc.card import card_path
 from bmc.edge_app import config as config_mod
 from bmc.edge_app import review, unknown
-from bmc.edge_app.model import DEFAULT_MODEL, MODELS_DIR, CellClassifier
+from bmc.edge_app.classifier import DEFAULT_MODEL, MODELS_DIR, CellClassifier
 
 from conftest import DATA, bmc
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from bmc.contract import Contract, preprocess, read_image
+from bmc.edge_app.classifier import predict_oriented
 from bmc.edge_app.differential import ReviewPolicy
-from bmc.edge_app.model import predict_oriented
 from bmc.errors import BmcError
 from bmc.stages import coarse_labels, coarse_probs, stage_distance
 from bmc.train import data as data_mod
@@ -56,7 +56,7 @@ class TFLiteClassifier:
     card's outputs checked, an adapted model's head applied), one orientation per call."""
 
     def __init__(self, path, threads: int | None = None):
-        from bmc.edge_app.model import CellClassifier
+        from bmc.edge_app.classifier import CellClassifier
 
         self.clf = CellClassifier(path, threads, require_deployable=False, orientations=1)
 
@@ -89,7 +89,7 @@ def match_labels(data_labels, model_labels) -> dict[str, str]:
 
 def evaluate_samples(model, contract: Contract, samples, batch_size: int = 32, orientations: int = 1) -> dict:
     """Metrics over ``samples``; ``orientations`` > 1 averages each image over that many rotations /
-    mirror images, as the edge app does (:func:`bmc.edge_app.model.predict_oriented`).
+    mirror images, as the edge app does (:func:`bmc.edge_app.classifier.predict_oriented`).
 
     A stage model (``contract.parents``) is scored at both levels: its own labels, and the 8 classes
     its stages sum into, with how many of its stage errors are one stage off; data labelled with

@@ -65,7 +65,7 @@ def bench_latency(models, threads, thread_sweep, runs, baseline_keras, json_out,
     from bmc.benchmarks import latency, results
 
     if not models and not baseline_keras:
-        from bmc.edge_app.model import DEFAULT_MODEL
+        from bmc.edge_app.classifier import DEFAULT_MODEL
 
         models = (str(DEFAULT_MODEL),)
     sweep = range(1, (os.cpu_count() or 1) + 1) if thread_sweep else [threads]
@@ -92,10 +92,10 @@ def bench_latency(models, threads, thread_sweep, runs, baseline_keras, json_out,
 @click.option("--no-record", is_flag=True)
 def bench_edge(source, model, threads, orientations, json_out, no_record):
     """Frames/s, cells/s and per-stage time of the real edge pipeline, headless."""
-    from bmc.benchmarks import pipeline, results
+    from bmc.benchmarks import results, throughput
 
-    res = _guard(pipeline.run, source, model, threads, orientations=int(orientations))
-    click.echo(pipeline.markdown(res))
+    res = _guard(throughput.run, source, model, threads, orientations=int(orientations))
+    click.echo(throughput.markdown(res))
     if not no_record:
         results.append("edge", [{k: v for k, v in res.items() if k != "machine"}], res["machine"])
     if json_out:
@@ -359,7 +359,7 @@ def bench_energy(model, meter, runs, idle_s, threads, json_out):
 
     from bmc.benchmarks import energy, machine
     from bmc.edge_app.backends.litert import LiteRTBackend
-    from bmc.edge_app.model import DEFAULT_MODEL
+    from bmc.edge_app.classifier import DEFAULT_MODEL
 
     makers = {
         "rapl": energy.RaplMeter,

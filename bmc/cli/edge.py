@@ -79,7 +79,7 @@ def edge_run(
         ReviewPolicy(unknown_level=unknown_level)
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--unknown-level") from None
-    from bmc.edge_app.model import DEFAULT_MODEL, CellClassifier
+    from bmc.edge_app.classifier import DEFAULT_MODEL, CellClassifier
     from bmc.edge_app.sources import SourceError
     from bmc.edge_app.store import SessionFolderError
 
@@ -302,7 +302,7 @@ def edge_adapt(sessions, out_dir, name, model, max_guard_drop, json_out):
     import datetime
 
     from bmc.edge_app import adapt
-    from bmc.edge_app.model import DEFAULT_MODEL, CellClassifier
+    from bmc.edge_app.classifier import DEFAULT_MODEL, CellClassifier
 
     s = adapt.Settings(max_guard_drop=max_guard_drop)
     clf = _guard(CellClassifier, model or DEFAULT_MODEL, orientations=1)

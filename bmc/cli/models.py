@@ -172,8 +172,8 @@ def convert_cmd(
     """Convert a run folder (or .keras) to TFLite variants and validate each against the float model."""
     from pathlib import Path
 
-    _need_training("bmc convert", "bmc.convert.pipeline", "tensorflow")
-    from bmc.convert.pipeline import Gate, convert_run
+    _need_training("bmc convert", "bmc.convert.build", "tensorflow")
+    from bmc.convert.build import Gate, convert_run
 
     names = tuple(v.strip() for v in variants.split(",") if v.strip())
     fl = "auto" if float_layers == "auto" else tuple(x for x in float_layers.split(",") if x)
@@ -191,7 +191,7 @@ def convert_cmd(
         fl,
         log=lambda m: click.echo(m, err=True),
     )
-    from bmc.convert.pipeline import report_markdown
+    from bmc.convert.build import report_markdown
 
     click.echo(report_markdown(report))
     if ship_dir:

@@ -340,7 +340,7 @@ class UiApp:
         """The counting model (the active adapted one, else the configured or shipped one) and its maps."""
         from bmc.edge_app.active import active_model
         from bmc.edge_app.cam import ActivationMaps
-        from bmc.edge_app.model import DEFAULT_MODEL, CellClassifier
+        from bmc.edge_app.classifier import DEFAULT_MODEL, CellClassifier
 
         path = Path(active_model(self.storage) or self.model or DEFAULT_MODEL)
         if getattr(self, "_maps_for", None) != path:
@@ -715,7 +715,7 @@ class UiApp:
 
     # -- adaptation ---------------------------------------------------------------------------------
     def _base_model(self):
-        from bmc.edge_app.model import DEFAULT_MODEL, CellClassifier
+        from bmc.edge_app.classifier import DEFAULT_MODEL, CellClassifier
 
         return CellClassifier(self.model or DEFAULT_MODEL, orientations=1)
 

@@ -58,7 +58,7 @@ class LiveRunner:
         """Start a session into a new time-stamped folder of the storage folder."""
         from bmc.edge_app.active import active_model
         from bmc.edge_app.app import EdgeSession, SessionConfig
-        from bmc.edge_app.model import DEFAULT_MODEL, CellClassifier
+        from bmc.edge_app.classifier import DEFAULT_MODEL, CellClassifier
         from bmc.edge_app.service import new_session_folder
         from bmc.edge_app.sources import open_source
 

@@ -21,7 +21,7 @@ def run(
     orientations: int | None = None,
 ) -> dict:
     from bmc.edge_app.app import STAGES, EdgeSession, SessionConfig
-    from bmc.edge_app.model import DEFAULT_MODEL, DEFAULT_ORIENTATIONS, CellClassifier
+    from bmc.edge_app.classifier import DEFAULT_MODEL, DEFAULT_ORIENTATIONS, CellClassifier
 
     clf = CellClassifier(
         model or DEFAULT_MODEL, threads=threads or os.cpu_count(), orientations=orientations or DEFAULT_ORIENTATIONS
