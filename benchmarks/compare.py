@@ -42,15 +42,15 @@ def run(items, data: str, runs: int = 100, threads: int | None = None, plot: str
     lat = {r["model"]: r for r in latency.run(models, threads, runs, measure_rss=False)["rows"]}
     rows = []
     for m in models:
-        e = evaluate(m, data)
+        e = evaluate(m, data).metrics
         l = lat[Path(m).name]
         rows.append(
             {
                 "model": Path(m).name,
                 "format": l["format"],
-                "accuracy": e["accuracy"],
-                "macro_f1": e["macro_f1"],
-                "n": e["n"],
+                "accuracy": e.accuracy,
+                "macro_f1": e.macro_f1,
+                "n": e.n,
                 "p50_ms": l["p50_ms"],
                 "size_mb": l["size_mb"],
             }

@@ -161,7 +161,7 @@ def score(
         xs, names = matek_cells(matek, cut) if matek else bccd_cells(bccd, cut)
     index = {l: i for i, l in enumerate(contract.labels)}
     probs = np.concatenate([predict_oriented(clf.predict, xs[i : i + 32], orientations) for i in range(0, len(xs), 32)])
-    m = classification_metrics(np.array([index[n] for n in names]), probs, list(contract.labels))
+    m = classification_metrics(np.array([index[n] for n in names]), probs, list(contract.labels)).to_dict()
     m["model"] = str(model_path)
     m["orientations"] = orientations
     m["scale"] = scale
@@ -177,7 +177,7 @@ def score(
 def main(argv=None):
     import argparse
 
-    from bmc.train.metrics import per_class_table
+    from bmc.train.metrics import Metrics, per_class_table
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model")
@@ -189,7 +189,7 @@ def main(argv=None):
     ap.add_argument("--scale", type=float, default=1.0)
     a = ap.parse_args(argv)
     m = score(a.model, a.bccd, a.orientations, a.scale, a.matek, a.calibrate)
-    print(per_class_table(m))
+    print(per_class_table(Metrics.from_dict(m)))
     if a.json:
         Path(a.json).write_text(json.dumps(m, indent=2))
 

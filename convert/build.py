@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import json
 import math
 from pathlib import Path
@@ -26,6 +27,7 @@ from bmc.convert.converter import quantization_error_by_layer, to_tflite
 from bmc.convert.embedding import EMBEDDING, PROBABILITIES, read_head
 from bmc.convert.gate import Gate  # noqa: F401 - re-exported; its defaults live there, light for the CLI
 from bmc.errors import BmcError
+from bmc.train.metrics import Metrics, classification_metrics
 
 
 class GateFailed(BmcError, RuntimeError):
@@ -100,22 +102,17 @@ def _batched(predict, xs, bs=32):
 
 
 def compare(float_probs, probs, y, labels, gate: Gate) -> dict:
-    from bmc.train.metrics import classification_metrics
-
     mf = classification_metrics(y, float_probs, labels)
     mv = classification_metrics(y, probs, labels)
-    drop = 100 * (mf["accuracy"] - mv["accuracy"])
-    class_drops = {
-        c: 100 * (mf["per_class"][c]["recall"] - mv["per_class"].get(c, {"recall": 0})["recall"])
-        for c in mf["per_class"]
-    }
+    drop = 100 * (mf.accuracy - mv.accuracy)
+    class_drops = {c: 100 * (r - mv.recall.get(c, 0.0)) for c, r in mf.recall.items()}
     regressed = sorted(c for c, d in class_drops.items() if d > gate.max_class_drop)
     worst = max(class_drops, key=class_drops.get)
     return {
-        "accuracy": mv["accuracy"],
-        "macro_f1": mv["macro_f1"],
-        "n": mv["n"],
-        "per_class_recall": {c: v["recall"] for c, v in mv["per_class"].items()},
+        "accuracy": mv.accuracy,
+        "macro_f1": mv.macro_f1,
+        "n": mv.n,
+        "per_class_recall": mv.recall,
         "agreement": float((float_probs.argmax(1) == probs.argmax(1)).mean()),
         "mean_abs_prob_diff": float(np.abs(float_probs - probs).mean()),
         "accuracy_drop_points": drop,
@@ -141,8 +138,6 @@ def convert_run(
 ) -> dict:
     import keras
 
-    from bmc.train.metrics import classification_metrics
-
     src = resolve_source(source, data)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -153,7 +148,7 @@ def convert_run(
     xs, y = _load_test(src.test, src.contract)
     float_probs = _batched(lambda b: model.predict(b, verbose=0), xs)
     float_metrics = classification_metrics(y, float_probs, labels)
-    log(f"keras float: accuracy {float_metrics['accuracy']:.4f}, macro-F1 {float_metrics['macro_f1']:.4f}")
+    log(f"keras float: accuracy {float_metrics.accuracy:.4f}, macro-F1 {float_metrics.macro_f1:.4f}")
     rep = representative_images(src.train, src.contract, n_representative) if "int8" in variant_names else None
 
     rows, failed = [], []
@@ -161,72 +156,96 @@ def convert_run(
         v = V.variant(vname)
         q = {"float32": V.float32, "float16": V.float16, "dynamic": V.dynamic}.get(vname)
         q = q() if q else V.int8(rep, float_layers if isinstance(float_layers, tuple) else ())
-        row = _build_and_validate(model, q, out / f"{name}{v.suffix}", xs, y, float_probs, labels, gate, log)
+        build = functools.partial(
+            _build_and_validate,
+            path=out / f"{name}{v.suffix}",
+            xs=xs,
+            y=y,
+            float_probs=float_probs,
+            labels=labels,
+            gate=gate,
+            log=log,
+        )
+        row = build(model, q)
         if vname == "int8" and not row["passed"] and (diagnose or float_layers == "auto"):
-            worst = quantization_error_by_layer(model, q, rep[:32])
-            row["worst_layers"] = worst
-            log(
-                "int8 failed its gate; worst layers by rmse/scale: "
-                + ", ".join(f"{w['tensor']} ({w['rmse_over_scale']:.2f})" for w in worst[:5])
-            )
-            if float_layers == "auto":
-                keep = tuple(w["tensor"] for w in worst if w["rmse_over_scale"] > 0.7)[:10]
-                log(f"retrying int8 with {len(keep)} layer(s) kept in float")
-                q2 = V.int8(rep, keep)
-                first = row
-                row = _build_and_validate(model, q2, out / f"{name}{v.suffix}", xs, y, float_probs, labels, gate, log)
-                row["float_layers"] = list(keep)
-                row["full_int8_attempt"] = {
-                    k: first[k]
-                    for k in (
-                        "accuracy",
-                        "macro_f1",
-                        "agreement",
-                        "accuracy_drop_points",
-                        "regressed_classes",
-                        "class_recall_drop_points",
-                        "worst_layers",
-                    )
-                }
+            row = _int8_retry(model, q, row, rep, build, retry=float_layers == "auto", log=log)
         _write_variant_card(out / f"{name}{v.suffix}", v, row, src, float_sha, float_metrics, gate)
         rows.append(row)
         if not row["passed"]:
             failed.append(row)
 
-    report = {
+    report = _conversion_report(src, float_sha, float_metrics, gate, len(y), rows)
+    (out / f"{name}_conversion.json").write_text(json.dumps(report, indent=2))
+    (out / f"{name}_conversion.md").write_text(report_markdown(report))
+    if failed:
+        raise GateFailed(_failure_message(failed, gate, out / f"{name}_conversion.md"))
+    return report
+
+
+def _conversion_report(
+    src: Source, float_sha: str, float_metrics: Metrics, gate: Gate, n: int, rows: list[dict]
+) -> dict:
+    """What ``<name>_conversion.json`` holds: the source, the gate, the float model's figures and each variant's."""
+    return {
         "source_model": str(src.model_path),
         "source_sha256": float_sha,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "gate": dataclasses.asdict(gate),
-        "n": int(len(y)),
+        "n": int(n),
         "float": {
-            "accuracy": float_metrics["accuracy"],
-            "macro_f1": float_metrics["macro_f1"],
-            "per_class_recall": {c: v["recall"] for c, v in float_metrics["per_class"].items()},
+            "accuracy": float_metrics.accuracy,
+            "macro_f1": float_metrics.macro_f1,
+            "per_class_recall": float_metrics.recall,
         },
         "variants": [{k: v for k, v in r.items() if k != "metrics"} for r in rows],
     }
-    (out / f"{name}_conversion.json").write_text(json.dumps(report, indent=2))
-    (out / f"{name}_conversion.md").write_text(report_markdown(report))
-    if failed:
-        raise GateFailed(
-            "; ".join(
-                f"variant {r['variant']} failed the gate: accuracy drop {r['accuracy_drop_points']:.2f} points "
-                f"(max {gate.max_drop})"
-                + (
-                    ", classes regressed: "
-                    + ", ".join(f"{c} (-{r['class_recall_drop_points'][c]:.1f})" for c in r["regressed_classes"])
-                    if r["regressed_classes"]
-                    else ""
-                )
-                for r in failed
-            )
-            + f" — not marked deployable; see {out / (name + '_conversion.md')}"
+
+
+_FIRST_ATTEMPT_KEYS = (
+    "accuracy",
+    "macro_f1",
+    "agreement",
+    "accuracy_drop_points",
+    "regressed_classes",
+    "class_recall_drop_points",
+    "worst_layers",
+)
+
+
+def _int8_retry(model, q, row, rep, build, retry: bool, log) -> dict:
+    """An int8 variant that failed its gate: the layers that quantise worst, by rmse over scale,
+    recorded in its row; with ``retry``, int8 again with those beyond 0.7 (at most 10) kept in
+    float, the full-int8 attempt kept beside it."""
+    worst = quantization_error_by_layer(model, q, rep[:32])
+    row["worst_layers"] = worst
+    log(
+        "int8 failed its gate; worst layers by rmse/scale: "
+        + ", ".join(f"{w['tensor']} ({w['rmse_over_scale']:.2f})" for w in worst[:5])
+    )
+    if not retry:
+        return row
+    keep = tuple(w["tensor"] for w in worst if w["rmse_over_scale"] > 0.7)[:10]
+    log(f"retrying int8 with {len(keep)} layer(s) kept in float")
+    second = build(model, V.int8(rep, keep))
+    second["float_layers"] = list(keep)
+    second["full_int8_attempt"] = {k: row[k] for k in _FIRST_ATTEMPT_KEYS}
+    return second
+
+
+def _failure_message(failed: list[dict], gate: Gate, report_path: Path) -> str:
+    """One line naming each failed variant, its accuracy drop and the classes that regressed."""
+
+    def one(r):
+        classes = ", ".join(f"{c} (-{r['class_recall_drop_points'][c]:.1f})" for c in r["regressed_classes"])
+        return (
+            f"variant {r['variant']} failed the gate: accuracy drop {r['accuracy_drop_points']:.2f} points "
+            f"(max {gate.max_drop})" + (f", classes regressed: {classes}" if classes else "")
         )
-    return report
+
+    return "; ".join(one(r) for r in failed) + f" — not marked deployable; see {report_path}"
 
 
-def _build_and_validate(model, q, path: Path, xs, y, float_probs, labels, gate, log) -> dict:
+def _build_and_validate(model, q, *, path: Path, xs, y, float_probs, labels, gate, log) -> dict:
     from bmc.convert.embedding import add_embedding_output
     from bmc.edge_app.backends.litert import LiteRTBackend
 
@@ -278,8 +297,8 @@ def _write_variant_card(path, v, row, src: Source, float_sha, float_metrics, gat
                 "accuracy_drop_points": row["accuracy_drop_points"],
                 "per_class_recall": row["per_class_recall"],
                 "worst_class": row["worst_class"],
-                "float_accuracy": float_metrics["accuracy"],
-                "float_macro_f1": float_metrics["macro_f1"],
+                "float_accuracy": float_metrics.accuracy,
+                "float_macro_f1": float_metrics.macro_f1,
                 **({"float_layers": row["float_layers"]} if row.get("float_layers") else {}),
             },
             "deployable": row["passed"],

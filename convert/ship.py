@@ -121,7 +121,7 @@ def _readme(name, report, metrics, config, reproduce, extra, contract) -> str:
             "",
         ]
     if metrics:
-        from bmc.train.metrics import per_class_table
+        from bmc.train.metrics import Metrics, per_class_table
 
         how = (
             "end to end (mode `full`), every image augmented afresh each epoch"
@@ -148,7 +148,7 @@ def _readme(name, report, metrics, config, reproduce, extra, contract) -> str:
             f"`{name}_test_split.csv` here: its {metrics.get('n', 0):,} test images were never seen in "
             f"training or model selection.",
             "",
-            per_class_table(metrics),
+            per_class_table(Metrics.from_dict(metrics)),
             "",
         ]
         if metrics.get("confusion_matrix"):

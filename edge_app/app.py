@@ -22,7 +22,7 @@ import numpy as np
 from bmc.contract import centre_square, preprocess
 from bmc.edge_app import unknown as unknown_mod
 from bmc.edge_app.capture import Capture
-from bmc.edge_app.cells import Box, SessionLamp, SessionScale, crop_cell
+from bmc.edge_app.cells import Box, CellCall, SessionLamp, SessionScale, crop_cell
 from bmc.edge_app.classifier import CellClassifier
 from bmc.edge_app.config import SessionDefaults
 from bmc.edge_app.detect import FieldScale, FinderConfig, find_cells, scaled
@@ -205,7 +205,7 @@ class EdgeSession:
                     "colour, so cells will be missed; use the camera's colour mode"
                 )
 
-    def process(self, frame) -> list[dict]:
+    def process(self, frame) -> list[CellCall]:
         r, st = self.result, self.result.stage_seconds
         self._screen(frame)
         if frame.image is None:
@@ -235,22 +235,8 @@ class EdgeSession:
             else:
                 i = int(np.argmax(p))
                 label, conf, flag = self.clf.labels[i], float(p[i]), "seen"
-            cells.append(
-                {
-                    "x": box.x,
-                    "y": box.y,
-                    "w": box.w,
-                    "h": box.h,
-                    "label": label,
-                    "confidence": conf,
-                    "probabilities": p,
-                    "flag": flag,
-                    "track": track,
-                    "new": new,
-                    "embedding": embs[k] if embs is not None else None,
-                }
-            )
-        keep = [(c, cr) for c, cr in zip(cells, crops) if c["new"]]
+            cells.append(CellCall(box, label, conf, p, flag, track, new, embs[k] if embs is not None else None))
+        keep = [(c, cr) for c, cr in zip(cells, crops) if c.new]
         self.store.record_frame(frame.index, frame.source, [c for c, _ in keep], [cr for _, cr in keep])
         t4 = time.perf_counter()
         st["find"] += t1 - t0
@@ -353,19 +339,20 @@ class EdgeSession:
                 pass
 
 
-def annotated(image: np.ndarray | None, cells: list[dict], pixel_format: str = "BGR") -> np.ndarray | None:
+def annotated(image: np.ndarray | None, cells: list[CellCall], pixel_format: str = "BGR") -> np.ndarray | None:
     """A BGR copy of a frame with each found cell's box and call drawn: green when counted, orange
     when set aside for review."""
     if image is None:
         return None
     img = cv2.cvtColor(image, cv2.COLOR_RGB2BGR) if pixel_format == "RGB" else image.copy()
     for c in cells:
-        colour = (0, 200, 0) if not c["flag"] or c["flag"] == "seen" else (0, 165, 255)
-        cv2.rectangle(img, (c["x"], c["y"]), (c["x"] + c["w"], c["y"] + c["h"]), colour, 2)
+        colour = (0, 200, 0) if not c.flag or c.flag == "seen" else (0, 165, 255)
+        b = c.box
+        cv2.rectangle(img, (b.x, b.y), (b.x + b.w, b.y + b.h), colour, 2)
         cv2.putText(
             img,
-            f"{c['label']} {c['confidence']:.2f}",
-            (c["x"], max(12, c["y"] - 4)),
+            f"{c.label} {c.confidence:.2f}",
+            (b.x, max(12, b.y - 4)),
             cv2.FONT_HERSHEY_SIMPLEX,
             0.5,
             colour,

@@ -35,6 +35,25 @@ class Box:
         return float(max(self.w, self.h))
 
 
+@dataclasses.dataclass
+class CellCall:
+    """One cell of a frame as a session sees it: where it is, the model's call, and whether it counts.
+
+    ``flag`` is empty for a counted cell, ``"seen"`` for a cell tracked from an earlier frame (not
+    counted again), else why it waits for review (``unknown …``, low confidence). Only ``new``
+    cells are recorded; ``embedding`` is the model's pooled cell embedding, where it has one.
+    """
+
+    box: Box
+    label: str
+    confidence: float
+    probabilities: np.ndarray
+    flag: str = ""
+    track: int | None = None
+    new: bool = True
+    embedding: np.ndarray | None = None
+
+
 def crop_cell(frame: np.ndarray, box: Box, contract: Contract) -> np.ndarray:
     """The square around ``box`` in which the cell spans ``contract.cell_fraction`` of the side."""
     side = max(8, int(round(box.diameter / contract.cell_fraction)))

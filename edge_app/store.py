@@ -24,6 +24,7 @@ import cv2
 import numpy as np
 
 from bmc.edge_app import review
+from bmc.edge_app.cells import CellCall
 from bmc.errors import BmcError
 
 SCHEMA = """
@@ -227,7 +228,7 @@ class SessionStore:
         ).fetchall()
 
     def record_frame(
-        self, idx: int, source: str, cells: list[dict], crops: list[np.ndarray | None], error: str = ""
+        self, idx: int, source: str, cells: list[CellCall], crops: list[np.ndarray | None], error: str = ""
     ) -> None:
         """Write one frame and its cells in one transaction (crops first, then the commit)."""
         if self.full:
@@ -237,7 +238,7 @@ class SessionStore:
             for k, (cell, crop) in enumerate(zip(cells, crops)):
                 name = ""
                 if self.save_crops and crop is not None:
-                    name = f"crops/s{self.session_id}_f{idx:06d}_{k:02d}_{cell['label']}.jpg"
+                    name = f"crops/s{self.session_id}_f{idx:06d}_{k:02d}_{cell.label}.jpg"
                     ok, buf = cv2.imencode(".jpg", crop, [cv2.IMWRITE_JPEG_QUALITY, 90])
                     if ok:
                         with open(self.dir / name, "wb") as fh:
@@ -257,17 +258,17 @@ class SessionStore:
                         fid,
                         source,
                         idx,
-                        c["x"],
-                        c["y"],
-                        c["w"],
-                        c["h"],
-                        c["label"],
-                        c["confidence"],
-                        json.dumps([round(float(p), 5) for p in c["probabilities"]]),
-                        c["flag"],
-                        c.get("track"),
+                        c.box.x,
+                        c.box.y,
+                        c.box.w,
+                        c.box.h,
+                        c.label,
+                        c.confidence,
+                        json.dumps([round(float(p), 5) for p in c.probabilities]),
+                        c.flag,
+                        c.track,
                         n,
-                        _blob(c.get("embedding")),
+                        _blob(c.embedding),
                     )
                     for c, n in zip(cells, names)
                 ],

@@ -11,8 +11,6 @@ from bmc.card import ModelCardError, load_card
 
 from conftest import bmc
 
-pytestmark = pytest.mark.slow
-
 
 @pytest.fixture(scope="session")
 def converted(run, tmp_path_factory):
@@ -37,6 +35,7 @@ def converted(run, tmp_path_factory):
     return out, p
 
 
+@pytest.mark.slow
 def test_variants_are_written_with_cards_and_a_report(converted, run):
     out, p = converted
     report = json.loads((out / "cells_conversion.json").read_text())
@@ -60,6 +59,7 @@ def test_variants_are_written_with_cards_and_a_report(converted, run):
     assert (out / "cells_int8.tflite").stat().st_size < 5e6
 
 
+@pytest.mark.slow
 def test_int8_takes_uint8_pixels_and_uses_only_int8_ops(converted):
     from ai_edge_litert.interpreter import Interpreter
 
@@ -78,6 +78,7 @@ def test_int8_takes_uint8_pixels_and_uses_only_int8_ops(converted):
     assert not float_outputs, float_outputs
 
 
+@pytest.mark.slow
 def test_tflite_matches_keras_with_stated_tolerances(converted, run, small_pbc):
     import keras
 
@@ -95,6 +96,7 @@ def test_tflite_matches_keras_with_stated_tolerances(converted, run, small_pbc):
     assert (int8.argmax(1) == ref.argmax(1)).mean() >= 0.85
 
 
+@pytest.mark.slow
 def test_failed_gate_exits_non_zero_names_variant_and_classes(run, tmp_path):
     # an impossible gate (recall may not move at all, accuracy must rise by 100 points)
     p = bmc(
@@ -118,6 +120,7 @@ def test_failed_gate_exits_non_zero_names_variant_and_classes(run, tmp_path):
         load_card(tmp_path / "bmc_dynamic.tflite", require_deployable=True)
 
 
+@pytest.mark.slow
 def test_card_missing_or_not_matching_is_refused(converted, tmp_path):
     src = converted[0] / "cells_int8.tflite"
     copy = tmp_path / "m.tflite"
@@ -143,6 +146,7 @@ def test_calibration_in_the_wrong_range_is_refused():
         int8(np.random.default_rng(0).random((4, 224, 224, 3)))
 
 
+@pytest.mark.slow
 def test_variants_give_the_cell_embedding_beside_the_scores(converted):
     """Every converted variant outputs the pooled embedding (for adaptation on the device) from the
     same invocation, and its own last layer, read back from the file, maps it to its scores."""

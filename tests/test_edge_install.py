@@ -12,9 +12,8 @@ import pytest
 
 from conftest import ROOT
 
-pytestmark = pytest.mark.slow
 
-
+@pytest.mark.slow
 def test_edge_extra_alone_runs_the_app(tmp_path, bccd):
     env_dir = tmp_path / "edge-venv"
     venv.create(env_dir, with_pip=True)

@@ -20,11 +20,11 @@ def test_metrics_match_scikit_learn(seed):
     pred = probs.argmax(1)
     present = sorted(set(y.tolist()))
     idx = sorted(set(present) | set(pred.tolist()))
-    assert m["accuracy"] == pytest.approx(sk.accuracy_score(y, pred))
-    assert m["balanced_accuracy"] == pytest.approx(sk.balanced_accuracy_score(y, pred))
-    assert m["macro_f1"] == pytest.approx(sk.f1_score(y, pred, labels=present, average="macro", zero_division=0))
-    assert m["confusion_matrix"] == sk.confusion_matrix(y, pred, labels=idx).tolist()
+    assert m.accuracy == pytest.approx(sk.accuracy_score(y, pred))
+    assert m.balanced_accuracy == pytest.approx(sk.balanced_accuracy_score(y, pred))
+    assert m.macro_f1 == pytest.approx(sk.f1_score(y, pred, labels=present, average="macro", zero_division=0))
+    assert m.confusion_matrix == sk.confusion_matrix(y, pred, labels=idx).tolist()
     p, r, f, s = sk.precision_recall_fscore_support(y, pred, labels=idx, zero_division=0)
     for k, i in enumerate(idx):
-        got = m["per_class"][labels[i]]
-        assert (got["precision"], got["recall"], got["f1"], got["support"]) == pytest.approx((p[k], r[k], f[k], s[k]))
+        got = m.per_class[labels[i]]
+        assert (got.precision, got.recall, got.f1, got.support) == pytest.approx((p[k], r[k], f[k], s[k]))

@@ -14,6 +14,7 @@ import pytest
 
 from bmc.edge_app import review
 from bmc.edge_app.app import EdgeSession, SessionConfig
+from bmc.edge_app.cells import Box, CellCall
 from bmc.edge_app.classifier import DEFAULT_MODEL, CellClassifier
 from bmc.edge_app.review import REJECTED, Reviewer, ReviewError, review_window
 from bmc.edge_app.store import SessionStore
@@ -164,17 +165,7 @@ def test_review_while_the_session_is_still_recording(session, tmp_path):
     """A reviewer and a running session write to the same database (WAL) without losing either."""
     out = tmp_path / "live"
     store = SessionStore(out, "camera0", DEFAULT_MODEL.name, "0" * 64, ["lymphocyte", "neutrophil"])
-    cell = {
-        "x": 1,
-        "y": 2,
-        "w": 30,
-        "h": 30,
-        "label": "neutrophil",
-        "confidence": 0.5,
-        "probabilities": [0.5, 0.5],
-        "flag": "top two within 0.00",
-        "track": 1,
-    }
+    cell = CellCall(Box(1, 2, 30, 30), "neutrophil", 0.5, np.array([0.5, 0.5]), flag="top two within 0.00", track=1)
     store.record_frame(0, "f0", [cell], [None])
     with Reviewer(out, "dana") as r:
         r.decide(1, "lymphocyte")

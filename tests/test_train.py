@@ -9,9 +9,8 @@ import pytest
 
 from conftest import CLASSES, bmc, small_class_folders
 
-pytestmark = pytest.mark.slow
 
-
+@pytest.mark.slow
 def test_run_folder_holds_everything_to_reproduce_and_convert(run, small_pbc):
     for name in (
         "config.json",
@@ -38,6 +37,7 @@ def test_run_folder_holds_everything_to_reproduce_and_convert(run, small_pbc):
     assert {h["phase"] for h in history} >= {"head", "fine-tune", "timings"}
 
 
+@pytest.mark.slow
 def test_unreadable_image_is_skipped_and_listed(run):
     m = json.loads((run / "metrics.json").read_text())
     log = (run / "bmc.train.log").read_text()
@@ -48,6 +48,7 @@ def test_unreadable_image_is_skipped_and_listed(run):
     assert in_test == any(p.endswith("LY_corrupt.jpg") for p in listed)
 
 
+@pytest.mark.slow
 def test_trained_model_beats_chance_on_its_test_split(run):
     m = json.loads((run / "metrics.json").read_text())
     assert m["n"] >= 8
@@ -55,6 +56,7 @@ def test_trained_model_beats_chance_on_its_test_split(run):
     assert m["accuracy"] >= 0.5, m
 
 
+@pytest.mark.slow
 def test_evaluate_keras_model_json(run, small_pbc, tmp_path):
     out = tmp_path / "eval.json"
     p = bmc("evaluate", run / "model.keras", small_pbc, "--json", out)
@@ -69,6 +71,7 @@ def test_evaluate_keras_model_json(run, small_pbc, tmp_path):
     assert cm.sum() == 64 and abs(np.trace(cm) / 64 - m["accuracy"]) < 1e-9
 
 
+@pytest.mark.slow
 def test_evaluate_on_the_held_out_part_of_a_split(run, tmp_path):
     out = tmp_path / "test.json"
     bmc("evaluate", run / "model.keras", "--split", run / "split.json", "--json", out)
@@ -78,6 +81,7 @@ def test_evaluate_on_the_held_out_part_of_a_split(run, tmp_path):
     assert p.returncode == 2 and "DATA_DIR or --split" in p.stderr
 
 
+@pytest.mark.slow
 def test_evaluate_on_another_microscope_maps_folder_case(run, bccd, tmp_path):
     d = small_class_folders(bccd / "wbc_crops", tmp_path / "bccd", 5, ("Eosinophil", "Lymphocyte", "Neutrophil"))
     out = tmp_path / "e.json"
@@ -85,12 +89,14 @@ def test_evaluate_on_another_microscope_maps_folder_case(run, bccd, tmp_path):
     assert set(json.loads(out.read_text())["per_class"]) >= {"eosinophil", "lymphocyte", "neutrophil"}
 
 
+@pytest.mark.slow
 def test_evaluate_unknown_labels_is_an_error_listing_them(run, matek):
     p = bmc("evaluate", run / "model.keras", matek, check=False)
     assert p.returncode == 2
     assert "not known to the model" in p.stderr and "BLA" in p.stderr and "eosinophil" in p.stderr
 
 
+@pytest.mark.slow
 def test_model_without_contract_is_refused(run, small_pbc, tmp_path):
     lonely = tmp_path / "model.keras"
     lonely.write_bytes((run / "model.keras").read_bytes())
@@ -116,6 +122,7 @@ def test_too_small_class_fails_training_with_its_name(matek, tmp_path):
     assert p.returncode == 2 and "too small to split" in p.stderr and "PEB" in p.stderr
 
 
+@pytest.mark.slow
 def test_full_path_trains_end_to_end(small_pbc, tmp_path):
     """The GPU path (online augmentation in worker processes) runs on the CPU too, one short epoch a
     phase: it lists the corrupt image wherever the split put it, keeps its best weights on disk as
@@ -153,6 +160,7 @@ def test_full_path_trains_end_to_end(small_pbc, tmp_path):
     assert (out / "model.keras").stat().st_size < 16e6  # weights only: ~14 MB for Lite0
 
 
+@pytest.mark.slow
 def test_init_from_a_trained_model(run, small_pbc, pbc, tmp_path):
     """--init-from starts from a trained model: with no epochs, the very same model; with other
     classes, its backbone and a fresh head; a test split it was trained on is reported."""

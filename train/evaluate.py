@@ -8,6 +8,7 @@ a folder whose label the model does not know is an error that lists them.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -19,11 +20,54 @@ from bmc.edge_app.differential import ReviewPolicy
 from bmc.errors import BmcError
 from bmc.stages import coarse_labels, coarse_probs, stage_distance
 from bmc.train import data as data_mod
-from bmc.train.metrics import classification_metrics, per_class_table, plot_confusion
+from bmc.train.metrics import Metrics, classification_metrics, per_class_table, plot_confusion
 
 
 class EvaluationError(BmcError, ValueError):
     pass
+
+
+@dataclasses.dataclass(frozen=True)
+class UnknownSetAside:
+    """The unknown-cell check of a ``.tflite`` model's card, applied to a labelled set."""
+
+    level: str
+    threshold: float
+    set_aside: float  # share of the images set aside as unknown
+    accuracy_all: float
+    accuracy_counted: float  # on the images it lets through
+
+
+@dataclasses.dataclass
+class Evaluation:
+    """``bmc evaluate`` and a training run's test figures: the metrics at the level the data is
+    labelled at, and what the edge app would do with the same images."""
+
+    metrics: Metrics
+    level: str  # "model", or "8-class (the stages summed)" for a stage model on 8-class data
+    set_aside: float  # share the edge app's review policy would set aside
+    counted_accuracy: float  # accuracy of the rest
+    skipped: list[dict]  # {"path", "why"} of each unreadable image, left out of the figures
+    coarse: Metrics | None = None  # a stage model on stage-labelled data: the 8-class level
+    stage_errors: dict[str, int] | None = None  # its errors by how far they miss
+    unknown: UnknownSetAside | None = None
+    model: str | None = None
+    orientations: int | None = None
+    data: str | None = None
+    train_seconds: float | None = None
+
+    def to_dict(self) -> dict:
+        """The ``metrics.json`` layout: the metrics' figures at the top level, then the rest that is known."""
+        d = self.metrics.to_dict()
+        for f in dataclasses.fields(self)[1:]:
+            v = getattr(self, f.name)
+            if isinstance(v, Metrics):
+                v = v.to_dict()
+            elif isinstance(v, UnknownSetAside):
+                v = dataclasses.asdict(v)
+            if v is not None:
+                d[f.name] = v
+        return d
 
 
 def contract_for(model_path: Path) -> Contract:
@@ -87,7 +131,7 @@ def match_labels(data_labels, model_labels) -> dict[str, str]:
     return {l: lower[l.lower()] for l in data_labels}
 
 
-def evaluate_samples(model, contract: Contract, samples, batch_size: int = 32, orientations: int = 1) -> dict:
+def evaluate_samples(model, contract: Contract, samples, batch_size: int = 32, orientations: int = 1) -> Evaluation:
     """Metrics over ``samples``; ``orientations`` > 1 averages each image over that many rotations /
     mirror images, as the edge app does (:func:`bmc.edge_app.classifier.predict_oriented`).
 
@@ -131,28 +175,35 @@ def evaluate_samples(model, contract: Contract, samples, batch_size: int = 32, o
         probs = coarse_probs(probs, labels, contract.parents)[0]
         labels = list(coarse)
     m = classification_metrics(ys, probs, labels)
-    m["level"] = "8-class (the stages summed)" if at_coarse else "model"
+    coarse_m = stage_errors = None
     if coarse and not at_coarse:
         cp, _ = coarse_probs(probs, labels, contract.parents)
         cy = np.array([coarse.index(contract.parents.get(labels[y], labels[y])) for y in ys])
-        m["coarse"] = classification_metrics(cy, cp, list(coarse))
-        m["stage_errors"] = stage_error_summary(ys, probs.argmax(1), labels)
+        coarse_m = classification_metrics(cy, cp, list(coarse))
+        stage_errors = stage_error_summary(ys, probs.argmax(1), labels)
+    unknown = None
     if detector is not None:
         flagged = detector.scores(np.concatenate(embs)) > detector.threshold
         kept = ~flagged
-        m["unknown"] = {
-            "level": detector.level,
-            "threshold": detector.threshold,
-            "set_aside": float(flagged.mean()),
-            "accuracy_all": m["accuracy"],
-            "accuracy_counted": float((probs[kept].argmax(1) == ys[kept]).mean()) if kept.any() else 0.0,
-        }
+        unknown = UnknownSetAside(
+            level=detector.level,
+            threshold=detector.threshold,
+            set_aside=float(flagged.mean()),
+            accuracy_all=m.accuracy,
+            accuracy_counted=float((probs[kept].argmax(1) == ys[kept]).mean()) if kept.any() else 0.0,
+        )
     # the edge app's review policy: the share it would set aside, and how right the rest is
     sure = np.array([not ReviewPolicy().flag(p) for p in probs])
-    m["set_aside"] = float(1 - sure.mean())
-    m["counted_accuracy"] = float((probs[sure].argmax(1) == ys[sure]).mean()) if sure.any() else 0.0
-    m["skipped"] = skipped
-    return m
+    return Evaluation(
+        metrics=m,
+        level="8-class (the stages summed)" if at_coarse else "model",
+        set_aside=float(1 - sure.mean()),
+        counted_accuracy=float((probs[sure].argmax(1) == ys[sure]).mean()) if sure.any() else 0.0,
+        skipped=skipped,
+        coarse=coarse_m,
+        stage_errors=stage_errors,
+        unknown=unknown,
+    )
 
 
 def stage_error_summary(y_true: np.ndarray, y_pred: np.ndarray, labels) -> dict:
@@ -175,7 +226,7 @@ def evaluate(
     split_file: str | Path | None = None,
     part: str = "test",
     orientations: int = 1,
-) -> dict:
+) -> Evaluation:
     """Metrics of a model on a class-folder data set, or on one part of a saved split."""
     clf, contract = load_classifier(model_path)
     if split_file is not None:
@@ -185,15 +236,14 @@ def evaluate(
         samples = parts[part]
     else:
         samples = data_mod.discover(data_dir, label_from)
-    m = evaluate_samples(clf, contract, samples, orientations=orientations)
-    m["model"] = str(model_path)
-    m["orientations"] = orientations
-    m["data"] = f"{split_file} ({part})" if split_file is not None else str(data_dir)
-    return m
+    data = f"{split_file} ({part})" if split_file is not None else str(data_dir)
+    ev = evaluate_samples(clf, contract, samples, orientations=orientations)
+    return dataclasses.replace(ev, model=str(model_path), orientations=orientations, data=data)
 
 
-def write_reports(metrics: dict, out: Path, title: str = "") -> None:
+def write_reports(ev: Evaluation, out: Path, title: str = "") -> None:
+    """``metrics.json``, ``per_class.md`` and ``confusion.png`` of an evaluation, in ``out``."""
     out = Path(out)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    (out / "per_class.md").write_text(f"# {title}\n\n" + per_class_table(metrics) + "\n")
-    plot_confusion(metrics, str(out / "confusion.png"), title)
+    (out / "metrics.json").write_text(json.dumps(ev.to_dict(), indent=2))
+    (out / "per_class.md").write_text(f"# {title}\n\n" + per_class_table(ev.metrics) + "\n")
+    plot_confusion(ev.metrics, str(out / "confusion.png"), title)

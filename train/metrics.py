@@ -9,7 +9,48 @@ confidence and correctness.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassScores:
+    precision: float
+    recall: float
+    f1: float
+    support: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Metrics:
+    """A classifier's figures on one labelled set. ``per_class`` holds the classes in the data or
+    predicted; ``confusion_matrix`` is over ``confusion_labels`` (rows true, columns predicted)."""
+
+    n: int
+    accuracy: float
+    macro_f1: float  # over the classes present in the data
+    balanced_accuracy: float  # mean recall of the classes present in the data
+    ece: float  # expected calibration error, 15 bins
+    per_class: dict[str, ClassScores]
+    confusion_labels: list[str]
+    confusion_matrix: list[list[int]]
+
+    @property
+    def recall(self) -> dict[str, float]:
+        return {c: v.recall for c, v in self.per_class.items()}
+
+    def to_dict(self) -> dict:
+        """JSON-ready (``metrics.json``, ``--json``)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Metrics:
+        """Back from :meth:`to_dict`'s JSON (a ``metrics.json`` may hold more keys beside these)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        kw = {k: v for k, v in d.items() if k in names}
+        kw["per_class"] = {c: ClassScores(**v) for c, v in d["per_class"].items()}
+        return cls(**kw)
 
 
 def expected_calibration_error(probs: np.ndarray, y_true: np.ndarray, bins: int = 15) -> float:
@@ -25,7 +66,7 @@ def expected_calibration_error(probs: np.ndarray, y_true: np.ndarray, bins: int 
     return float(ece)
 
 
-def classification_metrics(y_true: np.ndarray, probs: np.ndarray, labels: list[str]) -> dict:
+def classification_metrics(y_true: np.ndarray, probs: np.ndarray, labels: list[str]) -> Metrics:
     """Accuracy, macro-F1, balanced accuracy, per-class P/R/F1/support, confusion matrix, ECE.
 
     Only classes present in ``y_true`` or predicted are reported per class; ``labels`` is the
@@ -43,21 +84,19 @@ def classification_metrics(y_true: np.ndarray, probs: np.ndarray, labels: list[s
     r = np.divide(tp, support, out=np.zeros_like(tp), where=support > 0)
     f = np.divide(2 * p * r, p + r, out=np.zeros_like(tp), where=(p + r) > 0)
     per_class = {
-        labels[i]: {"precision": float(p[k]), "recall": float(r[k]), "f1": float(f[k]), "support": int(support[k])}
-        for k, i in enumerate(idx)
+        labels[i]: ClassScores(float(p[k]), float(r[k]), float(f[k]), int(support[k])) for k, i in enumerate(idx)
     }
     in_data = [idx.index(c) for c in present]
-    return {
-        "n": int(len(y_true)),
-        "accuracy": float((y_pred == y_true).mean()),
-        # macro over the classes present in the data: a class absent from DATA_DIR has no recall
-        "macro_f1": float(f[in_data].mean()),
-        "balanced_accuracy": float(r[in_data].mean()),
-        "ece": expected_calibration_error(probs, y_true),
-        "per_class": per_class,
-        "confusion_labels": [labels[i] for i in idx],
-        "confusion_matrix": cm.tolist(),
-    }
+    return Metrics(
+        n=int(len(y_true)),
+        accuracy=float((y_pred == y_true).mean()),
+        macro_f1=float(f[in_data].mean()),
+        balanced_accuracy=float(r[in_data].mean()),
+        ece=expected_calibration_error(probs, y_true),
+        per_class=per_class,
+        confusion_labels=[labels[i] for i in idx],
+        confusion_matrix=cm.tolist(),
+    )
 
 
 def confusion(y_true, y_pred, classes) -> np.ndarray:
@@ -71,26 +110,26 @@ def confusion(y_true, y_pred, classes) -> np.ndarray:
     return cm
 
 
-def per_class_table(m: dict) -> str:
+def per_class_table(m: Metrics) -> str:
     """A Markdown table of per-class precision / recall / F1 / support."""
     lines = ["| class | precision | recall | F1 | support |", "|---|---:|---:|---:|---:|"]
-    for label, v in m["per_class"].items():
-        lines.append(f"| {label} | {v['precision']:.3f} | {v['recall']:.3f} | {v['f1']:.3f} | {v['support']} |")
+    for label, v in m.per_class.items():
+        lines.append(f"| {label} | {v.precision:.3f} | {v.recall:.3f} | {v.f1:.3f} | {v.support} |")
     lines.append(
-        f"\naccuracy {m['accuracy']:.4f} · macro-F1 {m['macro_f1']:.4f} · balanced accuracy "
-        f"{m['balanced_accuracy']:.4f} · ECE {m['ece']:.4f} · n = {m['n']}"
+        f"\naccuracy {m.accuracy:.4f} · macro-F1 {m.macro_f1:.4f} · balanced accuracy "
+        f"{m.balanced_accuracy:.4f} · ECE {m.ece:.4f} · n = {m.n}"
     )
     return "\n".join(lines)
 
 
-def plot_confusion(m: dict, path: str, title: str = "") -> None:
+def plot_confusion(m: Metrics, path: str, title: str = "") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cm = np.asarray(m["confusion_matrix"], dtype=float)
-    labels = m["confusion_labels"]
+    cm = np.asarray(m.confusion_matrix, dtype=float)
+    labels = m.confusion_labels
     norm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
     fig, ax = plt.subplots(figsize=(1.0 + 0.75 * len(labels), 0.8 + 0.7 * len(labels)))
     ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
@@ -109,7 +148,7 @@ def plot_confusion(m: dict, path: str, title: str = "") -> None:
     ax.set_yticks(range(len(labels)), labels)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    ax.set_title(title or f"accuracy {m['accuracy']:.3f}, macro-F1 {m['macro_f1']:.3f}")
+    ax.set_title(title or f"accuracy {m.accuracy:.3f}, macro-F1 {m.macro_f1:.3f}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

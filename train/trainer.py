@@ -22,6 +22,7 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -30,6 +31,9 @@ from bmc.stages import parents_for, soft_targets
 from bmc.train import data as data_mod
 from bmc.train.augment import LIGHT, AugmentConfig, augmented_view, plain_view
 from bmc.train.config import MODES, STRATEGIES, TrainConfig, TrainError  # noqa: F401 - re-exported
+
+if TYPE_CHECKING:
+    from bmc.train.evaluate import Evaluation
 
 
 class _Log:
@@ -162,8 +166,8 @@ def _devices() -> list:
     return []
 
 
-def train(cfg: TrainConfig) -> dict:
-    """Run ``bmc train``; returns the test metrics. Everything lands in ``cfg.out``."""
+def train(cfg: TrainConfig) -> Evaluation:
+    """Run ``bmc train``; returns its test figures. Everything lands in ``cfg.out``."""
     t_start = time.time()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -224,18 +228,21 @@ def train(cfg: TrainConfig) -> dict:
 
     saved = keras.models.load_model(model_path)
     test = [s for s in splits["test"] if s.path not in {p for p, _ in skipped}]
-    metrics = evaluate_samples(saved, contract, test, batch_size=cfg.batch_size)
-    for s in metrics["skipped"]:  # unreadable test images: listed, never silently dropped
+    ev = evaluate_samples(saved, contract, test, batch_size=cfg.batch_size)
+    for s in ev.skipped:  # unreadable test images: listed, never silently dropped
         log(f"skipping unreadable image: {s['why']}")
-    metrics["train_seconds"] = round(time.time() - t_start, 1)
-    metrics["skipped"] = [{"path": p, "why": w} for p, w in skipped] + metrics["skipped"]
-    write_reports(metrics, out, title=f"{cfg.backbone} · test split")
+    ev = dataclasses.replace(
+        ev,
+        skipped=[{"path": p, "why": w} for p, w in skipped] + ev.skipped,
+        train_seconds=round(time.time() - t_start, 1),
+    )
+    write_reports(ev, out, title=f"{cfg.backbone} · test split")
     (out / "history.json").write_text(json.dumps(history, indent=1))
     log(
-        f"test accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f} "
-        f"(n={metrics['n']}); total {metrics['train_seconds'] / 60:.1f} min"
+        f"test accuracy {ev.metrics.accuracy:.4f}, macro-F1 {ev.metrics.macro_f1:.4f} "
+        f"(n={ev.metrics.n}); total {ev.train_seconds / 60:.1f} min"
     )
-    return metrics
+    return ev
 
 
 def _train_cached(cfg, contract, splits, index, log):
@@ -431,48 +438,11 @@ def _train_full(cfg, contract, splits, index, log, gpus):
     """
     import keras
 
-    from bmc.train.batches import Batches
-    from bmc.train.callbacks import BestOnValF1
-    from bmc.train.model import build_classifier, set_trainable_from
+    from bmc.train.model import build_classifier
 
-    backend = keras.backend.backend()
-    if cfg.mixed_precision == "on" or (cfg.mixed_precision == "auto" and gpus):
-        policy = "mixed_float16" if backend == "tensorflow" else "mixed_bfloat16"
-        keras.mixed_precision.set_global_policy(policy)
-        log(f"mixed precision: {policy}")
-    replicas = 1
-    if backend == "tensorflow":
-        import tensorflow as tf
-
-        if cfg.strategy == "mirrored" or (cfg.strategy == "auto" and len(gpus) > 1):
-            strategy = tf.distribute.MirroredStrategy()
-        else:
-            strategy = tf.distribute.get_strategy()
-        replicas = strategy.num_replicas_in_sync
-        scope = strategy.scope
-        log(f"strategy {type(strategy).__name__} with {replicas} replica(s)")
-    else:
-        import contextlib
-
-        scope = contextlib.nullcontext
-        if cfg.strategy == "mirrored":
-            raise TrainError(f"--strategy mirrored needs the TensorFlow backend (KERAS_BACKEND is {backend!r})")
-        log(f"backend {backend}, one device")
+    scope, replicas = _distribution(cfg, gpus, log)
     keras.utils.set_random_seed(cfg.seed)
-    n = contract.num_classes
-    workers = max(1, min(16, (os.cpu_count() or 2)))
-    # unreadable images are found (and listed) here, once: the workers that augment are processes
-    splits, skipped = _readable(splits, workers, log)
-    y_train = np.array([index[s.label] for s in splits["train"]])
-    y_val = np.array([index[s.label] for s in splits["val"]])
-    cw = class_weight_for(y_train, n) if cfg.class_weights else None
-    batch = cfg.batch_size * replicas
-    targets = soft_targets(contract.labels, cfg.label_smoothing, cfg.neighbour_smoothing)
-    train_ds = Batches(
-        splits["train"], index, contract, batch, AugmentConfig(), cfg.seed, cw, workers=workers, targets=targets
-    )
-    val_ds = Batches(splits["val"], index, contract, batch, None, cfg.seed, workers=workers)
-    loss = keras.losses.CategoricalCrossentropy()  # smoothing is in the targets
+    train_ds, val_ds, y_val, skipped = _full_batches(cfg, contract, splits, index, replicas, log)
     with scope():
         model = build_classifier(cfg.backbone, contract, cfg.weights, cfg.dropout)
         if cfg.init_from:
@@ -482,28 +452,84 @@ def _train_full(cfg, contract, splits, index, log, gpus):
         ("head", None, cfg.head_lr, min(cfg.head_epochs, cfg.full_head_epochs)),
         ("fine-tune", cfg.fine_tune_from, cfg.fine_tune_lr, cfg.fine_tune_epochs),
     ):
-        if epochs <= 0:
-            continue
-        set_trainable_from(model, block)
-        # cosine decay to 5% over the planned epochs, as on the CPU path
-        schedule = keras.optimizers.schedules.CosineDecay(lr, len(train_ds) * epochs, alpha=0.05)
-        with scope():
-            model.compile(keras.optimizers.Adam(schedule), loss, metrics=["accuracy"])
-        best = BestOnValF1(
-            model,
-            lambda: model.predict(val_ds, verbose=0),
-            y_val,
-            cfg.patience,
-            log,
-            phase,
-            Path(cfg.out) / "best.weights.h5",
-        )
-        t0 = time.time()
-        model.fit(train_ds, epochs=epochs, callbacks=[best], verbose=1 if os.isatty(1) else 2)
-        best.restore()
-        log(f"{phase}: best val macro-F1 {best.best:.4f} at epoch {best.best_epoch} ({time.time() - t0:.0f} s)")
-        history += best.history
+        if epochs > 0:
+            history += _fit_phase(model, scope, phase, block, lr, epochs, train_ds, val_ds, y_val, cfg, log)
     return _plain_copy(model, cfg, contract), history, sorted(set(skipped + train_ds.skipped))
+
+
+def _distribution(cfg, gpus, log):
+    """Mixed precision and the device strategy of the full path: ``(scope, replicas)``."""
+    import contextlib
+
+    import keras
+
+    backend = keras.backend.backend()
+    if cfg.mixed_precision == "on" or (cfg.mixed_precision == "auto" and gpus):
+        policy = "mixed_float16" if backend == "tensorflow" else "mixed_bfloat16"
+        keras.mixed_precision.set_global_policy(policy)
+        log(f"mixed precision: {policy}")
+    if backend != "tensorflow":
+        if cfg.strategy == "mirrored":
+            raise TrainError(f"--strategy mirrored needs the TensorFlow backend (KERAS_BACKEND is {backend!r})")
+        log(f"backend {backend}, one device")
+        return contextlib.nullcontext, 1
+    import tensorflow as tf
+
+    if cfg.strategy == "mirrored" or (cfg.strategy == "auto" and len(gpus) > 1):
+        strategy = tf.distribute.MirroredStrategy()
+    else:
+        strategy = tf.distribute.get_strategy()
+    replicas = strategy.num_replicas_in_sync
+    log(f"strategy {type(strategy).__name__} with {replicas} replica(s)")
+    return strategy.scope, replicas
+
+
+def _full_batches(cfg, contract, splits, index, replicas, log):
+    """The readable images as augmented training batches and plain validation batches."""
+    from bmc.train.batches import Batches
+
+    workers = max(1, min(16, (os.cpu_count() or 2)))
+    # unreadable images are found (and listed) here, once: the workers that augment are processes
+    splits, skipped = _readable(splits, workers, log)
+    y_train = np.array([index[s.label] for s in splits["train"]])
+    y_val = np.array([index[s.label] for s in splits["val"]])
+    cw = class_weight_for(y_train, contract.num_classes) if cfg.class_weights else None
+    batch = cfg.batch_size * replicas
+    targets = soft_targets(contract.labels, cfg.label_smoothing, cfg.neighbour_smoothing)
+    train_ds = Batches(
+        splits["train"], index, contract, batch, AugmentConfig(), cfg.seed, cw, workers=workers, targets=targets
+    )
+    val_ds = Batches(splits["val"], index, contract, batch, None, cfg.seed, workers=workers)
+    return train_ds, val_ds, y_val, skipped
+
+
+def _fit_phase(model, scope, phase, block, lr, epochs, train_ds, val_ds, y_val, cfg, log) -> list[dict]:
+    """One phase of the full path (blocks from ``block`` on trainable, cosine decay to 5% over
+    its epochs, as on the CPU path), ending on its best validation macro-F1's weights."""
+    import keras
+
+    from bmc.train.callbacks import BestOnValF1
+    from bmc.train.model import set_trainable_from
+
+    set_trainable_from(model, block)
+    schedule = keras.optimizers.schedules.CosineDecay(lr, len(train_ds) * epochs, alpha=0.05)
+    with scope():
+        # smoothing is in the targets
+        model.compile(keras.optimizers.Adam(schedule), keras.losses.CategoricalCrossentropy(), metrics=["accuracy"])
+    best = BestOnValF1(
+        model,
+        lambda: model.predict(val_ds, verbose=0),
+        y_val,
+        cfg.patience,
+        log,
+        phase,
+        Path(cfg.out) / "best.weights.h5",
+    )
+    t0 = time.time()
+    model.fit(train_ds, epochs=epochs, callbacks=[best], verbose=1 if os.isatty(1) else 2)
+    best.restore()
+    log(f"{phase}: best val macro-F1 {best.best:.4f} at epoch {best.best_epoch} ({time.time() - t0:.0f} s)")
+    return list(best.history)
 
 
 def _plain_copy(model, cfg, contract):

@@ -42,10 +42,10 @@ def bench_generalisation(model, bccd, json_out, orientations, scale, matek, cali
     """Accuracy of MODEL on white cells of another microscope (BCCD fields, or Munich bone-marrow
     cells with --matek; cut at the trained scale)."""
     from bmc.benchmarks.generalisation import DEFAULT_BCCD, DEFAULT_PBC, score
-    from bmc.train.metrics import per_class_table
+    from bmc.train.metrics import Metrics, per_class_table
 
     m = _guard(score, model, bccd or DEFAULT_BCCD, int(orientations), scale, matek, calibrate, reference or DEFAULT_PBC)
-    click.echo(per_class_table(m))
+    click.echo(per_class_table(Metrics.from_dict(m)))
     if json_out:
         _write_json(json_out, m)
 

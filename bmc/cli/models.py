@@ -86,8 +86,8 @@ def train_cmd(data_dir, out, **kw):
     from bmc.train.trainer import train
 
     cfg = _guard(TrainConfig, data=data_dir, out=out, **kw)
-    m = _guard(train, cfg)
-    click.echo(f"test accuracy {m['accuracy']:.4f} · macro-F1 {m['macro_f1']:.4f} · n {m['n']}")
+    m = _guard(train, cfg).metrics
+    click.echo(f"test accuracy {m.accuracy:.4f} · macro-F1 {m.macro_f1:.4f} · n {m.n}")
 
 
 @click.command("evaluate")
@@ -110,36 +110,35 @@ def evaluate_cmd(model, data_dir, split_file, part, orientations, json_out):
 
     if (data_dir is None) == (split_file is None):
         raise click.UsageError("give DATA_DIR or --split FILE (one of them)")
-    m = _guard(evaluate, model, data_dir, split_file=split_file, part=part, orientations=int(orientations))
-    for item in m.get("skipped", []):
+    ev = _guard(evaluate, model, data_dir, split_file=split_file, part=part, orientations=int(orientations))
+    for item in ev.skipped:
         click.echo(f"skipped {item['path']}: {item['why']}", err=True)
-    click.echo(per_class_table(m))
-    if m.get("skipped"):
-        click.echo(f"{len(m['skipped'])} unreadable image(s) left out of these figures (listed above)")
-    if m.get("level", "model") != "model":
-        click.echo(f"scored at the {m['level']} level: the data's labels are the model's 8 classes")
-    if m.get("coarse"):
-        c, e = m["coarse"], m["stage_errors"]
+    click.echo(per_class_table(ev.metrics))
+    if ev.skipped:
+        click.echo(f"{len(ev.skipped)} unreadable image(s) left out of these figures (listed above)")
+    if ev.level != "model":
+        click.echo(f"scored at the {ev.level} level: the data's labels are the model's 8 classes")
+    if ev.coarse and ev.stage_errors:
+        c, e = ev.coarse, ev.stage_errors
         click.echo(
-            f"8-class level (the stages summed into their classes): accuracy {c['accuracy']:.4f}, "
-            f"macro-F1 {c['macro_f1']:.4f}"
+            f"8-class level (the stages summed into their classes): accuracy {c.accuracy:.4f}, macro-F1 {c.macro_f1:.4f}"
         )
         click.echo(
             f"stage errors: {e['errors']}, of which {e['one_stage_off']} one stage off in the granulocytic "
             f"series, {e['further_in_series']} further along it, {e['other']} across classes"
         )
     click.echo(
-        f"the edge app's review policy would set aside {m['set_aside']:.1%} of these images; "
-        f"accuracy of the rest {m['counted_accuracy']:.4f}"
+        f"the edge app's review policy would set aside {ev.set_aside:.1%} of these images; "
+        f"accuracy of the rest {ev.counted_accuracy:.4f}"
     )
-    if m.get("unknown"):
-        u = m["unknown"]
+    if ev.unknown:
+        u = ev.unknown
         click.echo(
-            f"unknown-cell check (level {u['level']}): {u['set_aside']:.1%} set aside as unknown; accuracy "
-            f"{u['accuracy_all']:.4f} on all, {u['accuracy_counted']:.4f} on the cells counted"
+            f"unknown-cell check (level {u.level}): {u.set_aside:.1%} set aside as unknown; accuracy "
+            f"{u.accuracy_all:.4f} on all, {u.accuracy_counted:.4f} on the cells counted"
         )
     if json_out:
-        _write_json(json_out, m)
+        _write_json(json_out, ev.to_dict())
 
 
 @click.command("convert")
