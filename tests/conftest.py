@@ -58,6 +58,20 @@ def small_class_folders(src: Path, dst: Path, per_class: int, classes=None) -> P
 CLASSES = ("eosinophil", "lymphocyte", "neutrophil", "platelet")
 
 
+def recorded_session(fields, tmp_path_factory, name: str = "recorded") -> Path:
+    """A real session folder: ``fields`` (image paths) linked into a folder and run through the
+    shipped model, as ``bmc edge run`` does; tests copy it before they change it."""
+    from bmc.edge_app.app import EdgeSession, SessionConfig
+    from bmc.edge_app.classifier import DEFAULT_MODEL, CellClassifier
+
+    src = tmp_path_factory.mktemp("fields")
+    for f in fields:
+        (src / f.name).symlink_to(f)
+    out = tmp_path_factory.mktemp(name) / "s"
+    EdgeSession(str(src), CellClassifier(DEFAULT_MODEL, threads=2), out, SessionConfig(), echo=lambda m: None).run()
+    return out
+
+
 def bmc(*args, check=True, timeout=900, env=None):
     """Run the real ``bmc`` CLI in a subprocess."""
     p = subprocess.run(

@@ -15,10 +15,9 @@ import numpy as np
 import pytest
 
 from bmc.card import ModelCardError, card_path, sha256_file
-from bmc.edge_app.app import EdgeSession, SessionConfig
 from bmc.edge_app.classifier import DEFAULT_MODEL, MODELS_DIR, CellClassifier
 
-from conftest import ROOT, bmc
+from conftest import ROOT, bmc, recorded_session
 
 PER_CLASS = 12  # BCCD fields of each white-cell type in the fixture session
 
@@ -36,12 +35,7 @@ def truth(bccd) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def recorded(bccd, truth, tmp_path_factory) -> Path:
     """A session of 48 BCCD fields (12 per white-cell type) recorded with the shipped model."""
-    src = tmp_path_factory.mktemp("fields")
-    for name in truth:
-        (src / name).symlink_to(bccd / "JPEGImages" / name)
-    out = tmp_path_factory.mktemp("adapt") / "s"
-    EdgeSession(str(src), CellClassifier(DEFAULT_MODEL, threads=2), out, SessionConfig(), echo=lambda m: None).run()
-    return out
+    return recorded_session([bccd / "JPEGImages" / name for name in truth], tmp_path_factory, "adapt")
 
 
 @pytest.fixture

@@ -13,24 +13,18 @@ import numpy as np
 import pytest
 
 from bmc.edge_app import review
-from bmc.edge_app.app import EdgeSession, SessionConfig
 from bmc.edge_app.cells import Box, CellCall
 from bmc.edge_app.classifier import DEFAULT_MODEL, CellClassifier
 from bmc.edge_app.review import REJECTED, Reviewer, ReviewError, review_window
 from bmc.edge_app.store import SessionStore
 
-from conftest import bmc
+from conftest import bmc, recorded_session
 
 
 @pytest.fixture(scope="module")
 def recorded(bccd, tmp_path_factory) -> Path:
     """A real session folder: 24 BCCD fields (another microscope: many cells are set aside)."""
-    src = tmp_path_factory.mktemp("fields")
-    for f in sorted((bccd / "JPEGImages").glob("*.jpg"))[:24]:
-        (src / f.name).symlink_to(f)
-    out = tmp_path_factory.mktemp("recorded") / "s"
-    EdgeSession(str(src), CellClassifier(DEFAULT_MODEL, threads=2), out, SessionConfig(), echo=lambda m: None).run()
-    return out
+    return recorded_session(sorted((bccd / "JPEGImages").glob("*.jpg"))[:24], tmp_path_factory)
 
 
 @pytest.fixture
