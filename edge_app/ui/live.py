@@ -16,11 +16,13 @@ from pathlib import Path
 
 import cv2
 
+from bmc.edge_app.cells import CellCall
+
 
 @dataclasses.dataclass
 class LiveFrame:
     image: object
-    cells: list
+    cells: list[CellCall]
     pixel_format: str
     captured: float  # the frame source's timestamp (time.time())
     seq: int
