@@ -132,6 +132,23 @@ def test_edge_extra_alone_runs_the_app(tmp_path, bccd):
         cwd=tmp_path,
     )
     assert found.returncode == 0 and "cell finding on 5 fields" in found.stdout, found.stdout + found.stderr
+    # the BCCD benchmarks and the pipeline's speed, on a few single-cell fields of a BCCD-shaped folder
+    from bmc.benchmarks.bccd import single_cell_fields
+
+    mini = tmp_path / "bccd-mini"
+    (mini / "JPEGImages").mkdir(parents=True)
+    (mini / "Annotations").mkdir()
+    (mini / "wbc_labels.csv").symlink_to(bccd / "wbc_labels.csv")
+    for f in single_cell_fields(bccd)[:6]:
+        (mini / "JPEGImages" / f.image.name).symlink_to(f.image)
+        (mini / "Annotations" / f"{f.image.stem}.xml").symlink_to(bccd / "Annotations" / f"{f.image.stem}.xml")
+    for verb in (
+        ["bccd", "--bccd", str(mini)],
+        ["generalisation", site_models, "--bccd", str(mini)],
+        ["edge", "--source", str(fields), "--no-record"],
+    ):
+        b = subprocess.run([bmc_bin, "bench", *verb], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        assert b.returncode == 0 and "Traceback" not in b.stderr, " ".join(verb) + b.stdout + b.stderr
     # cells the model does not know, measured on the device: the installed model and card, with the first
     # 24 of its held-out test cells (the whole list is installed beside it)
     installed = Path(site_models).parent
