@@ -19,6 +19,7 @@ the domain the product is for, not a benchmark to compare models on.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -30,8 +31,22 @@ from bmc.edge_app.cells import Box, SessionScale, crop_cell
 from bmc.edge_app.detect import find_cells
 from bmc.train.data import DataError
 
-DEFAULT_BCCD = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "bccd"
-DEFAULT_PBC = DEFAULT_BCCD.parent / "pbc"
+# the project's data beside the repository, as the README lays it out: relative to where the user
+# runs the command (a repository checkout's root), never to where the package is installed
+DEFAULT_DATA = Path(os.environ.get("BMC_DATA", Path("..") / "shared" / "data"))
+DEFAULT_BCCD = DEFAULT_DATA / "bccd"
+DEFAULT_PBC = DEFAULT_DATA / "pbc"
+
+
+def data_folder(path, option: str) -> Path:
+    """``path`` as a folder that exists, or a one-line error that says where it was looked for and
+    which option names another (a default is relative to the working folder)."""
+    p = Path(path)
+    if not p.is_dir():
+        where = f" (from {Path.cwd()})" if not p.is_absolute() else ""
+        raise DataError(f"{p}{where}: no such data folder; give {option} FOLDER")
+    return p
+
 
 # Matek / Kaggle bone-marrow class codes → PBC labels (codes without a PBC class are left out:
 # blasts, plasma cells, proerythroblasts, artefacts, ...). PBC's "neutrophil" holds bands and
@@ -148,6 +163,12 @@ def score(
     from bmc.train.evaluate import load_classifier
     from bmc.train.metrics import classification_metrics
 
+    if matek:
+        matek = data_folder(matek, "--matek")
+    else:
+        bccd = data_folder(bccd, "--bccd")
+    if calibrate != "none":
+        reference = data_folder(reference, "--reference")
     clf, contract = load_classifier(model_path)
     cut = contract if scale == 1.0 else dataclasses.replace(contract, cell_fraction=contract.cell_fraction / scale)
     if calibrate != "none":

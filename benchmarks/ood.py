@@ -25,12 +25,11 @@ from pathlib import Path
 
 import numpy as np
 
-from bmc.benchmarks.generalisation import DEFAULT_BCCD, MATEK_UNKNOWN, bccd_cells, matek_cells, matek_map
+from bmc.benchmarks.generalisation import DEFAULT_DATA, MATEK_UNKNOWN, bccd_cells, data_folder, matek_cells, matek_map
 from bmc.card import ModelCard
 from bmc.edge_app.unknown import UnknownCells, threshold_at
 from bmc.errors import BmcError
 
-DEFAULT_DATA = DEFAULT_BCCD.parent
 SHOULD_FLAG = {"blasts (BLA)": ("BLA",), "artefacts (ART)": ("ART",), "PLM/PEB/NIF": ("PLM", "PEB", "NIF")}
 # the targets: (set, bound) — set aside at least / at most this share
 TARGETS = {
@@ -109,7 +108,7 @@ def run(
     detector = clf.unknown.at(level)
     contract, labels = clf.contract, clf.labels
     parents = dict(contract.parents or {})
-    data_root = Path(data_root)
+    data_root = data_folder(data_root, "--data")
 
     sets = {}
     paths, y = test_cells(model, clf.card, data_root)

@@ -14,6 +14,7 @@ for the one cell a person looks at, never in the counting loop).
 
 from __future__ import annotations
 
+import threading
 import warnings
 
 import cv2
@@ -29,6 +30,7 @@ class MapError(BmcError, ValueError):
 class ActivationMaps:
     def __init__(self, clf):
         from bmc.edge_app.adapt import load_guard
+        from bmc.edge_app.backends.litert import quiet_runtime
 
         try:
             from ai_edge_litert.interpreter import Interpreter
@@ -43,10 +45,12 @@ class ActivationMaps:
             guard = load_guard(clf.path, clf.card)
             self.w, self.labels = guard["w"], list(guard["labels"])
         self.clf = clf
-        with warnings.catch_warnings():  # LiteRT warns that keeping tensors costs memory: it does, here only
+        with warnings.catch_warnings(), quiet_runtime():  # LiteRT warns that keeping tensors costs memory: here only
             warnings.simplefilter("ignore")
             self.interp = Interpreter(model_path=str(clf.path), num_threads=1, experimental_preserve_all_tensors=True)
-        self.interp.allocate_tensors()
+            self.interp.allocate_tensors()
+        # one interpreter, and the screen's threads ask for maps at once: LiteRT is not thread-safe
+        self._lock = threading.Lock()
         emb = self.interp.get_output_details()[1]["index"]
         pool = [o for o in self.interp._get_ops_details() if emb in list(o["outputs"])]
         if not pool or pool[0]["op_name"] != "MEAN":
@@ -63,9 +67,10 @@ class ActivationMaps:
         if self.inp["dtype"] in (np.uint8, np.int8) and scale:
             info = np.iinfo(self.inp["dtype"])
             x = np.clip(np.round(x / scale + zero), info.min, info.max)
-        self.interp.set_tensor(self.inp["index"], x.astype(self.inp["dtype"]))
-        self.interp.invoke()
-        f = self.interp.get_tensor(self.feature_index)[0].astype(np.float32)
+        with self._lock:
+            self.interp.set_tensor(self.inp["index"], x.astype(self.inp["dtype"]))
+            self.interp.invoke()
+            f = self.interp.get_tensor(self.feature_index)[0].astype(np.float32)
         fs, fz = self.interp._get_tensor_details(self.feature_index, 0)["quantization"]
         if fs:
             f = (f - fz) * fs

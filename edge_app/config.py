@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import types
 import typing
 from pathlib import Path
@@ -163,6 +164,17 @@ def _build(cls, data: dict, where: str):
         return cls(**kwargs)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"[{where}]: {e}") from e
+
+
+# where the installer puts the device's configuration (edge_app/deploy/install.sh)
+DEVICE_CONFIG = Path("/etc/bmc/bmc.toml")
+
+
+def user_storage() -> Path:
+    """The folder of session folders for someone who runs the screen without a device config: the
+    per-user data folder of the XDG base-directory convention."""
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "bmc" / "sessions"
 
 
 def load(path: str | Path) -> DeviceConfig:

@@ -364,6 +364,7 @@ def test_the_review_keys_follow_the_layout_the_technician_set(storage, browser):
 def test_a_technician_counts_from_the_live_page_in_a_real_browser(storage, bccd, browser, tmp_path):
     """In Chromium: start a session on BCCD fields from the Live page, watch its counts rise on the
     page, stop it, then open its differential and its report."""
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -382,13 +383,18 @@ def test_a_technician_counts_from_the_live_page_in_a_real_browser(storage, bccd,
         counted = []
 
         def rising(d):  # the page's own state box, refreshed by its script from /live/state
-            text = d.find_element(By.ID, "state").text
-            m = re.search(r"(\d+)(?: of \d+)? cells counted", text)
+            # read in one script call: the page reloads after Start, and an element fetched before
+            # a reload is stale by the time its text is read
+            text = d.execute_script("const e = document.getElementById('state'); return e ? e.textContent : '';")
+            m = re.search(r"(\d+)(?: of \d+)? cells counted", text or "")
             counted.append(int(m.group(1)) if m else -1)
             return len({c for c in counted if c > 0}) >= 2
 
         WebDriverWait(browser, 90, poll_frequency=0.3).until(rising)
-        browser.find_element(By.XPATH, "//button[text()='Stop']").click()
+        stop = WebDriverWait(browser, 30, ignored_exceptions=(StaleElementReferenceException,)).until(
+            lambda d: d.find_element(By.XPATH, "//button[text()='Stop']")
+        )
+        stop.click()
         WebDriverWait(browser, 30).until(lambda d: not live.running)
         folder = live.folder.name
         browser.get(base + f"/s/{folder}/")

@@ -111,9 +111,9 @@ def bench_edge(source, model, threads, orientations, json_out, no_record):
 def bench_bccd(bccd, model, orientations, white_balance, json_out):
     """Cell finding (recall/precision vs the WBC boxes) and field classification on BCCD."""
     from bmc.benchmarks import detection
-    from bmc.benchmarks.generalisation import DEFAULT_BCCD
+    from bmc.benchmarks.generalisation import DEFAULT_BCCD, data_folder
 
-    root = bccd or DEFAULT_BCCD
+    root = _guard(data_folder, bccd or DEFAULT_BCCD, "--bccd")
     f = _guard(detection.finding, root)
     click.echo(
         f"cell finding: recall {f['recall']:.4f}, precision {f['precision']:.4f} "

@@ -152,6 +152,9 @@ def edge_ui(config_path, storage, listen, config_dir, set_password, user, source
     from bmc.edge_app import config as config_mod
     from bmc.edge_app.ui import auth
 
+    if not config_path and not storage and config_mod.DEVICE_CONFIG.is_file():
+        config_path = str(config_mod.DEVICE_CONFIG)  # the installed device's own configuration
+        click.echo(f"device config: {config_path}")
     cfg = config_mod.load(config_path) if config_path else None
     cdir = (
         Path(config_dir)
@@ -174,8 +177,10 @@ def edge_ui(config_path, storage, listen, config_dir, set_password, user, source
     if not port.isdigit():
         raise click.BadParameter(f"{listen!r}: HOST:PORT, e.g. 127.0.0.1:8080", param_hint="--listen")
     folder = storage or (cfg.storage.folder if cfg else None)
-    if not folder:
-        raise click.UsageError("give --storage FOLDER or --config bmc.toml (its [storage] folder)")
+    if not folder:  # no device config: this user's own folder, said so that the sessions can be found
+        folder = str(config_mod.user_storage())
+        os.makedirs(folder, exist_ok=True)
+        click.echo(f"sessions are kept in {folder} (--storage FOLDER or --config bmc.toml for another)")
     if not os.path.isdir(folder):
         raise _Fail(f"{folder}: no such storage folder")
     sign_in = not is_loopback(host)

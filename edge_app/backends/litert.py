@@ -7,6 +7,13 @@ run as one batch when the model lets its batch dimension be resized.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import re
+import sys
+import tempfile
+import threading
+
 import numpy as np
 
 from bmc.edge_app.backends import Backend, BackendError
@@ -20,6 +27,39 @@ except ImportError:  # pragma: no cover - depends on the device
 
     RUNTIME = "tflite-runtime"
 
+# what the runtime's C++ logger prints to stderr on every interpreter's first allocation: an INFO
+# banner with no news for a technician; warnings and errors pass through
+_BANNER = re.compile(
+    rb"^INFO: (Created TensorFlow Lite XNNPACK delegate for CPU|Initialized TensorFlow Lite runtime)\.\s*$"
+)
+_stderr_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def quiet_runtime():
+    """Hold back the runtime's INFO banner: file descriptor 2 goes to a temporary file while the
+    interpreter allocates, and every other line is written back to stderr afterwards. The runtime
+    has no Python switch for its logger, and ``TF_CPP_MIN_LOG_LEVEL`` does not reach it."""
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # no real stderr (captured): nothing to hide
+        yield
+        return
+    with _stderr_lock, tempfile.TemporaryFile() as held:
+        sys.stderr.flush()
+        saved = os.dup(fd)
+        os.dup2(held.fileno(), fd)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, fd)
+            os.close(saved)
+            held.seek(0)
+            kept = [line for line in held.read().splitlines(keepends=True) if not _BANNER.match(line)]
+            if kept:
+                os.write(fd, b"".join(kept))
+
 
 class LiteRTBackend(Backend):
     KEY = "litert"
@@ -27,8 +67,9 @@ class LiteRTBackend(Backend):
     def __init__(self, model_path: str, threads: int | None = None):
         self.path = str(model_path)
         try:
-            self.interp = Interpreter(model_path=self.path, num_threads=threads)
-            self.interp.allocate_tensors()
+            with quiet_runtime():
+                self.interp = Interpreter(model_path=self.path, num_threads=threads)
+                self.interp.allocate_tensors()
         except (ValueError, RuntimeError) as e:
             raise BackendError(
                 f"{self.path}: LiteRT cannot load this model ({e}); is the file truncated, "
@@ -74,7 +115,8 @@ class LiteRTBackend(Backend):
             shape = list(self.inp["shape"])
             shape[0] = n
             self.interp.resize_tensor_input(self.inp["index"], shape)
-            self.interp.allocate_tensors()
+            with quiet_runtime():
+                self.interp.allocate_tensors()
             self.inp = self.interp.get_input_details()[0]
             self.outs = self.interp.get_output_details()
             self.out = self.outs[0]

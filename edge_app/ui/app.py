@@ -862,18 +862,33 @@ class UiApp:
 
 
 def stop_from_another_thread(server, thread, timeout: float = 10.0) -> None:
-    """Stop a waitress ``server`` whose loop runs in ``thread``: the close runs in the loop's own
-    thread (its trigger), so the loop never selects on a socket closed under it, and then ends."""
-    server.trigger.pull_trigger(server.close)
+    """Stop a waitress ``server`` whose loop runs in ``thread``: every socket of the loop (the
+    listening one, the trigger, and the connections a browser keeps alive) is closed in the loop's
+    own thread (through its trigger), so the loop never selects on a socket closed under it, and
+    it ends as its map empties."""
+
+    def close_all():
+        for dispatcher in list(server._map.values()):
+            try:
+                dispatcher.close()
+            except OSError:  # a connection the client already dropped
+                pass
+
+    server.trigger.pull_trigger(close_all)
     thread.join(timeout)
     server.task_dispatcher.shutdown()
 
 
 def serve(app: UiApp, host: str, port: int, echo=print, ready=None):
     """Serve ``app`` with waitress (pure Python, threads) until interrupted."""
+    import logging
+
     from waitress import create_server
 
-    server = create_server(app, host=host, port=port, threads=4, ident="bmc", clear_untrusted_proxy_headers=True)
+    # a review page asks for its crops at once: more requests wait than threads serve for a moment,
+    # which waitress reports as one "Task queue depth" warning a request; a queue is no fault here
+    logging.getLogger("waitress.queue").setLevel(logging.ERROR)
+    server = create_server(app, host=host, port=port, threads=8, ident="bmc", clear_untrusted_proxy_headers=True)
     bound = server.effective_port
     app.port = bound
     echo(
