@@ -8,9 +8,13 @@
 * ``yolo`` — one ``<stem>.txt`` per image: ``class cx cy w h``, normalised; ``--label`` is the class
   number.
 
-A found cell is right when its centre lies in a box of the label: recall over the boxes, precision
-over the cells found. With ``errors``, each field's misses and false finds are written out
-(``errors.csv``) with a picture of them (``misses.png``, ``false_finds.png``), for a look.
+A found cell stands for the box its centre lies in, one cell a box (:func:`match_cells`): recall
+over the boxes, precision over the cells found, and the errors a differential count cannot absorb
+— *extra detections* (a second cell found in a box already matched: one neutrophil's lobes
+counted as two cells) and *merged cells* (a box left unmatched inside another's found cell: two
+cells counted as one), each per white-cell box. With ``errors``, each field's misses, merges,
+false finds and extra detections are written out (``errors.csv``) with pictures of them
+(``misses.png``, ``false_finds.png``, ``extra.png``), for a look.
 """
 
 from __future__ import annotations
@@ -114,14 +118,53 @@ def tint_red_cells(bgr: np.ndarray, strength: float) -> np.ndarray:
     return cv2.cvtColor(np.clip(lab, 0, 255).astype(np.uint8), cv2.COLOR_LAB2BGR)
 
 
+def match_cells(cells, boxes: list[Box]) -> tuple[dict[int, int], list[int], list[int], list[int]]:
+    """One-to-one matching of found cells to white-cell boxes, as a differential counts them: a
+    cell may stand for the box its centre lies in, nearest centres first, one cell a box.
+
+    Returns (``{cell: box}`` matched, the extra cells — centre in a box that another cell already
+    stands for: one cell found twice —, the false finds — centre in no box —, the merged boxes —
+    unmatched boxes whose centre lies in a matched cell's box: two cells found as one)."""
+    pairs = []
+    for ci, c in enumerate(cells):
+        cx, cy = c.centre
+        for bi, b in enumerate(boxes):
+            if b.x <= cx <= b.x + b.w and b.y <= cy <= b.y + b.h:
+                bx, by = b.centre
+                pairs.append(((cx - bx) ** 2 + (cy - by) ** 2, ci, bi))
+    matched: dict[int, int] = {}
+    taken: set[int] = set()
+    for _, ci, bi in sorted(pairs):
+        if ci not in matched and bi not in taken:
+            matched[ci] = bi
+            taken.add(bi)
+    inside = {ci for _, ci, _ in pairs}
+    extra = [ci for ci in range(len(cells)) if ci in inside and ci not in matched]
+    false = [ci for ci in range(len(cells)) if ci not in inside]
+    merged = []
+    for bi, b in enumerate(boxes):
+        if bi in taken:
+            continue
+        bx, by = b.centre
+        for ci in matched:
+            cb = cells[ci].box
+            if cb.x <= bx <= cb.x + cb.w and cb.y <= by <= cb.y + cb.h:
+                merged.append(bi)
+                break
+    return matched, extra, false, merged
+
+
 def finding(
     fields: list[FieldBoxes], cfg: FinderConfig = FinderConfig(), errors: str | Path | None = None, tint: float = 0.0
 ) -> dict:
-    """Recall and precision of the finder on ``fields``, run as one session runs them: the red cells
-    measured on the first fields and now and then (:class:`bmc.edge_app.detect.FieldScale`), the finder's
-    sizes following them. ``tint`` > 0: each field through :func:`tint_red_cells` first."""
-    tp = fn = fp = 0
-    misses, false_finds, rows = [], [], []
+    """The finder on ``fields`` against their white-cell boxes, run as one session runs them (the
+    red cells measured on the first fields and now and then, :class:`bmc.edge_app.detect.FieldScale`,
+    the finder's sizes following them), scored one to one (:func:`match_cells`): recall over the
+    boxes, precision over the cells found, and the two errors a differential cannot absorb — a
+    cell found as two or more (extra detections) and two cells found as one (merged cells), each
+    per white-cell box. ``tint`` > 0: each field through :func:`tint_red_cells` first."""
+    tp = fn = fp = n_extra = n_merged = found = 0
+    misses, false_finds, extras, rows = [], [], [], []
     scale = FieldScale()
     used = cfg
     for f in fields:
@@ -131,22 +174,26 @@ def finding(
         if scale.observe(frame):
             used = scaled(cfg, scale.diameter)
         cells = find_cells(frame, used, scale.red_colour)
-        hit = [False] * len(f.boxes)
-        for c in cells:
-            cx, cy = c.centre
-            inside = [i for i, b in enumerate(f.boxes) if b.x <= cx <= b.x + b.w and b.y <= cy <= b.y + b.h]
-            for i in inside:
-                hit[i] = True
-            if not inside:
-                fp += 1
-                false_finds.append((frame, c.box))
-                rows.append((f.image.name, "false find", c.box.x, c.box.y, c.box.w, c.box.h))
-        for b, h in zip(f.boxes, hit):
-            if not h:
+        matched, extra, false, merged = match_cells(cells, f.boxes)
+        found += len(cells)
+        tp += len(matched)
+        fn += len(f.boxes) - len(matched)
+        fp += len(false)
+        n_extra += len(extra)
+        n_merged += len(merged)
+        for kind, items, where in (
+            ("false find", false, false_finds),
+            ("extra detection", extra, extras),
+        ):
+            for ci in items:
+                b = cells[ci].box
+                where.append((frame, b))
+                rows.append((f.image.name, kind, b.x, b.y, b.w, b.h))
+        hit = set(matched.values())
+        for bi, b in enumerate(f.boxes):
+            if bi not in hit:
                 misses.append((frame, b))
-                rows.append((f.image.name, "missed", b.x, b.y, b.w, b.h))
-        tp += sum(hit)
-        fn += len(hit) - sum(hit)
+                rows.append((f.image.name, "merged" if bi in merged else "missed", b.x, b.y, b.w, b.h))
     if errors:
         out = Path(errors)
         out.mkdir(parents=True, exist_ok=True)
@@ -154,16 +201,21 @@ def finding(
             w = csv.writer(fh)
             w.writerow(["image", "error", "x", "y", "w", "h"])
             w.writerows(rows)
-        for name, items in (("misses.png", misses), ("false_finds.png", false_finds)):
+        for name, items in (("misses.png", misses), ("false_finds.png", false_finds), ("extra.png", extras)):
             cv2.imwrite(str(out / name), _grid(items))
+    boxes = tp + fn
     return {
         "fields": len(fields),
-        "boxes": tp + fn,
-        "found": tp + fp,
-        "recall": tp / max(tp + fn, 1),
-        "precision": tp / max(tp + fp, 1),
+        "boxes": boxes,
+        "found": found,
+        "recall": tp / max(boxes, 1),
+        "precision": tp / max(found, 1),
         "missed": fn,
         "false_finds": fp,
+        "extra_detections": n_extra,
+        "extra_per_box": n_extra / max(boxes, 1),
+        "merged_cells": n_merged,
+        "merged_per_box": n_merged / max(boxes, 1),
         "scale": scale.to_dict(),
         "tint": tint,
     }

@@ -46,6 +46,16 @@ class FinderConfig:
     min_area_px: int = 2000  # a nucleus group (~50 px across); platelets and their clumps are smaller
     max_area_px: int = 60000
     split_area_px: int = 14000  # larger than one cell: try watershed
+    # watershed seeds closer than this are one cell's (lobes, a stained cytoplasm): about a small
+    # lymphocyte's diameter, the least distance between two touching cells' centres
+    seed_min_sep_px: float = 81.0
+    # ... and are parted by a waist narrower than this share of the smaller seed's radius
+    neck_ratio: float = 0.7
+    seed_min_radius_px: float = 22.0  # a seed is at least this deep inside the shape (a small nucleus's radius)
+    # pieces of stain at most this far apart (bounding boxes) whose union spans at most
+    # lobe_span_px are one cell's lobes (0: off)
+    lobe_gap_px: float = 36.0
+    lobe_span_px: float = 160.0
     min_solidity: float = 0.35
     red_cell_chroma: float = (
         16.0  # LAB a*b* distance from the field's red cells below which a pixel is a red cell (0: off)
@@ -71,6 +81,7 @@ class FoundCell:
     box: Box
     nucleus_area: int
     centre: tuple[float, float]
+    nucleus: Box | None = None  # the stained nucleus group's own bounding box
 
 
 def median_u8(channel: np.ndarray) -> float:
@@ -190,6 +201,10 @@ def scaled(cfg: FinderConfig, red_cell_px: float | None) -> FinderConfig:
         min_area_px=max(20, int(cfg.min_area_px * k * k)),
         max_area_px=max(400, int(cfg.max_area_px * k * k)),
         split_area_px=max(100, int(cfg.split_area_px * k * k)),
+        seed_min_sep_px=cfg.seed_min_sep_px * k,
+        seed_min_radius_px=cfg.seed_min_radius_px * k,
+        lobe_gap_px=cfg.lobe_gap_px * k,
+        lobe_span_px=cfg.lobe_span_px * k,
     )
 
 
@@ -245,21 +260,104 @@ class FieldScale:
 
 
 def _split_touching(component: np.ndarray, cfg: FinderConfig) -> list[np.ndarray]:
-    """Watershed on the distance transform; returns one mask per cell (or the input)."""
-    dist = cv2.distanceTransform(component, cv2.DIST_L2, 5)
+    """Watershed on the distance transform; returns one mask per cell (or the input).
+
+    A seed is a local maximum of the distance transform of the shape (its holes filled), at least
+    ``seed_min_radius_px`` deep. Taken deepest first, a seed is another cell's only when it lies at
+    least ``seed_min_sep_px`` from every seed kept and a waist parts them (the shape narrows
+    between them to under ``neck_ratio`` of the smaller one's radius): two round cells touching
+    narrow to a waist, while the lobes of a segmented neutrophil, or an eosinophil whose granular
+    cytoplasm took the stain, lie within one cell's body. Other seeds flood from the kept ones."""
+    # the pale granules and vacuoles of a stained cytoplasm are holes in the mask, not waists: the
+    # shape's distances are measured with its holes filled
+    padded = cv2.copyMakeBorder(component, 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=0)
+    cv2.floodFill(padded, None, (0, 0), 255)  # everything outside the shape
+    filled = component | (255 - padded[1:-1, 1:-1])
+    dist = cv2.distanceTransform(filled, cv2.DIST_L2, 5)
     peak = dist.max()
     if peak <= 0:
         return [component]
-    _, seeds = cv2.threshold(dist, 0.6 * peak, 255, cv2.THRESH_BINARY)
-    n, markers = cv2.connectedComponents(seeds.astype(np.uint8))
-    if n <= 2:  # background + one seed: one cell
+    # candidate centres: the distance transform's local maxima deep enough to be a cell's middle
+    # (a global threshold would lose a small cell beside a large one)
+    k = max(3, int(cfg.seed_min_sep_px / 4) | 1)
+    local = (dist >= cv2.dilate(dist, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k)))) & (
+        dist >= max(cfg.seed_min_radius_px, 0.3 * peak)
+    )
+    ys, xs = np.nonzero(local)
+    if len(xs) <= 1:
         return [component]
-    markers = markers + 1
-    markers[component == 0] = 0
-    unknown = (component > 0) & (seeds == 0)
-    markers[unknown] = 0
-    ws = cv2.watershed(cv2.cvtColor(component, cv2.COLOR_GRAY2BGR), markers.astype(np.int32))
-    return [((ws == k) * 255).astype(np.uint8) for k in range(2, n + 1) if (ws == k).any()]
+    strength = sorted(zip(dist[ys, xs].tolist(), xs.tolist(), ys.tolist()), reverse=True)
+    kept: list[tuple[float, float, float]] = []  # x, y and radius (distance-transform peak) of each seed kept
+    seeded = np.zeros(component.shape, np.int32)  # 0: to flood; 1: outside the component; 2..: a kept seed
+    seeded[component == 0] = 1
+
+    def neck(a: tuple[float, float], b: tuple[float, float]) -> float:
+        """The narrowest half-width of the shape along the straight line between two seeds."""
+        t = np.linspace(0.0, 1.0, 32)
+        xs = np.clip(np.round(a[0] + t * (b[0] - a[0])).astype(int), 0, dist.shape[1] - 1)
+        ys = np.clip(np.round(a[1] + t * (b[1] - a[1])).astype(int), 0, dist.shape[0] - 1)
+        return float(dist[ys, xs].min())
+
+    for radius, sx, sy in strength:
+        c = (float(sx), float(sy))
+        # another cell: far enough from every kept seed, and parted from it by a neck (two round
+        # cells touching narrow to a waist; the lobes inside one stained cell do not)
+        if all(
+            (c[0] - x) ** 2 + (c[1] - y) ** 2 >= cfg.seed_min_sep_px**2
+            and neck(c, (x, y)) < cfg.neck_ratio * min(radius, r)
+            for x, y, r in kept
+        ):
+            kept.append((*c, radius))
+    if len(kept) <= 1:
+        return [component]
+    for i, (x, y, r) in enumerate(kept):  # each seed a disc of half its radius
+        cv2.circle(seeded, (int(x), int(y)), max(1, int(r / 2)), i + 2, -1)
+    seeded[component == 0] = 1
+    # flood along the distance transform's relief: the parts meet where the shape narrows
+    relief = cv2.cvtColor((255 - 255 * dist / peak).astype(np.uint8), cv2.COLOR_GRAY2BGR)
+    ws = cv2.watershed(relief, seeded)
+    return [((ws == k) * 255).astype(np.uint8) for k in range(2, len(kept) + 2) if (ws == k).any()]
+
+
+def _group_lobes(pieces: list[tuple[int, int, int, int, int]], cfg: FinderConfig) -> list[list[int]]:
+    """Pieces of stain (x, y, w, h, area) that make one cell: the lobes of one nucleus, parted by
+    pale cytoplasm, lie close together and within one nucleus's span, while two neighbouring
+    cells' nuclei together span more than a cell. Single-linkage over the pairs whose gap is at
+    most ``lobe_gap_px`` and whose union spans at most ``lobe_span_px``; a group is kept only
+    while its union still spans at most that."""
+    groups = [[i] for i in range(len(pieces))]
+
+    def span(members: list[int]) -> tuple[int, int, int, int]:
+        x0 = min(pieces[i][0] for i in members)
+        y0 = min(pieces[i][1] for i in members)
+        x1 = max(pieces[i][0] + pieces[i][2] for i in members)
+        y1 = max(pieces[i][1] + pieces[i][3] for i in members)
+        return x0, y0, x1, y1
+
+    merged = True
+    while merged and len(groups) > 1:
+        merged = False
+        best = None
+        for a in range(len(groups)):
+            for b in range(a + 1, len(groups)):
+                ax0, ay0, ax1, ay1 = span(groups[a])
+                bx0, by0, bx1, by1 = span(groups[b])
+                gap = max(0, max(ax0, bx0) - min(ax1, bx1), max(ay0, by0) - min(ay1, by1))
+                x0, y0, x1, y1 = span(groups[a] + groups[b])
+                extent = max(x1 - x0, y1 - y0)
+                # mostly inside the other's box: a part of the same cell, whatever the cell's size
+                ix = max(0, min(ax1, bx1) - max(ax0, bx0))
+                iy = max(0, min(ay1, by1) - max(ay0, by0))
+                nested = ix * iy >= 0.5 * min((ax1 - ax0) * (ay1 - ay0), (bx1 - bx0) * (by1 - by0))
+                lobes = gap <= cfg.lobe_gap_px and extent <= cfg.lobe_span_px
+                if (nested or lobes) and (best is None or extent < best[0]):
+                    best = (extent, a, b)
+        if best is not None:
+            _, a, b = best
+            groups[a] = groups[a] + groups[b]
+            del groups[b]
+            merged = True
+    return groups
 
 
 def find_cells(
@@ -272,7 +370,7 @@ def find_cells(
     h, w = bgr.shape[:2]
     mask = stain_mask(bgr, cfg, red_colour)
     n, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
-    cells: list[FoundCell] = []
+    pieces: list[tuple[int, int, int, int, int]] = []  # each nucleus (or lobe) kept: x, y, w, h, area
     for i in range(1, n):
         x, y, bw, bh, area = stats[i]
         if area < cfg.min_area_px or area > cfg.max_area_px:
@@ -290,11 +388,19 @@ def find_cells(
             if a / max(cv2.contourArea(hull), 1.0) < cfg.min_solidity:
                 continue
             px, py, pw, ph = cv2.boundingRect(pts)
-            cx, cy = x + px + pw / 2, y + py + ph / 2
-            side = max(pw, ph) * cfg.cell_margin
-            bx, by = int(round(cx - side / 2)), int(round(cy - side / 2))
-            x0, y0 = max(0, bx), max(0, by)
-            x1, y1 = min(w, bx + int(round(side))), min(h, by + int(round(side)))
-            cells.append(FoundCell(Box(x0, y0, x1 - x0, y1 - y0), a, (cx, cy)))
+            pieces.append((int(x + px), int(y + py), int(pw), int(ph), a))
+    cells: list[FoundCell] = []
+    for group in _group_lobes(pieces, cfg) if cfg.lobe_span_px else [[i] for i in range(len(pieces))]:
+        nx0 = min(pieces[i][0] for i in group)
+        ny0 = min(pieces[i][1] for i in group)
+        nx1 = max(pieces[i][0] + pieces[i][2] for i in group)
+        ny1 = max(pieces[i][1] + pieces[i][3] for i in group)
+        a = sum(pieces[i][4] for i in group)
+        cx, cy = (nx0 + nx1) / 2, (ny0 + ny1) / 2
+        side = max(nx1 - nx0, ny1 - ny0) * cfg.cell_margin
+        bx, by = int(round(cx - side / 2)), int(round(cy - side / 2))
+        x0, y0 = max(0, bx), max(0, by)
+        x1, y1 = min(w, bx + int(round(side))), min(h, by + int(round(side)))
+        cells.append(FoundCell(Box(x0, y0, x1 - x0, y1 - y0), a, (cx, cy), Box(nx0, ny0, nx1 - nx0, ny1 - ny0)))
     cells.sort(key=lambda c: -c.nucleus_area)
     return cells[: cfg.max_cells]

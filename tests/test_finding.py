@@ -158,3 +158,45 @@ def test_red_cells_tinted_bluish_are_not_taken_for_nuclei(bccd):
     assert off["precision"] < 0.8  # the stain rule alone takes the tinted red cells for nuclei
     plain = finding.finding(fields)
     assert plain["recall"] >= 0.95 and plain["precision"] >= 0.9, plain
+
+
+def _session_cells(bccd, names):
+    """The cells the finder returns on BCCD fields, run as a session runs them: the red cells
+    measured on the first fields (the first five of the release), the sizes following them."""
+    from bmc.contract import read_image
+    from bmc.edge_app.detect import FieldScale, FinderConfig, find_cells, scaled
+
+    scale, used = FieldScale(), FinderConfig()
+    for f in sorted((bccd / "JPEGImages").glob("*.jpg"))[:5]:
+        if scale.observe(read_image(str(f))):
+            used = scaled(FinderConfig(), scale.diameter)
+    return {n: find_cells(read_image(str(bccd / "JPEGImages" / n)), used, scale.red_colour) for n in names}
+
+
+def test_a_lobed_cell_is_one_cell_and_touching_cells_stay_two(bccd):
+    """One eosinophil (00359) and one neutrophil (00234, 00326) whose lobes or granular cytoplasm
+    the stain parts: each one cell inside its box. A neutrophil touching a lymphocyte (00176): two."""
+    names = ["BloodImage_00359.jpg", "BloodImage_00234.jpg", "BloodImage_00326.jpg", "BloodImage_00176.jpg"]
+    found = _session_cells(bccd, names)
+    for name in names:
+        boxes = read_voc_boxes(bccd / "Annotations" / name.replace(".jpg", ".xml"))
+        matched, extra, false, merged = finding.match_cells(found[name], boxes)
+        assert len(matched) == len(boxes) and not extra and not merged, (name, found[name], boxes)
+    assert len(read_voc_boxes(bccd / "Annotations" / "BloodImage_00176.xml")) == 2
+
+
+def test_the_finding_figures_count_a_cell_found_twice_and_two_found_as_one():
+    """``match_cells`` on boxes drawn by hand: a second cell in a matched box is an extra detection,
+    a box whose centre lies in another box's found cell is a merged cell, one cell a box."""
+    from bmc.edge_app.cells import Box
+    from bmc.edge_app.detect import FoundCell
+
+    boxes = [Box(0, 0, 100, 100), Box(200, 0, 100, 100), Box(290, 0, 100, 100)]
+    cells = [
+        FoundCell(Box(10, 10, 80, 80), 3000, (50.0, 50.0)),  # box 0
+        FoundCell(Box(60, 60, 30, 30), 500, (75.0, 75.0)),  # box 0 again: a lobe found apart
+        FoundCell(Box(200, 0, 190, 100), 9000, (292.0, 50.0)),  # boxes 1 and 2 found as one cell
+        FoundCell(Box(500, 500, 40, 40), 900, (520.0, 520.0)),  # in no box
+    ]
+    matched, extra, false, merged = finding.match_cells(cells, boxes)
+    assert len(matched) == 2 and extra == [1] and false == [3] and merged == [2]

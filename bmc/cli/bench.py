@@ -166,7 +166,9 @@ def bench_finding(source, boxes, fmt, label, errors, tint, json_out):
         f"cell finding on {r['fields']} fields"
         + (f" tinted {tint:g}" if tint else "")
         + f": recall {r['recall']:.4f}, precision {r['precision']:.4f} "
-        f"({r['boxes']} boxes, {r['found']} cells found, {r['missed']} missed, {r['false_finds']} false finds)"
+        f"({r['boxes']} boxes, {r['found']} cells found, {r['missed']} missed, {r['false_finds']} false finds); "
+        f"extra detections {r['extra_detections']} ({100 * r['extra_per_box']:.1f}% of boxes), "
+        f"merged cells {r['merged_cells']} ({100 * r['merged_per_box']:.1f}%)"
         + (f"; errors in {errors}" if errors else "")
     )
     if json_out:
