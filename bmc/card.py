@@ -51,6 +51,9 @@ class ModelCard(Mapping[str, Any]):
     validation: dict[str, Any]
     adaptation: dict[str, Any]
     raw: Card = dataclasses.field(repr=False)
+    # what the model's differential is of: ``blood`` (per 100 leukocytes) or ``marrow`` (per 100
+    # nucleated cells); the shipped models learnt from peripheral-blood cells
+    specimen: str = "blood"
 
     @classmethod
     def from_dict(cls, d: Card, contract: Contract, stem: str = "") -> ModelCard:
@@ -69,6 +72,7 @@ class ModelCard(Mapping[str, Any]):
             validation=_section(d, "validation") or {},
             adaptation=_section(d, "adaptation") or {},
             raw=d,
+            specimen=_specimen(d),
         )
 
     def __getitem__(self, key: str) -> Any:
@@ -83,6 +87,13 @@ class ModelCard(Mapping[str, Any]):
 
 class ModelCardError(BmcError, ValueError):
     """A model file that cannot be used safely; the message names the file and what is wrong."""
+
+
+def _specimen(d: Card) -> str:
+    specimen = str(d.get("specimen") or "blood")
+    if specimen not in ("blood", "marrow"):
+        raise ModelCardError(f"the card's specimen must be 'blood' or 'marrow', got {specimen!r}")
+    return specimen
 
 
 def card_path(model_path: str | Path) -> Path:

@@ -13,6 +13,7 @@ import dataclasses
 import logging
 import os
 import signal
+import sqlite3
 import time
 from pathlib import Path
 
@@ -53,12 +54,15 @@ class SessionConfig:
     print_every_s: float = _DEVICE.print_every_s
     max_frames: int | None = None
     on_existing: str = "resume"  # a folder that holds a session: resume it (interrupted), "new" or "refuse"
+    specimen: str | None = None  # blood | marrow; None: the model card's
     finder: FinderConfig = dataclasses.field(default_factory=FinderConfig)
     review: ReviewPolicy = dataclasses.field(default_factory=ReviewPolicy)
 
     def __post_init__(self):
         if self.mode not in ("field", "cell"):
             raise ValueError(f"mode must be 'field' or 'cell', got {self.mode!r}")
+        if self.specimen not in (None, "blood", "marrow"):
+            raise ValueError(f"specimen must be 'blood' or 'marrow', got {self.specimen!r}")
 
 
 @dataclasses.dataclass
@@ -93,7 +97,8 @@ class EdgeSession:
         self.clf = classifier
         self.cfg = config
         self.echo = echo
-        self.diff = Differential(classifier.labels, config.target, config.review)
+        self.specimen = config.specimen or classifier.card.specimen
+        self.diff = Differential(classifier.labels, config.target, config.review, self.specimen)
         # cells unlike any the model knows are set aside before they are counted (None: the model's
         # card has no unknown-cell calibration, or the level is 0)
         self.unknown = classifier.unknown.at(config.review.unknown_level) if classifier.unknown else None
@@ -111,6 +116,7 @@ class EdgeSession:
             {
                 "mode": config.mode,
                 "target": config.target,
+                "specimen": self.specimen,
                 "orientations": classifier.orientations,
                 "white_balance": self.lamp.active,
                 "finder": dataclasses.asdict(config.finder),
@@ -145,7 +151,7 @@ class EdgeSession:
                 self.diff.restore(label, flag)
             self.echo(
                 f"resuming the interrupted session in {self.store.dir} after frame {self.store.resume_after} "
-                f"({self.diff.counted} cells counted, {self.diff.flagged} for review)"
+                f"({self.diff.summary()})"
             )
         self._colour_checked = False
         self.paused = False
@@ -300,6 +306,7 @@ class EdgeSession:
             r.seconds = time.perf_counter() - t_start
             r.status = status
             self.store.close(status)
+            self._write_files()
             if self._window:
                 cv2.destroyWindow(self._window)
             for s, h in old.items():
@@ -314,6 +321,16 @@ class EdgeSession:
         if self.diff.flagged:
             self.echo(f"{self.diff.flagged} cells wait for review (not counted yet): bmc edge review {self.store.dir}")
         return r
+
+    def _write_files(self) -> None:
+        """The folder's report, differential and tables from its database, once the session closed; a
+        failure (a full disk) is said, and the database, which holds everything, stays intact."""
+        from bmc.edge_app.report import ReportError, write_session_files
+
+        try:
+            write_session_files(self.store.dir)
+        except (OSError, sqlite3.Error, ReportError) as e:
+            self.echo(f"warning: the session's report was not written ({e}); bmc edge report {self.store.dir}")
 
     def _show(self, frame, cells):
         img = annotated(frame.image, cells, self.source.pixel_format)
@@ -366,8 +383,8 @@ def draw_differential(img: np.ndarray, diff: Differential, fps: float) -> None:
     """The live differential in the window's corner: the total, each class counted so far with its
     share, the cells set aside for review, and the frame rate (drawn in place on a BGR frame)."""
     tgt = f"/{diff.target}" if diff.target else ""
-    parts, ratios = diff.breakdown()
-    lines = [f"{diff.counted}{tgt} counted | {diff.flagged} for review | {fps:.1f} fps", *parts, *ratios]
+    d = diff.record()
+    lines = [f"{d.total}{tgt} {d.denominator} | {d.waiting} for review | {fps:.1f} fps", *d.lines(), *d.ratios()]
     h = 10 + 20 * len(lines)
     w = min(img.shape[1], 360)
     corner = img[:h, :w]

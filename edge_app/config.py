@@ -65,6 +65,9 @@ class SessionDefaults:
     cell_diameter_px: float = dataclasses.field(default=0.0, metadata=_range(0, 4000))
     save_crops: bool = True
     print_every_s: float = dataclasses.field(default=30.0, metadata=_range(0.5, 86400))
+    # what is counted: "blood" (per 100 leukocytes) or "marrow" (per 100 nucleated cells, M:E);
+    # "" takes the model card's
+    specimen: str = dataclasses.field(default="", metadata=_choice("", "blood", "marrow"))
 
 
 @dataclasses.dataclass

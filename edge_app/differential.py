@@ -42,22 +42,26 @@ MYELOID = {
     "mon",
 }
 ERYTHROID = {"erythroblast", "erb", "ebo", "peb", "proerythroblast"}
-# the order a differential is read in (neutrophils and bands first), for the screen and the FHIR export
+# the order a differential is read in, for every view of it: neutrophils (segmented and bands with a
+# stage model), lymphocytes, monocytes, eosinophils, basophils, then the immature granulocytes;
+# nucleated red cells come after (beside a blood differential, inside a marrow one), platelets apart
 CLINICAL_ORDER = [
+    "neutrophil",
     "segmented",
     "band",
-    "neutrophil",
-    "metamyelocyte",
-    "myelocyte",
-    "promyelocyte",
-    "ig",
     "lymphocyte",
     "monocyte",
     "eosinophil",
     "basophil",
+    "ig",
+    "metamyelocyte",
+    "myelocyte",
+    "promyelocyte",
     "erythroblast",
     "platelet",
 ]
+SPECIMENS = ("blood", "marrow")
+NOT_NUCLEATED = ("platelet",)  # counted and reported apart: never in a denominator
 
 
 def count_interval(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
@@ -90,6 +94,156 @@ def count_interval(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
     return lower, upper
 
 
+def clinical_order(labels) -> list[str]:
+    """``labels`` in the order a differential is read (:data:`CLINICAL_ORDER`); a class no model of
+    the kit names (one a laboratory added) after the known ones, alphabetically."""
+    labels = list(dict.fromkeys(labels))
+    return [l for l in CLINICAL_ORDER if l in labels] + sorted(l for l in labels if l not in CLINICAL_ORDER)
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassShare:
+    """One line of a differential: a class's count and its share of the denominator, with the
+    exact 95% limits of that share (percent)."""
+
+    label: str
+    count: int
+    percent: float
+    low: float | None = None  # None: a rate per 100 leukocytes (NRBC), which has no binomial limits
+    high: float | None = None
+
+    def limits(self) -> str:
+        return "" if self.low is None or self.high is None else f"{self.low:.1f}–{self.high:.1f}%"
+
+    def to_dict(self) -> dict:
+        return {
+            "label": self.label,
+            "count": self.count,
+            "percent": round(self.percent, 1),
+            "low": None if self.low is None else round(self.low, 1),
+            "high": None if self.high is None else round(self.high, 1),
+        }
+
+
+def _share(label: str, k: int, n: int) -> ClassShare:
+    if not n:
+        return ClassShare(label, k, 0.0, 0.0, 100.0)
+    lo, hi = count_interval(min(k, n), n)
+    return ClassShare(label, k, 100.0 * k / n, 100.0 * lo, 100.0 * hi)
+
+
+@dataclasses.dataclass(frozen=True)
+class DifferentialCount:
+    """A session's differential as a laboratory writes it down, computed once
+    (:func:`differential_of`) and rendered by every view — the console line, the live window, the
+    screen, the Live page, ``report.html``, ``differential.csv`` and the FHIR export.
+
+    A *blood* differential is per 100 leukocytes: erythroblasts (nucleated red cells) are reported
+    per 100 leukocytes beside it, not in it. A *marrow* differential (myelogram) is per 100
+    nucleated cells, erythroid precursors included, with the myeloid : erythroid ratio. Platelets
+    are a count apart in both, and cells waiting for review are in no class."""
+
+    specimen: str  # blood | marrow
+    rows: tuple[ClassShare, ...]  # the differential, in clinical order, every class (zeros too)
+    nrbc: ClassShare | None  # blood: erythroblasts per 100 leukocytes (their count may exceed it)
+    platelets: int
+    waiting: int  # set aside for review, not counted
+    unknown: int  # of those, unlike any cell the model knows
+    me_ratio: float | None  # marrow: myeloid : erythroid, None where no erythroid cell was counted
+
+    @property
+    def denominator(self) -> str:
+        return "leukocytes" if self.specimen == "blood" else "nucleated cells"
+
+    @property
+    def total(self) -> int:
+        """The cells the shares are of (the leukocytes of a blood count, the nucleated cells of a marrow)."""
+        return sum(r.count for r in self.rows)
+
+    @property
+    def counted(self) -> int:
+        """Every cell counted: the differential, the erythroblasts beside it and the platelets."""
+        return self.total + (self.nrbc.count if self.nrbc else 0) + self.platelets
+
+    def share(self, label: str) -> ClassShare | None:
+        for r in self.rows:
+            if r.label == label:
+                return r
+        return self.nrbc if self.nrbc is not None and self.nrbc.label == label else None
+
+    def lines(self) -> list[str]:
+        """The differential in words, a line per class counted (zero rows left out of the short
+        forms: the console and the live window), then the erythroblasts and the platelets."""
+        out = [f"{r.label} {r.count} ({r.percent:.1f}%)" for r in self.rows if r.count]
+        if self.nrbc is not None and self.nrbc.count:
+            out.append(f"NRBC {self.nrbc.count} ({self.nrbc.percent:.1f}/100 WBC)")
+        if self.platelets:
+            out.append(f"platelets {self.platelets} (apart)")
+        return out
+
+    def ratios(self) -> list[str]:
+        return [f"M:E {self.me_ratio:.2f}"] if self.me_ratio is not None else []
+
+    def text(self, target: int | None = None) -> str:
+        """The console's one line: the differential, then what waits for review."""
+        tgt = f"/{target}" if target else ""
+        unknown = f" ({self.unknown} unknown)" if self.unknown else ""
+        return (
+            f"{self.total}{tgt} {self.denominator}: "
+            + (", ".join(self.lines()) or "none")
+            + f"; {self.waiting} for review{unknown}"
+            + "".join(f", {r}" for r in self.ratios())
+        )
+
+    def to_dict(self) -> dict:
+        return {
+            "specimen": self.specimen,
+            "denominator": self.denominator,
+            "total": self.total,
+            "rows": [r.to_dict() for r in self.rows],
+            "nrbc": self.nrbc.to_dict() if self.nrbc else None,
+            "platelets": self.platelets,
+            "waiting": self.waiting,
+            "unknown": self.unknown,
+            "me_ratio": None if self.me_ratio is None else round(self.me_ratio, 2),
+        }
+
+
+def differential_of(
+    counts, labels=(), specimen: str = "blood", waiting: int = 0, unknown: int = 0
+) -> DifferentialCount:
+    """The differential of ``counts`` (cells counted by final class), listing every class of
+    ``labels`` (the model's) and of ``counts`` (a reviewer's new class too), in clinical order."""
+    if specimen not in SPECIMENS:
+        raise ValueError(f"specimen must be one of {', '.join(SPECIMENS)}, got {specimen!r}")
+    counts = {l: int(k) for l, k in counts.items() if k}
+    classes = clinical_order([*labels, *counts])
+    erythroid = [l for l in classes if l.lower() in ERYTHROID]
+    apart = [l for l in classes if l in NOT_NUCLEATED]
+    in_count = [l for l in classes if l not in apart and (specimen == "marrow" or l not in erythroid)]
+    n = sum(counts.get(l, 0) for l in in_count)
+    nrbc = None
+    if specimen == "blood" and erythroid:  # per 100 leukocytes: a rate, not a share (no binomial limits)
+        k = sum(counts.get(l, 0) for l in erythroid)
+        nrbc = ClassShare(
+            "erythroblast" if "erythroblast" in erythroid else erythroid[0], k, 100.0 * k / n if n else 0.0
+        )
+    me = None
+    if specimen == "marrow":
+        e = sum(counts.get(l, 0) for l in erythroid)
+        m = sum(counts.get(l, 0) for l in in_count if l.lower() in MYELOID)
+        me = m / e if e else None
+    return DifferentialCount(
+        specimen=specimen,
+        rows=tuple(_share(l, counts.get(l, 0), n) for l in in_count),
+        nrbc=nrbc,
+        platelets=sum(counts.get(l, 0) for l in apart),
+        waiting=waiting,
+        unknown=unknown,
+        me_ratio=me,
+    )
+
+
 @dataclasses.dataclass(frozen=True)
 class ReviewPolicy:
     min_confidence: float = 0.6
@@ -113,10 +267,14 @@ class ReviewPolicy:
 
 
 class Differential:
-    def __init__(self, labels, target: int | None = None, review: ReviewPolicy = ReviewPolicy()):
+    """The running count of a session as it records: the model's sure calls by class, and the cells
+    set aside. :meth:`record` is its :class:`DifferentialCount`, which every view renders."""
+
+    def __init__(self, labels, target: int | None = None, review: ReviewPolicy = ReviewPolicy(), specimen="blood"):
         self.labels = list(labels)
         self.target = target
         self.review = review
+        self.specimen = specimen
         self.counts = {l: 0 for l in self.labels}
         self.flagged = 0
         self.unknown = 0  # of the flagged: unlike any cell the model knows
@@ -127,11 +285,7 @@ class Differential:
         i = int(np.argmax(probs))
         label, conf = self.labels[i], float(probs[i])
         flag = unknown or self.review.flag(probs)
-        if flag:
-            self.flagged += 1
-            self.unknown += flag.startswith(UNKNOWN)
-        else:
-            self.counts[label] += 1
+        self.restore(label, flag)
         return label, conf, flag
 
     def restore(self, label: str, flag: str) -> None:
@@ -142,41 +296,18 @@ class Differential:
         elif label in self.counts:
             self.counts[label] += 1
 
+    def record(self) -> DifferentialCount:
+        return differential_of(self.counts, self.labels, self.specimen, self.flagged, self.unknown)
+
     @property
     def counted(self) -> int:
-        return sum(self.counts.values())
+        """The cells the target is of: the differential's denominator (leukocytes, or nucleated
+        cells of a marrow), not the platelets or the erythroblasts beside a blood count."""
+        return self.record().total
 
     @property
     def done(self) -> bool:
         return bool(self.target) and self.counted >= self.target
 
-    def percentages(self) -> dict[str, float]:
-        n = self.counted
-        return {l: (100.0 * c / n if n else 0.0) for l, c in self.counts.items()}
-
-    def ratios(self) -> dict[str, float | None]:
-        lower = {l.lower(): c for l, c in self.counts.items()}
-        out: dict[str, float | None] = {}
-        m = sum(c for l, c in lower.items() if l in MYELOID)
-        e = sum(c for l, c in lower.items() if l in ERYTHROID)
-        if any(l in ERYTHROID for l in lower) and any(l in MYELOID for l in lower):
-            out["M:E"] = (m / e) if e else None
-        return out
-
-    def breakdown(self) -> tuple[list[str], list[str]]:
-        """(each class counted so far with its share, each defined ratio): the text of the summary
-        line and of the live window's panel."""
-        pct = self.percentages()
-        parts = [f"{l} {self.counts[l]} ({pct[l]:.0f}%)" for l in self.labels if self.counts[l]]
-        return parts, [f"{k} {v:.2f}" for k, v in self.ratios().items() if v is not None]
-
     def summary(self) -> str:
-        parts, ratios = self.breakdown()
-        tgt = f"/{self.target}" if self.target else ""
-        ratio = "".join(f", {r}" for r in ratios)
-        unknown = f" ({self.unknown} unknown)" if self.unknown else ""
-        return (
-            f"{self.counted}{tgt} cells: "
-            + (", ".join(parts) or "none")
-            + f"; {self.flagged} for review{unknown}{ratio}"
-        )
+        return self.record().text(self.target)

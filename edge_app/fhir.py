@@ -5,8 +5,10 @@ its share of the leukocytes counted, as the laboratory's manual differential rep
 "…/100 leukocytes in Blood by Manual count": a person reviews what the device sets aside, as a
 technician does at a manual count). Every Observation also carries the raw count, the number of
 leukocytes behind the share and its exact 95% binomial limits (Rümke), and bmc's own code for the
-class. Erythroblasts are reported per 100 leukocytes, as nucleated red cells are; platelets are
-not leukocytes and are reported as a count only. A class without a LOINC code here (``ig``, a class
+class, every class of the differential listed (zeros too), in clinical order. Erythroblasts are
+reported per 100 leukocytes beside the differential, as nucleated red cells are; platelets are not
+leukocytes and are reported as a count only. A marrow count (myelogram) is per 100 nucleated cells,
+erythroid precursors included, with bmc's codes alone (the LOINC codes here are blood's). A class without a LOINC code here (``ig``, a class
 a laboratory added) keeps bmc's code and its name.
 
 Nothing identifies a patient: the device never knows who the smear belongs to. The LIS adds the
@@ -24,7 +26,6 @@ import uuid
 from pathlib import Path
 
 from bmc.edge_app import review
-from bmc.edge_app.differential import CLINICAL_ORDER, count_interval
 from bmc.stages import PARENT
 
 LOINC = "http://loinc.org"
@@ -47,42 +48,49 @@ LOINC_MANUAL = {
     "erythroblast": ("18309-5", "Nucleated erythrocytes/100 leukocytes in Blood by Manual count"),
 }
 PANEL = ("24318-8", "Manual differential panel - Blood")
-NOT_LEUKOCYTES = ("erythroblast", "platelet")
 
 
-def _coding(label: str) -> dict:
+def _coding(label: str, specimen: str = "blood") -> dict:
     codings = []
-    if label in LOINC_MANUAL:
+    if label in LOINC_MANUAL and specimen == "blood":  # the LOINC codes are blood's: a myelogram keeps bmc's
         code, display = LOINC_MANUAL[label]
         codings.append({"system": LOINC, "code": code, "display": display})
     codings.append({"system": BMC_CODES, "code": label, "display": label})
     return {"coding": codings, "text": label}
 
 
+def _count(k: int) -> dict:
+    return {
+        "code": {
+            "coding": [{"system": BMC_CODES, "code": "count", "display": "cells counted"}],
+            "text": "cells counted",
+        },
+        "valueQuantity": {"value": k, "unit": "cells", "system": UCUM, "code": "{cells}"},
+    }
+
+
 def diagnostic_report(out_dir: str | Path, now: datetime.datetime | None = None) -> dict:
-    """The FHIR R4 Bundle of the session folder's differential (all its sessions, after review)."""
+    """The FHIR R4 Bundle of the session folder's differential (all its sessions, after review):
+    the folder's :class:`~bmc.edge_app.differential.DifferentialCount`, as the report shows it."""
     out_dir = Path(out_dir)
     db = review.connect(out_dir)
     try:
         sessions = db.execute("SELECT started, ended, model_file, model_sha256 FROM session ORDER BY id").fetchall()
         cells = review.cells(db)
         note = review.latest_note(db)
+        record = review.session_differential(db, cells)
     finally:
         db.close()
-    counted = review.differential(cells)
-    pending = sum(c.status == "pending" for c in cells)
-    unknown = sum(c.status == "pending" and c.unknown for c in cells)
-    status = "preliminary" if pending else "final"
-    leukocytes = sum(k for label, k in counted.items() if label not in NOT_LEUKOCYTES)
+    status = "preliminary" if record.waiting else "final"
     now = now or datetime.datetime.now(datetime.timezone.utc)
     issued = now.isoformat(timespec="seconds")
     started = sessions[0][0] if sessions else issued
     ended = (sessions[-1][1] or issued) if sessions else issued
     effective = {"start": _instant(started), "end": _instant(ended)}
-    order = [l for l in CLINICAL_ORDER if l in counted] + sorted(l for l in counted if l not in CLINICAL_ORDER)
     entries, refs = [], []
-    for label in order:
-        k = counted[label]
+    of = "leukocytes" if record.specimen == "blood" else "nucleated cells"
+
+    def observation(label: str, k: int, value: dict | None, notes: list[str]) -> None:
         oid = str(uuid.uuid4())
         obs = {
             "resourceType": "Observation",
@@ -99,36 +107,40 @@ def diagnostic_report(out_dir: str | Path, now: datetime.datetime | None = None)
                     ]
                 }
             ],
-            "code": _coding(label),
+            "code": _coding(label, record.specimen),
             "effectivePeriod": effective,
             "issued": issued,
             "method": {"text": "digital morphology at the microscope (bmc), cells set aside reviewed by a person"},
-            "component": [
-                {
-                    "code": {
-                        "coding": [{"system": BMC_CODES, "code": "count", "display": "cells counted"}],
-                        "text": "cells counted",
-                    },
-                    "valueQuantity": {"value": k, "unit": "cells", "system": UCUM, "code": "{cells}"},
-                }
-            ],
+            "component": [_count(k)],
         }
-        if label != "platelet" and leukocytes:
-            share = 100.0 * k / leukocytes
-            obs["valueQuantity"] = {"value": round(share, 1), "unit": "%", "system": UCUM, "code": "%"}
-            if k <= leukocytes:
-                lo, hi = count_interval(k, leukocytes)
-                obs["note"] = [
-                    {"text": f"{k} of {leukocytes} leukocytes counted; exact 95% limits {100 * lo:.1f}–{100 * hi:.1f}%"}
-                ]
+        if value is not None:
+            obs["valueQuantity"] = value
         if label in PARENT:
-            obs["note"] = obs.get("note", []) + [{"text": f"a maturation stage of '{PARENT[label]}'"}]
+            notes.append(f"a maturation stage of '{PARENT[label]}'")
+        if notes:
+            obs["note"] = [{"text": t} for t in notes]
         entries.append({"fullUrl": f"urn:uuid:{oid}", "resource": obs})
         refs.append({"reference": f"urn:uuid:{oid}"})
+
+    for r in record.rows:
+        value = {"value": round(r.percent, 1), "unit": "%", "system": UCUM, "code": "%"} if record.total else None
+        notes = [f"{r.count} of {record.total} {of} counted; exact 95% limits {r.limits()}"] if record.total else []
+        observation(r.label, r.count, value, notes)
+    if record.nrbc is not None:
+        value = (
+            {"value": round(record.nrbc.percent, 1), "unit": "/100 leukocytes", "system": UCUM, "code": "/100{WBCs}"}
+            if record.total
+            else None
+        )
+        notes = [f"{record.nrbc.count} nucleated red cells per {record.total} leukocytes, beside the differential"]
+        observation(record.nrbc.label, record.nrbc.count, value, notes)
+    if record.platelets:
+        observation("platelet", record.platelets, None, ["a count only: platelets are in no denominator"])
     conclusion = (
-        f"{sum(counted.values())} cells counted ({leukocytes} leukocytes)"
-        + (f"; {pending} cells wait for review and are not counted" if pending else "")
-        + (f", {unknown} of them unlike any cell the model knows" if unknown else "")
+        f"{'Blood' if record.specimen == 'blood' else 'Marrow'} differential of {record.total} {of}"
+        + (f" (myeloid : erythroid {record.me_ratio:.2f})" if record.me_ratio is not None else "")
+        + (f"; {record.waiting} cells wait for review and are not counted" if record.waiting else "")
+        + (f", {record.unknown} of them unlike any cell the model knows" if record.unknown else "")
         + (f". Comment: {note[0]}" if note else "")
         + "."
     )
@@ -145,7 +157,14 @@ def diagnostic_report(out_dir: str | Path, now: datetime.datetime | None = None)
                 ]
             }
         ],
-        "code": {"coding": [{"system": LOINC, "code": PANEL[0], "display": PANEL[1]}], "text": "Differential count"},
+        "code": (
+            {"coding": [{"system": LOINC, "code": PANEL[0], "display": PANEL[1]}], "text": "Differential count"}
+            if record.specimen == "blood"
+            else {
+                "coding": [{"system": BMC_CODES, "code": "myelogram", "display": "Marrow differential"}],
+                "text": "Marrow differential (per 100 nucleated cells)",
+            }
+        ),
         "effectivePeriod": effective,
         "issued": issued,
         "result": refs,

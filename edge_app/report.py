@@ -18,7 +18,7 @@ import string
 from pathlib import Path
 
 from bmc.edge_app import review, store
-from bmc.edge_app.differential import ERYTHROID, MYELOID, count_interval
+from bmc.edge_app.differential import DifferentialCount, count_interval, differential_of
 from bmc.edge_app.store import is_locked
 from bmc.errors import BmcError
 from bmc.stages import coarse_counts, series_counts
@@ -63,6 +63,51 @@ def build_report(out_dir: str | Path) -> Path:
         ) from e
 
 
+def write_session_files(out_dir: str | Path, report: bool = True) -> list[Path]:
+    """Every file a session folder derives from its database, rewritten together so that none is
+    left stale beside another: ``cells.csv``, ``differential.csv``, ``report.html`` (with
+    ``report``, or where one is already there) and ``differential.fhir.json`` where one is there.
+    Each is written atomically. Called when a session closes and after every review decision."""
+    from bmc.edge_app import fhir
+
+    out_dir = Path(out_dir)
+    written = [store.write_csv(out_dir), write_differential_csv(out_dir)]
+    if report or (out_dir / "report.html").exists():
+        written.append(build_report(out_dir))
+    if (out_dir / "differential.fhir.json").exists():
+        written.append(fhir.write(out_dir))
+    return written
+
+
+def write_differential_csv(out_dir: str | Path) -> Path:
+    """``differential.csv``: the folder's differential record, a row per class in clinical order
+    (count, percent of the denominator, exact 95% limits), then the erythroblasts per 100 leukocytes
+    of a blood count, the platelets and the cells waiting for review — for a spreadsheet."""
+    import csv
+    import io
+
+    out_dir = Path(out_dir)
+    db = review.connect(out_dir)
+    try:
+        record = review.session_differential(db)
+    finally:
+        db.close()
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["specimen", "class", "count", "percent", "low", "high", "of"])
+    for r in record.rows:
+        w.writerow(
+            [record.specimen, r.label, r.count, f"{r.percent:.1f}", f"{r.low:.1f}", f"{r.high:.1f}", record.denominator]
+        )
+    if record.nrbc is not None:
+        w.writerow(
+            [record.specimen, "NRBC", record.nrbc.count, f"{record.nrbc.percent:.1f}", "", "", "per 100 leukocytes"]
+        )
+    w.writerow([record.specimen, "platelet", record.platelets, "", "", "", "apart"])
+    w.writerow([record.specimen, "waiting for review", record.waiting, "", "", "", "not counted"])
+    return write_atomic(out_dir / "differential.csv", buf.getvalue())
+
+
 _PAGE = string.Template(
     """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>bmc differential — $name</title>
@@ -75,14 +120,13 @@ figcaption{overflow-wrap:anywhere;line-height:1.2}
 </style></head><body>
 <h1>Differential count</h1>
 $comment
-<p><b>$n</b> cells counted ($named of them named by a reviewer),
+<p>$specimen differential: <b>$n</b> $denominator counted ($named cells named by a reviewer),
 $rejected rejected in review, $frames frames
 ($bad unreadable). $advice</p>
-<table><tr><th>class</th><th>count</th><th>%</th><th>95% limits</th><th></th></tr>$rows</table>
+$table
 <p style="font-size:12px">95% limits: the exact binomial confidence interval of each share for a count
-of $n cells (the limits of Rümke's table): a differential of more cells narrows them.</p>
+of $n $denominator (the limits of Rümke's table): a differential of more cells narrows them.</p>
 $levels
-$ratio
 <h2>Cells waiting for review ($pending$unknown_note)</h2><div class="grid">$waiting</div>
 <h2>Reviewed cells ($decided; the reviewer changed the model's call on $changed)</h2>
 <div class="grid">$reviewed</div>
@@ -102,35 +146,35 @@ def _build_report(out_dir: Path) -> Path:
     db.row_factory = None
     cells = review.cells(db)
     note = review.latest_note(db)
+    record = review.session_differential(db, cells)
     db.close()
-    labels = json.loads(sessions[-1]["labels"]) if sessions else []
-    counted = review.differential(cells)
-    labels += sorted(set(counted) - set(labels))  # classes a reviewer named that the model does not know
+    labels = [r.label for r in record.rows]
     pending = sorted((c for c in cells if c.status == "pending"), key=lambda c: not c.unknown)  # unknown first
     n_unknown = sum(c.unknown for c in pending)
     decided = [c for c in cells if c.status in ("reviewed", "rejected")]
-    n = sum(counted.values())
     parents = _parents(sessions)
     esc = html.escape
     doc = _PAGE.substitute(
         name=esc(out_dir.name),
         comment=f"<p>Comment: <b>{esc(note[0])}</b> ({esc(note[1])}, {esc(note[2][:16])})</p>" if note else "",
-        n=n,
+        specimen="Blood" if record.specimen == "blood" else "Marrow",
+        n=record.total,
+        denominator=record.denominator,
         named=sum(c.status == "reviewed" for c in cells),
         rejected=sum(c.status == "rejected" for c in cells),
         frames=frames["n"] or 0,
         bad=frames["bad"] or 0,
         advice=_advice(out_dir, len(pending), n_unknown),
-        rows=_class_rows(labels, counted, n, _learnt(sessions)),
-        levels=levels_html(counted, parents, n) if parents else "",
-        ratio=_ratio(counted, labels),
+        table=differential_html(record, _learnt(sessions), bars=True),
+        levels=levels_html(record, parents) if parents else "",
         pending=len(pending),
         unknown_note=f"; {n_unknown} unlike any cell the model knows, first" if n_unknown else "",
         waiting=_figures(out_dir, pending, _waiting_caption) or "<p>none</p>",
         decided=len(decided),
         changed=sum(c.reviewed_label != c.model_label for c in decided),
         reviewed=_figures(out_dir, decided, _decided_caption) or "<p>none</p>",
-        grids=_class_grids(out_dir, cells, labels) or "<p>no cell crops saved</p>",
+        grids=_class_grids(out_dir, cells, labels + ([] if record.nrbc is None else [record.nrbc.label]))
+        or "<p>no cell crops saved</p>",
         sessions=_session_rows(sessions, is_locked(out_dir)),
     )
     return write_atomic(out_dir / "report.html", doc)
@@ -147,38 +191,47 @@ def _learnt(sessions) -> dict:
     return learnt
 
 
-def _class_rows(labels, counted, n: int, learnt: dict) -> str:
-    """The differential's rows: each class's count, share, 95% limits and bar."""
-
-    def limits(k: int) -> str:
-        lo, hi = count_interval(k, n) if n else (0.0, 1.0)
-        return f"{100 * lo:.1f}–{100 * hi:.1f}%"
+def differential_html(record: DifferentialCount, learnt: dict | None = None, bars: bool = False) -> str:
+    """A :class:`DifferentialCount` as HTML, the one rendering the report and the screen share:
+    every class with its count, share and 95% limits, in clinical order (zeros too); then the
+    nucleated red cells per 100 leukocytes beside a blood count, the M:E ratio of a marrow count,
+    and the platelets apart."""
+    learnt = learnt or {}
+    esc = html.escape
 
     def name(l: str) -> str:
         note = learnt.get(l)
-        return html.escape(l) + (
+        return esc(l) + (
             f" <small>(learnt from {int(note['cells'])} cells reviewed at this laboratory)</small>"
             if isinstance(note, dict) and "cells" in note
             else ""
         )
 
-    return "".join(
-        f"<tr><td>{name(l)}</td><td>{counted.get(l, 0)}</td><td>{100 * counted.get(l, 0) / n if n else 0:.1f}%</td>"
-        f"<td>{limits(counted.get(l, 0))}</td>"
-        f"<td><div class='bar' style='width:{(300 * counted.get(l, 0) / n) if n else 0:.0f}px'></div></td></tr>"
-        for l in labels
+    bar = (
+        (lambda r: f"<td><div class='bar' style='width:{3 * r.percent:.0f}px'></div></td>") if bars else (lambda r: "")
     )
-
-
-def _ratio(counted, labels) -> str:
-    """The myeloid : erythroid ratio, or why it is not defined."""
-    m = sum(v for k, v in counted.items() if k.lower() in MYELOID)
-    e = sum(v for k, v in counted.items() if k.lower() in ERYTHROID)
-    if e:
-        return f"<p>Myeloid : erythroid ratio <b>{m / e:.2f}</b> ({m} : {e})</p>"
-    if any(l.lower() in ERYTHROID for l in labels):
-        return f"<p>Myeloid : erythroid ratio not defined (no erythroid cells counted; {m} myeloid)</p>"
-    return ""
+    rows = "".join(
+        f"<tr><td>{name(r.label)}</td><td class='num'>{r.count}</td><td class='num'>{r.percent:.1f}%</td>"
+        f"<td class='num'>{r.limits()}</td>{bar(r)}</tr>"
+        for r in record.rows
+    )
+    out = (
+        f"<table class='differential'><tr><th>class</th><th>count</th><th>% of {record.denominator}</th>"
+        f"<th>95% limits</th>{'<th></th>' if bars else ''}</tr>{rows}</table>"
+    )
+    if record.nrbc is not None:
+        out += (
+            f"<p>Nucleated red cells ({esc(record.nrbc.label)}): <b>{record.nrbc.count}</b>, "
+            f"{record.nrbc.percent:.1f} per 100 leukocytes (beside the differential, not in it)</p>"
+        )
+    if record.specimen == "marrow":
+        out += (
+            f"<p>Myeloid : erythroid ratio <b>{record.me_ratio:.2f}</b></p>"
+            if record.me_ratio is not None
+            else "<p>Myeloid : erythroid ratio not defined (no erythroid cells counted)</p>"
+        )
+    out += f"<p>Platelets: {record.platelets} (counted apart, in no denominator)</p>"
+    return out
 
 
 def _advice(out_dir: Path, pending: int, n_unknown: int) -> str:
@@ -289,36 +342,38 @@ def _parents(sessions) -> dict[str, str]:
     return next((p for p in (store.parents_of(srow["config"]) for srow in reversed(sessions)) if p), {})
 
 
-def levels_html(counted, parents: dict[str, str], n: int) -> str:
-    """A stage model's second level: the 8-class differential (stages summed into their parents) and
-    the granulocytic series promyelocyte → segmented, each share with its 95% limits."""
-    esc = html.escape
-
-    def row(label, k, total, of_all=None):
-        lo, hi = count_interval(k, total) if total else (0.0, 1.0)
-        extra = f"<td>{100 * k / of_all:.1f}%</td>" if of_all is not None else ""
-        return (
-            f"<tr><td>{esc(label)}</td><td>{k}</td><td>{100 * k / total if total else 0:.1f}%</td>"
-            f"<td>{100 * lo:.1f}–{100 * hi:.1f}%</td>{extra}</tr>"
-        )
-
-    coarse = coarse_counts(counted, parents)
+def levels_html(record: DifferentialCount, parents: dict[str, str]) -> str:
+    """A stage model's second level: the 8-class differential (stages summed into their parents),
+    computed and rendered as the first is, and the granulocytic series promyelocyte → segmented,
+    each share with its 95% limits."""
+    counted = {r.label: r.count for r in record.rows}
+    if record.nrbc is not None:
+        counted[record.nrbc.label] = record.nrbc.count
+    counted["platelet"] = record.platelets
+    classes = {parents.get(l, l) for l in counted}
+    coarse = differential_of(coarse_counts(counted, parents), classes, record.specimen, record.waiting, record.unknown)
     series = series_counts(counted)
     s_total = sum(k for _, k in series)
-    out = (
+    n = record.total
+
+    def row(label, k):
+        lo, hi = count_interval(k, s_total) if s_total else (0.0, 1.0)
+        return (
+            f"<tr><td>{html.escape(label)}</td><td>{k}</td><td>{100 * k / s_total if s_total else 0:.1f}%</td>"
+            f"<td>{100 * lo:.1f}–{100 * hi:.1f}%</td><td>{100 * k / n if n else 0:.1f}%</td></tr>"
+        )
+
+    return (
         "<h2>8-class differential</h2><p style='font-size:12px'>The stages summed into their classes "
         "(promyelocytes, myelocytes and metamyelocytes are immature granulocytes, <i>ig</i>; bands and "
-        "segmented cells are neutrophils).</p><table><tr><th>class</th><th>count</th><th>%</th>"
-        "<th>95% limits</th></tr>" + "".join(row(l, coarse[l], n) for l in sorted(coarse)) + "</table>"
-    )
-    out += (
-        "<h2>Granulocytic series</h2><table><tr><th>stage</th><th>count</th><th>% of the series</th>"
-        "<th>95% limits</th><th>% of all counted</th></tr>"
-        + "".join(row(stage, k, s_total, n or 1) for stage, k in series)
+        "segmented cells are neutrophils).</p>"
+        + differential_html(coarse)
+        + "<h2>Granulocytic series</h2><table><tr><th>stage</th><th>count</th><th>% of the series</th>"
+        f"<th>95% limits</th><th>% of {record.denominator}</th></tr>"
+        + "".join(row(stage, k) for stage, k in series)
         + "</table>"
         + f"<p style='font-size:12px'>{s_total} cells of the neutrophil series, youngest first.</p>"
     )
-    return out
 
 
 def write_atomic(path: Path, text: str) -> Path:

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bmc.edge_app.differential import SPECIMENS, DifferentialCount, differential_of
 from bmc.edge_app.unknown import FLAG as UNKNOWN
 from bmc.errors import BmcError
 
@@ -156,6 +157,30 @@ def cells(db: sqlite3.Connection) -> list[ReviewedCell]:
 def differential(all_cells: list[ReviewedCell]) -> Counter:
     """Counts by final label: the model's sure calls and the reviewed cells; nothing pending or rejected."""
     return Counter(c.final_label for c in all_cells if c.final_label)
+
+
+def specimen_of(db: sqlite3.Connection) -> str:
+    """What the folder's sessions counted (``blood`` or ``marrow``), as the latest session recorded
+    it; a session recorded before the setting existed counted blood (the shipped models' specimen)."""
+    row = db.execute("SELECT config FROM session ORDER BY id DESC LIMIT 1").fetchone()
+    try:
+        specimen = (json.loads(row[0] or "{}") if row else {}).get("specimen") or "blood"
+    except ValueError:
+        specimen = "blood"
+    return specimen if specimen in SPECIMENS else "blood"
+
+
+def session_differential(db: sqlite3.Connection, all_cells: list[ReviewedCell] | None = None) -> DifferentialCount:
+    """The folder's differential after review, the one record the report, the screen and FHIR render:
+    every cell by its final class, the latest session's classes listed (zeros too), the cells still
+    waiting for review in no class."""
+    all_cells = cells(db) if all_cells is None else all_cells
+    row = db.execute("SELECT labels FROM session ORDER BY id DESC LIMIT 1").fetchone()
+    labels = json.loads(row[0]) if row else []
+    pending = [c for c in all_cells if c.status == "pending"]
+    return differential_of(
+        differential(all_cells), labels, specimen_of(db), len(pending), sum(c.unknown for c in pending)
+    )
 
 
 def queue(all_cells: list[ReviewedCell], include_counted: bool = False) -> list[ReviewedCell]:

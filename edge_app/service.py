@@ -53,17 +53,15 @@ def export(session: str | Path, dest: str | Path) -> Path:
     """Copy a finished session (CSV, HTML report, FHIR DiagnosticReport, crops, database) to ``dest``
     (a USB stick)."""
     from bmc.edge_app import fhir
-    from bmc.edge_app.report import build_report
-    from bmc.edge_app.store import write_csv
+    from bmc.edge_app.report import write_session_files
 
     session, dest = Path(session), Path(dest)
     if not (session / "session.sqlite").exists():
         raise FileNotFoundError(f"{session}: not a session folder (no session.sqlite)")
     if not dest.is_dir():
         raise FileNotFoundError(f"{dest}: export destination not found (is the USB stick mounted?)")
-    write_csv(session)
-    build_report(session)
     fhir.write(session)
+    write_session_files(session)
     target = dest / session.name
     tmp = dest / (session.name + ".partial")
     if tmp.exists():
@@ -75,7 +73,7 @@ def export(session: str | Path, dest: str | Path) -> Path:
     src_db.backup(dst_db)
     dst_db.close()
     src_db.close()
-    for name in ("cells.csv", "report.html", "differential.fhir.json"):
+    for name in ("cells.csv", "differential.csv", "report.html", "differential.fhir.json"):
         shutil.copy2(session / name, tmp / name)
     if (session / "crops").is_dir():
         shutil.copytree(session / "crops", tmp / "crops")
@@ -110,6 +108,7 @@ def session_config(cfg):
         save_crops=s.save_crops,
         cell_diameter_px=s.cell_diameter_px or None,
         print_every_s=s.print_every_s,
+        specimen=s.specimen or None,
         finder=cfg.finder,
         review=cfg.review,
         white_balance=cfg.model.white_balance,

@@ -255,16 +255,27 @@ def test_unknown_source_is_a_clear_error(tmp_path):
 
 
 def test_differential_flags_doubtful_cells_and_stops_at_target():
+    """A blood differential is per 100 leukocytes: an erythroblast is counted beside it (NRBC per
+    100 WBC) and does not bring the target nearer; a marrow one counts it, with the M:E ratio."""
     d = Differential(["erythroblast", "lymphocyte", "neutrophil"], target=3, review=ReviewPolicy(0.6, 0.15))
     assert d.add(np.array([0.1, 0.1, 0.8]))[2] == ""
     assert "low confidence" in d.add(np.array([0.3, 0.3, 0.4]))[2]
     assert "low confidence" in d.add(np.array([0.0, 0.45, 0.55]))[2]
     d.add(np.array([0.9, 0.05, 0.05]))
-    assert not d.done
     d.add(np.array([0.05, 0.9, 0.05]))
+    assert not d.done and d.counted == 2  # the erythroblast is not a leukocyte
+    d.add(np.array([0.05, 0.05, 0.9]))
+    r = d.record()
     assert d.done and d.counted == 3 and d.flagged == 2
-    assert d.ratios()["M:E"] == 1.0
-    assert d.percentages()["neutrophil"] == pytest.approx(100 / 3)
+    assert [(x.label, x.count) for x in r.rows] == [("neutrophil", 2), ("lymphocyte", 1)]  # clinical order
+    assert r.share("neutrophil").percent == pytest.approx(200 / 3)
+    assert r.nrbc.count == 1 and r.nrbc.percent == pytest.approx(100 / 3) and r.me_ratio is None
+    m = Differential(["erythroblast", "lymphocyte", "neutrophil"], specimen="marrow")
+    for p in ([0.9, 0.05, 0.05], [0.05, 0.05, 0.9], [0.05, 0.9, 0.05]):
+        m.add(np.array(p))
+    rm = m.record()
+    assert rm.total == 3 and rm.nrbc is None and rm.me_ratio == 1.0 and rm.denominator == "nucleated cells"
+    assert rm.share("erythroblast").percent == pytest.approx(100 / 3)
     assert "top two" in ReviewPolicy(0.5, 0.15).flag(np.array([0.05, 0.42, 0.53]))
     assert ReviewPolicy(0.5, 0.15).flag(np.array([0.05, 0.25, 0.70])) == ""
 
@@ -412,6 +423,7 @@ def test_live_window_shows_the_differential_as_it_grows(bccd):
     def rows_changed(img):
         return np.flatnonzero(np.abs(img.astype(int) - frame.astype(int)).sum(axis=(1, 2)))
 
-    # a header line when nothing is counted; then two class lines and the M:E ratio below it
-    assert rows_changed(grown).max() - rows_changed(empty).max() == 60
+    # a header line when nothing is counted; then the neutrophils' line and the erythroblast's,
+    # per 100 leukocytes beside the differential (a blood count has no M:E ratio)
+    assert rows_changed(grown).max() - rows_changed(empty).max() == 40
     assert np.array_equal(grown[200:], frame[200:])  # the rest of the field is left as it is

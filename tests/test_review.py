@@ -83,7 +83,9 @@ def test_decisions_enter_the_differential_csv_and_report(session):
     assert after[a["id"]]["label"] == a["label"]  # the model's call is kept beside the decision
 
     page = (session / "report.html").read_text()  # rewritten by the review
-    assert f"<b>{len(sure) + 2}</b> cells counted (2 of them named by a reviewer)" in page
+    # a blood differential: per 100 leukocytes (the platelets and erythroblasts counted apart)
+    leukocytes = sum(r["label"] not in ("platelet", "erythroblast") for r in sure) + 2
+    assert f"Blood differential: <b>{leukocytes}</b> leukocytes counted (2 cells named by a reviewer)" in page
     assert f"Cells waiting for review ({len(flagged) - 3}" in page and "1 rejected in review" in page
     assert f"cell {a['id']}<br>model: {a['label']}" in page
 
@@ -126,7 +128,7 @@ def test_bad_decisions_are_refused_and_record_nothing(session):
     # a class the model does not know, asked for explicitly: counted and listed in the report
     bmc("edge", "review", session, "--cell", first, "--label", "blast", "--new-label")
     assert _csv(session)[0]["counted_as"] == "blast"
-    assert "<td>blast</td><td>1</td>" in (session / "report.html").read_text()
+    assert "<td>blast</td><td class='num'>1</td>" in (session / "report.html").read_text()
 
 
 def test_review_window_keys(session):

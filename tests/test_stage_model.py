@@ -48,7 +48,7 @@ def test_a_session_counts_both_levels(tmp_path):
         for p in paths:
             (folder / p.name).symlink_to(p)
     out = tmp_path / "s"
-    bmc("edge", "run", folder, "--mode", "cell", "--out", out, "--headless", "--model", STAGES)
+    bmc("edge", "run", folder, "--mode", "cell", "--out", out, "--headless", "--model", STAGES, "--specimen", "marrow")
     rows = list(csv.DictReader(open(out / "cells.csv")))
     assert len(rows) == 33
     counted = [r for r in rows if r["counted_as"]]

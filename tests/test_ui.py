@@ -386,7 +386,7 @@ def test_a_technician_counts_from_the_live_page_in_a_real_browser(storage, bccd,
             # read in one script call: the page reloads after Start, and an element fetched before
             # a reload is stale by the time its text is read
             text = d.execute_script("const e = document.getElementById('state'); return e ? e.textContent : '';")
-            m = re.search(r"(\d+)(?: of \d+)? cells counted", text or "")
+            m = re.search(r"(\d+)(?: of \d+)? leukocytes counted", text or "")
             counted.append(int(m.group(1)) if m else -1)
             return len({c for c in counted if c > 0}) >= 2
 
@@ -398,7 +398,7 @@ def test_a_technician_counts_from_the_live_page_in_a_real_browser(storage, bccd,
         WebDriverWait(browser, 30).until(lambda d: not live.running)
         folder = live.folder.name
         browser.get(base + f"/s/{folder}/")
-        assert "95% limits" in browser.page_source and "cells counted" in browser.page_source
+        assert "95% limits" in browser.page_source and "leukocytes counted" in browser.page_source
         browser.find_element(By.LINK_TEXT, "report").click()
         assert "Differential count" in browser.page_source
     finally:

@@ -51,6 +51,12 @@ def edge():
     help="set a cell aside as unknown beyond the distance this share of the training laboratory's "
     "validation cells keep (0.9-0.999; higher sets fewer aside; 0: off)",
 )
+@click.option(
+    "--specimen",
+    type=click.Choice(["blood", "marrow"]),
+    help="blood: per 100 leukocytes, erythroblasts beside; marrow: per 100 nucleated cells with M:E "
+    "(default: the model card's)",
+)
 def edge_run(
     source,
     model,
@@ -66,6 +72,7 @@ def edge_run(
     orientations,
     white_balance,
     unknown_level,
+    specimen,
 ):
     """Classify and count the cells of SOURCE: a camera index or /dev path, picamera2, a GStreamer
     pipeline, a video, an image folder or glob, or one image."""
@@ -96,6 +103,7 @@ def edge_run(
             on_existing="new" if new_session else "resume",
             review=ReviewPolicy(unknown_level=unknown_level),
             print_every_s=5.0,
+            specimen=specimen,
         )  # a person watches
         return EdgeSession(source, clf, out_dir, cfg, echo=click.echo).run()
 
@@ -272,16 +280,15 @@ def edge_doctor(config_path, model_path):
 )
 def edge_report(out_dir, fhir):
     """Write OUT_DIR/report.html (counts, percentages, flagged cells, thumbnails) and cells.csv."""
-    from bmc.edge_app.report import build_report
-    from bmc.edge_app.store import write_csv
+    from bmc.edge_app.report import write_session_files
 
-    path = _guard(build_report, out_dir)
-    write_csv(out_dir)
-    click.echo(f"report: {path}")
-    if fhir:
+    paths = _guard(write_session_files, out_dir)  # a FHIR file already there is rewritten with the rest
+    if fhir and not any(p.name == "differential.fhir.json" for p in paths):
         from bmc.edge_app import fhir as fhir_mod
 
-        click.echo(f"FHIR R4 DiagnosticReport: {_guard(fhir_mod.write, out_dir)}")
+        paths.append(_guard(fhir_mod.write, out_dir))
+    for path in paths:
+        click.echo(f"{'report' if path.name == 'report.html' else 'written'}: {path}")
 
 
 @edge.command("adapt")
@@ -378,9 +385,8 @@ def edge_review(
     import sqlite3
 
     from bmc.edge_app.app import NO_GUI_HINT, has_display, opencv_gui
-    from bmc.edge_app.report import build_report
+    from bmc.edge_app.report import write_session_files
     from bmc.edge_app.review import Reviewer, ReviewError, review_window, teaching_queue, write_decisions_template
-    from bmc.edge_app.store import write_csv
 
     if (label or undo) and cell_id is None:
         raise click.UsageError("--label and --undo need --cell ID")
@@ -420,5 +426,5 @@ def edge_review(
         raise _Fail(str(e)) from e
     except sqlite3.Error as e:
         raise _Fail(f"{out_dir}/session.sqlite: {e}") from e
-    _guard(write_csv, out_dir)
-    click.echo(f"report: {_guard(build_report, out_dir)}")
+    written = _guard(write_session_files, out_dir)
+    click.echo(f"report: {next(p for p in written if p.name == 'report.html')}")

@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import sqlite3
+import threading
 import urllib.parse
 from http import cookies
 from pathlib import Path
@@ -36,7 +37,6 @@ import cv2
 
 from bmc.edge_app import report as report_mod
 from bmc.edge_app import review
-from bmc.edge_app.differential import CLINICAL_ORDER, count_interval
 from bmc.edge_app.ui.auth import RateLimit, Sessions, verify_password
 
 log = logging.getLogger(__name__)
@@ -119,7 +119,10 @@ class UiApp:
         self.live = live  # edge_app.ui.live.LiveRunner: the screen records sessions from the camera
         self.export_roots = export_roots
         self.keys = dict(keys or {})  # class -> review key ([screen] keys); the rest take free digits
-        self._note = None
+        # shared by every request thread: the map makers (each model's, made once, behind a lock);
+        # everything else a request computes stays in the request
+        self._maps_lock = threading.Lock()
+        self._map_makers: dict[Path, tuple] = {}
 
     # -- WSGI -------------------------------------------------------------------------------------
     def __call__(self, environ, start_response):
@@ -295,8 +298,6 @@ class UiApp:
         return Response(self.page("Sign in", body, None))
 
     def decide(self, folder: Path, action: str, form: dict, user: str, environ) -> Response:
-        from bmc.edge_app.store import write_csv
-
         try:
             cell = int(form.get("cell", ""))
         except ValueError:
@@ -310,7 +311,7 @@ class UiApp:
                     label = r.decide(cell, form.get("label", ""))
         except review.ReviewError as e:
             raise HttpError("400 Bad Request", str(e)) from e
-        write_csv(folder)
+        report_mod.write_session_files(folder, report=False)  # the report too, where one was written
         if "application/json" in environ.get("HTTP_ACCEPT", ""):
             return Response(json.dumps({"cell": cell, "label": label, "by": user}), ctype="application/json")
         back = "?for=adapt" if "for=adapt" in (environ.get("HTTP_REFERER") or "") else ""
@@ -343,10 +344,11 @@ class UiApp:
         from bmc.edge_app.classifier import DEFAULT_MODEL, CellClassifier
 
         path = Path(active_model(self.storage) or self.model or DEFAULT_MODEL)
-        if getattr(self, "_maps_for", None) != path:
-            clf = CellClassifier(path, threads=1, orientations=1)
-            self._map_model, self._map_maker, self._maps_for = clf, ActivationMaps(clf), path
-        return self._map_model, self._map_maker
+        with self._maps_lock:  # one map maker per model, made once however many requests ask at once
+            if path not in self._map_makers:
+                clf = CellClassifier(path, threads=1, orientations=1)
+                self._map_makers[path] = (clf, ActivationMaps(clf))  # its interpreter has a lock of its own
+            return self._map_makers[path]
 
     def _model_input(self, folder: Path, cell_id: str, clf):
         from bmc.contract import preprocess, read_image
@@ -451,10 +453,17 @@ class UiApp:
         try:
             cells = review.cells(db)
             meta = db.execute("SELECT started, status, model_file, source FROM session ORDER BY id").fetchall()
-            self._note = review.latest_note(db)
         finally:
             db.close()
         return cells, meta
+
+    def _session_summary(self, folder: Path, cells):
+        """The folder's differential record and latest comment, read for this request alone."""
+        db = review.connect(folder)
+        try:
+            return review.session_differential(db, cells), review.latest_note(db)
+        finally:
+            db.close()
 
     def export_destinations(self) -> list[Path]:
         """Mounted USB sticks and disks under the export roots: the only places an export may go."""
@@ -493,8 +502,8 @@ class UiApp:
             except HttpError:
                 rows.append(f"<tr><td>{html.escape(d.name)}</td><td colspan='5' class='warn'>unreadable</td></tr>")
                 continue
-            counted = sum(review.differential(cells).values())
-            pending = sum(c.status == "pending" for c in cells)
+            record, _ = self._session_summary(d, cells)
+            counted, pending = f"{record.total} {record.denominator}", record.waiting
             started = meta[0][0][:19].replace("T", " ") if meta else ""
             name = urllib.parse.quote(d.name)
             rows.append(
@@ -514,23 +523,11 @@ class UiApp:
 
     def session_page(self, folder: Path, user: str, csrf: str) -> str:
         cells, meta = self._cells(folder)
-        counts = review.differential(cells)
-        n = sum(counts.values())
-        labels = [l for l in CLINICAL_ORDER if l in counts] + sorted(l for l in counts if l not in CLINICAL_ORDER)
-        rows = []
-        for l in labels:
-            k = counts[l]
-            lo, hi = count_interval(k, n)
-            rows.append(
-                f"<tr><td>{html.escape(l)}</td><td class='num'>{k}</td><td class='num'>{100 * k / n:.1f}%</td>"
-                f"<td class='num'>{100 * lo:.1f}–{100 * hi:.1f}%</td></tr>"
-            )
-        pending = sum(c.status == "pending" for c in cells)
-        unknown = sum(c.status == "pending" and c.unknown for c in cells)
+        record, note = self._session_summary(folder, cells)
+        n, pending, unknown = record.total, record.waiting, record.unknown
         parents = report_mod.folder_parents(folder)
-        levels = report_mod.levels_html(counts, parents, n) if parents else ""  # a stage model: both levels
+        levels = report_mod.levels_html(record, parents) if parents else ""  # a stage model: both levels
         name = urllib.parse.quote(folder.name)
-        note = self._note
         dests = self.export_destinations()
         comment = (
             (
@@ -553,7 +550,8 @@ class UiApp:
             else "<p class='small'>Export: no USB stick or disk is mounted.</p>"
         )
         body = (
-            f"<p><b>{n}</b> cells counted, <b>{pending}</b> waiting for review"
+            f"<p>{'Blood' if record.specimen == 'blood' else 'Marrow'} differential: <b>{n}</b> "
+            f"{record.denominator} counted, <b>{pending}</b> waiting for review"
             + (
                 f", <b class='warn'>{unknown}</b> of them unlike any cell the model knows (first in review)"
                 if unknown
@@ -562,8 +560,8 @@ class UiApp:
             + f" (<a href='/s/{name}/review'>review them</a>) · <a href='/s/{name}/report'>report</a>"
             f" · <a href='/s/{name}/fhir'>FHIR DiagnosticReport</a> <span class='small'>(for the laboratory "
             "information system)</span></p>"
-            "<table><tr><th>class</th><th>count</th><th>%</th><th>95% limits</th></tr>" + "".join(rows) + "</table>"
-            "<p class='small'>95% limits: the exact binomial interval of each share (Rümke's table).</p>"
+            + report_mod.differential_html(record)
+            + "<p class='small'>95% limits: the exact binomial interval of each share (Rümke's table).</p>"
             + levels
             + "".join(
                 f"<p class='small'>session started {html.escape(m[0][:19])}, {html.escape(m[1])}, model "

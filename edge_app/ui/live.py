@@ -110,7 +110,7 @@ class LiveRunner:
         if s is None:
             return {"state": "idle"}
         d = s.diff
-        parts, ratios = d.breakdown()
+        record = d.record()
         return {
             "state": "paused" if s.paused and self.running else "running" if self.running else s.result.status,
             "folder": self.folder.name if self.folder else "",
@@ -119,9 +119,10 @@ class LiveRunner:
             "target": d.target,
             "for_review": d.flagged,
             "unknown": d.unknown,
-            "classes": parts,
-            "ratios": ratios,
+            "classes": record.lines(),
+            "ratios": record.ratios(),
             "counts": dict(d.counts),
+            "differential": record.to_dict(),
             "error": self.error,
             "last_cells": self.last_cells(),
         }

@@ -17,17 +17,32 @@ window.addEventListener("load", function () {
   if (first) { first.focus(); }
 });
 
-// The live page: the running differential, refreshed once a second from /live/state.
+// The live page: the running differential, refreshed once a second from /live/state. The rows are
+// the session's own differential record (the same figures as the session page, report and FHIR).
+function para(box, text) { var p = document.createElement("p"); p.textContent = text; box.appendChild(p); return p; }
 function renderState(box, st) {
-  var lines = [];
-  lines.push("Session " + (st.folder || "—") + ": " + st.state + (st.error ? " (" + st.error + ")" : ""));
-  var target = st.target ? " of " + st.target : "";
-  lines.push(st.counted + target + " cells counted, " + st.for_review + " set aside for review" +
-             (st.unknown ? " (" + st.unknown + " unlike any cell the model knows)" : "") + ", " + st.frames + " frames");
-  (st.classes || []).forEach(function (c) { lines.push(c); });
-  (st.ratios || []).forEach(function (r) { lines.push(r); });
   box.textContent = "";
-  lines.forEach(function (text) { var p = document.createElement("p"); p.textContent = text; box.appendChild(p); });
+  if (!st.state || st.state === "idle") { para(box, "No session is running."); return; }
+  var d = st.differential || {rows: [], total: 0, denominator: "cells", waiting: 0, unknown: 0, platelets: 0};
+  para(box, "Session " + (st.folder || "—") + ": " + st.state + (st.error ? " (" + st.error + ")" : ""));
+  var target = st.target ? " of " + st.target : "";
+  para(box, d.total + target + " " + d.denominator + " counted, " + d.waiting + " set aside for review" +
+       (d.unknown ? " (" + d.unknown + " unlike any cell the model knows)" : "") + ", " + st.frames + " frames");
+  var rows = d.rows.filter(function (r) { return r.count > 0; });
+  if (rows.length) {
+    var table = document.createElement("table");
+    var head = table.insertRow();
+    ["class", "count", "%", "95% limits"].forEach(function (h) { var th = document.createElement("th"); th.textContent = h; head.appendChild(th); });
+    rows.forEach(function (r) {
+      var tr = table.insertRow();
+      [r.label, String(r.count), r.percent.toFixed(1) + "%", r.low.toFixed(1) + "–" + r.high.toFixed(1) + "%"].forEach(
+        function (text) { tr.insertCell().textContent = text; });
+    });
+    box.appendChild(table);
+  }
+  if (d.nrbc && d.nrbc.count) { para(box, "nucleated red cells " + d.nrbc.count + " (" + d.nrbc.percent.toFixed(1) + " per 100 leukocytes)"); }
+  if (d.platelets) { para(box, "platelets " + d.platelets + " (not in the differential)"); }
+  if (d.me_ratio !== null && d.me_ratio !== undefined) { para(box, "M:E " + d.me_ratio.toFixed(2)); }
   var strip = document.createElement("div");
   strip.className = "strip";
   (st.last_cells || []).forEach(function (c) {
@@ -41,10 +56,16 @@ function renderState(box, st) {
   });
   if (st.target) {
     var bar = document.createElement("progress");
-    bar.max = st.target; bar.value = Math.min(st.counted, st.target);
+    bar.max = st.target; bar.value = Math.min(d.total, st.target);
     box.appendChild(bar);
   }
   box.appendChild(strip);
+  if (st.state !== "running" && st.state !== "paused" && st.folder) {
+    var a = document.createElement("a");
+    a.href = "/s/" + encodeURIComponent(st.folder) + "/";
+    a.textContent = "this session's differential and review";
+    para(box, "").appendChild(a);
+  }
 }
 window.addEventListener("load", function () {
   var box = document.getElementById("state");

@@ -1,0 +1,156 @@
+"""The differential a laboratory reads: per 100 leukocytes, platelets and erythroblasts apart, in
+clinical order, and the same figure, to the decimal, on the console, in ``differential.csv``, in
+``report.html``, on the screen and in the FHIR export of one real session on BCCD fields."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import sqlite3
+import threading
+
+import pytest
+
+from bmc.edge_app import review
+from bmc.edge_app.differential import CLINICAL_ORDER, differential_of
+
+from conftest import bmc
+
+
+@pytest.fixture(scope="module")
+def counted(bccd, tmp_path_factory):
+    """A real session of 60 BCCD fields through ``bmc edge run``, with its console output."""
+    src = tmp_path_factory.mktemp("fields")
+    for f in sorted((bccd / "JPEGImages").glob("*.jpg"))[:60]:
+        (src / f.name).symlink_to(f)
+    out = tmp_path_factory.mktemp("diff") / "s"
+    # the unknown-cell check off: BCCD is another microscope, and most of its cells would wait for review
+    p = bmc("edge", "run", src, "--out", out, "--headless", "--orientations", "1", "--unknown-level", "0")
+    bmc("edge", "report", out, "--fhir")
+    return out, p.stdout
+
+
+def _record(out):
+    db = review.connect(out)
+    try:
+        return review.session_differential(db)
+    finally:
+        db.close()
+
+
+def test_the_denominator_is_the_leukocytes(counted):
+    out, _ = counted
+    record = _record(out)
+    db = sqlite3.connect(out / "session.sqlite")
+    by_label = dict(db.execute("SELECT label, COUNT(*) FROM cell WHERE flag = '' GROUP BY label").fetchall())
+    db.close()
+    labels = [r.label for r in record.rows]
+    assert "platelet" not in labels and "erythroblast" not in labels
+    assert record.platelets == by_label.get("platelet", 0)
+    assert record.total == sum(k for l, k in by_label.items() if l not in ("platelet", "erythroblast"))
+    assert labels == [l for l in CLINICAL_ORDER if l in labels]  # clinical order, every class listed
+    assert sum(r.percent for r in record.rows) == pytest.approx(100.0)
+
+
+def test_one_figure_on_the_console_the_csv_the_report_the_screen_and_fhir(counted):
+    out, console = counted
+    record = _record(out)
+    assert record.total > 10, "the session needs leukocytes counted"
+    final = next(line for line in console.splitlines() if line.startswith("session finished:"))
+    report = (out / "report.html").read_text()
+    rows = {r["class"]: r for r in csv.DictReader(open(out / "differential.csv"))}
+    fhir = json.loads((out / "differential.fhir.json").read_text())
+    obs = {
+        e["resource"]["code"]["text"]: e["resource"]
+        for e in fhir["entry"]
+        if e["resource"]["resourceType"] == "Observation"
+    }
+    page = _screen_page(out)
+    assert f"{record.total} leukocytes:" in final
+    for r in record.rows:
+        pct = f"{r.percent:.1f}"
+        if r.count:
+            assert f"{r.label} {r.count} ({pct}%)" in final, (r, final)
+        row = f"<td>{r.label}</td><td class='num'>{r.count}</td><td class='num'>{pct}%</td>"
+        assert row in report and row in page, r
+        assert rows[r.label]["count"] == str(r.count) and rows[r.label]["percent"] == pct
+        assert f"{obs[r.label]['valueQuantity']['value']:.1f}" == pct
+    assert "platelet" not in {k for k, o in obs.items() if "valueQuantity" in o}
+
+
+def _screen_page(out) -> str:
+    import http.client
+
+    from waitress import create_server
+
+    from bmc.edge_app.ui.app import UiApp, stop_from_another_thread
+
+    server = create_server(UiApp(out.parent, None, sign_in=False, user="anna"), host="127.0.0.1", port=0, threads=2)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        c = http.client.HTTPConnection("127.0.0.1", server.effective_port, timeout=30)
+        c.request("GET", f"/s/{out.name}/", headers={"Host": f"127.0.0.1:{server.effective_port}"})
+        r = c.getresponse()
+        assert r.status == 200
+        return r.read().decode()
+    finally:
+        stop_from_another_thread(server, thread)
+
+
+def test_a_decision_on_the_screen_rewrites_the_report_beside_it(counted, tmp_path):
+    """The report on disk follows the decisions: no stale report.html beside a newer cells.csv."""
+    import shutil
+
+    from waitress import create_server
+
+    from bmc.edge_app.ui.app import UiApp, stop_from_another_thread
+
+    out = tmp_path / "s"
+    shutil.copytree(counted[0], out)
+    waiting = [c for c in review.cells(review.connect(out)) if c.status == "pending"]
+    assert waiting, "the session needs a cell set aside"
+    before = _record(out).total
+    app = UiApp(tmp_path, None, sign_in=False, user="anna")
+    server = create_server(app, host="127.0.0.1", port=0, threads=2)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        import http.client
+
+        port = server.effective_port
+        host = {"Host": f"127.0.0.1:{port}"}
+        c = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        c.request("GET", f"/s/{out.name}/review", headers=host)
+        r = c.getresponse()
+        page = r.read().decode()
+        cookie = r.getheader("Set-Cookie").split(";")[0]
+        csrf = re.search(r"name='csrf' value='([^']+)'", page).group(1)
+        c.request(
+            "POST",
+            f"/s/{out.name}/decide",
+            body=f"csrf={csrf}&cell={waiting[0].id}&label=lymphocyte",
+            headers={**host, "Cookie": cookie, "Content-Type": "application/x-www-form-urlencoded"},
+        )
+        assert c.getresponse().status in (200, 303)
+    finally:
+        stop_from_another_thread(server, thread)
+    after = _record(out)
+    assert after.total == before + 1
+    report = (out / "report.html").read_text()
+    assert f"<b>{after.total}</b> leukocytes counted" in report
+    assert json.loads((out / "differential.fhir.json").read_text())["entry"][0]["resource"]["conclusion"].startswith(
+        f"Blood differential of {after.total} leukocytes"
+    )
+
+
+def test_a_marrow_count_is_per_100_nucleated_cells_with_the_me_ratio():
+    r = differential_of({"neutrophil": 6, "erythroblast": 3, "lymphocyte": 1, "platelet": 4}, specimen="marrow")
+    assert r.denominator == "nucleated cells" and r.total == 10 and r.platelets == 4
+    assert r.share("erythroblast").percent == pytest.approx(30.0) and r.me_ratio == pytest.approx(2.0)
+    b = differential_of({"neutrophil": 6, "erythroblast": 3, "lymphocyte": 1, "platelet": 4}, specimen="blood")
+    assert b.total == 7 and b.nrbc.count == 3 and b.nrbc.percent == pytest.approx(300 / 7)
+    assert b.share("neutrophil").percent == pytest.approx(600 / 7) and b.me_ratio is None
+    with pytest.raises(ValueError, match="specimen"):
+        differential_of({}, specimen="urine")
