@@ -35,7 +35,7 @@ class ReplayedCamera(FrameSource):
         self.fps, self.n = fps, frames
         self._stop = False
 
-    def frames(self):
+    def _frames(self):
         t0 = time.perf_counter()
         for i, img in zip(range(self.n), itertools.cycle(self.images)):
             if self._stop:

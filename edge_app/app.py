@@ -222,9 +222,8 @@ class EdgeSession:
         t0 = time.perf_counter()
         boxes, crops = self._cells_of(frame.image)
         t1 = time.perf_counter()
-        pf = self.source.pixel_format
-        self.lamp.observe(frame.image, pf)
-        batch = [preprocess(self.lamp.balance(cr, pf), self.clf.contract, pf, crop=False) for cr in crops]
+        self.lamp.observe(frame.image)
+        batch = [preprocess(self.lamp.balance(cr), self.clf.contract, "BGR", crop=False) for cr in crops]
         t2 = time.perf_counter()
         probs, embs = self.clf.predict_cells(np.stack(batch)) if batch else (np.zeros((0, len(self.clf.labels))), None)
         t3 = time.perf_counter()
@@ -333,7 +332,7 @@ class EdgeSession:
             self.echo(f"warning: the session's report was not written ({e}); bmc edge report {self.store.dir}")
 
     def _show(self, frame, cells):
-        img = annotated(frame.image, cells, self.source.pixel_format)
+        img = annotated(frame.image, cells)
         if img is None:
             return
         draw_differential(img, self.diff, self.result.fps)
@@ -356,12 +355,12 @@ class EdgeSession:
                 pass
 
 
-def annotated(image: np.ndarray | None, cells: list[CellCall], pixel_format: str = "BGR") -> np.ndarray | None:
-    """A BGR copy of a frame with each found cell's box and call drawn: green when counted, orange
+def annotated(image: np.ndarray | None, cells: list[CellCall]) -> np.ndarray | None:
+    """A copy of a (BGR) frame with each found cell's box and call drawn: green when counted, orange
     when set aside for review."""
     if image is None:
         return None
-    img = cv2.cvtColor(image, cv2.COLOR_RGB2BGR) if pixel_format == "RGB" else image.copy()
+    img = image.copy()
     for c in cells:
         colour = (0, 200, 0) if not c.flag or c.flag == "seen" else (0, 165, 255)
         b = c.box

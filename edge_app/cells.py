@@ -128,17 +128,16 @@ class SessionLamp:
     def active(self) -> bool:
         return self.lamp is not None
 
-    def observe(self, frame: np.ndarray, pixel_format: str) -> None:
-        if self.active and frame.ndim == 3 and pixel_format in ("BGR", "RGB"):
-            level = lamp_of(frame)
-            self._seen.append(level[::-1] if pixel_format == "BGR" else level)
+    def observe(self, frame: np.ndarray) -> None:
+        """Take a BGR frame's background level into the session's."""
+        if self.active and frame.ndim == 3:
+            self._seen.append(lamp_of(frame)[::-1])
             del self._seen[: -self.window]
             self.seen = np.median(self._seen, axis=0)
 
-    def balance(self, crop: np.ndarray, pixel_format: str) -> np.ndarray:
+    def balance(self, crop: np.ndarray) -> np.ndarray:
+        """A BGR crop scaled onto the training lamp."""
         seen = self.seen
         if seen is None or crop.ndim != 3:
             return crop
-        if pixel_format == "BGR":
-            return white_balance(crop, seen[::-1], self.lamp[::-1])
-        return white_balance(crop, seen, self.lamp)
+        return white_balance(crop, seen[::-1], self.lamp[::-1])

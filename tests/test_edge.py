@@ -175,7 +175,7 @@ class _ReplayedCamera(_Reopening):
     name = "replayed-usb-camera"
 
     def __init__(self, frames, unplug_after, absent_opens, **kw):
-        self._frames, self._i = list(frames), 0
+        self._images, self._i = list(frames), 0
         self.unplug_after, self.absent_opens, self.opens = unplug_after, absent_opens, 0
         super().__init__(**kw)
 
@@ -188,7 +188,7 @@ class _ReplayedCamera(_Reopening):
     def _read(self):
         if self._i == self.unplug_after and self.opens == 1:
             return None
-        img = self._frames[self._i % len(self._frames)]
+        img = self._images[self._i % len(self._images)]
         self._i += 1
         return img
 
@@ -222,7 +222,7 @@ class _FastCamera(FrameSource):
     def __init__(self, img, n):
         self.img, self.n = img, n
 
-    def frames(self):
+    def _frames(self):
         for i in range(self.n):
             yield Frame(self.img, "fast", i, time.time(), False)
 
@@ -352,12 +352,12 @@ def test_white_balance_brings_another_microscopes_lamp_to_the_training_one(bccd,
     fields = [cv2.imread(str(f)) for f in sorted((bccd / "JPEGImages").glob("*.jpg"))[:5]]
     session = SessionLamp(lamp)
     for f in fields:
-        session.observe(f, "BGR")
+        session.observe(f)
     assert abs(session.seen[0] - session.seen[2]) < 20  # BCCD: no cream cast
-    balanced = session.balance(fields[0], "BGR")
+    balanced = session.balance(fields[0])
     np.testing.assert_allclose(lamp_of(balanced)[::-1], lamp, atol=6)
-    assert SessionLamp(lamp, enabled=False).balance(fields[0], "BGR") is fields[0]
-    assert SessionLamp(None).balance(fields[0], "BGR") is fields[0]
+    assert SessionLamp(lamp, enabled=False).balance(fields[0]) is fields[0]
+    assert SessionLamp(None).balance(fields[0]) is fields[0]
 
     src = tmp_path / "f"
     src.mkdir()
@@ -427,3 +427,38 @@ def test_live_window_shows_the_differential_as_it_grows(bccd):
     # per 100 leukocytes beside the differential (a blood count has no M:E ratio)
     assert rows_changed(grown).max() - rows_changed(empty).max() == 40
     assert np.array_equal(grown[200:], frame[200:])  # the rest of the field is left as it is
+
+
+class _RGBFields(FrameSource):
+    """Real BCCD fields delivered as a Raspberry Pi camera configured for RGB order would hand them
+    over: the arrays hold R, G, B, and the source says so."""
+
+    native_format = "RGB"
+
+    def __init__(self, paths):
+        self.paths = paths
+
+    def _frames(self):
+        for i, p in enumerate(self.paths):
+            yield Frame(cv2.cvtColor(cv2.imread(str(p)), cv2.COLOR_BGR2RGB), p.name, i, time.time(), True)
+
+
+def test_a_source_in_rgb_order_gives_the_same_cells_as_the_files(bccd, tmp_path, clf):
+    """Colour order is settled where frames enter: a source whose device gives RGB arrays is
+    converted once, and the finder, lamp and classifier see the same field as from the file."""
+    paths = sorted((bccd / "JPEGImages").glob("*.jpg"))[:6]
+    folder = tmp_path / "fields"
+    folder.mkdir()
+    for p in paths:
+        (folder / p.name).symlink_to(p)
+
+    def cells(source, out):
+        EdgeSession(source, clf, tmp_path / out, SessionConfig(save_crops=False), echo=lambda m: None).run()
+        db = sqlite3.connect(tmp_path / out / "session.sqlite")
+        rows = db.execute("SELECT source, x, y, w, h, label, flag FROM cell ORDER BY id").fetchall()
+        db.close()
+        return rows
+
+    from_files = cells(str(folder), "files")
+    assert len(from_files) >= 6
+    assert cells(_RGBFields(paths), "rgb") == from_files

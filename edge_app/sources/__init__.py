@@ -1,4 +1,7 @@
-"""Frame sources: where fields come from. Each declares the pixel format of its frames.
+"""Frame sources: where fields come from. Every source delivers BGR frames (OpenCV's order, which
+the finder, the lamp, the crops written and read back, and the screen all assume): a device whose
+arrays hold another order declares it (``native_format``), and :meth:`FrameSource.frames`
+converts, the one place colour order is dealt with.
 
 ``open_source(spec)`` picks one from a spec string:
 
@@ -41,15 +44,25 @@ class Frame:
 
 
 class FrameSource(abc.ABC):
-    """Yields :class:`Frame` s; ``pixel_format`` says what their arrays hold."""
+    """Yields :class:`Frame` s of BGR images. A subclass reads its device in :meth:`_frames` and
+    declares in ``native_format`` the order its arrays hold (``"BGR"`` or ``"RGB"``)."""
 
-    pixel_format = "BGR"
+    native_format = "BGR"
     live = False  # a camera: frames may be dropped when classification falls behind
     start = 0  # files and videos: the first frame index to deliver (a resumed session)
     end_reason = ""  # why the frames ended, when not simply at the end of the source
 
+    def frames(self) -> Iterator[Frame]:
+        """The source's frames, each image BGR whatever the device gave."""
+        if self.native_format not in ("BGR", "RGB"):
+            raise SourceError(f"{type(self).__name__}: unknown native format {self.native_format!r}")
+        for frame in self._frames():
+            if self.native_format == "RGB" and frame.image is not None and frame.image.ndim == 3:
+                frame.image = np.ascontiguousarray(frame.image[..., 2::-1])
+            yield frame
+
     @abc.abstractmethod
-    def frames(self) -> Iterator[Frame]: ...
+    def _frames(self) -> Iterator[Frame]: ...
 
     def close(self) -> None:  # noqa: B027 - optional hook
         pass
@@ -61,7 +74,7 @@ class ImageFiles(FrameSource):
             raise SourceError(f"{name}: no images found (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
         self.paths, self.name = paths, name
 
-    def frames(self):
+    def _frames(self):
         from bmc.contract import read_image
 
         for i, p in enumerate(self.paths):
@@ -89,7 +102,7 @@ class VideoFile(FrameSource):
             raise SourceError(f"{path}: cannot open video (missing file or codec)")
         self.length = int(self.cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)  # 0: unknown (a stream)
 
-    def frames(self):
+    def _frames(self):
         name = Path(self.path).name
         i = 0
         bad: list[int] = []  # unreadable frames since the last good one: corrupt if one follows

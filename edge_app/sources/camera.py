@@ -41,7 +41,7 @@ class _Reopening(FrameSource):
 
     def _release(self): ...
 
-    def frames(self):
+    def _frames(self):
         i = 0
         while True:
             img = self._read() if self._dev is not None else None
@@ -131,8 +131,9 @@ class GStreamerCamera(OpenCVCamera):
 
 
 class Picamera2Camera(_Reopening):
-    # Picamera2's "BGR888" format is R, G, B in memory (libcamera names formats by word order)
-    pixel_format = "RGB"
+    # Picamera2's "RGB888" is B, G, R in memory (libcamera names formats by word order, so "BGR888"
+    # would be R, G, B): asked for RGB888, the camera hands over OpenCV's order as it is
+    native_format = "BGR"
 
     def __init__(self, index: int = 0, **kw):
         try:
@@ -153,7 +154,7 @@ class Picamera2Camera(_Reopening):
         try:
             cam = Picamera2(self.index)
             size = (self.width or 1280, self.height or 960)
-            cam.configure(cam.create_video_configuration(main={"size": size, "format": "BGR888"}))
+            cam.configure(cam.create_video_configuration(main={"size": size, "format": "RGB888"}))
             cam.start()
             return cam
         except Exception as e:  # noqa: BLE001 - libcamera raises many types

@@ -23,7 +23,6 @@ from bmc.edge_app.cells import CellCall
 class LiveFrame:
     image: object
     cells: list[CellCall]
-    pixel_format: str
     captured: float  # the frame source's timestamp (time.time())
     seq: int
 
@@ -91,7 +90,7 @@ class LiveRunner:
     def _on_frame(self, frame, cells) -> None:
         with self._lock:
             self._seq += 1
-            self._latest = LiveFrame(frame.image, cells, self.session.source.pixel_format, frame.timestamp, self._seq)
+            self._latest = LiveFrame(frame.image, cells, frame.timestamp, self._seq)
             self._lock.notify_all()
 
     def pause(self, paused: bool) -> None:
@@ -165,7 +164,7 @@ class LiveRunner:
                 return
             seen = item.seq
             last = time.monotonic()
-            img = annotated(item.image, item.cells, item.pixel_format)
+            img = annotated(item.image, item.cells)
             if img is None:
                 continue
             ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 75])
