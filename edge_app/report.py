@@ -71,11 +71,21 @@ def write_session_files(out_dir: str | Path, report: bool = True) -> list[Path]:
     from bmc.edge_app import fhir
 
     out_dir = Path(out_dir)
-    written = [store.write_csv(out_dir), write_differential_csv(out_dir)]
+    steps = [("cells.csv", store.write_csv), ("differential.csv", write_differential_csv)]
     if report or (out_dir / "report.html").exists():
-        written.append(build_report(out_dir))
+        steps.append(("report.html", build_report))
     if (out_dir / "differential.fhir.json").exists():
-        written.append(fhir.write(out_dir))
+        steps.append(("differential.fhir.json", fhir.write))
+    written = []
+    for name, write in steps:
+        try:
+            written.append(write(out_dir))
+        except OSError as e:
+            if isinstance(e, ReportError) or e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            raise ReportError(
+                f"{out_dir / name}: the disk is full; the report was not written (the session database is intact)"
+            ) from e
     return written
 
 

@@ -462,3 +462,29 @@ def test_a_source_in_rgb_order_gives_the_same_cells_as_the_files(bccd, tmp_path,
     from_files = cells(str(folder), "files")
     assert len(from_files) >= 6
     assert cells(_RGBFields(paths), "rgb") == from_files
+
+
+def test_a_source_with_no_readable_image_is_refused_and_leaves_nothing(bccd, tmp_path):
+    """A text file, a single broken image, or a folder where no file decodes: exit 2 naming the file,
+    and no session folder. A folder with one corrupt file among good ones still runs, counting it."""
+    notes = tmp_path / "notes.txt"
+    notes.write_text("smear 12, stain batch 4\n")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for name in ("a.jpg", "b.png"):
+        (broken / name).write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    for source, said in (
+        (notes, "notes.txt: not an image or a video"),
+        (broken / "a.jpg", "a.jpg: not a readable image"),
+        (broken, "none of its 2 images decodes"),
+    ):
+        out = tmp_path / f"out-{source.name}"
+        p = bmc("edge", "run", source, "--out", out, "--headless", check=False)
+        assert p.returncode == 2 and said in p.stderr and "Traceback" not in p.stderr, p.stdout + p.stderr
+        assert not out.exists()
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    (mixed / "0.jpg").symlink_to(sorted((bccd / "JPEGImages").glob("*.jpg"))[0])
+    (mixed / "1.jpg").write_bytes(b"broken")
+    p = bmc("edge", "run", mixed, "--out", tmp_path / "out-mixed", "--headless")
+    assert "session finished: 2 frames" in p.stdout and "1 corrupt" in p.stdout

@@ -69,10 +69,26 @@ class FrameSource(abc.ABC):
 
 
 class ImageFiles(FrameSource):
+    """Image files, each its own field. At least one must decode, or the source is refused before a
+    session folder is made (a folder with some corrupt files still runs: they are skipped and
+    counted)."""
+
     def __init__(self, paths: list[Path], name: str):
+        from bmc.contract import read_image
+
         if not paths:
             raise SourceError(f"{name}: no images found (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
         self.paths, self.name = paths, name
+        errors = []
+        for p in paths:  # usually the first decodes, and the probe stops there
+            try:
+                read_image(str(p))
+                break
+            except ValueError as e:
+                errors.append(str(e))
+        else:
+            what = errors[0] if len(errors) == 1 else f"none of its {len(paths)} images decodes (first: {errors[0]})"
+            raise SourceError(f"{name}: {what}")
 
     def _frames(self):
         from bmc.contract import read_image
@@ -148,8 +164,13 @@ def open_source(spec: str, **camera_options) -> FrameSource:
         return ImageFiles(files, s)
     if p.is_file() and p.suffix.lower() in VIDEO_SUFFIXES:
         return VideoFile(s)
-    if p.is_file():
+    if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES:
         return ImageFiles([p], s)
+    if p.is_file():
+        raise SourceError(
+            f"{s}: not an image or a video (images: {', '.join(sorted(IMAGE_SUFFIXES))}; "
+            f"videos: {', '.join(sorted(VIDEO_SUFFIXES))})"
+        )
     if any(ch in s for ch in "*?["):
         return ImageFiles(sorted(Path(f) for f in glob.glob(s) if Path(f).suffix.lower() in IMAGE_SUFFIXES), s)
     raise SourceError(f"{s}: no such file, folder, camera or pipeline")
