@@ -145,10 +145,12 @@ class EdgeSession:
         )
         self.result = SessionResult()
         if self.store.resume_after is not None:
-            # the interrupted session goes on after its last committed frame, with its counts
+            # the interrupted session goes on after its last committed frame, with its counts and with
+            # what its frames taught the adaptive measures (the cells' sizes, the red cells, the lamp)
             self.source.start = self.store.resume_after + 1
             for label, flag in self.store.prior_cells():
                 self.diff.restore(label, flag)
+            self._restore(self.store.prior_states())
             self.echo(
                 f"resuming the interrupted session in {self.store.dir} after frame {self.store.resume_after} "
                 f"({self.diff.summary()})"
@@ -162,6 +164,17 @@ class EdgeSession:
             self.echo(f"no live window: {NO_GUI_HINT}; continuing headless")
             self.cfg.headless = True
 
+    def _restore(self, states: list[dict]) -> None:
+        """Replay the committed frames' states: the session then measures as if it had never stopped."""
+        for st in states:
+            if "field" in st:
+                self.field_scale.replay(st["field"])
+            self.scale.observe(st.get("found", []))
+            if st.get("lamp") is not None and self.lamp.active:
+                self.lamp.take(st["lamp"])
+        if self.field_scale.diameter:
+            self._finder = scaled(self.cfg.finder, self.field_scale.diameter)
+
     # -- one frame --------------------------------------------------------------------------
     def _cells_of(self, image: np.ndarray) -> tuple[list[Box], list[np.ndarray]]:
         c = self.clf.contract
@@ -173,8 +186,10 @@ class EdgeSession:
         if self.field_scale.observe(image):  # the red cells measured: the finder's sizes follow them
             self._finder = scaled(self.cfg.finder, self.field_scale.diameter)
             self.store.record_scale(self.field_scale.to_dict())
+        self._state["field"] = self.field_scale.last
         found = find_cells(image, self._finder, self.field_scale.red_colour)
-        self.scale.observe(f.box.diameter for f in found)
+        self._state["found"] = [f.box.diameter for f in found]
+        self.scale.observe(self._state["found"])
         boxes = [f.box for f in found]
         return boxes, [crop_cell(image, self.scale.box_for(b), c) for b in boxes]
 
@@ -220,9 +235,10 @@ class EdgeSession:
             self.store.record_frame(frame.index, frame.source, [], [], error=frame.error or "unreadable")
             return []
         t0 = time.perf_counter()
+        self._state: dict = {}  # what this frame teaches the adaptive measures, committed with it
         boxes, crops = self._cells_of(frame.image)
         t1 = time.perf_counter()
-        self.lamp.observe(frame.image)
+        self._state["lamp"] = self.lamp.observe(frame.image)
         batch = [preprocess(self.lamp.balance(cr), self.clf.contract, "BGR", crop=False) for cr in crops]
         t2 = time.perf_counter()
         probs, embs = self.clf.predict_cells(np.stack(batch)) if batch else (np.zeros((0, len(self.clf.labels))), None)
@@ -242,7 +258,9 @@ class EdgeSession:
                 label, conf, flag = self.clf.labels[i], float(p[i]), "seen"
             cells.append(CellCall(box, label, conf, p, flag, track, new, embs[k] if embs is not None else None))
         keep = [(c, cr) for c, cr in zip(cells, crops) if c.new]
-        self.store.record_frame(frame.index, frame.source, [c for c, _ in keep], [cr for _, cr in keep])
+        self.store.record_frame(
+            frame.index, frame.source, [c for c, _ in keep], [cr for _, cr in keep], state=self._state
+        )
         t4 = time.perf_counter()
         st["find"] += t1 - t0
         st["preprocess"] += t2 - t1

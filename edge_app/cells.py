@@ -128,12 +128,19 @@ class SessionLamp:
     def active(self) -> bool:
         return self.lamp is not None
 
-    def observe(self, frame: np.ndarray) -> None:
-        """Take a BGR frame's background level into the session's."""
+    def observe(self, frame: np.ndarray) -> list[float] | None:
+        """Take a BGR frame's background level (RGB) into the session's; returns it (None: inactive)."""
         if self.active and frame.ndim == 3:
-            self._seen.append(lamp_of(frame)[::-1])
-            del self._seen[: -self.window]
-            self.seen = np.median(self._seen, axis=0)
+            level = [float(v) for v in lamp_of(frame)[::-1]]
+            self.take(level)
+            return level
+        return None
+
+    def take(self, level) -> None:
+        """One frame's background level (RGB), measured now or replayed from a resumed session."""
+        self._seen.append(np.asarray(level, np.float32))
+        del self._seen[: -self.window]
+        self.seen = np.median(self._seen, axis=0)
 
     def balance(self, crop: np.ndarray) -> np.ndarray:
         """A BGR crop scaled onto the training lamp."""

@@ -220,23 +220,35 @@ class FieldScale:
         self.colours: list[tuple[float, float]] = []
         self.red_colour: tuple[float, float] | None = None  # the red cells' LAB (a*, b*), for the finder
         self.frames = 0
+        self.last: dict = {}  # what the latest observe measured
 
     def observe(self, bgr: np.ndarray) -> bool:
-        """Measure this frame when it is due; True when the diameter may have changed."""
+        """Measure this frame when it is due; True when the diameter may have changed. What it
+        measured is in :attr:`last` (for :meth:`replay` in a resumed session)."""
         self.frames += 1
+        self.last: dict = {}
         if not (self.frames <= self.first or self.frames % self.every == 0):
             return False
         colour = red_cell_colour(cv2.cvtColor(bgr, cv2.COLOR_BGR2LAB))
+        d = None if self.fixed else red_cell_diameter(bgr)
+        self.last = {"red_ab": list(colour) if colour else None, "red_px": d}
+        self._take(colour, d)
+        return d is not None
+
+    def _take(self, colour, d) -> None:
         if colour is not None:
-            self.colours.append(colour)
+            self.colours.append((float(colour[0]), float(colour[1])))
             a, b = np.median(np.asarray(self.colours), axis=0)
             self.red_colour = (float(a), float(b))
-        if self.fixed:
-            return False
-        d = red_cell_diameter(bgr)
         if d is not None:
-            self.measures.append(d)
-        return d is not None
+            self.measures.append(float(d))
+
+    def replay(self, measured: dict | None) -> None:
+        """One frame of an interrupted session as it was observed: ``measured`` is what
+        :meth:`observe` left in :attr:`last` then (empty on a frame not due)."""
+        self.frames += 1
+        if measured:
+            self._take(measured.get("red_ab"), measured.get("red_px"))
 
     @property
     def diameter(self) -> float | None:

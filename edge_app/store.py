@@ -35,7 +35,7 @@ CREATE TABLE IF NOT EXISTS session (
 );
 CREATE TABLE IF NOT EXISTS frame (
     id INTEGER PRIMARY KEY, session_id INTEGER NOT NULL REFERENCES session(id), idx INTEGER NOT NULL,
-    source TEXT NOT NULL, time TEXT NOT NULL, n_cells INTEGER NOT NULL, error TEXT
+    source TEXT NOT NULL, time TEXT NOT NULL, n_cells INTEGER NOT NULL, error TEXT, state TEXT
 );
 CREATE TABLE IF NOT EXISTS cell (
     id INTEGER PRIMARY KEY, session_id INTEGER NOT NULL REFERENCES session(id),
@@ -184,6 +184,8 @@ class SessionStore:
         self.db.executescript(SCHEMA)
         if "embedding" not in [r[1] for r in self.db.execute("PRAGMA table_info(cell)")]:
             self.db.execute("ALTER TABLE cell ADD COLUMN embedding BLOB")  # a folder recorded before embeddings
+        if "state" not in [r[1] for r in self.db.execute("PRAGMA table_info(frame)")]:
+            self.db.execute("ALTER TABLE frame ADD COLUMN state TEXT")  # a folder recorded before resumable state
         mark_interrupted(self.db)
         self.full = False
         self.resume_after: int | None = None  # the last committed frame of a resumed session
@@ -227,10 +229,28 @@ class SessionStore:
             "SELECT label, flag FROM cell WHERE session_id = ? ORDER BY id", (self.session_id,)
         ).fetchall()
 
+    def prior_states(self) -> list[dict]:
+        """What each frame a resumed session had committed taught its adaptive measures (the cells'
+        sizes, the red cells, the lamp: ``record_frame``'s ``state``), oldest first."""
+        return [
+            json.loads(row[0])
+            for row in self.db.execute(
+                "SELECT state FROM frame WHERE session_id = ? AND state IS NOT NULL ORDER BY id", (self.session_id,)
+            )
+        ]
+
     def record_frame(
-        self, idx: int, source: str, cells: list[CellCall], crops: list[np.ndarray | None], error: str = ""
+        self,
+        idx: int,
+        source: str,
+        cells: list[CellCall],
+        crops: list[np.ndarray | None],
+        error: str = "",
+        state: dict | None = None,
     ) -> None:
-        """Write one frame and its cells in one transaction (crops first, then the commit)."""
+        """Write one frame and its cells in one transaction (crops first, then the commit). ``state``:
+        what the frame taught the session's adaptive measures, so that a resumed session goes on
+        exactly where the interrupted one stopped."""
         if self.full:
             raise StorageFull(f"{self.dir}: disk full; recording stopped")
         try:
@@ -246,8 +266,8 @@ class SessionStore:
                 names.append(name)
             self.db.execute("BEGIN IMMEDIATE")
             fid = self.db.execute(
-                "INSERT INTO frame (session_id, idx, source, time, n_cells, error) VALUES (?, ?, ?, ?, ?, ?)",
-                (self.session_id, idx, source, _now(), len(cells), error or None),
+                "INSERT INTO frame (session_id, idx, source, time, n_cells, error, state) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (self.session_id, idx, source, _now(), len(cells), error or None, json.dumps(state) if state else None),
             ).lastrowid
             self.db.executemany(
                 "INSERT INTO cell (session_id, frame_id, source, frame, x, y, w, h, label, confidence, "

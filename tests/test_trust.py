@@ -97,6 +97,35 @@ def test_a_killed_session_resumes_and_counts_every_field_once(fields40, tmp_path
     assert f"{counted} leukocytes:" in stdout.splitlines()[-2] or f"{counted} leukocytes:" in stdout
 
 
+def _cells(db_path: Path) -> list[tuple]:
+    with sqlite3.connect(f"file:{db_path}?mode=ro", uri=True) as db:
+        return db.execute("SELECT source, x, y, w, h, label, flag FROM cell ORDER BY source, x, y").fetchall()
+
+
+def test_an_interrupted_and_resumed_session_equals_an_uninterrupted_one(bccd, tmp_path):
+    """Killed at a random frame and run again into its folder, a session finds, cuts and calls the
+    same cells as one run straight through: the red cells' size and colour, the cells' scale and the
+    lamp it had measured are restored from its database, not measured afresh from later fields."""
+    src = tmp_path / "fields"
+    src.mkdir()
+    # 5 of the fields' first frames set the scale: a kill after them is where a fresh measure differs
+    for f in sorted((bccd / "JPEGImages").glob("*.jpg"))[:80]:
+        (src / f.name).symlink_to(f)
+    whole = tmp_path / "whole"
+    p = _run(src, whole, "--orientations", "1")
+    assert p.wait(300) == 0
+    cut = tmp_path / "cut"
+    proc = _run(src, cut, "--orientations", "1")
+    at = int(np.random.default_rng().integers(8, 40))
+    assert _wait_frames(cut / "session.sqlite", at) >= at, "the run never got going"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    p = _run(src, cut, "--orientations", "1")
+    stdout, stderr = p.communicate(timeout=300)
+    assert p.returncode == 0 and "resuming the interrupted session" in stdout, stdout + stderr
+    assert _cells(cut / "session.sqlite") == _cells(whole / "session.sqlite"), f"killed after frame {at}"
+
+
 def test_a_finished_session_folder_is_not_counted_twice(fields40, tmp_path, clf):
     out = tmp_path / "s"
     bmc("edge", "run", fields40, "--out", out, "--headless", "--max-frames", "3")
