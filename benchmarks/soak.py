@@ -3,7 +3,8 @@
 ``kills`` times: start ``bmc edge run SOURCE --out DIR`` as its own process, SIGKILL it after a
 random delay (during start-up, while frames are committed, or while it closes), and check the
 folder: SQLite's integrity check, and every frame committed before the kill still there. Then
-run to the end, and check that every field of the source was recorded exactly once in one session.
+run to the end, and check that every field of the source was recorded exactly once in one session,
+and that the resumed session found, cut and called the same cells as a run straight through.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -28,6 +30,15 @@ def _frames(db_path: Path) -> set[tuple[int, str]]:
         return set(db.execute("SELECT idx, source FROM frame"))
     except sqlite3.OperationalError:  # killed before the tables were created
         return set()
+    finally:
+        db.close()
+
+
+def _cells(db_path: Path) -> list[tuple]:
+    """Each recorded cell's field, box and call: what two runs over one source must agree on."""
+    db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=30)
+    try:
+        return db.execute("SELECT source, x, y, w, h, label, flag FROM cell ORDER BY source, x, y").fetchall()
     finally:
         db.close()
 
@@ -67,6 +78,11 @@ def run(
         if finished_early and len(after) == len(fields):
             break
     final = subprocess.run(cmd, capture_output=True, text=True)
+    # the same source straight through, without a kill: a resumed session must find the same cells
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run([*cmd[:7], str(Path(tmp) / "whole"), *cmd[8:]], capture_output=True, text=True)
+        whole = _cells(Path(tmp) / "whole" / "session.sqlite")
+    resumed = _cells(db_path)
     db = sqlite3.connect(db_path)
     per_field = Counter(s for (s,) in db.execute("SELECT source FROM frame"))
     sessions = db.execute("SELECT COUNT(*) FROM session").fetchone()[0]
@@ -89,6 +105,8 @@ def run(
         "cells_match_frames": cells == in_frames,
         "final_exit": final.returncode,
         "ran_to_the_end_before_a_kill": finished_early,
+        "cells_as_uninterrupted": resumed == whole,
+        "cells_differing_from_uninterrupted": len(set(resumed) ^ set(whole)),
     }
 
 
@@ -102,5 +120,7 @@ def markdown(r: dict) -> str:
             f"missing: {r['fields_missing']}",
             f"- sessions in the folder: {r['sessions']} (last status {r['final_status']}); cells match their frames: "
             f"{r['cells_match_frames']}; final exit status {r['final_exit']}",
+            f"- the same cells as one run straight through: {r['cells_as_uninterrupted']} "
+            f"({r['cells_differing_from_uninterrupted']} differ)",
         ]
     )

@@ -319,7 +319,13 @@ def bench_soak(source, out, kills, max_delay, seed, json_out):
     click.echo(soak.markdown(r))
     if json_out:
         _write_json(json_out, r)
-    if r["committed_frames_lost"] or r["integrity_failures"] or r["fields_recorded_twice"] or r["fields_missing"]:
+    if (
+        r["committed_frames_lost"]
+        or r["integrity_failures"]
+        or r["fields_recorded_twice"]
+        or r["fields_missing"]
+        or not r["cells_as_uninterrupted"]
+    ):
         raise SystemExit(1)
 
 
