@@ -30,7 +30,7 @@ from bmc.edge_app.detect import FieldScale, FinderConfig, find_cells, scaled
 from bmc.edge_app.differential import Differential, ReviewPolicy
 from bmc.edge_app.sources import FrameSource, open_source
 from bmc.edge_app.store import SessionStore, StorageFull
-from bmc.edge_app.tracker import CellTracker
+from bmc.edge_app.tracker import CellTracker, TrackViews
 
 log = logging.getLogger(__name__)
 STAGES = ("read", "find", "preprocess", "classify", "record")
@@ -73,6 +73,7 @@ class SessionResult:
     flagged: int = 0
     corrupt_frames: int = 0
     dropped_frames: int = 0
+    partial_cells: int = 0  # moving cells never wholly in the frame: not counted
     seconds: float = 0.0
     stage_seconds: dict = dataclasses.field(default_factory=lambda: {s: 0.0 for s in STAGES})
     status: str = "finished"
@@ -107,6 +108,10 @@ class EdgeSession:
         self._finder = config.finder
         self.lamp = SessionLamp(classifier.contract.lamp, config.white_balance)
         self.tracker = CellTracker()
+        # moving cells (a video, a camera over a panned stage) wait to be judged on whole views
+        self._views: dict[int, TrackViews] = {}
+        self._judged: set[int] = set()
+        self.judge_views = 3  # counted once wholly in view this many times (or when it leaves, if fewer)
         self.store = SessionStore(
             out_dir,
             self.source_name,
@@ -246,18 +251,28 @@ class EdgeSession:
         if frame.still:
             self.tracker.reset()
         tracks = self.tracker.update(frame.index, boxes)
-        scores = self.unknown.scores(embs) if self.unknown is not None and embs is not None else None
+        keep: list[tuple[CellCall, np.ndarray]] = []  # the cells judged in this frame, to record
+        if not frame.still:
+            for t in self.tracker.ended:  # a moving cell that left the frame: judged on its whole views
+                keep += self._judge(t)
+                self._judged.discard(t)
         cells = []
-        for k, (box, p, (track, new)) in enumerate(zip(boxes, probs, tracks)):
-            if new:
-                label, conf, flag = self.diff.add(p, self.unknown.flag(float(scores[k])) if scores is not None else "")
-                r.cells += 1
-                r.flagged += bool(flag)
+        for k, (box, p, (track, _new)) in enumerate(zip(boxes, probs, tracks)):
+            emb = embs[k] if embs is not None else None
+            i = int(np.argmax(p))
+            if frame.still:  # a field of its own: every cell whole as it will ever be, judged now
+                call = self._count(box, p, emb, track)
+                keep.append((call, crops[k]))
+            elif track in self._judged:
+                call = CellCall(box, self.clf.labels[i], float(p[i]), p, "seen", track, False, emb)
             else:
-                i = int(np.argmax(p))
-                label, conf, flag = self.clf.labels[i], float(p[i]), "seen"
-            cells.append(CellCall(box, label, conf, p, flag, track, new, embs[k] if embs is not None else None))
-        keep = [(c, cr) for c, cr in zip(cells, crops) if c.new]
+                views = self._views.setdefault(track, TrackViews(frame.index))
+                views.add(frame.index, box, frame.image.shape, crops[k], p, emb)
+                call = CellCall(box, self.clf.labels[i], float(p[i]), p, "tracking", track, False, emb)
+                if views.whole >= self.judge_views:  # seen whole often enough: counted while still in view
+                    keep += self._judge(track)
+                    call.flag = "seen"
+            cells.append(call)
         self.store.record_frame(
             frame.index, frame.source, [c for c, _ in keep], [cr for _, cr in keep], state=self._state
         )
@@ -268,6 +283,30 @@ class EdgeSession:
         st["record"] += t4 - t3
         r.counted = self.diff.counted
         return cells
+
+    def _count(self, box: Box, p: np.ndarray, emb, track: int | None, frame: int | None = None) -> CellCall:
+        """One cell into the differential (or set aside for review, or as unknown), as recorded."""
+        unknown = ""
+        if self.unknown is not None and emb is not None:
+            unknown = self.unknown.flag(float(self.unknown.scores(np.asarray(emb)[None])[0]))
+        label, conf, flag = self.diff.add(p, unknown)
+        self.result.cells += 1
+        self.result.flagged += bool(flag)
+        return CellCall(box, label, conf, p, flag, track, True, emb, frame)
+
+    def _judge(self, track: int) -> list[tuple[CellCall, np.ndarray]]:
+        """A moving cell's one call, on its views wholly inside the frame: their average class
+        probabilities, recorded with the most central view's box, crop and embedding. A cell never
+        wholly in view is not counted (:attr:`SessionResult.partial_cells`)."""
+        views = self._views.pop(track, None)
+        if views is None:
+            return []
+        self._judged.add(track)
+        if views.best is None:
+            self.result.partial_cells += 1
+            return []
+        _, frame, box, crop, _, emb = views.best
+        return [(self._count(box, views.probabilities, emb, track, frame), crop)]
 
     # -- the loop ---------------------------------------------------------------------------
     def _on_signal(self, signum, _frame):
@@ -322,6 +361,7 @@ class EdgeSession:
             r.dropped_frames = cap.dropped
             r.seconds = time.perf_counter() - t_start
             r.status = status
+            self._judge_the_rest()
             self.store.close(status)
             self._write_files()
             if self._window:
@@ -331,13 +371,23 @@ class EdgeSession:
         if self.source.end_reason:
             self.echo(self.source.end_reason)
             r.message = r.message or self.source.end_reason
+        partial = f"; {r.partial_cells} moving cells never wholly in view, not counted" if r.partial_cells else ""
         self.echo(
             f"session {status}: {r.frames} frames ({r.fps:.1f} fps), {self.diff.summary()}; "
-            f"{r.corrupt_frames} corrupt and {r.dropped_frames} dropped frames"
+            f"{r.corrupt_frames} corrupt and {r.dropped_frames} dropped frames{partial}"
         )
         if self.diff.flagged:
             self.echo(f"{self.diff.flagged} cells wait for review (not counted yet): bmc edge review {self.store.dir}")
         return r
+
+    def _judge_the_rest(self) -> None:
+        """The moving cells still in view when the session ends: judged on the views they had."""
+        late = [judged for t in list(self._views) for judged in self._judge(t)]
+        try:
+            self.store.record_late([c for c, _ in late], [cr for _, cr in late])
+        except StorageFull as e:
+            self.echo(f"error: {e}")
+        self.result.counted = self.diff.counted
 
     def _write_files(self) -> None:
         """The folder's report, differential and tables from its database, once the session closed; a
@@ -380,7 +430,7 @@ def annotated(image: np.ndarray | None, cells: list[CellCall]) -> np.ndarray | N
         return None
     img = image.copy()
     for c in cells:
-        colour = (0, 200, 0) if not c.flag or c.flag == "seen" else (0, 165, 255)
+        colour = (0, 200, 0) if c.flag in ("", "seen") else (160, 160, 160) if c.flag == "tracking" else (0, 165, 255)
         b = c.box
         cv2.rectangle(img, (b.x, b.y), (b.x + b.w, b.y + b.h), colour, 2)
         cv2.putText(

@@ -40,8 +40,9 @@ class CellCall:
     """One cell of a frame as a session sees it: where it is, the model's call, and whether it counts.
 
     ``flag`` is empty for a counted cell, ``"seen"`` for a cell tracked from an earlier frame (not
-    counted again), else why it waits for review (``unknown …``, low confidence). Only ``new``
-    cells are recorded; ``embedding`` is the model's pooled cell embedding, where it has one.
+    counted again), ``"tracking"`` for a moving cell not judged yet (:mod:`bmc.edge_app.tracker`),
+    else why it waits for review (``unknown …``, low confidence). Only ``new`` cells are recorded;
+    ``embedding`` is the model's pooled cell embedding, where it has one.
     """
 
     box: Box
@@ -52,6 +53,7 @@ class CellCall:
     track: int | None = None
     new: bool = True
     embedding: np.ndarray | None = None
+    frame: int | None = None  # the frame of the view recorded, where it is not the frame being recorded
 
 
 def crop_cell(frame: np.ndarray, box: Box, contract: Contract) -> np.ndarray:

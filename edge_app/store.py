@@ -254,55 +254,88 @@ class SessionStore:
         if self.full:
             raise StorageFull(f"{self.dir}: disk full; recording stopped")
         try:
-            names = []
-            for k, (cell, crop) in enumerate(zip(cells, crops)):
-                name = ""
-                if self.save_crops and crop is not None:
-                    name = f"crops/s{self.session_id}_f{idx:06d}_{k:02d}_{cell.label}.jpg"
-                    ok, buf = cv2.imencode(".jpg", crop, [cv2.IMWRITE_JPEG_QUALITY, 90])
-                    if ok:
-                        with open(self.dir / name, "wb") as fh:
-                            fh.write(buf.tobytes())
-                names.append(name)
+            names = self._write_crops(idx, cells, crops)
             self.db.execute("BEGIN IMMEDIATE")
             fid = self.db.execute(
                 "INSERT INTO frame (session_id, idx, source, time, n_cells, error, state) VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (self.session_id, idx, source, _now(), len(cells), error or None, json.dumps(state) if state else None),
             ).lastrowid
-            self.db.executemany(
-                "INSERT INTO cell (session_id, frame_id, source, frame, x, y, w, h, label, confidence, "
-                "probabilities, flag, track, crop, embedding) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [
-                    (
-                        self.session_id,
-                        fid,
-                        source,
-                        idx,
-                        c.box.x,
-                        c.box.y,
-                        c.box.w,
-                        c.box.h,
-                        c.label,
-                        c.confidence,
-                        json.dumps([round(float(p), 5) for p in c.probabilities]),
-                        c.flag,
-                        c.track,
-                        n,
-                        _blob(c.embedding),
-                    )
-                    for c, n in zip(cells, names)
-                ],
-            )
+            self._insert_cells(fid, idx, source, cells, names)
             self.db.execute("COMMIT")
         except (OSError, sqlite3.OperationalError) as e:
-            if self.db.in_transaction:
-                self.db.execute("ROLLBACK")
-            if _is_disk_full(e):
-                self.full = True
-                raise StorageFull(
-                    f"{self.dir}: disk full after frame {idx - 1}; recording stopped, the session database is intact"
-                ) from e
-            raise
+            self._failed(e, f"after frame {idx - 1}")
+
+    def record_late(self, cells: list[CellCall], crops: list[np.ndarray | None]) -> None:
+        """Cells judged after their last frame was committed (moving cells still tracked when the
+        session ends), attached to the session's last frame."""
+        if not cells:
+            return
+        if self.full:
+            raise StorageFull(f"{self.dir}: disk full; recording stopped")
+        row = self.db.execute(
+            "SELECT id, idx, source FROM frame WHERE session_id = ? ORDER BY id DESC LIMIT 1", (self.session_id,)
+        ).fetchone()
+        if row is None:
+            return
+        fid, idx, source = row
+        try:
+            names = self._write_crops(idx, cells, crops, first=1000)
+            self.db.execute("BEGIN IMMEDIATE")
+            self._insert_cells(fid, idx, source, cells, names)
+            self.db.execute("UPDATE frame SET n_cells = n_cells + ? WHERE id = ?", (len(cells), fid))
+            self.db.execute("COMMIT")
+        except (OSError, sqlite3.OperationalError) as e:
+            self._failed(e, "at the session's end")
+
+    def _failed(self, e: Exception, where: str) -> None:
+        if self.db.in_transaction:
+            self.db.execute("ROLLBACK")
+        if _is_disk_full(e):
+            self.full = True
+            raise StorageFull(
+                f"{self.dir}: disk full {where}; recording stopped, the session database is intact"
+            ) from e
+        raise e
+
+    def _write_crops(self, idx: int, cells: list[CellCall], crops, first: int = 0) -> list[str]:
+        names = []
+        for k, (cell, crop) in enumerate(zip(cells, crops), start=first):
+            name = ""
+            if self.save_crops and crop is not None:
+                at = cell.frame if cell.frame is not None else idx
+                name = f"crops/s{self.session_id}_f{at:06d}_{k:02d}_{cell.label}.jpg"
+                ok, buf = cv2.imencode(".jpg", crop, [cv2.IMWRITE_JPEG_QUALITY, 90])
+                if ok:
+                    with open(self.dir / name, "wb") as fh:
+                        fh.write(buf.tobytes())
+            names.append(name)
+        return names
+
+    def _insert_cells(self, fid: int, idx: int, source: str, cells: list[CellCall], names: list[str]) -> None:
+        self.db.executemany(
+            "INSERT INTO cell (session_id, frame_id, source, frame, x, y, w, h, label, confidence, "
+            "probabilities, flag, track, crop, embedding) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                (
+                    self.session_id,
+                    fid,
+                    source,
+                    c.frame if c.frame is not None else idx,
+                    c.box.x,
+                    c.box.y,
+                    c.box.w,
+                    c.box.h,
+                    c.label,
+                    c.confidence,
+                    json.dumps([round(float(p), 5) for p in c.probabilities]),
+                    c.flag,
+                    c.track,
+                    n,
+                    _blob(c.embedding),
+                )
+                for c, n in zip(cells, names)
+            ],
+        )
 
     def record_scale(self, scale: dict) -> None:
         """The field's measured scale (red-cell diameter in pixels, µm per pixel) in the session's

@@ -136,6 +136,30 @@ def bench_bccd(bccd, model, orientations, white_balance, json_out):
         _write_json(json_out, {"finding": f, "classification": c})
 
 
+@bench.command("pan")
+@click.option("--bccd", type=click.Path(file_okay=False), help="BCCD folder (default ../shared/data/bccd)")
+@click.option("--speeds", default="4,12,30", show_default=True, help="pixels a frame, comma-separated")
+@click.option("--fields", "n_fields", default=6, show_default=True, type=click.IntRange(2, 30))
+@click.option("--model", type=click.Path(dir_okay=False))
+@orientations_option()
+@json_option
+def bench_pan(bccd, speeds, n_fields, model, orientations, json_out):
+    """A smear surveyed by moving the stage: BCCD fields side by side panned past the camera as a
+    video; the white cells found and their calls against the same fields as stills."""
+    from bmc.benchmarks import pan
+    from bmc.benchmarks.generalisation import DEFAULT_BCCD, data_folder
+
+    try:
+        steps = tuple(int(v) for v in speeds.split(","))
+    except ValueError:
+        raise click.BadParameter(f"{speeds!r}: pixels a frame, e.g. 4,12,30", param_hint="--speeds") from None
+    root = _guard(data_folder, bccd or DEFAULT_BCCD, "--bccd")
+    r = _guard(pan.run, root, steps, n_fields, model, int(orientations) if orientations else None)
+    click.echo(pan.markdown(r))
+    if json_out:
+        _write_json(json_out, r)
+
+
 @bench.command("finding")
 @click.option("--source", required=True, type=click.Path(file_okay=False), help="the folder of fields")
 @click.option(
