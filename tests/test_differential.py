@@ -154,3 +154,22 @@ def test_a_marrow_count_is_per_100_nucleated_cells_with_the_me_ratio():
     assert b.share("neutrophil").percent == pytest.approx(600 / 7) and b.me_ratio is None
     with pytest.raises(ValueError, match="specimen"):
         differential_of({}, specimen="urine")
+
+
+def test_bench_differential_scores_the_session_against_the_truth(bccd, tmp_path):
+    """``bmc bench differential`` on 80 of BCCD's single-white-cell fields: the device's own
+    differential and, after the simulated review of every cell set aside, one counted cell a field
+    and a differential near the truth's."""
+    truth = tmp_path / "truth.csv"
+    bmc("bench", "truth", bccd, "--format", "bccd", "--out", truth)
+    rows = truth.read_text().splitlines()
+    truth.write_text("\n".join(rows[:81]) + "\n")
+    out = tmp_path / "d.json"
+    p = bmc("bench", "differential", "--source", bccd, "--truth", truth, "--orientations", "1", "--json", out)
+    r = json.loads(out.read_text())
+    assert "| neutrophil |" in p.stdout and "Largest gap after review" in p.stdout
+    assert r["cells"] == 80 and 0 < r["set_aside_share"] < 1
+    assert r["after_review"]["total"] == 80 - r["fields_without_their_cell"]
+    assert r["alone"]["total"] < r["after_review"]["total"]
+    assert r["worst_gap_after_review_pp"] <= 5.0, r["gap_after_review_pp"]
+    assert r["true"]["total"] == 80 and sum(x["percent"] for x in r["true"]["rows"]) == pytest.approx(100.0)

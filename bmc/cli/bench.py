@@ -136,6 +136,26 @@ def bench_bccd(bccd, model, orientations, white_balance, json_out):
         _write_json(json_out, {"finding": f, "classification": c})
 
 
+@bench.command("differential")
+@click.option("--source", required=True, type=click.Path(file_okay=False), help="the folder the truth's files are in")
+@click.option(
+    "--truth", "truth_file", required=True, type=click.Path(dir_okay=False), help="file,label CSV (bmc bench truth)"
+)
+@click.option("--model", type=click.Path(dir_okay=False))
+@click.option("--mode", type=click.Choice(["field", "cell"]), default="field", show_default=True)
+@orientations_option()
+@json_option
+def bench_differential(source, truth_file, model, mode, orientations, json_out):
+    """The session's differential against the true one, per class in percentage points: as the
+    device counts alone, and after a simulated reviewer decides every cell set aside."""
+    from bmc.benchmarks import differential
+
+    r = _guard(differential.run, source, truth_file, model, mode, int(orientations))
+    click.echo(differential.markdown(r))
+    if json_out:
+        _write_json(json_out, r)
+
+
 @bench.command("pan")
 @click.option("--bccd", type=click.Path(file_okay=False), help="BCCD folder (default ../shared/data/bccd)")
 @click.option("--speeds", default="4,12,30", show_default=True, help="pixels a frame, comma-separated")
