@@ -52,11 +52,11 @@ def storage(recorded, tmp_path) -> Path:
 
 
 class Server:
-    def __init__(self, app: UiApp, host: str = "127.0.0.1"):
+    def __init__(self, app: UiApp, host: str = "127.0.0.1", threads: int = 2):
         from waitress import create_server
 
         self.app = app
-        self.server = create_server(app, host=host, port=0, threads=2)
+        self.server = create_server(app, host=host, port=0, threads=threads)
         self.port = self.server.effective_port
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
@@ -314,8 +314,12 @@ def test_a_technician_reviews_three_cells_in_a_real_browser(local, storage, brow
         WebDriverWait(browser, 30).until(EC.staleness_of(old))
         WebDriverWait(browser, 30).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#todo .cell"))
 
-    # 1. a click on a class
-    after(lambda: cells[0].find_element(By.CSS_SELECTOR, "button[data-key='6']").click(), cells[0], 1)
+    # 1. a click on a class: the digits go to the classes by how often a differential meets them
+    # (neutrophil 1, lymphocyte 2, monocyte 3, eosinophil 4, basophil 5, ig 6, …)
+    six = cells[0].find_element(By.CSS_SELECTOR, "button[data-key='6']")
+    assert six.get_attribute("value") == "ig"
+    assert cells[0].find_element(By.CSS_SELECTOR, "button[data-key='1']").get_attribute("value") == "neutrophil"
+    after(six.click, cells[0], 1)
     # 2. a key on the selected cell (the first waiting one is selected when the page loads)
     top = browser.find_elements(By.CSS_SELECTOR, "#todo .cell")[0]
     assert int(top.get_attribute("data-cell")) == second
@@ -329,7 +333,12 @@ def test_a_technician_reviews_three_cells_in_a_real_browser(local, storage, brow
     db = sqlite3.connect(storage / "20261128-0900" / "session.sqlite")
     model_call = db.execute("SELECT label FROM cell WHERE id = ?", (third,)).fetchone()[0]
     db.close()
-    assert rows == [(first, labels[5], "anna"), (second, "rejected", "anna"), (third, model_call, "anna")]
+    assert rows == [(first, "ig", "anna"), (second, "rejected", "anna"), (third, model_call, "anna")]
+    assert "ig" in labels
+    # 4. b right after a decision takes that decision back (the latest decided cell)
+    top = browser.find_elements(By.CSS_SELECTOR, "#todo .cell")[0]
+    after(lambda: browser.switch_to.active_element.send_keys("b"), top, 4)
+    assert _reviews(storage)[-1] == (third, None, "anna")
     browser.save_screenshot(str(shots / "after_review.png"))
     browser.get(base + "/s/20261128-0900/report")
     assert "Differential count" in browser.page_source and "anna" in browser.page_source
@@ -351,8 +360,9 @@ def test_the_review_keys_follow_the_layout_the_technician_set(storage, browser):
             for b in first.find_elements(By.CSS_SELECTOR, "button[data-key]")
             if b.get_attribute("data-key") not in ("Enter", "x", "b")
         }
-        # the configured keys, and the free digits for the other classes in the model's order
-        assert keys["lymphocyte"] == "l" and keys["neutrophil"] == "1" and keys["basophil"] == "2"
+        # the configured keys, and the free digits for the other classes, commonest first
+        assert keys["lymphocyte"] == "l" and keys["neutrophil"] == "1"
+        assert (keys["monocyte"], keys["eosinophil"], keys["basophil"]) == ("2", "3", "4")
         cid = int(first.get_attribute("data-cell"))
         browser.switch_to.active_element.send_keys("l")
         WebDriverWait(browser, 30).until(lambda d: _reviews(storage))
@@ -604,3 +614,76 @@ def test_export_goes_only_to_a_mounted_stick(storage, tmp_path):
     finally:
         s.close()
         subprocess.run(["umount", str(stick)], check=False)
+
+
+def test_twelve_parallel_requests_to_every_page_and_map_get_the_right_session(storage):
+    """The screen under parallel use: two sessions, each with its own comment, and 12 requests at once
+    to every page and to the where-the-model-looked maps. No 5xx, and each page shows its own session."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from bmc.edge_app.review import add_note
+
+    shutil.copytree(storage / "20261128-0900", storage / "20261128-1000")
+    add_note(storage / "20261128-0900", "smear A, recount eosinophils", "anna")
+    add_note(storage / "20261128-1000", "smear B, thick end", "ben")
+    db = sqlite3.connect(storage / "20261128-0900" / "session.sqlite")
+    cell, label = db.execute("SELECT id, label FROM cell WHERE crop != '' LIMIT 1").fetchone()
+    db.close()
+    s = Server(UiApp(storage, None, sign_in=False, user="anna"), threads=8)
+    try:
+        pages = []
+        for name, note in (("20261128-0900", "smear A"), ("20261128-1000", "smear B")):
+            pages += [
+                (f"/s/{name}/", note),
+                (f"/s/{name}/review", name),
+                (f"/s/{name}/cell/{cell}", f"cell {cell}"),
+                (f"/s/{name}/cell/{cell}/map?label={label}", None),
+                (f"/s/{name}/report", "Differential count"),
+                (f"/s/{name}/fhir", "DiagnosticReport"),
+            ]
+        pages += [("/", "20261128-1000"), ("/device", "Device"), ("/adapt", "Adaptation")]
+
+        def get(item):
+            path, expect = item
+            status, headers, body = s.request("GET", path)
+            return path, status, expect, body
+
+        with ThreadPoolExecutor(12) as pool:
+            results = list(pool.map(get, pages * 4))
+        for path, status, expect, body in results:
+            assert status < 500, (path, status, body[:300])
+            assert status == 200, (path, status, body[:300])
+            if expect:
+                assert expect.encode() in body, (path, expect)
+        for path, _, _, body in results:  # a session's page never shows the other's comment
+            if path == "/s/20261128-0900/":
+                assert b"smear B" not in body
+            if path == "/s/20261128-1000/":
+                assert b"smear A" not in body
+    finally:
+        s.close()
+
+
+def test_the_review_grid_says_how_many_it_shows_and_pages_the_rest(storage):
+    s = Server(UiApp(storage, None, sign_in=False, user="anna"))
+    s.app.REVIEW_PAGE = 3
+    try:
+        status, _, page = s.request("GET", "/s/20261128-0900/review")
+        waiting = int(re.search(rb"(\d+) cells wait for review", page).group(1))
+        assert waiting > 3 and f"Showing 1–3 of {waiting}".encode() in page and page.count(b"class='cell'") == 3
+        status, _, page2 = s.request("GET", "/s/20261128-0900/review?page=2")
+        assert status == 200 and f"Showing 4–{min(6, waiting)} of {waiting}".encode() in page2
+        first = re.findall(rb"data-cell='(\d+)'", page)
+        second = re.findall(rb"data-cell='(\d+)'", page2)
+        assert not set(first) & set(second)
+    finally:
+        s.close()
+
+
+def test_a_live_page_without_a_camera_still_has_its_navigation(storage):
+    s = Server(UiApp(storage, None, sign_in=False, user="anna"))
+    try:
+        status, _, page = s.request("GET", "/live")
+        assert status == 404 and b"without a camera or source" in page and b"<a href='/'>Sessions</a>" in page
+    finally:
+        s.close()

@@ -42,7 +42,9 @@ def quiet_runtime():
     has no Python switch for its logger, and ``TF_CPP_MIN_LOG_LEVEL`` does not reach it."""
     try:
         fd = sys.stderr.fileno()
-    except (AttributeError, OSError, ValueError):  # no real stderr (captured): nothing to hide
+    except (AttributeError, OSError, ValueError):
+        fd = -1
+    if fd != 2:  # stderr is not the process's own (a test runner captures it): leave its descriptors be
         yield
         return
     with _stderr_lock, tempfile.TemporaryFile() as held:

@@ -51,6 +51,29 @@ CSP = (
 REPORT_CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; frame-ancestors 'none'"
 
 
+# the classes by how often a differential meets them (a blood smear: neutrophils, then lymphocytes,
+# monocytes, eosinophils, bands, basophils; the rarer stages after), for the review keys 1-9
+BY_FREQUENCY = [
+    "neutrophil",
+    "segmented",
+    "lymphocyte",
+    "monocyte",
+    "eosinophil",
+    "band",
+    "basophil",
+    "ig",
+    "metamyelocyte",
+    "myelocyte",
+    "promyelocyte",
+    "erythroblast",
+    "platelet",
+]
+
+
+def _by_frequency(label: str) -> tuple[int, str]:
+    return (BY_FREQUENCY.index(label) if label in BY_FREQUENCY else len(BY_FREQUENCY), label)
+
+
 class Stream:
     """A streamed response (the live view's MJPEG): parts as they come, no length."""
 
@@ -129,11 +152,11 @@ class UiApp:
         try:
             resp = self.handle(environ)
         except HttpError as e:
-            resp = Response(self.page(e.status, f"<p>{html.escape(e.message)}</p>", None), e.status)
+            resp = Response(self.page(e.status, f"<p>{html.escape(e.message)}</p>", None, links=True), e.status)
         except Exception:  # noqa: BLE001 - a plain page for the browser, the details for the log
             log.exception("error serving %s %s", environ.get("REQUEST_METHOD"), environ.get("PATH_INFO"))
             resp = Response(
-                self.page("Error", "<p>Something went wrong; the device's log has the details.</p>", None),
+                self.page("Error", "<p>Something went wrong; the device's log has the details.</p>", None, links=True),
                 "500 Internal Server Error",
             )
         headers = resp.headers + [
@@ -220,8 +243,10 @@ class UiApp:
             if method == "GET" and rest == []:
                 return Response(self.session_page(folder, user, csrf))
             if method == "GET" and rest == ["review"]:
-                teach = urllib.parse.parse_qs(environ.get("QUERY_STRING", "")).get("for", [""])[-1] == "adapt"
-                return Response(self.review_page(folder, user, csrf, teach))
+                query = urllib.parse.parse_qs(environ.get("QUERY_STRING", ""))
+                teach = query.get("for", [""])[-1] == "adapt"
+                page = query.get("page", ["1"])[-1]
+                return Response(self.review_page(folder, user, csrf, teach, int(page) if page.isdigit() else 1))
             if method == "GET" and len(rest) == 2 and rest[0] == "cell":
                 return Response(self.cell_page(folder, rest[1], user, csrf))
             if method == "GET" and len(rest) == 3 and rest[0] == "cell" and rest[2] == "map":
@@ -424,8 +449,15 @@ class UiApp:
         return Response(buf.tobytes(), ctype="image/jpeg")
 
     # -- pages ------------------------------------------------------------------------------------
-    def page(self, title: str, body: str, csrf: str | None, user: str | None = None) -> str:
-        nav = ""
+    def page(self, title: str, body: str, csrf: str | None, user: str | None = None, links: bool = False) -> str:
+        """A page of the screen: its navigation for a signed-in user (``csrf``), the links alone for
+        an error page (``links``: a way back, nothing that needs a session)."""
+        nav = (
+            "<nav><a href='/live'>Live</a> <a href='/'>Sessions</a> <a href='/adapt'>Adaptation</a> "
+            "<a href='/device'>Device</a></nav>"
+            if links
+            else ""
+        )
         if csrf is not None:
             out = (
                 f"<form method='post' action='/logout' class='inline'><input type='hidden' name='csrf' "
@@ -578,17 +610,23 @@ class UiApp:
         without a key is still a click away)."""
         out = {l: self.keys[l] for l in labels if l in self.keys}
         free = [str(d) for d in range(1, 10) if str(d) not in out.values()]
-        for l in labels:
+        for l in sorted(labels, key=_by_frequency):  # the commonest classes on the first digits
             if l not in out and free:
                 out[l] = free.pop(0)
-        return out
+        return dict(sorted(out.items(), key=lambda kv: (not kv[1].isdigit(), kv[1])))
 
-    def review_page(self, folder: Path, user: str, csrf: str, teach: bool = False) -> str:
+    REVIEW_PAGE = 200  # cells a review page shows at once
+
+    def review_page(self, folder: Path, user: str, csrf: str, teach: bool = False, page: int = 1) -> str:
         cells, _ = self._cells(folder)
         # for adaptation: the cells that teach the head most, ten of each class the session found
         todo = review.teaching_queue(cells, 10) if teach else review.queue(cells)
-        done = [c for c in cells if c.status in ("reviewed", "rejected")]
+        # the newest decision first: the one `b` takes back
+        done = sorted((c for c in cells if c.status in ("reviewed", "rejected")), key=lambda c: c.reviewed_at)[::-1]
         name = urllib.parse.quote(folder.name)
+        pages = max(1, -(-len(todo) // self.REVIEW_PAGE))
+        page = min(max(page, 1), pages)
+        shown = todo[(page - 1) * self.REVIEW_PAGE : page * self.REVIEW_PAGE]
 
         def card(c: review.ReviewedCell, decided: bool) -> str:
             top = "".join(f"<li>{html.escape(l)} {p:.2f}</li>" for l, p in c.top(3))
@@ -624,12 +662,27 @@ class UiApp:
             if teach
             else f"<a href='/s/{name}/review?for=adapt'>the cells that teach adaptation most</a>"
         )
+        query = "for=adapt&" if teach else ""
+        showing = (
+            f" Showing {(page - 1) * self.REVIEW_PAGE + 1}–{(page - 1) * self.REVIEW_PAGE + len(shown)} of {len(todo)}"
+            + (f" · <a href='/s/{name}/review?{query}page={page - 1}'>previous</a>" if page > 1 else "")
+            + (
+                f" · <a href='/s/{name}/review?{query}page={page + 1}'>next {self.REVIEW_PAGE}</a>"
+                if page < pages
+                else ""
+            )
+            + "."
+            if pages > 1
+            else ""
+        )
         body = (
-            f"<p>{len(todo)} cells {'to name for adaptation' if teach else 'wait for review'} (show {switch}). "
+            f"<p>{len(todo)} cells {'to name for adaptation' if teach else 'wait for review'} (show {switch}).{showing} "
             "Click a class, or select a cell and press its key, Enter "
-            "(the model's call), x (not a cell) or b (undo). Each decision is recorded under your name.</p>"
-            f"<div class='grid' id='todo'>{''.join(card(c, False) for c in todo[:200])}</div>"
-            f"<h2>Decided ({len(done)})</h2><div class='grid'>{''.join(card(c, True) for c in done[-100:])}</div>"
+            "(the model's call), x (not a cell) or b (undo the latest decision). Each decision is recorded under "
+            "your name.</p>"
+            f"<div class='grid' id='todo'>{''.join(card(c, False) for c in shown)}</div>"
+            f"<h2>Decided ({len(done)}{', the latest 100 shown' if len(done) > 100 else ''})</h2>"
+            f"<div class='grid' id='done'>{''.join(card(c, True) for c in done[:100])}</div>"
         )
         return self.page(f"Review — {folder.name}", body, csrf, user)
 
@@ -697,10 +750,16 @@ class UiApp:
                 "<label>target <input name='target' type='number' min='0' max='100000' value='200'></label> ",
             )
         )
+        last = (
+            f" The last one, <a href='/s/{urllib.parse.quote(st['folder'])}/'>{html.escape(st['folder'])}</a>, "
+            f"ended {html.escape(st['state'])}: its differential and review are there."
+            if st.get("folder") and st["state"] not in ("idle", "running", "paused")
+            else ""
+        )
         view = (
             "<img id='live' src='/live/stream' alt='the microscope field, live' width='640'>"
             if running
-            else "<p>No session is running.</p>"
+            else f"<p>No session is running.{last}</p>"
         )
         error = f"<p class='warn'>{html.escape(st['error'])}</p>" if st.get("error") else ""
         return self.page(
@@ -866,13 +925,22 @@ def stop_from_another_thread(server, thread, timeout: float = 10.0) -> None:
     it ends as its map empties."""
 
     def close_all():
-        for dispatcher in list(server._map.values()):
+        # the server's own close closes its trigger too: each descriptor is closed exactly once (a
+        # second close of a number could close another socket that has reused it meanwhile)
+        others = [d for d in list(server._map.values()) if d is not server and d is not server.trigger]
+        server.close()
+        for dispatcher in others:
             try:
                 dispatcher.close()
             except OSError:  # a connection the client already dropped
                 pass
 
-    server.trigger.pull_trigger(close_all)
+    try:
+        server.trigger.pull_trigger(close_all)
+    except OSError:
+        # the loop was already awake (a worker's pull) and ran close_all, which closed the trigger,
+        # between the thunk's queueing and this pull's write: the close is done, the write is moot
+        pass
     thread.join(timeout)
     server.task_dispatcher.shutdown()
 

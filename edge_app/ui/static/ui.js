@@ -6,6 +6,8 @@ document.addEventListener("keydown", function (event) {
   var key = event.key === "Backspace" ? "b" : event.key;
   if (key.length !== 1 && key !== "Enter") { return; }
   var cell = document.activeElement && document.activeElement.closest ? document.activeElement.closest(".cell") : null;
+  // b takes back the latest decision (the first decided cell) unless a decided cell is selected
+  if (key === "b" && !(cell && cell.querySelector("button[data-key='b']"))) { cell = document.querySelector("#done .cell"); }
   if (!cell) { cell = document.querySelector("#todo .cell"); }
   if (!cell) { return; }
   var button = Array.prototype.find.call(cell.querySelectorAll("button[data-key]"),
@@ -28,8 +30,8 @@ function renderState(box, st) {
   var target = st.target ? " of " + st.target : "";
   para(box, d.total + target + " " + d.denominator + " counted, " + d.waiting + " set aside for review" +
        (d.unknown ? " (" + d.unknown + " unlike any cell the model knows)" : "") + ", " + st.frames + " frames");
-  var rows = d.rows.filter(function (r) { return r.count > 0; });
-  if (rows.length) {
+  var rows = d.rows;  // every class, zeros too: the rule of every table of the differential
+  if (d.total) {
     var table = document.createElement("table");
     var head = table.insertRow();
     ["class", "count", "%", "95% limits"].forEach(function (h) { var th = document.createElement("th"); th.textContent = h; head.appendChild(th); });
@@ -60,6 +62,10 @@ function renderState(box, st) {
     box.appendChild(bar);
   }
   box.appendChild(strip);
+  if (st.state !== "running" && st.state !== "paused" && document.querySelector("form[action='/live/stop']")) {
+    window.location.reload();  // the session ended: the page's controls become Start again
+    return;
+  }
   if (st.state !== "running" && st.state !== "paused" && st.folder) {
     var a = document.createElement("a");
     a.href = "/s/" + encodeURIComponent(st.folder) + "/";
