@@ -103,7 +103,8 @@ def markdown(r: dict) -> str:
     lines = [
         f"Differential of {r['cells']} cells of {r['source']} ({r['model']}, {r['orientations']} orientations): "
         f"{100 * r['set_aside_share']:.0f}% of the cells set aside for review; the device alone counted "
-        f"{r['alone']['total']} leukocytes, after review {r['after_review']['total']}.",
+        f"{r['alone']['total']} leukocytes, after a *simulated* review (every cell set aside named from the "
+        f"truth file, as a person would) {r['after_review']['total']}.",
         "",
         "| class | true % | device alone % | gap (pp) | after review % | gap (pp) |",
         "|---|---:|---:|---:|---:|---:|",

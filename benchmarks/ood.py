@@ -90,6 +90,7 @@ def run(
     threads: int | None = None,
     reviewed: int = 0,
     seed: int = 0,
+    calibrate: int = 0,
 ) -> dict:
     """The set-aside shares and accuracies of ``model`` (default: the shipped int8) at ``level``.
 
@@ -122,7 +123,21 @@ def run(
         for label in sorted(set(by)):
             idx = np.flatnonzero(np.array(by) == label)
             pick[rng.choice(idx, min(reviewed, len(idx) - 1), replace=False)] = True
-        detector = UnknownCells(np.concatenate([detector.reference, be[pick]]), clf.unknown.calib, level)
+        cal = np.zeros(len(by), bool)
+        if calibrate:  # a random sample of the other cells, reviewed too: the laboratory's threshold
+            rest = np.flatnonzero(~pick)
+            cal[rng.choice(rest, min(calibrate, len(rest) - 1), replace=False)] = True
+        reference = np.concatenate([detector.reference, be[pick | cal]])
+        detector = UnknownCells(reference, clf.unknown.calib, level)
+        if calibrate:
+            from bmc.edge_app.calibration import conformal_quantile
+            from bmc.edge_app.unknown import distances
+
+            own = np.flatnonzero(cal)
+            others = np.concatenate([clf.unknown.reference, be[pick]])
+            d = np.array([distances(be[i][None], np.concatenate([others, be[own[own != i]]]))[0] for i in own])
+            detector.threshold = max(float(detector.threshold), conformal_quantile(d, level))
+        pick |= cal
         by, bp, be = [l for l, k in zip(by, pick) if not k], bp[~pick], be[~pick]
     sets["BCCD white cells"] = (by, bp, be)
     known = matek_map(labels)
@@ -142,6 +157,7 @@ def run(
         "model": str(model),
         "level": level,
         "reviewed_bccd_per_class": reviewed,
+        "lab_calibration_cells": calibrate if reviewed else 0,
         "seed": seed,
         "threshold": detector.threshold,
         "score": clf.unknown.calib["score"],

@@ -41,6 +41,7 @@ import numpy as np
 
 from bmc.card import ModelCard, card_path, file_beside, sha256_file
 from bmc.edge_app import review
+from bmc.edge_app.calibration import LabCalibration, calibrate, calibration_order, decided_prefix, session_seed
 from bmc.edge_app.head import Head, softmax
 from bmc.errors import BmcError
 
@@ -64,6 +65,10 @@ class Settings:
     folds: int = 5
     cv_repeats: int = 3  # fold assignments averaged
     max_guard_drop: float = 3.0  # points of guard-set accuracy the adapted head may lose
+    # the gates calibrated on the random reviewed cells: the unknown-cell level, and the error rate
+    # the cells counted with no person may have (bmc.edge_app.calibration)
+    unknown_level: float = 0.98
+    target_error: float = 0.05
     guard_check: float = 0.25  # share of the guard set held out to measure forgetting
     seed: int = 0
 
@@ -79,6 +84,11 @@ class Reviewed:
     sessions: list[str]
     reviewers: list[str]
     context: np.ndarray | None = None  # every recorded cell's embedding: the microscope's variation, label-free
+    # the random calibration sample (bmc.edge_app.calibration): which reviewed cells belong to it, and
+    # its cells a person rejected or named with a class the model does not learn here (embeddings, fields)
+    calibration: list[bool] = dataclasses.field(default_factory=list)
+    rejected_x: np.ndarray | None = None
+    rejected_groups: list[str] = dataclasses.field(default_factory=list)
 
 
 # -- the guard set -----------------------------------------------------------------------------------
@@ -122,11 +132,15 @@ def collect(sessions, clf) -> Reviewed:
     from bmc.edge_app.report import session_file
 
     xs, labels, groups, ids, names, reviewers, context = [], [], [], [], [], set(), []
+    calibration: list[bool] = []
+    rejected: list[np.ndarray] = []
+    rejected_groups: list[str] = []
     size = clf.backend.output_sizes[1]
     for folder in map(Path, sessions):
         try:
             db = review.connect(folder)
             rows = db.execute("SELECT id, model_sha256, model_file FROM session").fetchall()
+            starts = dict(db.execute("SELECT id, started FROM session").fetchall())
             cells = review.cells(db)
             stored = _embeddings(db)
             db.close()
@@ -143,9 +157,18 @@ def collect(sessions, clf) -> Reviewed:
                 "must share the base model's embedding; adapt each base model's sessions apart"
             )
         names.append(str(folder))
+        sample = set()
+        for sid, started in starts.items():
+            ids = [c.id for c in cells if c.session_id == sid]
+            decided = {c.id for c in cells if c.session_id == sid and c.reviewed_label}
+            sample |= set(decided_prefix(calibration_order(ids, session_seed(folder.name, sid, started)), decided))
         for c in cells:
+            if c.id in sample and c.reviewed_label == review.REJECTED and c.id in stored:
+                rejected.append(np.frombuffer(stored[c.id], np.float16).astype(np.float32))
+                rejected_groups.append(f"{folder}|{c.session_id}|{c.source}|{c.frame}")
             if not c.reviewed_label or c.reviewed_label == review.REJECTED:
                 continue
+            calibration.append(c.id in sample)
             if c.id in stored:
                 x = np.frombuffer(stored[c.id], np.float16).astype(np.float32)
                 if x.shape != (size,):
@@ -181,6 +204,9 @@ def collect(sessions, clf) -> Reviewed:
         names,
         sorted(reviewers),
         np.stack(context) if context else None,
+        calibration,
+        np.stack(rejected) if rejected else None,
+        rejected_groups,
     )
 
 
@@ -279,6 +305,8 @@ class Result:
     reasons: list[str]
     advice: list[str]
     seconds: float
+    oof: np.ndarray | None = None  # each reviewed cell's probabilities from heads not fitted on it
+    calibration: LabCalibration | None = None  # the gates the random reviewed cells set
 
     def table(self) -> str:
         cv = self.cross_validation
@@ -297,6 +325,13 @@ class Result:
             f"  {'balanced':<16}{'':>6}{cv['shipped']['balanced_accuracy']:>9.3f}"
             f"{cv['adapted']['balanced_accuracy']:>9.3f}"
         )
+        if "decision" in cv:
+            d = cv["decision"]
+            lines.append(
+                f"  class-balanced log-loss {cv['shipped']['log_loss']:.3f} shipped, {cv['adapted']['log_loss']:.3f} "
+                f"adapted: {d['gain']:+.3f} lower (95% interval {d['low']:+.3f} to {d['high']:+.3f}, paired "
+                f"bootstrap over {d['fields']} fields)"
+            )
         g = self.guard
         lines.append(
             f"guard set ({g['held_out']} training cells never fitted): accuracy {g['shipped_accuracy']:.3f} "
@@ -402,16 +437,26 @@ def adapt(reviewed: Reviewed, guard: dict, s: Settings = Settings(), log=print) 
         "drop_points": 100 * (g_ship - g_adapt),
     }
     reasons, advice = [], []
-    # better, on reviewed cells each head was not fitted on: a higher balanced accuracy, or the same
-    # balanced accuracy and a lower (class-balanced) log-loss
-    gain = adapted["balanced_accuracy"] - shipped["balanced_accuracy"]
-    loss_gain = shipped["log_loss"] - adapted["log_loss"]
-    if not (gain > 1e-9 or (abs(gain) <= 1e-9 and loss_gain > 0)):
+    # better, on reviewed cells each head was not fitted on, judged by a proper score that a few
+    # dozen cells can measure: the class-balanced log-loss, its paired difference bootstrapped over
+    # the reviewed fields; and no class's recall lower by more than its own sampling noise
+    decision = paired_log_loss(y, ship_p, adapted_p.mean(axis=0), cls_w, reviewed.groups, s.seed)
+    cv["decision"] = decision
+    if decision["low"] <= 0:
         reasons.append(
-            f"on held-out reviewed cells the adapted head is not better than the shipped one (balanced "
-            f"accuracy {adapted['balanced_accuracy']:.3f} against {shipped['balanced_accuracy']:.3f}, "
-            f"log-loss {adapted['log_loss']:.3f} against {shipped['log_loss']:.3f})"
+            f"on held-out reviewed cells the adapted head is not surely better than the shipped one: its "
+            f"class-balanced log-loss is {decision['gain']:+.3f} lower (95% interval {decision['low']:+.3f} to "
+            f"{decision['high']:+.3f}, bootstrapped over {decision['fields']} fields; balanced accuracy "
+            f"{adapted['balanced_accuracy']:.3f} against {shipped['balanced_accuracy']:.3f})"
         )
+    for c in present:
+        n_c = int((y == c).sum())
+        noise = max(1.0 / n_c, 2.0 * np.sqrt(max(r_ship[c] * (1 - r_ship[c]), 0.25 / n_c) / n_c))
+        if r_adapt[c] < r_ship[c] - noise:
+            reasons.append(
+                f"{labels[c]} loses more than its noise: recall {r_ship[c]:.2f} → {r_adapt[c]:.2f} on {n_c} cells "
+                f"(noise ±{noise:.2f})"
+            )
     if gd["drop_points"] > s.max_guard_drop:
         reasons.append(
             f"it forgets the training classes: guard-set accuracy {g_adapt:.3f} against {g_ship:.3f} "
@@ -425,7 +470,73 @@ def adapt(reviewed: Reviewed, guard: dict, s: Settings = Settings(), log=print) 
                 f"review about {max(5, 10 - n)} more"
             )
     head = Head(w, b, tuple(labels))
-    return Result(head, labels, dict(counts), cv, gd, not reasons, reasons, advice, time.perf_counter() - t0)
+    return Result(
+        head,
+        labels,
+        dict(counts),
+        cv,
+        gd,
+        not reasons,
+        reasons,
+        advice,
+        time.perf_counter() - t0,
+        oof=adapted_p.mean(axis=0),
+    )
+
+
+def paired_log_loss(y, ship_p, adapted_p, weight, groups, seed: int = 0, rounds: int = 2000) -> dict:
+    """How much lower the adapted head's class-balanced log-loss is than the shipped head's on the
+    same cells (positive: better), with a 95% interval from a paired bootstrap over the fields
+    (cells of one field resampled together: they are not independent)."""
+    idx = np.arange(len(y))
+    d = -np.log(np.clip(ship_p[idx, y], 1e-6, 1)) + np.log(np.clip(adapted_p[idx, y], 1e-6, 1))
+    w = np.asarray(weight, np.float64)
+    names = sorted(set(groups))
+    of = np.array([names.index(g) for g in groups])
+    gain = float((w * d).sum() / w.sum())
+    rng = np.random.default_rng(seed)
+    wd = np.bincount(of, weights=w * d, minlength=len(names))
+    ww = np.bincount(of, weights=w, minlength=len(names))
+    draws = rng.integers(0, len(names), (rounds, len(names)))
+    boot = wd[draws].sum(axis=1) / np.maximum(ww[draws].sum(axis=1), 1e-12)
+    low, high = np.quantile(boot, [0.025, 0.975])
+    return {"gain": gain, "low": float(low), "high": float(high), "fields": len(names), "rounds": rounds}
+
+
+def calibrate_gates(result: Result, reviewed: Reviewed, guard: dict, clf, level: float, target_error: float):
+    """The laboratory's gates (:mod:`bmc.edge_app.calibration`) from the random sample among the
+    reviewed cells, or None when the sample is too small: out-of-fold probabilities for its reviewed
+    cells, the final head's for the cells it rejected (never fitted), and each cell's distance to
+    the adapted model's reference (the guard set and the reviewed cells) without its own field."""
+    from bmc.edge_app import unknown
+
+    pick = np.flatnonzero(np.asarray(reviewed.calibration, bool)) if reviewed.calibration else np.zeros(0, int)
+    n_rej = 0 if reviewed.rejected_x is None else len(reviewed.rejected_x)
+    if len(pick) + n_rej < 20 or result.oof is None:
+        return None
+    index = {l: i for i, l in enumerate(result.labels)}
+    probs = [result.oof[i] for i in pick]
+    truth: list[int | None] = [index.get(reviewed.labels[i]) for i in pick]
+    xs = [reviewed.x[i] for i in pick]
+    groups = [reviewed.groups[i] for i in pick]
+    if n_rej:
+        rej = softmax(reviewed.rejected_x @ result.head.w + result.head.b)
+        probs += list(rej)
+        truth += [None] * n_rej
+        xs += list(reviewed.rejected_x)
+        groups += reviewed.rejected_groups
+    card_threshold = None
+    distances = None
+    if clf.card.unknown:
+        card_threshold = unknown.threshold_at(clf.card.unknown, level)
+        ref_groups = np.array(reviewed.groups)
+        distances = np.array(
+            [
+                unknown.distances(x[None], np.concatenate([guard["x"], reviewed.x[ref_groups != g]]))[0]
+                for x, g in zip(xs, groups)
+            ]
+        )
+    return calibrate(np.stack(probs), truth, distances, card_threshold, level, target_error)
 
 
 def prepare(sessions, clf, s: Settings = Settings(), log=print) -> tuple[dict, Reviewed, Result]:
@@ -438,7 +549,9 @@ def prepare(sessions, clf, s: Settings = Settings(), log=print) -> tuple[dict, R
         )
     guard = load_guard(clf.path, clf.card)
     reviewed = collect(sessions, clf)
-    return guard, reviewed, adapt(reviewed, guard, s, log)
+    result = adapt(reviewed, guard, s, log)
+    result.calibration = calibrate_gates(result, reviewed, guard, clf, s.unknown_level, s.target_error)
+    return guard, reviewed, result
 
 
 # -- writing the adapted model ---------------------------------------------------------------------------
@@ -504,6 +617,7 @@ def write_model(
             },
             "guard": {**base_card["guard"], "file": f"{name}{GUARD_SUFFIX}"},
             **({"unknown": base_card["unknown"]} if base_card.get("unknown") else {}),
+            **({"calibration": result.calibration.to_dict()} if result.calibration is not None else {}),
             "adaptation": {
                 "date": now,
                 "sessions": reviewed.sessions,

@@ -22,6 +22,7 @@ import numpy as np
 
 from bmc.contract import centre_square, preprocess
 from bmc.edge_app import unknown as unknown_mod
+from bmc.edge_app.calibration import LabCalibration
 from bmc.edge_app.capture import Capture
 from bmc.edge_app.cells import Box, CellCall, SessionLamp, SessionScale, crop_cell
 from bmc.edge_app.classifier import CellClassifier
@@ -55,6 +56,7 @@ class SessionConfig:
     max_frames: int | None = None
     on_existing: str = "resume"  # a folder that holds a session: resume it (interrupted), "new" or "refuse"
     specimen: str | None = None  # blood | marrow; None: the model card's
+    lab_gates: bool = True  # the gates a laboratory calibrated (the model card's calibration), where there are
     finder: FinderConfig = dataclasses.field(default_factory=FinderConfig)
     review: ReviewPolicy = dataclasses.field(default_factory=ReviewPolicy)
 
@@ -99,10 +101,31 @@ class EdgeSession:
         self.cfg = config
         self.echo = echo
         self.specimen = config.specimen or classifier.card.specimen
-        self.diff = Differential(classifier.labels, config.target, config.review, self.specimen)
         # cells unlike any the model knows are set aside before they are counted (None: the model's
         # card has no unknown-cell calibration, or the level is 0)
         self.unknown = classifier.unknown.at(config.review.unknown_level) if classifier.unknown else None
+        # gates calibrated at this laboratory's microscope, where the model's card has them
+        # (bmc edge adapt with a random reviewed sample): they replace the training laboratory's
+        self.calibration = (
+            LabCalibration.from_dict(classifier.card.raw["calibration"])
+            if (config.lab_gates and classifier.card.raw.get("calibration"))
+            else None
+        )
+        if self.calibration is not None:
+            config = dataclasses.replace(
+                config,
+                review=dataclasses.replace(
+                    config.review, min_confidence=self.calibration.min_confidence, min_margin=0.0
+                ),
+            )
+            self.cfg = config
+            if (
+                self.unknown is not None
+                and self.calibration.unknown_threshold is not None
+                and config.review.unknown_level
+            ):
+                self.unknown = self.unknown.with_threshold(self.calibration.unknown_threshold, self.calibration.level)
+        self.diff = Differential(classifier.labels, config.target, config.review, self.specimen)
         self.scale = SessionScale(config.cell_diameter_px)
         self.field_scale = FieldScale()  # the red cells' diameter: the field's magnification
         self._finder = config.finder
@@ -131,6 +154,7 @@ class EdgeSession:
                     if self.unknown is not None
                     else None
                 ),
+                "calibration": self.calibration.to_dict() if self.calibration is not None else None,
                 "contract": classifier.contract.to_dict(),
                 "model": classifier.description,
                 "head": (

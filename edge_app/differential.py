@@ -61,6 +61,14 @@ CLINICAL_ORDER = [
     "platelet",
 ]
 SPECIMENS = ("blood", "marrow")
+# what a class is called where a person reads it (a class not here is called by its label)
+DISPLAY = {"ig": "immature granulocytes (ig)"}
+
+
+def display(label: str) -> str:
+    return DISPLAY.get(label, label)
+
+
 NOT_NUCLEATED = ("platelet",)  # counted and reported apart: never in a denominator
 
 
@@ -174,7 +182,7 @@ class DifferentialCount:
     def lines(self) -> list[str]:
         """The differential in words, a line per class counted (zero rows left out of the short
         forms: the console and the live window), then the erythroblasts and the platelets."""
-        out = [f"{r.label} {r.count} ({r.percent:.1f}%)" for r in self.rows if r.count]
+        out = [f"{display(r.label)} {r.count} ({r.percent:.1f}%)" for r in self.rows if r.count]
         if self.nrbc is not None and self.nrbc.count:
             out.append(f"NRBC {self.nrbc.count} ({self.nrbc.percent:.1f}/100 WBC)")
         if self.platelets:

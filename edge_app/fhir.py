@@ -26,6 +26,7 @@ import uuid
 from pathlib import Path
 
 from bmc.edge_app import review
+from bmc.edge_app.differential import display as display_name
 from bmc.stages import PARENT
 
 LOINC = "http://loinc.org"
@@ -55,7 +56,7 @@ def _coding(label: str, specimen: str = "blood") -> dict:
     if label in LOINC_MANUAL and specimen == "blood":  # the LOINC codes are blood's: a myelogram keeps bmc's
         code, display = LOINC_MANUAL[label]
         codings.append({"system": LOINC, "code": code, "display": display})
-    codings.append({"system": BMC_CODES, "code": label, "display": label})
+    codings.append({"system": BMC_CODES, "code": label, "display": display_name(label)})
     return {"coding": codings, "text": label}
 
 
@@ -79,6 +80,7 @@ def diagnostic_report(out_dir: str | Path, now: datetime.datetime | None = None)
         cells = review.cells(db)
         note = review.latest_note(db)
         record = review.session_differential(db, cells)
+        statement = review.calibration_statement(db)
     finally:
         db.close()
     status = "preliminary" if record.waiting else "final"
@@ -110,7 +112,10 @@ def diagnostic_report(out_dir: str | Path, now: datetime.datetime | None = None)
             "code": _coding(label, record.specimen),
             "effectivePeriod": effective,
             "issued": issued,
-            "method": {"text": "digital morphology at the microscope (bmc), cells set aside reviewed by a person"},
+            "method": {
+                "text": "digital morphology at the microscope (bmc); cells it sets aside are counted only once a "
+                "person names them"
+            },
             "component": [_count(k)],
         }
         if value is not None:
@@ -141,6 +146,7 @@ def diagnostic_report(out_dir: str | Path, now: datetime.datetime | None = None)
         + (f" (myeloid : erythroid {record.me_ratio:.2f})" if record.me_ratio is not None else "")
         + (f"; {record.waiting} cells wait for review and are not counted" if record.waiting else "")
         + (f", {record.unknown} of them unlike any cell the model knows" if record.unknown else "")
+        + (f". {statement}" if statement else "")
         + (f". Comment: {note[0]}" if note else "")
         + "."
     )

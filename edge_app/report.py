@@ -18,7 +18,7 @@ import string
 from pathlib import Path
 
 from bmc.edge_app import review, store
-from bmc.edge_app.differential import DifferentialCount, count_interval, differential_of
+from bmc.edge_app.differential import DifferentialCount, count_interval, differential_of, display
 from bmc.edge_app.store import is_locked
 from bmc.errors import BmcError
 from bmc.stages import coarse_counts, series_counts
@@ -134,6 +134,7 @@ $comment
 $rejected rejected in review, $frames frames
 ($bad unreadable). $advice</p>
 $table
+$calibration
 <p style="font-size:12px">95% limits: the exact binomial confidence interval of each share for a count
 of $n $denominator (the limits of Rümke's table): a differential of more cells narrows them.</p>
 $levels
@@ -157,6 +158,7 @@ def _build_report(out_dir: Path) -> Path:
     cells = review.cells(db)
     note = review.latest_note(db)
     record = review.session_differential(db, cells)
+    statement = review.calibration_statement(db)
     db.close()
     labels = [r.label for r in record.rows]
     pending = sorted((c for c in cells if c.status == "pending"), key=lambda c: not c.unknown)  # unknown first
@@ -176,6 +178,7 @@ def _build_report(out_dir: Path) -> Path:
         bad=frames["bad"] or 0,
         advice=_advice(out_dir, len(pending), n_unknown),
         table=differential_html(record, _learnt(sessions), bars=True),
+        calibration=f"<p><b>{html.escape(statement)}.</b></p>" if statement else "",
         levels=levels_html(record, parents) if parents else "",
         pending=len(pending),
         unknown_note=f"; {n_unknown} unlike any cell the model knows, first" if n_unknown else "",
@@ -211,7 +214,7 @@ def differential_html(record: DifferentialCount, learnt: dict | None = None, bar
 
     def name(l: str) -> str:
         note = learnt.get(l)
-        return esc(l) + (
+        return esc(display(l)) + (
             f" <small>(learnt from {int(note['cells'])} cells reviewed at this laboratory)</small>"
             if isinstance(note, dict) and "cells" in note
             else ""
@@ -249,7 +252,7 @@ def _advice(out_dir: Path, pending: int, n_unknown: int) -> str:
         return "No cell waits for review."
     return (
         f"Automated classification: <b class='warn'>{pending}</b> cells wait for review "
-        f"(<code>bmc edge review {html.escape(out_dir.name)}</code>) and are not counted yet"
+        f"(<code>bmc edge review {html.escape(str(out_dir.resolve()))}</code>) and are not counted yet"
         + (
             f"; <b class='warn'>{n_unknown}</b> of them are unlike any cell the model knows (a blast? "
             "a smudge?): they are counted in no class until a person names them"

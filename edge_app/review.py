@@ -170,6 +170,17 @@ def specimen_of(db: sqlite3.Connection) -> str:
     return specimen if specimen in SPECIMENS else "blood"
 
 
+def calibration_statement(db: sqlite3.Connection) -> str:
+    """How accurate the cells counted with no person are estimated to be at this microscope, as
+    the latest session's model was calibrated (:mod:`bmc.edge_app.calibration`); '' when it was not."""
+    row = db.execute("SELECT config FROM session ORDER BY id DESC LIMIT 1").fetchone()
+    try:
+        cal = (json.loads(row[0] or "{}") if row else {}).get("calibration") or {}
+    except ValueError:
+        return ""
+    return str(cal.get("statement") or "")
+
+
 def session_differential(db: sqlite3.Connection, all_cells: list[ReviewedCell] | None = None) -> DifferentialCount:
     """The folder's differential after review, the one record the report, the screen and FHIR render:
     every cell by its final class, the latest session's classes listed (zeros too), the cells still
@@ -212,19 +223,46 @@ def teaching_queue(all_cells: list[ReviewedCell], per_class: int | None = None) 
     return out
 
 
+def calibration_queue(db: sqlite3.Connection, all_cells: list[ReviewedCell]) -> list[ReviewedCell]:
+    """The cells to review for calibrating the gates at this microscope: every cell of each session
+    in its fixed random order (:func:`bmc.edge_app.calibration.calibration_order`), those not
+    decided yet, whatever the model said of them. Reviewed from the top, they extend the random
+    sample the calibration rests on; skipping one ends the sample there."""
+    from bmc.edge_app.calibration import calibration_order, session_seed
+
+    folder = Path(db.execute("PRAGMA database_list").fetchone()[2]).parent.name
+    by_id = {c.id: c for c in all_cells}
+    out = []
+    for sid, started in db.execute("SELECT id, started FROM session ORDER BY id"):
+        ids = [c.id for c in all_cells if c.session_id == sid]
+        out += [
+            by_id[i] for i in calibration_order(ids, session_seed(folder, sid, started)) if not by_id[i].reviewed_label
+        ]
+    return out
+
+
 DECISION_COLUMNS = ("id", "label", "model_label", "confidence", "flag", "source", "frame", "crop")
 
 
 def write_decisions_template(
-    out_dir: str | Path, stream, for_adapt: bool = False, per_class: int | None = None, include_counted: bool = False
+    out_dir: str | Path,
+    stream,
+    for_adapt: bool = False,
+    per_class: int | None = None,
+    include_counted: bool = False,
+    for_calibration: int | None = None,
 ) -> int:
     """The cells to review as a decisions file with its label column empty (``bmc edge review
-    --list``), read-only: the review queue, or the teaching queue ``for_adapt``. Returns how many."""
+    --list``), read-only: the review queue, the teaching queue ``for_adapt``, or the first
+    ``for_calibration`` cells of the calibration queue. Returns how many."""
     import csv
 
     db = connect(out_dir)
     try:
-        todo = teaching_queue(cells(db), per_class) if for_adapt else queue(cells(db), include_counted)
+        if for_calibration:
+            todo = calibration_queue(db, cells(db))[:for_calibration]
+        else:
+            todo = teaching_queue(cells(db), per_class) if for_adapt else queue(cells(db), include_counted)
     finally:
         db.close()
     out = csv.writer(stream)

@@ -106,6 +106,13 @@ class UnknownCells:
         )
         return out
 
+    def with_threshold(self, threshold: float, level: float) -> "UnknownCells":
+        """The same reference with a threshold set elsewhere (a laboratory's calibration,
+        :mod:`bmc.edge_app.calibration`), at the level it was calibrated for."""
+        out = self.at(level)
+        out.threshold = float(threshold)
+        return out
+
     @property
     def active(self) -> bool:
         return self.threshold is not None

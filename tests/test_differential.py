@@ -13,7 +13,7 @@ import threading
 import pytest
 
 from bmc.edge_app import review
-from bmc.edge_app.differential import CLINICAL_ORDER, differential_of
+from bmc.edge_app.differential import CLINICAL_ORDER, differential_of, display
 
 from conftest import bmc
 
@@ -71,8 +71,8 @@ def test_one_figure_on_the_console_the_csv_the_report_the_screen_and_fhir(counte
     for r in record.rows:
         pct = f"{r.percent:.1f}"
         if r.count:
-            assert f"{r.label} {r.count} ({pct}%)" in final, (r, final)
-        row = f"<td>{r.label}</td><td class='num'>{r.count}</td><td class='num'>{pct}%</td>"
+            assert f"{display(r.label)} {r.count} ({pct}%)" in final, (r, final)
+        row = f"<td>{display(r.label)}</td><td class='num'>{r.count}</td><td class='num'>{pct}%</td>"
         assert row in report and row in page, r
         assert rows[r.label]["count"] == str(r.count) and rows[r.label]["percent"] == pct
         assert f"{obs[r.label]['valueQuantity']['value']:.1f}" == pct

@@ -684,6 +684,8 @@ def test_a_live_page_without_a_camera_still_has_its_navigation(storage):
     s = Server(UiApp(storage, None, sign_in=False, user="anna"))
     try:
         status, _, page = s.request("GET", "/live")
-        assert status == 404 and b"without a camera or source" in page and b"<a href='/'>Sessions</a>" in page
+        assert status == 200 and b"No camera or source is set up" in page and b"<a href='/'>Sessions</a>" in page
+        status, _, page = s.request("POST", "/live/start", "target=10")
+        assert status in (403, 404) and b"<a href='/'>Sessions</a>" in page
     finally:
         s.close()

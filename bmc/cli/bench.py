@@ -136,6 +136,51 @@ def bench_bccd(bccd, model, orientations, white_balance, json_out):
         _write_json(json_out, {"finding": f, "classification": c})
 
 
+@bench.command("autonomy")
+@click.option("--source", required=True, type=click.Path(file_okay=False), help="the folder the truth's files are in")
+@click.option(
+    "--truth", "truth_file", required=True, type=click.Path(dir_okay=False), help="file,label CSV (bmc bench truth)"
+)
+@click.option(
+    "--k", default=0, show_default=True, help="fields per class reviewed to adapt (0: the shipped model only)"
+)
+@click.option("--seeds", default="1,2,3", show_default=True)
+@click.option(
+    "--calibration",
+    default=60,
+    show_default=True,
+    help="cells of the random calibration order reviewed besides the k per class",
+)
+@click.option("--mode", type=click.Choice(["field", "cell"]), default="field", show_default=True)
+@click.option("--model", type=click.Path(dir_okay=False))
+@orientations_option()
+@json_option
+def bench_autonomy(source, truth_file, k, seeds, calibration, mode, model, orientations, json_out):
+    """The share of white cells the device counts with no person, and how right those are: for the
+    shipped model and, with --k, after a laboratory's day of review and bmc edge adapt."""
+    from bmc.benchmarks import autonomy
+
+    try:
+        seed_list = tuple(int(v) for v in seeds.split(","))
+    except ValueError:
+        raise click.BadParameter(f"{seeds!r}: comma-separated integers", param_hint="--seeds") from None
+    r = _guard(
+        autonomy.run,
+        source,
+        truth_file,
+        k,
+        seed_list,
+        calibration,
+        mode,
+        model,
+        int(orientations),
+        log=lambda m: click.echo(m, err=True),
+    )
+    click.echo(autonomy.markdown(r))
+    if json_out:
+        _write_json(json_out, r)
+
+
 @bench.command("differential")
 @click.option("--source", required=True, type=click.Path(file_okay=False), help="the folder the truth's files are in")
 @click.option(
@@ -243,13 +288,22 @@ def bench_finding(source, boxes, fmt, label, errors, tint, json_out):
     "reference (as bmc edge adapt adds the reviewed cells); BCCD is scored on the others",
 )
 @click.option("--seed", default=0, show_default=True, help="which BCCD cells are the reviewed ones")
+@click.option(
+    "--calibrate",
+    default=0,
+    show_default=True,
+    help="with --reviewed: this many more BCCD cells, drawn at random, set the threshold as bmc edge adapt's "
+    "calibration does (the conformal quantile of their distances, never below the card's)",
+)
 @json_option
-def bench_ood(model, level, data_root, reviewed, seed, json_out):
+def bench_ood(model, level, data_root, reviewed, seed, calibrate, json_out):
     """Cells the model does not know: the share set aside as unknown of Munich blasts, artefacts and
     other cells no model here names, and of PBC test and BCCD white cells; accuracy on those counted."""
     from bmc.benchmarks import ood
 
-    r = _guard(lambda: ood.run(model, level, data_root or ood.DEFAULT_DATA, reviewed=reviewed, seed=seed))
+    r = _guard(
+        lambda: ood.run(model, level, data_root or ood.DEFAULT_DATA, reviewed=reviewed, seed=seed, calibrate=calibrate)
+    )
     click.echo(ood.markdown(r))
     if json_out:
         _write_json(json_out, r)

@@ -377,8 +377,25 @@ def edge_adapt(sessions, out_dir, name, model, max_guard_drop, json_out):
     "classes the session found), counted ones included",
 )
 @click.option("--per-class", type=click.IntRange(min=1), help="with --for-adapt: at most this many cells of each class")
+@click.option(
+    "--for-calibration",
+    type=click.IntRange(min=1),
+    help="with --list: the next N cells of the session's fixed random order, whatever the model said: "
+    "reviewed from the top, they calibrate the gates at this microscope on adapting (60 or more)",
+)
 def edge_review(
-    out_dir, reviewer, list_only, cell_id, label, undo, apply_file, include_counted, new_label, for_adapt, per_class
+    out_dir,
+    reviewer,
+    list_only,
+    cell_id,
+    label,
+    undo,
+    apply_file,
+    include_counted,
+    new_label,
+    for_adapt,
+    per_class,
+    for_calibration,
 ):
     """Review the cells OUT_DIR set aside: one by one in a window, or by --cell/--label or --apply;
     then rewrite cells.csv and report.html with the differential after review."""
@@ -395,7 +412,7 @@ def edge_review(
     try:
         if list_only:  # a decisions file to fill in (the label column left empty), read-only
             n = write_decisions_template(
-                out_dir, click.get_text_stream("stdout"), for_adapt, per_class, include_counted
+                out_dir, click.get_text_stream("stdout"), for_adapt, per_class, include_counted, for_calibration
             )
             click.echo(f"{n} cells to review: fill in the label column and --apply the file", err=True)
             return

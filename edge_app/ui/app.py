@@ -497,6 +497,13 @@ class UiApp:
         finally:
             db.close()
 
+    def _calibration(self, folder: Path) -> str:
+        db = review.connect(folder)
+        try:
+            return review.calibration_statement(db)
+        finally:
+            db.close()
+
     def export_destinations(self) -> list[Path]:
         """Mounted USB sticks and disks under the export roots: the only places an export may go."""
         found = []
@@ -593,6 +600,7 @@ class UiApp:
             f" · <a href='/s/{name}/fhir'>FHIR DiagnosticReport</a> <span class='small'>(for the laboratory "
             "information system)</span></p>"
             + report_mod.differential_html(record)
+            + (f"<p><b>{html.escape(statement)}.</b></p>" if (statement := self._calibration(folder)) else "")
             + "<p class='small'>95% limits: the exact binomial interval of each share (Rümke's table).</p>"
             + levels
             + "".join(
@@ -689,6 +697,17 @@ class UiApp:
     # -- the live session -----------------------------------------------------------------------------
     def live_route(self, method: str, rest: list[str], form: dict, user: str, csrf: str):
         if self.live is None:
+            if method == "GET" and rest == []:
+                return Response(
+                    self.page(
+                        "Live",
+                        "<p>No camera or source is set up for this screen, so no session can start here. Start the "
+                        "screen with <code>--source</code> (a camera, a video or a folder of fields) or with the "
+                        "device's <code>--config</code> (its <code>[camera]</code> source).</p>",
+                        csrf,
+                        user,
+                    )
+                )
             raise HttpError(
                 "404 Not Found", "this screen was started without a camera or source (--config or --source)"
             )

@@ -24,7 +24,7 @@ window.addEventListener("load", function () {
 function para(box, text) { var p = document.createElement("p"); p.textContent = text; box.appendChild(p); return p; }
 function renderState(box, st) {
   box.textContent = "";
-  if (!st.state || st.state === "idle") { para(box, "No session is running."); return; }
+  if (!st.state || st.state === "idle") { return; }  // the page says so beside the state box
   var d = st.differential || {rows: [], total: 0, denominator: "cells", waiting: 0, unknown: 0, platelets: 0};
   para(box, "Session " + (st.folder || "—") + ": " + st.state + (st.error ? " (" + st.error + ")" : ""));
   var target = st.target ? " of " + st.target : "";

@@ -1,0 +1,227 @@
+"""How much of the work the device does alone at a microscope (``bmc bench autonomy``).
+
+For each field's white cell a laboratory asks: did the device count it on its own, and was it
+right? The bench runs the real session over the fields of a truth file (``file,label``) and
+scores each field's cell (the cell the field is scored on, :func:`bmc.benchmarks.detection.best_cells`):
+
+* **counted unaided** — its flag is empty (counted with no person);
+* their **balanced accuracy** — per class, the share right among the cells of that class counted
+  unaided, averaged over the classes;
+* the share **set aside as unknown** (the unknown-cell check) and as **unsure** (the confidence rule).
+
+With ``k`` > 0, for each seed, a laboratory's day is played first, as ``bmc bench adapt`` does: ``k``
+fields of each class reviewed to teach the head, plus the first ``calibration`` cells of the
+session's random calibration order (:mod:`bmc.edge_app.calibration`) reviewed whatever the model said
+(the field's white cell named with its true class, a platelet call confirmed, any other cell
+rejected); then ``bmc edge adapt`` (which calibrates the gates on that random sample), and the
+adapted model over every field again. The figures are of the fields nobody reviewed, and the bench
+checks the adapted model's stated accuracy: does its 95% interval cover the accuracy measured?
+"""
+
+from __future__ import annotations
+
+import shutil
+import sqlite3
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from bmc.benchmarks.adapt import _shipped_run
+
+
+def _cells_of(db_path: Path) -> dict[str, tuple[str, int, str]]:
+    """``{field: (label, cell id, flag)}`` of each field's scored cell."""
+    from bmc.benchmarks.detection import best_cells
+
+    flags = {}
+    db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+    try:
+        flags = dict(db.execute("SELECT id, flag FROM cell").fetchall())
+    finally:
+        db.close()
+    return {f: (label, cid, flags.get(cid, "")) for f, (label, cid, _) in best_cells(db_path).items()}
+
+
+def score(truth: dict[str, str], cells: dict[str, tuple[str, int, str]], fields: list[str], classes) -> dict:
+    """The autonomy figures of ``fields``."""
+    counted = [f for f in fields if f in cells and not cells[f][2]]
+    unknown = [f for f in fields if f in cells and cells[f][2].startswith("unknown")]
+    unsure = [f for f in fields if f in cells and cells[f][2] and not cells[f][2].startswith("unknown")]
+    per_class = {}
+    for c in classes:
+        mine = [f for f in fields if truth[f] == c]
+        got = [f for f in counted if truth[f] == c]
+        if mine:
+            per_class[c] = {
+                "fields": len(mine),
+                "counted_share": len(got) / len(mine),
+                "accuracy_counted": (float(np.mean([cells[f][0] == c for f in got])) if got else None),
+            }
+    accs = [v["accuracy_counted"] for v in per_class.values() if v["accuracy_counted"] is not None]
+    right = sum(cells[f][0] == truth[f] for f in counted)
+    return {
+        "fields": len(fields),
+        "counted_share": len(counted) / max(len(fields), 1),
+        "balanced_accuracy_counted": float(np.mean(accs)) if accs else 0.0,
+        "accuracy_counted": right / len(counted) if counted else 0.0,
+        "counted": len(counted),
+        "right": right,
+        "unknown_share": len(unknown) / max(len(fields), 1),
+        "unsure_share": len(unsure) / max(len(fields), 1),
+        "per_class": per_class,
+    }
+
+
+def run(
+    source,
+    truth_file,
+    k: int = 0,
+    seeds=(1, 2, 3),
+    calibration: int = 60,
+    mode: str = "field",
+    model=None,
+    orientations: int = 4,
+    threads: int | None = None,
+    workdir=None,
+    log=print,
+) -> dict:
+    from bmc.benchmarks.adapt import _session
+    from bmc.edge_app import adapt, review
+    from bmc.edge_app.classifier import DEFAULT_MODEL, CellClassifier
+
+    model = Path(model or DEFAULT_MODEL)
+    source = Path(source)
+    keep = tempfile.mkdtemp(prefix="bmc-bench-autonomy-", dir=workdir)
+    tmp = Path(keep)
+    try:
+        src, truth, classes, _ = _shipped_run(source, truth_file, tmp, model, mode, orientations, threads, log)
+        shipped = _cells_of(tmp / "shipped" / "session.sqlite")
+        out = {
+            "source": str(source),
+            "truth": str(truth_file),
+            "mode": mode,
+            "model": model.name,
+            "orientations": orientations,
+            "fields": len(truth),
+            "classes": classes,
+            "k": k,
+            "calibration_cells": calibration if k else 0,
+            "shipped": score(truth, shipped, sorted(truth), classes),
+            "runs": [],
+        }
+        log(_line("shipped, every field", out["shipped"]))
+        for seed in seeds if k else ():
+            rng = np.random.default_rng(seed)
+            sess = tmp / f"seed{seed}"
+            shutil.copytree(tmp / "shipped", sess)
+            teach: dict[str, int] = {}
+            for c in classes:
+                cands = sorted(f for f in truth if truth[f] == c and f in shipped)
+                for i in sorted(rng.choice(len(cands), min(k, len(cands)), replace=False)):
+                    teach[cands[i]] = shipped[cands[i]][1]
+            db = review.connect(sess)
+            try:
+                cells = review.cells(db)
+                queue = review.calibration_queue(db, cells)
+            finally:
+                db.close()
+            field_of = {cid: f for f, (_, cid, _) in shipped.items()}
+            sample = [c for c in queue if c.id not in teach.values()][:calibration]
+            decisions = {cid: truth[f] for f, cid in teach.items()}
+            for c in sample:
+                f = field_of.get(c.id)
+                decisions[c.id] = truth[f] if f else ("platelet" if c.model_label == "platelet" else review.REJECTED)
+            with review.Reviewer(sess, "bench") as r:
+                for cid in list(teach.values()) + [c.id for c in sample]:
+                    r.decide(cid, decisions[cid])
+            reviewed_fields = set(teach) | {field_of[c.id] for c in sample if c.id in field_of}
+            clf = CellClassifier(model, orientations=1)
+            guard, rev, result = adapt.prepare([sess], clf)
+            unreviewed = sorted(f for f in truth if f not in reviewed_fields)
+            row = {
+                "seed": seed,
+                "taught": len(teach),
+                "calibration_sample": len(sample),
+                "accepted": result.accepted,
+                "reasons": result.reasons,
+                "calibration": result.calibration.to_dict() if result.calibration else None,
+                "before": score(truth, shipped, unreviewed, classes),
+            }
+            if result.accepted:
+                path = adapt.write_model(result, rev, clf, guard, tmp / "models", f"seed{seed}")
+                _session(src, path, tmp / f"after{seed}", mode, orientations, threads)
+                row["after"] = score(truth, _cells_of(tmp / f"after{seed}" / "session.sqlite"), unreviewed, classes)
+            else:
+                row["after"] = row["before"]
+            cal = result.calibration
+            if cal is not None and cal.interval is not None and result.accepted:
+                lo, hi = cal.interval
+                row["interval_covers"] = bool(lo <= row["after"]["accuracy_counted"] <= hi)
+            log(_line(f"seed {seed}, after adapt ({len(teach)} taught, {len(sample)} random)", row["after"]))
+            out["runs"].append(row)
+        if out["runs"]:
+            out["mean_after"] = {
+                key: float(np.mean([r["after"][key] for r in out["runs"]]))
+                for key in ("counted_share", "balanced_accuracy_counted", "unknown_share", "unsure_share")
+            }
+            covered = [r["interval_covers"] for r in out["runs"] if "interval_covers" in r]
+            out["interval_coverage"] = float(np.mean(covered)) if covered else None
+        return out
+    finally:
+        shutil.rmtree(keep, ignore_errors=True)
+
+
+def _line(what: str, s: dict) -> str:
+    return (
+        f"{what}: {100 * s['counted_share']:.0f}% of {s['fields']} white cells counted unaided, balanced accuracy "
+        f"{s['balanced_accuracy_counted']:.3f} among them; {100 * s['unknown_share']:.0f}% set aside as unknown, "
+        f"{100 * s['unsure_share']:.0f}% as unsure"
+    )
+
+
+def markdown(r: dict) -> str:
+    lines = [
+        f"`bmc bench autonomy`: {r['fields']} fields of `{r['source']}` ({r['model']}, {r['orientations']} "
+        f"orientations, mode {r['mode']})",
+        "",
+        "| model | fields scored | counted unaided | balanced acc. of those | set aside: unknown | unsure | "
+        "stated accuracy (95%) | covers |",
+        "|---|---:|---:|---:|---:|---:|---|---|",
+    ]
+
+    def row(name, s, cal=None, covers=None):
+        stated = "—"
+        if cal and cal.get("interval"):
+            stated = f"{100 * cal['accuracy']:.0f}% ({100 * cal['interval'][0]:.0f}–{100 * cal['interval'][1]:.0f}%)"
+        return (
+            f"| {name} | {s['fields']} | {100 * s['counted_share']:.0f}% | {s['balanced_accuracy_counted']:.3f} | "
+            f"{100 * s['unknown_share']:.0f}% | {100 * s['unsure_share']:.0f}% | {stated} | "
+            f"{'—' if covers is None else ('yes' if covers else 'no')} |"
+        )
+
+    lines.append(row("shipped", r["shipped"]))
+    for x in r["runs"]:
+        name = f"seed {x['seed']}: adapted ({x['taught']} taught + {x['calibration_sample']} random)" + (
+            "" if x["accepted"] else " — refused"
+        )
+        lines.append(row(name, x["after"], x["calibration"], x.get("interval_covers")))
+    if r.get("mean_after"):
+        m = r["mean_after"]
+        lines += [
+            "",
+            f"mean after adapting: {100 * m['counted_share']:.0f}% counted unaided at balanced accuracy "
+            f"{m['balanced_accuracy_counted']:.3f}; the stated interval covers the measured accuracy on "
+            f"{100 * (r['interval_coverage'] or 0):.0f}% of the seeds",
+        ]
+    per = r["shipped"]["per_class"]
+    lines += [
+        "",
+        "shipped model, per class: "
+        + "; ".join(
+            f"{c} {100 * v['counted_share']:.0f}% counted"
+            + (f" ({100 * v['accuracy_counted']:.0f}% right)" if v["accuracy_counted"] is not None else "")
+            for c, v in per.items()
+        ),
+    ]
+    return "\n".join(lines)

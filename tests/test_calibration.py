@@ -1,0 +1,166 @@
+"""Gates calibrated at the laboratory's microscope (``bmc.edge_app.calibration``): a random sample of
+reviewed cells sets the unknown-cell threshold and the confidence rule, and the report, the screen
+and FHIR state how accurate the cells counted with no person are, with the cells it rests on."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+
+import numpy as np
+import pytest
+
+from bmc.benchmarks.bccd import single_cell_fields
+from bmc.edge_app.calibration import (
+    MIN_CELLS,
+    calibrate,
+    calibration_order,
+    conformal_quantile,
+    decided_prefix,
+)
+
+from conftest import bmc, recorded_session
+
+
+def test_the_calibration_order_is_a_fixed_permutation_and_the_sample_its_decided_prefix():
+    ids = list(range(1, 41))
+    a, b = calibration_order(ids, "s|1|2026-12-02T09:00"), calibration_order(ids, "s|1|2026-12-02T09:00")
+    assert a == b and sorted(a) == ids and a != ids
+    assert calibration_order(ids, "s|1|2026-12-02T10:00") != a
+    # a person decided the first five and the eighth: the sample ends where a cell was skipped
+    assert decided_prefix(a, set(a[:5]) | {a[7]}) == a[:5]
+
+
+def test_the_conformal_quantile_keeps_the_level_on_new_cells():
+    rng = np.random.default_rng(0)
+    hits = []
+    for _ in range(400):
+        cal, new = rng.gamma(2.0, 1.0, 60), rng.gamma(2.0, 1.0)
+        hits.append(new <= conformal_quantile(cal, 0.9))
+    assert np.mean(hits) >= 0.88  # ≥ level, up to the simulation's own noise
+
+
+def test_the_confidence_rule_is_the_lowest_that_keeps_the_error_rate():
+    rng = np.random.default_rng(1)
+    n = 80
+    top = np.sort(rng.uniform(0.4, 1.0, n))[::-1]
+    probs = np.stack([top, 1 - top], axis=1)
+    truth = [0] * n
+    for i in (30, 45, 50, 60, 70, 75):  # wrong calls, all below the 30 surest
+        truth[i] = 1
+    truth[79] = None  # a rejected cell (not a cell): wrong whenever it is counted
+    c = calibrate(probs, truth, None, None, target_error=0.05)
+    passed = top >= c.min_confidence
+    errors = sum(1 for i in np.flatnonzero(passed) if truth[i] != 0)
+    assert errors / passed.sum() <= 0.05 and c.passed == passed.sum() and c.correct == passed.sum() - errors
+    lower = top >= c.min_confidence - 0.01
+    assert sum(1 for i in np.flatnonzero(lower) if truth[i] != 0) / lower.sum() > 0.05 or lower.sum() == passed.sum()
+    lo, hi = c.interval
+    assert lo < c.accuracy <= hi and "randomly chosen" in c.statement()
+    with pytest.raises(ValueError, match="too few"):
+        calibrate(probs[: MIN_CELLS - 1], truth[: MIN_CELLS - 1], None, None)
+
+
+def test_the_unknown_threshold_stays_the_cards_and_the_laboratorys_quantile_is_recorded():
+    """Raised to the laboratory's own quantile, the threshold let unknown cells through (the Munich
+    blasts at BCCD): it stays the card's, and cells beyond it are not counted in the estimate."""
+    probs = np.tile([[0.9, 0.1]], (40, 1))
+    far = np.linspace(0.05, 0.3, 40)
+    c = calibrate(probs, [0] * 40, far, 0.12)
+    assert c.unknown_threshold == 0.12 and c.lab_unknown_quantile == pytest.approx(conformal_quantile(far, 0.98))
+    assert c.passed == int((far <= 0.12).sum())
+
+
+@pytest.fixture(scope="module")
+def bccd_session(bccd, tmp_path_factory):
+    fields = [f.image for f in single_cell_fields(bccd)[:90]]
+    return recorded_session(fields, tmp_path_factory, "calibration")
+
+
+def _truth_of(bccd, rows):
+    """The decisions a reviewer who knows BCCD's labels writes: the field's white cell (its box
+    holds the cell's centre) named, any other cell rejected."""
+    labels = {f.image.name: (f.labels[0], f.wbc[0]) for f in single_cell_fields(bccd)}
+    out = []
+    for r in rows:
+        label, box = labels[r["source"]]
+        x, y, w, h = (int(r[k]) for k in ("x", "y", "w", "h"))
+        inside = box.x <= x + w / 2 <= box.x + box.w and box.y <= y + h / 2 <= box.y + box.h
+        out.append({**r, "label": label if inside else "rejected"})
+    return out
+
+
+def test_adapting_with_a_random_sample_calibrates_the_gates_and_the_report_states_the_error(
+    bccd, bccd_session, tmp_path
+):
+    import shutil
+
+    session = tmp_path / "s"
+    shutil.copytree(bccd_session, session)
+    cells = {r["id"]: r for r in csv.DictReader(open(session / "cells.csv"))}
+    # the cells that teach most, then 50 of the random calibration order: named from BCCD's labels
+    teach = list(
+        csv.DictReader(io.StringIO(bmc("edge", "review", session, "--list", "--for-adapt", "--per-class", "6").stdout))
+    )
+    rows = [{**cells[r["id"]], "id": r["id"]} for r in teach]
+    decisions = tmp_path / "teach.csv"
+    _write(decisions, _truth_of(bccd, rows))
+    bmc("edge", "review", session, "--apply", decisions, "--by", "anna")
+    listed = bmc("edge", "review", session, "--list", "--for-calibration", "50").stdout
+    sample = [{**cells[r["id"]], "id": r["id"]} for r in csv.DictReader(io.StringIO(listed))]
+    assert len(sample) == 50
+    _write(decisions, _truth_of(bccd, sample))
+    bmc("edge", "review", session, "--apply", decisions, "--by", "ben")
+    bmc("edge", "adapt", session, "--out", tmp_path / "m", "--name", "lab1")
+    card = json.loads((tmp_path / "m" / "lab1.json").read_text())
+    cal = card["calibration"]
+    assert cal["cells"] >= 50 and 0.4 <= cal["min_confidence"] <= 0.99
+    assert cal["unknown_threshold"] == pytest.approx(card["unknown"]["levels"][3][1])  # the card's, at 0.98
+    assert "randomly chosen" in cal["statement"]
+    # counting with it: the session's report, FHIR and screen carry the statement
+    fields = tmp_path / "more"
+    fields.mkdir()
+    for f in single_cell_fields(bccd)[90:110]:
+        (fields / f.image.name).symlink_to(f.image)
+    out = tmp_path / "next"
+    bmc("edge", "run", fields, "--out", out, "--headless", "--model", tmp_path / "m" / "lab1.tflite")
+    bmc("edge", "report", out, "--fhir")
+    assert "Cells counted without a person at this microscope" in (out / "report.html").read_text()
+    fhir = json.loads((out / "differential.fhir.json").read_text())
+    assert "randomly chosen" in fhir["entry"][0]["resource"]["conclusion"]
+    recorded = json.loads(
+        __import__("sqlite3").connect(out / "session.sqlite").execute("SELECT config FROM session").fetchone()[0]
+    )
+    assert recorded["review"]["min_confidence"] == cal["min_confidence"]
+    assert recorded["unknown"]["threshold"] == pytest.approx(cal["unknown_threshold"])
+
+
+def _write(path, rows):
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=["id", "label"], extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+
+
+def test_the_adaptation_gate_is_a_paired_bootstrap_of_the_log_loss_over_fields():
+    """A head better on most cells is accepted whatever one cell's call; a head that differs only
+    by chance has an interval around 0."""
+    from bmc.edge_app.adapt import paired_log_loss
+
+    rng = np.random.default_rng(0)
+    n = 60
+    y = rng.integers(0, 3, n)
+    groups = [f"field{i}" for i in range(n)]
+    ship = np.full((n, 3), 0.2)
+    ship[np.arange(n), y] = 0.6
+    better = np.full((n, 3), 0.1)
+    better[np.arange(n), y] = 0.8
+    better[0] = [0.45, 0.45, 0.1]  # one cell now wrong: a balanced accuracy can drop, the log-loss not much
+    w = np.ones(n)
+    d = paired_log_loss(y, ship, better, w, groups)
+    assert d["gain"] > 0 and d["low"] > 0 and d["fields"] == n
+    noise = np.clip(ship + rng.normal(0, 0.05, ship.shape), 0.01, 1)
+    noise /= noise.sum(axis=1, keepdims=True)
+    d = paired_log_loss(y, ship, noise, w, groups)
+    assert d["low"] < 0 < d["high"]
