@@ -205,7 +205,7 @@ def markdown(r: dict) -> str:
         name = f"seed {x['seed']}: adapted ({x['taught']} taught + {x['calibration_sample']} random)" + (
             "" if x["accepted"] else " — refused"
         )
-        lines.append(row(name, x["after"], x["calibration"], x.get("interval_covers")))
+        lines.append(row(name, x["after"], x["calibration"] if x["accepted"] else None, x.get("interval_covers")))
     if r.get("mean_after"):
         m = r["mean_after"]
         lines += [
