@@ -766,7 +766,8 @@ class UiApp:
             else button(
                 "start",
                 "Start a session",
-                "<label>target <input name='target' type='number' min='0' max='100000' value='200'></label> ",
+                "<label>stop at <input name='target' type='number' min='0' max='100000' value='200'> leukocytes "
+                "(0: no target)</label> ",
             )
         )
         last = (
