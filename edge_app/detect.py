@@ -4,7 +4,8 @@ Nuclei take up the basic dye and are blue-purple, while red cells are pink and t
 pale: in CIELAB the nuclear stain stands out on the yellow-blue axis (*b*), relative to the
 field's own median, so the rule holds across stains, white balance and exposure. The pipeline:
 
-1. *b* below the field median by ``b_drop`` (and darker than the background) → stain mask; of
+1. *b* below the field median by ``b_drop`` (and darker than the background, the field's brightest
+   tenth, by ``l_drop``) → stain mask; of
    those pixels, the ones whose colour (*a*, *b*) lies within ``red_cell_chroma`` of the field's
    red cells are red cells, whatever the stain tinted them — an alkaline Giemsa turns them lilac or
    bluish-grey, below the field's *b* median, and the nuclear stain is still further away. The red
@@ -122,7 +123,10 @@ def stain_mask(bgr: np.ndarray, cfg: FinderConfig, session_red: tuple[float, flo
     """The nuclear-stain pixels of a field (255). The red cells' colour is measured on the field;
     ``session_red`` (:attr:`FieldScale.red_colour`) stands in where the field has too few cells."""
     lab = cv2.cvtColor(bgr, cv2.COLOR_BGR2LAB)
-    mask = (lab[..., 2] < median_u8(lab[..., 2]) - cfg.b_drop) & (lab[..., 0] < median_u8(lab[..., 0]) - cfg.l_drop)
+    # darker than the background (the field's brightest tenth), not than its median: in a dense
+    # field the median is a red cell's, and a pale nucleus is lighter than that
+    background = float(np.percentile(lab[::4, ::4, 0], 90))
+    mask = (lab[..., 2] < median_u8(lab[..., 2]) - cfg.b_drop) & (lab[..., 0] < background - cfg.l_drop)
     red = None
     if cfg.red_cell_chroma:
         red = red_cell_colour(lab) or session_red
