@@ -41,7 +41,7 @@ from bmc.edge_app.cells import Box
 @dataclasses.dataclass(frozen=True)
 class FinderConfig:
     b_drop: float = 14.0  # LAB b (0..255 scale) below the field median
-    l_drop: float = 8.0  # LAB L below the field median (stain is darker than background)
+    l_drop: float = 8.0  # LAB L below the background (the field's brightest tenth)
     open_px: int = 3
     close_px: int = 15  # joins nuclear lobes up to this far apart
     min_area_px: int = 2000  # a nucleus group (~50 px across); platelets and their clumps are smaller
