@@ -19,7 +19,7 @@ from pathlib import Path
 
 from bmc.edge_app import review, store
 from bmc.edge_app.differential import DifferentialCount, count_interval, differential_of, display
-from bmc.edge_app.store import is_locked
+from bmc.edge_app.folder_lock import is_locked
 from bmc.errors import BmcError
 from bmc.stages import coarse_counts, series_counts
 

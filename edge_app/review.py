@@ -112,7 +112,7 @@ def connect(out_dir: str | Path, write: bool = False) -> sqlite3.Connection:
         db.execute("PRAGMA journal_mode=WAL")  # a running session may be writing frames meanwhile
         db.execute("PRAGMA synchronous=FULL")
         db.executescript(SCHEMA)
-        from bmc.edge_app.store import is_locked, mark_interrupted
+        from bmc.edge_app.folder_lock import is_locked, mark_interrupted
 
         if not is_locked(out_dir):  # 'running' with nobody recording: it was killed
             mark_interrupted(db)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import datetime
 import errno
-import fcntl
 import io
 import json
 import os
@@ -25,7 +24,12 @@ import numpy as np
 
 from bmc.edge_app import review
 from bmc.edge_app.cells import CellCall
-from bmc.errors import BmcError
+from bmc.edge_app.folder_lock import LOCK_NAME, SessionFolderError, is_locked, lock_folder, mark_interrupted
+
+__all__ = ["LOCK_NAME", "SessionFolderError", "is_locked", "lock_folder", "mark_interrupted"]
+
+# what ``SessionStore`` does with a folder that already holds a session
+ON_EXISTING = ("resume", "new", "refuse")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS session (
@@ -75,61 +79,6 @@ CSV_COLUMNS = [
 
 class StorageFull(RuntimeError):
     """The disk is full: recording stopped; what was recorded is intact."""
-
-
-class SessionFolderError(BmcError, RuntimeError):
-    """A session folder that this process may not record into: another process owns it, or it
-    holds a session that a new one would be added to (its report would count both)."""
-
-
-LOCK_NAME = "session.lock"
-# what ``SessionStore`` does with a folder that already holds a session
-ON_EXISTING = ("resume", "new", "refuse")
-
-
-def lock_folder(out_dir: Path):
-    """An exclusive lock on ``out_dir`` for this process (released by the OS when it dies, even by
-    SIGKILL), or :class:`SessionFolderError` naming the pid that holds it."""
-    path = out_dir / LOCK_NAME
-    fh = open(path, "a+")
-    try:
-        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        fh.seek(0)
-        pid = fh.read().strip() or "?"
-        fh.close()
-        raise SessionFolderError(
-            f"{out_dir} is being recorded by another process (pid {pid}); "
-            "stop it first or record into another --out folder"
-        ) from None
-    fh.seek(0)
-    fh.truncate()
-    fh.write(f"{os.getpid()}\n")
-    fh.flush()
-    return fh
-
-
-def is_locked(out_dir: str | Path) -> bool:
-    """Whether a live process is recording into ``out_dir`` now."""
-    path = Path(out_dir) / LOCK_NAME
-    if not path.exists():
-        return False
-    with open(path, "a+") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        fcntl.flock(fh, fcntl.LOCK_UN)
-    return False
-
-
-def mark_interrupted(db: sqlite3.Connection) -> int:
-    """Sessions left 'running' by a process that died (the caller holds the folder's lock, or
-    found it free) are 'interrupted'; returns how many."""
-    try:
-        return db.execute("UPDATE session SET status = 'interrupted' WHERE status = 'running'").rowcount
-    except sqlite3.OperationalError:
-        return 0  # a read-only connection or a full disk: readers still show it as interrupted
 
 
 def _is_disk_full(e: BaseException) -> bool:

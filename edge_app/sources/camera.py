@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import time
 
-from bmc.edge_app.sources import Frame, FrameSource, SourceError
+from bmc.edge_app.sources.base import Frame, FrameSource, SourceError
 
 log = logging.getLogger(__name__)
 
