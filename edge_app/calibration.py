@@ -153,7 +153,7 @@ def calibrate(
         # threshold let Munich blasts and artefacts through at BCCD (benchmarks/README.md, "Gates
         # calibrated at the laboratory"); the laboratory's reviewed cells join the reference instead
         lab_quantile = conformal_quantile(d[known], level) if known.sum() >= MIN_CELLS // 2 else None
-        inside = d <= threshold
+        inside = d <= card_threshold
     top = probs.max(axis=1)
     right = np.array([t is not None and int(np.argmax(p)) == t for p, t in zip(probs, truth)])
     # the lowest threshold at which the cells let through are wrong at most target_error of the

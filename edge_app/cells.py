@@ -10,6 +10,7 @@ replicated (a cell at the edge of the field still reaches the model at the right
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable, Sequence
 
 import cv2
 import numpy as np
@@ -91,7 +92,7 @@ class SessionScale:
         self.window = window
         self._seen: list[float] = []
 
-    def observe(self, diameters) -> None:
+    def observe(self, diameters: Iterable[float]) -> None:
         self._seen.extend(float(d) for d in diameters)
         if len(self._seen) > self.window:
             del self._seen[: len(self._seen) - self.window]
@@ -120,7 +121,7 @@ class SessionLamp:
     (``benchmarks/README.md``). No lamp in the card, or ``enabled=False``: cells pass unchanged.
     """
 
-    def __init__(self, lamp_rgb, enabled: bool = True, window: int = 101):
+    def __init__(self, lamp_rgb: Sequence[float] | None, enabled: bool = True, window: int = 101):
         self.lamp = np.asarray(lamp_rgb, np.float32) if (enabled and lamp_rgb is not None) else None
         self.window = window
         self._seen: list[np.ndarray] = []
@@ -138,7 +139,7 @@ class SessionLamp:
             return level
         return None
 
-    def take(self, level) -> None:
+    def take(self, level: Sequence[float]) -> None:
         """One frame's background level (RGB), measured now or replayed from a resumed session."""
         self._seen.append(np.asarray(level, np.float32))
         del self._seen[: -self.window]
@@ -146,7 +147,7 @@ class SessionLamp:
 
     def balance(self, crop: np.ndarray) -> np.ndarray:
         """A BGR crop scaled onto the training lamp."""
-        seen = self.seen
-        if seen is None or crop.ndim != 3:
+        seen, lamp = self.seen, self.lamp
+        if seen is None or lamp is None or crop.ndim != 3:
             return crop
-        return white_balance(crop, seen[::-1], self.lamp[::-1])
+        return white_balance(crop, seen[::-1], [float(v) for v in lamp[::-1]])

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -102,7 +104,7 @@ def count_interval(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
     return lower, upper
 
 
-def clinical_order(labels) -> list[str]:
+def clinical_order(labels: Iterable[str]) -> list[str]:
     """``labels`` in the order a differential is read (:data:`CLINICAL_ORDER`); a class no model of
     the kit names (one a laboratory added) after the known ones, alphabetically."""
     labels = list(dict.fromkeys(labels))
@@ -123,7 +125,7 @@ class ClassShare:
     def limits(self) -> str:
         return "" if self.low is None or self.high is None else f"{self.low:.1f}–{self.high:.1f}%"
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {
             "label": self.label,
             "count": self.count,
@@ -203,7 +205,7 @@ class DifferentialCount:
             + "".join(f", {r}" for r in self.ratios())
         )
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {
             "specimen": self.specimen,
             "denominator": self.denominator,
@@ -218,7 +220,11 @@ class DifferentialCount:
 
 
 def differential_of(
-    counts, labels=(), specimen: str = "blood", waiting: int = 0, unknown: int = 0
+    counts: Mapping[str, int],
+    labels: Iterable[str] = (),
+    specimen: str = "blood",
+    waiting: int = 0,
+    unknown: int = 0,
 ) -> DifferentialCount:
     """The differential of ``counts`` (cells counted by final class), listing every class of
     ``labels`` (the model's) and of ``counts`` (a reviewer's new class too), in clinical order."""
@@ -260,7 +266,7 @@ class ReviewPolicy:
     # validation cells keep is set aside as unknown (edge_app/unknown.py); 0 turns the check off
     unknown_level: float = 0.98
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.unknown_level and not 0.9 <= self.unknown_level <= 0.999:
             raise ValueError(f"unknown_level must be 0 (off) or between 0.9 and 0.999, got {self.unknown_level}")
 
@@ -278,7 +284,13 @@ class Differential:
     """The running count of a session as it records: the model's sure calls by class, and the cells
     set aside. :meth:`record` is its :class:`DifferentialCount`, which every view renders."""
 
-    def __init__(self, labels, target: int | None = None, review: ReviewPolicy = ReviewPolicy(), specimen="blood"):
+    def __init__(
+        self,
+        labels: Iterable[str],
+        target: int | None = None,
+        review: ReviewPolicy = ReviewPolicy(),
+        specimen: str = "blood",
+    ):
         self.labels = list(labels)
         self.target = target
         self.review = review
@@ -315,7 +327,7 @@ class Differential:
 
     @property
     def done(self) -> bool:
-        return bool(self.target) and self.counted >= self.target
+        return self.target is not None and self.target > 0 and self.counted >= self.target
 
     def summary(self) -> str:
         return self.record().text(self.target)

@@ -9,6 +9,7 @@ import fcntl
 import os
 import sqlite3
 from pathlib import Path
+from typing import TextIO
 
 from bmc.errors import BmcError
 
@@ -21,7 +22,7 @@ class SessionFolderError(BmcError, RuntimeError):
 LOCK_NAME = "session.lock"
 
 
-def lock_folder(out_dir: Path):
+def lock_folder(out_dir: Path) -> TextIO:
     """An exclusive lock on ``out_dir`` for this process (released by the OS when it dies, even by
     SIGKILL), or :class:`SessionFolderError` naming the pid that holds it."""
     path = out_dir / LOCK_NAME

@@ -72,7 +72,7 @@ class CellTracker:
 def whole_in_frame(box: Box, shape: tuple[int, ...], margin: int = 2) -> bool:
     """The cell's box lies inside the frame, clear of its border by ``margin`` pixels: a whole cell."""
     h, w = shape[:2]
-    return box.x >= margin and box.y >= margin and box.x + box.w <= w - margin and box.y + box.h <= h - margin
+    return bool(box.x >= margin and box.y >= margin and box.x + box.w <= w - margin and box.y + box.h <= h - margin)
 
 
 @dataclasses.dataclass
@@ -84,9 +84,18 @@ class TrackViews:
     first_frame: int
     whole: int = 0
     prob_sum: np.ndarray | None = None
-    best: tuple | None = None  # (distance to the frame's centre, frame, box, crop, probabilities, embedding)
+    # (distance to the frame's centre, frame, box, crop, probabilities, embedding)
+    best: tuple[float, int, Box, np.ndarray, np.ndarray, np.ndarray | None] | None = None
 
-    def add(self, frame: int, box: Box, shape, crop, probs: np.ndarray, embedding) -> None:
+    def add(
+        self,
+        frame: int,
+        box: Box,
+        shape: tuple[int, ...],
+        crop: np.ndarray,
+        probs: np.ndarray,
+        embedding: np.ndarray | None,
+    ) -> None:
         if not whole_in_frame(box, shape):
             return
         self.whole += 1

@@ -80,7 +80,7 @@ class ImageFiles(FrameSource):
             what = errors[0] if len(errors) == 1 else f"none of its {len(paths)} images decodes (first: {errors[0]})"
             raise SourceError(f"{name}: {what}")
 
-    def _frames(self):
+    def _frames(self) -> Iterator[Frame]:
         from bmc.contract import read_image
 
         for i, p in enumerate(self.paths):
@@ -108,7 +108,7 @@ class VideoFile(FrameSource):
             raise SourceError(f"{path}: cannot open video (missing file or codec)")
         self.length = int(self.cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)  # 0: unknown (a stream)
 
-    def _frames(self):
+    def _frames(self) -> Iterator[Frame]:
         name = Path(self.path).name
         i = 0
         bad: list[int] = []  # unreadable frames since the last good one: corrupt if one follows
@@ -134,5 +134,5 @@ class VideoFile(FrameSource):
                 f"{name}: stopped after {len(bad)} unreadable frames in a row from frame {bad[0]} of {self.length}"
             )
 
-    def close(self):
+    def close(self) -> None:
         self.cap.release()
