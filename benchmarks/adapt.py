@@ -106,6 +106,18 @@ def _score(truth: dict[str, str], answers: dict[str, tuple[str, int]], fields: l
     }
 
 
+def teach_fields(truth: dict[str, str], answers: dict, classes, k: int, seed: int) -> dict[str, int]:
+    """``{field: cell id}``: ``k`` fields of each class drawn with ``seed`` among those the session
+    answered (``answers``: field → (label, cell id, …)), the cells a simulated laboratory reviews."""
+    rng = np.random.default_rng(seed)
+    picked: dict[str, int] = {}
+    for c in classes:
+        cands = sorted(f for f in truth if truth[f] == c and f in answers)
+        for i in sorted(rng.choice(len(cands), min(k, len(cands)), replace=False)):
+            picked[cands[i]] = answers[cands[i]][1]
+    return picked
+
+
 def _session(src: Path, model, out: Path, mode: str, orientations: int, threads: int | None):
     from bmc.edge_app.app import EdgeSession, SessionConfig
     from bmc.edge_app.classifier import CellClassifier
@@ -206,12 +218,7 @@ def run(
         src, truth, classes, before = _shipped_run(source, truth_file, tmp, model, mode, orientations, threads, log)
         runs = []
         for seed in seeds:
-            rng = np.random.default_rng(seed)
-            picked: dict[str, int] = {}
-            for c in classes:
-                cands = sorted(f for f in truth if truth[f] == c and f in before)
-                for f in (cands[i] for i in sorted(rng.choice(len(cands), min(k, len(cands)), replace=False))):
-                    picked[f] = before[f][1]
+            picked = teach_fields(truth, before, classes, k, seed)
             sess = tmp / f"seed{seed}"
             shutil.copytree(tmp / "shipped", sess)
             with Reviewer(sess, "bench") as r:

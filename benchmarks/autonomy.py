@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bmc.benchmarks.adapt import _shipped_run
+from bmc.benchmarks.adapt import _shipped_run, teach_fields
 
 
 def _cells_of(db_path: Path) -> dict[str, tuple[str, int, str]]:
@@ -112,14 +112,9 @@ def run(
         }
         log(_line("shipped, every field", out["shipped"]))
         for seed in seeds if k else ():
-            rng = np.random.default_rng(seed)
             sess = tmp / f"seed{seed}"
             shutil.copytree(tmp / "shipped", sess)
-            teach: dict[str, int] = {}
-            for c in classes:
-                cands = sorted(f for f in truth if truth[f] == c and f in shipped)
-                for i in sorted(rng.choice(len(cands), min(k, len(cands)), replace=False)):
-                    teach[cands[i]] = shipped[cands[i]][1]
+            teach = teach_fields(truth, shipped, classes, k, seed)
             db = review.connect(sess)
             try:
                 cells = review.cells(db)

@@ -281,11 +281,13 @@ class EdgeSession:
                 keep += self._judge(t)
                 self._judged.discard(t)
         cells = []
+        # a still field's cells are judged now: their unknown-cell scores in one batch
+        scores = self.unknown.scores(embs) if frame.still and self.unknown is not None and embs is not None else None
         for k, (box, p, (track, _new)) in enumerate(zip(boxes, probs, tracks)):
             emb = embs[k] if embs is not None else None
             i = int(np.argmax(p))
             if frame.still:  # a field of its own: every cell whole as it will ever be, judged now
-                call = self._count(box, p, emb, track)
+                call = self._count(box, p, emb, track, score=None if scores is None else float(scores[k]))
                 keep.append((call, crops[k]))
             elif track in self._judged:
                 call = CellCall(box, self.clf.labels[i], float(p[i]), p, "seen", track, False, emb)
@@ -308,11 +310,16 @@ class EdgeSession:
         r.counted = self.diff.counted
         return cells
 
-    def _count(self, box: Box, p: np.ndarray, emb, track: int | None, frame: int | None = None) -> CellCall:
-        """One cell into the differential (or set aside for review, or as unknown), as recorded."""
+    def _count(
+        self, box: Box, p: np.ndarray, emb, track: int | None, frame: int | None = None, score: float | None = None
+    ) -> CellCall:
+        """One cell into the differential (or set aside for review, or as unknown), as recorded.
+        ``score``: its unknown-cell score where the frame's were computed together."""
         unknown = ""
         if self.unknown is not None and emb is not None:
-            unknown = self.unknown.flag(float(self.unknown.scores(np.asarray(emb)[None])[0]))
+            if score is None:
+                score = float(self.unknown.scores(np.asarray(emb)[None])[0])
+            unknown = self.unknown.flag(score)
         label, conf, flag = self.diff.add(p, unknown)
         self.result.cells += 1
         self.result.flagged += bool(flag)

@@ -219,6 +219,12 @@ class DifferentialCount:
         }
 
 
+def in_denominator(label: str, specimen: str) -> bool:
+    """Whether a class's cells are in the differential's denominator: the leukocytes of a blood
+    count (not the erythroblasts beside it), the nucleated cells of a marrow count; never platelets."""
+    return label not in NOT_NUCLEATED and (specimen == "marrow" or label.lower() not in ERYTHROID)
+
+
 def differential_of(
     counts: Mapping[str, int],
     labels: Iterable[str] = (),
@@ -234,7 +240,7 @@ def differential_of(
     classes = clinical_order([*labels, *counts])
     erythroid = [l for l in classes if l.lower() in ERYTHROID]
     apart = [l for l in classes if l in NOT_NUCLEATED]
-    in_count = [l for l in classes if l not in apart and (specimen == "marrow" or l not in erythroid)]
+    in_count = [l for l in classes if in_denominator(l, specimen)]
     n = sum(counts.get(l, 0) for l in in_count)
     nrbc = None
     if specimen == "blood" and erythroid:  # per 100 leukocytes: a rate, not a share (no binomial limits)
@@ -322,8 +328,9 @@ class Differential:
     @property
     def counted(self) -> int:
         """The cells the target is of: the differential's denominator (leukocytes, or nucleated
-        cells of a marrow), not the platelets or the erythroblasts beside a blood count."""
-        return self.record().total
+        cells of a marrow), not the platelets or the erythroblasts beside a blood count. Read every
+        frame: summed here, without the record's interval computations."""
+        return sum(k for l, k in self.counts.items() if in_denominator(l, self.specimen))
 
     @property
     def done(self) -> bool:

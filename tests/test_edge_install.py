@@ -142,10 +142,15 @@ def test_edge_extra_alone_runs_the_app(tmp_path, bccd):
     for f in single_cell_fields(bccd)[:6]:
         (mini / "JPEGImages" / f.image.name).symlink_to(f.image)
         (mini / "Annotations" / f"{f.image.stem}.xml").symlink_to(bccd / "Annotations" / f"{f.image.stem}.xml")
+    truth = tmp_path / "mini_truth.csv"
     for verb in (
         ["bccd", "--bccd", str(mini)],
         ["generalisation", site_models, "--bccd", str(mini)],
         ["edge", "--source", str(fields), "--no-record"],
+        ["truth", str(mini), "--format", "bccd", "--out", str(truth)],
+        ["differential", "--source", str(mini), "--truth", str(truth), "--orientations", "1"],
+        ["autonomy", "--source", str(mini), "--truth", str(truth), "--orientations", "1"],
+        ["pan", "--bccd", str(mini), "--fields", "2", "--speeds", "60", "--orientations", "1"],
     ):
         b = subprocess.run([bmc_bin, "bench", *verb], capture_output=True, text=True, timeout=300, cwd=tmp_path)
         assert b.returncode == 0 and "Traceback" not in b.stderr, " ".join(verb) + b.stdout + b.stderr

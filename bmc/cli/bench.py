@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import click
 
-from bmc.cli.common import _Fail, _guard, _write_json, json_option, orientations_option, threads_option
+from bmc.cli.common import (
+    _Fail,
+    _guard,
+    _write_json,
+    json_option,
+    orientations_option,
+    seeds_option,
+    threads_option,
+    truth_options,
+)
 
 
 @click.group()
@@ -137,14 +146,11 @@ def bench_bccd(bccd, model, orientations, white_balance, json_out):
 
 
 @bench.command("autonomy")
-@click.option("--source", required=True, type=click.Path(file_okay=False), help="the folder the truth's files are in")
-@click.option(
-    "--truth", "truth_file", required=True, type=click.Path(dir_okay=False), help="file,label CSV (bmc bench truth)"
-)
+@truth_options
 @click.option(
     "--k", default=0, show_default=True, help="fields per class reviewed to adapt (0: the shipped model only)"
 )
-@click.option("--seeds", default="1,2,3", show_default=True)
+@seeds_option
 @click.option(
     "--calibration",
     default=60,
@@ -160,16 +166,12 @@ def bench_autonomy(source, truth_file, k, seeds, calibration, mode, model, orien
     shipped model and, with --k, after a laboratory's day of review and bmc edge adapt."""
     from bmc.benchmarks import autonomy
 
-    try:
-        seed_list = tuple(int(v) for v in seeds.split(","))
-    except ValueError:
-        raise click.BadParameter(f"{seeds!r}: comma-separated integers", param_hint="--seeds") from None
     r = _guard(
         autonomy.run,
         source,
         truth_file,
         k,
-        seed_list,
+        seeds,
         calibration,
         mode,
         model,
@@ -182,10 +184,7 @@ def bench_autonomy(source, truth_file, k, seeds, calibration, mode, model, orien
 
 
 @bench.command("differential")
-@click.option("--source", required=True, type=click.Path(file_okay=False), help="the folder the truth's files are in")
-@click.option(
-    "--truth", "truth_file", required=True, type=click.Path(dir_okay=False), help="file,label CSV (bmc bench truth)"
-)
+@truth_options
 @click.option("--model", type=click.Path(dir_okay=False))
 @click.option("--mode", type=click.Choice(["field", "cell"]), default="field", show_default=True)
 @orientations_option()
@@ -310,16 +309,9 @@ def bench_ood(model, level, data_root, reviewed, seed, calibrate, json_out):
 
 
 @bench.command("adapt")
-@click.option("--source", required=True, type=click.Path(file_okay=False), help="folder the --truth files are under")
-@click.option(
-    "--truth",
-    "truth_file",
-    required=True,
-    type=click.Path(dir_okay=False),
-    help="CSV file,label (bmc bench truth writes BCCD's and Munich's)",
-)
+@truth_options
 @click.option("--k", default=10, show_default=True, help="fields labelled per class")
-@click.option("--seeds", default="1,2,3", show_default=True, help="comma-separated: which fields are labelled")
+@seeds_option
 @click.option("--mode", type=click.Choice(["field", "cell"]), default="field", show_default=True)
 @click.option("--model", type=click.Path(dir_okay=False), help="base model (default: the shipped int8)")
 @orientations_option()
@@ -348,16 +340,12 @@ def bench_adapt(source, truth_file, k, seeds, mode, model, orientations, ceiling
             _write_json(json_out, res)
         return
 
-    try:
-        seed_list = [int(x) for x in seeds.split(",") if x.strip()]
-    except ValueError:
-        raise click.BadParameter(f"{seeds!r}: comma-separated integers", param_hint="--seeds") from None
     res = _guard(
         bench.run,
         source,
         truth_file,
         k,
-        seed_list,
+        seeds,
         mode,
         model,
         int(orientations),

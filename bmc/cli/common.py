@@ -77,5 +77,32 @@ def orientations_option(default: str = "4", help: str = "orientations each cell 
     )
 
 
+def truth_options(fn):
+    """``--source`` and ``--truth``: the fields (or cell images) of a bench and their ``file,label``
+    truth, as ``bmc bench truth`` writes it (``bench adapt``, ``autonomy``, ``differential``)."""
+    fn = click.option(
+        "--truth",
+        "truth_file",
+        required=True,
+        type=click.Path(dir_okay=False),
+        help="CSV file,label (bmc bench truth writes BCCD's and Munich's)",
+    )(fn)
+    return click.option(
+        "--source", required=True, type=click.Path(file_okay=False), help="folder the --truth files are under"
+    )(fn)
+
+
+def _seeds(ctx, param, value: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in value.split(",") if x.strip())
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: comma-separated integers") from None
+
+
+#: ``--seeds``: which fields a bench's simulated laboratory reviews, one run per seed
+seeds_option = click.option(
+    "--seeds", default="1,2,3", show_default=True, callback=_seeds, help="comma-separated: one run per seed"
+)
+
 #: ``--threads``: the interpreter's threads
 threads_option = click.option("--threads", type=click.IntRange(1, 256), help="inference threads (default: all cores)")
