@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bmc.edge_app.classifier import DEFAULT_ORIENTATIONS
 from bmc.errors import BmcError
 
 
@@ -155,7 +156,7 @@ def ceiling(
     truth_file,
     mode: str = "field",
     model=None,
-    orientations: int = 4,
+    orientations: int = DEFAULT_ORIENTATIONS,
     threads: int | None = None,
     workdir=None,
     log=print,
@@ -201,7 +202,7 @@ def run(
     seeds=(1, 2, 3),
     mode: str = "field",
     model=None,
-    orientations: int = 4,
+    orientations: int = DEFAULT_ORIENTATIONS,
     threads: int | None = None,
     workdir=None,
     log=print,

@@ -28,6 +28,9 @@ from pathlib import Path
 import numpy as np
 
 from bmc.benchmarks.adapt import _shipped_run, teach_fields
+from bmc.edge_app.classifier import DEFAULT_ORIENTATIONS
+
+GROW = 0.9  # the confidence a counted cell needs to join the reference in sequence()
 
 
 def _cells_of(db_path: Path) -> dict[str, tuple[str, int, str]]:
@@ -73,6 +76,31 @@ def score(truth: dict[str, str], cells: dict[str, tuple[str, int, str]], fields:
     }
 
 
+def review_day(sess: Path, truth, cells, classes, k: int, seed: int, calibration: int):
+    """A simulated laboratory's day of review in the session ``sess``: ``k`` fields per class taught,
+    then the first ``calibration`` cells of its random calibration order reviewed whatever the model
+    said (the field's white cell named with its true class, a platelet call confirmed, any other cell
+    rejected). Returns (taught {field: cell id}, the random sample, the fields reviewed)."""
+    from bmc.edge_app import review
+
+    teach = teach_fields(truth, cells, classes, k, seed)
+    db = review.connect(sess)
+    try:
+        queue = review.calibration_queue(db, review.cells(db))
+    finally:
+        db.close()
+    field_of = {cid: f for f, (_, cid, _) in cells.items()}
+    sample = [c for c in queue if c.id not in teach.values()][:calibration]
+    decisions = {cid: truth[f] for f, cid in teach.items()}
+    for c in sample:
+        f = field_of.get(c.id)
+        decisions[c.id] = truth[f] if f else ("platelet" if c.model_label == "platelet" else review.REJECTED)
+    with review.Reviewer(sess, "bench") as r:
+        for cid in list(teach.values()) + [c.id for c in sample]:
+            r.decide(cid, decisions[cid])
+    return teach, sample, set(teach) | {field_of[c.id] for c in sample if c.id in field_of}
+
+
 def run(
     source,
     truth_file,
@@ -81,13 +109,13 @@ def run(
     calibration: int = 60,
     mode: str = "field",
     model=None,
-    orientations: int = 4,
+    orientations: int = DEFAULT_ORIENTATIONS,
     threads: int | None = None,
     workdir=None,
     log=print,
 ) -> dict:
     from bmc.benchmarks.adapt import _session
-    from bmc.edge_app import adapt, review
+    from bmc.edge_app import adapt
     from bmc.edge_app.classifier import DEFAULT_MODEL, CellClassifier
 
     model = Path(model or DEFAULT_MODEL)
@@ -114,25 +142,11 @@ def run(
         for seed in seeds if k else ():
             sess = tmp / f"seed{seed}"
             shutil.copytree(tmp / "shipped", sess)
-            teach = teach_fields(truth, shipped, classes, k, seed)
-            db = review.connect(sess)
-            try:
-                cells = review.cells(db)
-                queue = review.calibration_queue(db, cells)
-            finally:
-                db.close()
-            field_of = {cid: f for f, (_, cid, _) in shipped.items()}
-            sample = [c for c in queue if c.id not in teach.values()][:calibration]
-            decisions = {cid: truth[f] for f, cid in teach.items()}
-            for c in sample:
-                f = field_of.get(c.id)
-                decisions[c.id] = truth[f] if f else ("platelet" if c.model_label == "platelet" else review.REJECTED)
-            with review.Reviewer(sess, "bench") as r:
-                for cid in list(teach.values()) + [c.id for c in sample]:
-                    r.decide(cid, decisions[cid])
-            reviewed_fields = set(teach) | {field_of[c.id] for c in sample if c.id in field_of}
+            teach, sample, reviewed_fields = review_day(sess, truth, shipped, classes, k, seed, calibration)
             clf = CellClassifier(model, orientations=1)
-            guard, rev, result = adapt.prepare([sess], clf)
+            # the reference does not grow here: the session holds the very fields scored after
+            # (growth is measured over sessions that follow one another: sequence())
+            guard, rev, result = adapt.prepare([sess], clf, adapt.Settings(grow_confidence=0))
             unreviewed = sorted(f for f in truth if f not in reviewed_fields)
             row = {
                 "seed": seed,
@@ -165,6 +179,120 @@ def run(
         return out
     finally:
         shutil.rmtree(keep, ignore_errors=True)
+
+
+def _link_fields(src: Path, names, dest: Path) -> Path:
+    dest.mkdir()
+    for n in names:
+        (dest / n).symlink_to((src / n).resolve())
+    return dest
+
+
+def sequence(
+    source,
+    truth_file,
+    k: int = 10,
+    seeds=(1, 2, 3),
+    days: int = 3,
+    calibration: int = 60,
+    mode: str = "field",
+    model=None,
+    orientations: int = DEFAULT_ORIENTATIONS,
+    threads: int | None = None,
+    workdir=None,
+    log=print,
+) -> dict:
+    """Does the laboratory's reference grow usefully from one session to the next?
+
+    For each seed the fields are drawn into a first day (half of them) and ``days`` later days (the
+    rest, evenly). On the first day the shipped model runs and the laboratory reviews as in
+    :func:`run`; then ``bmc edge adapt``. Each later day runs the latest adapted model over its
+    fields, which nobody reviews, and is scored; then ``bmc edge adapt`` runs again over every
+    session so far, so that the cells they counted with no person, surely, join the reference
+    (:func:`bmc.edge_app.adapt.grown_reference`). Beside it, the first day's model adapted without
+    growth (``grow_confidence = 0``) runs over the same later days."""
+    from bmc.benchmarks.adapt import _session, read_truth
+    from bmc.edge_app import adapt
+    from bmc.edge_app.classifier import DEFAULT_MODEL, CellClassifier
+
+    model = Path(model or DEFAULT_MODEL)
+    source = Path(source)
+    grow = adapt.Settings(grow_confidence=GROW)
+    keep = tempfile.mkdtemp(prefix="bmc-bench-autonomy-days-", dir=workdir)
+    tmp = Path(keep)
+    try:
+        truth_rel = read_truth(truth_file, source)
+        truth = {rel.replace("/", "__"): label for rel, label in truth_rel.items()}
+        src = tmp / "fields"
+        src.mkdir()
+        for rel in truth_rel:  # one flat folder, names kept unique, as _shipped_run makes
+            (src / rel.replace("/", "__")).symlink_to((source / rel).resolve())
+        classes = sorted(set(truth.values()))
+        out: dict = {"source": str(source), "model": model.name, "fields": len(truth), "k": k, "days": days, "runs": []}
+        for seed in seeds:
+            order = [sorted(truth)[i] for i in np.random.default_rng(1000 + seed).permutation(len(truth))]
+            first, later = order[: len(order) // 2], order[len(order) // 2 :]
+            chunks = [later[d::days] for d in range(days)]
+            base = tmp / f"seed{seed}"
+            base.mkdir()
+            day0 = base / "day0"
+            _session(_link_fields(src, first, base / "fields0"), model, day0, mode, orientations, threads)
+            cells0 = _cells_of(day0 / "session.sqlite")
+            teach, sample, _ = review_day(day0, {f: truth[f] for f in first}, cells0, classes, k, seed, calibration)
+            clf = CellClassifier(model, orientations=1)
+            rows = {"seed": seed, "taught": len(teach), "calibration_sample": len(sample), "grown": [], "fixed": []}
+            paths = {}
+            for growth, settings in (("fixed", adapt.Settings(grow_confidence=0)), ("grown", grow)):
+                guard, rev, result = adapt.prepare([day0], clf, settings)
+                if not result.accepted:
+                    log(f"seed {seed}: the first day's adaptation was refused ({'; '.join(result.reasons)})")
+                    break
+                paths[growth] = adapt.write_model(result, rev, clf, guard, base / "models", f"{growth}0", settings)
+            if len(paths) < 2:
+                out["runs"].append({**rows, "refused": True})
+                continue
+            sessions = [day0]
+            for d, chunk in enumerate(chunks, start=1):
+                fields = _link_fields(src, chunk, base / f"fields{d}")
+                for growth in ("fixed", "grown"):
+                    day = base / f"{growth}{d}"
+                    _session(fields, paths[growth], day, mode, orientations, threads)
+                    s = score(truth, _cells_of(day / "session.sqlite"), sorted(chunk), classes)
+                    rows[growth].append(s)
+                    log(_line(f"seed {seed}, day {d}, reference {growth}", s))
+                sessions.append(base / f"grown{d}")
+                guard, rev, result = adapt.prepare(sessions, clf, grow)
+                if result.accepted:
+                    paths["grown"] = adapt.write_model(result, rev, clf, guard, base / "models", f"grown{d}")
+                    grown_n = 0 if result.grown is None else len(result.grown)
+                    rows.setdefault("reference_counted", []).append(grown_n)
+                    log(f"seed {seed}: after day {d}, {grown_n} counted cells in the reference")
+            out["runs"].append(rows)
+        return out
+    finally:
+        shutil.rmtree(keep, ignore_errors=True)
+
+
+def sequence_markdown(r: dict) -> str:
+    lines = [
+        f"`bmc bench autonomy --days {r['days']}`: {r['fields']} fields of `{r['source']}` ({r['model']}), "
+        f"first day half the fields with {r['k']} taught per class",
+        "",
+        "| seed | day | reference | counted unaided | balanced acc. of those | unknown | unsure |",
+        "|---:|---:|---|---:|---:|---:|---:|",
+    ]
+    for x in r["runs"]:
+        if x.get("refused"):
+            lines.append(f"| {x['seed']} | — | first day's adaptation refused | | | | |")
+            continue
+        for d, (fixed, grown) in enumerate(zip(x["fixed"], x["grown"]), start=1):
+            for name, s in (("fixed after day 0", fixed), ("grown each day", grown)):
+                lines.append(
+                    f"| {x['seed']} | {d} | {name} | {100 * s['counted_share']:.0f}% | "
+                    f"{s['balanced_accuracy_counted']:.3f} | {100 * s['unknown_share']:.0f}% | "
+                    f"{100 * s['unsure_share']:.0f}% |"
+                )
+    return "\n".join(lines)
 
 
 def _line(what: str, s: dict) -> str:

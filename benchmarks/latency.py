@@ -41,9 +41,33 @@ class Row:
     peak_rss_mb: float
     size_mb: float
     batch: int = 1
+    runtime: str = ""
+    accuracy: float | None = None  # on the held-out split, with ``split``
+
+
+class _Onnx:
+    """An ``.onnx`` file in ONNX Runtime, on the best execution provider the machine has."""
+
+    runtime = "onnxruntime"
+
+    def __init__(self, path, threads):
+        from bmc.edge_app.backends.onnxrt import OnnxRuntimeBackend
+
+        self.b = OnnxRuntimeBackend(str(path), threads)
+        self.size = self.b.input_shape[1]
+        v = _variant_from_card(path) or "fp32"
+        self.format = f"onnx-{v} ({self.b.provider.removesuffix('ExecutionProvider')})"
+
+    def one(self, x):
+        return self.b.predict(x)
+
+    def batch(self, x):
+        return self.b.predict(x)
 
 
 class _TFLite:
+    runtime = "litert"
+
     def __init__(self, path, threads):
         from bmc.edge_app.backends.litert import LiteRTBackend
 
@@ -64,13 +88,14 @@ class _TFLite:
 def _variant_from_card(path) -> str | None:
     card = Path(path).with_suffix(".json")
     if card.is_file():
-        v = json.loads(card.read_text()).get("variant", "")
+        v = json.loads(card.read_text()).get("variant", "").removeprefix("onnx-")
         return {"float32": "fp32", "float16": "fp16", "dynamic": "dynamic", "int8": "int8"}.get(v)
     return None
 
 
 class _Keras:
     format = "keras-float"
+    runtime = "keras"
 
     def __init__(self, model):
         self.m = model
@@ -128,11 +153,13 @@ def _load(path: str, threads: int):
     t0 = time.perf_counter()
     if path.endswith(".tflite"):
         m = _TFLite(path, threads)
+    elif path.endswith(".onnx"):
+        m = _Onnx(path, threads)
     elif path.endswith(".keras") or path == "keras-baseline":
         model, _ = keras_baseline(None if path == "keras-baseline" else path)
         m = _Keras(model)
     else:
-        raise ValueError(f"{path}: unsupported model (use .tflite or .keras)")
+        raise ValueError(f"{path}: unsupported model (use .tflite, .onnx or .keras)")
     return m, (time.perf_counter() - t0) * 1000
 
 
@@ -145,7 +172,11 @@ def run(
     baseline_keras: bool = False,
     keras_runs: int | None = None,
     measure_rss: bool = True,
+    split: str | Path | None = None,
+    limit: int | None = None,
 ) -> dict:
+    """``split``: a split.json whose held-out test part each model (not the Keras baseline) is
+    scored on, one orientation, as ``bmc evaluate`` does (``limit``: an even sample of it)."""
     threads = threads or os.cpu_count() or 1
     paths = list(models) + (["keras-baseline"] if baseline_keras else [])
     loaded = []
@@ -180,6 +211,7 @@ def run(
         if isinstance(m, _Keras) and not Path(p).is_file():
             size = float(sum(np.prod(w.shape) for w in m.m.weights) * 4 / 1e6)
         rss = _rss_subprocess(p, threads) if measure_rss else float("nan")
+        acc = _accuracy(p, m, split, limit) if split and not isinstance(m, _Keras) else None
         rows.append(
             Row(
                 Path(p).name if Path(p).is_file() else p,
@@ -191,21 +223,43 @@ def run(
                 rss,
                 size,
                 batch,
+                m.runtime,
+                acc,
             )
         )
     return {"machine": machine.describe(), "runs": runs, "rows": [dataclasses.asdict(r) for r in rows]}
 
 
+def _accuracy(path: str, m, split, limit: int | None) -> float:
+    from bmc.card import load_card
+    from bmc.contract import preprocess, read_image
+    from bmc.train.data import load_split
+
+    _, contract = load_card(path)
+    test = load_split(split)["test"]
+    if limit:
+        test = test[:: max(1, len(test) // limit)][:limit]
+    index = {l: i for i, l in enumerate(contract.labels)}
+    right = 0
+    for i in range(0, len(test), 16):
+        part = test[i : i + 16]
+        xs = np.stack([preprocess(read_image(str(s.path)), contract, "BGR") for s in part]).astype(np.float32)
+        right += int((m.batch(xs).argmax(1) == np.array([index[s.label] for s in part])).sum())
+    return right / len(test)
+
+
 def markdown(result: dict) -> str:
     lines = [
-        "| model | format | threads | p50 ms | p90 ms | p99 ms | img/s (batch) | init ms | peak RSS MB | size MB |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| model | runtime | format | threads | p50 ms | p90 ms | p99 ms | img/s batch 1 | img/s (batch) | init ms "
+        "| peak RSS MB | size MB | accuracy |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in result["rows"]:
+        acc = "—" if r.get("accuracy") is None else f"{r['accuracy']:.4f}"
         lines.append(
-            f"| {r['model']} | {r['format']} | {r['threads']} | {r['p50_ms']:.2f} | {r['p90_ms']:.2f} | "
-            f"{r['p99_ms']:.2f} | {r['throughput_ips']:.1f} ({r['batch']}) | {r['init_ms']:.0f} | "
-            f"{r['peak_rss_mb']:.0f} | {r['size_mb']:.2f} |"
+            f"| {r['model']} | {r.get('runtime', '')} | {r['format']} | {r['threads']} | {r['p50_ms']:.2f} | "
+            f"{r['p90_ms']:.2f} | {r['p99_ms']:.2f} | {1000 / r['p50_ms']:.1f} | {r['throughput_ips']:.1f} ({r['batch']}) | "
+            f"{r['init_ms']:.0f} | {r['peak_rss_mb']:.0f} | {r['size_mb']:.2f} | {acc} |"
         )
     m = result["machine"]
     lines.append(

@@ -27,6 +27,8 @@ def runtime_versions() -> dict[str, str]:
     for pkg in (
         "ai-edge-litert",
         "tflite-runtime",
+        "onnxruntime",
+        "onnxruntime-gpu",
         "tensorflow",
         "keras",
         "opencv-python",

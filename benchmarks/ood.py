@@ -27,7 +27,8 @@ import numpy as np
 
 from bmc.benchmarks.generalisation import DEFAULT_DATA, MATEK_UNKNOWN, bccd_cells, data_folder, matek_cells, matek_map
 from bmc.card import ModelCard
-from bmc.edge_app.unknown import UnknownCells, threshold_at
+from bmc.edge_app.classifier import DEFAULT_ORIENTATIONS
+from bmc.edge_app.unknown import DEFAULT_LEVEL, UnknownCells, threshold_at
 from bmc.errors import BmcError
 
 SHOULD_FLAG = {"blasts (BLA)": ("BLA",), "artefacts (ART)": ("ART",), "PLM/PEB/NIF": ("PLM", "PEB", "NIF")}
@@ -84,9 +85,9 @@ def _accuracy(y_true, probs, labels, parents, keep=None) -> dict:
 
 def run(
     model=None,
-    level: float = 0.98,
+    level: float = DEFAULT_LEVEL,
     data_root=DEFAULT_DATA,
-    orientations: int = 4,
+    orientations: int = DEFAULT_ORIENTATIONS,
     threads: int | None = None,
     reviewed: int = 0,
     seed: int = 0,
@@ -266,7 +267,7 @@ def main(argv=None):
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model")
-    ap.add_argument("--level", type=float, default=0.98)
+    ap.add_argument("--level", type=float, default=DEFAULT_LEVEL)
     ap.add_argument("--data", default=str(DEFAULT_DATA))
     ap.add_argument("--reviewed", type=int, default=0)
     ap.add_argument("--seed", type=int, default=0)

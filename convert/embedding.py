@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from bmc.edge_app.adapt import GUARD_SUFFIX
-from bmc.edge_app.classifier import EMBEDDING, PROBABILITIES
+from bmc.edge_app.classifier import DEFAULT_ORIENTATIONS, EMBEDDING, PROBABILITIES
 from bmc.errors import BmcError
 
 
@@ -108,6 +108,10 @@ def _constant(model, producer, codes, t: int) -> np.ndarray:
 def read_head(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """The final layer of the classifier at ``path``: ``W`` (embedding x classes) and ``b``
     (classes), float32, such that the scores are ``softmax(embedding @ W + b)``."""
+    if str(path).endswith(".onnx"):
+        from bmc.convert.onnx_export import read_head as onnx_head
+
+        return onnx_head(path)
     schema, fbu = _schema()
     model = fbu.read_model(str(path))
     op, producer, codes = _head_op(model, str(path))
@@ -153,7 +157,7 @@ def build_guard(
     model_path: str | Path,
     samples,
     per_class: int = 200,
-    orientations: int = 4,
+    orientations: int = DEFAULT_ORIENTATIONS,
     seed: int = 0,
     threads: int | None = None,
     log=print,
@@ -220,7 +224,7 @@ def build_guard(
 
 
 def calibrate_unknown(
-    model_path: str | Path, samples, orientations: int = 4, threads: int | None = None, log=print
+    model_path: str | Path, samples, orientations: int = DEFAULT_ORIENTATIONS, threads: int | None = None, log=print
 ) -> dict:
     """Calibrate the unknown-cell check (``edge_app/unknown.py``) on ``samples``, the validation part
     of the model's split: each cell's distance to the nearest guard-set cell, summarised as the

@@ -43,6 +43,7 @@ from bmc.card import ModelCard, card_path, file_beside, sha256_file
 from bmc.edge_app import review
 from bmc.edge_app.calibration import LabCalibration, calibrate, calibration_order, decided_prefix, session_seed
 from bmc.edge_app.head import Head, softmax
+from bmc.edge_app.unknown import DEFAULT_LEVEL
 from bmc.errors import BmcError
 
 GUARD_SUFFIX = ".guard.npz"
@@ -67,9 +68,15 @@ class Settings:
     max_guard_drop: float = 3.0  # points of guard-set accuracy the adapted head may lose
     # the gates calibrated on the random reviewed cells: the unknown-cell level, and the error rate
     # the cells counted with no person may have (bmc.edge_app.calibration)
-    unknown_level: float = 0.98
+    unknown_level: float = DEFAULT_LEVEL
     target_error: float = 0.05
     guard_check: float = 0.25  # share of the guard set held out to measure forgetting
+    # the laboratory's reference grows: cells its sessions counted with no person, at least this sure,
+    # that the adapted head names the same, join the reviewed cells as known ground (0: off), at most
+    # grow_limit of them (an even sample). Off by default: on BCCD it took as many cells from the
+    # unknown check as the calibrated confidence rule then set aside as unsure (bench autonomy --days)
+    grow_confidence: float = 0.0
+    grow_limit: int = 4000
     seed: int = 0
 
 
@@ -89,6 +96,10 @@ class Reviewed:
     calibration: list[bool] = dataclasses.field(default_factory=list)
     rejected_x: np.ndarray | None = None
     rejected_groups: list[str] = dataclasses.field(default_factory=list)
+    # the cells the sessions counted with no person, sure enough to grow the reference (Settings.grow_confidence)
+    counted_x: np.ndarray | None = None
+    counted_labels: list[str] = dataclasses.field(default_factory=list)
+    counted_groups: list[str] = dataclasses.field(default_factory=list)
 
 
 # -- the guard set -----------------------------------------------------------------------------------
@@ -125,9 +136,10 @@ def _embeddings(db: sqlite3.Connection) -> dict[int, bytes]:
     return {cid: e for cid, e in db.execute("SELECT id, embedding FROM cell WHERE embedding IS NOT NULL")}
 
 
-def collect(sessions, clf) -> Reviewed:
+def collect(sessions, clf, grow_confidence: float = Settings.grow_confidence) -> Reviewed:
     """The reviewed cells (a person's label, not 'rejected') of ``sessions``, with their embeddings:
-    as recorded, or recomputed from the cell's crop by ``clf`` for sessions recorded without."""
+    as recorded, or recomputed from the cell's crop by ``clf`` for sessions recorded without; and the
+    cells counted with no person at least ``grow_confidence`` sure, with their recorded embeddings."""
     from bmc.contract import preprocess, read_image
     from bmc.edge_app.report import session_file
 
@@ -135,6 +147,9 @@ def collect(sessions, clf) -> Reviewed:
     calibration: list[bool] = []
     rejected: list[np.ndarray] = []
     rejected_groups: list[str] = []
+    counted: list[np.ndarray] = []
+    counted_labels: list[str] = []
+    counted_groups: list[str] = []
     size = clf.backend.output_sizes[1]
     for folder in map(Path, sessions):
         try:
@@ -163,6 +178,10 @@ def collect(sessions, clf) -> Reviewed:
             decided = {c.id for c in cells if c.session_id == sid and c.reviewed_label}
             sample |= set(decided_prefix(calibration_order(ids, session_seed(folder.name, sid, started)), decided))
         for c in cells:
+            if grow_confidence and c.status == "counted" and c.confidence >= grow_confidence and c.id in stored:
+                counted.append(np.frombuffer(stored[c.id], np.float16).astype(np.float32))
+                counted_labels.append(c.model_label)
+                counted_groups.append(f"{folder}|{c.session_id}|{c.source}|{c.frame}")
             if c.id in sample and c.reviewed_label == review.REJECTED and c.id in stored:
                 rejected.append(np.frombuffer(stored[c.id], np.float16).astype(np.float32))
                 rejected_groups.append(f"{folder}|{c.session_id}|{c.source}|{c.frame}")
@@ -207,6 +226,9 @@ def collect(sessions, clf) -> Reviewed:
         calibration,
         np.stack(rejected) if rejected else None,
         rejected_groups,
+        np.stack(counted) if counted else None,
+        counted_labels,
+        counted_groups,
     )
 
 
@@ -307,6 +329,14 @@ class Result:
     seconds: float
     oof: np.ndarray | None = None  # each reviewed cell's probabilities from heads not fitted on it
     calibration: LabCalibration | None = None  # the gates the random reviewed cells set
+    # the counted cells that join the reference (grown_reference), and their fields
+    grown: np.ndarray | None = None
+    grown_groups: list[str] = dataclasses.field(default_factory=list)
+
+    def reference(self, reviewed: "Reviewed") -> np.ndarray:
+        """The adapted model's known ground beside the guard set: the reviewed cells, and the
+        counted cells that grew it."""
+        return reviewed.x if self.grown is None else np.concatenate([reviewed.x, self.grown])
 
     def table(self) -> str:
         cv = self.cross_validation
@@ -503,11 +533,33 @@ def paired_log_loss(y, ship_p, adapted_p, weight, groups, seed: int = 0, rounds:
     return {"gain": gain, "low": float(low), "high": float(high), "fields": len(names), "rounds": rounds}
 
 
+def grown_reference(
+    result: Result, reviewed: Reviewed, s: Settings = Settings()
+) -> tuple[np.ndarray | None, list[str]]:
+    """The counted cells that join the reference: those the adapted head names as the session did,
+    at least ``s.grow_confidence`` sure, at most ``s.grow_limit`` (an even, seeded sample).
+
+    A cell joins only if the session counted it, so it lay within the unknown-cell threshold of the
+    reference of the model that recorded it: the known ground grows by one step per generation of
+    sessions, from cells already known, never by absorbing a cell that was set aside."""
+    if reviewed.counted_x is None or not s.grow_confidence:
+        return None, []
+    p = result.head.probabilities(reviewed.counted_x)
+    names = np.array(result.labels)[p.argmax(axis=1)]
+    keep = np.flatnonzero((names == np.array(reviewed.counted_labels)) & (p.max(axis=1) >= s.grow_confidence))
+    if len(keep) > s.grow_limit:
+        keep = np.sort(np.random.default_rng(s.seed).choice(keep, s.grow_limit, replace=False))
+    if not len(keep):
+        return None, []
+    return reviewed.counted_x[keep], [reviewed.counted_groups[i] for i in keep]
+
+
 def calibrate_gates(result: Result, reviewed: Reviewed, guard: dict, clf, level: float, target_error: float):
     """The laboratory's gates (:mod:`bmc.edge_app.calibration`) from the random sample among the
     reviewed cells, or None when the sample is too small: out-of-fold probabilities for its reviewed
     cells, the final head's for the cells it rejected (never fitted), and each cell's distance to
-    the adapted model's reference (the guard set and the reviewed cells) without its own field."""
+    the adapted model's reference (the guard set, the reviewed cells and the counted cells that grew
+    it) without its own field."""
     from bmc.edge_app import unknown
 
     pick = np.flatnonzero(np.asarray(reviewed.calibration, bool)) if reviewed.calibration else np.zeros(0, int)
@@ -529,13 +581,9 @@ def calibrate_gates(result: Result, reviewed: Reviewed, guard: dict, clf, level:
     distances = None
     if clf.card.unknown:
         card_threshold = unknown.threshold_at(clf.card.unknown, level)
-        ref_groups = np.array(reviewed.groups)
-        distances = np.array(
-            [
-                unknown.distances(x[None], np.concatenate([guard["x"], reviewed.x[ref_groups != g]]))[0]
-                for x, g in zip(xs, groups)
-            ]
-        )
+        ref = np.concatenate([guard["x"], result.reference(reviewed)])
+        ref_groups = np.array([""] * len(guard["x"]) + reviewed.groups + result.grown_groups)
+        distances = np.array([unknown.distances(x[None], ref[ref_groups != g])[0] for x, g in zip(xs, groups)])
     return calibrate(np.stack(probs), truth, distances, card_threshold, level, target_error)
 
 
@@ -548,8 +596,9 @@ def prepare(sessions, clf, s: Settings = Settings(), log=print) -> tuple[dict, R
             f"{(clf.card.base_model or {}).get('file', '?')} with all the sessions to learn from"
         )
     guard = load_guard(clf.path, clf.card)
-    reviewed = collect(sessions, clf)
+    reviewed = collect(sessions, clf, s.grow_confidence)
     result = adapt(reviewed, guard, s, log)
+    result.grown, result.grown_groups = grown_reference(result, reviewed, s)
     result.calibration = calibrate_gates(result, reviewed, guard, clf, s.unknown_level, s.target_error)
     return guard, reviewed, result
 
@@ -566,7 +615,7 @@ def write_model(
     ``bmc edge run`` would accept."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    target = out_dir / f"{name}.tflite"
+    target = out_dir / f"{name}{clf.path.suffix}"  # the base file copied: .tflite or .onnx
     if target.exists() or card_path(target).exists():
         raise AdaptError(f"{target} exists already: choose another --name (an adapted model is never overwritten)")
     base_card = clf.card
@@ -574,7 +623,7 @@ def write_model(
     tmp = Path(tempfile.mkdtemp(prefix=".adapt-", dir=out_dir))
     try:
         shutil.copyfile(base_path, tmp / target.name)
-        dataclasses.replace(result.head, reference=reviewed.x).save(tmp / f"{name}{HEAD_SUFFIX}")
+        dataclasses.replace(result.head, reference=result.reference(reviewed)).save(tmp / f"{name}{HEAD_SUFFIX}")
         shutil.copyfile(guard["path"], tmp / f"{name}{GUARD_SUFFIX}")
         now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         base_labels = list(guard["labels"])
@@ -623,6 +672,12 @@ def write_model(
                 "sessions": reviewed.sessions,
                 "cells": len(reviewed.labels),
                 "cells_per_class": result.cells_per_class,
+                "reference": {
+                    "reviewed": len(reviewed.labels),
+                    "counted": 0 if result.grown is None else len(result.grown),
+                    "note": f"known ground beside the guard set: the reviewed cells, and the cells the sessions "
+                    f"counted with no person at least {s.grow_confidence:g} sure that the adapted head names the same",
+                },
                 "reviewers": reviewed.reviewers,
                 "cross_validation": result.cross_validation,
                 "guard_check": result.guard,

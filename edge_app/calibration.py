@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from bmc.edge_app.differential import count_interval
+from bmc.edge_app.unknown import DEFAULT_LEVEL
 
 #: the confidence thresholds tried, lowest first
 CONFIDENCE_GRID = tuple(round(0.40 + 0.01 * i, 2) for i in range(60))  # 0.40 … 0.99
@@ -132,7 +133,7 @@ def calibrate(
     truth: list[int | None],
     distances: np.ndarray | None,
     card_threshold: float | None,
-    level: float = 0.98,
+    level: float = DEFAULT_LEVEL,
     target_error: float = 0.05,
 ) -> LabCalibration:
     """The gates from a random sample of reviewed cells. ``probs``: each cell's class probabilities

@@ -59,7 +59,7 @@ class CellClassifier:
         self,
         path: str | Path = DEFAULT_MODEL,
         threads: int | None = None,
-        backend: str = "litert",
+        backend: str | None = None,  # None: the one the file's format needs (backends.for_file)
         require_deployable: bool = True,
         orientations: int = DEFAULT_ORIENTATIONS,
         unknown_level: float = unknown.DEFAULT_LEVEL,

@@ -15,6 +15,7 @@ import types
 import typing
 from pathlib import Path
 
+from bmc.edge_app.classifier import DEFAULT_ORIENTATIONS, ORIENTATIONS
 from bmc.errors import BmcError
 
 try:
@@ -53,7 +54,7 @@ class ModelConfig:
     path: str = ""  # empty: the shipped int8 model
     threads: int = dataclasses.field(default=0, metadata=_range(0, 256))  # 0: all cores
     # 1, 2, 4 or 8 views of each cell, probabilities averaged
-    orientations: int = dataclasses.field(default=4, metadata=_choice(1, 2, 4, 8))
+    orientations: int = dataclasses.field(default=DEFAULT_ORIENTATIONS, metadata=_choice(*ORIENTATIONS))
     white_balance: bool = False  # onto the model's training lamp (card 'lamp'); an experiment
 
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from bmc.edge_app.unknown import DEFAULT_LEVEL
 from bmc.edge_app.unknown import FLAG as UNKNOWN
 
 # Lineages of the PBC / bone-marrow labels, for the myeloid:erythroid (M:E) ratio.
@@ -270,7 +271,7 @@ class ReviewPolicy:
     min_margin: float = 0.15
     # a cell whose embedding lies beyond the distance that this share of the training laboratory's
     # validation cells keep is set aside as unknown (edge_app/unknown.py); 0 turns the check off
-    unknown_level: float = 0.98
+    unknown_level: float = DEFAULT_LEVEL
 
     def __post_init__(self) -> None:
         if self.unknown_level and not 0.9 <= self.unknown_level <= 0.999:

@@ -96,26 +96,6 @@ def new_session_folder(storage: Path) -> Path:
     return storage / name
 
 
-def session_config(cfg):
-    """The :class:`bmc.edge_app.app.SessionConfig` of a device configuration (service and screen alike)."""
-    from bmc.edge_app.app import SessionConfig
-
-    s = cfg.session
-    return SessionConfig(
-        mode=s.mode,
-        target=s.target or None,
-        headless=True,
-        save_crops=s.save_crops,
-        cell_diameter_px=s.cell_diameter_px or None,
-        print_every_s=s.print_every_s,
-        specimen=s.specimen or None,
-        finder=cfg.finder,
-        review=cfg.review,
-        white_balance=cfg.model.white_balance,
-        on_existing="refuse",
-    )
-
-
 def serve(cfg, echo=print, max_sessions: int | None = None) -> None:
     """Run sessions from the configured camera until stopped (systemd restarts on failure)."""
     storage = Path(cfg.storage.folder)
@@ -146,7 +126,8 @@ def serve(cfg, echo=print, max_sessions: int | None = None) -> None:
 def _serve_loop(cfg, storage: Path, echo, max_sessions, stop: threading.Event, current: list) -> None:
     from bmc.edge_app.active import active_model
     from bmc.edge_app.app import EdgeSession
-    from bmc.edge_app.classifier import DEFAULT_MODEL, CellClassifier
+    from bmc.edge_app.classifier import DEFAULT_MODEL
+    from bmc.edge_app.factory import classifier, session_config
     from bmc.edge_app.sources import SourceError, open_source
 
     clf = None
@@ -155,7 +136,7 @@ def _serve_loop(cfg, storage: Path, echo, max_sessions, stop: threading.Event, c
         # the model a person made active on the screen, else the configured one: read before each session
         want = Path(active_model(storage) or cfg.model.path or DEFAULT_MODEL)
         if clf is None or clf.path != want:
-            clf = CellClassifier(want, threads=cfg.model.threads or os.cpu_count(), orientations=cfg.model.orientations)
+            clf = classifier(cfg.model, want)
             echo(f"counting with {clf.description}")
         removed = rotate(storage, cfg.storage.max_disk_percent, cfg.storage.min_free_mb)
         for r in removed:
@@ -210,9 +191,17 @@ def _runtime() -> Check:
 
         from bmc.edge_app.backends.litert import RUNTIME
 
-        return [f"runtime: {RUNTIME} {metadata.version(RUNTIME)}"], []
+        have = [f"runtime: {RUNTIME} {metadata.version(RUNTIME)}"]
     except Exception as e:  # noqa: BLE001
         return [], [f"no LiteRT runtime: {e}; pip install 'bmc-edge[edge]'"]
+    try:  # the optional second runtime, for .onnx models (bmc-edge[onnx])
+        from bmc.edge_app.backends.onnxrt import RUNTIME as ORT
+        from bmc.edge_app.backends.onnxrt import providers
+
+        have.append(f"runtime: {ORT} (providers: {', '.join(providers())})")
+    except ImportError:
+        pass
+    return have, []
 
 
 def _opencv() -> Check:
@@ -264,6 +253,7 @@ def _model(cfg, model_path: str | None) -> Check:
             f"{v.get('shipped_balanced_accuracy', float('nan')):.3f})"
         )
     ]
+    have.append(f"  runs on: {clf.backend.description}")
     if clf.head is not None:
         a = card.adaptation
         have.append(

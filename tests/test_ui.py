@@ -422,13 +422,15 @@ def test_a_live_session_from_the_screen(storage, bccd, tmp_path):
     time, the counts rise in /live/state, and stop it; the session is an ordinary session folder."""
     import json as _json
 
+    from bmc.edge_app.config import ModelConfig
     from bmc.edge_app.ui.live import LiveRunner
 
     src = tmp_path / "fields"
     src.mkdir()
     for f in sorted((bccd / "JPEGImages").glob("*.jpg"))[:60]:
         (src / f.name).symlink_to(f)
-    live = LiveRunner(storage, str(src), None)
+    # the device config's [model] section, as bmc edge serve takes it (issue 25: the page ignored it)
+    live = LiveRunner(storage, str(src), None, model_config=ModelConfig(orientations=1, threads=1))
     s = Server(UiApp(storage, None, sign_in=False, user="anna", live=live))
     try:
         status, headers, page = s.request("GET", "/live")
@@ -436,6 +438,7 @@ def test_a_live_session_from_the_screen(storage, bccd, tmp_path):
         assert b"No session is running" in page
         status, _, _ = s.request("POST", "/live/start", f"csrf={csrf}&target=0", {"Cookie": cookie})
         assert status == 303 and live.running
+        assert live.session.clf.orientations == 1
         c = http.client.HTTPConnection("127.0.0.1", s.port, timeout=60)
         c.request("GET", "/live/stream", headers={"Host": f"127.0.0.1:{s.port}", "Cookie": cookie})
         r = c.getresponse()

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from bmc.contract import Contract, read_image
+from bmc.errors import BmcError
 from bmc.stages import parents_for, soft_targets
 from bmc.train import data as data_mod
 from bmc.train.augment import LIGHT, AugmentConfig, augmented_view, plain_view
@@ -69,13 +70,27 @@ def init_from(model, path: str | Path, contract: Contract, splits, log) -> None:
     from bmc.train.evaluate import contract_for
 
     path = Path(path)
-    if not path.is_file() or path.suffix != ".keras":
-        raise TrainError(f"{path}: --init-from needs a trained model.keras (a run folder's)")
-    try:
-        src = keras.models.load_model(path, compile=False)
-    except Exception as e:  # noqa: BLE001 - Keras raises several kinds for a bad file
-        raise TrainError(f"{path}: not a loadable Keras model ({e})") from e
-    src_labels = tuple(contract_for(path).labels)
+    if not path.is_file() or path.suffix not in (".keras", ".tflite"):
+        raise TrainError(
+            f"{path}: --init-from needs a trained model.keras (a run folder's) or a shipped float16 .tflite"
+        )
+    if path.suffix == ".tflite":  # the files a device holds: the float weights, BatchNorm folded in
+        from bmc.card import load_card
+        from bmc.train.recover import recover
+
+        try:
+            _, src_contract = load_card(path)
+            src = recover(path, src_contract)
+        except BmcError as e:
+            raise TrainError(str(e)) from e
+        src_labels = tuple(src_contract.labels)
+        log(f"recovered the float model of {path} (its BatchNormalization folded into the convolutions)")
+    else:
+        try:
+            src = keras.models.load_model(path, compile=False)
+        except Exception as e:  # noqa: BLE001 - Keras raises several kinds for a bad file
+            raise TrainError(f"{path}: not a loadable Keras model ({e})") from e
+        src_labels = tuple(contract_for(path).labels)
     by_name = {l.name: l for l in src.layers}
     copied, differ = 0, []
     for layer in model.layers:

@@ -19,7 +19,13 @@ def _register() -> None:
     from bmc.cli import bench, data, edge, models
 
     main.add_command(data.data)
-    for cmd in (models.train_cmd, models.evaluate_cmd, models.convert_cmd, models.prepare_adapt):
+    for cmd in (
+        models.train_cmd,
+        models.evaluate_cmd,
+        models.convert_cmd,
+        models.convert_onnx_cmd,
+        models.prepare_adapt,
+    ):
         main.add_command(cmd)
     main.add_command(edge.edge)
     main.add_command(bench.bench)

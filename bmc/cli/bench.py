@@ -14,6 +14,7 @@ from bmc.cli.common import (
     threads_option,
     truth_options,
 )
+from bmc.edge_app.unknown import DEFAULT_LEVEL
 
 
 @click.group()
@@ -65,9 +66,16 @@ def bench_generalisation(model, bccd, json_out, orientations, scale, matek, cali
 @click.option("--thread-sweep", is_flag=True, help="repeat for 1..cores threads")
 @click.option("--runs", default=200, show_default=True)
 @click.option("--baseline-keras", is_flag=True, help="add the float Keras model called per image (the seed's way)")
+@click.option(
+    "--split",
+    "split_file",
+    type=click.Path(dir_okay=False),
+    help="also score each model's accuracy on this split.json's held-out test part",
+)
+@click.option("--limit", type=click.IntRange(min=8), help="with --split: an even sample of this many test images")
 @json_option
 @click.option("--no-record", is_flag=True, help="do not append to benchmarks/results/latency.csv")
-def bench_latency(models, threads, thread_sweep, runs, baseline_keras, json_out, no_record):
+def bench_latency(models, threads, thread_sweep, runs, baseline_keras, split_file, limit, json_out, no_record):
     """Latency p50/p90/p99, throughput, init time, peak memory and size of MODELS, interleaved."""
     import os
 
@@ -80,7 +88,7 @@ def bench_latency(models, threads, thread_sweep, runs, baseline_keras, json_out,
     sweep = range(1, (os.cpu_count() or 1) + 1) if thread_sweep else [threads]
     res = None
     for t in sweep:
-        r = _guard(latency.run, list(models), t, runs, baseline_keras=baseline_keras)
+        r = _guard(latency.run, list(models), t, runs, baseline_keras=baseline_keras, split=split_file, limit=limit)
         if res is None:
             res = r
         else:
@@ -160,12 +168,39 @@ def bench_bccd(bccd, model, orientations, white_balance, json_out):
 @click.option("--mode", type=click.Choice(["field", "cell"]), default="field", show_default=True)
 @click.option("--model", type=click.Path(dir_okay=False))
 @orientations_option()
+@click.option(
+    "--days",
+    default=0,
+    show_default=True,
+    help="sessions after the day of review (half the fields; the rest split among them): does the "
+    "reference, grown with each session's surely counted cells, count more of the next? (needs --k)",
+)
 @json_option
-def bench_autonomy(source, truth_file, k, seeds, calibration, mode, model, orientations, json_out):
+def bench_autonomy(source, truth_file, k, seeds, calibration, mode, model, orientations, days, json_out):
     """The share of white cells the device counts with no person, and how right those are: for the
     shipped model and, with --k, after a laboratory's day of review and bmc edge adapt."""
     from bmc.benchmarks import autonomy
 
+    if days:
+        if not k:
+            raise _Fail("--days needs --k: the first day's review to adapt from")
+        r = _guard(
+            autonomy.sequence,
+            source,
+            truth_file,
+            k,
+            seeds,
+            days,
+            calibration,
+            mode,
+            model,
+            int(orientations),
+            log=lambda m: click.echo(m, err=True),
+        )
+        click.echo(autonomy.sequence_markdown(r))
+        if json_out:
+            _write_json(json_out, r)
+        return
     r = _guard(
         autonomy.run,
         source,
@@ -179,6 +214,42 @@ def bench_autonomy(source, truth_file, k, seeds, calibration, mode, model, orien
         log=lambda m: click.echo(m, err=True),
     )
     click.echo(autonomy.markdown(r))
+    if json_out:
+        _write_json(json_out, r)
+
+
+@bench.command("adabn")
+@click.option(
+    "--model", type=click.Path(dir_okay=False), help="the float16 .tflite to recover (default: the shipped one)"
+)
+@click.option("--bccd", type=click.Path(file_okay=False), help="BCCD folder (default ../shared/data/bccd)")
+@click.option("--pbc", type=click.Path(file_okay=False), help="the training images (default ../shared/data/pbc)")
+@click.option(
+    "--first",
+    "firsts",
+    multiple=True,
+    help="lowest layer re-estimated (a block such as block6a, or top; 'stem': all); repeat for several",
+)
+@click.option("--weight", default=1.0, show_default=True, help="share of the new statistics (with --first)")
+@orientations_option()
+@json_option
+def bench_adabn(model, bccd, pbc, firsts, weight, orientations, json_out):
+    """AdaBN on BCCD: the shipped float model with its batch-norm statistics re-estimated on half the
+    fields' cells (no labels), scored on the other half, against the same model without."""
+    from bmc.benchmarks import adabn
+    from bmc.benchmarks.generalisation import DEFAULT_BCCD, DEFAULT_PBC
+
+    variants = tuple((None if f == "stem" else f, weight) for f in firsts) or adabn.VARIANTS
+    r = _guard(
+        adabn.run,
+        model or adabn.DEFAULT_FP16,
+        bccd or DEFAULT_BCCD,
+        pbc or DEFAULT_PBC,
+        variants,
+        int(orientations),
+        log=lambda m: click.echo(m, err=True),
+    )
+    click.echo(adabn.markdown(r))
     if json_out:
         _write_json(json_out, r)
 
@@ -268,7 +339,7 @@ def bench_finding(source, boxes, fmt, label, errors, tint, json_out):
 @click.option(
     "--level",
     type=click.FloatRange(0.9, 0.999),
-    default=0.98,
+    default=DEFAULT_LEVEL,
     show_default=True,
     help="the unknown-cell level, as [review] unknown_level",
 )

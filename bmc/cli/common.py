@@ -7,6 +7,7 @@ import json
 
 import click
 
+from bmc.edge_app.classifier import DEFAULT_ORIENTATIONS
 from bmc.errors import BmcError
 
 # the label sources of train/data.py (folder, file-name prefix, PBC maturation stage); written here
@@ -70,7 +71,9 @@ def _write_json(path, obj) -> None:
 json_option = click.option("--json", "json_out", type=click.Path(dir_okay=False), help="also write the results as JSON")
 
 
-def orientations_option(default: str = "4", help: str = "orientations each cell is classified in, averaged"):
+def orientations_option(
+    default: str = str(DEFAULT_ORIENTATIONS), help: str = "orientations each cell is classified in, averaged"
+):
     """``--orientations``: the rotations / mirror images each cell is classified in, averaged."""
     return click.option(
         "--orientations", type=click.Choice(["1", "2", "4", "8"]), default=default, show_default=True, help=help

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from bmc.cli.common import _Fail, _guard, _write_json, orientations_option, threads_option
+from bmc.edge_app.unknown import DEFAULT_LEVEL
 
 
 @click.group()
@@ -37,7 +38,7 @@ def edge():
     "interrupted, else refuse: its report would count both)",
 )
 @click.option("--no-crops", is_flag=True, help="do not save a JPEG per cell")
-@orientations_option("4", "classify each cell in this many rotations / mirror images and average")
+@orientations_option(help="classify each cell in this many rotations / mirror images and average")
 @click.option(
     "--white-balance",
     is_flag=True,
@@ -46,7 +47,7 @@ def edge():
 @click.option(
     "--unknown-level",
     type=float,
-    default=0.98,
+    default=DEFAULT_LEVEL,
     show_default=True,
     help="set a cell aside as unknown beyond the distance this share of the training laboratory's "
     "validation cells keep (0.9-0.999; higher sets fewer aside; 0: off)",
@@ -76,7 +77,6 @@ def edge_run(
 ):
     """Classify and count the cells of SOURCE: a camera index or /dev path, picamera2, a GStreamer
     pipeline, a video, an image folder or glob, or one image."""
-    import os
 
     from bmc.edge_app.app import EdgeSession, SessionConfig, has_display
     from bmc.edge_app.backends import BackendError
@@ -86,12 +86,17 @@ def edge_run(
         ReviewPolicy(unknown_level=unknown_level)
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--unknown-level") from None
-    from bmc.edge_app.classifier import DEFAULT_MODEL, CellClassifier
+    from bmc.edge_app.config import ModelConfig
+    from bmc.edge_app.factory import classifier
     from bmc.edge_app.sources import SourceError
     from bmc.edge_app.store import SessionFolderError
 
     def go():
-        clf = CellClassifier(model or DEFAULT_MODEL, threads=threads or os.cpu_count(), orientations=int(orientations))
+        clf = classifier(
+            ModelConfig(
+                path=model or "", threads=threads or 0, orientations=int(orientations), white_balance=white_balance
+            )
+        )
         cfg = SessionConfig(
             mode=mode,
             target=target,
@@ -198,7 +203,7 @@ def edge_ui(config_path, storage, listen, config_dir, set_password, user, source
             f"listening on {host} (beyond this computer) needs a password: bmc edge ui --set-password"
             + (f" --config-dir {cdir}" if config_dir else "")
         )
-    from bmc.edge_app.service import session_config
+    from bmc.edge_app.factory import session_config
     from bmc.edge_app.ui.live import LiveRunner
 
     model = (cfg.model.path or None) if cfg else None
@@ -206,7 +211,9 @@ def edge_ui(config_path, storage, listen, config_dir, set_password, user, source
     live = None
     if src:
         cam = {k: getattr(cfg.camera, k) for k in ("width", "height", "fps", "fourcc")} if cfg and not source else {}
-        live = LiveRunner(folder, src, model, session_config(cfg) if cfg else None, cam)
+        live = LiveRunner(
+            folder, src, model, session_config(cfg) if cfg else None, cam, model_config=cfg.model if cfg else None
+        )
     app = UiApp(folder, stored, sign_in, user or _user(), model=model, live=live, keys=cfg.screen.keys if cfg else None)
 
     def on_term(signum, _frame):  # systemd's stop: close a live session cleanly, then the server
@@ -306,8 +313,16 @@ def edge_report(out_dir, fhir):
     show_default=True,
     help="refuse when the training classes' held-out accuracy drops more than this many points",
 )
+@click.option(
+    "--grow",
+    type=click.FloatRange(0, 1),
+    default=0.0,
+    show_default=True,
+    help="also take as known ground the cells the sessions counted with no person at least this sure "
+    "(0.9, say; 0: off; measured to give no more cells counted unaided on BCCD: benchmarks/README.md)",
+)
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="also write the validation as JSON")
-def edge_adapt(sessions, out_dir, name, model, max_guard_drop, json_out):
+def edge_adapt(sessions, out_dir, name, model, max_guard_drop, grow, json_out):
     """Adapt the model to this microscope from the cells people reviewed in SESSIONS: a new class head
     fitted on the device (numpy, seconds), cross-validated against the shipped one and refused unless
     better. Writes OUT/NAME.tflite and its card; run it with bmc edge run --model (or [model] path)."""
@@ -316,7 +331,7 @@ def edge_adapt(sessions, out_dir, name, model, max_guard_drop, json_out):
     from bmc.edge_app import adapt
     from bmc.edge_app.classifier import DEFAULT_MODEL, CellClassifier
 
-    s = adapt.Settings(max_guard_drop=max_guard_drop)
+    s = adapt.Settings(max_guard_drop=max_guard_drop, grow_confidence=grow)
     clf = _guard(CellClassifier, model or DEFAULT_MODEL, orientations=1)
     guard, reviewed, r = _guard(adapt.prepare, sessions, clf, s)
     click.echo(

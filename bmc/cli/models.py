@@ -204,6 +204,85 @@ def convert_cmd(
         click.echo("shipped: " + ", ".join(str(f) for f in files))
 
 
+@click.command("convert-onnx")
+@click.argument("source", type=click.Path())
+@click.option(
+    "--split",
+    "split_file",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="the split.json the model was trained on: test part to validate, training part to calibrate int8 "
+    "and for the guard set, validation part for the unknown-cell check",
+)
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="output folder")
+@click.option("--name", default="bmc", show_default=True, help="file-name stem: NAME_fp32.onnx, NAME_int8.onnx")
+@click.option("--max-drop", default=Gate.max_drop, show_default=True, help="max accuracy drop, points")
+@click.option(
+    "--max-class-drop", default=Gate.max_class_drop, show_default=True, help="max recall drop of any class, points"
+)
+@click.option("--representative", default=200, show_default=True, help="calibration images for int8")
+@click.option("--per-class", default=200, show_default=True, help="training cells per class in the guard set")
+@click.option(
+    "--limit",
+    type=click.IntRange(min=8),
+    help="a quick check: this many test and validation images (an even sample), not all",
+)
+def convert_onnx_cmd(source, split_file, out_dir, name, max_drop, max_class_drop, representative, per_class, limit):
+    """ONNX files of a model for ONNX Runtime (float32 and static int8), each validated against the
+    float model on the held-out split as `bmc convert` does, with card, guard set and unknown-cell
+    calibration. SOURCE: a run folder, a .keras file, or a shipped float16 .tflite (its float model
+    recovered)."""
+    from pathlib import Path
+
+    _need_training("bmc convert-onnx", "bmc.convert.onnx_export", "onnx")
+    from bmc.convert import onnx_export
+
+    def go():
+        from bmc.card import load_card
+        from bmc.convert.build import GateFailed
+        from bmc.convert.embedding import build_guard, calibrate_unknown
+        from bmc.train.data import load_split
+
+        src = Path(source)
+        parts = load_split(split_file)
+        if src.suffix == ".tflite":
+            from bmc.train.recover import recover
+
+            _, contract = load_card(src)
+            model, model_file = recover(src, contract), src
+        else:
+            import keras
+
+            from bmc.train.evaluate import contract_for
+
+            model_file = src / "model.keras" if src.is_dir() else src
+            contract, model = contract_for(model_file), keras.models.load_model(model_file, compile=False)
+
+        def sample(part):
+            return part[:: max(1, len(part) // limit)][:limit] if limit else part
+
+        test, val = sample(parts["test"]), sample(parts["val"])
+        out = Path(out_dir)
+        log = lambda m: click.echo(m, err=True)  # noqa: E731
+        rows = onnx_export.convert_onnx(
+            model, contract, model_file, parts["train"], test, out, name, Gate(max_drop, max_class_drop),
+            representative, log=log,
+        )  # fmt: skip
+        for r in rows:
+            if r["passed"]:
+                build_guard(out / r["file"], parts["train"], per_class, log=lambda m: None)
+                calibrate_unknown(out / r["file"], val, log=lambda m, f=r["file"]: log(f"{f}: {m}"))
+        report = onnx_export.write_report(rows, out, name)
+        click.echo(report.read_text())
+        failed = [r for r in rows if not r["passed"]]
+        if failed:
+            raise GateFailed(
+                "; ".join(f"{r['file']} failed the gate (drop {r['accuracy_drop_points']:.2f} points)" for r in failed)
+            )
+
+    _guard(go)
+
+
 @click.command("prepare-adapt")
 @click.argument("models", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.option(

@@ -53,6 +53,11 @@ class Backend(abc.ABC):
         """N x classes probabilities (the model's first output)."""
         return self.outputs(batch, 1)[0]
 
+    @property
+    def description(self) -> str:
+        """The runtime and where it runs, as ``bmc edge doctor`` says it."""
+        return self.KEY
+
 
 def available() -> dict[str, type[Backend]]:
     found: dict[str, type[Backend]] = {}
@@ -68,11 +73,26 @@ def available() -> dict[str, type[Backend]]:
     return found
 
 
-def create(key: str, model_path: str, threads: int | None = None) -> Backend:
+#: the backend a model file's format needs, by its suffix
+BY_SUFFIX = {".tflite": "litert", ".onnx": "onnxruntime"}
+EXTRA = {"litert": "edge", "onnxruntime": "onnx"}
+
+
+def for_file(model_path: str) -> str:
+    """The backend key of a model file: LiteRT for ``.tflite``, ONNX Runtime for ``.onnx``."""
+    suffix = "." + str(model_path).rsplit(".", 1)[-1].lower() if "." in str(model_path) else ""
+    if suffix not in BY_SUFFIX:
+        raise BackendError(f"{model_path}: not a model file this kit runs (.tflite or .onnx)")
+    return BY_SUFFIX[suffix]
+
+
+def create(key: str | None, model_path: str, threads: int | None = None) -> Backend:
+    """The backend ``key`` (None: the one the file's format needs) loaded with ``model_path``."""
+    key = key or for_file(model_path)
     backends = available()
     if key not in backends:
         raise BackendError(
             f"backend {key!r} is not available here (have: {', '.join(backends) or 'none'}); "
-            "install the edge extra: pip install 'bmc-edge[edge]'"
+            f"install its extra: pip install 'bmc-edge[{EXTRA.get(key, 'edge')}]'"
         )
     return backends[key](model_path, threads)

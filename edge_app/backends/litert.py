@@ -149,3 +149,9 @@ class LiteRTBackend(Backend):
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         return self.outputs(batch, 1)[0]
+
+    @property
+    def description(self) -> str:
+        from importlib import metadata
+
+        return f"litert ({RUNTIME} {metadata.version(RUNTIME)}, XNNPACK on the CPU)"

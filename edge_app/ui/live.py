@@ -17,6 +17,7 @@ from pathlib import Path
 import cv2
 
 from bmc.edge_app.cells import CellCall
+from bmc.edge_app.config import ModelConfig
 
 
 @dataclasses.dataclass
@@ -36,11 +37,13 @@ class LiveRunner:
         session_config=None,
         camera_options: dict | None = None,
         max_fps: float = 8.0,
+        model_config: ModelConfig | None = None,
     ):
         self.storage = Path(storage)
         self.source = source
         self.model = model
         self.session_config = session_config
+        self.model_config = model_config or ModelConfig()
         self.camera_options = camera_options or {}
         self.max_fps = max_fps
         self._lock = threading.Condition()
@@ -59,7 +62,7 @@ class LiveRunner:
         """Start a session into a new time-stamped folder of the storage folder."""
         from bmc.edge_app.active import active_model
         from bmc.edge_app.app import EdgeSession, SessionConfig
-        from bmc.edge_app.classifier import DEFAULT_MODEL, CellClassifier
+        from bmc.edge_app.factory import classifier
         from bmc.edge_app.service import new_session_folder
         from bmc.edge_app.sources import open_source
 
@@ -68,8 +71,7 @@ class LiveRunner:
         cfg = dataclasses.replace(
             self.session_config or SessionConfig(), headless=True, target=target or None, on_existing="refuse"
         )
-        model = active_model(self.storage) or self.model or DEFAULT_MODEL
-        clf = CellClassifier(model)
+        clf = classifier(self.model_config, active_model(self.storage) or self.model)
         self.folder = new_session_folder(self.storage)
         source = open_source(self.source, **self.camera_options) if self.camera_options else self.source
         self.session = EdgeSession(source, clf, self.folder, cfg, echo=lambda m: None)

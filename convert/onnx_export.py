@@ -1,0 +1,262 @@
+"""``bmc convert --onnx``: the float model as ONNX files for ONNX Runtime, each held to the same
+gate as the TFLite variants.
+
+* ``<name>_fp32.onnx``: Keras 3's own exporter (``model.export(format="onnx")``), float32, with
+  the class scores and the cell's pooled embedding as its two outputs, as the ``.tflite`` files;
+* ``<name>_int8.onnx``: ONNX Runtime's static quantiser (QDQ, per-channel int8 weights, uint8
+  activations), calibrated on the same training images as the TFLite int8 file
+  (:func:`bmc.convert.build.representative_images`).
+
+Each file is scored against the Keras float model on the held-out test split, with the same
+:class:`bmc.convert.gate.Gate`, and gets the same model card (contract, outputs, validation), the
+guard set and the unknown-cell calibration, so that adaptation, unknown cells and maps work on it
+unchanged (:mod:`bmc.edge_app.backends.onnxrt` runs it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from bmc import __version__
+from bmc.card import sha256_file, write_card
+from bmc.convert.gate import Gate
+from bmc.convert.variants import Variant
+from bmc.edge_app.classifier import EMBEDDING, PROBABILITIES
+from bmc.errors import BmcError
+
+VARIANTS = {
+    "float32": Variant("float32", "_fp32.onnx", "onnx-fp32", "ONNX, float32 weights and activations"),
+    "int8": Variant(
+        "int8", "_int8.onnx", "onnx-int8", "ONNX, static int8 (QDQ: per-channel int8 weights, uint8 activations)"
+    ),
+}
+
+
+class OnnxError(BmcError, RuntimeError):
+    """An ONNX export or quantisation that cannot be done; the message says why."""
+
+
+def _need():
+    try:
+        import onnx
+        import onnxruntime
+    except ImportError as e:
+        raise OnnxError(f"ONNX export needs the onnx extra: pip install 'bmc-edge[onnx,train]' ({e})") from e
+    return onnx, onnxruntime
+
+
+def export_float(model, path: Path) -> Path:
+    """The Keras classifier ``model`` as a float32 ONNX file with outputs (probabilities, embedding)."""
+    import keras
+
+    onnx, _ = _need()
+    two = keras.Model(model.input, [model.output, model.get_layer("avg_pool").output], name="bmc_onnx")
+    two.predict(np.zeros((1, *model.input.shape[1:]), np.float32), verbose=0)  # the exporter needs a called model
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = Path(tmp) / "raw.onnx"
+        two.export(str(raw), format="onnx", verbose=False)
+        graph = onnx.load(str(raw))
+    # outputs named as the cards name them, in the same order
+    for out, name in zip(graph.graph.output, (PROBABILITIES, EMBEDDING)):
+        old = out.name
+        for node in graph.graph.node:
+            node.output[:] = [name if o == old else o for o in node.output]
+            node.input[:] = [name if i == old else i for i in node.input]
+        out.name = name
+    onnx.checker.check_model(graph)
+    onnx.save(graph, str(path))
+    return path
+
+
+def quantize_int8(float_path: Path, path: Path, representative: np.ndarray) -> Path:
+    """Static int8 quantisation (QDQ) of ``float_path``, calibrated on ``representative`` (N x H x
+    W x 3 float RGB 0..255, the model's own input)."""
+    _need()
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self, name: str):
+            self.batches = iter(
+                [{name: representative[i : i + 1].astype(np.float32)} for i in range(len(representative))]
+            )
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    import onnxruntime as ort
+
+    name = ort.InferenceSession(str(float_path), providers=["CPUExecutionProvider"]).get_inputs()[0].name
+    with tempfile.TemporaryDirectory() as tmp:
+        prepared = Path(tmp) / "prepared.onnx"
+        quant_pre_process(
+            str(float_path), str(prepared), skip_symbolic_shape=True
+        )  # static shapes: ONNX inference suffices
+        quantize_static(
+            str(prepared),
+            str(path),
+            Reader(name),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+        )
+    return path
+
+
+def read_head(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """The final layer's weights ``(embedding x classes, classes)`` of an ONNX classifier (dequantised
+    where QDQ nodes hold them): the MatMul and Add that feed the Softmax."""
+    onnx, _ = _need()
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(path)).graph
+    init = {t.name: numpy_helper.to_array(t).astype(np.float32) for t in graph.initializer}
+    by_output = {o: n for n in graph.node for o in n.output}
+
+    def value(name: str) -> np.ndarray | None:
+        if name in init:
+            return init[name]
+        node = by_output.get(name)
+        if node is not None and node.op_type == "DequantizeLinear":
+            x, scale = init.get(node.input[0]), init.get(node.input[1])
+            zero = init.get(node.input[2]) if len(node.input) > 2 else None
+            if x is None or scale is None:
+                return None
+            axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+            shape = [1] * x.ndim
+            if scale.ndim:
+                shape[axis] = -1
+            z = 0 if zero is None else zero.reshape(shape)
+            return ((x - z) * scale.reshape(shape)).astype(np.float32)
+        if node is not None and node.op_type in ("Identity", "Cast", "QuantizeLinear"):
+            return value(node.input[0])
+        return None
+
+    soft = next((n for n in graph.node if n.op_type == "Softmax"), None)
+    w = b = None
+    node = by_output.get(soft.input[0]) if soft is not None else None
+    for _ in range(8):  # Add(MatMul(x, W), b), or Gemm(x, W, b), with QDQ pairs in between
+        if node is None:
+            break
+        if node.op_type == "Gemm":
+            w, b = value(node.input[1]), value(node.input[2])
+            break
+        if node.op_type == "Add":
+            consts = [value(i) for i in node.input]
+            b = next((c for c in consts if c is not None and c.ndim == 1), b)
+            node = next((by_output.get(i) for i, c in zip(node.input, consts) if c is None), None)
+            continue
+        if node.op_type == "MatMul":
+            w = value(node.input[1])
+            break
+        node = by_output.get(node.input[0])
+    if w is None or b is None:
+        raise OnnxError(f"{path}: no MatMul/Add (or Gemm) before its Softmax; not a bmc classifier")
+    return w, b
+
+
+def convert_onnx(
+    model,
+    contract,
+    source_file: Path,
+    train,
+    test,
+    out_dir: Path,
+    name: str,
+    gate: Gate = Gate(),
+    n_representative: int = 200,
+    log=print,
+) -> list[dict]:
+    """Both ONNX variants of the Keras ``model`` in ``out_dir``, each scored against it on ``test``
+    (``bmc.train.data.Sample`` s), with its card; the rows of the conversion report."""
+    from bmc.convert.build import _batched, _load_test, compare, representative_images
+    from bmc.edge_app.backends.onnxrt import OnnxRuntimeBackend
+    from bmc.train.metrics import classification_metrics
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    labels = list(contract.labels)
+    xs, y = _load_test(test, contract)
+    float_probs = _batched(lambda b: model.predict(b, verbose=0), xs)
+    float_metrics = classification_metrics(y, float_probs, labels)
+    log(f"keras float on {len(y)} test images: accuracy {float_metrics.accuracy:.4f}")
+    fp32 = export_float(model, out_dir / f"{name}{VARIANTS['float32'].suffix}")
+    log(f"exported {fp32.name}; calibrating int8 on {n_representative} training images …")
+    int8 = quantize_int8(
+        fp32, out_dir / f"{name}{VARIANTS['int8'].suffix}", representative_images(train, contract, n_representative)
+    )
+    rows = []
+    for v, path in ((VARIANTS["float32"], fp32), (VARIANTS["int8"], int8)):
+        probs = _batched(OnnxRuntimeBackend(str(path)).predict, xs)
+        row = {"variant": f"onnx-{v.name}", "format": v.format, "file": path.name, "size_mb": path.stat().st_size / 1e6}
+        row.update(compare(float_probs, probs, y, labels, gate))
+        log(
+            f"{path.name}: {row['size_mb']:.2f} MB, accuracy {row['accuracy']:.4f} (drop "
+            f"{row['accuracy_drop_points']:+.2f}), agreement {row['agreement']:.4f}, {'PASS' if row['passed'] else 'FAIL'}"
+        )
+        _card(path, v, row, contract, source_file, float_metrics, gate)
+        rows.append({k: val for k, val in row.items() if k != "metrics"})
+    return rows
+
+
+def _card(path: Path, v: Variant, row: dict, contract, source_file: Path, float_metrics, gate: Gate) -> None:
+    write_card(
+        path,
+        {
+            "name": path.stem,
+            "variant": f"onnx-{v.name}",
+            "format": v.format,
+            "runtime": "onnxruntime",
+            "description": v.description,
+            "int8_only": False,
+            "bmc_version": __version__,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "contract": contract.to_dict(),
+            "outputs": [PROBABILITIES, EMBEDDING],
+            "embedding": {"size": int(read_head(path)[0].shape[0]), "pooled": "global average"},
+            "source_model": {"file": source_file.name, "sha256": sha256_file(source_file)},
+            "validation": {
+                "data": "held-out test split of the model's split",
+                "n": row["n"],
+                "gate": dataclasses.asdict(gate),
+                "passed": row["passed"],
+                "accuracy": row["accuracy"],
+                "macro_f1": row["macro_f1"],
+                "agreement": row["agreement"],
+                "mean_abs_prob_diff": row["mean_abs_prob_diff"],
+                "accuracy_drop_points": row["accuracy_drop_points"],
+                "per_class_recall": row["per_class_recall"],
+                "worst_class": row["worst_class"],
+                "float_accuracy": float_metrics.accuracy,
+                "float_macro_f1": float_metrics.macro_f1,
+            },
+            "deployable": row["passed"],
+        },
+    )
+
+
+def report_markdown(rows: list[dict], float_accuracy: float | None = None) -> str:
+    lines = [
+        "| variant | file | size (MB) | accuracy | agreement | drop (pts) | worst class | gate |",
+        "|---|---|---:|---:|---:|---:|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['variant']} | {r['file']} | {r['size_mb']:.2f} | {r['accuracy']:.4f} | {r['agreement']:.4f} | "
+            f"{r['accuracy_drop_points']:+.2f} | {r['worst_class']} ({-r['class_recall_drop_points'][r['worst_class']]:+.1f}) | "
+            f"{'PASS' if r['passed'] else 'FAIL'} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write_report(rows: list[dict], out_dir: Path, name: str) -> Path:
+    (out_dir / f"{name}_onnx_conversion.json").write_text(json.dumps(rows, indent=2))
+    path = out_dir / f"{name}_onnx_conversion.md"
+    path.write_text(report_markdown(rows))
+    return path

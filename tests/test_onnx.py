@@ -1,0 +1,113 @@
+"""ONNX Runtime beside LiteRT (issue 26): the shipped model exported and quantised for ONNX Runtime
+(bmc convert-onnx), held to the conversion gate, run by the device's backend discovery with the same
+outputs, in a real session, and timed beside LiteRT in one bench run."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, bmc
+
+pytest.importorskip("onnxruntime")
+
+FP16 = ROOT / "edge_app" / "models" / "bmc_pbc8_lite0_fp16.tflite"
+INT8 = ROOT / "edge_app" / "models" / "bmc_pbc8_lite0_int8.tflite"
+
+
+@pytest.fixture(scope="module")
+def split(pbc, tmp_path_factory):
+    out = tmp_path_factory.mktemp("split") / "split.json"
+    bmc("data", "split", pbc, "--out", out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def onnx_models(split, tmp_path_factory):
+    """Both ONNX files of the shipped model, validated on 64 held-out cells (a quick check), with a
+    small guard set and the unknown-cell check calibrated on 64 validation cells."""
+    out = tmp_path_factory.mktemp("onnx")
+    p = bmc(
+        "convert-onnx", FP16, "--split", split, "--out", out, "--name", "m",
+        "--limit", "64", "--representative", "32", "--per-class", "6",
+    )  # fmt: skip
+    assert "| onnx-int8 |" in p.stdout
+    return out
+
+
+def test_both_files_pass_the_gate_with_cards_a_device_accepts(onnx_models):
+    from bmc.card import load_card
+
+    for f in ("m_fp32.onnx", "m_int8.onnx"):
+        card, contract = load_card(onnx_models / f, require_deployable=True)
+        assert card["runtime"] == "onnxruntime" and card.guard and card.unknown
+        v = card["validation"]
+        assert v["passed"] and v["n"] == 64 and v["accuracy_drop_points"] <= 1.0
+        assert contract.labels == load_card(INT8)[1].labels
+    rows = json.loads((onnx_models / "m_onnx_conversion.json").read_text())
+    assert [r["variant"] for r in rows] == ["onnx-float32", "onnx-int8"]
+    assert rows[0]["agreement"] == 1.0  # the float export is the float model
+
+
+def test_the_onnx_model_gives_what_the_tflite_gives(onnx_models, pbc):
+    """The same class scores (to quantisation) and the same embedding's size, through the same
+    CellClassifier; the head read back from the ONNX graph is the float model's."""
+    from bmc.benchmarks.ood import test_cells
+    from bmc.card import load_card
+    from bmc.contract import prepare, read_image
+    from bmc.convert.embedding import read_head
+    from bmc.edge_app.classifier import CellClassifier
+
+    card, contract = load_card(FP16)
+    paths, _ = test_cells(FP16, card, pbc.parent)
+    xs = np.stack([prepare(read_image(paths[i]), contract, "BGR") for i in range(0, len(paths), 100)]).astype(
+        np.float32
+    )
+    ours = CellClassifier(onnx_models / "m_int8.onnx", orientations=1)
+    theirs = CellClassifier(FP16, orientations=1)
+    assert type(ours.backend).__name__ == "OnnxRuntimeBackend" and ours.unknown is not None
+    p, e = ours.predict_cells(xs)
+    q, f = theirs.predict_cells(xs)
+    assert e.shape == f.shape == (len(xs), 1280)
+    assert (p.argmax(1) == q.argmax(1)).mean() >= 0.9 and np.abs(p - q).max() < 0.5
+    w, b = read_head(onnx_models / "m_fp32.onnx")
+    w0, b0 = read_head(FP16)
+    assert np.allclose(w, w0, atol=1e-3) and np.allclose(b, b0, atol=1e-3)
+
+
+def test_a_session_counts_with_the_onnx_model(onnx_models, bccd, tmp_path):
+    src = tmp_path / "fields"
+    src.mkdir()
+    for f in sorted((bccd / "JPEGImages").glob("*.jpg"))[:6]:
+        (src / f.name).symlink_to(f)
+    out = tmp_path / "session"
+    p = bmc(
+        "edge", "run", src, "--model", onnx_models / "m_int8.onnx", "--out", out, "--headless", "--orientations", "1"
+    )
+    assert "m_int8.onnx" in p.stdout + p.stderr
+    from bmc.edge_app import review
+
+    db = review.connect(out)
+    try:
+        cells = review.cells(db)
+    finally:
+        db.close()
+    assert len(cells) >= 6 and any(c.status == "counted" for c in cells)
+
+
+def test_latency_bench_puts_both_runtimes_side_by_side(onnx_models, split):
+    p = bmc(
+        "bench", "latency", INT8, onnx_models / "m_int8.onnx", "--runs", "10", "--split", split,
+        "--limit", "16", "--no-record", "--threads", "1",
+    )  # fmt: skip
+    rows = [l for l in p.stdout.splitlines() if l.startswith("| bmc_pbc8") or l.startswith("| m_int8")]
+    assert len(rows) == 2
+    assert "| litert | tflite-int8 |" in rows[0] and "| onnxruntime | onnx-int8 (CPU) |" in rows[1]
+    assert all(float(r.split("|")[-2]) >= 0.8 for r in rows)  # accuracy on 16 held-out cells
+
+
+def test_doctor_names_the_backend(onnx_models):
+    p = bmc("edge", "doctor", "--model", onnx_models / "m_int8.onnx", check=False)
+    assert "onnxruntime" in p.stdout and "CPUExecutionProvider" in p.stdout
