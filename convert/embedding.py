@@ -109,7 +109,7 @@ def read_head(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """The final layer of the classifier at ``path``: ``W`` (embedding x classes) and ``b``
     (classes), float32, such that the scores are ``softmax(embedding @ W + b)``."""
     if str(path).endswith(".onnx"):
-        from bmc.convert.onnx_export import read_head as onnx_head
+        from bmc.convert.onnx_head import read_head as onnx_head
 
         return onnx_head(path)
     schema, fbu = _schema()

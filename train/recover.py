@@ -143,7 +143,9 @@ def input_statistics(model, layers, images: np.ndarray, batch: int = 32) -> list
     probe = keras.Model(model.input, [l.input for l in layers])
     sums: list[list] = [[0.0, 0.0, 0] for _ in layers]
     for i in range(0, len(images), batch):
-        for acc, z in zip(sums, probe(images[i : i + batch], training=False)):
+        got = probe(images[i : i + batch], training=False)
+        # a model of one output gives that tensor itself, not a list of one
+        for acc, z in zip(sums, got if isinstance(got, (list, tuple)) else [got]):
             z = np.asarray(z, np.float64).reshape(-1, z.shape[-1])
             acc[0], acc[1], acc[2] = acc[0] + z.sum(0), acc[1] + (z * z).sum(0), acc[2] + len(z)
     out = []

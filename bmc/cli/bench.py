@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import click
 
 from bmc.cli.common import (
@@ -252,6 +254,23 @@ def bench_adabn(model, bccd, pbc, firsts, weight, orientations, json_out):
     click.echo(adabn.markdown(r))
     if json_out:
         _write_json(json_out, r)
+
+
+@bench.command("multisource")
+@truth_options
+@click.option("--split", "split_file", required=True, type=click.Path(dir_okay=False), help="the model's split.json")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="folder for the session, cells and split")
+@click.option("--seed", default=1, show_default=True, help="which half of the fields is taught")
+@click.option("--repeat", default=5, show_default=True, help="copies of each taught cell in the training part")
+def bench_multisource(source, truth_file, split_file, out, seed, repeat):
+    """A second training domain from half the fields: a session, each field's cell reviewed with its
+    true class, harvested and added to the split's training part; the other half's truth for scoring."""
+    from bmc.benchmarks import multisource
+
+    info = _guard(
+        multisource.prepare, source, truth_file, split_file, out, seed, repeat, log=lambda m: click.echo(m, err=True)
+    )
+    click.echo(json.dumps(info, indent=2))
 
 
 @bench.command("differential")

@@ -1,0 +1,92 @@
+"""A second microscope as a second training domain (``bmc bench multisource``): the data a
+laboratory's own reviewed cells make, beside the training laboratory's split.
+
+The fields of a truth file are drawn in two halves with ``seed``. Over the first half a real session
+runs (crops saved), each field's scored cell is reviewed with its true class, as a technician would
+with ``bmc edge review``, and ``bmc data harvest`` turns the reviewed cells into training images.
+The split written beside them is the model's own split (``--split``, e.g. the PBC split the shipped
+model was trained on) with those cells added to its training part, ``repeat`` times each (a few
+hundred cells beside seven thousand would hardly move the model; each copy is augmented afresh). The
+second half's truth is written for scoring: cells of those fields were never trained on.
+
+Then, for instance (the commands it prints)::
+
+    bmc train OUT --split OUT/split.json --init-from edge_app/models/bmc_pbc8_lite0_fp16.tflite ...
+    bmc bench autonomy --source FIELDS --truth OUT/held_out_truth.csv --model MODEL
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from bmc.benchmarks.adapt import read_truth
+
+
+def prepare(source, truth_file, split_file, out, seed: int = 1, repeat: int = 5, model=None, log=print) -> dict:
+    from bmc.benchmarks.autonomy import _cells_of, _link_fields
+    from bmc.edge_app import review
+    from bmc.edge_app.app import EdgeSession, SessionConfig
+    from bmc.edge_app.classifier import DEFAULT_MODEL, CellClassifier
+    from bmc.train.data import Sample, load_split, save_split
+    from bmc.train.harvest import harvest
+
+    source, out = Path(source), Path(out)
+    truth_rel = read_truth(truth_file, source)
+    rel_of = {rel.replace("/", "__"): rel for rel in truth_rel}
+    truth = {flat: truth_rel[rel] for flat, rel in rel_of.items()}
+    names = sorted(truth)
+    order = [names[i] for i in np.random.default_rng(2000 + seed).permutation(len(names))]
+    taught, held = sorted(order[: len(order) // 2]), sorted(order[len(order) // 2 :])
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix="bmc-multisource-", dir=out))
+    try:
+        flat = tmp / "all"
+        flat.mkdir()
+        for rel in truth_rel:
+            (flat / rel.replace("/", "__")).symlink_to((source / rel).resolve())
+        session = out / "session"
+        if session.exists():
+            shutil.rmtree(session)
+        clf = CellClassifier(model or DEFAULT_MODEL, orientations=1)
+        EdgeSession(
+            str(_link_fields(flat, taught, tmp / "taught")), clf, session, SessionConfig(), echo=lambda m: None
+        ).run()
+        cells = _cells_of(session / "session.sqlite")
+        with review.Reviewer(session, "bench (true class)") as r:
+            for f in taught:
+                if f in cells:
+                    r.decide(cells[f][1], truth[f])
+        log(f"{len(taught)} fields run and their white cell reviewed with its true class")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    cells_dir = out / "cells"
+    if cells_dir.exists():
+        shutil.rmtree(cells_dir)
+    summary = harvest([session], cells_dir)
+    rows = list(csv.DictReader(open(cells_dir / "manifest.csv", newline="")))
+    parts = load_split(split_file)
+    added = [Sample(str((cells_dir / r["path"]).resolve()), r["label"], r["group"]) for r in rows]
+    parts["train"] = list(parts["train"]) + added * repeat
+    save_split(parts, out / "split.json")
+    with open(out / "held_out_truth.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["file", "label"])
+        w.writerows((rel_of[f], truth[f]) for f in held)
+    info = {
+        "source": str(source),
+        "seed": seed,
+        "taught_fields": len(taught),
+        "held_out_fields": len(held),
+        "harvested": summary["by_label"],
+        "repeat": repeat,
+        "split": str(out / "split.json"),
+        "held_out_truth": str(out / "held_out_truth.csv"),
+    }
+    (out / "multisource.json").write_text(json.dumps(info, indent=2))
+    return info
