@@ -339,6 +339,20 @@ class EdgeSession:
         _, frame, box, crop, _, emb = views.best
         return [(self._count(box, views.probabilities, emb, track, frame), crop)]
 
+    # -- control, from any thread: the screen, the service, a signal ---------------------------
+    def stop(self) -> None:
+        """Finish the frame in flight and close the session (also while paused)."""
+        self._stop = True
+        self.paused = False
+
+    def pause(self, paused: bool = True) -> None:
+        """Hold (or, ``False``, resume) the count: a camera's frames are dropped meanwhile."""
+        self.paused = paused
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop
+
     # -- the loop ---------------------------------------------------------------------------
     def _on_signal(self, signum, _frame):
         self.echo(f"received signal {signum}: finishing the current frame and closing the session")

@@ -320,7 +320,7 @@ class Reviewer:
 
     def __init__(self, out_dir: str | Path, name: str | None = None, allow_new_labels: bool = False):
         self.out_dir = Path(out_dir)
-        self.name = (name or _user()).strip() or "unknown"
+        self.name = (name or current_user()).strip() or "unknown"
         self.allow_new = allow_new_labels
         self.db = connect(out_dir, write=True)
 
@@ -430,7 +430,8 @@ class Reviewer:
             raise
 
 
-def _user() -> str:
+def current_user() -> str:
+    """The login name a decision is recorded under when no name is given."""
     try:
         return getpass.getuser()
     except (KeyError, OSError):

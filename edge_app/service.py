@@ -109,7 +109,7 @@ def serve(cfg, echo=print, max_sessions: int | None = None) -> None:
         echo(f"received signal {signum}: stopping the service")
         stop.set()
         if current[0] is not None:
-            current[0]._stop = True
+            current[0].stop()
 
     old = (
         {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
@@ -165,7 +165,8 @@ def _serve_loop(cfg, storage: Path, echo, max_sessions, stop: threading.Event, c
         echo(f"session {folder.name} started")
         session = EdgeSession(source, clf, folder, session_config(cfg), echo=echo)
         current[0] = session
-        session._stop = session._stop or stop.is_set()  # a signal while it was being set up
+        if stop.is_set():  # a signal while it was being set up
+            session.stop()
         r = session.run()
         current[0] = None
         done += 1

@@ -182,7 +182,7 @@ def edge_ui(config_path, storage, listen, config_dir, set_password, user, source
             raise _Fail(str(e)) from e
         click.echo(f"password hash written to {path} (readable by this user only)")
         return
-    from bmc.edge_app.review import _user
+    from bmc.edge_app.review import current_user
     from bmc.edge_app.ui.app import UiApp, is_loopback, serve
 
     host, _, port = listen.rpartition(":")
@@ -214,7 +214,9 @@ def edge_ui(config_path, storage, listen, config_dir, set_password, user, source
         live = LiveRunner(
             folder, src, model, session_config(cfg) if cfg else None, cam, model_config=cfg.model if cfg else None
         )
-    app = UiApp(folder, stored, sign_in, user or _user(), model=model, live=live, keys=cfg.screen.keys if cfg else None)
+    app = UiApp(
+        folder, stored, sign_in, user or current_user(), model=model, live=live, keys=cfg.screen.keys if cfg else None
+    )
 
     def on_term(signum, _frame):  # systemd's stop: close a live session cleanly, then the server
         raise KeyboardInterrupt

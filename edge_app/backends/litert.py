@@ -13,6 +13,8 @@ import re
 import sys
 import tempfile
 import threading
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 
@@ -23,7 +25,7 @@ try:
 
     RUNTIME = "ai-edge-litert"
 except ImportError:  # pragma: no cover - depends on the device
-    from tflite_runtime.interpreter import Interpreter  # type: ignore[no-redef]
+    from tflite_runtime.interpreter import Interpreter  # type: ignore[no-redef,unused-ignore]
 
     RUNTIME = "tflite-runtime"
 
@@ -36,7 +38,7 @@ _stderr_lock = threading.Lock()
 
 
 @contextlib.contextmanager
-def quiet_runtime():
+def quiet_runtime() -> Iterator[None]:
     """Hold back the runtime's INFO banner: file descriptor 2 goes to a temporary file while the
     interpreter allocates, and every other line is written back to stderr afterwards. The runtime
     has no Python switch for its logger, and ``TF_CPP_MIN_LOG_LEVEL`` does not reach it."""
@@ -84,8 +86,9 @@ class LiteRTBackend(Backend):
         self.batchable = True
 
     @property
-    def input_dtype(self):
-        return self.inp["dtype"]
+    def input_dtype(self) -> np.dtype:
+        dt: np.dtype = np.dtype(self.inp["dtype"])
+        return dt
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -100,15 +103,17 @@ class LiteRTBackend(Backend):
         dt = self.inp["dtype"]
         if dt in (np.uint8, np.int8) and scale:
             info = np.iinfo(dt)
-            return np.clip(np.round(x / scale + zero), info.min, info.max).astype(dt)
-        return x.astype(dt, copy=False)
+            q: np.ndarray = np.clip(np.round(x / scale + zero), info.min, info.max).astype(dt)
+            return q
+        return np.asarray(x, dtype=dt)
 
     @staticmethod
-    def _dequantize(y: np.ndarray, detail: dict) -> np.ndarray:
+    def _dequantize(y: np.ndarray, detail: dict[str, Any]) -> np.ndarray:
         scale, zero = detail["quantization"]
+        out: np.ndarray = y.astype(np.float32)
         if detail["dtype"] in (np.uint8, np.int8) and scale:
-            return (y.astype(np.float32) - zero) * scale
-        return y.astype(np.float32)
+            out = (out - zero) * scale
+        return out
 
     def _resize(self, n: int) -> bool:
         if n == self._batch:

@@ -52,7 +52,7 @@ class OnnxRuntimeBackend(Backend):
         return f"onnxruntime ({RUNTIME}, {self.provider})"
 
     @property
-    def input_dtype(self):
+    def input_dtype(self) -> np.dtype:
         return np.dtype(np.float32)
 
     @property

@@ -97,12 +97,11 @@ class LiveRunner:
 
     def pause(self, paused: bool) -> None:
         if self.session is not None:
-            self.session.paused = paused
+            self.session.pause(paused)
 
     def stop(self, wait_s: float = 30.0) -> None:
         if self.session is not None:
-            self.session._stop = True
-            self.session.paused = False
+            self.session.stop()
         if self.thread is not None:
             self.thread.join(wait_s)
 
