@@ -32,7 +32,10 @@ def models_dir(storage: str | Path) -> Path:
 
 def adapted_models(storage: str | Path) -> list[Path]:
     d = models_dir(storage)
-    return sorted(p for p in d.glob("*.tflite") if p.with_suffix(".json").is_file()) if d.is_dir() else []
+    if not d.is_dir():
+        return []
+    # a model of either runtime (.tflite: LiteRT, .onnx: ONNX Runtime), each beside its card
+    return sorted(p for p in d.iterdir() if p.suffix in (".tflite", ".onnx") and p.with_suffix(".json").is_file())
 
 
 def active_model(storage: str | Path) -> Path | None:

@@ -30,12 +30,6 @@ class MapError(BmcError, ValueError):
 class ActivationMaps:
     def __init__(self, clf):
         from bmc.edge_app.adapt import load_guard
-        from bmc.edge_app.backends.litert import quiet_runtime
-
-        try:
-            from ai_edge_litert.interpreter import Interpreter
-        except ImportError:  # pragma: no cover - depends on the device
-            from tflite_runtime.interpreter import Interpreter  # type: ignore[no-redef]
 
         if not clf.has_embedding:
             raise MapError(f"{clf.path.name} gives no embedding: no activation map")
@@ -45,24 +39,45 @@ class ActivationMaps:
             guard = load_guard(clf.path, clf.card)
             self.w, self.labels = guard["w"], list(guard["labels"])
         self.clf = clf
+        self.features = _OnnxFeatures(clf.path) if clf.path.suffix == ".onnx" else _LiteRTFeatures(clf.path)
+
+    def __call__(self, model_input: np.ndarray, label: str) -> np.ndarray:
+        """The map of ``label`` for one preprocessed input (H x W x 3, RGB 0..255), in 0..1, H x W."""
+        if label not in self.labels:
+            raise MapError(f"{label!r} is not a class of this model")
+        f = self.features(model_input[None].astype(np.float32))
+        cam = np.maximum(f @ self.w[:, self.labels.index(label)], 0)
+        cam = cv2.resize(cam, model_input.shape[1::-1], interpolation=cv2.INTER_CUBIC)
+        cam = np.clip(cam, 0, None)
+        return cam / cam.max() if cam.max() > 0 else cam
+
+
+class _LiteRTFeatures:
+    """The feature map under the embedding's pooling, from a second interpreter that keeps its
+    intermediate tensors."""
+
+    def __init__(self, path):
+        from bmc.edge_app.backends.litert import quiet_runtime
+
+        try:
+            from ai_edge_litert.interpreter import Interpreter
+        except ImportError:  # pragma: no cover - depends on the device
+            from tflite_runtime.interpreter import Interpreter  # type: ignore[no-redef]
+
         with warnings.catch_warnings(), quiet_runtime():  # LiteRT warns that keeping tensors costs memory: here only
             warnings.simplefilter("ignore")
-            self.interp = Interpreter(model_path=str(clf.path), num_threads=1, experimental_preserve_all_tensors=True)
+            self.interp = Interpreter(model_path=str(path), num_threads=1, experimental_preserve_all_tensors=True)
             self.interp.allocate_tensors()
         # one interpreter, and the screen's threads ask for maps at once: LiteRT is not thread-safe
         self._lock = threading.Lock()
         emb = self.interp.get_output_details()[1]["index"]
         pool = [o for o in self.interp._get_ops_details() if emb in list(o["outputs"])]
         if not pool or pool[0]["op_name"] != "MEAN":
-            raise MapError(f"{clf.path.name}: its embedding is not a global average of a feature map")
+            raise MapError(f"{path.name}: its embedding is not a global average of a feature map")
         self.feature_index = int(pool[0]["inputs"][0])
         self.inp = self.interp.get_input_details()[0]
 
-    def __call__(self, model_input: np.ndarray, label: str) -> np.ndarray:
-        """The map of ``label`` for one preprocessed input (H x W x 3, RGB 0..255), in 0..1, H x W."""
-        if label not in self.labels:
-            raise MapError(f"{label!r} is not a class of this model")
-        x = model_input[None].astype(np.float32)
+    def __call__(self, x: np.ndarray) -> np.ndarray:
         scale, zero = self.inp["quantization"]
         if self.inp["dtype"] in (np.uint8, np.int8) and scale:
             info = np.iinfo(self.inp["dtype"])
@@ -72,12 +87,36 @@ class ActivationMaps:
             self.interp.invoke()
             f = self.interp.get_tensor(self.feature_index)[0].astype(np.float32)
         fs, fz = self.interp._get_tensor_details(self.feature_index, 0)["quantization"]
-        if fs:
-            f = (f - fz) * fs
-        cam = np.maximum(f @ self.w[:, self.labels.index(label)], 0)
-        cam = cv2.resize(cam, model_input.shape[1::-1], interpolation=cv2.INTER_CUBIC)
-        cam = np.clip(cam, 0, None)
-        return cam / cam.max() if cam.max() > 0 else cam
+        return (f - fz) * fs if fs else f
+
+
+class _OnnxFeatures:
+    """The same feature map from an ONNX file: the input of the pooling under the embedding made an
+    output of a second session (needs the ``onnx`` package, which the onnx extra brings)."""
+
+    def __init__(self, path):
+        import onnx
+        import onnxruntime as ort
+
+        model = onnx.load(str(path))
+        by_output = {o: n for n in model.graph.node for o in n.output}
+        node = by_output.get("embedding")
+        for _ in range(8):  # Squeeze / QDQ pairs between the pooling and the output
+            if node is None or node.op_type in ("ReduceMean", "GlobalAveragePool"):
+                break
+            node = by_output.get(node.input[0])
+        if node is None:
+            raise MapError(f"{path.name}: its embedding is not a global average of a feature map")
+        self.nchw = node.op_type == "GlobalAveragePool"
+        name = node.input[0]
+        model.graph.output.append(onnx.ValueInfoProto(name=name))
+        self.session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        self.input, self.name = self.session.get_inputs()[0].name, name
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        (f,) = self.session.run([self.name], {self.input: x})
+        f = np.asarray(f, np.float32)[0]
+        return f.transpose(1, 2, 0) if self.nchw else f
 
 
 def overlay(model_input: np.ndarray, cam: np.ndarray, alpha: float = 0.45) -> np.ndarray:

@@ -77,6 +77,19 @@ def test_the_onnx_model_gives_what_the_tflite_gives(onnx_models, pbc):
     assert np.allclose(w, w0, atol=1e-3) and np.allclose(b, b0, atol=1e-3)
 
 
+def test_maps_of_where_the_model_looked_agree_across_runtimes(onnx_models, pbc):
+    from bmc.contract import prepare, read_image
+    from bmc.edge_app.cam import ActivationMaps
+    from bmc.edge_app.classifier import CellClassifier
+
+    ours = CellClassifier(onnx_models / "m_int8.onnx", orientations=1)
+    theirs = CellClassifier(INT8, orientations=1)
+    image = sorted((pbc / "eosinophil").glob("*.jpg"))[0]
+    x = prepare(read_image(str(image)), ours.contract, "BGR").astype(np.float32)
+    a, b = ActivationMaps(ours)(x, "eosinophil"), ActivationMaps(theirs)(x, "eosinophil")
+    assert a.shape == b.shape == (224, 224) and np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.95
+
+
 def test_a_session_counts_with_the_onnx_model(onnx_models, bccd, tmp_path):
     src = tmp_path / "fields"
     src.mkdir()

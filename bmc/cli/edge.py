@@ -15,7 +15,11 @@ def edge():
 
 @edge.command("run")
 @click.argument("source")
-@click.option("--model", type=click.Path(dir_okay=False), help="a .tflite with its model card (default: shipped int8)")
+@click.option(
+    "--model",
+    type=click.Path(dir_okay=False),
+    help="a .tflite (LiteRT) or .onnx (ONNX Runtime) with its model card (default: shipped int8)",
+)
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="session folder")
 @click.option(
     "--mode",
