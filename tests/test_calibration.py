@@ -101,7 +101,7 @@ def test_adapting_with_a_random_sample_calibrates_the_gates_and_the_report_state
     cells = {r["id"]: r for r in csv.DictReader(open(session / "cells.csv"))}
     # the cells that teach most, then 50 of the random calibration order: named from BCCD's labels
     teach = list(
-        csv.DictReader(io.StringIO(bmc("edge", "review", session, "--list", "--for-adapt", "--per-class", "6").stdout))
+        csv.DictReader(io.StringIO(bmc("edge", "review", session, "--list", "--for-adapt", "--per-class", "10").stdout))
     )
     rows = [{**cells[r["id"]], "id": r["id"]} for r in teach]
     decisions = tmp_path / "teach.csv"

@@ -340,10 +340,13 @@ def test_orientations_make_the_answer_independent_of_how_the_cell_lies(bccd):
     crops = [crop_cell(frame, c.box, one.contract) for c in find_cells(frame)]
     assert crops
     turned = [np.ascontiguousarray(np.rot90(c)) for c in crops]
-    np.testing.assert_allclose(four.classify(crops), four.classify(turned), atol=1e-6)
+    # to one step of the int8 scores (1/256): the turned crop is resized on its own pixel grid, and
+    # a difference in the last bit of an input can move one view's score by a step
+    step = 1 / 256
+    np.testing.assert_allclose(four.classify(crops), four.classify(turned), atol=step)
     p1, p4 = one.classify(crops), four.classify(crops)
     assert p4.shape == p1.shape and np.allclose(p4.sum(1), 1, atol=1e-2)
-    assert not np.allclose(one.classify(turned), p1, atol=1e-6)
+    assert np.abs(one.classify(turned) - p1).max() > 2 * step  # one orientation: the answer turns with the cell
     with pytest.raises(ValueError, match="orientations must be one of"):
         CellClassifier(DEFAULT_MODEL, orientations=3)
 
