@@ -48,7 +48,7 @@ class OodError(BmcError, ValueError):
 def test_cells(model_path: Path, card: ModelCard, data_root: Path):
     """(paths, labels) of the model's held-out test split shipped beside it (``<name>_test_split.csv``)."""
     name = card.name
-    for suffix in ("_int8", "_fp16", "_float16", "_dynamic", "_fp32"):
+    for suffix in ("_int8", "_fp16", "_float16", "_dynamic", "_fp32", "_onnx-int8", "_onnx-fp32"):
         name = name.removesuffix(suffix)
     path = model_path.parent / f"{name}_test_split.csv"
     if not path.is_file():

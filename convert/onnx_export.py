@@ -31,10 +31,12 @@ from bmc.convert.variants import Variant
 from bmc.edge_app.classifier import EMBEDDING, PROBABILITIES
 from bmc.errors import BmcError
 
+# named apart from the .tflite files beside them: a card is the file's name with .json, and the edge
+# install's package data takes every ``*_int8.json`` (the ONNX files stay out of it)
 VARIANTS = {
-    "float32": Variant("float32", "_fp32.onnx", "onnx-fp32", "ONNX, float32 weights and activations"),
+    "float32": Variant("float32", "_onnx-fp32.onnx", "onnx-fp32", "ONNX, float32 weights and activations"),
     "int8": Variant(
-        "int8", "_int8.onnx", "onnx-int8", "ONNX, static int8 (QDQ: per-channel int8 weights, uint8 activations)"
+        "int8", "_onnx-int8.onnx", "onnx-int8", "ONNX, static int8 (QDQ: per-channel int8 weights, uint8 activations)"
     ),
 }
 

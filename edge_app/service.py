@@ -266,7 +266,51 @@ def _model(cfg, model_path: str | None) -> Check:
         "  adaptable on this device: "
         + ("yes (embedding output and guard set)" if adaptable else "no (no embedding or guard set)")
     )
+    have += _peer(clf)
     return have, []
+
+
+def _peer(clf) -> list[str]:
+    """The same model for the other runtime, where it sits beside this one and that runtime is
+    installed: both timed here, on this device, one cell at a time, so that whoever sets the device
+    up picks the faster (``[model] path``); both passed the same conversion gate."""
+    import time
+
+    import numpy as np
+
+    from bmc.card import ModelCardError
+    from bmc.edge_app.backends import BackendError, available
+    from bmc.edge_app.classifier import CellClassifier
+
+    stem = clf.path.stem.removesuffix("_onnx-int8").removesuffix("_int8")
+    other = clf.path.with_name(f"{stem}_onnx-int8.onnx" if clf.path.suffix == ".tflite" else f"{stem}_int8.tflite")
+    if clf.head is not None or not other.is_file() or "onnxruntime" not in available():
+        return []
+    try:
+        peer = CellClassifier(other, threads=clf_threads(), orientations=1)
+    except (ModelCardError, BackendError) as e:
+        return [f"  {other.name}: not usable ({e})"]
+    x = np.random.default_rng(0).uniform(0, 255, (1, *clf.backend.input_shape[1:])).astype(np.float32)
+    ms = {}
+    for c in (CellClassifier(clf.path, threads=clf_threads(), orientations=1), peer):
+        for _ in range(5):
+            c.backend.predict(x)
+        t0 = time.perf_counter()
+        for _ in range(30):
+            c.backend.predict(x)
+        ms[c.path.name] = (time.perf_counter() - t0) / 30 * 1000
+    fast = min(ms, key=ms.__getitem__)
+    acc = {c.path.name: c.card.validation.get("accuracy") for c in (clf, peer)}
+    return [
+        "  the same model for the other runtime: "
+        + ", ".join(f"{n} {t:.1f} ms per cell (held-out accuracy {acc[n]:.4f})" for n, t in ms.items())
+        + f"; faster here: {fast}"
+        + ("" if fast == clf.path.name else f" (select it with [model] path = {clf.path.with_name(fast)})")
+    ]
+
+
+def clf_threads() -> int:
+    return os.cpu_count() or 1
 
 
 def _camera_and_storage(cfg) -> Check:

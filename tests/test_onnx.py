@@ -40,7 +40,7 @@ def onnx_models(split, tmp_path_factory):
 def test_both_files_pass_the_gate_with_cards_a_device_accepts(onnx_models):
     from bmc.card import load_card
 
-    for f in ("m_fp32.onnx", "m_int8.onnx"):
+    for f in ("m_onnx-fp32.onnx", "m_onnx-int8.onnx"):
         card, contract = load_card(onnx_models / f, require_deployable=True)
         assert card["runtime"] == "onnxruntime" and card.guard and card.unknown
         v = card["validation"]
@@ -65,14 +65,14 @@ def test_the_onnx_model_gives_what_the_tflite_gives(onnx_models, pbc):
     xs = np.stack([prepare(read_image(paths[i]), contract, "BGR") for i in range(0, len(paths), 100)]).astype(
         np.float32
     )
-    ours = CellClassifier(onnx_models / "m_int8.onnx", orientations=1)
+    ours = CellClassifier(onnx_models / "m_onnx-int8.onnx", orientations=1)
     theirs = CellClassifier(FP16, orientations=1)
     assert type(ours.backend).__name__ == "OnnxRuntimeBackend" and ours.unknown is not None
     p, e = ours.predict_cells(xs)
     q, f = theirs.predict_cells(xs)
     assert e.shape == f.shape == (len(xs), 1280)
     assert (p.argmax(1) == q.argmax(1)).mean() >= 0.9 and np.abs(p - q).max() < 0.5
-    w, b = read_head(onnx_models / "m_fp32.onnx")
+    w, b = read_head(onnx_models / "m_onnx-fp32.onnx")
     w0, b0 = read_head(FP16)
     assert np.allclose(w, w0, atol=1e-3) and np.allclose(b, b0, atol=1e-3)
 
@@ -82,7 +82,7 @@ def test_maps_of_where_the_model_looked_agree_across_runtimes(onnx_models, pbc):
     from bmc.edge_app.cam import ActivationMaps
     from bmc.edge_app.classifier import CellClassifier
 
-    ours = CellClassifier(onnx_models / "m_int8.onnx", orientations=1)
+    ours = CellClassifier(onnx_models / "m_onnx-int8.onnx", orientations=1)
     theirs = CellClassifier(INT8, orientations=1)
     image = sorted((pbc / "eosinophil").glob("*.jpg"))[0]
     x = prepare(read_image(str(image)), ours.contract, "BGR").astype(np.float32)
@@ -97,7 +97,16 @@ def test_a_session_counts_with_the_onnx_model(onnx_models, bccd, tmp_path):
         (src / f.name).symlink_to(f)
     out = tmp_path / "session"
     p = bmc(
-        "edge", "run", src, "--model", onnx_models / "m_int8.onnx", "--out", out, "--headless", "--orientations", "1"
+        "edge",
+        "run",
+        src,
+        "--model",
+        onnx_models / "m_onnx-int8.onnx",
+        "--out",
+        out,
+        "--headless",
+        "--orientations",
+        "1",
     )
     assert "leukocytes" in p.stdout
     from bmc.edge_app import review
@@ -108,21 +117,43 @@ def test_a_session_counts_with_the_onnx_model(onnx_models, bccd, tmp_path):
         [(model_file,)] = db.execute("SELECT model_file FROM session").fetchall()
     finally:
         db.close()
-    assert model_file.endswith("m_int8.onnx")
+    assert model_file.endswith("m_onnx-int8.onnx")
     assert len(cells) >= 6 and any(c.status == "counted" for c in cells)
 
 
 def test_latency_bench_puts_both_runtimes_side_by_side(onnx_models, split):
     p = bmc(
-        "bench", "latency", INT8, onnx_models / "m_int8.onnx", "--runs", "10", "--split", split,
+        "bench", "latency", INT8, onnx_models / "m_onnx-int8.onnx", "--runs", "10", "--split", split,
         "--limit", "16", "--no-record", "--threads", "1",
     )  # fmt: skip
-    rows = [l for l in p.stdout.splitlines() if l.startswith("| bmc_pbc8") or l.startswith("| m_int8")]
+    rows = [l for l in p.stdout.splitlines() if l.startswith("| bmc_pbc8") or l.startswith("| m_onnx-int8")]
     assert len(rows) == 2
     assert "| litert | tflite-int8 |" in rows[0] and "| onnxruntime | onnx-int8 (CPU) |" in rows[1]
     assert all(float(r.split("|")[-2]) >= 0.8 for r in rows)  # accuracy on 16 held-out cells
 
 
-def test_doctor_names_the_backend(onnx_models):
-    p = bmc("edge", "doctor", "--model", onnx_models / "m_int8.onnx", check=False)
-    assert "onnxruntime" in p.stdout and "CPUExecutionProvider" in p.stdout
+def test_doctor_names_the_backend_and_times_the_other_runtime(onnx_models):
+    p = bmc("edge", "doctor", "--model", onnx_models / "m_onnx-int8.onnx", check=False)
+    assert "runs on: onnxruntime" in p.stdout and "CPUExecutionProvider" in p.stdout
+    # the shipped model, with its ONNX copy beside it in the repository: both timed on this machine
+    p = bmc("edge", "doctor", "--model", INT8, check=False)
+    assert "runs on: litert" in p.stdout
+    line = next(l for l in p.stdout.splitlines() if "the same model for the other runtime" in l)
+    assert "bmc_pbc8_lite0_onnx-int8.onnx" in line and "ms per cell" in line and "faster here:" in line
+
+
+def test_the_shipped_onnx_copy_is_the_shipped_model(pbc):
+    """edge_app/models/bmc_pbc8_lite0_onnx-int8.onnx (repository only: not in the edge install's
+    package data) was converted from the shipped float16 file and passed the same gate."""
+    import tomllib
+
+    from bmc.card import load_card
+
+    card, _ = load_card(ROOT / "edge_app" / "models" / "bmc_pbc8_lite0_onnx-int8.onnx", require_deployable=True)
+    assert card["source_model"]["sha256"] == load_card(FP16)[0].sha256
+    assert card["validation"]["n"] == 1501 and card["validation"]["accuracy_drop_points"] <= 0.5
+    data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["bmc.edge_app"]
+    import fnmatch
+
+    for f in ("bmc_pbc8_lite0_onnx-int8.onnx", "bmc_pbc8_lite0_onnx-int8.json", "bmc_pbc8_lite0_onnx-int8.guard.npz"):
+        assert not any(fnmatch.fnmatch(f"models/{f}", pat) for pat in data), f"{f} would join the edge install"
