@@ -50,7 +50,7 @@ def _need():
         import onnx
         import onnxruntime
     except ImportError as e:
-        raise OnnxError(f"ONNX export needs the onnx extra: pip install 'bmc-edge[onnx,train]' ({e})") from e
+        raise OnnxError(f"ONNX export needs the onnx extra: pip install '.[train]' from the bmc checkout ({e})") from e
     return onnx, onnxruntime
 
 
@@ -192,6 +192,16 @@ def _card(path: Path, v: Variant, row: dict, contract, source_file: Path, float_
     )
 
 
+def mark_not_deployable(path: Path, why: str) -> None:
+    """Mark ``path``'s card not deployable, saying why (the edge app then refuses it)."""
+    from bmc.card import card_path
+
+    card = json.loads(card_path(path).read_text())
+    card["deployable"] = False
+    card["not_deployable_because"] = why
+    card_path(path).write_text(json.dumps(card, indent=2) + "\n")
+
+
 def report_markdown(rows: list[dict], float_accuracy: float | None = None) -> str:
     lines = [
         "| variant | file | size (MB) | accuracy | agreement | drop (pts) | worst class | gate |",
@@ -200,7 +210,7 @@ def report_markdown(rows: list[dict], float_accuracy: float | None = None) -> st
     for r in rows:
         lines.append(
             f"| {r['variant']} | {r['file']} | {r['size_mb']:.2f} | {r['accuracy']:.4f} | {r['agreement']:.4f} | "
-            f"{r['accuracy_drop_points']:+.2f} | {r['worst_class']} ({-r['class_recall_drop_points'][r['worst_class']]:+.1f}) | "
+            f"{r['accuracy_drop_points']:+.2f} | {r['worst_class']} ({0.0 - r['class_recall_drop_points'][r['worst_class']] + 0.0:+.1f}) | "
             f"{'PASS' if r['passed'] else 'FAIL'} |"
         )
     return "\n".join(lines) + "\n"

@@ -194,7 +194,7 @@ def _runtime() -> Check:
 
         have = [f"runtime: {RUNTIME} {metadata.version(RUNTIME)}"]
     except Exception as e:  # noqa: BLE001
-        return [], [f"no LiteRT runtime: {e}; pip install 'bmc-edge[edge]'"]
+        return [], [f"no LiteRT runtime: {e}; pip install '.[edge]' from the bmc checkout"]
     try:  # the optional second runtime, for .onnx models (bmc-edge[onnx])
         from bmc.edge_app.backends.onnxrt import RUNTIME as ORT
         from bmc.edge_app.backends.onnxrt import providers
@@ -247,7 +247,7 @@ def _model(cfg, model_path: str | None) -> Check:
     have = [
         f"model: {clf.description} ({card.variant}, {len(clf.contract.labels)} classes, validated "
         + (
-            f"accuracy {v['accuracy']:.3f})"
+            f"accuracy {v['accuracy']:.3f}" + (f" on {v['n']} held-out images)" if v.get("n") else ")")
             if "accuracy" in v
             else f"by cross-validation on this laboratory's reviewed cells, balanced accuracy "
             f"{v.get('balanced_accuracy', float('nan')):.3f} against the shipped head's "

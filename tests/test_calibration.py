@@ -20,7 +20,7 @@ from bmc.edge_app.calibration import (
     decided_prefix,
 )
 
-from conftest import bmc, recorded_session
+from conftest import PBC_ONLY_MODEL, bmc, recorded_session
 
 
 def test_the_calibration_order_is_a_fixed_permutation_and_the_sample_its_decided_prefix():
@@ -75,7 +75,7 @@ def test_the_unknown_threshold_stays_the_cards_and_the_laboratorys_quantile_is_r
 @pytest.fixture(scope="module")
 def bccd_session(bccd, tmp_path_factory):
     fields = [f.image for f in single_cell_fields(bccd)[:90]]
-    return recorded_session(fields, tmp_path_factory, "calibration")
+    return recorded_session(fields, tmp_path_factory, "calibration", PBC_ONLY_MODEL)
 
 
 def _truth_of(bccd, rows):
@@ -101,7 +101,7 @@ def test_adapting_with_a_random_sample_calibrates_the_gates_and_the_report_state
     cells = {r["id"]: r for r in csv.DictReader(open(session / "cells.csv"))}
     # the cells that teach most, then 50 of the random calibration order: named from BCCD's labels
     teach = list(
-        csv.DictReader(io.StringIO(bmc("edge", "review", session, "--list", "--for-adapt", "--per-class", "10").stdout))
+        csv.DictReader(io.StringIO(bmc("edge", "review", session, "--list", "--for-adapt", "--per-class", "6").stdout))
     )
     rows = [{**cells[r["id"]], "id": r["id"]} for r in teach]
     decisions = tmp_path / "teach.csv"
@@ -112,7 +112,7 @@ def test_adapting_with_a_random_sample_calibrates_the_gates_and_the_report_state
     assert len(sample) == 50
     _write(decisions, _truth_of(bccd, sample))
     bmc("edge", "review", session, "--apply", decisions, "--by", "ben")
-    bmc("edge", "adapt", session, "--out", tmp_path / "m", "--name", "lab1")
+    bmc("edge", "adapt", session, "--out", tmp_path / "m", "--name", "lab1", "--model", PBC_ONLY_MODEL)
     card = json.loads((tmp_path / "m" / "lab1.json").read_text())
     cal = card["calibration"]
     assert cal["cells"] >= 50 and 0.4 <= cal["min_confidence"] <= 0.99

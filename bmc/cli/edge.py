@@ -228,8 +228,12 @@ def edge_ui(config_path, storage, listen, config_dir, set_password, user, source
     import signal
 
     signal.signal(signal.SIGTERM, on_term)
+    from bmc.edge_app.ui.app import UiError
+
     try:
         serve(app, host, int(port), echo=click.echo)
+    except UiError as e:
+        raise _Fail(str(e)) from e
     except KeyboardInterrupt:
         click.echo("stopping the screen")
     finally:

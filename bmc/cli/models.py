@@ -215,7 +215,9 @@ def convert_cmd(
     "and for the guard set, validation part for the unknown-cell check",
 )
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="output folder")
-@click.option("--name", default="bmc", show_default=True, help="file-name stem: NAME_fp32.onnx, NAME_int8.onnx")
+@click.option(
+    "--name", default="bmc", show_default=True, help="file-name stem: NAME_onnx-fp32.onnx, NAME_onnx-int8.onnx"
+)
 @click.option("--max-drop", default=Gate.max_drop, show_default=True, help="max accuracy drop, points")
 @click.option(
     "--max-class-drop", default=Gate.max_class_drop, show_default=True, help="max recall drop of any class, points"
@@ -224,8 +226,9 @@ def convert_cmd(
 @click.option("--per-class", default=200, show_default=True, help="training cells per class in the guard set")
 @click.option(
     "--limit",
-    type=click.IntRange(min=8),
-    help="a quick check: this many test and validation images (an even sample), not all",
+    type=click.IntRange(min=50),
+    help="a quick check: this many test and validation images (an even sample), not all; the card "
+    "records the number, and 50 validation cells is the least the unknown-cell check calibrates on",
 )
 def convert_onnx_cmd(source, split_file, out_dir, name, max_drop, max_class_drop, representative, per_class, limit):
     """ONNX files of a model for ONNX Runtime (float32 and static int8), each validated against the
@@ -270,8 +273,13 @@ def convert_onnx_cmd(source, split_file, out_dir, name, max_drop, max_class_drop
         )  # fmt: skip
         for r in rows:
             if r["passed"]:
-                build_guard(out / r["file"], parts["train"], per_class, log=lambda m: None)
-                calibrate_unknown(out / r["file"], val, log=lambda m, f=r["file"]: log(f"{f}: {m}"))
+                try:
+                    build_guard(out / r["file"], parts["train"], per_class, log=lambda m: None)
+                    calibrate_unknown(out / r["file"], val, log=lambda m, f=r["file"]: log(f"{f}: {m}"))
+                except Exception:
+                    # a model without its unknown-cell check must not count on a device
+                    onnx_export.mark_not_deployable(out / r["file"], "guard set or unknown-cell calibration failed")
+                    raise
         report = onnx_export.write_report(rows, out, name)
         click.echo(report.read_text())
         failed = [r for r in rows if not r["passed"]]

@@ -93,6 +93,6 @@ def create(key: str | None, model_path: str, threads: int | None = None) -> Back
     if key not in backends:
         raise BackendError(
             f"backend {key!r} is not available here (have: {', '.join(backends) or 'none'}); "
-            f"install its extra: pip install 'bmc-edge[{EXTRA.get(key, 'edge')}]'"
+            f"install its extra: pip install '.[{EXTRA.get(key, 'edge')}]' from the bmc checkout"
         )
     return backends[key](model_path, threads)

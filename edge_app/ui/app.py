@@ -38,6 +38,7 @@ import cv2
 from bmc.edge_app import report as report_mod
 from bmc.edge_app import review
 from bmc.edge_app.ui.auth import RateLimit, Sessions, verify_password
+from bmc.errors import BmcError
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).resolve().parent / "static"
@@ -98,6 +99,10 @@ class Response:
 
 def _redirect(to: str, headers=None) -> Response:
     return Response(b"", "303 See Other", headers=[("Location", to), *(headers or [])])
+
+
+class UiError(BmcError, RuntimeError):
+    """The screen cannot start as asked (its address taken, say); the message says what and where."""
 
 
 class HttpError(Exception):
@@ -974,7 +979,12 @@ def serve(app: UiApp, host: str, port: int, echo=print, ready=None):
     # a review page asks for its crops at once: more requests wait than threads serve for a moment,
     # which waitress reports as one "Task queue depth" warning a request; a queue is no fault here
     logging.getLogger("waitress.queue").setLevel(logging.ERROR)
-    server = create_server(app, host=host, port=port, threads=8, ident="bmc", clear_untrusted_proxy_headers=True)
+    try:
+        server = create_server(app, host=host, port=port, threads=8, ident="bmc", clear_untrusted_proxy_headers=True)
+    except OSError as e:  # the port taken, or an address this computer does not have
+        raise UiError(
+            f"cannot listen on {host}:{port}: {e.strerror or e} (another program there? --listen HOST:PORT)"
+        ) from None
     bound = server.effective_port
     app.port = bound
     echo(
