@@ -41,6 +41,9 @@ def test_edge_extra_alone_runs_the_app(tmp_path, bccd):
     assert size_mb < 300, f"the installed edge environment is {size_mb:.0f} MB"
     listed = subprocess.run([str(py), "-m", "pip", "list", "--format=freeze"], capture_output=True, text=True).stdout
     assert "tensorflow" not in listed.lower() and "keras" not in listed.lower(), listed
+    assert "onnx" not in listed.lower(), listed  # ONNX Runtime is an extra of its own (issue 26)
+    packaged = {p.name for p in Path(site, "bmc", "edge_app", "models").iterdir()}
+    assert "bmc_pbc8_lite0_int8.tflite" in packaged and not any(".onnx" in n or "onnx-" in n for n in packaged)
     assert "opencv-python-headless" in listed and "opencv-python=" not in listed, listed
     fields = tmp_path / "fields"
     fields.mkdir()
