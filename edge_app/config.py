@@ -14,6 +14,7 @@ import os
 import types
 import typing
 from pathlib import Path
+from typing import Any
 
 from bmc.edge_app.classifier import DEFAULT_ORIENTATIONS, ORIENTATIONS
 from bmc.errors import BmcError
@@ -21,7 +22,7 @@ from bmc.errors import BmcError
 try:
     import tomllib
 except ImportError:  # Python 3.10 (Ubuntu 22.04 on a Jetson)
-    import tomli as tomllib  # type: ignore[no-redef]
+    import tomli as tomllib  # type: ignore[no-redef,unused-ignore]
 
 from bmc.edge_app.detect import FinderConfig
 from bmc.edge_app.differential import ReviewPolicy
@@ -31,12 +32,12 @@ class ConfigError(BmcError, ValueError):
     pass
 
 
-def _range(lo: float, hi: float) -> dict:
+def _range(lo: float, hi: float) -> dict[str, Any]:
     """Field metadata: the closed range a number must lie in."""
     return {"range": (lo, hi)}
 
 
-def _choice(*values) -> dict:
+def _choice(*values: object) -> dict[str, Any]:
     return {"choices": values}
 
 
@@ -86,9 +87,9 @@ RESERVED_KEYS = ("Enter", "x", "b")  # the model's call, not a cell, undo
 class ScreenConfig:
     # the review keys a technician is used to: class name -> one key (e.g. { segmented = "s",
     # lymphocyte = "l" }); classes not named here take the free digits 1-9 in the model's order
-    keys: dict = dataclasses.field(default_factory=dict)
+    keys: dict[str, str] = dataclasses.field(default_factory=dict)
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         seen: dict[str, str] = {}
         for label, key in self.keys.items():
             if not isinstance(key, str) or len(key) != 1 or key in RESERVED_KEYS or key.isspace():
@@ -123,7 +124,7 @@ _EXTERNAL = {
 }
 
 
-def _check(where: str, key: str, kind, value, meta: dict):
+def _check(where: str, key: str, kind: Any, value: Any, meta: dict[str, Any]) -> Any:
     """``value`` as the setting ``[where] key`` of type ``kind`` stores it, or :class:`ConfigError`
     naming the key, the value and what it must be."""
     optional = isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union
@@ -147,7 +148,7 @@ def _check(where: str, key: str, kind, value, meta: dict):
     return value
 
 
-def _build(cls, data: dict, where: str):
+def _build(cls: Any, data: Any, where: str) -> Any:
     if not isinstance(data, dict):
         raise ConfigError(f"[{where}] must be a table")
     fields = {f.name: f for f in dataclasses.fields(cls)}
