@@ -243,7 +243,10 @@ def differential_html(record: DifferentialCount, learnt: dict | None = None, bar
             if record.me_ratio is not None
             else "<p>Myeloid : erythroid ratio not defined (no erythroid cells counted)</p>"
         )
-    out += f"<p>Platelets: {record.platelets} (counted apart, in no denominator)</p>"
+    out += (
+        f"<p>Platelets met: {record.platelets} (counted apart, in no denominator; the finder looks for "
+        "nucleated cells, so this is not a platelet count)</p>"
+    )
     return out
 
 
