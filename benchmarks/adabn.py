@@ -77,8 +77,10 @@ def run(
     def unit(e):
         return e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
 
+    pooled = keras.Model(net.input, net.get_layer("avg_pool").output)  # shares net's weights as they change
+
     def embed(x):
-        return unit(np.asarray(keras.Model(net.input, net.get_layer("avg_pool").output).predict(x, verbose=0)))
+        return unit(np.asarray(pooled.predict(x, verbose=0)))
 
     reference = embed(src[half:])
     threshold = float(np.quantile(1 - (embed(src[:half]) @ reference.T).max(1), 0.98))

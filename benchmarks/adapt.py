@@ -128,19 +128,24 @@ def _session(src: Path, model, out: Path, mode: str, orientations: int, threads:
     return field_answers(out / "session.sqlite")
 
 
+def link_truth_fields(source: Path, truth_file, dest: Path) -> tuple[dict[str, str], dict[str, str]]:
+    """The fields of a truth file linked into the one flat folder ``dest`` (``a/b.jpg`` as
+    ``a__b.jpg``, so names stay unique): ({flat name: class}, {flat name: path in the truth file})."""
+    truth_rel = read_truth(truth_file, source)
+    dest.mkdir()
+    rel_of = {rel.replace("/", "__"): rel for rel in truth_rel}
+    for flat, rel in rel_of.items():
+        (dest / flat).symlink_to((Path(source) / rel).resolve())
+    return {flat: truth_rel[rel] for flat, rel in rel_of.items()}, rel_of
+
+
 def _shipped_run(
     source: Path, truth_file, tmp: Path, model: Path, mode: str, orientations: int, threads: int | None, log
 ):
     """(fields folder, {field: class}, classes, shipped answers): the scored fields linked into one
     flat folder under ``tmp`` (names kept unique) and the shipped model's session over them."""
-    truth_rel = read_truth(truth_file, source)
     src = tmp / "fields"
-    src.mkdir()
-    truth = {}
-    for rel, label in truth_rel.items():
-        name = rel.replace("/", "__")
-        (src / name).symlink_to((source / rel).resolve())
-        truth[name] = label
+    truth, _ = link_truth_fields(source, truth_file, src)
     classes = sorted(set(truth.values()))
     log(
         f"{len(truth)} fields of {len(classes)} classes ({', '.join(f'{c} {n}' for c, n in sorted(Counter(truth.values()).items()))})"

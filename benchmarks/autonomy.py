@@ -211,7 +211,7 @@ def sequence(
     session so far, so that the cells they counted with no person, surely, join the reference
     (:func:`bmc.edge_app.adapt.grown_reference`). Beside it, the first day's model adapted without
     growth (``grow_confidence = 0``) runs over the same later days."""
-    from bmc.benchmarks.adapt import _session, read_truth
+    from bmc.benchmarks.adapt import _session, link_truth_fields
     from bmc.edge_app import adapt
     from bmc.edge_app.classifier import DEFAULT_MODEL, CellClassifier
 
@@ -221,12 +221,8 @@ def sequence(
     keep = tempfile.mkdtemp(prefix="bmc-bench-autonomy-days-", dir=workdir)
     tmp = Path(keep)
     try:
-        truth_rel = read_truth(truth_file, source)
-        truth = {rel.replace("/", "__"): label for rel, label in truth_rel.items()}
         src = tmp / "fields"
-        src.mkdir()
-        for rel in truth_rel:  # one flat folder, names kept unique, as _shipped_run makes
-            (src / rel.replace("/", "__")).symlink_to((source / rel).resolve())
+        truth, _ = link_truth_fields(source, truth_file, src)
         classes = sorted(set(truth.values()))
         out: dict = {"source": str(source), "model": model.name, "fields": len(truth), "k": k, "days": days, "runs": []}
         for seed in seeds:

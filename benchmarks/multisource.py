@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bmc.benchmarks.adapt import read_truth
+from bmc.benchmarks.adapt import link_truth_fields
 
 
 def prepare(source, truth_file, split_file, out, seed: int = 1, repeat: int = 5, model=None, log=print) -> dict:
@@ -37,19 +37,14 @@ def prepare(source, truth_file, split_file, out, seed: int = 1, repeat: int = 5,
     from bmc.train.harvest import harvest
 
     source, out = Path(source), Path(out)
-    truth_rel = read_truth(truth_file, source)
-    rel_of = {rel.replace("/", "__"): rel for rel in truth_rel}
-    truth = {flat: truth_rel[rel] for flat, rel in rel_of.items()}
-    names = sorted(truth)
-    order = [names[i] for i in np.random.default_rng(2000 + seed).permutation(len(names))]
-    taught, held = sorted(order[: len(order) // 2]), sorted(order[len(order) // 2 :])
     out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix="bmc-multisource-", dir=out))
     try:
         flat = tmp / "all"
-        flat.mkdir()
-        for rel in truth_rel:
-            (flat / rel.replace("/", "__")).symlink_to((source / rel).resolve())
+        truth, rel_of = link_truth_fields(source, truth_file, flat)
+        names = sorted(truth)
+        order = [names[i] for i in np.random.default_rng(2000 + seed).permutation(len(names))]
+        taught, held = sorted(order[: len(order) // 2]), sorted(order[len(order) // 2 :])
         session = out / "session"
         if session.exists():
             shutil.rmtree(session)

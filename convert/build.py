@@ -268,6 +268,22 @@ def _build_and_validate(model, q, *, path: Path, xs, y, float_probs, labels, gat
     return row
 
 
+def validation_section(row: dict, gate: Gate, float_metrics: Metrics, data: str) -> dict:
+    """A converted file's card ``validation``: its gate row against the float model (TFLite and ONNX alike)."""
+    gated = ("passed", "accuracy", "macro_f1", "agreement", "mean_abs_prob_diff", "accuracy_drop_points")
+    return {
+        "data": data,
+        "n": row["n"],
+        "gate": dataclasses.asdict(gate),
+        **{k: row[k] for k in gated},
+        "per_class_recall": row["per_class_recall"],
+        "worst_class": row["worst_class"],
+        "float_accuracy": float_metrics.accuracy,
+        "float_macro_f1": float_metrics.macro_f1,
+        **({"float_layers": row["float_layers"]} if row.get("float_layers") else {}),
+    }
+
+
 def _write_variant_card(path, v, row, src: Source, float_sha, float_metrics, gate):
     write_card(
         path,
@@ -285,22 +301,9 @@ def _write_variant_card(path, v, row, src: Source, float_sha, float_metrics, gat
             "outputs": [PROBABILITIES, EMBEDDING],
             "embedding": {"size": int(read_head(path)[0].shape[0]), "pooled": "global average"},
             "source_model": {"file": src.model_path.name, "sha256": float_sha},
-            "validation": {
-                "data": "held-out test split of the training run" if src.run_dir else "given data",
-                "n": row["n"],
-                "gate": dataclasses.asdict(gate),
-                "passed": row["passed"],
-                "accuracy": row["accuracy"],
-                "macro_f1": row["macro_f1"],
-                "agreement": row["agreement"],
-                "mean_abs_prob_diff": row["mean_abs_prob_diff"],
-                "accuracy_drop_points": row["accuracy_drop_points"],
-                "per_class_recall": row["per_class_recall"],
-                "worst_class": row["worst_class"],
-                "float_accuracy": float_metrics.accuracy,
-                "float_macro_f1": float_metrics.macro_f1,
-                **({"float_layers": row["float_layers"]} if row.get("float_layers") else {}),
-            },
+            "validation": validation_section(
+                row, gate, float_metrics, "held-out test split of the training run" if src.run_dir else "given data"
+            ),
             "deployable": row["passed"],
         },
     )

@@ -15,7 +15,6 @@ unchanged (:mod:`bmc.edge_app.backends.onnxrt` runs it).
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import json
 import tempfile
@@ -157,6 +156,8 @@ def convert_onnx(
 
 
 def _card(path: Path, v: Variant, row: dict, contract, source_file: Path, float_metrics, gate: Gate) -> None:
+    from bmc.convert.build import validation_section
+
     write_card(
         path,
         {
@@ -172,21 +173,7 @@ def _card(path: Path, v: Variant, row: dict, contract, source_file: Path, float_
             "outputs": [PROBABILITIES, EMBEDDING],
             "embedding": {"size": int(read_head(path)[0].shape[0]), "pooled": "global average"},
             "source_model": {"file": source_file.name, "sha256": sha256_file(source_file)},
-            "validation": {
-                "data": "held-out test split of the model's split",
-                "n": row["n"],
-                "gate": dataclasses.asdict(gate),
-                "passed": row["passed"],
-                "accuracy": row["accuracy"],
-                "macro_f1": row["macro_f1"],
-                "agreement": row["agreement"],
-                "mean_abs_prob_diff": row["mean_abs_prob_diff"],
-                "accuracy_drop_points": row["accuracy_drop_points"],
-                "per_class_recall": row["per_class_recall"],
-                "worst_class": row["worst_class"],
-                "float_accuracy": float_metrics.accuracy,
-                "float_macro_f1": float_metrics.macro_f1,
-            },
+            "validation": validation_section(row, gate, float_metrics, "held-out test split of the model's split"),
             "deployable": row["passed"],
         },
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -146,6 +147,17 @@ def test_edge_extra_alone_runs_the_app(tmp_path, bccd):
         (mini / "JPEGImages" / f.image.name).symlink_to(f.image)
         (mini / "Annotations" / f"{f.image.stem}.xml").symlink_to(bccd / "Annotations" / f"{f.image.stem}.xml")
     truth = tmp_path / "mini_truth.csv"
+    # a model's split, for bench multisource: a few PBC images of each class (written here, with the
+    # training side's own helper; the device only reads it)
+    from bmc.train.data import Sample, save_split
+
+    pbc_split = tmp_path / "pbc_split.json"
+    some = [
+        Sample(str(p), c.name, p.stem)
+        for c in sorted((bccd.parent / "pbc").iterdir())
+        for p in sorted(c.glob("*.jpg"))[:2]
+    ]
+    save_split({"train": some, "val": some[:4], "test": some[4:8]}, pbc_split)
     for verb in (
         ["bccd", "--bccd", str(mini)],
         ["generalisation", site_models, "--bccd", str(mini)],
@@ -154,9 +166,24 @@ def test_edge_extra_alone_runs_the_app(tmp_path, bccd):
         ["differential", "--source", str(mini), "--truth", str(truth), "--orientations", "1"],
         ["autonomy", "--source", str(mini), "--truth", str(truth), "--orientations", "1"],
         ["pan", "--bccd", str(mini), "--fields", "2", "--speeds", "60", "--orientations", "1"],
+        [
+            "multisource",
+            "--source",
+            str(mini),
+            "--truth",
+            str(truth),
+            "--split",
+            str(pbc_split),
+            "--out",
+            str(tmp_path / "ms"),
+        ],
     ):
         b = subprocess.run([bmc_bin, "bench", *verb], capture_output=True, text=True, timeout=300, cwd=tmp_path)
         assert b.returncode == 0 and "Traceback" not in b.stderr, " ".join(verb) + b.stdout + b.stderr
+    assert json.loads((tmp_path / "ms" / "multisource.json").read_text())["taught_fields"] == 3
+    # AdaBN needs the float model, so TensorFlow: one line saying so, not a traceback
+    b = subprocess.run([bmc_bin, "bench", "adabn"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert b.returncode == 2 and "needs the training packages" in b.stderr and "Traceback" not in b.stderr, b.stderr
     # cells the model does not know, measured on the device: the installed model and card, with the first
     # 24 of its held-out test cells (the whole list is installed beside it)
     installed = Path(site_models).parent

@@ -9,6 +9,7 @@ import click
 from bmc.cli.common import (
     _Fail,
     _guard,
+    _need_training,
     _write_json,
     json_option,
     orientations_option,
@@ -238,6 +239,7 @@ def bench_autonomy(source, truth_file, k, seeds, calibration, mode, model, orien
 def bench_adabn(model, bccd, pbc, firsts, weight, orientations, json_out):
     """AdaBN on BCCD: the shipped float model with its batch-norm statistics re-estimated on half the
     fields' cells (no labels), scored on the other half, against the same model without."""
+    _need_training("bmc bench adabn", "bmc.train.recover", "tensorflow")
     from bmc.benchmarks import adabn
     from bmc.benchmarks.generalisation import DEFAULT_BCCD, DEFAULT_PBC
 
