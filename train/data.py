@@ -316,6 +316,7 @@ def relabel(parts: dict[str, list[Sample]], label_from: str) -> tuple[dict[str, 
 
 def save_split(split_: dict[str, list[Sample]], path: str | Path) -> None:
     rows = {k: [dataclasses.asdict(s) for s in v] for k, v in split_.items()}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(rows, indent=1))
 
 

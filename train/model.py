@@ -8,7 +8,7 @@ The model is one flat Keras functional graph (no nested sub-models) with
 from __future__ import annotations
 
 from bmc.contract import Contract
-from bmc.train.backbones import BackboneError, block_names, build_backbone
+from bmc.train.backbones import BackboneError, build_backbone, model_block_names
 
 
 def build_classifier(backbone: str, contract: Contract, weights: str | None = "imagenet", dropout: float = 0.3):
@@ -32,7 +32,7 @@ def split_at(model, block: str):
     Returns ``(bottom, top, top_features)`` models sharing the weights of ``model``:
     ``top_features`` ends at the pooled backbone features, before the head.
     """
-    names = block_names()
+    names = model_block_names(model)
     if block not in names:
         raise BackboneError(f"unknown block {block!r}; choose one of {', '.join(names)}")
     first = model.get_layer(f"{block}_expand_conv" if block != "block1a" else f"{block}_dwconv")
@@ -54,7 +54,7 @@ def set_trainable_from(model, block: str | None) -> None:
     """
     import keras
 
-    names = block_names()
+    names = model_block_names(model)
     trainable_prefixes = () if block is None else tuple(names[names.index(block) :]) + ("top_",)
     for layer in backbone_layers(model):
         if isinstance(layer, keras.layers.BatchNormalization):

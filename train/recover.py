@@ -95,18 +95,8 @@ def recover(path: str | Path, contract: Contract, source: np.ndarray | None = No
     """The Keras classifier of the float ``.tflite`` at ``path`` (see the module's docstring).
     ``source``: cells of the training laboratory, ``(n, size, size, 3)`` float RGB 0..255 as the
     model takes them, from which the BatchNormalization statistics are measured."""
-    import keras
-
-    from bmc.train.model import build_classifier
-
     convs, (head_w, head_b) = folded_weights(path)
-    model = build_classifier("efficientnet_lite0", contract, weights=None)
-    wanted = {l.name for l in model.layers if isinstance(l, (keras.layers.Conv2D, keras.layers.DepthwiseConv2D))}
-    if set(convs) != wanted:
-        missing, extra = sorted(wanted - set(convs)), sorted(set(convs) - wanted)
-        raise RecoverError(
-            f"{path}: not an EfficientNet-Lite0 classifier (missing {missing[:3]}, unexpected {extra[:3]})"
-        )
+    model = _lite_like(convs, contract, path)
     dense = model.get_layer("cell_class")
     if tuple(dense.kernel.shape) != head_w.shape:
         raise RecoverError(f"{path}: its head has {head_w.shape[1]} classes, the contract {contract.num_classes}")
@@ -118,6 +108,33 @@ def recover(path: str | Path, contract: Contract, source: np.ndarray | None = No
     if source is not None:
         measure_source(model, convs, source, batch)
     return model
+
+
+def _lite_like(convs: dict, contract, path):
+    """The EfficientNet-Lite classifier (Lite0, 1 or 2) whose convolutions ``convs`` are."""
+    import keras
+
+    from bmc.train.backbones import LITE_BLOCKS, block_names
+    from bmc.train.model import build_classifier
+
+    def names(variant):
+        out = {"stem_conv", "top_conv"}
+        for k, b in enumerate(block_names(variant)):
+            out |= {f"{b}_dwconv", f"{b}_project_conv"} | ({f"{b}_expand_conv"} if k else set())
+        return out
+
+    for variant in LITE_BLOCKS:
+        if names(variant) != set(convs):
+            continue
+        model = build_classifier(variant, contract, weights=None)
+        layers = {l.name: l for l in model.layers if isinstance(l, (keras.layers.Conv2D, keras.layers.DepthwiseConv2D))}
+        if all(tuple(layers[n].kernel.shape) == k.shape for n, (k, _) in convs.items()):
+            return model
+    lite0 = names("efficientnet_lite0")
+    missing, extra = sorted(lite0 - set(convs)), sorted(set(convs) - lite0)
+    raise RecoverError(
+        f"{path}: not an EfficientNet-Lite0/1/2 classifier (against Lite0: missing {missing[:3]}, unexpected {extra[:3]})"
+    )
 
 
 def set_statistics(bn, bias: np.ndarray, mean: np.ndarray, var: np.ndarray) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import click
 
@@ -457,6 +458,7 @@ def bench_truth(source, fmt, out):
     the Munich cells whose code the 8 classes name."""
     from bmc.benchmarks import adapt as bench
 
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
     n = (bench.write_truth_bccd if fmt == "bccd" else bench.write_truth_matek)(source, out)
     click.echo(f"{n} {'fields' if fmt == 'bccd' else 'cells'} → {out}")
 

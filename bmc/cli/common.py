@@ -4,6 +4,7 @@ catches the domain errors once, the check for the training packages, and the opt
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import click
 
@@ -41,6 +42,10 @@ class _Main(click.Group):
             return super().invoke(ctx)
         except BmcError as e:
             raise _Fail(str(e)) from e
+        except OSError as e:  # a file named on the command line that cannot be read or written
+            if e.filename is None:
+                raise
+            raise _Fail(f"{e.filename}: {e.strerror or e}") from e
 
 
 def _need_training(verb: str, module: str, *also: str) -> None:
@@ -63,6 +68,7 @@ def _need_training(verb: str, module: str, *also: str) -> None:
 
 
 def _write_json(path, obj) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as fh:
         json.dump(obj, fh, indent=2)
 

@@ -6,6 +6,7 @@ import click
 
 from bmc.cli.common import LABEL_SOURCES, _guard, _need_training, _write_json, orientations_option
 from bmc.convert.gate import Gate
+from bmc.train.backbones import BACKBONES
 from bmc.train.config import default as _td  # every training default, written once (TrainConfig)
 
 
@@ -14,7 +15,7 @@ from bmc.train.config import default as _td  # every training default, written o
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="run folder to write")
 @click.option(
     "--backbone",
-    type=click.Choice(["efficientnet_lite0", "efficientnet_b0"]),
+    type=click.Choice(list(BACKBONES)),
     default=_td("backbone"),
     show_default=True,
 )
