@@ -21,13 +21,13 @@ checks the adapted model's stated accuracy: does its 95% interval cover the accu
 from __future__ import annotations
 
 import shutil
-import sqlite3
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from bmc.benchmarks.adapt import _shipped_run, teach_fields
+from bmc.edge_app import sessiondb
 from bmc.edge_app.classifier import DEFAULT_ORIENTATIONS
 
 GROW = 0.9  # the confidence a counted cell needs to join the reference in sequence()
@@ -37,10 +37,9 @@ def _cells_of(db_path: Path) -> dict[str, tuple[str, int, str]]:
     """``{field: (label, cell id, flag)}`` of each field's scored cell."""
     from bmc.benchmarks.detection import best_cells
 
-    flags = {}
-    db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+    db = sessiondb.connect(db_path.parent)
     try:
-        flags = dict(db.execute("SELECT id, flag FROM cell").fetchall())
+        flags = {c.id: c.flag for c in sessiondb.cells(db)}
     finally:
         db.close()
     return {f: (label, cid, flags.get(cid, "")) for f, (label, cid, _) in best_cells(db_path).items()}
@@ -84,9 +83,9 @@ def review_day(sess: Path, truth, cells, classes, k: int, seed: int, calibration
     from bmc.edge_app import review
 
     teach = teach_fields(truth, cells, classes, k, seed)
-    db = review.connect(sess)
+    db = sessiondb.connect(sess)
     try:
-        queue = review.calibration_queue(db, review.cells(db))
+        queue = review.calibration_queue(db, sessiondb.cells(db))
     finally:
         db.close()
     field_of = {cid: f for f, (_, cid, _) in cells.items()}

@@ -15,13 +15,13 @@
 from __future__ import annotations
 
 import os
-import sqlite3
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from bmc.benchmarks.bccd import read_fields, single_cell_fields
+from bmc.edge_app import sessiondb
 from bmc.edge_app.detect import FinderConfig
 
 NOT_WHITE = ("platelet", "erythroblast")  # found and classified, but not a white cell
@@ -45,13 +45,16 @@ def finding(bccd, cfg: FinderConfig = FinderConfig()) -> dict:
 def best_cells(db_path: Path) -> dict[str, tuple[str, int, bool]]:
     """``{field: (label, cell id, set aside)}``: the cell each field is scored on, its most confident
     white cell (a white cell before a platelet or erythroblast, then the most confident)."""
-    db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+    db = sessiondb.connect(db_path.parent)
+    try:
+        found = sessiondb.cells(db)
+    finally:
+        db.close()
     best: dict[str, tuple] = {}
-    for cid, source, label, conf, flag in db.execute("SELECT id, source, label, confidence, flag FROM cell"):
-        key = (label not in NOT_WHITE, conf)
-        if source not in best or key > best[source][1]:
-            best[source] = (label, key, cid, bool(flag))
-    db.close()
+    for c in found:
+        key = (c.model_label not in NOT_WHITE, c.confidence)
+        if c.source not in best or key > best[c.source][1]:
+            best[c.source] = (c.model_label, key, c.id, bool(c.flag))
     return {s: (label, cid, flag) for s, (label, _, cid, flag) in best.items()}
 
 

@@ -29,7 +29,7 @@ from bmc.benchmarks.adapt import read_truth
 
 def run(source, truth_file, model=None, mode: str = "field", orientations: int | None = None) -> dict:
     from bmc.benchmarks.detection import best_cells
-    from bmc.edge_app import review
+    from bmc.edge_app import review, sessiondb
     from bmc.edge_app.app import EdgeSession, SessionConfig
     from bmc.edge_app.classifier import DEFAULT_MODEL, DEFAULT_ORIENTATIONS, CellClassifier
     from bmc.edge_app.differential import differential_of
@@ -50,10 +50,10 @@ def run(source, truth_file, model=None, mode: str = "field", orientations: int |
             names[link.name] = rel
         out = Path(tmp) / "s"
         EdgeSession(str(src), clf, out, SessionConfig(mode=mode, save_crops=False), echo=lambda m: None).run()
-        db = review.connect(out)
+        db = sessiondb.connect(out)
         try:
             alone = review.session_differential(db)
-            cells = review.cells(db)
+            cells = sessiondb.cells(db)
         finally:
             db.close()
         field_cell = {source_name: cid for source_name, (_, cid, _) in best_cells(out / "session.sqlite").items()}
@@ -67,10 +67,10 @@ def run(source, truth_file, model=None, mode: str = "field", orientations: int |
         with review.Reviewer(out, "bench", allow_new_labels=True) as r:
             for cid, label in decisions:
                 r.decide(cid, label)
-        db = review.connect(out)
+        db = sessiondb.connect(out)
         try:
             reviewed = review.session_differential(db)
-            final = {c.id: c.final_label for c in review.cells(db)}
+            final = {c.id: c.final_label for c in sessiondb.cells(db)}
         finally:
             db.close()
     classes = [r.label for r in true.rows]

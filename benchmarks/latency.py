@@ -16,7 +16,6 @@ fair baseline when no ``.keras`` file is given.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import subprocess
 import sys
@@ -86,9 +85,10 @@ class _TFLite:
 
 
 def _variant_from_card(path) -> str | None:
-    card = Path(path).with_suffix(".json")
-    if card.is_file():
-        v = json.loads(card.read_text()).get("variant", "").removeprefix("onnx-")
+    from bmc.card import card_path, read_card
+
+    if card_path(path).is_file():
+        v = str(read_card(path).get("variant", "")).removeprefix("onnx-")
         return {"float32": "fp32", "float16": "fp16", "dynamic": "dynamic", "int8": "int8"}.get(v)
     return None
 

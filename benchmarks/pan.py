@@ -50,11 +50,11 @@ def make_pan_video(fields, speed: int, path: str | Path, height: int = 480, widt
 
 
 def _cells(db_path: Path) -> list[tuple]:
-    import sqlite3
+    from bmc.edge_app import sessiondb
 
-    db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+    db = sessiondb.connect(db_path.parent)
     try:
-        return db.execute("SELECT source, frame, x, y, w, h, label, flag FROM cell").fetchall()
+        return [(c.source, c.frame, *c.box, c.model_label, c.flag) for c in sessiondb.cells(db)]
     finally:
         db.close()
 

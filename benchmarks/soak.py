@@ -19,26 +19,35 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from bmc.edge_app import sessiondb
 from bmc.edge_app.sources import IMAGE_SUFFIXES
 
 
-def _frames(db_path: Path) -> set[tuple[int, str]]:
-    if not db_path.exists():
+def _frames(folder: Path) -> set[tuple[int, str]]:
+    if not sessiondb.path_of(folder).exists():
         return set()
-    db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=30)
+    db = sessiondb.connect(folder)
     try:
-        return set(db.execute("SELECT idx, source FROM frame"))
+        return {(idx, source) for idx, source, _ in sessiondb.frames(db)}
     except sqlite3.OperationalError:  # killed before the tables were created
         return set()
     finally:
         db.close()
 
 
-def _cells(db_path: Path) -> list[tuple]:
+def _cells(folder: Path) -> list[tuple]:
     """Each recorded cell's field, box and call: what two runs over one source must agree on."""
-    db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=30)
+    db = sessiondb.connect(folder)
     try:
-        return db.execute("SELECT source, x, y, w, h, label, flag FROM cell ORDER BY source, x, y").fetchall()
+        return sorted((c.source, *c.box, c.model_label, c.flag) for c in sessiondb.cells(db))
+    finally:
+        db.close()
+
+
+def _integrity(folder: Path) -> str:
+    db = sessiondb.connect(folder)
+    try:
+        return sessiondb.integrity(db)
     finally:
         db.close()
 
@@ -52,11 +61,11 @@ def run(
     fields = sorted(f.name for f in source.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
     rng = random.Random(seed)
     cmd = [sys.executable, "-m", "bmc.cli", "edge", "run", str(source), "--out", str(out), "--headless", "--no-crops"]
-    db_path = out / "session.sqlite"
+    db_path = sessiondb.path_of(out)
     lost = bad = finished_early = 0
     t0 = time.perf_counter()
     for k in range(kills):
-        before = _frames(db_path)
+        before = _frames(out)
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             proc.wait(timeout=rng.uniform(0.2, max_delay_s))
@@ -64,12 +73,10 @@ def run(
         except subprocess.TimeoutExpired:
             proc.send_signal(signal.SIGKILL)
             proc.wait()
-        after = _frames(db_path)
+        after = _frames(out)
         lost += len(before - after)
         if db_path.exists():
-            db = sqlite3.connect(db_path)
-            bad += db.execute("PRAGMA integrity_check").fetchone()[0] != "ok"
-            db.close()
+            bad += _integrity(out) != "ok"
         if (k + 1) % 10 == 0:
             log(
                 f"{k + 1} kills: {len(after)} of {len(fields)} fields recorded, {lost} committed frames lost, "
@@ -81,16 +88,19 @@ def run(
     # the same source straight through, without a kill: a resumed session must find the same cells
     with tempfile.TemporaryDirectory() as tmp:
         subprocess.run([*cmd[:7], str(Path(tmp) / "whole"), *cmd[8:]], capture_output=True, text=True)
-        whole = _cells(Path(tmp) / "whole" / "session.sqlite")
-    resumed = _cells(db_path)
-    db = sqlite3.connect(db_path)
-    per_field = Counter(s for (s,) in db.execute("SELECT source FROM frame"))
-    sessions = db.execute("SELECT COUNT(*) FROM session").fetchone()[0]
-    status = db.execute("SELECT status FROM session ORDER BY id DESC").fetchone()[0]
-    cells = db.execute("SELECT COUNT(*) FROM cell").fetchone()[0]
-    in_frames = db.execute("SELECT COALESCE(SUM(n_cells), 0) FROM frame").fetchone()[0]
-    integrity = db.execute("PRAGMA integrity_check").fetchone()[0]
-    db.close()
+        whole = _cells(Path(tmp) / "whole")
+    resumed = _cells(out)
+    db = sessiondb.connect(out)
+    try:
+        recorded_frames = sessiondb.frames(db)
+        per_field = Counter(source for _, source, _ in recorded_frames)
+        recorded = sessiondb.sessions(db)
+        sessions, status = len(recorded), recorded[-1].status
+        cells = len(sessiondb.cells(db))
+        in_frames = sum(n for _, _, n in recorded_frames)
+        integrity = sessiondb.integrity(db)
+    finally:
+        db.close()
     return {
         "kills": k + 1,
         "fields": len(fields),

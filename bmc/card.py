@@ -134,6 +134,32 @@ def write_card(model_path: str | Path, card: Card) -> Path:
     return out
 
 
+def read_card(model_path: str | Path) -> Card:
+    """The card of ``model_path`` as written, unverified: for the tools that add to a card they made
+    (conversion, the embedding, the ONNX export) and for listing cards. A device reads a card
+    through :func:`load_card`, which verifies it against its model."""
+    cp = card_path(model_path)
+    try:
+        card = json.loads(cp.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelCardError(f"{cp}: model card is not valid JSON ({e})") from e
+    except FileNotFoundError as e:
+        raise ModelCardError(f"{model_path}: no model card ({cp.name} expected beside it)") from e
+    if not isinstance(card, dict):
+        raise ModelCardError(f"{cp}: model card is not a JSON object")
+    return card
+
+
+def update_card(model_path: str | Path, **fields: Any) -> Card:
+    """Set ``fields`` in the card of ``model_path`` (atomically: a crash leaves the old card)."""
+    card = {**read_card(model_path), **fields}
+    cp = card_path(model_path)
+    tmp = cp.with_name(f".{cp.name}.tmp")
+    tmp.write_text(json.dumps(card, indent=2) + "\n")
+    tmp.replace(cp)
+    return card
+
+
 def load_card(model_path: str | Path, require_deployable: bool = False) -> tuple[ModelCard, Contract]:
     """Read and verify the card of ``model_path``; returns ``(card, contract)``."""
     model_path = Path(model_path)
@@ -145,11 +171,8 @@ def load_card(model_path: str | Path, require_deployable: bool = False) -> tuple
             f"{model_path}: no model card ({cp.name} expected beside it); "
             "convert the model with 'bmc convert', which writes one"
         )
-    try:
-        card = json.loads(cp.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ModelCardError(f"{cp}: model card is not valid JSON ({e})") from e
-    if not isinstance(card, dict) or "contract" not in card or "sha256" not in card:
+    card = read_card(model_path)
+    if "contract" not in card or "sha256" not in card:
         raise ModelCardError(f"{cp}: model card lacks 'contract' or 'sha256'")
     if card.get("card_schema") != CARD_SCHEMA:
         raise ModelCardError(

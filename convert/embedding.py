@@ -16,7 +16,6 @@ Uses LiteRT's own flatbuffer schema (``ai_edge_litert``): no TensorFlow.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -131,25 +130,25 @@ def read_head(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
 def expose(model_path: str | Path) -> bool:
     """Rewrite ``model_path`` (and its card's sha256, size and outputs) so that it gives the
     embedding too; False when it already did. The class scores are unchanged."""
-    from bmc.card import card_path, sha256_file
+    from bmc.card import read_card, sha256_file, update_card
 
     model_path = Path(model_path)
     data = model_path.read_bytes()
     new = add_embedding_output(data, str(model_path))
-    card = json.loads(card_path(model_path).read_text())
+    card = read_card(model_path)
     if new == data and card.get("outputs"):
         return False
     tmp = model_path.with_suffix(".tflite.tmp")
     tmp.write_bytes(new)
     tmp.replace(model_path)
     w, _ = read_head(model_path)
-    card.update(
+    update_card(
+        model_path,
         sha256=sha256_file(model_path),
         size_bytes=model_path.stat().st_size,
         outputs=[PROBABILITIES, EMBEDDING],
         embedding={"size": int(w.shape[0]), "pooled": "global average"},
     )
-    card_path(model_path).write_text(json.dumps(card, indent=2) + "\n")
     return True
 
 
@@ -168,7 +167,7 @@ def build_guard(
 
     Stored as uint8 on a common scale (the embedding is a mean of ReLU6 activations, >= 0), with
     the shipped head's weights, so that adaptation on the device needs nothing else."""
-    from bmc.card import card_path, sha256_file
+    from bmc.card import sha256_file, update_card
     from bmc.contract import preprocess, read_image
     from bmc.edge_app.classifier import CellClassifier
 
@@ -209,17 +208,18 @@ def build_guard(
         head_b=b,
         orientations=np.int16(orientations),
     )
-    card = json.loads(card_path(model_path).read_text())
-    card["guard"] = {
-        "file": out.name,
-        "sha256": sha256_file(out),
-        "cells": len(ys),
-        "per_class": per_class,
-        "orientations": orientations,
-        "from": "training part of the model's split",
-        "model_sha256": sha256_file(model_path),
-    }
-    card_path(model_path).write_text(json.dumps(card, indent=2) + "\n")
+    update_card(
+        model_path,
+        guard={
+            "file": out.name,
+            "sha256": sha256_file(out),
+            "cells": len(ys),
+            "per_class": per_class,
+            "orientations": orientations,
+            "from": "training part of the model's split",
+            "model_sha256": sha256_file(model_path),
+        },
+    )
     return out
 
 
@@ -229,7 +229,7 @@ def calibrate_unknown(
     """Calibrate the unknown-cell check (``edge_app/unknown.py``) on ``samples``, the validation part
     of the model's split: each cell's distance to the nearest guard-set cell, summarised as the
     card's ``unknown`` quantiles. Needs the guard set (:func:`build_guard`) first."""
-    from bmc.card import card_path
+    from bmc.card import update_card
     from bmc.contract import preprocess, read_image
     from bmc.edge_app import unknown
     from bmc.edge_app.classifier import CellClassifier
@@ -249,9 +249,7 @@ def calibrate_unknown(
     calib = unknown.calibration(
         s, len(reference), f"validation part of the model's split ({len(s)} cells, {orientations} orientations)"
     )
-    card = json.loads(card_path(model_path).read_text())
-    card["unknown"] = calib
-    card_path(model_path).write_text(json.dumps(card, indent=2) + "\n")
+    update_card(model_path, unknown=calib)
     log(
         f"unknown-cell check: {len(s)} validation cells; threshold at level {unknown.DEFAULT_LEVEL}: "
         f"{unknown.threshold_at(calib, unknown.DEFAULT_LEVEL):.4f}"

@@ -181,12 +181,9 @@ def _card(path: Path, v: Variant, row: dict, contract, source_file: Path, float_
 
 def mark_not_deployable(path: Path, why: str) -> None:
     """Mark ``path``'s card not deployable, saying why (the edge app then refuses it)."""
-    from bmc.card import card_path
+    from bmc.card import update_card
 
-    card = json.loads(card_path(path).read_text())
-    card["deployable"] = False
-    card["not_deployable_because"] = why
-    card_path(path).write_text(json.dumps(card, indent=2) + "\n")
+    update_card(path, deployable=False, not_deployable_because=why)
 
 
 def report_markdown(rows: list[dict], float_accuracy: float | None = None) -> str:

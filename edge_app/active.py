@@ -45,7 +45,7 @@ def active_model(storage: str | Path) -> Path | None:
     if not f.is_file():
         return None
     try:
-        name = json.loads(f.read_text())["model"]
+        name = str(json.loads(f.read_text())["model"])
     except (ValueError, KeyError, TypeError):
         log.warning("%s is unreadable: counting with the configured model", f)
         return None

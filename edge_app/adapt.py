@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from bmc.card import ModelCard, card_path, file_beside, sha256_file
-from bmc.edge_app import review
+from bmc.edge_app import review, sessiondb
 from bmc.edge_app.calibration import LabCalibration, calibrate, calibration_order, decided_prefix, session_seed
 from bmc.edge_app.head import Head, softmax
 from bmc.edge_app.unknown import DEFAULT_LEVEL
@@ -129,13 +129,6 @@ def load_guard(model_path: str | Path, card: ModelCard) -> dict:
 # -- the reviewed cells --------------------------------------------------------------------------------
 
 
-def _embeddings(db: sqlite3.Connection) -> dict[int, bytes]:
-    cols = [r[1] for r in db.execute("PRAGMA table_info(cell)")]
-    if "embedding" not in cols:
-        return {}
-    return {cid: e for cid, e in db.execute("SELECT id, embedding FROM cell WHERE embedding IS NOT NULL")}
-
-
 def collect(sessions, clf, grow_confidence: float = Settings.grow_confidence) -> Reviewed:
     """The reviewed cells (a person's label, not 'rejected') of ``sessions``, with their embeddings:
     as recorded, or recomputed from the cell's crop by ``clf`` for sessions recorded without; and the
@@ -153,18 +146,17 @@ def collect(sessions, clf, grow_confidence: float = Settings.grow_confidence) ->
     size = clf.backend.output_sizes[1]
     for folder in map(Path, sessions):
         try:
-            db = review.connect(folder)
-            rows = db.execute("SELECT id, model_sha256, model_file FROM session").fetchall()
-            starts = dict(db.execute("SELECT id, started FROM session").fetchall())
-            cells = review.cells(db)
-            stored = _embeddings(db)
+            db = sessiondb.connect(folder)
+            recorded = sessiondb.sessions(db)
+            cells = sessiondb.cells(db)
+            stored = sessiondb.embeddings(db)
             db.close()
-            context += [np.frombuffer(e, np.float16).astype(np.float32) for e in stored.values()]
+            context += list(stored.values())
         except FileNotFoundError as e:
             raise AdaptError(str(e)) from e
         except sqlite3.DatabaseError as e:
             raise AdaptError(f"{folder / 'session.sqlite'}: not a readable session database ({e})") from e
-        other = {(sha, f) for _, sha, f in rows if sha != clf.sha256}
+        other = {(r.model_sha256, r.model_file) for r in recorded if r.model_sha256 != clf.sha256}
         if other:
             raise AdaptError(
                 f"{folder}: recorded with {', '.join(f'{f} (sha256 {s[:12]}…)' for s, f in sorted(other))}, "
@@ -173,23 +165,23 @@ def collect(sessions, clf, grow_confidence: float = Settings.grow_confidence) ->
             )
         names.append(str(folder))
         sample = set()
-        for sid, started in starts.items():
-            ids = [c.id for c in cells if c.session_id == sid]
-            decided = {c.id for c in cells if c.session_id == sid and c.reviewed_label}
-            sample |= set(decided_prefix(calibration_order(ids, session_seed(folder.name, sid, started)), decided))
+        for r in recorded:
+            ids = [c.id for c in cells if c.session_id == r.id]
+            decided = {c.id for c in cells if c.session_id == r.id and c.reviewed_label}
+            sample |= set(decided_prefix(calibration_order(ids, session_seed(folder.name, r.id, r.started)), decided))
         for c in cells:
             if grow_confidence and c.status == "counted" and c.confidence >= grow_confidence and c.id in stored:
-                counted.append(np.frombuffer(stored[c.id], np.float16).astype(np.float32))
+                counted.append(stored[c.id])
                 counted_labels.append(c.model_label)
                 counted_groups.append(f"{folder}|{c.session_id}|{c.source}|{c.frame}")
             if c.id in sample and c.reviewed_label == review.REJECTED and c.id in stored:
-                rejected.append(np.frombuffer(stored[c.id], np.float16).astype(np.float32))
+                rejected.append(stored[c.id])
                 rejected_groups.append(f"{folder}|{c.session_id}|{c.source}|{c.frame}")
             if not c.reviewed_label or c.reviewed_label == review.REJECTED:
                 continue
             calibration.append(c.id in sample)
             if c.id in stored:
-                x = np.frombuffer(stored[c.id], np.float16).astype(np.float32)
+                x = stored[c.id]
                 if x.shape != (size,):
                     raise AdaptError(f"{folder}: cell {c.id}'s embedding has {x.size} numbers, the model's {size}")
             else:

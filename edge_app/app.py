@@ -29,6 +29,7 @@ from bmc.edge_app.classifier import CellClassifier
 from bmc.edge_app.config import SessionDefaults
 from bmc.edge_app.detect import FieldScale, FinderConfig, find_cells, scaled
 from bmc.edge_app.differential import Differential, ReviewPolicy
+from bmc.edge_app.sessiondb import RecordedConfig
 from bmc.edge_app.sources import FrameSource, open_source
 from bmc.edge_app.store import SessionStore, StorageFull
 from bmc.edge_app.tracker import CellTracker, TrackViews
@@ -141,23 +142,23 @@ class EdgeSession:
             classifier.path.name,
             classifier.sha256,
             classifier.labels,
-            {
-                "mode": config.mode,
-                "target": config.target,
-                "specimen": self.specimen,
-                "orientations": classifier.orientations,
-                "white_balance": self.lamp.active,
-                "finder": dataclasses.asdict(config.finder),
-                "review": dataclasses.asdict(config.review),
-                "unknown": (
+            RecordedConfig(
+                mode=config.mode,
+                target=config.target,
+                specimen=self.specimen,
+                orientations=classifier.orientations,
+                white_balance=self.lamp.active,
+                finder=dataclasses.asdict(config.finder),
+                review=dataclasses.asdict(config.review),
+                unknown=(
                     {"score": unknown_mod.SCORE, "level": self.unknown.level, "threshold": self.unknown.threshold}
                     if self.unknown is not None
                     else None
                 ),
-                "calibration": self.calibration.to_dict() if self.calibration is not None else None,
-                "contract": classifier.contract.to_dict(),
-                "model": classifier.description,
-                "head": (
+                calibration=self.calibration.to_dict() if self.calibration is not None else None,
+                contract=classifier.contract.to_dict(),
+                model=classifier.description,
+                head=(
                     {
                         "file": classifier.head.file,
                         "sha256": classifier.head.sha256,
@@ -167,7 +168,7 @@ class EdgeSession:
                     if classifier.head is not None
                     else None
                 ),
-            },
+            ),
             save_crops=config.save_crops,
             on_existing=config.on_existing,
             resumable=not self.source.live,

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import queue
 import threading
+from collections.abc import Iterator
+from typing import Any
 
 from bmc.edge_app.sources import FrameSource
+from bmc.edge_app.sources.base import Frame
 
 _END = object()
 
@@ -21,7 +24,7 @@ class Capture:
         # a camera: the freshest frame only (one waiting while one is classified: the least delay);
         # files: a little read-ahead
         maxsize = maxsize or (1 if source.live else 4)
-        self.q: queue.Queue = queue.Queue(maxsize=maxsize)
+        self.q: queue.Queue[Any] = queue.Queue(maxsize=maxsize)
         self.dropped = 0
         self.error: BaseException | None = None
         self._stop = threading.Event()
@@ -31,7 +34,7 @@ class Capture:
         self._thread.start()
         return self
 
-    def _run(self):
+    def _run(self) -> None:
         try:
             for frame in self.source.frames():
                 if self._stop.is_set():
@@ -65,7 +68,7 @@ class Capture:
                     if self._stop.is_set():
                         break
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[Frame]:
         while True:
             item = self.q.get()
             if item is _END:
@@ -74,6 +77,6 @@ class Capture:
                 return
             yield item
 
-    def stop(self):
+    def stop(self) -> None:
         self._stop.set()
         self.source.close()

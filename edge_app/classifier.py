@@ -12,6 +12,7 @@ classification cost (``benchmarks/README.md`` has both sides of the trade).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -41,10 +42,10 @@ def oriented(batch: np.ndarray, n: int) -> np.ndarray:
     return np.ascontiguousarray(np.concatenate(views))
 
 
-def predict_oriented(predict, batch: np.ndarray, n: int) -> np.ndarray:
+def predict_oriented(predict: Callable[[np.ndarray], np.ndarray], batch: np.ndarray, n: int) -> np.ndarray:
     """``predict`` (model inputs → probabilities) on ``n`` orientations of each input, in one call,
     averaged back to one row per input."""
-    return predict(oriented(batch, n)).reshape(n, len(batch), -1).mean(axis=0)
+    return np.asarray(predict(oriented(batch, n)).reshape(n, len(batch), -1).mean(axis=0))
 
 
 class CellClassifier:
@@ -142,7 +143,7 @@ class CellClassifier:
         outs = self.backend.outputs(oriented(batch, n), 2 if self.has_embedding else 1)
         probs = outs[0].reshape(n, len(batch), -1).mean(axis=0)
         emb = outs[1].reshape(n, len(batch), -1).mean(axis=0) if self.has_embedding else None
-        if self.head is not None:
+        if self.head is not None and emb is not None:
             probs = self.head.probabilities(emb)
         return probs, emb
 

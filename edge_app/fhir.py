@@ -24,8 +24,9 @@ import datetime
 import json
 import uuid
 from pathlib import Path
+from typing import Any
 
-from bmc.edge_app import review
+from bmc.edge_app import review, sessiondb
 from bmc.edge_app.differential import display as display_name
 from bmc.stages import PARENT
 
@@ -51,7 +52,7 @@ LOINC_MANUAL = {
 PANEL = ("24318-8", "Manual differential panel - Blood")
 
 
-def _coding(label: str, specimen: str = "blood") -> dict:
+def _coding(label: str, specimen: str = "blood") -> dict[str, Any]:
     codings = []
     if label in LOINC_MANUAL and specimen == "blood":  # the LOINC codes are blood's: a myelogram keeps bmc's
         code, display = LOINC_MANUAL[label]
@@ -60,7 +61,7 @@ def _coding(label: str, specimen: str = "blood") -> dict:
     return {"coding": codings, "text": label}
 
 
-def _count(k: int) -> dict:
+def _count(k: int) -> dict[str, Any]:
     return {
         "code": {
             "coding": [{"system": BMC_CODES, "code": "count", "display": "cells counted"}],
@@ -70,15 +71,15 @@ def _count(k: int) -> dict:
     }
 
 
-def diagnostic_report(out_dir: str | Path, now: datetime.datetime | None = None) -> dict:
+def diagnostic_report(out_dir: str | Path, now: datetime.datetime | None = None) -> dict[str, Any]:
     """The FHIR R4 Bundle of the session folder's differential (all its sessions, after review):
     the folder's :class:`~bmc.edge_app.differential.DifferentialCount`, as the report shows it."""
     out_dir = Path(out_dir)
-    db = review.connect(out_dir)
+    db = sessiondb.connect(out_dir)
     try:
-        sessions = db.execute("SELECT started, ended, model_file, model_sha256 FROM session ORDER BY id").fetchall()
-        cells = review.cells(db)
-        note = review.latest_note(db)
+        sessions = sessiondb.sessions(db)
+        cells = sessiondb.cells(db)
+        note = sessiondb.latest_note(db)
         record = review.session_differential(db, cells)
         statement = review.calibration_statement(db)
     finally:
@@ -86,13 +87,13 @@ def diagnostic_report(out_dir: str | Path, now: datetime.datetime | None = None)
     status = "preliminary" if record.waiting else "final"
     now = now or datetime.datetime.now(datetime.timezone.utc)
     issued = now.isoformat(timespec="seconds")
-    started = sessions[0][0] if sessions else issued
-    ended = (sessions[-1][1] or issued) if sessions else issued
+    started = sessions[0].started if sessions else issued
+    ended = (sessions[-1].ended or issued) if sessions else issued
     effective = {"start": _instant(started), "end": _instant(ended)}
     entries, refs = [], []
     of = "leukocytes" if record.specimen == "blood" else "nucleated cells"
 
-    def observation(label: str, k: int, value: dict | None, notes: list[str]) -> None:
+    def observation(label: str, k: int, value: dict[str, Any] | None, notes: list[str]) -> None:
         oid = str(uuid.uuid4())
         obs = {
             "resourceType": "Observation",
@@ -147,12 +148,12 @@ def diagnostic_report(out_dir: str | Path, now: datetime.datetime | None = None)
         + (f"; {record.waiting} cells wait for review and are not counted" if record.waiting else "")
         + (f", {record.unknown} of them unlike any cell the model knows" if record.unknown else "")
         + (f". {statement}" if statement else "")
-        + (f". Comment: {note[0]}" if note else "")
+        + (f". Comment: {note.text}" if note else "")
         + "."
     )
-    models = sorted({f"{m} (sha256 {sha[:12]})" for _, _, m, sha in sessions})
+    models = sorted({f"{s.model_file} (sha256 {s.model_sha256[:12]})" for s in sessions})
     report_id = str(uuid.uuid4())
-    report = {
+    report: dict[str, Any] = {
         "resourceType": "DiagnosticReport",
         "id": report_id,
         "status": status,

@@ -1,13 +1,11 @@
 """A session folder's ownership: the lock a recording process holds on it (released by the OS
-when the process dies, even by SIGKILL), and the sessions a dead process left 'running'. Below
-both the recorder (:mod:`bmc.edge_app.store`) and the review (:mod:`bmc.edge_app.review`), which
-both need it."""
+when the process dies, even by SIGKILL). Below the recorder (:mod:`bmc.edge_app.store`) and the
+session database (:mod:`bmc.edge_app.sessiondb`), which both need it."""
 
 from __future__ import annotations
 
 import fcntl
 import os
-import sqlite3
 from pathlib import Path
 from typing import TextIO
 
@@ -56,12 +54,3 @@ def is_locked(out_dir: str | Path) -> bool:
             return True
         fcntl.flock(fh, fcntl.LOCK_UN)
     return False
-
-
-def mark_interrupted(db: sqlite3.Connection) -> int:
-    """Sessions left 'running' by a process that died (the caller holds the folder's lock, or
-    found it free) are 'interrupted'; returns how many."""
-    try:
-        return db.execute("UPDATE session SET status = 'interrupted' WHERE status = 'running'").rowcount
-    except sqlite3.OperationalError:
-        return 0  # a read-only connection or a full disk: readers still show it as interrupted

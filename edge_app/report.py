@@ -11,15 +11,17 @@ from __future__ import annotations
 import base64
 import errno
 import html
-import json
 import shutil
 import sqlite3
 import string
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from bmc.edge_app import review, store
-from bmc.edge_app.differential import DifferentialCount, count_interval, differential_of, display
+from bmc.edge_app import review, sessiondb, store
+from bmc.edge_app.differential import ClassShare, DifferentialCount, count_interval, differential_of, display
 from bmc.edge_app.folder_lock import is_locked
+from bmc.edge_app.sessiondb import ReviewedCell, SessionRecord
 from bmc.errors import BmcError
 from bmc.stages import coarse_counts, series_counts
 
@@ -97,7 +99,7 @@ def write_differential_csv(out_dir: str | Path) -> Path:
     import io
 
     out_dir = Path(out_dir)
-    db = review.connect(out_dir)
+    db = sessiondb.connect(out_dir)
     try:
         record = review.session_differential(db)
     finally:
@@ -150,13 +152,11 @@ $levels
 
 
 def _build_report(out_dir: Path) -> Path:
-    db = review.connect(out_dir)
-    db.row_factory = sqlite3.Row
-    sessions = db.execute("SELECT * FROM session ORDER BY id").fetchall()
-    frames = db.execute("SELECT COUNT(*) n, SUM(error IS NOT NULL) bad FROM frame").fetchone()
-    db.row_factory = None
-    cells = review.cells(db)
-    note = review.latest_note(db)
+    db = sessiondb.connect(out_dir)
+    sessions = sessiondb.sessions(db)
+    n_frames, bad_frames = sessiondb.frame_counts(db)
+    cells = sessiondb.cells(db)
+    note = sessiondb.latest_note(db)
     record = review.session_differential(db, cells)
     statement = review.calibration_statement(db)
     db.close()
@@ -168,14 +168,14 @@ def _build_report(out_dir: Path) -> Path:
     esc = html.escape
     doc = _PAGE.substitute(
         name=esc(out_dir.name),
-        comment=f"<p>Comment: <b>{esc(note[0])}</b> ({esc(note[1])}, {esc(note[2][:16])})</p>" if note else "",
+        comment=f"<p>Comment: <b>{esc(note.text)}</b> ({esc(note.author)}, {esc(note.time[:16])})</p>" if note else "",
         specimen="Blood" if record.specimen == "blood" else "Marrow",
         n=record.total,
         denominator=record.denominator,
         named=sum(c.status == "reviewed" for c in cells),
         rejected=sum(c.status == "rejected" for c in cells),
-        frames=frames["n"] or 0,
-        bad=frames["bad"] or 0,
+        frames=n_frames,
+        bad=bad_frames,
         advice=_advice(out_dir, len(pending), n_unknown),
         table=differential_html(record, _learnt(sessions), bars=True),
         calibration=f"<p><b>{html.escape(statement)}.</b></p>" if statement else "",
@@ -193,18 +193,15 @@ def _build_report(out_dir: Path) -> Path:
     return write_atomic(out_dir / "report.html", doc)
 
 
-def _learnt(sessions) -> dict:
+def _learnt(sessions: list[SessionRecord]) -> dict[str, Any]:
     """The classes an adapted head learnt from this laboratory's reviewed cells ({label: note})."""
-    learnt: dict = {}
+    learnt: dict[str, Any] = {}
     for srow in sessions:
-        try:
-            learnt.update((json.loads(srow["config"] or "{}").get("head") or {}).get("new_labels") or {})
-        except (ValueError, AttributeError):
-            pass
+        learnt.update(srow.config.new_labels)
     return learnt
 
 
-def differential_html(record: DifferentialCount, learnt: dict | None = None, bars: bool = False) -> str:
+def differential_html(record: DifferentialCount, learnt: dict[str, Any] | None = None, bars: bool = False) -> str:
     """A :class:`DifferentialCount` as HTML, the one rendering the report and the screen share:
     every class with its count, share and 95% limits, in clinical order (zeros too); then the
     nucleated red cells per 100 leukocytes beside a blood count, the M:E ratio of a marrow count,
@@ -220,9 +217,9 @@ def differential_html(record: DifferentialCount, learnt: dict | None = None, bar
             else ""
         )
 
-    bar = (
-        (lambda r: f"<td><div class='bar' style='width:{3 * r.percent:.0f}px'></div></td>") if bars else (lambda r: "")
-    )
+    def bar(r: ClassShare) -> str:
+        return f"<td><div class='bar' style='width:{3 * r.percent:.0f}px'></div></td>" if bars else ""
+
     rows = "".join(
         f"<tr><td>{name(r.label)}</td><td class='num'>{r.count}</td><td class='num'>{r.percent:.1f}%</td>"
         f"<td class='num'>{r.limits()}</td>{bar(r)}</tr>"
@@ -266,20 +263,20 @@ def _advice(out_dir: Path, pending: int, n_unknown: int) -> str:
     )
 
 
-def _waiting_caption(c) -> str:
+def _waiting_caption(c: ReviewedCell) -> str:
     esc = html.escape
     return f"cell {c.id}<br>{esc(c.model_label)} {c.confidence:.2f}<br>{esc(c.flag)}<br>{esc(c.source)} #{c.frame}"
 
 
-def _decided_caption(c) -> str:
+def _decided_caption(c: ReviewedCell) -> str:
     esc = html.escape
     return (
-        f"cell {c.id}<br>model: {esc(c.model_label)} {c.confidence:.2f}<br><b>{esc(c.reviewed_label)}</b>"
+        f"cell {c.id}<br>model: {esc(c.model_label)} {c.confidence:.2f}<br><b>{esc(c.reviewed_label or '')}</b>"
         f"<br>{esc(c.reviewer)}"
     )
 
 
-def _figures(out_dir: Path, cells, caption, limit: int = 200) -> str:
+def _figures(out_dir: Path, cells: list[ReviewedCell], caption: Callable[[ReviewedCell], str], limit: int = 200) -> str:
     """Each cell's crop (where saved) with its caption, for the first ``limit`` cells."""
     return "".join(
         f"<figure>{_img(out_dir, c.crop) if c.crop else ''}<figcaption>{caption(c)}</figcaption></figure>"
@@ -287,7 +284,7 @@ def _figures(out_dir: Path, cells, caption, limit: int = 200) -> str:
     )
 
 
-def _class_grids(out_dir: Path, cells, labels) -> str:
+def _class_grids(out_dir: Path, cells: list[ReviewedCell], labels: list[str]) -> str:
     """A thumbnail grid per class: reviewed cells first, then the least confident."""
     grids = ""
     for l in labels:
@@ -308,26 +305,23 @@ def _class_grids(out_dir: Path, cells, labels) -> str:
     return grids
 
 
-def _session_rows(sessions, live: bool) -> str:
+def _session_rows(sessions: list[SessionRecord], live: bool) -> str:
     """One row per session: when, how it ended ('running' with no process recording: killed), the
     source, the model that counted, the device and the measured scale."""
     esc = html.escape
     return "".join(
-        f"<tr><td>{s['id']}</td><td>{esc(s['started'])}</td><td>{esc(s['ended'] or '—')}</td>"
-        f"<td>{esc(s['status'] if s['status'] != 'running' or live else 'interrupted')}</td>"
-        f"<td>{esc(s['source'])}</td><td>{esc(s['model_file'])}<br>"
-        f"<code>{esc(s['model_sha256'][:16])}…</code>{_orientations(s)}</td><td>{esc(s['device'])}</td>"
+        f"<tr><td>{s.id}</td><td>{esc(s.started)}</td><td>{esc(s.ended or '—')}</td>"
+        f"<td>{esc(s.status if s.status != 'running' or live else 'interrupted')}</td>"
+        f"<td>{esc(s.source)}</td><td>{esc(s.model_file)}<br>"
+        f"<code>{esc(s.model_sha256[:16])}…</code>{_orientations(s)}</td><td>{esc(s.device)}</td>"
         f"<td>{_scale(s)}</td></tr>"
         for s in sessions
     )
 
 
-def _scale(session) -> str:
+def _scale(session: SessionRecord) -> str:
     """The field's scale as the session measured it (red cells), or why there is none."""
-    try:
-        sc = json.loads(session["config"] or "{}").get("scale") or {}
-    except (ValueError, AttributeError):
-        sc = {}
+    sc = session.config.scale or {}
     if not sc.get("red_cell_px"):
         return "—"
     colour = sc.get("red_cell_lab_ab")
@@ -345,17 +339,16 @@ def _scale(session) -> str:
 
 def folder_parents(out_dir: str | Path) -> dict[str, str]:
     """A stage model's hierarchy as the folder's newest session recorded it ({} for an 8-class model)."""
-    db = review.connect(out_dir)
+    db = sessiondb.connect(out_dir)
     try:
-        db.row_factory = sqlite3.Row
-        return _parents(db.execute("SELECT config FROM session ORDER BY id").fetchall())
+        return _parents(sessiondb.sessions(db))
     finally:
         db.close()
 
 
-def _parents(sessions) -> dict[str, str]:
+def _parents(sessions: list[SessionRecord]) -> dict[str, str]:
     """A stage model's hierarchy (stage → 8-class parent), from the newest session's contract."""
-    return next((p for p in (store.parents_of(srow["config"]) for srow in reversed(sessions)) if p), {})
+    return next((p for p in (srow.config.parents for srow in reversed(sessions)) if p), {})
 
 
 def levels_html(record: DifferentialCount, parents: dict[str, str]) -> str:
@@ -372,7 +365,7 @@ def levels_html(record: DifferentialCount, parents: dict[str, str]) -> str:
     s_total = sum(k for _, k in series)
     n = record.total
 
-    def row(label, k):
+    def row(label: str, k: int) -> str:
         lo, hi = count_interval(k, s_total) if s_total else (0.0, 1.0)
         return (
             f"<tr><td>{html.escape(label)}</td><td>{k}</td><td>{100 * k / s_total if s_total else 0:.1f}%</td>"
@@ -408,20 +401,17 @@ class ReportError(BmcError, OSError):
     """A report that could not be written; the message names the file and why."""
 
 
-def _orientations(session) -> str:
+def _orientations(session: SessionRecord) -> str:
     """How the session's cells were classified, from its recorded config (older sessions: not recorded)."""
-    try:
-        config = json.loads(session["config"] or "{}")
-    except (ValueError, TypeError, IndexError, KeyError):
-        return ""
-    n = config.get("orientations")
+    config = session.config
+    n = config.orientations
     text = f"<br>each cell in {int(n)} orientation{'s' if int(n) != 1 else ''}, averaged" if n else ""
-    head = config.get("head")
+    head = config.head
     if head:
         text += (
             f"<br>with the head adapted at this laboratory <code>{html.escape(head['file'])}</code> "
             f"(sha256 <code>{html.escape(head['sha256'][:12])}…</code>)"
         )
-    if config.get("white_balance"):
+    if config.white_balance:
         text += "<br>white-balanced onto the model's training lamp"
     return text

@@ -19,142 +19,29 @@ differential) — counted, and listed apart in the report.
 from __future__ import annotations
 
 import csv
-import dataclasses
-import datetime
 import getpass
-import json
 import re
 import sqlite3
 from collections import Counter
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TextIO
 
 import numpy as np
 
+from bmc.edge_app import sessiondb
 from bmc.edge_app.differential import SPECIMENS, DifferentialCount, differential_of
-from bmc.edge_app.unknown import FLAG as UNKNOWN
+from bmc.edge_app.sessiondb import REJECTED, ReviewedCell
 from bmc.errors import BmcError
 
-REJECTED = "rejected"
 _NEW_LABEL = re.compile(r"^[a-z][a-z0-9 _-]{0,39}$")
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS review (
-    id INTEGER PRIMARY KEY, cell_id INTEGER NOT NULL REFERENCES cell(id), label TEXT,
-    reviewer TEXT NOT NULL, time TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS review_cell ON review(cell_id);
-"""
-# the latest review row of each cell
-_LATEST = (
-    "SELECT r.cell_id, r.label, r.reviewer, r.time FROM review r JOIN "
-    "(SELECT cell_id, MAX(id) id FROM review GROUP BY cell_id) m ON r.id = m.id"
-)
 
 
 class ReviewError(BmcError, ValueError):
     """A decision that cannot be recorded (no such cell, unknown label, unreadable file)."""
 
 
-@dataclasses.dataclass(frozen=True)
-class ReviewedCell:
-    """A recorded cell with the model's call and the latest person's decision, if any."""
-
-    id: int
-    session_id: int
-    source: str
-    frame: int
-    box: tuple[int, int, int, int]
-    model_label: str
-    confidence: float
-    probabilities: tuple[float, ...]
-    flag: str
-    crop: str
-    track: int | None
-    labels: tuple[str, ...]  # its session's model labels, in the model's order
-    reviewed_label: str | None = None  # None: not reviewed (or the decision withdrawn)
-    reviewer: str = ""
-    reviewed_at: str = ""
-
-    @property
-    def status(self) -> str:
-        """``counted`` (the model's sure call), ``reviewed``, ``rejected`` or ``pending``."""
-        if self.reviewed_label == REJECTED:
-            return "rejected"
-        if self.reviewed_label:
-            return "reviewed"
-        return "pending" if self.flag else "counted"
-
-    @property
-    def unknown(self) -> bool:
-        """Set aside by the unknown-cell check (unlike any cell the model knows)."""
-        return self.flag.startswith(UNKNOWN)
-
-    @property
-    def final_label(self) -> str | None:
-        """The class this cell is counted as; None while it waits for review or was rejected."""
-        if self.reviewed_label:
-            return None if self.reviewed_label == REJECTED else self.reviewed_label
-        return None if self.flag else self.model_label
-
-    def top(self, k: int = 3) -> list[tuple[str, float]]:
-        order = np.argsort(self.probabilities)[::-1][:k]
-        return [(self.labels[i], float(self.probabilities[i])) for i in order if i < len(self.labels)]
-
-
-def connect(out_dir: str | Path, write: bool = False) -> sqlite3.Connection:
-    """The session database of ``out_dir``; with ``write``, its ``review`` table is created if
-    missing (sessions recorded before review existed gain it on first use)."""
-    path = Path(out_dir) / "session.sqlite"
-    if not path.is_file():
-        raise FileNotFoundError(f"{out_dir}: no session.sqlite (is this a 'bmc edge run --out' folder?)")
-    if write:
-        db = sqlite3.connect(path, isolation_level=None, timeout=10)
-        db.execute("PRAGMA journal_mode=WAL")  # a running session may be writing frames meanwhile
-        db.execute("PRAGMA synchronous=FULL")
-        db.executescript(SCHEMA)
-        from bmc.edge_app.folder_lock import is_locked, mark_interrupted
-
-        if not is_locked(out_dir):  # 'running' with nobody recording: it was killed
-            mark_interrupted(db)
-    else:
-        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
-    return db
-
-
-def cells(db: sqlite3.Connection) -> list[ReviewedCell]:
-    """Every recorded cell of the folder's sessions, oldest first, with its latest decision."""
-    labels = {sid: tuple(json.loads(l)) for sid, l in db.execute("SELECT id, labels FROM session")}
-    has_review = db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='review'").fetchone()
-    latest = {r[0]: r[1:] for r in db.execute(_LATEST)} if has_review else {}
-    out = []
-    for cid, sid, source, frame, x, y, w, h, label, conf, probs, flag, crop, track in db.execute(
-        "SELECT id, session_id, source, frame, x, y, w, h, label, confidence, probabilities, flag, crop, track "
-        "FROM cell ORDER BY id"
-    ):
-        rl, who, when = latest.get(cid, (None, "", ""))
-        out.append(
-            ReviewedCell(
-                cid,
-                sid,
-                source,
-                frame,
-                (x, y, w, h),
-                label,
-                conf,
-                tuple(json.loads(probs)),
-                flag or "",
-                crop or "",
-                track,
-                labels.get(sid, ()),
-                rl,
-                who or "",
-                when or "",
-            )
-        )
-    return out
-
-
-def differential(all_cells: list[ReviewedCell]) -> Counter:
+def differential(all_cells: list[ReviewedCell]) -> Counter[str]:
     """Counts by final label: the model's sure calls and the reviewed cells; nothing pending or rejected."""
     return Counter(c.final_label for c in all_cells if c.final_label)
 
@@ -162,32 +49,25 @@ def differential(all_cells: list[ReviewedCell]) -> Counter:
 def specimen_of(db: sqlite3.Connection) -> str:
     """What the folder's sessions counted (``blood`` or ``marrow``), as the latest session recorded
     it; a session recorded before the setting existed counted blood (the shipped models' specimen)."""
-    row = db.execute("SELECT config FROM session ORDER BY id DESC LIMIT 1").fetchone()
-    try:
-        specimen = (json.loads(row[0] or "{}") if row else {}).get("specimen") or "blood"
-    except ValueError:
-        specimen = "blood"
+    last = sessiondb.last_session(db)
+    specimen = last.config.specimen if last else "blood"
     return specimen if specimen in SPECIMENS else "blood"
 
 
 def calibration_statement(db: sqlite3.Connection) -> str:
     """How accurate the cells counted with no person are estimated to be at this microscope, as
     the latest session's model was calibrated (:mod:`bmc.edge_app.calibration`); '' when it was not."""
-    row = db.execute("SELECT config FROM session ORDER BY id DESC LIMIT 1").fetchone()
-    try:
-        cal = (json.loads(row[0] or "{}") if row else {}).get("calibration") or {}
-    except ValueError:
-        return ""
-    return str(cal.get("statement") or "")
+    last = sessiondb.last_session(db)
+    return last.config.calibration_statement if last else ""
 
 
 def session_differential(db: sqlite3.Connection, all_cells: list[ReviewedCell] | None = None) -> DifferentialCount:
     """The folder's differential after review, the one record the report, the screen and FHIR render:
     every cell by its final class, the latest session's classes listed (zeros too), the cells still
     waiting for review in no class."""
-    all_cells = cells(db) if all_cells is None else all_cells
-    row = db.execute("SELECT labels FROM session ORDER BY id DESC LIMIT 1").fetchone()
-    labels = json.loads(row[0]) if row else []
+    all_cells = sessiondb.cells(db) if all_cells is None else all_cells
+    last = sessiondb.last_session(db)
+    labels = list(last.labels) if last else []
     pending = [c for c in all_cells if c.status == "pending"]
     return differential_of(
         differential(all_cells), labels, specimen_of(db), len(pending), sum(c.unknown for c in pending)
@@ -230,13 +110,15 @@ def calibration_queue(db: sqlite3.Connection, all_cells: list[ReviewedCell]) -> 
     sample the calibration rests on; skipping one ends the sample there."""
     from bmc.edge_app.calibration import calibration_order, session_seed
 
-    folder = Path(db.execute("PRAGMA database_list").fetchone()[2]).parent.name
+    folder = sessiondb.folder_of(db).name
     by_id = {c.id: c for c in all_cells}
     out = []
-    for sid, started in db.execute("SELECT id, started FROM session ORDER BY id"):
-        ids = [c.id for c in all_cells if c.session_id == sid]
+    for s in sessiondb.sessions(db):
+        ids = [c.id for c in all_cells if c.session_id == s.id]
         out += [
-            by_id[i] for i in calibration_order(ids, session_seed(folder, sid, started)) if not by_id[i].reviewed_label
+            by_id[i]
+            for i in calibration_order(ids, session_seed(folder, s.id, s.started))
+            if not by_id[i].reviewed_label
         ]
     return out
 
@@ -246,7 +128,7 @@ DECISION_COLUMNS = ("id", "label", "model_label", "confidence", "flag", "source"
 
 def write_decisions_template(
     out_dir: str | Path,
-    stream,
+    stream: TextIO,
     for_adapt: bool = False,
     per_class: int | None = None,
     include_counted: bool = False,
@@ -257,12 +139,13 @@ def write_decisions_template(
     ``for_calibration`` cells of the calibration queue. Returns how many."""
     import csv
 
-    db = connect(out_dir)
+    db = sessiondb.connect(out_dir)
     try:
+        found = sessiondb.cells(db)
         if for_calibration:
-            todo = calibration_queue(db, cells(db))[:for_calibration]
+            todo = calibration_queue(db, found)[:for_calibration]
         else:
-            todo = teaching_queue(cells(db), per_class) if for_adapt else queue(cells(db), include_counted)
+            todo = teaching_queue(found, per_class) if for_adapt else queue(found, include_counted)
     finally:
         db.close()
     out = csv.writer(stream)
@@ -271,16 +154,11 @@ def write_decisions_template(
     return len(todo)
 
 
-def _margin(probs) -> float:
+def _margin(probs: Sequence[float]) -> float:
     top = sorted(probs)[-2:]
     return top[-1] - top[0] if len(top) == 2 else 1.0
 
 
-NOTE_SCHEMA = """
-CREATE TABLE IF NOT EXISTS note (
-    id INTEGER PRIMARY KEY, text TEXT NOT NULL, author TEXT NOT NULL, time TEXT NOT NULL
-);
-"""
 _IDENTIFIER = re.compile(r"\d{6,}|[\w.+-]+@[\w-]+\.\w+|\b\d{1,2}[./-]\d{1,2}[./-](19|20)\d{2}\b")
 
 
@@ -298,21 +176,12 @@ def add_note(out_dir: str | Path, text: str, author: str) -> str:
             "the comment looks like it holds a patient identifier (a long number, an e-mail address "
             "or a date of birth); sessions travel in exports: leave identifiers out"
         )
-    db = connect(out_dir, write=True)
+    db = sessiondb.connect(out_dir, write=True)
     try:
-        db.executescript(NOTE_SCHEMA)
-        now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-        db.execute("INSERT INTO note (text, author, time) VALUES (?, ?, ?)", (text, author, now))
+        sessiondb.add_note(db, text, author)
     finally:
         db.close()
     return text
-
-
-def latest_note(db: sqlite3.Connection) -> tuple[str, str, str] | None:
-    """(text, author, time) of the session's comment, or None."""
-    if not db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='note'").fetchone():
-        return None
-    return db.execute("SELECT text, author, time FROM note ORDER BY id DESC LIMIT 1").fetchone()
 
 
 class Reviewer:
@@ -322,29 +191,26 @@ class Reviewer:
         self.out_dir = Path(out_dir)
         self.name = (name or current_user()).strip() or "unknown"
         self.allow_new = allow_new_labels
-        self.db = connect(out_dir, write=True)
+        self.db = sessiondb.connect(out_dir, write=True)
 
     def close(self) -> None:
         self.db.close()
 
-    def __enter__(self):
+    def __enter__(self) -> Reviewer:
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def cells(self) -> list[ReviewedCell]:
-        return cells(self.db)
+        return sessiondb.cells(self.db)
 
     def check(self, cell_id: int, label: str, where: str = "") -> str:
         """The decision as it will be stored, or :class:`ReviewError` saying what is wrong."""
         at = f"{where}: " if where else ""
-        row = self.db.execute(
-            "SELECT c.id, s.labels FROM cell c JOIN session s ON s.id = c.session_id WHERE c.id = ?", (cell_id,)
-        ).fetchone()
-        if row is None:
+        known = sessiondb.labels_of_cell(self.db, cell_id)
+        if known is None:
             raise ReviewError(f"{at}no cell {cell_id} in {self.out_dir / 'session.sqlite'}")
-        known = json.loads(row[1])
         spelled = {l.lower(): l for l in known}  # the model's own spelling, whatever the case typed
         label = label.strip().lower()
         if label == REJECTED or label in spelled:
@@ -367,7 +233,7 @@ class Reviewer:
 
     def undo(self, cell_id: int) -> None:
         """Withdraw the latest decision on ``cell_id``: the cell goes back to the model's call."""
-        if self.db.execute("SELECT 1 FROM cell WHERE id = ?", (cell_id,)).fetchone() is None:
+        if not sessiondb.has_cell(self.db, cell_id):
             raise ReviewError(f"no cell {cell_id} in {self.out_dir / 'session.sqlite'}")
         self._insert([(cell_id, None)])
 
@@ -395,7 +261,7 @@ class Reviewer:
                         f"{path} is a session's cells.csv, whose labels are the model's calls; "
                         "decisions go in the file that --list writes, its labels filled in"
                     )
-                rows = []
+                rows: list[tuple[int, str | None]] = []
                 seen: dict[int, int] = {}
                 for line, r in enumerate(reader, start=2):
                     if not (r.get("label") or "").strip():
@@ -417,17 +283,7 @@ class Reviewer:
         return len(rows)
 
     def _insert(self, rows: list[tuple[int, str | None]]) -> None:
-        now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds")
-        self.db.execute("BEGIN IMMEDIATE")
-        try:
-            self.db.executemany(
-                "INSERT INTO review (cell_id, label, reviewer, time) VALUES (?, ?, ?, ?)",
-                [(cid, label, self.name, now) for cid, label in rows],
-            )
-            self.db.execute("COMMIT")
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
+        sessiondb.add_reviews(self.db, rows, self.name)
 
 
 def current_user() -> str:
@@ -443,7 +299,7 @@ def current_user() -> str:
 KEYS_HELP = "1-9: class   Enter: model's call   x: not a cell   n: skip   b: undo   q: quit"
 
 
-def _panel(cell: ReviewedCell, image, position: str, labels: tuple[str, ...]):
+def _panel(cell: ReviewedCell, image: np.ndarray | None, position: str, labels: tuple[str, ...]) -> np.ndarray:
     """The window's picture: the crop enlarged, the model's top three, and the keys."""
     import cv2
 
@@ -466,7 +322,12 @@ def _panel(cell: ReviewedCell, image, position: str, labels: tuple[str, ...]):
 
 
 def review_window(
-    reviewer: Reviewer, include_counted: bool = False, show=None, wait_key=None, echo=print, order=None
+    reviewer: Reviewer,
+    include_counted: bool = False,
+    show: Callable[[np.ndarray], None] | None = None,
+    wait_key: Callable[[], int] | None = None,
+    echo: Callable[[str], None] = print,
+    order: Callable[[list[ReviewedCell]], list[ReviewedCell]] | None = None,
 ) -> int:
     """Go through the queue in a window; returns the number of decisions recorded.
 
@@ -476,13 +337,13 @@ def review_window(
 
     if show is None:
 
-        def show(img):
+        def show(img: np.ndarray) -> None:
             cv2.imshow("bmc review", img)
 
     if wait_key is None:
 
-        def wait_key():
-            return cv2.waitKey(0)
+        def wait_key() -> int:
+            return int(cv2.waitKey(0))
 
     todo = order(reviewer.cells()) if order else queue(reviewer.cells(), include_counted)
     done: list[int] = []

@@ -14,9 +14,10 @@ import glob
 import os
 import shutil
 import signal
-import sqlite3
 import threading
 from pathlib import Path
+
+from bmc.edge_app import sessiondb
 
 EXPORTED_MARK = ".exported"
 
@@ -68,11 +69,7 @@ def export(session: str | Path, dest: str | Path) -> Path:
         shutil.rmtree(tmp)
     # a consistent copy of the database even if a writer is attached: SQLite's online backup
     tmp.mkdir()
-    src_db = sqlite3.connect(f"file:{session / 'session.sqlite'}?mode=ro", uri=True)
-    dst_db = sqlite3.connect(tmp / "session.sqlite")
-    src_db.backup(dst_db)
-    dst_db.close()
-    src_db.close()
+    sessiondb.backup(session, tmp / sessiondb.DB_NAME)
     for name in ("cells.csv", "differential.csv", "report.html", "differential.fhir.json"):
         shutil.copy2(session / name, tmp / name)
     if (session / "crops").is_dir():

@@ -9,47 +9,29 @@ intact. ``cells.csv`` is written from the database, so it can always be rebuilt 
 from __future__ import annotations
 
 import csv
-import datetime
 import errno
 import io
-import json
 import os
 import platform
 import sqlite3
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
 
-from bmc.edge_app import review
+from bmc.edge_app import sessiondb
 from bmc.edge_app.cells import CellCall
-from bmc.edge_app.folder_lock import LOCK_NAME, SessionFolderError, is_locked, lock_folder, mark_interrupted
+from bmc.edge_app.folder_lock import LOCK_NAME, SessionFolderError, is_locked, lock_folder
+from bmc.edge_app.sessiondb import RecordedConfig
 
-__all__ = ["LOCK_NAME", "SessionFolderError", "is_locked", "lock_folder", "mark_interrupted"]
+__all__ = ["LOCK_NAME", "SessionFolderError", "is_locked", "lock_folder"]
 
 # what ``SessionStore`` does with a folder that already holds a session
 ON_EXISTING = ("resume", "new", "refuse")
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS session (
-    id INTEGER PRIMARY KEY, started TEXT NOT NULL, ended TEXT, source TEXT NOT NULL,
-    model_file TEXT NOT NULL, model_sha256 TEXT NOT NULL, labels TEXT NOT NULL, device TEXT NOT NULL,
-    config TEXT NOT NULL, status TEXT NOT NULL DEFAULT 'running', exported TEXT
-);
-CREATE TABLE IF NOT EXISTS frame (
-    id INTEGER PRIMARY KEY, session_id INTEGER NOT NULL REFERENCES session(id), idx INTEGER NOT NULL,
-    source TEXT NOT NULL, time TEXT NOT NULL, n_cells INTEGER NOT NULL, error TEXT, state TEXT
-);
-CREATE TABLE IF NOT EXISTS cell (
-    id INTEGER PRIMARY KEY, session_id INTEGER NOT NULL REFERENCES session(id),
-    frame_id INTEGER NOT NULL REFERENCES frame(id), source TEXT NOT NULL, frame INTEGER NOT NULL,
-    x INTEGER NOT NULL, y INTEGER NOT NULL, w INTEGER NOT NULL, h INTEGER NOT NULL,
-    label TEXT NOT NULL, confidence REAL NOT NULL, probabilities TEXT NOT NULL, flag TEXT NOT NULL,
-    track INTEGER, crop TEXT, embedding BLOB
-);
-CREATE INDEX IF NOT EXISTS cell_session ON cell(session_id);
-"""
 # ``embedding``: the cell's pooled features (float16 bytes), what ``bmc edge adapt`` learns from.
 # ``label`` is the model's call; ``counted_as`` the class the cell counts as after review (empty
 # while it waits for review or when a reviewer rejected it); ``id`` is what a reviewer's
@@ -104,12 +86,12 @@ class SessionStore:
         source: str,
         model_file: str,
         model_sha256: str,
-        labels,
-        config: dict | None = None,
+        labels: Sequence[str],
+        config: RecordedConfig | None = None,
         save_crops: bool = True,
         on_existing: str = "resume",
         resumable: bool = True,
-    ):
+    ) -> None:
         if on_existing not in ON_EXISTING:
             raise ValueError(f"on_existing must be one of {ON_EXISTING}, got {on_existing!r}")
         self.dir = Path(out_dir)
@@ -121,42 +103,37 @@ class SessionStore:
             self._lock.close()
             raise
 
-    def _open(self, source, model_file, model_sha256, labels, config, save_crops, on_existing, resumable):
+    def _open(
+        self,
+        source: str,
+        model_file: str,
+        model_sha256: str,
+        labels: Sequence[str],
+        config: RecordedConfig | None,
+        save_crops: bool,
+        on_existing: str,
+        resumable: bool,
+    ) -> None:
         self.crops_dir = self.dir / "crops"
         self.save_crops = save_crops
         if save_crops:
             self.crops_dir.mkdir(exist_ok=True)
-        # made in one thread, used by the thread that records (the screen starts sessions in their own)
-        self.db = sqlite3.connect(self.dir / "session.sqlite", isolation_level=None, check_same_thread=False)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=FULL")  # a committed frame survives a power cut
-        self.db.executescript(SCHEMA)
-        if "embedding" not in [r[1] for r in self.db.execute("PRAGMA table_info(cell)")]:
-            self.db.execute("ALTER TABLE cell ADD COLUMN embedding BLOB")  # a folder recorded before embeddings
-        if "state" not in [r[1] for r in self.db.execute("PRAGMA table_info(frame)")]:
-            self.db.execute("ALTER TABLE frame ADD COLUMN state TEXT")  # a folder recorded before resumable state
-        mark_interrupted(self.db)
+        self.db = sessiondb.open_for_recording(self.dir)
         self.full = False
         self.resume_after: int | None = None  # the last committed frame of a resumed session
-        last = self.db.execute(
-            "SELECT id, source, model_sha256, status FROM session ORDER BY id DESC LIMIT 1"
-        ).fetchone()
+        last = sessiondb.last_session(self.db)
         if last is not None and on_existing != "new":
-            sid, old_source, old_sha, status = last
-            same = old_source == source and old_sha == model_sha256
-            if on_existing == "resume" and status == "interrupted" and same and resumable:
-                self.session_id = sid
-                self.resume_after = self.db.execute(
-                    "SELECT COALESCE(MAX(idx), -1) FROM frame WHERE session_id = ?", (sid,)
-                ).fetchone()[0]
-                self.db.execute("UPDATE session SET status = 'running', ended = NULL WHERE id = ?", (sid,))
+            same = last.source == source and last.model_sha256 == model_sha256
+            if on_existing == "resume" and last.status == "interrupted" and same and resumable:
+                self.session_id = last.id
+                self.resume_after = sessiondb.resume_session(self.db, last.id)
                 return
-            why = f"its session {sid} ({status}) recorded {old_source!r}" + (
-                "" if old_sha == model_sha256 else " with another model"
+            why = f"its session {last.id} ({last.status}) recorded {last.source!r}" + (
+                "" if last.model_sha256 == model_sha256 else " with another model"
             )
             what = (
                 "a live source cannot resume"
-                if status == "interrupted" and same and not resumable
+                if last.status == "interrupted" and same and not resumable
                 else "a second session would be counted together with it in the report"
             )
             self.db.close()
@@ -165,28 +142,17 @@ class SessionStore:
                 "--out folder, or add a session to this one with --new-session"
             )
         device = f"{platform.node()} {platform.machine()} {platform.system()} {platform.release()}"
-        cur = self.db.execute(
-            "INSERT INTO session (started, source, model_file, model_sha256, labels, device, config) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (_now(), source, model_file, model_sha256, json.dumps(list(labels)), device, json.dumps(config or {})),
-        )
-        self.session_id = cur.lastrowid
+        recorded = config if isinstance(config, RecordedConfig) else RecordedConfig.from_json(None)
+        self.session_id = sessiondb.start_session(self.db, source, model_file, model_sha256, labels, device, recorded)
 
     def prior_cells(self) -> list[tuple[str, str]]:
         """(label, flag) of the cells a resumed session had already recorded."""
-        return self.db.execute(
-            "SELECT label, flag FROM cell WHERE session_id = ? ORDER BY id", (self.session_id,)
-        ).fetchall()
+        return sessiondb.session_calls(self.db, self.session_id)
 
-    def prior_states(self) -> list[dict]:
+    def prior_states(self) -> list[dict[str, Any]]:
         """What each frame a resumed session had committed taught its adaptive measures (the cells'
         sizes, the red cells, the lamp: ``record_frame``'s ``state``), oldest first."""
-        return [
-            json.loads(row[0])
-            for row in self.db.execute(
-                "SELECT state FROM frame WHERE session_id = ? AND state IS NOT NULL ORDER BY id", (self.session_id,)
-            )
-        ]
+        return sessiondb.frame_states(self.db, self.session_id)
 
     def record_frame(
         self,
@@ -195,7 +161,7 @@ class SessionStore:
         cells: list[CellCall],
         crops: list[np.ndarray | None],
         error: str = "",
-        state: dict | None = None,
+        state: dict[str, Any] | None = None,
     ) -> None:
         """Write one frame and its cells in one transaction (crops first, then the commit). ``state``:
         what the frame taught the session's adaptive measures, so that a resumed session goes on
@@ -204,13 +170,9 @@ class SessionStore:
             raise StorageFull(f"{self.dir}: disk full; recording stopped")
         try:
             names = self._write_crops(idx, cells, crops)
-            self.db.execute("BEGIN IMMEDIATE")
-            fid = self.db.execute(
-                "INSERT INTO frame (session_id, idx, source, time, n_cells, error, state) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (self.session_id, idx, source, _now(), len(cells), error or None, json.dumps(state) if state else None),
-            ).lastrowid
-            self._insert_cells(fid, idx, source, cells, names)
-            self.db.execute("COMMIT")
+            with sessiondb.transaction(self.db):
+                fid = sessiondb.add_frame(self.db, self.session_id, idx, source, len(cells), error, state)
+                self._insert_cells(fid, idx, source, cells, names)
         except (OSError, sqlite3.OperationalError) as e:
             self._failed(e, f"after frame {idx - 1}")
 
@@ -221,24 +183,19 @@ class SessionStore:
             return
         if self.full:
             raise StorageFull(f"{self.dir}: disk full; recording stopped")
-        row = self.db.execute(
-            "SELECT id, idx, source FROM frame WHERE session_id = ? ORDER BY id DESC LIMIT 1", (self.session_id,)
-        ).fetchone()
+        row = sessiondb.last_frame(self.db, self.session_id)
         if row is None:
             return
         fid, idx, source = row
         try:
             names = self._write_crops(idx, cells, crops, first=1000)
-            self.db.execute("BEGIN IMMEDIATE")
-            self._insert_cells(fid, idx, source, cells, names)
-            self.db.execute("UPDATE frame SET n_cells = n_cells + ? WHERE id = ?", (len(cells), fid))
-            self.db.execute("COMMIT")
+            with sessiondb.transaction(self.db):
+                self._insert_cells(fid, idx, source, cells, names)
+                sessiondb.grow_frame(self.db, fid, len(cells))
         except (OSError, sqlite3.OperationalError) as e:
             self._failed(e, "at the session's end")
 
     def _failed(self, e: Exception, where: str) -> None:
-        if self.db.in_transaction:
-            self.db.execute("ROLLBACK")
         if _is_disk_full(e):
             self.full = True
             raise StorageFull(
@@ -246,7 +203,9 @@ class SessionStore:
             ) from e
         raise e
 
-    def _write_crops(self, idx: int, cells: list[CellCall], crops, first: int = 0) -> list[str]:
+    def _write_crops(
+        self, idx: int, cells: list[CellCall], crops: Sequence[np.ndarray | None], first: int = 0
+    ) -> list[str]:
         names = []
         for k, (cell, crop) in enumerate(zip(cells, crops), start=first):
             name = ""
@@ -261,14 +220,13 @@ class SessionStore:
         return names
 
     def _insert_cells(self, fid: int, idx: int, source: str, cells: list[CellCall], names: list[str]) -> None:
-        self.db.executemany(
-            "INSERT INTO cell (session_id, frame_id, source, frame, x, y, w, h, label, confidence, "
-            "probabilities, flag, track, crop, embedding) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        sessiondb.add_cells(
+            self.db,
+            self.session_id,
+            fid,
+            source,
             [
                 (
-                    self.session_id,
-                    fid,
-                    source,
                     c.frame if c.frame is not None else idx,
                     c.box.x,
                     c.box.y,
@@ -276,24 +234,21 @@ class SessionStore:
                     c.box.h,
                     c.label,
                     c.confidence,
-                    json.dumps([round(float(p), 5) for p in c.probabilities]),
+                    c.probabilities,
                     c.flag,
                     c.track,
                     n,
-                    _blob(c.embedding),
+                    c.embedding,
                 )
                 for c, n in zip(cells, names)
             ],
         )
 
-    def record_scale(self, scale: dict) -> None:
+    def record_scale(self, scale: dict[str, Any]) -> None:
         """The field's measured scale (red-cell diameter in pixels, µm per pixel) in the session's
         recorded config, where the report reads it."""
         try:
-            row = self.db.execute("SELECT config FROM session WHERE id = ?", (self.session_id,)).fetchone()
-            config = json.loads(row[0] or "{}") if row else {}
-            config["scale"] = scale
-            self.db.execute("UPDATE session SET config = ? WHERE id = ?", (json.dumps(config), self.session_id))
+            sessiondb.set_scale(self.db, self.session_id, scale)
         except sqlite3.OperationalError as e:
             if _is_disk_full(e):
                 self.full = True
@@ -302,7 +257,7 @@ class SessionStore:
 
     def close(self, status: str = "finished") -> None:
         try:
-            self.db.execute("UPDATE session SET ended = ?, status = ? WHERE id = ?", (_now(), status, self.session_id))
+            sessiondb.end_session(self.db, self.session_id, status)
         except sqlite3.OperationalError:
             pass  # disk full: the session stays 'running', which readers treat as interrupted
         try:
@@ -327,40 +282,14 @@ def write_atomic(path: Path, text: str) -> Path:
     return path
 
 
-def _blob(embedding) -> bytes | None:
-    return None if embedding is None else np.asarray(embedding, np.float16).tobytes()
-
-
-def _now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds")
-
-
-def model_name(model_file: str, config: str | None) -> str:
-    """The model that classified a session, as a person reads it: its file, and its head where the
-    model was adapted at the laboratory (from the session's recorded config)."""
-    try:
-        head = (json.loads(config or "{}") or {}).get("head")
-    except ValueError:
-        head = None
-    return f"{model_file} + {head['file']}" if head else model_file
-
-
-def parents_of(config: str | None) -> dict[str, str]:
-    """A stage model's stage → 8-class parent map, from a session's recorded config."""
-    try:
-        return dict(((json.loads(config or "{}") or {}).get("contract") or {}).get("parents") or {})
-    except (ValueError, AttributeError, TypeError):
-        return {}
-
-
 def write_csv(out_dir: str | Path) -> Path:
     """``cells.csv`` from the session database (all sessions in the folder), with the reviews."""
     out_dir = Path(out_dir)
-    db = review.connect(out_dir)
+    db = sessiondb.connect(out_dir)
     try:
-        sessions = db.execute("SELECT id, model_file, config FROM session").fetchall()
-        models = {sid: model_name(f, cfg) for sid, f, cfg in sessions}
-        parents = {sid: parents_of(cfg) for sid, _, cfg in sessions}
+        recorded = sessiondb.sessions(db)
+        models = {s.id: s.model for s in recorded}
+        parents = {s.id: s.config.parents for s in recorded}
         rows = [
             (
                 c.source,
@@ -378,7 +307,7 @@ def write_csv(out_dir: str | Path) -> Path:
                 parents.get(c.session_id, {}).get(c.final_label, c.final_label) if c.final_label else "",
                 models.get(c.session_id, ""),
             )
-            for c in review.cells(db)
+            for c in sessiondb.cells(db)
         ]
     finally:
         db.close()

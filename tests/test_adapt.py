@@ -256,10 +256,10 @@ def test_adapting_imports_no_training_stack(session, truth):
 
 
 def test_review_for_adaptation_spreads_classes_least_sure_first(recorded):
-    from bmc.edge_app import review
+    from bmc.edge_app import review, sessiondb
 
-    db = review.connect(recorded)
-    cells = review.cells(db)
+    db = sessiondb.connect(recorded)
+    cells = sessiondb.cells(db)
     db.close()
     q = review.teaching_queue(cells, per_class=3)
     found = sorted({c.model_label for c in cells})

@@ -47,7 +47,7 @@ def _session(root: Path, name: str, exported: bool) -> Path:
     s.mkdir(parents=True)
     import sqlite3
 
-    from bmc.edge_app.store import SCHEMA
+    from bmc.edge_app.sessiondb import SCHEMA
 
     db = sqlite3.connect(s / "session.sqlite")
     db.executescript(SCHEMA)

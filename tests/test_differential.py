@@ -12,7 +12,7 @@ import threading
 
 import pytest
 
-from bmc.edge_app import review
+from bmc.edge_app import review, sessiondb
 from bmc.edge_app.differential import CLINICAL_ORDER, differential_of, display
 
 from conftest import bmc
@@ -32,7 +32,7 @@ def counted(bccd, tmp_path_factory):
 
 
 def _record(out):
-    db = review.connect(out)
+    db = sessiondb.connect(out)
     try:
         return review.session_differential(db)
     finally:
@@ -109,7 +109,7 @@ def test_a_decision_on_the_screen_rewrites_the_report_beside_it(counted, tmp_pat
 
     out = tmp_path / "s"
     shutil.copytree(counted[0], out)
-    waiting = [c for c in review.cells(review.connect(out)) if c.status == "pending"]
+    waiting = [c for c in sessiondb.cells(sessiondb.connect(out)) if c.status == "pending"]
     assert waiting, "the session needs a cell set aside"
     before = _record(out).total
     app = UiApp(tmp_path, None, sign_in=False, user="anna")

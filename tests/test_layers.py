@@ -6,6 +6,7 @@ back through others (a cycle), counting imports inside functions too."""
 from __future__ import annotations
 
 import ast
+import re
 import sys
 
 from conftest import ROOT
@@ -92,3 +93,73 @@ def test_the_checker_sees_the_tree():
     graph = _graph()
     assert {"bmc.contract", "bmc.card", "bmc.edge_app.app", "bmc.train.trainer", "bmc.cli.edge"} <= set(graph)
     assert "bmc.contract" in graph["bmc.edge_app.app"] and "bmc.edge_app.app" in graph["bmc.cli.edge"]
+
+
+# -- one session-data layer -----------------------------------------------------------------------
+
+SESSION_DB = "bmc.edge_app.sessiondb"
+_SQL_CALLS = {"execute", "executemany", "executescript", "backup"}
+_SQL_TEXT = re.compile(r"^\s*(SELECT|INSERT|UPDATE|DELETE|CREATE\s+(TABLE|INDEX)|ALTER\s+TABLE|PRAGMA)\b", re.I)
+# the typed loaders a card or a session's recorded config is read through
+_LOADERS = {"bmc.card", "bmc.contract", SESSION_DB}
+
+
+def _sql_sites(module: str, tree: ast.Module) -> list[str]:
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+            on = node.func.value.id if isinstance(node.func.value, ast.Name) else ""
+            if on == "sessiondb":  # the layer's own verbs
+                continue
+            if node.func.attr in _SQL_CALLS or (on == "sqlite3" and node.func.attr == "connect"):
+                found.append(f"{module}:{node.lineno} calls .{node.func.attr}()")
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and _SQL_TEXT.match(node.value):
+            found.append(f"{module}:{node.lineno} writes SQL {node.value.strip()[:30]!r}")
+    return found
+
+
+def _card_reads(module: str, tree: ast.Module, source: str) -> list[str]:
+    found = []
+    for node in ast.walk(tree):
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and node.func.attr in ("loads", "load")
+            and isinstance(node.func.value, ast.Name)
+            and node.func.value.id == "json"
+        ):
+            text = ast.get_source_segment(source, node) or ""
+            if "card" in text or (module.startswith("bmc.edge_app") and "config" in text):
+                found.append(f"{module}:{node.lineno} {text[:60]}")
+    return found
+
+
+def _sources() -> dict[str, str]:
+    out = {}
+    for folder, name in PACKAGES.items():
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            parts = [p for p in path.relative_to(ROOT / folder).with_suffix("").parts if p != "__init__"]
+            out[".".join([name, *parts])] = path.read_text()
+    return out
+
+
+def test_no_sql_outside_the_session_data_module():
+    """Only ``edge_app/sessiondb.py`` speaks SQL to a session database: the schema, its migrations
+    and every read and write are in one place."""
+    found = [s for m, tree in _modules().items() if m != SESSION_DB for s in _sql_sites(m, tree)]
+    assert not found, "SQL outside the session-data module:\n" + "\n".join(found)
+
+
+def test_cards_and_recorded_configs_are_read_through_their_typed_loaders():
+    sources = _sources()
+    found = [s for m, tree in _modules().items() if m not in _LOADERS for s in _card_reads(m, tree, sources[m])]
+    assert not found, "a card or a session config parsed by hand:\n" + "\n".join(found)
+
+
+def test_the_sql_checks_see_what_they_look_for():
+    """The checks find SQL and a hand-parsed card where there is one."""
+    tree = ast.parse('db.execute("SELECT 1")\nq = "UPDATE cell SET x = 1"\nsqlite3.connect(p)\n')
+    assert len(_sql_sites("m", tree)) == 4  # the call and its text, the text, the connection
+    text = "card = json.loads(card_path(p).read_text())\n"
+    assert _card_reads("bmc.x", ast.parse(text), text)
+    assert _sql_sites(SESSION_DB, _modules()[SESSION_DB])  # the session-data module itself has SQL

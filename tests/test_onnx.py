@@ -109,11 +109,11 @@ def test_a_session_counts_with_the_onnx_model(onnx_models, bccd, tmp_path):
         "1",
     )
     assert "leukocytes" in p.stdout
-    from bmc.edge_app import review
+    from bmc.edge_app import sessiondb
 
-    db = review.connect(out)
+    db = sessiondb.connect(out)
     try:
-        cells = review.cells(db)
+        cells = sessiondb.cells(db)
         [(model_file,)] = db.execute("SELECT model_file FROM session").fetchall()
     finally:
         db.close()

@@ -228,9 +228,12 @@ def test_a_spreadsheets_decisions_file_is_read(session):
 
 
 def test_listing_opens_the_database_read_only(session):
-    """--list writes nothing, not even the review table a first decision creates: the database
-    file stays byte for byte as it was."""
+    """--list writes nothing, not even the review table a first decision creates in a folder recorded
+    before review existed: the database file stays byte for byte as it was."""
     db = session / "session.sqlite"
+    old = sqlite3.connect(db)  # as a folder recorded before review and comments existed
+    old.executescript("DROP TABLE review; DROP TABLE note; PRAGMA wal_checkpoint(TRUNCATE);")
+    old.close()
     before = db.read_bytes()
     p = bmc("edge", "review", session, "--list")
     assert p.stdout.splitlines()[0].startswith("id,label,model_label")

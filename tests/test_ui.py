@@ -478,10 +478,10 @@ def test_a_live_session_from_the_screen(storage, bccd, tmp_path):
 
 
 def test_review_for_adaptation_lists_the_cells_that_teach_most(local, storage):
-    from bmc.edge_app import review
+    from bmc.edge_app import review, sessiondb
 
-    db = review.connect(storage / "20261128-0900")
-    expected = [c.id for c in review.teaching_queue(review.cells(db), 10)]
+    db = sessiondb.connect(storage / "20261128-0900")
+    expected = [c.id for c in review.teaching_queue(sessiondb.cells(db), 10)]
     db.close()
     status, _, page = local.request("GET", "/s/20261128-0900/review?for=adapt")
     assert status == 200 and b"to name for adaptation" in page

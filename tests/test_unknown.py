@@ -14,7 +14,7 @@ import pytest
 
 from bmc.card import card_path
 from bmc.edge_app import config as config_mod
-from bmc.edge_app import review, unknown
+from bmc.edge_app import review, sessiondb, unknown
 from bmc.edge_app.classifier import DEFAULT_MODEL, MODELS_DIR, CellClassifier
 
 from conftest import DATA, bmc
@@ -50,8 +50,8 @@ def test_artefacts_are_set_aside_as_unknown_and_counted_in_no_class(artefacts):
     assert len(rows) == 100 and len(flagged) >= 80  # the target: >= 80% of the 100 artefacts
     assert all(r["counted_as"] == "" for r in flagged)
     # first in the review queue and in the report, with their number
-    db = review.connect(artefacts)
-    queue = review.queue(review.cells(db))
+    db = sessiondb.connect(artefacts)
+    queue = review.queue(sessiondb.cells(db))
     db.close()
     assert all(c.unknown for c in queue[: len(flagged)])
     bmc("edge", "report", artefacts)

@@ -31,12 +31,13 @@ import cv2
 import numpy as np
 
 from bmc.contract import Contract, read_image
-from bmc.edge_app import review
+from bmc.edge_app import sessiondb
+from bmc.edge_app.sessiondb import RecordedConfig
 from bmc.train.data import DataError, discover
 
 
-def _contract_of(config: str | None, fallback: Contract | None, where: str) -> Contract:
-    recorded = json.loads(config or "{}").get("contract")
+def _contract_of(config: RecordedConfig | None, fallback: Contract | None, where: str) -> Contract:
+    recorded = config.contract if config is not None else None
     if recorded:
         return Contract.from_dict(recorded)
     if fallback is None:
@@ -61,10 +62,10 @@ def harvest(sessions, dest, with_data=None, label_from: str = "folder", fallback
     dest = Path(dest)
     todo, sources = [], []  # every session is read and checked before anything is written
     for sdir in map(Path, sessions):
-        db = review.connect(sdir)
+        db = sessiondb.connect(sdir)
         try:
-            configs = dict(db.execute("SELECT id, config FROM session"))
-            picked = [c for c in review.cells(db) if c.status == "reviewed"]
+            configs = {s.id: s.config for s in sessiondb.sessions(db)}
+            picked = [c for c in sessiondb.cells(db) if c.status == "reviewed"]
         finally:
             db.close()
         sources.append({"folder": str(sdir.resolve()), "reviewed_cells": len(picked)})

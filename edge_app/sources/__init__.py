@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import glob
 from pathlib import Path
+from typing import Any
 
 from bmc.edge_app.sources.base import (
     IMAGE_SUFFIXES,
@@ -43,7 +44,7 @@ __all__ = [
 ]
 
 
-def open_source(spec: str, **camera_options) -> FrameSource:
+def open_source(spec: str, **camera_options: Any) -> FrameSource:
     s = str(spec)
     if s.isdigit() or s.startswith("/dev/"):
         return OpenCVCamera(int(s) if s.isdigit() else s, **camera_options)

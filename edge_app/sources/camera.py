@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 
 from bmc.edge_app.sources.base import Frame, FrameSource, SourceError
 
@@ -23,7 +24,7 @@ class _Reopening(FrameSource):
         fps: float | None = None,
         fourcc: str | None = None,
         max_reopen_s: float | None = None,
-    ):
+    ) -> None:
         self.width, self.height, self.fps, self.fourcc = width, height, fps, fourcc
         self.max_reopen_s = max_reopen_s  # None: keep trying (service mode)
         self.gaps: list[tuple[float, float]] = []  # (lost at, back at)
@@ -70,7 +71,7 @@ class _Reopening(FrameSource):
 
 
 class OpenCVCamera(_Reopening):
-    def __init__(self, device, **kw):
+    def __init__(self, device: int | str, **kw: Any) -> None:
         self.device = device
         self.name = str(device)
         super().__init__(**kw)
@@ -135,7 +136,7 @@ class Picamera2Camera(_Reopening):
     # would be R, G, B): asked for RGB888, the camera hands over OpenCV's order as it is
     native_format = "BGR"
 
-    def __init__(self, index: int = 0, **kw):
+    def __init__(self, index: int = 0, **kw: Any) -> None:
         try:
             import picamera2  # noqa: F401
         except ImportError as e:

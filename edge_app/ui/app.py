@@ -35,8 +35,9 @@ from pathlib import Path
 
 import cv2
 
+from bmc.card import read_card
 from bmc.edge_app import report as report_mod
-from bmc.edge_app import review
+from bmc.edge_app import review, sessiondb
 from bmc.edge_app.ui.auth import RateLimit, Sessions, verify_password
 from bmc.errors import BmcError
 
@@ -354,12 +355,12 @@ class UiApp:
             cid = int(cell_id)
         except ValueError:
             raise HttpError("404 Not Found", "no such cell") from None
-        db = review.connect(folder)
+        db = sessiondb.connect(folder)
         try:
-            row = db.execute("SELECT crop FROM cell WHERE id = ?", (cid,)).fetchone()
+            crop = sessiondb.crop_of(db, cid)
         finally:
             db.close()
-        path = session_file(folder, row[0]) if row and row[0] else None
+        path = session_file(folder, crop) if crop else None
         if path is None or not path.is_file() or path.suffix.lower() != ".jpg":
             raise HttpError("404 Not Found", "no crop for this cell")
         return path
@@ -484,26 +485,24 @@ class UiApp:
 
     def _cells(self, folder: Path):
         try:
-            db = review.connect(folder)
+            db = sessiondb.connect(folder)
+            try:
+                return sessiondb.cells(db), sessiondb.sessions(db)
+            finally:
+                db.close()
         except sqlite3.DatabaseError as e:
             raise HttpError("500 Internal Server Error", f"{folder.name}: unreadable session database ({e})") from e
-        try:
-            cells = review.cells(db)
-            meta = db.execute("SELECT started, status, model_file, source FROM session ORDER BY id").fetchall()
-        finally:
-            db.close()
-        return cells, meta
 
     def _session_summary(self, folder: Path, cells):
         """The folder's differential record and latest comment, read for this request alone."""
-        db = review.connect(folder)
+        db = sessiondb.connect(folder)
         try:
-            return review.session_differential(db, cells), review.latest_note(db)
+            return review.session_differential(db, cells), sessiondb.latest_note(db)
         finally:
             db.close()
 
     def _calibration(self, folder: Path) -> str:
-        db = review.connect(folder)
+        db = sessiondb.connect(folder)
         try:
             return review.calibration_statement(db)
         finally:
@@ -548,12 +547,12 @@ class UiApp:
                 continue
             record, _ = self._session_summary(d, cells)
             counted, pending = f"{record.total} {record.denominator}", record.waiting
-            started = meta[0][0][:19].replace("T", " ") if meta else ""
+            started = meta[0].started[:19].replace("T", " ") if meta else ""
             name = urllib.parse.quote(d.name)
             rows.append(
                 f"<tr><td><a href='/s/{name}/'>{html.escape(d.name)}</a></td><td>{html.escape(started)}</td>"
-                f"<td>{html.escape(', '.join(sorted({m[2] for m in meta})))}</td><td>{counted}</td>"
-                f"<td>{pending}</td><td>{html.escape(meta[-1][1] if meta else '')}</td></tr>"
+                f"<td>{html.escape(', '.join(sorted({m.model_file for m in meta})))}</td><td>{counted}</td>"
+                f"<td>{pending}</td><td>{html.escape(meta[-1].status if meta else '')}</td></tr>"
             )
         table = (
             (
@@ -575,8 +574,8 @@ class UiApp:
         dests = self.export_destinations()
         comment = (
             (
-                f"<p>Comment: <b>{html.escape(note[0])}</b> <span class='small'>({html.escape(note[1])}, "
-                f"{html.escape(note[2][:16])})</span></p>"
+                f"<p>Comment: <b>{html.escape(note.text)}</b> <span class='small'>({html.escape(note.author)}, "
+                f"{html.escape(note.time[:16])})</span></p>"
                 if note
                 else ""
             )
@@ -609,8 +608,8 @@ class UiApp:
             + "<p class='small'>95% limits: the exact binomial interval of each share (Rümke's table).</p>"
             + levels
             + "".join(
-                f"<p class='small'>session started {html.escape(m[0][:19])}, {html.escape(m[1])}, model "
-                f"{html.escape(m[2])}, source {html.escape(m[3])}</p>"
+                f"<p class='small'>session started {html.escape(m.started[:19])}, {html.escape(m.status)}, model "
+                f"{html.escape(m.model_file)}, source {html.escape(m.source)}</p>"
                 for m in meta
             )
             + comment
@@ -820,7 +819,7 @@ class UiApp:
         models = []
         for m in adapted_models(self.storage):
             try:
-                card = json.loads(m.with_suffix(".json").read_text())
+                card = read_card(m)
                 a = card.get("adaptation", {})
                 cv = a.get("cross_validation", {})
                 what = (

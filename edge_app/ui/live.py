@@ -131,17 +131,17 @@ class LiveRunner:
         """The newest cells the session recorded (newest first), for the page's strip of crops."""
         import sqlite3
 
-        if self.folder is None or not (self.folder / "session.sqlite").exists():
+        from bmc.edge_app import sessiondb
+
+        if self.folder is None or not sessiondb.path_of(self.folder).exists():
             return []
         try:
-            db = sqlite3.connect(f"file:{self.folder / 'session.sqlite'}?mode=ro", uri=True, timeout=1)
+            db = sessiondb.connect(self.folder)
             try:
-                rows = db.execute(
-                    "SELECT id, label, flag FROM cell WHERE crop != '' ORDER BY id DESC LIMIT ?", (n,)
-                ).fetchall()
+                rows = sessiondb.recent_cells(db, n)
             finally:
                 db.close()
-        except sqlite3.Error:
+        except (sqlite3.Error, FileNotFoundError):
             return []
         return [{"id": i, "label": label, "flag": flag} for i, label, flag in rows]
 
