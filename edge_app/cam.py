@@ -16,11 +16,15 @@ from __future__ import annotations
 
 import threading
 import warnings
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
 
 from bmc.errors import BmcError
+
+if TYPE_CHECKING:
+    from bmc.edge_app.classifier import CellClassifier
 
 
 class MapError(BmcError, ValueError):
@@ -28,7 +32,7 @@ class MapError(BmcError, ValueError):
 
 
 class ActivationMaps:
-    def __init__(self, clf):
+    def __init__(self, clf: CellClassifier) -> None:
         from bmc.edge_app.adapt import load_guard
 
         if not clf.has_embedding:

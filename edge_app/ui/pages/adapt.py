@@ -1,0 +1,176 @@
+"""Adapting the model to this microscope from the cells people reviewed, and which model counts."""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import TYPE_CHECKING
+
+from bmc.card import read_card
+from bmc.edge_app.ui.web import Html, HttpError, Request, Response, Screen, hidden_csrf, html, redirect
+
+if TYPE_CHECKING:
+    from bmc.edge_app.adapt import Result as AdaptResult
+
+log = logging.getLogger("bmc.edge_app.ui.app")
+
+
+def adapt_page(app: Screen, req: Request, result: Html = Html("")) -> Response:
+    from bmc.edge_app.active import active_model, adapted_models
+    from bmc.edge_app.service import session_dirs
+
+    rows = []
+    for d in reversed(session_dirs(app.storage)):
+        try:
+            cells, _ = app.session_data(d)
+        except HttpError:
+            continue
+        n = sum(c.status == "reviewed" for c in cells)
+        rows.append(
+            html(
+                "<tr><td><input type='checkbox' name='session' value='{name}' {state}></td><td>{name}</td>"
+                "<td class='num'>{n}</td></tr>",
+                name=d.name,
+                state="checked" if n else "disabled",
+                n=n,
+            )
+        )
+    active = active_model(app.storage)
+    models = []
+    for m in adapted_models(app.storage):
+        try:
+            a = read_card(m).get("adaptation", {})
+            cv = a.get("cross_validation", {})
+            what = (
+                f"{a.get('date', '?')[:16]}, {a.get('cells', '?')} cells by {', '.join(a.get('reviewers', []))}; "
+                f"balanced accuracy {cv['shipped']['balanced_accuracy']:.3f} → "
+                f"{cv['adapted']['balanced_accuracy']:.3f}"
+            )
+        except (OSError, ValueError, KeyError, TypeError):
+            what = "unreadable card"
+        is_active = active is not None and active.name == m.name
+        button = (
+            Html("<b>active</b>")
+            if is_active
+            else html(
+                "<form method='post' action='/adapt/activate' class='inline'>{csrf}<button name='model' "
+                "value='{m}'>Make active</button></form>",
+                csrf=hidden_csrf(req.csrf),
+                m=m.name,
+            )
+        )
+        models.append(
+            html("<tr><td>{stem}</td><td>{what}</td><td>{button}</td></tr>", stem=m.stem, what=what, button=button)
+        )
+    shipped = (
+        Html("<b>active</b>")
+        if active is None
+        else html(
+            "<form method='post' action='/adapt/activate' class='inline'>{csrf}<button name='model' value=''>"
+            "Go back to the shipped model</button></form>",
+            csrf=hidden_csrf(req.csrf),
+        )
+    )
+    body = html(
+        "{result}<h2>Adapt to this microscope</h2><p>The model learns a new last layer from the cells people "
+        "reviewed, checked by cross-validation against the shipped one; it is refused unless better. "
+        "Review 5-10 cells of each class first.</p>"
+        "<form method='post' action='/adapt'>{csrf}"
+        "<table><tr><th></th><th>session</th><th>cells named by a reviewer</th></tr>{rows}"
+        "</table><label>Name of the new model <input name='name' required pattern='[A-Za-z0-9_-]{{1,40}}' "
+        "maxlength='40' value='lab'></label> <button>Adapt</button></form>"
+        "<h2>Models</h2><table><tr><th>model</th><th>learnt</th><th></th></tr>"
+        "<tr><td>shipped</td><td>{base}</td><td>{shipped}</td></tr>{models}"
+        "</table><p class='small'>The service counts with the active model from its next session on.</p>",
+        result=result,
+        csrf=hidden_csrf(req.csrf),
+        rows=Html.join(rows),
+        base=app.base_model().path.name,
+        shipped=shipped,
+        models=Html.join(models),
+    )
+    return app.page("Adaptation", body, req)
+
+
+def _table(r: AdaptResult) -> Html:
+    cv = r.cross_validation
+    rows = Html.join(
+        html(
+            "<tr><td>{l}</td><td class='num'>{n}</td><td class='num'>{a:.2f}</td><td class='num'>{b:.2f}</td></tr>",
+            l=l,
+            n=r.cells_per_class.get(l, 0),
+            a=cv["shipped"]["recall"][l],
+            b=cv["adapted"]["recall"][l],
+        )
+        for l in r.labels
+        if l in cv["shipped"]["recall"]
+    )
+    return html(
+        "<table><tr><th>class</th><th>reviewed cells</th><th>shipped</th><th>adapted</th></tr>{rows}"
+        "<tr><td>balanced accuracy</td><td></td><td class='num'>{a:.3f}</td><td class='num'>{b:.3f}</td></tr></table>"
+        "<p class='small'>Recall of each class on reviewed cells neither head was fitted on; training classes "
+        "held out: {ga:.3f} shipped, {gb:.3f} adapted.</p>",
+        rows=rows,
+        a=cv["shipped"]["balanced_accuracy"],
+        b=cv["adapted"]["balanced_accuracy"],
+        ga=r.guard["shipped_accuracy"],
+        gb=r.guard["adapted_accuracy"],
+    )
+
+
+def run_adapt(app: Screen, req: Request) -> Response:
+    from bmc.edge_app import adapt
+    from bmc.edge_app.active import models_dir
+
+    name = (req.form.get("name") or "").strip()
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,40}", name):
+        raise HttpError("400 Bad Request", "a model name is 1-40 letters, digits, - or _")
+    chosen = [app.session_folder(n) for n in req.many("session")]
+    if not chosen:
+        raise HttpError("400 Bad Request", "choose at least one session with reviewed cells")
+    clf = app.base_model()
+    try:
+        guard, reviewed, r = adapt.prepare(chosen, clf)
+    except adapt.AdaptError as e:
+        return adapt_page(app, req, html("<p class='warn'>Not adapted: {e}</p>", e=str(e)))
+    table = _table(r)
+    advice = html("<p>More reviewed cells would help: {a}</p>", a="; ".join(r.advice)) if r.advice else Html("")
+    if not r.accepted:
+        return adapt_page(
+            app,
+            req,
+            html(
+                "<p class='warn'>Refused, nothing written: {why}</p>{table}{advice}",
+                why="; ".join(r.reasons),
+                table=table,
+                advice=advice,
+            ),
+        )
+    try:
+        path = adapt.write_model(r, reviewed, clf, guard, models_dir(app.storage), name)
+    except adapt.AdaptError as e:
+        return adapt_page(app, req, html("<p class='warn'>{e}</p>", e=str(e)))
+    log.info("adapted model %s written by %s", path, req.user)
+    return adapt_page(
+        app,
+        req,
+        html(
+            "<p><b>{stem}</b> written: better than the shipped model on held-out reviewed cells. Make it active "
+            "below to count with it.</p>{table}{advice}",
+            stem=path.stem,
+            table=table,
+            advice=advice,
+        ),
+    )
+
+
+def activate(app: Screen, req: Request) -> Response:
+    from bmc.edge_app.active import ActiveModelError, set_active
+
+    name = req.form.get("model", "")
+    try:
+        set_active(app.storage, name or None, req.user)
+    except ActiveModelError as e:
+        raise HttpError("400 Bad Request", str(e)) from e
+    log.info("active model set to %s by %s", name or "the shipped one", req.user)
+    return redirect("/adapt")

@@ -1,0 +1,172 @@
+"""The sessions on the device, and one session: its differential after review, its comment, its
+report and FHIR export, and the export to a USB stick."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from bmc.edge_app import report as report_mod
+from bmc.edge_app import review
+from bmc.edge_app.ui.web import Html, HttpError, Request, Response, Screen, hidden_csrf, html, quote, redirect
+
+log = logging.getLogger("bmc.edge_app.ui.app")
+REPORT_CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; frame-ancestors 'none'"
+
+
+def sessions_page(app: Screen, req: Request) -> Response:
+    from bmc.edge_app.service import session_dirs
+
+    rows = []
+    for d in reversed(session_dirs(app.storage)):
+        try:
+            cells, meta = app.session_data(d)
+        except HttpError:
+            rows.append(html("<tr><td>{name}</td><td colspan='5' class='warn'>unreadable</td></tr>", name=d.name))
+            continue
+        record, _ = app.summary(d, cells)
+        rows.append(
+            html(
+                "<tr><td><a href='/s/{link}/'>{name}</a></td><td>{started}</td><td>{models}</td>"
+                "<td>{total} {denominator}</td><td>{waiting}</td><td>{status}</td></tr>",
+                link=quote(d.name),
+                name=d.name,
+                started=meta[0].started[:19].replace("T", " ") if meta else "",
+                models=", ".join(sorted({m.model_file for m in meta})),
+                total=record.total,
+                denominator=record.denominator,
+                waiting=record.waiting,
+                status=meta[-1].status if meta else "",
+            )
+        )
+    table = (
+        html(
+            "<table><tr><th>session</th><th>started</th><th>model</th><th>counted</th><th>waiting for review</th>"
+            "<th>status</th></tr>{rows}</table>",
+            rows=Html.join(rows),
+        )
+        if rows
+        else html("<p>No session in {storage} yet.</p>", storage=str(app.storage))
+    )
+    return app.page("Sessions", table, req)
+
+
+def session_page(app: Screen, req: Request) -> Response:
+    folder = app.session_folder(req.params["session"])
+    cells, meta = app.session_data(folder)
+    record, note = app.summary(folder, cells)
+    parents = report_mod.folder_parents(folder)
+    levels = Html(report_mod.levels_html(record, parents)) if parents else Html("")  # a stage model: both levels
+    name = quote(folder.name)
+    dests = app.export_destinations()
+    comment = html(
+        "{shown}<form method='post' action='/s/{name}/note'>{csrf}"
+        "<label>Comment on this session (smear, stain, what to recount) <input name='text' maxlength='500' "
+        "size='60'></label> <button>Save</button><br><span class='small warn'>No patient names, numbers or "
+        "dates of birth: the session is exported as it is.</span></form>",
+        shown=(
+            html(
+                "<p>Comment: <b>{text}</b> <span class='small'>({author}, {time})</span></p>",
+                text=note.text,
+                author=note.author,
+                time=note.time[:16],
+            )
+            if note
+            else Html("")
+        ),
+        name=name,
+        csrf=hidden_csrf(req.csrf),
+    )
+    export = (
+        html(
+            "<form method='post' action='/s/{name}/export'>{csrf}<label>Export to <select name='to'>{options}"
+            "</select></label> <button>Export</button></form>",
+            name=name,
+            csrf=hidden_csrf(req.csrf),
+            options=Html.join(html("<option>{d}</option>", d=str(d)) for d in dests),
+        )
+        if dests
+        else Html("<p class='small'>Export: no USB stick or disk is mounted.</p>")
+    )
+    statement = app.calibration(folder)
+    body = html(
+        "<p>{specimen} differential: <b>{total}</b> {denominator} counted, <b>{waiting}</b> waiting for review"
+        "{unknown} (<a href='/s/{name}/review'>review them</a>) · <a href='/s/{name}/report'>report</a>"
+        " · <a href='/s/{name}/fhir'>FHIR DiagnosticReport</a> <span class='small'>(for the laboratory "
+        "information system)</span></p>{table}{statement}"
+        "<p class='small'>95% limits: the exact binomial interval of each share (Rümke's table).</p>"
+        "{levels}{runs}{comment}{export}",
+        specimen="Blood" if record.specimen == "blood" else "Marrow",
+        total=record.total,
+        denominator=record.denominator,
+        waiting=record.waiting,
+        unknown=(
+            html(
+                ", <b class='warn'>{k}</b> of them unlike any cell the model knows (first in review)", k=record.unknown
+            )
+            if record.unknown
+            else Html("")
+        ),
+        name=name,
+        table=Html(report_mod.differential_html(record)),
+        statement=html("<p><b>{s}.</b></p>", s=statement) if statement else Html(""),
+        levels=levels,
+        runs=Html.join(
+            html(
+                "<p class='small'>session started {started}, {status}, model {model}, source {source}</p>",
+                started=m.started[:19],
+                status=m.status,
+                model=m.model_file,
+                source=m.source,
+            )
+            for m in meta
+        ),
+        comment=comment,
+        export=export,
+    )
+    return app.page(f"Session {folder.name}", body, req)
+
+
+def report(app: Screen, req: Request) -> Response:
+    folder = app.session_folder(req.params["session"])
+    return Response(report_mod.build_report(folder).read_bytes(), csp=REPORT_CSP)
+
+
+def fhir_export(app: Screen, req: Request) -> Response:
+    """The differential for a laboratory information system."""
+    from bmc.edge_app import fhir
+
+    folder = app.session_folder(req.params["session"])
+    return Response(
+        json.dumps(fhir.diagnostic_report(folder), indent=2, ensure_ascii=False),
+        ctype="application/fhir+json; charset=utf-8",
+        headers=[("Content-Disposition", f'attachment; filename="{folder.name}.fhir.json"')],
+    )
+
+
+def note(app: Screen, req: Request) -> Response:
+    folder = app.session_folder(req.params["session"])
+    try:
+        review.add_note(folder, req.form.get("text", ""), req.user)
+    except review.ReviewError as e:
+        raise HttpError("400 Bad Request", str(e)) from e
+    return redirect(f"/s/{quote(folder.name)}/")
+
+
+def export(app: Screen, req: Request) -> Response:
+    from bmc.edge_app.service import export as export_session
+
+    folder = app.session_folder(req.params["session"])
+    dests = {str(d): d for d in app.export_destinations()}
+    to = req.form.get("to", "")
+    if to not in dests:
+        raise HttpError("400 Bad Request", "choose one of the mounted USB sticks or disks listed")
+    try:
+        target = export_session(folder, dests[to])
+    except OSError as e:
+        raise HttpError(
+            "507 Insufficient Storage" if getattr(e, "errno", 0) == 28 else "500 Internal Server Error",
+            f"the export did not finish: {e}",
+        ) from e
+    log.info("session %s exported to %s by %s", folder.name, target, req.user)
+    return redirect(f"/s/{quote(folder.name)}/?exported=1")
