@@ -123,15 +123,14 @@ def serve(cfg, echo=print, max_sessions: int | None = None) -> None:
 def _serve_loop(cfg, storage: Path, echo, max_sessions, stop: threading.Event, current: list) -> None:
     from bmc.edge_app.active import active_model
     from bmc.edge_app.app import EdgeSession
-    from bmc.edge_app.classifier import DEFAULT_MODEL
-    from bmc.edge_app.factory import classifier, session_config
+    from bmc.edge_app.factory import classifier, model_file, session_config
     from bmc.edge_app.sources import SourceError, open_source
 
     clf = None
     done = 0
     while (max_sessions is None or done < max_sessions) and not stop.is_set():
         # the model a person made active on the screen, else the configured one: read before each session
-        want = Path(active_model(storage) or cfg.model.path or DEFAULT_MODEL)
+        want = model_file(cfg.model, active_model(storage))
         if clf is None or clf.path != want:
             clf = classifier(cfg.model, want)
             echo(f"counting with {clf.description}")
@@ -234,9 +233,17 @@ def _model(cfg, model_path: str | None) -> Check:
     from bmc.card import ModelCardError
     from bmc.edge_app.backends import BackendError
     from bmc.edge_app.classifier import DEFAULT_MODEL, CellClassifier
+    from bmc.edge_app.factory import choose_runtime
 
-    model = Path(model_path) if model_path else Path(cfg.model.path) if cfg and cfg.model.path else DEFAULT_MODEL
+    choice = None
     try:
+        if model_path:
+            model = Path(model_path)
+        else:  # the device's own model, on the runtime a count takes (factory.model_file)
+            base = Path(cfg.model.path) if cfg and cfg.model.path else DEFAULT_MODEL
+            runtime = os.environ.get("BMC_RUNTIME") or (cfg.model.runtime if cfg else "auto")
+            choice = choose_runtime(base, runtime, clf_threads())
+            model = choice.path
         clf = CellClassifier(model, threads=1)  # the card, the outputs against it, an adapted model's head
     except (ModelCardError, BackendError) as e:
         return [], [f"model: {e}"]
@@ -252,6 +259,8 @@ def _model(cfg, model_path: str | None) -> Check:
         )
     ]
     have.append(f"  runs on: {clf.backend.description}")
+    if choice is not None:
+        have.append(f"  runtime chosen: {choice.why}")
     if clf.head is not None:
         a = card.adaptation
         have.append(
@@ -263,7 +272,8 @@ def _model(cfg, model_path: str | None) -> Check:
         "  adaptable on this device: "
         + ("yes (embedding output and guard set)" if adaptable else "no (no embedding or guard set)")
     )
-    have += _peer(clf)
+    if choice is None:
+        have += _peer(clf)
     return have, []
 
 

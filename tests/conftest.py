@@ -11,6 +11,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("BMC_DATA", ROOT.parent / "shared" / "data"))
+# The suite's figures and file names are LiteRT's: on a machine with ONNX Runtime installed too, the
+# shipped model's default runtime would be whichever is faster there. tests/test_onnx.py checks that
+# choice itself, with this pin lifted.
+os.environ["BMC_RUNTIME"] = "litert"
 
 
 def _need(path: Path) -> Path:

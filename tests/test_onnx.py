@@ -157,3 +157,76 @@ def test_the_shipped_onnx_copy_is_the_shipped_model(pbc):
 
     for f in ("bmc_pbc8_lite0_onnx-int8.onnx", "bmc_pbc8_lite0_onnx-int8.json", "bmc_pbc8_lite0_onnx-int8.guard.npz"):
         assert not any(fnmatch.fnmatch(f"models/{f}", pat) for pat in data), f"{f} would join the edge install"
+
+
+def _pair(tmp_path):
+    """The shipped model and its ONNX copy, with their cards and guard sets, in a folder of their own."""
+    import shutil
+
+    models = ROOT / "edge_app" / "models"
+    for f in models.glob("bmc_pbc8_lite0_*int8.*"):
+        shutil.copy2(f, tmp_path / f.name)
+    return tmp_path / INT8.name, tmp_path / "bmc_pbc8_lite0_onnx-int8.onnx"
+
+
+def test_the_default_runtime_is_the_faster_one_measured_on_this_machine(tmp_path, monkeypatch):
+    """[model] runtime = "auto": the shipped model's file for whichever runtime ran it faster here
+    (measured once, then kept), both at equal held-out accuracy; each runtime stays selectable."""
+    from bmc.edge_app.config import ModelConfig
+    from bmc.edge_app.factory import choose_runtime, model_file
+
+    monkeypatch.setenv("BMC_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("BMC_RUNTIME")
+    tflite, onnx = _pair(tmp_path)
+    c = choose_runtime(tflite, "auto", threads=2)
+    assert set(c.ms_per_cell) == {tflite.name, onnx.name}, c
+    assert c.path.name == min(c.ms_per_cell, key=c.ms_per_cell.__getitem__)
+    assert "faster here at equal accuracy" in c.why
+    kept = list((tmp_path / "cache").glob("runtime-*.json"))
+    assert len(kept) == 1 and json.loads(kept[0].read_text()) == c.ms_per_cell
+    # what was measured is what every later start takes (and a resumed session with it): the choice
+    # follows the recorded timings, whichever way they go
+    for fast, slow in ((tflite, onnx), (onnx, tflite)):
+        kept[0].write_text(json.dumps({fast.name: 1.0, slow.name: 2.0}))
+        assert choose_runtime(tflite, "auto", threads=2).path == fast
+        assert model_file(ModelConfig(path=str(tflite), threads=2)) == fast
+    assert choose_runtime(tflite, "litert").path == tflite
+    assert choose_runtime(tflite, "onnxruntime").path == onnx
+    assert choose_runtime(onnx, "litert").path == tflite
+    assert model_file(ModelConfig(path=str(tflite), runtime="onnxruntime")) == onnx
+    monkeypatch.setenv("BMC_RUNTIME", "litert")
+    assert model_file(ModelConfig(path=str(tflite))) == tflite
+    # a model named on the command line (or made active) runs as it is
+    assert model_file(ModelConfig(path=str(tflite), runtime="onnxruntime"), tflite) == tflite
+
+
+def test_auto_keeps_the_configured_file_where_the_peer_is_not_its_equal(tmp_path, monkeypatch):
+    from bmc.card import update_card
+    from bmc.edge_app.backends import BackendError
+    from bmc.edge_app.factory import choose_runtime
+
+    monkeypatch.setenv("BMC_CACHE", str(tmp_path / "cache"))
+    tflite, onnx = _pair(tmp_path)
+    card = json.loads(onnx.with_suffix(".json").read_text())
+    worse = dict(card["validation"], accuracy=card["validation"]["accuracy"] - 0.011)
+    update_card(onnx, validation=worse)
+    c = choose_runtime(tflite, "auto")
+    assert c.path == tflite and "not equal" in c.why and not c.ms_per_cell
+    onnx.unlink()
+    c = choose_runtime(tflite, "auto")
+    assert c.path == tflite and "no bmc_pbc8_lite0_onnx-int8.onnx beside it" in c.why
+    with pytest.raises(BackendError, match="convert-onnx"):
+        choose_runtime(tflite, "onnxruntime")
+
+
+def test_doctor_says_which_runtime_the_device_counts_with(tmp_path):
+    import os
+
+    env = {**os.environ, "BMC_CACHE": str(tmp_path / "cache")}
+    env.pop("BMC_RUNTIME")
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, "-m", "bmc.cli", "edge", "doctor"], capture_output=True, text=True, env=env)
+    line = next(l for l in p.stdout.splitlines() if "runtime chosen:" in l)
+    assert "faster here at equal accuracy" in line and "ms per cell" in line, p.stdout

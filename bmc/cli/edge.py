@@ -97,9 +97,8 @@ def edge_run(
 
     def go():
         clf = classifier(
-            ModelConfig(
-                path=model or "", threads=threads or 0, orientations=int(orientations), white_balance=white_balance
-            )
+            ModelConfig(threads=threads or 0, orientations=int(orientations), white_balance=white_balance),
+            model,  # a model named on the command line runs as it is; none: the shipped one, on the faster runtime
         )
         cfg = SessionConfig(
             mode=mode,
