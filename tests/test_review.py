@@ -18,7 +18,7 @@ from bmc.edge_app.classifier import DEFAULT_MODEL, CellClassifier
 from bmc.edge_app.review import REJECTED, Reviewer, ReviewError, review_window
 from bmc.edge_app.store import SessionStore
 
-from conftest import bmc, recorded_session
+from conftest import ROOT, bmc, recorded_session
 
 
 @pytest.fixture(scope="module")
@@ -241,3 +241,22 @@ def test_listing_opens_the_database_read_only(session):
     con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
     assert con.execute("SELECT 1 FROM sqlite_master WHERE name = 'review'").fetchone() is None
     con.close()
+
+
+def test_a_recorded_session_reports_byte_for_byte_as_before(tmp_path):
+    """The session database read through the session-data layer gives the report, cells.csv and
+    differential.csv that the version before it wrote (tests/fixtures/recorded_session)."""
+    import shutil
+
+    from bmc.edge_app.report import write_session_files
+
+    fixture = ROOT / "tests" / "fixtures" / "recorded_session"
+    folder = tmp_path / "session"
+    folder.mkdir()
+    shutil.copy2(fixture / "session.sqlite", folder / "session.sqlite")
+    shutil.copytree(fixture / "crops", folder / "crops")
+    write_session_files(folder, report=True)
+    for name in ("cells.csv", "differential.csv"):
+        assert (folder / name).read_bytes() == (fixture / name).read_bytes(), name
+    then = (fixture / "report.html").read_text(encoding="utf-8").replace("/tmp/golden/session", str(folder))
+    assert (folder / "report.html").read_text(encoding="utf-8") == then
