@@ -32,9 +32,17 @@ def main() -> int:
     folders = {folder: name for name, folder in project["tool"]["setuptools"]["package-dir"].items()}
     folders["bmc"] = "bmc"
     modules = []
-    for f in project["tool"]["mypy"]["files"]:
-        top, *rest = Path(f).with_suffix("").parts
-        modules += ["-m", ".".join([folders[top], *rest]).removesuffix(".__init__")]
+    for entry in project["tool"]["mypy"]["files"]:
+        # a folder stands for every module of its packages (a folder without __init__.py, such as
+        # edge_app/deploy's scripts, is no package)
+        paths = (
+            [p.relative_to(ROOT) for p in sorted((ROOT / entry).rglob("*.py")) if (p.parent / "__init__.py").is_file()]
+            if (ROOT / entry).is_dir()
+            else [Path(entry)]
+        )
+        for f in paths:
+            top, *rest = f.with_suffix("").parts
+            modules += ["-m", ".".join([folders[top], *rest]).removesuffix(".__init__")]
     with tempfile.TemporaryDirectory() as tmp:
         pkg = Path(tmp) / "bmc"
         pkg.mkdir()

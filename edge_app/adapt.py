@@ -35,16 +35,22 @@ import sqlite3
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from bmc.card import ModelCard, card_path, file_beside, sha256_file
-from bmc.edge_app import review, sessiondb
+from bmc.edge_app import sessiondb
 from bmc.edge_app.calibration import LabCalibration, calibrate, calibration_order, decided_prefix, session_seed
 from bmc.edge_app.head import Head, softmax
+from bmc.edge_app.sessiondb import REJECTED
 from bmc.edge_app.unknown import DEFAULT_LEVEL
 from bmc.errors import BmcError
+
+if TYPE_CHECKING:
+    from bmc.edge_app.classifier import CellClassifier
 
 GUARD_SUFFIX = ".guard.npz"
 HEAD_SUFFIX = ".head.npz"
@@ -105,7 +111,7 @@ class Reviewed:
 # -- the guard set -----------------------------------------------------------------------------------
 
 
-def load_guard(model_path: str | Path, card: ModelCard) -> dict:
+def load_guard(model_path: str | Path, card: ModelCard) -> dict[str, Any]:
     """The guard set the card names (``card.guard``), beside ``model_path``, checked against its sha256."""
     g = card.guard
     if not g:
@@ -129,14 +135,22 @@ def load_guard(model_path: str | Path, card: ModelCard) -> dict:
 # -- the reviewed cells --------------------------------------------------------------------------------
 
 
-def collect(sessions, clf, grow_confidence: float = Settings.grow_confidence) -> Reviewed:
+def collect(
+    sessions: Iterable[str | Path], clf: CellClassifier, grow_confidence: float = Settings.grow_confidence
+) -> Reviewed:
     """The reviewed cells (a person's label, not 'rejected') of ``sessions``, with their embeddings:
     as recorded, or recomputed from the cell's crop by ``clf`` for sessions recorded without; and the
     cells counted with no person at least ``grow_confidence`` sure, with their recorded embeddings."""
     from bmc.contract import preprocess, read_image
     from bmc.edge_app.report import session_file
 
-    xs, labels, groups, ids, names, reviewers, context = [], [], [], [], [], set(), []
+    xs: list[np.ndarray] = []
+    labels: list[str] = []
+    groups: list[str] = []
+    ids: list[tuple[str, int]] = []
+    names: list[str] = []
+    reviewers: set[str] = set()
+    context: list[np.ndarray] = []
     calibration: list[bool] = []
     rejected: list[np.ndarray] = []
     rejected_groups: list[str] = []
@@ -166,18 +180,19 @@ def collect(sessions, clf, grow_confidence: float = Settings.grow_confidence) ->
         names.append(str(folder))
         sample = set()
         for r in recorded:
-            ids = [c.id for c in cells if c.session_id == r.id]
+            in_session = [c.id for c in cells if c.session_id == r.id]
             decided = {c.id for c in cells if c.session_id == r.id and c.reviewed_label}
-            sample |= set(decided_prefix(calibration_order(ids, session_seed(folder.name, r.id, r.started)), decided))
+            order = calibration_order(in_session, session_seed(folder.name, r.id, r.started))
+            sample |= set(decided_prefix(order, decided))
         for c in cells:
             if grow_confidence and c.status == "counted" and c.confidence >= grow_confidence and c.id in stored:
                 counted.append(stored[c.id])
                 counted_labels.append(c.model_label)
                 counted_groups.append(f"{folder}|{c.session_id}|{c.source}|{c.frame}")
-            if c.id in sample and c.reviewed_label == review.REJECTED and c.id in stored:
+            if c.id in sample and c.reviewed_label == REJECTED and c.id in stored:
                 rejected.append(stored[c.id])
                 rejected_groups.append(f"{folder}|{c.session_id}|{c.source}|{c.frame}")
-            if not c.reviewed_label or c.reviewed_label == review.REJECTED:
+            if not c.reviewed_label or c.reviewed_label == REJECTED:
                 continue
             calibration.append(c.id in sample)
             if c.id in stored:
@@ -196,7 +211,10 @@ def collect(sessions, clf, grow_confidence: float = Settings.grow_confidence) ->
                     image = read_image(str(path))
                 except ValueError as e:
                     raise AdaptError(f"{folder}: cell {c.id}: {e}") from e
-                x = clf.predict_cells(preprocess(image, clf.contract, "BGR", crop=False)[None])[1][0]
+                emb = clf.predict_cells(preprocess(image, clf.contract, "BGR", crop=False)[None])[1]
+                if emb is None:
+                    raise AdaptError(f"{clf.path.name} gives no embedding: it cannot be adapted on the device")
+                x = emb[0]
             xs.append(x)
             labels.append(c.reviewed_label)
             groups.append(f"{folder}|{c.session_id}|{c.source}|{c.frame}")
@@ -232,7 +250,7 @@ def _balanced_weights(y: np.ndarray, total: float) -> np.ndarray:
     much as fifty neutrophils)."""
     counts = np.bincount(y)
     present = int((counts > 0).sum())
-    return total / (present * counts[y])
+    return np.asarray(total / (present * counts[y]))
 
 
 def subspace(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -293,14 +311,14 @@ def _extend(w0: np.ndarray, b0: np.ndarray, n: int) -> tuple[np.ndarray, np.ndar
     )
 
 
-def _recall(y: np.ndarray, pred: np.ndarray, classes) -> dict[int, float]:
+def _recall(y: np.ndarray, pred: np.ndarray, classes: Iterable[int]) -> dict[int, float]:
     return {c: float((pred[y == c] == c).mean()) for c in classes if (y == c).any()}
 
 
 def _folds(groups: list[str], y: np.ndarray, k: int, seed: int) -> np.ndarray:
     """A fold per cell: whole fields, dealt out class by class so every fold sees every class."""
     rng = np.random.default_rng(seed)
-    first = {}
+    first: dict[str, int] = {}
     for g, label in zip(groups, y):
         first.setdefault(g, label)
     order = sorted(first, key=lambda g: (first[g], rng.random()))
@@ -313,8 +331,8 @@ class Result:
     head: Head
     labels: list[str]
     cells_per_class: dict[str, int]
-    cross_validation: dict
-    guard: dict
+    cross_validation: dict[str, Any]
+    guard: dict[str, Any]
     accepted: bool
     reasons: list[str]
     advice: list[str]
@@ -362,7 +380,9 @@ class Result:
         return "\n".join(lines)
 
 
-def adapt(reviewed: Reviewed, guard: dict, s: Settings = Settings(), log=print) -> Result:
+def adapt(
+    reviewed: Reviewed, guard: dict[str, Any], s: Settings = Settings(), log: Callable[[str], None] = print
+) -> Result:
     """Fit, cross-validate and judge an adapted head; nothing is written here."""
     t0 = time.perf_counter()
     base = list(guard["labels"])
@@ -420,7 +440,7 @@ def adapt(reviewed: Reviewed, guard: dict, s: Settings = Settings(), log=print) 
     present = sorted(set(y.tolist()))
     cls_w = _balanced_weights(y, 1.0)
 
-    def summary(probs: np.ndarray) -> dict:
+    def summary(probs: np.ndarray) -> dict[str, Any]:
         pred = probs.argmax(axis=1)
         rec = _recall(y, pred, present)
         return {
@@ -431,7 +451,7 @@ def adapt(reviewed: Reviewed, guard: dict, s: Settings = Settings(), log=print) 
         }
 
     reps = [summary(adapted_p[r]) for r in range(s.cv_repeats)]
-    adapted = {
+    adapted: dict[str, Any] = {
         "balanced_accuracy": float(np.mean([r["balanced_accuracy"] for r in reps])),
         "accuracy": float(np.mean([r["accuracy"] for r in reps])),
         "log_loss": float(np.mean([r["log_loss"] for r in reps])),
@@ -506,7 +526,15 @@ def adapt(reviewed: Reviewed, guard: dict, s: Settings = Settings(), log=print) 
     )
 
 
-def paired_log_loss(y, ship_p, adapted_p, weight, groups, seed: int = 0, rounds: int = 2000) -> dict:
+def paired_log_loss(
+    y: np.ndarray,
+    ship_p: np.ndarray,
+    adapted_p: np.ndarray,
+    weight: np.ndarray,
+    groups: list[str],
+    seed: int = 0,
+    rounds: int = 2000,
+) -> dict[str, Any]:
     """How much lower the adapted head's class-balanced log-loss is than the shipped head's on the
     same cells (positive: better), with a 95% interval from a paired bootstrap over the fields
     (cells of one field resampled together: they are not independent)."""
@@ -546,7 +574,9 @@ def grown_reference(
     return reviewed.counted_x[keep], [reviewed.counted_groups[i] for i in keep]
 
 
-def calibrate_gates(result: Result, reviewed: Reviewed, guard: dict, clf, level: float, target_error: float):
+def calibrate_gates(
+    result: Result, reviewed: Reviewed, guard: dict[str, Any], clf: CellClassifier, level: float, target_error: float
+) -> LabCalibration | None:
     """The laboratory's gates (:mod:`bmc.edge_app.calibration`) from the random sample among the
     reviewed cells, or None when the sample is too small: out-of-fold probabilities for its reviewed
     cells, the final head's for the cells it rejected (never fitted), and each cell's distance to
@@ -567,7 +597,7 @@ def calibrate_gates(result: Result, reviewed: Reviewed, guard: dict, clf, level:
         rej = softmax(reviewed.rejected_x @ result.head.w + result.head.b)
         probs += list(rej)
         truth += [None] * n_rej
-        xs += list(reviewed.rejected_x)
+        xs += list(reviewed.rejected_x if reviewed.rejected_x is not None else [])
         groups += reviewed.rejected_groups
     card_threshold = None
     distances = None
@@ -579,7 +609,9 @@ def calibrate_gates(result: Result, reviewed: Reviewed, guard: dict, clf, level:
     return calibrate(np.stack(probs), truth, distances, card_threshold, level, target_error)
 
 
-def prepare(sessions, clf, s: Settings = Settings(), log=print) -> tuple[dict, Reviewed, Result]:
+def prepare(
+    sessions: Iterable[str | Path], clf: CellClassifier, s: Settings = Settings(), log: Callable[[str], None] = print
+) -> tuple[dict[str, Any], Reviewed, Result]:
     """(guard set, reviewed cells, judged head) for adapting ``clf`` from ``sessions``: what
     ``bmc edge adapt``, the screen and ``bmc bench adapt`` all do before anything is written."""
     if clf.head is not None:  # an adapted model: start again from its base, the shipped head
@@ -599,7 +631,13 @@ def prepare(sessions, clf, s: Settings = Settings(), log=print) -> tuple[dict, R
 
 
 def write_model(
-    result: Result, reviewed: Reviewed, clf, guard: dict, out_dir: str | Path, name: str, s: Settings = Settings()
+    result: Result,
+    reviewed: Reviewed,
+    clf: CellClassifier,
+    guard: dict[str, Any],
+    out_dir: str | Path,
+    name: str,
+    s: Settings = Settings(),
 ) -> Path:
     """The adapted model in ``out_dir``: ``name.tflite`` (the base file, byte for byte),
     ``name.head.npz``, ``name.guard.npz`` and ``name.json``, its card. All four are written in a

@@ -15,7 +15,9 @@ import os
 import signal
 import sqlite3
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -31,6 +33,7 @@ from bmc.edge_app.detect import FieldScale, FinderConfig, find_cells, scaled
 from bmc.edge_app.differential import Differential, ReviewPolicy
 from bmc.edge_app.sessiondb import RecordedConfig
 from bmc.edge_app.sources import FrameSource, open_source
+from bmc.edge_app.sources.base import Frame
 from bmc.edge_app.store import SessionStore, StorageFull
 from bmc.edge_app.tracker import CellTracker, TrackViews
 
@@ -61,7 +64,7 @@ class SessionConfig:
     finder: FinderConfig = dataclasses.field(default_factory=FinderConfig)
     review: ReviewPolicy = dataclasses.field(default_factory=ReviewPolicy)
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.mode not in ("field", "cell"):
             raise ValueError(f"mode must be 'field' or 'cell', got {self.mode!r}")
         if self.specimen not in (None, "blood", "marrow"):
@@ -78,7 +81,7 @@ class SessionResult:
     dropped_frames: int = 0
     partial_cells: int = 0  # moving cells never wholly in the frame: not counted
     seconds: float = 0.0
-    stage_seconds: dict = dataclasses.field(default_factory=lambda: {s: 0.0 for s in STAGES})
+    stage_seconds: dict[str, float] = dataclasses.field(default_factory=lambda: {s: 0.0 for s in STAGES})
     status: str = "finished"
     message: str = ""
 
@@ -94,8 +97,8 @@ class EdgeSession:
         classifier: CellClassifier,
         out_dir: str | Path,
         config: SessionConfig = SessionConfig(),
-        echo=print,
-    ):
+        echo: Callable[[str], None] = print,
+    ) -> None:
         self.source = open_source(source) if isinstance(source, str) else source
         self.source_name = str(source) if isinstance(source, str) else type(source).__name__
         self.clf = classifier
@@ -187,14 +190,16 @@ class EdgeSession:
             )
         self._colour_checked = False
         self.paused = False
-        self.on_frame = None  # called with (frame, cells) after each frame is recorded
+        self.on_frame: Callable[[Frame, list[CellCall]], None] | None = (
+            None  # called with (frame, cells) after each frame is recorded
+        )
         self._stop = False
-        self._window = None
+        self._window: str | None = None
         if not config.headless and not opencv_gui():
             self.echo(f"no live window: {NO_GUI_HINT}; continuing headless")
             self.cfg.headless = True
 
-    def _restore(self, states: list[dict]) -> None:
+    def _restore(self, states: list[dict[str, Any]]) -> None:
         """Replay the committed frames' states: the session then measures as if it had never stopped."""
         for st in states:
             if "field" in st:
@@ -223,7 +228,7 @@ class EdgeSession:
         boxes = [f.box for f in found]
         return boxes, [crop_cell(image, self.scale.box_for(b), c) for b in boxes]
 
-    def _screen(self, frame) -> None:
+    def _screen(self, frame: Frame) -> None:
         """Frames the pipeline cannot use well: too large to process within the device's memory
         (refused as a corrupt frame), or without colour (the finder separates nuclei by their stain;
         said once)."""
@@ -256,7 +261,7 @@ class EdgeSession:
                     "colour, so cells will be missed; use the camera's colour mode"
                 )
 
-    def process(self, frame) -> list[CellCall]:
+    def process(self, frame: Frame) -> list[CellCall]:
         r, st = self.result, self.result.stage_seconds
         self._screen(frame)
         if frame.image is None:
@@ -265,7 +270,7 @@ class EdgeSession:
             self.store.record_frame(frame.index, frame.source, [], [], error=frame.error or "unreadable")
             return []
         t0 = time.perf_counter()
-        self._state: dict = {}  # what this frame teaches the adaptive measures, committed with it
+        self._state: dict[str, Any] = {}  # what this frame teaches the adaptive measures, committed with it
         boxes, crops = self._cells_of(frame.image)
         t1 = time.perf_counter()
         self._state["lamp"] = self.lamp.observe(frame.image)
@@ -312,14 +317,22 @@ class EdgeSession:
         return cells
 
     def _count(
-        self, box: Box, p: np.ndarray, emb, track: int | None, frame: int | None = None, score: float | None = None
+        self,
+        box: Box,
+        p: np.ndarray,
+        emb: np.ndarray | None,
+        track: int | None,
+        frame: int | None = None,
+        score: float | None = None,
     ) -> CellCall:
         """One cell into the differential (or set aside for review, or as unknown), as recorded.
         ``score``: its unknown-cell score where the frame's were computed together."""
         unknown = ""
         if self.unknown is not None and emb is not None:
             if score is None:
-                score = float(self.unknown.scores(np.asarray(emb)[None])[0])
+                scores = self.unknown.scores(np.asarray(emb)[None])
+                assert scores is not None  # an embedding in, a score out
+                score = float(scores[0])
             unknown = self.unknown.flag(score)
         label, conf, flag = self.diff.add(p, unknown)
         self.result.cells += 1
@@ -338,7 +351,9 @@ class EdgeSession:
             self.result.partial_cells += 1
             return []
         _, frame, box, crop, _, emb = views.best
-        return [(self._count(box, views.probabilities, emb, track, frame), crop)]
+        probs = views.probabilities
+        assert probs is not None  # a best view is a whole one
+        return [(self._count(box, probs, emb, track, frame), crop)]
 
     # -- control, from any thread: the screen, the service, a signal ---------------------------
     def stop(self) -> None:
@@ -355,7 +370,7 @@ class EdgeSession:
         return self._stop
 
     # -- the loop ---------------------------------------------------------------------------
-    def _on_signal(self, signum, _frame):
+    def _on_signal(self, signum: int, _frame: object) -> None:
         self.echo(f"received signal {signum}: finishing the current frame and closing the session")
         self._stop = True
 
@@ -445,7 +460,7 @@ class EdgeSession:
         except (OSError, sqlite3.Error, ReportError) as e:
             self.echo(f"warning: the session's report was not written ({e}); bmc edge report {self.store.dir}")
 
-    def _show(self, frame, cells):
+    def _show(self, frame: Frame, cells: list[CellCall]) -> None:
         img = annotated(frame.image, cells)
         if img is None:
             return
@@ -474,7 +489,7 @@ def annotated(image: np.ndarray | None, cells: list[CellCall]) -> np.ndarray | N
     when set aside for review."""
     if image is None:
         return None
-    img = image.copy()
+    img: np.ndarray = image.copy()
     for c in cells:
         colour = (0, 200, 0) if c.flag in ("", "seen") else (160, 160, 160) if c.flag == "tracking" else (0, 165, 255)
         b = c.box

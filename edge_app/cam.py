@@ -24,6 +24,8 @@ import numpy as np
 from bmc.errors import BmcError
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from bmc.edge_app.classifier import CellClassifier
 
 
@@ -50,7 +52,7 @@ class ActivationMaps:
         if label not in self.labels:
             raise MapError(f"{label!r} is not a class of this model")
         f = self.features(model_input[None].astype(np.float32))
-        cam = np.maximum(f @ self.w[:, self.labels.index(label)], 0)
+        cam: np.ndarray = np.maximum(f @ self.w[:, self.labels.index(label)], 0)
         cam = cv2.resize(cam, model_input.shape[1::-1], interpolation=cv2.INTER_CUBIC)
         cam = np.clip(cam, 0, None)
         return cam / cam.max() if cam.max() > 0 else cam
@@ -60,13 +62,13 @@ class _LiteRTFeatures:
     """The feature map under the embedding's pooling, from a second interpreter that keeps its
     intermediate tensors."""
 
-    def __init__(self, path):
+    def __init__(self, path: Path) -> None:
         from bmc.edge_app.backends.litert import quiet_runtime
 
         try:
             from ai_edge_litert.interpreter import Interpreter
         except ImportError:  # pragma: no cover - depends on the device
-            from tflite_runtime.interpreter import Interpreter  # type: ignore[no-redef]
+            from tflite_runtime.interpreter import Interpreter  # type: ignore[no-redef,unused-ignore]
 
         with warnings.catch_warnings(), quiet_runtime():  # LiteRT warns that keeping tensors costs memory: here only
             warnings.simplefilter("ignore")
@@ -89,7 +91,7 @@ class _LiteRTFeatures:
         with self._lock:
             self.interp.set_tensor(self.inp["index"], x.astype(self.inp["dtype"]))
             self.interp.invoke()
-            f = self.interp.get_tensor(self.feature_index)[0].astype(np.float32)
+            f: np.ndarray = self.interp.get_tensor(self.feature_index)[0].astype(np.float32)
         fs, fz = self.interp._get_tensor_details(self.feature_index, 0)["quantization"]
         return (f - fz) * fs if fs else f
 
@@ -98,7 +100,7 @@ class _OnnxFeatures:
     """The same feature map from an ONNX file: the input of the pooling under the embedding made an
     output of a second session (needs the ``onnx`` package, which the onnx extra brings)."""
 
-    def __init__(self, path):
+    def __init__(self, path: Path) -> None:
         import onnx
         import onnxruntime as ort
 
@@ -118,6 +120,7 @@ class _OnnxFeatures:
         self.input, self.name = self.session.get_inputs()[0].name, name
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
+        f: np.ndarray
         (f,) = self.session.run([self.name], {self.input: x})
         f = np.asarray(f, np.float32)[0]
         return f.transpose(1, 2, 0) if self.nchw else f

@@ -31,6 +31,8 @@ camera and a 1080p one alike. ``[finder] follow_scale = false`` keeps the sizes 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
+from typing import Any
 
 import cv2
 import numpy as np
@@ -68,7 +70,7 @@ class FinderConfig:
     reference_red_cell_px: float = 90.0
     follow_scale: bool = True
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
             if isinstance(v, (int, float)) and v < 0:
@@ -100,7 +102,7 @@ def cells_of(lab: np.ndarray, share: float = 1.0) -> np.ndarray | None:
     field."""
     light = lab[..., 0] >= np.percentile(lab[..., 0], 90)
     distance = np.sqrt(((lab - np.median(lab[light], axis=0)) ** 2).sum(-1))
-    d8 = np.clip(distance * 2, 0, 255).astype(np.uint8)
+    d8: np.ndarray = np.clip(distance * 2, 0, 255).astype(np.uint8)
     if int(d8.max()) - int(d8.min()) < 16:
         return None
     t, _ = cv2.threshold(d8, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
@@ -126,7 +128,7 @@ def stain_mask(bgr: np.ndarray, cfg: FinderConfig, session_red: tuple[float, flo
     # darker than the background (the field's brightest tenth), not than its median: in a dense
     # field the median is a red cell's, and a pale nucleus is lighter than that
     background = float(np.percentile(lab[::4, ::4, 0], 90))
-    mask = (lab[..., 2] < median_u8(lab[..., 2]) - cfg.b_drop) & (lab[..., 0] < background - cfg.l_drop)
+    mask: np.ndarray = (lab[..., 2] < median_u8(lab[..., 2]) - cfg.b_drop) & (lab[..., 0] < background - cfg.l_drop)
     red = None
     if cfg.red_cell_chroma:
         red = red_cell_colour(lab) or session_red
@@ -224,13 +226,13 @@ class FieldScale:
         self.colours: list[tuple[float, float]] = []
         self.red_colour: tuple[float, float] | None = None  # the red cells' LAB (a*, b*), for the finder
         self.frames = 0
-        self.last: dict = {}  # what the latest observe measured
+        self.last: dict[str, Any] = {}  # what the latest observe measured
 
     def observe(self, bgr: np.ndarray) -> bool:
         """Measure this frame when it is due; True when the diameter may have changed. What it
         measured is in :attr:`last` (for :meth:`replay` in a resumed session)."""
         self.frames += 1
-        self.last: dict = {}
+        self.last = {}
         if not (self.frames <= self.first or self.frames % self.every == 0):
             return False
         colour = red_cell_colour(cv2.cvtColor(bgr, cv2.COLOR_BGR2LAB))
@@ -239,7 +241,7 @@ class FieldScale:
         self._take(colour, d)
         return d is not None
 
-    def _take(self, colour, d) -> None:
+    def _take(self, colour: Sequence[float] | None, d: float | None) -> None:
         if colour is not None:
             self.colours.append((float(colour[0]), float(colour[1])))
             a, b = np.median(np.asarray(self.colours), axis=0)
@@ -247,7 +249,7 @@ class FieldScale:
         if d is not None:
             self.measures.append(float(d))
 
-    def replay(self, measured: dict | None) -> None:
+    def replay(self, measured: dict[str, Any] | None) -> None:
         """One frame of an interrupted session as it was observed: ``measured`` is what
         :meth:`observe` left in :attr:`last` then (empty on a frame not due)."""
         self.frames += 1
@@ -262,7 +264,7 @@ class FieldScale:
     def um_per_px(self) -> float | None:
         return RED_CELL_UM / self.diameter if self.diameter else None
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         d = self.diameter
         c = self.red_colour
         return {

@@ -26,7 +26,9 @@ import re
 import subprocess
 import threading
 import time
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any, cast
 
 from bmc.errors import BmcError
 
@@ -57,11 +59,11 @@ class _Sampled(PowerMeter):
     @abc.abstractmethod
     def power_w(self) -> float: ...
 
-    def start(self):
+    def start(self) -> None:
         self.samples: list[tuple[float, float]] = []
         self._stop = threading.Event()
 
-        def loop():
+        def loop() -> None:
             while not self._stop.is_set():
                 self.samples.append((time.time(), self.power_w()))
                 self._stop.wait(self.interval_s)
@@ -69,11 +71,11 @@ class _Sampled(PowerMeter):
         self._thread = threading.Thread(target=loop, daemon=True)
         self._thread.start()
 
-    def stop(self):
+    def stop(self) -> None:
         self._stop.set()
         self._thread.join()
 
-    def energy_j(self, t0, t1):
+    def energy_j(self, t0: float, t1: float) -> float:
         return integrate(self.samples, t0, t1)
 
 
@@ -83,7 +85,7 @@ def integrate(samples: list[tuple[float, float]], t0: float, t1: float) -> float
     if len(pts) < 2 or t1 <= t0 or pts[0][0] > t0 or pts[-1][0] < t1:
         raise MeterError("power samples do not cover the measured window")
 
-    def at(t):
+    def at(t: float) -> float:
         for (ta, pa), (tb, pb) in zip(pts, pts[1:]):
             if ta <= t <= tb:
                 return pa if tb == ta else pa + (pb - pa) * (t - ta) / (tb - ta)
@@ -112,13 +114,13 @@ class RaplMeter(PowerMeter):
         except PermissionError as e:
             raise MeterError(f"{e.filename}: not readable (RAPL needs root on recent kernels)") from e
 
-    def _max(self, d) -> int:
+    def _max(self, d: Path) -> int:
         return int((d / "max_energy_range_uj").read_text())
 
     def mark(self) -> None:
         self._stamps.append((time.time(), self._read()))
 
-    def start(self):
+    def start(self) -> None:
         self._stamps = []
         self.mark()
 
@@ -128,7 +130,7 @@ class RaplMeter(PowerMeter):
             total += y - x if y >= x else y + self._max(d) - x  # the counter wrapped
         return total / 1e6
 
-    def energy_j(self, t0, t1):
+    def energy_j(self, t0: float, t1: float) -> float:
         # RAPL is a counter: the window's energy is the difference of readings taken at its ends
         a = min(self._stamps, key=lambda s: abs(s[0] - t0))
         b = min(self._stamps, key=lambda s: abs(s[0] - t1))
@@ -141,7 +143,7 @@ class JetsonMeter(_Sampled):
 
     def __init__(self, root: str | Path = "/sys/class/hwmon", rail: str | None = None):
         root = Path(root)
-        self.files = None
+        self.files: tuple[Path, Path] | None = None
         for hw in sorted(root.glob("hwmon*")):
             name = (hw / "name").read_text().strip() if (hw / "name").exists() else ""
             if name != "ina3221":
@@ -149,7 +151,7 @@ class JetsonMeter(_Sampled):
             for label in sorted(hw.glob("in*_label")):
                 text = label.read_text().strip()
                 if (rail and text == rail) or (not rail and text in self.INPUT_RAILS):
-                    n = re.match(r"in(\d+)_label", label.name).group(1)
+                    n = cast("re.Match[str]", re.match(r"in(\d+)_label", label.name)).group(1)
                     self.files = (hw / f"in{n}_input", hw / f"curr{n}_input")
                     self.rail = text
                     break
@@ -159,14 +161,16 @@ class JetsonMeter(_Sampled):
             raise MeterError(f"{root}: no ina3221 with a total input rail ({rail or ' or '.join(self.INPUT_RAILS)})")
 
     def power_w(self) -> float:
-        mv = float(self.files[0].read_text())
-        ma = float(self.files[1].read_text())
+        files = cast("tuple[Path, Path]", self.files)  # found by __init__, which raises otherwise
+        mv = float(files[0].read_text())
+        ma = float(files[1].read_text())
         return mv * ma / 1e6
 
 
 def parse_pmic_read_adc(text: str) -> float:
     """Watts from ``vcgencmd pmic_read_adc``: volts x amps over rails that report both."""
-    amps, volts = {}, {}
+    amps: dict[str, float] = {}
+    volts: dict[str, float] = {}
     for name, kind, value in re.findall(r"(\S+)_[AV]\s+(current|volt)\(\d+\)=([-\d.naN]+)[AV]", text):
         try:
             v = float(value)
@@ -183,7 +187,7 @@ class Pi5PmicMeter(_Sampled):
     name = "pi5-pmic"
     interval_s = 0.2  # vcgencmd takes ~10-20 ms
 
-    def __init__(self, command=("vcgencmd", "pmic_read_adc")):
+    def __init__(self, command: Iterable[str] = ("vcgencmd", "pmic_read_adc")) -> None:
         self.command = list(command)
         self.power_w()  # fails early where there is no PMIC
 
@@ -203,7 +207,9 @@ class INA2xxMeter(_Sampled):
 
     name = "ina2xx"
 
-    def __init__(self, chip: str = "ina260", bus: int = 1, address: int = 0x40, shunt_ohms: float = 0.1, smbus=None):
+    def __init__(
+        self, chip: str = "ina260", bus: int = 1, address: int = 0x40, shunt_ohms: float = 0.1, smbus: Any = None
+    ):
         if chip not in ("ina219", "ina260"):
             raise MeterError(f"unknown chip {chip!r}: ina219 or ina260")
         if smbus is None:
@@ -216,7 +222,7 @@ class INA2xxMeter(_Sampled):
         self.name = chip
 
     def _reg(self, reg: int) -> int:
-        raw = self.bus.read_word_data(self.address, reg)
+        raw: int = self.bus.read_word_data(self.address, reg)
         return ((raw & 0xFF) << 8) | (raw >> 8)  # the chips send big-endian words
 
     def power_w(self) -> float:
@@ -240,8 +246,8 @@ class CsvLogMeter(PowerMeter):
         if not self.path.is_file():
             raise MeterError(f"{self.path}: power log not found")
 
-    def _samples(self):
-        out = []
+    def _samples(self) -> list[tuple[float, float]]:
+        out: list[tuple[float, float]] = []
         with open(self.path, newline="") as fh:
             rows = csv.DictReader(fh)
             cols = rows.fieldnames or []
@@ -261,7 +267,7 @@ class CsvLogMeter(PowerMeter):
                 out.append((t, p))
         return out
 
-    def energy_j(self, t0, t1):
+    def energy_j(self, t0: float, t1: float) -> float:
         return integrate(self._samples(), t0, t1)
 
 
@@ -274,7 +280,7 @@ def _parse_time(s: str) -> float:
 
 def find_meters() -> list[PowerMeter]:
     """The meters this machine has, best first (none is a normal answer)."""
-    found = []
+    found: list[PowerMeter] = []
     for make in (RaplMeter, JetsonMeter, Pi5PmicMeter):
         try:
             found.append(make())

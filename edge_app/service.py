@@ -15,9 +15,16 @@ import os
 import shutil
 import signal
 import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from bmc.edge_app import sessiondb
+
+if TYPE_CHECKING:
+    from bmc.edge_app.app import EdgeSession
+    from bmc.edge_app.classifier import CellClassifier
+    from bmc.edge_app.config import DeviceConfig
 
 EXPORTED_MARK = ".exported"
 
@@ -37,7 +44,12 @@ def disk_usage(path: str | Path) -> tuple[float, float]:
     return 100.0 * (u.total - u.free) / u.total, u.free / 1e6
 
 
-def rotate(storage: str | Path, max_percent: float, min_free_mb: float, usage=disk_usage) -> list[Path]:
+def rotate(
+    storage: str | Path,
+    max_percent: float,
+    min_free_mb: float,
+    usage: Callable[[str | Path], tuple[float, float]] = disk_usage,
+) -> list[Path]:
     """Remove the oldest exported sessions until the disk is below the limits; returns them."""
     removed = []
     for s in session_dirs(storage):
@@ -93,16 +105,16 @@ def new_session_folder(storage: Path) -> Path:
     return storage / name
 
 
-def serve(cfg, echo=print, max_sessions: int | None = None) -> None:
+def serve(cfg: DeviceConfig, echo: Callable[[str], None] = print, max_sessions: int | None = None) -> None:
     """Run sessions from the configured camera until stopped (systemd restarts on failure)."""
     storage = Path(cfg.storage.folder)
     storage.mkdir(parents=True, exist_ok=True)
     # SIGTERM and SIGINT stop the service in every state: during a session (its own handler closes
     # it after the frame in flight), between sessions, and while it waits for the camera or for space
     stop = threading.Event()
-    current: list = [None]
+    current: list[EdgeSession | None] = [None]
 
-    def on_signal(signum, _frame):
+    def on_signal(signum: int, _frame: object) -> None:
         echo(f"received signal {signum}: stopping the service")
         stop.set()
         if current[0] is not None:
@@ -120,7 +132,14 @@ def serve(cfg, echo=print, max_sessions: int | None = None) -> None:
             signal.signal(s, h)
 
 
-def _serve_loop(cfg, storage: Path, echo, max_sessions, stop: threading.Event, current: list) -> None:
+def _serve_loop(
+    cfg: DeviceConfig,
+    storage: Path,
+    echo: Callable[[str], None],
+    max_sessions: int | None,
+    stop: threading.Event,
+    current: list[EdgeSession | None],
+) -> None:
     from bmc.edge_app.active import active_model
     from bmc.edge_app.app import EdgeSession
     from bmc.edge_app.factory import classifier, model_file, session_config
@@ -135,8 +154,8 @@ def _serve_loop(cfg, storage: Path, echo, max_sessions, stop: threading.Event, c
             clf = classifier(cfg.model, want)
             echo(f"counting with {clf.description}")
         removed = rotate(storage, cfg.storage.max_disk_percent, cfg.storage.min_free_mb)
-        for r in removed:
-            echo(f"removed exported session {r.name} to free space")
+        for gone in removed:
+            echo(f"removed exported session {gone.name} to free space")
         pct, free = disk_usage(storage)
         if pct > cfg.storage.max_disk_percent or free < cfg.storage.min_free_mb:
             echo(
@@ -229,7 +248,7 @@ def _packages_and_cameras() -> Check:
     return have, []
 
 
-def _model(cfg, model_path: str | None) -> Check:
+def _model(cfg: DeviceConfig | None, model_path: str | None) -> Check:
     from bmc.card import ModelCardError
     from bmc.edge_app.backends import BackendError
     from bmc.edge_app.classifier import DEFAULT_MODEL, CellClassifier
@@ -277,7 +296,7 @@ def _model(cfg, model_path: str | None) -> Check:
     return have, []
 
 
-def _peer(clf) -> list[str]:
+def _peer(clf: CellClassifier) -> list[str]:
     """The same model for the other runtime, where it sits beside this one and that runtime is
     installed: both timed here, on this device, one cell at a time, so that whoever sets the device
     up picks the faster (``[model] path``); both passed the same conversion gate."""
@@ -320,7 +339,7 @@ def clf_threads() -> int:
     return os.cpu_count() or 1
 
 
-def _camera_and_storage(cfg) -> Check:
+def _camera_and_storage(cfg: DeviceConfig) -> Check:
     have: list[str] = []
     wrong: list[str] = []
     src = cfg.camera.source
@@ -361,7 +380,7 @@ def _meters_and_display() -> Check:
     return have, []
 
 
-def doctor(cfg=None, config_path: str | None = None, model_path: str | None = None) -> Check:
+def doctor(cfg: DeviceConfig | None = None, config_path: str | None = None, model_path: str | None = None) -> Check:
     """(what the device has, what is wrong) — for ``bmc edge doctor``: one check after another."""
     checks = [_machine(), _runtime(), _opencv(), _packages_and_cameras(), _model(cfg, model_path)]
     if cfg:

@@ -11,7 +11,7 @@ from bmc.cli.common import _Main
 
 @click.group(cls=_Main)
 @click.version_option(package_name="bmc-edge")
-def main():
+def main() -> None:
     """bmc — bone-marrow cell classification at the microscope."""
 
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, cast
 
 import click
 
@@ -22,7 +24,7 @@ from bmc.edge_app.unknown import DEFAULT_LEVEL
 
 
 @click.group()
-def bench():
+def bench() -> None:
     """Measure models and the edge pipeline (benchmarks/)."""
 
 
@@ -52,7 +54,16 @@ def bench():
     type=click.Path(file_okay=False),
     help="class folders of the training images, for --calibrate (default ../shared/data/pbc)",
 )
-def bench_generalisation(model, bccd, json_out, orientations, scale, matek, calibrate, reference):
+def bench_generalisation(
+    model: str,
+    bccd: str | None,
+    json_out: str | None,
+    orientations: str,
+    scale: float,
+    matek: str | None,
+    calibrate: str,
+    reference: str | None,
+) -> None:
     """Accuracy of MODEL on white cells of another microscope (BCCD fields, or Munich bone-marrow
     cells with --matek; cut at the trained scale)."""
     from bmc.benchmarks.generalisation import DEFAULT_BCCD, DEFAULT_PBC, score
@@ -79,7 +90,17 @@ def bench_generalisation(model, bccd, json_out, orientations, scale, matek, cali
 @click.option("--limit", type=click.IntRange(min=8), help="with --split: an even sample of this many test images")
 @json_option
 @click.option("--no-record", is_flag=True, help="do not append to benchmarks/results/latency.csv")
-def bench_latency(models, threads, thread_sweep, runs, baseline_keras, split_file, limit, json_out, no_record):
+def bench_latency(
+    models: tuple[str, ...],
+    threads: int | None,
+    thread_sweep: bool,
+    runs: int,
+    baseline_keras: bool,
+    split_file: str | None,
+    limit: int | None,
+    json_out: str | None,
+    no_record: bool,
+) -> None:
     """Latency p50/p90/p99, throughput, init time, peak memory and size of MODELS, interleaved."""
     import os
 
@@ -97,6 +118,7 @@ def bench_latency(models, threads, thread_sweep, runs, baseline_keras, split_fil
             res = r
         else:
             res["rows"] += r["rows"]
+    res = cast("dict[str, Any]", res)  # set in the first pass: the sweep is never empty
     click.echo(latency.markdown(res))
     if not no_record:
         results.append("latency", res["rows"], res["machine"])
@@ -111,7 +133,9 @@ def bench_latency(models, threads, thread_sweep, runs, baseline_keras, split_fil
 @orientations_option()
 @json_option
 @click.option("--no-record", is_flag=True)
-def bench_edge(source, model, threads, orientations, json_out, no_record):
+def bench_edge(
+    source: str, model: str | None, threads: int | None, orientations: str, json_out: str | None, no_record: bool
+) -> None:
     """Frames/s, cells/s and per-stage time of the real edge pipeline, headless."""
     from bmc.benchmarks import results, throughput
 
@@ -129,7 +153,9 @@ def bench_edge(source, model, threads, orientations, json_out, no_record):
 @orientations_option()
 @click.option("--white-balance", is_flag=True, help="white-balance the session onto the model's training lamp")
 @json_option
-def bench_bccd(bccd, model, orientations, white_balance, json_out):
+def bench_bccd(
+    bccd: str | None, model: str | None, orientations: str, white_balance: bool, json_out: str | None
+) -> None:
     """Cell finding (recall/precision vs the WBC boxes) and field classification on BCCD."""
     from bmc.benchmarks import detection
     from bmc.benchmarks.generalisation import DEFAULT_BCCD, data_folder
@@ -180,7 +206,18 @@ def bench_bccd(bccd, model, orientations, white_balance, json_out):
     "reference, grown with each session's surely counted cells, count more of the next? (needs --k)",
 )
 @json_option
-def bench_autonomy(source, truth_file, k, seeds, calibration, mode, model, orientations, days, json_out):
+def bench_autonomy(
+    source: str,
+    truth_file: str,
+    k: int,
+    seeds: tuple[int, ...],
+    calibration: int,
+    mode: str,
+    model: str | None,
+    orientations: str,
+    days: int,
+    json_out: str | None,
+) -> None:
     """The share of white cells the device counts with no person, and how right those are: for the
     shipped model and, with --k, after a laboratory's day of review and bmc edge adapt."""
     from bmc.benchmarks import autonomy
@@ -237,7 +274,15 @@ def bench_autonomy(source, truth_file, k, seeds, calibration, mode, model, orien
 @click.option("--weight", default=1.0, show_default=True, help="share of the new statistics (with --first)")
 @orientations_option()
 @json_option
-def bench_adabn(model, bccd, pbc, firsts, weight, orientations, json_out):
+def bench_adabn(
+    model: str | None,
+    bccd: str | None,
+    pbc: str | None,
+    firsts: tuple[str, ...],
+    weight: float,
+    orientations: str,
+    json_out: str | None,
+) -> None:
     """AdaBN on BCCD: the shipped float model with its batch-norm statistics re-estimated on half the
     fields' cells (no labels), scored on the other half, against the same model without."""
     _need_training("bmc bench adabn", "bmc.train.recover", "tensorflow")
@@ -265,7 +310,7 @@ def bench_adabn(model, bccd, pbc, firsts, weight, orientations, json_out):
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="folder for the session, cells and split")
 @click.option("--seed", default=1, show_default=True, help="which half of the fields is taught")
 @click.option("--repeat", default=5, show_default=True, help="copies of each taught cell in the training part")
-def bench_multisource(source, truth_file, split_file, out, seed, repeat):
+def bench_multisource(source: str, truth_file: str, split_file: str, out: str, seed: int, repeat: int) -> None:
     """A second training domain from half the fields: a session, each field's cell reviewed with its
     true class, harvested and added to the split's training part; the other half's truth for scoring."""
     from bmc.benchmarks import multisource
@@ -282,7 +327,9 @@ def bench_multisource(source, truth_file, split_file, out, seed, repeat):
 @click.option("--mode", type=click.Choice(["field", "cell"]), default="field", show_default=True)
 @orientations_option()
 @json_option
-def bench_differential(source, truth_file, model, mode, orientations, json_out):
+def bench_differential(
+    source: str, truth_file: str, model: str | None, mode: str, orientations: str, json_out: str | None
+) -> None:
     """The session's differential against the true one, per class in percentage points: as the
     device counts alone, and after a simulated reviewer decides every cell set aside."""
     from bmc.benchmarks import differential
@@ -300,7 +347,9 @@ def bench_differential(source, truth_file, model, mode, orientations, json_out):
 @click.option("--model", type=click.Path(dir_okay=False))
 @orientations_option()
 @json_option
-def bench_pan(bccd, speeds, n_fields, model, orientations, json_out):
+def bench_pan(
+    bccd: str | None, speeds: str, n_fields: int, model: str | None, orientations: str, json_out: str | None
+) -> None:
     """A smear surveyed by moving the stage: BCCD fields side by side panned past the camera as a
     video; the white cells found and their calls against the same fields as stills."""
     from bmc.benchmarks import pan
@@ -338,7 +387,9 @@ def bench_pan(bccd, speeds, n_fields, model, orientations, json_out):
     help="tint the red cells bluish first, as an alkaline Giemsa does (0.5 lilac, 1.0 bluish-grey)",
 )
 @json_option
-def bench_finding(source, boxes, fmt, label, errors, tint, json_out):
+def bench_finding(
+    source: str, boxes: str, fmt: str, label: str, errors: str | None, tint: float, json_out: str | None
+) -> None:
     """Recall and precision of the cell finder against white-cell boxes in VOC, CSV or YOLO form."""
     from bmc.benchmarks import finding
 
@@ -388,13 +439,22 @@ def bench_finding(source, boxes, fmt, label, errors, tint, json_out):
     "calibration does (the conformal quantile of their distances, never below the card's)",
 )
 @json_option
-def bench_ood(model, level, data_root, reviewed, seed, calibrate, json_out):
+def bench_ood(
+    model: str | None,
+    level: float,
+    data_root: str | None,
+    reviewed: int,
+    seed: int,
+    calibrate: int,
+    json_out: str | None,
+) -> None:
     """Cells the model does not know: the share set aside as unknown of Munich blasts, artefacts and
     other cells no model here names, and of PBC test and BCCD white cells; accuracy on those counted."""
     from bmc.benchmarks import ood
+    from bmc.benchmarks.generalisation import DEFAULT_DATA  # what ood.DEFAULT_DATA is
 
     r = _guard(
-        lambda: ood.run(model, level, data_root or ood.DEFAULT_DATA, reviewed=reviewed, seed=seed, calibrate=calibrate)
+        lambda: ood.run(model, level, data_root or DEFAULT_DATA, reviewed=reviewed, seed=seed, calibrate=calibrate)
     )
     click.echo(ood.markdown(r))
     if json_out:
@@ -415,7 +475,17 @@ def bench_ood(model, level, data_root, reviewed, seed, calibrate, json_out):
     "any K can reach with this model's embedding",
 )
 @json_option
-def bench_adapt(source, truth_file, k, seeds, mode, model, orientations, ceiling, json_out):
+def bench_adapt(
+    source: str,
+    truth_file: str,
+    k: int,
+    seeds: tuple[int, ...],
+    mode: str,
+    model: str | None,
+    orientations: str,
+    ceiling: bool,
+    json_out: str | None,
+) -> None:
     """Adaptation as a laboratory lives it: run, label K fields per class, bmc edge adapt, run again;
     balanced accuracy of the fields not labelled, before and after, for each seed."""
     from bmc.benchmarks import adapt as bench
@@ -453,7 +523,7 @@ def bench_adapt(source, truth_file, k, seeds, mode, model, orientations, ceiling
 @click.argument("source", type=click.Path(file_okay=False))
 @click.option("--format", "fmt", type=click.Choice(["bccd", "matek"]), required=True)
 @click.option("--out", required=True, type=click.Path(dir_okay=False))
-def bench_truth(source, fmt, out):
+def bench_truth(source: str, fmt: str, out: str) -> None:
     """Write the file,label truth of SOURCE for bmc bench adapt: BCCD's single-white-cell fields, or
     the Munich cells whose code the 8 classes name."""
     from bmc.benchmarks import adapt as bench
@@ -469,7 +539,7 @@ def bench_truth(source, fmt, out):
 @click.option("--frames", default=300, show_default=True)
 @click.option("--model", type=click.Path(dir_okay=False))
 @json_option
-def bench_ui(source, fps, frames, model, json_out):
+def bench_ui(source: str, fps: float, frames: int, model: str | None, json_out: str | None) -> None:
     """The screen's delay and cost: frame-to-viewer latency over the live MJPEG stream, and the
     pipeline's frames/s with the screen and one viewer against headless, on a replayed camera."""
     from bmc.benchmarks import ui
@@ -487,7 +557,7 @@ def bench_ui(source, fps, frames, model, json_out):
 @click.option("--max-delay", default=6.0, show_default=True, help="seconds: each kill comes after 0.2..this")
 @click.option("--seed", default=0, show_default=True)
 @json_option
-def bench_soak(source, out, kills, max_delay, seed, json_out):
+def bench_soak(source: str, out: str, kills: int, max_delay: float, seed: int, json_out: str | None) -> None:
     """SIGKILL `bmc edge run` KILLS times at random moments, re-running into the same folder; then check
     that no committed frame was lost and every field was counted exactly once."""
     from bmc.benchmarks import soak
@@ -516,7 +586,9 @@ def bench_soak(source, out, kills, max_delay, seed, json_out):
 @threads_option
 @click.option("--plot", type=click.Path(dir_okay=False), help="PNG of accuracy against latency")
 @json_option
-def bench_compare(items, data, runs, threads, plot, json_out):
+def bench_compare(
+    items: tuple[str, ...], data: str, runs: int, threads: int | None, plot: str | None, json_out: str | None
+) -> None:
     """Accuracy and macro-F1 on DATA beside latency and size, for a run's variants or given models."""
     from bmc.benchmarks import compare, results
 
@@ -539,26 +611,29 @@ def bench_compare(items, data, runs, threads, plot, json_out):
 @click.option("--idle-s", default=5.0, show_default=True, help="idle baseline before the run")
 @threads_option
 @json_option
-def bench_energy(model, meter, runs, idle_s, threads, json_out):
+def bench_energy(
+    model: str | None, meter: str, runs: int, idle_s: float, threads: int | None, json_out: str | None
+) -> None:
     """Joules per inference of MODEL, idle power subtracted, on this device's power meter."""
     import os
 
     import numpy as np
 
     from bmc.benchmarks import energy, machine
+    from bmc.edge_app import meters  # the meters energy re-exports, by their own module
     from bmc.edge_app.backends.litert import LiteRTBackend
     from bmc.edge_app.classifier import DEFAULT_MODEL
 
-    makers = {
-        "rapl": energy.RaplMeter,
-        "jetson": energy.JetsonMeter,
-        "pi5": energy.Pi5PmicMeter,
-        "ina260": lambda: energy.INA2xxMeter("ina260"),
-        "ina219": lambda: energy.INA2xxMeter("ina219"),
+    makers: dict[str, Callable[[], meters.PowerMeter]] = {
+        "rapl": meters.RaplMeter,
+        "jetson": meters.JetsonMeter,
+        "pi5": meters.Pi5PmicMeter,
+        "ina260": lambda: meters.INA2xxMeter("ina260"),
+        "ina219": lambda: meters.INA2xxMeter("ina219"),
     }
     try:
         if meter == "auto":
-            found = energy.find_meters()
+            found = meters.find_meters()
             if not found:
                 click.echo(
                     "no power meter found on this machine (looked for Intel RAPL, a Jetson INA3221, "
@@ -568,19 +643,19 @@ def bench_energy(model, meter, runs, idle_s, threads, json_out):
                 return
             m = found[0]
         elif meter.startswith("csv:"):
-            m = energy.CsvLogMeter(meter[4:])
+            m = meters.CsvLogMeter(meter[4:])
         elif meter in makers:
             m = makers[meter]()
         else:
             raise _Fail(f"unknown meter {meter!r}")
-    except energy.MeterError as e:
+    except meters.MeterError as e:
         raise _Fail(str(e)) from e
     b = LiteRTBackend(str(model or DEFAULT_MODEL), threads or os.cpu_count())
     size = b.input_shape[1]
     x = np.random.default_rng(0).uniform(0, 255, (1, size, size, 3)).astype(np.float32)
     try:
         r = energy.joules_per_inference(m, lambda: b.predict(x), runs, idle_s)
-    except energy.MeterError as e:
+    except meters.MeterError as e:
         raise _Fail(str(e)) from e
     r.update(model=str(model or DEFAULT_MODEL), machine=machine.describe())
     click.echo(

@@ -4,7 +4,9 @@ catches the domain errors once, the check for the training packages, and the opt
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import IO, Any, ParamSpec, TypeVar
 
 import click
 
@@ -15,17 +17,21 @@ from bmc.errors import BmcError
 # too so that the device's CLI does not import the training package to build its options
 LABEL_SOURCES = ("folder", "prefix", "stage")
 
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+_F = TypeVar("_F", bound=Callable[..., Any])
+
 
 class _Fail(click.ClickException):
     """An expected error: one line on stderr, exit status 2."""
 
     exit_code = 2
 
-    def show(self, file=None):
+    def show(self, file: IO[Any] | None = None) -> None:
         click.echo(f"error: {self.message}", err=True)
 
 
-def _guard(fn, *args, **kwargs):
+def _guard(fn: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> _T:
     """``fn(*args, **kwargs)``, an expected error (:class:`bmc.errors.BmcError`, a missing file)
     turned into one line and exit status 2."""
     try:
@@ -37,7 +43,7 @@ def _guard(fn, *args, **kwargs):
 class _Main(click.Group):
     """The front door: a domain error raised anywhere below a verb is caught here, once."""
 
-    def invoke(self, ctx):
+    def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except BmcError as e:
@@ -67,7 +73,7 @@ def _need_training(verb: str, module: str, *also: str) -> None:
         )
 
 
-def _write_json(path, obj) -> None:
+def _write_json(path: str | Path, obj: object) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as fh:
         json.dump(obj, fh, indent=2)
@@ -79,14 +85,14 @@ json_option = click.option("--json", "json_out", type=click.Path(dir_okay=False)
 
 def orientations_option(
     default: str = str(DEFAULT_ORIENTATIONS), help: str = "orientations each cell is classified in, averaged"
-):
+) -> Callable[[_F], _F]:
     """``--orientations``: the rotations / mirror images each cell is classified in, averaged."""
     return click.option(
         "--orientations", type=click.Choice(["1", "2", "4", "8"]), default=default, show_default=True, help=help
     )
 
 
-def truth_options(fn):
+def truth_options(fn: _F) -> _F:
     """``--source`` and ``--truth``: the fields (or cell images) of a bench and their ``file,label``
     truth, as ``bmc bench truth`` writes it (``bench adapt``, ``autonomy``, ``differential``)."""
     fn = click.option(
@@ -101,7 +107,7 @@ def truth_options(fn):
     )(fn)
 
 
-def _seeds(ctx, param, value: str) -> tuple[int, ...]:
+def _seeds(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int, ...]:
     try:
         return tuple(int(x) for x in value.split(",") if x.strip())
     except ValueError:

@@ -9,7 +9,7 @@ from bmc.train.config import default as _td  # every training default, written o
 
 
 @click.group()
-def data():
+def data() -> None:
     """Inspect and pack labelled cell-image data sets."""
 
 
@@ -24,7 +24,7 @@ def data():
 )
 @click.option("--manifest", type=click.Path(dir_okay=False), help="CSV with path,label[,group] columns")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="also write the report as JSON")
-def data_check(data_dir, label_from, manifest, json_out):
+def data_check(data_dir: str, label_from: str, manifest: str | None, json_out: str | None) -> None:
     """Classes and counts, image sizes, unreadable files, duplicates and imbalance of DATA_DIR."""
     from bmc.train.data import check
 
@@ -47,7 +47,7 @@ def data_check(data_dir, label_from, manifest, json_out):
     help="keep this split.json's partition and read the labels afresh (--label-from prefix or stage): "
     "a stage model trained and tested on the same images as the 8-class one",
 )
-def data_split(data_dir, out, label_from, manifest, seed, like):
+def data_split(data_dir: str, out: str, label_from: str, manifest: str | None, seed: int, like: str | None) -> None:
     """The stratified, grouped train/val/test split that `bmc train DATA_DIR --seed N` makes, written
     to --out without training: fix the partition once, then train on it with --split."""
     from collections import Counter
@@ -73,7 +73,7 @@ def data_split(data_dir, out, label_from, manifest, seed, like):
 @click.option("--side", default=256, show_default=True, help="shorter side in pixels (never enlarged)")
 @click.option("--quality", default=70, show_default=True, help="WebP quality")
 @click.option("--label-from", type=click.Choice(LABEL_SOURCES), default="folder", show_default=True)
-def data_pack(source, dest, side, quality, label_from):
+def data_pack(source: str, dest: str, side: int, quality: int, label_from: str) -> None:
     """A compact WebP copy of SOURCE (a data folder or a split.json) in DEST, to carry to a GPU server.
 
     From a split.json, DEST/split.json keeps the same partition: `bmc train DEST --split
@@ -107,7 +107,9 @@ def data_pack(source, dest, side, quality, label_from):
     type=click.Path(dir_okay=False),
     help="the .tflite the sessions ran with, for sessions that do not record its contract",
 )
-def data_harvest(sessions, dest, with_data, label_from, model):
+def data_harvest(
+    sessions: tuple[str, ...], dest: str, with_data: str | None, label_from: str, model: str | None
+) -> None:
     """The cells a person labelled in edge SESSIONS (bmc edge review) as a training set: DEST/<label>/*.png
     at the trained geometry and DEST/manifest.csv; train with: bmc train DEST --manifest DEST/manifest.csv"""
     from bmc.train.harvest import harvest

@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, cast
+
 import click
 
 from bmc.cli.common import _Fail, _guard, _write_json, orientations_option, threads_option
 from bmc.edge_app.unknown import DEFAULT_LEVEL
 
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from pathlib import Path
+    from types import FrameType
+    from typing import TextIO
+
+    from bmc.edge_app.app import SessionResult
+
 
 @click.group()
-def edge():
+def edge() -> None:
     """On the device: find, classify and count cells; report (no TensorFlow)."""
 
 
@@ -63,22 +73,22 @@ def edge():
     "(default: the model card's)",
 )
 def edge_run(
-    source,
-    model,
-    out_dir,
-    mode,
-    target,
-    threads,
-    headless,
-    max_frames,
-    cell_diameter,
-    new_session,
-    no_crops,
-    orientations,
-    white_balance,
-    unknown_level,
-    specimen,
-):
+    source: str,
+    model: str | None,
+    out_dir: str,
+    mode: str,
+    target: int | None,
+    threads: int | None,
+    headless: bool,
+    max_frames: int | None,
+    cell_diameter: float | None,
+    new_session: bool,
+    no_crops: bool,
+    orientations: str,
+    white_balance: bool,
+    unknown_level: float,
+    specimen: str | None,
+) -> None:
     """Classify and count the cells of SOURCE: a camera index or /dev path, picamera2, a GStreamer
     pipeline, a video, an image folder or glob, or one image."""
 
@@ -95,7 +105,7 @@ def edge_run(
     from bmc.edge_app.sources import SourceError
     from bmc.edge_app.store import SessionFolderError
 
-    def go():
+    def go() -> SessionResult:
         clf = classifier(
             ModelConfig(threads=threads or 0, orientations=int(orientations), white_balance=white_balance),
             model,  # a model named on the command line runs as it is; none: the shipped one, on the faster runtime
@@ -125,7 +135,7 @@ def edge_run(
 
 @edge.command("serve")
 @click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False))
-def edge_serve(config_path):
+def edge_serve(config_path: str) -> None:
     """Service mode: sessions back to back from the configured camera (for systemd)."""
     from bmc.edge_app import config as config_mod
     from bmc.edge_app.service import serve
@@ -159,7 +169,15 @@ def edge_serve(config_path):
 @click.option("--set-password", is_flag=True, help="set the screen's password on this device, then stop")
 @click.option("--by", "user", help="on loopback: who decides (default: the logged-in user)")
 @click.option("--source", help="what the Live page records from (default: the config's [camera] source)")
-def edge_ui(config_path, storage, listen, config_dir, set_password, user, source):
+def edge_ui(
+    config_path: str | None,
+    storage: str | None,
+    listen: str,
+    config_dir: str | None,
+    set_password: bool,
+    user: str | None,
+    source: str | None,
+) -> None:
     """The technician's screen in a browser: sessions, differentials with their 95% limits, review
     by click or key, reports, the device check. Loopback only unless a password is set."""
     import os
@@ -221,7 +239,8 @@ def edge_ui(config_path, storage, listen, config_dir, set_password, user, source
         folder, stored, sign_in, user or current_user(), model=model, live=live, keys=cfg.screen.keys if cfg else None
     )
 
-    def on_term(signum, _frame):  # systemd's stop: close a live session cleanly, then the server
+    # systemd's stop: close a live session cleanly, then the server
+    def on_term(signum: int, _frame: FrameType | None) -> None:
         raise KeyboardInterrupt
 
     import signal
@@ -238,18 +257,18 @@ def edge_ui(config_path, storage, listen, config_dir, set_password, user, source
     finally:
         if live is not None and live.running:
             live.stop()
-            click.echo(f"live session {live.folder.name} closed: {live.state()['state']}")
+            click.echo(f"live session {cast('Path', live.folder).name} closed: {live.state()['state']}")
 
 
 @edge.command("export")
 @click.argument("sessions", nargs=-1, type=click.Path(file_okay=False))
 @click.option("--to", "dest", required=True, type=click.Path(file_okay=False), help="USB stick or folder")
 @click.option("--all-from", type=click.Path(file_okay=False), help="export every session under this storage folder")
-def edge_export(sessions, dest, all_from):
+def edge_export(sessions: tuple[str, ...], dest: str, all_from: str | None) -> None:
     """Copy finished sessions (CSV, HTML report, crops, database) to a USB stick or folder."""
     from bmc.edge_app.service import export, session_dirs
 
-    todo = [*sessions, *(session_dirs(all_from) if all_from else [])]
+    todo: list[str | Path] = [*sessions, *(session_dirs(all_from) if all_from else [])]
     if not todo:
         raise _Fail("nothing to export: name session folders or --all-from STORAGE")
     for s in todo:
@@ -264,7 +283,7 @@ def edge_export(sessions, dest, all_from):
     type=click.Path(dir_okay=False),
     help="check this model (default: the config's [model] path, else the shipped one)",
 )
-def edge_doctor(config_path, model_path):
+def edge_doctor(config_path: str | None, model_path: str | None) -> None:
     """What this device has (runtime, cameras, model, disk, meters) and what is wrong."""
     from bmc.edge_app import config as config_mod
     from bmc.edge_app.service import doctor
@@ -294,7 +313,7 @@ def edge_doctor(config_path, model_path):
     help="also write differential.fhir.json: a FHIR R4 DiagnosticReport with "
     "LOINC-coded Observations, for a laboratory information system",
 )
-def edge_report(out_dir, fhir):
+def edge_report(out_dir: str, fhir: bool) -> None:
     """Write OUT_DIR/report.html (counts, percentages, flagged cells, thumbnails) and cells.csv."""
     from bmc.edge_app.report import write_session_files
 
@@ -331,7 +350,15 @@ def edge_report(out_dir, fhir):
     "(0.9, say; 0: off; measured to give no more cells counted unaided on BCCD: benchmarks/README.md)",
 )
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="also write the validation as JSON")
-def edge_adapt(sessions, out_dir, name, model, max_guard_drop, grow, json_out):
+def edge_adapt(
+    sessions: tuple[str, ...],
+    out_dir: str,
+    name: str | None,
+    model: str | None,
+    max_guard_drop: float,
+    grow: float,
+    json_out: str | None,
+) -> None:
     """Adapt the model to this microscope from the cells people reviewed in SESSIONS: a new class head
     fitted on the device (numpy, seconds), cross-validated against the shipped one and refused unless
     better. Writes OUT/NAME.tflite and its card; run it with bmc edge run --model (or [model] path)."""
@@ -408,19 +435,19 @@ def edge_adapt(sessions, out_dir, name, model, max_guard_drop, grow, json_out):
     "reviewed from the top, they calibrate the gates at this microscope on adapting (60 or more)",
 )
 def edge_review(
-    out_dir,
-    reviewer,
-    list_only,
-    cell_id,
-    label,
-    undo,
-    apply_file,
-    include_counted,
-    new_label,
-    for_adapt,
-    per_class,
-    for_calibration,
-):
+    out_dir: str,
+    reviewer: str | None,
+    list_only: bool,
+    cell_id: int | None,
+    label: str | None,
+    undo: bool,
+    apply_file: str | None,
+    include_counted: bool,
+    new_label: bool,
+    for_adapt: bool,
+    per_class: int | None,
+    for_calibration: int | None,
+) -> None:
     """Review the cells OUT_DIR set aside: one by one in a window, or by --cell/--label or --apply;
     then rewrite cells.csv and report.html with the differential after review."""
     import sqlite3
@@ -436,7 +463,13 @@ def edge_review(
     try:
         if list_only:  # a decisions file to fill in (the label column left empty), read-only
             n = write_decisions_template(
-                out_dir, click.get_text_stream("stdout"), for_adapt, per_class, include_counted, for_calibration
+                out_dir,
+                # click 8.5 deprecates get_text_stream behind a module __getattr__ that mypy reads as object
+                cast("Callable[[str], TextIO]", click.get_text_stream)("stdout"),
+                for_adapt,
+                per_class,
+                include_counted,
+                for_calibration,
             )
             click.echo(f"{n} cells to review: fill in the label column and --apply the file", err=True)
             return
@@ -446,7 +479,7 @@ def edge_review(
                     r.undo(cell_id)
                     click.echo(f"cell {cell_id}: decision withdrawn")
                 else:
-                    click.echo(f"cell {cell_id}: {r.decide(cell_id, label)} (by {r.name})")
+                    click.echo(f"cell {cell_id}: {r.decide(cell_id, cast(str, label))} (by {r.name})")
             elif apply_file:
                 click.echo(f"{r.apply(apply_file)} decisions recorded from {apply_file} (by {r.name})")
             else:

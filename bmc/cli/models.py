@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
 import click
 
 from bmc.cli.common import LABEL_SOURCES, _guard, _need_training, _write_json, orientations_option
 from bmc.convert.gate import Gate
 from bmc.train.backbones import BACKBONES
 from bmc.train.config import default as _td  # every training default, written once (TrainConfig)
+
+if TYPE_CHECKING:
+    from bmc.train.data import Sample
 
 
 @click.command("train")
@@ -80,7 +86,7 @@ from bmc.train.config import default as _td  # every training default, written o
     type=click.Path(dir_okay=False),
     help="start from a trained model.keras (backbone; head too when it has the same classes)",
 )
-def train_cmd(data_dir, out, **kw):
+def train_cmd(data_dir: str, out: str, **kw: Any) -> None:
     """Fine-tune an ImageNet EfficientNet on DATA_DIR; writes model, split and metrics to --out."""
     _need_training("bmc train", "bmc.train.trainer", "keras", "cv2")
     from bmc.train.config import TrainConfig
@@ -103,7 +109,9 @@ def train_cmd(data_dir, out, **kw):
 @click.option("--part", type=click.Choice(["train", "val", "test"]), default="test", show_default=True)
 @orientations_option("1", "average each image over this many rotations / mirror images, as the edge app does")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="write the metrics as JSON")
-def evaluate_cmd(model, data_dir, split_file, part, orientations, json_out):
+def evaluate_cmd(
+    model: str, data_dir: str | None, split_file: str | None, part: str, orientations: str, json_out: str | None
+) -> None:
     """Accuracy, macro-F1 and per-class metrics of MODEL (.keras or .tflite) on DATA_DIR, or on
     the held-out part of a run's split (--split runs/x/split.json)."""
     from bmc.train.evaluate import evaluate
@@ -167,13 +175,23 @@ def evaluate_cmd(model, data_dir, split_file, part, orientations, json_out):
     help="copy the validated int8 and float16 variants, their cards and a model-card README here",
 )
 def convert_cmd(
-    source, out_dir, name, variants, data, max_drop, max_class_drop, representative, float_layers, no_diagnose, ship_dir
-):
+    source: str,
+    out_dir: str | None,
+    name: str,
+    variants: str,
+    data: str | None,
+    max_drop: float,
+    max_class_drop: float,
+    representative: int,
+    float_layers: str,
+    no_diagnose: bool,
+    ship_dir: str | None,
+) -> None:
     """Convert a run folder (or .keras) to TFLite variants and validate each against the float model."""
     from pathlib import Path
 
     _need_training("bmc convert", "bmc.convert.build", "tensorflow")
-    from bmc.convert.build import Gate, convert_run
+    from bmc.convert.build import convert_run
 
     names = tuple(v.strip() for v in variants.split(",") if v.strip())
     fl = "auto" if float_layers == "auto" else tuple(x for x in float_layers.split(",") if x)
@@ -231,7 +249,17 @@ def convert_cmd(
     help="a quick check: this many test and validation images (an even sample), not all; the card "
     "records the number, and 50 validation cells is the least the unknown-cell check calibrates on",
 )
-def convert_onnx_cmd(source, split_file, out_dir, name, max_drop, max_class_drop, representative, per_class, limit):
+def convert_onnx_cmd(
+    source: str,
+    split_file: str,
+    out_dir: str,
+    name: str,
+    max_drop: float,
+    max_class_drop: float,
+    representative: int,
+    per_class: int,
+    limit: int | None,
+) -> None:
     """ONNX files of a model for ONNX Runtime (float32 and static int8), each validated against the
     float model on the held-out split as `bmc convert` does, with card, guard set and unknown-cell
     calibration. SOURCE: a run folder, a .keras file, or a shipped float16 .tflite (its float model
@@ -241,7 +269,7 @@ def convert_onnx_cmd(source, split_file, out_dir, name, max_drop, max_class_drop
     _need_training("bmc convert-onnx", "bmc.convert.onnx_export", "onnx")
     from bmc.convert import onnx_export
 
-    def go():
+    def go() -> None:
         from bmc.card import load_card
         from bmc.convert.build import GateFailed
         from bmc.convert.embedding import build_guard, calibrate_unknown
@@ -262,12 +290,12 @@ def convert_onnx_cmd(source, split_file, out_dir, name, max_drop, max_class_drop
             model_file = src / "model.keras" if src.is_dir() else src
             contract, model = contract_for(model_file), keras.models.load_model(model_file, compile=False)
 
-        def sample(part):
+        def sample(part: list[Sample]) -> list[Sample]:
             return part[:: max(1, len(part) // limit)][:limit] if limit else part
 
         test, val = sample(parts["test"]), sample(parts["val"])
         out = Path(out_dir)
-        log = lambda m: click.echo(m, err=True)  # noqa: E731
+        log: Callable[[str], None] = lambda m: click.echo(m, err=True)  # noqa: E731
         rows = onnx_export.convert_onnx(
             model, contract, model_file, parts["train"], test, out, name, Gate(max_drop, max_class_drop),
             representative, log=log,
@@ -303,7 +331,7 @@ def convert_onnx_cmd(source, split_file, out_dir, name, max_drop, max_class_drop
 )
 @click.option("--per-class", default=200, show_default=True, help="training cells per class in the guard set")
 @orientations_option()
-def prepare_adapt(models, split_file, per_class, orientations):
+def prepare_adapt(models: tuple[str, ...], split_file: str, per_class: int, orientations: str) -> None:
     """Make converted MODELS adaptable on the device: the cell embedding as a second output (the class
     scores unchanged), a guard set of embedded training cells beside each, named in its card, and the
     unknown-cell check calibrated on the split's validation part.

@@ -27,6 +27,10 @@ RULES = [
     ("numpy/f2py", "numpy's Fortran-to-Python interface generator, a developer's tool (imported only on demand)"),
     ("numpy/**/*.pyi", "type stubs, read by type checkers, never at run time"),
     ("cv2/**/*.pyi", "type stubs, read by type checkers, never at run time"),
+    (
+        "cv2/data/*.xml",
+        "OpenCV's Haar cascades (faces, eyes, number plates) for its CascadeClassifier; bmc finds cells by their stain",
+    ),
 ]
 
 

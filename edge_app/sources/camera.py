@@ -6,9 +6,14 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any, cast
 
 from bmc.edge_app.sources.base import Frame, FrameSource, SourceError
+
+if TYPE_CHECKING:
+    import cv2
+    import numpy as np
 
 log = logging.getLogger(__name__)
 
@@ -16,6 +21,8 @@ log = logging.getLogger(__name__)
 class _Reopening(FrameSource):
     live = True
     max_backoff_s = 30.0
+    name: str  # set by each camera before it opens
+    _dev: Any  # the open device (None: closed); each camera narrows it
 
     def __init__(
         self,
@@ -31,18 +38,18 @@ class _Reopening(FrameSource):
         self._dev = None
         self._open_or_raise()
 
-    def _open_or_raise(self):
+    def _open_or_raise(self) -> None:
         self._dev = self._open()
         if self._dev is None:
             raise SourceError(f"{self.name}: camera not found or busy")
 
-    def _open(self): ...
+    def _open(self) -> Any: ...
 
-    def _read(self): ...
+    def _read(self) -> np.ndarray | None: ...
 
-    def _release(self): ...
+    def _release(self) -> None: ...
 
-    def _frames(self):
+    def _frames(self) -> Iterator[Frame]:
         i = 0
         while True:
             img = self._read() if self._dev is not None else None
@@ -66,17 +73,19 @@ class _Reopening(FrameSource):
             self.gaps.append((lost, time.time()))
             log.warning("%s: camera back after %.1f s", self.name, time.time() - lost)
 
-    def close(self):
+    def close(self) -> None:
         self._release()
 
 
 class OpenCVCamera(_Reopening):
+    _dev: cv2.VideoCapture | None
+
     def __init__(self, device: int | str, **kw: Any) -> None:
         self.device = device
         self.name = str(device)
         super().__init__(**kw)
 
-    def _open(self):
+    def _open(self) -> cv2.VideoCapture | None:
         import cv2
 
         cap = (
@@ -87,7 +96,8 @@ class OpenCVCamera(_Reopening):
         if not cap.isOpened():
             return None
         if self.fourcc:
-            cap.set(cv2.CAP_PROP_FOURCC, cv2.VideoWriter_fourcc(*self.fourcc))
+            # the stubs know only cv2.VideoWriter.fourcc, not this alias of it
+            cap.set(cv2.CAP_PROP_FOURCC, cv2.VideoWriter_fourcc(*self.fourcc))  # type: ignore[attr-defined]
         if self.width:
             cap.set(cv2.CAP_PROP_FRAME_WIDTH, self.width)
         if self.height:
@@ -96,11 +106,11 @@ class OpenCVCamera(_Reopening):
             cap.set(cv2.CAP_PROP_FPS, self.fps)
         return cap
 
-    def _read(self):
-        ok, img = self._dev.read()
+    def _read(self) -> np.ndarray | None:
+        ok, img = cast("cv2.VideoCapture", self._dev).read()  # read only while open
         return img if ok else None
 
-    def _release(self):
+    def _release(self) -> None:
         if self._dev is not None:
             self._dev.release()
         self._dev = None
@@ -119,7 +129,7 @@ class GStreamerCamera(OpenCVCamera):
     """A GStreamer pipeline ending in ``appsink`` (e.g. ``nvarguscamerasrc ! … ! appsink``);
     needs an OpenCV built with GStreamer, as JetPack's is."""
 
-    def _open(self):
+    def _open(self) -> cv2.VideoCapture | None:
         import cv2
 
         if not has_gstreamer():
@@ -149,7 +159,7 @@ class Picamera2Camera(_Reopening):
         self.name = f"picamera2:{index}"
         super().__init__(**kw)
 
-    def _open(self):
+    def _open(self) -> Any:
         from picamera2 import Picamera2
 
         try:
@@ -162,13 +172,13 @@ class Picamera2Camera(_Reopening):
             log.warning("picamera2:%d: %s", self.index, e)
             return None
 
-    def _read(self):
+    def _read(self) -> np.ndarray | None:
         try:
-            return self._dev.capture_array("main")
+            return cast("np.ndarray", self._dev.capture_array("main"))
         except Exception:  # noqa: BLE001
             return None
 
-    def _release(self):
+    def _release(self) -> None:
         if self._dev is not None:
             try:
                 self._dev.stop()

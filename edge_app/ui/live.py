@@ -12,17 +12,24 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import cv2
+import numpy as np
 
 from bmc.edge_app.cells import CellCall
 from bmc.edge_app.config import ModelConfig
+from bmc.edge_app.sources.base import Frame
+
+if TYPE_CHECKING:
+    from bmc.edge_app.app import EdgeSession, SessionConfig
 
 
 @dataclasses.dataclass
 class LiveFrame:
-    image: object
+    image: np.ndarray | None
     cells: list[CellCall]
     captured: float  # the frame source's timestamp (time.time())
     seq: int
@@ -34,11 +41,11 @@ class LiveRunner:
         storage: str | Path,
         source: str,
         model: str | Path | None,
-        session_config=None,
-        camera_options: dict | None = None,
+        session_config: SessionConfig | None = None,
+        camera_options: dict[str, Any] | None = None,
         max_fps: float = 8.0,
         model_config: ModelConfig | None = None,
-    ):
+    ) -> None:
         self.storage = Path(storage)
         self.source = source
         self.model = model
@@ -49,7 +56,7 @@ class LiveRunner:
         self._lock = threading.Condition()
         self._latest: LiveFrame | None = None
         self._seq = 0
-        self.session = None
+        self.session: EdgeSession | None = None
         self.thread: threading.Thread | None = None
         self.folder: Path | None = None
         self.error = ""
@@ -81,7 +88,8 @@ class LiveRunner:
         self.thread.start()
         return self.folder
 
-    def _run(self):
+    def _run(self) -> None:
+        assert self.session is not None  # started by start(), which made it
         try:
             self.session.run()
         except Exception as e:  # noqa: BLE001 - shown on the page; the session database has what was counted
@@ -89,7 +97,7 @@ class LiveRunner:
         with self._lock:
             self._lock.notify_all()
 
-    def _on_frame(self, frame, cells) -> None:
+    def _on_frame(self, frame: Frame, cells: list[CellCall]) -> None:
         with self._lock:
             self._seq += 1
             self._latest = LiveFrame(frame.image, cells, frame.timestamp, self._seq)
@@ -105,7 +113,7 @@ class LiveRunner:
         if self.thread is not None:
             self.thread.join(wait_s)
 
-    def state(self) -> dict:
+    def state(self) -> dict[str, Any]:
         s = self.session
         if s is None:
             return {"state": "idle"}
@@ -127,7 +135,7 @@ class LiveRunner:
             "last_cells": self.last_cells(),
         }
 
-    def last_cells(self, n: int = 8) -> list[dict]:
+    def last_cells(self, n: int = 8) -> list[dict[str, Any]]:
         """The newest cells the session recorded (newest first), for the page's strip of crops."""
         import sqlite3
 
@@ -145,7 +153,7 @@ class LiveRunner:
             return []
         return [{"id": i, "label": label, "flag": flag} for i, label, flag in rows]
 
-    def frames(self, timeout_s: float = 30.0):
+    def frames(self, timeout_s: float = 30.0) -> Iterator[tuple[float, bytes]]:
         """JPEG parts of the latest frames, each once, at most ``max_fps`` a second, while the
         session runs (for the MJPEG stream)."""
         from bmc.edge_app.app import annotated
