@@ -119,9 +119,9 @@ def teach_fields(truth: dict[str, str], answers: dict, classes, k: int, seed: in
     return picked
 
 
-def _session(src: Path, model, out: Path, mode: str, orientations: int, threads: int | None):
-    from bmc.edge_app.app import EdgeSession, SessionConfig
+def run_session(src: Path, model, out: Path, mode: str, orientations: int, threads: int | None):
     from bmc.edge_app.classifier import CellClassifier
+    from bmc.edge_app.session import EdgeSession, SessionConfig
 
     clf = CellClassifier(model, threads=threads or os.cpu_count(), orientations=orientations)
     EdgeSession(str(src), clf, out, SessionConfig(mode=mode, save_crops=False), echo=lambda m: None).run()
@@ -139,7 +139,7 @@ def link_truth_fields(source: Path, truth_file, dest: Path) -> tuple[dict[str, s
     return {flat: truth_rel[rel] for flat, rel in rel_of.items()}, rel_of
 
 
-def _shipped_run(
+def shipped_run(
     source: Path, truth_file, tmp: Path, model: Path, mode: str, orientations: int, threads: int | None, log
 ):
     """(fields folder, {field: class}, classes, shipped answers): the scored fields linked into one
@@ -151,7 +151,7 @@ def _shipped_run(
         f"{len(truth)} fields of {len(classes)} classes ({', '.join(f'{c} {n}' for c, n in sorted(Counter(truth.values()).items()))})"
     )
     t0 = time.perf_counter()
-    before = _session(src, model, tmp / "shipped", mode, orientations, threads)
+    before = run_session(src, model, tmp / "shipped", mode, orientations, threads)
     log(f"shipped model over every field: {time.perf_counter() - t0:.0f} s")
     return src, truth, classes, before
 
@@ -177,7 +177,7 @@ def ceiling(
     model = Path(model or DEFAULT_MODEL)
     with tempfile.TemporaryDirectory(prefix="bmc-bench-adapt-", dir=workdir) as keep:
         tmp = Path(keep)
-        _, truth, classes, before = _shipped_run(Path(source), truth_file, tmp, model, mode, orientations, threads, log)
+        _, truth, classes, before = shipped_run(Path(source), truth_file, tmp, model, mode, orientations, threads, log)
         with Reviewer(tmp / "shipped", "bench") as r:
             for f, (_, cid) in before.items():
                 r.decide(cid, truth[f])
@@ -221,7 +221,7 @@ def run(
     keep = tempfile.mkdtemp(prefix="bmc-bench-adapt-", dir=workdir)
     tmp = Path(keep)
     try:
-        src, truth, classes, before = _shipped_run(source, truth_file, tmp, model, mode, orientations, threads, log)
+        src, truth, classes, before = shipped_run(source, truth_file, tmp, model, mode, orientations, threads, log)
         runs = []
         for seed in seeds:
             picked = teach_fields(truth, before, classes, k, seed)
@@ -248,7 +248,7 @@ def run(
             }
             if result.accepted:
                 path = adapt.write_model(result, reviewed, clf, guard, tmp / "models", f"seed{seed}")
-                after = _session(src, path, tmp / f"after{seed}", mode, orientations, threads)
+                after = run_session(src, path, tmp / f"after{seed}", mode, orientations, threads)
                 row["after"] = _score(truth, after, unlabelled, classes)
             else:
                 row["after"] = row["before"]  # refused: the laboratory keeps counting with the shipped model

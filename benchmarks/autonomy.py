@@ -26,14 +26,14 @@ from pathlib import Path
 
 import numpy as np
 
-from bmc.benchmarks.adapt import _shipped_run, teach_fields
+from bmc.benchmarks.adapt import shipped_run, teach_fields
 from bmc.edge_app import sessiondb
 from bmc.edge_app.classifier import DEFAULT_ORIENTATIONS
 
 GROW = 0.9  # the confidence a counted cell needs to join the reference in sequence()
 
 
-def _cells_of(db_path: Path) -> dict[str, tuple[str, int, str]]:
+def cells_of(db_path: Path) -> dict[str, tuple[str, int, str]]:
     """``{field: (label, cell id, flag)}`` of each field's scored cell."""
     from bmc.benchmarks.detection import best_cells
 
@@ -113,7 +113,7 @@ def run(
     workdir=None,
     log=print,
 ) -> dict:
-    from bmc.benchmarks.adapt import _session
+    from bmc.benchmarks.adapt import run_session
     from bmc.edge_app import adapt
     from bmc.edge_app.classifier import DEFAULT_MODEL, CellClassifier
 
@@ -122,8 +122,8 @@ def run(
     keep = tempfile.mkdtemp(prefix="bmc-bench-autonomy-", dir=workdir)
     tmp = Path(keep)
     try:
-        src, truth, classes, _ = _shipped_run(source, truth_file, tmp, model, mode, orientations, threads, log)
-        shipped = _cells_of(tmp / "shipped" / "session.sqlite")
+        src, truth, classes, _ = shipped_run(source, truth_file, tmp, model, mode, orientations, threads, log)
+        shipped = cells_of(tmp / "shipped" / "session.sqlite")
         out = {
             "source": str(source),
             "truth": str(truth_file),
@@ -158,8 +158,8 @@ def run(
             }
             if result.accepted:
                 path = adapt.write_model(result, rev, clf, guard, tmp / "models", f"seed{seed}")
-                _session(src, path, tmp / f"after{seed}", mode, orientations, threads)
-                row["after"] = score(truth, _cells_of(tmp / f"after{seed}" / "session.sqlite"), unreviewed, classes)
+                run_session(src, path, tmp / f"after{seed}", mode, orientations, threads)
+                row["after"] = score(truth, cells_of(tmp / f"after{seed}" / "session.sqlite"), unreviewed, classes)
             else:
                 row["after"] = row["before"]
             cal = result.calibration
@@ -180,7 +180,7 @@ def run(
         shutil.rmtree(keep, ignore_errors=True)
 
 
-def _link_fields(src: Path, names, dest: Path) -> Path:
+def link_fields(src: Path, names, dest: Path) -> Path:
     dest.mkdir()
     for n in names:
         (dest / n).symlink_to((src / n).resolve())
@@ -210,7 +210,7 @@ def sequence(
     session so far, so that the cells they counted with no person, surely, join the reference
     (:func:`bmc.edge_app.adapt.grown_reference`). Beside it, the first day's model adapted without
     growth (``grow_confidence = 0``) runs over the same later days."""
-    from bmc.benchmarks.adapt import _session, link_truth_fields
+    from bmc.benchmarks.adapt import link_truth_fields, run_session
     from bmc.edge_app import adapt
     from bmc.edge_app.classifier import DEFAULT_MODEL, CellClassifier
 
@@ -231,8 +231,8 @@ def sequence(
             base = tmp / f"seed{seed}"
             base.mkdir()
             day0 = base / "day0"
-            _session(_link_fields(src, first, base / "fields0"), model, day0, mode, orientations, threads)
-            cells0 = _cells_of(day0 / "session.sqlite")
+            run_session(link_fields(src, first, base / "fields0"), model, day0, mode, orientations, threads)
+            cells0 = cells_of(day0 / "session.sqlite")
             teach, sample, _ = review_day(day0, {f: truth[f] for f in first}, cells0, classes, k, seed, calibration)
             clf = CellClassifier(model, orientations=1)
             rows = {"seed": seed, "taught": len(teach), "calibration_sample": len(sample), "grown": [], "fixed": []}
@@ -248,11 +248,11 @@ def sequence(
                 continue
             sessions = [day0]
             for d, chunk in enumerate(chunks, start=1):
-                fields = _link_fields(src, chunk, base / f"fields{d}")
+                fields = link_fields(src, chunk, base / f"fields{d}")
                 for growth in ("fixed", "grown"):
                     day = base / f"{growth}{d}"
-                    _session(fields, paths[growth], day, mode, orientations, threads)
-                    s = score(truth, _cells_of(day / "session.sqlite"), sorted(chunk), classes)
+                    run_session(fields, paths[growth], day, mode, orientations, threads)
+                    s = score(truth, cells_of(day / "session.sqlite"), sorted(chunk), classes)
                     rows[growth].append(s)
                     log(_line(f"seed {seed}, day {d}, reference {growth}", s))
                 sessions.append(base / f"grown{d}")

@@ -61,8 +61,8 @@ def best_cells(db_path: Path) -> dict[str, tuple[str, int, bool]]:
 def field_classification(
     bccd, model: str | None = None, orientations: int | None = None, white_balance: bool = False
 ) -> dict:
-    from bmc.edge_app.app import EdgeSession, SessionConfig
     from bmc.edge_app.classifier import DEFAULT_MODEL, DEFAULT_ORIENTATIONS, CellClassifier
+    from bmc.edge_app.session import EdgeSession, SessionConfig
     from bmc.train.metrics import confusion
 
     fields = single_cell_fields(bccd)

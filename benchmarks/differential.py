@@ -30,9 +30,9 @@ from bmc.benchmarks.adapt import read_truth
 def run(source, truth_file, model=None, mode: str = "field", orientations: int | None = None) -> dict:
     from bmc.benchmarks.detection import best_cells
     from bmc.edge_app import review, sessiondb
-    from bmc.edge_app.app import EdgeSession, SessionConfig
     from bmc.edge_app.classifier import DEFAULT_MODEL, DEFAULT_ORIENTATIONS, CellClassifier
     from bmc.edge_app.differential import differential_of
+    from bmc.edge_app.session import EdgeSession, SessionConfig
 
     source = Path(source)
     truth = read_truth(truth_file, source)

@@ -17,7 +17,7 @@ from bmc.edge_app.meters import (  # noqa: F401
     Pi5PmicMeter,
     PowerMeter,
     RaplMeter,
-    _Sampled,
+    SampledMeter,
     find_meters,
     integrate,
     parse_pmic_read_adc,

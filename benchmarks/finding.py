@@ -28,7 +28,7 @@ import numpy as np
 
 from bmc.contract import read_image
 from bmc.edge_app.cells import Box
-from bmc.edge_app.detect import FieldScale, FinderConfig, find_cells, scaled
+from bmc.edge_app.detect import FinderConfig, RedCells, find_cells, scaled
 from bmc.edge_app.sources import IMAGE_SUFFIXES
 from bmc.errors import BmcError
 
@@ -158,14 +158,14 @@ def finding(
     fields: list[FieldBoxes], cfg: FinderConfig = FinderConfig(), errors: str | Path | None = None, tint: float = 0.0
 ) -> dict:
     """The finder on ``fields`` against their white-cell boxes, run as one session runs them (the
-    red cells measured on the first fields and now and then, :class:`bmc.edge_app.detect.FieldScale`,
+    red cells measured on the first fields and now and then, :class:`bmc.edge_app.detect.RedCells`,
     the finder's sizes following them), scored one to one (:func:`match_cells`): recall over the
     boxes, precision over the cells found, and the two errors a differential cannot absorb — a
     cell found as two or more (extra detections) and two cells found as one (merged cells), each
     per white-cell box. ``tint`` > 0: each field through :func:`tint_red_cells` first."""
     tp = fn = fp = n_extra = n_merged = found = 0
     misses, false_finds, extras, rows = [], [], [], []
-    scale = FieldScale()
+    scale = RedCells()
     used = cfg
     for f in fields:
         frame = read_image(str(f.image))

@@ -3,7 +3,7 @@
 BCCD comes from another microscope, stain and camera (blurrier, bluer). Each field with exactly
 one labelled white cell gives one test cell: the edge app's cell finder runs on the field, the
 cell it finds inside the VOC box (the box itself where it finds none) is cut at the model's
-trained scale with the session's median cell diameter (:class:`bmc.edge_app.cells.SessionScale`) —
+trained scale with the session's median cell diameter (:class:`bmc.edge_app.cells.CutDiameter`) —
 the way the edge app cuts the cells it finds. Balanced accuracy is the headline: BCCD is 60%
 neutrophils.
 
@@ -27,7 +27,7 @@ import numpy as np
 from bmc.benchmarks.bccd import single_cell_fields
 from bmc.benchmarks.stain_calibration import CALIBRATIONS, calibrator, pooled_stats, reference_stats
 from bmc.contract import normalise_stain, preprocess, read_image
-from bmc.edge_app.cells import Box, SessionScale, crop_cell
+from bmc.edge_app.cells import Box, CutDiameter, crop_cell
 from bmc.edge_app.detect import find_cells
 from bmc.train.data import DataError
 
@@ -96,7 +96,7 @@ def matek_map(labels) -> dict[str, str]:
 
 def bccd_cells(root, contract):
     """(model inputs, label names) of the single-white-cell BCCD fields at the trained scale."""
-    scale = SessionScale()
+    scale = CutDiameter()
     picked = []
     for f in single_cell_fields(root):
         frame = read_image(str(f.image))
@@ -124,7 +124,7 @@ def matek_cells(root, contract, codes: dict[str, str] | None = None):
     centre; all cut at the set's median diameter of the cells found. ``codes``: code → name to
     return (default: the codes the contract's labels can name, as those labels)."""
     root = Path(root)
-    scale = SessionScale()
+    scale = CutDiameter()
     picked = []
     for code, label in (codes or matek_map(contract.labels)).items():
         for path in sorted((root / code).rglob("*.jpg")) if (root / code).is_dir() else []:

@@ -29,10 +29,10 @@ from bmc.benchmarks.adapt import link_truth_fields
 
 
 def prepare(source, truth_file, split_file, out, seed: int = 1, repeat: int = 5, model=None, log=print) -> dict:
-    from bmc.benchmarks.autonomy import _cells_of, _link_fields
+    from bmc.benchmarks.autonomy import cells_of, link_fields
     from bmc.edge_app import review
-    from bmc.edge_app.app import EdgeSession, SessionConfig
     from bmc.edge_app.classifier import DEFAULT_MODEL, CellClassifier
+    from bmc.edge_app.session import EdgeSession, SessionConfig
     from bmc.train.data import Sample, load_split, save_split
     from bmc.train.harvest import harvest
 
@@ -50,9 +50,9 @@ def prepare(source, truth_file, split_file, out, seed: int = 1, repeat: int = 5,
             shutil.rmtree(session)
         clf = CellClassifier(model or DEFAULT_MODEL, orientations=1)
         EdgeSession(
-            str(_link_fields(flat, taught, tmp / "taught")), clf, session, SessionConfig(), echo=lambda m: None
+            str(link_fields(flat, taught, tmp / "taught")), clf, session, SessionConfig(), echo=lambda m: None
         ).run()
-        cells = _cells_of(session / "session.sqlite")
+        cells = cells_of(session / "session.sqlite")
         with review.Reviewer(session, "bench (true class)") as r:
             for f in taught:
                 if f in cells:

@@ -64,8 +64,8 @@ def _inside(cx: float, cy: float, b: Box) -> bool:
 
 
 def run(bccd, speeds=(4, 12, 30), n_fields: int = 6, model: str | None = None, orientations: int | None = None) -> dict:
-    from bmc.edge_app.app import EdgeSession, SessionConfig
     from bmc.edge_app.classifier import DEFAULT_MODEL, DEFAULT_ORIENTATIONS, CellClassifier
+    from bmc.edge_app.session import EdgeSession, SessionConfig
 
     fields = pan_fields(bccd, n_fields)
     clf = CellClassifier(model or DEFAULT_MODEL, orientations=orientations or DEFAULT_ORIENTATIONS)

@@ -1,6 +1,6 @@
 """``bmc bench edge``: frames and cells per second of the real edge pipeline, stage by stage.
 
-Runs :class:`bmc.edge_app.app.EdgeSession` headless on a folder or video — the same code the device
+Runs :class:`bmc.edge_app.session.EdgeSession` headless on a folder or video — the same code the device
 runs: read, find cells, preprocess, classify, record (SQLite + crops) — into a temporary session
 folder, and reports fps, cells/s and the time per frame of each stage.
 """
@@ -20,8 +20,8 @@ def run(
     save_crops: bool = True,
     orientations: int | None = None,
 ) -> dict:
-    from bmc.edge_app.app import STAGES, EdgeSession, SessionConfig
     from bmc.edge_app.classifier import DEFAULT_MODEL, DEFAULT_ORIENTATIONS, CellClassifier
+    from bmc.edge_app.session import STAGES, EdgeSession, SessionConfig
 
     clf = CellClassifier(
         model or DEFAULT_MODEL, threads=threads or os.cpu_count(), orientations=orientations or DEFAULT_ORIENTATIONS

@@ -50,8 +50,8 @@ class ReplayedCamera(FrameSource):
 
 
 def _headless(folder, fps, frames, model, storage) -> float:
-    from bmc.edge_app.app import EdgeSession, SessionConfig
     from bmc.edge_app.classifier import DEFAULT_MODEL, CellClassifier
+    from bmc.edge_app.session import EdgeSession, SessionConfig
 
     s = EdgeSession(
         ReplayedCamera(folder, fps, frames),

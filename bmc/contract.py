@@ -30,7 +30,7 @@ from bmc.errors import BmcError
 
 SCHEMA_VERSION = 1
 PIXEL_FORMATS = ("BGR", "RGB", "GRAY")
-_INTERPOLATIONS = {"area": cv2.INTER_AREA, "linear": cv2.INTER_LINEAR}
+INTERPOLATIONS = {"area": cv2.INTER_AREA, "linear": cv2.INTER_LINEAR}
 STAIN_NORMS = ("none", "stretch")
 STRETCH_PERCENTILES = (0.01, 0.99)
 STRETCH_MIN_SPAN = 32  # grey levels: a near-uniform crop (no cell, blank frame) is not blown up
@@ -78,8 +78,8 @@ class Contract:
             raise ContractError(f"crop_fraction must be in [0.1, 1], got {self.crop_fraction}")
         if not 0.05 <= self.cell_fraction <= 1.0:
             raise ContractError(f"cell_fraction must be in [0.05, 1], got {self.cell_fraction}")
-        if self.interpolation not in _INTERPOLATIONS:
-            raise ContractError(f"interpolation must be one of {sorted(_INTERPOLATIONS)}, got {self.interpolation!r}")
+        if self.interpolation not in INTERPOLATIONS:
+            raise ContractError(f"interpolation must be one of {sorted(INTERPOLATIONS)}, got {self.interpolation!r}")
         if self.stain_norm not in STAIN_NORMS:
             raise ContractError(f"stain_norm must be one of {STAIN_NORMS}, got {self.stain_norm!r}")
         if self.lamp is not None and (len(self.lamp) != 3 or not all(0 < v <= 255 for v in self.lamp)):
@@ -229,7 +229,7 @@ def prepare(image: np.ndarray, contract: Contract, pixel_format: str = "BGR", *,
         rgb = centre_square(rgb, contract.crop_fraction)
     size = contract.input_size
     if rgb.shape[0] != size or rgb.shape[1] != size:
-        rgb = cv2.resize(rgb, (size, size), interpolation=_INTERPOLATIONS[contract.interpolation])
+        rgb = cv2.resize(rgb, (size, size), interpolation=INTERPOLATIONS[contract.interpolation])
     return normalise_stain(rgb, contract.stain_norm)
 
 

@@ -85,7 +85,7 @@ def representative_images(samples, contract: Contract, n: int = 200, seed: int =
     return np.stack(xs)
 
 
-def _load_test(samples, contract):
+def load_test(samples, contract):
     index = {l: i for i, l in enumerate(contract.labels)}
     xs, ys = [], []
     for s in samples:
@@ -97,7 +97,7 @@ def _load_test(samples, contract):
     return np.stack(xs), np.asarray(ys)
 
 
-def _batched(predict, xs, bs=32):
+def batched(predict, xs, bs=32):
     return np.concatenate([predict(xs[i : i + bs]) for i in range(0, len(xs), bs)])
 
 
@@ -145,8 +145,8 @@ def convert_run(
     float_sha = sha256_file(src.model_path)
     labels = list(src.contract.labels)
     log(f"validation set: {len(src.test)} images; calibration from {len(src.train)} training images")
-    xs, y = _load_test(src.test, src.contract)
-    float_probs = _batched(lambda b: model.predict(b, verbose=0), xs)
+    xs, y = load_test(src.test, src.contract)
+    float_probs = batched(lambda b: model.predict(b, verbose=0), xs)
     float_metrics = classification_metrics(y, float_probs, labels)
     log(f"keras float: accuracy {float_metrics.accuracy:.4f}, macro-F1 {float_metrics.macro_f1:.4f}")
     rep = representative_images(src.train, src.contract, n_representative) if "int8" in variant_names else None
@@ -252,7 +252,7 @@ def _build_and_validate(model, q, *, path: Path, xs, y, float_probs, labels, gat
     log(f"converting {q.variant.name} …")
     # the cell embedding beside the class scores (for adaptation on the device): same ops, same scores
     path.write_bytes(add_embedding_output(to_tflite(model, q), str(path)))
-    probs = _batched(LiteRTBackend(str(path)).predict, xs)
+    probs = batched(LiteRTBackend(str(path)).predict, xs)
     row = {
         "variant": q.variant.name,
         "format": q.variant.format,

@@ -126,14 +126,14 @@ def convert_onnx(
 ) -> list[dict]:
     """Both ONNX variants of the Keras ``model`` in ``out_dir``, each scored against it on ``test``
     (``bmc.train.data.Sample`` s), with its card; the rows of the conversion report."""
-    from bmc.convert.build import _batched, _load_test, compare, representative_images
+    from bmc.convert.build import batched, compare, load_test, representative_images
     from bmc.edge_app.backends.onnxrt import OnnxRuntimeBackend
     from bmc.train.metrics import classification_metrics
 
     out_dir.mkdir(parents=True, exist_ok=True)
     labels = list(contract.labels)
-    xs, y = _load_test(test, contract)
-    float_probs = _batched(lambda b: model.predict(b, verbose=0), xs)
+    xs, y = load_test(test, contract)
+    float_probs = batched(lambda b: model.predict(b, verbose=0), xs)
     float_metrics = classification_metrics(y, float_probs, labels)
     log(f"keras float on {len(y)} test images: accuracy {float_metrics.accuracy:.4f}")
     fp32 = export_float(model, out_dir / f"{name}{VARIANTS['float32'].suffix}")
@@ -143,7 +143,7 @@ def convert_onnx(
     )
     rows = []
     for v, path in ((VARIANTS["float32"], fp32), (VARIANTS["int8"], int8)):
-        probs = _batched(OnnxRuntimeBackend(str(path)).predict, xs)
+        probs = batched(OnnxRuntimeBackend(str(path)).predict, xs)
         row = {"variant": f"onnx-{v.name}", "format": v.format, "file": path.name, "size_mb": path.stat().st_size / 1e6}
         row.update(compare(float_probs, probs, y, labels, gate))
         log(

@@ -77,7 +77,7 @@ def crop_cell(frame: np.ndarray, box: Box, contract: Contract) -> np.ndarray:
     return crop
 
 
-class SessionScale:
+class CutDiameter:
     """The diameter, in frame pixels, that every cell of a session is cut at.
 
     Magnification is a property of the microscope and camera, not of each cell: cutting each

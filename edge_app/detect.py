@@ -12,7 +12,7 @@ field's own median, so the rule holds across stains, white balance and exposure.
    cells' colour (the median of what is not background: red cells outnumber every other cell) is
    measured on each field, so the rule follows the stain from smear to smear and from the thin
    end of a smear to the thick; a field with too few cells to tell takes the session's colour
-   (:class:`FieldScale`, measured with the red cells' size);
+   (:class:`RedCells`, measured with the red cells' size);
 2. opening removes specks, closing joins the lobes of segmented neutrophils;
 3. connected components, each a candidate nucleus group; platelets and debris are dropped by area,
    elongated artefacts by solidity;
@@ -22,7 +22,7 @@ field's own median, so the rule holds across stains, white balance and exposure.
 
 Sizes are in pixels of the frame, with defaults for the fields they were tuned on (BCCD: a 640x480
 camera at high magnification, red cells about 90 px across). They follow the magnification:
-:class:`FieldScale` measures the red cells (7-8 µm across in every smear) on the session's first
+:class:`RedCells` measures the red cells (7-8 µm across in every smear) on the session's first
 frames, then now and then, and :func:`scaled` resizes every threshold by the ratio of the red
 cells' diameter to ``reference_red_cell_px`` — a 256 px high-magnification field, a 640x480
 camera and a 1080p one alike. ``[finder] follow_scale = false`` keeps the sizes as written.
@@ -96,7 +96,7 @@ def median_u8(channel: np.ndarray) -> float:
     return (lo + hi) / 2
 
 
-def cells_of(lab: np.ndarray, share: float = 1.0) -> np.ndarray | None:
+def _cells_of(lab: np.ndarray, share: float = 1.0) -> np.ndarray | None:
     """The pixels of a (small, float) LAB field that are not background, by their colour distance to
     the brightest tenth of the field (beyond ``share`` of Otsu's threshold), or None for a blank
     field."""
@@ -114,7 +114,7 @@ def red_cell_colour(lab: np.ndarray) -> tuple[float, float] | None:
     about 80 pixels high), or None for a field with too few cells to tell."""
     k = min(1.0, 80 / min(lab.shape[:2]))
     small = cv2.resize(lab, None, fx=k, fy=k, interpolation=cv2.INTER_AREA).astype(np.float32)
-    fg = cells_of(small, 0.5)  # half Otsu's line: in a sparse field it can part the nuclei from everything pale
+    fg = _cells_of(small, 0.5)  # half Otsu's line: in a sparse field it can part the nuclei from everything pale
     if fg is None or cv2.countNonZero(fg) < 50:
         return None
     cells = small[fg > 0]
@@ -123,7 +123,7 @@ def red_cell_colour(lab: np.ndarray) -> tuple[float, float] | None:
 
 def stain_mask(bgr: np.ndarray, cfg: FinderConfig, session_red: tuple[float, float] | None = None) -> np.ndarray:
     """The nuclear-stain pixels of a field (255). The red cells' colour is measured on the field;
-    ``session_red`` (:attr:`FieldScale.red_colour`) stands in where the field has too few cells."""
+    ``session_red`` (:attr:`RedCells.red_colour`) stands in where the field has too few cells."""
     lab = cv2.cvtColor(bgr, cv2.COLOR_BGR2LAB)
     # darker than the background (the field's brightest tenth), not than its median: in a dense
     # field the median is a red cell's, and a pale nucleus is lighter than that
@@ -163,7 +163,7 @@ def red_cell_diameter(bgr: np.ndarray, side: int = 160) -> float | None:
     s = side / min(h, w)
     img = cv2.resize(bgr, None, fx=s, fy=s, interpolation=cv2.INTER_AREA) if s < 1 else bgr
     s = min(s, 1.0)
-    fg = cells_of(cv2.cvtColor(cv2.GaussianBlur(img, (5, 5), 0), cv2.COLOR_BGR2LAB).astype(np.float32))
+    fg = _cells_of(cv2.cvtColor(cv2.GaussianBlur(img, (5, 5), 0), cv2.COLOR_BGR2LAB).astype(np.float32))
     if fg is None:  # a blank field
         return None
     fg = cv2.morphologyEx(fg, cv2.MORPH_CLOSE, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (3, 3)))
@@ -214,7 +214,7 @@ def scaled(cfg: FinderConfig, red_cell_px: float | None) -> FinderConfig:
     )
 
 
-class FieldScale:
+class RedCells:
     """The session's red cells: their diameter in frame pixels and their colour, measured on the
     first ``first`` frames, then every ``every``-th (the median of all measures), so a changed
     objective or stain is followed and the cost stays off most frames. ``fixed`` (pixels)
@@ -382,7 +382,7 @@ def find_cells(
     bgr: np.ndarray, cfg: FinderConfig = FinderConfig(), red_colour: tuple[float, float] | None = None
 ) -> list[FoundCell]:
     """Nucleated cells in a BGR field, largest first. ``red_colour``: the session's red cells'
-    (a*, b*) (:attr:`FieldScale.red_colour`), for a field with too few cells to measure its own."""
+    (a*, b*) (:attr:`RedCells.red_colour`), for a field with too few cells to measure its own."""
     if bgr.ndim != 3 or bgr.shape[2] != 3:
         raise ValueError(f"find_cells expects an HxWx3 BGR frame, got shape {bgr.shape}")
     h, w = bgr.shape[:2]

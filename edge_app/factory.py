@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any
 from bmc.edge_app.config import DeviceConfig, ModelConfig
 
 if TYPE_CHECKING:
-    from bmc.edge_app.app import SessionConfig
     from bmc.edge_app.classifier import CellClassifier
+    from bmc.edge_app.session import SessionConfig
 
 
 def model_file(model: ModelConfig, path: str | Path | None = None) -> Path:
@@ -46,8 +46,8 @@ def classifier(model: ModelConfig, path: str | Path | None = None) -> CellClassi
 
 def session_config(cfg: DeviceConfig, **overrides: Any) -> SessionConfig:
     """The session settings of a device configuration, for a count nobody watches in a window
-    (the service, the screen); ``overrides``: fields of :class:`bmc.edge_app.app.SessionConfig`."""
-    from bmc.edge_app.app import SessionConfig
+    (the service, the screen); ``overrides``: fields of :class:`bmc.edge_app.session.SessionConfig`."""
+    from bmc.edge_app.session import SessionConfig
 
     s = cfg.session
     settings = SessionConfig(

@@ -51,7 +51,7 @@ class PowerMeter(abc.ABC):
         pass
 
 
-class _Sampled(PowerMeter):
+class SampledMeter(PowerMeter):
     """A meter that reads instantaneous power, integrated by a sampling thread (trapezoids)."""
 
     interval_s = 0.05
@@ -137,7 +137,7 @@ class RaplMeter(PowerMeter):
         return self.energy_between(a[1], b[1])
 
 
-class JetsonMeter(_Sampled):
+class JetsonMeter(SampledMeter):
     name = "jetson-ina3221"
     INPUT_RAILS = ("VDD_IN", "POM_5V_IN")
 
@@ -183,7 +183,7 @@ def parse_pmic_read_adc(text: str) -> float:
     return sum(amps[r] * volts[r] for r in rails)
 
 
-class Pi5PmicMeter(_Sampled):
+class Pi5PmicMeter(SampledMeter):
     name = "pi5-pmic"
     interval_s = 0.2  # vcgencmd takes ~10-20 ms
 
@@ -201,7 +201,7 @@ class Pi5PmicMeter(_Sampled):
         return parse_pmic_read_adc(self._output())
 
 
-class INA2xxMeter(_Sampled):
+class INA2xxMeter(SampledMeter):
     """INA260 (integrated shunt; power register, 10 mW/LSB) or INA219 (external shunt: bus
     voltage 4 mV/LSB in bits 15..3, shunt voltage 10 µV/LSB, current = shunt voltage / R)."""
 

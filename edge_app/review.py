@@ -41,7 +41,7 @@ class ReviewError(BmcError, ValueError):
     """A decision that cannot be recorded (no such cell, unknown label, unreadable file)."""
 
 
-def differential(all_cells: list[ReviewedCell]) -> Counter[str]:
+def counts_after_review(all_cells: list[ReviewedCell]) -> Counter[str]:
     """Counts by final label: the model's sure calls and the reviewed cells; nothing pending or rejected."""
     return Counter(c.final_label for c in all_cells if c.final_label)
 
@@ -70,7 +70,7 @@ def session_differential(db: sqlite3.Connection, all_cells: list[ReviewedCell] |
     labels = list(last.labels) if last else []
     pending = [c for c in all_cells if c.status == "pending"]
     return differential_of(
-        differential(all_cells), labels, specimen_of(db), len(pending), sum(c.unknown for c in pending)
+        counts_after_review(all_cells), labels, specimen_of(db), len(pending), sum(c.unknown for c in pending)
     )
 
 

@@ -22,9 +22,9 @@ from typing import TYPE_CHECKING
 from bmc.edge_app import sessiondb
 
 if TYPE_CHECKING:
-    from bmc.edge_app.app import EdgeSession
     from bmc.edge_app.classifier import CellClassifier
     from bmc.edge_app.config import DeviceConfig
+    from bmc.edge_app.session import EdgeSession
 
 EXPORTED_MARK = ".exported"
 
@@ -141,8 +141,8 @@ def _serve_loop(
     current: list[EdgeSession | None],
 ) -> None:
     from bmc.edge_app.active import active_model
-    from bmc.edge_app.app import EdgeSession
     from bmc.edge_app.factory import classifier, model_file, session_config
+    from bmc.edge_app.session import EdgeSession
     from bmc.edge_app.sources import SourceError, open_source
 
     clf = None
@@ -363,8 +363,8 @@ def _camera_and_storage(cfg: DeviceConfig) -> Check:
 
 
 def _meters_and_display() -> Check:
-    from bmc.edge_app.app import has_display, opencv_gui
     from bmc.edge_app.meters import find_meters
+    from bmc.edge_app.session import has_display, opencv_gui
 
     meters = find_meters()
     have = ["power meters: " + (", ".join(m.name for m in meters) if meters else "none")]

@@ -71,8 +71,8 @@ PBC_ONLY_MODEL = ROOT / "tests" / "fixtures" / "pbc_only" / "bmc_pbc8_lite0_int8
 def recorded_session(fields, tmp_path_factory, name: str = "recorded", model=None) -> Path:
     """A real session folder: ``fields`` (image paths) linked into a folder and run through the
     shipped model (or ``model``), as ``bmc edge run`` does; tests copy it before they change it."""
-    from bmc.edge_app.app import EdgeSession, SessionConfig
     from bmc.edge_app.classifier import DEFAULT_MODEL, CellClassifier
+    from bmc.edge_app.session import EdgeSession, SessionConfig
 
     src = tmp_path_factory.mktemp("fields")
     for f in fields:

@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 
 from bmc.card import ModelCardError
-from bmc.edge_app.app import EdgeSession, SessionConfig
 from bmc.edge_app.backends import BackendError
 from bmc.edge_app.classifier import DEFAULT_MODEL, CellClassifier
 from bmc.edge_app.differential import Differential, ReviewPolicy
+from bmc.edge_app.session import EdgeSession, SessionConfig
 from bmc.edge_app.sources import Frame, FrameSource, SourceError, open_source
 from bmc.edge_app.sources.camera import _Reopening
 
@@ -420,7 +420,7 @@ def test_count_limits_are_the_exact_binomial_ones():
 def test_live_window_shows_the_differential_as_it_grows(bccd):
     """What the window draws in its corner: the counts by class with their shares, read back from
     the pixels' change (a CI machine has no screen to show them on)."""
-    from bmc.edge_app.app import draw_differential
+    from bmc.edge_app.session import draw_differential
 
     frame = cv2.imread(str(sorted((bccd / "JPEGImages").glob("*.jpg"))[0]))
     d = Differential(["erythroblast", "lymphocyte", "neutrophil"], target=100)

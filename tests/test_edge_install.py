@@ -241,8 +241,8 @@ def test_edge_extra_alone_runs_the_app(tmp_path, bccd):
         [
             str(py),
             "-c",
-            "import sys, bmc.cli, bmc.edge_app.app, bmc.edge_app.report, bmc.edge_app.review, "
-            "bmc.edge_app.adapt, bmc.edge_app.ui.app, bmc.edge_app.cam; "
+            "import sys, bmc.cli, bmc.edge_app.session, bmc.edge_app.report, bmc.edge_app.review, "
+            "bmc.edge_app.adapt, bmc.edge_app.ui.app, bmc.edge_app.activation_maps; "
             "print('tensorflow' in sys.modules)",
         ],
         capture_output=True,

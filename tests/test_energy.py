@@ -115,7 +115,7 @@ def test_csv_log_is_aligned_by_time(tmp_path):
 
 
 def test_joules_per_inference_subtracts_idle_power():
-    class Replayed(energy._Sampled):
+    class Replayed(energy.SampledMeter):
         """Power as a recorded profile: 2 W idle, 5 W while busy."""
 
         name = "replayed"

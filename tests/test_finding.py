@@ -164,9 +164,9 @@ def _session_cells(bccd, names):
     """The cells the finder returns on BCCD fields, run as a session runs them: the red cells
     measured on the first fields (the first five of the release), the sizes following them."""
     from bmc.contract import read_image
-    from bmc.edge_app.detect import FieldScale, FinderConfig, find_cells, scaled
+    from bmc.edge_app.detect import FinderConfig, RedCells, find_cells, scaled
 
-    scale, used = FieldScale(), FinderConfig()
+    scale, used = RedCells(), FinderConfig()
     for f in sorted((bccd / "JPEGImages").glob("*.jpg"))[:5]:
         if scale.observe(read_image(str(f))):
             used = scaled(FinderConfig(), scale.diameter)

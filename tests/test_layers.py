@@ -91,8 +91,8 @@ def test_no_module_imports_itself_back():
 def test_the_checker_sees_the_tree():
     """The graph holds the modules the README names, with the edges one knows are there."""
     graph = _graph()
-    assert {"bmc.contract", "bmc.card", "bmc.edge_app.app", "bmc.train.trainer", "bmc.cli.edge"} <= set(graph)
-    assert "bmc.contract" in graph["bmc.edge_app.app"] and "bmc.edge_app.app" in graph["bmc.cli.edge"]
+    assert {"bmc.contract", "bmc.card", "bmc.edge_app.session", "bmc.train.trainer", "bmc.cli.edge"} <= set(graph)
+    assert "bmc.contract" in graph["bmc.edge_app.session"] and "bmc.edge_app.session" in graph["bmc.cli.edge"]
 
 
 # -- one session-data layer -----------------------------------------------------------------------
@@ -163,3 +163,36 @@ def test_the_sql_checks_see_what_they_look_for():
     text = "card = json.loads(card_path(p).read_text())\n"
     assert _card_reads("bmc.x", ast.parse(text), text)
     assert _sql_sites(SESSION_DB, _modules()[SESSION_DB])  # the session-data module itself has SQL
+
+
+def test_no_module_takes_another_modules_private_name():
+    """A name with a leading underscore is its module's own: another module that needs it gets a
+    public name (``from bmc.x import _y`` is a knot the reader cannot see from ``x``)."""
+    found = []
+    for m, tree in _modules().items():
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("bmc"):
+                found += [
+                    f"{m}: from {node.module} import {a.name}"
+                    for a in node.names
+                    if a.name.startswith("_") and not a.name.startswith("__")  # __version__ is public
+                ]
+    assert not found, "\n".join(found)
+
+
+def test_the_map_of_tests_names_every_device_module_and_only_real_files():
+    """tests/README.md says where the tests of each module are: every module of edge_app/ has a line
+    (itself, or its folder), and every test file it names exists."""
+    text = (ROOT / "tests" / "README.md").read_text()
+    named = set(re.findall(r"`(edge_app/[\w/]+(?:\.py)?)`", text))
+    missing = []
+    for path in sorted((ROOT / "edge_app").rglob("*.py")):
+        rel = path.relative_to(ROOT).as_posix()
+        folders = {"/".join(rel.split("/")[:k]) + "/" for k in range(2, rel.count("/") + 1)}
+        if rel not in named and not (folders & named) and path.name != "__init__.py":
+            missing.append(rel)
+    assert not missing, "modules with no line in tests/README.md: " + ", ".join(missing)
+    files = set(re.findall(r"`(test_\w+\.py)`", text))
+    assert files and all((ROOT / "tests" / f).is_file() for f in files), sorted(
+        f for f in files if not (ROOT / "tests" / f).is_file()
+    )

@@ -79,7 +79,7 @@ def test_the_onnx_model_gives_what_the_tflite_gives(onnx_models, pbc):
 
 def test_maps_of_where_the_model_looked_agree_across_runtimes(onnx_models, pbc):
     from bmc.contract import prepare, read_image
-    from bmc.edge_app.cam import ActivationMaps
+    from bmc.edge_app.activation_maps import ActivationMaps
     from bmc.edge_app.classifier import CellClassifier
 
     ours = CellClassifier(onnx_models / "m_onnx-int8.onnx", orientations=1)

@@ -18,9 +18,9 @@ import cv2
 import numpy as np
 import pytest
 
-from bmc.edge_app.app import EdgeSession, SessionConfig
 from bmc.edge_app.classifier import DEFAULT_MODEL, CellClassifier
 from bmc.edge_app.report import build_report
+from bmc.edge_app.session import EdgeSession, SessionConfig
 from bmc.edge_app.sources import VideoFile
 
 from conftest import ROOT, bmc

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from bmc.edge_app.app import EdgeSession, SessionConfig
 from bmc.edge_app.classifier import DEFAULT_MODEL, CellClassifier
+from bmc.edge_app.session import EdgeSession, SessionConfig
 from bmc.edge_app.ui import auth
 from bmc.edge_app.ui.app import UiApp
 

@@ -26,7 +26,7 @@ import dataclasses
 import cv2
 import numpy as np
 
-from bmc.contract import _INTERPOLATIONS, Contract, normalise_stain, prepare, to_rgb
+from bmc.contract import INTERPOLATIONS, Contract, normalise_stain, prepare, to_rgb
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,7 +175,7 @@ def augmented_view(
     """One randomly augmented model input (uint8 RGB, contract size) from a decoded image."""
     rgb = _crop(to_rgb(image, pixel_format), contract, cfg, rng)
     size = contract.input_size
-    rgb = cv2.resize(rgb, (size, size), interpolation=_INTERPOLATIONS[contract.interpolation])
+    rgb = cv2.resize(rgb, (size, size), interpolation=INTERPOLATIONS[contract.interpolation])
     k = int(rng.integers(4))
     if k:
         rgb = np.rot90(rgb, k)

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import click
 
-from bmc.cli.common import _Main
+from bmc.cli.common import MainGroup
 
 
-@click.group(cls=_Main)
+@click.group(cls=MainGroup)
 @click.version_option(package_name="bmc-edge")
 def main() -> None:
     """bmc — bone-marrow cell classification at the microscope."""

@@ -10,15 +10,15 @@ from typing import Any, cast
 import click
 
 from bmc.cli.common import (
-    _Fail,
-    _guard,
-    _need_training,
-    _write_json,
+    CliFail,
     json_option,
+    need_training,
+    one_line_errors,
     orientations_option,
     seeds_option,
     threads_option,
     truth_options,
+    write_json,
 )
 from bmc.edge_app.unknown import DEFAULT_LEVEL
 
@@ -69,10 +69,12 @@ def bench_generalisation(
     from bmc.benchmarks.generalisation import DEFAULT_BCCD, DEFAULT_PBC, score
     from bmc.train.metrics import Metrics, per_class_table
 
-    m = _guard(score, model, bccd or DEFAULT_BCCD, int(orientations), scale, matek, calibrate, reference or DEFAULT_PBC)
+    m = one_line_errors(
+        score, model, bccd or DEFAULT_BCCD, int(orientations), scale, matek, calibrate, reference or DEFAULT_PBC
+    )
     click.echo(per_class_table(Metrics.from_dict(m)))
     if json_out:
-        _write_json(json_out, m)
+        write_json(json_out, m)
 
 
 @bench.command("latency")
@@ -113,7 +115,9 @@ def bench_latency(
     sweep = range(1, (os.cpu_count() or 1) + 1) if thread_sweep else [threads]
     res = None
     for t in sweep:
-        r = _guard(latency.run, list(models), t, runs, baseline_keras=baseline_keras, split=split_file, limit=limit)
+        r = one_line_errors(
+            latency.run, list(models), t, runs, baseline_keras=baseline_keras, split=split_file, limit=limit
+        )
         if res is None:
             res = r
         else:
@@ -123,7 +127,7 @@ def bench_latency(
     if not no_record:
         results.append("latency", res["rows"], res["machine"])
     if json_out:
-        _write_json(json_out, res)
+        write_json(json_out, res)
 
 
 @bench.command("edge")
@@ -139,12 +143,12 @@ def bench_edge(
     """Frames/s, cells/s and per-stage time of the real edge pipeline, headless."""
     from bmc.benchmarks import results, throughput
 
-    res = _guard(throughput.run, source, model, threads, orientations=int(orientations))
+    res = one_line_errors(throughput.run, source, model, threads, orientations=int(orientations))
     click.echo(throughput.markdown(res))
     if not no_record:
         results.append("edge", [{k: v for k, v in res.items() if k != "machine"}], res["machine"])
     if json_out:
-        _write_json(json_out, res)
+        write_json(json_out, res)
 
 
 @bench.command("bccd")
@@ -160,14 +164,14 @@ def bench_bccd(
     from bmc.benchmarks import detection
     from bmc.benchmarks.generalisation import DEFAULT_BCCD, data_folder
 
-    root = _guard(data_folder, bccd or DEFAULT_BCCD, "--bccd")
-    f = _guard(detection.finding, root)
+    root = one_line_errors(data_folder, bccd or DEFAULT_BCCD, "--bccd")
+    f = one_line_errors(detection.finding, root)
     click.echo(
         f"cell finding: recall {f['recall']:.4f}, precision {f['precision']:.4f} "
         f"({f['boxes']} WBC boxes, {f['found']} cells found, {f['missed']} missed, "
         f"{f['false_positives']} outside any box)"
     )
-    c = _guard(detection.field_classification, root, model, int(orientations), white_balance)
+    c = one_line_errors(detection.field_classification, root, model, int(orientations), white_balance)
     click.echo(
         f"field classification ({c['fields']} single-WBC fields, most confident white cell, "
         f"{c['orientations']} orientations{', white-balanced' if c['white_balance'] else ''}): accuracy "
@@ -180,7 +184,7 @@ def bench_bccd(
         "recall " + ", ".join(f"{k} {v:.2f}" for k, v in c["counted_recall"].items())
     )
     if json_out:
-        _write_json(json_out, {"finding": f, "classification": c})
+        write_json(json_out, {"finding": f, "classification": c})
 
 
 @bench.command("autonomy")
@@ -224,8 +228,8 @@ def bench_autonomy(
 
     if days:
         if not k:
-            raise _Fail("--days needs --k: the first day's review to adapt from")
-        r = _guard(
+            raise CliFail("--days needs --k: the first day's review to adapt from")
+        r = one_line_errors(
             autonomy.sequence,
             source,
             truth_file,
@@ -240,9 +244,9 @@ def bench_autonomy(
         )
         click.echo(autonomy.sequence_markdown(r))
         if json_out:
-            _write_json(json_out, r)
+            write_json(json_out, r)
         return
-    r = _guard(
+    r = one_line_errors(
         autonomy.run,
         source,
         truth_file,
@@ -256,7 +260,7 @@ def bench_autonomy(
     )
     click.echo(autonomy.markdown(r))
     if json_out:
-        _write_json(json_out, r)
+        write_json(json_out, r)
 
 
 @bench.command("adabn")
@@ -285,12 +289,12 @@ def bench_adabn(
 ) -> None:
     """AdaBN on BCCD: the shipped float model with its batch-norm statistics re-estimated on half the
     fields' cells (no labels), scored on the other half, against the same model without."""
-    _need_training("bmc bench adabn", "bmc.train.recover", "tensorflow")
+    need_training("bmc bench adabn", "bmc.train.recover", "tensorflow")
     from bmc.benchmarks import adabn
     from bmc.benchmarks.generalisation import DEFAULT_BCCD, DEFAULT_PBC
 
     variants = tuple((None if f == "stem" else f, weight) for f in firsts) or adabn.VARIANTS
-    r = _guard(
+    r = one_line_errors(
         adabn.run,
         model or adabn.DEFAULT_FP16,
         bccd or DEFAULT_BCCD,
@@ -301,7 +305,7 @@ def bench_adabn(
     )
     click.echo(adabn.markdown(r))
     if json_out:
-        _write_json(json_out, r)
+        write_json(json_out, r)
 
 
 @bench.command("multisource")
@@ -315,7 +319,7 @@ def bench_multisource(source: str, truth_file: str, split_file: str, out: str, s
     true class, harvested and added to the split's training part; the other half's truth for scoring."""
     from bmc.benchmarks import multisource
 
-    info = _guard(
+    info = one_line_errors(
         multisource.prepare, source, truth_file, split_file, out, seed, repeat, log=lambda m: click.echo(m, err=True)
     )
     click.echo(json.dumps(info, indent=2))
@@ -334,10 +338,10 @@ def bench_differential(
     device counts alone, and after a simulated reviewer decides every cell set aside."""
     from bmc.benchmarks import differential
 
-    r = _guard(differential.run, source, truth_file, model, mode, int(orientations))
+    r = one_line_errors(differential.run, source, truth_file, model, mode, int(orientations))
     click.echo(differential.markdown(r))
     if json_out:
-        _write_json(json_out, r)
+        write_json(json_out, r)
 
 
 @bench.command("pan")
@@ -359,11 +363,11 @@ def bench_pan(
         steps = tuple(int(v) for v in speeds.split(","))
     except ValueError:
         raise click.BadParameter(f"{speeds!r}: pixels a frame, e.g. 4,12,30", param_hint="--speeds") from None
-    root = _guard(data_folder, bccd or DEFAULT_BCCD, "--bccd")
-    r = _guard(pan.run, root, steps, n_fields, model, int(orientations) if orientations else None)
+    root = one_line_errors(data_folder, bccd or DEFAULT_BCCD, "--bccd")
+    r = one_line_errors(pan.run, root, steps, n_fields, model, int(orientations) if orientations else None)
     click.echo(pan.markdown(r))
     if json_out:
-        _write_json(json_out, r)
+        write_json(json_out, r)
 
 
 @bench.command("finding")
@@ -393,7 +397,9 @@ def bench_finding(
     """Recall and precision of the cell finder against white-cell boxes in VOC, CSV or YOLO form."""
     from bmc.benchmarks import finding
 
-    r = _guard(lambda: finding.finding(finding.read_boxes(source, boxes, fmt, label), errors=errors, tint=tint))
+    r = one_line_errors(
+        lambda: finding.finding(finding.read_boxes(source, boxes, fmt, label), errors=errors, tint=tint)
+    )
     click.echo(
         f"cell finding on {r['fields']} fields"
         + (f" tinted {tint:g}" if tint else "")
@@ -404,7 +410,7 @@ def bench_finding(
         + (f"; errors in {errors}" if errors else "")
     )
     if json_out:
-        _write_json(json_out, r)
+        write_json(json_out, r)
 
 
 @bench.command("ood")
@@ -453,12 +459,12 @@ def bench_ood(
     from bmc.benchmarks import ood
     from bmc.benchmarks.generalisation import DEFAULT_DATA  # what ood.DEFAULT_DATA is
 
-    r = _guard(
+    r = one_line_errors(
         lambda: ood.run(model, level, data_root or DEFAULT_DATA, reviewed=reviewed, seed=seed, calibrate=calibrate)
     )
     click.echo(ood.markdown(r))
     if json_out:
-        _write_json(json_out, r)
+        write_json(json_out, r)
 
 
 @bench.command("adapt")
@@ -491,7 +497,7 @@ def bench_adapt(
     from bmc.benchmarks import adapt as bench
 
     if ceiling:
-        res = _guard(
+        res = one_line_errors(
             bench.ceiling, source, truth_file, mode, model, int(orientations), log=lambda m: click.echo(m, err=True)
         )
         click.echo(
@@ -500,10 +506,10 @@ def bench_adapt(
             f"{res['adapted']['balanced_accuracy']:.3f}"
         )
         if json_out:
-            _write_json(json_out, res)
+            write_json(json_out, res)
         return
 
-    res = _guard(
+    res = one_line_errors(
         bench.run,
         source,
         truth_file,
@@ -516,7 +522,7 @@ def bench_adapt(
     )
     click.echo(bench.markdown(res))
     if json_out:
-        _write_json(json_out, res)
+        write_json(json_out, res)
 
 
 @bench.command("truth")
@@ -544,10 +550,10 @@ def bench_ui(source: str, fps: float, frames: int, model: str | None, json_out: 
     pipeline's frames/s with the screen and one viewer against headless, on a replayed camera."""
     from bmc.benchmarks import ui
 
-    r = _guard(ui.run, source, fps, frames, model, log=lambda m: click.echo(m, err=True))
+    r = one_line_errors(ui.run, source, fps, frames, model, log=lambda m: click.echo(m, err=True))
     click.echo(ui.markdown(r))
     if json_out:
-        _write_json(json_out, r)
+        write_json(json_out, r)
 
 
 @bench.command("soak")
@@ -565,10 +571,10 @@ def bench_soak(source: str, out: str, kills: int, max_delay: float, seed: int, j
     try:
         r = soak.run(source, out, kills, max_delay, seed, log=lambda m: click.echo(m, err=True))
     except ValueError as e:
-        raise _Fail(str(e)) from e
+        raise CliFail(str(e)) from e
     click.echo(soak.markdown(r))
     if json_out:
-        _write_json(json_out, r)
+        write_json(json_out, r)
     if (
         r["committed_frames_lost"]
         or r["integrity_failures"]
@@ -592,11 +598,11 @@ def bench_compare(
     """Accuracy and macro-F1 on DATA beside latency and size, for a run's variants or given models."""
     from bmc.benchmarks import compare, results
 
-    res = _guard(compare.run, items, data, runs, threads, plot)
+    res = one_line_errors(compare.run, items, data, runs, threads, plot)
     click.echo(compare.markdown(res))
     results.append("compare", res["rows"], res["machine"])
     if json_out:
-        _write_json(json_out, res)
+        write_json(json_out, res)
 
 
 @bench.command("energy")
@@ -647,20 +653,20 @@ def bench_energy(
         elif meter in makers:
             m = makers[meter]()
         else:
-            raise _Fail(f"unknown meter {meter!r}")
+            raise CliFail(f"unknown meter {meter!r}")
     except meters.MeterError as e:
-        raise _Fail(str(e)) from e
+        raise CliFail(str(e)) from e
     b = LiteRTBackend(str(model or DEFAULT_MODEL), threads or os.cpu_count())
     size = b.input_shape[1]
     x = np.random.default_rng(0).uniform(0, 255, (1, size, size, 3)).astype(np.float32)
     try:
         r = energy.joules_per_inference(m, lambda: b.predict(x), runs, idle_s)
     except meters.MeterError as e:
-        raise _Fail(str(e)) from e
+        raise CliFail(str(e)) from e
     r.update(model=str(model or DEFAULT_MODEL), machine=machine.describe())
     click.echo(
         f"{r['meter']}: idle {r['idle_w']:.2f} W, {r['avg_w']:.2f} W while running; "
         f"{1000 * r['joules_per_inference']:.2f} mJ per inference above idle ({runs} inferences)"
     )
     if json_out:
-        _write_json(json_out, r)
+        write_json(json_out, r)

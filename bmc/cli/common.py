@@ -22,7 +22,7 @@ _T = TypeVar("_T")
 _F = TypeVar("_F", bound=Callable[..., Any])
 
 
-class _Fail(click.ClickException):
+class CliFail(click.ClickException):
     """An expected error: one line on stderr, exit status 2."""
 
     exit_code = 2
@@ -31,30 +31,30 @@ class _Fail(click.ClickException):
         click.echo(f"error: {self.message}", err=True)
 
 
-def _guard(fn: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> _T:
+def one_line_errors(fn: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> _T:
     """``fn(*args, **kwargs)``, an expected error (:class:`bmc.errors.BmcError`, a missing file)
     turned into one line and exit status 2."""
     try:
         return fn(*args, **kwargs)
     except (BmcError, FileNotFoundError) as e:
-        raise _Fail(str(e)) from e
+        raise CliFail(str(e)) from e
 
 
-class _Main(click.Group):
+class MainGroup(click.Group):
     """The front door: a domain error raised anywhere below a verb is caught here, once."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except BmcError as e:
-            raise _Fail(str(e)) from e
+            raise CliFail(str(e)) from e
         except OSError as e:  # a file named on the command line that cannot be read or written
             if e.filename is None:
                 raise
-            raise _Fail(f"{e.filename}: {e.strerror or e}") from e
+            raise CliFail(f"{e.filename}: {e.strerror or e}") from e
 
 
-def _need_training(verb: str, module: str, *also: str) -> None:
+def need_training(verb: str, module: str, *also: str) -> None:
     """One clear line, not a traceback, when a verb that trains or converts runs on a device
     install (the edge extra has no Keras, TensorFlow or scikit-learn)."""
     import importlib
@@ -67,13 +67,13 @@ def _need_training(verb: str, module: str, *also: str) -> None:
         except ModuleNotFoundError as e:
             missing = [e.name or str(e)]
     if missing:
-        raise _Fail(
+        raise CliFail(
             f"{verb} needs the training packages, not installed here (missing: {', '.join(missing)}): "
             "pip install '.[train]' from the bmc checkout on a workstation or server; a device needs only [edge]"
         )
 
 
-def _write_json(path: str | Path, obj: object) -> None:
+def write_json(path: str | Path, obj: object) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as fh:
         json.dump(obj, fh, indent=2)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from bmc.cli.common import LABEL_SOURCES, _guard, _write_json
+from bmc.cli.common import LABEL_SOURCES, one_line_errors, write_json
 from bmc.train.config import default as _td  # every training default, written once (TrainConfig)
 
 
@@ -28,10 +28,10 @@ def data_check(data_dir: str, label_from: str, manifest: str | None, json_out: s
     """Classes and counts, image sizes, unreadable files, duplicates and imbalance of DATA_DIR."""
     from bmc.train.data import check
 
-    report = _guard(check, data_dir, label_from, manifest)
+    report = one_line_errors(check, data_dir, label_from, manifest)
     click.echo(report.table())
     if json_out:
-        _write_json(json_out, report.to_dict())
+        write_json(json_out, report.to_dict())
 
 
 @data.command("split")
@@ -56,9 +56,9 @@ def data_split(data_dir: str, out: str, label_from: str, manifest: str | None, s
 
     dropped = 0
     if like:
-        parts, dropped = _guard(relabel, load_split(like), label_from)
+        parts, dropped = one_line_errors(relabel, load_split(like), label_from)
     else:
-        parts = _guard(lambda: split(discover(data_dir, label_from, manifest), seed=seed))
+        parts = one_line_errors(lambda: split(discover(data_dir, label_from, manifest), seed=seed))
     save_split(parts, out)
     click.echo(
         ", ".join(f"{k} {len(v)}" for k, v in parts.items())
@@ -80,7 +80,7 @@ def data_pack(source: str, dest: str, side: int, quality: int, label_from: str) 
     DEST/split.json` trains on it."""
     from bmc.train.data import pack
 
-    n, skipped = _guard(pack, source, dest, side, quality, label_from)
+    n, skipped = one_line_errors(pack, source, dest, side, quality, label_from)
     for _path, why in skipped:
         click.echo(f"skipped unreadable image: {why}", err=True)
     click.echo(f"{n} images packed into {dest}" + (f" ({len(skipped)} unreadable, left out)" if skipped else ""))
@@ -118,8 +118,8 @@ def data_harvest(
     if model:
         from bmc.card import load_card
 
-        fallback = _guard(load_card, model)[1]
-    s = _guard(harvest, sessions, dest, with_data, label_from, fallback)
+        fallback = one_line_errors(load_card, model)[1]
+    s = one_line_errors(harvest, sessions, dest, with_data, label_from, fallback)
     for item in s["skipped"]:
         click.echo(f"skipped {item['cell']}: {item['why']}", err=True)
     click.echo(

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, cast
 
 import click
 
-from bmc.cli.common import _Fail, _guard, _write_json, orientations_option, threads_option
+from bmc.cli.common import CliFail, one_line_errors, orientations_option, threads_option, write_json
 from bmc.edge_app.unknown import DEFAULT_LEVEL
 
 if TYPE_CHECKING:
@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from types import FrameType
     from typing import TextIO
 
-    from bmc.edge_app.app import SessionResult
+    from bmc.edge_app.session import SessionResult
 
 
 @click.group()
@@ -92,9 +92,9 @@ def edge_run(
     """Classify and count the cells of SOURCE: a camera index or /dev path, picamera2, a GStreamer
     pipeline, a video, an image folder or glob, or one image."""
 
-    from bmc.edge_app.app import EdgeSession, SessionConfig, has_display
     from bmc.edge_app.backends import BackendError
     from bmc.edge_app.differential import ReviewPolicy
+    from bmc.edge_app.session import EdgeSession, SessionConfig, has_display
 
     try:
         ReviewPolicy(unknown_level=unknown_level)
@@ -126,11 +126,11 @@ def edge_run(
         return EdgeSession(source, clf, out_dir, cfg, echo=click.echo).run()
 
     try:
-        r = _guard(go)
+        r = one_line_errors(go)
     except (SourceError, BackendError, SessionFolderError) as e:
-        raise _Fail(str(e)) from e
+        raise CliFail(str(e)) from e
     if r.status == "disk-full":
-        raise _Fail(r.message)
+        raise CliFail(r.message)
 
 
 @edge.command("serve")
@@ -143,8 +143,8 @@ def edge_serve(config_path: str) -> None:
     try:
         cfg = config_mod.load(config_path)
     except config_mod.ConfigError as e:
-        raise _Fail(str(e)) from e
-    _guard(serve, cfg, echo=lambda m: click.echo(m, err=False))
+        raise CliFail(str(e)) from e
+    one_line_errors(serve, cfg, echo=lambda m: click.echo(m, err=False))
 
 
 @edge.command("ui")
@@ -200,7 +200,7 @@ def edge_ui(
         try:
             path = auth.set_password(cdir, pw)
         except auth.AuthError as e:
-            raise _Fail(str(e)) from e
+            raise CliFail(str(e)) from e
         click.echo(f"password hash written to {path} (readable by this user only)")
         return
     from bmc.edge_app.review import current_user
@@ -216,11 +216,11 @@ def edge_ui(
         os.makedirs(folder, exist_ok=True)
         click.echo(f"sessions are kept in {folder} (--storage FOLDER or --config bmc.toml for another)")
     if not os.path.isdir(folder):
-        raise _Fail(f"{folder}: no such storage folder")
+        raise CliFail(f"{folder}: no such storage folder")
     sign_in = not is_loopback(host)
     stored = auth.stored_hash(cdir)
     if sign_in and not stored:
-        raise _Fail(
+        raise CliFail(
             f"listening on {host} (beyond this computer) needs a password: bmc edge ui --set-password"
             + (f" --config-dir {cdir}" if config_dir else "")
         )
@@ -251,7 +251,7 @@ def edge_ui(
     try:
         serve(app, host, int(port), echo=click.echo)
     except UiError as e:
-        raise _Fail(str(e)) from e
+        raise CliFail(str(e)) from e
     except KeyboardInterrupt:
         click.echo("stopping the screen")
     finally:
@@ -270,9 +270,9 @@ def edge_export(sessions: tuple[str, ...], dest: str, all_from: str | None) -> N
 
     todo: list[str | Path] = [*sessions, *(session_dirs(all_from) if all_from else [])]
     if not todo:
-        raise _Fail("nothing to export: name session folders or --all-from STORAGE")
+        raise CliFail("nothing to export: name session folders or --all-from STORAGE")
     for s in todo:
-        click.echo(f"exported {s} → {_guard(export, s, dest)}")
+        click.echo(f"exported {s} → {one_line_errors(export, s, dest)}")
 
 
 @edge.command("doctor")
@@ -317,11 +317,11 @@ def edge_report(out_dir: str, fhir: bool) -> None:
     """Write OUT_DIR/report.html (counts, percentages, flagged cells, thumbnails) and cells.csv."""
     from bmc.edge_app.report import write_session_files
 
-    paths = _guard(write_session_files, out_dir)  # a FHIR file already there is rewritten with the rest
+    paths = one_line_errors(write_session_files, out_dir)  # a FHIR file already there is rewritten with the rest
     if fhir and not any(p.name == "differential.fhir.json" for p in paths):
         from bmc.edge_app import fhir as fhir_mod
 
-        paths.append(_guard(fhir_mod.write, out_dir))
+        paths.append(one_line_errors(fhir_mod.write, out_dir))
     for path in paths:
         click.echo(f"{'report' if path.name == 'report.html' else 'written'}: {path}")
 
@@ -368,15 +368,15 @@ def edge_adapt(
     from bmc.edge_app.classifier import DEFAULT_MODEL, CellClassifier
 
     s = adapt.Settings(max_guard_drop=max_guard_drop, grow_confidence=grow)
-    clf = _guard(CellClassifier, model or DEFAULT_MODEL, orientations=1)
-    guard, reviewed, r = _guard(adapt.prepare, sessions, clf, s)
+    clf = one_line_errors(CellClassifier, model or DEFAULT_MODEL, orientations=1)
+    guard, reviewed, r = one_line_errors(adapt.prepare, sessions, clf, s)
     click.echo(
         f"{len(reviewed.labels)} reviewed cells from {len(reviewed.sessions)} session folder(s) by "
         f"{', '.join(reviewed.reviewers)}: " + ", ".join(f"{k} {v}" for k, v in sorted(r.cells_per_class.items()))
     )
     click.echo(r.table())
     if json_out:
-        _write_json(
+        write_json(
             json_out,
             {
                 "accepted": r.accepted,
@@ -390,13 +390,13 @@ def edge_adapt(
     if r.advice:
         click.echo("more reviewed cells would help: " + "; ".join(r.advice))
     if not r.accepted:
-        raise _Fail(
+        raise CliFail(
             "adapted model refused, nothing written: "
             + "; ".join(r.reasons)
             + ". Review more cells (bmc edge review --for-adapt) and adapt again"
         )
     stem = name or f"{clf.path.stem}_adapted_{datetime.datetime.now():%Y%m%d-%H%M%S}"
-    path = _guard(adapt.write_model, r, reviewed, clf, guard, out_dir, stem, s)
+    path = one_line_errors(adapt.write_model, r, reviewed, clf, guard, out_dir, stem, s)
     click.echo(f"adapted in {r.seconds:.1f} s; count with it: bmc edge run SOURCE --model {path}")
     click.echo(str(path))
 
@@ -452,9 +452,9 @@ def edge_review(
     then rewrite cells.csv and report.html with the differential after review."""
     import sqlite3
 
-    from bmc.edge_app.app import NO_GUI_HINT, has_display, opencv_gui
     from bmc.edge_app.report import write_session_files
     from bmc.edge_app.review import Reviewer, ReviewError, review_window, teaching_queue, write_decisions_template
+    from bmc.edge_app.session import NO_GUI_HINT, has_display, opencv_gui
 
     if (label or undo) and cell_id is None:
         raise click.UsageError("--label and --undo need --cell ID")
@@ -485,7 +485,7 @@ def edge_review(
             else:
                 if not has_display() or not opencv_gui():
                     why = "no screen" if not has_display() else NO_GUI_HINT
-                    raise _Fail(
+                    raise CliFail(
                         f"the review window needs a screen ({why}); without one, list the cells with "
                         f"--list and decide with --cell ID --label L or --apply decisions.csv"
                     )
@@ -497,8 +497,8 @@ def edge_review(
                 )
                 click.echo(f"{n} decisions recorded (by {r.name})")
     except (ReviewError, FileNotFoundError) as e:
-        raise _Fail(str(e)) from e
+        raise CliFail(str(e)) from e
     except sqlite3.Error as e:
-        raise _Fail(f"{out_dir}/session.sqlite: {e}") from e
-    written = _guard(write_session_files, out_dir)
+        raise CliFail(f"{out_dir}/session.sqlite: {e}") from e
+    written = one_line_errors(write_session_files, out_dir)
     click.echo(f"report: {next(p for p in written if p.name == 'report.html')}")

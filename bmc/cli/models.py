@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from bmc.cli.common import LABEL_SOURCES, _guard, _need_training, _write_json, orientations_option
+from bmc.cli.common import LABEL_SOURCES, need_training, one_line_errors, orientations_option, write_json
 from bmc.convert.gate import Gate
 from bmc.train.backbones import BACKBONES
 from bmc.train.config import default as _td  # every training default, written once (TrainConfig)
@@ -88,12 +88,12 @@ if TYPE_CHECKING:
 )
 def train_cmd(data_dir: str, out: str, **kw: Any) -> None:
     """Fine-tune an ImageNet EfficientNet on DATA_DIR; writes model, split and metrics to --out."""
-    _need_training("bmc train", "bmc.train.trainer", "keras", "cv2")
+    need_training("bmc train", "bmc.train.trainer", "keras", "cv2")
     from bmc.train.config import TrainConfig
     from bmc.train.trainer import train
 
-    cfg = _guard(TrainConfig, data=data_dir, out=out, **kw)
-    m = _guard(train, cfg).metrics
+    cfg = one_line_errors(TrainConfig, data=data_dir, out=out, **kw)
+    m = one_line_errors(train, cfg).metrics
     click.echo(f"test accuracy {m.accuracy:.4f} · macro-F1 {m.macro_f1:.4f} · n {m.n}")
 
 
@@ -119,7 +119,7 @@ def evaluate_cmd(
 
     if (data_dir is None) == (split_file is None):
         raise click.UsageError("give DATA_DIR or --split FILE (one of them)")
-    ev = _guard(evaluate, model, data_dir, split_file=split_file, part=part, orientations=int(orientations))
+    ev = one_line_errors(evaluate, model, data_dir, split_file=split_file, part=part, orientations=int(orientations))
     for item in ev.skipped:
         click.echo(f"skipped {item['path']}: {item['why']}", err=True)
     click.echo(per_class_table(ev.metrics))
@@ -147,7 +147,7 @@ def evaluate_cmd(
             f"{u.accuracy_all:.4f} on all, {u.accuracy_counted:.4f} on the cells counted"
         )
     if json_out:
-        _write_json(json_out, ev.to_dict())
+        write_json(json_out, ev.to_dict())
 
 
 @click.command("convert")
@@ -190,13 +190,13 @@ def convert_cmd(
     """Convert a run folder (or .keras) to TFLite variants and validate each against the float model."""
     from pathlib import Path
 
-    _need_training("bmc convert", "bmc.convert.build", "tensorflow")
+    need_training("bmc convert", "bmc.convert.build", "tensorflow")
     from bmc.convert.build import convert_run
 
     names = tuple(v.strip() for v in variants.split(",") if v.strip())
     fl = "auto" if float_layers == "auto" else tuple(x for x in float_layers.split(",") if x)
     out = out_dir or str(Path(source if Path(source).is_dir() else Path(source).parent) / "tflite")
-    report = _guard(
+    report = one_line_errors(
         convert_run,
         source,
         out,
@@ -219,7 +219,7 @@ def convert_cmd(
 
         run_dir = Path(source) if Path(source).is_dir() else None
         cmd = "bmc " + " ".join(_sys.argv[1:]) if _sys.argv and _sys.argv[0].endswith("bmc") else ""
-        files = _guard(ship, out, name, ship_dir, run_dir, reproduce=cmd)
+        files = one_line_errors(ship, out, name, ship_dir, run_dir, reproduce=cmd)
         click.echo("shipped: " + ", ".join(str(f) for f in files))
 
 
@@ -266,7 +266,7 @@ def convert_onnx_cmd(
     recovered)."""
     from pathlib import Path
 
-    _need_training("bmc convert-onnx", "bmc.convert.onnx_export", "onnx")
+    need_training("bmc convert-onnx", "bmc.convert.onnx_export", "onnx")
     from bmc.convert import onnx_export
 
     def go() -> None:
@@ -317,7 +317,7 @@ def convert_onnx_cmd(
                 "; ".join(f"{r['file']} failed the gate (drop {r['accuracy_drop_points']:.2f} points)" for r in failed)
             )
 
-    _guard(go)
+    one_line_errors(go)
 
 
 @click.command("prepare-adapt")
@@ -339,10 +339,14 @@ def prepare_adapt(models: tuple[str, ...], split_file: str, per_class: int, orie
     from bmc.convert.embedding import build_guard, calibrate_unknown, expose
     from bmc.train.data import load_split
 
-    parts = _guard(load_split, split_file)
+    parts = one_line_errors(load_split, split_file)
     for m in models:
-        changed = _guard(expose, m)
+        changed = one_line_errors(expose, m)
         click.echo(f"{m}: " + ("embedding output added (class scores unchanged)" if changed else "gives its embedding"))
-        out = _guard(build_guard, m, parts["train"], per_class, int(orientations), log=lambda t: click.echo(f"  {t}"))
+        out = one_line_errors(
+            build_guard, m, parts["train"], per_class, int(orientations), log=lambda t: click.echo(f"  {t}")
+        )
         click.echo(f"{m}: guard set {out}")
-        _guard(calibrate_unknown, m, parts["val"], int(orientations), log=lambda t, m=m: click.echo(f"{m}: {t}"))
+        one_line_errors(
+            calibrate_unknown, m, parts["val"], int(orientations), log=lambda t, m=m: click.echo(f"{m}: {t}")
+        )

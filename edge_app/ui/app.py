@@ -47,7 +47,7 @@ from bmc.edge_app.ui.web import CSP, Html, HttpError, Request, Response, Router,
 from bmc.errors import BmcError
 
 if TYPE_CHECKING:
-    from bmc.edge_app.cam import ActivationMaps
+    from bmc.edge_app.activation_maps import ActivationMaps
     from bmc.edge_app.classifier import CellClassifier
     from bmc.edge_app.differential import DifferentialCount
     from bmc.edge_app.ui.live import LiveRunner
@@ -299,8 +299,8 @@ class UiApp:
 
     def map_maker(self) -> tuple[CellClassifier, ActivationMaps]:
         """The counting model (the active adapted one, else the configured or shipped one) and its maps."""
+        from bmc.edge_app.activation_maps import ActivationMaps
         from bmc.edge_app.active import active_model
-        from bmc.edge_app.cam import ActivationMaps
         from bmc.edge_app.classifier import DEFAULT_MODEL, CellClassifier
 
         path = Path(active_model(self.storage) or self.model or DEFAULT_MODEL)

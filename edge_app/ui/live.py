@@ -1,7 +1,7 @@
 """The screen's live session: one recording session run by the screen's process (it owns the
 camera), its latest frame for the browser, and start / pause / stop.
 
-The session is the same :class:`bmc.edge_app.app.EdgeSession` that ``bmc edge run`` and the service
+The session is the same :class:`bmc.edge_app.session.EdgeSession` that ``bmc edge run`` and the service
 run, in a thread of its own. After each frame it hands this module a *reference* to the frame and
 its cells; drawing the boxes and JPEG-encoding happen in the thread of the browser's stream, at
 most ``max_fps`` times a second and only while someone watches, so the page never slows capture.
@@ -24,7 +24,7 @@ from bmc.edge_app.config import ModelConfig
 from bmc.edge_app.sources.base import Frame
 
 if TYPE_CHECKING:
-    from bmc.edge_app.app import EdgeSession, SessionConfig
+    from bmc.edge_app.session import EdgeSession, SessionConfig
 
 
 @dataclasses.dataclass
@@ -68,9 +68,9 @@ class LiveRunner:
     def start(self, target: int | None = None) -> Path:
         """Start a session into a new time-stamped folder of the storage folder."""
         from bmc.edge_app.active import active_model
-        from bmc.edge_app.app import EdgeSession, SessionConfig
         from bmc.edge_app.factory import classifier
         from bmc.edge_app.service import new_session_folder
+        from bmc.edge_app.session import EdgeSession, SessionConfig
         from bmc.edge_app.sources import open_source
 
         if self.running:
@@ -156,7 +156,7 @@ class LiveRunner:
     def frames(self, timeout_s: float = 30.0) -> Iterator[tuple[float, bytes]]:
         """JPEG parts of the latest frames, each once, at most ``max_fps`` a second, while the
         session runs (for the MJPEG stream)."""
-        from bmc.edge_app.app import annotated
+        from bmc.edge_app.session import annotated
 
         seen = 0
         last = 0.0

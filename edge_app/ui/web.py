@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
-    from bmc.edge_app.cam import ActivationMaps
+    from bmc.edge_app.activation_maps import ActivationMaps
     from bmc.edge_app.classifier import CellClassifier
     from bmc.edge_app.differential import DifferentialCount
     from bmc.edge_app.sessiondb import Note, ReviewedCell, SessionRecord

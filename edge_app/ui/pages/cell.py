@@ -46,7 +46,7 @@ def _model_input(folder: Path, cell_id: str, clf: CellClassifier) -> np.ndarray:
 
 
 def cell_page(app: Screen, req: Request) -> Response:
-    from bmc.edge_app.cam import MapError
+    from bmc.edge_app.activation_maps import MapError
 
     folder = app.session_folder(req.params["session"])
     cell_id = req.params["cell"]
@@ -125,7 +125,7 @@ def cell_page(app: Screen, req: Request) -> Response:
 
 def cell_map(app: Screen, req: Request) -> Response:
     """Where the model looked for one class in one cell, over its crop (JPEG)."""
-    from bmc.edge_app.cam import MapError, overlay
+    from bmc.edge_app.activation_maps import MapError, overlay
 
     folder = app.session_folder(req.params["session"])
     try:

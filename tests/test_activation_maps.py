@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from bmc.contract import preprocess, read_image
-from bmc.edge_app.cam import ActivationMaps, overlay
+from bmc.edge_app.activation_maps import ActivationMaps, overlay
 from bmc.edge_app.classifier import DEFAULT_MODEL, CellClassifier
 
 

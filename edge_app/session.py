@@ -26,10 +26,10 @@ from bmc.contract import centre_square, preprocess
 from bmc.edge_app import unknown as unknown_mod
 from bmc.edge_app.calibration import LabCalibration
 from bmc.edge_app.capture import Capture
-from bmc.edge_app.cells import Box, CellCall, SessionLamp, SessionScale, crop_cell
+from bmc.edge_app.cells import Box, CellCall, CutDiameter, SessionLamp, crop_cell
 from bmc.edge_app.classifier import CellClassifier
 from bmc.edge_app.config import SessionDefaults
-from bmc.edge_app.detect import FieldScale, FinderConfig, find_cells, scaled
+from bmc.edge_app.detect import FinderConfig, RedCells, find_cells, scaled
 from bmc.edge_app.differential import Differential, ReviewPolicy
 from bmc.edge_app.sessiondb import RecordedConfig
 from bmc.edge_app.sources import FrameSource, open_source
@@ -130,8 +130,8 @@ class EdgeSession:
             ):
                 self.unknown = self.unknown.with_threshold(self.calibration.unknown_threshold, self.calibration.level)
         self.diff = Differential(classifier.labels, config.target, config.review, self.specimen)
-        self.scale = SessionScale(config.cell_diameter_px)
-        self.field_scale = FieldScale()  # the red cells' diameter: the field's magnification
+        self.scale = CutDiameter(config.cell_diameter_px)
+        self.field_scale = RedCells()  # the red cells' diameter: the field's magnification
         self._finder = config.finder
         self.lamp = SessionLamp(classifier.contract.lamp, config.white_balance)
         self.tracker = CellTracker()
