@@ -125,6 +125,6 @@ def test_edge_extra_resolves_for_arm64_without_tensorflow_within_200_mb(tmp_path
         size = r["size"]
         assert size["venv_mb"] <= 200, (target, size)
         # bmc (its one import root) holds the two int8 models (8-class default, stages) with their
-        # guard sets, not the float16 ones
-        assert size["packages_mb"]["bmc"] < 12, size
+        # guard sets, 9.8 MB, and its code with its bytecode (2 MB), not the float16 ones (6.8 MB each)
+        assert size["packages_mb"]["bmc"] < 14, size
         assert size["slimmed_mb"] > 20, size
