@@ -71,6 +71,11 @@ class SessionConfig:
             raise ValueError(f"specimen must be 'blood' or 'marrow', got {self.specimen!r}")
 
 
+# a session whose source ended before its count reached the target: not a finished differential
+SHORT = "short of target"
+MAX_LISTED_CORRUPT = 10  # unreadable frames named one by one on the console
+
+
 @dataclasses.dataclass
 class SessionResult:
     frames: int = 0
@@ -267,6 +272,10 @@ class EdgeSession:
         if frame.image is None:
             r.corrupt_frames += 1
             log.warning("frame %s of %s skipped: %s", frame.index, frame.source, frame.error)
+            if r.corrupt_frames <= MAX_LISTED_CORRUPT:  # the person at the console learns which field was lost
+                self.echo(f"warning: frame {frame.index} ({frame.source}) skipped: {frame.error or 'unreadable'}")
+            elif r.corrupt_frames == MAX_LISTED_CORRUPT + 1:
+                self.echo("warning: more unreadable frames: counted, not listed (the report lists each)")
             self.store.record_frame(frame.index, frame.source, [], [], error=frame.error or "unreadable")
             return []
         t0 = time.perf_counter()
@@ -418,6 +427,8 @@ class EdgeSession:
         finally:
             if self._stop:  # a signal while the source was ending
                 status = "stopped"
+            if status == "finished" and self.cfg.target and not self.diff.done:
+                status = SHORT  # the source ended before the count reached its target
             cap.stop()
             r.dropped_frames = cap.dropped
             r.seconds = time.perf_counter() - t_start

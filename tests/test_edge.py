@@ -499,3 +499,28 @@ def test_a_source_with_no_readable_image_is_refused_and_leaves_nothing(bccd, tmp
     (mixed / "1.jpg").write_bytes(b"broken")
     p = bmc("edge", "run", mixed, "--out", tmp_path / "out-mixed", "--headless")
     assert "session finished: 2 frames" in p.stdout and "1 corrupt" in p.stdout
+
+
+def test_an_unreadable_field_is_named_on_the_console(bccd, tmp_path):
+    src = tmp_path / "fields"
+    src.mkdir()
+    for f in sorted((bccd / "JPEGImages").glob("*.jpg"))[:2]:
+        (src / f.name).symlink_to(f)
+    (src / "fake.jpg").write_text("not an image")
+    p = bmc("edge", "run", src, "--out", tmp_path / "s", "--headless")
+    assert "warning: frame" in p.stdout and "fake.jpg" in p.stdout and "1 corrupt" in p.stdout, p.stdout
+
+
+def test_a_count_that_ends_short_of_its_target_says_so_and_exits_3(bccd, tmp_path):
+    """The source ran out before the target: a count a laboratory must not sign as if complete."""
+    import sqlite3
+
+    src = tmp_path / "fields"
+    src.mkdir()
+    for f in sorted((bccd / "JPEGImages").glob("*.jpg"))[:3]:
+        (src / f.name).symlink_to(f)
+    p = bmc("edge", "run", src, "--out", tmp_path / "s", "--headless", "--target", "200", check=False)
+    assert p.returncode == 3 and "short" in p.stderr and "target of 200" in p.stderr, p.stdout + p.stderr
+    with sqlite3.connect(tmp_path / "s" / "session.sqlite") as db:
+        assert db.execute("SELECT status FROM session").fetchone()[0] == "short of target"
+    assert "short of target" in (tmp_path / "s" / "report.html").read_text()

@@ -692,3 +692,26 @@ def test_a_live_page_without_a_camera_still_has_its_navigation(storage):
         assert status in (403, 404) and b"<a href='/'>Sessions</a>" in page
     finally:
         s.close()
+
+
+def test_a_refused_decision_says_what_in_the_screens_words(local, storage):
+    """No server path and no command-line flag in what the technician reads."""
+    status, headers, page = local.request("GET", "/s/20261128-0900/review")
+    csrf, cookie = _csrf(page), _cookie(headers)
+    cid = _first_pending(storage)
+    for form, said in (
+        ("cell=999999&label=neutrophil", "no cell 999999 in this session"),
+        (f"cell={cid}&label=blast", "is not a label"),
+    ):
+        status, _, page = local.request("POST", "/s/20261128-0900/decide", f"csrf={csrf}&{form}", {"Cookie": cookie})
+        text = page.decode()
+        assert status == 400 and said in text, text
+        assert "--new-label" not in text and "session.sqlite" not in text and str(storage) not in text
+    assert _reviews(storage) == []  # nothing recorded
+
+
+def test_the_device_page_says_where_sessions_are_stored_and_the_disk_left(local, storage):
+    status, _, page = local.request("GET", "/device")
+    text = page.decode()
+    assert status == 200 and f"sessions stored in {storage}" in text and "MB free" in text
+    assert "live sessions: no camera or source set up" in text

@@ -94,7 +94,7 @@ def edge_run(
 
     from bmc.edge_app.backends import BackendError
     from bmc.edge_app.differential import ReviewPolicy
-    from bmc.edge_app.session import EdgeSession, SessionConfig, has_display
+    from bmc.edge_app.session import SHORT, EdgeSession, SessionConfig, has_display
 
     try:
         ReviewPolicy(unknown_level=unknown_level)
@@ -131,6 +131,13 @@ def edge_run(
         raise CliFail(str(e)) from e
     if r.status == "disk-full":
         raise CliFail(r.message)
+    if r.status == SHORT:  # a count short of its target is no differential to sign: a script must see it
+        click.echo(
+            f"warning: the source ended before the target of {target} cells was reached; the count is "
+            "short (status 'short of target', exit status 3)",
+            err=True,
+        )
+        raise SystemExit(3)
 
 
 @edge.command("serve")

@@ -6,9 +6,17 @@ from bmc.edge_app.ui.web import Html, Request, Response, Screen, html
 
 
 def device_page(app: Screen, req: Request) -> Response:
-    from bmc.edge_app.service import doctor
+    from bmc.edge_app.service import disk_usage, doctor
 
     have, wrong = doctor(model_path=str(app.model) if app.model else None)
+    pct, free = disk_usage(app.storage)
+    have = [
+        f"sessions stored in {app.storage}: its disk {pct:.0f}% used, {free:.0f} MB free",
+        f"live sessions record from: {app.live.source}"
+        if app.live is not None
+        else "live sessions: no camera or source set up",
+        *have,
+    ]
     body = html(
         "<ul>{have}{wrong}</ul>",
         have=Html.join(html("<li>{h}</li>", h=h) for h in have),

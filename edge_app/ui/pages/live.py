@@ -15,6 +15,14 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("bmc.edge_app.ui.app")
 
+# how the last session ended, as the page says it
+ENDED = {
+    "finished": "finished",
+    "stopped": "was stopped",
+    "short of target": "ended short of its target (the source ran out): the count is short",
+    "disk-full": "stopped: the disk is full",
+}
+
 NO_SOURCE = Html(
     "<p>No camera or source is set up for this screen, so no session can start here. Start the "
     "screen with <code>--source</code> (a camera, a video or a folder of fields) or with the "
@@ -51,10 +59,10 @@ def live_page(app: Screen, req: Request) -> Response:
         )
     last = (
         html(
-            " The last one, <a href='/s/{link}/'>{name}</a>, ended {state}: its differential and review are there.",
+            " The last one, <a href='/s/{link}/'>{name}</a>, {ended}: its differential and review are there.",
             link=quote(st["folder"]),
             name=st["folder"],
-            state=st["state"],
+            ended=ENDED.get(st["state"], f"ended ({st['state']})"),
         )
         if st.get("folder") and st["state"] not in ("idle", "running", "paused")
         else Html("")

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 
 from bmc.edge_app import report as report_mod
-from bmc.edge_app import review
+from bmc.edge_app import review, sessiondb
 from bmc.edge_app.sessiondb import ReviewedCell
 from bmc.edge_app.ui.web import Html, HttpError, Request, Response, Screen, hidden_csrf, html, quote, redirect
 
@@ -153,6 +154,13 @@ def review_page(app: Screen, req: Request) -> Response:
     return app.page(f"Review — {folder.name}", body, req)
 
 
+def for_screen(message: str, folder: Path) -> str:
+    """A review error as the screen says it: no server path, no command-line flag."""
+    return message.replace(f" in {sessiondb.path_of(folder)}", " in this session").replace(
+        "; a class the model does not know needs --new-label (lower case, up to 40 characters)", ""
+    )
+
+
 def decide(app: Screen, req: Request) -> Response:
     """A decision (``/decide``) or its withdrawal (``/undo``) on one cell, under the signed-in name."""
     folder = app.session_folder(req.params["session"])
@@ -169,7 +177,7 @@ def decide(app: Screen, req: Request) -> Response:
             else:
                 label = r.decide(cell, req.form.get("label", ""))
     except review.ReviewError as e:
-        raise HttpError("400 Bad Request", str(e)) from e
+        raise HttpError("400 Bad Request", for_screen(str(e), folder)) from e
     report_mod.write_session_files(folder, report=False)  # the report too, where one was written
     if req.wants_json:
         return Response(json.dumps({"cell": cell, "label": label, "by": req.user}), ctype="application/json")

@@ -17,33 +17,36 @@ REPORT_CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; fram
 def sessions_page(app: Screen, req: Request) -> Response:
     from bmc.edge_app.service import session_dirs
 
-    rows = []
-    for d in reversed(session_dirs(app.storage)):
+    rows: list[tuple[str, Html]] = []  # (started, row): the newest session first, whatever its folder's name
+    for d in session_dirs(app.storage):
         try:
             cells, meta = app.session_data(d)
         except HttpError:
-            rows.append(html("<tr><td>{name}</td><td colspan='5' class='warn'>unreadable</td></tr>", name=d.name))
+            rows.append(("", html("<tr><td>{name}</td><td colspan='5' class='warn'>unreadable</td></tr>", name=d.name)))
             continue
         record, _ = app.summary(d, cells)
         rows.append(
-            html(
-                "<tr><td><a href='/s/{link}/'>{name}</a></td><td>{started}</td><td>{models}</td>"
-                "<td>{total} {denominator}</td><td>{waiting}</td><td>{status}</td></tr>",
-                link=quote(d.name),
-                name=d.name,
-                started=meta[0].started[:19].replace("T", " ") if meta else "",
-                models=", ".join(sorted({m.model_file for m in meta})),
-                total=record.total,
-                denominator=record.denominator,
-                waiting=record.waiting,
-                status=meta[-1].status if meta else "",
+            (
+                meta[0].started if meta else "",
+                html(
+                    "<tr><td><a href='/s/{link}/'>{name}</a></td><td>{started}</td><td>{models}</td>"
+                    "<td>{total} {denominator}</td><td>{waiting}</td><td>{status}</td></tr>",
+                    link=quote(d.name),
+                    name=d.name,
+                    started=meta[0].started[:19].replace("T", " ") if meta else "",
+                    models=", ".join(sorted({m.model_file for m in meta})),
+                    total=record.total,
+                    denominator=record.denominator,
+                    waiting=record.waiting,
+                    status=meta[-1].status if meta else "",
+                ),
             )
         )
     table = (
         html(
             "<table><tr><th>session</th><th>started</th><th>model</th><th>counted</th><th>waiting for review</th>"
             "<th>status</th></tr>{rows}</table>",
-            rows=Html.join(rows),
+            rows=Html.join(row for _, row in sorted(rows, key=lambda r: r[0], reverse=True)),
         )
         if rows
         else html("<p>No session in {storage} yet.</p>", storage=str(app.storage))
