@@ -32,6 +32,29 @@ def model_file(model: ModelConfig, path: str | Path | None = None) -> Path:
     return choose_runtime(Path(model.path or DEFAULT_MODEL), runtime, model.threads or os.cpu_count()).path
 
 
+def recording_model(sessions: list[Path]) -> Path | None:
+    """The shipped model's file, for either runtime, that recorded ``sessions`` (by the sha256 each
+    session recorded), or None: the base a laboratory adapts is the file its cells came from."""
+    from bmc.card import sha256_file
+    from bmc.edge_app import sessiondb
+    from bmc.edge_app.classifier import DEFAULT_MODEL
+
+    recorded = set()
+    for folder in sessions:
+        try:
+            db = sessiondb.connect(folder)
+        except FileNotFoundError:
+            continue
+        try:
+            recorded |= {s.model_sha256 for s in sessiondb.sessions(db)}
+        finally:
+            db.close()
+    for candidate in (DEFAULT_MODEL, peer_file(DEFAULT_MODEL)):
+        if candidate.is_file() and sha256_file(candidate) in recorded:
+            return candidate
+    return None
+
+
 def classifier(model: ModelConfig, path: str | Path | None = None) -> CellClassifier:
     """The classifier ``model`` describes, on the file :func:`model_file` picks. Threads 0 means
     every core."""

@@ -230,3 +230,28 @@ def test_doctor_says_which_runtime_the_device_counts_with(tmp_path):
     p = subprocess.run([sys.executable, "-m", "bmc.cli", "edge", "doctor"], capture_output=True, text=True, env=env)
     line = next(l for l in p.stdout.splitlines() if "runtime chosen:" in l)
     assert "faster here at equal accuracy" in line and "ms per cell" in line, p.stdout
+
+
+def test_adapting_takes_the_file_that_recorded_the_sessions(bccd, tmp_path):
+    """A device whose default runtime is ONNX Runtime records its sessions with the ONNX file; the
+    base that `bmc edge adapt` (and the screen's adaptation) takes is that file, not the .tflite."""
+    import os
+    import subprocess
+    import sys
+
+    from bmc.edge_app.factory import peer_file, recording_model
+
+    src = tmp_path / "fields"
+    src.mkdir()
+    for f in sorted((bccd / "JPEGImages").glob("*.jpg"))[:3]:
+        (src / f.name).symlink_to(f)
+    made = {}
+    for runtime in ("onnxruntime", "litert"):
+        out = tmp_path / runtime
+        env = {**os.environ, "BMC_RUNTIME": runtime}
+        cmd = [sys.executable, "-m", "bmc.cli", "edge", "run", str(src), "--out", str(out), "--headless"]
+        p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+        assert p.returncode == 0, p.stdout + p.stderr
+        made[runtime] = recording_model([out])
+    assert made == {"onnxruntime": peer_file(INT8), "litert": INT8}
+    assert recording_model([tmp_path / "nothing"]) is None

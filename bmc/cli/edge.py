@@ -370,12 +370,17 @@ def edge_adapt(
     fitted on the device (numpy, seconds), cross-validated against the shipped one and refused unless
     better. Writes OUT/NAME.tflite and its card; run it with bmc edge run --model (or [model] path)."""
     import datetime
+    from pathlib import Path
 
     from bmc.edge_app import adapt
-    from bmc.edge_app.classifier import DEFAULT_MODEL, CellClassifier
+    from bmc.edge_app.classifier import CellClassifier
+    from bmc.edge_app.config import ModelConfig
+    from bmc.edge_app.factory import model_file, recording_model
 
     s = adapt.Settings(max_guard_drop=max_guard_drop, grow_confidence=grow)
-    clf = one_line_errors(CellClassifier, model or DEFAULT_MODEL, orientations=1)
+    # the base: the model named, else the shipped file (for LiteRT or ONNX Runtime) that recorded the sessions
+    base = model or recording_model([Path(x) for x in sessions]) or model_file(ModelConfig())
+    clf = one_line_errors(CellClassifier, base, orientations=1)
     guard, reviewed, r = one_line_errors(adapt.prepare, sessions, clf, s)
     click.echo(
         f"{len(reviewed.labels)} reviewed cells from {len(reviewed.sessions)} session folder(s) by "

@@ -292,18 +292,26 @@ class UiApp:
                     found.append(d)
         return found
 
-    def base_model(self) -> CellClassifier:
-        from bmc.edge_app.classifier import DEFAULT_MODEL, CellClassifier
+    def counting_model(self) -> Path:
+        """The model file this screen's sessions count with: the one given, else the device's own
+        on the runtime the Live page takes (:func:`bmc.edge_app.factory.model_file`)."""
+        from bmc.edge_app.config import ModelConfig
+        from bmc.edge_app.factory import model_file
 
-        return CellClassifier(self.model or DEFAULT_MODEL, orientations=1)
+        return Path(self.model) if self.model else model_file(self.live.model_config if self.live else ModelConfig())
+
+    def base_model(self) -> CellClassifier:
+        from bmc.edge_app.classifier import CellClassifier
+
+        return CellClassifier(self.counting_model(), orientations=1)
 
     def map_maker(self) -> tuple[CellClassifier, ActivationMaps]:
         """The counting model (the active adapted one, else the configured or shipped one) and its maps."""
         from bmc.edge_app.activation_maps import ActivationMaps
         from bmc.edge_app.active import active_model
-        from bmc.edge_app.classifier import DEFAULT_MODEL, CellClassifier
+        from bmc.edge_app.classifier import CellClassifier
 
-        path = Path(active_model(self.storage) or self.model or DEFAULT_MODEL)
+        path = Path(active_model(self.storage) or self.counting_model())
         with self._maps_lock:  # one map maker per model, made once however many requests ask at once
             if path not in self._map_makers:
                 clf = CellClassifier(path, threads=1, orientations=1)
