@@ -252,6 +252,7 @@ def _model(cfg: DeviceConfig | None, model_path: str | None) -> Check:
     from bmc.card import ModelCardError
     from bmc.edge_app.backends import BackendError
     from bmc.edge_app.classifier import DEFAULT_MODEL, CellClassifier
+    from bmc.edge_app.config import ModelConfig
     from bmc.edge_app.factory import choose_runtime
 
     choice = None
@@ -260,7 +261,7 @@ def _model(cfg: DeviceConfig | None, model_path: str | None) -> Check:
             model = Path(model_path)
         else:  # the device's own model, on the runtime a count takes (factory.model_file)
             base = Path(cfg.model.path) if cfg and cfg.model.path else DEFAULT_MODEL
-            runtime = os.environ.get("BMC_RUNTIME") or (cfg.model.runtime if cfg else "auto")
+            runtime = os.environ.get("BMC_RUNTIME") or (cfg.model if cfg else ModelConfig()).runtime
             choice = choose_runtime(base, runtime, clf_threads())
             model = choice.path
         clf = CellClassifier(model, threads=1)  # the card, the outputs against it, an adapted model's head
@@ -291,7 +292,7 @@ def _model(cfg: DeviceConfig | None, model_path: str | None) -> Check:
         "  adaptable on this device: "
         + ("yes (embedding output and guard set)" if adaptable else "no (no embedding or guard set)")
     )
-    if choice is None:
+    if choice is None or not choice.ms_per_cell:  # not timed for the choice: timed here, for whoever sets it up
         have += _peer(clf)
     return have, []
 
@@ -305,7 +306,7 @@ def _peer(clf: CellClassifier) -> list[str]:
     import numpy as np
 
     from bmc.card import ModelCardError
-    from bmc.edge_app.backends import BackendError, available
+    from bmc.edge_app.backends import BackendError, available, for_file
     from bmc.edge_app.classifier import CellClassifier
 
     stem = clf.path.stem.removesuffix("_onnx-int8").removesuffix("_int8")
@@ -331,7 +332,13 @@ def _peer(clf: CellClassifier) -> list[str]:
         "  the same model for the other runtime: "
         + ", ".join(f"{n} {t:.1f} ms per cell (held-out accuracy {acc[n]:.4f})" for n, t in ms.items())
         + f"; faster here: {fast}"
-        + ("" if fast == clf.path.name else f" (select it with [model] path = {clf.path.with_name(fast)})")
+        + ("" if fast == clf.path.name else f' (select it with [model] runtime = "{for_file(fast)}")')
+        + (
+            "; at another microscope the ONNX int8 file set aside more cells as unknown (benchmarks/README.md, "
+            '"Runtime peers")'
+            if fast.endswith(".onnx")
+            else ""
+        )
     ]
 
 
