@@ -146,26 +146,37 @@ def choose_runtime(path: Path, runtime: str = "auto", threads: int | None = None
     times = ", ".join(f"{backends.for_file(n)} {t:.2f} ms" for n, t in ms.items())
     return RuntimeChoice(
         chosen,
-        f"{backends.for_file(fast)}: the faster here at equal accuracy ({times} per cell; {why}; "
-        "equal on the training laboratory's held-out cells, not shown equal at other microscopes)",
+        f"{backends.for_file(fast)}: the faster here at equal accuracy ({times} per cell; {why})",
         ms,
     )
 
 
 def _equal_accuracy(path: Path, other: Path) -> tuple[bool, str]:
-    from bmc.card import ModelCardError, load_card
+    """Whether the two files count alike: equal held-out accuracy, and the same reference cells for
+    the unknown-cell check (a guard set drawn from another split sets aside other cells at another
+    microscope: benchmarks/README.md, "Runtime peers")."""
+    import numpy as np
+
+    from bmc.card import ModelCardError, file_beside, load_card
 
     try:
-        acc = {
-            p.name: float(load_card(p, require_deployable=True)[0].validation.get("accuracy", "nan"))
-            for p in (path, other)
+        cards = {p.name: load_card(p, require_deployable=True)[0] for p in (path, other)}
+        acc = {n: float(c.validation.get("accuracy", "nan")) for n, c in cards.items()}
+        guards = {
+            n: None if not c.guard else tuple(np.load(file_beside(p, c.guard, "guard set"))["files"].tolist())
+            for (n, c), p in zip(cards.items(), (path, other))
         }
-    except (ModelCardError, TypeError, ValueError) as e:
+    except (ModelCardError, OSError, KeyError, TypeError, ValueError) as e:
         return False, f"the other runtime's file is not usable ({e})"
     a, b = acc[path.name], acc[other.name]
     if not (abs(a - b) * 100 <= EQUAL_ACCURACY_POINTS):
         return False, f"held-out accuracy {a:.4f} against {b:.4f} for {other.name}: not equal"
-    return True, f"held-out accuracy {a:.4f} and {b:.4f}"
+    if guards[path.name] != guards[other.name]:
+        return False, (
+            f"{other.name}'s unknown-cell check rests on other reference cells than {path.name}'s (its guard "
+            "set was drawn from another split): rebuild it from the model's own split"
+        )
+    return True, f"held-out accuracy {a:.4f} and {b:.4f}, the same reference cells"
 
 
 def _timed(path: Path, other: Path, threads: int | None) -> dict[str, float]:

@@ -333,12 +333,6 @@ def _peer(clf: CellClassifier) -> list[str]:
         + ", ".join(f"{n} {t:.1f} ms per cell (held-out accuracy {acc[n]:.4f})" for n, t in ms.items())
         + f"; faster here: {fast}"
         + ("" if fast == clf.path.name else f' (select it with [model] runtime = "{for_file(fast)}")')
-        + (
-            "; at another microscope the ONNX int8 file set aside more cells as unknown (benchmarks/README.md, "
-            '"Runtime peers")'
-            if fast.endswith(".onnx")
-            else ""
-        )
     ]
 
 
