@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sqlite3
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -43,12 +44,12 @@ def recording_model(sessions: list[Path]) -> Path | None:
     for folder in sessions:
         try:
             db = sessiondb.connect(folder)
-        except FileNotFoundError:
-            continue
-        try:
-            recorded |= {s.model_sha256 for s in sessiondb.sessions(db)}
-        finally:
-            db.close()
+            try:
+                recorded |= {s.model_sha256 for s in sessiondb.sessions(db)}
+            finally:
+                db.close()
+        except (FileNotFoundError, sqlite3.DatabaseError):
+            continue  # not a session folder, or an unreadable one: adapting says which, in one line
     for candidate in (DEFAULT_MODEL, peer_file(DEFAULT_MODEL)):
         if candidate.is_file() and sha256_file(candidate) in recorded:
             return candidate

@@ -341,6 +341,8 @@ def test_a_technician_reviews_three_cells_in_a_real_browser(local, storage, brow
     assert _reviews(storage)[-1] == (third, None, "anna")
     browser.save_screenshot(str(shots / "after_review.png"))
     browser.get(base + "/s/20261128-0900/report")
+    # the report is built for this request (a few seconds on a loaded machine): wait for it, up to 60 s
+    WebDriverWait(browser, 60).until(lambda d: "Differential count" in d.page_source)
     assert "Differential count" in browser.page_source and "anna" in browser.page_source
     browser.save_screenshot(str(shots / "report.png"))
     for f in ("session.png", "review.png", "after_review.png", "report.png"):
