@@ -141,7 +141,7 @@ def choose_runtime(path: Path, runtime: str = "auto", threads: int | None = None
     equal, why = _equal_accuracy(path, other)
     if not equal:
         return RuntimeChoice(path, f"{mine}: {why}")
-    ms = _timed(path, other, threads)
+    ms = time_pair(path, other, threads)
     fast = min(ms, key=ms.__getitem__)
     chosen = path if fast == path.name else other
     times = ", ".join(f"{backends.for_file(n)} {t:.2f} ms" for n, t in ms.items())
@@ -180,8 +180,8 @@ def _equal_accuracy(path: Path, other: Path) -> tuple[bool, str]:
     return True, f"held-out accuracy {a:.4f} and {b:.4f}, the same reference cells"
 
 
-def _timed(path: Path, other: Path, threads: int | None) -> dict[str, float]:
-    """Milliseconds per cell of each file on this device: from the cache, else measured now."""
+def time_pair(path: Path, other: Path, threads: int | None) -> dict[str, float]:
+    """Milliseconds per cell of each file on this device: from the cache, else measured now (and kept)."""
     import hashlib
     import json
     import platform

@@ -299,33 +299,22 @@ def _model(cfg: DeviceConfig | None, model_path: str | None) -> Check:
 
 def _peer(clf: CellClassifier) -> list[str]:
     """The same model for the other runtime, where it sits beside this one and that runtime is
-    installed: both timed here, on this device, one cell at a time, so that whoever sets the device
-    up picks the faster (``[model] path``); both passed the same conversion gate."""
-    import time
-
-    import numpy as np
-
+    installed: both timed here, on this device, one cell at a time (as ``[model] runtime = "auto"``
+    times them), so that whoever sets the device up sees which is faster; both passed the same
+    conversion gate."""
     from bmc.card import ModelCardError
     from bmc.edge_app.backends import BackendError, available, for_file
     from bmc.edge_app.classifier import CellClassifier
+    from bmc.edge_app.factory import peer_file, time_pair
 
-    stem = clf.path.stem.removesuffix("_onnx-int8").removesuffix("_int8")
-    other = clf.path.with_name(f"{stem}_onnx-int8.onnx" if clf.path.suffix == ".tflite" else f"{stem}_int8.tflite")
+    other = peer_file(clf.path)
     if clf.head is not None or not other.is_file() or "onnxruntime" not in available():
         return []
     try:
         peer = CellClassifier(other, threads=clf_threads(), orientations=1)
     except (ModelCardError, BackendError) as e:
         return [f"  {other.name}: not usable ({e})"]
-    x = np.random.default_rng(0).uniform(0, 255, (1, *clf.backend.input_shape[1:])).astype(np.float32)
-    ms = {}
-    for c in (CellClassifier(clf.path, threads=clf_threads(), orientations=1), peer):
-        for _ in range(5):
-            c.backend.predict(x)
-        t0 = time.perf_counter()
-        for _ in range(30):
-            c.backend.predict(x)
-        ms[c.path.name] = (time.perf_counter() - t0) / 30 * 1000
+    ms = time_pair(clf.path, other, clf_threads())
     fast = min(ms, key=ms.__getitem__)
     acc = {c.path.name: c.card.validation.get("accuracy") for c in (clf, peer)}
     return [

@@ -22,13 +22,18 @@ PACKAGES = {
 LAYERS = ["bmc.edge_app", "bmc.train", "bmc.convert", "bmc.benchmarks", "bmc.cli"]  # bottom to top; the core below all
 
 
-def _modules() -> dict[str, ast.Module]:
+def _sources() -> dict[str, str]:
+    """Each module's source text, by the name it installs as."""
     out = {}
     for folder, name in PACKAGES.items():
         for path in sorted((ROOT / folder).rglob("*.py")):
             parts = [p for p in path.relative_to(ROOT / folder).with_suffix("").parts if p != "__init__"]
-            out[".".join([name, *parts])] = ast.parse(path.read_text(), str(path))
+            out[".".join([name, *parts])] = path.read_text()
     return out
+
+
+def _modules() -> dict[str, ast.Module]:
+    return {m: ast.parse(text, m) for m, text in _sources().items()}
 
 
 def _imports(tree: ast.Module) -> set[str]:
@@ -132,15 +137,6 @@ def _card_reads(module: str, tree: ast.Module, source: str) -> list[str]:
             if "card" in text or (module.startswith("bmc.edge_app") and "config" in text):
                 found.append(f"{module}:{node.lineno} {text[:60]}")
     return found
-
-
-def _sources() -> dict[str, str]:
-    out = {}
-    for folder, name in PACKAGES.items():
-        for path in sorted((ROOT / folder).rglob("*.py")):
-            parts = [p for p in path.relative_to(ROOT / folder).with_suffix("").parts if p != "__init__"]
-            out[".".join([name, *parts])] = path.read_text()
-    return out
 
 
 def test_no_sql_outside_the_session_data_module():
