@@ -61,6 +61,9 @@ class SessionConfig:
     on_existing: str = "resume"  # a folder that holds a session: resume it (interrupted), "new" or "refuse"
     specimen: str | None = None  # blood | marrow; None: the model card's
     lab_gates: bool = True  # the gates a laboratory calibrated (the model card's calibration), where there are
+    # the session's recorded start (ISO 8601); None: now. It seeds the session's random calibration
+    # order (bmc.edge_app.calibration), so a benchmark pins it to draw the same sample on every run
+    started: str | None = None
     finder: FinderConfig = dataclasses.field(default_factory=FinderConfig)
     review: ReviewPolicy = dataclasses.field(default_factory=ReviewPolicy)
 
@@ -180,6 +183,7 @@ class EdgeSession:
             save_crops=config.save_crops,
             on_existing=config.on_existing,
             resumable=not self.source.live,
+            started=config.started,
         )
         self.result = SessionResult()
         if self.store.resume_after is not None:

@@ -429,12 +429,13 @@ def start_session(
     labels: Sequence[str],
     device: str,
     config: RecordedConfig,
+    started: str | None = None,
 ) -> int:
-    """A new running session; returns its id."""
+    """A new running session; returns its id. ``started``: its recorded start (None: now)."""
     cur = db.execute(
         "INSERT INTO session (started, source, model_file, model_sha256, labels, device, config) "
         "VALUES (?, ?, ?, ?, ?, ?, ?)",
-        (now(), source, model_file, model_sha256, json.dumps(list(labels)), device, config.to_json()),
+        (started or now(), source, model_file, model_sha256, json.dumps(list(labels)), device, config.to_json()),
     )
     return int(cur.lastrowid or 0)
 

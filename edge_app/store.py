@@ -91,6 +91,7 @@ class SessionStore:
         save_crops: bool = True,
         on_existing: str = "resume",
         resumable: bool = True,
+        started: str | None = None,
     ) -> None:
         if on_existing not in ON_EXISTING:
             raise ValueError(f"on_existing must be one of {ON_EXISTING}, got {on_existing!r}")
@@ -98,7 +99,7 @@ class SessionStore:
         self.dir.mkdir(parents=True, exist_ok=True)
         self._lock = lock_folder(self.dir)
         try:
-            self._open(source, model_file, model_sha256, labels, config, save_crops, on_existing, resumable)
+            self._open(source, model_file, model_sha256, labels, config, save_crops, on_existing, resumable, started)
         except BaseException:
             self._lock.close()
             raise
@@ -113,6 +114,7 @@ class SessionStore:
         save_crops: bool,
         on_existing: str,
         resumable: bool,
+        started: str | None,
     ) -> None:
         self.crops_dir = self.dir / "crops"
         self.save_crops = save_crops
@@ -143,7 +145,9 @@ class SessionStore:
             )
         device = f"{platform.node()} {platform.machine()} {platform.system()} {platform.release()}"
         recorded = config if isinstance(config, RecordedConfig) else RecordedConfig.from_json(None)
-        self.session_id = sessiondb.start_session(self.db, source, model_file, model_sha256, labels, device, recorded)
+        self.session_id = sessiondb.start_session(
+            self.db, source, model_file, model_sha256, labels, device, recorded, started
+        )
 
     def prior_cells(self) -> list[tuple[str, str]]:
         """(label, flag) of the cells a resumed session had already recorded."""

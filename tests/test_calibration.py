@@ -164,3 +164,37 @@ def test_the_adaptation_gate_is_a_paired_bootstrap_of_the_log_loss_over_fields()
     noise /= noise.sum(axis=1, keepdims=True)
     d = paired_log_loss(y, ship, noise, w, groups)
     assert d["low"] < 0 < d["high"]
+
+
+def test_a_benchmark_session_draws_the_same_random_sample_on_every_run(bccd, tmp_path):
+    """The random calibration order is seeded by the session's start: a benchmark pins the start, so
+    its figures can be rerun; two sessions recorded now, in folders of the same name, draw apart."""
+    from bmc.benchmarks.adapt import BENCH_START, run_session
+    from bmc.edge_app import review, sessiondb
+    from bmc.edge_app.classifier import CellClassifier
+    from bmc.edge_app.session import EdgeSession, SessionConfig
+
+    fields = tmp_path / "fields"
+    fields.mkdir()
+    for f in single_cell_fields(bccd)[:12]:
+        (fields / f.image.name).symlink_to(f.image)
+
+    def order(folder):
+        db = sessiondb.connect(folder)
+        try:
+            assert len(sessiondb.sessions(db)) == 1
+            return sessiondb.sessions(db)[0].started, [c.id for c in review.calibration_queue(db, sessiondb.cells(db))]
+        finally:
+            db.close()
+
+    for run in ("a", "b"):
+        run_session(fields, PBC_ONLY_MODEL, tmp_path / run / "seed1", "field", 1, 2)
+    (start_a, a), (start_b, b) = order(tmp_path / "a" / "seed1"), order(tmp_path / "b" / "seed1")
+    assert start_a == start_b == BENCH_START and len(a) >= 12 and a == b and sorted(a) != a
+    clf = CellClassifier(PBC_ONLY_MODEL, orientations=1)
+    for run in ("c", "d"):
+        EdgeSession(
+            str(fields), clf, tmp_path / run / "seed1", SessionConfig(save_crops=False), echo=lambda m: None
+        ).run()
+    (start_c, c), (start_d, d) = order(tmp_path / "c" / "seed1"), order(tmp_path / "d" / "seed1")
+    assert start_c != start_d and start_c != BENCH_START and c != d and sorted(c) == sorted(d)
