@@ -14,6 +14,7 @@ import pytest
 from bmc.benchmarks.bccd import single_cell_fields
 from bmc.edge_app.calibration import (
     MIN_CELLS,
+    LabCalibration,
     calibrate,
     calibration_order,
     conformal_quantile,
@@ -198,3 +199,26 @@ def test_a_benchmark_session_draws_the_same_random_sample_on_every_run(bccd, tmp
         ).run()
     (start_c, c), (start_d, d) = order(tmp_path / "c" / "seed1"), order(tmp_path / "d" / "seed1")
     assert start_c != start_d and start_c != BENCH_START and c != d and sorted(c) == sorted(d)
+
+
+def test_a_sample_that_meets_the_error_rate_at_no_confidence_keeps_the_devices_rule_and_says_so():
+    """Errors spread over every confidence: no rule keeps 5%; the strictest would leave the device
+    counting almost nothing, so its own rule stays and the statement gives the error it has."""
+    rng = np.random.default_rng(2)
+    n = 60
+    top = np.sort(rng.uniform(0.5, 1.0, n))[::-1]
+    probs = np.stack([top, 1 - top], axis=1)
+    truth: list = [0] * n
+    for i in range(0, n, 8):  # one cell in eight wrong, the surest among them
+        truth[i] = 1
+    c = calibrate(probs, truth, None, None, target_error=0.05)
+    assert not c.target_met and c.min_confidence == 0.6
+    assert c.passed == int((top >= 0.6).sum()) and c.correct == sum(
+        1 for i in range(n) if top[i] >= 0.6 and truth[i] == 0
+    )
+    lo, hi = c.interval
+    assert lo < c.accuracy < 0.95 and "short of the 95% aimed for" in c.statement()
+    again = LabCalibration.from_dict(c.to_dict())
+    assert again == c
+    old = {k: v for k, v in c.to_dict().items() if k != "target_met"}  # a card written before target_met
+    assert LabCalibration.from_dict(old).target_met
