@@ -348,6 +348,20 @@ class Result:
         counted cells that grew it."""
         return reviewed.x if self.grown is None else np.concatenate([reviewed.x, self.grown])
 
+    def gates(self) -> str:
+        """One sentence on the gates the random reviewed cells set, and the error they state (or why
+        there is no statement): what ``bmc edge adapt`` and the screen say after the table."""
+        c = self.calibration
+        if c is None:
+            return (
+                "No random calibration sample (20 cells or more): the model's own gates are kept and no error is "
+                "stated; review cells in their random order (bmc edge review --for-calibration 60) to have one."
+            )
+        return (
+            f"Gates set on {c.cells} randomly chosen reviewed cells: counted without a person from confidence "
+            f"{c.min_confidence:.2f} ({100 * c.counted_share:.0f}% of those cells). {c.statement()}."
+        )
+
     def table(self) -> str:
         cv = self.cross_validation
         lines = [

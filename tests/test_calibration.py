@@ -113,9 +113,10 @@ def test_adapting_with_a_random_sample_calibrates_the_gates_and_the_report_state
     assert len(sample) == 50
     _write(decisions, _truth_of(bccd, sample))
     bmc("edge", "review", session, "--apply", decisions, "--by", "ben")
-    bmc("edge", "adapt", session, "--out", tmp_path / "m", "--name", "lab1", "--model", PBC_ONLY_MODEL)
+    said = bmc("edge", "adapt", session, "--out", tmp_path / "m", "--name", "lab1", "--model", PBC_ONLY_MODEL).stdout
     card = json.loads((tmp_path / "m" / "lab1.json").read_text())
     cal = card["calibration"]
+    assert f"counted without a person from confidence {cal['min_confidence']:.2f}" in said and cal["statement"] in said
     assert cal["cells"] >= 50 and 0.4 <= cal["min_confidence"] <= 0.99
     assert cal["unknown_threshold"] == pytest.approx(card["unknown"]["levels"][3][1])  # the card's, at 0.98
     assert "randomly chosen" in cal["statement"]

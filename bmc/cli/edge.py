@@ -387,17 +387,7 @@ def edge_adapt(
         f"{', '.join(reviewed.reviewers)}: " + ", ".join(f"{k} {v}" for k, v in sorted(r.cells_per_class.items()))
     )
     click.echo(r.table())
-    if r.calibration is not None:
-        c = r.calibration
-        click.echo(
-            f"gates set on {c.cells} randomly chosen reviewed cells: counted without a person from confidence "
-            f"{c.min_confidence:.2f} ({100 * c.counted_share:.0f}% of those cells). {c.statement()}"
-        )
-    else:
-        click.echo(
-            "no random calibration sample (20 cells or more): the model's own gates are kept and no error is "
-            "stated; review cells in their random order (bmc edge review --for-calibration 60) to have one"
-        )
+    click.echo(r.gates())
     if json_out:
         write_json(
             json_out,

@@ -156,8 +156,9 @@ def run_adapt(app: Screen, req: Request) -> Response:
         req,
         html(
             "<p><b>{stem}</b> written: better than the shipped model on held-out reviewed cells. Make it active "
-            "below to count with it.</p>{table}{advice}",
+            "below to count with it.</p><p>{gates}</p>{table}{advice}",
             stem=path.stem,
+            gates=r.gates(),
             table=table,
             advice=advice,
         ),
