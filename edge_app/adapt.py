@@ -44,6 +44,7 @@ import numpy as np
 from bmc.card import ModelCard, card_path, file_beside, sha256_file
 from bmc.edge_app import sessiondb
 from bmc.edge_app.calibration import LabCalibration, calibrate, calibration_order, decided_prefix, session_seed
+from bmc.edge_app.differential import NOT_NUCLEATED
 from bmc.edge_app.head import Head, softmax
 from bmc.edge_app.sessiondb import REJECTED
 from bmc.edge_app.unknown import DEFAULT_LEVEL
@@ -620,7 +621,8 @@ def calibrate_gates(
         ref = np.concatenate([guard["x"], result.reference(reviewed)])
         ref_groups = np.array([""] * len(guard["x"]) + reviewed.groups + result.grown_groups)
         distances = np.array([unknown.distances(x[None], ref[ref_groups != g])[0] for x, g in zip(xs, groups)])
-    return calibrate(np.stack(probs), truth, distances, card_threshold, level, target_error)
+    apart = tuple(i for i, l in enumerate(result.labels) if l in NOT_NUCLEATED)
+    return calibrate(np.stack(probs), truth, distances, card_threshold, level, target_error, apart=apart)
 
 
 def prepare(

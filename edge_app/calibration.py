@@ -81,7 +81,7 @@ class LabCalibration:
     lab_unknown_quantile: float | None  # the laboratory's conformal quantile of its cells' scores (a record)
     min_confidence: float
     target_error: float
-    passed: int  # of the cells, those both gates let through (counted with no person)
+    passed: int  # of the cells, those both gates let through into the differential (counted with no person)
     correct: int  # of those, the ones right
     counted_share: float  # passed / cells
     # False: at no confidence were the sample's cells within target_error; the device's own rule
@@ -148,12 +148,15 @@ def calibrate(
     level: float = DEFAULT_LEVEL,
     target_error: float = 0.05,
     fallback_confidence: float = ReviewPolicy().min_confidence,
+    apart: tuple[int, ...] = (),
 ) -> LabCalibration:
     """The gates from a random sample of reviewed cells. ``probs``: each cell's class probabilities
     from a head not fitted on it; ``truth``: its class index, or None for a cell the reviewer
     rejected or named with a class the model does not know (wrong whenever it is counted);
     ``distances``: each cell's unknown-cell score against the reference without its own field
-    (None: no unknown-cell check)."""
+    (None: no unknown-cell check); ``apart``: the classes counted apart from the differential
+    (platelets): a cell the model calls one of them enters no percentage, so the error rate and the
+    statement are of the other cells, the ones a differential is made of."""
     n = len(truth)
     if n < MIN_CELLS:
         raise ValueError(f"{n} random reviewed cells are too few to calibrate the gates (need {MIN_CELLS})")
@@ -170,17 +173,18 @@ def calibrate(
         inside = d <= card_threshold
     top = probs.max(axis=1)
     right = np.array([t is not None and int(np.argmax(p)) == t for p, t in zip(probs, truth)])
+    judged = ~np.isin(probs.argmax(axis=1), list(apart))
     # the lowest threshold at which the cells let through are wrong at most target_error of the
     # time, among thresholds that let at least MIN_PASSED cells through (a rate of a handful of
     # cells is noise). None: the device's own rule, its error stated. The strictest instead left
     # the device counting one cell in a hundred on its own (benchmarks/README.md, "Autonomy")
     chosen, met = fallback_confidence, False
     for t in CONFIDENCE_GRID:
-        passed = inside & (top >= t)
+        passed = inside & (top >= t) & judged
         if passed.sum() >= MIN_PASSED and (~right[passed]).mean() <= target_error:
             chosen, met = t, True
             break
-    passed = inside & (top >= chosen)
+    passed = inside & (top >= chosen) & judged
     return LabCalibration(
         cells=n,
         level=level,
@@ -190,6 +194,6 @@ def calibrate(
         target_error=target_error,
         passed=int(passed.sum()),
         correct=int(right[passed].sum()),
-        counted_share=float(passed.mean()),
+        counted_share=float((inside & (top >= chosen)).mean()),
         target_met=met,
     )

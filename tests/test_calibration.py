@@ -223,3 +223,21 @@ def test_a_sample_that_meets_the_error_rate_at_no_confidence_keeps_the_devices_r
     assert again == c
     old = {k: v for k, v in c.to_dict().items() if k != "target_met"}  # a card written before target_met
     assert LabCalibration.from_dict(old).target_met
+
+
+def test_cells_called_a_class_counted_apart_enter_neither_the_error_rate_nor_the_statement():
+    """A platelet counted apart is in no percentage: the statement is of the differential's cells."""
+    rng = np.random.default_rng(3)
+    n = 60
+    top = rng.uniform(0.7, 1.0, n)
+    called = np.array([2 if i % 3 == 0 else 0 for i in range(n)])  # a third called platelet (class 2)
+    probs = np.zeros((n, 3))
+    probs[np.arange(n), called] = top
+    probs[np.arange(n), np.where(called == 2, 0, 1)] = 1 - top
+    truth: list = [int(c) for c in called]
+    for i in range(1, n, 6):  # every sixth cell is wrong, none of them a platelet call
+        truth[i] = 1
+    every = calibrate(probs, truth, None, None, target_error=0.3)
+    apart = calibrate(probs, truth, None, None, target_error=0.3, apart=(2,))
+    assert every.passed == n and apart.passed == int((called != 2).sum())
+    assert apart.accuracy < every.accuracy and apart.correct == sum(truth[i] == 0 for i in range(n) if called[i] != 2)
