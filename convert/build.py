@@ -178,7 +178,7 @@ def convert_run(
     (out / f"{name}_conversion.json").write_text(json.dumps(report, indent=2))
     (out / f"{name}_conversion.md").write_text(report_markdown(report))
     if failed:
-        raise GateFailed(_failure_message(failed, gate, out / f"{name}_conversion.md"))
+        raise GateFailed(failure_message(failed, gate, out / f"{name}_conversion.md"))
     return report
 
 
@@ -232,7 +232,7 @@ def _int8_retry(model, q, row, rep, build, retry: bool, log) -> dict:
     return second
 
 
-def _failure_message(failed: list[dict], gate: Gate, report_path: Path) -> str:
+def failure_message(failed: list[dict], gate: Gate, report_path: Path) -> str:
     """One line naming each failed variant, its accuracy drop and the classes that regressed."""
 
     def one(r):

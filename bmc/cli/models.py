@@ -271,7 +271,7 @@ def convert_onnx_cmd(
 
     def go() -> None:
         from bmc.card import load_card
-        from bmc.convert.build import GateFailed
+        from bmc.convert.build import GateFailed, failure_message
         from bmc.convert.embedding import build_guard, calibrate_unknown
         from bmc.train.data import load_split
 
@@ -298,7 +298,7 @@ def convert_onnx_cmd(
         log: Callable[[str], None] = lambda m: click.echo(m, err=True)  # noqa: E731
         rows = onnx_export.convert_onnx(
             model, contract, model_file, parts["train"], test, out, name, Gate(max_drop, max_class_drop),
-            representative, log=log,
+            representative, val=val, log=log,
         )  # fmt: skip
         for r in rows:
             if r["passed"]:
@@ -313,9 +313,7 @@ def convert_onnx_cmd(
         click.echo(report.read_text())
         failed = [r for r in rows if not r["passed"]]
         if failed:
-            raise GateFailed(
-                "; ".join(f"{r['file']} failed the gate (drop {r['accuracy_drop_points']:.2f} points)" for r in failed)
-            )
+            raise GateFailed(failure_message(failed, Gate(max_drop, max_class_drop), report))
 
     one_line_errors(go)
 
