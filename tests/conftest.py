@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -96,6 +98,24 @@ def bmc(*args, check=True, timeout=900, env=None):
     if check and p.returncode != 0:
         raise AssertionError(f"bmc {' '.join(map(str, args))} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
     return p
+
+
+@contextlib.contextmanager
+def serving(app, threads: int = 2):
+    """The screen's WSGI ``app`` served by waitress on 127.0.0.1 (a free port) in a thread of its
+    own; yields the port, and stops the loop from its own thread on the way out (a plain close from
+    here closes sockets under the loop's select: "Bad file descriptor")."""
+    from waitress import create_server
+
+    from bmc.edge_app.ui.app import stop_from_another_thread
+
+    server = create_server(app, host="127.0.0.1", port=0, threads=threads)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        yield server.effective_port
+    finally:
+        stop_from_another_thread(server, thread)
 
 
 @pytest.fixture(scope="session")

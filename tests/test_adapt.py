@@ -17,7 +17,7 @@ import pytest
 from bmc.card import ModelCardError, card_path, sha256_file
 from bmc.edge_app.classifier import DEFAULT_MODEL, MODELS_DIR, CellClassifier
 
-from conftest import ROOT, bmc, recorded_session
+from conftest import ROOT, bmc, recorded_session, serving
 
 PER_CLASS = 12  # BCCD fields of each white-cell type in the fixture session
 
@@ -312,9 +312,6 @@ def test_adapting_from_the_screen_and_making_the_model_active(session, truth, tm
     and makes it active; the service counts with it from its next session, and goes back."""
     import http.client
     import re
-    import threading
-
-    from waitress import create_server
 
     from bmc.edge_app import config as config_mod
     from bmc.edge_app.active import active_model, models_dir
@@ -325,11 +322,9 @@ def test_adapting_from_the_screen_and_making_the_model_active(session, truth, tm
     storage.mkdir(parents=True)
     shutil.move(str(session), storage / "s1")
     bmc("edge", "review", storage / "s1", "--apply", _decide(storage / "s1", truth, 6), "--by", "anna")
-    server = create_server(UiApp(storage, None, sign_in=False, user="anna"), host="127.0.0.1", port=0, threads=2)
-    threading.Thread(target=server.run, daemon=True).start()
 
     def call(method, path, body=""):
-        c = http.client.HTTPConnection("127.0.0.1", server.effective_port, timeout=60)
+        c = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
         c.request(
             method,
             path,
@@ -339,8 +334,8 @@ def test_adapting_from_the_screen_and_making_the_model_active(session, truth, tm
         r = c.getresponse()
         return r.status, r.read().decode()
 
-    try:
-        c = http.client.HTTPConnection("127.0.0.1", server.effective_port, timeout=60)
+    with serving(UiApp(storage, None, sign_in=False, user="anna")) as port:
+        c = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
         c.request("GET", "/adapt", headers={"Host": "127.0.0.1"})
         r = c.getresponse()
         cookie = r.getheader("Set-Cookie").split(";")[0]
@@ -355,8 +350,6 @@ def test_adapting_from_the_screen_and_making_the_model_active(session, truth, tm
         assert status == 400 and active_model(storage) is None
         status, _ = call("POST", "/adapt/activate", f"csrf={csrf}&model=lab1.tflite")
         assert status == 303 and active_model(storage) == (models_dir(storage) / "lab1.tflite").resolve()
-    finally:
-        server.close()
 
     fields = tmp_path / "fields"
     fields.mkdir()

@@ -8,14 +8,13 @@ import csv
 import json
 import re
 import sqlite3
-import threading
 
 import pytest
 
 from bmc.edge_app import review, sessiondb
 from bmc.edge_app.differential import CLINICAL_ORDER, differential_of, display
 
-from conftest import bmc
+from conftest import bmc, serving
 
 
 @pytest.fixture(scope="module")
@@ -82,44 +81,30 @@ def test_one_figure_on_the_console_the_csv_the_report_the_screen_and_fhir(counte
 def _screen_page(out) -> str:
     import http.client
 
-    from waitress import create_server
+    from bmc.edge_app.ui.app import UiApp
 
-    from bmc.edge_app.ui.app import UiApp, stop_from_another_thread
-
-    server = create_server(UiApp(out.parent, None, sign_in=False, user="anna"), host="127.0.0.1", port=0, threads=2)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        c = http.client.HTTPConnection("127.0.0.1", server.effective_port, timeout=30)
-        c.request("GET", f"/s/{out.name}/", headers={"Host": f"127.0.0.1:{server.effective_port}"})
+    with serving(UiApp(out.parent, None, sign_in=False, user="anna")) as port:
+        c = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        c.request("GET", f"/s/{out.name}/", headers={"Host": f"127.0.0.1:{port}"})
         r = c.getresponse()
         assert r.status == 200
         return r.read().decode()
-    finally:
-        stop_from_another_thread(server, thread)
 
 
 def test_a_decision_on_the_screen_rewrites_the_report_beside_it(counted, tmp_path):
     """The report on disk follows the decisions: no stale report.html beside a newer cells.csv."""
     import shutil
 
-    from waitress import create_server
-
-    from bmc.edge_app.ui.app import UiApp, stop_from_another_thread
+    from bmc.edge_app.ui.app import UiApp
 
     out = tmp_path / "s"
     shutil.copytree(counted[0], out)
     waiting = [c for c in sessiondb.cells(sessiondb.connect(out)) if c.status == "pending"]
     assert waiting, "the session needs a cell set aside"
     before = _record(out).total
-    app = UiApp(tmp_path, None, sign_in=False, user="anna")
-    server = create_server(app, host="127.0.0.1", port=0, threads=2)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        import http.client
+    import http.client
 
-        port = server.effective_port
+    with serving(UiApp(tmp_path, None, sign_in=False, user="anna")) as port:
         host = {"Host": f"127.0.0.1:{port}"}
         c = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
         c.request("GET", f"/s/{out.name}/review", headers=host)
@@ -134,8 +119,6 @@ def test_a_decision_on_the_screen_rewrites_the_report_beside_it(counted, tmp_pat
             headers={**host, "Cookie": cookie, "Content-Type": "application/x-www-form-urlencoded"},
         )
         assert c.getresponse().status in (200, 303)
-    finally:
-        stop_from_another_thread(server, thread)
     after = _record(out)
     assert after.total == before + 1
     report = (out / "report.html").read_text()
