@@ -167,7 +167,7 @@ def collect(
             stored = sessiondb.embeddings(db)
             db.close()
             context += list(stored.values())
-        except FileNotFoundError as e:
+        except (FileNotFoundError, sessiondb.UnreadableSession) as e:
             raise AdaptError(str(e)) from e
         except sqlite3.DatabaseError as e:
             raise AdaptError(f"{folder / 'session.sqlite'}: not a readable session database ({e})") from e

@@ -293,7 +293,8 @@ def _class_grids(out_dir: Path, cells: list[ReviewedCell], labels: list[str]) ->
             continue
         shown = sorted(members, key=lambda c: (c.status != "reviewed", c.confidence))[:THUMBS_PER_CLASS]
         grids += (
-            f"<h3>{html.escape(l)} — {len(members)} cells (reviewed, then least confident first, {len(shown)} "
+            f"<h3>{html.escape(l)} — {len(members)} {'cell' if len(members) == 1 else 'cells'} (reviewed, then "
+            f"least confident first, {len(shown)} "
             "shown)</h3><div class='grid'>"
             + "".join(
                 f"<figure>{_img(out_dir, c.crop)}<figcaption>"

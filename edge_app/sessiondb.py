@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from bmc.edge_app.unknown import FLAG as UNKNOWN
+from bmc.errors import BmcError
 
 DB_NAME = "session.sqlite"
 REJECTED = "rejected"  # a reviewer's decision: not a countable cell
@@ -222,13 +223,32 @@ def connect(folder: str | Path, write: bool = False) -> sqlite3.Connection:
     if not path.is_file():
         raise FileNotFoundError(f"{folder}: no {DB_NAME} (is this a 'bmc edge run --out' folder?)")
     if not write:
-        return sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
-    db = sqlite3.connect(path, isolation_level=None, timeout=10)
+        return _readable(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10), path)
+    db = _readable(sqlite3.connect(path, isolation_level=None, timeout=10), path)
     _writable(db)
     from bmc.edge_app.folder_lock import is_locked
 
     if not is_locked(folder):  # 'running' with nobody recording: it was killed
         mark_interrupted(db)
+    return db
+
+
+class UnreadableSession(BmcError, sqlite3.DatabaseError):
+    """A session.sqlite that is not a readable bmc session database; the message names the file (a
+    DatabaseError still, for the callers that take any unreadable database in their stride)."""
+
+
+def _readable(db: sqlite3.Connection, path: Path) -> sqlite3.Connection:
+    """``db``, once it is known to be a bmc session database (a damaged, empty or foreign file
+    says so, naming it, instead of failing deep in a query)."""
+    try:
+        ok = _has_table(db, "session") and _has_table(db, "cell")
+    except sqlite3.DatabaseError as e:
+        db.close()
+        raise UnreadableSession(f"{path}: unreadable session database ({e})") from e
+    if not ok:
+        db.close()
+        raise UnreadableSession(f"{path}: not a bmc session database (no session and cell tables)")
     return db
 
 

@@ -259,3 +259,27 @@ def test_a_recorded_session_reports_byte_for_byte_as_before(tmp_path):
         assert (folder / name).read_bytes() == (fixture / name).read_bytes(), name
     then = (fixture / "report.html").read_text(encoding="utf-8").replace("/tmp/golden2/session", str(folder))
     assert (folder / "report.html").read_text(encoding="utf-8") == then
+
+
+def test_a_damaged_or_foreign_session_database_is_named_in_one_line_and_left_as_it_is(tmp_path):
+    """A session.sqlite that is garbage, empty, or another program's: report, FHIR, review and adapt
+    each say which file and what is wrong with it, exit 2, and write nothing into the folder."""
+    import sqlite3
+
+    cases = {"garbage": b"not a database at all\n", "empty": b""}
+    for name, data in cases.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "session.sqlite").write_bytes(data)
+    (tmp_path / "foreign").mkdir()
+    sqlite3.connect(tmp_path / "foreign" / "session.sqlite").execute("CREATE TABLE x (a)").connection.close()
+    for name, why in (("garbage", "unreadable session database"), ("empty", "not a bmc session database"),
+                      ("foreign", "not a bmc session database")):  # fmt: skip
+        folder = tmp_path / name
+        before = {p.name: p.read_bytes() for p in folder.iterdir()}
+        for args in (("report", folder), ("report", folder, "--fhir"), ("review", folder, "--list"),
+                     ("adapt", folder, "--out", tmp_path / "m")):  # fmt: skip
+            p = bmc("edge", *args, check=False)
+            assert p.returncode == 2 and "Traceback" not in p.stderr, (args, p.stderr)
+            line = p.stderr.strip().splitlines()[-1]
+            assert line.startswith(f"error: {folder / 'session.sqlite'}: {why}"), line
+        assert {p.name: p.read_bytes() for p in folder.iterdir()} == before

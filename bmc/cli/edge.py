@@ -465,6 +465,7 @@ def edge_review(
     then rewrite cells.csv and report.html with the differential after review."""
     import sqlite3
 
+    from bmc.edge_app import sessiondb
     from bmc.edge_app.report import write_session_files
     from bmc.edge_app.review import Reviewer, ReviewError, review_window, teaching_queue, write_decisions_template
     from bmc.edge_app.session import NO_GUI_HINT, has_display, opencv_gui
@@ -509,7 +510,7 @@ def edge_review(
                     order=(lambda cs: teaching_queue(cs, per_class)) if for_adapt else None,
                 )
                 click.echo(f"{n} decisions recorded (by {r.name})")
-    except (ReviewError, FileNotFoundError) as e:
+    except (ReviewError, FileNotFoundError, sessiondb.UnreadableSession) as e:
         raise CliFail(str(e)) from e
     except sqlite3.Error as e:
         raise CliFail(f"{out_dir}/session.sqlite: {e}") from e

@@ -260,6 +260,8 @@ class UiApp:
                 return sessiondb.cells(db), sessiondb.sessions(db)
             finally:
                 db.close()
+        except sessiondb.UnreadableSession as e:
+            raise HttpError("500 Internal Server Error", f"{folder.name}: {str(e).split(': ', 1)[1]}") from e
         except sqlite3.DatabaseError as e:
             raise HttpError("500 Internal Server Error", f"{folder.name}: unreadable session database ({e})") from e
 
