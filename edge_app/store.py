@@ -96,8 +96,13 @@ class SessionStore:
         if on_existing not in ON_EXISTING:
             raise ValueError(f"on_existing must be one of {ON_EXISTING}, got {on_existing!r}")
         self.dir = Path(out_dir)
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self._lock = lock_folder(self.dir)
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            self._lock = lock_folder(self.dir)
+        except OSError as e:
+            raise SessionFolderError(
+                f"{self.dir}: cannot record a session here ({e.strerror or e}{'' if e.filename in (None, str(self.dir)) else ': ' + str(e.filename)})"
+            ) from e
         try:
             self._open(source, model_file, model_sha256, labels, config, save_crops, on_existing, resumable, started)
         except BaseException:

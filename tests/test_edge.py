@@ -493,6 +493,12 @@ def test_a_source_with_no_readable_image_is_refused_and_leaves_nothing(bccd, tmp
         p = bmc("edge", "run", source, "--out", out, "--headless", check=False)
         assert p.returncode == 2 and said in p.stderr and "Traceback" not in p.stderr, p.stdout + p.stderr
         assert not out.exists()
+    # an --out where no folder can be made: the folder named, and what the system said
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a folder\n")
+    p = bmc("edge", "run", bccd / "JPEGImages", "--out", a_file / "s", "--headless", check=False)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+    assert p.stderr.strip().splitlines()[-1] == f"error: {a_file / 's'}: cannot record a session here (Not a directory)"
     mixed = tmp_path / "mixed"
     mixed.mkdir()
     (mixed / "0.jpg").symlink_to(sorted((bccd / "JPEGImages").glob("*.jpg"))[0])
