@@ -9,6 +9,7 @@ import cv2
 import numpy as np
 
 from bmc.edge_app import sessiondb
+from bmc.edge_app.ui.pages.review import key_layout
 from bmc.edge_app.ui.web import Html, HttpError, Request, Response, Screen, hidden_csrf, html, quote
 
 if TYPE_CHECKING:
@@ -102,7 +103,10 @@ def cell_page(app: Screen, req: Request) -> Response:
         csrf=hidden_csrf(req.csrf),
         id=cell.id,
         ask="Change the decision" if cell.reviewed_label else "Name this cell",
-        buttons=Html.join(html("<button name='label' value='{l}'>{l}</button>", l=l) for l in cell.labels),
+        # in the review grid's order (the commonest classes first), so a class sits where it sits there
+        buttons=Html.join(
+            html("<button name='label' value='{l}'>{l}</button>", l=l) for l in key_layout(app.keys, cell.labels)
+        ),
     )
     body = html(
         "<p>{source} frame {frame}; the model's call <b>{call}</b> {conf:.2f} {flag}</p>{decided}"
