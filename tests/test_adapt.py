@@ -185,7 +185,7 @@ def test_bad_input_is_one_clear_line_and_writes_nothing(session, truth, tmp_path
         "one-blast": "too few reviewed cells to learn 'blast' (1 cell)",
         "one-class": "are 'neutrophil'",
         "other-model": "not with bmc_pbc8_lite0_int8.tflite",
-        "corrupt": "not a readable session database",
+        "corrupt": "session.sqlite: unreadable session database (file is not a database)",
         "no-embedding": "has no recorded embedding and its crop",
     }
     first = _answers(session)
