@@ -191,7 +191,7 @@ def _pair(tmp_path):
 
 
 def test_the_default_runtime_is_the_faster_one_measured_on_this_machine(tmp_path, monkeypatch):
-    """[model] runtime = "auto" (the default): the shipped model's file for whichever runtime ran it faster here
+    """[model] runtime = "auto" (opt-in): the shipped model's file for whichever runtime ran it faster here
     (measured once, then kept), both at equal held-out accuracy; each runtime stays selectable."""
     from bmc.edge_app.config import ModelConfig
     from bmc.edge_app.factory import choose_runtime, model_file
@@ -210,7 +210,8 @@ def test_the_default_runtime_is_the_faster_one_measured_on_this_machine(tmp_path
     for fast, slow in ((tflite, onnx), (onnx, tflite)):
         kept[0].write_text(json.dumps({fast.name: 1.0, slow.name: 2.0}))
         assert choose_runtime(tflite, "auto", threads=2).path == fast
-        assert model_file(ModelConfig(path=str(tflite), threads=2)) == fast  # the default: auto
+        assert model_file(ModelConfig(path=str(tflite), threads=2, runtime="auto")) == fast
+        assert model_file(ModelConfig(path=str(tflite), threads=2)) == tflite  # the default: LiteRT
     assert choose_runtime(tflite, "litert").path == tflite
     assert choose_runtime(tflite, "onnxruntime").path == onnx
     assert choose_runtime(onnx, "litert").path == tflite
@@ -263,6 +264,10 @@ def test_doctor_says_which_runtime_the_device_counts_with(tmp_path):
     import subprocess
     import sys
 
+    p = subprocess.run([sys.executable, "-m", "bmc.cli", "edge", "doctor"], capture_output=True, text=True, env=env)
+    line = next(l for l in p.stdout.splitlines() if "runtime chosen:" in l)
+    assert "litert, as configured" in line, p.stdout  # the default
+    env["BMC_RUNTIME"] = "auto"
     p = subprocess.run([sys.executable, "-m", "bmc.cli", "edge", "doctor"], capture_output=True, text=True, env=env)
     line = next(l for l in p.stdout.splitlines() if "runtime chosen:" in l)
     assert "faster here at equal accuracy" in line and "ms per cell" in line, p.stdout
