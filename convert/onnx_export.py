@@ -147,11 +147,13 @@ def convert_onnx(
     gate: Gate = Gate(),
     n_representative: int = 200,
     val=None,
+    float_prefixes: tuple[int, ...] = FLOAT_PREFIXES,
     log=print,
 ) -> list[dict]:
     """Both ONNX variants of the Keras ``model`` in ``out_dir``, each scored against it on ``test``
     (``bmc.train.data.Sample`` s), with its card; the rows of the conversion report. With ``val``,
-    the int8 file keeps the fewest leading convolutions in float that pass the gate there."""
+    the int8 file keeps the fewest leading convolutions in float of ``float_prefixes`` that pass the
+    gate there (one prefix: that one, scored there all the same)."""
     from bmc.convert.build import batched, compare, load_test, representative_images
     from bmc.edge_app.backends.onnxrt import OnnxRuntimeBackend
     from bmc.train.metrics import classification_metrics
@@ -170,7 +172,7 @@ def convert_onnx(
     if val:
         vx, vy = load_test(val, contract)
         v_float = batched(lambda b: model.predict(b, verbose=0), vx)
-        for float_convs in FLOAT_PREFIXES:
+        for float_convs in float_prefixes:
             quantize_int8(fp32, int8, reps, float_convs)
             on_val = compare(v_float, batched(OnnxRuntimeBackend(str(int8)).predict, vx), vy, labels, gate)
             log(
@@ -184,7 +186,8 @@ def convert_onnx(
         else:
             log(f"int8: no prefix passed on the validation images; the file keeps {float_convs} in float")
     else:
-        quantize_int8(fp32, int8, reps)
+        float_convs = float_prefixes[0]
+        quantize_int8(fp32, int8, reps, float_convs)
     rows = []
     for v, path in ((VARIANTS["float32"], fp32), (VARIANTS["int8"], int8)):
         probs = batched(OnnxRuntimeBackend(str(path)).predict, xs)

@@ -297,3 +297,11 @@ def test_adapting_takes_the_file_that_recorded_the_sessions(bccd, tmp_path):
         made[runtime] = recording_model([out])
     assert made == {"onnxruntime": peer_file(INT8), "litert": INT8}
     assert recording_model([tmp_path / "nothing"]) is None
+
+
+def test_float_convs_takes_auto_or_a_whole_number(split, tmp_path):
+    """--float-convs: a number keeps that many leading convolutions in float; anything else is refused
+    in one line before any work is done."""
+    p = bmc("convert-onnx", FP16, "--split", split, "--out", tmp_path / "o", "--float-convs", "some", check=False)
+    assert p.returncode == 2 and "'some': 'auto' or a whole number" in p.stderr and "Traceback" not in p.stderr
+    assert not (tmp_path / "o").exists()

@@ -244,6 +244,13 @@ def convert_cmd(
 @click.option("--representative", default=200, show_default=True, help="calibration images for int8")
 @click.option("--per-class", default=200, show_default=True, help="training cells per class in the guard set")
 @click.option(
+    "--float-convs",
+    default="auto",
+    show_default=True,
+    help="int8: how many leading convolutions stay in float; auto: the fewest of 0, 2, 4, 6 that pass the "
+    "gate on the validation split",
+)
+@click.option(
     "--limit",
     type=click.IntRange(min=50),
     help="a quick check: this many test and validation images (an even sample), not all; the card "
@@ -258,6 +265,7 @@ def convert_onnx_cmd(
     max_class_drop: float,
     representative: int,
     per_class: int,
+    float_convs: str,
     limit: int | None,
 ) -> None:
     """ONNX files of a model for ONNX Runtime (float32 and static int8), each validated against the
@@ -275,6 +283,12 @@ def convert_onnx_cmd(
         from bmc.convert.embedding import build_guard, calibrate_unknown
         from bmc.train.data import load_split
 
+        if float_convs == "auto":
+            prefixes: tuple[int, ...] = onnx_export.FLOAT_PREFIXES
+        elif float_convs.isdigit():
+            prefixes = (int(float_convs),)
+        else:
+            raise click.BadParameter(f"{float_convs!r}: 'auto' or a whole number", param_hint="--float-convs")
         src = Path(source)
         parts = load_split(split_file)
         if src.suffix == ".tflite":
@@ -298,7 +312,7 @@ def convert_onnx_cmd(
         log: Callable[[str], None] = lambda m: click.echo(m, err=True)  # noqa: E731
         rows = onnx_export.convert_onnx(
             model, contract, model_file, parts["train"], test, out, name, Gate(max_drop, max_class_drop),
-            representative, val=val, log=log,
+            representative, val=val, float_prefixes=prefixes, log=log,
         )  # fmt: skip
         for r in rows:
             if r["passed"]:
