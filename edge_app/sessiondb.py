@@ -237,6 +237,10 @@ class UnreadableSession(BmcError, sqlite3.DatabaseError):
     """A session.sqlite that is not a readable bmc session database; the message names the file (a
     DatabaseError still, for the callers that take any unreadable database in their stride)."""
 
+    def __init__(self, path: Path, why: str):
+        super().__init__(f"{path}: {why}")
+        self.path, self.why = path, why
+
 
 def _readable(db: sqlite3.Connection, path: Path) -> sqlite3.Connection:
     """``db``, once it is known to be a bmc session database (a damaged, empty or foreign file
@@ -245,10 +249,10 @@ def _readable(db: sqlite3.Connection, path: Path) -> sqlite3.Connection:
         ok = _has_table(db, "session") and _has_table(db, "cell")
     except sqlite3.DatabaseError as e:
         db.close()
-        raise UnreadableSession(f"{path}: unreadable session database ({e})") from e
+        raise UnreadableSession(path, f"unreadable session database ({e})") from e
     if not ok:
         db.close()
-        raise UnreadableSession(f"{path}: not a bmc session database (no session and cell tables)")
+        raise UnreadableSession(path, "not a bmc session database (no session and cell tables)")
     return db
 
 

@@ -100,9 +100,8 @@ class SessionStore:
             self.dir.mkdir(parents=True, exist_ok=True)
             self._lock = lock_folder(self.dir)
         except OSError as e:
-            raise SessionFolderError(
-                f"{self.dir}: cannot record a session here ({e.strerror or e}{'' if e.filename in (None, str(self.dir)) else ': ' + str(e.filename)})"
-            ) from e
+            where = "" if e.filename in (None, str(self.dir)) else f": {e.filename}"
+            raise SessionFolderError(f"{self.dir}: cannot record a session here ({e.strerror or e}{where})") from e
         try:
             self._open(source, model_file, model_sha256, labels, config, save_crops, on_existing, resumable, started)
         except BaseException:

@@ -261,7 +261,7 @@ class UiApp:
             finally:
                 db.close()
         except sessiondb.UnreadableSession as e:
-            raise HttpError("500 Internal Server Error", f"{folder.name}: {str(e).split(': ', 1)[1]}") from e
+            raise HttpError("500 Internal Server Error", f"{folder.name}: {e.why}") from e
         except sqlite3.DatabaseError as e:
             raise HttpError("500 Internal Server Error", f"{folder.name}: unreadable session database ({e})") from e
 
