@@ -135,6 +135,15 @@ def test_adapting_with_a_random_sample_calibrates_the_gates_and_the_report_state
     assert "Cells counted without a person at this microscope" in (out / "report.html").read_text()
     fhir = json.loads((out / "differential.fhir.json").read_text())
     assert "randomly chosen" in fhir["entry"][0]["resource"]["conclusion"]
+    # and in fields a LIS reads: the estimate, its 95% interval, the reviewed cells it rests on
+    stated = next(
+        e["resource"] for e in fhir["entry"] if e["resource"]["code"]["text"].startswith("estimated accuracy")
+    )
+    lo, hi = cal["interval"]
+    assert stated["valueQuantity"]["value"] == pytest.approx(100 * cal["correct"] / cal["passed"], abs=0.05)
+    assert stated["component"][0]["valueQuantity"]["value"] == cal["passed"]
+    assert stated["component"][1]["valueRange"]["low"]["value"] == pytest.approx(100 * lo, abs=0.05)
+    assert stated["component"][1]["valueRange"]["high"]["value"] == pytest.approx(100 * hi, abs=0.05)
     recorded = json.loads(
         __import__("sqlite3").connect(out / "session.sqlite").execute("SELECT config FROM session").fetchone()[0]
     )
@@ -245,3 +254,39 @@ def test_cells_called_a_class_counted_apart_enter_neither_the_error_rate_nor_the
     apart = calibrate(probs, truth, None, None, target_error=0.3, apart=(2,))
     assert every.passed == n and apart.passed == int((called != 2).sum())
     assert apart.accuracy < every.accuracy and apart.correct == sum(truth[i] == 0 for i in range(n) if called[i] != 2)
+
+
+def test_the_bench_checks_the_statement_on_the_differential_the_screen_shows(bccd, tmp_path):
+    """``bench autonomy`` measures the stated accuracy on every cell counted unaided into the
+    differential, not only on the field's white cell: a lobe or a red cell counted as a leukocyte is
+    an error a technician sees in the count, and the random sample's statement counts it as one."""
+    from bmc.benchmarks.adapt import run_session
+    from bmc.benchmarks.autonomy import cells_of, in_differential, score
+    from bmc.edge_app import review, sessiondb
+    from bmc.edge_app.classifier import DEFAULT_MODEL
+
+    fields = tmp_path / "fields"
+    fields.mkdir()
+    found = single_cell_fields(bccd)[:30]
+    for f in found:
+        (fields / f.image.name).symlink_to(f.image)
+    run_session(fields, DEFAULT_MODEL, tmp_path / "s", "field", 1, 2)
+    db_path = tmp_path / "s" / "session.sqlite"
+    listed = in_differential(db_path)
+    db = sessiondb.connect(tmp_path / "s")
+    try:
+        diff = review.session_differential(db)
+    finally:
+        db.close()
+    # nobody reviewed: the differential (with the erythroblasts beside it) is exactly those cells
+    assert sum(listed.values()) == diff.total + (diff.nrbc.count if diff.nrbc else 0) > 0
+    truth = {f.image.name: f.labels[0] for f in found}
+    classes = sorted(set(truth.values()))
+    cells = cells_of(db_path)
+    s = score(truth, cells, sorted(truth), classes, listed)
+    assert s["differential_right"] <= s["right"] and s["differential_cells"] == sum(listed.values()) >= s["counted"]
+    # a second cell counted in a field of one white cell (a lobe cut apart) is an error of the count
+    one = next(f for f in sorted(truth) if listed.get(f) == 1 and cells[f][0] == truth[f])
+    split = score(truth, cells, sorted(truth), classes, {**listed, one: 2})
+    assert split["differential_cells"] == s["differential_cells"] + 1
+    assert split["differential_right"] == s["differential_right"] and split["right"] == s["right"]
