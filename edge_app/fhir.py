@@ -4,12 +4,15 @@ One ``Bundle`` (type ``collection``) holds the report and one ``Observation`` pe
 its share of the leukocytes counted, as the laboratory's manual differential reports it (LOINC
 "…/100 leukocytes in Blood by Manual count": a person reviews what the device sets aside, as a
 technician does at a manual count). Every Observation also carries the raw count, the number of
-leukocytes behind the share and its exact 95% binomial limits (Rümke), and bmc's own code for the
-class, every class of the differential listed (zeros too), in clinical order. Erythroblasts are
-reported per 100 leukocytes beside the differential, as nucleated red cells are; platelets are not
-leukocytes and are reported as a count only. A marrow count (myelogram) is per 100 nucleated cells,
-erythroid precursors included, with bmc's codes alone (the LOINC codes here are blood's). A class without a LOINC code here (``ig``, a class
-a laboratory added) keeps bmc's code and its name.
+leukocytes behind the share and its exact 95% binomial limits (Rümke, a ``valueRange`` component),
+and bmc's own code for the class, every class of the differential listed (zeros too), in clinical
+order. Erythroblasts are reported per 100 leukocytes beside the differential, as nucleated red
+cells are; platelets are not leukocytes and are reported as a count only. A marrow count
+(myelogram) is per 100 nucleated cells, erythroid precursors included, with bmc's codes alone (the
+LOINC codes here are blood's). A class without a LOINC code here (``ig``, a class a laboratory
+added) keeps bmc's code and its name. Where the laboratory calibrated the model, one more
+Observation states how accurate the cells counted without a person are estimated to be at this
+microscope, its 95% interval and the randomly chosen reviewed cells it rests on.
 
 Nothing identifies a patient: the device never knows who the smear belongs to. The LIS adds the
 subject when it files the report. The report is ``preliminary`` while cells wait for review (or
@@ -61,14 +64,37 @@ def _coding(label: str, specimen: str = "blood") -> dict[str, Any]:
     return {"coding": codings, "text": label}
 
 
-def _count(k: int) -> dict[str, Any]:
+def _count(k: int, what: str = "cells counted") -> dict[str, Any]:
     return {
         "code": {
-            "coding": [{"system": BMC_CODES, "code": "count", "display": "cells counted"}],
-            "text": "cells counted",
+            "coding": [{"system": BMC_CODES, "code": "count", "display": what}],
+            "text": what,
         },
         "valueQuantity": {"value": k, "unit": "cells", "system": UCUM, "code": "{cells}"},
     }
+
+
+def _percent(value: float) -> dict[str, Any]:
+    return {"value": round(value, 1), "unit": "%", "system": UCUM, "code": "%"}
+
+
+def _limits(low: float, high: float, what: str = "exact 95% limits") -> dict[str, Any]:
+    """A component holding a 95% interval as a Range of percentages, for a LIS to read."""
+    return {
+        "code": {"coding": [{"system": BMC_CODES, "code": "95-limits", "display": what}], "text": what},
+        "valueRange": {"low": _percent(low), "high": _percent(high)},
+    }
+
+
+def _calibration(cal: dict[str, Any] | None) -> tuple[float, float, float, int, int] | None:
+    """(accuracy %, low %, high %, cells right, cells passed) of a recorded calibration, or None
+    where it states no accuracy (no cell passed its gates, or a record without one)."""
+    try:
+        lo, hi = cal["interval"]  # type: ignore[index]
+        right, passed = int(cal["correct"]), int(cal["passed"])  # type: ignore[index]
+        return 100.0 * right / passed, 100.0 * float(lo), 100.0 * float(hi), right, passed
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):
+        return None
 
 
 def diagnostic_report(out_dir: str | Path, now: datetime.datetime | None = None) -> dict[str, Any]:
@@ -82,6 +108,7 @@ def diagnostic_report(out_dir: str | Path, now: datetime.datetime | None = None)
         note = sessiondb.latest_note(db)
         record = review.session_differential(db, cells)
         statement = review.calibration_statement(db)
+        calibration = _calibration(review.calibration_record(db))
     finally:
         db.close()
     status = "preliminary" if record.waiting else "final"
@@ -93,7 +120,15 @@ def diagnostic_report(out_dir: str | Path, now: datetime.datetime | None = None)
     entries, refs = [], []
     of = "leukocytes" if record.specimen == "blood" else "nucleated cells"
 
-    def observation(label: str, k: int, value: dict[str, Any] | None, notes: list[str]) -> None:
+    def observation(
+        label: str,
+        k: int,
+        value: dict[str, Any] | None,
+        notes: list[str],
+        limits: tuple[float, float] | None = None,
+        code: dict[str, Any] | None = None,
+        count_what: str = "cells counted",
+    ) -> None:
         oid = str(uuid.uuid4())
         obs = {
             "resourceType": "Observation",
@@ -110,14 +145,14 @@ def diagnostic_report(out_dir: str | Path, now: datetime.datetime | None = None)
                     ]
                 }
             ],
-            "code": _coding(label, record.specimen),
+            "code": code or _coding(label, record.specimen),
             "effectivePeriod": effective,
             "issued": issued,
             "method": {
                 "text": "digital morphology at the microscope (bmc); cells it sets aside are counted only once a "
                 "person names them"
             },
-            "component": [_count(k)],
+            "component": [_count(k, count_what)] + ([_limits(*limits)] if limits else []),
         }
         if value is not None:
             obs["valueQuantity"] = value
@@ -129,9 +164,10 @@ def diagnostic_report(out_dir: str | Path, now: datetime.datetime | None = None)
         refs.append({"reference": f"urn:uuid:{oid}"})
 
     for r in record.rows:
-        value = {"value": round(r.percent, 1), "unit": "%", "system": UCUM, "code": "%"} if record.total else None
+        value = _percent(r.percent) if record.total else None
         notes = [f"{r.count} of {record.total} {of} counted; exact 95% limits {r.limits()}"] if record.total else []
-        observation(r.label, r.count, value, notes)
+        shown = (r.low, r.high) if record.total and r.low is not None and r.high is not None else None
+        observation(r.label, r.count, value, notes, shown)
     if record.nrbc is not None:
         value = (
             {"value": round(record.nrbc.percent, 1), "unit": "/100 leukocytes", "system": UCUM, "code": "/100{WBCs}"}
@@ -142,6 +178,18 @@ def diagnostic_report(out_dir: str | Path, now: datetime.datetime | None = None)
         observation(record.nrbc.label, record.nrbc.count, value, notes)
     if record.platelets:
         observation("platelet", record.platelets, None, ["a count only: platelets are in no denominator"])
+    if calibration is not None:  # how far the cells counted with no person can be trusted, for the LIS to read
+        accuracy, lo, hi, right, passed = calibration
+        what = "estimated accuracy of the cells counted without a person at this microscope"
+        observation(
+            "unaided-accuracy",
+            passed,
+            _percent(accuracy),
+            [statement, f"{right} of {passed} randomly chosen reviewed cells that passed the gates were right"],
+            (lo, hi),
+            {"coding": [{"system": BMC_CODES, "code": "unaided-accuracy", "display": what}], "text": what},
+            "randomly chosen reviewed cells the estimate rests on",
+        )
     conclusion = (
         f"{'Blood' if record.specimen == 'blood' else 'Marrow'} differential of {record.total} {of}"
         + (f" (myeloid : erythroid {record.me_ratio:.2f})" if record.me_ratio is not None else "")

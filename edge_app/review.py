@@ -25,7 +25,7 @@ import sqlite3
 from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 import numpy as np
 
@@ -52,6 +52,14 @@ def specimen_of(db: sqlite3.Connection) -> str:
     last = sessiondb.last_session(db)
     specimen = last.config.specimen if last else "blood"
     return specimen if specimen in SPECIMENS else "blood"
+
+
+def calibration_record(db: sqlite3.Connection) -> dict[str, Any] | None:
+    """The latest session's calibration as its model's card recorded it (``LabCalibration.to_dict``:
+    the accuracy, its interval, the cells it rests on), or None when it was not calibrated."""
+    last = sessiondb.last_session(db)
+    cal = last.config.calibration if last else None
+    return dict(cal) if isinstance(cal, dict) else None
 
 
 def calibration_statement(db: sqlite3.Connection) -> str:

@@ -61,6 +61,12 @@ def test_the_report_is_valid_fhir_with_loinc_coded_shares_of_the_leukocytes(sess
     assert "valueQuantity" not in by_class.get("platelet", {"x": 1})
     counts = {label: o["component"][0]["valueQuantity"]["value"] for label, o in by_class.items()}
     assert counts == {label: sum(r["counted_as"] == label for r in rows) for label in counts}
+    # each share's exact 95% limits as a Range a LIS can read, around the share itself
+    lymph = by_class["lymphocyte"]
+    limits = lymph["component"][1]["valueRange"]
+    assert limits["low"]["value"] <= lymph["valueQuantity"]["value"] <= limits["high"]["value"]
+    assert f"{limits['low']['value']:.1f}–{limits['high']['value']:.1f}%" in lymph["note"][0]["text"]
+    assert not any(o["code"]["text"].startswith("estimated accuracy") for o in observations)  # not calibrated
 
 
 def test_a_reviewed_session_is_final_and_the_validator_is_strict(session, tmp_path):
