@@ -717,3 +717,21 @@ def test_the_device_page_says_where_sessions_are_stored_and_the_disk_left(local,
     text = page.decode()
     assert status == 200 and f"sessions stored in {storage}" in text and "MB free" in text
     assert "live sessions: no camera or source set up" in text
+
+
+def test_every_page_of_a_damaged_session_says_which_and_why_and_the_others_still_serve(local, storage):
+    """A session.sqlite another program overwrote: the list marks it unreadable, each of its pages
+    answers with the folder and the reason (not a bare "something went wrong"), and nothing of it is
+    changed; the good session beside it still serves."""
+    broken = storage / "20261128-1000"
+    broken.mkdir()
+    (broken / "session.sqlite").write_bytes(b"not a database at all\n")
+    status, _, page = local.request("GET", "/")
+    assert status == 200 and b"20261128-0900" in page and b"unreadable" in page
+    for path in ("/", "/review", "/report", "/fhir", "/cell/1"):
+        status, _, page = local.request("GET", f"/s/20261128-1000{path}")
+        assert status == 500 and b"20261128-1000: unreadable session database" in page, (path, page[:300])
+        assert b"Something went wrong" not in page
+    assert (broken / "session.sqlite").read_bytes() == b"not a database at all\n" and len(list(broken.iterdir())) == 1
+    status, _, page = local.request("GET", "/s/20261128-0900/report")
+    assert status == 200 and b"Differential count" in page

@@ -142,6 +142,10 @@ class UiApp:
             resp = self.handle(environ)
         except HttpError as e:
             resp = Response(self.error_page(e.status, html("<p>{m}</p>", m=e.message)), e.status)
+        except sessiondb.UnreadableSession as e:  # any page of a damaged folder: which one, and why
+            log.warning("%s: %s", e.path, e.why)
+            status = "500 Internal Server Error"
+            resp = Response(self.error_page(status, html("<p>{m}</p>", m=f"{e.path.parent.name}: {e.why}")), status)
         except Exception:  # noqa: BLE001 - a plain page for the browser, the details for the log
             log.exception("error serving %s %s", environ.get("REQUEST_METHOD"), environ.get("PATH_INFO"))
             resp = Response(
