@@ -180,13 +180,18 @@ def run(
             clf = CellClassifier(model, orientations=1)
             # the reference does not grow here: the session holds the very fields scored after
             # (growth is measured over sessions that follow one another: sequence())
-            guard, rev, result = adapt.prepare([sess], clf, adapt.Settings(grow_confidence=0))
+            settings = adapt.Settings(grow_confidence=0)
+            guard, rev, result = adapt.prepare([sess], clf, settings)
+            refused = [] if result.accepted else result.reasons
+            # a refused head: the shipped one kept with the laboratory's gates, as `bmc edge adapt` does
+            result = adapt.keep_shipped_head(result, rev, guard, clf, settings) or result
             unreviewed = sorted(f for f in truth if f not in reviewed_fields)
             row = {
                 "seed": seed,
                 "taught": len(teach),
                 "calibration_sample": len(sample),
                 "accepted": result.accepted,
+                "head_refused": refused,
                 "reasons": result.reasons,
                 "calibration": result.calibration.to_dict() if result.calibration else None,
                 "before": score(truth, shipped, unreviewed, classes, shipped_listed),
@@ -360,7 +365,9 @@ def markdown(r: dict) -> str:
     lines.append(row("shipped", r["shipped"]))
     for x in r["runs"]:
         name = f"seed {x['seed']}: adapted ({x['taught']} taught + {x['calibration_sample']} random)" + (
-            "" if x["accepted"] else " — refused"
+            (" — head refused, shipped head with the laboratory's gates" if x.get("head_refused") else "")
+            if x["accepted"]
+            else " — refused"
         )
         lines.append(row(name, x["after"], x["calibration"] if x["accepted"] else None, x.get("interval_covers")))
     if r.get("mean_after"):

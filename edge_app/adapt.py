@@ -339,15 +339,25 @@ class Result:
     advice: list[str]
     seconds: float
     oof: np.ndarray | None = None  # each reviewed cell's probabilities from heads not fitted on it
+    shipped_probs: np.ndarray | None = None  # each reviewed cell's probabilities from the shipped head
+    # where the adapted head was refused and the shipped one kept with the laboratory's gates
+    # (keep_shipped_head): why the adapted head was refused
+    kept_shipped: list[str] = dataclasses.field(default_factory=list)
     calibration: LabCalibration | None = None  # the gates the random reviewed cells set
     # the counted cells that join the reference (grown_reference), and their fields
     grown: np.ndarray | None = None
     grown_groups: list[str] = dataclasses.field(default_factory=list)
 
     def reference(self, reviewed: "Reviewed") -> np.ndarray:
-        """The adapted model's known ground beside the guard set: the reviewed cells, and the
+        """The adapted model's known ground beside the guard set: the reviewed cells of the classes
+        its head names (a cell of a class it cannot name is no known ground for it), and the
         counted cells that grew it."""
-        return reviewed.x if self.grown is None else np.concatenate([reviewed.x, self.grown])
+        x = reviewed.x[self.named(reviewed)]
+        return x if self.grown is None else np.concatenate([x, self.grown])
+
+    def named(self, reviewed: "Reviewed") -> np.ndarray:
+        """Which reviewed cells are of a class the head names."""
+        return np.array([l in self.labels for l in reviewed.labels], bool)
 
     def gates(self) -> str:
         """One sentence on the gates the random reviewed cells set, and the error they state (or why
@@ -538,6 +548,7 @@ def adapt(
         advice,
         time.perf_counter() - t0,
         oof=adapted_p.mean(axis=0),
+        shipped_probs=ship_p,
     )
 
 
@@ -619,10 +630,39 @@ def calibrate_gates(
     if clf.card.unknown:
         card_threshold = unknown.threshold_at(clf.card.unknown, level)
         ref = np.concatenate([guard["x"], result.reference(reviewed)])
-        ref_groups = np.array([""] * len(guard["x"]) + reviewed.groups + result.grown_groups)
+        named = [g for g, ok in zip(reviewed.groups, result.named(reviewed)) if ok]
+        ref_groups = np.array([""] * len(guard["x"]) + named + result.grown_groups)
         distances = np.array([unknown.distances(x[None], ref[ref_groups != g])[0] for x, g in zip(xs, groups)])
     apart = tuple(i for i, l in enumerate(result.labels) if l in NOT_NUCLEATED)
     return calibrate(np.stack(probs), truth, distances, card_threshold, level, target_error, apart=apart)
+
+
+def keep_shipped_head(
+    result: Result, reviewed: Reviewed, guard: dict[str, Any], clf: CellClassifier, s: Settings = Settings()
+) -> Result | None:
+    """Where the adapted head is refused: the shipped head, unchanged, with the laboratory's gates —
+    its reviewed cells as known ground for the unknown-cell check, and the confidence rule and the
+    stated error that its random sample sets (the shipped head was fitted on none of those cells, so
+    its own probabilities state the error honestly). None when there is no random sample to set them
+    (the laboratory then has nothing a refused head does not give it)."""
+    if result.accepted or result.shipped_probs is None:
+        return None
+    base = list(guard["labels"])
+    kept = dataclasses.replace(
+        result,
+        head=Head(guard["w"], guard["b"], tuple(base)),
+        labels=base,
+        guard={**result.guard, "adapted_accuracy": result.guard["shipped_accuracy"], "drop_points": 0.0},
+        accepted=True,
+        reasons=[],
+        oof=result.shipped_probs[:, : len(base)],
+        calibration=None,
+        grown=None,
+        grown_groups=[],
+        kept_shipped=list(result.reasons),
+    )
+    kept.calibration = calibrate_gates(kept, reviewed, guard, clf, s.unknown_level, s.target_error)
+    return kept if kept.calibration is not None else None
 
 
 def prepare(
@@ -687,10 +727,15 @@ def write_model(
             "sha256": sha256_file(tmp / target.name),
             "size_bytes": (tmp / target.name).stat().st_size,
             "name": name,
-            "variant": f"{base_card.get('variant', '')}+adapted-head",
+            "variant": f"{base_card.get('variant', '')}+{'lab-gates' if result.kept_shipped else 'adapted-head'}",
             "format": base_card.get("format", ""),
-            "description": f"{base_card.get('name', base_path.stem)} with a class head adapted on the device "
-            "to this laboratory's reviewed cells",
+            "description": (
+                f"{base_card.get('name', base_path.stem)} with its shipped class head and gates set at this "
+                "laboratory (the adapted head was refused)"
+                if result.kept_shipped
+                else f"{base_card.get('name', base_path.stem)} with a class head adapted on the device "
+                "to this laboratory's reviewed cells"
+            ),
             "int8_only": base_card.get("int8_only", False),
             "created": now,
             "contract": {**base_card["contract"], "labels": list(result.labels)},
@@ -719,12 +764,13 @@ def write_model(
                 "cells": len(reviewed.labels),
                 "cells_per_class": result.cells_per_class,
                 "reference": {
-                    "reviewed": len(reviewed.labels),
+                    "reviewed": int(result.named(reviewed).sum()),
                     "counted": 0 if result.grown is None else len(result.grown),
                     "note": f"known ground beside the guard set: the reviewed cells, and the cells the sessions "
                     f"counted with no person at least {s.grow_confidence:g} sure that the adapted head names the same",
                 },
                 "reviewers": reviewed.reviewers,
+                **({"head_kept": {"why": result.kept_shipped}} if result.kept_shipped else {}),
                 "cross_validation": result.cross_validation,
                 "guard_check": result.guard,
                 "settings": dataclasses.asdict(s),
@@ -734,7 +780,9 @@ def write_model(
                 "data": "cross-validation over the reviewed cells, grouped by field; a held-out "
                 "quarter of the guard set for forgetting",
                 "passed": True,
-                "balanced_accuracy": result.cross_validation["adapted"]["balanced_accuracy"],
+                "balanced_accuracy": result.cross_validation["shipped" if result.kept_shipped else "adapted"][
+                    "balanced_accuracy"
+                ],
                 "shipped_balanced_accuracy": result.cross_validation["shipped"]["balanced_accuracy"],
                 "guard_accuracy": result.guard["adapted_accuracy"],
             },

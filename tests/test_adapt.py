@@ -159,6 +159,83 @@ def test_adapt_refuses_a_head_that_is_not_better(session, truth, tmp_path):
     assert not (tmp_path / "models").exists() or not list((tmp_path / "models").iterdir())
 
 
+def _agree_with_every_call(session: Path, truth, tmp_path: Path) -> None:
+    """Reviewers who agree with the model on 6 fields per class (the head learns nothing: refused)
+    and on the first 40 cells of the random calibration order (a sample that sets the gates)."""
+    bmc("edge", "review", session, "--apply", _decide(session, truth, 6, label_of=lambda t, m: m))
+    listed = bmc("edge", "review", session, "--list", "--for-calibration", "40").stdout
+    sample = list(csv.DictReader(listed.splitlines()))
+    assert len(sample) >= 20  # those of the first 40 the teaching review left undecided
+    agree = tmp_path / "agree.csv"
+    agree.write_text("id,label\n" + "".join(f"{r['id']},{r['model_label']}\n" for r in sample))
+    bmc("edge", "review", session, "--apply", agree, "--by", "ben")
+
+
+def test_a_refused_head_still_leaves_the_laboratorys_gates_on_the_shipped_head(session, truth, tmp_path):
+    """The head is refused, but the laboratory reviewed cells in their random order too: those cells
+    still set the gates. The shipped head is kept, unchanged, with the reviewed cells as known
+    ground and the confidence rule and error statement the random sample gives (the shipped head
+    learnt from none of them); the card says the adapted head was refused and why."""
+    _agree_with_every_call(session, truth, tmp_path)
+    p = bmc("edge", "adapt", session, "--out", tmp_path / "models", "--name", "gates")
+    assert "adapted head refused" in p.stdout and "not surely better than the shipped one" in p.stdout
+    assert "The shipped head is kept unchanged" in p.stdout and "randomly chosen" in p.stdout
+    card = json.loads((tmp_path / "models" / "gates.json").read_text())
+    assert card["variant"].endswith("+lab-gates") and card["adaptation"]["head_kept"]["why"]
+    assert card["calibration"]["cells"] >= 20 and card["calibration"]["passed"] > 0
+    assert (tmp_path / "models" / "gates.tflite").read_bytes() == Path(DEFAULT_MODEL).read_bytes()
+    shipped = CellClassifier(DEFAULT_MODEL)
+    kept = CellClassifier(tmp_path / "models" / "gates.tflite")
+    from bmc.edge_app.adapt import load_guard
+
+    g = load_guard(DEFAULT_MODEL, shipped.card)
+    assert np.allclose(kept.head.w, g["w"]) and np.allclose(kept.head.b, g["b"])  # the shipped head, unchanged
+    assert len(kept.head.reference) == card["adaptation"]["reference"]["reviewed"] > 0
+    assert kept.labels == shipped.labels
+    # counting with it, the report states the error of the unaided cells
+    out = tmp_path / "next"
+    fields = tmp_path / "f"
+    fields.mkdir()
+    for name in sorted(truth)[:8]:
+        (fields / name).symlink_to(ROOT.parent / "shared" / "data" / "bccd" / "JPEGImages" / name)
+    bmc("edge", "run", fields, "--out", out, "--headless", "--model", tmp_path / "models" / "gates.tflite")
+    assert card["calibration"]["statement"] in (out / "report.html").read_text()
+
+
+def test_the_screen_keeps_the_shipped_head_with_the_laboratorys_gates_when_the_head_is_refused(
+    session, truth, tmp_path
+):
+    import http.client
+    import re
+
+    from bmc.edge_app.active import models_dir
+    from bmc.edge_app.ui.app import UiApp
+
+    storage = tmp_path / "bmc" / "sessions"
+    storage.mkdir(parents=True)
+    shutil.move(str(session), storage / "s1")
+    _agree_with_every_call(storage / "s1", truth, tmp_path)
+    with serving(UiApp(storage, None, sign_in=False, user="anna")) as port:
+        c = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        c.request("GET", "/adapt", headers={"Host": "127.0.0.1"})
+        r = c.getresponse()
+        cookie = r.getheader("Set-Cookie").split(";")[0]
+        csrf = re.search(r"name='csrf' value='([^']+)'", r.read().decode()).group(1)
+        c = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        c.request(
+            "POST",
+            "/adapt",
+            body=f"csrf={csrf}&session=s1&name=gates",
+            headers={"Host": "127.0.0.1", "Cookie": cookie, "Content-Type": "application/x-www-form-urlencoded"},
+        )
+        r = c.getresponse()
+        page = r.read().decode()
+    assert r.status == 200 and "The adapted head was refused" in page and "<b>gates</b> written instead" in page
+    assert "Gates set on" in page and "randomly chosen" in page
+    card = json.loads((models_dir(storage) / "gates.json").read_text())
+    assert card["variant"].endswith("+lab-gates")
+
+
 def test_a_class_the_model_does_not_know_is_learnt_and_marked(session, truth, tmp_path):
     """A laboratory names some monocytes 'blast' (as if they were): the head gains the class."""
     bmc(

@@ -403,11 +403,20 @@ def edge_adapt(
     if r.advice:
         click.echo("more reviewed cells would help: " + "; ".join(r.advice))
     if not r.accepted:
-        raise CliFail(
-            "adapted model refused, nothing written: "
-            + "; ".join(r.reasons)
-            + ". Review more cells (bmc edge review --for-adapt) and adapt again"
+        kept = adapt.keep_shipped_head(r, reviewed, clf=clf, guard=guard, s=s)
+        if kept is None:
+            raise CliFail(
+                "adapted model refused, nothing written: "
+                + "; ".join(r.reasons)
+                + ". Review more cells (bmc edge review --for-adapt) and adapt again"
+            )
+        click.echo(
+            "adapted head refused: " + "; ".join(r.reasons) + ". The shipped head is kept unchanged, with the "
+            "gates this laboratory's cells set (its reviewed cells as known ground; the confidence rule and the "
+            "error below from its random sample, which the shipped head never learnt from):"
         )
+        click.echo(kept.gates())
+        r = kept
     stem = name or f"{clf.path.stem}_adapted_{datetime.datetime.now():%Y%m%d-%H%M%S}"
     path = one_line_errors(adapt.write_model, r, reviewed, clf, guard, out_dir, stem, s)
     click.echo(f"adapted in {r.seconds:.1f} s; count with it: bmc edge run SOURCE --model {path}")

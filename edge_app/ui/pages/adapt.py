@@ -135,6 +135,27 @@ def run_adapt(app: Screen, req: Request) -> Response:
         return adapt_page(app, req, html("<p class='warn'>Not adapted: {e}</p>", e=str(e)))
     table = _table(r)
     advice = html("<p>More reviewed cells would help: {a}</p>", a="; ".join(r.advice)) if r.advice else Html("")
+    kept = adapt.keep_shipped_head(r, reviewed, guard, clf) if not r.accepted else None
+    if kept is not None:
+        try:
+            path = adapt.write_model(kept, reviewed, clf, guard, models_dir(app.storage), name)
+        except adapt.AdaptError as e:
+            return adapt_page(app, req, html("<p class='warn'>{e}</p>", e=str(e)))
+        log.info("shipped head with the laboratory's gates %s written by %s", path, req.user)
+        return adapt_page(
+            app,
+            req,
+            html(
+                "<p class='warn'>The adapted head was refused: {why}</p><p><b>{stem}</b> written instead: the "
+                "shipped head unchanged, with the gates this laboratory's reviewed cells set. Make it active below "
+                "to count with it.</p><p>{gates}</p>{table}{advice}",
+                why="; ".join(r.reasons),
+                stem=path.stem,
+                gates=kept.gates(),
+                table=table,
+                advice=advice,
+            ),
+        )
     if not r.accepted:
         return adapt_page(
             app,
