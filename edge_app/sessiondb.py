@@ -259,8 +259,18 @@ def _readable(db: sqlite3.Connection, path: Path) -> sqlite3.Connection:
 def open_for_recording(folder: Path) -> sqlite3.Connection:
     """The database a recorder writes (the caller holds the folder's lock): made one thread, used by
     the thread that records (the screen starts sessions in their own)."""
-    db = sqlite3.connect(path_of(folder), isolation_level=None, check_same_thread=False)
-    _writable(db)
+    path = path_of(folder)
+    existed = path.is_file() and path.stat().st_size > 0
+    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    try:
+        if existed:  # another program's database, or a damaged one, is left as it is
+            _readable(db, path)
+        _writable(db)
+    except sqlite3.DatabaseError as e:
+        db.close()
+        if isinstance(e, UnreadableSession):
+            raise
+        raise UnreadableSession(path, f"unreadable session database ({e})") from e
     mark_interrupted(db)
     return db
 

@@ -120,11 +120,11 @@ class SessionStore:
         resumable: bool,
         started: str | None,
     ) -> None:
+        self.db = sessiondb.open_for_recording(self.dir)  # first: a folder it refuses gets nothing new
         self.crops_dir = self.dir / "crops"
         self.save_crops = save_crops
         if save_crops:
             self.crops_dir.mkdir(exist_ok=True)
-        self.db = sessiondb.open_for_recording(self.dir)
         self.full = False
         self.resume_after: int | None = None  # the last committed frame of a resumed session
         last = sessiondb.last_session(self.db)

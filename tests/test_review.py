@@ -261,11 +261,15 @@ def test_a_recorded_session_reports_byte_for_byte_as_before(tmp_path):
     assert (folder / "report.html").read_text(encoding="utf-8") == then
 
 
-def test_a_damaged_or_foreign_session_database_is_named_in_one_line_and_left_as_it_is(tmp_path):
+def test_a_damaged_or_foreign_session_database_is_named_in_one_line_and_left_as_it_is(tmp_path, bccd):
     """A session.sqlite that is garbage, empty, or another program's: report, FHIR, review and adapt
     each say which file and what is wrong with it, exit 2, and write nothing into the folder."""
     import sqlite3
 
+    fields = tmp_path / "fields"
+    fields.mkdir()
+    for f in sorted((bccd / "JPEGImages").glob("*.jpg"))[:2]:
+        (fields / f.name).symlink_to(f)
     cases = {"garbage": b"not a database at all\n", "empty": b""}
     for name, data in cases.items():
         (tmp_path / name).mkdir()
@@ -283,3 +287,12 @@ def test_a_damaged_or_foreign_session_database_is_named_in_one_line_and_left_as_
             line = p.stderr.strip().splitlines()[-1]
             assert line.startswith(f"error: {folder / 'session.sqlite'}: {why}"), line
         assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+        if name == "empty":
+            continue  # an empty file is no session yet: a recording may start in it
+        # recording into it: the same line, and the database is not written into (no crops either);
+        # only the folder's lock file is new
+        p = bmc("edge", "run", fields, "--out", folder, "--headless", check=False)
+        assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+        assert p.stderr.strip().splitlines()[-1].startswith(f"error: {folder / 'session.sqlite'}: "), p.stderr
+        after = {p.name: p.read_bytes() for p in folder.iterdir() if p.name != "session.lock"}
+        assert after == before
