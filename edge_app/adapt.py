@@ -365,8 +365,10 @@ class Result:
         c = self.calibration
         if c is None:
             return (
-                "No random calibration sample (20 cells or more): the model's own gates are kept and no error is "
-                "stated; review cells in their random order (bmc edge review --for-calibration 60) to have one."
+                "No random calibration sample: fewer than 20 cells of the sessions' random order were reviewed "
+                "from its top without a gap (a cell left undecided ends the sample), so the model's own gates are "
+                "kept and no error is stated; bmc edge review --for-calibration 60 lists the cells to review, "
+                "gaps first."
             )
         return (
             f"Gates set on {c.cells} randomly chosen reviewed cells: counted without a person from confidence "
@@ -377,7 +379,8 @@ class Result:
         cv = self.cross_validation
         lines = [
             f"cross-validation over {cv['cells']} reviewed cells in {cv['fields']} fields ({cv['folds']} folds, "
-            "grouped by field): recall of each class on cells neither head was fitted on",
+            "grouped by field): recall of each class on cells neither head was fitted on (adapted: the mean over "
+            f"{cv.get('repeats', 1)} draws of the folds)",
             f"  {'class':<16}{'cells':>6}{'shipped':>9}{'adapted':>9}",
         ]
         for l in self.labels:
@@ -686,6 +689,15 @@ def prepare(
 # -- writing the adapted model ---------------------------------------------------------------------------
 
 
+def free_target(out_dir: str | Path, name: str, clf: CellClassifier) -> Path:
+    """The model file ``name`` would be written to in ``out_dir`` (the base file's suffix: .tflite or
+    .onnx), or AdaptError when a model of that name is there already (checked before any work)."""
+    target = Path(out_dir) / f"{name}{clf.path.suffix}"
+    if target.exists() or card_path(target).exists():
+        raise AdaptError(f"{target} exists already: choose another name (an adapted model is never overwritten)")
+    return target
+
+
 def write_model(
     result: Result,
     reviewed: Reviewed,
@@ -700,10 +712,8 @@ def write_model(
     temporary folder first and moved in, the card last: a crash leaves no half-written model that
     ``bmc edge run`` would accept."""
     out_dir = Path(out_dir)
+    target = free_target(out_dir, name, clf)
     out_dir.mkdir(parents=True, exist_ok=True)
-    target = out_dir / f"{name}{clf.path.suffix}"  # the base file copied: .tflite or .onnx
-    if target.exists() or card_path(target).exists():
-        raise AdaptError(f"{target} exists already: choose another --name (an adapted model is never overwritten)")
     base_card = clf.card
     base_path = clf.path
     tmp = Path(tempfile.mkdtemp(prefix=".adapt-", dir=out_dir))
@@ -766,8 +776,13 @@ def write_model(
                 "reference": {
                     "reviewed": int(result.named(reviewed).sum()),
                     "counted": 0 if result.grown is None else len(result.grown),
-                    "note": f"known ground beside the guard set: the reviewed cells, and the cells the sessions "
-                    f"counted with no person at least {s.grow_confidence:g} sure that the adapted head names the same",
+                    "note": (
+                        f"known ground beside the guard set: the reviewed cells, and the cells the sessions "
+                        f"counted with no person at least {s.grow_confidence:g} sure that the adapted head names the same"
+                        if s.grow_confidence > 0
+                        else "known ground beside the guard set: the reviewed cells of the classes the head names "
+                        "(the cells the sessions counted with no person do not join it: grow 0)"
+                    ),
                 },
                 "reviewers": reviewed.reviewers,
                 **({"head_kept": {"why": result.kept_shipped}} if result.kept_shipped else {}),

@@ -381,13 +381,15 @@ def edge_adapt(
     # the base: the model named, else the shipped file (for LiteRT or ONNX Runtime) that recorded the sessions
     base = model or recording_model([Path(x) for x in sessions]) or model_file(ModelConfig())
     clf = one_line_errors(CellClassifier, base, orientations=1)
+    stem = name or f"{clf.path.stem}_adapted_{datetime.datetime.now():%Y%m%d-%H%M%S}"
+    one_line_errors(adapt.free_target, out_dir, stem, clf)  # a name taken: said before any work
     guard, reviewed, r = one_line_errors(adapt.prepare, sessions, clf, s)
     click.echo(
         f"{len(reviewed.labels)} reviewed cells from {len(reviewed.sessions)} session folder(s) by "
         f"{', '.join(reviewed.reviewers)}: " + ", ".join(f"{k} {v}" for k, v in sorted(r.cells_per_class.items()))
     )
     click.echo(r.table())
-    click.echo(r.gates())
+    kept = None if r.accepted else adapt.keep_shipped_head(r, reviewed, clf=clf, guard=guard, s=s)
     if json_out:
         write_json(
             json_out,
@@ -398,13 +400,15 @@ def edge_adapt(
                 "cross_validation": r.cross_validation,
                 "guard": r.guard,
                 "seconds": r.seconds,
+                "head_kept": kept is not None,
+                "calibration": (kept or r).calibration.to_dict() if (kept or r).calibration else None,
             },
         )
     if r.advice:
         click.echo("more reviewed cells would help: " + "; ".join(r.advice))
     if not r.accepted:
-        kept = adapt.keep_shipped_head(r, reviewed, clf=clf, guard=guard, s=s)
         if kept is None:
+            click.echo(r.gates())
             raise CliFail(
                 "adapted model refused, nothing written: "
                 + "; ".join(r.reasons)
@@ -415,11 +419,13 @@ def edge_adapt(
             "gates this laboratory's cells set (its reviewed cells as known ground; the confidence rule and the "
             "error below from its random sample, which the shipped head never learnt from):"
         )
-        click.echo(kept.gates())
         r = kept
-    stem = name or f"{clf.path.stem}_adapted_{datetime.datetime.now():%Y%m%d-%H%M%S}"
+    else:
+        click.echo("adapted head accepted: better than the shipped one on held-out reviewed cells.")
+    click.echo(r.gates())
     path = one_line_errors(adapt.write_model, r, reviewed, clf, guard, out_dir, stem, s)
-    click.echo(f"adapted in {r.seconds:.1f} s; count with it: bmc edge run SOURCE --model {path}")
+    what = "the shipped head with this laboratory's gates" if r.kept_shipped else "adapted"
+    click.echo(f"{what}, in {r.seconds:.1f} s; count with it: bmc edge run SOURCE --model {path}")
     click.echo(str(path))
 
 

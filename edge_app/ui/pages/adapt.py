@@ -39,12 +39,21 @@ def adapt_page(app: Screen, req: Request, result: Html = Html("")) -> Response:
     models = []
     for m in adapted_models(app.storage):
         try:
-            a = read_card(m).get("adaptation", {})
+            card = read_card(m)
+            a = card.get("adaptation", {})
             cv = a.get("cross_validation", {})
+            learnt = (
+                # the head was refused: the shipped head counts, with the gates the random sample set
+                "the shipped head unchanged (the adapted head was refused), with this laboratory's gates"
+                if a.get("head_kept")
+                else f"balanced accuracy {cv['shipped']['balanced_accuracy']:.3f} → "
+                f"{cv['adapted']['balanced_accuracy']:.3f}"
+            )
+            cal = card.get("calibration") or {}
+            stated = f"; {cal['statement']}" if cal.get("statement") else ""
             what = (
                 f"{a.get('date', '?')[:16]}, {a.get('cells', '?')} cells by {', '.join(a.get('reviewers', []))}; "
-                f"balanced accuracy {cv['shipped']['balanced_accuracy']:.3f} → "
-                f"{cv['adapted']['balanced_accuracy']:.3f}"
+                f"{learnt}{stated}"
             )
         except (OSError, ValueError, KeyError, TypeError):
             what = "unreadable card"
@@ -108,8 +117,10 @@ def _table(r: AdaptResult) -> Html:
     return html(
         "<table><tr><th>class</th><th>reviewed cells</th><th>shipped</th><th>adapted</th></tr>{rows}"
         "<tr><td>balanced accuracy</td><td></td><td class='num'>{a:.3f}</td><td class='num'>{b:.3f}</td></tr></table>"
-        "<p class='small'>Recall of each class on reviewed cells neither head was fitted on; training classes "
-        "held out: {ga:.3f} shipped, {gb:.3f} adapted.</p>",
+        "<p class='small'>Recall of each class on reviewed cells neither head was fitted on (the adapted head's: "
+        "the mean over {reps} draws of the folds). Accuracy on the training cells never fitted (does it forget what "
+        "it knew?): {ga:.3f} shipped, {gb:.3f} adapted.</p>",
+        reps=cv.get("repeats", 1),
         rows=rows,
         a=cv["shipped"]["balanced_accuracy"],
         b=cv["adapted"]["balanced_accuracy"],
@@ -146,11 +157,12 @@ def run_adapt(app: Screen, req: Request) -> Response:
             app,
             req,
             html(
-                "<p class='warn'>The adapted head was refused: {why}</p><p><b>{stem}</b> written instead: the "
+                "<p class='warn'>The adapted head was refused: {why}</p><p><b>{stem}</b> written instead ({where}): the "
                 "shipped head unchanged, with the gates this laboratory's reviewed cells set. Make it active below "
                 "to count with it.</p><p>{gates}</p>{table}{advice}",
                 why="; ".join(r.reasons),
                 stem=path.stem,
+                where=str(path),
                 gates=kept.gates(),
                 table=table,
                 advice=advice,
@@ -176,9 +188,10 @@ def run_adapt(app: Screen, req: Request) -> Response:
         app,
         req,
         html(
-            "<p><b>{stem}</b> written: better than the shipped model on held-out reviewed cells. Make it active "
-            "below to count with it.</p><p>{gates}</p>{table}{advice}",
+            "<p><b>{stem}</b> written ({where}): better than the shipped model on held-out reviewed cells. "
+            "Make it active below to count with it.</p><p>{gates}</p>{table}{advice}",
             stem=path.stem,
+            where=str(path),
             gates=r.gates(),
             table=table,
             advice=advice,
