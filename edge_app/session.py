@@ -275,7 +275,7 @@ class EdgeSession:
         self._screen(frame)
         if frame.image is None:
             r.corrupt_frames += 1
-            log.warning("frame %s of %s skipped: %s", frame.index, frame.source, frame.error)
+            log.debug("frame %s of %s skipped: %s", frame.index, frame.source, frame.error)
             if r.corrupt_frames <= MAX_LISTED_CORRUPT:  # the person at the console learns which field was lost
                 self.echo(f"warning: frame {frame.index} ({frame.source}) skipped: {frame.error or 'unreadable'}")
             elif r.corrupt_frames == MAX_LISTED_CORRUPT + 1:

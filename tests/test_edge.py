@@ -492,6 +492,7 @@ def test_a_source_with_no_readable_image_is_refused_and_leaves_nothing(bccd, tmp
         out = tmp_path / f"out-{source.name}"
         p = bmc("edge", "run", source, "--out", out, "--headless", check=False)
         assert p.returncode == 2 and said in p.stderr and "Traceback" not in p.stderr, p.stdout + p.stderr
+        assert not source.is_file() or p.stderr.count(str(source)) == 1, p.stderr  # the file named once
         assert not out.exists()
     # an --out where no folder can be made: the folder named, and what the system said
     a_file = tmp_path / "a_file"

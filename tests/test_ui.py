@@ -496,6 +496,8 @@ def test_a_cells_detail_shows_its_probabilities_and_where_the_model_looked(local
     cid = _first_pending(storage)
     status, _, page = local.request("GET", f"/s/20261128-0900/cell/{cid}")
     assert status == 200 and b"Where the model looked" in page and b"probability" in page
+    # which session it belongs to, with the way back (several sessions may be open in tabs)
+    assert f"Cell {cid} of 20261128-0900".encode() in page and b"href='/s/20261128-0900/'>20261128-0900</a>" in page
     label = re.search(rb"/map\?label=([a-z]+)", page).group(1).decode()
     status, headers, body = local.request("GET", f"/s/20261128-0900/cell/{cid}/map?label={label}")
     assert status == 200 and headers["Content-Type"] == "image/jpeg" and body[:2] == b"\xff\xd8"

@@ -109,9 +109,11 @@ def cell_page(app: Screen, req: Request) -> Response:
         ),
     )
     body = html(
-        "<p>{source} frame {frame}; the model's call <b>{call}</b> {conf:.2f} {flag}</p>{decided}"
+        "<p>Session <a href='/s/{name}/'>{session}</a>: {source} frame {frame}; the model's call <b>{call}</b> "
+        "{conf:.2f} {flag}</p>{decided}"
         "<div class='grid'>{img}<table><tr><th>class</th><th>probability</th></tr>{probs}</table></div>"
         "{change}{maps}<p><a href='/s/{name}/review'>back to review</a></p>",
+        session=folder.name,
         source=cell.source,
         frame=cell.frame,
         call=cell.model_label,
@@ -124,7 +126,7 @@ def cell_page(app: Screen, req: Request) -> Response:
         maps=maps,
         name=name,
     )
-    return app.page(f"Cell {cell.id}", body, req)
+    return app.page(f"Cell {cell.id} of {folder.name}", body, req)
 
 
 def cell_map(app: Screen, req: Request) -> Response:
