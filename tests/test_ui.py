@@ -119,6 +119,12 @@ def test_pages_show_the_sessions_differential_and_review_queue(local, storage):
     assert status == 200 and b"95% limits" in page and b"counted" in page
     status, _, page = local.request("GET", "/s/20261128-0900/review")
     assert status == 200 and page.count(b"class='cell'") >= 3
+    # why each cell waits, in a technician's words; the recorded reason, with its figures, on hover
+    assert b"unlike the cells the model learnt" in page and re.search(rb"title='unknown: [^']*distance", page)
+    assert b">unknown: unlike any known cell" not in page
+    status, headers, icon = local.request("GET", "/static/icon.svg")
+    assert status == 200 and headers["Content-Type"] == "image/svg+xml" and icon.startswith(b"<svg")
+    assert b"<link rel='icon' href='/static/icon.svg'>" in page
     status, headers, report = local.request("GET", "/s/20261128-0900/report")
     assert status == 200 and b"Differential count" in report
     status, headers, bundle = local.request("GET", "/s/20261128-0900/fhir")
@@ -489,7 +495,7 @@ def test_review_for_adaptation_lists_the_cells_that_teach_most(local, storage):
     assert status == 200 and b"to name for adaptation" in page
     shown = [int(x) for x in re.findall(rb"data-cell='(\d+)'", page)]
     assert shown == expected
-    assert "· counted".encode() in page  # the model's sure calls too, not only the cells set aside
+    assert b">counted</span>" in page  # the model's sure calls too, not only the cells set aside
 
 
 def test_a_cells_detail_shows_its_probabilities_and_where_the_model_looked(local, storage):

@@ -145,7 +145,8 @@ class UiApp:
         except sessiondb.UnreadableSession as e:  # any page of a damaged folder: which one, and why
             log.warning("%s: %s", e.path, e.why)
             status = "500 Internal Server Error"
-            resp = Response(self.error_page(status, html("<p>{m}</p>", m=f"{e.path.parent.name}: {e.why}")), status)
+            said = html("<p>{m}</p>", m=f"{e.path.parent.name}: {e.why}")
+            resp = Response(self.error_page("Unreadable session", said), status)
         except Exception:  # noqa: BLE001 - a plain page for the browser, the details for the log
             log.exception("error serving %s %s", environ.get("REQUEST_METHOD"), environ.get("PATH_INFO"))
             resp = Response(
@@ -209,7 +210,11 @@ class UiApp:
         return jar[COOKIE].value if COOKIE in jar else None
 
     def static(self, name: str) -> Response:
-        files = {"ui.css": "text/css; charset=utf-8", "ui.js": "text/javascript; charset=utf-8"}
+        files = {
+            "ui.css": "text/css; charset=utf-8",
+            "ui.js": "text/javascript; charset=utf-8",
+            "icon.svg": "image/svg+xml",
+        }
         if name not in files:  # a fixed list: no path from the request reaches the file system
             raise HttpError("404 Not Found", "no such file")
         return Response((STATIC / name).read_bytes(), ctype=files[name], headers=[])

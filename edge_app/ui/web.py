@@ -216,7 +216,7 @@ def layout(title: str, body: Html, user: str | None, csrf: str | None, sign_out:
     return html(
         "<!doctype html><html lang='en'><head><meta charset='utf-8'><title>bmc — {title}</title>"
         "<meta name='viewport' content='width=device-width, initial-scale=1'>"
-        "<link rel='stylesheet' href='/static/ui.css'><script src='/static/ui.js' defer></script></head>"
+        "<link rel='icon' href='/static/icon.svg'><link rel='stylesheet' href='/static/ui.css'><script src='/static/ui.js' defer></script></head>"
         "<body>{nav}<h1>{title}</h1>{body}</body></html>",
         title=title,
         nav=nav,
