@@ -185,7 +185,9 @@ def _serve_loop(
         r = session.run()
         current[0] = None
         done += 1
-        if r.status == "stopped":
+        # a signal the session took as it was closing (it ended on its target all the same) is the
+        # service's too: its handler was the one installed then
+        if r.status == "stopped" or session.stopping:
             return
 
 
