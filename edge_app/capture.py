@@ -77,6 +77,12 @@ class Capture:
                 return
             yield item
 
-    def stop(self) -> None:
+    def stop(self, wait_s: float = 2.0) -> None:
+        """Stop reading: the capture thread leaves the source first (it sees the flag at the next
+        frame), then the source is closed, so a camera or a video is never released under a read in
+        flight, nor left in a native call as the interpreter exits; a read that hangs longer than
+        ``wait_s`` is cut short by the close."""
         self._stop.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(wait_s)
         self.source.close()
