@@ -120,7 +120,7 @@ def test_pages_show_the_sessions_differential_and_review_queue(local, storage):
     status, _, page = local.request("GET", "/s/20261128-0900/review")
     assert status == 200 and page.count(b"class='cell'") >= 3
     # why each cell waits, in a technician's words; the recorded reason, with its figures, on hover
-    assert b"unlike the cells the model learnt" in page and re.search(rb"title='unknown: [^']*distance", page)
+    assert b">unlike the cells it learnt<" in page and re.search(rb"title='unknown: [^']*distance", page)
     assert b">unknown: unlike any known cell" not in page
     status, headers, icon = local.request("GET", "/static/icon.svg")
     assert status == 200 and headers["Content-Type"] == "image/svg+xml" and icon.startswith(b"<svg")

@@ -16,7 +16,7 @@ log = logging.getLogger("bmc.edge_app.ui.app")
 
 
 def adapt_page(app: Screen, req: Request, result: Html = Html("")) -> Response:
-    from bmc.edge_app.active import active_model, adapted_models
+    from bmc.edge_app.active import active_model, adapted_models, models_dir
     from bmc.edge_app.service import session_dirs
 
     rows = []
@@ -83,7 +83,9 @@ def adapt_page(app: Screen, req: Request, result: Html = Html("")) -> Response:
     body = html(
         "{result}<h2>Adapt to this microscope</h2><p>The model learns a new last layer from the cells people "
         "reviewed, checked by cross-validation against the shipped one; it is refused unless better. "
-        "Review 5-10 cells of each class first.</p>"
+        "Review 5-10 cells of each class first, and 60 in their random order (they set what the device counts "
+        "alone, and state its error; with them, a refused layer still leaves the shipped one with this "
+        "laboratory's gates). Models are written to {where}.</p>"
         "<form method='post' action='/adapt'>{csrf}"
         "<table><tr><th></th><th>session</th><th>cells named by a reviewer</th></tr>{rows}"
         "</table><label>Name of the new model <input name='name' required pattern='[A-Za-z0-9_-]{{1,40}}' "
@@ -92,6 +94,7 @@ def adapt_page(app: Screen, req: Request, result: Html = Html("")) -> Response:
         "<tr><td>shipped</td><td>{base}</td><td>{shipped}</td></tr>{models}"
         "</table><p class='small'>The service counts with the active model from its next session on.</p>",
         result=result,
+        where=str(models_dir(app.storage)),
         csrf=hidden_csrf(req.csrf),
         rows=Html.join(rows),
         base=app.base_model().path.name,

@@ -99,7 +99,7 @@ def in_words(flag: str) -> str:
     if not flag:
         return "counted"
     if flag.startswith(UNKNOWN):
-        return "unlike the cells the model learnt: name it, or x if it is not a cell"
+        return "unlike the cells it learnt"
     if flag.startswith("low confidence"):
         return "the model is unsure" + flag[len("low confidence") :].replace(" ", " (", 1) + ")"
     if flag.startswith("top two within"):
