@@ -204,7 +204,12 @@ def run(
             else:
                 row["after"] = row["before"]
             cal = result.calibration
-            if cal is not None and cal.interval is not None and result.accepted:
+            if (
+                cal is not None
+                and cal.interval is not None
+                and result.accepted
+                and row["after"].get("differential_cells")
+            ):
                 lo, hi = cal.interval
                 row["interval_covers"] = bool(lo <= row["after"]["differential_accuracy"] <= hi)
             log(_line(f"seed {seed}, after adapt ({len(teach)} taught, {len(sample)} random)", row["after"]))

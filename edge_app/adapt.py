@@ -44,7 +44,7 @@ import numpy as np
 from bmc.card import ModelCard, card_path, file_beside, sha256_file
 from bmc.edge_app import sessiondb
 from bmc.edge_app.calibration import LabCalibration, calibrate, calibration_order, decided_prefix, session_seed
-from bmc.edge_app.differential import NOT_NUCLEATED
+from bmc.edge_app.differential import NOT_NUCLEATED, ReviewPolicy
 from bmc.edge_app.head import Head, softmax
 from bmc.edge_app.sessiondb import REJECTED
 from bmc.edge_app.unknown import DEFAULT_LEVEL
@@ -343,6 +343,8 @@ class Result:
     # where the adapted head was refused and the shipped one kept with the laboratory's gates
     # (keep_shipped_head): why the adapted head was refused
     kept_shipped: list[str] = dataclasses.field(default_factory=list)
+    # which reviewed cells are known ground (None: those of a class the head names)
+    known: np.ndarray | None = None
     calibration: LabCalibration | None = None  # the gates the random reviewed cells set
     # the counted cells that join the reference (grown_reference), and their fields
     grown: np.ndarray | None = None
@@ -356,7 +358,10 @@ class Result:
         return x if self.grown is None else np.concatenate([x, self.grown])
 
     def named(self, reviewed: "Reviewed") -> np.ndarray:
-        """Which reviewed cells are of a class the head names."""
+        """Which reviewed cells are known ground for this head: those of a class it names (a head
+        learns the cells it is fitted on), or the ones :func:`keep_shipped_head` chose."""
+        if self.known is not None:
+            return self.known
         return np.array([l in self.labels for l in reviewed.labels], bool)
 
     def gates(self) -> str:
@@ -456,8 +461,9 @@ def adapt(
         raise AdaptError("the reviewed cells all come from one field: review cells of more fields")
     # the shipped head on every reviewed cell; the adapted head on each cell from the folds that did
     # not fit it, over several fold assignments (one assignment of a few dozen cells is noisy)
-    ship_p = softmax(x @ w0 + b0)
-    ship_p[:, len(base) :] = 0.0  # the shipped head cannot name a new class
+    # (its own softmax over the classes it knows; it cannot name a new class: probability 0)
+    ship_p = np.zeros((len(y), len(labels)), np.float32)
+    ship_p[:, : len(base)] = softmax(x @ w0[:, : len(base)] + b0[: len(base)])
     adapted_p = np.zeros((s.cv_repeats, len(y), len(labels)), np.float32)
     for rep in range(s.cv_repeats):
         fold = _folds(reviewed.groups, y, k, s.seed + rep)
@@ -604,7 +610,13 @@ def grown_reference(
 
 
 def calibrate_gates(
-    result: Result, reviewed: Reviewed, guard: dict[str, Any], clf: CellClassifier, level: float, target_error: float
+    result: Result,
+    reviewed: Reviewed,
+    guard: dict[str, Any],
+    clf: CellClassifier,
+    level: float,
+    target_error: float,
+    lowest: float = 0.0,
 ) -> LabCalibration | None:
     """The laboratory's gates (:mod:`bmc.edge_app.calibration`) from the random sample among the
     reviewed cells, or None when the sample is too small: out-of-fold probabilities for its reviewed
@@ -637,7 +649,7 @@ def calibrate_gates(
         ref_groups = np.array([""] * len(guard["x"]) + named + result.grown_groups)
         distances = np.array([unknown.distances(x[None], ref[ref_groups != g])[0] for x, g in zip(xs, groups)])
     apart = tuple(i for i, l in enumerate(result.labels) if l in NOT_NUCLEATED)
-    return calibrate(np.stack(probs), truth, distances, card_threshold, level, target_error, apart=apart)
+    return calibrate(np.stack(probs), truth, distances, card_threshold, level, target_error, apart=apart, lowest=lowest)
 
 
 def keep_shipped_head(
@@ -651,6 +663,10 @@ def keep_shipped_head(
     if result.accepted or result.shipped_probs is None:
         return None
     base = list(guard["labels"])
+    # known ground: only the reviewed cells the shipped head itself names rightly (it learnt none of
+    # them: a near-copy of a monocyte it calls a lymphocyte must still be set aside, not counted)
+    called = [base[i] for i in result.shipped_probs[:, : len(base)].argmax(axis=1)]
+    known = np.array([l == c for l, c in zip(reviewed.labels, called)], bool)
     kept = dataclasses.replace(
         result,
         head=Head(guard["w"], guard["b"], tuple(base)),
@@ -663,8 +679,13 @@ def keep_shipped_head(
         grown=None,
         grown_groups=[],
         kept_shipped=list(result.reasons),
+        known=known,
     )
-    kept.calibration = calibrate_gates(kept, reviewed, guard, clf, s.unknown_level, s.target_error)
+    # and never a looser confidence rule than the device's own: nothing the laboratory reviewed
+    # showed this head better than it was shipped
+    kept.calibration = calibrate_gates(
+        kept, reviewed, guard, clf, s.unknown_level, s.target_error, lowest=ReviewPolicy().min_confidence
+    )
     return kept if kept.calibration is not None else None
 
 

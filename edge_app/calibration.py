@@ -155,6 +155,7 @@ def calibrate(
     target_error: float = 0.05,
     fallback_confidence: float = ReviewPolicy().min_confidence,
     apart: tuple[int, ...] = (),
+    lowest: float = 0.0,
 ) -> LabCalibration:
     """The gates from a random sample of reviewed cells. ``probs``: each cell's class probabilities
     from a head not fitted on it; ``truth``: its class index, or None for a cell the reviewer
@@ -162,7 +163,8 @@ def calibrate(
     ``distances``: each cell's unknown-cell score against the reference without its own field
     (None: no unknown-cell check); ``apart``: the classes counted apart from the differential
     (platelets): a cell the model calls one of them enters no percentage, so the error rate and the
-    statement are of the other cells, the ones a differential is made of."""
+    statement are of the other cells, the ones a differential is made of; ``lowest``: no rule below
+    this confidence is chosen."""
     n = len(truth)
     if n < MIN_CELLS:
         raise ValueError(f"{n} random reviewed cells are too few to calibrate the gates (need {MIN_CELLS})")
@@ -185,13 +187,13 @@ def calibrate(
     # cells is noise). None: the device's own rule, its error stated. The strictest instead left
     # the device counting one cell in a hundred on its own (benchmarks/README.md, "Autonomy")
     candidates = inside & judged
-    chosen, met = _lowest_confidence(top, right, candidates, target_error, fallback_confidence)
+    chosen, met = _lowest_confidence(top, right, candidates, target_error, fallback_confidence, lowest)
     # each cell judged by the threshold the other cells choose (see the module's docstring)
     passed = np.zeros(n, bool)
     for i in np.flatnonzero(candidates):
         others = candidates.copy()
         others[i] = False
-        passed[i] = top[i] >= _lowest_confidence(top, right, others, target_error, fallback_confidence)[0]
+        passed[i] = top[i] >= _lowest_confidence(top, right, others, target_error, fallback_confidence, lowest)[0]
     return LabCalibration(
         cells=n,
         level=level,
@@ -207,12 +209,19 @@ def calibrate(
 
 
 def _lowest_confidence(
-    top: np.ndarray, right: np.ndarray, candidates: np.ndarray, target_error: float, fallback: float
+    top: np.ndarray,
+    right: np.ndarray,
+    candidates: np.ndarray,
+    target_error: float,
+    fallback: float,
+    lowest: float = 0.0,
 ) -> tuple[float, bool]:
     """The lowest confidence of :data:`CONFIDENCE_GRID` at which the ``candidates`` let through (at
     least MIN_PASSED) are wrong at most ``target_error`` of the time, and True; else ``fallback``
     and False."""
     for t in CONFIDENCE_GRID:
+        if t < lowest:
+            continue
         passed = candidates & (top >= t)
         if passed.sum() >= MIN_PASSED and (~right[passed]).mean() <= target_error:
             return t, True

@@ -64,10 +64,10 @@ def _coding(label: str, specimen: str = "blood") -> dict[str, Any]:
     return {"coding": codings, "text": label}
 
 
-def _count(k: int, what: str = "cells counted") -> dict[str, Any]:
+def _count(k: int, what: str = "cells counted", code: str = "count") -> dict[str, Any]:
     return {
         "code": {
-            "coding": [{"system": BMC_CODES, "code": "count", "display": what}],
+            "coding": [{"system": BMC_CODES, "code": code, "display": what}],
             "text": what,
         },
         "valueQuantity": {"value": k, "unit": "cells", "system": UCUM, "code": "{cells}"},
@@ -127,7 +127,7 @@ def diagnostic_report(out_dir: str | Path, now: datetime.datetime | None = None)
         notes: list[str],
         limits: tuple[float, float] | None = None,
         code: dict[str, Any] | None = None,
-        count_what: str = "cells counted",
+        count_what: tuple[str, str] = ("cells counted", "count"),
     ) -> None:
         oid = str(uuid.uuid4())
         obs = {
@@ -152,7 +152,7 @@ def diagnostic_report(out_dir: str | Path, now: datetime.datetime | None = None)
                 "text": "digital morphology at the microscope (bmc); cells it sets aside are counted only once a "
                 "person names them"
             },
-            "component": [_count(k, count_what)] + ([_limits(*limits)] if limits else []),
+            "component": [_count(k, *count_what)] + ([_limits(*limits)] if limits else []),
         }
         if value is not None:
             obs["valueQuantity"] = value
@@ -188,7 +188,7 @@ def diagnostic_report(out_dir: str | Path, now: datetime.datetime | None = None)
             [statement, f"{right} of {passed} randomly chosen reviewed cells that passed the gates were right"],
             (lo, hi),
             {"coding": [{"system": BMC_CODES, "code": "unaided-accuracy", "display": what}], "text": what},
-            "randomly chosen reviewed cells the estimate rests on",
+            ("randomly chosen reviewed cells the estimate rests on", "calibration-cells"),
         )
     conclusion = (
         f"{'Blood' if record.specimen == 'blood' else 'Marrow'} differential of {record.total} {of}"

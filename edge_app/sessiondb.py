@@ -260,12 +260,17 @@ def open_for_recording(folder: Path) -> sqlite3.Connection:
     """The database a recorder writes (the caller holds the folder's lock): made one thread, used by
     the thread that records (the screen starts sessions in their own)."""
     path = path_of(folder)
+    if path.exists() and not path.is_file():
+        raise UnreadableSession(path, "not a file: cannot record a session database here")
     existed = path.is_file() and path.stat().st_size > 0
     db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     try:
         if existed:  # another program's database, or a damaged one, is left as it is
             _readable(db, path)
         _writable(db)
+    except sqlite3.OperationalError:  # locked, read-only, disk full: said as sqlite says it, not "damaged"
+        db.close()
+        raise
     except sqlite3.DatabaseError as e:
         db.close()
         if isinstance(e, UnreadableSession):

@@ -202,6 +202,39 @@ def test_a_refused_head_still_leaves_the_laboratorys_gates_on_the_shipped_head(s
     assert card["calibration"]["statement"] in (out / "report.html").read_text()
 
 
+def test_a_kept_shipped_head_knows_only_the_reviewed_cells_it_names_itself(session, truth, tmp_path):
+    """The kept head learnt nothing from the laboratory's cells: a reviewed cell it calls wrongly, or
+    of a class it cannot name (a blast a person named), is no known ground for its unknown-cell check,
+    and its confidence rule is never looser than the device's own. Real session, real embeddings; the
+    refusal itself forced (the head would be accepted on these labels)."""
+    import dataclasses
+
+    from bmc.edge_app import adapt
+    from bmc.edge_app.differential import ReviewPolicy
+    from bmc.edge_app.head import softmax
+
+    _agree_with_every_call(session, truth, tmp_path)
+    clf = CellClassifier(DEFAULT_MODEL, orientations=1)
+    guard = adapt.load_guard(DEFAULT_MODEL, clf.card)
+    reviewed = adapt.collect([session], clf)
+    called = [guard["labels"][i] for i in softmax(reviewed.x @ guard["w"] + guard["b"]).argmax(axis=1)]
+    labels = list(reviewed.labels)
+    named_blast = [0, 1, 2]  # three cells named as a class the model does not know
+    misnamed = [3, 4]  # two cells named as another class than the shipped head's call
+    for i in named_blast:
+        labels[i] = "blast"
+    for i in misnamed:
+        labels[i] = next(l for l in guard["labels"] if l != called[i] and l != "platelet")
+    reviewed = dataclasses.replace(reviewed, labels=labels)
+    result = dataclasses.replace(adapt.adapt(reviewed, guard), accepted=False, reasons=["refused (forced)"])
+    kept = adapt.keep_shipped_head(result, reviewed, guard, clf)
+    assert kept is not None and kept.labels == list(guard["labels"]) and "blast" not in kept.labels
+    known = kept.named(reviewed)
+    assert not known[named_blast + misnamed].any()
+    assert known.sum() == sum(l == c for l, c in zip(labels, called)) == len(kept.reference(reviewed))
+    assert kept.calibration is not None and kept.calibration.min_confidence >= ReviewPolicy().min_confidence
+
+
 def test_the_screen_keeps_the_shipped_head_with_the_laboratorys_gates_when_the_head_is_refused(
     session, truth, tmp_path
 ):

@@ -10,6 +10,7 @@ import json
 
 import numpy as np
 import pytest
+from fhir.resources.R4B.bundle import Bundle
 
 from bmc.benchmarks.bccd import single_cell_fields
 from bmc.edge_app.calibration import (
@@ -119,6 +120,7 @@ def test_adapting_with_a_random_sample_calibrates_the_gates_and_the_report_state
     bmc("edge", "review", session, "--apply", decisions, "--by", "ben")
     said = bmc("edge", "adapt", session, "--out", tmp_path / "m", "--name", "lab1", "--model", PBC_ONLY_MODEL).stdout
     card = json.loads((tmp_path / "m" / "lab1.json").read_text())
+    assert card["variant"].endswith("+adapted-head")  # the adapted head itself, not the shipped one kept
     cal = card["calibration"]
     assert f"counted without a person from confidence {cal['min_confidence']:.2f}" in said and cal["statement"] in said
     assert cal["cells"] >= 50 and 0.4 <= cal["min_confidence"] <= 0.99
@@ -134,6 +136,7 @@ def test_adapting_with_a_random_sample_calibrates_the_gates_and_the_report_state
     bmc("edge", "report", out, "--fhir")
     assert "Cells counted without a person at this microscope" in (out / "report.html").read_text()
     fhir = json.loads((out / "differential.fhir.json").read_text())
+    Bundle.model_validate(fhir)  # the estimate's Observation is valid FHIR R4 too
     assert "randomly chosen" in fhir["entry"][0]["resource"]["conclusion"]
     # and in fields a LIS reads: the estimate, its 95% interval, the reviewed cells it rests on
     stated = next(
@@ -142,6 +145,7 @@ def test_adapting_with_a_random_sample_calibrates_the_gates_and_the_report_state
     lo, hi = cal["interval"]
     assert stated["valueQuantity"]["value"] == pytest.approx(100 * cal["correct"] / cal["passed"], abs=0.05)
     assert stated["component"][0]["valueQuantity"]["value"] == cal["passed"]
+    assert stated["component"][0]["code"]["coding"][0]["code"] == "calibration-cells"  # not "cells counted"
     assert stated["component"][1]["valueRange"]["low"]["value"] == pytest.approx(100 * lo, abs=0.05)
     assert stated["component"][1]["valueRange"]["high"]["value"] == pytest.approx(100 * hi, abs=0.05)
     recorded = json.loads(
