@@ -798,7 +798,10 @@ def write_model(
                     "reviewed": int(result.named(reviewed).sum()),
                     "counted": 0 if result.grown is None else len(result.grown),
                     "note": (
-                        f"known ground beside the guard set: the reviewed cells, and the cells the sessions "
+                        "known ground beside the guard set: the reviewed cells the shipped head names rightly "
+                        "(the adapted head was refused, and nothing counted joins it)"
+                        if result.kept_shipped
+                        else f"known ground beside the guard set: the reviewed cells, and the cells the sessions "
                         f"counted with no person at least {s.grow_confidence:g} sure that the adapted head names the same"
                         if s.grow_confidence > 0
                         else "known ground beside the guard set: the reviewed cells of the classes the head names "
