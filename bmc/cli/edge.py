@@ -416,8 +416,9 @@ def edge_adapt(
             )
         click.echo(
             "adapted head refused: " + "; ".join(r.reasons) + ". The shipped head is kept unchanged, with the "
-            "gates this laboratory's cells set (its reviewed cells as known ground; the confidence rule and the "
-            "error below from its random sample, which the shipped head never learnt from):"
+            "gates this laboratory's cells set (the reviewed cells it names rightly as known ground; the confidence "
+            "rule, never looser than the device's, and the error below from its random sample, which the shipped "
+            "head never learnt from):"
         )
         r = kept
     else:
