@@ -77,9 +77,12 @@ class ImageFiles(FrameSource):
             except ValueError as e:
                 errors.append(str(e))
         else:
-            what = errors[0] if len(errors) == 1 else f"none of its {len(paths)} images decodes (first: {errors[0]})"
             # one image: its error names it already (the path said once)
-            raise SourceError(what if len(paths) == 1 and what.startswith(str(paths[0])) else f"{name}: {what}")
+            raise SourceError(
+                errors[0]
+                if len(errors) == 1
+                else f"{name}: none of its {len(paths)} images decodes (first: {errors[0]})"
+            )
 
     def _frames(self) -> Iterator[Frame]:
         from bmc.contract import read_image

@@ -150,28 +150,7 @@ def run_adapt(app: Screen, req: Request) -> Response:
     table = _table(r)
     advice = html("<p>More reviewed cells would help: {a}</p>", a="; ".join(r.advice)) if r.advice else Html("")
     kept = adapt.keep_shipped_head(r, reviewed, guard, clf) if not r.accepted else None
-    if kept is not None:
-        try:
-            path = adapt.write_model(kept, reviewed, clf, guard, models_dir(app.storage), name)
-        except adapt.AdaptError as e:
-            return adapt_page(app, req, html("<p class='warn'>{e}</p>", e=str(e)))
-        log.info("shipped head with the laboratory's gates %s written by %s", path, req.user)
-        return adapt_page(
-            app,
-            req,
-            html(
-                "<p class='warn'>The adapted head was refused: {why}</p><p><b>{stem}</b> written instead ({where}): the "
-                "shipped head unchanged, with the gates this laboratory's reviewed cells set. Make it active below "
-                "to count with it.</p><p>{gates}</p>{table}{advice}",
-                why="; ".join(r.reasons),
-                stem=path.stem,
-                where=str(path),
-                gates=kept.gates(),
-                table=table,
-                advice=advice,
-            ),
-        )
-    if not r.accepted:
+    if not r.accepted and kept is None:
         return adapt_page(
             app,
             req,
@@ -182,23 +161,33 @@ def run_adapt(app: Screen, req: Request) -> Response:
                 advice=advice,
             ),
         )
+    written = kept or r
     try:
-        path = adapt.write_model(r, reviewed, clf, guard, models_dir(app.storage), name)
+        path = adapt.write_model(written, reviewed, clf, guard, models_dir(app.storage), name)
     except adapt.AdaptError as e:
         return adapt_page(app, req, html("<p class='warn'>{e}</p>", e=str(e)))
-    log.info("adapted model %s written by %s", path, req.user)
+    if kept is not None:
+        log.info("shipped head with the laboratory's gates %s written by %s", path, req.user)
+        said = html(
+            "<p class='warn'>The adapted head was refused: {why}</p><p><b>{stem}</b> written instead ({where}): the "
+            "shipped head unchanged, with the gates this laboratory's reviewed cells set. Make it active below "
+            "to count with it.</p>",
+            why="; ".join(r.reasons),
+            stem=path.stem,
+            where=str(path),
+        )
+    else:
+        log.info("adapted model %s written by %s", path, req.user)
+        said = html(
+            "<p><b>{stem}</b> written ({where}): better than the shipped model on held-out reviewed cells. "
+            "Make it active below to count with it.</p>",
+            stem=path.stem,
+            where=str(path),
+        )
     return adapt_page(
         app,
         req,
-        html(
-            "<p><b>{stem}</b> written ({where}): better than the shipped model on held-out reviewed cells. "
-            "Make it active below to count with it.</p><p>{gates}</p>{table}{advice}",
-            stem=path.stem,
-            where=str(path),
-            gates=r.gates(),
-            table=table,
-            advice=advice,
-        ),
+        html("{said}<p>{gates}</p>{table}{advice}", said=said, gates=written.gates(), table=table, advice=advice),
     )
 
 
