@@ -184,7 +184,7 @@ def run(
             guard, rev, result = adapt.prepare([sess], clf, settings)
             refused = [] if result.accepted else result.reasons
             # a refused head: the shipped one kept with the laboratory's gates, as `bmc edge adapt` does
-            result = adapt.keep_shipped_head(result, rev, guard, clf, settings) or result
+            result = adapt.to_write(result, rev, guard, clf, settings) or result
             unreviewed = sorted(f for f in truth if f not in reviewed_fields)
             row = {
                 "seed": seed,
@@ -286,9 +286,13 @@ def sequence(
             for growth, settings in (("fixed", adapt.Settings(grow_confidence=0)), ("grown", grow)):
                 guard, rev, result = adapt.prepare([day0], clf, settings)
                 if not result.accepted:
-                    log(f"seed {seed}: the first day's adaptation was refused ({'; '.join(result.reasons)})")
+                    rows.setdefault("head_refused", []).append(growth)
+                    log(f"seed {seed}: the first day's head was refused ({'; '.join(result.reasons)})")
+                # what `bmc edge adapt` writes: a refused head leaves the shipped one with the laboratory's gates
+                written = adapt.to_write(result, rev, guard, clf, settings)
+                if written is None:
                     break
-                paths[growth] = adapt.write_model(result, rev, clf, guard, base / "models", f"{growth}0", settings)
+                paths[growth] = adapt.write_model(written, rev, clf, guard, base / "models", f"{growth}0", settings)
             if len(paths) < 2:
                 out["runs"].append({**rows, "refused": True})
                 continue
@@ -303,9 +307,11 @@ def sequence(
                     log(_line(f"seed {seed}, day {d}, reference {growth}", s))
                 sessions.append(base / f"grown{d}")
                 guard, rev, result = adapt.prepare(sessions, clf, grow)
-                if result.accepted:
-                    paths["grown"] = adapt.write_model(result, rev, clf, guard, base / "models", f"grown{d}")
-                    grown_n = 0 if result.grown is None else len(result.grown)
+                written = adapt.to_write(result, rev, guard, clf, grow)
+                if written is not None:
+                    paths["grown"] = adapt.write_model(written, rev, clf, guard, base / "models", f"grown{d}")
+                    # a kept shipped head takes no counted cells in (keep_shipped_head): none grew
+                    grown_n = 0 if written.grown is None else len(written.grown)
                     rows.setdefault("reference_counted", []).append(grown_n)
                     log(f"seed {seed}: after day {d}, {grown_n} counted cells in the reference")
             out["runs"].append(rows)
@@ -324,10 +330,11 @@ def sequence_markdown(r: dict) -> str:
     ]
     for x in r["runs"]:
         if x.get("refused"):
-            lines.append(f"| {x['seed']} | — | first day's adaptation refused | | | | |")
+            lines.append(f"| {x['seed']} | — | first day's head refused, and no random sample to keep gates | | | | |")
             continue
+        kept = " (head refused: shipped head, laboratory's gates)" if x.get("head_refused") else ""
         for d, (fixed, grown) in enumerate(zip(x["fixed"], x["grown"]), start=1):
-            for name, s in (("fixed after day 0", fixed), ("grown each day", grown)):
+            for name, s in (("fixed after day 0" + kept, fixed), ("grown each day", grown)):
                 lines.append(
                     f"| {x['seed']} | {d} | {name} | {100 * s['counted_share']:.0f}% | "
                     f"{s['balanced_accuracy_counted']:.3f} | {100 * s['unknown_share']:.0f}% | "

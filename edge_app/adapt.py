@@ -689,6 +689,15 @@ def keep_shipped_head(
     return kept if kept.calibration is not None else None
 
 
+def to_write(
+    result: Result, reviewed: Reviewed, guard: dict[str, Any], clf: CellClassifier, s: Settings = Settings()
+) -> Result | None:
+    """What an adaptation leaves the laboratory: the adapted head where it was accepted, else the
+    shipped head with the laboratory's gates (:func:`keep_shipped_head`), else None (nothing to
+    write). ``bmc edge adapt``, the screen and the benchmarks all write this."""
+    return result if result.accepted else keep_shipped_head(result, reviewed, guard, clf, s)
+
+
 def prepare(
     sessions: Iterable[str | Path], clf: CellClassifier, s: Settings = Settings(), log: Callable[[str], None] = print
 ) -> tuple[dict[str, Any], Reviewed, Result]:

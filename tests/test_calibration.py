@@ -294,3 +294,31 @@ def test_the_bench_checks_the_statement_on_the_differential_the_screen_shows(bcc
     split = score(truth, cells, sorted(truth), classes, {**listed, one: 2})
     assert split["differential_cells"] == s["differential_cells"] + 1
     assert split["differential_right"] == s["differential_right"] and split["right"] == s["right"]
+
+
+def test_a_sequence_of_sessions_goes_on_with_the_laboratorys_gates_when_its_head_is_refused(bccd, tmp_path):
+    """``bench autonomy --days``: a laboratory whose reviewers agree with every call teaches the head
+    nothing, so it is refused; as ``bmc edge adapt`` does, the shipped head is kept with the gates its
+    random sample sets, and the later days are counted with it (the sequence used to stop there)."""
+    from bmc.benchmarks.adapt import field_answers, run_session
+    from bmc.benchmarks.autonomy import sequence
+    from bmc.edge_app.classifier import DEFAULT_MODEL
+
+    found = single_cell_fields(bccd)[:40]
+    fields = tmp_path / "fields"
+    fields.mkdir()
+    for f in found:
+        (fields / f.image.name).symlink_to(f.image)
+    run_session(fields, DEFAULT_MODEL, tmp_path / "s", "field", 1, 2)
+    calls = field_answers(tmp_path / "s" / "session.sqlite")
+    truth = tmp_path / "agree.csv"  # the truth a reviewer who agrees with the model gives
+    truth.write_text(
+        "file,label\n"
+        + "".join(f"JPEGImages/{f.image.name},{calls[f.image.name][0]}\n" for f in found if f.image.name in calls)
+    )
+    r = sequence(bccd, truth, k=2, seeds=(1,), days=1, calibration=24, orientations=1, threads=2, log=lambda m: None)
+    (run,) = r["runs"]
+    assert not run.get("refused") and run["head_refused"] == ["fixed", "grown"]
+    # the later day was counted with the kept head, and scored
+    assert len(run["fixed"]) == len(run["grown"]) == 1 and run["fixed"][0]["fields"] > 0
+    assert run["fixed"][0]["counted"] > 0

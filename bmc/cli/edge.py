@@ -389,44 +389,47 @@ def edge_adapt(
         f"{', '.join(reviewed.reviewers)}: " + ", ".join(f"{k} {v}" for k, v in sorted(r.cells_per_class.items()))
     )
     click.echo(r.table())
-    kept = None if r.accepted else adapt.keep_shipped_head(r, reviewed, clf=clf, guard=guard, s=s)
+    written = adapt.to_write(r, reviewed, guard, clf, s)
+    kept = None if r.accepted else written
     if json_out:
         write_json(
             json_out,
             {
+                # the adapted head's verdict; what was written is "written": the adapted head, the
+                # shipped head with this laboratory's gates (head_kept), or nothing
                 "accepted": r.accepted,
+                "written": "adapted head" if r.accepted else "shipped head, laboratory's gates" if kept else None,
                 "reasons": r.reasons,
                 "cells_per_class": r.cells_per_class,
                 "cross_validation": r.cross_validation,
                 "guard": r.guard,
                 "seconds": r.seconds,
                 "head_kept": kept is not None,
-                "calibration": (kept or r).calibration.to_dict() if (kept or r).calibration else None,
+                "calibration": (written or r).calibration.to_dict() if (written or r).calibration else None,
             },
         )
     if r.advice:
         click.echo("more reviewed cells would help: " + "; ".join(r.advice))
-    if not r.accepted:
-        if kept is None:
-            click.echo(r.gates())
-            raise CliFail(
-                "adapted model refused, nothing written: "
-                + "; ".join(r.reasons)
-                + ". Review more cells (bmc edge review --for-adapt) and adapt again"
-            )
+    if written is None:
+        click.echo(r.gates())
+        raise CliFail(
+            "adapted model refused, nothing written: "
+            + "; ".join(r.reasons)
+            + ". Review more cells (bmc edge review --for-adapt) and adapt again"
+        )
+    if kept is not None:
         click.echo(
             "adapted head refused: " + "; ".join(r.reasons) + ". The shipped head is kept unchanged, with the "
             "gates this laboratory's cells set (the reviewed cells it names rightly as known ground; the confidence "
             "rule, never looser than the device's, and the error below from its random sample, which the shipped "
             "head never learnt from):"
         )
-        r = kept
     else:
         click.echo("adapted head accepted: better than the shipped one on held-out reviewed cells.")
-    click.echo(r.gates())
-    path = one_line_errors(adapt.write_model, r, reviewed, clf, guard, out_dir, stem, s)
-    what = "the shipped head with this laboratory's gates" if r.kept_shipped else "adapted"
-    click.echo(f"{what}, in {r.seconds:.1f} s; count with it: bmc edge run SOURCE --model {path}")
+    click.echo(written.gates())
+    path = one_line_errors(adapt.write_model, written, reviewed, clf, guard, out_dir, stem, s)
+    what = "the shipped head with this laboratory's gates" if kept is not None else "adapted"
+    click.echo(f"{what}, in {written.seconds:.1f} s; count with it: bmc edge run SOURCE --model {path}")
     click.echo(str(path))
 
 

@@ -149,8 +149,9 @@ def run_adapt(app: Screen, req: Request) -> Response:
         return adapt_page(app, req, html("<p class='warn'>Not adapted: {e}</p>", e=str(e)))
     table = _table(r)
     advice = html("<p>More reviewed cells would help: {a}</p>", a="; ".join(r.advice)) if r.advice else Html("")
-    kept = adapt.keep_shipped_head(r, reviewed, guard, clf) if not r.accepted else None
-    if not r.accepted and kept is None:
+    written = adapt.to_write(r, reviewed, guard, clf)
+    kept = None if r.accepted else written
+    if written is None:
         return adapt_page(
             app,
             req,
@@ -161,7 +162,6 @@ def run_adapt(app: Screen, req: Request) -> Response:
                 advice=advice,
             ),
         )
-    written = kept or r
     try:
         path = adapt.write_model(written, reviewed, clf, guard, models_dir(app.storage), name)
     except adapt.AdaptError as e:
