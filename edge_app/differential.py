@@ -72,6 +72,8 @@ def display(label: str) -> str:
     return DISPLAY.get(label, label)
 
 
+#: what every view calls the erythroblasts of a blood count, reported per 100 leukocytes beside it
+NRBC = "NRBC"
 NOT_NUCLEATED = ("platelet",)  # counted and reported apart: never in a denominator
 
 
@@ -187,10 +189,18 @@ class DifferentialCount:
         forms: the console and the live window), then the erythroblasts and the platelets."""
         out = [f"{display(r.label)} {r.count} ({r.percent:.1f}%)" for r in self.rows if r.count]
         if self.nrbc is not None and self.nrbc.count:
-            out.append(f"NRBC {self.nrbc.count} ({self.nrbc.percent:.1f}/100 WBC)")
+            out.append(f"{NRBC} {self.nrbc.count} ({self.nrbc.percent:.1f}/100 WBC)")
         if self.platelets:
             out.append(f"platelets {self.platelets} (apart)")
         return out
+
+    def rounding_note(self) -> str:
+        """'' where the shares as shown (0.1%) add to 100%; else a sentence saying they are rounded
+        (three shares of a third show 33.3% each: 99.9%)."""
+        shown = round(sum(round(r.percent, 1) for r in self.rows), 1)
+        if not self.total or shown == 100.0:
+            return ""
+        return f"The shares are rounded to 0.1%: as shown they add to {shown:.1f}%, exactly 100% before rounding."
 
     def ratios(self) -> list[str]:
         return [f"M:E {self.me_ratio:.2f}"] if self.me_ratio is not None else []

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from bmc.edge_app import review, sessiondb
+from bmc.edge_app.differential import NRBC
 from bmc.edge_app.differential import display as display_name
 from bmc.stages import PARENT
 
@@ -174,7 +175,10 @@ def diagnostic_report(out_dir: str | Path, now: datetime.datetime | None = None)
             if record.total
             else None
         )
-        notes = [f"{record.nrbc.count} nucleated red cells per {record.total} leukocytes, beside the differential"]
+        notes = [
+            f"{NRBC}: {record.nrbc.count} nucleated red cells ({record.nrbc.label}) per {record.total} leukocytes, "
+            "beside the differential"
+        ]
         observation(record.nrbc.label, record.nrbc.count, value, notes)
     if record.platelets:
         observation("platelet", record.platelets, None, ["a count only: platelets are in no denominator"])

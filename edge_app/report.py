@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from bmc.edge_app import review, sessiondb, store
-from bmc.edge_app.differential import ClassShare, DifferentialCount, count_interval, differential_of, display
+from bmc.edge_app.differential import NRBC, ClassShare, DifferentialCount, count_interval, differential_of, display
 from bmc.edge_app.folder_lock import is_locked
 from bmc.edge_app.sessiondb import ReviewedCell, SessionRecord
 from bmc.errors import BmcError
@@ -113,7 +113,7 @@ def write_differential_csv(out_dir: str | Path) -> Path:
         )
     if record.nrbc is not None:
         w.writerow(
-            [record.specimen, "NRBC", record.nrbc.count, f"{record.nrbc.percent:.1f}", "", "", "per 100 leukocytes"]
+            [record.specimen, NRBC, record.nrbc.count, f"{record.nrbc.percent:.1f}", "", "", "per 100 leukocytes"]
         )
     w.writerow([record.specimen, "platelet", record.platelets, "", "", "", "apart"])
     w.writerow([record.specimen, "waiting for review", record.waiting, "", "", "", "not counted"])
@@ -229,6 +229,8 @@ def differential_html(record: DifferentialCount, learnt: dict[str, Any] | None =
         f"<table class='differential'><tr><th>class</th><th>count</th><th>% of {record.denominator}</th>"
         f"<th>95% limits</th>{'<th></th>' if bars else ''}</tr>{rows}</table>"
     )
+    if record.rounding_note():
+        out += f"<p class='note'>{esc(record.rounding_note())}</p>"
     if record.nrbc is not None:
         out += (
             f"<p>Nucleated red cells ({esc(record.nrbc.label)}): <b>{record.nrbc.count}</b>, "

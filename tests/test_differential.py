@@ -76,6 +76,18 @@ def test_one_figure_on_the_console_the_csv_the_report_the_screen_and_fhir(counte
         assert rows[r.label]["count"] == str(r.count) and rows[r.label]["percent"] == pct
         assert f"{obs[r.label]['valueQuantity']['value']:.1f}" == pct
     assert "platelet" not in {k for k, o in obs.items() if "valueQuantity" in o}
+    # where the shares as shown do not add to 100.0%, the report and the screen say so, with their sum
+    shown = round(sum(round(r.percent, 1) for r in record.rows), 1)
+    note = f"as shown they add to {shown:.1f}%, exactly 100% before rounding"
+    assert (note in report and note in page) if shown != 100.0 else ("as shown they add" not in report + page)
+
+
+def test_shares_that_round_away_from_100_say_so():
+    thirds = differential_of({"neutrophil": 1, "lymphocyte": 1, "monocyte": 1})
+    assert [f"{r.percent:.1f}" for r in thirds.rows if r.count] == ["33.3"] * 3
+    assert "as shown they add to 99.9%" in thirds.rounding_note()
+    assert differential_of({"neutrophil": 1, "lymphocyte": 1}).rounding_note() == ""
+    assert differential_of({}).rounding_note() == ""
 
 
 def _screen_page(out) -> str:
