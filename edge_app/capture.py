@@ -7,6 +7,7 @@ the drop is counted. Files are read without drops: every image or video frame is
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 from collections.abc import Iterator
@@ -16,6 +17,7 @@ from bmc.edge_app.sources import FrameSource
 from bmc.edge_app.sources.base import Frame
 
 _END = object()
+log = logging.getLogger(__name__)
 
 
 class Capture:
@@ -29,6 +31,12 @@ class Capture:
         self.error: BaseException | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="capture", daemon=True)
+        # who closes the source: stop(), once the thread has left it; or the thread as it leaves,
+        # where stop() gave up waiting for a read (never both, never under the read)
+        self._lock = threading.Lock()
+        self._left = False
+        self._close_on_leaving = False
+        self.closed = False
 
     def start(self) -> "Capture":
         self._thread.start()
@@ -60,6 +68,11 @@ class Capture:
         except BaseException as e:  # noqa: BLE001 - handed to the consumer
             self.error = e
         finally:
+            with self._lock:
+                self._left = True
+                close = self._close_on_leaving
+            if close:
+                self._close()
             while True:
                 try:
                     self.q.put(_END, timeout=0.2)
@@ -77,12 +90,26 @@ class Capture:
                 return
             yield item
 
+    def _close(self) -> None:
+        self.source.close()
+        self.closed = True
+
     def stop(self, wait_s: float = 2.0) -> None:
         """Stop reading: the capture thread leaves the source first (it sees the flag at the next
         frame), then the source is closed, so a camera or a video is never released under a read in
-        flight, nor left in a native call as the interpreter exits; a read that hangs longer than
-        ``wait_s`` is cut short by the close."""
+        flight (OpenCV's capture is not safe to release from another thread mid-read). A read that
+        still hangs after ``wait_s`` (a stalled camera) is left to finish: the thread closes the
+        source as it leaves, and stop() returns, saying so."""
         self._stop.set()
-        if self._thread.is_alive() and self._thread is not threading.current_thread():
+        mine = self._thread is threading.current_thread()
+        if self._thread.is_alive() and not mine:
             self._thread.join(wait_s)
-        self.source.close()
+        with self._lock:
+            if self._thread.ident is not None and not self._left and not mine:
+                self._close_on_leaving = True
+                log.warning(
+                    "the frame source is still in a read %.0f s after stop: it is closed when that read returns",
+                    wait_s,
+                )
+                return
+        self._close()

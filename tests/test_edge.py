@@ -225,6 +225,45 @@ def test_camera_gone_for_good_gives_up_with_a_clear_error(monkeypatch):
         list(cam.frames())
 
 
+class _StalledCamera(_ReplayedCamera):
+    """Replays real BCCD fields as a camera whose second read stalls (a USB camera that hangs)
+    until ``release`` is set; it records whether it was released while a read was in flight."""
+
+    def __init__(self, frames):
+        import threading
+
+        super().__init__(frames, unplug_after=-1, absent_opens=0)
+        self.release, self.reading, self.closed_mid_read = threading.Event(), threading.Event(), False
+
+    def _read(self):
+        if self._i == 1:
+            self.reading.set()
+            self.release.wait(30)
+            self.reading.clear()
+        return super()._read()
+
+    def close(self):
+        self.closed_mid_read = self.closed_mid_read or self.reading.is_set()
+        super().close()
+
+
+def test_a_stalled_camera_is_not_released_under_its_read(bccd):
+    """stop() waits for the capture thread to leave the source; a read still hanging after the wait
+    is left to return, and the thread releases the camera then, never under the read."""
+    from bmc.edge_app.capture import Capture
+
+    imgs = [cv2.imread(str(p)) for p in sorted((bccd / "JPEGImages").glob("*.jpg"))[:3]]
+    cam = _StalledCamera(imgs)
+    cap = Capture(cam).start()
+    next(iter(cap))
+    assert cam.reading.wait(10)
+    cap.stop(wait_s=0.3)  # the read still hangs: stop returns without releasing
+    assert not cam.closed_mid_read and not cap.closed
+    cam.release.set()
+    cap._thread.join(10)
+    assert cap.closed and not cam.closed_mid_read and not cap._thread.is_alive()
+
+
 class _FastCamera(FrameSource):
     """A live source faster than classification: frames of a real field, as fast as it can."""
 
