@@ -333,6 +333,16 @@ class Differential:
         elif label in self.counts:
             self.counts[label] += 1
 
+    def tally(self) -> tuple[dict[str, int], int, int]:
+        """The running count as it stands, to go :meth:`back_to`."""
+        return dict(self.counts), self.flagged, self.unknown
+
+    def back_to(self, tally: tuple[dict[str, int], int, int]) -> None:
+        """The count as it stood at ``tally``: cells that were counted but never recorded (their
+        frame's commit failed) leave it."""
+        counts, self.flagged, self.unknown = tally
+        self.counts = dict(counts)
+
     def record(self) -> DifferentialCount:
         return differential_of(self.counts, self.labels, self.specimen, self.flagged, self.unknown)
 

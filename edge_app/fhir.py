@@ -16,7 +16,11 @@ microscope, its 95% interval and the randomly chosen reviewed cells it rests on.
 
 Nothing identifies a patient: the device never knows who the smear belongs to. The LIS adds the
 subject when it files the report. The report is ``preliminary`` while cells wait for review (or
-unknown cells wait for a name), ``final`` once every cell is decided.
+unknown cells wait for a name), ``final`` once every cell is decided. A folder has one report: its
+id and ``identifier`` (fixed by the folder's first session) and each class's Observation id are the
+same on every export, so a LIS files a later export over the earlier one; once the report went out
+final, one that has changed since (a decision that moved a cell, a comment, a new session) is
+``corrected`` and says which final report it replaces (:func:`bmc.edge_app.review.report_history`).
 
 Numpy-free and standard-library only: the device writes it.
 """
@@ -37,6 +41,7 @@ from bmc.stages import PARENT
 LOINC = "http://loinc.org"
 BMC_CODES = "urn:bmc-edge:cell-class"  # the kit's own codes: its class names
 UCUM = "http://unitsofmeasure.org"
+IDENTIFIER_SYSTEM = "urn:bmc-edge:differential"  # a folder's report, whichever export carries it
 
 #: class → (LOINC code, display): "/100 leukocytes in Blood by Manual count"; checked against
 #: published LOINC tables (benchmarks/README.md, "FHIR export", names the sources)
@@ -110,9 +115,16 @@ def diagnostic_report(out_dir: str | Path, now: datetime.datetime | None = None)
         record = review.session_differential(db, cells)
         statement = review.calibration_statement(db)
         calibration = _calibration(review.calibration_record(db))
+        history = review.report_history(db, cells)
     finally:
         db.close()
-    status = "preliminary" if record.waiting else "final"
+    # one report per folder, whatever rewrites it: the same id and identifier on every export, so a
+    # LIS sees a later one replace the earlier; once it went out final, a changed one is a correction
+    report_id = folder_identity(sessions)
+    if record.waiting:
+        status = "preliminary"
+    else:
+        status = "corrected" if history.final_at and history.changed else "final"
     now = now or datetime.datetime.now(datetime.timezone.utc)
     issued = now.isoformat(timespec="seconds")
     started = sessions[0].started if sessions else issued
@@ -130,7 +142,7 @@ def diagnostic_report(out_dir: str | Path, now: datetime.datetime | None = None)
         code: dict[str, Any] | None = None,
         count_what: tuple[str, str] = ("cells counted", "count"),
     ) -> None:
-        oid = str(uuid.uuid4())
+        oid = str(uuid.uuid5(uuid.UUID(report_id), label))  # the same class, the same Observation
         obs = {
             "resourceType": "Observation",
             "id": oid,
@@ -204,10 +216,14 @@ def diagnostic_report(out_dir: str | Path, now: datetime.datetime | None = None)
         + "."
     )
     models = sorted({f"{s.model_file} (sha256 {s.model_sha256[:12]})" for s in sessions})
-    report_id = str(uuid.uuid4())
+    if history.final_at and (history.changed or record.waiting):
+        conclusion += f" Replaces the final report of {_instant(history.final_at)}" + (
+            ": cells wait for review again." if record.waiting else ", corrected after review."
+        )
     report: dict[str, Any] = {
         "resourceType": "DiagnosticReport",
         "id": report_id,
+        "identifier": [{"system": IDENTIFIER_SYSTEM, "value": f"urn:uuid:{report_id}"}],
         "status": status,
         "category": [
             {
@@ -238,6 +254,14 @@ def diagnostic_report(out_dir: str | Path, now: datetime.datetime | None = None)
         "timestamp": issued,
         "entry": [{"fullUrl": f"urn:uuid:{report_id}", "resource": report}, *entries],
     }
+
+
+def folder_identity(sessions: list[sessiondb.SessionRecord]) -> str:
+    """The folder's report's id: a UUID fixed by its first session (when and where it started, on
+    which device), the same in every copy of the folder and on every export."""
+    first = sessions[0] if sessions else None
+    key = f"{first.started}|{first.device}|{first.source}|{first.model_sha256}" if first else "empty"
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"{IDENTIFIER_SYSTEM}:{key}"))
 
 
 def _instant(text: str) -> str:

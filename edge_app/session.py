@@ -295,6 +295,7 @@ class EdgeSession:
             self.tracker.reset()
         tracks = self.tracker.update(frame.index, boxes)
         keep: list[tuple[CellCall, np.ndarray]] = []  # the cells judged in this frame, to record
+        before = self._tally()
         if not frame.still:
             for t in self.tracker.ended:  # a moving cell that left the frame: judged on its whole views
                 keep += self._judge(t)
@@ -318,9 +319,13 @@ class EdgeSession:
                     keep += self._judge(track)
                     call.flag = "seen"
             cells.append(call)
-        self.store.record_frame(
-            frame.index, frame.source, [c for c, _ in keep], [cr for _, cr in keep], state=self._state
-        )
+        try:
+            self.store.record_frame(
+                frame.index, frame.source, [c for c, _ in keep], [cr for _, cr in keep], state=self._state
+            )
+        except StorageFull:
+            self._back_to(before)  # the frame's cells are not in the database: nor in the count
+            raise
         t4 = time.perf_counter()
         st["find"] += t1 - t0
         st["preprocess"] += t2 - t1
@@ -456,12 +461,23 @@ class EdgeSession:
             self.echo(f"{self.diff.flagged} cells wait for review (not counted yet): bmc edge review {self.store.dir}")
         return r
 
+    def _tally(self) -> tuple[Any, int, int]:
+        return self.diff.tally(), self.result.cells, self.result.flagged
+
+    def _back_to(self, tally: tuple[Any, int, int]) -> None:
+        """The count and the session's figures as they stood before cells that were never recorded."""
+        diff, self.result.cells, self.result.flagged = tally
+        self.diff.back_to(diff)
+        self.result.counted = self.diff.counted
+
     def _judge_the_rest(self) -> None:
         """The moving cells still in view when the session ends: judged on the views they had."""
+        before = self._tally()
         late = [judged for t in list(self._views) for judged in self._judge(t)]
         try:
             self.store.record_late([c for c, _ in late], [cr for _, cr in late])
         except StorageFull as e:
+            self._back_to(before)
             self.echo(f"error: {e}")
         self.result.counted = self.diff.counted
 

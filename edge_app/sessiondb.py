@@ -256,6 +256,19 @@ def _readable(db: sqlite3.Connection, path: Path) -> sqlite3.Connection:
     return db
 
 
+#: what a recorded session leaves in its folder beside its database
+OUTPUTS = ("cells.csv", "differential.csv", "report.html", "differential.fhir.json")
+
+
+def outputs_in(folder: Path) -> list[str]:
+    """The files a recorded session leaves that ``folder`` holds (its crops as ``crops/``)."""
+    found = [n for n in OUTPUTS if (folder / n).exists()]
+    crops = folder / "crops"
+    if crops.is_dir() and any(crops.iterdir()):
+        found.append("crops/")
+    return found
+
+
 def open_for_recording(folder: Path) -> sqlite3.Connection:
     """The database a recorder writes (the caller holds the folder's lock): made one thread, used by
     the thread that records (the screen starts sessions in their own)."""
@@ -263,6 +276,15 @@ def open_for_recording(folder: Path) -> sqlite3.Connection:
     if path.exists() and not path.is_file():
         raise UnreadableSession(path, "not a file: cannot record a session database here")
     existed = path.is_file() and path.stat().st_size > 0
+    if not existed:
+        left = outputs_in(folder)
+        if left:  # the record of a session whose files are still here: recording anew would overwrite them
+            raise UnreadableSession(
+                path,
+                f"{'empty' if path.exists() else 'missing'}, but the folder holds a session's files "
+                f"({', '.join(left)}): its record is lost or damaged, and recording here would overwrite them; "
+                "record into a new folder (nothing was written)",
+            )
     db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     try:
         if existed:  # another program's database, or a damaged one, is left as it is
@@ -405,6 +427,32 @@ def embeddings(db: sqlite3.Connection) -> dict[int, np.ndarray]:
         cid: np.frombuffer(e, np.float16).astype(np.float32)
         for cid, e in db.execute("SELECT id, embedding FROM cell WHERE embedding IS NOT NULL")
     }
+
+
+def history(db: sqlite3.Connection) -> list[tuple[str, int, str, int, str | None]]:
+    """What changed the folder's differential, in the order it happened: ``(time, rank, what, id,
+    label)`` with ``what`` one of ``start`` and ``end`` (of session ``id``; a session with no end
+    recorded ends at its last frame), ``cell`` (cell ``id`` recorded, at its frame's time), ``review``
+    (a decision on cell ``id``, ``label`` None where one was withdrawn) and ``note`` (a comment).
+    ``rank`` orders what happened at one instant: a start, its cells, decisions, then an end."""
+    out: list[tuple[str, int, str, int, str | None]] = []
+    for sid, started, ended in db.execute(
+        "SELECT s.id, s.started, COALESCE(s.ended, (SELECT MAX(f.time) FROM frame f WHERE f.session_id = s.id), "
+        "s.started) FROM session s"
+    ):
+        out += [(started, 0, "start", sid, None), (ended, 3, "end", sid, None)]
+    out += [
+        (t, 1, "cell", cid, None)
+        for cid, t in db.execute("SELECT c.id, f.time FROM cell c JOIN frame f ON f.id = c.frame_id")
+    ]
+    if _has_table(db, "review"):
+        out += [
+            (t, 2, "review", cid, label)
+            for cid, label, t in db.execute("SELECT cell_id, label, time FROM review ORDER BY id")
+        ]
+    if _has_table(db, "note"):
+        out += [(t, 2, "note", nid, None) for nid, t in db.execute("SELECT id, time FROM note")]
+    return sorted(out, key=lambda e: (e[0], e[1]))
 
 
 def frame_counts(db: sqlite3.Connection) -> tuple[int, int]:

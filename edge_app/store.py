@@ -8,6 +8,7 @@ intact. ``cells.csv`` is written from the database, so it can always be rebuilt 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import errno
 import io
@@ -176,12 +177,14 @@ class SessionStore:
         exactly where the interrupted one stopped."""
         if self.full:
             raise StorageFull(f"{self.dir}: disk full; recording stopped")
+        written: list[str] = []
         try:
-            names = self._write_crops(idx, cells, crops)
+            names = self._write_crops(idx, cells, crops, written)
             with sessiondb.transaction(self.db):
                 fid = sessiondb.add_frame(self.db, self.session_id, idx, source, len(cells), error, state)
                 self._insert_cells(fid, idx, source, cells, names)
         except (OSError, sqlite3.OperationalError) as e:
+            self._discard(written)
             self._failed(e, f"after frame {idx - 1}")
 
     def record_late(self, cells: list[CellCall], crops: list[np.ndarray | None]) -> None:
@@ -195,13 +198,21 @@ class SessionStore:
         if row is None:
             return
         fid, idx, source = row
+        written: list[str] = []
         try:
-            names = self._write_crops(idx, cells, crops, first=1000)
+            names = self._write_crops(idx, cells, crops, written, first=1000)
             with sessiondb.transaction(self.db):
                 self._insert_cells(fid, idx, source, cells, names)
                 sessiondb.grow_frame(self.db, fid, len(cells))
         except (OSError, sqlite3.OperationalError) as e:
+            self._discard(written)
             self._failed(e, "at the session's end")
+
+    def _discard(self, names: list[str]) -> None:
+        """The crops of cells whose commit failed: no crop without its cell in the database."""
+        for name in names:
+            with contextlib.suppress(OSError):
+                (self.dir / name).unlink(missing_ok=True)
 
     def _failed(self, e: Exception, where: str) -> None:
         if _is_disk_full(e):
@@ -212,8 +223,15 @@ class SessionStore:
         raise e
 
     def _write_crops(
-        self, idx: int, cells: list[CellCall], crops: Sequence[np.ndarray | None], first: int = 0
+        self,
+        idx: int,
+        cells: list[CellCall],
+        crops: Sequence[np.ndarray | None],
+        written: list[str],
+        first: int = 0,
     ) -> list[str]:
+        """Each cell's crop file (its name, '' for none); ``written`` gets every file begun, for
+        :meth:`_discard` should the commit fail."""
         names = []
         for k, (cell, crop) in enumerate(zip(cells, crops), start=first):
             name = ""
@@ -222,6 +240,7 @@ class SessionStore:
                 name = f"crops/s{self.session_id}_f{at:06d}_{k:02d}_{cell.label}.jpg"
                 ok, buf = cv2.imencode(".jpg", crop, [cv2.IMWRITE_JPEG_QUALITY, 90])
                 if ok:
+                    written.append(name)
                     with open(self.dir / name, "wb") as fh:
                         fh.write(buf.tobytes())
             names.append(name)

@@ -142,8 +142,9 @@ def test_full_disk_stops_recording_with_intact_database(fields, tmp_path, clf):
         != 0
     ):
         pytest.skip("cannot mount a small tmpfs here (needs root)")
+    db = None
     try:
-        lines = []
+        lines: list[str] = []
         r = EdgeSession(str(fields), clf, mnt / "s", SessionConfig(), echo=lines.append).run()
         assert r.status == "disk-full" and "disk full" in r.message
         db = sqlite3.connect(f"file:{mnt / 's' / 'session.sqlite'}?mode=ro", uri=True)
@@ -151,8 +152,16 @@ def test_full_disk_stops_recording_with_intact_database(fields, tmp_path, clf):
         recorded, cells_in_frames = db.execute("SELECT COUNT(*), SUM(n_cells) FROM frame").fetchone()
         assert 0 < recorded < 13
         assert db.execute("SELECT COUNT(*) FROM cell").fetchone()[0] == cells_in_frames
-        db.close()
+        # what the session says at its end is what it recorded: no cell of the frame that failed in
+        # its count, and no crop without its cell
+        assert r.cells == cells_in_frames
+        counted = db.execute("SELECT COUNT(*) FROM cell WHERE flag = '' AND label NOT IN ('platelet', 'erythroblast')")
+        assert r.counted == counted.fetchone()[0]
+        crops = {n for (n,) in db.execute("SELECT crop FROM cell WHERE crop != ''")}
+        assert {f"crops/{p.name}" for p in (mnt / "s" / "crops").iterdir()} <= crops
     finally:
+        if db is not None:
+            db.close()
         subprocess.run(["umount", str(mnt)], check=False)
 
 

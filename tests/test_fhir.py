@@ -94,4 +94,62 @@ def test_a_reviewed_session_is_final_and_the_validator_is_strict(session, tmp_pa
     with pytest.raises(ValidationError):
         Bundle.model_validate(bad)
     # status codes from R4's value sets (the model package leaves codes unchecked)
-    assert all(e["resource"]["status"] in ("registered", "preliminary", "final", "amended") for e in doc["entry"])
+    assert all(e["resource"]["status"] in ("registered", "preliminary", "final", "corrected") for e in doc["entry"])
+
+
+def test_one_folder_is_one_report_and_a_change_after_final_is_a_correction(session, tmp_path):
+    """Every export of a folder (the file rewritten after each decision, the screen's download, a
+    copy on a USB stick) is the same DiagnosticReport: one id and identifier, one Observation id per
+    class, so a LIS files the later over the earlier. Once final, a decision that moves a cell makes
+    it ``corrected``, saying which final report it replaces; withdrawing one makes it preliminary again."""
+    import shutil
+
+    folder = tmp_path / "s"
+    shutil.copytree(session, folder)
+    rows = list(csv.DictReader(open(folder / "cells.csv")))
+    decisions = tmp_path / "d.csv"
+    decisions.write_text(
+        "id,label\n"
+        + "".join(
+            f"{r['id']},{'blast' if 'BLA_' in r['source'] else r['label']}\n" for r in rows if r["counted_as"] == ""
+        )
+    )
+    bmc("edge", "review", folder, "--apply", decisions, "--by", "anna", "--new-label")
+
+    def exported(where=folder):
+        doc = fhir.diagnostic_report(where)
+        Bundle.model_validate(doc)
+        report = doc["entry"][0]["resource"]
+        return report, {e["resource"]["code"]["text"]: e["resource"]["id"] for e in doc["entry"][1:]}
+
+    final, obs = exported()
+    assert final["status"] == "final" and "Replaces" not in final["conclusion"]
+    assert final["identifier"] == [{"system": fhir.IDENTIFIER_SYSTEM, "value": f"urn:uuid:{final['id']}"}]
+    again, obs_again = exported()
+    assert (again["id"], again["identifier"], obs_again, again["status"]) == (
+        final["id"],
+        final["identifier"],
+        obs,
+        "final",
+    )
+    copy_ = tmp_path / "usb" / "s"
+    shutil.copytree(folder, copy_)
+    assert exported(copy_)[0]["id"] == final["id"]  # a copy of the folder is the same report
+    # a reviewer moves a counted lymphocyte to monocyte: the same report, corrected
+    lymph = next(r for r in rows if r["counted_as"] == "lymphocyte" and r["reviewed_label"] == "")
+    bmc("edge", "review", folder, "--cell", lymph["id"], "--label", "monocyte", "--by", "bob")
+    corrected, obs_corrected = exported()
+    assert corrected["id"] == final["id"] and corrected["status"] == "corrected"
+    assert obs_corrected["lymphocyte"] == obs["lymphocyte"]
+    assert (
+        "Replaces the final report of" in corrected["conclusion"]
+        and "corrected after review" in corrected["conclusion"]
+    )
+    # and the decision withdrawn on a cell that waited: preliminary again, still the same report
+    waited = next(r for r in rows if r["flag"])
+    bmc("edge", "review", folder, "--cell", waited["id"], "--undo", "--by", "bob")
+    reopened, _ = exported()
+    assert reopened["id"] == final["id"] and reopened["status"] == "preliminary"
+    assert "cells wait for review again" in reopened["conclusion"]
+    # another folder is another report
+    assert fhir.folder_identity([]) != final["id"]

@@ -288,7 +288,7 @@ def test_a_damaged_or_foreign_session_database_is_named_in_one_line_and_left_as_
             assert line.startswith(f"error: {folder / 'session.sqlite'}: {why}"), line
         assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
         if name == "empty":
-            continue  # an empty file is no session yet: a recording may start in it
+            continue  # an empty file is no session yet: a recording may start in it (but see below)
         # recording into it: the same line, and the database is not written into (no crops either);
         # only the folder's lock file is new
         p = bmc("edge", "run", fields, "--out", folder, "--headless", check=False)
@@ -296,3 +296,45 @@ def test_a_damaged_or_foreign_session_database_is_named_in_one_line_and_left_as_
         assert p.stderr.strip().splitlines()[-1].startswith(f"error: {folder / 'session.sqlite'}: "), p.stderr
         after = {p.name: p.read_bytes() for p in folder.iterdir() if p.name != "session.lock"}
         assert after == before
+
+
+def test_a_folder_whose_database_is_lost_is_not_recorded_over(tmp_path, bccd):
+    """A session's files with its database emptied or deleted: recording there would overwrite the
+    last record of that count (cells.csv, the report, the crops). Refused in one line, nothing written;
+    an empty database in an empty folder still starts a session."""
+    fields = tmp_path / "fields"
+    fields.mkdir()
+    for f in sorted((bccd / "JPEGImages").glob("*.jpg"))[:2]:
+        (fields / f.name).symlink_to(f)
+    done = tmp_path / "done"
+    bmc("edge", "run", fields, "--out", done, "--headless")
+    for how in ("empty", "missing"):
+        folder = tmp_path / how
+        shutil.copytree(done, folder)
+        (folder / "session.lock").unlink(missing_ok=True)
+        if how == "empty":
+            (folder / "session.sqlite").write_bytes(b"")
+        else:
+            (folder / "session.sqlite").unlink()
+        for extra in ("session.sqlite-wal", "session.sqlite-shm"):
+            (folder / extra).unlink(missing_ok=True)
+        before = {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+        p = bmc("edge", "run", fields, "--out", folder, "--headless", check=False)
+        assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+        line = p.stderr.strip().splitlines()[-1]
+        assert line.startswith(f"error: {folder / 'session.sqlite'}: {how}, but the folder holds a session's files"), (
+            line
+        )
+        assert "cells.csv" in line and "report.html" in line and "record into a new folder" in line
+        after = {
+            p.relative_to(folder): p.read_bytes()
+            for p in folder.rglob("*")
+            if p.is_file() and p.name not in ("session.lock", "session.sqlite")
+        }
+        assert after == {k: v for k, v in before.items() if str(k) != "session.sqlite"}
+        assert not (folder / "session.sqlite").exists() or (folder / "session.sqlite").read_bytes() == b""
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    (fresh / "session.sqlite").write_bytes(b"")
+    bmc("edge", "run", fields, "--out", fresh, "--headless")
+    assert (fresh / "cells.csv").is_file()
