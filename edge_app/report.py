@@ -134,7 +134,7 @@ figcaption{overflow-wrap:anywhere;line-height:1.2}
 $comment
 <p>$specimen differential: <b>$n</b> $denominator counted ($named cells named by a reviewer),
 $rejected rejected in review, $frames frames
-($bad unreadable). $advice</p>
+($bad unreadable$unreadable). $advice</p>
 $table
 $calibration
 <p style="font-size:12px">95% limits: the exact binomial confidence interval of each share for a count
@@ -155,6 +155,7 @@ def _build_report(out_dir: Path) -> Path:
     db = sessiondb.connect(out_dir)
     sessions = sessiondb.sessions(db)
     n_frames, bad_frames = sessiondb.frame_counts(db)
+    unreadable = sessiondb.unreadable_frames(db) if bad_frames else []
     cells = sessiondb.cells(db)
     note = sessiondb.latest_note(db)
     record = review.session_differential(db, cells)
@@ -176,6 +177,7 @@ def _build_report(out_dir: Path) -> Path:
         rejected=sum(c.status == "rejected" for c in cells),
         frames=n_frames,
         bad=bad_frames,
+        unreadable=_unreadable(unreadable),
         advice=_advice(out_dir, len(pending), n_unknown),
         table=differential_html(record, _learnt(sessions), bars=True),
         calibration=f"<p><b>{html.escape(statement)}.</b></p>" if statement else "",
@@ -191,6 +193,22 @@ def _build_report(out_dir: Path) -> Path:
         sessions=_session_rows(sessions, is_locked(out_dir)),
     )
     return write_atomic(out_dir / "report.html", doc)
+
+
+MAX_LISTED_UNREADABLE = 200  # a camera that fails for an hour: the rest are in the database
+
+
+def _unreadable(frames: list[tuple[str, int, str]]) -> str:
+    """The unreadable frames, each named with why ('' for none): a file by its name, a video's or a
+    camera's frame by its source and index."""
+    if not frames:
+        return ""
+    names = [
+        f"{html.escape(src)}{'' if idx == 0 else f' frame {idx}'} ({html.escape(why or 'unreadable')})"
+        for src, idx, why in frames[:MAX_LISTED_UNREADABLE]
+    ]
+    more = len(frames) - MAX_LISTED_UNREADABLE
+    return ": " + "; ".join(names) + (f"; and {more} more (session.sqlite, table frame)" if more > 0 else "")
 
 
 def _learnt(sessions: list[SessionRecord]) -> dict[str, Any]:

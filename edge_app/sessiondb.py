@@ -461,6 +461,11 @@ def frame_counts(db: sqlite3.Connection) -> tuple[int, int]:
     return int(n), int(bad)
 
 
+def unreadable_frames(db: sqlite3.Connection) -> list[tuple[str, int, str]]:
+    """(source, index, why) of every frame that could not be read, oldest first."""
+    return db.execute("SELECT source, idx, error FROM frame WHERE error IS NOT NULL ORDER BY id").fetchall()
+
+
 def frames(db: sqlite3.Connection) -> list[tuple[int, str, int]]:
     """(index, source, cells found) of every committed frame, oldest first."""
     return db.execute("SELECT idx, source, n_cells FROM frame ORDER BY id").fetchall()
