@@ -377,7 +377,8 @@ class Result:
             )
         return (
             f"Gates set on {c.cells} randomly chosen reviewed cells: counted without a person from confidence "
-            f"{c.min_confidence:.2f} ({100 * c.counted_share:.0f}% of those cells). {c.statement()}."
+            f"{c.min_confidence:.2f}, which {c.passed} of them pass (each judged by the rule the other cells set). "
+            f"{c.statement()}."
         )
 
     def table(self) -> str:

@@ -89,7 +89,7 @@ class LabCalibration:
     # by the threshold the other cells chose (leave-one-out), and of those the ones right
     passed: int
     correct: int
-    counted_share: float  # passed / cells
+    counted_share: float  # the share of the cells the chosen rule itself lets through (not leave-one-out)
     # False: at no confidence were the sample's cells within target_error; the device's own rule
     # (ReviewPolicy's min_confidence) is kept, and the statement gives the error it has instead
     target_met: bool = True

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import click
 
@@ -391,27 +391,26 @@ def edge_adapt(
     click.echo(r.table())
     written = adapt.to_write(r, reviewed, guard, clf, s)
     kept = None if r.accepted else written
-    if json_out:
-        write_json(
-            json_out,
-            {
-                # the adapted head's verdict; what was written is "written": the adapted head, the
-                # shipped head with this laboratory's gates (head_kept), or nothing
-                "accepted": r.accepted,
-                "written": "adapted head" if r.accepted else "shipped head, laboratory's gates" if kept else None,
-                "reasons": r.reasons,
-                "cells_per_class": r.cells_per_class,
-                "cross_validation": r.cross_validation,
-                "guard": r.guard,
-                "seconds": r.seconds,
-                "head_kept": kept is not None,
-                "calibration": (written or r).calibration.to_dict() if (written or r).calibration else None,
-            },
-        )
+    said: dict[str, Any] = {
+        # the adapted head's verdict; "written": what was written (the adapted head, or the shipped head
+        # with this laboratory's gates, head_kept) and "model" where, or None for nothing
+        "accepted": r.accepted,
+        "written": "adapted head" if r.accepted else "shipped head, laboratory's gates" if kept else None,
+        "model": None,
+        "reasons": r.reasons,
+        "cells_per_class": r.cells_per_class,
+        "cross_validation": r.cross_validation,
+        "guard": r.guard,
+        "seconds": r.seconds,
+        "head_kept": kept is not None,
+        "calibration": (written or r).calibration.to_dict() if (written or r).calibration else None,
+    }
     if r.advice:
         click.echo("more reviewed cells would help: " + "; ".join(r.advice))
     if written is None:
         click.echo(r.gates())
+        if json_out:
+            write_json(json_out, said)
         raise CliFail(
             "adapted model refused, nothing written: "
             + "; ".join(r.reasons)
@@ -428,6 +427,8 @@ def edge_adapt(
         click.echo("adapted head accepted: better than the shipped one on held-out reviewed cells.")
     click.echo(written.gates())
     path = one_line_errors(adapt.write_model, written, reviewed, clf, guard, out_dir, stem, s)
+    if json_out:
+        write_json(json_out, {**said, "model": str(path)})
     what = "the shipped head with this laboratory's gates" if kept is not None else "adapted"
     click.echo(f"{what}, in {written.seconds:.1f} s; count with it: bmc edge run SOURCE --model {path}")
     click.echo(str(path))
