@@ -298,11 +298,17 @@ class SessionStore:
 def write_atomic(path: Path, text: str) -> Path:
     """Write ``text`` to ``path`` through a unique temporary file beside it: a full disk, a crash or
     a second writer leaves the previous file (or none), never a truncated or mixed one."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:  # a read-only or full folder: named by the file meant, not the temporary one
+        raise OSError(e.errno, e.strerror, str(path)) from e
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
             fh.write(text)
         os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise OSError(e.errno, e.strerror, str(path)) from e
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

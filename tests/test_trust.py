@@ -345,6 +345,25 @@ def test_full_disk_during_report_leaves_no_empty_file(fields40, tmp_path):
         subprocess.run(["umount", str(mnt)], check=False)
 
 
+def test_a_report_in_a_read_only_folder_names_the_file_it_could_not_write(fields40, tmp_path):
+    mnt = tmp_path / "ro"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(mnt)], capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        out = mnt / "s"
+        bmc("edge", "run", fields40, "--out", out, "--headless", "--max-frames", "2", "--no-crops")
+        before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+        subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True)
+        p = bmc("edge", "report", out, check=False)
+        line = p.stderr.strip().splitlines()[-1]
+        assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+        assert line.startswith(f"error: {out}/") and "Read-only file system" in line and ".tmp" not in line, line
+        assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
+
+
 def test_an_oversized_frame_is_refused_and_a_grey_source_warned(bccd, tmp_path, clf):
     src = tmp_path / "src"
     src.mkdir()
