@@ -244,6 +244,7 @@ class Reviewer:
         self.out_dir = Path(out_dir)
         self.name = (name or current_user()).strip() or "unknown"
         self.allow_new = allow_new_labels
+        self.left_blank = 0  # rows of the latest apply() with no label
         self.db = sessiondb.connect(out_dir, write=True)
 
     def close(self) -> None:
@@ -316,9 +317,11 @@ class Reviewer:
                     )
                 rows: list[tuple[int, str | None]] = []
                 seen: dict[int, int] = {}
+                self.left_blank = 0
                 for line, r in enumerate(reader, start=2):
                     if not (r.get("label") or "").strip():
-                        continue  # a cell left undecided
+                        self.left_blank += 1  # a cell left undecided
+                        continue
                     try:
                         cid = int(r["id"])
                     except (TypeError, ValueError):

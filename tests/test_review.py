@@ -66,7 +66,7 @@ def test_decisions_enter_the_differential_csv_and_report(session):
         w.writeheader()
         w.writerows(listed[1:4])
     p = bmc("edge", "review", session, "--apply", decisions, "--by", "ben")
-    assert "2 decisions recorded" in p.stdout
+    assert "2 decisions recorded" in p.stdout and "; 1 row(s) with no label left undecided" in p.stdout
     # the session's own table is not a decisions file: its labels are the model's
     p = bmc("edge", "review", session, "--apply", session / "cells.csv", check=False)
     assert p.returncode == 2 and "cells.csv, whose labels are the model's calls" in p.stderr

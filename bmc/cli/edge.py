@@ -515,7 +515,9 @@ def edge_review(
                 else:
                     click.echo(f"cell {cell_id}: {r.decide(cell_id, cast(str, label))} (by {r.name})")
             elif apply_file:
-                click.echo(f"{r.apply(apply_file)} decisions recorded from {apply_file} (by {r.name})")
+                n = r.apply(apply_file)
+                blank = f"; {r.left_blank} row(s) with no label left undecided" if r.left_blank else ""
+                click.echo(f"{n} decisions recorded from {apply_file} (by {r.name}){blank}")
             else:
                 if not has_display() or not opencv_gui():
                     why = "no screen" if not has_display() else NO_GUI_HINT
