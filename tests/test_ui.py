@@ -735,11 +735,15 @@ def test_every_page_of_a_damaged_session_says_which_and_why_and_the_others_still
     broken.mkdir()
     (broken / "session.sqlite").write_bytes(b"not a database at all\n")
     status, _, page = local.request("GET", "/")
-    assert status == 200 and b"20261128-0900" in page and b"unreadable" in page
-    for path in ("/", "/review", "/report", "/fhir", "/cell/1"):
+    assert status == 200 and b"20261128-0900" in page and b"unreadable: unreadable session database" in page
+    for path in ("/", "/review", "/report", "/fhir", "/cell/1", "/cell/1/map"):
         status, _, page = local.request("GET", f"/s/20261128-1000{path}")
         assert status == 500 and b"20261128-1000: unreadable session database" in page, (path, page[:300])
-        assert b"Something went wrong" not in page
+        assert b"Something went wrong" not in page and b"<title>bmc \xe2\x80\x94 Unreadable session</title>" in page, (
+            path
+        )
+    status, _, page = local.request("GET", "/adapt")
+    assert status == 200 and b"20261128-0900" in page
     assert (broken / "session.sqlite").read_bytes() == b"not a database at all\n" and len(list(broken.iterdir())) == 1
     status, _, page = local.request("GET", "/s/20261128-0900/report")
     assert status == 200 and b"Differential count" in page

@@ -269,10 +269,10 @@ class UiApp:
                 return sessiondb.cells(db), sessiondb.sessions(db)
             finally:
                 db.close()
-        except sessiondb.UnreadableSession as e:
-            raise HttpError("500 Internal Server Error", f"{folder.name}: {e.why}") from e
+        except sessiondb.UnreadableSession:
+            raise  # one page for a damaged folder, whichever page asked (__call__)
         except sqlite3.DatabaseError as e:
-            raise HttpError("500 Internal Server Error", f"{folder.name}: unreadable session database ({e})") from e
+            raise sessiondb.UnreadableSession(sessiondb.path_of(folder), f"unreadable session database ({e})") from e
 
     def summary(self, folder: Path, cells: list[ReviewedCell]) -> tuple[DifferentialCount, Note | None]:
         """The folder's differential record and latest comment, read for this request alone."""

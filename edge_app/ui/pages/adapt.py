@@ -7,6 +7,7 @@ import re
 from typing import TYPE_CHECKING
 
 from bmc.card import read_card
+from bmc.edge_app import sessiondb
 from bmc.edge_app.ui.web import Html, HttpError, Request, Response, Screen, hidden_csrf, html, redirect
 
 if TYPE_CHECKING:
@@ -23,8 +24,8 @@ def adapt_page(app: Screen, req: Request, result: Html = Html("")) -> Response:
     for d in reversed(session_dirs(app.storage)):
         try:
             cells, _ = app.session_data(d)
-        except HttpError:
-            continue
+        except sessiondb.UnreadableSession:
+            continue  # the sessions page names it and why
         n = sum(c.status == "reviewed" for c in cells)
         rows.append(
             html(

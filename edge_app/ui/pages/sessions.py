@@ -7,7 +7,7 @@ import json
 import logging
 
 from bmc.edge_app import report as report_mod
-from bmc.edge_app import review
+from bmc.edge_app import review, sessiondb
 from bmc.edge_app.ui.web import Html, HttpError, Request, Response, Screen, hidden_csrf, html, quote, redirect
 
 log = logging.getLogger("bmc.edge_app.ui.app")
@@ -21,8 +21,17 @@ def sessions_page(app: Screen, req: Request) -> Response:
     for d in session_dirs(app.storage):
         try:
             cells, meta = app.session_data(d)
-        except HttpError:
-            rows.append(("", html("<tr><td>{name}</td><td colspan='5' class='warn'>unreadable</td></tr>", name=d.name)))
+        except sessiondb.UnreadableSession as e:
+            rows.append(
+                (
+                    "",
+                    html(
+                        "<tr><td>{name}</td><td colspan='5' class='warn'>unreadable: {why}</td></tr>",
+                        name=d.name,
+                        why=e.why,
+                    ),
+                )
+            )
             continue
         record, _ = app.summary(d, cells)
         rows.append(
