@@ -184,7 +184,7 @@ def run(
             guard, rev, result = adapt.prepare([sess], clf, settings)
             refused = [] if result.accepted else result.reasons
             # a refused head: the shipped one kept with the laboratory's gates, as `bmc edge adapt` does
-            result = adapt.to_write(result, rev, guard, clf, settings) or result
+            result = adapt.model_to_write(result, rev, guard, clf, settings) or result
             unreviewed = sorted(f for f in truth if f not in reviewed_fields)
             row = {
                 "seed": seed,
@@ -283,16 +283,18 @@ def sequence(
             clf = CellClassifier(model, orientations=1)
             rows = {"seed": seed, "taught": len(teach), "calibration_sample": len(sample), "grown": [], "fixed": []}
             paths = {}
+            head = {}  # what each reference counts with: the adapted head, or the shipped one kept
             for growth, settings in (("fixed", adapt.Settings(grow_confidence=0)), ("grown", grow)):
                 guard, rev, result = adapt.prepare([day0], clf, settings)
                 if not result.accepted:
-                    rows.setdefault("head_refused", []).append(growth)
+                    rows.setdefault("first_day_refused", []).append(growth)
                     log(f"seed {seed}: the first day's head was refused ({'; '.join(result.reasons)})")
                 # what `bmc edge adapt` writes: a refused head leaves the shipped one with the laboratory's gates
-                written = adapt.to_write(result, rev, guard, clf, settings)
+                written = adapt.model_to_write(result, rev, guard, clf, settings)
                 if written is None:
                     break
                 paths[growth] = adapt.write_model(written, rev, clf, guard, base / "models", f"{growth}0", settings)
+                head[growth] = "shipped head, laboratory's gates" if written.kept_shipped else "adapted"
             if len(paths) < 2:
                 out["runs"].append({**rows, "refused": True})
                 continue
@@ -303,17 +305,21 @@ def sequence(
                     day = base / f"{growth}{d}"
                     run_session(fields, paths[growth], day, mode, orientations, threads)
                     s = score(truth, cells_of(day / "session.sqlite"), sorted(chunk), classes)
-                    rows[growth].append(s)
+                    rows[growth].append({**s, "head": head[growth]})
                     log(_line(f"seed {seed}, day {d}, reference {growth}", s))
                 sessions.append(base / f"grown{d}")
                 guard, rev, result = adapt.prepare(sessions, clf, grow)
-                written = adapt.to_write(result, rev, guard, clf, grow)
-                if written is not None:
-                    paths["grown"] = adapt.write_model(written, rev, clf, guard, base / "models", f"grown{d}")
-                    # a kept shipped head takes no counted cells in (keep_shipped_head): none grew
-                    grown_n = 0 if written.grown is None else len(written.grown)
+                if result.accepted:
+                    paths["grown"] = adapt.write_model(result, rev, clf, guard, base / "models", f"grown{d}", grow)
+                    head["grown"] = "adapted"
+                    grown_n = 0 if result.grown is None else len(result.grown)
                     rows.setdefault("reference_counted", []).append(grown_n)
                     log(f"seed {seed}: after day {d}, {grown_n} counted cells in the reference")
+                else:  # the laboratory goes on counting with the model it has
+                    rows.setdefault("later_refused", []).append(d)
+                    log(
+                        f"seed {seed}: after day {d}, the head was refused ({'; '.join(result.reasons)}): the model kept"
+                    )
             out["runs"].append(rows)
         return out
     finally:
@@ -332,9 +338,10 @@ def sequence_markdown(r: dict) -> str:
         if x.get("refused"):
             lines.append(f"| {x['seed']} | — | first day's head refused, and no random sample to keep gates | | | | |")
             continue
-        kept = " (head refused: shipped head, laboratory's gates)" if x.get("head_refused") else ""
         for d, (fixed, grown) in enumerate(zip(x["fixed"], x["grown"]), start=1):
-            for name, s in (("fixed after day 0" + kept, fixed), ("grown each day", grown)):
+            for name, s in (("fixed after day 0", fixed), ("grown each day", grown)):
+                if s.get("head", "adapted") != "adapted":
+                    name += f" ({s['head']})"
                 lines.append(
                     f"| {x['seed']} | {d} | {name} | {100 * s['counted_share']:.0f}% | "
                     f"{s['balanced_accuracy_counted']:.3f} | {100 * s['unknown_share']:.0f}% | "

@@ -690,7 +690,7 @@ def keep_shipped_head(
     return kept if kept.calibration is not None else None
 
 
-def to_write(
+def model_to_write(
     result: Result, reviewed: Reviewed, guard: dict[str, Any], clf: CellClassifier, s: Settings = Settings()
 ) -> Result | None:
     """What an adaptation leaves the laboratory: the adapted head where it was accepted, else the

@@ -36,7 +36,7 @@ class Capture:
         self._lock = threading.Lock()
         self._left = False
         self._close_on_leaving = False
-        self.closed = False
+        self.source_closed = False
 
     def start(self) -> "Capture":
         self._thread.start()
@@ -72,7 +72,10 @@ class Capture:
                 self._left = True
                 close = self._close_on_leaving
             if close:
-                self._close()
+                try:
+                    self._close()
+                except Exception:  # noqa: BLE001 - the end marker must still reach the consumer
+                    log.exception("closing the frame source after its last read failed")
             while True:
                 try:
                     self.q.put(_END, timeout=0.2)
@@ -91,25 +94,28 @@ class Capture:
             yield item
 
     def _close(self) -> None:
+        with self._lock:
+            if self.source_closed:
+                return
+            self.source_closed = True
         self.source.close()
-        self.closed = True
 
-    def stop(self, wait_s: float = 2.0) -> None:
-        """Stop reading: the capture thread leaves the source first (it sees the flag at the next
-        frame), then the source is closed, so a camera or a video is never released under a read in
-        flight (OpenCV's capture is not safe to release from another thread mid-read). A read that
-        still hangs after ``wait_s`` (a stalled camera) is left to finish: the thread closes the
-        source as it leaves, and stop() returns, saying so."""
+    def stop(self, wait_s: float = 2.0) -> bool:
+        """Stop reading: the source is told to halt (a camera waiting to reopen stops waiting), the
+        capture thread leaves it (it sees the flag at the next frame), then the source is closed, so
+        a camera or a video is never released under a read in flight (OpenCV's capture is not safe
+        to release from another thread mid-read). A read that still hangs after ``wait_s`` (a
+        stalled camera) is left to finish: the thread closes the source as it leaves, and stop()
+        returns False. Should the program end first, the read is never finished and the operating
+        system releases the device."""
         self._stop.set()
+        self.source.halt()
         mine = self._thread is threading.current_thread()
         if self._thread.is_alive() and not mine:
             self._thread.join(wait_s)
         with self._lock:
             if self._thread.ident is not None and not self._left and not mine:
                 self._close_on_leaving = True
-                log.warning(
-                    "the frame source is still in a read %.0f s after stop: it is closed when that read returns",
-                    wait_s,
-                )
-                return
+                return False
         self._close()
+        return True

@@ -188,7 +188,7 @@ def diagnostic_report(out_dir: str | Path, now: datetime.datetime | None = None)
             else None
         )
         notes = [
-            f"{NRBC}: {record.nrbc.count} nucleated red cells ({record.nrbc.label}) per {record.total} leukocytes, "
+            f"{NRBC}: {record.nrbc.count} nucleated red cells ({record.nrbc.label}s) per {record.total} leukocytes, "
             "beside the differential"
         ]
         observation(record.nrbc.label, record.nrbc.count, value, notes)

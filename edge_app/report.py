@@ -247,11 +247,12 @@ def differential_html(record: DifferentialCount, learnt: dict[str, Any] | None =
         f"<table class='differential'><tr><th>class</th><th>count</th><th>% of {record.denominator}</th>"
         f"<th>95% limits</th>{'<th></th>' if bars else ''}</tr>{rows}</table>"
     )
-    if record.rounding_note():
-        out += f"<p class='note'>{esc(record.rounding_note())}</p>"
+    rounded = record.rounding_note()
+    if rounded:
+        out += f"<p style='font-size:12px'>{esc(rounded)}</p>"
     if record.nrbc is not None:
         out += (
-            f"<p>Nucleated red cells ({esc(record.nrbc.label)}): <b>{record.nrbc.count}</b>, "
+            f"<p>{NRBC}, nucleated red cells ({esc(record.nrbc.label)}): <b>{record.nrbc.count}</b>, "
             f"{record.nrbc.percent:.1f} per 100 leukocytes (beside the differential, not in it)</p>"
         )
     if record.specimen == "marrow":

@@ -438,7 +438,10 @@ class EdgeSession:
                 status = "stopped"
             if status == "finished" and self.cfg.target and not self.diff.done:
                 status = SHORT  # the source ended before the count reached its target
-            cap.stop()
+            if not cap.stop():
+                self.echo(
+                    "warning: the camera has not answered for 2 s since the session stopped; it is released when it does"
+                )
             r.dropped_frames = cap.dropped
             r.seconds = time.perf_counter() - t_start
             r.status = status

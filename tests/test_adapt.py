@@ -108,7 +108,7 @@ def test_adapt_writes_a_new_model_that_counts_and_names_itself(session, truth, t
     cv = a["cross_validation"]
     assert cv["adapted"]["balanced_accuracy"] >= cv["shipped"]["balanced_accuracy"]
     said = json.loads((tmp_path / "adapt.json").read_text())
-    assert said["accepted"] and said["written"] == "adapted head" and not said["head_kept"]
+    assert said["accepted"] and said["written"] == "adapted" and not said["head_kept"]
     assert said["model"] == str(out / "lab1.tflite")
     assert cv["adapted"]["log_loss"] <= cv["shipped"]["log_loss"]
     assert a["guard_check"]["drop_points"] <= 3.0
@@ -182,7 +182,7 @@ def test_a_refused_head_still_leaves_the_laboratorys_gates_on_the_shipped_head(s
     _agree_with_every_call(session, truth, tmp_path)
     p = bmc("edge", "adapt", session, "--out", tmp_path / "models", "--name", "gates", "--json", tmp_path / "a.json")
     said = json.loads((tmp_path / "a.json").read_text())
-    assert not said["accepted"] and said["head_kept"] and said["written"] == "shipped head, laboratory's gates"
+    assert not said["accepted"] and said["head_kept"] and said["written"] == "shipped-head-lab-gates"
     assert said["model"] == str(tmp_path / "models" / "gates.tflite")
     assert "adapted head refused" in p.stdout and "not surely better than the shipped one" in p.stdout
     assert "The shipped head is kept unchanged" in p.stdout and "randomly chosen" in p.stdout

@@ -318,7 +318,11 @@ def test_a_sequence_of_sessions_goes_on_with_the_laboratorys_gates_when_its_head
     )
     r = sequence(bccd, truth, k=2, seeds=(1,), days=1, calibration=24, orientations=1, threads=2, log=lambda m: None)
     (run,) = r["runs"]
-    assert not run.get("refused") and run["head_refused"] == ["fixed", "grown"]
-    # the later day was counted with the kept head, and scored
+    assert not run.get("refused") and run["first_day_refused"] == ["fixed", "grown"]
+    # the later day was counted with the kept head, and scored, and the table says which head
     assert len(run["fixed"]) == len(run["grown"]) == 1 and run["fixed"][0]["fields"] > 0
-    assert run["fixed"][0]["counted"] > 0
+    assert run["fixed"][0]["counted"] > 0 and run["grown"][0]["head"] == "shipped head, laboratory's gates"
+    from bmc.benchmarks.autonomy import sequence_markdown
+
+    table = sequence_markdown(r)
+    assert table.count("(shipped head, laboratory's gates)") == 2  # the fixed and the grown line

@@ -86,6 +86,9 @@ def test_shares_that_round_away_from_100_say_so():
     thirds = differential_of({"neutrophil": 1, "lymphocyte": 1, "monocyte": 1})
     assert [f"{r.percent:.1f}" for r in thirds.rows if r.count] == ["33.3"] * 3
     assert "as shown they add to 99.9%" in thirds.rounding_note()
+    from bmc.edge_app.report import differential_html
+
+    assert "as shown they add to 99.9%, exactly 100% before rounding" in differential_html(thirds)
     assert differential_of({"neutrophil": 1, "lymphocyte": 1}).rounding_note() == ""
     assert differential_of({}).rounding_note() == ""
 

@@ -193,6 +193,7 @@ class _ReplayedCamera(_Reopening):
     """Replays real BCCD fields as a camera that is unplugged after a few frames and comes back."""
 
     name = "replayed-usb-camera"
+    first_backoff_s = 0.001  # the backoff's doubling is what is tested, not its wall time
 
     def __init__(self, frames, unplug_after, absent_opens, **kw):
         self._images, self._i = list(frames), 0
@@ -266,11 +267,31 @@ def test_a_stalled_camera_is_not_released_under_its_read(bccd):
     cap = Capture(cam).start()
     next(iter(cap))
     assert cam.reading.wait(10)
-    cap.stop(wait_s=0.3)  # the read still hangs: stop returns without releasing
-    assert not cam.closed_mid_read and not cap.closed
+    assert not cap.stop(wait_s=0.3)  # the read still hangs: stop returns without releasing
+    assert not cam.closed_mid_read and not cap.source_closed
     cam.release.set()
     cap._thread.join(10)
-    assert cap.closed and not cam.closed_mid_read and not cap._thread.is_alive()
+    assert cap.source_closed and not cam.closed_mid_read and not cap._thread.is_alive()
+
+
+def test_a_session_stopped_while_its_camera_is_away_lets_the_camera_go(bccd):
+    """A service's camera is unplugged and not back: its capture waits to reopen it for as long as it
+    takes. Stopping the session stops that wait at once, and the camera is released, so the next
+    session (or another program) can have it; the old capture does not go on reopening it."""
+    from bmc.edge_app.capture import Capture
+
+    imgs = [cv2.imread(str(p)) for p in sorted((bccd / "JPEGImages").glob("*.jpg"))[:2]]
+    cam = _ReplayedCamera(imgs, unplug_after=1, absent_opens=10**6, max_reopen_s=None)
+    cam.first_backoff_s = 5.0  # a long wait between tries: stop must not sit it out
+    cap = Capture(cam).start()
+    next(iter(cap))
+    time.sleep(0.2)  # the camera lost, the capture waiting to reopen it
+    opens = cam.opens
+    t0 = time.perf_counter()
+    assert cap.stop(wait_s=2.0) and time.perf_counter() - t0 < 1.0
+    assert cap.source_closed and not cap._thread.is_alive()
+    time.sleep(0.3)
+    assert cam.opens == opens  # no reopening after the stop
 
 
 class _FastCamera(FrameSource):

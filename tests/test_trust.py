@@ -275,14 +275,16 @@ def test_sigterm_is_honoured_when_a_target_ends_each_session(fields40, tmp_path)
         # its tables are there and its report not yet
         deadline = time.time() + 120
         in_window = False
-        while time.time() < deadline and not in_window:
-            in_window = any((d / "cells.csv").exists() and not (d / "report.html").exists() for d in folder.glob("*"))
-            time.sleep(0 if in_window else 0.001)
+        while time.time() < deadline and proc.poll() is None:
+            if any((d / "cells.csv").exists() and not (d / "report.html").exists() for d in folder.glob("*")):
+                in_window = True
+                break
+            time.sleep(0.001)
         proc.send_signal(signal.SIGTERM)
         if not in_window:  # the window never seen: this try tests nothing
             proc.kill()
-            proc.communicate()
-            pytest.fail(f"no session was seen writing its files within 120 s (try {attempt})")
+            _, err = proc.communicate()
+            pytest.fail(f"no session was seen writing its files (try {attempt}, exit {proc.returncode}): {err[-2000:]}")
         try:
             proc.communicate(timeout=60)
         finally:

@@ -389,13 +389,13 @@ def edge_adapt(
         f"{', '.join(reviewed.reviewers)}: " + ", ".join(f"{k} {v}" for k, v in sorted(r.cells_per_class.items()))
     )
     click.echo(r.table())
-    written = adapt.to_write(r, reviewed, guard, clf, s)
-    kept = None if r.accepted else written
+    written = adapt.model_to_write(r, reviewed, guard, clf, s)
+    kept = written if written is not None and written.kept_shipped else None
     said: dict[str, Any] = {
-        # the adapted head's verdict; "written": what was written (the adapted head, or the shipped head
-        # with this laboratory's gates, head_kept) and "model" where, or None for nothing
+        # "accepted": the adapted head's verdict; "model": the file written (None: nothing), and
+        # "written" what it holds
         "accepted": r.accepted,
-        "written": "adapted head" if r.accepted else "shipped head, laboratory's gates" if kept else None,
+        "written": None,  # what is in "model": "adapted", or "shipped-head-lab-gates" (head_kept)
         "model": None,
         "reasons": r.reasons,
         "cells_per_class": r.cells_per_class,
@@ -428,7 +428,7 @@ def edge_adapt(
     click.echo(written.gates())
     path = one_line_errors(adapt.write_model, written, reviewed, clf, guard, out_dir, stem, s)
     if json_out:
-        write_json(json_out, {**said, "model": str(path)})
+        write_json(json_out, {**said, "model": str(path), "written": "shipped-head-lab-gates" if kept else "adapted"})
     what = "the shipped head with this laboratory's gates" if kept is not None else "adapted"
     click.echo(f"{what}, in {written.seconds:.1f} s; count with it: bmc edge run SOURCE --model {path}")
     click.echo(str(path))

@@ -54,6 +54,10 @@ class FrameSource(abc.ABC):
     @abc.abstractmethod
     def _frames(self) -> Iterator[Frame]: ...
 
+    def halt(self) -> None:  # noqa: B027 - optional hook
+        """Stop waiting for the device (called from another thread before :meth:`close`): a source
+        that retries or sleeps between reads stops doing so and ends its frames."""
+
     def close(self) -> None:  # noqa: B027 - optional hook
         pass
 

@@ -5,6 +5,7 @@ logged and counted."""
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, cast
@@ -21,6 +22,7 @@ log = logging.getLogger(__name__)
 class _Reopening(FrameSource):
     live = True
     max_backoff_s = 30.0
+    first_backoff_s = 0.5  # the first wait before reopening a lost camera; doubled each time
     name: str  # set by each camera before it opens
     _dev: Any  # the open device (None: closed); each camera narrows it
 
@@ -35,6 +37,7 @@ class _Reopening(FrameSource):
         self.width, self.height, self.fps, self.fourcc = width, height, fps, fourcc
         self.max_reopen_s = max_reopen_s  # None: keep trying (service mode)
         self.gaps: list[tuple[float, float]] = []  # (lost at, back at)
+        self._halted = threading.Event()  # halt(): the reopening stops waiting and the frames end
         self._dev = None
         self._open_or_raise()
 
@@ -60,9 +63,11 @@ class _Reopening(FrameSource):
             lost = time.time()
             log.warning("%s: camera lost; reopening", self.name)
             self._release()
-            delay = 0.5
+            delay = self.first_backoff_s
             while True:
-                time.sleep(delay)
+                if self._halted.wait(delay):  # stopped while the camera was away
+                    self.gaps.append((lost, time.time()))
+                    return
                 self._dev = self._open()
                 if self._dev is not None:
                     break
@@ -72,6 +77,9 @@ class _Reopening(FrameSource):
                 delay = min(delay * 2, self.max_backoff_s)
             self.gaps.append((lost, time.time()))
             log.warning("%s: camera back after %.1f s", self.name, time.time() - lost)
+
+    def halt(self) -> None:
+        self._halted.set()
 
     def close(self) -> None:
         self._release()

@@ -150,8 +150,8 @@ def run_adapt(app: Screen, req: Request) -> Response:
         return adapt_page(app, req, html("<p class='warn'>Not adapted: {e}</p>", e=str(e)))
     table = _table(r)
     advice = html("<p>More reviewed cells would help: {a}</p>", a="; ".join(r.advice)) if r.advice else Html("")
-    written = adapt.to_write(r, reviewed, guard, clf)
-    kept = None if r.accepted else written
+    written = adapt.model_to_write(r, reviewed, guard, clf)
+    kept = written if written is not None and written.kept_shipped else None
     if written is None:
         return adapt_page(
             app,
