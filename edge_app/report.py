@@ -286,7 +286,8 @@ def _advice(out_dir: Path, pending: int, n_unknown: int) -> str:
 
 def _waiting_caption(c: ReviewedCell) -> str:
     esc = html.escape
-    return f"cell {c.id}<br>{esc(c.model_label)} {c.confidence:.2f}<br>{esc(c.flag)}<br>{esc(c.source)} #{c.frame}"
+    why = f"<span title='{esc(c.flag)}'>{esc(review.in_words(c.flag))}</span>"
+    return f"cell {c.id}<br>{esc(c.model_label)} {c.confidence:.2f}<br>{why}<br>{esc(review.where(c))}"
 
 
 def _decided_caption(c: ReviewedCell) -> str:

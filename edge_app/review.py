@@ -33,6 +33,8 @@ import numpy as np
 from bmc.edge_app import sessiondb
 from bmc.edge_app.differential import SPECIMENS, DifferentialCount, differential_of
 from bmc.edge_app.sessiondb import REJECTED, ReviewedCell
+from bmc.edge_app.sources.base import IMAGE_SUFFIXES
+from bmc.edge_app.unknown import FLAG as UNKNOWN
 from bmc.errors import BmcError
 
 _NEW_LABEL = re.compile(r"^[a-z][a-z0-9 _-]{0,39}$")
@@ -40,6 +42,13 @@ _NEW_LABEL = re.compile(r"^[a-z][a-z0-9 _-]{0,39}$")
 
 class ReviewError(BmcError, ValueError):
     """A decision that cannot be recorded (no such cell, unknown label, unreadable file)."""
+
+
+def where(c: ReviewedCell) -> str:
+    """Where a cell was met, as a technician finds it again: an image file by its name (a still field
+    is frame 0 of nothing), a video's or a camera's cell by its source and frame."""
+    still = Path(c.source).suffix.lower() in IMAGE_SUFFIXES
+    return c.source if still else f"{c.source}, frame {c.frame}"
 
 
 def counts_after_review(all_cells: list[ReviewedCell]) -> Counter[str]:
@@ -125,6 +134,20 @@ def report_history(db: sqlite3.Connection, all_cells: list[ReviewedCell] | None 
         changed = any(e[2] in ("note", "start") for e in events[k + 1 :])
         return ReportHistory(t, changed or counts_after_review(then) != counts_after_review(all_cells))
     return ReportHistory(None, False)
+
+
+def in_words(flag: str) -> str:
+    """Why a cell waits, as a technician reads it (the recorded flag, with its figures, is the
+    card's tooltip and the cell page's)."""
+    if not flag:
+        return "counted"
+    if flag.startswith(UNKNOWN):
+        return "unlike the cells it learnt"
+    if flag.startswith("low confidence"):
+        return "the model is unsure" + flag[len("low confidence") :].replace(" ", " (", 1) + ")"
+    if flag.startswith("top two within"):
+        return "two classes nearly tie"
+    return flag
 
 
 def queue(all_cells: list[ReviewedCell], include_counted: bool = False) -> list[ReviewedCell]:

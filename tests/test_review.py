@@ -267,6 +267,12 @@ def test_a_recorded_session_reports_byte_for_byte_as_before(tmp_path):
 #: (text the golden report has, what the report says instead), each change meant
 CHANGED_SINCE_GOLDEN = [
     ("<p>Nucleated red cells (erythroblast)", "<p>NRBC, nucleated red cells (erythroblast)"),  # one name everywhere
+    # why a cell waits in words (the recorded flag on hover), and a field by its file: no frame number
+    (
+        "<br>unknown: unlike any known cell (distance 0.146 &gt; 0.124)<br>BloodImage_00010.jpg #3",
+        "<br><span title='unknown: unlike any known cell (distance 0.146 &gt; 0.124)'>unlike the cells it learnt</span>"
+        "<br>BloodImage_00010.jpg",
+    ),
 ]
 
 

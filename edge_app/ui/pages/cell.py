@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import cv2
 import numpy as np
 
-from bmc.edge_app import sessiondb
+from bmc.edge_app import review, sessiondb
 from bmc.edge_app.ui.pages.review import key_layout
 from bmc.edge_app.ui.web import Html, HttpError, Request, Response, Screen, hidden_csrf, html, quote
 
@@ -109,13 +109,12 @@ def cell_page(app: Screen, req: Request) -> Response:
         ),
     )
     body = html(
-        "<p>Session <a href='/s/{name}/'>{session}</a>: {source} frame {frame}; the model's call <b>{call}</b> "
+        "<p>Session <a href='/s/{name}/'>{session}</a>: {where}; the model's call <b>{call}</b> "
         "{conf:.2f} {flag}</p>{decided}"
         "<div class='grid'>{img}<table><tr><th>class</th><th>probability</th></tr>{probs}</table></div>"
         "{change}{maps}<p><a href='/s/{name}/review'>back to review</a></p>",
         session=folder.name,
-        source=cell.source,
-        frame=cell.frame,
+        where=review.where(cell),
         call=cell.model_label,
         conf=cell.confidence,
         flag=cell.flag,

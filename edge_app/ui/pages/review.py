@@ -10,7 +10,6 @@ from bmc.edge_app import report as report_mod
 from bmc.edge_app import review, sessiondb
 from bmc.edge_app.sessiondb import ReviewedCell
 from bmc.edge_app.ui.web import Html, HttpError, Request, Response, Screen, hidden_csrf, html, quote, redirect
-from bmc.edge_app.unknown import FLAG as UNKNOWN
 
 # the classes by how often a differential meets them (a blood smear: neutrophils, then lymphocytes,
 # monocytes, eosinophils, bands, basophils; the rarer stages after), for the review keys 1-9
@@ -86,25 +85,11 @@ def _card(app: Screen, c: ReviewedCell, decided: bool, name: str, csrf: str) -> 
         id=c.id,
         img=img,
         name=name,
-        flag=in_words(c.flag),
+        flag=review.in_words(c.flag),
         detail=c.flag or "counted by the model",
         top=top,
         state=state,
     )
-
-
-def in_words(flag: str) -> str:
-    """Why a cell waits, as a technician reads it (the recorded flag, with its figures, is the
-    card's tooltip and the cell page's)."""
-    if not flag:
-        return "counted"
-    if flag.startswith(UNKNOWN):
-        return "unlike the cells it learnt"
-    if flag.startswith("low confidence"):
-        return "the model is unsure" + flag[len("low confidence") :].replace(" ", " (", 1) + ")"
-    if flag.startswith("top two within"):
-        return "two classes nearly tie"
-    return flag
 
 
 def review_page(app: Screen, req: Request) -> Response:
