@@ -108,7 +108,12 @@ class EdgeSession:
         echo: Callable[[str], None] = print,
     ) -> None:
         self.source = open_source(source) if isinstance(source, str) else source
-        self.source_name = str(source) if isinstance(source, str) else type(source).__name__
+        # a file or folder by its full path: a relative one means nothing once read elsewhere
+        self.source_name = (
+            (str(Path(source).resolve()) if os.path.exists(source) else source)
+            if isinstance(source, str)
+            else type(source).__name__
+        )
         self.clf = classifier
         self.cfg = config
         self.echo = echo

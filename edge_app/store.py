@@ -130,7 +130,7 @@ class SessionStore:
         self.resume_after: int | None = None  # the last committed frame of a resumed session
         last = sessiondb.last_session(self.db)
         if last is not None and on_existing != "new":
-            same = last.source == source and last.model_sha256 == model_sha256
+            same = same_source(last.source, source) and last.model_sha256 == model_sha256
             if on_existing == "resume" and last.status == "interrupted" and same and resumable:
                 self.session_id = last.id
                 self.resume_after = sessiondb.resume_session(self.db, last.id)
@@ -293,6 +293,17 @@ class SessionStore:
             pass
         self.db.close()
         self._lock.close()
+
+
+def same_source(recorded: str, source: str) -> bool:
+    """Whether a recorded source is ``source``: the same spec, or the same file or folder (a session
+    recorded before sources were stored by their full path holds the path as it was typed)."""
+    if recorded == source:
+        return True
+    try:
+        return os.path.exists(recorded) and os.path.samefile(recorded, source)
+    except OSError:
+        return False
 
 
 def write_atomic(path: Path, text: str) -> Path:

@@ -10,6 +10,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -603,3 +604,22 @@ def test_a_count_that_ends_short_of_its_target_says_so_and_exits_3(bccd, tmp_pat
     with sqlite3.connect(tmp_path / "s" / "session.sqlite") as db:
         assert db.execute("SELECT status FROM session").fetchone()[0] == "short of target"
     assert "short of target" in (tmp_path / "s" / "report.html").read_text()
+
+
+def test_a_source_is_recorded_by_its_full_path_and_still_resumes_as_typed(fields, tmp_path, clf):
+    """A folder given relative to where bmc ran is recorded by its full path (the report and the
+    screen are read elsewhere); a session recorded with the relative path still resumes from it."""
+    from bmc.edge_app.store import same_source
+
+    rel = os.path.relpath(fields, ROOT)
+    p = bmc("edge", "run", rel, "--out", tmp_path / "s", "--headless", "--max-frames", "2")
+    assert p.returncode == 0
+    db = sqlite3.connect(tmp_path / "s" / "session.sqlite")
+    assert db.execute("SELECT source FROM session").fetchone()[0] == str(Path(fields).resolve())
+    db.close()
+    cwd = os.getcwd()
+    os.chdir(ROOT)
+    try:
+        assert same_source(rel, str(Path(fields).resolve())) and not same_source(rel, str(tmp_path))
+    finally:
+        os.chdir(cwd)
