@@ -85,6 +85,22 @@ def write_truth_matek(matek: str | Path, out: str | Path) -> int:
     return len(rows)
 
 
+def write_truth_split(data: str | Path, split: str | Path, out: str | Path) -> int:
+    """A model's held-out cells (its ``*_test_split.csv``: ``path,label``, paths under ``data``)."""
+    with open(split, newline="", encoding="utf-8-sig") as fh:
+        rows = list(csv.DictReader(fh))
+    if not rows or not {"path", "label"} <= set(rows[0]):
+        raise TruthError(f"{split}: needs columns 'path' and 'label' (a model's held-out split)")
+    for line, r in enumerate(rows, start=2):
+        if not (Path(data) / r["path"]).is_file():
+            raise TruthError(f"{split}:{line}: {Path(data) / r['path']} does not exist")
+    with open(out, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["file", "label"])
+        w.writerows([r["path"], r["label"]] for r in rows)
+    return len(rows)
+
+
 def field_answers(db_path: Path) -> dict[str, tuple[str, int]]:
     """``{field: (label, cell id)}``: each field's answer (:func:`bmc.benchmarks.detection.best_cells`)."""
     from bmc.benchmarks.detection import best_cells

@@ -134,3 +134,27 @@ def test_stain_calibration_maps_a_bccd_field_onto_the_training_stain(bccd, pbc):
     err = lambda od: np.linalg.norm(od - reference[1]) / np.linalg.norm(reference[1])  # noqa: E731
     assert err(raw_nucleus) > 0.5 and err(stains[1]) < 0.5 * err(raw_nucleus)
     assert calibrator(session, reference, "none")(field) is field
+
+
+def test_bench_autonomy_measures_the_training_laboratorys_held_out_cells(tmp_path):
+    """``bench truth --format split`` makes a model's held-out cells a truth file, so ``bench autonomy
+    --mode cell`` measures the issue's "PBC held-out counted unaided" on what a session does; a split
+    naming a missing image says which line."""
+    from conftest import DATA
+
+    split = tmp_path / "split.csv"
+    rows = list(csv.DictReader(open(MODELS_DIR / "bmc_pbc8_lite0_test_split.csv")))
+    some = [r for c in sorted({r["label"] for r in rows}) for r in [x for x in rows if x["label"] == c][:3]]
+    split.write_text("path,label\n" + "".join(f"{r['path']},{r['label']}\n" for r in some))
+    truth = tmp_path / "truth.csv"
+    p = bmc("bench", "truth", DATA, "--format", "split", "--split", split, "--out", truth)
+    assert f"{len(some)} cells" in p.stdout and len(truth.read_text().splitlines()) == len(some) + 1
+    p = bmc("bench", "autonomy", "--source", DATA, "--truth", truth, "--mode", "cell", "--orientations", "1",
+            "--json", tmp_path / "a.json")  # fmt: skip
+    shipped = json.loads((tmp_path / "a.json").read_text())["shipped"]
+    assert shipped["fields"] == len(some) and shipped["counted"] >= len(some) // 2  # its own laboratory's cells
+    assert set(shipped["per_class"]) == {r["label"] for r in some}
+    bad = tmp_path / "bad.csv"
+    bad.write_text("path,label\npbc/neutrophil/not_there.jpg,neutrophil\n")
+    p = bmc("bench", "truth", DATA, "--format", "split", "--split", bad, "--out", tmp_path / "t2.csv", check=False)
+    assert p.returncode == 2 and f"{bad}:2:" in p.stderr and "does not exist" in p.stderr

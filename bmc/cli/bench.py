@@ -527,15 +527,28 @@ def bench_adapt(
 
 @bench.command("truth")
 @click.argument("source", type=click.Path(file_okay=False))
-@click.option("--format", "fmt", type=click.Choice(["bccd", "matek"]), required=True)
+@click.option("--format", "fmt", type=click.Choice(["bccd", "matek", "split"]), required=True)
+@click.option(
+    "--split",
+    "split_csv",
+    type=click.Path(dir_okay=False, exists=True),
+    help="with --format split: a model's held-out split (path,label, paths under SOURCE), e.g. "
+    "edge_app/models/bmc_pbc8_lite0_test_split.csv",
+)
 @click.option("--out", required=True, type=click.Path(dir_okay=False))
-def bench_truth(source: str, fmt: str, out: str) -> None:
-    """Write the file,label truth of SOURCE for bmc bench adapt: BCCD's single-white-cell fields, or
-    the Munich cells whose code the 8 classes name."""
+def bench_truth(source: str, fmt: str, split_csv: str | None, out: str) -> None:
+    """Write the file,label truth of SOURCE for bmc bench adapt and autonomy: BCCD's single-white-cell
+    fields, the Munich cells whose code the 8 classes name, or (split) a model's held-out cells, with
+    SOURCE the data folder their paths start from."""
     from bmc.benchmarks import adapt as bench
 
+    if (fmt == "split") != bool(split_csv):
+        raise CliFail("--split FILE goes with --format split, and only with it")
     Path(out).parent.mkdir(parents=True, exist_ok=True)
-    n = (bench.write_truth_bccd if fmt == "bccd" else bench.write_truth_matek)(source, out)
+    if fmt == "split":
+        n = one_line_errors(bench.write_truth_split, source, split_csv, out)
+    else:
+        n = (bench.write_truth_bccd if fmt == "bccd" else bench.write_truth_matek)(source, out)
     click.echo(f"{n} {'fields' if fmt == 'bccd' else 'cells'} → {out}")
 
 
