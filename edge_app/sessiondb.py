@@ -283,7 +283,7 @@ def open_for_recording(folder: Path) -> sqlite3.Connection:
                 path,
                 f"{'empty' if path.exists() else 'missing'}, but the folder holds a session's files "
                 f"({', '.join(left)}): its record is lost or damaged, and recording here would overwrite them; "
-                "record into a new folder (nothing was written)",
+                "record into a new folder (nothing in it was changed)",
             )
     db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     try:
