@@ -86,7 +86,12 @@ class Capture:
 
     def __iter__(self) -> Iterator[Frame]:
         while True:
-            item = self.q.get()
+            try:
+                item = self.q.get(timeout=0.2)
+            except queue.Empty:
+                if self._stop.is_set():  # halted while waiting for a frame (a camera away, or stalled)
+                    return
+                continue
             if item is _END:
                 if self.error is not None:
                     raise self.error
@@ -100,6 +105,12 @@ class Capture:
             self.source_closed = True
         self.source.close()
 
+    def halt(self) -> None:
+        """Ask the reading to end, from any thread or a signal handler (it only sets flags): the
+        consumer's loop ends at its next wait for a frame, the source stops waiting for its device."""
+        self._stop.set()
+        self.source.halt()
+
     def stop(self, wait_s: float = 2.0) -> bool:
         """Stop reading: the source is told to halt (a camera waiting to reopen stops waiting), the
         capture thread leaves it (it sees the flag at the next frame), then the source is closed, so
@@ -108,8 +119,7 @@ class Capture:
         stalled camera) is left to finish: the thread closes the source as it leaves, and stop()
         returns False. Should the program end first, the read is never finished and the operating
         system releases the device."""
-        self._stop.set()
-        self.source.halt()
+        self.halt()
         mine = self._thread is threading.current_thread()
         if self._thread.is_alive() and not mine:
             self._thread.join(wait_s)

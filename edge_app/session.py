@@ -208,6 +208,7 @@ class EdgeSession:
             None  # called with (frame, cells) after each frame is recorded
         )
         self._stop = False
+        self._capture: Capture | None = None  # the running session's: stop() halts it
         self._window: str | None = None
         if not config.headless and not opencv_gui():
             self.echo(f"no live window: {NO_GUI_HINT}; continuing headless")
@@ -380,9 +381,16 @@ class EdgeSession:
 
     # -- control, from any thread: the screen, the service, a signal ---------------------------
     def stop(self) -> None:
-        """Finish the frame in flight and close the session (also while paused)."""
+        """Finish the frame in flight and close the session (also while paused, or while the camera
+        is away: the wait for its next frame ends too)."""
         self._stop = True
         self.paused = False
+        self._halt_capture()
+
+    def _halt_capture(self) -> None:
+        cap = self._capture
+        if cap is not None:
+            cap.halt()
 
     def pause(self, paused: bool = True) -> None:
         """Hold (or, ``False``, resume) the count: a camera's frames are dropped meanwhile."""
@@ -396,10 +404,13 @@ class EdgeSession:
     def _on_signal(self, signum: int, _frame: object) -> None:
         self.echo(f"received signal {signum}: finishing the current frame and closing the session")
         self._stop = True
+        self._halt_capture()
 
     def run(self) -> SessionResult:
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)} if _main_thread() else {}
-        cap = Capture(self.source).start()
+        cap = self._capture = Capture(self.source).start()
+        if self._stop:  # stopped before the capture was there to halt
+            cap.halt()
         r = self.result
         t_start = last_print = time.perf_counter()
         t_read = time.perf_counter()

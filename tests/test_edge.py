@@ -295,6 +295,28 @@ def test_a_session_stopped_while_its_camera_is_away_lets_the_camera_go(bccd):
     assert cam.opens == opens  # no reopening after the stop
 
 
+def test_stopping_a_session_whose_camera_is_away_ends_it(bccd, tmp_path, clf):
+    """The screen's Stop, or the service's SIGTERM, while the camera is unplugged and not back: the
+    session waits for a frame that will not come, and must still close (it hung there)."""
+    import threading
+
+    imgs = [cv2.imread(str(p)) for p in sorted((bccd / "JPEGImages").glob("*.jpg"))[:2]]
+    cam = _ReplayedCamera(imgs, unplug_after=2, absent_opens=10**6, max_reopen_s=None)
+    cam.first_backoff_s = 0.2
+    session = EdgeSession(cam, clf, tmp_path / "s", SessionConfig(save_crops=False), echo=lambda m: None)
+    t = threading.Thread(target=session.run, daemon=True)  # a hang fails the test, not the run
+    t.start()
+    deadline = time.time() + 30
+    while cam.opens < 3 and time.time() < deadline:  # the camera lost, and tried again twice
+        time.sleep(0.05)
+    assert cam.opens >= 3
+    cam.first_backoff_s = cam.max_backoff_s = 30.0  # from now on a long wait between tries
+    time.sleep(1.0)
+    session.stop()
+    t.join(10)
+    assert not t.is_alive() and session.result.status == "stopped"
+
+
 class _FastCamera(FrameSource):
     """A live source faster than classification: frames of a real field, as fast as it can."""
 
