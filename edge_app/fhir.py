@@ -20,7 +20,9 @@ unknown cells wait for a name), ``final`` once every cell is decided. A folder h
 id and ``identifier`` (fixed by the folder's first session) and each class's Observation id are the
 same on every export, so a LIS files a later export over the earlier one; once the report went out
 final, one that has changed since (a decision that moved a cell, a comment, a new session) is
-``corrected`` and says which final report it replaces (:func:`bmc.edge_app.review.report_history`).
+``corrected`` (its differential changed) or ``amended`` (its comment or statement did) and says
+which report it replaces: the folder records each report it issues (``session.sqlite``, table
+``export``). While cells wait again, or a session still records, it is ``preliminary``.
 
 Numpy-free and standard-library only: the device writes it.
 """
@@ -28,7 +30,10 @@ Numpy-free and standard-library only: the device writes it.
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
+import logging
+import sqlite3
 import uuid
 from pathlib import Path
 from typing import Any
@@ -36,12 +41,16 @@ from typing import Any
 from bmc.edge_app import review, sessiondb
 from bmc.edge_app.differential import NRBC
 from bmc.edge_app.differential import display as display_name
+from bmc.edge_app.folder_lock import is_locked
 from bmc.stages import PARENT
+
+log = logging.getLogger(__name__)
 
 LOINC = "http://loinc.org"
 BMC_CODES = "urn:bmc-edge:cell-class"  # the kit's own codes: its class names
 UCUM = "http://unitsofmeasure.org"
 IDENTIFIER_SYSTEM = "urn:bmc-edge:differential"  # a folder's report, whichever export carries it
+FINAL = ("final", "corrected", "amended")  # a report in one of these went out for the LIS to act on
 
 #: class → (LOINC code, display): "/100 leukocytes in Blood by Manual count"; checked against
 #: published LOINC tables (benchmarks/README.md, "FHIR export", names the sources)
@@ -103,28 +112,43 @@ def _calibration(cal: dict[str, Any] | None) -> tuple[float, float, float, int, 
         return None
 
 
-def diagnostic_report(out_dir: str | Path, now: datetime.datetime | None = None) -> dict[str, Any]:
+def diagnostic_report(out_dir: str | Path, now: datetime.datetime | None = None, issue: bool = False) -> dict[str, Any]:
     """The FHIR R4 Bundle of the session folder's differential (all its sessions, after review):
-    the folder's :class:`~bmc.edge_app.differential.DifferentialCount`, as the report shows it."""
+    the folder's :class:`~bmc.edge_app.differential.DifferentialCount`, as the report shows it.
+    ``issue``: it goes out (the file written, the screen's download), and the folder records it, so
+    that a later report that differs from one that went out final is its correction."""
     out_dir = Path(out_dir)
     db = sessiondb.connect(out_dir)
     try:
+        db.execute("BEGIN")  # one snapshot: a decision made meanwhile is in all of it or none
         sessions = sessiondb.sessions(db)
         cells = sessiondb.cells(db)
         note = sessiondb.latest_note(db)
         record = review.session_differential(db, cells)
         statement = review.calibration_statement(db)
         calibration = _calibration(review.calibration_record(db))
-        history = review.report_history(db, cells)
+        issued_before = sessiondb.exports(db)
+        db.execute("COMMIT")
     finally:
         db.close()
     # one report per folder, whatever rewrites it: the same id and identifier on every export, so a
-    # LIS sees a later one replace the earlier; once it went out final, a changed one is a correction
+    # LIS sees a later one replace the earlier
     report_id = folder_identity(sessions)
-    if record.waiting:
+    counts = _digest(record.to_dict())
+    content = _digest([record.to_dict(), statement, note.text if note else None, [s.id for s in sessions]])
+    went_out = [e for e in issued_before if e.status in FINAL]
+    last = went_out[-1] if went_out else None
+    recording = any(s.status == "running" for s in sessions) and is_locked(out_dir)
+    if record.waiting or recording:
         status = "preliminary"
+    elif last is None:
+        status = "final"
+    elif counts != last.counts:
+        status = "corrected"  # the differential itself changed after it went out
+    elif content != last.content:
+        status = "amended"  # its comment, its statement or its sessions did
     else:
-        status = "corrected" if history.final_at and history.changed else "final"
+        status = last.status
     now = now or datetime.datetime.now(datetime.timezone.utc)
     issued = now.isoformat(timespec="seconds")
     started = sessions[0].started if sessions else issued
@@ -216,9 +240,18 @@ def diagnostic_report(out_dir: str | Path, now: datetime.datetime | None = None)
         + "."
     )
     models = sorted({f"{s.model_file} (sha256 {s.model_sha256[:12]})" for s in sessions})
-    if history.final_at and (history.changed or record.waiting):
-        conclusion += f" Replaces the final report of {_instant(history.final_at)}" + (
-            ": cells wait for review again." if record.waiting else ", corrected after review."
+    # what this report says of the one that went out before it, the same on every export of it
+    differs = [e for e in went_out if (e.counts, e.content) != (counts, content)]
+    if status in ("corrected", "amended") and differs:
+        was = differs[-1]
+        conclusion += f" Replaces the {was.status} report issued {_instant(was.time)}: " + (
+            "its differential corrected after review."
+            if status == "corrected"
+            else "its comment, statement or sessions amended."
+        )
+    elif status == "preliminary" and last is not None:
+        conclusion += (
+            f" Not final: the {last.status} report issued {_instant(last.time)} stands until every cell is decided."
         )
     report: dict[str, Any] = {
         "resourceType": "DiagnosticReport",
@@ -247,6 +280,10 @@ def diagnostic_report(out_dir: str | Path, now: datetime.datetime | None = None)
     }
     if models:
         report["conclusion"] += " Classified by " + ", ".join(models) + "; decision support, not a diagnosis."
+    if issue and (last is None or status != last.status or (counts, content) != (last.counts, last.content)):
+        _record(
+            out_dir, sessiondb.Export(now.isoformat(timespec="milliseconds"), status, counts, content), issued_before
+        )
     return {
         "resourceType": "Bundle",
         "id": str(uuid.uuid4()),
@@ -254,6 +291,28 @@ def diagnostic_report(out_dir: str | Path, now: datetime.datetime | None = None)
         "timestamp": issued,
         "entry": [{"fullUrl": f"urn:uuid:{report_id}", "resource": report}, *entries],
     }
+
+
+def _digest(what: Any) -> str:
+    return hashlib.sha256(json.dumps(what, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+def _record(out_dir: Path, e: sessiondb.Export, before: list[sessiondb.Export]) -> None:
+    """The issued report into the folder's record, unless it says what the latest one said; a folder
+    that cannot be written (a copy on a read-only stick) still gives its report."""
+    if before and (before[-1].status, before[-1].counts, before[-1].content) == (e.status, e.counts, e.content):
+        return
+    try:
+        db = sessiondb.connect(out_dir, write=True)
+    except (OSError, sqlite3.OperationalError) as err:
+        log.warning("%s: the issued report was not recorded (%s)", out_dir, err)
+        return
+    try:
+        sessiondb.add_export(db, e)
+    except sqlite3.OperationalError as err:
+        log.warning("%s: the issued report was not recorded (%s)", out_dir, err)
+    finally:
+        db.close()
 
 
 def folder_identity(sessions: list[sessiondb.SessionRecord]) -> str:
@@ -277,4 +336,4 @@ def write(out_dir: str | Path) -> Path:
     from bmc.edge_app.store import write_atomic
 
     path = Path(out_dir) / "differential.fhir.json"
-    return write_atomic(path, json.dumps(diagnostic_report(out_dir), indent=2, ensure_ascii=False) + "\n")
+    return write_atomic(path, json.dumps(diagnostic_report(out_dir, issue=True), indent=2, ensure_ascii=False) + "\n")

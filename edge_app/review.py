@@ -19,7 +19,6 @@ differential) — counted, and listed apart in the report.
 from __future__ import annotations
 
 import csv
-import dataclasses
 import getpass
 import re
 import sqlite3
@@ -90,50 +89,6 @@ def session_differential(db: sqlite3.Connection, all_cells: list[ReviewedCell] |
     return differential_of(
         counts_after_review(all_cells), labels, specimen_of(db), len(pending), sum(c.unknown for c in pending)
     )
-
-
-@dataclasses.dataclass(frozen=True)
-class ReportHistory:
-    """When the folder's differential was first complete (every session ended, no cell waiting):
-    the moment its report went out as final; and whether the report has changed since (a decision
-    that moved a cell, a new session, a comment), which makes the report a correction of that one."""
-
-    final_at: str | None
-    changed: bool
-
-
-def report_history(db: sqlite3.Connection, all_cells: list[ReviewedCell] | None = None) -> ReportHistory:
-    """The folder's :class:`ReportHistory`, replayed from what its database recorded."""
-    all_cells = sessiondb.cells(db) if all_cells is None else all_cells
-    by_id = {c.id: c for c in all_cells}
-    open_sessions: set[int] = set()
-    recorded: list[int] = []
-    seen: set[int] = set()
-    decided: dict[int, str | None] = {}
-    waiting: set[int] = set()
-    ended = False
-    events = sessiondb.history(db)
-    for k, (t, _, what, ident, label) in enumerate(events):
-        if what == "start":
-            open_sessions.add(ident)
-        elif what == "end":
-            open_sessions.discard(ident)
-            ended = True
-        elif what == "cell" and ident in by_id:
-            recorded.append(ident)
-            seen.add(ident)
-            if by_id[ident].flag and not decided.get(ident):
-                waiting.add(ident)
-        elif what == "review":
-            decided[ident] = label
-            if ident in by_id and by_id[ident].flag and ident in seen:
-                (waiting.discard if label else waiting.add)(ident)
-        if (k + 1 < len(events) and events[k + 1][0] == t) or open_sessions or waiting or not ended:
-            continue  # not complete, or not everything of this instant in yet
-        then = [dataclasses.replace(by_id[c], reviewed_label=decided.get(c)) for c in recorded]
-        changed = any(e[2] in ("note", "start") for e in events[k + 1 :])
-        return ReportHistory(t, changed or counts_after_review(then) != counts_after_review(all_cells))
-    return ReportHistory(None, False)
 
 
 def in_words(flag: str) -> str:

@@ -56,6 +56,9 @@ CREATE INDEX IF NOT EXISTS review_cell ON review(cell_id);
 CREATE TABLE IF NOT EXISTS note (
     id INTEGER PRIMARY KEY, text TEXT NOT NULL, author TEXT NOT NULL, time TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS export (
+    id INTEGER PRIMARY KEY, time TEXT NOT NULL, status TEXT NOT NULL, counts TEXT NOT NULL, content TEXT NOT NULL
+);
 """
 # columns added after the first release: (table, column, type); a folder recorded before gains them
 _ADDED = [("cell", "embedding", "BLOB"), ("frame", "state", "TEXT")]
@@ -429,30 +432,28 @@ def embeddings(db: sqlite3.Connection) -> dict[int, np.ndarray]:
     }
 
 
-def history(db: sqlite3.Connection) -> list[tuple[str, int, str, int, str | None]]:
-    """What changed the folder's differential, in the order it happened: ``(time, rank, what, id,
-    label)`` with ``what`` one of ``start`` and ``end`` (of session ``id``; a session with no end
-    recorded ends at its last frame), ``cell`` (cell ``id`` recorded, at its frame's time), ``review``
-    (a decision on cell ``id``, ``label`` None where one was withdrawn) and ``note`` (a comment).
-    ``rank`` orders what happened at one instant: a start, its cells, decisions, then an end."""
-    out: list[tuple[str, int, str, int, str | None]] = []
-    for sid, started, ended in db.execute(
-        "SELECT s.id, s.started, COALESCE(s.ended, (SELECT MAX(f.time) FROM frame f WHERE f.session_id = s.id), "
-        "s.started) FROM session s"
-    ):
-        out += [(started, 0, "start", sid, None), (ended, 3, "end", sid, None)]
-    out += [
-        (t, 1, "cell", cid, None)
-        for cid, t in db.execute("SELECT c.id, f.time FROM cell c JOIN frame f ON f.id = c.frame_id")
-    ]
-    if _has_table(db, "review"):
-        out += [
-            (t, 2, "review", cid, label)
-            for cid, label, t in db.execute("SELECT cell_id, label, time FROM review ORDER BY id")
-        ]
-    if _has_table(db, "note"):
-        out += [(t, 2, "note", nid, None) for nid, t in db.execute("SELECT id, time FROM note")]
-    return sorted(out, key=lambda e: (e[0], e[1]))
+@dataclasses.dataclass(frozen=True)
+class Export:
+    """A FHIR report the folder issued: when, with which status, and digests of its differential
+    (``counts``) and of all it said (``content``), to tell a later one that differs."""
+
+    time: str
+    status: str
+    counts: str
+    content: str
+
+
+def exports(db: sqlite3.Connection) -> list[Export]:
+    """The FHIR reports issued from the folder, oldest first (none for a folder from before)."""
+    if not _has_table(db, "export"):
+        return []
+    return [Export(*r) for r in db.execute("SELECT time, status, counts, content FROM export ORDER BY id")]
+
+
+def add_export(db: sqlite3.Connection, e: Export) -> None:
+    db.execute("CREATE TABLE IF NOT EXISTS export (id INTEGER PRIMARY KEY, time TEXT NOT NULL, status TEXT NOT NULL, "
+               "counts TEXT NOT NULL, content TEXT NOT NULL)")  # fmt: skip
+    db.execute("INSERT INTO export (time, status, counts, content) VALUES (?, ?, ?, ?)", dataclasses.astuple(e))
 
 
 def frame_counts(db: sqlite3.Connection) -> tuple[int, int]:
@@ -647,5 +648,4 @@ def has_cell(db: sqlite3.Connection, cell_id: int) -> bool:
 
 
 def add_note(db: sqlite3.Connection, text: str, author: str) -> None:
-    stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    db.execute("INSERT INTO note (text, author, time) VALUES (?, ?, ?)", (text, author, stamp))
+    db.execute("INSERT INTO note (text, author, time) VALUES (?, ?, ?)", (text, author, now()))

@@ -100,9 +100,13 @@ def test_a_reviewed_session_is_final_and_the_validator_is_strict(session, tmp_pa
 def test_one_folder_is_one_report_and_a_change_after_final_is_a_correction(session, tmp_path):
     """Every export of a folder (the file rewritten after each decision, the screen's download, a
     copy on a USB stick) is the same DiagnosticReport: one id and identifier, one Observation id per
-    class, so a LIS files the later over the earlier. Once final, a decision that moves a cell makes
-    it ``corrected``, saying which final report it replaces; withdrawing one makes it preliminary again."""
+    class, so a LIS files the later over the earlier. The folder records each report it issues: once
+    one went out final, a decision that moves a cell makes the next ``corrected``, a comment makes it
+    ``amended``, each naming the report it replaces; cells waiting again make it preliminary, saying
+    which report still stands."""
     import shutil
+
+    from bmc.edge_app import review, sessiondb
 
     folder = tmp_path / "s"
     shutil.copytree(session, folder)
@@ -116,40 +120,60 @@ def test_one_folder_is_one_report_and_a_change_after_final_is_a_correction(sessi
     )
     bmc("edge", "review", folder, "--apply", decisions, "--by", "anna", "--new-label")
 
-    def exported(where=folder):
-        doc = fhir.diagnostic_report(where)
+    def issued(where=folder):
+        doc = fhir.diagnostic_report(where, issue=True)
         Bundle.model_validate(doc)
         report = doc["entry"][0]["resource"]
         return report, {e["resource"]["code"]["text"]: e["resource"]["id"] for e in doc["entry"][1:]}
 
-    final, obs = exported()
+    def records():
+        db = sessiondb.connect(folder)
+        try:
+            return [e.status for e in sessiondb.exports(db)]
+        finally:
+            db.close()
+
+    final, obs = issued()
     assert final["status"] == "final" and "Replaces" not in final["conclusion"]
     assert final["identifier"] == [{"system": fhir.IDENTIFIER_SYSTEM, "value": f"urn:uuid:{final['id']}"}]
-    again, obs_again = exported()
+    again, obs_again = issued()
     assert (again["id"], again["identifier"], obs_again, again["status"]) == (
         final["id"],
         final["identifier"],
         obs,
         "final",
     )
+    assert records()[-1] == "final" and records().count("final") == 1  # the same report is recorded once
     copy_ = tmp_path / "usb" / "s"
     shutil.copytree(folder, copy_)
-    assert exported(copy_)[0]["id"] == final["id"]  # a copy of the folder is the same report
-    # a reviewer moves a counted lymphocyte to monocyte: the same report, corrected
+    assert issued(copy_)[0]["id"] == final["id"]  # a copy of the folder is the same report
+    # a reviewer moves a counted lymphocyte to monocyte (the file beside it is rewritten): corrected
     lymph = next(r for r in rows if r["counted_as"] == "lymphocyte" and r["reviewed_label"] == "")
     bmc("edge", "review", folder, "--cell", lymph["id"], "--label", "monocyte", "--by", "bob")
-    corrected, obs_corrected = exported()
-    assert corrected["id"] == final["id"] and corrected["status"] == "corrected"
+    on_disk = json.loads((folder / "differential.fhir.json").read_text())["entry"][0]["resource"]
+    corrected, obs_corrected = issued()
+    assert on_disk["status"] == corrected["status"] == "corrected" and corrected["id"] == final["id"]
     assert obs_corrected["lymphocyte"] == obs["lymphocyte"]
     assert (
-        "Replaces the final report of" in corrected["conclusion"]
+        "Replaces the final report issued" in corrected["conclusion"]
         and "corrected after review" in corrected["conclusion"]
     )
-    # and the decision withdrawn on a cell that waited: preliminary again, still the same report
+    # a decision withdrawn on a cell that waited: preliminary, and the corrected report still stands
     waited = next(r for r in rows if r["flag"])
+    label = json.loads(json.dumps(next(r for r in _cells(folder) if r["id"] == waited["id"])))["reviewed_label"]
     bmc("edge", "review", folder, "--cell", waited["id"], "--undo", "--by", "bob")
-    reopened, _ = exported()
+    reopened, _ = issued()
     assert reopened["id"] == final["id"] and reopened["status"] == "preliminary"
-    assert "cells wait for review again" in reopened["conclusion"]
-    # another folder is another report
-    assert fhir.folder_identity([]) != final["id"]
+    assert "Not final: the corrected report issued" in reopened["conclusion"]
+    # decided again as before: the corrected report, as it went out
+    bmc("edge", "review", folder, "--cell", waited["id"], "--label", label, "--by", "bob", "--new-label")
+    assert issued()[0]["status"] == "corrected"
+    # a comment alone: amended
+    review.add_note(folder, "stain a little pale", "anna")
+    amended, _ = issued()
+    assert amended["status"] == "amended" and "Replaces the corrected report issued" in amended["conclusion"]
+    assert fhir.folder_identity([]) != final["id"]  # another folder is another report
+
+
+def _cells(folder):
+    return list(csv.DictReader(open(folder / "cells.csv")))

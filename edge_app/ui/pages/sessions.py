@@ -150,7 +150,7 @@ def fhir_export(app: Screen, req: Request) -> Response:
 
     folder = app.session_folder(req.params["session"])
     return Response(
-        json.dumps(fhir.diagnostic_report(folder), indent=2, ensure_ascii=False),
+        json.dumps(fhir.diagnostic_report(folder, issue=True), indent=2, ensure_ascii=False),  # it goes out
         ctype="application/fhir+json; charset=utf-8",
         headers=[("Content-Disposition", f'attachment; filename="{folder.name}.fhir.json"')],
     )
