@@ -177,3 +177,31 @@ def test_one_folder_is_one_report_and_a_change_after_final_is_a_correction(sessi
 
 def _cells(folder):
     return list(csv.DictReader(open(folder / "cells.csv")))
+
+
+def test_a_session_still_recording_is_preliminary_whatever_is_decided(session, tmp_path):
+    """A download while a session records (the screen's Live page) is preliminary even with nothing
+    waiting: more cells are coming."""
+    import shutil
+    import sqlite3
+
+    from bmc.edge_app.folder_lock import lock_folder
+
+    folder = tmp_path / "s"
+    shutil.copytree(session, folder)
+    rows = list(csv.DictReader(open(folder / "cells.csv")))
+    decisions = tmp_path / "d.csv"
+    decisions.write_text("id,label\n" + "".join(f"{r['id']},rejected\n" for r in rows if r["counted_as"] == ""))
+    bmc("edge", "review", folder, "--apply", decisions, "--by", "anna")  # nothing waits
+    db = sqlite3.connect(folder / "session.sqlite")
+    db.execute("UPDATE session SET status = 'running', ended = NULL")
+    db.commit()
+    db.close()
+    lock = lock_folder(folder)  # as the recorder holds it
+    try:
+        report = fhir.diagnostic_report(folder)["entry"][0]["resource"]
+        assert report["status"] == "preliminary"
+    finally:
+        lock.close()
+    # the recorder gone (killed): no longer recording, and nothing waits
+    assert fhir.diagnostic_report(folder)["entry"][0]["resource"]["status"] == "final"
