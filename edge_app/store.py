@@ -230,14 +230,16 @@ class SessionStore:
         written: list[str],
         first: int = 0,
     ) -> list[str]:
-        """Each cell's crop file (its name, '' for none); ``written`` gets every file begun, for
-        :meth:`_discard` should the commit fail."""
+        """Each cell's crop file (its name, '' for none), named by the frame that records it (each
+        frame is recorded once, so no two cells share a file: named by a moving cell's best view, two
+        cells judged in different frames could); ``written`` gets each file this call made, for
+        :meth:`_discard` should the commit fail (one left by a session that died before its commit
+        is no cell's, and is overwritten)."""
         names = []
         for k, (cell, crop) in enumerate(zip(cells, crops), start=first):
             name = ""
             if self.save_crops and crop is not None:
-                at = cell.frame if cell.frame is not None else idx
-                name = f"crops/s{self.session_id}_f{at:06d}_{k:02d}_{cell.label}.jpg"
+                name = f"crops/s{self.session_id}_f{idx:06d}_{k:02d}_{cell.label}.jpg"
                 ok, buf = cv2.imencode(".jpg", crop, [cv2.IMWRITE_JPEG_QUALITY, 90])
                 if ok:
                     written.append(name)

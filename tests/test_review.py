@@ -174,6 +174,25 @@ def test_review_while_the_session_is_still_recording(session, tmp_path):
     assert [r["counted_as"] for r in rows] == ["lymphocyte", "neutrophil"]
 
 
+def test_two_moving_cells_with_the_same_best_view_keep_their_own_crops(bccd, tmp_path):
+    """Two cells judged in different frames whose best view was the same earlier frame: each keeps
+    its own crop file (named by that view's frame, the second overwrote the first)."""
+    import cv2
+
+    field = cv2.imread(str(sorted((bccd / "JPEGImages").glob("*.jpg"))[0]))
+    a, b = field[:64, :64].copy(), field[100:164, 100:164].copy()
+    store = SessionStore(tmp_path / "s", "camera0", DEFAULT_MODEL.name, "0" * 64, ["lymphocyte", "neutrophil"])
+    for idx, crop, track in ((10, a, 1), (11, b, 2)):
+        cell = CellCall(Box(1, 2, 30, 30), "neutrophil", 0.9, np.array([0.1, 0.9]), track=track, frame=7)
+        store.record_frame(idx, "cam", [cell], [crop])
+    store.close()
+    rows = _csv(tmp_path / "s")
+    assert len({r["crop"] for r in rows}) == 2
+    for r, want in zip(rows, (a, b)):
+        got = cv2.imread(str(tmp_path / "s" / r["crop"]))
+        assert np.abs(got.astype(int) - want.astype(int)).mean() < 8  # its own cell, through JPEG
+
+
 def test_reviewed_cells_become_training_data_at_the_trained_scale(session, small_pbc, tmp_path):
     """bmc data harvest: the cells a person labelled, padded to a training image's geometry, in a
     manifest with another data set; the trainer reads it and measures the model's own cell scale."""
