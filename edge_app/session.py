@@ -32,7 +32,7 @@ from bmc.edge_app.config import SessionDefaults
 from bmc.edge_app.detect import FinderConfig, RedCells, find_cells, scaled
 from bmc.edge_app.differential import Differential, ReviewPolicy
 from bmc.edge_app.sessiondb import RecordedConfig
-from bmc.edge_app.sources import FrameSource, open_source
+from bmc.edge_app.sources import FrameSource, open_source, recorded_name
 from bmc.edge_app.sources.base import Frame
 from bmc.edge_app.store import SessionStore, StorageFull
 from bmc.edge_app.tracker import CellTracker, TrackViews
@@ -108,12 +108,7 @@ class EdgeSession:
         echo: Callable[[str], None] = print,
     ) -> None:
         self.source = open_source(source) if isinstance(source, str) else source
-        # a file or folder by its full path: a relative one means nothing once read elsewhere
-        self.source_name = (
-            (str(Path(source).resolve()) if os.path.exists(source) else source)
-            if isinstance(source, str)
-            else type(source).__name__
-        )
+        self.source_name = recorded_name(source) if isinstance(source, str) else type(source).__name__
         self.clf = classifier
         self.cfg = config
         self.echo = echo

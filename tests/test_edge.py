@@ -645,3 +645,9 @@ def test_a_source_is_recorded_by_its_full_path_and_still_resumes_as_typed(fields
         assert same_source(rel, str(Path(fields).resolve())) and not same_source(rel, str(tmp_path))
     finally:
         os.chdir(cwd)
+    # a camera is recorded as named: a stable /dev/v4l/by-id link is not the /dev/videoN of today
+    from bmc.edge_app.sources import recorded_name
+
+    for camera in ("/dev/v4l/by-id/usb-cam-video-index0", "0", "picamera2:1", "v4l2src ! videoconvert ! appsink"):
+        assert recorded_name(camera) == camera
+    assert recorded_name("fields/*.jpg") == os.path.join(os.getcwd(), "fields/*.jpg")

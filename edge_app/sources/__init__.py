@@ -15,6 +15,7 @@ converts, the one place colour order is dealt with.
 from __future__ import annotations
 
 import glob
+import os
 from pathlib import Path
 from typing import Any
 
@@ -44,9 +45,22 @@ __all__ = [
 ]
 
 
+def is_camera(spec: str) -> bool:
+    """Whether :func:`open_source` opens ``spec`` as a camera or a pipeline, not as files."""
+    s = str(spec)
+    return s.isdigit() or s.startswith(("/dev/", "picamera2")) or "!" in s
+
+
+def recorded_name(spec: str) -> str:
+    """How a session records its source: a file, folder or pattern by its absolute path (a relative
+    one means nothing once the report is read elsewhere), a camera as it was named (a stable
+    ``/dev/v4l/by-id/…`` link is not resolved to the ``/dev/videoN`` it points at today)."""
+    return spec if is_camera(spec) else os.path.abspath(spec)
+
+
 def open_source(spec: str, **camera_options: Any) -> FrameSource:
     s = str(spec)
-    if s.isdigit() or s.startswith("/dev/"):
+    if s.isdigit() or s.startswith("/dev/"):  # (is_camera)
         return OpenCVCamera(int(s) if s.isdigit() else s, **camera_options)
     if s.startswith("picamera2"):
         return Picamera2Camera(int(s.split(":")[1]) if ":" in s else 0, **camera_options)
