@@ -744,6 +744,21 @@ def test_every_page_of_a_damaged_session_says_which_and_why_and_the_others_still
         )
     status, _, page = local.request("GET", "/adapt")
     assert status == 200 and b"20261128-0900" in page
+    # a database whose tables are there but whose pages are damaged: found in a query, said the same way
+    import shutil
+
+    torn = storage / "20261128-1100"
+    shutil.copytree(storage / "20261128-0900", torn, ignore=shutil.ignore_patterns("session.lock", "*-wal", "*-shm"))
+    size = (torn / "session.sqlite").stat().st_size
+    assert size > 2 * 4096, "the recorded session needs pages to damage"
+    with open(torn / "session.sqlite", "r+b") as fh:
+        for offset in range(4096, size, 4096):  # every page but the first (the schema): each table's
+            fh.seek(offset)
+            fh.write(b"\xff" * 16)  # page header torn
+    for path in ("/", "/review", "/report", "/fhir", "/cell/1"):
+        status, _, page = local.request("GET", f"/s/20261128-1100{path}")
+        assert status == 500 and b"20261128-1100: unreadable session database (" in page, (path, page[:300])
+        assert b"Something went wrong" not in page, path
     assert (broken / "session.sqlite").read_bytes() == b"not a database at all\n" and len(list(broken.iterdir())) == 1
     status, _, page = local.request("GET", "/s/20261128-0900/report")
     assert status == 200 and b"Differential count" in page

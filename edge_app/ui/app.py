@@ -36,6 +36,7 @@ from collections.abc import Callable, Iterable, Mapping
 from http import cookies
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote
 
 from bmc.edge_app import review, sessiondb
 from bmc.edge_app.sessiondb import Note, ReviewedCell, SessionRecord
@@ -99,6 +100,12 @@ def routes() -> Router:
     return r
 
 
+def _session_of(path: str) -> str | None:
+    """The session folder a request's path names (``/s/NAME/…``), or None."""
+    parts = path.split("/")
+    return unquote(parts[2]) if len(parts) > 2 and parts[1] == "s" and parts[2] else None
+
+
 class UiApp:
     """The WSGI application. ``sign_in``: every client must sign in (the server listens beyond
     loopback); else the local user is taken as signed in, and ``user`` names who decides."""
@@ -144,9 +151,15 @@ class UiApp:
             resp = Response(self.error_page(e.status, html("<p>{m}</p>", m=e.message)), e.status)
         except sessiondb.UnreadableSession as e:  # any page of a damaged folder: which one, and why
             log.warning("%s: %s", e.path, e.why)
-            status = "500 Internal Server Error"
-            said = html("<p>{m}</p>", m=f"{e.path.parent.name}: {e.why}")
-            resp = Response(self.error_page("Unreadable session", said), status)
+            resp = self._unreadable(e.path.parent.name, e.why)
+        except sqlite3.DatabaseError as e:  # tables there, pages damaged: found deeper, in a query
+            name = _session_of(str(environ.get("PATH_INFO", "")))
+            if name is None:
+                log.exception("error serving %s %s", environ.get("REQUEST_METHOD"), environ.get("PATH_INFO"))
+                resp = self._unreadable("", f"a session database is damaged ({e})")
+            else:
+                log.warning("%s: unreadable session database (%s)", name, e)
+                resp = self._unreadable(name, f"unreadable session database ({e})")
         except Exception:  # noqa: BLE001 - a plain page for the browser, the details for the log
             log.exception("error serving %s %s", environ.get("REQUEST_METHOD"), environ.get("PATH_INFO"))
             resp = Response(
@@ -165,6 +178,10 @@ class UiApp:
             return resp.parts
         start_response(resp.status, headers + [("Content-Length", str(len(resp.body)))])
         return [resp.body]
+
+    def _unreadable(self, name: str, why: str) -> Response:
+        said = html("<p>{m}</p>", m=f"{name}: {why}" if name else why)
+        return Response(self.error_page("Unreadable session", said), "500 Internal Server Error")
 
     def handle(self, environ: dict[str, Any]) -> Response:
         """The front door: the host check, the static files, sign-in and the CSRF token, then the page."""
