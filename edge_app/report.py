@@ -203,12 +203,17 @@ def _unreadable(frames: list[tuple[str, int, str]]) -> str:
     camera's frame by its source and index."""
     if not frames:
         return ""
+
+    def reason(src: str, why: str) -> str:  # the file named once: a reason that begins with its path drops it
+        head, _, rest = (why or "unreadable").partition(": ")
+        return rest if rest and head.endswith(src) else why or "unreadable"
+
     names = [
-        f"{html.escape(src)}{'' if idx == 0 else f' frame {idx}'} ({html.escape(why or 'unreadable')})"
+        f"{html.escape(review.where_in(src, idx))} ({html.escape(reason(src, why))})"
         for src, idx, why in frames[:MAX_LISTED_UNREADABLE]
     ]
     more = len(frames) - MAX_LISTED_UNREADABLE
-    return ": " + "; ".join(names) + (f"; and {more} more (session.sqlite, table frame)" if more > 0 else "")
+    return ": " + "; ".join(names) + (f"; and {more} more, not listed" if more > 0 else "")
 
 
 def _learnt(sessions: list[SessionRecord]) -> dict[str, Any]:

@@ -44,10 +44,15 @@ class ReviewError(BmcError, ValueError):
 
 
 def where(c: ReviewedCell) -> str:
-    """Where a cell was met, as a technician finds it again: an image file by its name (a still field
-    is frame 0 of nothing), a video's or a camera's cell by its source and frame."""
-    still = Path(c.source).suffix.lower() in IMAGE_SUFFIXES
-    return c.source if still else f"{c.source}, frame {c.frame}"
+    """Where a cell was met, as a technician finds it again (:func:`where_in`)."""
+    return where_in(c.source, c.frame)
+
+
+def where_in(source: str, frame: int) -> str:
+    """A frame as a technician finds it again: an image file by its name (its index in the folder
+    is no number of the file's), a video's or a camera's frame by its source and number."""
+    still = Path(source).suffix.lower() in IMAGE_SUFFIXES
+    return source if still else f"{source}, frame {frame}"
 
 
 def counts_after_review(all_cells: list[ReviewedCell]) -> Counter[str]:
@@ -344,7 +349,7 @@ def _panel(cell: ReviewedCell, image: np.ndarray | None, position: str, labels: 
         else np.full((side, side, 3), 200, np.uint8)
     )
     panel = np.full((side, 360, 3), 250, np.uint8)
-    lines = [position, f"cell {cell.id}: {cell.source} #{cell.frame}", f"flag: {cell.flag or 'none'}", ""]
+    lines = [position, f"cell {cell.id}: {where(cell)}", f"flag: {in_words(cell.flag)}", ""]
     lines += [f"{l} {p:.2f}" for l, p in cell.top(3)] + [""]
     lines += [f"{k + 1} {l}" for k, l in enumerate(labels[:9])]
     for k, text in enumerate(lines):

@@ -382,6 +382,7 @@ def test_an_oversized_frame_is_refused_and_a_grey_source_warned(bccd, tmp_path, 
     db.close()
     report = (tmp_path / "s" / "report.html").read_text()
     assert "(1 unreadable: a_huge.png (" in report and "over the 40-megapixel limit" in report  # named, with why
+    assert "a_huge.png frame" not in report  # a file of a folder: no frame number
     grey = tmp_path / "grey"
     grey.mkdir()
     cv2.imwrite(str(grey / "f.jpg"), cv2.cvtColor(cv2.cvtColor(field, cv2.COLOR_BGR2GRAY), cv2.COLOR_GRAY2BGR))
