@@ -324,8 +324,8 @@ class EdgeSession:
             self.store.record_frame(
                 frame.index, frame.source, [c for c, _ in keep], [cr for _, cr in keep], state=self._state
             )
-        except StorageFull:
-            self._back_to(before)  # the frame's cells are not in the database: nor in the count
+        except BaseException:  # a full disk, an I/O error: the frame's cells are not in the database
+            self._back_to(before)  # nor in the count
             raise
         t4 = time.perf_counter()
         st["find"] += t1 - t0
