@@ -120,15 +120,14 @@ def diagnostic_report(out_dir: str | Path, now: datetime.datetime | None = None,
     out_dir = Path(out_dir)
     db = sessiondb.connect(out_dir)
     try:
-        db.execute("BEGIN")  # one snapshot: a decision made meanwhile is in all of it or none
-        sessions = sessiondb.sessions(db)
-        cells = sessiondb.cells(db)
-        note = sessiondb.latest_note(db)
-        record = review.session_differential(db, cells)
-        statement = review.calibration_statement(db)
-        calibration = _calibration(review.calibration_record(db))
-        issued_before = sessiondb.exports(db)
-        db.execute("COMMIT")
+        with sessiondb.snapshot(db):
+            sessions = sessiondb.sessions(db)
+            cells = sessiondb.cells(db)
+            note = sessiondb.latest_note(db)
+            record = review.session_differential(db, cells)
+            statement = review.calibration_statement(db)
+            calibration = _calibration(review.calibration_record(db))
+            issued_before = sessiondb.exports(db)
     finally:
         db.close()
     # one report per folder, whatever rewrites it: the same id and identifier on every export, so a

@@ -335,6 +335,18 @@ def transaction(db: sqlite3.Connection) -> Iterator[None]:
         raise
 
 
+@contextlib.contextmanager
+def snapshot(db: sqlite3.Connection) -> Iterator[None]:
+    """One read transaction: every read inside sees the database as its first read did (a decision
+    made meanwhile is in all of them or in none)."""
+    db.execute("BEGIN")
+    try:
+        yield
+    finally:
+        if db.in_transaction:
+            db.execute("COMMIT")
+
+
 def folder_of(db: sqlite3.Connection) -> Path:
     """The session folder a connection reads."""
     return Path(db.execute("PRAGMA database_list").fetchone()[2]).parent
