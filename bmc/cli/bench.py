@@ -545,7 +545,7 @@ def bench_truth(source: str, fmt: str, split_csv: str | None, out: str) -> None:
     if (fmt == "split") != bool(split_csv):
         raise CliFail("--split FILE goes with --format split, and only with it")
     Path(out).parent.mkdir(parents=True, exist_ok=True)
-    if fmt == "split":
+    if split_csv:
         n = one_line_errors(bench.write_truth_split, source, split_csv, out)
     else:
         n = (bench.write_truth_bccd if fmt == "bccd" else bench.write_truth_matek)(source, out)
