@@ -744,6 +744,14 @@ def test_every_page_of_a_damaged_session_says_which_and_why_and_the_others_still
         )
     status, _, page = local.request("GET", "/adapt")
     assert status == 200 and b"20261128-0900" in page
+    # a session's files whose database was deleted or moved: listed, saying so
+    lost = storage / "20261128-1200"
+    lost.mkdir()
+    (lost / "cells.csv").write_text("source,frame\n")
+    status, _, page = local.request("GET", "/")
+    assert status == 200 and b"no session.sqlite beside cells.csv: the session&#x27;s record is lost" in page, page[
+        -900:
+    ]
     # a database whose tables are there but whose pages are damaged: found in a query, said the same way
     import shutil
 

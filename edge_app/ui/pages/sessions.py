@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 
 from bmc.edge_app import report as report_mod
 from bmc.edge_app import review, sessiondb
@@ -18,6 +19,14 @@ def sessions_page(app: Screen, req: Request) -> Response:
     from bmc.edge_app.service import session_dirs
 
     rows: list[tuple[str, Html]] = []  # (started, row): the newest session first, whatever its folder's name
+    storage = Path(app.storage)
+    for d in sorted(storage.iterdir()) if storage.is_dir() else []:
+        left = [] if (d / sessiondb.DB_NAME).exists() or not d.is_dir() else sessiondb.outputs_in(d)
+        if left:  # a session's files without its database: its record is lost, and a person should know
+            why = f"no {sessiondb.DB_NAME} beside {', '.join(left)}: the session's record is lost or was moved"
+            rows.append(
+                ("", html("<tr><td>{name}</td><td colspan='5' class='warn'>{why}</td></tr>", name=d.name, why=why))
+            )
     for d in session_dirs(app.storage):
         try:
             cells, meta = app.session_data(d)
