@@ -166,6 +166,47 @@ def test_full_disk_stops_recording_with_intact_database(fields, tmp_path, clf):
         subprocess.run(["umount", str(mnt)], check=False)
 
 
+def test_a_full_disk_at_the_sessions_end_leaves_the_late_cells_out_of_the_count(bccd, tmp_path, clf):
+    """Moving cells still in view when a video ends are judged then, and recorded last; when the disk
+    fills just before (another program wrote to it), they are in neither the database nor the count."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    db = None
+    try:
+        field = cv2.imread(str(bccd / "JPEGImages" / "BloodImage_00000.jpg"))
+        video = tmp_path / "pan.avi"
+        vw = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 10, (640, 480))
+        for k in range(2):  # the stage moves: each cell seen twice, fewer than the three views that judge it early
+            vw.write(np.roll(field, 6 * k, axis=1))
+        vw.release()
+        lines: list[str] = []
+        session = EdgeSession(str(video), clf, mnt / "s", SessionConfig(), echo=lines.append)
+
+        def fill(frame, cells):  # after the last frame is recorded, the disk fills
+            if frame.index == 1:
+                with open(mnt / "filler", "wb") as fh:
+                    try:
+                        while True:
+                            fh.write(bytes(65536))
+                    except OSError:
+                        pass
+
+        session.on_frame = fill
+        r = session.run()
+        db = sqlite3.connect(f"file:{mnt / 's' / 'session.sqlite'}?mode=ro", uri=True)
+        recorded = db.execute("SELECT COUNT(*) FROM cell").fetchone()[0]
+        counted = db.execute("SELECT COUNT(*) FROM cell WHERE flag = '' AND label NOT IN ('platelet', 'erythroblast')")
+        assert r.cells == recorded and r.counted == counted.fetchone()[0]
+        assert session.diff.counted == r.counted
+        assert any("disk full at the session's end" in l for l in lines)  # the late cells' commit is what failed
+    finally:
+        if db is not None:
+            db.close()
+        subprocess.run(["umount", str(mnt)], check=False)
+
+
 def test_still_field_in_a_video_is_counted_once(bccd, tmp_path, clf):
     video = tmp_path / "still.avi"
     a = cv2.imread(str(bccd / "JPEGImages" / "BloodImage_00001.jpg"))
