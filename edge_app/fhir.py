@@ -52,10 +52,10 @@ UCUM = "http://unitsofmeasure.org"
 IDENTIFIER_SYSTEM = "urn:bmc-edge:differential"  # a folder's report, whichever export carries it
 FINAL = ("final", "corrected", "amended")  # a report in one of these went out for the LIS to act on
 
-#: class → (LOINC code, display): "/100 leukocytes in Blood by Manual count"; checked against
-#: published LOINC tables (benchmarks/README.md, "FHIR export", names the sources)
+#: class → (LOINC code, display): "/100 leukocytes in Blood by Manual count", each code's long
+#: common name as LOINC publishes it (loinc.org; the manual differential panel 24318-8 lists them)
 LOINC_MANUAL = {
-    "neutrophil": ("26508-2", "Neutrophils/100 leukocytes in Blood by Manual count"),
+    "neutrophil": ("23761-0", "Neutrophils/100 leukocytes in Blood by Manual count"),  # (26508-2 is bands)
     "segmented": ("769-0", "Neutrophils.segmented/100 leukocytes in Blood by Manual count"),
     "band": ("764-1", "Neutrophils.band form/100 leukocytes in Blood by Manual count"),
     "metamyelocyte": ("740-1", "Metamyelocytes/100 leukocytes in Blood by Manual count"),

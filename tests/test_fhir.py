@@ -54,6 +54,10 @@ def test_the_report_is_valid_fhir_with_loinc_coded_shares_of_the_leukocytes(sess
         "code": "737-7",
         "display": "Lymphocytes/100 leukocytes in Blood by Manual count",
     }
+    # total neutrophils under the code that means them, not the bands' (26508-2 is "Band form neutrophils")
+    assert by_class["neutrophil"]["code"]["coding"][0]["code"] == "23761-0"
+    codes = [code for code, _ in fhir.LOINC_MANUAL.values()]
+    assert len(codes) == len(set(codes)) and "26508-2" not in codes
     leukocyte_shares = sum(
         o["valueQuantity"]["value"] for label, o in by_class.items() if label not in ("erythroblast", "platelet")
     )
