@@ -223,12 +223,22 @@ def add_note(out_dir: str | Path, text: str, author: str) -> str:
 class Reviewer:
     """Records one person's decisions in a session folder's database, one commit per decision."""
 
-    def __init__(self, out_dir: str | Path, name: str | None = None, allow_new_labels: bool = False):
+    def __init__(
+        self, out_dir: str | Path, name: str | None = None, allow_new_labels: bool = False, check: bool = False
+    ):
+        """``check``: SQLite's quick check of the database first (``bmc edge review``; the screen's
+        pages have read the whole folder before a decision reaches it)."""
         self.out_dir = Path(out_dir)
         self.name = (name or current_user()).strip() or "unknown"
         self.allow_new = allow_new_labels
         self.left_blank = 0  # rows of the latest apply() with no label
         self.db = sessiondb.connect(out_dir, write=True)
+        if check:
+            try:
+                sessiondb.check_intact(self.db, out_dir)
+            except BaseException:
+                self.db.close()
+                raise
 
     def close(self) -> None:
         self.db.close()

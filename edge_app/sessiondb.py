@@ -245,6 +245,19 @@ class UnreadableSession(BmcError, sqlite3.DatabaseError):
         self.path, self.why = path, why
 
 
+def check_intact(db: sqlite3.Connection, folder: str | Path) -> None:
+    """SQLite's quick check before a decision is written (about 30 ms a megabyte): a database whose
+    tables are there but whose pages are torn is said to be damaged, and nothing is written into it."""
+    try:
+        found = str(db.execute("PRAGMA quick_check").fetchone()[0])
+    except sqlite3.DatabaseError as e:
+        found = str(e)
+    if found != "ok":
+        raise UnreadableSession(
+            path_of(folder), f"damaged session database ({found.splitlines()[-1][:120]}); nothing was written into it"
+        )
+
+
 def _readable(db: sqlite3.Connection, path: Path) -> sqlite3.Connection:
     """``db``, once it is known to be a bmc session database (a damaged, empty or foreign file
     says so, naming it, instead of failing deep in a query)."""

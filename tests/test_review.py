@@ -372,3 +372,30 @@ def test_a_folder_whose_database_is_lost_is_not_recorded_over(tmp_path, bccd):
     (fresh / "session.sqlite").write_bytes(b"")
     bmc("edge", "run", fields, "--out", fresh, "--headless")
     assert (fresh / "cells.csv").is_file()
+
+
+def test_a_torn_database_takes_no_decision_and_says_so_in_one_line(tmp_path, bccd):
+    """A session.sqlite whose tables are there but whose pages are torn: ``review --cell`` writes no
+    decision into it (it wrote one, then failed in a traceback), and report and FHIR say it in a line."""
+    fields = tmp_path / "fields"
+    fields.mkdir()
+    for f in sorted((bccd / "JPEGImages").glob("*.jpg"))[:30]:
+        (fields / f.name).symlink_to(f)
+    out = tmp_path / "s"
+    bmc("edge", "run", fields, "--out", out, "--headless")
+    db_path = out / "session.sqlite"
+    size = db_path.stat().st_size
+    assert size > 3 * 4096
+    with open(db_path, "r+b") as fh:
+        for offset in range(2 * 4096, size, 4096):  # every page after the schema's and the first table's
+            fh.seek(offset)
+            fh.write(b"\xff" * 16)
+    before = db_path.read_bytes()
+    p = bmc("edge", "review", out, "--cell", "1", "--label", "neutrophil", "--by", "anna", check=False)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+    assert p.stderr.strip().splitlines()[-1].startswith(f"error: {db_path}: damaged session database")
+    assert db_path.read_bytes() == before
+    for args in (("report", out), ("report", out, "--fhir")):
+        p = bmc("edge", *args, check=False)
+        assert p.returncode == 2 and "Traceback" not in p.stderr, (args, p.stderr)
+        assert "damaged" in p.stderr.strip().splitlines()[-1], p.stderr

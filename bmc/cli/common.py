@@ -4,6 +4,7 @@ catches the domain errors once, the check for the training packages, and the opt
 from __future__ import annotations
 
 import json
+import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any, ParamSpec, TypeVar
@@ -52,6 +53,8 @@ class MainGroup(click.Group):
             if e.filename is None:
                 raise
             raise CliFail(f"{e.filename}: {e.strerror or e}") from e
+        except sqlite3.DatabaseError as e:  # damage found deep in a query, past the checks that name the file
+            raise CliFail(f"a session database is damaged ({e}): nothing more was read or written") from e
 
 
 def need_training(verb: str, module: str, *also: str) -> None:

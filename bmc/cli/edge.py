@@ -507,7 +507,7 @@ def edge_review(
             )
             click.echo(f"{n} cells to review: fill in the label column and --apply the file", err=True)
             return
-        with Reviewer(out_dir, reviewer, allow_new_labels=new_label) as r:
+        with Reviewer(out_dir, reviewer, allow_new_labels=new_label, check=True) as r:
             if cell_id is not None:
                 if undo:
                     r.undo(cell_id)
