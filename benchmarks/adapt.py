@@ -78,6 +78,11 @@ def write_truth_matek(matek: str | Path, out: str | Path) -> int:
         for p in sorted(root.rglob("*.jpg"))
         if p.relative_to(root).parts[0] in MATEK_TO_LABEL
     ]
+    if not rows:
+        raise TruthError(
+            f"{root}: no Munich cells (class folders {', '.join(sorted(MATEK_TO_LABEL)[:4])}, … of .jpg files): "
+            "is this the Munich data set (--format matek)?"
+        )
     with open(out, "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["file", "label"])

@@ -308,6 +308,17 @@ def same_source(recorded: str, source: str) -> bool:
         return False
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+#: the mode a plain file gets under this process's umask (0644 under the usual 022): a LIS connector,
+#: a file share or a second account reads the report as it reads the crops
+_FILE_MODE = 0o666 & ~_umask()
+
+
 def write_atomic(path: Path, text: str) -> Path:
     """Write ``text`` to ``path`` through a unique temporary file beside it: a full disk, a crash or
     a second writer leaves the previous file (or none), never a truncated or mixed one."""
@@ -316,6 +327,7 @@ def write_atomic(path: Path, text: str) -> Path:
     except OSError as e:  # a read-only or full folder: named by the file meant, not the temporary one
         raise OSError(e.errno, e.strerror, str(path)) from e
     try:
+        os.fchmod(fd, _FILE_MODE)  # mkstemp's 0600 would leave the report to its writer alone
         with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
             fh.write(text)
         os.replace(tmp, path)

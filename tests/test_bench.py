@@ -154,6 +154,8 @@ def test_bench_autonomy_measures_the_training_laboratorys_held_out_cells(tmp_pat
     shipped = json.loads((tmp_path / "a.json").read_text())["shipped"]
     assert shipped["fields"] == len(some) and shipped["counted"] >= len(some) // 2  # its own laboratory's cells
     assert set(shipped["per_class"]) == {r["label"] for r in some}
+    p = bmc("bench", "truth", DATA / "bccd", "--format", "matek", "--out", tmp_path / "t3.csv", check=False)
+    assert p.returncode == 2 and "no Munich cells" in p.stderr and not (tmp_path / "t3.csv").exists()  # a wrong format
     bad = tmp_path / "bad.csv"
     bad.write_text("path,label\npbc/neutrophil/not_there.jpg,neutrophil\n")
     p = bmc("bench", "truth", DATA, "--format", "split", "--split", bad, "--out", tmp_path / "t2.csv", check=False)

@@ -498,3 +498,15 @@ def test_the_version_is_written_once():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     assert "version" not in project and "version" in project["dynamic"]
     assert version("bmc-edge") == bmc.__version__
+
+
+def test_the_session_files_are_readable_by_others_as_the_crops_are(fields40, tmp_path):
+    """report.html, the CSVs and the FHIR file are read by a LIS connector or a file share: they get
+    the mode the umask gives any file (the crops' and the database's), not a temporary file's 0600."""
+    out = tmp_path / "s"
+    bmc("edge", "run", fields40, "--out", out, "--headless", "--max-frames", "2")
+    bmc("edge", "report", out, "--fhir")
+    mask = os.umask(0)
+    os.umask(mask)
+    for name in ("report.html", "cells.csv", "differential.csv", "differential.fhir.json"):
+        assert (out / name).stat().st_mode & 0o777 == 0o666 & ~mask, name

@@ -548,7 +548,7 @@ def bench_truth(source: str, fmt: str, split_csv: str | None, out: str) -> None:
     if split_csv:
         n = one_line_errors(bench.write_truth_split, source, split_csv, out)
     else:
-        n = (bench.write_truth_bccd if fmt == "bccd" else bench.write_truth_matek)(source, out)
+        n = one_line_errors(bench.write_truth_bccd if fmt == "bccd" else bench.write_truth_matek, source, out)
     click.echo(f"{n} {'fields' if fmt == 'bccd' else 'cells'} → {out}")
 
 
