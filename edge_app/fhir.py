@@ -21,8 +21,9 @@ id and ``identifier`` (fixed by the folder's first session) and each class's Obs
 same on every export, so a LIS files a later export over the earlier one; once the report went out
 final, one that has changed since (a decision that moved a cell, a comment, a new session) is
 ``corrected`` (its differential changed) or ``amended`` (its comment or statement did) and says
-which report it replaces: the folder records each report it issues (``session.sqlite``, table
-``export``). While cells wait again, or a session still records, it is ``preliminary``.
+which report it replaces: the folder records each report it issues, as it went out
+(``session.sqlite``, table ``export``). While cells wait again, or a session still records, the
+export is that report, unchanged: never unfinished numbers over a released result.
 
 Numpy-free and standard-library only: the device writes it.
 """
@@ -148,6 +149,16 @@ def diagnostic_report(out_dir: str | Path, now: datetime.datetime | None = None,
         status = "amended"  # its comment, its statement or its sessions did
     else:
         status = last.status
+    latest = issued_before[-1] if issued_before else None
+    if (
+        latest is not None
+        and latest.document
+        and (latest.status, latest.counts, latest.content) == (status, counts, content)
+    ):
+        return dict(json.loads(latest.document))  # nothing changed: the report as it went out, byte for byte
+    if status == "preliminary" and last is not None and last.document:
+        # cells wait again after a report went out: that one stands, unchanged, until every cell is decided
+        return dict(json.loads(last.document))
     now = now or datetime.datetime.now(datetime.timezone.utc)
     issued = now.isoformat(timespec="seconds")
     started = sessions[0].started if sessions else issued
@@ -279,17 +290,18 @@ def diagnostic_report(out_dir: str | Path, now: datetime.datetime | None = None,
     }
     if models:
         report["conclusion"] += " Classified by " + ", ".join(models) + "; decision support, not a diagnosis."
-    if issue and (last is None or status != last.status or (counts, content) != (last.counts, last.content)):
-        _record(
-            out_dir, sessiondb.Export(now.isoformat(timespec="milliseconds"), status, counts, content), issued_before
-        )
-    return {
+    bundle = {
         "resourceType": "Bundle",
         "id": str(uuid.uuid4()),
         "type": "collection",
         "timestamp": issued,
         "entry": [{"fullUrl": f"urn:uuid:{report_id}", "resource": report}, *entries],
     }
+    if issue:
+        document = json.dumps(bundle, ensure_ascii=False)
+        export = sessiondb.Export(now.isoformat(timespec="milliseconds"), status, counts, content, document)
+        _record(out_dir, export, issued_before)
+    return bundle
 
 
 def _digest(what: Any) -> str:
