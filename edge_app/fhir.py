@@ -150,13 +150,9 @@ def diagnostic_report(out_dir: str | Path, now: datetime.datetime | None = None,
     else:
         status = last.status
     latest = issued_before[-1] if issued_before else None
-    if (
-        latest is not None
-        and latest.document
-        and (latest.status, latest.counts, latest.content) == (status, counts, content)
-    ):
+    if latest is not None and (latest.status, latest.counts, latest.content) == (status, counts, content):
         return dict(json.loads(latest.document))  # nothing changed: the report as it went out, byte for byte
-    if status == "preliminary" and last is not None and last.document:
+    if status == "preliminary" and last is not None:
         # cells wait again after a report went out: that one stands, unchanged, until every cell is decided
         return dict(json.loads(last.document))
     now = now or datetime.datetime.now(datetime.timezone.utc)
@@ -259,10 +255,6 @@ def diagnostic_report(out_dir: str | Path, now: datetime.datetime | None = None,
             if status == "corrected"
             else "its comment, statement or sessions amended."
         )
-    elif status == "preliminary" and last is not None:
-        conclusion += (
-            f" Not final: the {last.status} report issued {_instant(last.time)} stands until every cell is decided."
-        )
     report: dict[str, Any] = {
         "resourceType": "DiagnosticReport",
         "id": report_id,
@@ -300,7 +292,7 @@ def diagnostic_report(out_dir: str | Path, now: datetime.datetime | None = None,
     if issue:
         document = json.dumps(bundle, ensure_ascii=False)
         export = sessiondb.Export(now.isoformat(timespec="milliseconds"), status, counts, content, document)
-        _record(out_dir, export, issued_before)
+        _record(out_dir, export)
     return bundle
 
 
@@ -308,11 +300,10 @@ def _digest(what: Any) -> str:
     return hashlib.sha256(json.dumps(what, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 
-def _record(out_dir: Path, e: sessiondb.Export, before: list[sessiondb.Export]) -> None:
-    """The issued report into the folder's record, unless it says what the latest one said; a folder
-    that cannot be written (a copy on a read-only stick) still gives its report."""
-    if before and (before[-1].status, before[-1].counts, before[-1].content) == (e.status, e.counts, e.content):
-        return
+def _record(out_dir: Path, e: sessiondb.Export) -> None:
+    """The issued report into the folder's record (one that says what the latest one said is that
+    one, returned before it is built); a folder that cannot be written (a copy on a read-only stick)
+    still gives its report."""
     try:
         db = sessiondb.connect(out_dir, write=True)
     except (OSError, sqlite3.OperationalError) as err:

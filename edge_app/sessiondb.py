@@ -58,11 +58,11 @@ CREATE TABLE IF NOT EXISTS note (
 );
 CREATE TABLE IF NOT EXISTS export (
     id INTEGER PRIMARY KEY, time TEXT NOT NULL, status TEXT NOT NULL, counts TEXT NOT NULL, content TEXT NOT NULL,
-    document TEXT
+    document TEXT NOT NULL
 );
 """
 # columns added after the first release: (table, column, type); a folder recorded before gains them
-_ADDED = [("cell", "embedding", "BLOB"), ("frame", "state", "TEXT"), ("export", "document", "TEXT")]
+_ADDED = [("cell", "embedding", "BLOB"), ("frame", "state", "TEXT")]
 # the latest review row of each cell
 _LATEST = (
     "SELECT r.cell_id, r.label, r.reviewer, r.time FROM review r JOIN "
@@ -467,15 +467,14 @@ class Export:
     status: str
     counts: str
     content: str
-    document: str | None = None  # the Bundle as it went out (JSON)
+    document: str  # the Bundle as it went out (JSON)
 
 
 def exports(db: sqlite3.Connection) -> list[Export]:
     """The FHIR reports issued from the folder, oldest first (none for a folder from before)."""
     if not _has_table(db, "export"):
         return []
-    document = "document" if "document" in _columns(db, "export") else "NULL"
-    return [Export(*r) for r in db.execute(f"SELECT time, status, counts, content, {document} FROM export ORDER BY id")]
+    return [Export(*r) for r in db.execute("SELECT time, status, counts, content, document FROM export ORDER BY id")]
 
 
 def add_export(db: sqlite3.Connection, e: Export) -> None:

@@ -300,10 +300,7 @@ def test_a_damaged_or_foreign_session_database_is_named_in_one_line_and_left_as_
     each say which file and what is wrong with it, exit 2, and write nothing into the folder."""
     import sqlite3
 
-    fields = tmp_path / "fields"
-    fields.mkdir()
-    for f in sorted((bccd / "JPEGImages").glob("*.jpg"))[:2]:
-        (fields / f.name).symlink_to(f)
+    fields = _bccd_fields(bccd, tmp_path / "fields", 2)
     cases = {"garbage": b"not a database at all\n", "empty": b""}
     for name, data in cases.items():
         (tmp_path / name).mkdir()
@@ -336,10 +333,7 @@ def test_a_folder_whose_database_is_lost_is_not_recorded_over(tmp_path, bccd):
     """A session's files with its database emptied or deleted: recording there would overwrite the
     last record of that count (cells.csv, the report, the crops). Refused in one line, nothing written;
     an empty database in an empty folder still starts a session."""
-    fields = tmp_path / "fields"
-    fields.mkdir()
-    for f in sorted((bccd / "JPEGImages").glob("*.jpg"))[:2]:
-        (fields / f.name).symlink_to(f)
+    fields = _bccd_fields(bccd, tmp_path / "fields", 2)
     done = tmp_path / "done"
     bmc("edge", "run", fields, "--out", done, "--headless")
     for how in ("empty", "missing"):
@@ -377,10 +371,7 @@ def test_a_folder_whose_database_is_lost_is_not_recorded_over(tmp_path, bccd):
 def test_a_torn_database_takes_no_decision_and_says_so_in_one_line(tmp_path, bccd):
     """A session.sqlite whose tables are there but whose pages are torn: ``review --cell`` writes no
     decision into it (it wrote one, then failed in a traceback), and report and FHIR say it in a line."""
-    fields = tmp_path / "fields"
-    fields.mkdir()
-    for f in sorted((bccd / "JPEGImages").glob("*.jpg"))[:30]:
-        (fields / f.name).symlink_to(f)
+    fields = _bccd_fields(bccd, tmp_path / "fields", 30)
     out = tmp_path / "s"
     bmc("edge", "run", fields, "--out", out, "--headless")
     db_path = out / "session.sqlite"
@@ -399,3 +390,11 @@ def test_a_torn_database_takes_no_decision_and_says_so_in_one_line(tmp_path, bcc
         p = bmc("edge", *args, check=False)
         assert p.returncode == 2 and "Traceback" not in p.stderr, (args, p.stderr)
         assert "damaged" in p.stderr.strip().splitlines()[-1], p.stderr
+
+
+def _bccd_fields(bccd, dest, n: int):
+    """A folder of the first ``n`` BCCD fields (links)."""
+    dest.mkdir()
+    for f in sorted((bccd / "JPEGImages").glob("*.jpg"))[:n]:
+        (dest / f.name).symlink_to(f)
+    return dest
