@@ -62,7 +62,7 @@ CREATE TABLE IF NOT EXISTS export (
 );
 """
 # columns added after the first release: (table, column, type); a folder recorded before gains them
-_ADDED = [("cell", "embedding", "BLOB"), ("frame", "state", "TEXT")]
+_ADDED = [("cell", "embedding", "BLOB"), ("frame", "state", "TEXT"), ("export", "document", "TEXT")]
 # the latest review row of each cell
 _LATEST = (
     "SELECT r.cell_id, r.label, r.reviewer, r.time FROM review r JOIN "
@@ -474,7 +474,12 @@ def exports(db: sqlite3.Connection) -> list[Export]:
     """The FHIR reports issued from the folder, oldest first (none for a folder from before)."""
     if not _has_table(db, "export"):
         return []
-    return [Export(*r) for r in db.execute("SELECT time, status, counts, content, document FROM export ORDER BY id")]
+    if "document" not in _columns(db, "export"):  # the table's first form (a development build): nothing kept
+        return []
+    rows = db.execute(
+        "SELECT time, status, counts, content, document FROM export WHERE document IS NOT NULL ORDER BY id"
+    )
+    return [Export(*r) for r in rows]
 
 
 def add_export(db: sqlite3.Connection, e: Export) -> None:
