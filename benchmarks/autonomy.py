@@ -109,6 +109,68 @@ def score(
     return out
 
 
+#: the gates a laboratory can set, searched by :func:`frontier`
+FRONTIER_CONFIDENCES = tuple(round(0.5 + 0.01 * i, 2) for i in range(50))
+FRONTIER_MARGINS = (0.0, 0.15)
+FRONTIER_TARGETS = (0.90, 0.93, 0.95)
+
+
+def gate_points(truth: dict[str, str], db_path: Path, clf, fields: list[str], classes) -> list[dict]:
+    """Every setting of the gates a laboratory can choose (each unknown-cell level the card is
+    calibrated at, and the check off; each confidence rule: top score, margin) applied to the
+    recorded session's cells, each scored on ``fields`` as :func:`score` scores a session."""
+    from bmc.edge_app.unknown import LEVELS, threshold_at
+
+    db = sessiondb.connect(db_path.parent)
+    try:
+        found = {c.id: c for c in sessiondb.cells(db)}
+        stored = sessiondb.embeddings(db)
+    finally:
+        db.close()
+    cells = cells_of(db_path)
+    scored = [f for f in fields if f in cells and cells[f][1] in stored]
+    if not scored:
+        return []
+    ids = [cells[f][1] for f in scored]
+    top2 = np.sort(np.stack([np.asarray(found[i].probabilities, np.float64) for i in ids]), axis=1)[:, -2:]
+    truth_of = np.array([truth[f] for f in scored])
+    right = np.array([cells[f][0] for f in scored]) == truth_of
+    dist = clf.unknown.scores(np.stack([stored[i] for i in ids])) if clf.unknown is not None else None
+    thresholds: list[tuple[str, float]] = [("off", np.inf)]
+    if dist is not None:
+        thresholds += [(f"{lv:g}", t) for lv in LEVELS if (t := threshold_at(clf.unknown.calib, lv)) is not None]
+    points = []
+    for level, t in thresholds:
+        known = dist <= t if dist is not None else np.ones(len(scored), bool)
+        for margin in FRONTIER_MARGINS:
+            for conf in FRONTIER_CONFIDENCES:
+                ok = known & (top2[:, 1] >= conf) & (top2[:, 1] - top2[:, 0] >= margin)
+                accs = [float(right[ok & (truth_of == c)].mean()) for c in classes if (ok & (truth_of == c)).any()]
+                points.append(
+                    {
+                        "unknown_level": level,
+                        "min_confidence": conf,
+                        "min_margin": margin,
+                        "counted_share": float(ok.sum()) / max(len(fields), 1),
+                        "balanced_accuracy_counted": float(np.mean(accs)) if accs else 0.0,
+                    }
+                )
+    return points
+
+
+def frontier(truth: dict[str, str], db_path: Path, clf, fields: list[str], classes) -> dict:
+    """How far the gates alone could take this model here: of :func:`gate_points`, for each target
+    balanced accuracy, the setting that counts the most unaided. It is chosen on the scored fields
+    themselves, so it is a ceiling on any calibration of the gates, not a figure to be had: where it
+    falls short of a target, only a better classifier (or embedding) reaches it."""
+    points = gate_points(truth, db_path, clf, fields, classes)
+    best = {}
+    for target in FRONTIER_TARGETS:
+        reach = [p for p in points if p["balanced_accuracy_counted"] >= target]
+        best[f"{target:.2f}"] = max(reach, key=lambda p: p["counted_share"]) if reach else None
+    return {"fields": len(fields), "settings": len(points), "best_at": best}
+
+
 def review_day(sess: Path, truth, cells, classes, k: int, seed: int, calibration: int):
     """A simulated laboratory's day of review in the session ``sess``: ``k`` fields per class taught,
     then the first ``calibration`` cells of its random calibration order reviewed whatever the model
@@ -146,7 +208,10 @@ def run(
     threads: int | None = None,
     workdir=None,
     log=print,
+    gates: bool = False,
 ) -> dict:
+    """The shipped model's autonomy over every field and, with ``k``, each seed's after adapting;
+    ``gates``: each with :func:`frontier` too (``"frontier"`` beside its figures)."""
     from bmc.benchmarks.adapt import run_session
     from bmc.edge_app import adapt
     from bmc.edge_app.classifier import DEFAULT_MODEL, CellClassifier
@@ -173,6 +238,11 @@ def run(
             "runs": [],
         }
         log(_line("shipped, every field", out["shipped"]))
+        shipped_clf = CellClassifier(model, orientations=1)
+        if gates:
+            out["shipped"]["frontier"] = frontier(
+                truth, tmp / "shipped" / "session.sqlite", shipped_clf, sorted(truth), classes
+            )
         for seed in seeds if k else ():
             sess = tmp / f"seed{seed}"
             shutil.copytree(tmp / "shipped", sess)
@@ -196,11 +266,18 @@ def run(
                 "calibration": result.calibration.to_dict() if result.calibration else None,
                 "before": score(truth, shipped, unreviewed, classes, shipped_listed),
             }
+            if gates:
+                db = tmp / "shipped" / "session.sqlite"
+                row["before"]["frontier"] = frontier(truth, db, shipped_clf, unreviewed, classes)
             if result.accepted:
                 path = adapt.write_model(result, rev, clf, guard, tmp / "models", f"seed{seed}")
                 run_session(src, path, tmp / f"after{seed}", mode, orientations, threads)
                 db = tmp / f"after{seed}" / "session.sqlite"
                 row["after"] = score(truth, cells_of(db), unreviewed, classes, in_differential(db))
+                if gates:
+                    row["after"]["frontier"] = frontier(
+                        truth, db, CellClassifier(path, orientations=1), unreviewed, classes
+                    )
             else:
                 row["after"] = row["before"]
             cal = result.calibration
@@ -397,6 +474,31 @@ def markdown(r: dict) -> str:
             f"{m['balanced_accuracy_counted']:.3f}; the stated interval covers the measured accuracy on "
             f"{100 * (r['interval_coverage'] or 0):.0f}% of the seeds",
         ]
+    ceilings = [("shipped, every field", r["shipped"])] + [
+        (f"seed {x['seed']}, {when}", x[when]) for x in r["runs"] for when in ("before", "after")
+    ]
+    ceilings = [(name, s["frontier"]) for name, s in ceilings if s.get("frontier")]
+    if ceilings:
+        lines += [
+            "",
+            "The gates' ceiling (`--gates`): the most counted unaided that any unknown-cell level and "
+            "confidence rule reaches at each balanced accuracy, the setting chosen on the scored fields "
+            "themselves (no calibration can do better with this classifier):",
+            "",
+            "| model | " + " | ".join(f"at ≥ {t:.2f}" for t in FRONTIER_TARGETS) + " |",
+            "|---|" + "---|" * len(FRONTIER_TARGETS),
+        ]
+        for name, fr in ceilings:
+            cells = []
+            for t in FRONTIER_TARGETS:
+                p = fr["best_at"][f"{t:.2f}"]
+                cells.append(
+                    "none"
+                    if p is None
+                    else f"{100 * p['counted_share']:.0f}% (level {p['unknown_level']}, "
+                    f"confidence ≥ {p['min_confidence']:.2f}, margin ≥ {p['min_margin']:.2f})"
+                )
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
     per = r["shipped"]["per_class"]
     lines += [
         "",

@@ -326,3 +326,49 @@ def test_a_sequence_of_sessions_goes_on_with_the_laboratorys_gates_when_its_head
 
     table = sequence_markdown(r)
     assert table.count("(shipped head, laboratory's gates)") == 2  # the fixed and the grown line
+
+
+def test_the_gates_ceiling_holds_the_setting_the_session_counted_with(bccd, tmp_path):
+    """``bench autonomy --gates`` replays every setting of the gates on a recorded session: the
+    device's own (level 0.98, confidence 0.60, margin 0.15) gives exactly what the session counted,
+    so the ceiling it reports is of settings the device really has, and no higher than what they give."""
+    from bmc.benchmarks.adapt import run_session
+    from bmc.benchmarks.autonomy import FRONTIER_TARGETS, cells_of, frontier, gate_points, score
+    from bmc.edge_app.classifier import DEFAULT_MODEL, CellClassifier
+    from bmc.edge_app.differential import ReviewPolicy
+    from bmc.edge_app.unknown import DEFAULT_LEVEL
+
+    fields = tmp_path / "fields"
+    fields.mkdir()
+    found = single_cell_fields(bccd)[:40]
+    for f in found:
+        (fields / f.image.name).symlink_to(f.image)
+    run_session(fields, DEFAULT_MODEL, tmp_path / "s", "field", 1, 2)
+    db_path = tmp_path / "s" / "session.sqlite"
+    truth = {f.image.name: f.labels[0] for f in found}
+    classes = sorted(set(truth.values()))
+    names = sorted(truth)
+    clf = CellClassifier(DEFAULT_MODEL, orientations=1)
+    points = gate_points(truth, db_path, clf, names, classes)
+    policy = ReviewPolicy()
+    device = next(
+        p
+        for p in points
+        if p["unknown_level"] == f"{DEFAULT_LEVEL:g}"
+        and p["min_confidence"] == policy.min_confidence
+        and p["min_margin"] == policy.min_margin
+    )
+    s = score(truth, cells_of(db_path), names, classes)
+    assert 0 < s["counted_share"] < 1  # at BCCD the device sets some cells aside
+    assert device["counted_share"] == s["counted_share"]
+    assert device["balanced_accuracy_counted"] == pytest.approx(s["balanced_accuracy_counted"])
+    off = [p for p in points if p["unknown_level"] == "off" and p["min_margin"] == 0]
+    at_device = [p for p in points if p["unknown_level"] == device["unknown_level"] and p["min_margin"] == 0]
+    assert all(a["counted_share"] >= b["counted_share"] for a, b in zip(off, at_device))  # the check off lets more by
+    assert all(a["counted_share"] >= b["counted_share"] for a, b in zip(off, off[1:]))  # stricter counts fewer
+    best = frontier(truth, db_path, clf, names, classes)["best_at"]
+    shares = [best[f"{t:.2f}"]["counted_share"] if best[f"{t:.2f}"] else 0.0 for t in FRONTIER_TARGETS]
+    assert shares == sorted(shares, reverse=True)  # a higher accuracy is bought with fewer cells
+    for t in FRONTIER_TARGETS:
+        reach = [p["counted_share"] for p in points if p["balanced_accuracy_counted"] >= t]
+        assert (best[f"{t:.2f}"] or {}).get("counted_share", 0.0) == max(reach, default=0.0)

@@ -209,6 +209,12 @@ def bench_bccd(
     help="sessions after the day of review (half the fields; the rest split among them): does the "
     "reference, grown with each session's surely counted cells, count more of the next? (needs --k)",
 )
+@click.option(
+    "--gates",
+    is_flag=True,
+    help="also search every unknown-cell level and confidence rule on the scored fields: the most "
+    "any setting of the gates could count unaided at each balanced accuracy (a ceiling, not a figure to be had)",
+)
 @json_option
 def bench_autonomy(
     source: str,
@@ -220,6 +226,7 @@ def bench_autonomy(
     model: str | None,
     orientations: str,
     days: int,
+    gates: bool,
     json_out: str | None,
 ) -> None:
     """The share of white cells the device counts with no person, and how right those are: for the
@@ -229,6 +236,8 @@ def bench_autonomy(
     if days:
         if not k:
             raise CliFail("--days needs --k: the first day's review to adapt from")
+        if gates:
+            raise CliFail("--gates is measured on one day's sessions: leave out --days")
         r = one_line_errors(
             autonomy.sequence,
             source,
@@ -257,6 +266,7 @@ def bench_autonomy(
         model,
         int(orientations),
         log=lambda m: click.echo(m, err=True),
+        gates=gates,
     )
     click.echo(autonomy.markdown(r))
     if json_out:
