@@ -155,19 +155,28 @@ def match_cells(cells, boxes: list[Box]) -> tuple[dict[int, int], list[int], lis
 
 
 def finding(
-    fields: list[FieldBoxes], cfg: FinderConfig = FinderConfig(), errors: str | Path | None = None, tint: float = 0.0
+    fields: list[FieldBoxes],
+    cfg: FinderConfig = FinderConfig(),
+    errors: str | Path | None = None,
+    tint: float = 0.0,
+    per_session: int = 0,
 ) -> dict:
     """The finder on ``fields`` against their white-cell boxes, run as one session runs them (the
     red cells measured on the first fields and now and then, :class:`bmc.edge_app.detect.RedCells`,
     the finder's sizes following them), scored one to one (:func:`match_cells`): recall over the
     boxes, precision over the cells found, and the two errors a differential cannot absorb — a
     cell found as two or more (extra detections) and two cells found as one (merged cells), each
-    per white-cell box. ``tint`` > 0: each field through :func:`tint_red_cells` first."""
+    per white-cell box. ``tint`` > 0: each field through :func:`tint_red_cells` first.
+    ``per_session`` > 0: the fields run as sessions of that many fields each, every one measuring
+    the red cells afresh, as a laboratory that records a session per smear (1: each field alone;
+    a session's first fields know the least of the scale)."""
     tp = fn = fp = n_extra = n_merged = found = 0
     misses, false_finds, extras, rows = [], [], [], []
     scale = RedCells()
     used = cfg
-    for f in fields:
+    for i, f in enumerate(fields):
+        if per_session and i % per_session == 0 and i:  # a new session: nothing measured yet
+            scale, used = RedCells(), cfg
         frame = read_image(str(f.image))
         if tint:
             frame = tint_red_cells(frame, tint)
@@ -218,6 +227,7 @@ def finding(
         "merged_per_box": n_merged / max(boxes, 1),
         "scale": scale.to_dict(),
         "tint": tint,
+        "per_session": per_session,
     }
 
 

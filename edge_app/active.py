@@ -13,7 +13,6 @@ from __future__ import annotations
 import datetime
 import json
 import logging
-import os
 from pathlib import Path
 
 from bmc.errors import BmcError
@@ -74,16 +73,8 @@ def set_active(storage: str | Path, model: str | Path | None, by: str) -> Path |
         CellClassifier(path, threads=1)
     except (ModelCardError, BackendError) as e:
         raise ActiveModelError(f"{path.name} cannot be used: {e}") from e
-    tmp = d / f".{ACTIVE}.tmp"
-    tmp.write_text(
-        json.dumps(
-            {
-                "model": path.name,
-                "by": by,
-                "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            }
-        )
-        + "\n"
-    )
-    os.replace(tmp, f)
+    from bmc.edge_app.store import write_atomic
+
+    stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    write_atomic(f, json.dumps({"model": path.name, "by": by, "time": stamp}) + "\n")  # its own temporary file
     return path

@@ -138,6 +138,14 @@ def _check(where: str, key: str, kind: Any, value: Any, meta: dict[str, Any]) ->
     if optional:
         kinds = [k for k in typing.get_args(kind) if k is not type(None)]
         kind = kinds[0]
+    if typing.get_origin(kind) is dict:  # a table of its own ([screen] keys = { neutrophil = "n" })
+        k_kind, v_kind = typing.get_args(kind)
+        if not isinstance(value, dict):
+            raise ConfigError(f'[{where}] {key} must be a table, e.g. {{ neutrophil = "n" }}, got {value!r}')
+        for k, v in value.items():
+            if not isinstance(k, k_kind) or not isinstance(v, v_kind):
+                raise ConfigError(f"[{where}] {key}.{k} must be a {v_kind.__name__}, got {v!r}")
+        return dict(value)
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):

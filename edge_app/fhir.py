@@ -30,6 +30,7 @@ Numpy-free and standard-library only: the device writes it.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import json
@@ -42,7 +43,7 @@ from typing import Any
 from bmc.edge_app import review, sessiondb
 from bmc.edge_app.differential import NRBC
 from bmc.edge_app.differential import display as display_name
-from bmc.edge_app.folder_lock import is_locked
+from bmc.edge_app.folder_lock import is_locked, outputs
 from bmc.stages import PARENT
 
 log = logging.getLogger(__name__)
@@ -117,8 +118,15 @@ def diagnostic_report(out_dir: str | Path, now: datetime.datetime | None = None,
     """The FHIR R4 Bundle of the session folder's differential (all its sessions, after review):
     the folder's :class:`~bmc.edge_app.differential.DifferentialCount`, as the report shows it.
     ``issue``: it goes out (the file written, the screen's download), and the folder records it, so
-    that a later report that differs from one that went out final is its correction."""
+    that a later report that differs from one that went out final is its correction. Issuing takes
+    the folder's outputs lock (:func:`bmc.edge_app.folder_lock.outputs`): what went out before is
+    read and the new report recorded in one turn, so that two downloads at once issue one report."""
     out_dir = Path(out_dir)
+    with outputs(out_dir) if issue else contextlib.nullcontext():
+        return _report(out_dir, now, issue)
+
+
+def _report(out_dir: Path, now: datetime.datetime | None, issue: bool) -> dict[str, Any]:
     db = sessiondb.connect(out_dir)
     try:
         with sessiondb.snapshot(db):
@@ -296,6 +304,16 @@ def diagnostic_report(out_dir: str | Path, now: datetime.datetime | None = None,
     return bundle
 
 
+def last_issued(out_dir: str | Path) -> dict[str, Any] | None:
+    """The report the folder last issued, as it went out; None where none was."""
+    db = sessiondb.connect(out_dir)
+    try:
+        issued = sessiondb.exports(db)
+    finally:
+        db.close()
+    return dict(json.loads(issued[-1].document)) if issued else None
+
+
 def _digest(what: Any) -> str:
     return hashlib.sha256(json.dumps(what, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
@@ -338,4 +356,6 @@ def write(out_dir: str | Path) -> Path:
     from bmc.edge_app.store import write_atomic
 
     path = Path(out_dir) / "differential.fhir.json"
-    return write_atomic(path, json.dumps(diagnostic_report(out_dir, issue=True), indent=2, ensure_ascii=False) + "\n")
+    with outputs(out_dir):  # the file written is the report recorded last
+        text = json.dumps(diagnostic_report(out_dir, issue=True), indent=2, ensure_ascii=False) + "\n"
+        return write_atomic(path, text)

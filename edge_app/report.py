@@ -20,7 +20,7 @@ from typing import Any
 
 from bmc.edge_app import review, sessiondb, store
 from bmc.edge_app.differential import NRBC, ClassShare, DifferentialCount, count_interval, differential_of, display
-from bmc.edge_app.folder_lock import is_locked
+from bmc.edge_app.folder_lock import is_locked, outputs
 from bmc.edge_app.sessiondb import ReviewedCell, SessionRecord
 from bmc.errors import BmcError
 from bmc.stages import coarse_counts, series_counts
@@ -69,10 +69,17 @@ def write_session_files(out_dir: str | Path, report: bool = True) -> list[Path]:
     """Every file a session folder derives from its database, rewritten together so that none is
     left stale beside another: ``cells.csv``, ``differential.csv``, ``report.html`` (with
     ``report``, or where one is already there) and ``differential.fhir.json`` where one is there.
-    Each is written atomically. Called when a session closes and after every review decision."""
+    Each is written atomically, and the whole under the folder's outputs lock
+    (:func:`bmc.edge_app.folder_lock.outputs`): of two rewrites at once (two decisions), the one
+    written last has read the database last. Called when a session closes and after every decision."""
+    out_dir = Path(out_dir)
+    with outputs(out_dir):
+        return _write_session_files(out_dir, report)
+
+
+def _write_session_files(out_dir: Path, report: bool) -> list[Path]:
     from bmc.edge_app import fhir
 
-    out_dir = Path(out_dir)
     steps = [("cells.csv", store.write_csv), ("differential.csv", write_differential_csv)]
     if report or (out_dir / "report.html").exists():
         steps.append(("report.html", build_report))

@@ -43,6 +43,10 @@ class ReviewError(BmcError, ValueError):
     """A decision that cannot be recorded (no such cell, unknown label, unreadable file)."""
 
 
+class StaleReview(ReviewError):
+    """A decision from a page that showed the cell before someone else decided it."""
+
+
 def where(c: ReviewedCell) -> str:
     """Where a cell was met, as a technician finds it again (:func:`where_in`)."""
     return where_in(c.source, c.frame)
@@ -195,7 +199,12 @@ def _margin(probs: Sequence[float]) -> float:
     return top[-1] - top[0] if len(top) == 2 else 1.0
 
 
-_IDENTIFIER = re.compile(r"\d{6,}|[\w.+-]+@[\w-]+\.\w+|\b\d{1,2}[./-]\d{1,2}[./-](19|20)\d{2}\b")
+_IDENTIFIER = re.compile(
+    r"\d{6,}|[\w.+-]+@[\w-]+\.\w+"  # a record number, an e-mail address
+    r"|\b\d{1,2}[./-]\d{1,2}[./-](19|20)\d{2}\b|\b(19|20)\d{2}[./-]\d{1,2}[./-]\d{1,2}\b"  # a date, either way round
+    r"|\b(dob|d\.o\.b\.?|date of birth|mrn)\b",
+    re.IGNORECASE,
+)
 
 
 def add_note(out_dir: str | Path, text: str, author: str) -> str:
@@ -273,16 +282,25 @@ class Reviewer:
             f"{at}{label!r} is not a label of cell {cell_id}'s model ({', '.join(known)}) nor {REJECTED!r}{hint}"
         )
 
-    def decide(self, cell_id: int, label: str) -> str:
+    def decide(self, cell_id: int, label: str, seen: int | None = None) -> str:
+        """Record ``label`` for the cell. ``seen``: the cell's latest review row on the page the person
+        decided from (0: undecided there); where someone decided it since, nothing is recorded
+        (:class:`StaleReview`)."""
         label = self.check(cell_id, label)
-        self._insert([(cell_id, label)])
+        self._insert([(cell_id, label)], None if seen is None else {cell_id: seen})
         return label
 
-    def undo(self, cell_id: int) -> None:
-        """Withdraw the latest decision on ``cell_id``: the cell goes back to the model's call."""
+    def undo(self, cell_id: int, seen: int | None = None) -> None:
+        """Withdraw the latest decision on ``cell_id``: the cell goes back to the model's call.
+        ``seen``: the decision the person means (its review row); another since, nothing is withdrawn."""
         if not sessiondb.has_cell(self.db, cell_id):
             raise ReviewError(f"no cell {cell_id} in {self.out_dir / 'session.sqlite'}")
-        self._insert([(cell_id, None)])
+        latest = sessiondb.latest_review(self.db, cell_id)
+        if latest is None or latest[1] is None:
+            if seen:  # the page showed a decision that someone withdrew since
+                self._insert([], {cell_id: seen})
+            raise ReviewError(f"cell {cell_id} has no decision to withdraw")
+        self._insert([(cell_id, None)], None if seen is None else {cell_id: seen})
 
     def apply(self, path: str | Path) -> int:
         """Decisions from a CSV with columns ``id,label`` (what ``bmc edge review --list`` writes, its
@@ -331,8 +349,11 @@ class Reviewer:
         self._insert(rows)
         return len(rows)
 
-    def _insert(self, rows: list[tuple[int, str | None]]) -> None:
-        sessiondb.add_reviews(self.db, rows, self.name)
+    def _insert(self, rows: list[tuple[int, str | None]], seen: dict[int, int] | None = None) -> None:
+        try:
+            sessiondb.add_reviews(self.db, rows, self.name, seen)
+        except sessiondb.StaleDecision as e:
+            raise StaleReview(f"{e}: nothing was recorded; decide again on the page as it is now") from e
 
 
 def current_user() -> str:

@@ -14,6 +14,7 @@ import glob
 import os
 import shutil
 import signal
+import tempfile
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -64,8 +65,11 @@ def rotate(
 
 def export(session: str | Path, dest: str | Path) -> Path:
     """Copy a finished session (CSV, HTML report, FHIR DiagnosticReport, crops, database) to ``dest``
-    (a USB stick)."""
+    (a USB stick). One export of a folder at a time (its outputs lock: a second one, from another
+    screen or a command, waits its turn), each through its own temporary folder on the stick, and
+    the folder is marked exported only once the copy stands complete under its name."""
     from bmc.edge_app import fhir
+    from bmc.edge_app.folder_lock import outputs
     from bmc.edge_app.report import write_session_files
 
     session, dest = Path(session), Path(dest)
@@ -73,24 +77,36 @@ def export(session: str | Path, dest: str | Path) -> Path:
         raise FileNotFoundError(f"{session}: not a session folder (no session.sqlite)")
     if not dest.is_dir():
         raise FileNotFoundError(f"{dest}: export destination not found (is the USB stick mounted?)")
-    fhir.write(session)
-    write_session_files(session)
-    target = dest / session.name
-    tmp = dest / (session.name + ".partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    # a consistent copy of the database even if a writer is attached: SQLite's online backup
-    tmp.mkdir()
-    sessiondb.backup(session, tmp / sessiondb.DB_NAME)
-    for name in ("cells.csv", "differential.csv", "report.html", "differential.fhir.json"):
-        shutil.copy2(session / name, tmp / name)
-    if (session / "crops").is_dir():
-        shutil.copytree(session / "crops", tmp / "crops")
-    os.sync()
-    if target.exists():
-        shutil.rmtree(target)
-    tmp.rename(target)
-    (session / EXPORTED_MARK).write_text(datetime.datetime.now(datetime.timezone.utc).isoformat() + f" {target}\n")
+    files = ("cells.csv", "differential.csv", "report.html", "differential.fhir.json")
+    with outputs(session):
+        fhir.write(session)
+        write_session_files(session)
+        target = dest / session.name
+        tmp = Path(tempfile.mkdtemp(prefix=f"{session.name}.partial-", dir=dest))
+        try:
+            # a consistent copy of the database even if a writer is attached: SQLite's online backup
+            sessiondb.backup(session, tmp / sessiondb.DB_NAME)
+            for name in files:
+                shutil.copy2(session / name, tmp / name)
+            if (session / "crops").is_dir():
+                shutil.copytree(session / "crops", tmp / "crops")
+            os.sync()
+            if target.exists():
+                old = Path(tempfile.mkdtemp(prefix=f"{session.name}.old-", dir=dest))
+                target.rename(old / session.name)  # the earlier copy stands aside until this one is in place
+                tmp.rename(target)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                tmp.rename(target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        missing = [n for n in (sessiondb.DB_NAME, *files) if not (target / n).is_file()]
+        if missing:
+            raise OSError(f"{target}: the copy is missing {', '.join(missing)}; the session is not marked exported")
+        os.sync()
+        stamp = datetime.datetime.now(datetime.timezone.utc).isoformat()
+        (session / EXPORTED_MARK).write_text(f"{stamp} {target}\n")
     return target
 
 

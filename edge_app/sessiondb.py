@@ -65,7 +65,7 @@ CREATE TABLE IF NOT EXISTS export (
 _ADDED = [("cell", "embedding", "BLOB"), ("frame", "state", "TEXT"), ("export", "document", "TEXT")]
 # the latest review row of each cell
 _LATEST = (
-    "SELECT r.cell_id, r.label, r.reviewer, r.time FROM review r JOIN "
+    "SELECT r.cell_id, r.label, r.reviewer, r.time, r.id FROM review r JOIN "
     "(SELECT cell_id, MAX(id) id FROM review GROUP BY cell_id) m ON r.id = m.id"
 )
 
@@ -176,6 +176,7 @@ class ReviewedCell:
     reviewed_label: str | None = None  # None: not reviewed (or the decision withdrawn)
     reviewer: str = ""
     reviewed_at: str = ""
+    review_id: int = 0  # its latest review row (0: none): what a page that shows the decision saw
 
     @property
     def status(self) -> str:
@@ -230,10 +231,11 @@ def connect(folder: str | Path, write: bool = False) -> sqlite3.Connection:
         return _readable(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10), path)
     db = _readable(sqlite3.connect(path, isolation_level=None, timeout=10), path)
     _writable(db)
-    from bmc.edge_app.folder_lock import is_locked
+    from bmc.edge_app.folder_lock import unrecorded
 
-    if not is_locked(folder):  # 'running' with nobody recording: it was killed
-        mark_interrupted(db)
+    with unrecorded(folder) as free:  # 'running' with nobody recording: it was killed
+        if free:  # (the lock held meanwhile: a recorder starting now waits until it is marked)
+            mark_interrupted(db)
     return db
 
 
@@ -406,7 +408,7 @@ def cells(db: sqlite3.Connection) -> list[ReviewedCell]:
         "SELECT id, session_id, source, frame, x, y, w, h, label, confidence, probabilities, flag, crop, track "
         "FROM cell ORDER BY id"
     ):
-        rl, who, when = latest.get(cid, (None, "", ""))
+        rl, who, when, rid = latest.get(cid, (None, "", "", 0))
         out.append(
             ReviewedCell(
                 cid,
@@ -424,6 +426,7 @@ def cells(db: sqlite3.Connection) -> list[ReviewedCell]:
                 rl,
                 who or "",
                 when or "",
+                rid or 0,
             )
         )
     return out
@@ -665,14 +668,42 @@ def set_scale(db: sqlite3.Connection, session_id: int, scale: Mapping[str, Any])
     )
 
 
-def add_reviews(db: sqlite3.Connection, rows: Sequence[tuple[int, str | None]], reviewer: str) -> None:
-    """Decisions ``(cell id, label or None for a withdrawal)``, appended in one transaction."""
-    stamp = now()
+class StaleDecision(BmcError, ValueError):
+    """A decision made on a page that no longer shows the cell as it is: someone decided it meanwhile."""
+
+    def __init__(self, cell_id: int, label: str | None, reviewer: str, time: str):
+        what = f"{label} by {reviewer} at {time[11:19]}" if label else f"its decision withdrawn by {reviewer}"
+        super().__init__(f"cell {cell_id} was decided meanwhile ({what})")
+        self.cell_id, self.label, self.reviewer, self.time = cell_id, label, reviewer, time
+
+
+def add_reviews(
+    db: sqlite3.Connection,
+    rows: Sequence[tuple[int, str | None]],
+    reviewer: str,
+    seen: Mapping[int, int] | None = None,
+) -> None:
+    """Decisions ``(cell id, label or None for a withdrawal)``, appended in one transaction. ``seen``:
+    for a cell, the latest review row the person saw (0: none); where another was added since, nothing
+    is recorded (:class:`StaleDecision`), so a page left open never overwrites a newer decision."""
     with transaction(db):
+        stamp = now()  # taken once the write lock is held: the trail's times follow its order
+        for cid, saw in (seen or {}).items():
+            row = latest_review(db, cid)
+            if (row[0] if row else 0) != saw:
+                raise StaleDecision(cid, *(row[1:] if row else (None, "someone", "")))
         db.executemany(
             "INSERT INTO review (cell_id, label, reviewer, time) VALUES (?, ?, ?, ?)",
             [(cid, label, reviewer, stamp) for cid, label in rows],
         )
+
+
+def latest_review(db: sqlite3.Connection, cell_id: int) -> tuple[int, str | None, str, str] | None:
+    """(row id, label or None for a withdrawal, reviewer, time) of a cell's latest review row."""
+    row = db.execute(
+        "SELECT id, label, reviewer, time FROM review WHERE cell_id = ? ORDER BY id DESC LIMIT 1", (cell_id,)
+    ).fetchone()
+    return (int(row[0]), row[1], str(row[2]), str(row[3])) if row else None
 
 
 def has_cell(db: sqlite3.Connection, cell_id: int) -> bool:

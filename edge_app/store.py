@@ -60,6 +60,9 @@ CSV_COLUMNS = [
 ]
 
 
+RESUMABLE = ("interrupted", "disk-full")  # the statuses of a session that resumes
+
+
 class StorageFull(RuntimeError):
     """The disk is full: recording stopped; what was recorded is intact."""
 
@@ -131,7 +134,10 @@ class SessionStore:
         last = sessiondb.last_session(self.db)
         if last is not None and on_existing != "new":
             same = same_source(last.source, source) and last.model_sha256 == model_sha256
-            if on_existing == "resume" and last.status == "interrupted" and same and resumable:
+            # a session cut short by a crash or by a full disk goes on where it stopped, once the
+            # command is given again (and space freed); one a person stopped or that finished does not
+            cut_short = last.status in RESUMABLE
+            if on_existing == "resume" and cut_short and same and resumable:
                 self.session_id = last.id
                 self.resume_after = sessiondb.resume_session(self.db, last.id)
                 return
@@ -140,7 +146,7 @@ class SessionStore:
             )
             what = (
                 "a live source cannot resume"
-                if last.status == "interrupted" and same and not resumable
+                if cut_short and same and not resumable
                 else "a second session would be counted together with it in the report"
             )
             self.db.close()
@@ -218,7 +224,8 @@ class SessionStore:
         if _is_disk_full(e):
             self.full = True
             raise StorageFull(
-                f"{self.dir}: disk full {where}; recording stopped, the session database is intact"
+                f"{self.dir}: disk full {where}; recording stopped, the session database is intact "
+                "(free some space and give the same command again: the session goes on where it stopped)"
             ) from e
         raise e
 

@@ -23,6 +23,16 @@ def test_example_config_loads_with_its_values():
     assert cfg.model.orientations == 4
 
 
+def test_the_examples_review_keys_load_as_written(tmp_path):
+    """The example's commented ``[screen] keys`` line, switched on, is a config the device takes."""
+    text = EXAMPLE.read_text()
+    line = next(l for l in text.splitlines() if l.startswith("# keys = {"))
+    p = tmp_path / "bmc.toml"
+    p.write_text(text.replace(line, line[2:]))
+    cfg = config_mod.load(p)
+    assert cfg.screen.keys == {"segmented": "s", "band": "d", "lymphocyte": "l", "monocyte": "m", "eosinophil": "e"}
+
+
 @pytest.mark.parametrize(
     "text, message",
     [
@@ -33,6 +43,9 @@ def test_example_config_loads_with_its_values():
         ("[finder]\nmin_area_px = -3\n", "min_area_px must be >= 0"),
         ("[storage\n", "not valid TOML"),
         ("[model]\norientations = 3\n", "orientations must be one of 1, 2, 4, 8, got 3"),
+        ("[screen]\nkeys = 'n'\n", "keys must be a table, e.g."),
+        ("[screen]\nkeys = { neutrophil = 3 }\n", "keys.neutrophil must be a str, got 3"),
+        ("[screen]\nkeys = { neutrophil = 'b' }\n", "keys.neutrophil must be one character other than"),
     ],
 )
 def test_bad_config_is_a_clear_error(tmp_path, text, message):

@@ -160,6 +160,17 @@ def test_full_disk_stops_recording_with_intact_database(fields, tmp_path, clf):
         assert r.counted == counted.fetchone()[0]
         crops = {n for (n,) in db.execute("SELECT crop FROM cell WHERE crop != ''")}
         assert {f"crops/{p.name}" for p in (mnt / "s" / "crops").iterdir()} <= crops
+        db.close()
+        db = None
+        # space freed, the same command again: the session goes on after its last recorded frame
+        assert "give the same command again" in r.message
+        subprocess.run(["mount", "-o", "remount,size=64m", str(mnt)], check=True)
+        again = EdgeSession(str(fields), clf, mnt / "s", SessionConfig(), echo=lines.append).run()
+        assert again.status == "finished"
+        db = sqlite3.connect(f"file:{mnt / 's' / 'session.sqlite'}?mode=ro", uri=True)
+        assert db.execute("SELECT COUNT(*), MAX(status) FROM session").fetchone() == (1, "finished")
+        sources = [s for (s,) in db.execute("SELECT source FROM frame ORDER BY idx")]
+        assert len(sources) == len(set(sources)) == len(list(fields.iterdir()))  # every field once
     finally:
         if db is not None:
             db.close()

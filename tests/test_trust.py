@@ -140,12 +140,12 @@ def test_a_finished_session_folder_is_not_counted_twice(fields40, tmp_path, clf)
     db.close()
 
 
-def test_two_processes_never_record_into_one_folder(fields40, tmp_path):
-    out = tmp_path / "s"
-    first = _run(fields40, out)
+def test_two_processes_never_record_into_one_folder(bccd, tmp_path):
+    out, fields = tmp_path / "s", bccd / "JPEGImages"  # every field: the first still records when the second asks
+    first = _run(fields, out)
     try:
         assert _wait_frames(out / "session.sqlite", 1) >= 1
-        p = bmc("edge", "run", fields40, "--out", out, "--headless", check=False)
+        p = bmc("edge", "run", fields, "--out", out, "--headless", check=False)
         assert p.returncode == 2 and f"being recorded by another process (pid {first.pid})" in p.stderr
     finally:
         first.send_signal(signal.SIGTERM)

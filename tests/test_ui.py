@@ -103,6 +103,17 @@ def _reviews(storage: Path) -> list[tuple]:
         db.close()
 
 
+def _exports(storage: Path) -> int:
+    """How many reports the folder records as issued."""
+    db = sqlite3.connect(storage / "20261128-0900" / "session.sqlite")
+    try:
+        return db.execute("SELECT COUNT(*) FROM export").fetchone()[0]
+    except sqlite3.OperationalError:
+        return 0
+    finally:
+        db.close()
+
+
 def _first_pending(storage: Path) -> int:
     db = sqlite3.connect(storage / "20261128-0900" / "session.sqlite")
     cid = db.execute("SELECT id FROM cell WHERE flag != '' ORDER BY id").fetchone()[0]
@@ -127,9 +138,20 @@ def test_pages_show_the_sessions_differential_and_review_queue(local, storage):
     assert b"<link rel='icon' href='/static/icon.svg'>" in page
     status, headers, report = local.request("GET", "/s/20261128-0900/report")
     assert status == 200 and b"Differential count" in report
-    status, headers, bundle = local.request("GET", "/s/20261128-0900/fhir")
+    # the FHIR report: a link followed (a GET) issues nothing; the session page's button (a POST with
+    # its form's token) issues it, and a GET then gives that report as it went out
+    status, _, page = local.request("GET", "/s/20261128-0900/fhir")
+    assert status == 404 and b"no FHIR report of 20261128-0900 has been issued yet" in page
+    status, headers, page = local.request("GET", "/s/20261128-0900/")
+    assert b"action='/s/20261128-0900/fhir'" in page
+    form = {"Cookie": _cookie(headers)}
+    status, _, _ = local.request("POST", "/s/20261128-0900/fhir", "csrf=forged", form)
+    assert status == 403 and _exports(storage) == 0
+    status, headers, bundle = local.request("POST", "/s/20261128-0900/fhir", f"csrf={_csrf(page)}", form)
     assert status == 200 and headers["Content-Type"].startswith("application/fhir+json")
-    assert json.loads(bundle)["entry"][0]["resource"]["resourceType"] == "DiagnosticReport"
+    assert json.loads(bundle)["entry"][0]["resource"]["resourceType"] == "DiagnosticReport" and _exports(storage) == 1
+    status, _, again = local.request("GET", "/s/20261128-0900/fhir")
+    assert status == 200 and json.loads(again) == json.loads(bundle) and _exports(storage) == 1
 
 
 def test_a_decision_needs_the_forms_csrf_token_and_is_audited(local, storage):
@@ -259,6 +281,9 @@ def test_listening_beyond_loopback_without_a_password_is_refused(storage, tmp_pa
         timeout=60,
     )
     assert p.returncode == 2 and "needs a password" in p.stderr
+    for bad in ("127.0.0.1:99999", "127.0.0.1:http"):
+        p = bmc("edge", "ui", "--storage", storage, "--listen", bad, check=False, timeout=60)
+        assert p.returncode == 2 and f"'{bad}'" in p.stderr and "--listen" in p.stderr, p.stderr
 
 
 def _chromium():
@@ -590,7 +615,13 @@ def test_sigterm_closes_the_screens_live_session_cleanly(storage, bccd, tmp_path
 def test_a_session_comment_refuses_identifiers_and_shows_in_the_report(local, storage):
     status, headers, page = local.request("GET", "/s/20261128-0900/")
     cookie, csrf = _cookie(headers), _csrf(page)
-    for bad in ("patient 12345678 recount", "mail j.doe@example.org", "born 03/04/1950"):
+    for bad in (
+        "patient 12345678 recount",
+        "mail j.doe@example.org",
+        "born 03/04/1950",
+        "born 1961-03-12",
+        "DOB+12+Mar",
+    ):
         status, _, body = local.request("POST", "/s/20261128-0900/note", f"csrf={csrf}&text={bad}", {"Cookie": cookie})
         assert status == 400 and b"patient identifier" in body
     status, _, _ = local.request(
@@ -599,6 +630,8 @@ def test_a_session_comment_refuses_identifiers_and_shows_in_the_report(local, st
     assert status == 303
     page = local.request("GET", "/s/20261128-0900/", headers={"Cookie": cookie})[2]
     assert b"thick smear, stain pale" in page and b"anna" in page
+    # the files on disk say it too, before anyone opens the report
+    assert "thick smear, stain pale" in (storage / "20261128-0900" / "report.html").read_text()
     assert b"thick smear, stain pale" in local.request("GET", "/s/20261128-0900/report")[2]
 
 
@@ -634,11 +667,14 @@ def test_twelve_parallel_requests_to_every_page_and_map_get_the_right_session(st
     to every page and to the where-the-model-looked maps. No 5xx, and each page shows its own session."""
     from concurrent.futures import ThreadPoolExecutor
 
+    from bmc.edge_app import fhir
     from bmc.edge_app.review import add_note
 
     shutil.copytree(storage / "20261128-0900", storage / "20261128-1000")
     add_note(storage / "20261128-0900", "smear A, recount eosinophils", "anna")
     add_note(storage / "20261128-1000", "smear B, thick end", "ben")
+    for name in ("20261128-0900", "20261128-1000"):
+        fhir.write(storage / name)  # each has issued its report: the screen's GET gives it back
     db = sqlite3.connect(storage / "20261128-0900" / "session.sqlite")
     cell, label = db.execute("SELECT id, label FROM cell WHERE crop != '' LIMIT 1").fetchone()
     db.close()
@@ -770,3 +806,247 @@ def test_every_page_of_a_damaged_session_says_which_and_why_and_the_others_still
     assert (broken / "session.sqlite").read_bytes() == b"not a database at all\n" and len(list(broken.iterdir())) == 1
     status, _, page = local.request("GET", "/s/20261128-0900/report")
     assert status == 200 and b"Differential count" in page
+
+
+def _signed_in(s: Server, name: str) -> tuple[str, bytes]:
+    """(cookie, review page) of ``name`` signed in on ``s``."""
+    status, headers, _ = s.request("POST", "/login", f"user={name}&password={PASSWORD.replace(' ', '+')}")
+    assert status == 303
+    cookie = _cookie(headers)
+    status, _, page = s.request("GET", "/s/20261128-0900/review", headers={"Cookie": cookie})
+    assert status == 200
+    return cookie, page
+
+
+def _seen(page: bytes, cid: int, action: str) -> str:
+    """The review row a card's form says its page showed."""
+    m = re.search(
+        rf"action='/s/20261128-0900/{action}'><input type='hidden' name='csrf' value='[^']+'>"
+        rf"<input type='hidden' name='cell' value='{cid}'><input type='hidden' name='seen' value='(\d+)'>".encode(),
+        page,
+    )
+    assert m, f"no {action} form of cell {cid}"
+    return m.group(1).decode()
+
+
+def test_a_page_left_open_never_overwrites_a_newer_decision(storage, tmp_path):
+    """Two technicians on one cell: anna decides it; ben, from the page he loaded before, decides it
+    too and is told it was decided meanwhile (409), nothing recorded; anna's undo withdraws her own
+    decision only while it is the latest, and an undo of nothing records nothing."""
+    auth.set_password(tmp_path / "cfg", PASSWORD)
+    s = Server(UiApp(storage, auth.stored_hash(tmp_path / "cfg"), sign_in=True), threads=4)
+    try:
+        cid = _first_pending(storage)
+        anna, anna_page = _signed_in(s, "anna")
+        ben, ben_page = _signed_in(s, "ben")
+        seen = _seen(anna_page, cid, "decide")
+        assert seen == _seen(ben_page, cid, "decide") == "0"
+        form = "csrf={}&cell={}&seen={}&label={}"
+        status, _, _ = s.request(
+            "POST", "/s/20261128-0900/decide", form.format(_csrf(anna_page), cid, 0, "lymphocyte"), {"Cookie": anna}
+        )
+        assert status == 303
+        status, _, page = s.request(
+            "POST", "/s/20261128-0900/decide", form.format(_csrf(ben_page), cid, 0, "monocyte"), {"Cookie": ben}
+        )
+        assert status == 409 and f"cell {cid} was decided meanwhile (lymphocyte by anna".encode() in page
+        assert b"nothing was recorded" in page and b"back to review, as it is now" in page
+        assert [r for r in _reviews(storage) if r[0] == cid] == [(cid, "lymphocyte", "anna")]
+        # ben reloads: his page shows anna's decision, and he may change it from there
+        ben, ben_page = _signed_in(s, "ben")
+        latest = _seen(ben_page, cid, "undo")
+        assert latest != "0"
+        status, _, _ = s.request(
+            "POST", "/s/20261128-0900/decide", form.format(_csrf(ben_page), cid, latest, "monocyte"), {"Cookie": ben}
+        )
+        assert status == 303
+        # anna's page still shows her own decision: her undo would withdraw ben's; it is refused
+        anna, anna_page2 = _signed_in(s, "anna")
+        status, _, page = s.request(
+            "POST", "/s/20261128-0900/undo", f"csrf={_csrf(anna_page2)}&cell={cid}&seen={latest}", {"Cookie": anna}
+        )
+        assert status == 409 and b"(monocyte by ben" in page
+        assert [r[1:] for r in _reviews(storage) if r[0] == cid] == [("lymphocyte", "anna"), ("monocyte", "ben")]
+    finally:
+        s.close()
+    # the command line: an undo with nothing to withdraw says so and records nothing
+    folder = storage / "20261128-0900"
+    other = next(r for r in _pending_ids(storage) if r != cid)
+    p = bmc("edge", "review", folder, "--cell", other, "--undo", check=False)
+    assert p.returncode == 2 and f"cell {other} has no decision to withdraw" in p.stderr
+    assert not [r for r in _reviews(storage) if r[0] == other]
+
+
+def _pending_ids(storage: Path) -> list[int]:
+    db = sqlite3.connect(storage / "20261128-0900" / "session.sqlite")
+    ids = [r[0] for r in db.execute("SELECT id FROM cell WHERE flag != '' ORDER BY id")]
+    db.close()
+    return ids
+
+
+def test_decisions_at_once_leave_the_folders_files_as_the_database_is(storage):
+    """Every waiting cell decided at once from eight threads: the files rewritten after each decision
+    take turns, so cells.csv ends as the database is, and once the report went out final no
+    preliminary one is issued after it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from bmc.edge_app import fhir
+
+    folder = storage / "20261128-0900"
+    fhir.write(folder)  # the FHIR file is there: every decision rewrites it too
+    s = Server(UiApp(storage, None, sign_in=False, user="anna"), threads=8)
+    try:
+        status, headers, page = s.request("GET", "/s/20261128-0900/review")
+        cookie, csrf = _cookie(headers), _csrf(page)
+        pending = _pending_ids(storage)
+        assert len(pending) >= 3
+
+        def decide(cid):
+            return s.request(
+                "POST", "/s/20261128-0900/decide", f"csrf={csrf}&cell={cid}&seen=0&label=neutrophil", {"Cookie": cookie}
+            )[0]
+
+        with ThreadPoolExecutor(8) as pool:
+            assert set(pool.map(decide, pending)) == {303}
+    finally:
+        s.close()
+    rows = {int(r["id"]): r for r in csv.DictReader(open(folder / "cells.csv"))}
+    assert all(rows[c]["reviewed_label"] == "neutrophil" for c in pending)
+    db = sqlite3.connect(folder / "session.sqlite")
+    statuses = [r[0] for r in db.execute("SELECT status FROM export ORDER BY id")]
+    db.close()
+    assert statuses[-1] == "final" and "preliminary" not in statuses[statuses.index("final") :]
+    assert json.loads((folder / "differential.fhir.json").read_text())["entry"][0]["resource"]["status"] == "final"
+
+
+def test_reports_issued_at_once_from_an_unchanged_folder_are_one_report(storage):
+    """Six downloads of a decided folder's FHIR report at once: one report goes on the record, and
+    every download is that report."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from bmc.edge_app import review
+
+    folder = storage / "20261128-0900"
+    with review.Reviewer(folder, "anna") as r:
+        for cid in _pending_ids(storage):
+            r.decide(cid, "rejected")
+    s = Server(UiApp(storage, None, sign_in=False, user="anna"), threads=6)
+    try:
+        status, headers, page = s.request("GET", "/s/20261128-0900/")
+        cookie, csrf = _cookie(headers), _csrf(page)
+
+        def download(_):
+            return s.request("POST", "/s/20261128-0900/fhir", f"csrf={csrf}", {"Cookie": cookie})
+
+        with ThreadPoolExecutor(6) as pool:
+            answers = list(pool.map(download, range(6)))
+    finally:
+        s.close()
+    assert {a[0] for a in answers} == {200}
+    assert len({a[2] for a in answers}) == 1 and _exports(storage) == 1
+
+
+def test_exports_of_one_folder_at_once_each_leave_a_whole_copy(storage, tmp_path):
+    """Three exports of one session to one stick at once (the screen and a command): they take turns,
+    the copy on the stick is whole, nothing half-copied is left beside it, and the folder is marked."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from bmc.edge_app.service import EXPORTED_MARK, export
+
+    folder, stick = storage / "20261128-0900", tmp_path / "stick"
+    stick.mkdir()
+    with ThreadPoolExecutor(3) as pool:
+        targets = list(pool.map(lambda _: export(folder, stick), range(3)))
+    assert targets == [stick / folder.name] * 3
+    assert [p.name for p in stick.iterdir()] == [folder.name]
+    copy = stick / folder.name
+    crops = sorted(p.name for p in (folder / "crops").iterdir())
+    assert crops and sorted(p.name for p in (copy / "crops").iterdir()) == crops
+    db = sqlite3.connect(copy / "session.sqlite")
+    assert db.execute("SELECT COUNT(*) FROM cell").fetchone()[0] > 0
+    db.close()
+    assert (folder / EXPORTED_MARK).read_text().split()[-1] == str(copy)
+
+
+def test_two_presses_of_start_start_one_session_that_stop_stops(storage, bccd, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from bmc.edge_app.config import ModelConfig
+    from bmc.edge_app.ui.live import LiveRunner
+
+    src = tmp_path / "fields"
+    src.mkdir()
+    for f in sorted((bccd / "JPEGImages").glob("*.jpg"))[:200]:
+        (src / f.name).symlink_to(f)
+    live = LiveRunner(storage, str(src), None, model_config=ModelConfig(orientations=1, threads=1))
+    s = Server(UiApp(storage, None, sign_in=False, user="anna", live=live), threads=4)
+    before = set(storage.iterdir())
+    try:
+        status, headers, page = s.request("GET", "/live")
+        cookie, csrf = _cookie(headers), _csrf(page)
+
+        barrier = threading.Barrier(2)
+
+        def start(_):  # two presses at the same instant
+            barrier.wait()
+            try:
+                return live.start(0)
+            except RuntimeError as e:
+                return str(e)
+
+        with ThreadPoolExecutor(2) as pool:
+            answers = list(pool.map(start, range(2)))
+        assert sum(isinstance(a, Path) for a in answers) == 1, answers
+        status, _, page = s.request("POST", "/live/start", f"csrf={csrf}&target=0", {"Cookie": cookie})
+        assert status == 409 and b"a session is running already" in page
+        assert len(set(storage.iterdir()) - before) == 1
+        status, _, _ = s.request("POST", "/live/stop", f"csrf={csrf}", {"Cookie": cookie})
+        assert status == 303 and not live.running
+        live_threads = [t for t in threading.enumerate() if t.name == "live-session" and t.is_alive()]
+        assert live_threads == []
+    finally:
+        live.stop()
+        s.close()
+
+
+def test_a_screen_asking_whether_a_folder_records_never_turns_a_recorder_away(storage):
+    """The screen asks, many times a second, whether a folder is being recorded; a recorder starting
+    meanwhile waits out the question instead of refusing the folder as someone else's."""
+    from bmc.edge_app.folder_lock import is_locked, lock_folder
+
+    folder = storage / "20261128-0900"
+    done = threading.Event()
+
+    def ask():
+        while not done.is_set():
+            is_locked(folder)
+
+    askers = [threading.Thread(target=ask) for _ in range(2)]
+    for t in askers:
+        t.start()
+    try:
+        for _ in range(200):
+            lock_folder(folder).close()
+    finally:
+        done.set()
+        for t in askers:
+            t.join()
+
+
+def test_sign_in_state_is_bounded_and_the_rate_limit_counts_before_it_checks():
+    """A client that never sends its cookie back makes a session per request: the oldest go past the
+    bound. Forty wrong sign-ins at once get at most five password checks."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    sessions = auth.Sessions(most=50)
+    first = sessions.create("anna")
+    for _ in range(200):
+        sessions.create("anna")
+    assert len(sessions) == 50 and sessions.get(first) is None
+    limit = auth.RateLimit(attempts=5)
+    with ThreadPoolExecutor(40) as pool:
+        let_through = [a for a in pool.map(lambda _: limit.attempt("10.0.0.7"), range(40)) if a is not None]
+    assert len(let_through) == 5 and limit.attempt("10.0.0.7") is None
+    ok = limit.attempt("10.0.0.8")
+    limit.succeeded("10.0.0.8", ok)  # a right password is no failure
+    assert all(limit.attempt("10.0.0.8") is not None for _ in range(5))

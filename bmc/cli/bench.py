@@ -400,15 +400,32 @@ def bench_pan(
     show_default=True,
     help="tint the red cells bluish first, as an alkaline Giemsa does (0.5 lilac, 1.0 bluish-grey)",
 )
+@click.option(
+    "--session-fields",
+    type=click.IntRange(0),
+    default=0,
+    show_default=True,
+    help="run the fields as sessions of this many fields, each measuring the scale afresh (1: every field "
+    "alone; 0: one session of all)",
+)
 @json_option
 def bench_finding(
-    source: str, boxes: str, fmt: str, label: str, errors: str | None, tint: float, json_out: str | None
+    source: str,
+    boxes: str,
+    fmt: str,
+    label: str,
+    errors: str | None,
+    tint: float,
+    session_fields: int,
+    json_out: str | None,
 ) -> None:
     """Recall and precision of the cell finder against white-cell boxes in VOC, CSV or YOLO form."""
     from bmc.benchmarks import finding
 
     r = one_line_errors(
-        lambda: finding.finding(finding.read_boxes(source, boxes, fmt, label), errors=errors, tint=tint)
+        lambda: finding.finding(
+            finding.read_boxes(source, boxes, fmt, label), errors=errors, tint=tint, per_session=session_fields
+        )
     )
     click.echo(
         f"cell finding on {r['fields']} fields"

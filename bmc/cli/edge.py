@@ -217,6 +217,10 @@ def edge_ui(
     host = host.strip("[]") or "127.0.0.1"
     if not port.isdigit():
         raise click.BadParameter(f"{listen!r}: HOST:PORT, e.g. 127.0.0.1:8080", param_hint="--listen")
+    if not 0 <= int(port) <= 65535:
+        raise click.BadParameter(
+            f"{listen!r}: port {port} is not a port (0 to 65535; 0: any free one)", param_hint="--listen"
+        )
     folder = storage or (cfg.storage.folder if cfg else None)
     if not folder:  # no device config: this user's own folder, said so that the sessions can be found
         folder = str(config_mod.user_storage())

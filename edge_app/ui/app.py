@@ -89,6 +89,7 @@ def routes() -> Router:
     r.add("GET", "/s/{session}", sessions.session_page)
     r.add("GET", "/s/{session}/report", sessions.report)
     r.add("GET", "/s/{session}/fhir", sessions.fhir_export)
+    r.add("POST", "/s/{session}/fhir", sessions.fhir_export)
     r.add("POST", "/s/{session}/note", sessions.note)
     r.add("POST", "/s/{session}/export", sessions.export)
     r.add("GET", "/s/{session}/review", review_pages.review_page)
@@ -148,7 +149,8 @@ class UiApp:
         try:
             resp = self.handle(environ)
         except HttpError as e:
-            resp = Response(self.error_page(e.status, html("<p>{m}</p>", m=e.message)), e.status)
+            onwards = html("<p><a href='{h}'>{t}</a></p>", h=e.link[0], t=e.link[1]) if e.link else Html("")
+            resp = Response(self.error_page(e.status, html("<p>{m}</p>{o}", m=e.message, o=onwards)), e.status)
         except sessiondb.UnreadableSession as e:  # any page of a damaged folder: which one, and why
             log.warning("%s: %s", e.path, e.why)
             resp = self._unreadable(e.path.parent.name, e.why)
@@ -242,14 +244,15 @@ class UiApp:
         client = str(req.environ.get("REMOTE_ADDR", "?"))
         message = Html("")
         if req.method == "POST":
-            if self.limit.blocked(client):
+            attempt = self.limit.attempt(client)
+            if attempt is None:
                 raise HttpError("429 Too Many Requests", "too many failed sign-ins from this address; wait 5 minutes")
             name = (req.form.get("user") or "").strip()[:40]
             if name and verify_password(req.form.get("password", ""), self.password_hash or ""):
+                self.limit.succeeded(client, attempt)
                 token = self.sessions.create(name)
                 log.info("signed in: %s from %s", name, client)
                 return redirect("/", [self._cookie(token)])
-            self.limit.failed(client)
             log.warning("failed sign-in from %s", client)
             message = Html("<p class='warn'>Wrong name or password.</p>")
         body = html(

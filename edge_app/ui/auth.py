@@ -76,16 +76,27 @@ def stored_hash(config_dir: str | Path) -> str | None:
 class Sessions:
     """Signed-in browsers: token → (user, CSRF token, expiry). In memory: a restart signs everyone out."""
 
-    def __init__(self, lifetime_s: float = 12 * 3600):
-        self.lifetime = lifetime_s
+    def __init__(self, lifetime_s: float = 12 * 3600, most: int = 1000):
+        self.lifetime, self.most = lifetime_s, most
         self._lock = threading.Lock()
         self._by_token: dict[str, tuple[str, str, float]] = {}
 
     def create(self, user: str) -> str:
+        """A new session; the expired ones go, and past ``most`` live ones the oldest do (a client
+        that never sends its cookie back makes one per request)."""
         token = secrets.token_urlsafe(32)
+        now = time.time()
         with self._lock:
-            self._by_token[token] = (user, secrets.token_urlsafe(32), time.time() + self.lifetime)
+            for t in [t for t, item in self._by_token.items() if item[2] < now]:
+                del self._by_token[t]
+            while len(self._by_token) >= self.most:
+                del self._by_token[next(iter(self._by_token))]  # insertion order: the oldest first
+            self._by_token[token] = (user, secrets.token_urlsafe(32), now + self.lifetime)
         return token
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._by_token)
 
     def get(self, token: str | None) -> tuple[str, str] | None:
         """(user, csrf token) of a live session."""
@@ -113,13 +124,21 @@ class RateLimit:
         self._lock = threading.Lock()
         self._failures: dict[str, list[float]] = {}
 
-    def blocked(self, client: str) -> bool:
+    def attempt(self, client: str) -> float | None:
+        """An attempt reserved (counted as failed until :meth:`succeeded` says otherwise), or None
+        where the client has failed ``attempts`` times in the window: checked and counted in one
+        step, so that many sign-ins at once are not all let through to the password check."""
         now = time.time()
         with self._lock:
             recent = [t for t in self._failures.get(client, []) if now - t < self.window]
-            self._failures[client] = recent
-            return len(recent) >= self.attempts
+            if len(recent) >= self.attempts:
+                self._failures[client] = recent
+                return None
+            self._failures[client] = [*recent, now]
+            return now
 
-    def failed(self, client: str) -> None:
+    def succeeded(self, client: str, attempt: float) -> None:
         with self._lock:
-            self._failures.setdefault(client, []).append(time.time())
+            mine = self._failures.get(client, [])
+            if attempt in mine:
+                mine.remove(attempt)

@@ -54,6 +54,7 @@ class LiveRunner:
         self.camera_options = camera_options or {}
         self.max_fps = max_fps
         self._lock = threading.Condition()
+        self._starting = threading.Lock()  # one start at a time: two presses of Start start one session
         self._latest: LiveFrame | None = None
         self._seq = 0
         self.session: EdgeSession | None = None
@@ -66,7 +67,16 @@ class LiveRunner:
         return self.thread is not None and self.thread.is_alive()
 
     def start(self, target: int | None = None) -> Path:
-        """Start a session into a new time-stamped folder of the storage folder."""
+        """Start a session into a new time-stamped folder of the storage folder; a second start while
+        one runs (or while one is starting) is refused, so Stop always reaches the one recording."""
+        if not self._starting.acquire(blocking=False):
+            raise RuntimeError("a session is starting already")
+        try:
+            return self._start(target)
+        finally:
+            self._starting.release()
+
+    def _start(self, target: int | None) -> Path:
         from bmc.edge_app.active import active_model
         from bmc.edge_app.factory import classifier
         from bmc.edge_app.service import new_session_folder

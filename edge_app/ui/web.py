@@ -65,9 +65,9 @@ def quote(segment: str) -> str:
 class HttpError(Exception):
     """An answer other than the page asked for: its status and a line for the person."""
 
-    def __init__(self, status: str, message: str):
+    def __init__(self, status: str, message: str, link: tuple[str, str] | None = None):
         super().__init__(message)
-        self.status, self.message = status, message
+        self.status, self.message, self.link = status, message, link  # link: (href, text) onwards
 
 
 class Response:

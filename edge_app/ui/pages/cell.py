@@ -98,10 +98,12 @@ def cell_page(app: Screen, req: Request) -> Response:
     # as the audited review row; the earlier decision stays in the trail
     change = html(
         "<form method='post' action='/s/{name}/decide'>{csrf}<input type='hidden' name='cell' value='{id}'>"
+        "<input type='hidden' name='seen' value='{seen}'>"
         "<p>{ask}: {buttons}<button name='label' value='rejected'>not a cell</button></p></form>",
         name=name,
         csrf=hidden_csrf(req.csrf),
         id=cell.id,
+        seen=cell.review_id,
         ask="Change the decision" if cell.reviewed_label else "Name this cell",
         # in the review grid's order (the commonest classes first), so a class sits where it sits there
         buttons=Html.join(

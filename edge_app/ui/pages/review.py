@@ -51,12 +51,14 @@ def _card(app: Screen, c: ReviewedCell, decided: bool, name: str, csrf: str) -> 
     if decided:
         state = html(
             "<p class='decided'>{label} by {who}</p><form method='post' action='/s/{name}/undo'>{csrf}"
-            "<input type='hidden' name='cell' value='{id}'><button data-key='b'>b undo</button></form>",
+            "<input type='hidden' name='cell' value='{id}'><input type='hidden' name='seen' value='{seen}'>"
+            "<button data-key='b'>b undo</button></form>",
             label=c.reviewed_label or "",
             who=c.reviewer,
             name=name,
             csrf=hidden_csrf(csrf),
             id=c.id,
+            seen=c.review_id,
         )
     else:
         buttons = Html.join(
@@ -65,11 +67,13 @@ def _card(app: Screen, c: ReviewedCell, decided: bool, name: str, csrf: str) -> 
         )
         state = html(
             "<form method='post' action='/s/{name}/decide'>{csrf}<input type='hidden' name='cell' value='{id}'>"
+            "<input type='hidden' name='seen' value='{seen}'>"
             "{buttons}<button name='label' value='{call}' data-key='Enter'>Enter: {call}</button>"
             "<button name='label' value='rejected' data-key='x'>x not a cell</button></form>",
             name=name,
             csrf=hidden_csrf(csrf),
             id=c.id,
+            seen=c.review_id,
             buttons=buttons,
             call=c.model_label,
         )
@@ -169,15 +173,24 @@ def decide(app: Screen, req: Request) -> Response:
     undo = req.path.rstrip("/").endswith("/undo")
     try:
         cell = int(req.form.get("cell", ""))
+        # the decision the page showed (its review row; 0: none): a page left open while someone else
+        # decided the cell records nothing. A client that sends none decides whatever is there
+        seen = int(req.form["seen"]) if req.form.get("seen", "") != "" else None
     except ValueError:
-        raise HttpError("400 Bad Request", "no cell given") from None
+        raise HttpError("400 Bad Request", "no cell given, or not as a number") from None
     try:
         with review.Reviewer(folder, req.user, allow_new_labels=False) as r:
             if undo:
-                r.undo(cell)
+                r.undo(cell, seen)
                 label = None
             else:
-                label = r.decide(cell, req.form.get("label", ""))
+                label = r.decide(cell, req.form.get("label", ""), seen)
+    except review.StaleReview as e:
+        raise HttpError(
+            "409 Conflict",
+            for_screen(str(e), folder),
+            link=(f"/s/{quote(folder.name)}/review", "back to review, as it is now"),
+        ) from e
     except review.ReviewError as e:
         raise HttpError("400 Bad Request", for_screen(str(e), folder)) from e
     report_mod.write_session_files(folder, report=False)  # the report too, where one was written

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
+from typing import Any
 
 from bmc.edge_app import report as report_mod
 from bmc.edge_app import review, sessiondb
@@ -113,8 +115,9 @@ def session_page(app: Screen, req: Request) -> Response:
     body = html(
         "<p>{specimen} differential: <b>{total}</b> {denominator} counted, <b>{waiting}</b> waiting for review"
         "{unknown} (<a href='/s/{name}/review'>review them</a>) · <a href='/s/{name}/report'>report</a>"
-        " · <a href='/s/{name}/fhir'>FHIR DiagnosticReport</a> <span class='small'>(for the laboratory "
-        "information system)</span></p>{table}{statement}"
+        "</p><form method='post' action='/s/{name}/fhir' class='inline'>{csrf}<button>Download FHIR "
+        "DiagnosticReport</button></form> <span class='small'>(for the laboratory information system; "
+        "downloading issues it, and the folder records what went out)</span>{table}{statement}"
         "<p class='small'>95% limits: the exact binomial interval of each share (Rümke's table).</p>"
         "{levels}{runs}{comment}{export}",
         specimen="Blood" if record.specimen == "blood" else "Marrow",
@@ -129,6 +132,7 @@ def session_page(app: Screen, req: Request) -> Response:
             else Html("")
         ),
         name=name,
+        csrf=hidden_csrf(req.csrf),
         table=Html(report_mod.differential_html(record)),
         statement=html("<p><b>{s}.</b></p>", s=statement) if statement else Html(""),
         levels=levels,
@@ -154,12 +158,26 @@ def report(app: Screen, req: Request) -> Response:
 
 
 def fhir_export(app: Screen, req: Request) -> Response:
-    """The differential for a laboratory information system."""
+    """The differential for a laboratory information system. A POST (the session page's button, with
+    its form's token) issues it: the folder records the report as it went out. A GET issues nothing:
+    it gives the report last issued, as it went out (a page open elsewhere, or a link followed,
+    cannot put a report on the record)."""
     from bmc.edge_app import fhir
 
     folder = app.session_folder(req.params["session"])
+    bundle: dict[str, Any] | None
+    if req.method == "POST":
+        bundle = fhir.diagnostic_report(folder, issue=True)  # it goes out
+    else:
+        bundle = fhir.last_issued(folder)
+        if bundle is None:
+            raise HttpError(
+                "404 Not Found",
+                f"no FHIR report of {folder.name} has been issued yet: press 'Download FHIR "
+                "DiagnosticReport' on the session's page",
+            )
     return Response(
-        json.dumps(fhir.diagnostic_report(folder, issue=True), indent=2, ensure_ascii=False),  # it goes out
+        json.dumps(bundle, indent=2, ensure_ascii=False),
         ctype="application/fhir+json; charset=utf-8",
         headers=[("Content-Disposition", f'attachment; filename="{folder.name}.fhir.json"')],
     )
@@ -171,6 +189,7 @@ def note(app: Screen, req: Request) -> Response:
         review.add_note(folder, req.form.get("text", ""), req.user)
     except review.ReviewError as e:
         raise HttpError("400 Bad Request", str(e)) from e
+    report_mod.write_session_files(folder, report=False)  # the comment is in the report and FHIR on disk too
     return redirect(f"/s/{quote(folder.name)}/")
 
 
@@ -184,10 +203,18 @@ def export(app: Screen, req: Request) -> Response:
         raise HttpError("400 Bad Request", "choose one of the mounted USB sticks or disks listed")
     try:
         target = export_session(folder, dests[to])
+    except shutil.Error as e:  # copytree's list of every file that failed: the first says why
+        failed = e.args[0] if e.args and isinstance(e.args[0], list) else []
+        why = failed[0][2] if failed and len(failed[0]) == 3 else str(e)
+        raise HttpError(
+            "500 Internal Server Error",
+            f"the export to {to} did not finish: {len(failed) or 'some'} files could not be copied ({why}); "
+            "the session is not marked exported",
+        ) from e
     except OSError as e:
         raise HttpError(
             "507 Insufficient Storage" if getattr(e, "errno", 0) == 28 else "500 Internal Server Error",
-            f"the export did not finish: {e}",
+            f"the export to {to} did not finish: {e.strerror or e}; the session is not marked exported",
         ) from e
     log.info("session %s exported to %s by %s", folder.name, target, req.user)
     return redirect(f"/s/{quote(folder.name)}/?exported=1")
