@@ -175,8 +175,13 @@ def finding(
     scale = RedCells()
     used = cfg
     for i, f in enumerate(fields):
-        if per_session and i % per_session == 0 and i:  # a new session: nothing measured yet
+        if i == 0 or (per_session and i % per_session == 0):  # a session starts: nothing measured yet
             scale, used = RedCells(), cfg
+            # as a session over files does: its first fields' red cells measured before it searches any
+            ahead = fields[i : i + per_session] if per_session else fields
+            firsts = [read_image(str(g.image)) for g in ahead[: scale.first]]
+            if scale.seed([tint_red_cells(x, tint) for x in firsts] if tint else firsts):
+                used = scaled(cfg, scale.diameter)
         frame = read_image(str(f.image))
         if tint:
             frame = tint_red_cells(frame, tint)

@@ -226,13 +226,31 @@ class RedCells:
         self.colours: list[tuple[float, float]] = []
         self.red_colour: tuple[float, float] | None = None  # the red cells' LAB (a*, b*), for the finder
         self.frames = 0
+        self.seeded = 0  # the first frames, measured ahead by seed()
         self.last: dict[str, Any] = {}  # what the latest observe measured
+
+    def seed(self, images: Sequence[np.ndarray]) -> bool:
+        """Measure the first ``first`` frames before any is searched (a source whose frames are
+        there to be read ahead: files, a video). A session's first field then is cut at the scale of
+        its first five, not at its own alone: one field's measure is off by up to a third (BCCD), and
+        a red-cell scale too small parts a neutrophil's lobes into cells of their own. Those frames
+        are not measured again when they come. True where a diameter was measured."""
+        if self.frames or self.seeded:
+            return False
+        for bgr in images[: self.first]:
+            self._take(
+                red_cell_colour(cv2.cvtColor(bgr, cv2.COLOR_BGR2LAB)), None if self.fixed else red_cell_diameter(bgr)
+            )
+            self.seeded += 1
+        return bool(self.measures)
 
     def observe(self, bgr: np.ndarray) -> bool:
         """Measure this frame when it is due; True when the diameter may have changed. What it
         measured is in :attr:`last` (for :meth:`replay` in a resumed session)."""
         self.frames += 1
         self.last = {}
+        if self.frames <= self.seeded:  # measured ahead, with the first frames (seed())
+            return False
         if not (self.frames <= self.first or self.frames % self.every == 0):
             return False
         colour = red_cell_colour(cv2.cvtColor(bgr, cv2.COLOR_BGR2LAB))

@@ -186,6 +186,13 @@ class EdgeSession:
             started=config.started,
         )
         self.result = SessionResult()
+        if (
+            config.mode == "field"
+            and config.finder.follow_scale
+            and self.field_scale.seed(self.source.peek(self.field_scale.first))
+        ):  # files and videos: the first fields' red cells measured before the first is searched
+            self._finder = scaled(config.finder, self.field_scale.diameter)
+            self.store.record_scale(self.field_scale.to_dict())
         if self.store.resume_after is not None:
             # the interrupted session goes on after its last committed frame, with its counts and with
             # what its frames taught the adaptive measures (the cells' sizes, the red cells, the lamp)

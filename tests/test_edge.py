@@ -600,6 +600,9 @@ class _RGBFields(FrameSource):
         for i, p in enumerate(self.paths):
             yield Frame(cv2.cvtColor(cv2.imread(str(p)), cv2.COLOR_BGR2RGB), p.name, i, time.time(), True)
 
+    def _peek(self, n):  # fields, not a live feed: the session may read its first ones ahead
+        return [cv2.cvtColor(cv2.imread(str(p)), cv2.COLOR_BGR2RGB) for p in self.paths[:n]]
+
 
 def test_a_source_in_rgb_order_gives_the_same_cells_as_the_files(bccd, tmp_path, clf):
     """Colour order is settled where frames enter: a source whose device gives RGB arrays is
@@ -703,3 +706,31 @@ def test_a_source_is_recorded_by_its_full_path_and_still_resumes_as_typed(fields
     for camera in ("/dev/v4l/by-id/usb-cam-video-index0", "0", "picamera2:1", "v4l2src ! videoconvert ! appsink"):
         assert recorded_name(camera) == camera
     assert recorded_name("fields/*.jpg") == os.path.join(os.getcwd(), "fields/*.jpg")
+
+
+def test_a_sessions_first_field_is_cut_at_the_scale_of_its_first_five(bccd, tmp_path, clf):
+    """The red cells of a session's first five fields are measured before the first is searched: its
+    first field's neutrophil, a lobe of which the field's own measure (a third too small) parts
+    into a cell of its own, is found as the field's boxes say, as in a long session."""
+    from bmc.benchmarks.finding import read_boxes
+    from bmc.edge_app.detect import FinderConfig, RedCells, find_cells, red_cell_diameter, scaled
+
+    fields = tmp_path / "fields"
+    fields.mkdir()
+    names = [f"BloodImage_000{i}.jpg" for i in range(10, 20)]
+    for n in names:
+        (fields / n).symlink_to(bccd / "JPEGImages" / n)
+    first = cv2.imread(str(fields / names[0]))
+    boxes = {b.image.name: len(b.boxes) for b in read_boxes(fields, bccd / "Annotations", "voc", "WBC")}
+    alone = RedCells()
+    alone.observe(first)
+    by_itself = find_cells(first, scaled(FinderConfig(), alone.diameter), alone.red_colour)
+    assert len(by_itself) > boxes[names[0]]  # the defect: measured on itself, its lobes are cells
+    EdgeSession(str(fields), clf, tmp_path / "s", SessionConfig(), echo=lambda m: None).run()
+    db = sqlite3.connect(tmp_path / "s" / "session.sqlite")
+    found = dict(db.execute("SELECT source, COUNT(*) FROM cell GROUP BY source").fetchall())
+    config = json.loads(db.execute("SELECT config FROM session").fetchone()[0])
+    db.close()
+    expected = float(np.median([red_cell_diameter(cv2.imread(str(fields / n))) for n in names[:5]]))
+    assert config["scale"]["red_cell_px"] == round(expected, 1) and config["scale"]["measured_frames"] == 5
+    assert found[names[0]] == boxes[names[0]] == 2

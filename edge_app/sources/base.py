@@ -54,6 +54,18 @@ class FrameSource(abc.ABC):
     @abc.abstractmethod
     def _frames(self) -> Iterator[Frame]: ...
 
+    def peek(self, n: int) -> list[np.ndarray]:
+        """The first ``n`` readable images of the source, BGR whatever the device gives, read apart
+        from :meth:`frames` and whatever ``start`` is (a subclass that can read ahead gives them in
+        :meth:`_peek`); none from a live source, whose frames are not there yet."""
+        out = self._peek(n)[:n]
+        if self.native_format == "RGB":
+            out = [np.ascontiguousarray(x[..., 2::-1]) if x.ndim == 3 else x for x in out]
+        return out
+
+    def _peek(self, n: int) -> list[np.ndarray]:
+        return []
+
     def halt(self) -> None:  # noqa: B027 - optional hook
         """Stop waiting for the device (called from another thread before :meth:`close`): a source
         that retries or sleeps between reads stops doing so and ends its frames."""
@@ -87,6 +99,19 @@ class ImageFiles(FrameSource):
                 if len(errors) == 1
                 else f"{name}: none of its {len(paths)} images decodes (first: {errors[0]})"
             )
+
+    def _peek(self, n: int) -> list[np.ndarray]:
+        from bmc.contract import read_image
+
+        out: list[np.ndarray] = []
+        for p in self.paths:
+            if len(out) >= n:
+                break
+            try:
+                out.append(read_image(str(p)))
+            except ValueError:
+                continue  # skipped as the session skips it
+        return out
 
     def _frames(self) -> Iterator[Frame]:
         from bmc.contract import read_image
@@ -141,6 +166,21 @@ class VideoFile(FrameSource):
             self.end_reason = (
                 f"{name}: stopped after {len(bad)} unreadable frames in a row from frame {bad[0]} of {self.length}"
             )
+
+    def _peek(self, n: int) -> list[np.ndarray]:
+        import cv2
+
+        cap, tries = cv2.VideoCapture(self.path), 0
+        out: list[np.ndarray] = []
+        try:
+            while len(out) < n and tries < n + self.max_bad:
+                tries += 1
+                ok, img = cap.read()
+                if ok and img is not None:
+                    out.append(img)
+        finally:
+            cap.release()
+        return out
 
     def close(self) -> None:
         self.cap.release()
