@@ -113,8 +113,8 @@ class LabCalibration:
         lo, hi = self.interval or (0.0, 1.0)
         said = (
             f"Cells counted without a person at this microscope: estimated {100 * (self.accuracy or 0):.0f}% right "
-            f"(95% interval {100 * lo:.0f}–{100 * hi:.0f}%), from {self.passed} of {self.cells} randomly chosen "
-            f"cells a person reviewed"
+            f"(95% interval {100 * lo:.0f}–{100 * hi:.0f}%): {self.correct} right of the {self.passed} the gates "
+            f"let through, among {self.cells} randomly chosen cells a person reviewed"
         )
         if not self.target_met:
             said += (

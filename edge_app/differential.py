@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import threading
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -209,8 +210,9 @@ class DifferentialCount:
         """The console's one line: the differential, then what waits for review."""
         tgt = f"/{target}" if target else ""
         unknown = f" ({self.unknown} unknown)" if self.unknown else ""
+        noun = self.denominator if self.total != 1 or tgt else self.denominator[:-1]  # 1 leukocyte
         return (
-            f"{self.total}{tgt} {self.denominator}: "
+            f"{self.total}{tgt} {noun}: "
             + (", ".join(self.lines()) or "none")
             + f"; {self.waiting} for review{unknown}"
             + "".join(f", {r}" for r in self.ratios())
@@ -315,6 +317,8 @@ class Differential:
         self.counts = {l: 0 for l in self.labels}
         self.flagged = 0
         self.unknown = 0  # of the flagged: unlike any cell the model knows
+        # the session's thread counts while the screen reads: each change and each read is whole
+        self._lock = threading.Lock()
 
     def add(self, probs: np.ndarray, unknown: str = "") -> tuple[str, float, str]:
         """Count one cell; returns (label, confidence, review flag). ``unknown``: the unknown-cell
@@ -327,31 +331,40 @@ class Differential:
 
     def restore(self, label: str, flag: str) -> None:
         """Count a cell recorded earlier in the session (a resumed session) as it was counted then."""
-        if flag:
-            self.flagged += 1
-            self.unknown += flag.startswith(UNKNOWN)
-        elif label in self.counts:
-            self.counts[label] += 1
+        with self._lock:
+            if flag:
+                self.flagged += 1
+                self.unknown += flag.startswith(UNKNOWN)
+            elif label in self.counts:
+                self.counts[label] += 1
 
     def tally(self) -> tuple[dict[str, int], int, int]:
-        """The running count as it stands, to go :meth:`back_to`."""
-        return dict(self.counts), self.flagged, self.unknown
+        """The running count as it stands (one moment's: counts, set aside, of them unknown), to
+        go :meth:`back_to` or to show."""
+        with self._lock:
+            return dict(self.counts), self.flagged, self.unknown
 
     def back_to(self, tally: tuple[dict[str, int], int, int]) -> None:
         """The count as it stood at ``tally``: cells that were counted but never recorded (their
         frame's commit failed) leave it."""
-        counts, self.flagged, self.unknown = tally
-        self.counts = dict(counts)
+        with self._lock:
+            counts, self.flagged, self.unknown = tally
+            self.counts = dict(counts)
 
-    def record(self) -> DifferentialCount:
-        return differential_of(self.counts, self.labels, self.specimen, self.flagged, self.unknown)
+    def record(self, tally: tuple[dict[str, int], int, int] | None = None) -> DifferentialCount:
+        """The differential now, or as it stood at ``tally``."""
+        counts, flagged, unknown = tally or self.tally()
+        return differential_of(counts, self.labels, self.specimen, flagged, unknown)
 
     @property
     def counted(self) -> int:
         """The cells the target is of: the differential's denominator (leukocytes, or nucleated
         cells of a marrow), not the platelets or the erythroblasts beside a blood count. Read every
         frame: summed here, without the record's interval computations."""
-        return sum(k for l, k in self.counts.items() if in_denominator(l, self.specimen))
+        return self.counted_in(self.tally()[0])
+
+    def counted_in(self, counts: dict[str, int]) -> int:
+        return sum(k for l, k in counts.items() if in_denominator(l, self.specimen))
 
     @property
     def done(self) -> bool:

@@ -253,7 +253,7 @@ def _report(out_dir: Path, now: datetime.datetime | None, issue: bool) -> dict[s
         + (f". Comment: {note.text}" if note else "")
         + "."
     )
-    models = sorted({f"{s.model_file} (sha256 {s.model_sha256[:12]})" for s in sessions})
+    models = sorted({_model_of(s) for s in sessions})
     # what this report says of the one that went out before it, the same on every export of it
     differs = [e for e in went_out if (e.counts, e.content) != (counts, content)]
     if status in ("corrected", "amended") and differs:
@@ -302,6 +302,16 @@ def _report(out_dir: Path, now: datetime.datetime | None, issue: bool) -> dict[s
         export = sessiondb.Export(now.isoformat(timespec="milliseconds"), status, counts, content, document)
         _record(out_dir, export)
     return bundle
+
+
+def _model_of(s: sessiondb.SessionRecord) -> str:
+    """The model a session counted with: its file and, for an adapted model, the head that named
+    the cells (the base file alone is the shipped model's, byte for byte)."""
+    said = f"{s.model_file} (sha256 {s.model_sha256[:12]})"
+    head = s.config.head
+    if head and head.get("file"):
+        said += f" with head {head['file']} (sha256 {str(head.get('sha256', ''))[:12]})"
+    return said
 
 
 def last_issued(out_dir: str | Path) -> dict[str, Any] | None:

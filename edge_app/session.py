@@ -475,11 +475,13 @@ class EdgeSession:
             r.message = r.message or self.source.end_reason
         partial = f"; {r.partial_cells} moving cells never wholly in view, not counted" if r.partial_cells else ""
         self.echo(
-            f"session {status}: {r.frames} frames ({r.fps:.1f} fps), {self.diff.summary()}; "
+            f"session {status}: {r.frames} frame{'s' * (r.frames != 1)} ({r.fps:.1f} fps), {self.diff.summary()}; "
             f"{r.corrupt_frames} corrupt and {r.dropped_frames} dropped frames{partial}"
         )
         if self.diff.flagged:
-            self.echo(f"{self.diff.flagged} cells wait for review (not counted yet): bmc edge review {self.store.dir}")
+            n = self.diff.flagged
+            waits = "cell waits" if n == 1 else "cells wait"
+            self.echo(f"{n} {waits} for review (not counted yet): bmc edge review {self.store.dir}")
         return r
 
     def _tally(self) -> tuple[Any, int, int]:

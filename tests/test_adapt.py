@@ -466,6 +466,8 @@ def test_adapting_from_the_screen_and_making_the_model_active(session, truth, tm
         assert status == 400 and active_model(storage) is None
         status, _ = call("POST", "/adapt/activate", f"csrf={csrf}&model=lab1.tflite")
         assert status == 303 and active_model(storage) == (models_dir(storage) / "lab1.tflite").resolve()
+        status, page = call("GET", "/device", "")
+        assert status == 200 and "active model: lab1.tflite" in page and "lab1.head.npz" in page  # what counts now
 
     fields = tmp_path / "fields"
     fields.mkdir()

@@ -138,6 +138,7 @@ def test_adapting_with_a_random_sample_calibrates_the_gates_and_the_report_state
     fhir = json.loads((out / "differential.fhir.json").read_text())
     Bundle.model_validate(fhir)  # the estimate's Observation is valid FHIR R4 too
     assert "randomly chosen" in fhir["entry"][0]["resource"]["conclusion"]
+    assert "with head lab1.head.npz (sha256" in fhir["entry"][0]["resource"]["conclusion"]  # not the base alone
     # and in fields a LIS reads: the estimate, its 95% interval, the reviewed cells it rests on
     stated = next(
         e["resource"] for e in fhir["entry"] if e["resource"]["code"]["text"].startswith("estimated accuracy")

@@ -128,18 +128,20 @@ class LiveRunner:
         if s is None:
             return {"state": "idle"}
         d = s.diff
-        record = d.record()
+        tally = d.tally()  # one moment's count: every figure below is of it
+        counts, flagged, unknown = tally
+        record = d.record(tally)
         return {
             "state": "paused" if s.paused and self.running else "running" if self.running else s.result.status,
             "folder": self.folder.name if self.folder else "",
             "frames": s.result.frames,
-            "counted": d.counted,
+            "counted": d.counted_in(counts),
             "target": d.target,
-            "for_review": d.flagged,
-            "unknown": d.unknown,
+            "for_review": flagged,
+            "unknown": unknown,
             "classes": record.lines(),
             "ratios": record.ratios(),
-            "counts": dict(d.counts),
+            "counts": counts,
             "differential": record.to_dict(),
             "error": self.error,
             "last_cells": self.last_cells(),

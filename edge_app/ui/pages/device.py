@@ -6,9 +6,14 @@ from bmc.edge_app.ui.web import Html, Request, Response, Screen, html
 
 
 def device_page(app: Screen, req: Request) -> Response:
+    from bmc.edge_app.active import active_model
     from bmc.edge_app.service import disk_usage, doctor
 
-    have, wrong = doctor(model_path=str(app.model) if app.model else None)
+    # the model new sessions count with: the one made active on the Adaptation page, else the configured
+    active = active_model(app.storage)
+    have, wrong = doctor(model_path=str(active or app.model) if (active or app.model) else None)
+    if active is not None:
+        have.insert(0, f"active model: {active.name} (made active on the Adaptation page; new sessions count with it)")
     pct, free = disk_usage(app.storage)
     have = [
         f"sessions stored in {app.storage}: its disk {pct:.0f}% used, {free:.0f} MB free",

@@ -177,7 +177,7 @@ def fhir_export(app: Screen, req: Request) -> Response:
                 "DiagnosticReport' on the session's page",
             )
     return Response(
-        json.dumps(bundle, indent=2, ensure_ascii=False),
+        json.dumps(bundle, indent=2, ensure_ascii=False) + "\n",  # as the file is written
         ctype="application/fhir+json; charset=utf-8",
         headers=[("Content-Disposition", f'attachment; filename="{folder.name}.fhir.json"')],
     )
