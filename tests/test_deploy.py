@@ -141,3 +141,38 @@ def test_edge_extra_resolves_for_arm64_without_tensorflow_within_200_mb(tmp_path
         # guard sets, 9.8 MB, and its code with its bytecode (2 MB), not the float16 ones (6.8 MB each)
         assert size["packages_mb"]["bmc"] < 14, size
         assert size["slimmed_mb"] > 20, size
+
+
+def test_a_batch_run_counts_with_the_devices_config_and_the_command_line_on_top(tmp_path, bccd):
+    """``bmc edge run --config bmc.toml``: the device's [session], [review] and [model] settings, as the
+    service counts with them; an option given on the command line overrides its setting."""
+    import json
+    import sqlite3
+
+    fields = tmp_path / "fields"
+    fields.mkdir()
+    for f in sorted((bccd / "JPEGImages").glob("*.jpg"))[:3]:
+        (fields / f.name).symlink_to(f)
+    cfg = tmp_path / "bmc.toml"
+    cfg.write_text(
+        "[session]\ntarget = 100\nspecimen = 'marrow'\n[review]\nmin_confidence = 0.95\n[model]\norientations = 1\n"
+    )
+
+    def recorded(out):
+        db = sqlite3.connect(out / "session.sqlite")
+        config = json.loads(db.execute("SELECT config FROM session").fetchone()[0])
+        db.close()
+        return config
+
+    p = bmc("edge", "run", fields, "--out", tmp_path / "a", "--headless", "--config", cfg, check=False)
+    assert p.returncode == 3 and "target of 100 cells" in p.stderr  # the config's target, short
+    a = recorded(tmp_path / "a")
+    assert (a["target"], a["specimen"], a["review"]["min_confidence"], a["orientations"]) == (100, "marrow", 0.95, 1)
+    p = bmc("edge", "run", fields, "--out", tmp_path / "b", "--headless", "--config", cfg, "--specimen", "blood",
+            "--target", "2", "--orientations", "2", check=False)  # fmt: skip
+    b = recorded(tmp_path / "b")
+    assert (b["target"], b["specimen"], b["review"]["min_confidence"], b["orientations"]) == (2, "blood", 0.95, 2)
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[review]\nmin_confidence = 2\n")
+    p = bmc("edge", "run", fields, "--out", tmp_path / "c", "--config", bad, check=False)
+    assert p.returncode == 2 and "min_confidence must be between 0 and 1" in p.stderr and not (tmp_path / "c").exists()

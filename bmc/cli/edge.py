@@ -72,7 +72,16 @@ def edge() -> None:
     help="blood: per 100 leukocytes, erythroblasts beside; marrow: per 100 nucleated cells with M:E "
     "(default: the model card's)",
 )
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False),
+    help="the device's bmc.toml: its [model], [session], [finder] and [review] settings, as the service and "
+    "the screen count with them (an option given here overrides its setting)",
+)
+@click.pass_context
 def edge_run(
+    ctx: click.Context,
     source: str,
     model: str | None,
     out_dir: str,
@@ -88,9 +97,14 @@ def edge_run(
     white_balance: bool,
     unknown_level: float,
     specimen: str | None,
+    config_path: str | None,
 ) -> None:
     """Classify and count the cells of SOURCE: a camera index or /dev path, picamera2, a GStreamer
     pipeline, a video, an image folder or glob, or one image."""
+    from click.core import ParameterSource
+
+    def given(name: str) -> bool:  # on the command line, not a default
+        return ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE
 
     from bmc.edge_app.backends import BackendError
     from bmc.edge_app.differential import ReviewPolicy
@@ -100,29 +114,70 @@ def edge_run(
         ReviewPolicy(unknown_level=unknown_level)
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--unknown-level") from None
+    import dataclasses
+
+    from bmc.edge_app import config as config_mod
     from bmc.edge_app.config import ModelConfig
-    from bmc.edge_app.factory import classifier
+    from bmc.edge_app.factory import classifier, session_config
     from bmc.edge_app.sources import SourceError
     from bmc.edge_app.store import SessionFolderError
 
+    device = None
+    if config_path:
+        try:
+            device = config_mod.load(config_path)
+        except config_mod.ConfigError as e:
+            raise CliFail(str(e)) from e
+
+    session_target: list[int | None] = [target]  # the target the session counted to (the config's, or --target)
+
     def go() -> SessionResult:
-        clf = classifier(
-            ModelConfig(threads=threads or 0, orientations=int(orientations), white_balance=white_balance),
-            model,  # a model named on the command line runs as it is; none: the shipped one, on the faster runtime
-        )
-        cfg = SessionConfig(
-            mode=mode,
-            target=target,
-            headless=headless or not has_display(),
-            save_crops=not no_crops,
-            cell_diameter_px=cell_diameter,
-            max_frames=max_frames,
-            white_balance=white_balance,
-            on_existing="new" if new_session else "resume",
-            review=ReviewPolicy(unknown_level=unknown_level),
-            print_every_s=5.0,
-            specimen=specimen,
-        )  # a person watches
+        if device is None:
+            models = ModelConfig(threads=threads or 0, orientations=int(orientations), white_balance=white_balance)
+            cfg = SessionConfig(
+                mode=mode,
+                target=target,
+                headless=headless or not has_display(),
+                save_crops=not no_crops,
+                cell_diameter_px=cell_diameter,
+                max_frames=max_frames,
+                white_balance=white_balance,
+                on_existing="new" if new_session else "resume",
+                review=ReviewPolicy(unknown_level=unknown_level),
+                print_every_s=5.0,
+                specimen=specimen,
+            )  # a person watches
+        else:  # the device's settings, what the command line says on top
+            models = dataclasses.replace(
+                device.model,
+                threads=(threads or 0) if given("threads") else device.model.threads,
+                orientations=int(orientations) if given("orientations") else device.model.orientations,
+                white_balance=white_balance or device.model.white_balance,
+            )
+            review_policy = (
+                dataclasses.replace(device.review, unknown_level=unknown_level)
+                if given("unknown_level")
+                else device.review
+            )
+            chosen = {
+                "mode": mode if given("mode") else None,
+                "target": target,
+                "save_crops": False if no_crops else None,
+                "cell_diameter_px": cell_diameter,
+                "specimen": specimen,
+            }
+            cfg = session_config(
+                device,
+                headless=headless or not has_display(),
+                max_frames=max_frames,
+                on_existing="new" if new_session else "resume",
+                review=review_policy,
+                white_balance=models.white_balance,
+                **{k: v for k, v in chosen.items() if v is not None},
+            )
+        # a model named on the command line runs as it is; none: the configured or the shipped one
+        clf = classifier(models, model)
+        session_target[0] = cfg.target
         return EdgeSession(source, clf, out_dir, cfg, echo=click.echo).run()
 
     try:
@@ -133,7 +188,7 @@ def edge_run(
         raise CliFail(r.message)
     if r.status == SHORT:  # a count short of its target is no differential to sign: a script must see it
         click.echo(
-            f"warning: the source ended before the target of {target} cells was reached; the count is "
+            f"warning: the source ended before the target of {session_target[0]} cells was reached; the count is "
             "short (status 'short of target', exit status 3)",
             err=True,
         )
