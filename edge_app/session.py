@@ -474,8 +474,12 @@ class EdgeSession:
             self.echo(self.source.end_reason)
             r.message = r.message or self.source.end_reason
         partial = f"; {r.partial_cells} moving cells never wholly in view, not counted" if r.partial_cells else ""
+        # a resumed session's count is of the whole session; its frames here, of this run
+        before = self.store.resume_after
+        earlier = f" this run, after the {before + 1} recorded before" if before is not None else ""
         self.echo(
-            f"session {status}: {r.frames} frame{'s' * (r.frames != 1)} ({r.fps:.1f} fps), {self.diff.summary()}; "
+            f"session {status}: {r.frames} frame{'s' * (r.frames != 1)}{earlier} ({r.fps:.1f} fps), "
+            f"{self.diff.summary()}; "
             f"{r.corrupt_frames} corrupt and {r.dropped_frames} dropped frames{partial}"
         )
         if self.diff.flagged:
