@@ -274,7 +274,7 @@ def differential_html(record: DifferentialCount, learnt: dict[str, Any] | None =
             else "<p>Myeloid : erythroid ratio not defined (no erythroid cells counted)</p>"
         )
     out += (
-        f"<p>Platelets met: {record.platelets} (counted apart, in no denominator; the finder looks for "
+        f"<p>Platelets seen: {record.platelets} (counted apart, in no denominator; the finder looks for "
         "nucleated cells, so this is not a platelet count)</p>"
     )
     return out

@@ -285,6 +285,7 @@ def test_a_recorded_session_reports_byte_for_byte_as_before(tmp_path):
 
 #: (text the golden report has, what the report says instead), each change meant
 CHANGED_SINCE_GOLDEN = [
+    ("<p>Platelets met:", "<p>Platelets seen:"),  # the word a technician uses
     ("<p>Nucleated red cells (erythroblast)", "<p>NRBC, nucleated red cells (erythroblast)"),  # one name everywhere
     # why a cell waits in words (the recorded flag on hover), and a field by its file: no frame number
     (

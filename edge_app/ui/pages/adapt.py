@@ -91,8 +91,8 @@ def adapt_page(app: Screen, req: Request, result: Html = Html("")) -> Response:
         "<table><tr><th></th><th>session</th><th>cells named by a reviewer</th></tr>{rows}"
         "</table><label>Name of the new model <input name='name' required pattern='[A-Za-z0-9_-]{{1,40}}' "
         "maxlength='40' value='lab'></label> <button>Adapt</button></form>"
-        "<h2>Models</h2><table><tr><th>model</th><th>learnt</th><th></th></tr>"
-        "<tr><td>shipped</td><td>{base}</td><td>{shipped}</td></tr>{models}"
+        "<h2>Models</h2><table><tr><th>model</th><th>made from, and what it learnt</th><th></th></tr>"
+        "<tr><td>shipped</td><td>{base}, as it ships</td><td>{shipped}</td></tr>{models}"
         "</table><p class='small'>The service counts with the active model from its next session on.</p>",
         result=result,
         where=str(models_dir(app.storage)),
