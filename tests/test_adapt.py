@@ -268,8 +268,12 @@ def test_the_screen_keeps_the_shipped_head_with_the_laboratorys_gates_when_the_h
             headers={"Host": "127.0.0.1", "Cookie": cookie, "Content-Type": "application/x-www-form-urlencoded"},
         )
         r = c.getresponse()
-        page = r.read().decode()
-    assert r.status == 200 and "The adapted head was refused" in page and "<b>gates</b> written instead" in page
+        r.read()
+        assert r.status == 303 and r.getheader("Location") == "/adapt?written=gates"
+        c = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        c.request("GET", "/adapt?written=gates", headers={"Host": "127.0.0.1", "Cookie": cookie})
+        page = c.getresponse().read().decode()
+    assert "The adapted head was refused" in page and "<b>gates</b> written instead" in page
     assert "Gates set on" in page and "randomly chosen" in page
     card = json.loads((models_dir(storage) / "gates.json").read_text())
     assert card["variant"].endswith("+lab-gates")
@@ -459,6 +463,8 @@ def test_adapting_from_the_screen_and_making_the_model_active(session, truth, tm
         csrf = re.search(r"name='csrf' value='([^']+)'", page).group(1)
         assert "value='s1' checked" in page
         status, page = call("POST", "/adapt", f"csrf={csrf}&session=s1&name=lab1")
+        assert status == 303  # the form's answer is a page of its own: a reload shows it, adapting nothing
+        status, page = call("GET", "/adapt?written=lab1")
         assert status == 200 and "<b>lab1</b> written" in page and "balanced accuracy" in page
         assert "Gates set on" in page or "No random calibration sample" in page  # what it will count alone
         assert (models_dir(storage) / "lab1.tflite").is_file()

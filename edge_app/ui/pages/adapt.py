@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from bmc.card import read_card
 from bmc.edge_app import sessiondb
-from bmc.edge_app.ui.web import Html, HttpError, Request, Response, Screen, hidden_csrf, html, redirect
+from bmc.edge_app.ui.web import Html, HttpError, Request, Response, Screen, hidden_csrf, html, quote, redirect
 
 if TYPE_CHECKING:
     from bmc.edge_app.adapt import Result as AdaptResult
@@ -16,10 +16,20 @@ if TYPE_CHECKING:
 log = logging.getLogger("bmc.edge_app.ui.app")
 
 
+RESULT_SUFFIX = ".adapted.html"  # beside a written model: what its adaptation said, for the page after it
+
+
 def adapt_page(app: Screen, req: Request, result: Html = Html("")) -> Response:
     from bmc.edge_app.active import active_model, adapted_models, models_dir
     from bmc.edge_app.service import session_dirs
 
+    written = req.query.get("written", "")
+    if not result and re.fullmatch(r"[A-Za-z0-9_-]{1,80}", written):
+        # what the adaptation that wrote it said (the form's answer, after its redirect: a reload shows
+        # it again and adapts nothing)
+        said = models_dir(app.storage) / f"{written}{RESULT_SUFFIX}"
+        if said.is_file():
+            result = Html(said.read_text(encoding="utf-8"))
     rows = []
     for d in reversed(session_dirs(app.storage)):
         try:
@@ -185,11 +195,11 @@ def run_adapt(app: Screen, req: Request) -> Response:
             stem=path.stem,
             where=str(path),
         )
-    return adapt_page(
-        app,
-        req,
-        html("{said}<p>{gates}</p>{table}{advice}", said=said, gates=written.gates(), table=table, advice=advice),
-    )
+    from bmc.edge_app.store import write_atomic
+
+    page = html("{said}<p>{gates}</p>{table}{advice}", said=said, gates=written.gates(), table=table, advice=advice)
+    write_atomic(path.with_name(f"{path.stem}{RESULT_SUFFIX}"), str(page))
+    return redirect(f"/adapt?written={quote(path.stem)}")
 
 
 def activate(app: Screen, req: Request) -> Response:
