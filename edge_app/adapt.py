@@ -159,10 +159,25 @@ def collect(
     counted_labels: list[str] = []
     counted_groups: list[str] = []
     size = clf.backend.output_sizes[1]
+    # each recorded session once: a folder given twice, or a copy of one, would count its cells twice
+    # (and its random sample twice, in the error rate stated from it)
+    seen: dict[tuple[str, str, str, str], Path] = {}
     for folder in map(Path, sessions):
         try:
             db = sessiondb.connect(folder)
             recorded = sessiondb.sessions(db)
+            for r in recorded:
+                key = (r.started, r.device, r.source, r.model_sha256)
+                if key in seen:
+                    db.close()
+                    same = seen[key].resolve() == folder.resolve()
+                    raise AdaptError(
+                        f"{folder}: given twice"
+                        if same
+                        else f"{folder} and {seen[key]} hold the same session (started {r.started}): one is a copy "
+                        "of the other; give each session once"
+                    )
+                seen[key] = folder
             cells = sessiondb.cells(db)
             stored = sessiondb.embeddings(db)
             db.close()

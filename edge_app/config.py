@@ -218,4 +218,7 @@ def load(path: str | Path) -> DeviceConfig:
             kwargs[name] = _build(type(getattr(DeviceConfig(), name)), value, name)
         except ConfigError as e:
             raise ConfigError(f"{path}: {e}") from e
-    return DeviceConfig(**kwargs)
+    cfg = DeviceConfig(**kwargs)
+    if cfg.model.path and not Path(cfg.model.path).is_file():  # said here, where it was written
+        raise ConfigError(f"{path}: [model] path {cfg.model.path!r}: no such model file")
+    return cfg

@@ -516,3 +516,15 @@ def test_bench_adapt_plays_the_protocol_and_measures_its_ceiling(matek, tmp_path
     assert c["labelled"] == c["fields"] == len(rows)
     assert 0 <= c["adapted"]["balanced_accuracy"] <= 1 and set(c["adapted"]["recall"]) <= set(per_class)
     assert f"refit head {c['adapted']['balanced_accuracy']:.3f}" in p.stdout
+
+
+def test_a_session_given_twice_or_copied_is_refused_not_counted_twice(session, tmp_path):
+    """The same session twice (by its path, or as a copy of its folder) would count each reviewed cell
+    twice, and the random sample twice in the error rate stated from it: adapt refuses, saying which."""
+    p = bmc("edge", "adapt", session, session, "--out", tmp_path / "m", "--name", "twice", check=False)
+    assert p.returncode == 2 and f"{session}: given twice" in p.stderr
+    copy = tmp_path / "copy"
+    shutil.copytree(session, copy)
+    p = bmc("edge", "adapt", session, copy, "--out", tmp_path / "m", "--name", "copied", check=False)
+    assert p.returncode == 2 and "hold the same session" in p.stderr and "one is a copy" in p.stderr
+    assert not (tmp_path / "m").exists() or not list((tmp_path / "m").iterdir())

@@ -44,6 +44,7 @@ def test_the_examples_review_keys_load_as_written(tmp_path):
         ("[storage\n", "not valid TOML"),
         ("[model]\norientations = 3\n", "orientations must be one of 1, 2, 4, 8, got 3"),
         ("[screen]\nkeys = 'n'\n", "keys must be a table, e.g."),
+        ("[model]\npath = '/nonexistent/m.tflite'\n", "\\[model\\] path '/nonexistent/m.tflite': no such model file"),
         ("[screen]\nkeys = { neutrophil = 3 }\n", "keys.neutrophil must be a str, got 3"),
         ("[screen]\nkeys = { neutrophil = 'b' }\n", "keys.neutrophil must be one character other than"),
     ],

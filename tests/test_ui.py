@@ -265,6 +265,10 @@ def test_the_password_is_stored_as_a_salted_scrypt_hash(tmp_path):
     assert again != stored.strip()  # salted
     with pytest.raises(auth.AuthError, match="at least 10 characters"):
         auth.hash_password("short")
+    fresh = tmp_path / "fresh"
+    with pytest.raises(auth.AuthError, match="at least 10 characters"):
+        auth.set_password(fresh, "short")
+    assert list(fresh.iterdir()) == []  # a refused password leaves no file behind
 
 
 def test_listening_beyond_loopback_without_a_password_is_refused(storage, tmp_path):
@@ -284,6 +288,11 @@ def test_listening_beyond_loopback_without_a_password_is_refused(storage, tmp_pa
     for bad in ("127.0.0.1:99999", "127.0.0.1:http"):
         p = bmc("edge", "ui", "--storage", storage, "--listen", bad, check=False, timeout=60)
         assert p.returncode == 2 and f"'{bad}'" in p.stderr and "--listen" in p.stderr, p.stderr
+    # a review key for a class no model here has (a typo) would be silently unused: refused, naming it
+    cfg = tmp_path / "bmc.toml"
+    cfg.write_text("[screen]\nkeys = { neutrofil = 'n' }\n")
+    p = bmc("edge", "ui", "--storage", storage, "--config", cfg, "--listen", "127.0.0.1:0", check=False, timeout=60)
+    assert p.returncode == 2 and "[screen] keys names 'neutrofil', which no model here has" in p.stderr, p.stderr
 
 
 def _chromium():

@@ -304,6 +304,21 @@ def edge_ui(
     app = UiApp(
         folder, stored, sign_in, user or current_user(), model=model, live=live, keys=cfg.screen.keys if cfg else None
     )
+    if cfg is not None and cfg.screen.keys:  # a key for a class no model here has would be silently unused
+        from bmc.edge_app.active import active_model
+        from bmc.edge_app.classifier import CellClassifier
+        from bmc.stages import STAGE_LABELS
+
+        named = set(app.base_model().labels) | set(STAGE_LABELS)
+        active = active_model(folder)
+        if active is not None:
+            named |= set(CellClassifier(active, threads=1).labels)
+        unknown = sorted(set(cfg.screen.keys) - named)
+        if unknown:
+            raise CliFail(
+                f"{config_path}: [screen] keys names {', '.join(map(repr, unknown))}, which no model here has "
+                f"(its classes: {', '.join(sorted(named))})"
+            )
 
     # systemd's stop: close a live session cleanly, then the server
     def on_term(signum: int, _frame: FrameType | None) -> None:

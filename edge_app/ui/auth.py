@@ -60,10 +60,11 @@ def set_password(config_dir: str | Path, password: str) -> Path:
     config_dir = Path(config_dir)
     config_dir.mkdir(parents=True, exist_ok=True)
     path = config_dir / PASSWORD_FILE
+    hashed = hash_password(password)  # a refused password leaves nothing behind
     tmp = config_dir / f".{PASSWORD_FILE}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as fh:
-        fh.write(hash_password(password) + "\n")
+        fh.write(hashed + "\n")
     os.replace(tmp, path)
     return path
 
