@@ -633,6 +633,13 @@ def test_a_session_comment_refuses_identifiers_and_shows_in_the_report(local, st
     ):
         status, _, body = local.request("POST", "/s/20261128-0900/note", f"csrf={csrf}&text={bad}", {"Cookie": cookie})
         assert status == 400 and b"patient identifier" in body
+        assert b"Not saved:" in body and b"name='text'" in body  # the session page again, at its form
+    assert (
+        b"value='patient 12345678 recount'"
+        in local.request(
+            "POST", "/s/20261128-0900/note", f"csrf={csrf}&text=patient 12345678 recount", {"Cookie": cookie}
+        )[2]
+    )  # what was typed is kept, to edit
     status, _, _ = local.request(
         "POST", "/s/20261128-0900/note", f"csrf={csrf}&text=thick+smear,+stain+pale", {"Cookie": cookie}
     )

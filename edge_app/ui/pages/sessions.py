@@ -74,7 +74,9 @@ def sessions_page(app: Screen, req: Request) -> Response:
     return app.page("Sessions", table, req)
 
 
-def session_page(app: Screen, req: Request) -> Response:
+def session_page(app: Screen, req: Request, refused: tuple[str, str] | None = None) -> Response:
+    """The session's page; ``refused``: (why, the text) of a comment not saved, shown at its form
+    with the text kept for the person to edit."""
     folder = app.session_folder(req.params["session"])
     cells, meta = app.session_data(folder)
     record, note = app.summary(folder, cells)
@@ -84,9 +86,11 @@ def session_page(app: Screen, req: Request) -> Response:
     dests = app.export_destinations()
     comment = html(
         "{shown}<form method='post' action='/s/{name}/note'>{csrf}"
-        "<label>Comment on this session (smear, stain, what to recount) <input name='text' maxlength='500' "
-        "size='60'></label> <button>Save</button><br><span class='small warn'>No patient names, numbers or "
-        "dates of birth: the session is exported as it is.</span></form>",
+        "{why}<label>Comment on this session (smear, stain, what to recount) <input name='text' maxlength='500' "
+        "size='60' value='{typed}'></label> <button>Save</button><br><span class='small warn'>No patient names, "
+        "numbers or dates of birth: the session is exported as it is.</span></form>",
+        why=html("<p class='warn'>Not saved: {w}</p>", w=refused[0]) if refused else Html(""),
+        typed=refused[1] if refused else "",
         shown=(
             html(
                 "<p>Comment: <b>{text}</b> <span class='small'>({author}, {time})</span></p>",
@@ -187,8 +191,10 @@ def note(app: Screen, req: Request) -> Response:
     folder = app.session_folder(req.params["session"])
     try:
         review.add_note(folder, req.form.get("text", ""), req.user)
-    except review.ReviewError as e:
-        raise HttpError("400 Bad Request", str(e)) from e
+    except review.ReviewError as e:  # the page again, the reason at the form, the text kept to edit
+        page = session_page(app, req, (str(e), req.form.get("text", "")[:500]))
+        page.status = "400 Bad Request"
+        return page
     report_mod.write_session_files(folder, report=False)  # the comment is in the report and FHIR on disk too
     return redirect(f"/s/{quote(folder.name)}/")
 
