@@ -127,6 +127,7 @@ _EXTERNAL = {
     ("finder", "cell_margin"): _range(1, 4),
     ("finder", "max_cells"): _range(1, 10_000),
     ("finder", "reference_red_cell_px"): _range(4, 4000),
+    ("finder", "red_cell_px"): _range(0, 4000),
     ("finder", "red_cell_chroma"): _range(0, 150),
 }
 

@@ -69,6 +69,9 @@ class FinderConfig:
     # follow the session's measured red cells when follow_scale is on
     reference_red_cell_px: float = 90.0
     follow_scale: bool = True
+    # this microscope's red-cell diameter in frame pixels, measured once (a long session's report
+    # gives it): every session then cuts at that scale from its first field on (0: measured in each)
+    red_cell_px: float = 0.0
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -236,13 +239,13 @@ class RedCells:
         a red-cell scale too small parts a neutrophil's lobes into cells of their own. Those frames
         are not measured again when they come. True where a diameter was measured."""
         if self.frames or self.seeded:
-            return False
+            return self.diameter is not None
         for bgr in images[: self.first]:
             self._take(
                 red_cell_colour(cv2.cvtColor(bgr, cv2.COLOR_BGR2LAB)), None if self.fixed else red_cell_diameter(bgr)
             )
             self.seeded += 1
-        return bool(self.measures)
+        return self.diameter is not None
 
     def observe(self, bgr: np.ndarray) -> bool:
         """Measure this frame when it is due; True when the diameter may have changed. What it

@@ -369,6 +369,18 @@ def _scale(session: SessionRecord) -> str:
             else ""
         )
         + ")</small>"
+        + (
+            f"; cells cut at {sc['cell_cut_px']:.0f} px"
+            + (
+                ""
+                if sc.get("fixed")
+                else f" <small>(to cut every session of this microscope at this scale from its first field on: "
+                f"<code>[finder] red_cell_px = {sc['red_cell_px']:.0f}</code> and <code>[session] cell_diameter_px = "
+                f"{sc['cell_cut_px']:.0f}</code> in bmc.toml)</small>"
+            )
+            if sc.get("cell_cut_px")
+            else ""
+        )
     )
 
 

@@ -9,6 +9,7 @@ next. With a screen, an OpenCV window shows it live; ``--headless`` prints count
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -139,7 +140,8 @@ class EdgeSession:
                 self.unknown = self.unknown.with_threshold(self.calibration.unknown_threshold, self.calibration.level)
         self.diff = Differential(classifier.labels, config.target, config.review, self.specimen)
         self.scale = CutDiameter(config.cell_diameter_px)
-        self.field_scale = RedCells()  # the red cells' diameter: the field's magnification
+        # the red cells' diameter: the field's magnification (fixed where the device's config gives it)
+        self.field_scale = RedCells(config.finder.red_cell_px or None)
         self._finder = config.finder
         self.lamp = SessionLamp(classifier.contract.lamp, config.white_balance)
         self.tracker = CellTracker()
@@ -190,7 +192,8 @@ class EdgeSession:
             config.mode == "field"
             and config.finder.follow_scale
             and self.field_scale.seed(self.source.peek(self.field_scale.first))
-        ):  # files and videos: the first fields' red cells measured before the first is searched
+        ):  # files and videos: the first fields' red cells measured before the first is searched (a
+            # scale fixed in the config: from the first field of any source)
             self._finder = scaled(config.finder, self.field_scale.diameter)
             self.store.record_scale(self.field_scale.to_dict())
         if self.store.resume_after is not None:
@@ -464,6 +467,10 @@ class EdgeSession:
             r.seconds = time.perf_counter() - t_start
             r.status = status
             self._judge_the_rest()
+            if self.scale.diameter and self.cfg.mode == "field":  # the scale it cut at, for the report
+                with contextlib.suppress(StorageFull, sqlite3.Error):
+                    cut = round(self.scale.diameter, 1)
+                    self.store.record_scale({**self.field_scale.to_dict(), "cell_cut_px": cut})
             self.store.close(status)
             self._write_files()
             if self._window:

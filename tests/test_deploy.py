@@ -177,3 +177,39 @@ def test_a_batch_run_counts_with_the_devices_config_and_the_command_line_on_top(
     bad.write_text("[review]\nmin_confidence = 2\n")
     p = bmc("edge", "run", fields, "--out", tmp_path / "c", "--config", bad, check=False)
     assert p.returncode == 2 and "min_confidence must be between 0 and 1" in p.stderr and not (tmp_path / "c").exists()
+
+
+def test_with_the_microscopes_scale_in_the_config_a_field_gives_the_same_cells_alone_as_in_a_session(tmp_path, bccd):
+    """A long session's report gives the scale it settled on and the two settings that fix it; with them
+    in bmc.toml, a field alone is found and called exactly as in a session of ten (without them, alone,
+    it is cut at its own red cells' measure: BCCD 00010, a neutrophil's lobe found as a cell)."""
+    import re
+    import sqlite3
+
+    names = [f"BloodImage_000{i}.jpg" for i in range(10, 20)]
+    ten, alone = tmp_path / "ten", tmp_path / "alone"
+    ten.mkdir()
+    alone.mkdir()
+    for n in names:
+        (ten / n).symlink_to(bccd / "JPEGImages" / n)
+    (alone / names[0]).symlink_to(bccd / "JPEGImages" / names[0])
+    bmc("edge", "run", ten, "--out", tmp_path / "long", "--headless")
+    report = (tmp_path / "long" / "report.html").read_text()
+    red = re.search(r"\[finder\] red_cell_px = (\d+)", report).group(1)
+    cut = re.search(r"\[session\] cell_diameter_px = (\d+)", report).group(1)
+    cfg = tmp_path / "bmc.toml"
+    cfg.write_text(f"[finder]\nred_cell_px = {red}\n[session]\ncell_diameter_px = {cut}\n")
+
+    def cells(out, field=names[0]):
+        db = sqlite3.connect(out / "session.sqlite")
+        rows = db.execute("SELECT x, y, w, h, label, confidence, flag FROM cell WHERE source = ?", (field,)).fetchall()
+        db.close()
+        return rows
+
+    bmc("edge", "run", alone, "--out", tmp_path / "a0", "--headless")
+    bmc("edge", "run", alone, "--out", tmp_path / "a1", "--headless", "--config", cfg)
+    bmc("edge", "run", ten, "--out", tmp_path / "t1", "--headless", "--config", cfg)
+    assert cells(tmp_path / "a0") != cells(tmp_path / "long")  # its own measure alone: another count
+    assert cells(tmp_path / "a1") == cells(tmp_path / "t1") and len(cells(tmp_path / "a1")) == 2
+    assert "cells cut at" in (tmp_path / "a1" / "report.html").read_text()
+    assert "[finder] red_cell_px =" not in (tmp_path / "a1" / "report.html").read_text()  # fixed: no advice
