@@ -288,6 +288,29 @@ def test_listening_beyond_loopback_without_a_password_is_refused(storage, tmp_pa
     for bad in ("127.0.0.1:99999", "127.0.0.1:http"):
         p = bmc("edge", "ui", "--storage", storage, "--listen", bad, check=False, timeout=60)
         assert p.returncode == 2 and f"'{bad}'" in p.stderr and "--listen" in p.stderr, p.stderr
+    # technicians sharing the device's screen each sign in with --sign-in: not without a password
+    p = bmc("edge", "ui", "--storage", storage, "--listen", "127.0.0.1:0", "--sign-in", "--config-dir",
+            tmp_path / "none", check=False, timeout=60)  # fmt: skip
+    assert p.returncode == 2 and "signing in needs a password" in p.stderr
+    auth.set_password(tmp_path / "cfg", PASSWORD)
+    ui = subprocess.Popen(
+        [sys.executable, "-m", "bmc.cli", "edge", "ui", "--storage", str(storage), "--listen", "127.0.0.1:0",
+         "--sign-in", "--config-dir", str(tmp_path / "cfg")],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+    )  # fmt: skip
+    try:
+        line = ""
+        while not line.startswith("bmc screen on"):
+            line = ui.stdout.readline()
+            assert line, "the screen did not start"
+        port = int(re.search(r":(\d+)/", line).group(1))
+        c = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        c.request("GET", "/", headers={"Host": f"127.0.0.1:{port}"})
+        r = c.getresponse()
+        assert r.status == 303 and r.getheader("Location") == "/login"  # a local client signs in too
+    finally:
+        ui.terminate()
+        ui.wait(timeout=30)
     # a review key for a class no model here has (a typo) would be silently unused: refused, naming it
     cfg = tmp_path / "bmc.toml"
     cfg.write_text("[screen]\nkeys = { neutrofil = 'n' }\n")

@@ -231,6 +231,13 @@ def edge_serve(config_path: str) -> None:
 @click.option("--set-password", is_flag=True, help="set the screen's password on this device, then stop")
 @click.option("--by", "user", help="on loopback: who decides (default: the logged-in user)")
 @click.option("--source", help="what the Live page records from (default: the config's [camera] source)")
+@click.option(
+    "--sign-in",
+    "sign_in_local",
+    is_flag=True,
+    help="on loopback too, every person signs in with their name (technicians sharing the device's screen); "
+    "needs the password set",
+)
 def edge_ui(
     config_path: str | None,
     storage: str | None,
@@ -239,6 +246,7 @@ def edge_ui(
     set_password: bool,
     user: str | None,
     source: str | None,
+    sign_in_local: bool,
 ) -> None:
     """The technician's screen in a browser: sessions, differentials with their 95% limits, review
     by click or key, reports, the device check. Loopback only unless a password is set."""
@@ -283,12 +291,12 @@ def edge_ui(
         click.echo(f"sessions are kept in {folder} (--storage FOLDER or --config bmc.toml for another)")
     if not os.path.isdir(folder):
         raise CliFail(f"{folder}: no such storage folder")
-    sign_in = not is_loopback(host)
+    sign_in = sign_in_local or not is_loopback(host)
     stored = auth.stored_hash(cdir)
     if sign_in and not stored:
+        why = "signing in" if sign_in_local and is_loopback(host) else f"listening on {host} (beyond this computer)"
         raise CliFail(
-            f"listening on {host} (beyond this computer) needs a password: bmc edge ui --set-password"
-            + (f" --config-dir {cdir}" if config_dir else "")
+            f"{why} needs a password: bmc edge ui --set-password" + (f" --config-dir {cdir}" if config_dir else "")
         )
     from bmc.edge_app.factory import session_config
     from bmc.edge_app.ui.live import LiveRunner
