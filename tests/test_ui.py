@@ -1089,3 +1089,18 @@ def test_sign_in_state_is_bounded_and_the_rate_limit_counts_before_it_checks():
     ok = limit.attempt("10.0.0.8")
     limit.succeeded("10.0.0.8", ok)  # a right password is no failure
     assert all(limit.attempt("10.0.0.8") is not None for _ in range(5))
+
+
+def test_a_decision_on_a_cells_own_page_returns_to_that_page(local, storage):
+    cid = _first_pending(storage)
+    status, headers, page = local.request("GET", f"/s/20261128-0900/cell/{cid}")
+    assert status == 200 and f"name='cell' value='{cid}'><input type='hidden' name='seen' value='0'>".encode() in page
+    referer = f"http://127.0.0.1:{local.port}/s/20261128-0900/cell/{cid}"
+    status, headers, _ = local.request(
+        "POST",
+        "/s/20261128-0900/decide",
+        f"csrf={_csrf(page)}&cell={cid}&seen=0&label=monocyte",
+        {"Cookie": _cookie(headers), "Referer": referer},
+    )
+    assert status == 303 and headers["Location"] == f"/s/20261128-0900/cell/{cid}"
+    assert [r for r in _reviews(storage) if r[0] == cid] == [(cid, "monocyte", "anna")]

@@ -303,6 +303,10 @@ def edge_ui(
 
     model = (cfg.model.path or None) if cfg else None
     src = source or (cfg.camera.source if cfg else None)
+    from bmc.edge_app.sources import is_camera
+
+    if src and not is_camera(src) and not any(ch in src for ch in "*?[") and not os.path.exists(src):
+        click.echo(f"warning: the Live page's source {src} does not exist: Start will say so until it does", err=True)
     live = None
     if src:
         cam = {k: getattr(cfg.camera, k) for k in ("width", "height", "fps", "fourcc")} if cfg and not source else {}

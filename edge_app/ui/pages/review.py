@@ -196,5 +196,8 @@ def decide(app: Screen, req: Request) -> Response:
     report_mod.write_session_files(folder, report=False)  # the report too, where one was written
     if req.wants_json:
         return Response(json.dumps({"cell": cell, "label": label, "by": req.user}), ctype="application/json")
-    back = "?for=adapt" if "for=adapt" in str(req.environ.get("HTTP_REFERER") or "") else ""
+    referer = str(req.environ.get("HTTP_REFERER") or "")
+    if f"/s/{quote(folder.name)}/cell/{cell}" in referer:  # decided on the cell's own page: back to it
+        return redirect(f"/s/{quote(folder.name)}/cell/{cell}")
+    back = "?for=adapt" if "for=adapt" in referer else ""
     return redirect(f"/s/{quote(folder.name)}/review{back}")
