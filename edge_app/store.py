@@ -301,6 +301,9 @@ class SessionStore:
         except (OSError, sqlite3.Error):
             pass
         self.db.close()
+        with contextlib.suppress(OSError):  # nobody records now: no pid left in the lock file to mislead
+            self._lock.seek(0)
+            self._lock.truncate()
         self._lock.close()
 
 

@@ -46,6 +46,7 @@ def test_run_writes_database_csv_and_crops(fields, tmp_path):
     out = tmp_path / "s"
     p = bmc("edge", "run", fields, "--out", out, "--headless")
     assert "session finished" in p.stdout and "1 corrupt" in p.stdout
+    assert (out / "session.lock").read_text() == ""  # released: no pid of a process long gone
     rows = list(csv.DictReader(open(out / "cells.csv")))
     waiting = sum(bool(r["flag"]) for r in rows)  # another microscope: some cells are set aside
     assert waiting and f"{waiting} cells wait for review (not counted yet): bmc edge review {out}" in p.stdout
