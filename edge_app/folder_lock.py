@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import logging
 import os
 import tempfile
 import threading
@@ -25,6 +26,8 @@ from pathlib import Path
 from typing import TextIO
 
 from bmc.errors import BmcError
+
+log = logging.getLogger(__name__)
 
 
 class SessionFolderError(BmcError, RuntimeError):
@@ -51,7 +54,7 @@ def lock_folder(out_dir: Path) -> TextIO:
             break
         except BlockingIOError:
             # a reader asking whether the folder is recorded holds the lock for an instant (the
-            # screen does, many times a second): only a lock still held after a second is a recorder's
+            # screen does, many times a second): only a lock held longer than PROBE_WAIT_S is a recorder's
             if time.monotonic() < deadline:
                 time.sleep(0.01)
                 continue
@@ -87,9 +90,14 @@ def is_locked(out_dir: str | Path) -> bool:
 def unrecorded(out_dir: str | Path) -> Iterator[bool]:
     """True, with the folder's lock held until the block ends, where no process records into
     ``out_dir``; False where one does (or the lock cannot be opened: a read-only folder). What a
-    process that finds sessions left 'running' does under it cannot race a recorder starting."""
+    process that finds sessions left 'running' does under it cannot race a recorder starting. A folder
+    with no lock file was never recorded here (a copy, an export): True, and none is made in it."""
+    path = Path(out_dir) / LOCK_NAME
+    if not path.exists():
+        yield True
+        return
     try:
-        fh = open(Path(out_dir) / LOCK_NAME, "a+")
+        fh = open(path, "a+")
     except OSError:
         yield False
         return
@@ -140,11 +148,21 @@ def outputs(out_dir: str | Path) -> Iterator[None]:
 
 
 def _outputs_lock_file(key: str) -> TextIO | None:
-    """The lock file of a folder's outputs (every user of the device may take it), or None."""
+    """The lock file of a folder's outputs, or None (said in the log: the folder is then guarded
+    within this process only). Every user of the device may take it (the service, the screen and a
+    technician's command may run as different users): the folder is sticky and world-writable as
+    /tmp is, each lock file writable by all, whatever the umask."""
     try:
-        OUTPUTS_LOCKS.mkdir(mode=0o777, exist_ok=True)
+        try:
+            OUTPUTS_LOCKS.mkdir()
+            os.chmod(OUTPUTS_LOCKS, 0o1777)
+        except FileExistsError:
+            pass
         path = OUTPUTS_LOCKS / (hashlib.sha256(key.encode()).hexdigest()[:32] + ".lock")
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-    except OSError:
+        if os.fstat(fd).st_uid == os.geteuid():
+            os.fchmod(fd, 0o666)
+    except OSError as e:
+        log.warning("%s: no lock file for its outputs (%s); guarded within this process only", key, e)
         return None
     return os.fdopen(fd, "a+")

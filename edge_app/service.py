@@ -14,6 +14,7 @@ import glob
 import os
 import shutil
 import signal
+import stat
 import tempfile
 import threading
 from collections.abc import Callable
@@ -65,9 +66,11 @@ def rotate(
 
 def export(session: str | Path, dest: str | Path) -> Path:
     """Copy a finished session (CSV, HTML report, FHIR DiagnosticReport, crops, database) to ``dest``
-    (a USB stick). One export of a folder at a time (its outputs lock: a second one, from another
-    screen or a command, waits its turn), each through its own temporary folder on the stick, and
-    the folder is marked exported only once the copy stands complete under its name."""
+    (a USB stick). Each export goes through its own temporary folder on the stick. The folder's
+    outputs lock is held only while its derived files are written and copied with the database, and
+    again while the copy takes its name and the folder is marked exported (only once the copy stands
+    whole): the crops, the slow part, are copied without it, so decisions on the screen meanwhile
+    do not wait for the stick."""
     from bmc.edge_app import fhir
     from bmc.edge_app.folder_lock import outputs
     from bmc.edge_app.report import write_session_files
@@ -78,19 +81,21 @@ def export(session: str | Path, dest: str | Path) -> Path:
     if not dest.is_dir():
         raise FileNotFoundError(f"{dest}: export destination not found (is the USB stick mounted?)")
     files = ("cells.csv", "differential.csv", "report.html", "differential.fhir.json")
-    with outputs(session):
-        fhir.write(session)
-        write_session_files(session)
-        target = dest / session.name
-        tmp = Path(tempfile.mkdtemp(prefix=f"{session.name}.partial-", dir=dest))
-        try:
+    target = dest / session.name
+    tmp = Path(tempfile.mkdtemp(prefix=f"{session.name}.partial-", dir=dest))
+    try:
+        os.chmod(tmp, stat.S_IMODE(session.stat().st_mode))  # the session folder's mode, not mkdtemp's 0700
+        with outputs(session):  # one moment's files and database, together
+            fhir.write(session)
+            write_session_files(session)
             # a consistent copy of the database even if a writer is attached: SQLite's online backup
             sessiondb.backup(session, tmp / sessiondb.DB_NAME)
             for name in files:
                 shutil.copy2(session / name, tmp / name)
-            if (session / "crops").is_dir():
-                shutil.copytree(session / "crops", tmp / "crops")
-            os.sync()
+        if (session / "crops").is_dir():  # written once each, never changed: no lock needed
+            shutil.copytree(session / "crops", tmp / "crops")
+        os.sync()
+        with outputs(session):  # two exports of one folder: one takes the name at a time
             if target.exists():
                 old = Path(tempfile.mkdtemp(prefix=f"{session.name}.old-", dir=dest))
                 target.rename(old / session.name)  # the earlier copy stands aside until this one is in place
@@ -98,15 +103,15 @@ def export(session: str | Path, dest: str | Path) -> Path:
                 shutil.rmtree(old, ignore_errors=True)
             else:
                 tmp.rename(target)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        missing = [n for n in (sessiondb.DB_NAME, *files) if not (target / n).is_file()]
-        if missing:
-            raise OSError(f"{target}: the copy is missing {', '.join(missing)}; the session is not marked exported")
-        os.sync()
-        stamp = datetime.datetime.now(datetime.timezone.utc).isoformat()
-        (session / EXPORTED_MARK).write_text(f"{stamp} {target}\n")
+            missing = [n for n in (sessiondb.DB_NAME, *files) if not (target / n).is_file()]
+            if missing:
+                raise OSError(f"{target}: the copy is missing {', '.join(missing)}; the session is not marked exported")
+            os.sync()
+            stamp = datetime.datetime.now(datetime.timezone.utc).isoformat()
+            (session / EXPORTED_MARK).write_text(f"{stamp} {target}\n")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return target
 
 

@@ -735,3 +735,22 @@ def test_a_sessions_first_field_is_cut_at_the_scale_of_its_first_five(bccd, tmp_
     expected = float(np.median([red_cell_diameter(cv2.imread(str(fields / n))) for n in names[:5]]))
     assert config["scale"]["red_cell_px"] == round(expected, 1) and config["scale"]["measured_frames"] == 5
     assert found[names[0]] == boxes[names[0]] == 2
+
+
+def test_a_folder_named_like_an_image_or_a_broken_link_among_the_first_fields_is_skipped(bccd, tmp_path, clf):
+    """The first fields are read ahead (their red cells measured before the first is searched): a
+    folder named like an image or a link to nothing among them is skipped and counted there, as the
+    session skips it, and the session records every other field."""
+    fields = tmp_path / "fields"
+    fields.mkdir()
+    names = [f"BloodImage_0000{i}.jpg" for i in range(6)]
+    for n in names:
+        (fields / n).symlink_to(bccd / "JPEGImages" / n)
+    (fields / "BloodImage_00001b.jpg").mkdir()
+    (fields / "BloodImage_00002b.jpg").symlink_to(tmp_path / "gone.jpg")
+    r = EdgeSession(str(fields), clf, tmp_path / "s", SessionConfig(), echo=lambda m: None).run()
+    assert r.status == "finished" and r.frames == len(names) + 2 and r.corrupt_frames == 2  # every file met
+    db = sqlite3.connect(tmp_path / "s" / "session.sqlite")
+    errors = dict(db.execute("SELECT source, error FROM frame WHERE error != ''").fetchall())
+    db.close()
+    assert set(errors) == {"BloodImage_00001b.jpg", "BloodImage_00002b.jpg"} and all(errors.values())

@@ -403,6 +403,13 @@ def test_a_technician_reviews_three_cells_in_a_real_browser(local, storage, brow
     after(lambda: browser.switch_to.active_element.send_keys("b"), top, 4)
     assert _reviews(storage)[-1] == (third, None, "anna")
     browser.save_screenshot(str(shots / "after_review.png"))
+    # 5. a decision on a cell's own page returns to that page (the form says so: no Referer is sent)
+    browser.get(base + f"/s/20261128-0900/cell/{third}")
+    old_page = browser.find_element(By.TAG_NAME, "body")
+    browser.find_element(By.CSS_SELECTOR, "button[value='monocyte']").click()
+    WebDriverWait(browser, 30).until(EC.staleness_of(old_page))
+    assert browser.current_url == base + f"/s/20261128-0900/cell/{third}"
+    assert _reviews(storage)[-1] == (third, "monocyte", "anna") and "Decided: " in browser.page_source
     browser.get(base + "/s/20261128-0900/report")
     # the report is built for this request (a few seconds on a loaded machine): wait for it, up to 60 s
     WebDriverWait(browser, 60).until(lambda d: "Differential count" in d.page_source)
@@ -1005,6 +1012,7 @@ def test_exports_of_one_folder_at_once_each_leave_a_whole_copy(storage, tmp_path
     assert db.execute("SELECT COUNT(*) FROM cell").fetchone()[0] > 0
     db.close()
     assert (folder / EXPORTED_MARK).read_text().split()[-1] == str(copy)
+    assert copy.stat().st_mode & 0o777 == folder.stat().st_mode & 0o777  # readable as the session is, not 0700
 
 
 def test_two_presses_of_start_start_one_session_that_stop_stops(storage, bccd, tmp_path):
@@ -1078,10 +1086,11 @@ def test_sign_in_state_is_bounded_and_the_rate_limit_counts_before_it_checks():
     from concurrent.futures import ThreadPoolExecutor
 
     sessions = auth.Sessions(most=50)
-    first = sessions.create("anna")
+    first, working = sessions.create("anna"), sessions.create("ben")
     for _ in range(200):
         sessions.create("anna")
-    assert len(sessions) == 50 and sessions.get(first) is None
+        assert sessions.get(working) is not None  # ben keeps working meanwhile
+    assert len(sessions) == 50 and sessions.get(first) is None and sessions.get(working) is not None
     limit = auth.RateLimit(attempts=5)
     with ThreadPoolExecutor(40) as pool:
         let_through = [a for a in pool.map(lambda _: limit.attempt("10.0.0.7"), range(40)) if a is not None]
@@ -1095,12 +1104,37 @@ def test_a_decision_on_a_cells_own_page_returns_to_that_page(local, storage):
     cid = _first_pending(storage)
     status, headers, page = local.request("GET", f"/s/20261128-0900/cell/{cid}")
     assert status == 200 and f"name='cell' value='{cid}'><input type='hidden' name='seen' value='0'>".encode() in page
-    referer = f"http://127.0.0.1:{local.port}/s/20261128-0900/cell/{cid}"
+    assert b"name='back' value='cell'" in page  # the form says where it came from: the screen sends no Referer
     status, headers, _ = local.request(
         "POST",
         "/s/20261128-0900/decide",
-        f"csrf={_csrf(page)}&cell={cid}&seen=0&label=monocyte",
-        {"Cookie": _cookie(headers), "Referer": referer},
+        f"csrf={_csrf(page)}&cell={cid}&seen=0&back=cell&label=monocyte",
+        {"Cookie": _cookie(headers)},
     )
     assert status == 303 and headers["Location"] == f"/s/20261128-0900/cell/{cid}"
     assert [r for r in _reviews(storage) if r[0] == cid] == [(cid, "monocyte", "anna")]
+
+
+def test_the_outputs_lock_is_every_users_and_a_copy_gains_no_lock_file(storage, tmp_path, monkeypatch):
+    """The service, the screen and a technician's command may run as different users: the outputs
+    lock's folder is sticky and world-writable, its files writable by all, whatever the umask. A
+    decision in an exported copy (no session.lock: never recorded there) leaves no lock file in it."""
+    import stat
+
+    from bmc.edge_app import folder_lock
+    from bmc.edge_app.review import Reviewer
+
+    monkeypatch.setattr(folder_lock, "OUTPUTS_LOCKS", tmp_path / "locks")
+    old = os.umask(0o077)
+    try:
+        with folder_lock.outputs(storage / "20261128-0900"):
+            pass
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "locks").stat().st_mode) == 0o1777
+    assert [stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "locks").iterdir()] == [0o666]
+    copy = tmp_path / "copy"
+    shutil.copytree(storage / "20261128-0900", copy, ignore=shutil.ignore_patterns("session.lock"))
+    with Reviewer(copy, "anna") as r:
+        r.decide(_first_pending(storage), "rejected")
+    assert not (copy / "session.lock").exists()

@@ -175,8 +175,12 @@ def edge_run(
                 white_balance=models.white_balance,
                 **{k: v for k, v in chosen.items() if v is not None},
             )
-        # a model named on the command line runs as it is; none: the configured or the shipped one
-        clf = classifier(models, model)
+        # a model named on the command line runs as it is; none: the one made active on the device's
+        # screen (as the service counts), else the configured or the shipped one
+        from bmc.edge_app.active import active_model
+
+        active = active_model(device.storage.folder) if device is not None and not model else None
+        clf = classifier(models, model or active)
         session_target[0] = cfg.target
         return EdgeSession(source, clf, out_dir, cfg, echo=click.echo).run()
 

@@ -109,7 +109,7 @@ class ImageFiles(FrameSource):
                 break
             try:
                 out.append(read_image(str(p)))
-            except ValueError:
+            except (ValueError, OSError):
                 continue  # skipped as the session skips it
         return out
 
@@ -123,6 +123,8 @@ class ImageFiles(FrameSource):
                 img, err = read_image(str(p)), ""
             except ValueError as e:
                 img, err = None, str(e)
+            except OSError as e:  # a folder named like an image, a link to nothing: skipped, counted, named
+                img, err = None, f"{p}: cannot be read ({e.strerror or e})"
             yield Frame(img, p.name, i, time.time(), True, err)
 
 

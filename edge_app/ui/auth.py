@@ -91,7 +91,9 @@ class Sessions:
             for t in [t for t, item in self._by_token.items() if item[2] < now]:
                 del self._by_token[t]
             while len(self._by_token) >= self.most:
-                del self._by_token[next(iter(self._by_token))]  # insertion order: the oldest first
+                # the least recently used first (get() moves a session to the end): a client that never
+                # sends its cookie back does not sign out the technician at work
+                del self._by_token[next(iter(self._by_token))]
             self._by_token[token] = (user, secrets.token_urlsafe(32), now + self.lifetime)
         return token
 
@@ -110,6 +112,7 @@ class Sessions:
             if item[2] < time.time():
                 del self._by_token[token]
                 return None
+            self._by_token[token] = self._by_token.pop(token)  # now the most recently used
             return item[0], item[1]
 
     def end(self, token: str | None) -> None:

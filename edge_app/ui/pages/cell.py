@@ -98,7 +98,7 @@ def cell_page(app: Screen, req: Request) -> Response:
     # as the audited review row; the earlier decision stays in the trail
     change = html(
         "<form method='post' action='/s/{name}/decide'>{csrf}<input type='hidden' name='cell' value='{id}'>"
-        "<input type='hidden' name='seen' value='{seen}'>"
+        "<input type='hidden' name='seen' value='{seen}'><input type='hidden' name='back' value='cell'>"
         "<p>{ask}: {buttons}<button name='label' value='rejected'>not a cell</button></p></form>",
         name=name,
         csrf=hidden_csrf(req.csrf),

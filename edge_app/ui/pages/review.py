@@ -46,19 +46,22 @@ def key_layout(keys: Mapping[str, str], labels: Iterable[str]) -> dict[str, str]
     return dict(sorted(out.items(), key=lambda kv: (not kv[1].isdigit(), kv[1])))
 
 
-def _card(app: Screen, c: ReviewedCell, decided: bool, name: str, csrf: str) -> Html:
+def _card(app: Screen, c: ReviewedCell, decided: bool, name: str, csrf: str, back: str = "") -> Html:
+    """A cell of the review grid; ``back``: where its decision returns to ('adapt': the teaching
+    queue), carried in the form (the screen sends no Referer)."""
     top = Html.join(html("<li>{l} {p:.2f}</li>", l=l, p=p) for l, p in c.top(3))
     if decided:
         state = html(
             "<p class='decided'>{label} by {who}</p><form method='post' action='/s/{name}/undo'>{csrf}"
             "<input type='hidden' name='cell' value='{id}'><input type='hidden' name='seen' value='{seen}'>"
-            "<button data-key='b'>b undo</button></form>",
+            "<input type='hidden' name='back' value='{back}'><button data-key='b'>b undo</button></form>",
             label=c.reviewed_label or "",
             who=c.reviewer,
             name=name,
             csrf=hidden_csrf(csrf),
             id=c.id,
             seen=c.review_id,
+            back=back,
         )
     else:
         buttons = Html.join(
@@ -67,7 +70,7 @@ def _card(app: Screen, c: ReviewedCell, decided: bool, name: str, csrf: str) -> 
         )
         state = html(
             "<form method='post' action='/s/{name}/decide'>{csrf}<input type='hidden' name='cell' value='{id}'>"
-            "<input type='hidden' name='seen' value='{seen}'>"
+            "<input type='hidden' name='seen' value='{seen}'><input type='hidden' name='back' value='{back}'>"
             "{buttons}<button name='label' value='{call}' data-key='Enter'>Enter: {call}</button>"
             "<button name='label' value='rejected' data-key='x'>x not a cell</button></form>",
             name=name,
@@ -76,6 +79,7 @@ def _card(app: Screen, c: ReviewedCell, decided: bool, name: str, csrf: str) -> 
             seen=c.review_id,
             buttons=buttons,
             call=c.model_label,
+            back=back,
         )
     img = (
         html("<img src='/s/{name}/crop?id={id}' alt='cell {id}' width='160' height='160'>", name=name, id=c.id)
@@ -152,10 +156,10 @@ def review_page(app: Screen, req: Request) -> Response:
         what="to name for adaptation" if teach else "wait for review",
         switch=switch,
         showing=showing,
-        todo=Html.join(_card(app, c, False, name, req.csrf) for c in shown),
+        todo=Html.join(_card(app, c, False, name, req.csrf, "adapt" if teach else "") for c in shown),
         done=len(done),
         latest=", the latest 100 shown" if len(done) > 100 else "",
-        decided=Html.join(_card(app, c, True, name, req.csrf) for c in done[:100]),
+        decided=Html.join(_card(app, c, True, name, req.csrf, "adapt" if teach else "") for c in done[:100]),
     )
     return app.page(f"Review — {folder.name}", body, req)
 
@@ -189,15 +193,18 @@ def decide(app: Screen, req: Request) -> Response:
         raise HttpError(
             "409 Conflict",
             for_screen(str(e), folder),
-            link=(f"/s/{quote(folder.name)}/review", "back to review, as it is now"),
+            link=(
+                (f"/s/{quote(folder.name)}/cell/{cell}", "back to the cell, as it is now")
+                if req.form.get("back") == "cell"
+                else (f"/s/{quote(folder.name)}/review", "back to review, as it is now")
+            ),
         ) from e
     except review.ReviewError as e:
         raise HttpError("400 Bad Request", for_screen(str(e), folder)) from e
     report_mod.write_session_files(folder, report=False)  # the report too, where one was written
     if req.wants_json:
         return Response(json.dumps({"cell": cell, "label": label, "by": req.user}), ctype="application/json")
-    referer = str(req.environ.get("HTTP_REFERER") or "")
-    if f"/s/{quote(folder.name)}/cell/{cell}" in referer:  # decided on the cell's own page: back to it
+    back = req.form.get("back", "")  # where the form came from (the screen sends no Referer)
+    if back == "cell":  # decided on the cell's own page: back to it
         return redirect(f"/s/{quote(folder.name)}/cell/{cell}")
-    back = "?for=adapt" if "for=adapt" in referer else ""
-    return redirect(f"/s/{quote(folder.name)}/review{back}")
+    return redirect(f"/s/{quote(folder.name)}/review{'?for=adapt' if back == 'adapt' else ''}")
