@@ -118,10 +118,13 @@ class LiveRunner:
             self.session.pause(paused)
 
     def stop(self, wait_s: float = 30.0) -> None:
-        if self.session is not None:
-            self.session.stop()
-        if self.thread is not None:
-            self.thread.join(wait_s)
+        """Stop the session; pressed while one is starting, it stops that one once started."""
+        with self._starting:
+            session, thread = self.session, self.thread
+        if session is not None:
+            session.stop()
+        if thread is not None:
+            thread.join(wait_s)
 
     def state(self) -> dict[str, Any]:
         s = self.session
