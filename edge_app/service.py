@@ -59,7 +59,10 @@ def rotate(
         if pct <= max_percent and free >= min_free_mb:
             break
         if is_exported(s):
-            shutil.rmtree(s)
+            from bmc.edge_app.folder_lock import outputs
+
+            with outputs(s):  # not while its files are rewritten or it is exported again
+                shutil.rmtree(s)
             removed.append(s)
     return removed
 
