@@ -435,6 +435,8 @@ def test_the_review_keys_follow_the_layout_the_technician_set(storage, browser):
         # the configured keys, and the free digits for the other classes, commonest first
         assert keys["lymphocyte"] == "l" and keys["neutrophil"] == "1"
         assert (keys["monocyte"], keys["eosinophil"], keys["basophil"]) == ("2", "3", "4")
+        # the buttons stay in the classes' order (the commonest first): a lettered class keeps its place
+        assert list(keys)[:3] == ["neutrophil", "lymphocyte", "monocyte"]
         cid = int(first.get_attribute("data-cell"))
         browser.switch_to.active_element.send_keys("l")
         WebDriverWait(browser, 30).until(lambda d: _reviews(storage))

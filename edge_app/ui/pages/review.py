@@ -43,7 +43,9 @@ def key_layout(keys: Mapping[str, str], labels: Iterable[str]) -> dict[str, str]
     for l in sorted(labels, key=_by_frequency):
         if l not in out and free:
             out[l] = free.pop(0)
-    return dict(sorted(out.items(), key=lambda kv: (not kv[1].isdigit(), kv[1])))
+    # the buttons in the classes' order (the commonest first), whichever keys they have: a class keeps
+    # its place in the row when the laboratory gives it a letter
+    return dict(sorted(out.items(), key=lambda kv: _by_frequency(kv[0])))
 
 
 def _card(app: Screen, c: ReviewedCell, decided: bool, name: str, csrf: str, back: str = "") -> Html:
