@@ -25,7 +25,7 @@ import numpy as np
 
 from bmc.edge_app import sessiondb
 from bmc.edge_app.cells import CellCall
-from bmc.edge_app.folder_lock import LOCK_NAME, SessionFolderError, is_locked, lock_folder
+from bmc.edge_app.folder_lock import LOCK_NAME, SessionFolderError, is_locked, lock_folder, outputs
 from bmc.edge_app.sessiondb import RecordedConfig
 
 __all__ = ["LOCK_NAME", "SessionFolderError", "is_locked", "lock_folder"]
@@ -297,7 +297,8 @@ class SessionStore:
         except sqlite3.OperationalError:
             pass  # disk full: the session stays 'running', which readers treat as interrupted
         try:
-            write_csv(self.dir)
+            with outputs(self.dir):  # in turn with the screen's rewrites after decisions
+                write_csv(self.dir)
         except (OSError, sqlite3.Error):
             pass
         self.db.close()

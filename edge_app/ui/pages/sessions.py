@@ -157,8 +157,11 @@ def session_page(app: Screen, req: Request, refused: tuple[str, str] | None = No
 
 
 def report(app: Screen, req: Request) -> Response:
+    from bmc.edge_app.folder_lock import outputs
+
     folder = app.session_folder(req.params["session"])
-    return Response(report_mod.build_report(folder).read_bytes(), csp=REPORT_CSP)
+    with outputs(folder):  # rebuilt and read in one turn: a decision's rewrite lands before or after
+        return Response(report_mod.build_report(folder).read_bytes(), csp=REPORT_CSP)
 
 
 def fhir_export(app: Screen, req: Request) -> Response:
