@@ -89,8 +89,9 @@ def export(session: str | Path, dest: str | Path) -> Path:
     try:
         os.chmod(tmp, stat.S_IMODE(session.stat().st_mode))  # the session folder's mode, not mkdtemp's 0700
         with outputs(session):  # one moment's files and database, together
-            fhir.write(session)
-            write_session_files(session)
+            write_session_files(session)  # the FHIR document too, where one was written before
+            if not (session / "differential.fhir.json").exists():
+                fhir.write(session)
             # a consistent copy of the database even if a writer is attached: SQLite's online backup
             sessiondb.backup(session, tmp / sessiondb.DB_NAME)
             for name in files:

@@ -261,22 +261,28 @@ def test_cells_called_a_class_counted_apart_enter_neither_the_error_rate_nor_the
     assert apart.accuracy < every.accuracy and apart.correct == sum(truth[i] == 0 for i in range(n) if called[i] != 2)
 
 
-def test_the_bench_checks_the_statement_on_the_differential_the_screen_shows(bccd, tmp_path):
-    """``bench autonomy`` measures the stated accuracy on every cell counted unaided into the
-    differential, not only on the field's white cell: a lobe or a red cell counted as a leukocyte is
-    an error a technician sees in the count, and the random sample's statement counts it as one."""
+def _session_over_fields(bccd, tmp_path, n: int):
+    """(the first ``n`` single-white-cell BCCD fields, the database of the shipped model's session over them)."""
     from bmc.benchmarks.adapt import run_session
-    from bmc.benchmarks.autonomy import cells_of, in_differential, score
-    from bmc.edge_app import review, sessiondb
     from bmc.edge_app.classifier import DEFAULT_MODEL
 
     fields = tmp_path / "fields"
     fields.mkdir()
-    found = single_cell_fields(bccd)[:30]
+    found = single_cell_fields(bccd)[:n]
     for f in found:
         (fields / f.image.name).symlink_to(f.image)
     run_session(fields, DEFAULT_MODEL, tmp_path / "s", "field", 1, 2)
-    db_path = tmp_path / "s" / "session.sqlite"
+    return found, tmp_path / "s" / "session.sqlite"
+
+
+def test_the_bench_checks_the_statement_on_the_differential_the_screen_shows(bccd, tmp_path):
+    """``bench autonomy`` measures the stated accuracy on every cell counted unaided into the
+    differential, not only on the field's white cell: a lobe or a red cell counted as a leukocyte is
+    an error a technician sees in the count, and the random sample's statement counts it as one."""
+    from bmc.benchmarks.autonomy import cells_of, in_differential, score
+    from bmc.edge_app import review, sessiondb
+
+    found, db_path = _session_over_fields(bccd, tmp_path, 30)
     listed = in_differential(db_path)
     db = sessiondb.connect(tmp_path / "s")
     try:
@@ -333,19 +339,12 @@ def test_the_gates_ceiling_holds_the_setting_the_session_counted_with(bccd, tmp_
     """``bench autonomy --gates`` replays every setting of the gates on a recorded session: the
     device's own (level 0.98, confidence 0.60, margin 0.15) gives exactly what the session counted,
     so the ceiling it reports is of settings the device really has, and no higher than what they give."""
-    from bmc.benchmarks.adapt import run_session
     from bmc.benchmarks.autonomy import FRONTIER_TARGETS, cells_of, frontier, gate_points, score
     from bmc.edge_app.classifier import DEFAULT_MODEL, CellClassifier
     from bmc.edge_app.differential import ReviewPolicy
     from bmc.edge_app.unknown import DEFAULT_LEVEL
 
-    fields = tmp_path / "fields"
-    fields.mkdir()
-    found = single_cell_fields(bccd)[:40]
-    for f in found:
-        (fields / f.image.name).symlink_to(f.image)
-    run_session(fields, DEFAULT_MODEL, tmp_path / "s", "field", 1, 2)
-    db_path = tmp_path / "s" / "session.sqlite"
+    found, db_path = _session_over_fields(bccd, tmp_path, 40)
     truth = {f.image.name: f.labels[0] for f in found}
     classes = sorted(set(truth.values()))
     names = sorted(truth)

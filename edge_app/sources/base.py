@@ -47,9 +47,15 @@ class FrameSource(abc.ABC):
         if self.native_format not in ("BGR", "RGB"):
             raise SourceError(f"{type(self).__name__}: unknown native format {self.native_format!r}")
         for frame in self._frames():
-            if self.native_format == "RGB" and frame.image is not None and frame.image.ndim == 3:
-                frame.image = np.ascontiguousarray(frame.image[..., 2::-1])
+            if frame.image is not None:
+                frame.image = self._bgr(frame.image)
             yield frame
+
+    def _bgr(self, image: np.ndarray) -> np.ndarray:
+        """An image as the device gave it, in BGR order."""
+        if self.native_format == "RGB" and image.ndim == 3:
+            return np.ascontiguousarray(image[..., 2::-1])
+        return image
 
     @abc.abstractmethod
     def _frames(self) -> Iterator[Frame]: ...
@@ -58,10 +64,7 @@ class FrameSource(abc.ABC):
         """The first ``n`` readable images of the source, BGR whatever the device gives, read apart
         from :meth:`frames` and whatever ``start`` is (a subclass that can read ahead gives them in
         :meth:`_peek`); none from a live source, whose frames are not there yet."""
-        out = self._peek(n)[:n]
-        if self.native_format == "RGB":
-            out = [np.ascontiguousarray(x[..., 2::-1]) if x.ndim == 3 else x for x in out]
-        return out
+        return [self._bgr(x) for x in self._peek(n)[:n]]
 
     def _peek(self, n: int) -> list[np.ndarray]:
         return []
