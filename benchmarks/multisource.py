@@ -28,7 +28,22 @@ import numpy as np
 from bmc.benchmarks.adapt import link_truth_fields
 
 
-def prepare(source, truth_file, split_file, out, seed: int = 1, repeat: int = 5, model=None, log=print) -> dict:
+def prepare(
+    source,
+    truth_file,
+    split_file,
+    out,
+    seed: int = 1,
+    repeat: int = 5,
+    model=None,
+    log=print,
+    labels: str = "truth",
+    orientations: int = 1,
+) -> dict:
+    """``labels="truth"``: each taught field's white cell reviewed with its true class.
+    ``labels="counted"``: nobody reviews; every cell the device counted unaided on the taught fields
+    is harvested as it called it (self-training; the truth file is used for the split and scoring
+    only)."""
     from bmc.benchmarks.autonomy import cells_of, link_fields
     from bmc.edge_app import review
     from bmc.edge_app.classifier import DEFAULT_MODEL, CellClassifier
@@ -48,22 +63,27 @@ def prepare(source, truth_file, split_file, out, seed: int = 1, repeat: int = 5,
         session = out / "session"
         if session.exists():
             shutil.rmtree(session)
-        clf = CellClassifier(model or DEFAULT_MODEL, orientations=1)
+        if labels not in ("truth", "counted"):
+            raise ValueError(f"labels must be 'truth' or 'counted', not {labels!r}")
+        clf = CellClassifier(model or DEFAULT_MODEL, orientations=orientations)
         EdgeSession(
             str(link_fields(flat, taught, tmp / "taught")), clf, session, SessionConfig(), echo=lambda m: None
         ).run()
-        cells = cells_of(session / "session.sqlite")
-        with review.Reviewer(session, "bench (true class)") as r:
-            for f in taught:
-                if f in cells:
-                    r.decide(cells[f][1], truth[f])
-        log(f"{len(taught)} fields run and their white cell reviewed with its true class")
+        if labels == "truth":
+            cells = cells_of(session / "session.sqlite")
+            with review.Reviewer(session, "bench (true class)") as r:
+                for f in taught:
+                    if f in cells:
+                        r.decide(cells[f][1], truth[f])
+            log(f"{len(taught)} fields run and their white cell reviewed with its true class")
+        else:
+            log(f"{len(taught)} fields run; the cells counted unaided keep the device's call")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     cells_dir = out / "cells"
     if cells_dir.exists():
         shutil.rmtree(cells_dir)
-    summary = harvest([session], cells_dir)
+    summary = harvest([session], cells_dir, counted=labels == "counted")
     rows = list(csv.DictReader(open(cells_dir / "manifest.csv", newline="")))
     parts = load_split(split_file)
     added = [Sample(str((cells_dir / r["path"]).resolve()), r["label"], r["group"]) for r in rows]
@@ -78,6 +98,8 @@ def prepare(source, truth_file, split_file, out, seed: int = 1, repeat: int = 5,
         "seed": seed,
         "taught_fields": len(taught),
         "held_out_fields": len(held),
+        "labels": labels,
+        "orientations": orientations,
         "harvested": summary["by_label"],
         "repeat": repeat,
         "split": str(out / "split.json"),

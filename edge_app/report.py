@@ -18,6 +18,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import cv2
+import numpy as np
+
 from bmc.edge_app import review, sessiondb, store
 from bmc.edge_app.differential import NRBC, ClassShare, DifferentialCount, count_interval, differential_of, display
 from bmc.edge_app.folder_lock import is_locked, outputs
@@ -42,14 +45,34 @@ def session_file(out_dir: Path, rel: str) -> Path | None:
     return path if path.is_relative_to(root) and path != root else None
 
 
+# A thumbnail shown at ``size`` CSS pixels is embedded at twice that (sharp on a high-density
+# screen and in print), not as the stored crop (420 px at the shipped scale: the report of one
+# BCCD session fell from 3.3 MB to about 1 MB).
+THUMB_SCALE = 2
+THUMB_QUALITY = 85
+
+
 def _img(out_dir: Path, rel: str, size: int = 72) -> str:
+    missing = '<div class="missing" style="width:{0}px;height:{0}px">{1}</div>'
     path = session_file(out_dir, rel)
     if path is None:
-        return f'<div class="missing" style="width:{size}px;height:{size}px">not in session</div>'
+        return missing.format(size, "not in session")
     try:
-        data = base64.b64encode(path.read_bytes()).decode()
+        raw = np.frombuffer(path.read_bytes(), np.uint8)
     except OSError:
-        return f'<div class="missing" style="width:{size}px;height:{size}px">missing</div>'
+        return missing.format(size, "missing")
+    image = cv2.imdecode(raw, cv2.IMREAD_COLOR) if raw.size else None
+    if image is None:
+        return missing.format(size, "unreadable")
+    side = size * THUMB_SCALE
+    h, w = image.shape[:2]
+    if max(h, w) > side:
+        f = side / max(h, w)
+        image = cv2.resize(image, (max(1, round(w * f)), max(1, round(h * f))), interpolation=cv2.INTER_AREA)
+    ok, buf = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, THUMB_QUALITY])
+    if not ok:
+        return missing.format(size, "unreadable")
+    data = base64.b64encode(buf.tobytes()).decode()
     return f'<img src="data:image/jpeg;base64,{data}" width="{size}" height="{size}" alt="">'
 
 

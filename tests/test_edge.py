@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import base64
 import csv
 import json
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -78,6 +80,14 @@ def test_report_is_self_contained_html(fields, tmp_path):
     assert "white-balanced onto the model's training lamp" in page
     for bad in ("http://", "https://", "<script", 'src="/', "src='/"):
         assert bad not in page
+    # each crop is inlined as a thumbnail at twice its shown size, not as the stored crop
+    shown = re.findall(r'src="data:image/jpeg;base64,([^"]+)" width="(\d+)"', page)
+    assert shown
+    for data, width in shown:
+        thumb = cv2.imdecode(np.frombuffer(base64.b64decode(data), np.uint8), cv2.IMREAD_COLOR)
+        assert thumb is not None and max(thumb.shape[:2]) <= 2 * int(width)
+    stored = cv2.imread(str(next((out / "crops").glob("*.jpg"))))
+    assert max(stored.shape[:2]) > 2 * int(shown[0][1])  # so the test can tell the two apart
 
 
 def test_sigkill_mid_run_loses_no_counted_cell(bccd, tmp_path):

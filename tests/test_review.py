@@ -38,6 +38,10 @@ def _csv(out: Path) -> list[dict]:
     return list(csv.DictReader(open(out / "cells.csv")))
 
 
+def _manifest(dest: Path) -> list[dict]:
+    return list(csv.DictReader(open(dest / "manifest.csv")))
+
+
 def _reviews(out: Path) -> list[tuple]:
     db = sqlite3.connect(out / "session.sqlite")
     rows = db.execute("SELECT cell_id, label, reviewer FROM review ORDER BY id").fetchall()
@@ -234,6 +238,30 @@ def test_reviewed_cells_become_training_data_at_the_trained_scale(session, small
         assert sum(any(s.group == field for s in parts[k]) for k in parts) == 1
     p = bmc("data", "harvest", tmp_path / "nowhere", "--out", tmp_path / "x", check=False)
     assert p.returncode == 2 and "no session.sqlite" in p.stderr
+
+
+def test_self_training_harvests_the_unaided_calls_and_nothing_set_aside(session, tmp_path):
+    """harvest(counted=True), the self-training bench's data: the cells the device counted unaided, as
+    it called them, beside the reviewed ones as the person named them; never a cell set aside and
+    not reviewed, nor a rejected one. The default harvest takes none of the device's own calls."""
+    from bmc.train.harvest import harvest
+
+    with Reviewer(session, "erin") as r:
+        cells = r.cells()
+        counted = [c for c in cells if c.status == "counted"]
+        pending = [c for c in cells if c.status == "pending"]
+        assert counted and len(pending) >= 2, [c.status for c in cells]
+        renamed = next(lab for lab in ("lymphocyte", "monocyte") if lab != pending[0].model_label)
+        r.decide(pending[0].id, renamed)
+        r.decide(pending[1].id, REJECTED)
+    s = harvest([session], tmp_path / "self", counted=True)
+    rows = {int(row["path"].rsplit("_c", 1)[1].split(".")[0]): row["label"] for row in _manifest(tmp_path / "self")}
+    assert rows == {pending[0].id: renamed} | {c.id: c.model_label for c in counted}
+    assert s["sessions"][0]["counted_cells"] == len(counted) and s["sessions"][0]["reviewed_cells"] == 1
+    assert s["reviewers"] == {"erin": 1, "(the device, unaided)": len(counted)}
+    plain = harvest([session], tmp_path / "plain")
+    assert [row["label"] for row in _manifest(tmp_path / "plain")] == [renamed]
+    assert plain["sessions"][0]["counted_cells"] == 0
 
 
 def test_a_spreadsheets_decisions_file_is_read(session):

@@ -7,7 +7,9 @@ a person's label for it. :func:`harvest` turns the reviewed cells of session fol
 set ``bmc train`` reads:
 
 * only cells a person labelled (never the model's own calls: a model taught its own answers
-  learns its own mistakes); ``rejected`` cells are left out;
+  learns its own mistakes); ``rejected`` cells are left out. ``counted=True`` also takes the
+  cells the device counted with no person, labelled by its own call: self-training, measured by
+  ``bmc bench multisource --labels counted`` and not offered by ``bmc data harvest``;
 * each crop is padded, with its own median colour, to the geometry of a training image — the
   model's ``crop_fraction`` centre square of the padded image is the crop itself, so a harvested
   cell spans the same fraction of the model input as a training cell and the trainer's cell-scale
@@ -57,18 +59,30 @@ def training_image(crop: np.ndarray, crop_fraction: float) -> np.ndarray:
     return cv2.copyMakeBorder(crop, top, full - h - top, left, full - w - left, cv2.BORDER_CONSTANT, value=fill)
 
 
-def harvest(sessions, dest, with_data=None, label_from: str = "folder", fallback: Contract | None = None) -> dict:
-    """Write the reviewed cells of ``sessions`` (session folders) to ``dest``; returns a summary."""
+def harvest(
+    sessions,
+    dest,
+    with_data=None,
+    label_from: str = "folder",
+    fallback: Contract | None = None,
+    counted: bool = False,
+) -> dict:
+    """Write the reviewed cells of ``sessions`` (session folders) to ``dest`` (and, with ``counted``,
+    those the device counted unaided, as it called them); returns a summary."""
+    wanted = ("reviewed", "counted") if counted else ("reviewed",)
     dest = Path(dest)
     todo, sources = [], []  # every session is read and checked before anything is written
     for sdir in map(Path, sessions):
         db = sessiondb.connect(sdir)
         try:
             configs = {s.id: s.config for s in sessiondb.sessions(db)}
-            picked = [c for c in sessiondb.cells(db) if c.status == "reviewed"]
+            picked = [c for c in sessiondb.cells(db) if c.status in wanted]
         finally:
             db.close()
-        sources.append({"folder": str(sdir.resolve()), "reviewed_cells": len(picked)})
+        n_counted = sum(c.status == "counted" for c in picked)
+        sources.append(
+            {"folder": str(sdir.resolve()), "reviewed_cells": len(picked) - n_counted, "counted_cells": n_counted}
+        )
         todo += [
             (sdir, c, _contract_of(configs.get(c.session_id), fallback, f"{sdir} session {c.session_id}"))
             for c in picked
@@ -83,12 +97,14 @@ def harvest(sessions, dest, with_data=None, label_from: str = "folder", fallback
         except ValueError as e:
             skipped.append({"cell": f"{sdir}#{c.id}", "why": str(e)})
             continue
-        name = f"{c.reviewed_label}/{sdir.name}_s{c.session_id}_c{c.id}.png"
-        (dest / c.reviewed_label).mkdir(parents=True, exist_ok=True)
+        label = c.final_label
+        assert label is not None  # reviewed or counted: never pending nor rejected
+        name = f"{label}/{sdir.name}_s{c.session_id}_c{c.id}.png"
+        (dest / label).mkdir(parents=True, exist_ok=True)
         if not cv2.imwrite(str(dest / name), training_image(crop, contract.crop_fraction)):
             raise OSError(f"{dest / name}: could not be written")
-        rows.append((name, c.reviewed_label, f"{sdir.name}:s{c.session_id}:{c.source}"))
-        reviewers[c.reviewer] += 1
+        rows.append((name, label, f"{sdir.name}:s{c.session_id}:{c.source}"))
+        reviewers[c.reviewer or "(the device, unaided)"] += 1
     if not rows:
         raise DataError(
             "no reviewed cell with a crop in " + ", ".join(map(str, sessions)) + ": label cells first (bmc edge review)"

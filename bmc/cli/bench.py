@@ -324,13 +324,44 @@ def bench_adabn(
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="folder for the session, cells and split")
 @click.option("--seed", default=1, show_default=True, help="which half of the fields is taught")
 @click.option("--repeat", default=5, show_default=True, help="copies of each taught cell in the training part")
-def bench_multisource(source: str, truth_file: str, split_file: str, out: str, seed: int, repeat: int) -> None:
+@click.option("--model", type=click.Path(dir_okay=False), help="the model the session runs with (default: shipped)")
+@click.option(
+    "--labels",
+    type=click.Choice(["truth", "counted"]),
+    default="truth",
+    show_default=True,
+    help="truth: each field's cell reviewed with its true class; counted: no review, the cells the "
+    "device counted unaided as it called them (self-training)",
+)
+@orientations_option()
+def bench_multisource(
+    source: str,
+    truth_file: str,
+    split_file: str,
+    out: str,
+    seed: int,
+    repeat: int,
+    model: str | None,
+    labels: str,
+    orientations: str,
+) -> None:
     """A second training domain from half the fields: a session, each field's cell reviewed with its
-    true class, harvested and added to the split's training part; the other half's truth for scoring."""
+    true class (or, with --labels counted, the device's own unaided calls), harvested and added to the
+    split's training part; the other half's truth for scoring."""
     from bmc.benchmarks import multisource
 
     info = one_line_errors(
-        multisource.prepare, source, truth_file, split_file, out, seed, repeat, log=lambda m: click.echo(m, err=True)
+        multisource.prepare,
+        source,
+        truth_file,
+        split_file,
+        out,
+        seed,
+        repeat,
+        model,
+        log=lambda m: click.echo(m, err=True),
+        labels=labels,
+        orientations=int(orientations),
     )
     click.echo(json.dumps(info, indent=2))
 
