@@ -78,3 +78,27 @@ def test_b0_from_random_weights_builds():
     m = backbones.build_backbone("efficientnet_b0", 224, "none")
     assert m.output.shape[-1] == 1280
     assert m.get_layer("block6a_expand_conv") is not None
+
+
+def test_vgg16_takes_the_contracts_pixels_as_keras_preprocesses_them(tmp_path):
+    """VGG16, the seed report's comparison backbone: 0..255 RGB in, Keras's own Caffe preprocessing
+    inside the graph (so the device feeds it as it feeds Lite0), a flat graph cut at any block; a
+    weights file (here one it saved itself) is read, and offline its ImageNet weights are a clear
+    error."""
+    import keras
+
+    rgb = np.random.default_rng(0).uniform(0, 255, (2, 64, 64, 3)).astype(np.float32)
+    m = backbones.build_backbone("vgg16", 64, "none")
+    assert backbones.model_block_names(m) == [f"block{i}" for i in range(1, 6)]
+    prep = keras.Model(m.input, m.get_layer("vgg_preprocess").output)
+    expected = keras.applications.vgg16.preprocess_input(rgb.copy())
+    assert np.allclose(prep.predict(rgb, verbose=0), expected, atol=1e-3)
+    inner = keras.applications.VGG16(include_top=False, weights=None, input_shape=(64, 64, 3))
+    inner.save_weights(tmp_path / "vgg16_notop.weights.h5")
+    loaded = backbones.build_backbone("vgg16", 64, str(tmp_path / "vgg16_notop.weights.h5"))
+    direct = keras.layers.GlobalAveragePooling2D()(inner(keras.applications.vgg16.preprocess_input(rgb.copy())))
+    assert np.allclose(loaded.predict(rgb, verbose=0), np.asarray(direct), rtol=1e-3, atol=1e-3)
+    try:
+        backbones.build_backbone("vgg16", 64, "imagenet")
+    except backbones.BackboneError as e:
+        assert "--weights FILE" in str(e) and "efficientnet_lite0" in str(e)

