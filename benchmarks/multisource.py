@@ -21,6 +21,7 @@ import csv
 import json
 import shutil
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -39,11 +40,14 @@ def prepare(
     log=print,
     labels: str = "truth",
     orientations: int = 1,
+    balance: bool = False,
 ) -> dict:
     """``labels="truth"``: each taught field's white cell reviewed with its true class.
     ``labels="counted"``: nobody reviews; every cell the device counted unaided on the taught fields
     is harvested as it called it (self-training; the truth file is used for the split and scoring
-    only)."""
+    only). ``balance``: each class's cells copied in inverse proportion to its count (``repeat`` on
+    average, 1 to ``4 * repeat`` each), so that among the second microscope's images no class is
+    what that microscope's look predicts (a smear is mostly neutrophils)."""
     from bmc.benchmarks.autonomy import cells_of, link_fields
     from bmc.edge_app import review
     from bmc.edge_app.classifier import DEFAULT_MODEL, CellClassifier
@@ -87,7 +91,8 @@ def prepare(
     rows = list(csv.DictReader(open(cells_dir / "manifest.csv", newline="")))
     parts = load_split(split_file)
     added = [Sample(str((cells_dir / r["path"]).resolve()), r["label"], r["group"]) for r in rows]
-    parts["train"] = list(parts["train"]) + added * repeat
+    copies = _copies([s.label for s in added], repeat, balance)
+    parts["train"] = list(parts["train"]) + [s for s in added for _ in range(copies[s.label])]
     save_split(parts, out / "split.json")
     with open(out / "held_out_truth.csv", "w", newline="") as fh:
         w = csv.writer(fh)
@@ -102,8 +107,18 @@ def prepare(
         "orientations": orientations,
         "harvested": summary["by_label"],
         "repeat": repeat,
+        "copies": copies,
         "split": str(out / "split.json"),
         "held_out_truth": str(out / "held_out_truth.csv"),
     }
     (out / "multisource.json").write_text(json.dumps(info, indent=2))
     return info
+
+
+def _copies(labels: list[str], repeat: int, balance: bool) -> dict[str, int]:
+    """Copies of each class's cells in the training part: ``repeat`` each, or balanced."""
+    n = Counter(labels)
+    if not balance:
+        return {c: repeat for c in n}
+    mean = len(labels) / len(n)
+    return {c: int(min(4 * repeat, max(1, round(repeat * mean / k)))) for c, k in n.items()}

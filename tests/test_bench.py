@@ -160,3 +160,14 @@ def test_bench_autonomy_measures_the_training_laboratorys_held_out_cells(tmp_pat
     bad.write_text("path,label\npbc/neutrophil/not_there.jpg,neutrophil\n")
     p = bmc("bench", "truth", DATA, "--format", "split", "--split", bad, "--out", tmp_path / "t2.csv", check=False)
     assert p.returncode == 2 and f"{bad}:2:" in p.stderr and "does not exist" in p.stderr
+
+
+def test_multisource_balanced_copies_weigh_a_microscopes_classes_alike():
+    """A smear is mostly neutrophils: balanced, each class of the second microscope's cells is copied
+    in inverse proportion to its count (repeat on average, 1 to 4 x repeat), else repeat each."""
+    from bmc.benchmarks.multisource import _copies
+
+    labels = ["neutrophil"] * 100 + ["eosinophil"] * 40 + ["monocyte"] * 10
+    assert _copies(labels, 5, balance=False) == {"neutrophil": 5, "eosinophil": 5, "monocyte": 5}
+    assert _copies(labels, 5, balance=True) == {"neutrophil": 2, "eosinophil": 6, "monocyte": 20}
+    assert _copies(["lymphocyte"] * 3 + ["monocyte"] * 400, 1, balance=True) == {"lymphocyte": 4, "monocyte": 1}

@@ -181,6 +181,17 @@ def test_edge_extra_alone_runs_the_app(tmp_path, bccd):
         b = subprocess.run([bmc_bin, "bench", *verb], capture_output=True, text=True, timeout=300, cwd=tmp_path)
         assert b.returncode == 0 and "Traceback" not in b.stderr, " ".join(verb) + b.stdout + b.stderr
     assert json.loads((tmp_path / "ms" / "multisource.json").read_text())["taught_fields"] == 3
+    # balanced copies: each class's taught cells in inverse proportion to its count, on the device too
+    b = subprocess.run(
+        [bmc_bin, "bench", "multisource", "--source", str(mini), "--truth", str(truth), "--split", str(pbc_split),
+         "--out", str(tmp_path / "msb"), "--balance", "--repeat", "4"],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )  # fmt: skip
+    assert b.returncode == 0, b.stderr
+    info = json.loads((tmp_path / "msb" / "multisource.json").read_text())
+    taught = json.loads((tmp_path / "msb" / "split.json").read_text())["train"][len(some) :]
+    assert len(taught) == sum(info["copies"][c] * n for c, n in info["harvested"].items())
+    assert info["copies"] == {c: 4 for c in info["harvested"]}  # one class only: nothing to balance
     # AdaBN needs the float model, so TensorFlow: one line saying so, not a traceback
     b = subprocess.run([bmc_bin, "bench", "adabn"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert b.returncode == 2 and "needs the training packages" in b.stderr and "Traceback" not in b.stderr, b.stderr

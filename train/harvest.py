@@ -107,7 +107,10 @@ def harvest(
         reviewers[c.reviewer or "(the device, unaided)"] += 1
     if not rows:
         raise DataError(
-            "no reviewed cell with a crop in " + ", ".join(map(str, sessions)) + ": label cells first (bmc edge review)"
+            ("no reviewed or counted cell" if counted else "no reviewed cell")
+            + " with a crop in "
+            + ", ".join(map(str, sessions))
+            + ": label cells first (bmc edge review)"
         )
     extra = discover(with_data, label_from) if with_data else []
     dest.mkdir(parents=True, exist_ok=True)

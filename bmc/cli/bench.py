@@ -333,6 +333,12 @@ def bench_adabn(
     help="truth: each field's cell reviewed with its true class; counted: no review, the cells the "
     "device counted unaided as it called them (self-training)",
 )
+@click.option(
+    "--balance/--no-balance",
+    default=False,
+    show_default=True,
+    help="copy each class's cells in inverse proportion to its count, not --repeat times each",
+)
 @orientations_option()
 def bench_multisource(
     source: str,
@@ -343,6 +349,7 @@ def bench_multisource(
     repeat: int,
     model: str | None,
     labels: str,
+    balance: bool,
     orientations: str,
 ) -> None:
     """A second training domain from half the fields: a session, each field's cell reviewed with its
@@ -362,6 +369,7 @@ def bench_multisource(
         log=lambda m: click.echo(m, err=True),
         labels=labels,
         orientations=int(orientations),
+        balance=balance,
     )
     click.echo(json.dumps(info, indent=2))
 
