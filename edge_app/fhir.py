@@ -142,6 +142,7 @@ def _report(out_dir: Path, now: datetime.datetime | None, issue: bool) -> dict[s
     # one report per folder, whatever rewrites it: the same id and identifier on every export, so a
     # LIS sees a later one replace the earlier
     report_id = folder_identity(sessions)
+    target = review.target_statement(sessions, record)
     counts = _digest(record.to_dict())
     content = _digest([record.to_dict(), statement, note.text if note else None, [s.id for s in sessions]])
     went_out = [e for e in issued_before if e.status in FINAL]
@@ -247,8 +248,14 @@ def _report(out_dir: Path, now: datetime.datetime | None, issue: bool) -> dict[s
     conclusion = (
         f"{'Blood' if record.specimen == 'blood' else 'Marrow'} differential of {record.total} {of}"
         + (f" (myeloid : erythroid {record.me_ratio:.2f})" if record.me_ratio is not None else "")
-        + (f"; {record.waiting} cells wait for review and are not counted" if record.waiting else "")
+        + (
+            f"; {record.waiting} {'cell waits' if record.waiting == 1 else 'cells wait'} for review and "
+            f"{'is' if record.waiting == 1 else 'are'} not counted"
+            if record.waiting
+            else ""
+        )
         + (f", {record.unknown} of them unlike any cell the model knows" if record.unknown else "")
+        + (f". {target}" if target else "")
         + (f". {statement}" if statement else "")
         + (f". Comment: {note.text}" if note else "")
         + "."

@@ -165,6 +165,7 @@ $comment
 <p>$specimen differential: <b>$n</b> $denominator counted ($named cells named by a reviewer),
 $rejected rejected in review, $frames frames
 ($bad unreadable$unreadable). $advice</p>
+$target
 $table
 $calibration
 <p style="font-size:12px">95% limits: the exact binomial confidence interval of each share for a count
@@ -187,7 +188,7 @@ def _build_report(out_dir: Path) -> Path:
     n_frames, bad_frames = sessiondb.frame_counts(db)
     unreadable = sessiondb.unreadable_frames(db) if bad_frames else []
     cells = sessiondb.cells(db)
-    note = sessiondb.latest_note(db)
+    notes = sessiondb.notes(db)
     record = review.session_differential(db, cells)
     statement = review.calibration_statement(db)
     db.close()
@@ -199,7 +200,7 @@ def _build_report(out_dir: Path) -> Path:
     esc = html.escape
     doc = _PAGE.substitute(
         name=esc(out_dir.name),
-        comment=f"<p>Comment: <b>{esc(note.text)}</b> ({esc(note.author)}, {esc(note.time[:16])})</p>" if note else "",
+        comment=_comments_html(notes),
         specimen="Blood" if record.specimen == "blood" else "Marrow",
         n=record.total,
         denominator=record.denominator,
@@ -211,6 +212,7 @@ def _build_report(out_dir: Path) -> Path:
         advice=_advice(out_dir, len(pending), n_unknown),
         table=differential_html(record, _learnt(sessions), bars=True),
         calibration=f"<p><b>{html.escape(statement)}.</b></p>" if statement else "",
+        target=_target_html(review.target_statement(sessions, record)),
         levels=levels_html(record, parents) if parents else "",
         pending=len(pending),
         unknown_note=f"; {n_unknown} unlike any cell the model knows, first" if n_unknown else "",
@@ -223,6 +225,30 @@ def _build_report(out_dir: Path) -> Path:
         sessions=_session_rows(sessions, is_locked(out_dir)),
     )
     return write_atomic(out_dir / "report.html", doc)
+
+
+def _comments_html(notes: list[Any]) -> str:
+    """The session's comment (the latest), then the earlier ones, newest first."""
+    if not notes:
+        return ""
+    esc = html.escape
+    last, earlier = notes[-1], notes[:-1]
+    out = f"<p>Comment: <b>{esc(last.text)}</b> ({esc(last.author)}, {esc(review.when(last.time))})</p>"
+    if earlier:
+        out += (
+            "<p style='font-size:12px'>Earlier comments: "
+            + "; ".join(f"{esc(n.text)} ({esc(n.author)}, {esc(review.when(n.time))})" for n in reversed(earlier))
+            + "</p>"
+        )
+    return out
+
+
+def _target_html(sentence: str) -> str:
+    """The count against its target: in the warning colour where it fell short."""
+    if not sentence:
+        return ""
+    cls = ' class="warn"' if sentence.startswith("Short") else ""
+    return f"<p{cls}><b>{html.escape(sentence)}.</b></p>"
 
 
 MAX_LISTED_UNREADABLE = 200  # a camera that fails for an hour: the rest are in the database
@@ -368,7 +394,7 @@ def _session_rows(sessions: list[SessionRecord], live: bool) -> str:
     source, the model that counted, the device and the measured scale."""
     esc = html.escape
     return "".join(
-        f"<tr><td>{s.id}</td><td>{esc(s.started)}</td><td>{esc(s.ended or '—')}</td>"
+        f"<tr><td>{s.id}</td><td>{esc(review.when(s.started, seconds=True))}</td><td>{esc(review.when(s.ended, seconds=True) or '—')}</td>"
         f"<td>{esc(s.status if s.status != 'running' or live else 'interrupted')}</td>"
         f"<td>{esc(s.source)}</td><td>{esc(s.model_file)}<br>"
         f"<code>{esc(s.model_sha256[:16])}…</code>{_orientations(s)}</td><td>{esc(s.device)}</td>"

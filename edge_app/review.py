@@ -19,6 +19,7 @@ differential) — counted, and listed apart in the report.
 from __future__ import annotations
 
 import csv
+import datetime
 import getpass
 import re
 import sqlite3
@@ -98,6 +99,44 @@ def session_differential(db: sqlite3.Connection, all_cells: list[ReviewedCell] |
     return differential_of(
         counts_after_review(all_cells), labels, specimen_of(db), len(pending), sum(c.unknown for c in pending)
     )
+
+
+def when(iso: str | None, seconds: bool = False) -> str:
+    """A recorded time as a person at the device reads it: in the device's time zone, named
+    ("2026-12-04 05:34 CET"); the record itself stays in UTC. '' for none; as written if unreadable."""
+    if not iso:
+        return ""
+    try:
+        t = datetime.datetime.fromisoformat(iso)
+    except ValueError:
+        return iso
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=datetime.timezone.utc)
+    return t.astimezone().strftime("%Y-%m-%d %H:%M:%S %Z" if seconds else "%Y-%m-%d %H:%M %Z")
+
+
+_HOW_IT_ENDED = {
+    "stopped": "the session was stopped",
+    sessiondb.SHORT: "the source ran out of fields",
+    "interrupted": "the session was interrupted",
+}
+
+
+def target_statement(sessions: Sequence[sessiondb.SessionRecord], record: DifferentialCount) -> str:
+    """The count against the size the laboratory asked for (the latest session's ``--target``), as
+    the report, the screen and FHIR state it; '' where no target was set. A count short of its
+    target says so and why; one past it says the cells named at review joined it."""
+    last = sessions[-1] if sessions else None
+    target = last.config.target if last else None
+    if not last or not target:
+        return ""
+    of, n = record.denominator, record.total
+    if last.status == "running":
+        return f"Counting toward a target of {target} {of}: {n} so far"
+    if n < target:
+        how = _HOW_IT_ENDED.get(last.status, "")
+        return f"Short of its target: {n} of {target} {of} counted" + (f" ({how})" if how else "")
+    return f"Target of {target} {of} reached" + (f"; {n} counted, with the cells named at review" if n > target else "")
 
 
 def in_words(flag: str) -> str:

@@ -32,6 +32,7 @@ from bmc.edge_app.classifier import CellClassifier
 from bmc.edge_app.config import SessionDefaults
 from bmc.edge_app.detect import FinderConfig, RedCells, find_cells, scaled
 from bmc.edge_app.differential import Differential, ReviewPolicy
+from bmc.edge_app.sessiondb import SHORT as SHORT  # the status of a session short of its target
 from bmc.edge_app.sessiondb import RecordedConfig
 from bmc.edge_app.sources import FrameSource, open_source, recorded_name
 from bmc.edge_app.sources.base import Frame
@@ -75,8 +76,6 @@ class SessionConfig:
             raise ValueError(f"specimen must be 'blood' or 'marrow', got {self.specimen!r}")
 
 
-# a session whose source ended before its count reached the target: not a finished differential
-SHORT = "short of target"
 MAX_LISTED_CORRUPT = 10  # unreadable frames named one by one on the console
 
 

@@ -29,6 +29,8 @@ from bmc.errors import BmcError
 
 DB_NAME = "session.sqlite"
 REJECTED = "rejected"  # a reviewer's decision: not a countable cell
+# a session whose source ended before its count reached the target: not a finished differential
+SHORT = "short of target"
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS session (
@@ -513,6 +515,13 @@ def latest_note(db: sqlite3.Connection) -> Note | None:
         return None
     row = db.execute("SELECT text, author, time FROM note ORDER BY id DESC LIMIT 1").fetchone()
     return Note(*row) if row else None
+
+
+def notes(db: sqlite3.Connection) -> list[Note]:
+    """Every comment on the folder's sessions, oldest first (the last is the session's comment)."""
+    if not _has_table(db, "note"):
+        return []
+    return [Note(*row) for row in db.execute("SELECT text, author, time FROM note ORDER BY id").fetchall()]
 
 
 def integrity(db: sqlite3.Connection) -> str:

@@ -321,6 +321,12 @@ CHANGED_SINCE_GOLDEN = [
         "<br><span title='unknown: unlike any known cell (distance 0.146 &gt; 0.124)'>unlike the cells it learnt</span>"
         "<br>BloodImage_00010.jpg",
     ),
+    # times in the device's time zone, named (the record stays UTC; the tests run in UTC)
+    ("(anna, 2026-12-02T13:48)", "(anna, 2026-12-02 13:48 UTC)"),
+    ("<td>2026-12-02T13:48:20.117+00:00</td>", "<td>2026-12-02 13:48:20 UTC</td>"),
+    ("<td>2026-12-02T13:48:20.507+00:00</td>", "<td>2026-12-02 13:48:20 UTC</td>"),
+    # the count against its target goes below the first paragraph (this session had none: an empty line)
+    ("until a person names them.</p>\n<table", "until a person names them.</p>\n\n<table"),
 ]
 
 

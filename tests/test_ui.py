@@ -14,6 +14,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -441,6 +442,34 @@ def test_the_review_keys_follow_the_layout_the_technician_set(storage, browser):
         browser.switch_to.active_element.send_keys("l")
         WebDriverWait(browser, 30).until(lambda d: _reviews(storage))
         assert _reviews(storage) == [(cid, "lymphocyte", "anna")]
+    finally:
+        s.close()
+
+
+def test_a_key_never_decides_a_cell_out_of_view(storage, browser):
+    """Scrolled down and clicked on blank space, no cell is selected: a class key must not decide the
+    first waiting cell, far above and out of sight. It is brought into view and selected; the next
+    key press decides it."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    s = Server(UiApp(storage, None, sign_in=False, user="anna"))
+    try:
+        browser.get(f"http://127.0.0.1:{s.port}/s/20261128-0900/review")
+        first = browser.find_elements(By.CSS_SELECTOR, "#todo .cell")[0]
+        cid = int(first.get_attribute("data-cell"))
+        browser.execute_script("window.scrollTo(0, document.body.scrollHeight); document.activeElement.blur();")
+        assert not browser.execute_script("return inView(arguments[0])", first)
+        body = browser.find_element(By.TAG_NAME, "body")
+        body.send_keys("2")
+        WebDriverWait(browser, 10).until(lambda d: d.execute_script("return inView(arguments[0])", first))
+        time.sleep(0.5)  # a decision, had one gone out, is recorded by now
+        assert _reviews(storage) == []
+        assert browser.switch_to.active_element == first
+        label = first.find_element(By.CSS_SELECTOR, "button[data-key='2']").get_attribute("value")
+        browser.switch_to.active_element.send_keys("2")
+        WebDriverWait(browser, 30).until(lambda d: _reviews(storage))
+        assert _reviews(storage) == [(cid, label, "anna")]
     finally:
         s.close()
 
@@ -1140,3 +1169,45 @@ def test_the_outputs_lock_is_every_users_and_a_copy_gains_no_lock_file(storage, 
     with Reviewer(copy, "anna") as r:
         r.decide(_first_pending(storage), "rejected")
     assert not (copy / "session.lock").exists()
+
+
+def test_a_count_short_of_its_target_says_so_everywhere_it_goes(bccd, tmp_path):
+    """A session whose fields ran out before its target (exit 3) and whose every waiting cell was then
+    decided is a final report, but neither the LIS nor the report nor the screen may read it as the
+    differential the laboratory asked for: each states the shortfall, and why. Times are shown in the
+    device's time zone, named."""
+    from fhir.resources.R4B.bundle import Bundle
+
+    from bmc.edge_app import fhir, review
+
+    fields = tmp_path / "fields"
+    fields.mkdir()
+    for f in sorted((bccd / "JPEGImages").glob("*.jpg"))[:6]:
+        (fields / f.name).symlink_to(f)
+    out = tmp_path / "short"
+    p = bmc("edge", "run", fields, "--out", out, "--headless", "--target", "50", "--orientations", "1", check=False)
+    assert p.returncode == 3, p.stderr
+    with review.Reviewer(out, "anna") as r:
+        for c in r.cells():
+            if c.status == "pending":
+                r.decide(c.id, c.model_label)
+        n = sum(c.final_label not in (None, "platelet", "erythroblast") for c in r.cells())
+    said = f"Short of its target: {n} of 50 leukocytes counted (the source ran out of fields)"
+    doc = fhir.diagnostic_report(out, issue=True)
+    Bundle.model_validate(doc)
+    report = doc["entry"][0]["resource"]
+    assert report["status"] == "final" and said in report["conclusion"], report["conclusion"]
+    env = {**os.environ, "TZ": "Europe/Madrid"}
+    bmc("edge", "report", out, env=env)
+    page = (out / "report.html").read_text()
+    assert said in page and " CET</td>" in page
+    s = Server(UiApp(out.parent, None, sign_in=False, user="anna"))
+    try:
+        status, _, body = s.request("GET", f"/s/{out.name}/")
+    finally:
+        s.close()
+    assert status == 200 and said in body.decode() and "status <b>final</b>" in body.decode()
+    # a target met: the same sentence turns into what was asked for and reached
+    enough = tmp_path / "enough"
+    bmc("edge", "run", fields, "--out", enough, "--headless", "--target", "2", "--orientations", "1")
+    assert "Target of 2 leukocytes reached" in fhir.diagnostic_report(enough)["entry"][0]["resource"]["conclusion"]

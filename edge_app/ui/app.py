@@ -294,11 +294,12 @@ class UiApp:
         except sqlite3.DatabaseError as e:
             raise sessiondb.UnreadableSession(sessiondb.path_of(folder), f"unreadable session database ({e})") from e
 
-    def summary(self, folder: Path, cells: list[ReviewedCell]) -> tuple[DifferentialCount, Note | None]:
-        """The folder's differential record and latest comment, read for this request alone."""
+    def summary(self, folder: Path, cells: list[ReviewedCell]) -> tuple[DifferentialCount, list[Note]]:
+        """The folder's differential record and its comments (oldest first; the last is the
+        session's comment), read for this request alone."""
         db = sessiondb.connect(folder)
         try:
-            return review.session_differential(db, cells), sessiondb.latest_note(db)
+            return review.session_differential(db, cells), sessiondb.notes(db)
         finally:
             db.close()
 

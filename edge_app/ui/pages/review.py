@@ -151,8 +151,9 @@ def review_page(app: Screen, req: Request) -> Response:
     )
     body = html(
         "<p>{n} cells {what} (show {switch}).{showing} Click a class, or select a cell and press its key, Enter "
-        "(the model's call), x (not a cell) or b (undo the latest decision). Each decision is recorded under "
-        "your name.</p><div class='grid' id='todo'>{todo}</div>"
+        "(the model's call), x (not a cell) or b / Backspace (undo the latest decision). A class key decides only a "
+        "cell in view: one scrolled away is first brought into view. Each decision is recorded under your name."
+        "</p><div class='grid' id='todo'>{todo}</div>"
         "<h2>Decided ({done}{latest})</h2><div class='grid' id='done'>{decided}</div>",
         n=len(todo),
         what="to name for adaptation" if teach else "wait for review",

@@ -53,7 +53,7 @@ def sessions_page(app: Screen, req: Request) -> Response:
                     "<td>{total} {denominator}</td><td>{waiting}</td><td>{status}</td></tr>",
                     link=quote(d.name),
                     name=d.name,
-                    started=meta[0].started[:19].replace("T", " ") if meta else "",
+                    started=review.when(meta[0].started) if meta else "",
                     models=", ".join(sorted({m.model_file for m in meta})),
                     total=record.total,
                     denominator=record.denominator,
@@ -79,7 +79,8 @@ def session_page(app: Screen, req: Request, refused: tuple[str, str] | None = No
     with the text kept for the person to edit."""
     folder = app.session_folder(req.params["session"])
     cells, meta = app.session_data(folder)
-    record, note = app.summary(folder, cells)
+    record, notes = app.summary(folder, cells)
+    note = notes[-1] if notes else None
     parents = report_mod.folder_parents(folder)
     levels = Html(report_mod.levels_html(record, parents)) if parents else Html("")  # a stage model: both levels
     name = quote(folder.name)
@@ -93,10 +94,11 @@ def session_page(app: Screen, req: Request, refused: tuple[str, str] | None = No
         typed=refused[1] if refused else "",
         shown=(
             html(
-                "<p>Comment: <b>{text}</b> <span class='small'>({author}, {time})</span></p>",
+                "<p>Comment: <b>{text}</b> <span class='small'>({author}, {time})</span></p>{earlier}",
                 text=note.text,
                 author=note.author,
-                time=note.time[:16],
+                time=review.when(note.time),
+                earlier=_earlier_comments(notes[:-1]),
             )
             if note
             else Html("")
@@ -116,12 +118,13 @@ def session_page(app: Screen, req: Request, refused: tuple[str, str] | None = No
         else Html("<p class='small'>Export: no USB stick or disk is mounted.</p>")
     )
     statement = app.calibration(folder)
+    target = review.target_statement(meta, record)
     body = html(
         "<p>{specimen} differential: <b>{total}</b> {denominator} counted, <b>{waiting}</b> waiting for review"
         "{unknown} (<a href='/s/{name}/review'>review them</a>) · <a href='/s/{name}/report'>report</a>"
         "</p><form method='post' action='/s/{name}/fhir' class='inline'>{csrf}<button>Download FHIR "
         "DiagnosticReport</button></form> <span class='small'>(for the laboratory information system; "
-        "downloading issues it, and the folder records what went out)</span>{table}{statement}"
+        "downloading issues it, and the folder records what went out)</span>{issued}{target}{table}{statement}"
         "<p class='small'>95% limits: the exact binomial interval of each share (Rümke's table).</p>"
         "{levels}{runs}{comment}{export}",
         specimen="Blood" if record.specimen == "blood" else "Marrow",
@@ -139,11 +142,17 @@ def session_page(app: Screen, req: Request, refused: tuple[str, str] | None = No
         csrf=hidden_csrf(req.csrf),
         table=Html(report_mod.differential_html(record)),
         statement=html("<p><b>{s}.</b></p>", s=statement) if statement else Html(""),
+        target=(
+            html("<p class='{cls}'><b>{t}.</b></p>", t=target, cls="warn" if target.startswith("Short") else "")
+            if target
+            else Html("")
+        ),
+        issued=_issued(folder),
         levels=levels,
         runs=Html.join(
             html(
                 "<p class='small'>session started {started}, {status}, model {model}, source {source}</p>",
-                started=m.started[:19],
+                started=review.when(m.started),
                 status=m.status,
                 model=m.model_file,
                 source=m.source,
@@ -154,6 +163,38 @@ def session_page(app: Screen, req: Request, refused: tuple[str, str] | None = No
         export=export,
     )
     return app.page(f"Session {folder.name}", body, req)
+
+
+def _earlier_comments(earlier: list[Any]) -> Html:
+    """The comments the latest one followed, newest first, folded away."""
+    if not earlier:
+        return Html("")
+    return html(
+        "<details class='small'><summary>{n} earlier {word}</summary><ul>{items}</ul></details>",
+        n=len(earlier),
+        word="comment" if len(earlier) == 1 else "comments",
+        items=Html.join(
+            html("<li>{text} ({author}, {time})</li>", text=n.text, author=n.author, time=review.when(n.time))
+            for n in reversed(earlier)
+        ),
+    )
+
+
+def _issued(folder: Path) -> Html:
+    """What went to the laboratory information system last: when, and as what."""
+    from bmc.edge_app import fhir
+
+    bundle = fhir.last_issued(folder)
+    if bundle is None:
+        return html("<p class='small'>No FHIR report issued yet.</p>")
+    status = bundle["entry"][0]["resource"].get("status", "?")
+    return html(
+        "<p class='small'>Last FHIR report issued {time}, status <b>{status}</b> "
+        "(<a href='/s/{name}/fhir'>as it went out</a>).</p>",
+        time=review.when(bundle.get("timestamp")),
+        status=status,
+        name=quote(folder.name),
+    )
 
 
 def report(app: Screen, req: Request) -> Response:

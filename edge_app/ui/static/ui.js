@@ -1,6 +1,11 @@
 // Keys in the review grid, as on a manual differential counter: a class's key (1-9, or the layout
-// set in the device's [screen] keys), Enter the model's call, x not a cell, b undo. They act on the
-// selected cell (click or Tab to it), else the first.
+// set in the device's [screen] keys), Enter the model's call, x not a cell, b (or Backspace) undo.
+// They act on the selected cell (click or Tab to it), else the first; a decision never on a cell out
+// of view: that one is brought into view and selected, and the next key press decides it.
+function inView(el) {
+  var r = el.getBoundingClientRect();
+  return r.top >= 0 && r.left >= 0 && r.bottom <= window.innerHeight && r.right <= window.innerWidth;
+}
 document.addEventListener("keydown", function (event) {
   if (event.target.tagName === "INPUT") { return; }
   var key = event.key === "Backspace" ? "b" : event.key;
@@ -12,7 +17,11 @@ document.addEventListener("keydown", function (event) {
   if (!cell) { return; }
   var button = Array.prototype.find.call(cell.querySelectorAll("button[data-key]"),
                                          function (b) { return b.getAttribute("data-key") === key; });
-  if (button) { event.preventDefault(); button.click(); }
+  if (!button) { return; }
+  event.preventDefault();
+  // a decision needs its cell in view; b takes back the latest decision, wherever it is shown
+  if (key !== "b" && !inView(cell)) { cell.focus({preventScroll: true}); cell.scrollIntoView({block: "center"}); return; }
+  button.click();
 });
 window.addEventListener("load", function () {
   var first = document.querySelector("#todo .cell");
