@@ -537,7 +537,8 @@ def adapt(
     if decision["low"] <= 0:
         reasons.append(
             f"on held-out reviewed cells the adapted head is not surely better than the shipped one: its "
-            f"class-balanced log-loss is {decision['gain']:+.3f} lower (95% interval {decision['low']:+.3f} to "
+            f"class-balanced log-loss is {abs(decision['gain']):.3f} {'lower' if decision['gain'] >= 0 else 'higher'} "
+            f"(the gain's 95% interval {decision['low']:+.3f} to "
             f"{decision['high']:+.3f}, bootstrapped over {decision['fields']} fields; balanced accuracy "
             f"{adapted['balanced_accuracy']:.3f} against {shipped['balanced_accuracy']:.3f})"
         )

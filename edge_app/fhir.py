@@ -144,6 +144,9 @@ def _report(out_dir: Path, now: datetime.datetime | None, issue: bool) -> dict[s
     report_id = folder_identity(sessions)
     target = review.target_statement(sessions, record)
     counts = _digest(record.to_dict())
+    # who named the cells the device set aside: the people whose review made the differential
+    interpreters = sorted({c.reviewer for c in cells if c.reviewed_label and c.reviewer})
+    # (not in the digest: a folder issued before the field existed must not read as amended)
     content = _digest([record.to_dict(), statement, note.text if note else None, [s.id for s in sessions]])
     went_out = [e for e in issued_before if e.status in FINAL]
     last = went_out[-1] if went_out else None
@@ -295,6 +298,8 @@ def _report(out_dir: Path, now: datetime.datetime | None, issue: bool) -> dict[s
         "result": refs,
         "conclusion": conclusion,
     }
+    if interpreters:
+        report["resultsInterpreter"] = [{"display": f"{who} (reviewed cells at the device)"} for who in interpreters]
     if models:
         report["conclusion"] += " Classified by " + ", ".join(models) + "; decision support, not a diagnosis."
     bundle = {
