@@ -566,6 +566,12 @@ def test_a_live_session_from_the_screen(storage, bccd, tmp_path):
         assert status == 303
         status, _, body = s.request("GET", "/live/state", headers={"Cookie": cookie})
         frames = _json.loads(body)["frames"]
+        # paused, the stream gives the field shown and ends: a page left open holds no request thread
+        t0 = time.monotonic()
+        status, _, still = s.request("GET", "/live/stream", headers={"Cookie": cookie})
+        # (the latest field, and the one in flight when Pause was pressed, which is finished)
+        assert status == 200 and still.startswith(b"--frame") and still.count(b"--frame") <= 2
+        assert time.monotonic() - t0 < 10  # not the 30 s a stream waits for a frame while counting
         status, _, _ = s.request("POST", "/live/stop", f"csrf={csrf}", {"Cookie": cookie})
         assert status == 303 and not live.running
         st = _json.loads(s.request("GET", "/live/state", headers={"Cookie": cookie})[2])

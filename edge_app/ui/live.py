@@ -113,6 +113,10 @@ class LiveRunner:
             self._latest = LiveFrame(frame.image, cells, frame.timestamp, self._seq)
             self._lock.notify_all()
 
+    @property
+    def paused(self) -> bool:
+        return self.session is not None and self.session.paused
+
     def pause(self, paused: bool) -> None:
         if self.session is not None:
             self.session.pause(paused)
@@ -170,7 +174,9 @@ class LiveRunner:
 
     def frames(self, timeout_s: float = 30.0) -> Iterator[tuple[float, bytes]]:
         """JPEG parts of the latest frames, each once, at most ``max_fps`` a second, while the
-        session runs (for the MJPEG stream)."""
+        session runs (for the MJPEG stream). Paused, the stream ends once the latest frame is out:
+        a page left open on a paused session holds no request thread (browsers reuse few
+        connections per server: held streams made a Resume press wait for one to time out)."""
         from bmc.edge_app.session import annotated
 
         seen = 0
@@ -182,6 +188,8 @@ class LiveRunner:
             with self._lock:
                 end = time.time() + timeout_s
                 while (self._latest is None or self._latest.seq == seen) and self.running and time.time() < end:
+                    if seen and self.paused:  # the field shown stays on the page; no request thread is held
+                        return
                     self._lock.wait(0.5)
                 item = self._latest
             if item is None or item.seq == seen:
