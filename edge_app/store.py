@@ -100,6 +100,11 @@ class SessionStore:
         if on_existing not in ON_EXISTING:
             raise ValueError(f"on_existing must be one of {ON_EXISTING}, got {on_existing!r}")
         self.dir = Path(out_dir)
+        inside = next((p for p in self.dir.resolve().parents if sessiondb.path_of(p).is_file()), None)
+        if inside is not None:  # its crops or a subfolder: the report, an export and rotation would mix the two
+            raise SessionFolderError(
+                f"{self.dir}: inside the session folder {inside}; record a session in a folder of its own"
+            )
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
             self._lock = lock_folder(self.dir)

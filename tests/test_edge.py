@@ -69,6 +69,18 @@ def test_run_writes_database_csv_and_crops(fields, tmp_path):
     assert len(probs) == len(labels) and abs(sum(probs) - 1) < 0.05
 
 
+def test_no_session_is_recorded_inside_another(fields, tmp_path):
+    """A session's crops folder (or any folder under it) given as --out: refused in one line before
+    anything is written, so the outer session's report, export and rotation never take in a second."""
+    out = tmp_path / "s"
+    bmc("edge", "run", fields, "--out", out, "--headless", "--max-frames", "2", "--orientations", "1")
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    for inner in (out / "crops", out / "crops" / "again"):
+        p = bmc("edge", "run", fields, "--out", inner, "--headless", "--max-frames", "2", check=False)
+        assert p.returncode == 2 and f"inside the session folder {out}" in p.stderr.strip().splitlines()[-1], p.stderr
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+
+
 def test_report_is_self_contained_html(fields, tmp_path):
     out = tmp_path / "s"
     bmc("edge", "run", fields, "--out", out, "--headless", "--orientations", "2", "--white-balance")
