@@ -45,9 +45,12 @@ def prepare(
     """``labels="truth"``: each taught field's white cell reviewed with its true class.
     ``labels="counted"``: nobody reviews; every cell the device counted unaided on the taught fields
     is harvested as it called it (self-training; the truth file is used for the split and scoring
-    only). ``balance``: each class's cells copied in inverse proportion to its count (``repeat`` on
-    average, 1 to ``4 * repeat`` each), so that among the second microscope's images no class is
-    what that microscope's look predicts (a smear is mostly neutrophils)."""
+    only). The two differ in which cells are harvested, not only in their labels: ``truth`` takes each
+    field's scored white cell, whether the device counted it or set it aside; ``counted`` takes every
+    cell the device counted unaided (platelets and second cells of a field too) and none it set aside.
+    ``balance``: each class's cells copied in inverse proportion to its count (``repeat`` times the
+    mean class size over its own, rounded, within 1 to ``4 * repeat``), so that among the second
+    microscope's images the commonest class weighs less than it does in a smear (mostly neutrophils)."""
     from bmc.benchmarks.autonomy import cells_of, link_fields
     from bmc.edge_app import review
     from bmc.edge_app.classifier import DEFAULT_MODEL, CellClassifier

@@ -418,7 +418,8 @@ class Result:
             d = cv["decision"]
             lines.append(
                 f"  class-balanced log-loss {cv['shipped']['log_loss']:.3f} shipped, {cv['adapted']['log_loss']:.3f} "
-                f"adapted: {d['gain']:+.3f} lower (95% interval {d['low']:+.3f} to {d['high']:+.3f}, paired "
+                f"adapted: {abs(d['gain']):.3f} {'lower' if d['gain'] >= 0 else 'higher'} (the gain's 95% interval "
+                f"{d['low']:+.3f} to {d['high']:+.3f}, paired "
                 f"bootstrap over {d['fields']} fields)"
             )
         g = self.guard

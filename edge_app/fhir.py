@@ -142,15 +142,19 @@ def _report(out_dir: Path, now: datetime.datetime | None, issue: bool) -> dict[s
     # one report per folder, whatever rewrites it: the same id and identifier on every export, so a
     # LIS sees a later one replace the earlier
     report_id = folder_identity(sessions)
-    target = review.target_statement(sessions, record)
     counts = _digest(record.to_dict())
-    # who named the cells the device set aside: the people whose review made the differential
-    interpreters = sorted({c.reviewer for c in cells if c.reviewed_label and c.reviewer})
-    # (not in the digest: a folder issued before the field existed must not read as amended)
-    content = _digest([record.to_dict(), statement, note.text if note else None, [s.id for s in sessions]])
+    recording = any(s.status == "running" for s in sessions) and is_locked(out_dir)
+    target = review.target_statement(sessions, record, recording, sum(c.status == "rejected" for c in cells))
+    # who decided cells at the device (named one set aside, confirmed or rejected one): said in the conclusion
+    deciders = sorted({c.reviewer for c in cells if c.reviewed_label and c.reviewer})
+    # (the target sentence in the digest only where there is one: a folder issued before it existed and
+    # with no target reads as before)
+    content = _digest(
+        [record.to_dict(), statement, note.text if note else None, [s.id for s in sessions]]
+        + ([target] if target else [])
+    )
     went_out = [e for e in issued_before if e.status in FINAL]
     last = went_out[-1] if went_out else None
-    recording = any(s.status == "running" for s in sessions) and is_locked(out_dir)
     if record.waiting or recording:
         status = "preliminary"
     elif last is None:
@@ -259,6 +263,7 @@ def _report(out_dir: Path, now: datetime.datetime | None, issue: bool) -> dict[s
         )
         + (f", {record.unknown} of them unlike any cell the model knows" if record.unknown else "")
         + (f". {target}" if target else "")
+        + (f". Cells decided at the device by {', '.join(deciders)}" if deciders else "")
         + (f". {statement}" if statement else "")
         + (f". Comment: {note.text}" if note else "")
         + "."
@@ -298,8 +303,6 @@ def _report(out_dir: Path, now: datetime.datetime | None, issue: bool) -> dict[s
         "result": refs,
         "conclusion": conclusion,
     }
-    if interpreters:
-        report["resultsInterpreter"] = [{"display": f"{who} (reviewed cells at the device)"} for who in interpreters]
     if models:
         report["conclusion"] += " Classified by " + ", ".join(models) + "; decision support, not a diagnosis."
     bundle = {

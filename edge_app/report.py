@@ -214,7 +214,14 @@ def _build_report(out_dir: Path) -> Path:
         advice=_advice(out_dir, len(pending), n_unknown),
         table=differential_html(record, _learnt(sessions), bars=True),
         calibration=f"<p><b>{html.escape(statement)}.</b></p>" if statement else "",
-        target=_target_html(review.target_statement(sessions, record)),
+        target=_target_html(
+            review.target_statement(
+                sessions,
+                record,
+                any(s.status == "running" for s in sessions) and is_locked(out_dir),
+                sum(c.status == "rejected" for c in cells),
+            )
+        ),
         levels=levels_html(record, parents) if parents else "",
         pending=len(pending),
         unknown_note=f"; {n_unknown} unlike any cell the model knows, first" if n_unknown else "",
@@ -340,8 +347,8 @@ def _advice(out_dir: Path, pending: int, n_unknown: int) -> str:
         f"{'is' if pending == 1 else 'are'} not counted yet"
         + (
             f"; <b class='warn'>{n_unknown}</b> of them {'is' if n_unknown == 1 else 'are'} unlike any cell the "
-            "model knows (a blast? "
-            "a smudge?): they are counted in no class until a person names them"
+            f"model knows (a blast? a smudge?): {'it is' if n_unknown == 1 else 'they are'} counted in no class "
+            f"until a person names {'it' if n_unknown == 1 else 'them'}"
             if n_unknown
             else ""
         )

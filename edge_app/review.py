@@ -119,24 +119,33 @@ _HOW_IT_ENDED = {
     "stopped": "the session was stopped",
     sessiondb.SHORT: "the source ran out of fields",
     "interrupted": "the session was interrupted",
+    "disk-full": "the disk was full",
 }
 
 
-def target_statement(sessions: Sequence[sessiondb.SessionRecord], record: DifferentialCount) -> str:
+def target_statement(
+    sessions: Sequence[sessiondb.SessionRecord], record: DifferentialCount, recording: bool, rejected: int = 0
+) -> str:
     """The count against the size the laboratory asked for (the latest session's ``--target``), as
-    the report, the screen and FHIR state it; '' where no target was set. A count short of its
-    target says so and why; one past it says the cells named at review joined it."""
+    the report, the screen and FHIR state it; '' where no target was set. ``recording``: a session
+    is being recorded into the folder now (its lock is held: a 'running' row alone may be a crash).
+    A count short of its target says so, and why where the record knows it."""
     last = sessions[-1] if sessions else None
     target = last.config.target if last else None
     if not last or not target:
         return ""
-    of, n = record.denominator, record.total
-    if last.status == "running":
+    n = record.total
+    of = record.denominator if target > 1 else record.denominator.removesuffix("s")
+    if recording:
         return f"Counting toward a target of {target} {of}: {n} so far"
-    if n < target:
-        how = _HOW_IT_ENDED.get(last.status, "")
-        return f"Short of its target: {n} of {target} {of} counted" + (f" ({how})" if how else "")
-    return f"Target of {target} {of} reached" + (f"; {n} counted, with the cells named at review" if n > target else "")
+    if n >= target:
+        return f"Target of {target} {of} reached" + (f" ({n} counted)" if n > target else "")
+    how = _HOW_IT_ENDED.get(last.status, "")
+    if not how and last.status == "running":
+        how = "the session ended without closing (a crash or a power cut)"
+    if not how and rejected:
+        how = f"{rejected} {'cell' if rejected == 1 else 'cells'} rejected at review"
+    return f"Short of its target: {n} of {target} {of} counted" + (f" ({how})" if how else "")
 
 
 def in_words(flag: str) -> str:

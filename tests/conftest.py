@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,10 @@ DATA = Path(os.environ.get("BMC_DATA", ROOT.parent / "shared" / "data"))
 # shipped model's default runtime would be whichever is faster there. tests/test_onnx.py checks that
 # choice itself, with this pin lifted.
 os.environ["BMC_RUNTIME"] = "litert"
+# times are shown in the device's time zone: the tests (and the subprocesses they start) read UTC,
+# whatever the machine's zone, unless a test sets one
+os.environ["TZ"] = "UTC"
+time.tzset()
 
 
 def _need(path: Path) -> Path:

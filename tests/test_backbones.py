@@ -83,8 +83,7 @@ def test_b0_from_random_weights_builds():
 def test_vgg16_takes_the_contracts_pixels_as_keras_preprocesses_them(tmp_path):
     """VGG16, the seed report's comparison backbone: 0..255 RGB in, Keras's own Caffe preprocessing
     inside the graph (so the device feeds it as it feeds Lite0), a flat graph cut at any block; a
-    weights file (here one it saved itself) is read, and offline its ImageNet weights are a clear
-    error."""
+    weights file (here one it saved itself) is read."""
     import keras
 
     rgb = np.random.default_rng(0).uniform(0, 255, (2, 64, 64, 3)).astype(np.float32)
@@ -98,7 +97,13 @@ def test_vgg16_takes_the_contracts_pixels_as_keras_preprocesses_them(tmp_path):
     loaded = backbones.build_backbone("vgg16", 64, str(tmp_path / "vgg16_notop.weights.h5"))
     direct = keras.layers.GlobalAveragePooling2D()(inner(keras.applications.vgg16.preprocess_input(rgb.copy())))
     assert np.allclose(loaded.predict(rgb, verbose=0), np.asarray(direct), rtol=1e-3, atol=1e-3)
+
+
+def test_vgg16_offline_without_weights_file_suggests_lite0():
+    # as for B0: offline (this machine, CI) Keras's download fails for real; online there is nothing to check
     try:
         backbones.build_backbone("vgg16", 64, "imagenet")
     except backbones.BackboneError as e:
         assert "--weights FILE" in str(e) and "efficientnet_lite0" in str(e)
+    else:
+        pytest.skip("online: Keras downloaded VGG16's ImageNet weights")

@@ -86,8 +86,8 @@ def test_a_reviewed_session_is_final_and_the_validator_is_strict(session, tmp_pa
     doc = fhir.diagnostic_report(session)
     Bundle.model_validate(doc)
     assert doc["entry"][0]["resource"]["status"] == "final"
-    # who named the cells set aside goes with the report (the device knows the reviewers, not the patient)
-    assert doc["entry"][0]["resource"]["resultsInterpreter"] == [{"display": "anna (reviewed cells at the device)"}]
+    # who decided cells goes with the report (the device knows the reviewers, not the patient)
+    assert "Cells decided at the device by anna." in doc["entry"][0]["resource"]["conclusion"]
     blast = next(e["resource"] for e in doc["entry"] if e["resource"].get("code", {}).get("text") == "blast")
     assert [c["system"] for c in blast["code"]["coding"]] == [fhir.BMC_CODES]  # no LOINC code guessed for it
     # the model package refuses what FHIR does not define: a misspelt element, a value that is no number

@@ -204,7 +204,10 @@ def test_vgg16_comparison_row_trains_converts_and_counts(small_pbc, bccd, tmp_pa
         "block6a",
         check=False,
     )
-    assert bad.returncode == 2 and "unknown block 'block6a'" in bad.stderr and "block5" in bad.stderr
+    assert bad.returncode == 2 and "unknown block 'block6a' for vgg16" in bad.stderr and "block5" in bad.stderr
+    full = bmc("train", small_pbc, "--out", tmp_path / "bad2", "--backbone", "vgg16", "--mode", "full", check=False)
+    assert full.returncode == 2 and "unknown block 'block6a'" in full.stderr  # before any epoch, on both paths
+    assert not (tmp_path / "bad2").exists()
     bmc("convert", out, "--name", "vgg16_random", "--variants", "int8")
     clf = CellClassifier(out / "tflite" / "vgg16_random_int8.tflite")
     assert clf.has_embedding and clf.contract.input_size == 64

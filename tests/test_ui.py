@@ -1203,16 +1203,25 @@ def test_a_count_short_of_its_target_says_so_everywhere_it_goes(bccd, tmp_path):
     Bundle.model_validate(doc)
     report = doc["entry"][0]["resource"]
     assert report["status"] == "final" and said in report["conclusion"], report["conclusion"]
-    env = {**os.environ, "TZ": "Europe/Madrid"}
+    env = {**os.environ, "TZ": "Asia/Kolkata"}  # a zone with no summer time: the same name all year
     bmc("edge", "report", out, env=env)
     page = (out / "report.html").read_text()
-    assert said in page and " CET</td>" in page
+    assert said in page and " IST</td>" in page
     s = Server(UiApp(out.parent, None, sign_in=False, user="anna"))
     try:
         status, _, body = s.request("GET", f"/s/{out.name}/")
     finally:
         s.close()
     assert status == 200 and said in body.decode() and "status <b>final</b>" in body.decode()
+    # a 'running' row with no recorder holding the folder is a crash, not a count still going on
+    crashed = tmp_path / "crashed"
+    shutil.copytree(out, crashed)
+    db = sqlite3.connect(crashed / "session.sqlite")
+    db.execute("UPDATE session SET status = 'running'")
+    db.commit()
+    db.close()
+    said = f"Short of its target: {n} of 50 leukocytes counted (the session ended without closing"
+    assert said in fhir.diagnostic_report(crashed)["entry"][0]["resource"]["conclusion"]
     # a target met: the same sentence turns into what was asked for and reached
     enough = tmp_path / "enough"
     bmc("edge", "run", fields, "--out", enough, "--headless", "--target", "2", "--orientations", "1")

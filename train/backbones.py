@@ -79,6 +79,13 @@ def block_names(backbone: str = "efficientnet_lite0") -> list[str]:
     return [f"block{s + 1}{chr(97 + r)}" for s, (n, *_) in enumerate(table) for r in range(n)]
 
 
+def backbone_blocks(backbone: str) -> list[str]:
+    """The block names of a backbone by its name, without building it (what --fine-tune-from takes)."""
+    if backbone == "vgg16":
+        return [f"block{i}" for i in range(1, 6)]
+    return block_names(backbone)
+
+
 def model_block_names(model) -> list[str]:
     """The block names of a built model, bottom to top, read off its layers (``block1a`` … for
     the EfficientNets, ``block1`` … ``block5`` for VGG16)."""

@@ -63,6 +63,13 @@ class TrainConfig:
     init_from: str | None = None  # a trained model.keras to start from (backbone, and head if same classes)
 
     def __post_init__(self):
+        from bmc.train.backbones import BACKBONES, backbone_blocks  # numpy only: no TensorFlow
+
+        if self.backbone in BACKBONES and self.fine_tune_from not in backbone_blocks(self.backbone):
+            blocks = backbone_blocks(self.backbone)
+            raise TrainError(
+                f"unknown block {self.fine_tune_from!r} for {self.backbone}; choose one of {', '.join(blocks)}"
+            )
         if self.mode not in MODES:
             raise TrainError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.strategy not in STRATEGIES:

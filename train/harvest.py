@@ -110,7 +110,7 @@ def harvest(
             ("no reviewed or counted cell" if counted else "no reviewed cell")
             + " with a crop in "
             + ", ".join(map(str, sessions))
-            + ": label cells first (bmc edge review)"
+            + (": no cell was counted unaided nor reviewed" if counted else ": label cells first (bmc edge review)")
         )
     extra = discover(with_data, label_from) if with_data else []
     dest.mkdir(parents=True, exist_ok=True)

@@ -339,7 +339,7 @@ def bench_adabn(
     show_default=True,
     help="copy each class's cells in inverse proportion to its count, not --repeat times each",
 )
-@orientations_option()
+@orientations_option("1", "orientations the session classifies each cell in (what --labels counted harvests)")
 def bench_multisource(
     source: str,
     truth_file: str,

@@ -118,7 +118,10 @@ def session_page(app: Screen, req: Request, refused: tuple[str, str] | None = No
         else Html("<p class='small'>Export: no USB stick or disk is mounted.</p>")
     )
     statement = app.calibration(folder)
-    target = review.target_statement(meta, record)
+    from bmc.edge_app.folder_lock import is_locked
+
+    recording = any(m.status == "running" for m in meta) and is_locked(folder)
+    target = review.target_statement(meta, record, recording, sum(c.status == "rejected" for c in cells))
     body = html(
         "<p>{specimen} differential: <b>{total}</b> {denominator} counted, <b>{waiting}</b> waiting for review"
         "{unknown} (<a href='/s/{name}/review'>review them</a>) · <a href='/s/{name}/report'>report</a>"
