@@ -333,6 +333,7 @@ CHANGED_SINCE_GOLDEN = [
         "</code>) and are not counted yet; <b class='warn'>1</b> of them are unlike",
         "</code>) and is not counted yet; <b class='warn'>1</b> of them is unlike",
     ),
+    ("they are counted in no class until a person names them", "it is counted in no class until a person names it"),
     ("line-height:1.2}\n", "line-height:1.2} table.sessions td{overflow-wrap:anywhere;max-width:22em}\n"),
     ("<h2>Sessions</h2><table><tr>", '<h2>Sessions</h2>\n<table class="sessions">\n<tr>'),
 ]
