@@ -162,7 +162,7 @@ figcaption{overflow-wrap:anywhere;line-height:1.2} table.sessions td{overflow-wr
 </style></head><body>
 <h1>Differential count</h1>
 $comment
-<p>$specimen differential: <b>$n</b> $denominator counted ($named cells named by a reviewer),
+<p>$specimen differential: <b>$n</b> $denominator counted ($named by a reviewer),
 $rejected rejected in review, $frames frames
 ($bad unreadable$unreadable). $advice</p>
 $target
@@ -206,7 +206,7 @@ def _build_report(out_dir: Path) -> Path:
         specimen="Blood" if record.specimen == "blood" else "Marrow",
         n=record.total,
         denominator=record.denominator,
-        named=sum(c.status == "reviewed" for c in cells),
+        named=_cells(sum(c.status == "reviewed" for c in cells)) + " named",
         rejected=sum(c.status == "rejected" for c in cells),
         frames=n_frames,
         bad=bad_frames,
@@ -234,6 +234,10 @@ def _build_report(out_dir: Path) -> Path:
         sessions=_session_rows(sessions, is_locked(out_dir)),
     )
     return write_atomic(out_dir / "report.html", doc)
+
+
+def _cells(n: int) -> str:
+    return f"{n} cell" if n == 1 else f"{n} cells"
 
 
 def _comments_html(notes: list[Any]) -> str:

@@ -334,6 +334,7 @@ CHANGED_SINCE_GOLDEN = [
         "</code>) and is not counted yet; <b class='warn'>1</b> of them is unlike",
     ),
     ("they are counted in no class until a person names them", "it is counted in no class until a person names it"),
+    ("(1 cells named by a reviewer)", "(1 cell named by a reviewer)"),
     ("line-height:1.2}\n", "line-height:1.2} table.sessions td{overflow-wrap:anywhere;max-width:22em}\n"),
     ("<h2>Sessions</h2><table><tr>", '<h2>Sessions</h2>\n<table class="sessions">\n<tr>'),
 ]
