@@ -35,6 +35,9 @@ class LiveFrame:
     seq: int
 
 
+PAUSED_GRACE_S = 2.0  # paused, how long the stream waits for the frame in flight
+
+
 class LiveRunner:
     def __init__(
         self,
@@ -188,7 +191,9 @@ class LiveRunner:
             with self._lock:
                 end = time.time() + timeout_s
                 while (self._latest is None or self._latest.seq == seen) and self.running and time.time() < end:
-                    if seen and self.paused:  # the field shown stays on the page; no request thread is held
+                    # paused: the field in flight when Pause was pressed is finished and shown, then the
+                    # stream ends (the field shown stays on the page; no request thread is held)
+                    if seen and self.paused and time.time() > end - timeout_s + PAUSED_GRACE_S:
                         return
                     self._lock.wait(0.5)
                 item = self._latest
